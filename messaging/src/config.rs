@@ -1,0 +1,95 @@
+//! Settings every service shares, read from flags or environment variables with documented
+//! defaults. Each binary flattens these into its own `clap` parser, so `--help` lists them all.
+
+use std::time::Duration;
+
+use clap::Args;
+
+/// How to reach Kafka and how to name and create topics.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Prefix of every topic name, so several deployments can share one broker.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Partitions of the topics this service creates at start-up if they are missing.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    pub topic_partitions: i32,
+
+    /// Replication factor of the topics this service creates.
+    #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
+    pub topic_replication_factor: i32,
+
+    /// Longest time the broker may hold a fetch request waiting for data (fetch.wait.max.ms).
+    /// Low, because some Kafka-protocol brokers (Nisshi) wait the full time on every fetch;
+    /// against Apache Kafka 100 or more saves requests.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 10)]
+    pub fetch_wait_max_ms: u32,
+
+    /// Consumer group session timeout: how soon a crashed member's partitions move.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
+
+    /// How long the producer waits to batch messages (linger.ms).
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 1)]
+    pub linger_ms: u32,
+}
+
+/// Where the service keeps its state.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// PostgreSQL connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/sagas"
+    )]
+    pub database_url: String,
+
+    /// Schema that holds this service's tables (default: the service's name). Services never
+    /// read each other's schemas.
+    #[arg(long, env = "DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+
+    /// Size of the connection pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+}
+
+/// How the outbox relay publishes.
+#[derive(Debug, Clone, Args)]
+pub struct RelayConfig {
+    /// Most outbox rows published per relay transaction.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 256)]
+    pub outbox_batch_size: i64,
+
+    /// How often the relay looks at the outbox when no notification woke it, in milliseconds.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub outbox_poll_interval_ms: u64,
+}
+
+impl RelayConfig {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.outbox_poll_interval_ms)
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            outbox_batch_size: 256,
+            outbox_poll_interval_ms: 500,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The schema to use: the configured one, or `default`.
+    pub fn schema_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.database_schema.as_deref().unwrap_or(default)
+    }
+}

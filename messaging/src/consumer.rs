@@ -1,0 +1,227 @@
+//! The at-least-once consume loop.
+//!
+//! For each record: begin a transaction, let the [`Handler`] do its work in it (inbox row,
+//! state change, outbox rows), commit, and only then store the record's offset for the next
+//! automatic commit. A crash anywhere before the store means the record is delivered again and
+//! the inbox absorbs it. A record the handler rejects goes to the dead-letter topic (through the
+//! outbox) with the reason and its original bytes, and the loop moves on. A passing failure
+//! (database down, version conflict) is retried with backoff, never skipped.
+
+use std::future::Future;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::Message;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::outbox::{self, OutgoingMessage};
+use crate::{Error, Result};
+
+/// One consumed record, detached from the consumer's buffer.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// Why a handler did not handle a record.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The record can never be handled (malformed, unknown, against the contract): it goes to
+    /// the dead-letter topic with this reason.
+    #[error("rejected: {0}")]
+    Reject(String),
+    /// Handling failed for a reason that may pass; the record is retried.
+    #[error("retryable: {0}")]
+    Retry(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    /// Data and constraint errors (SQLSTATE classes 22 and 23) come from the record itself and
+    /// would fail forever, so they reject it; anything else (connection, serialization
+    /// conflicts) is worth another try.
+    fn from(e: sqlx::Error) -> Self {
+        let deterministic = e
+            .as_database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23"));
+        if deterministic {
+            Self::Reject(format!("database refused the message: {e}"))
+        } else {
+            Self::Retry(e.to_string())
+        }
+    }
+}
+
+/// The application's part of consuming: what to do with one record, inside the transaction
+/// the loop opened. Everything the handler wants to send goes through [`outbox::enqueue`].
+pub trait Handler: Send + Sync {
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        record: &Record,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Where rejected records go, and who rejected them.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    pub topic: String,
+    /// Name of the consuming service, written to the `dlq.consumer` header.
+    pub consumer: String,
+}
+
+/// Consumes `topics` until `shutdown` is cancelled, finishing the record in hand, then commits
+/// the stored offsets before leaving the group.
+///
+/// # Errors
+/// [`Error::Kafka`] when the subscription fails.
+pub async fn run<H: Handler>(
+    consumer: StreamConsumer,
+    topics: &[String],
+    pool: PgPool,
+    handler: H,
+    dead_letters: DeadLetters,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(Error::kafka(format!("subscribing to {topics:?}")))?;
+    let mut receive_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            received = consumer.recv() => received,
+        };
+        let message = match received {
+            Ok(message) => {
+                receive_backoff.reset();
+                message
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, "kafka receive failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(receive_backoff.next_delay()) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+        };
+        let record = Record {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        let span = tracing::info_span!(
+            "record",
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset
+        );
+        let done = process(&pool, &handler, &record, &dead_letters, &shutdown)
+            .instrument(span)
+            .await;
+        if !done {
+            // Shut down while the record was still failing: leave its offset unstored so the
+            // next owner of the partition handles it.
+            break;
+        }
+        if let Err(e) = consumer.store_offset_from_message(&message) {
+            // The partition was revoked meanwhile; its next owner re-reads the record and the
+            // inbox absorbs it.
+            tracing::warn!(error.message = %e, topic = %record.topic, partition = record.partition, offset = record.offset, "could not store offset");
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error.message = %e, "committing offsets on shutdown failed"),
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
+
+/// Handles `record` until it is committed or dead-lettered. Returns `false` only when told to
+/// shut down while the record kept failing.
+async fn process<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    record: &Record,
+    dead_letters: &DeadLetters,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut rejection: Option<String> = None;
+    loop {
+        let attempt = match &rejection {
+            None => handle_once(pool, handler, record).await,
+            Some(reason) => dead_letter(pool, record, dead_letters, reason).await,
+        };
+        match attempt {
+            Ok(()) => return true,
+            Err(HandlerError::Reject(reason)) if rejection.is_none() => {
+                tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic");
+                rejection = Some(reason);
+                continue;
+            }
+            Err(e) => tracing::warn!(error.message = %e, "handling failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+}
+
+async fn handle_once<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    record: &Record,
+) -> Result<(), HandlerError> {
+    let mut tx = pool.begin().await?;
+    // On error, dropping the transaction rolls back whatever the handler wrote.
+    handler.handle(&mut tx, record).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn dead_letter(
+    pool: &PgPool,
+    record: &Record,
+    dead_letters: &DeadLetters,
+    reason: &str,
+) -> Result<(), HandlerError> {
+    let mut message = OutgoingMessage {
+        topic: dead_letters.topic.clone(),
+        key: record
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: record.payload.clone(),
+        headers: Default::default(),
+    };
+    for (name, value) in [
+        ("dlq.reason", reason.to_owned()),
+        ("dlq.source.topic", record.topic.clone()),
+        ("dlq.source.partition", record.partition.to_string()),
+        ("dlq.source.offset", record.offset.to_string()),
+        ("dlq.consumer", dead_letters.consumer.clone()),
+        ("dlq.failed_at", chrono::Utc::now().to_rfc3339()),
+    ] {
+        message.headers.insert(name.to_owned(), value);
+    }
+    let mut tx = pool.begin().await?;
+    outbox::enqueue(&mut tx, &message).await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Connection pools, per-service schemas and migrations.
+//!
+//! Every service keeps its tables in a schema of its own, and its connections have that schema
+//! as their `search_path`, so SQL names tables without a schema and one database can hold a
+//! whole deployment (or one integration test) without services seeing each other's tables.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::{Error, Result};
+
+/// The runtime tables every service has: inbox and outbox.
+pub static MESSAGING_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/messaging");
+
+/// Opens a pool whose connections use `schema`, creating the schema if it is missing.
+///
+/// # Errors
+/// [`Error::Config`] for a schema name that is not a plain lower-case identifier,
+/// [`Error::Database`] when PostgreSQL cannot be reached.
+pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
+    if !is_identifier(schema) {
+        return Err(Error::Config(format!(
+            "schema name {schema:?} must match [a-z_][a-z0-9_]*"
+        )));
+    }
+    let options = PgConnectOptions::from_str(url)?;
+    let bootstrap = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await?;
+    // The name was checked above, so it can be spliced into the statement.
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .execute(&bootstrap)
+        .await?;
+    bootstrap.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.options([("search_path", schema)]))
+        .await?;
+    Ok(pool)
+}
+
+/// Applies the messaging tables and then `layers` (each a `sqlx::migrate!` set) to the pool's
+/// schema. Versions must not collide across layers: messaging uses 1–99, the participant
+/// runtime 100–999, each service 1000 and up.
+///
+/// # Errors
+/// [`Error::Migrate`] when a migration fails or the applied history does not match.
+pub async fn migrate(pool: &PgPool, schema: &str, layers: &[&Migrator]) -> Result<()> {
+    let mut migrations: Vec<Migration> = MESSAGING_MIGRATIONS.iter().cloned().collect();
+    for layer in layers {
+        migrations.extend(layer.iter().cloned());
+    }
+    migrations.sort_by_key(|m| m.version);
+    let migrator = Migrator::new(Layers(migrations))
+        .await
+        .map_err(|source| Error::Migrate {
+            schema: schema.to_owned(),
+            source,
+        })?;
+    migrator.run(pool).await.map_err(|source| Error::Migrate {
+        schema: schema.to_owned(),
+        source,
+    })
+}
+
+/// Migrations gathered from several directories, handed to sqlx as one source.
+#[derive(Debug)]
+struct Layers(Vec<Migration>);
+
+impl<'s> MigrationSource<'s> for Layers {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<Migration>, BoxDynError>> + Send + 's>>
+    {
+        Box::pin(async move { Ok(self.0) })
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+        && name.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_identifier;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(is_identifier("inventory"));
+        assert!(is_identifier("t_1f2e_orchestrator"));
+        assert!(!is_identifier("Inventory"));
+        assert!(!is_identifier("1abc"));
+        assert!(!is_identifier("a;drop table x"));
+        assert!(!is_identifier(""));
+    }
+}

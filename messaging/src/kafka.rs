@@ -1,0 +1,102 @@
+//! Kafka client settings and topic creation.
+//!
+//! The settings work on Apache Kafka and on Nisshi alike: no Kafka transactions (the outbox
+//! makes them unnecessary), idempotent producers, manual offset storing.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+use crate::{Error, Result};
+
+fn base(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka_brokers);
+    client
+}
+
+/// An idempotent producer: acks from all in-sync replicas, no duplicates or reordering from
+/// its own retries.
+///
+/// # Errors
+/// [`Error::Kafka`] when librdkafka refuses the configuration.
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    base(config)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", config.linger_ms.to_string())
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(Error::kafka("creating producer"))
+}
+
+/// A consumer in `group` that never commits an offset the application has not stored:
+/// `enable.auto.offset.store=false`, and the consume loop stores an offset only after the
+/// record's database transaction committed. The range assignor gives one member the same
+/// partition number of every topic it reads, so the orders and replies of one order (keyed by
+/// order id) reach the same member.
+///
+/// # Errors
+/// [`Error::Kafka`] when librdkafka refuses the configuration.
+pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer> {
+    base(config)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "range")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (config.session_timeout_ms / 4).max(100).to_string(),
+        )
+        .create()
+        .map_err(Error::kafka(format!("creating consumer for group {group}")))
+}
+
+/// Creates the topics that are missing, as a deployment with auto-creation disabled needs.
+/// Topics that exist already are left as they are.
+///
+/// # Errors
+/// [`Error::CreateTopic`] for a topic the broker would not create.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = base(config)
+        .create()
+        .map_err(Error::kafka("creating admin client"))?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.topic_partitions,
+                TopicReplication::Fixed(config.topic_replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(Error::kafka("creating topics"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(Error::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Kafka and PostgreSQL plumbing shared by the orchestrator and the participants.
+//!
+//! The pieces, in the order a message meets them:
+//! - [`consumer`]: the at-least-once consume loop. It hands each record to a [`consumer::Handler`]
+//!   inside one database transaction, sends what the handler rejects to the dead-letter topic,
+//!   and stores the record's offset only after that transaction committed.
+//! - [`inbox`]: the dedup table a handler writes a message id to, in the same transaction.
+//! - [`outbox`]: where a handler writes the messages it wants to send, in the same transaction.
+//! - [`relay`]: publishes the outbox with an idempotent producer and deletes rows only after
+//!   the broker acknowledged them.
+//! - [`kafka`], [`db`]: client settings, topic creation, pools, schemas and migrations.
+//! - [`config`], [`telemetry`], [`shutdown`]: the one way every binary loads settings, logs and
+//!   stops.
+//!
+//! No handler talks to Kafka directly: everything it sends goes through the outbox.
+
+pub mod backoff;
+pub mod config;
+pub mod consumer;
+pub mod db;
+mod error;
+pub mod inbox;
+pub mod kafka;
+pub mod outbox;
+pub mod pipeline;
+pub mod relay;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::{Error, Result};

@@ -1,0 +1,59 @@
+//! A service's message pipeline: the consume loop and the outbox relay, started together and
+//! stopped in the order that loses nothing.
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{KafkaConfig, RelayConfig};
+use crate::consumer::{self, DeadLetters, Handler};
+use crate::relay::Relay;
+use crate::{kafka, Result};
+
+/// What one service consumes and how.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub kafka: KafkaConfig,
+    pub relay: RelayConfig,
+    /// The schema whose outbox the relay publishes.
+    pub schema: String,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub dead_letters: DeadLetters,
+}
+
+impl Pipeline {
+    /// Runs until `shutdown` is cancelled. Shutdown order: the consumer finishes the record in
+    /// hand and commits its offsets; then the relay publishes what that work wrote to the
+    /// outbox, flushes the producer, and stops.
+    ///
+    /// # Errors
+    /// Kafka errors while creating clients or subscribing.
+    pub async fn run<H: Handler>(
+        self,
+        pool: PgPool,
+        handler: H,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let producer = kafka::producer(&self.kafka)?;
+        let consumer = kafka::consumer(&self.kafka, &self.group)?;
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(
+            Relay::new(pool.clone(), producer, &self.schema, self.relay.clone())
+                .run(relay_stop.clone()),
+        );
+        let consumed = consumer::run(
+            consumer,
+            &self.topics,
+            pool,
+            handler,
+            self.dead_letters.clone(),
+            shutdown,
+        )
+        .await;
+        relay_stop.cancel();
+        if let Err(e) = relay.await {
+            tracing::error!(error.message = %e, "outbox relay task ended abnormally");
+        }
+        consumed
+    }
+}

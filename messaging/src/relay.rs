@@ -1,0 +1,175 @@
+//! The outbox relay: publishes outbox rows in id order and deletes them only after the broker
+//! acknowledged every one of them.
+//!
+//! Rows are claimed with `FOR UPDATE SKIP LOCKED` inside the transaction that later deletes
+//! them, so several relays (several instances of one service) never publish the same row at
+//! the same time, and a relay that dies mid-batch leaves its rows for the next one. A batch that
+//! fails part-way is published again in full: consumers dedupe by message id, and the
+//! orchestrator fences replies by attempt, so a repeat has no second effect.
+
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::RelayConfig;
+use crate::outbox::NOTIFY_CHANNEL;
+use crate::{Error, Result};
+
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    schema: String,
+    config: RelayConfig,
+}
+
+type OutboxRow = (i64, String, Option<String>, Vec<u8>, serde_json::Value);
+
+impl Relay {
+    pub fn new(pool: PgPool, producer: FutureProducer, schema: &str, config: RelayConfig) -> Self {
+        Self {
+            pool,
+            producer,
+            schema: schema.to_owned(),
+            config,
+        }
+    }
+
+    /// Publishes until `stop` is cancelled, then drains what is left (bounded by the
+    /// producer's message timeout) and flushes the producer.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut listener = self.listen().await;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let stopping = stop.is_cancelled();
+            match self.publish_batch().await {
+                Ok(published) if published >= self.config.outbox_batch_size => continue,
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, schema = %self.schema, "outbox relay failed; retrying");
+                    if stopping {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+            if stopping {
+                break;
+            }
+            self.wait_for_work(&mut listener, &stop).await;
+        }
+        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(error.message = %e, "flushing producer on shutdown failed");
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let connect = async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match connect.await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot LISTEN for outbox notifications; polling only");
+                None
+            }
+        }
+    }
+
+    /// Returns when a notification for this schema arrives, the poll interval passes, or the
+    /// relay is told to stop.
+    async fn wait_for_work(&self, listener: &mut Option<PgListener>, stop: &CancellationToken) {
+        let poll = tokio::time::sleep(self.config.poll_interval());
+        tokio::pin!(poll);
+        loop {
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|n| n.payload() == self.schema),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut poll => return,
+                _ = stop.cancelled() => return,
+                result = notified => match result {
+                    Ok(true) => return,
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "outbox listener failed; polling only");
+                        *listener = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Publishes up to one batch and returns how many rows it published.
+    async fn publish_batch(&self) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, topic, message_key, payload, headers FROM outbox \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.config.outbox_batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        // Enqueue the whole batch first, then wait for the acknowledgements, so the producer
+        // can put many rows in one request.
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for (_, topic, key, payload, headers) in &rows {
+            let mut record = FutureRecord::to(topic)
+                .payload(payload)
+                .headers(to_kafka_headers(headers));
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| Error::kafka(format!("enqueueing to {topic}"))(e))?;
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(Error::kafka("publishing outbox row")(e)),
+                Err(_cancelled) => {
+                    return Err(Error::Config("producer dropped a delivery report".into()))
+                }
+            }
+        }
+        let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(i64::try_from(ids.len()).unwrap_or(i64::MAX))
+    }
+}
+
+fn to_kafka_headers(headers: &serde_json::Value) -> OwnedHeaders {
+    let mut kafka_headers = OwnedHeaders::new();
+    if let Some(map) = headers.as_object() {
+        for (key, value) in map {
+            kafka_headers = kafka_headers.insert(Header {
+                key,
+                value: value.as_str(),
+            });
+        }
+    }
+    kafka_headers
+}

@@ -1,0 +1,32 @@
+//! Errors of the orchestrator library.
+
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Messaging(#[from] messaging::Error),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("saga {saga_id} was changed concurrently (expected version {expected})")]
+    VersionConflict { saga_id: Uuid, expected: i64 },
+    #[error("saga {saga_id} has an unreadable {column}: {reason}")]
+    CorruptRow {
+        saga_id: Uuid,
+        column: &'static str,
+        reason: String,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for messaging::consumer::HandlerError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Database(db) => db.into(),
+            other => Self::Retry(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! What the orchestrator does with a record: an `OrderPlaced` starts a saga, a reply moves
+//! one. Each runs inside the consume loop's transaction: inbox row, saga row, history line and
+//! outgoing commands and events (via the outbox) commit together or not at all.
+
+use chrono::Utc;
+use events::{Envelope, OrderPlaced, Participant, Reply, Topics};
+use messaging::consumer::{Handler, HandlerError, Record};
+use messaging::inbox;
+use messaging::outbox::{self, OutgoingMessage};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::saga::{Decision, Effect, Saga};
+use crate::store::{self, HistoryEntry};
+
+pub struct OrchestratorHandler {
+    topics: Topics,
+}
+
+impl OrchestratorHandler {
+    pub fn new(topics: Topics) -> Self {
+        Self { topics }
+    }
+
+    async fn on_order(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+        let order = OrderPlaced::from_json(&record.payload)
+            .map_err(|e| HandlerError::Reject(format!("invalid OrderPlaced: {e}")))?;
+        let now = Utc::now();
+        let order_id = order.order_id;
+        let (saga, effects) = Saga::start(Uuid::new_v4(), order, now);
+        if !store::insert_saga(tx, &saga).await? {
+            // The same order again: one order, one saga. Note it on the saga that exists.
+            if let Some(existing) = store::saga_id_for_order(&mut *tx, order_id).await? {
+                let entry = HistoryEntry {
+                    at: now,
+                    message_id: None,
+                    message_type: "OrderPlaced".into(),
+                    decision: "ignored".into(),
+                    detail: Some(format!(
+                        "duplicate order (record {}/{}@{})",
+                        record.topic, record.partition, record.offset
+                    )),
+                    state_after: String::new(),
+                };
+                store::append_history(tx, existing, &entry).await?;
+            }
+            tracing::info!(%order_id, "duplicate OrderPlaced ignored");
+            return Ok(());
+        }
+        let entry = HistoryEntry {
+            at: now,
+            message_id: None,
+            message_type: "OrderPlaced".into(),
+            decision: "started".into(),
+            detail: None,
+            state_after: saga.state.as_str().into(),
+        };
+        store::append_history(tx, saga.id, &entry).await?;
+        tracing::info!(saga_id = %saga.id, %order_id, "saga started");
+        self.emit(tx, &saga, None, effects).await
+    }
+
+    async fn on_reply(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+        let envelope = Envelope::<Reply>::from_json(&record.payload)
+            .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
+        if !inbox::first_delivery(tx, envelope.message_id).await? {
+            tracing::debug!(message_id = %envelope.message_id, "redelivered reply ignored");
+            return Ok(());
+        }
+        let reply = &envelope.body;
+        let Some((saga, version)) = store::load_for_update(tx, envelope.saga_id).await? else {
+            return Err(HandlerError::Reject(format!(
+                "{} for unknown saga {}",
+                reply.type_name(),
+                envelope.saga_id
+            )));
+        };
+        if saga.order.order_id != reply.order_id() {
+            return Err(HandlerError::Reject(format!(
+                "{} names order {} but saga {} is for order {}",
+                reply.type_name(),
+                reply.order_id(),
+                saga.id,
+                saga.order.order_id
+            )));
+        }
+        let now = Utc::now();
+        let mut entry = HistoryEntry {
+            at: now,
+            message_id: Some(envelope.message_id),
+            message_type: reply.type_name().into(),
+            decision: String::new(),
+            detail: None,
+            state_after: String::new(),
+        };
+        match saga.on_reply(reply, now) {
+            Decision::Applied { saga: next, effects } => {
+                store::update_saga(tx, &next, version).await?;
+                entry.decision = "applied".into();
+                entry.detail = Some(format!("{} attempt {}", reply.step().as_str(), reply.attempt()));
+                entry.state_after = next.state.as_str().into();
+                store::append_history(tx, next.id, &entry).await?;
+                tracing::info!(saga_id = %next.id, reply = reply.type_name(), state = next.state.as_str(), "reply applied");
+                self.emit(tx, &next, Some(envelope.message_id), effects).await
+            }
+            Decision::Ignored { reason } => {
+                tracing::info!(saga_id = %saga.id, reply = reply.type_name(), %reason, "reply ignored");
+                entry.decision = "ignored".into();
+                entry.detail = Some(reason);
+                entry.state_after = saga.state.as_str().into();
+                store::append_history(tx, saga.id, &entry).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the saga's commands and events to the outbox, keyed by order id so that every
+    /// message of one order stays in one partition, in order.
+    async fn emit(
+        &self,
+        tx: &mut PgConnection,
+        saga: &Saga,
+        causation_id: Option<Uuid>,
+        effects: Vec<Effect>,
+    ) -> Result<(), HandlerError> {
+        let key = saga.order.order_id.to_string();
+        for effect in effects {
+            let message = match effect {
+                Effect::Send(command) => {
+                    let topic = self.topics.commands(Participant::for_step(command.step()));
+                    let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, command);
+                    OutgoingMessage::new(topic, key.clone(), envelope.to_json())
+                }
+                Effect::Publish(event) => {
+                    let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, event);
+                    OutgoingMessage::new(self.topics.saga_events(), key.clone(), envelope.to_json())
+                }
+            };
+            outbox::enqueue(tx, &message).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Handler for OrchestratorHandler {
+    async fn handle(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+        if record.topic == self.topics.orders() {
+            self.on_order(tx, record).await
+        } else if record.topic == self.topics.replies() {
+            self.on_reply(tx, record).await
+        } else {
+            Err(HandlerError::Reject(format!(
+                "the orchestrator does not read topic {}",
+                record.topic
+            )))
+        }
+    }
+}

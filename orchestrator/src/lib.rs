@@ -1,0 +1,78 @@
+//! The saga orchestrator.
+//!
+//! - [`saga`]: the pure state machine and the saga's definition.
+//! - [`handler`]: turns Kafka records into state machine calls, inside one transaction.
+//! - [`store`]: the SQL of the saga tables.
+//! - [`api`]: the status HTTP API.
+//! - [`run`]: wires them to Kafka, PostgreSQL and an HTTP listener until shutdown.
+
+pub mod api;
+pub mod config;
+mod error;
+pub mod handler;
+pub mod saga;
+pub mod store;
+
+use events::Topics;
+use messaging::consumer::DeadLetters;
+use messaging::pipeline::Pipeline;
+use messaging::{db, kafka};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+/// The schema the orchestrator uses unless told otherwise.
+pub const DEFAULT_SCHEMA: &str = "orchestrator";
+
+/// Runs the orchestrator until `shutdown` is cancelled: migrates its schema, creates missing
+/// topics, consumes orders and replies, relays its outbox and serves HTTP on `listener`.
+///
+/// # Errors
+/// Start-up failures (database, migrations, Kafka configuration) and a failed HTTP server.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let schema = config.database.schema_or(DEFAULT_SCHEMA).to_owned();
+    let pool = db::connect(
+        &config.database.database_url,
+        &schema,
+        config.database.database_max_connections,
+    )
+    .await
+    .map_err(Error::Messaging)?;
+    db::migrate(&pool, &schema, &[&store::MIGRATIONS]).await?;
+    let topics = Topics::new(config.kafka.topic_prefix.clone());
+    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
+
+    let state = api::AppState {
+        pool: pool.clone(),
+        producer: kafka::producer(&config.kafka)?,
+        topics: topics.clone(),
+    };
+    let pipeline = Pipeline {
+        kafka: config.kafka.clone(),
+        relay: config.relay.clone(),
+        schema,
+        group: config
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("{}orchestrator", topics.prefix())),
+        topics: vec![topics.orders(), topics.replies()],
+        dead_letters: DeadLetters {
+            topic: topics.dead_letters(),
+            consumer: "orchestrator".into(),
+        },
+    };
+    tracing::info!(addr = %listener.local_addr()?, "status API listening");
+    let http = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let (consumed, served) = tokio::join!(
+        pipeline.run(pool.clone(), handler::OrchestratorHandler::new(topics), shutdown.clone()),
+        async move { http.await.map_err(Error::Http) }
+    );
+    // Whichever half failed first, stop the other too.
+    shutdown.cancel();
+    pool.close().await;
+    consumed?;
+    served
+}

@@ -1,0 +1,13 @@
+use clap::Parser;
+use orchestrator::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    messaging::telemetry::init();
+    let shutdown = messaging::shutdown::on_signals();
+    let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+    orchestrator::run(config, listener, shutdown).await?;
+    tracing::info!("orchestrator stopped");
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Every transition of the state machine, including duplicates, stale attempts and replies
+//! that arrive out of order.
+
+use chrono::{DateTime, TimeZone, Utc};
+use events::{
+    Address, Command, CompensationFailed, LineItem, OrderPlaced, Reply, SagaEvent, StepDone,
+    StepName, StepRefused,
+};
+use uuid::Uuid;
+
+use super::{Decision, Effect, Saga, SagaState, StepStatus};
+
+fn at(second: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, second)
+        .single()
+        .expect("valid time")
+}
+
+fn order() -> OrderPlaced {
+    OrderPlaced {
+        order_id: Uuid::from_u128(7),
+        customer_id: "alice".into(),
+        items: vec![LineItem {
+            sku: "WIDGET".into(),
+            quantity: 2,
+            unit_price_cents: 1_000,
+        }],
+        total_cents: 2_000,
+        currency: "EUR".into(),
+        shipping_address: Address {
+            country: "DE".into(),
+            city: "Berlin".into(),
+            line1: "Unter den Linden 1".into(),
+            postal_code: "10117".into(),
+        },
+    }
+}
+
+fn done(attempt: u32) -> StepDone {
+    StepDone {
+        order_id: Uuid::from_u128(7),
+        attempt,
+    }
+}
+
+fn refused(reason: &str) -> StepRefused {
+    StepRefused {
+        order_id: Uuid::from_u128(7),
+        attempt: 1,
+        reason: reason.into(),
+    }
+}
+
+fn started() -> Saga {
+    Saga::start(Uuid::from_u128(1), order(), at(0)).0
+}
+
+/// Applies `reply`, failing the test if it is ignored.
+fn apply(saga: &Saga, reply: Reply, second: u32) -> (Saga, Vec<Effect>) {
+    match saga.on_reply(&reply, at(second)) {
+        Decision::Applied { saga, effects } => (saga, effects),
+        Decision::Ignored { reason } => panic!("{} was ignored: {reason}", reply.type_name()),
+    }
+}
+
+fn assert_ignored(saga: &Saga, reply: Reply, reason_contains: &str) {
+    match saga.on_reply(&reply, at(59)) {
+        Decision::Ignored { reason } => assert!(
+            reason.contains(reason_contains),
+            "reason {reason:?} does not mention {reason_contains:?}"
+        ),
+        Decision::Applied { .. } => panic!("{} should have been ignored", reply.type_name()),
+    }
+}
+
+fn sent(effects: &[Effect]) -> Vec<&'static str> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send(c) => Some(c.type_name()),
+            Effect::Publish(_) => None,
+        })
+        .collect()
+}
+
+fn statuses(saga: &Saga) -> Vec<StepStatus> {
+    saga.steps.iter().map(|s| s.status).collect()
+}
+
+#[test]
+fn start_announces_the_saga_and_reserves_stock() {
+    let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), at(0));
+    assert_eq!(saga.state, SagaState::Running);
+    assert_eq!(saga.current_step(), Some(0));
+    assert_eq!(saga.steps[0].attempts, 1);
+    assert_eq!(saga.steps[0].started_at, Some(at(0)));
+    assert!(matches!(effects[0], Effect::Publish(SagaEvent::SagaStarted { total_cents: 2_000, .. })));
+    assert_eq!(
+        effects[1],
+        Effect::Send(Command::ReserveStock {
+            order_id: Uuid::from_u128(7),
+            attempt: 1,
+            items: order().items,
+        })
+    );
+}
+
+#[test]
+fn happy_path_runs_every_step_then_completes() {
+    let (saga, effects) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    assert_eq!(sent(&effects), ["ChargePayment"]);
+    assert!(matches!(
+        &effects[0],
+        Effect::Send(Command::ChargePayment { amount_cents: 2_000, customer_id, .. }) if customer_id == "alice"
+    ));
+    let (saga, effects) = apply(&saga, Reply::PaymentCharged(done(1)), 2);
+    assert_eq!(sent(&effects), ["ScheduleShipment"]);
+    let (saga, effects) = apply(&saga, Reply::ShipmentScheduled(done(1)), 3);
+    assert_eq!(saga.state, SagaState::Completed);
+    assert_eq!(saga.finished_at, Some(at(3)));
+    assert_eq!(saga.current_step(), None);
+    assert_eq!(statuses(&saga), [StepStatus::Succeeded; 3]);
+    assert_eq!(
+        effects,
+        [Effect::Publish(SagaEvent::SagaCompleted {
+            order_id: Uuid::from_u128(7)
+        })]
+    );
+}
+
+#[test]
+fn stock_unavailable_compensates_with_nothing_to_undo() {
+    let (saga, effects) = apply(&started(), Reply::StockUnavailable(refused("no GADGET")), 1);
+    assert_eq!(saga.state, SagaState::Compensated);
+    assert_eq!(saga.failure_reason.as_deref(), Some("reserve_stock failed: no GADGET"));
+    assert_eq!(statuses(&saga), [StepStatus::Failed, StepStatus::Pending, StepStatus::Pending]);
+    assert!(sent(&effects).is_empty());
+    assert!(matches!(&effects[0], Effect::Publish(SagaEvent::SagaCompensated { reason, .. }) if reason.contains("no GADGET")));
+}
+
+#[test]
+fn payment_declined_releases_the_stock() {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    let (saga, effects) = apply(&saga, Reply::PaymentDeclined(refused("balance too low")), 2);
+    assert_eq!(saga.state, SagaState::Compensating);
+    assert_eq!(sent(&effects), ["ReleaseStock"]);
+    assert_eq!(saga.current_step(), Some(0));
+    let (saga, effects) = apply(&saga, Reply::StockReleased(done(1)), 3);
+    assert_eq!(saga.state, SagaState::Compensated);
+    assert_eq!(
+        statuses(&saga),
+        [StepStatus::Compensated, StepStatus::Failed, StepStatus::Pending]
+    );
+    assert_eq!(saga.steps[0].compensated_at, Some(at(3)));
+    assert!(matches!(&effects[0], Effect::Publish(SagaEvent::SagaCompensated { .. })));
+}
+
+#[test]
+fn shipping_rejected_refunds_then_releases_in_reverse_order() {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    let (saga, _) = apply(&saga, Reply::PaymentCharged(done(1)), 2);
+    let (saga, effects) = apply(&saga, Reply::ShipmentRejected(refused("AQ is denied")), 3);
+    assert_eq!(sent(&effects), ["RefundPayment"]);
+    // The release must wait for the refund: a stock reply now is out of order.
+    assert_ignored(&saga, Reply::StockReleased(done(1)), "waits on charge_payment");
+    let (saga, effects) = apply(&saga, Reply::PaymentRefunded(done(1)), 4);
+    assert_eq!(sent(&effects), ["ReleaseStock"]);
+    let (saga, _) = apply(&saga, Reply::StockReleased(done(1)), 5);
+    assert_eq!(saga.state, SagaState::Compensated);
+    assert_eq!(
+        statuses(&saga),
+        [StepStatus::Compensated, StepStatus::Compensated, StepStatus::Failed]
+    );
+    assert_eq!(saga.failure_reason.as_deref(), Some("schedule_shipment failed: AQ is denied"));
+}
+
+#[test]
+fn a_failed_compensation_fails_the_saga_for_an_operator() {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    let (saga, _) = apply(&saga, Reply::PaymentDeclined(refused("declined")), 2);
+    let failure = Reply::CompensationFailed(CompensationFailed {
+        order_id: Uuid::from_u128(7),
+        attempt: 1,
+        step: StepName::ReserveStock,
+        reason: "warehouse offline".into(),
+    });
+    let (saga, effects) = apply(&saga, failure, 3);
+    assert_eq!(saga.state, SagaState::Failed);
+    assert_eq!(saga.steps[0].status, StepStatus::CompensationFailed);
+    let reason = saga.failure_reason.clone().unwrap_or_default();
+    assert!(reason.contains("declined") && reason.contains("warehouse offline"), "{reason}");
+    assert!(matches!(&effects[0], Effect::Publish(SagaEvent::SagaFailed { .. })));
+}
+
+#[test]
+fn a_duplicated_reply_moves_the_saga_once() {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    assert_ignored(&saga, Reply::StockReserved(done(1)), "waits on charge_payment");
+}
+
+#[test]
+fn a_reply_to_another_attempt_is_fenced_off() {
+    assert_ignored(&started(), Reply::StockReserved(done(2)), "attempt 2");
+    assert_ignored(&started(), Reply::StockReserved(done(0)), "current attempt is 1");
+}
+
+#[test]
+fn replies_out_of_order_or_in_the_wrong_direction_are_ignored() {
+    let saga = started();
+    assert_ignored(&saga, Reply::PaymentCharged(done(1)), "waits on reserve_stock");
+    assert_ignored(&saga, Reply::StockReleased(done(1)), "Compensate");
+    let (compensating, _) = apply(
+        &apply(&saga, Reply::StockReserved(done(1)), 1).0,
+        Reply::PaymentDeclined(refused("no")),
+        2,
+    );
+    assert_ignored(&compensating, Reply::StockReserved(done(1)), "Forward");
+}
+
+#[test]
+fn a_finished_saga_ignores_everything() {
+    let (saga, _) = apply(&started(), Reply::StockUnavailable(refused("none")), 1);
+    assert_ignored(&saga, Reply::StockReserved(done(1)), "already compensated");
+    assert_ignored(&saga, Reply::StockReleased(done(1)), "already compensated");
+}
+
+#[test]
+fn states_parse_from_their_names() {
+    for state in SagaState::ALL {
+        assert_eq!(SagaState::parse(state.as_str()), Some(state));
+    }
+    assert_eq!(SagaState::parse("Running"), None);
+    assert!(SagaState::Failed.is_terminal() && !SagaState::Compensating.is_terminal());
+}

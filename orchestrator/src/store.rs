@@ -1,0 +1,202 @@
+//! The SQL of the orchestrator: sagas and their history. Every function that changes a saga
+//! takes the handler's transaction.
+
+use chrono::{DateTime, Utc};
+use events::OrderPlaced;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::saga::{Saga, SagaState, StepState};
+use crate::{Error, Result};
+
+/// The orchestrator's own migrations (on top of the messaging tables).
+pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
+
+#[derive(sqlx::FromRow)]
+struct SagaRow {
+    id: Uuid,
+    state: String,
+    order_data: serde_json::Value,
+    steps: serde_json::Value,
+    failure_reason: Option<String>,
+    definition_version: i32,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+const SAGA_COLUMNS: &str = "id, state, order_data, steps, failure_reason, definition_version, \
+                            version, created_at, updated_at, finished_at";
+
+impl SagaRow {
+    fn into_saga(self) -> Result<(Saga, i64)> {
+        let corrupt = |column: &'static str| {
+            let saga_id = self.id;
+            move |e: serde_json::Error| Error::CorruptRow {
+                saga_id,
+                column,
+                reason: e.to_string(),
+            }
+        };
+        let order: OrderPlaced =
+            serde_json::from_value(self.order_data.clone()).map_err(corrupt("order_data"))?;
+        let steps: Vec<StepState> =
+            serde_json::from_value(self.steps.clone()).map_err(corrupt("steps"))?;
+        let state = SagaState::parse(&self.state).ok_or_else(|| Error::CorruptRow {
+            saga_id: self.id,
+            column: "state",
+            reason: format!("unknown state {:?}", self.state),
+        })?;
+        let saga = Saga {
+            id: self.id,
+            order,
+            state,
+            steps,
+            failure_reason: self.failure_reason,
+            definition_version: self.definition_version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+        };
+        Ok((saga, self.version))
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    // Plain data with string keys always serialises.
+    serde_json::to_value(value).unwrap_or_default()
+}
+
+/// Stores a new saga unless its order has one already. Returns whether it was stored.
+pub async fn insert_saga(tx: &mut PgConnection, saga: &Saga) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
+                            definition_version, version, created_at, updated_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(saga.id)
+    .bind(saga.order.order_id)
+    .bind(saga.state.as_str())
+    .bind(to_json(&saga.order))
+    .bind(to_json(&saga.steps))
+    .bind(&saga.failure_reason)
+    .bind(saga.definition_version)
+    .bind(saga.created_at)
+    .bind(saga.updated_at)
+    .bind(saga.finished_at)
+    .execute(tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Loads a saga and locks its row until the transaction ends. Returns it with its version.
+pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
+    let row: Option<SagaRow> =
+        sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1 FOR UPDATE"))
+            .bind(saga_id)
+            .fetch_optional(tx)
+            .await?;
+    row.map(SagaRow::into_saga).transpose()
+}
+
+/// Writes `saga` over the stored row if that row is still at `expected_version`.
+///
+/// # Errors
+/// [`Error::VersionConflict`] when another writer got there first.
+pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i64) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
+                          finished_at = $7, version = version + 1 \
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(saga.id)
+    .bind(expected_version)
+    .bind(saga.state.as_str())
+    .bind(to_json(&saga.steps))
+    .bind(&saga.failure_reason)
+    .bind(saga.updated_at)
+    .bind(saga.finished_at)
+    .execute(tx)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(Error::VersionConflict {
+            saga_id: saga.id,
+            expected: expected_version,
+        })
+    }
+}
+
+/// One line of a saga's history.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub message_id: Option<Uuid>,
+    pub message_type: String,
+    /// `started`, `applied` or `ignored`.
+    pub decision: String,
+    pub detail: Option<String>,
+    pub state_after: String,
+}
+
+pub async fn append_history(tx: &mut PgConnection, saga_id: Uuid, entry: &HistoryEntry) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(saga_id)
+    .bind(entry.at)
+    .bind(entry.message_id)
+    .bind(&entry.message_type)
+    .bind(&entry.decision)
+    .bind(&entry.detail)
+    .bind(&entry.state_after)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn saga_id_for_order<'e>(db: impl PgExecutor<'e>, order_id: Uuid) -> Result<Option<Uuid>> {
+    Ok(sqlx::query_scalar("SELECT id FROM sagas WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(db)
+        .await?)
+}
+
+pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<Saga>> {
+    let row: Option<SagaRow> = sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
+        .bind(saga_id)
+        .fetch_optional(db)
+        .await?;
+    Ok(row.map(SagaRow::into_saga).transpose()?.map(|(saga, _)| saga))
+}
+
+/// The newest sagas first, optionally only those in `state`.
+pub async fn list<'e>(db: impl PgExecutor<'e>, state: Option<SagaState>, limit: i64) -> Result<Vec<Saga>> {
+    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE ($1::text IS NULL OR state = $1) \
+         ORDER BY created_at DESC, id DESC LIMIT $2"
+    ))
+    .bind(state.map(SagaState::as_str))
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(|row| row.into_saga().map(|(saga, _)| saga))
+        .collect()
+}
+
+pub async fn history<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Vec<HistoryEntry>> {
+    Ok(sqlx::query_as(
+        "SELECT at, message_id, message_type, decision, detail, state_after \
+         FROM saga_history WHERE saga_id = $1 ORDER BY id",
+    )
+    .bind(saga_id)
+    .fetch_all(db)
+    .await?)
+}

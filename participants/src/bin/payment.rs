@@ -1,0 +1,19 @@
+//! The payment participant.
+use clap::Parser;
+use participants::payment::Payment;
+use participants::ParticipantConfig;
+
+#[derive(Parser)]
+#[command(name = "payment", version, about = "Charges and refunds customers for order sagas.")]
+struct Cli {
+    #[command(flatten)]
+    config: ParticipantConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    messaging::telemetry::init();
+    participants::run(Payment, cli.config, messaging::shutdown::on_signals()).await?;
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! The shipping participant.
+use clap::Parser;
+use participants::shipping::{Shipping, ShippingConfig};
+use participants::ParticipantConfig;
+
+#[derive(Parser)]
+#[command(name = "shipping", version, about = "Schedules shipments for order sagas.")]
+struct Cli {
+    #[command(flatten)]
+    config: ParticipantConfig,
+    #[command(flatten)]
+    shipping: ShippingConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    messaging::telemetry::init();
+    participants::run(Shipping::new(&cli.shipping), cli.config, messaging::shutdown::on_signals()).await?;
+    Ok(())
+}

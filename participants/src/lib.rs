@@ -1,0 +1,16 @@
+//! The participants: one shared runtime ([`runtime`]) and the three services that do the
+//! order saga's steps ([`inventory`], [`payment`], [`shipping`]). Each service runs as its own
+//! process (`src/bin/*.rs`) with its own schema.
+//!
+//! A service only says how to do and undo its step inside a transaction; the runtime does the
+//! rest: decoding, dedup, idempotency per (saga, step), refusing a forward command that comes
+//! after its compensation, replying through the outbox, dead-lettering what it cannot read.
+
+pub mod config;
+pub mod inventory;
+pub mod payment;
+pub mod runtime;
+pub mod shipping;
+
+pub use config::ParticipantConfig;
+pub use runtime::{run, StepOutcome, StepService};

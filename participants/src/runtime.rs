@@ -1,0 +1,256 @@
+//! The participant runtime: everything a participant needs besides its business logic.
+//!
+//! For each command, in one transaction:
+//! 1. decode the envelope (or dead-letter the record) and check the command is for us;
+//! 2. record the message id in the inbox (a redelivery stops here);
+//! 3. claim the (saga, step) row of the step ledger and decide:
+//!    - forward, first time: run the service's step and remember its outcome;
+//!    - forward again (a retry with a new attempt): answer the remembered outcome, do nothing;
+//!    - forward after the step was compensated: refuse — the saga has moved on;
+//!    - compensate: run the service's compensation once, even when the forward step never
+//!      happened here (it must then succeed doing nothing), and leave a tombstone;
+//!    - compensate again: answer that it is done;
+//! 4. write the reply to the outbox.
+
+use std::future::Future;
+
+use chrono::Utc;
+use events::{Action, Command, Envelope, Participant, Reply, Topics};
+use messaging::consumer::{DeadLetters, Handler, HandlerError, Record};
+use messaging::outbox::{self, OutgoingMessage};
+use messaging::pipeline::Pipeline;
+use messaging::{db, inbox, kafka};
+use sqlx::migrate::Migrator;
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::ParticipantConfig;
+
+/// The runtime's own table, the step ledger.
+pub static RUNTIME_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/participant");
+
+/// How a step or compensation went, in business terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    Done,
+    /// Refused for a business reason; the service changed nothing.
+    Refused(String),
+}
+
+/// A participant's business logic. Both methods run inside the runtime's transaction and
+/// must only touch the service's own tables.
+pub trait StepService: Send + Sync {
+    /// Which commands this service takes.
+    const PARTICIPANT: Participant;
+
+    /// The service's own tables (and demo data).
+    fn migrations() -> &'static Migrator;
+
+    /// Does the forward step of `command`.
+    fn forward(
+        &self,
+        tx: &mut PgConnection,
+        saga_id: Uuid,
+        command: &Command,
+    ) -> impl Future<Output = Result<StepOutcome, HandlerError>> + Send;
+
+    /// Undoes the step of `command`. Must succeed, doing nothing, when there is nothing to
+    /// undo (the forward step never ran here). `Refused` means it cannot be undone.
+    fn compensate(
+        &self,
+        tx: &mut PgConnection,
+        saga_id: Uuid,
+        command: &Command,
+    ) -> impl Future<Output = Result<StepOutcome, HandlerError>> + Send;
+}
+
+/// Runs `service` until `shutdown` is cancelled.
+///
+/// # Errors
+/// Start-up failures: database, migrations, Kafka configuration.
+pub async fn run<S: StepService + 'static>(
+    service: S,
+    config: ParticipantConfig,
+    shutdown: CancellationToken,
+) -> messaging::Result<()> {
+    let name = S::PARTICIPANT.as_str();
+    let schema = config.database.schema_or(name).to_owned();
+    let pool = db::connect(
+        &config.database.database_url,
+        &schema,
+        config.database.database_max_connections,
+    )
+    .await?;
+    db::migrate(&pool, &schema, &[&RUNTIME_MIGRATIONS, S::migrations()]).await?;
+    let topics = Topics::new(config.kafka.topic_prefix.clone());
+    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
+    let pipeline = Pipeline {
+        kafka: config.kafka.clone(),
+        relay: config.relay.clone(),
+        schema,
+        group: config
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("{}{name}", topics.prefix())),
+        topics: vec![topics.commands(S::PARTICIPANT)],
+        dead_letters: DeadLetters {
+            topic: topics.dead_letters(),
+            consumer: name.into(),
+        },
+    };
+    tracing::info!(service = name, "participant started");
+    let handler = ParticipantHandler { service, topics };
+    let result = pipeline.run(pool.clone(), handler, shutdown).await;
+    pool.close().await;
+    result
+}
+
+struct ParticipantHandler<S> {
+    service: S,
+    topics: Topics,
+}
+
+/// A (saga, step) row of the ledger, locked for this transaction.
+struct LedgerEntry {
+    forward_outcome: Option<String>,
+    refusal_reason: Option<String>,
+    compensated: bool,
+}
+
+impl<S: StepService> ParticipantHandler<S> {
+    async fn reply_to(
+        &self,
+        tx: &mut PgConnection,
+        saga_id: Uuid,
+        command: &Command,
+    ) -> Result<Reply, HandlerError> {
+        let step = command.step().as_str();
+        let entry = claim_ledger_entry(tx, saga_id, step).await?;
+        let reply = match command.action() {
+            Action::Forward if entry.compensated => Reply::refused(
+                command,
+                "the step was already compensated; a forward command after its compensation is refused",
+            ),
+            Action::Forward => match entry.forward_outcome.as_deref() {
+                Some("succeeded") => Reply::done(command),
+                Some(_) => Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
+                None => {
+                    let outcome = self.service.forward(tx, saga_id, command).await?;
+                    record_forward(tx, saga_id, step, &outcome).await?;
+                    match outcome {
+                        StepOutcome::Done => Reply::done(command),
+                        StepOutcome::Refused(reason) => Reply::refused(command, reason),
+                    }
+                }
+            },
+            Action::Compensate if entry.compensated => Reply::done(command),
+            Action::Compensate => match self.service.compensate(tx, saga_id, command).await? {
+                StepOutcome::Done => {
+                    record_compensation(tx, saga_id, step).await?;
+                    Reply::done(command)
+                }
+                StepOutcome::Refused(reason) => Reply::refused(command, reason),
+            },
+        };
+        Ok(reply)
+    }
+}
+
+impl<S: StepService> Handler for ParticipantHandler<S> {
+    async fn handle(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+        let envelope = Envelope::<Command>::from_json(&record.payload)
+            .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
+        let command = &envelope.body;
+        if Participant::for_step(command.step()) != S::PARTICIPANT {
+            return Err(HandlerError::Reject(format!(
+                "{} is not a command for {}",
+                command.type_name(),
+                S::PARTICIPANT.as_str()
+            )));
+        }
+        if !inbox::first_delivery(tx, envelope.message_id).await? {
+            tracing::debug!(message_id = %envelope.message_id, "redelivered command ignored");
+            return Ok(());
+        }
+        let reply = self.reply_to(tx, envelope.saga_id, command).await?;
+        tracing::info!(
+            saga_id = %envelope.saga_id,
+            command = command.type_name(),
+            attempt = command.attempt(),
+            reply = reply.type_name(),
+            "command handled"
+        );
+        let reply = Envelope::new(envelope.saga_id, Some(envelope.message_id), Utc::now(), reply);
+        let message = OutgoingMessage::new(
+            self.topics.replies(),
+            command.order_id().to_string(),
+            reply.to_json(),
+        );
+        outbox::enqueue(tx, &message).await?;
+        Ok(())
+    }
+}
+
+/// Creates the ledger row if needed and locks it, so concurrent commands for one (saga, step)
+/// — possible while partitions move between instances — take turns.
+async fn claim_ledger_entry(
+    tx: &mut PgConnection,
+    saga_id: Uuid,
+    step: &str,
+) -> Result<LedgerEntry, HandlerError> {
+    sqlx::query("INSERT INTO step_ledger (saga_id, step) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(saga_id)
+        .bind(step)
+        .execute(&mut *tx)
+        .await?;
+    let (forward_outcome, refusal_reason, compensated): (Option<String>, Option<String>, bool) =
+        sqlx::query_as(
+            "SELECT forward_outcome, refusal_reason, compensated_at IS NOT NULL \
+             FROM step_ledger WHERE saga_id = $1 AND step = $2 FOR UPDATE",
+        )
+        .bind(saga_id)
+        .bind(step)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(LedgerEntry {
+        forward_outcome,
+        refusal_reason,
+        compensated,
+    })
+}
+
+async fn record_forward(
+    tx: &mut PgConnection,
+    saga_id: Uuid,
+    step: &str,
+    outcome: &StepOutcome,
+) -> Result<(), HandlerError> {
+    let (label, reason) = match outcome {
+        StepOutcome::Done => ("succeeded", None),
+        StepOutcome::Refused(reason) => ("refused", Some(reason.as_str())),
+    };
+    sqlx::query(
+        "UPDATE step_ledger SET forward_outcome = $3, refusal_reason = $4, updated_at = now() \
+         WHERE saga_id = $1 AND step = $2",
+    )
+    .bind(saga_id)
+    .bind(step)
+    .bind(label)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+async fn record_compensation(tx: &mut PgConnection, saga_id: Uuid, step: &str) -> Result<(), HandlerError> {
+    sqlx::query(
+        "UPDATE step_ledger SET compensated_at = now(), updated_at = now() \
+         WHERE saga_id = $1 AND step = $2",
+    )
+    .bind(saga_id)
+    .bind(step)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
