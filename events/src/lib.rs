@@ -13,8 +13,7 @@ mod topics;
 pub use envelope::{Envelope, SCHEMA_VERSION};
 pub use error::{ContractError, Result};
 pub use messages::{
-    Action, Command, CompensationFailed, Outcome, Reply, SagaEvent, StepDone, StepName,
-    StepRefused,
+    Action, Command, CompensationFailed, Outcome, Reply, SagaEvent, StepDone, StepName, StepRefused,
 };
 pub use order::{Address, LineItem, OrderPlaced};
 pub use topics::{Participant, Topics};

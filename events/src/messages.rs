@@ -80,9 +80,9 @@ impl Command {
     pub fn action(&self) -> Action {
         match self {
             Self::ReleaseStock { .. } | Self::RefundPayment { .. } => Action::Compensate,
-            Self::ReserveStock { .. } | Self::ChargePayment { .. } | Self::ScheduleShipment { .. } => {
-                Action::Forward
-            }
+            Self::ReserveStock { .. }
+            | Self::ChargePayment { .. }
+            | Self::ScheduleShipment { .. } => Action::Forward,
         }
     }
 

@@ -64,7 +64,10 @@ impl OrderPlaced {
     pub fn validate(&self) -> Result<()> {
         check_text("customer_id", &self.customer_id)?;
         if self.items.is_empty() {
-            return Err(ContractError::invalid("items", "an order needs at least one item"));
+            return Err(ContractError::invalid(
+                "items",
+                "an order needs at least one item",
+            ));
         }
         if self.items.len() > MAX_ITEMS {
             return Err(ContractError::invalid(
@@ -78,7 +81,10 @@ impl OrderPlaced {
             if !(1..=MAX_QUANTITY).contains(&item.quantity) {
                 return Err(ContractError::invalid(
                     "items[].quantity",
-                    format!("must be between 1 and {MAX_QUANTITY}, got {}", item.quantity),
+                    format!(
+                        "must be between 1 and {MAX_QUANTITY}, got {}",
+                        item.quantity
+                    ),
                 ));
             }
             if !(0..=MAX_UNIT_PRICE_CENTS).contains(&item.unit_price_cents) {
@@ -102,14 +108,20 @@ impl OrderPlaced {
         if !is_upper_code(&self.currency, 3) {
             return Err(ContractError::invalid(
                 "currency",
-                format!("expected an ISO 4217 code like \"EUR\", got {:?}", self.currency),
+                format!(
+                    "expected an ISO 4217 code like \"EUR\", got {:?}",
+                    self.currency
+                ),
             ));
         }
         let address = &self.shipping_address;
         if !is_upper_code(&address.country, 2) {
             return Err(ContractError::invalid(
                 "shipping_address.country",
-                format!("expected an ISO 3166 alpha-2 code like \"DE\", got {:?}", address.country),
+                format!(
+                    "expected an ISO 3166 alpha-2 code like \"DE\", got {:?}",
+                    address.country
+                ),
             ));
         }
         check_text("shipping_address.city", &address.city)?;
@@ -174,15 +186,25 @@ mod tests {
 
     #[test]
     fn each_rule_names_its_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut OrderPlaced)>)> = vec![
+        type BreakRule = Box<dyn Fn(&mut OrderPlaced)>;
+        let cases: Vec<(&str, BreakRule)> = vec![
             ("items", Box::new(|o| o.items.clear())),
             ("items[].quantity", Box::new(|o| o.items[0].quantity = 0)),
-            ("items[].unit_price_cents", Box::new(|o| o.items[0].unit_price_cents = -1)),
+            (
+                "items[].unit_price_cents",
+                Box::new(|o| o.items[0].unit_price_cents = -1),
+            ),
             ("items[].sku", Box::new(|o| o.items[0].sku = " ".into())),
             ("total_cents", Box::new(|o| o.total_cents += 1)),
             ("currency", Box::new(|o| o.currency = "eur".into())),
-            ("shipping_address.country", Box::new(|o| o.shipping_address.country = "DEU".into())),
-            ("shipping_address.city", Box::new(|o| o.shipping_address.city = String::new())),
+            (
+                "shipping_address.country",
+                Box::new(|o| o.shipping_address.country = "DEU".into()),
+            ),
+            (
+                "shipping_address.city",
+                Box::new(|o| o.shipping_address.city = String::new()),
+            ),
             ("customer_id", Box::new(|o| o.customer_id = "x".repeat(201))),
         ];
         for (field, break_rule) in cases {

@@ -80,7 +80,12 @@ impl Topics {
 
     /// Every topic of the deployment, for creating them at start-up.
     pub fn all(&self) -> Vec<String> {
-        let mut topics = vec![self.orders(), self.replies(), self.saga_events(), self.dead_letters()];
+        let mut topics = vec![
+            self.orders(),
+            self.replies(),
+            self.saga_events(),
+            self.dead_letters(),
+        ];
         topics.extend(Participant::ALL.map(|p| self.commands(p)));
         topics
     }

@@ -21,7 +21,10 @@ fn round_trip<T: Serialize + DeserializeOwned>(name: &str) -> T {
     let parsed: T = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
     let expected: Value = serde_json::from_slice(&bytes).expect("golden files are JSON");
     let written = serde_json::to_value(&parsed).expect("serialisable");
-    assert_eq!(written, expected, "{name} does not serialise back to its golden file");
+    assert_eq!(
+        written, expected,
+        "{name} does not serialise back to its golden file"
+    );
     parsed
 }
 
@@ -67,7 +70,12 @@ fn replies() {
 
 #[test]
 fn saga_events() {
-    for name in ["SagaStarted", "SagaCompleted", "SagaCompensated", "SagaFailed"] {
+    for name in [
+        "SagaStarted",
+        "SagaCompleted",
+        "SagaCompensated",
+        "SagaFailed",
+    ] {
         let _: Envelope<SagaEvent> = round_trip(name);
     }
 }

@@ -45,7 +45,8 @@ mod tests {
     fn delays_grow_up_to_the_cap_and_reset() {
         let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
         for attempt in 0..20u32 {
-            let ceiling = Duration::from_millis(10 * 2u64.pow(attempt.min(10))).min(Duration::from_millis(100));
+            let ceiling = Duration::from_millis(10 * 2u64.pow(attempt.min(10)))
+                .min(Duration::from_millis(100));
             assert!(backoff.next_delay() <= ceiling);
         }
         backoff.reset();

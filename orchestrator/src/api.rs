@@ -39,7 +39,11 @@ pub fn router(state: AppState) -> Router {
         .route("/orders", post(place_order))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
         })
         .with_state(state)
 }
@@ -71,7 +75,11 @@ impl ApiError {
 
     fn internal(e: &crate::Error) -> Self {
         tracing::error!(error.message = %e, "request failed");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
     }
 }
 
@@ -214,7 +222,9 @@ async fn list_sagas(
     };
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIMIT}")));
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
     }
     let sagas = store::list(&state.pool, filter, limit)
         .await
@@ -254,9 +264,13 @@ async fn place_order(
         currency: new.currency,
         shipping_address: new.shipping_address,
     };
-    order
-        .validate()
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_order", e.to_string()))?;
+    order.validate().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_order",
+            e.to_string(),
+        )
+    })?;
     let payload = serde_json::to_vec(&order).unwrap_or_default();
     let key = order.order_id.to_string();
     let topic = state.topics.orders();
@@ -267,12 +281,21 @@ async fn place_order(
         .await
         .map_err(|(e, _)| {
             tracing::warn!(error.message = %e, "publishing OrderPlaced failed");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", format!("could not publish the order: {e}"))
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                format!("could not publish the order: {e}"),
+            )
         })?;
     let status_url = format!("/orders/{}/saga", order.order_id);
     let accepted = OrderAccepted {
         order_id: order.order_id,
         status_url: status_url.clone(),
     };
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(accepted)).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, status_url)],
+        Json(accepted),
+    )
+        .into_response())
 }

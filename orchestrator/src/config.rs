@@ -6,7 +6,11 @@ use clap::Parser;
 use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "orchestrator", version, about = "Drives order sagas over Kafka and serves their status over HTTP.")]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Drives order sagas over Kafka and serves their status over HTTP."
+)]
 pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaConfig,

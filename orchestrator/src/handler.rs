@@ -94,14 +94,22 @@ impl OrchestratorHandler {
             state_after: String::new(),
         };
         match saga.on_reply(reply, now) {
-            Decision::Applied { saga: next, effects } => {
+            Decision::Applied {
+                saga: next,
+                effects,
+            } => {
                 store::update_saga(tx, &next, version).await?;
                 entry.decision = "applied".into();
-                entry.detail = Some(format!("{} attempt {}", reply.step().as_str(), reply.attempt()));
+                entry.detail = Some(format!(
+                    "{} attempt {}",
+                    reply.step().as_str(),
+                    reply.attempt()
+                ));
                 entry.state_after = next.state.as_str().into();
                 store::append_history(tx, next.id, &entry).await?;
                 tracing::info!(saga_id = %next.id, reply = reply.type_name(), state = next.state.as_str(), "reply applied");
-                self.emit(tx, &next, Some(envelope.message_id), effects).await
+                self.emit(tx, &next, Some(envelope.message_id), effects)
+                    .await
             }
             Decision::Ignored { reason } => {
                 tracing::info!(saga_id = %saga.id, reply = reply.type_name(), %reason, "reply ignored");

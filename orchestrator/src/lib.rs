@@ -67,7 +67,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let http = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let (consumed, served) = tokio::join!(
-        pipeline.run(pool.clone(), handler::OrchestratorHandler::new(topics), shutdown.clone()),
+        pipeline.run(
+            pool.clone(),
+            handler::OrchestratorHandler::new(topics),
+            shutdown.clone()
+        ),
         async move { http.await.map_err(Error::Http) }
     );
     // Whichever half failed first, stop the other too.

@@ -94,11 +94,12 @@ pub async fn insert_saga(tx: &mut PgConnection, saga: &Saga) -> Result<bool> {
 
 /// Loads a saga and locks its row until the transaction ends. Returns it with its version.
 pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
-    let row: Option<SagaRow> =
-        sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1 FOR UPDATE"))
-            .bind(saga_id)
-            .fetch_optional(tx)
-            .await?;
+    let row: Option<SagaRow> = sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(saga_id)
+    .fetch_optional(tx)
+    .await?;
     row.map(SagaRow::into_saga).transpose()
 }
 
@@ -144,7 +145,11 @@ pub struct HistoryEntry {
     pub state_after: String,
 }
 
-pub async fn append_history(tx: &mut PgConnection, saga_id: Uuid, entry: &HistoryEntry) -> Result<()> {
+pub async fn append_history(
+    tx: &mut PgConnection,
+    saga_id: Uuid,
+    entry: &HistoryEntry,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -161,23 +166,36 @@ pub async fn append_history(tx: &mut PgConnection, saga_id: Uuid, entry: &Histor
     Ok(())
 }
 
-pub async fn saga_id_for_order<'e>(db: impl PgExecutor<'e>, order_id: Uuid) -> Result<Option<Uuid>> {
-    Ok(sqlx::query_scalar("SELECT id FROM sagas WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(db)
-        .await?)
+pub async fn saga_id_for_order<'e>(
+    db: impl PgExecutor<'e>,
+    order_id: Uuid,
+) -> Result<Option<Uuid>> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM sagas WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(db)
+            .await?,
+    )
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<Saga>> {
-    let row: Option<SagaRow> = sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
-        .bind(saga_id)
-        .fetch_optional(db)
-        .await?;
-    Ok(row.map(SagaRow::into_saga).transpose()?.map(|(saga, _)| saga))
+    let row: Option<SagaRow> =
+        sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
+            .bind(saga_id)
+            .fetch_optional(db)
+            .await?;
+    Ok(row
+        .map(SagaRow::into_saga)
+        .transpose()?
+        .map(|(saga, _)| saga))
 }
 
 /// The newest sagas first, optionally only those in `state`.
-pub async fn list<'e>(db: impl PgExecutor<'e>, state: Option<SagaState>, limit: i64) -> Result<Vec<Saga>> {
+pub async fn list<'e>(
+    db: impl PgExecutor<'e>,
+    state: Option<SagaState>,
+    limit: i64,
+) -> Result<Vec<Saga>> {
     let rows: Vec<SagaRow> = sqlx::query_as(&format!(
         "SELECT {SAGA_COLUMNS} FROM sagas WHERE ($1::text IS NULL OR state = $1) \
          ORDER BY created_at DESC, id DESC LIMIT $2"

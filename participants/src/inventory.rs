@@ -27,7 +27,10 @@ impl StepService for Inventory {
         saga_id: Uuid,
         command: &Command,
     ) -> Result<StepOutcome, HandlerError> {
-        let Command::ReserveStock { order_id, items, .. } = command else {
+        let Command::ReserveStock {
+            order_id, items, ..
+        } = command
+        else {
             return Err(unexpected(command));
         };
         // One line per SKU, in SKU order: rows are locked in the same order by every
@@ -43,8 +46,10 @@ impl StepService for Inventory {
         .bind(&skus)
         .fetch_all(&mut *tx)
         .await?;
-        let available: BTreeMap<&str, i64> =
-            rows.iter().map(|(sku, n)| (sku.as_str(), i64::from(*n))).collect();
+        let available: BTreeMap<&str, i64> = rows
+            .iter()
+            .map(|(sku, n)| (sku.as_str(), i64::from(*n)))
+            .collect();
         for (sku, quantity) in &wanted {
             match available.get(sku) {
                 None => return Ok(StepOutcome::Refused(format!("unknown SKU {sku}"))),
@@ -69,11 +74,13 @@ impl StepService for Inventory {
         .bind(&quantities)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO reservations (order_id, saga_id, status) VALUES ($1, $2, 'reserved')")
-            .bind(order_id)
-            .bind(saga_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO reservations (order_id, saga_id, status) VALUES ($1, $2, 'reserved')",
+        )
+        .bind(order_id)
+        .bind(saga_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO reservation_lines (order_id, sku, quantity) \
              SELECT $1, sku, quantity FROM UNNEST($2::text[], $3::int[]) AS l (sku, quantity)",

@@ -43,7 +43,9 @@ impl StepService for Payment {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((balance, account_currency)) = account else {
-            return Ok(StepOutcome::Refused(format!("unknown customer {customer_id}")));
+            return Ok(StepOutcome::Refused(format!(
+                "unknown customer {customer_id}"
+            )));
         };
         if &account_currency != currency {
             return Ok(StepOutcome::Refused(format!(
@@ -55,11 +57,13 @@ impl StepService for Payment {
                 "insufficient funds: balance {balance}, amount {amount_cents}"
             )));
         }
-        sqlx::query("UPDATE accounts SET balance_cents = balance_cents - $2 WHERE customer_id = $1")
-            .bind(customer_id)
-            .bind(amount_cents)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE customer_id = $1",
+        )
+        .bind(customer_id)
+        .bind(amount_cents)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status) \
              VALUES ($1, $2, $3, $4, $5, 'charged')",
@@ -91,11 +95,13 @@ impl StepService for Payment {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some((customer_id, amount)) = refunded {
-            sqlx::query("UPDATE accounts SET balance_cents = balance_cents + $2 WHERE customer_id = $1")
-                .bind(customer_id)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE customer_id = $1",
+            )
+            .bind(customer_id)
+            .bind(amount)
+            .execute(&mut *tx)
+            .await?;
         }
         // No charge (it never happened here): nothing to refund.
         Ok(StepOutcome::Done)

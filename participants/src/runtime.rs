@@ -181,7 +181,12 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
             reply = reply.type_name(),
             "command handled"
         );
-        let reply = Envelope::new(envelope.saga_id, Some(envelope.message_id), Utc::now(), reply);
+        let reply = Envelope::new(
+            envelope.saga_id,
+            Some(envelope.message_id),
+            Utc::now(),
+            reply,
+        );
         let message = OutgoingMessage::new(
             self.topics.replies(),
             command.order_id().to_string(),
@@ -243,7 +248,11 @@ async fn record_forward(
     Ok(())
 }
 
-async fn record_compensation(tx: &mut PgConnection, saga_id: Uuid, step: &str) -> Result<(), HandlerError> {
+async fn record_compensation(
+    tx: &mut PgConnection,
+    saga_id: Uuid,
+    step: &str,
+) -> Result<(), HandlerError> {
     sqlx::query(
         "UPDATE step_ledger SET compensated_at = now(), updated_at = now() \
          WHERE saga_id = $1 AND step = $2",

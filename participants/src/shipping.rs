@@ -18,7 +18,12 @@ static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/shipping");
 #[derive(Debug, Clone, Args)]
 pub struct ShippingConfig {
     /// Destination countries (ISO 3166 alpha-2, comma separated) that are never shipped to.
-    #[arg(long, env = "SHIPPING_DENIED_COUNTRIES", default_value = "AQ,BV", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SHIPPING_DENIED_COUNTRIES",
+        default_value = "AQ,BV",
+        value_delimiter = ','
+    )]
     pub denied_countries: Vec<String>,
 }
 

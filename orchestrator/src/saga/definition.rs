@@ -57,7 +57,11 @@ pub(crate) fn forward_command(step: StepName, order: &OrderPlaced, attempt: u32)
 }
 
 /// The command that undoes `step`, or `None` for a step without compensation.
-pub(crate) fn compensation_command(step: StepName, order_id: uuid::Uuid, attempt: u32) -> Option<Command> {
+pub(crate) fn compensation_command(
+    step: StepName,
+    order_id: uuid::Uuid,
+    attempt: u32,
+) -> Option<Command> {
     match step {
         StepName::ReserveStock => Some(Command::ReleaseStock { order_id, attempt }),
         StepName::ChargePayment => Some(Command::RefundPayment { order_id, attempt }),

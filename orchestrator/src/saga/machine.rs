@@ -127,8 +127,13 @@ pub enum Effect {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Applied { saga: Saga, effects: Vec<Effect> },
-    Ignored { reason: String },
+    Applied {
+        saga: Box<Saga>,
+        effects: Vec<Effect>,
+    },
+    Ignored {
+        reason: String,
+    },
 }
 
 impl Saga {
@@ -176,7 +181,10 @@ impl Saga {
             }
         };
         let Some(index) = self.current_step() else {
-            return ignored(format!("the saga is {} but waits on no step", self.state.as_str()));
+            return ignored(format!(
+                "the saga is {} but waits on no step",
+                self.state.as_str()
+            ));
         };
         let step = &self.steps[index];
         if reply.step() != step.name || reply.action() != expected_action {
@@ -211,7 +219,10 @@ impl Saga {
                 saga.compensation_failed(index, reason, now)
             }
         };
-        Decision::Applied { saga, effects }
+        Decision::Applied {
+            saga: Box::new(saga),
+            effects,
+        }
     }
 
     fn begin_step(&mut self, index: usize, now: DateTime<Utc>) -> Effect {
@@ -253,7 +264,12 @@ impl Saga {
         self.compensate_below(index, now)
     }
 
-    fn compensation_failed(&mut self, index: usize, reason: String, now: DateTime<Utc>) -> Vec<Effect> {
+    fn compensation_failed(
+        &mut self,
+        index: usize,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Vec<Effect> {
         let step = &mut self.steps[index];
         step.status = StepStatus::CompensationFailed;
         step.failure_reason = Some(reason.clone());

@@ -58,7 +58,7 @@ fn started() -> Saga {
 /// Applies `reply`, failing the test if it is ignored.
 fn apply(saga: &Saga, reply: Reply, second: u32) -> (Saga, Vec<Effect>) {
     match saga.on_reply(&reply, at(second)) {
-        Decision::Applied { saga, effects } => (saga, effects),
+        Decision::Applied { saga, effects } => (*saga, effects),
         Decision::Ignored { reason } => panic!("{} was ignored: {reason}", reply.type_name()),
     }
 }
@@ -94,7 +94,13 @@ fn start_announces_the_saga_and_reserves_stock() {
     assert_eq!(saga.current_step(), Some(0));
     assert_eq!(saga.steps[0].attempts, 1);
     assert_eq!(saga.steps[0].started_at, Some(at(0)));
-    assert!(matches!(effects[0], Effect::Publish(SagaEvent::SagaStarted { total_cents: 2_000, .. })));
+    assert!(matches!(
+        effects[0],
+        Effect::Publish(SagaEvent::SagaStarted {
+            total_cents: 2_000,
+            ..
+        })
+    ));
     assert_eq!(
         effects[1],
         Effect::Send(Command::ReserveStock {
@@ -132,10 +138,18 @@ fn happy_path_runs_every_step_then_completes() {
 fn stock_unavailable_compensates_with_nothing_to_undo() {
     let (saga, effects) = apply(&started(), Reply::StockUnavailable(refused("no GADGET")), 1);
     assert_eq!(saga.state, SagaState::Compensated);
-    assert_eq!(saga.failure_reason.as_deref(), Some("reserve_stock failed: no GADGET"));
-    assert_eq!(statuses(&saga), [StepStatus::Failed, StepStatus::Pending, StepStatus::Pending]);
+    assert_eq!(
+        saga.failure_reason.as_deref(),
+        Some("reserve_stock failed: no GADGET")
+    );
+    assert_eq!(
+        statuses(&saga),
+        [StepStatus::Failed, StepStatus::Pending, StepStatus::Pending]
+    );
     assert!(sent(&effects).is_empty());
-    assert!(matches!(&effects[0], Effect::Publish(SagaEvent::SagaCompensated { reason, .. }) if reason.contains("no GADGET")));
+    assert!(
+        matches!(&effects[0], Effect::Publish(SagaEvent::SagaCompensated { reason, .. }) if reason.contains("no GADGET"))
+    );
 }
 
 #[test]
@@ -149,10 +163,17 @@ fn payment_declined_releases_the_stock() {
     assert_eq!(saga.state, SagaState::Compensated);
     assert_eq!(
         statuses(&saga),
-        [StepStatus::Compensated, StepStatus::Failed, StepStatus::Pending]
+        [
+            StepStatus::Compensated,
+            StepStatus::Failed,
+            StepStatus::Pending
+        ]
     );
     assert_eq!(saga.steps[0].compensated_at, Some(at(3)));
-    assert!(matches!(&effects[0], Effect::Publish(SagaEvent::SagaCompensated { .. })));
+    assert!(matches!(
+        &effects[0],
+        Effect::Publish(SagaEvent::SagaCompensated { .. })
+    ));
 }
 
 #[test]
@@ -162,16 +183,27 @@ fn shipping_rejected_refunds_then_releases_in_reverse_order() {
     let (saga, effects) = apply(&saga, Reply::ShipmentRejected(refused("AQ is denied")), 3);
     assert_eq!(sent(&effects), ["RefundPayment"]);
     // The release must wait for the refund: a stock reply now is out of order.
-    assert_ignored(&saga, Reply::StockReleased(done(1)), "waits on charge_payment");
+    assert_ignored(
+        &saga,
+        Reply::StockReleased(done(1)),
+        "waits on charge_payment",
+    );
     let (saga, effects) = apply(&saga, Reply::PaymentRefunded(done(1)), 4);
     assert_eq!(sent(&effects), ["ReleaseStock"]);
     let (saga, _) = apply(&saga, Reply::StockReleased(done(1)), 5);
     assert_eq!(saga.state, SagaState::Compensated);
     assert_eq!(
         statuses(&saga),
-        [StepStatus::Compensated, StepStatus::Compensated, StepStatus::Failed]
+        [
+            StepStatus::Compensated,
+            StepStatus::Compensated,
+            StepStatus::Failed
+        ]
     );
-    assert_eq!(saga.failure_reason.as_deref(), Some("schedule_shipment failed: AQ is denied"));
+    assert_eq!(
+        saga.failure_reason.as_deref(),
+        Some("schedule_shipment failed: AQ is denied")
+    );
 }
 
 #[test]
@@ -188,26 +220,44 @@ fn a_failed_compensation_fails_the_saga_for_an_operator() {
     assert_eq!(saga.state, SagaState::Failed);
     assert_eq!(saga.steps[0].status, StepStatus::CompensationFailed);
     let reason = saga.failure_reason.clone().unwrap_or_default();
-    assert!(reason.contains("declined") && reason.contains("warehouse offline"), "{reason}");
-    assert!(matches!(&effects[0], Effect::Publish(SagaEvent::SagaFailed { .. })));
+    assert!(
+        reason.contains("declined") && reason.contains("warehouse offline"),
+        "{reason}"
+    );
+    assert!(matches!(
+        &effects[0],
+        Effect::Publish(SagaEvent::SagaFailed { .. })
+    ));
 }
 
 #[test]
 fn a_duplicated_reply_moves_the_saga_once() {
     let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
-    assert_ignored(&saga, Reply::StockReserved(done(1)), "waits on charge_payment");
+    assert_ignored(
+        &saga,
+        Reply::StockReserved(done(1)),
+        "waits on charge_payment",
+    );
 }
 
 #[test]
 fn a_reply_to_another_attempt_is_fenced_off() {
     assert_ignored(&started(), Reply::StockReserved(done(2)), "attempt 2");
-    assert_ignored(&started(), Reply::StockReserved(done(0)), "current attempt is 1");
+    assert_ignored(
+        &started(),
+        Reply::StockReserved(done(0)),
+        "current attempt is 1",
+    );
 }
 
 #[test]
 fn replies_out_of_order_or_in_the_wrong_direction_are_ignored() {
     let saga = started();
-    assert_ignored(&saga, Reply::PaymentCharged(done(1)), "waits on reserve_stock");
+    assert_ignored(
+        &saga,
+        Reply::PaymentCharged(done(1)),
+        "waits on reserve_stock",
+    );
     assert_ignored(&saga, Reply::StockReleased(done(1)), "Compensate");
     let (compensating, _) = apply(
         &apply(&saga, Reply::StockReserved(done(1)), 1).0,

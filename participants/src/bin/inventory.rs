@@ -4,7 +4,11 @@ use participants::inventory::Inventory;
 use participants::ParticipantConfig;
 
 #[derive(Parser)]
-#[command(name = "inventory", version, about = "Reserves and releases stock for order sagas.")]
+#[command(
+    name = "inventory",
+    version,
+    about = "Reserves and releases stock for order sagas."
+)]
 struct Cli {
     #[command(flatten)]
     config: ParticipantConfig,

@@ -4,7 +4,11 @@ use participants::payment::Payment;
 use participants::ParticipantConfig;
 
 #[derive(Parser)]
-#[command(name = "payment", version, about = "Charges and refunds customers for order sagas.")]
+#[command(
+    name = "payment",
+    version,
+    about = "Charges and refunds customers for order sagas."
+)]
 struct Cli {
     #[command(flatten)]
     config: ParticipantConfig,

@@ -4,7 +4,11 @@ use participants::shipping::{Shipping, ShippingConfig};
 use participants::ParticipantConfig;
 
 #[derive(Parser)]
-#[command(name = "shipping", version, about = "Schedules shipments for order sagas.")]
+#[command(
+    name = "shipping",
+    version,
+    about = "Schedules shipments for order sagas."
+)]
 struct Cli {
     #[command(flatten)]
     config: ParticipantConfig,
@@ -16,6 +20,11 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     messaging::telemetry::init();
-    participants::run(Shipping::new(&cli.shipping), cli.config, messaging::shutdown::on_signals()).await?;
+    participants::run(
+        Shipping::new(&cli.shipping),
+        cli.config,
+        messaging::shutdown::on_signals(),
+    )
+    .await?;
     Ok(())
 }

@@ -1,0 +1,75 @@
+# syntax=docker/dockerfile:1
+#
+# One image for the whole saga engine. It holds all four service binaries
+# (orchestrator, inventory, payment, shipping) in /usr/local/bin and has no
+# ENTRYPOINT, so the command picks the service: docker-compose.yml builds this
+# image once (tagged saga-engine:local) and runs it four times with
+# `command: orchestrator`, `command: inventory`, `command: payment` and
+# `command: shipping`. Plain docker works the same way:
+#
+#   docker build -t saga-engine:local .
+#   docker run --rm -e KAFKA_BROKERS=... -e DATABASE_URL=... saga-engine:local payment
+#
+# Configuration is by environment variables only (KAFKA_BROKERS, DATABASE_URL,
+# TOPIC_PREFIX, ...). Each service creates its own PostgreSQL schema, runs its
+# migrations (embedded in the binary at compile time) and creates its Kafka
+# topics at start-up, so the runtime image needs nothing but the binaries.
+
+############################ build ############################
+FROM rust:1.95-bookworm AS builder
+
+# rdkafka builds its bundled librdkafka from source (C toolchain, make, perl,
+# python3, zlib headers; pkg-config helps it find the system zlib).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        build-essential \
+        cmake \
+        perl \
+        pkg-config \
+        python3 \
+        zlib1g-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+
+COPY Cargo.toml Cargo.lock ./
+COPY events events
+COPY messaging messaging
+COPY orchestrator orchestrator
+COPY participants participants
+# sqlx::migrate!("../migrations/...") embeds these at compile time.
+COPY migrations migrations
+
+# The cache mounts keep the crate registry and the target directory between
+# builds (BuildKit), so a source change does not rebuild every dependency.
+# Because target/ is a cache mount, the binaries are copied out in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+        --bin orchestrator --bin inventory --bin payment --bin shipping \
+    && mkdir -p /out \
+    && cp target/release/orchestrator target/release/inventory \
+          target/release/payment target/release/shipping /out/
+
+############################ runtime ############################
+FROM debian:bookworm-slim
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 saga \
+    && useradd --system --uid 10001 --gid saga --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin saga
+
+COPY --from=builder /out/orchestrator /out/inventory /out/payment /out/shipping /usr/local/bin/
+
+# The orchestrator's status API defaults to 127.0.0.1:8080, which is unreachable
+# from outside a container; listen on all interfaces instead.
+ENV HTTP_ADDR=0.0.0.0:8080
+EXPOSE 8080
+
+USER 10001:10001
+
+# Overridden per service; see the comment at the top.
+CMD ["orchestrator"]

@@ -1,0 +1,333 @@
+//! A whole deployment per test: the orchestrator and the three participants as tasks in this
+//! process, talking to the real PostgreSQL and the real broker over the network. Each test gets
+//! its own database and its own topic prefix, and removes both when it ends.
+//!
+//! Environment: `KAFKA_BROKERS` (default 127.0.0.1:9092) and `TEST_DATABASE_URL`, a server URL
+//! without a database name (default postgres://postgres@127.0.0.1:5432).
+
+use std::future::Future;
+use std::time::Duration;
+
+use events::{Address, LineItem, OrderPlaced, Topics};
+use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
+use participants::inventory::Inventory;
+use participants::payment::Payment;
+use participants::shipping::{Shipping, ShippingConfig};
+use participants::ParticipantConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub struct TestSystem {
+    pub http: String,
+    pub topics: Topics,
+    database: String,
+    database_url: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    producer: FutureProducer,
+    client: reqwest::Client,
+}
+
+impl TestSystem {
+    pub async fn start() -> Self {
+        messaging::telemetry::init();
+        let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let database = format!("saga_test_{id}");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("PostgreSQL reachable");
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let database_url = format!("{}/{database}", server_url());
+
+        let kafka = KafkaConfig {
+            kafka_brokers: brokers(),
+            topic_prefix: format!("test-{id}."),
+            topic_partitions: 2,
+            topic_replication_factor: 1,
+            fetch_wait_max_ms: 10,
+            session_timeout_ms: 6_000,
+            linger_ms: 1,
+        };
+        let topics = Topics::new(kafka.topic_prefix.clone());
+        messaging::kafka::ensure_topics(&kafka, &topics.all())
+            .await
+            .expect("create test topics");
+        let database_config = DatabaseConfig {
+            database_url: database_url.clone(),
+            database_schema: None,
+            database_max_connections: 2,
+        };
+        let participant = ParticipantConfig {
+            kafka: kafka.clone(),
+            database: database_config.clone(),
+            relay: RelayConfig::default(),
+            group: None,
+        };
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        tasks.push(spawn(
+            "inventory",
+            participants::run(Inventory, participant.clone(), shutdown.clone()),
+        ));
+        tasks.push(spawn(
+            "payment",
+            participants::run(Payment, participant.clone(), shutdown.clone()),
+        ));
+        let shipping = Shipping::new(&ShippingConfig {
+            denied_countries: vec!["AQ".into(), "BV".into()],
+        });
+        tasks.push(spawn(
+            "shipping",
+            participants::run(shipping, participant, shutdown.clone()),
+        ));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = format!("http://{}", listener.local_addr().expect("local addr"));
+        let config = orchestrator::Config {
+            kafka: kafka.clone(),
+            database: database_config,
+            relay: RelayConfig::default(),
+            http_addr: listener.local_addr().expect("local addr"),
+            group: None,
+        };
+        tasks.push(spawn(
+            "orchestrator",
+            orchestrator::run(config, listener, shutdown.clone()),
+        ));
+
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer");
+        let system = Self {
+            http,
+            topics,
+            database,
+            database_url,
+            shutdown,
+            tasks,
+            producer,
+            client: reqwest::Client::new(),
+        };
+        system.wait_until_healthy().await;
+        system
+    }
+
+    async fn wait_until_healthy(&self) {
+        eventually("the orchestrator to answer /healthz", || async {
+            match self
+                .client
+                .get(format!("{}/healthz", self.http))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
+
+    /// A pool on the test database with `schema` as search path, to check a service's tables.
+    pub async fn schema(&self, schema: &str) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                self.database_url
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .expect("url")
+                    .options([("search_path", schema)]),
+            )
+            .await
+            .expect("connect to test database")
+    }
+
+    /// Publishes raw bytes to `topic`, as an outside client would.
+    pub async fn publish(&self, topic: &str, key: &str, payload: &[u8]) {
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("publish");
+    }
+
+    pub async fn place(&self, order: &OrderPlaced) {
+        let payload = serde_json::to_vec(order).expect("serialise order");
+        self.publish(&self.topics.orders(), &order.order_id.to_string(), &payload)
+            .await;
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.http))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the order's saga is in a terminal state and returns its body.
+    pub async fn finished_saga(&self, order_id: Uuid) -> Value {
+        eventually(
+            &format!("the saga of order {order_id} to finish"),
+            || async {
+                let (status, body) = self.get(&format!("/orders/{order_id}/saga")).await;
+                let state = body["state"].as_str().unwrap_or_default();
+                (status == 200 && matches!(state, "completed" | "compensated" | "failed"))
+                    .then_some(body)
+            },
+        )
+        .await
+    }
+
+    pub async fn history(&self, saga_id: &str) -> Vec<Value> {
+        let (status, body) = self.get(&format!("/sagas/{saga_id}/history")).await;
+        assert_eq!(status, 200, "{body}");
+        body["history"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Stops every service, then drops the database and the topics.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("services stop within 30 s")
+                .expect("service task");
+        }
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("PostgreSQL reachable");
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ))
+        .execute(&admin)
+        .await
+        .expect("drop test database");
+        let kafka_admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .expect("admin client");
+        let names = self.topics.all();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        if let Err(e) = kafka_admin
+            .delete_topics(&names, &AdminOptions::new())
+            .await
+        {
+            eprintln!("deleting test topics failed: {e}");
+        }
+    }
+}
+
+fn spawn<F, E>(name: &'static str, service: F) -> JoinHandle<()>
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = service.await {
+            panic!("{name} failed: {e}");
+        }
+    })
+}
+
+/// Polls `check` until it returns a value, for at most 60 seconds.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An order from the demo data: `customer` buys `quantity` of `sku` at 10.00 EUR each, shipped
+/// to `country`.
+pub fn order(customer: &str, sku: &str, quantity: i32, country: &str) -> OrderPlaced {
+    OrderPlaced {
+        order_id: Uuid::new_v4(),
+        customer_id: customer.into(),
+        items: vec![LineItem {
+            sku: sku.into(),
+            quantity,
+            unit_price_cents: 1_000,
+        }],
+        total_cents: i64::from(quantity) * 1_000,
+        currency: "EUR".into(),
+        shipping_address: Address {
+            country: country.into(),
+            city: "Berlin".into(),
+            line1: "Unter den Linden 1".into(),
+            postal_code: "10117".into(),
+        },
+    }
+}
+
+/// The status of each step, in order.
+pub fn step_statuses(saga: &Value) -> Vec<String> {
+    saga["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| s["status"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

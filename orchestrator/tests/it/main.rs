@@ -1,0 +1,366 @@
+//! End-to-end tests: the orchestrator and the three participants against the real broker and
+//! the real PostgreSQL. See `helpers` for how each test gets its own deployment.
+
+mod helpers;
+
+use events::{Envelope, Reply, StepDone};
+use helpers::{order, step_statuses, TestSystem};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message};
+use uuid::Uuid;
+
+async fn stock(system: &TestSystem, sku: &str) -> i32 {
+    sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
+        .bind(sku)
+        .fetch_one(&system.schema("inventory").await)
+        .await
+        .expect("stock row")
+}
+
+async fn balance(system: &TestSystem, customer: &str) -> i64 {
+    sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
+        .bind(customer)
+        .fetch_one(&system.schema("payment").await)
+        .await
+        .expect("account row")
+}
+
+async fn payment_status(system: &TestSystem, order_id: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT status FROM payments WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(&system.schema("payment").await)
+        .await
+        .expect("payments query")
+}
+
+async fn reservation_status(system: &TestSystem, order_id: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(&system.schema("inventory").await)
+        .await
+        .expect("reservations query")
+}
+
+async fn shipments(system: &TestSystem, order_id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM shipments WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&system.schema("shipping").await)
+        .await
+        .expect("shipments query")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_completes_with_stock_taken_payment_captured_and_shipment_scheduled() {
+    let system = TestSystem::start().await;
+    let widgets_before = stock(&system, "WIDGET").await;
+    let balance_before = balance(&system, "alice").await;
+    let placed = order("alice", "WIDGET", 3, "DE");
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    assert_eq!(
+        step_statuses(&saga),
+        ["succeeded", "succeeded", "succeeded"]
+    );
+    assert_eq!(saga["failure_reason"], serde_json::Value::Null);
+    assert_eq!(stock(&system, "WIDGET").await, widgets_before - 3);
+    assert_eq!(
+        reservation_status(&system, placed.order_id)
+            .await
+            .as_deref(),
+        Some("reserved")
+    );
+    assert_eq!(balance(&system, "alice").await, balance_before - 3_000);
+    assert_eq!(
+        payment_status(&system, placed.order_id).await.as_deref(),
+        Some("charged")
+    );
+    assert_eq!(shipments(&system, placed.order_id).await, 1);
+
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default();
+    let (status, by_id) = system.get(&format!("/sagas/{saga_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        by_id, saga,
+        "GET /sagas/{{id}} and GET /orders/{{id}}/saga agree"
+    );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_unavailable_ends_compensated_with_nothing_charged() {
+    let system = TestSystem::start().await;
+    let balance_before = balance(&system, "alice").await;
+    let placed = order("alice", "SOLDOUT", 1, "DE");
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(step_statuses(&saga), ["failed", "pending", "pending"]);
+    let reason = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("insufficient stock for SOLDOUT"),
+        "{reason}"
+    );
+    assert_eq!(payment_status(&system, placed.order_id).await, None);
+    assert_eq!(balance(&system, "alice").await, balance_before);
+    assert_eq!(stock(&system, "SOLDOUT").await, 0);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_declined_ends_compensated_with_stock_released() {
+    let system = TestSystem::start().await;
+    let widgets_before = stock(&system, "WIDGET").await;
+    // carol has 5.00 EUR; the order costs 10.00 EUR.
+    let placed = order("carol", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(step_statuses(&saga), ["compensated", "failed", "pending"]);
+    let reason = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("insufficient funds"), "{reason}");
+    assert_eq!(stock(&system, "WIDGET").await, widgets_before);
+    assert_eq!(
+        reservation_status(&system, placed.order_id)
+            .await
+            .as_deref(),
+        Some("released")
+    );
+    assert_eq!(payment_status(&system, placed.order_id).await, None);
+    assert_eq!(balance(&system, "carol").await, 500);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipping_rejected_ends_compensated_with_payment_refunded_and_stock_released() {
+    let system = TestSystem::start().await;
+    let widgets_before = stock(&system, "WIDGET").await;
+    let balance_before = balance(&system, "bob").await;
+    let placed = order("bob", "WIDGET", 2, "AQ");
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(
+        step_statuses(&saga),
+        ["compensated", "compensated", "failed"]
+    );
+    let reason = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("AQ is on the deny-list"), "{reason}");
+    assert_eq!(
+        payment_status(&system, placed.order_id).await.as_deref(),
+        Some("refunded")
+    );
+    assert_eq!(balance(&system, "bob").await, balance_before);
+    assert_eq!(
+        reservation_status(&system, placed.order_id)
+            .await
+            .as_deref(),
+        Some("released")
+    );
+    assert_eq!(stock(&system, "WIDGET").await, widgets_before);
+    assert_eq!(shipments(&system, placed.order_id).await, 0);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_order_published_twice_yields_one_saga_and_one_charge() {
+    let system = TestSystem::start().await;
+    let balance_before = balance(&system, "alice").await;
+    let placed = order("alice", "GADGET", 1, "DE");
+    system.place(&placed).await;
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    // The second copy is recorded on the existing saga and changes nothing.
+    helpers::eventually("the duplicate order to be recorded", || async {
+        let history = system.history(&saga_id).await;
+        history
+            .iter()
+            .any(|h| h["message_type"] == "OrderPlaced" && h["decision"] == "ignored")
+            .then_some(())
+    })
+    .await;
+    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE order_id = $1")
+        .bind(placed.order_id)
+        .fetch_one(&system.schema("orchestrator").await)
+        .await
+        .expect("count sagas");
+    assert_eq!(sagas, 1);
+    let charges: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE order_id = $1")
+        .bind(placed.order_id)
+        .fetch_one(&system.schema("payment").await)
+        .await
+        .expect("count payments");
+    assert_eq!(charges, 1);
+    assert_eq!(balance(&system, "alice").await, balance_before - 1_000);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicated_reply_does_not_move_the_saga_twice() {
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed");
+    let saga_id: Uuid = saga["saga_id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .expect("uuid");
+
+    // A participant that answers twice: the same reply again under a new message id, and that
+    // copy delivered twice (same message id).
+    let reply = Envelope::new(
+        saga_id,
+        None,
+        chrono::Utc::now(),
+        Reply::StockReserved(StepDone {
+            order_id: placed.order_id,
+            attempt: 1,
+        }),
+    );
+    let bytes = reply.to_json();
+    let key = placed.order_id.to_string();
+    system.publish(&system.topics.replies(), &key, &bytes).await;
+    system.publish(&system.topics.replies(), &key, &bytes).await;
+
+    let message_id = reply.message_id.to_string();
+    let recorded = helpers::eventually("the duplicate reply to be recorded", || async {
+        let history = system.history(&saga_id.to_string()).await;
+        let matching: Vec<_> = history
+            .into_iter()
+            .filter(|h| h["message_id"] == message_id.as_str())
+            .collect();
+        (!matching.is_empty()).then_some(matching)
+    })
+    .await;
+    // Publish a later order and wait for it, so the second copy has surely been consumed.
+    let later = order("alice", "WIDGET", 1, "DE");
+    system.place(&later).await;
+    system.finished_saga(later.order_id).await;
+    let history = system.history(&saga_id.to_string()).await;
+    let copies = history
+        .iter()
+        .filter(|h| h["message_id"] == message_id.as_str())
+        .count();
+    assert_eq!(
+        copies, 1,
+        "the inbox absorbs the second delivery: {history:?}"
+    );
+    assert_eq!(recorded[0]["decision"], "ignored");
+    let (_, after) = system.get(&format!("/sagas/{saga_id}")).await;
+    assert_eq!(after["state"], "completed");
+    assert_eq!(
+        after["updated_at"], saga["updated_at"],
+        "the saga did not move"
+    );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_message_goes_to_the_dead_letter_topic_and_the_next_order_completes() {
+    let system = TestSystem::start().await;
+    system
+        .publish(&system.topics.orders(), "garbage", b"{this is not an order")
+        .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", helpers::brokers())
+        .set("group.id", format!("{}dlq-reader", system.topics.prefix()))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[&system.topics.dead_letters()])
+        .expect("subscribe");
+    let message = tokio::time::timeout(std::time::Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("a dead letter within 30 s")
+        .expect("receive");
+    assert_eq!(
+        message.payload(),
+        Some(&b"{this is not an order"[..]),
+        "original bytes kept"
+    );
+    let headers = message.headers().expect("dead letters carry headers");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let reason = header("dlq.reason").unwrap_or_default();
+    assert!(reason.contains("invalid OrderPlaced"), "{reason}");
+    assert_eq!(header("dlq.source.topic"), Some(system.topics.orders()));
+    assert_eq!(header("dlq.consumer").as_deref(), Some("orchestrator"));
+    drop(consumer);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_answers_400_404_and_422_with_json_errors() {
+    let system = TestSystem::start().await;
+    let unknown = Uuid::new_v4();
+    for (path, expected) in [
+        ("/sagas/not-a-uuid".to_owned(), 400),
+        (format!("/sagas/{unknown}"), 404),
+        (format!("/sagas/{unknown}/history"), 404),
+        (format!("/orders/{unknown}/saga"), 404),
+        ("/orders/42/saga".to_owned(), 400),
+        ("/sagas?state=bogus".to_owned(), 400),
+        ("/sagas?limit=0".to_owned(), 400),
+        ("/sagas?limit=many".to_owned(), 400),
+        ("/no/such/route".to_owned(), 404),
+    ] {
+        let (status, body) = system.get(&path).await;
+        assert_eq!(status, expected, "GET {path}: {body}");
+        assert!(
+            body["error"]["message"].is_string(),
+            "GET {path} has a JSON error: {body}"
+        );
+    }
+    let (status, body) = system.post("/orders", "{not json").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].is_string());
+    let mut bad_total = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+    bad_total["total_cents"] = 1.into();
+    let (status, body) = system.post("/orders", &bad_total.to_string()).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_order");
+
+    // A valid order placed over HTTP goes through Kafka and completes.
+    let mut good = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+    if let Some(fields) = good.as_object_mut() {
+        fields.remove("order_id");
+    }
+    let (status, accepted) = system.post("/orders", &good.to_string()).await;
+    assert_eq!(status, 202, "{accepted}");
+    let order_id: Uuid = accepted["order_id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .expect("uuid");
+    assert_eq!(accepted["status_url"], format!("/orders/{order_id}/saga"));
+    let saga = system.finished_saga(order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let (status, listed) = system.get("/sagas?state=completed&limit=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["sagas"][0]["order_id"], order_id.to_string());
+    let (_, none) = system.get("/sagas?state=failed").await;
+    assert_eq!(none["sagas"].as_array().map(Vec::len), Some(0));
+    system.stop().await;
+}

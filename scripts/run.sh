@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs the whole system on this machine and shows every saga path:
+#   installs and starts the Nisshi broker if needed, creates the database, builds and starts
+#   the orchestrator and the three participants as separate processes, places demo orders
+#   (happy path, stock unavailable, payment declined, shipping rejected), and prints each
+#   saga's final state as read from the status API. Then it keeps running until Ctrl-C.
+#
+#   scripts/run.sh [--exit-after-demo]
+#
+# Settings (environment): DATABASE_URL (default postgres://postgres@127.0.0.1:5432/sagas),
+# KAFKA_BROKERS (default 127.0.0.1:9092), HTTP_ADDR (default 127.0.0.1:8080), TOPIC_PREFIX.
+# Logs go to .run/logs/.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/sagas}"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}"
+exit_after_demo=0
+[[ "${1:-}" == "--exit-after-demo" ]] && exit_after_demo=1
+
+BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+
+# Create the database if it is missing (each service creates its schema and migrates it).
+db_name="${DATABASE_URL##*/}"
+server_url="${DATABASE_URL%/*}"
+if ! psql "$server_url/postgres" -Atc "SELECT 1 FROM pg_database WHERE datname = '$db_name'" | grep -q 1; then
+  psql "$server_url/postgres" -qc "CREATE DATABASE \"$db_name\""
+fi
+
+echo "building the services..." >&2
+cargo build --release --locked --bin orchestrator --bin inventory --bin payment --bin shipping
+
+mkdir -p .run/logs
+pids=()
+stop_services() {
+  if ((${#pids[@]})); then
+    echo "stopping services..." >&2
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+}
+trap stop_services EXIT
+trap 'exit 130' INT TERM
+for service in orchestrator inventory payment shipping; do
+  "target/release/$service" >".run/logs/$service.log" 2>&1 &
+  pids+=($!)
+  echo "started $service (pid $!, log .run/logs/$service.log)" >&2
+done
+
+api="http://$HTTP_ADDR"
+for _ in $(seq 1 200); do
+  curl -fsS "$api/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "$api/healthz" >/dev/null || { echo "the orchestrator did not come up; see .run/logs/orchestrator.log" >&2; exit 1; }
+
+# customer sku quantity country label
+demo_orders=(
+  "alice WIDGET 2 DE happy-path"
+  "alice SOLDOUT 1 DE stock-unavailable"
+  "carol WIDGET 1 DE payment-declined"
+  "bob GADGET 1 AQ shipping-rejected"
+)
+order_ids=()
+for spec in "${demo_orders[@]}"; do
+  read -r customer sku quantity country label <<<"$spec"
+  body=$(printf '{"customer_id":"%s","items":[{"sku":"%s","quantity":%d,"unit_price_cents":1000}],"total_cents":%d,"currency":"EUR","shipping_address":{"country":"%s","city":"Berlin","line1":"Unter den Linden 1","postal_code":"10117"}}' \
+    "$customer" "$sku" "$quantity" $((quantity * 1000)) "$country")
+  order_id=$(curl -fsS -X POST "$api/orders" -H 'content-type: application/json' -d "$body" | jq -r .order_id)
+  echo "placed $label order $order_id" >&2
+  order_ids+=("$order_id:$label")
+done
+
+printf '\n%-18s %-36s %-12s %s\n' "path" "order id" "state" "steps / failure reason"
+for entry in "${order_ids[@]}"; do
+  order_id="${entry%%:*}"; label="${entry#*:}"
+  saga=""
+  for _ in $(seq 1 300); do
+    saga=$(curl -fsS "$api/orders/$order_id/saga" 2>/dev/null || true)
+    state=$(jq -r '.state // empty' <<<"$saga" 2>/dev/null || true)
+    [[ "$state" =~ ^(completed|compensated|failed)$ ]] && break
+    sleep 0.1
+  done
+  jq -r --arg label "$label" \
+    '[$label, .order_id, .state, ([.steps[] | "\(.name)=\(.status)"] | join(" ")) + (if .failure_reason then " | " + .failure_reason else "" end)] | @tsv' \
+    <<<"$saga" | awk -F'\t' '{printf "%-18s %-36s %-12s %s\n", $1, $2, $3, $4}'
+done
+echo
+echo "status API: $api/sagas   (one saga: $api/orders/<order_id>/saga)"
+
+if ((exit_after_demo)); then
+  exit 0
+fi
+echo "running; press Ctrl-C to stop" >&2
+wait "${pids[@]}"

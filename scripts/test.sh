@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, golden files, and the end-to-end tests against the
+# Nisshi broker (installed and started here if none listens on 127.0.0.1:9092) and the
+# PostgreSQL at $TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432).
+#
+#   scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
+
+started_broker=0
+if ! BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh running; then
+  BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+  started_broker=1
+fi
+cleanup() { if [[ $started_broker == 1 ]]; then scripts/broker.sh stop; fi; }
+trap cleanup EXIT
+
+# Each end-to-end test runs four services with small pools; four at a time stay well inside
+# PostgreSQL's default 100 connections.
+cargo test --workspace --locked "$@" -- --test-threads=4
