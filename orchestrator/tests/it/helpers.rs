@@ -43,6 +43,7 @@ pub struct TestSystem {
     tasks: Vec<JoinHandle<()>>,
     producer: FutureProducer,
     client: reqwest::Client,
+    cleaned_up: bool,
 }
 
 impl TestSystem {
@@ -134,6 +135,7 @@ impl TestSystem {
             tasks,
             producer,
             client: reqwest::Client::new(),
+            cleaned_up: false,
         };
         system.wait_until_healthy().await;
         system
@@ -152,6 +154,20 @@ impl TestSystem {
             }
         })
         .await;
+        // The participants are ready once their last migration (the demo data) is in.
+        let db = self.schema("public").await;
+        for ready in [
+            "SELECT EXISTS (SELECT 1 FROM inventory.stock)",
+            "SELECT EXISTS (SELECT 1 FROM payment.accounts)",
+            "SELECT to_regclass('shipping.shipments') IS NOT NULL",
+        ] {
+            eventually(ready, || async {
+                let ok: Option<bool> = sqlx::query_scalar(ready).fetch_one(&db).await.ok();
+                ok.unwrap_or(false).then_some(())
+            })
+            .await;
+        }
+        db.close().await;
     }
 
     /// A pool on the test database with `schema` as search path, to check a service's tables.
@@ -239,30 +255,58 @@ impl TestSystem {
                 .expect("services stop within 30 s")
                 .expect("service task");
         }
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/postgres", server_url()))
-            .await
-            .expect("PostgreSQL reachable");
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database
-        ))
-        .execute(&admin)
-        .await
-        .expect("drop test database");
-        let kafka_admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .create()
-            .expect("admin client");
-        let names = self.topics.all();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        if let Err(e) = kafka_admin
-            .delete_topics(&names, &AdminOptions::new())
-            .await
-        {
-            eprintln!("deleting test topics failed: {e}");
+        remove_resources(&self.database, &self.topics).await;
+        self.cleaned_up = true;
+    }
+}
+
+impl Drop for TestSystem {
+    /// A test that failed before `stop` still removes its database and topics.
+    fn drop(&mut self) {
+        if self.cleaned_up {
+            return;
         }
+        self.shutdown.cancel();
+        let database = self.database.clone();
+        let topics = self.topics.clone();
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(remove_resources(&database, &topics));
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn remove_resources(database: &str, topics: &Topics) {
+    match PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{}/postgres", server_url()))
+        .await
+    {
+        Ok(admin) => {
+            let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
+            if let Err(e) = sqlx::query(&drop).execute(&admin).await {
+                eprintln!("dropping {database} failed: {e}");
+            }
+        }
+        Err(e) => eprintln!("cannot reach PostgreSQL to drop {database}: {e}"),
+    }
+    let kafka_admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create();
+    let names = topics.all();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    match kafka_admin {
+        Ok(admin) => {
+            if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
+                eprintln!("deleting test topics failed: {e}");
+            }
+        }
+        Err(e) => eprintln!("cannot create a Kafka admin client: {e}"),
     }
 }
 

@@ -1,0 +1,328 @@
+//! The load generator: open loop (a fixed rate) or closed loop (a fixed number of sagas in
+//! flight), with a chosen share of orders that fail at a random step and are compensated.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use events::{Address, Envelope, LineItem, OrderPlaced, SagaEvent, Topics};
+use rand::Rng;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic prefix of the deployment under test.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// How many orders to place.
+    #[arg(long, default_value_t = 100)]
+    orders: usize,
+    /// Open loop: orders per second. Without it, the load is a closed loop of `--in-flight`.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Closed loop: sagas in flight at once.
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// Percentage of orders built to fail (spread over stock, payment and shipping).
+    #[arg(long, default_value_t = 0)]
+    failure_percent: u8,
+    /// Give up on sagas that have not finished this many seconds after the last order.
+    #[arg(long, default_value_t = 60)]
+    settle_timeout_secs: u64,
+    /// fetch.wait.max.ms of the consumer that watches saga.events.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 10)]
+    fetch_wait_max_ms: u32,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    orders: usize,
+    finished: usize,
+    completed: usize,
+    compensated: usize,
+    failed: usize,
+    unfinished: usize,
+    mode: String,
+    elapsed_secs: f64,
+    finished_per_sec: f64,
+    completed_per_sec: f64,
+    latency_ms: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+/// What the watcher learned about each order.
+#[derive(Default)]
+struct Tally {
+    sent_at: HashMap<Uuid, Instant>,
+    latencies: Vec<Duration>,
+    completed: usize,
+    compensated: usize,
+    failed: usize,
+}
+
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    if args.orders == 0 || args.in_flight == 0 {
+        bail!("--orders and --in-flight must be at least 1");
+    }
+    if args.failure_percent > 100 {
+        bail!("--failure-percent is a percentage");
+    }
+    let topics = Topics::new(args.topic_prefix.clone());
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()
+        .context("creating producer")?;
+    let watcher = watch_from_end(&args, &topics.saga_events()).await?;
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let in_flight = Arc::new(Semaphore::new(args.in_flight));
+    let watch = tokio::spawn(watch_events(
+        watcher,
+        Arc::clone(&tally),
+        Arc::clone(&in_flight),
+        args.orders,
+    ));
+
+    let started = Instant::now();
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
+    let mut next_send = Instant::now();
+    let mut last_progress = Instant::now();
+    for sent in 0..args.orders {
+        match interval {
+            Some(interval) => {
+                tokio::time::sleep_until(next_send.into()).await;
+                next_send += interval;
+            }
+            None => in_flight
+                .acquire()
+                .await
+                .context("semaphore closed")?
+                .forget(),
+        }
+        let order = random_order(args.failure_percent);
+        let payload = serde_json::to_vec(&order)?;
+        let key = order.order_id.to_string();
+        tally
+            .lock()
+            .await
+            .sent_at
+            .insert(order.order_id, Instant::now());
+        producer
+            .send(
+                FutureRecord::to(&topics.orders())
+                    .key(&key)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .context("publishing OrderPlaced")?;
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            let finished = tally.lock().await.latencies.len();
+            eprintln!("sent {}/{}, finished {finished}", sent + 1, args.orders);
+            last_progress = Instant::now();
+        }
+    }
+    let settled = tokio::time::timeout(Duration::from_secs(args.settle_timeout_secs), watch).await;
+    let elapsed = started.elapsed();
+    if settled.is_err() {
+        eprintln!(
+            "not every saga finished within {} s of the last order",
+            args.settle_timeout_secs
+        );
+    }
+    let tally = tally.lock().await;
+    let report = report(&args, &tally, elapsed);
+    print_report(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.unfinished > 0 {
+        bail!("{} sagas did not finish", report.unfinished);
+    }
+    Ok(())
+}
+
+/// A consumer positioned at the current end of every partition of `topic`, so it sees exactly
+/// the events of the orders placed after this call.
+async fn watch_from_end(args: &LoadArgs, topic: &str) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", format!("sagactl-load-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", args.fetch_wait_max_ms.to_string())
+        .create()
+        .context("creating consumer")?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("reading topic metadata")?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+            .context("reading watermarks")?;
+        assignment.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
+    }
+    if assignment.count() == 0 {
+        bail!("topic {topic} has no partitions; is the orchestrator running with this prefix?");
+    }
+    consumer
+        .assign(&assignment)
+        .context("assigning partitions")?;
+    Ok(consumer)
+}
+
+async fn watch_events(
+    consumer: StreamConsumer,
+    tally: Arc<Mutex<Tally>>,
+    in_flight: Arc<Semaphore>,
+    expected: usize,
+) {
+    loop {
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(e) => {
+                eprintln!("receiving saga events failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(Ok(envelope)) = message.payload().map(Envelope::<SagaEvent>::from_json) else {
+            continue;
+        };
+        let mut tally = tally.lock().await;
+        let outcome = match &envelope.body {
+            SagaEvent::SagaStarted { .. } => continue,
+            SagaEvent::SagaCompleted { .. } => &mut tally.completed,
+            SagaEvent::SagaCompensated { .. } => &mut tally.compensated,
+            SagaEvent::SagaFailed { .. } => &mut tally.failed,
+        };
+        *outcome += 1;
+        if let Some(sent) = tally.sent_at.remove(&envelope.body.order_id()) {
+            tally.latencies.push(sent.elapsed());
+            in_flight.add_permits(1);
+        }
+        if tally.latencies.len() >= expected {
+            // Closing an assign-only consumer can block for a long time against some brokers
+            // (rust-rdkafka issue 509); the report does not need to wait for it.
+            std::thread::spawn(move || drop(consumer));
+            return;
+        }
+    }
+}
+
+fn random_order(failure_percent: u8) -> OrderPlaced {
+    let mut rng = rand::thread_rng();
+    let (customer, sku, country) = if rng.gen_range(0..100) < failure_percent {
+        match rng.gen_range(0..3) {
+            0 => ("alice", "SOLDOUT", "DE"),
+            1 => ("carol", "WIDGET", "DE"),
+            _ => ("bob", "GADGET", "AQ"),
+        }
+    } else if rng.gen_bool(0.5) {
+        ("alice", "WIDGET", "DE")
+    } else {
+        ("bob", "GADGET", "FR")
+    };
+    OrderPlaced {
+        order_id: Uuid::new_v4(),
+        customer_id: customer.into(),
+        items: vec![LineItem {
+            sku: sku.into(),
+            quantity: 1,
+            unit_price_cents: 1_000,
+        }],
+        total_cents: 1_000,
+        currency: "EUR".into(),
+        shipping_address: Address {
+            country: country.into(),
+            city: "Berlin".into(),
+            line1: "Unter den Linden 1".into(),
+            postal_code: "10117".into(),
+        },
+    }
+}
+
+fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration) -> Report {
+    let mut latencies = tally.latencies.clone();
+    latencies.sort();
+    let at = |q: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[index].as_secs_f64() * 1_000.0
+    };
+    let secs = elapsed.as_secs_f64().max(f64::EPSILON);
+    Report {
+        orders: args.orders,
+        finished: latencies.len(),
+        completed: tally.completed,
+        compensated: tally.compensated,
+        failed: tally.failed,
+        unfinished: args.orders.saturating_sub(latencies.len()),
+        mode: match args.rate {
+            Some(rate) => format!("open loop, {rate} orders/s"),
+            None => format!("closed loop, {} in flight", args.in_flight),
+        },
+        elapsed_secs: secs,
+        finished_per_sec: latencies.len() as f64 / secs,
+        completed_per_sec: tally.completed as f64 / secs,
+        latency_ms: Percentiles {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: at(1.0),
+        },
+    }
+}
+
+fn print_report(r: &Report) {
+    println!("mode              {}", r.mode);
+    println!(
+        "orders            {} (finished {}, unfinished {})",
+        r.orders, r.finished, r.unfinished
+    );
+    println!(
+        "outcomes          completed {}, compensated {}, failed {}",
+        r.completed, r.compensated, r.failed
+    );
+    println!("elapsed           {:.2} s", r.elapsed_secs);
+    println!(
+        "throughput        {:.1} finished/s, {:.1} completed/s",
+        r.finished_per_sec, r.completed_per_sec
+    );
+    let l = &r.latency_ms;
+    println!(
+        "latency (ms)      p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+        l.p50, l.p90, l.p99, l.p999, l.max
+    );
+}
