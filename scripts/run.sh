@@ -83,8 +83,8 @@ for entry in "${order_ids[@]}"; do
     [[ "$state" =~ ^(completed|compensated|failed)$ ]] && break
     sleep 0.1
   done
-  jq -r --arg label "$label" \
-    '[$label, .order_id, .state, ([.steps[] | "\(.name)=\(.status)"] | join(" ")) + (if .failure_reason then " | " + .failure_reason else "" end)] | @tsv' \
+  jq -r --arg path "$label" \
+    '[$path, .order_id, .state, ([.steps[] | "\(.name)=\(.status)"] | join(" ")) + (if .failure_reason then " | " + .failure_reason else "" end)] | @tsv' \
     <<<"$saga" | awk -F'\t' '{printf "%-18s %-36s %-12s %s\n", $1, $2, $3, $4}'
 done
 echo

@@ -1,10 +1,12 @@
 -- The runtime tables every service has, in its own schema.
 
 -- Inbox: ids of the messages this service has handled. A redelivered message finds its id
--- here and has no second effect. Rows are written in the same transaction as the effect.
+-- here and has no second effect. Rows are written in the same transaction as the effect;
+-- `deliveries` counts how often the message arrived (all but the first were absorbed).
 CREATE TABLE inbox (
     message_id  uuid PRIMARY KEY,
-    received_at timestamptz NOT NULL DEFAULT now()
+    received_at timestamptz NOT NULL DEFAULT now(),
+    deliveries  integer NOT NULL DEFAULT 1
 );
 CREATE INDEX inbox_received_at ON inbox (received_at);
 

@@ -1,0 +1,470 @@
+//! The chaos suite: runs the orchestrator and the three participants as separate OS processes,
+//! places orders while SIGKILLing and restarting random services, waits for every saga to
+//! settle, then checks from the services' own tables that nothing was lost or done twice.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use events::Topics;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::load::random_order;
+
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    /// Kafka bootstrap servers (the broker must be running).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// PostgreSQL server URL without a database name; the run creates its own database.
+    #[arg(long, env = "CHAOS_DATABASE_SERVER", default_value = "postgres://postgres@127.0.0.1:5432")]
+    database_server: String,
+    /// Directory with the orchestrator, inventory, payment and shipping binaries.
+    #[arg(long, default_value = "target/debug")]
+    bin_dir: PathBuf,
+    /// Sagas to run.
+    #[arg(long, default_value_t = 300)]
+    sagas: usize,
+    /// Orders placed per second.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Percentage of orders built to be compensated.
+    #[arg(long, default_value_t = 30)]
+    failure_percent: u8,
+    /// SIGKILL a random service this often, in milliseconds (0: never).
+    #[arg(long, default_value_t = 1500)]
+    kill_every_ms: u64,
+    /// How long a killed service stays down before it is restarted, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    down_ms: u64,
+    /// Give up when the sagas have not settled this long after the last kill, in seconds.
+    #[arg(long, default_value_t = 180)]
+    settle_timeout_secs: u64,
+    /// Keep the run's database and topics for inspection.
+    #[arg(long)]
+    keep: bool,
+}
+
+const SERVICES: [&str; 4] = ["orchestrator", "inventory", "payment", "shipping"];
+
+struct Fleet {
+    bin_dir: PathBuf,
+    env: Vec<(String, String)>,
+    children: BTreeMap<&'static str, Child>,
+    kills: BTreeMap<&'static str, u32>,
+    log_dir: PathBuf,
+}
+
+impl Fleet {
+    async fn start(&mut self, service: &'static str) -> anyhow::Result<()> {
+        let binary = self.bin_dir.join(service);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(format!("{service}.log")))?;
+        let child = Command::new(&binary)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        self.children.insert(service, child);
+        Ok(())
+    }
+
+    async fn kill(&mut self, service: &'static str) -> anyhow::Result<()> {
+        if let Some(mut child) = self.children.remove(service) {
+            child.start_kill()?;
+            child.wait().await?;
+            *self.kills.entry(service).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Restarts every service that exited by itself (a crash, not one of our kills).
+    async fn revive(&mut self) -> anyhow::Result<u32> {
+        let mut revived = 0;
+        for service in SERVICES {
+            let exited = match self.children.get_mut(service) {
+                Some(child) => child.try_wait()?.is_some(),
+                None => true,
+            };
+            if exited {
+                eprintln!("{service} had exited; restarting it");
+                self.start(service).await?;
+                revived += 1;
+            }
+        }
+        Ok(revived)
+    }
+
+    async fn stop_all(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.children) {
+            if let Some(pid) = child.id() {
+                // SIGTERM first: the graceful path is part of what a run exercises.
+                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            }
+            if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let database = format!("chaos_{id}");
+    let prefix = format!("chaos-{id}.");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{}/postgres", args.database_server))
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await?;
+    let database_url = format!("{}/{database}", args.database_server);
+    let log_dir = PathBuf::from(format!(".run/chaos-{id}"));
+    std::fs::create_dir_all(&log_dir)?;
+    eprintln!("chaos run {id}: database {database}, topic prefix {prefix}, logs {}", log_dir.display());
+
+    let http_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?.port()
+    };
+    let mut fleet = Fleet {
+        bin_dir: args.bin_dir.clone(),
+        env: vec![
+            ("KAFKA_BROKERS".into(), args.brokers.clone()),
+            ("TOPIC_PREFIX".into(), prefix.clone()),
+            ("DATABASE_URL".into(), database_url.clone()),
+            ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
+            ("KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into()),
+            ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+        ],
+        children: BTreeMap::new(),
+        kills: BTreeMap::new(),
+        log_dir,
+    };
+    for service in SERVICES {
+        fleet.start(service).await?;
+    }
+    let db = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&database_url)
+        .await?;
+    wait_until_migrated(&db).await?;
+    let initial = Snapshot::take(&db).await?;
+
+    let topics = Topics::new(prefix.clone());
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.01));
+    let kill_every = (args.kill_every_ms > 0).then(|| Duration::from_millis(args.kill_every_ms));
+    let mut next_kill = kill_every.map(|k| Instant::now() + k);
+    let mut order_ids = Vec::with_capacity(args.sagas);
+    let mut restarts = 0u32;
+    for placed in 0..args.sagas {
+        let order = random_order(args.failure_percent);
+        let payload = serde_json::to_vec(&order)?;
+        let key = order.order_id.to_string();
+        // Each order is published twice: clients retry, and the engine must absorb it.
+        for _ in 0..if placed % 10 == 0 { 2 } else { 1 } {
+            producer
+                .send(FutureRecord::to(&topics.orders()).key(&key).payload(&payload), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .context("publishing an order")?;
+        }
+        order_ids.push(order.order_id);
+        if let (Some(at), Some(every)) = (next_kill, kill_every) {
+            if Instant::now() >= at {
+                let service = *SERVICES.choose(&mut rand::thread_rng()).unwrap_or(&"payment");
+                fleet.kill(service).await?;
+                tokio::time::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..=args.down_ms))).await;
+                fleet.start(service).await?;
+                restarts += 1;
+                next_kill = Some(Instant::now() + every);
+            }
+        }
+        restarts += fleet.revive().await?;
+        if placed % 100 == 99 {
+            eprintln!("placed {}/{} orders, kills so far {:?}", placed + 1, args.sagas, fleet.kills);
+        }
+        tokio::time::sleep(interval).await;
+    }
+    let last_kill = Instant::now();
+    eprintln!("all {} orders placed in {:.1} s; waiting for the sagas to settle", args.sagas, started.elapsed().as_secs_f64());
+
+    let settle_deadline = last_kill + Duration::from_secs(args.settle_timeout_secs);
+    let settled = loop {
+        restarts += fleet.revive().await?;
+        let (sagas, unfinished): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE state NOT IN ('completed', 'compensated', 'failed')) \
+             FROM orchestrator.sagas",
+        )
+        .fetch_one(&db)
+        .await?;
+        if sagas >= i64::try_from(args.sagas)? && unfinished == 0 {
+            break true;
+        }
+        if Instant::now() > settle_deadline {
+            eprintln!("not settled: {sagas} sagas exist, {unfinished} unfinished");
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let settle_time = last_kill.elapsed();
+    // Let the relays drain the last events before the books are checked.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.stop_all().await;
+
+    let checks = check_invariants(&db, &initial, &order_ids).await?;
+    let duplicates = Duplicates::count(&db).await?;
+    println!("chaos run {id}");
+    println!("sagas run          {}", args.sagas);
+    println!("kills              {:?}", fleet.kills);
+    println!("restarts           {restarts}");
+    println!("settled            {settled} ({:.1} s after the last kill)", settle_time.as_secs_f64());
+    println!("outcomes           {}", checks.outcomes);
+    println!(
+        "duplicates         {} duplicate orders absorbed, {} replies ignored by fencing, {} messages redelivered into an inbox",
+        duplicates.orders, duplicates.ignored_replies, duplicates.redelivered
+    );
+    let mut failed = !settled;
+    for (name, passed, detail) in &checks.results {
+        println!("{:<6} {name}: {detail}", if *passed { "PASS" } else { "FAIL" });
+        failed |= !passed;
+    }
+    db.close().await;
+    if !args.keep {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            .execute(&admin)
+            .await?;
+    }
+    if failed {
+        bail!("chaos run {id}: invariants violated or sagas unsettled");
+    }
+    Ok(())
+}
+
+async fn wait_until_migrated(db: &PgPool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready: Option<bool> = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) \
+             AND to_regclass('shipping.shipments') IS NOT NULL AND to_regclass('orchestrator.sagas') IS NOT NULL",
+        )
+        .fetch_one(db)
+        .await
+        .ok();
+        if ready == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the services did not create their tables within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stock per SKU and balance per customer.
+struct Snapshot {
+    stock: BTreeMap<String, i64>,
+    balances: BTreeMap<String, i64>,
+}
+
+impl Snapshot {
+    async fn take(db: &PgPool) -> anyhow::Result<Self> {
+        let stock: Vec<(String, i64)> =
+            sqlx::query_as("SELECT sku, available::bigint FROM inventory.stock").fetch_all(db).await?;
+        let balances: Vec<(String, i64)> =
+            sqlx::query_as("SELECT customer_id, balance_cents FROM payment.accounts").fetch_all(db).await?;
+        Ok(Self {
+            stock: stock.into_iter().collect(),
+            balances: balances.into_iter().collect(),
+        })
+    }
+}
+
+struct Checks {
+    outcomes: String,
+    results: Vec<(&'static str, bool, String)>,
+}
+
+async fn count(db: &PgPool, sql: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
+}
+
+async fn check_invariants(db: &PgPool, initial: &Snapshot, order_ids: &[Uuid]) -> anyhow::Result<Checks> {
+    let mut results = Vec::new();
+    let by_state: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM orchestrator.sagas GROUP BY state ORDER BY state")
+            .fetch_all(db)
+            .await?;
+    let outcomes = by_state
+        .iter()
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM UNNEST($1::uuid[]) AS placed (order_id) \
+         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s WHERE s.order_id = placed.order_id)",
+    )
+    .bind(order_ids)
+    .fetch_one(db)
+    .await?;
+    let total = count(db, "SELECT count(*) FROM orchestrator.sagas").await?;
+    results.push((
+        "one saga per order, none lost",
+        missing == 0 && total == i64::try_from(order_ids.len())?,
+        format!("{} orders placed, {total} sagas, {missing} orders without a saga", order_ids.len()),
+    ));
+    let unfinished = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas WHERE state NOT IN ('completed', 'compensated', 'failed')",
+    )
+    .await?;
+    let failed_without_reason = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas WHERE state = 'failed' AND failure_reason IS NULL",
+    )
+    .await?;
+    results.push((
+        "every saga terminal",
+        unfinished == 0 && failed_without_reason == 0,
+        format!("{unfinished} not terminal, {failed_without_reason} failed without a reason"),
+    ));
+
+    let completed_wrong = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.state = 'completed' AND NOT ( \
+           (SELECT count(*) FROM inventory.reservations r WHERE r.order_id = s.order_id AND r.status = 'reserved') = 1 \
+           AND (SELECT count(*) FROM payment.payments p WHERE p.order_id = s.order_id AND p.status = 'charged' \
+                AND p.amount_cents = (s.order_data->>'total_cents')::bigint) = 1 \
+           AND (SELECT count(*) FROM shipping.shipments h WHERE h.order_id = s.order_id) = 1)",
+    )
+    .await?;
+    results.push((
+        "completed: one reservation, one charge of the total, one shipment",
+        completed_wrong == 0,
+        format!("{completed_wrong} completed sagas break it"),
+    ));
+    let compensated_wrong = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.state = 'compensated' AND ( \
+           EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id = s.order_id AND r.status = 'reserved') \
+           OR EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id = s.order_id AND p.status = 'charged') \
+           OR EXISTS (SELECT 1 FROM shipping.shipments h WHERE h.order_id = s.order_id))",
+    )
+    .await?;
+    results.push((
+        "compensated: no reservation held, no net charge, no shipment",
+        compensated_wrong == 0,
+        format!("{compensated_wrong} compensated sagas break it"),
+    ));
+
+    let held: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT l.sku, sum(l.quantity)::bigint FROM inventory.reservation_lines l \
+         JOIN inventory.reservations r USING (order_id) WHERE r.status = 'reserved' GROUP BY l.sku",
+    )
+    .fetch_all(db)
+    .await?;
+    let held: BTreeMap<String, i64> = held.into_iter().collect();
+    let now = Snapshot::take(db).await?;
+    let stock_broken: Vec<String> = initial
+        .stock
+        .iter()
+        .filter(|(sku, before)| now.stock.get(*sku).copied().unwrap_or(0) + held.get(*sku).copied().unwrap_or(0) != **before)
+        .map(|(sku, _)| sku.clone())
+        .collect();
+    results.push((
+        "stock conserved: initial = current + reserved, per SKU",
+        stock_broken.is_empty(),
+        format!("{} SKUs checked, broken: {stock_broken:?}", initial.stock.len()),
+    ));
+    let charged: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT customer_id, sum(amount_cents)::bigint FROM payment.payments WHERE status = 'charged' GROUP BY customer_id",
+    )
+    .fetch_all(db)
+    .await?;
+    let charged: BTreeMap<String, i64> = charged.into_iter().collect();
+    let money_broken: Vec<String> = initial
+        .balances
+        .iter()
+        .filter(|(c, before)| now.balances.get(*c).copied().unwrap_or(0) + charged.get(*c).copied().unwrap_or(0) != **before)
+        .map(|(c, _)| c.clone())
+        .collect();
+    results.push((
+        "money conserved: initial = balance + net charges, per customer",
+        money_broken.is_empty(),
+        format!("{} customers checked, broken: {money_broken:?}", initial.balances.len()),
+    ));
+    let applied_twice = count(
+        db,
+        "SELECT count(*) FROM (SELECT message_id FROM orchestrator.saga_history \
+         WHERE decision = 'applied' GROUP BY message_id HAVING count(*) > 1) twice",
+    )
+    .await?;
+    let steps_twice = count(
+        db,
+        "SELECT (SELECT count(*) FROM (SELECT order_id FROM inventory.reservations GROUP BY order_id HAVING count(*) > 1) a) \
+              + (SELECT count(*) FROM (SELECT order_id FROM payment.payments GROUP BY order_id HAVING count(*) > 1) b) \
+              + (SELECT count(*) FROM (SELECT order_id FROM shipping.shipments GROUP BY order_id HAVING count(*) > 1) c)",
+    )
+    .await?;
+    results.push((
+        "no message applied twice",
+        applied_twice == 0 && steps_twice == 0,
+        format!("{applied_twice} replies applied twice, {steps_twice} steps done twice"),
+    ));
+    Ok(Checks { outcomes, results })
+}
+
+struct Duplicates {
+    orders: i64,
+    ignored_replies: i64,
+    redelivered: i64,
+}
+
+impl Duplicates {
+    async fn count(db: &PgPool) -> anyhow::Result<Self> {
+        let orders = count(
+            db,
+            "SELECT count(*) FROM orchestrator.saga_history WHERE message_type = 'OrderPlaced' AND decision = 'ignored'",
+        )
+        .await?;
+        let ignored_replies = count(
+            db,
+            "SELECT count(*) FROM orchestrator.saga_history WHERE message_type <> 'OrderPlaced' AND decision = 'ignored'",
+        )
+        .await?;
+        // Every inbox row counts its deliveries; all but the first were absorbed.
+        let redelivered = count(
+            db,
+            "SELECT (SELECT coalesce(sum(deliveries - 1), 0) FROM orchestrator.inbox) \
+                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM inventory.inbox) \
+                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM payment.inbox) \
+                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM shipping.inbox)",
+        )
+        .await?;
+        Ok(Self {
+            orders,
+            ignored_replies,
+            redelivered,
+        })
+    }
+}
