@@ -19,7 +19,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::saga::{Saga, SagaState, StepState};
+use crate::handler::commit_decision;
+use crate::saga::{Decision, OperatorAction, Policies, Saga, SagaState, StepState};
 use crate::store::{self, HistoryEntry};
 
 #[derive(Clone)]
@@ -27,6 +28,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub producer: FutureProducer,
     pub topics: Topics,
+    pub policies: Policies,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -35,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sagas", get(list_sagas))
         .route("/sagas/{saga_id}", get(get_saga))
         .route("/sagas/{saga_id}/history", get(get_history))
+        .route("/sagas/{saga_id}/{action}", post(operate))
         .route("/orders/{order_id}/saga", get(get_saga_by_order))
         .route("/orders", post(place_order))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -298,4 +301,90 @@ async fn place_order(
         Json(accepted),
     )
         .into_response())
+}
+
+/// The body of an operator action: who acts and why, both recorded in the saga's history.
+#[derive(Debug, Deserialize)]
+struct OperatorRequest {
+    operator: String,
+    reason: String,
+}
+
+/// `POST /sagas/{id}/retry|skip|abort`: an operator moves a stuck or running saga.
+async fn operate(
+    State(state): State<AppState>,
+    path: Result<Path<(Uuid, String)>, PathRejection>,
+    body: Result<Json<OperatorRequest>, JsonRejection>,
+) -> Result<Json<SagaView>, ApiError> {
+    let Path((saga_id, action_name)) = path?;
+    let Json(request) = body?;
+    if request.operator.trim().is_empty() || request.reason.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "`operator` and `reason` must not be empty",
+        ));
+    }
+    let action = match action_name.as_str() {
+        "retry" => OperatorAction::Retry,
+        "skip" => OperatorAction::Skip,
+        "abort" => OperatorAction::Abort {
+            reason: request.reason.clone(),
+        },
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no action {other:?}; expected retry, skip or abort"
+            )))
+        }
+    };
+    let internal = |e: crate::Error| ApiError::internal(&e);
+    let mut tx = state.pool.begin().await.map_err(|e| internal(e.into()))?;
+    let (saga, version) = store::load_for_update(&mut tx, saga_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
+    let now = Utc::now();
+    let decision = saga.on_operator(&action, now, &state.policies);
+    let refusal = match &decision {
+        Decision::Ignored { reason } => Some(reason.clone()),
+        Decision::Applied { .. } => None,
+    };
+    let entry = HistoryEntry {
+        at: now,
+        message_id: None,
+        message_type: format!("Operator{}", capitalised(&action_name)),
+        decision: "operator".into(),
+        detail: Some(format!(
+            "{action_name} by {}: {}",
+            request.operator, request.reason
+        )),
+        state_after: String::new(),
+    };
+    let moved = commit_decision(
+        &state.topics,
+        &mut tx,
+        &saga,
+        version,
+        decision,
+        entry,
+        None,
+    )
+    .await
+    .map_err(internal)?;
+    // An action that does not fit is refused, but the attempt stays in the history.
+    tx.commit().await.map_err(|e| internal(e.into()))?;
+    match moved {
+        Some(next) => Ok(Json(next.into())),
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{action_name} refused: {}", refusal.unwrap_or_default()),
+        )),
+    }
+}
+
+fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
 }

@@ -1,9 +1,13 @@
 //! The orchestrator's settings: flags or environment variables, each with a default.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use clap::Parser;
+use chrono::TimeDelta;
+use clap::{Args, Parser};
 use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
+
+use crate::saga::{Policies, RetryPolicy};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -18,6 +22,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub relay: RelayConfig,
+    #[command(flatten)]
+    pub retries: RetryConfig,
 
     /// Address of the status HTTP API.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -27,4 +33,113 @@ pub struct Config {
     /// one group share the orders and replies between them by partition.
     #[arg(long, env = "ORCHESTRATOR_GROUP")]
     pub group: Option<String>,
+}
+
+/// Step deadlines and retries. Each wait doubles per attempt (with up to 25% jitter), capped
+/// at `--retry-max-timeout-ms`.
+#[derive(Debug, Clone, Args)]
+pub struct RetryConfig {
+    /// How long to wait for a step's first reply, in milliseconds.
+    #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 5_000)]
+    pub step_timeout_ms: u64,
+    /// Per-step overrides of the first wait, e.g. `charge_payment=10000,reserve_stock=2000`.
+    #[arg(long, env = "STEP_TIMEOUT_OVERRIDES_MS", value_delimiter = ',')]
+    pub step_timeout_overrides_ms: Vec<String>,
+    /// Attempts of a forward step before it counts as failed (its outcome unknown).
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 5)]
+    pub step_max_attempts: u32,
+    /// Attempts of a compensation before the saga is `failed` and needs an operator.
+    #[arg(long, env = "COMPENSATION_MAX_ATTEMPTS", default_value_t = 10)]
+    pub compensation_max_attempts: u32,
+    /// The longest single wait, in milliseconds.
+    #[arg(long, env = "RETRY_MAX_TIMEOUT_MS", default_value_t = 60_000)]
+    pub retry_max_timeout_ms: u64,
+    /// How often overdue sagas are looked for, in milliseconds.
+    #[arg(long, env = "DEADLINE_SCAN_INTERVAL_MS", default_value_t = 200)]
+    pub deadline_scan_interval_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            step_timeout_ms: 5_000,
+            step_timeout_overrides_ms: Vec::new(),
+            step_max_attempts: 5,
+            compensation_max_attempts: 10,
+            retry_max_timeout_ms: 60_000,
+            deadline_scan_interval_ms: 200,
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn scan_interval(&self) -> Duration {
+        Duration::from_millis(self.deadline_scan_interval_ms)
+    }
+
+    /// The policies these settings describe.
+    ///
+    /// # Errors
+    /// A message naming the override that is not `step=milliseconds` for a known step.
+    pub fn policies(&self) -> Result<Policies, String> {
+        let millis = |ms: u64| TimeDelta::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
+        let policy = |timeout_ms: u64, max_attempts: u32| RetryPolicy {
+            timeout: millis(timeout_ms),
+            max_attempts: max_attempts.max(1),
+            max_timeout: millis(self.retry_max_timeout_ms.max(timeout_ms)),
+        };
+        let forward = policy(self.step_timeout_ms, self.step_max_attempts);
+        let mut policies = Policies {
+            reserve_stock: forward,
+            charge_payment: forward,
+            schedule_shipment: forward,
+            compensation: policy(self.step_timeout_ms, self.compensation_max_attempts),
+        };
+        for entry in self
+            .step_timeout_overrides_ms
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+        {
+            let parsed = entry
+                .split_once('=')
+                .and_then(|(step, ms)| Some((step.trim(), ms.trim().parse::<u64>().ok()?)));
+            let Some((step, ms)) = parsed else {
+                return Err(format!(
+                    "step timeout override {entry:?} is not step=milliseconds"
+                ));
+            };
+            let slot = match step {
+                "reserve_stock" => &mut policies.reserve_stock,
+                "charge_payment" => &mut policies.charge_payment,
+                "schedule_shipment" => &mut policies.schedule_shipment,
+                other => return Err(format!("unknown step {other:?} in a timeout override")),
+            };
+            *slot = policy(ms, self.step_max_attempts);
+        }
+        Ok(policies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_change_one_step_and_bad_ones_are_named() {
+        let config = RetryConfig {
+            step_timeout_overrides_ms: vec!["charge_payment=9000".into()],
+            ..RetryConfig::default()
+        };
+        let policies = config.policies().expect("valid");
+        assert_eq!(policies.charge_payment.timeout, TimeDelta::seconds(9));
+        assert_eq!(policies.reserve_stock.timeout, TimeDelta::seconds(5));
+        assert_eq!(policies.compensation.max_attempts, 10);
+        for bad in ["charge_payment", "ship=5", "charge_payment=soon"] {
+            let config = RetryConfig {
+                step_timeout_overrides_ms: vec![bad.into()],
+                ..RetryConfig::default()
+            };
+            assert!(config.policies().is_err(), "{bad}");
+        }
+    }
 }

@@ -16,6 +16,8 @@ pub enum Error {
         column: &'static str,
         reason: String,
     },
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
 }

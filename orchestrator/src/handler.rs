@@ -10,16 +10,17 @@ use messaging::outbox::{self, OutgoingMessage};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::saga::{Decision, Effect, Saga};
+use crate::saga::{Decision, Effect, Policies, Saga};
 use crate::store::{self, HistoryEntry};
 
 pub struct OrchestratorHandler {
     topics: Topics,
+    policies: Policies,
 }
 
 impl OrchestratorHandler {
-    pub fn new(topics: Topics) -> Self {
-        Self { topics }
+    pub fn new(topics: Topics, policies: Policies) -> Self {
+        Self { topics, policies }
     }
 
     async fn on_order(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
@@ -27,7 +28,7 @@ impl OrchestratorHandler {
             .map_err(|e| HandlerError::Reject(format!("invalid OrderPlaced: {e}")))?;
         let now = Utc::now();
         let order_id = order.order_id;
-        let (saga, effects) = Saga::start(Uuid::new_v4(), order, now);
+        let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, &self.policies);
         if !store::insert_saga(tx, &saga).await? {
             // The same order again: one order, one saga. Note it on the saga that exists.
             if let Some(existing) = store::saga_id_for_order(&mut *tx, order_id).await? {
@@ -57,7 +58,8 @@ impl OrchestratorHandler {
         };
         store::append_history(tx, saga.id, &entry).await?;
         tracing::info!(saga_id = %saga.id, %order_id, "saga started");
-        self.emit(tx, &saga, None, effects).await
+        emit(&self.topics, tx, &saga, None, effects).await?;
+        Ok(())
     }
 
     async fn on_reply(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
@@ -85,69 +87,96 @@ impl OrchestratorHandler {
             )));
         }
         let now = Utc::now();
-        let mut entry = HistoryEntry {
+        let entry = HistoryEntry {
             at: now,
             message_id: Some(envelope.message_id),
             message_type: reply.type_name().into(),
-            decision: String::new(),
-            detail: None,
+            decision: "applied".into(),
+            detail: Some(format!(
+                "{} attempt {}",
+                reply.step().as_str(),
+                reply.attempt()
+            )),
             state_after: String::new(),
         };
-        match saga.on_reply(reply, now) {
-            Decision::Applied {
-                saga: next,
-                effects,
-            } => {
-                store::update_saga(tx, &next, version).await?;
-                entry.decision = "applied".into();
-                entry.detail = Some(format!(
-                    "{} attempt {}",
-                    reply.step().as_str(),
-                    reply.attempt()
-                ));
-                entry.state_after = next.state.as_str().into();
-                store::append_history(tx, next.id, &entry).await?;
-                tracing::info!(saga_id = %next.id, reply = reply.type_name(), state = next.state.as_str(), "reply applied");
-                self.emit(tx, &next, Some(envelope.message_id), effects)
-                    .await
-            }
-            Decision::Ignored { reason } => {
-                tracing::info!(saga_id = %saga.id, reply = reply.type_name(), %reason, "reply ignored");
-                entry.decision = "ignored".into();
-                entry.detail = Some(reason);
-                entry.state_after = saga.state.as_str().into();
-                store::append_history(tx, saga.id, &entry).await?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Writes the saga's commands and events to the outbox, keyed by order id so that every
-    /// message of one order stays in one partition, in order.
-    async fn emit(
-        &self,
-        tx: &mut PgConnection,
-        saga: &Saga,
-        causation_id: Option<Uuid>,
-        effects: Vec<Effect>,
-    ) -> Result<(), HandlerError> {
-        let key = saga.order.order_id.to_string();
-        for effect in effects {
-            let message = match effect {
-                Effect::Send(command) => {
-                    let topic = self.topics.commands(Participant::for_step(command.step()));
-                    let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, command);
-                    OutgoingMessage::new(topic, key.clone(), envelope.to_json())
-                }
-                Effect::Publish(event) => {
-                    let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, event);
-                    OutgoingMessage::new(self.topics.saga_events(), key.clone(), envelope.to_json())
-                }
-            };
-            outbox::enqueue(tx, &message).await?;
-        }
+        let decision = saga.on_reply(reply, now, &self.policies);
+        commit_decision(
+            &self.topics,
+            tx,
+            &saga,
+            version,
+            decision,
+            entry,
+            Some(envelope.message_id),
+        )
+        .await?;
         Ok(())
     }
+}
+
+/// Stores what the state machine decided about `saga` (loaded at `version`): the new state,
+/// a history line (`entry`, completed here; an ignored event keeps its reason), and the
+/// effects in the outbox. Returns the new saga when the decision applied.
+///
+/// # Errors
+/// [`crate::Error::VersionConflict`] when the saga changed since it was loaded; database errors.
+pub(crate) async fn commit_decision(
+    topics: &Topics,
+    tx: &mut PgConnection,
+    saga: &Saga,
+    version: i64,
+    decision: Decision,
+    mut entry: HistoryEntry,
+    causation_id: Option<Uuid>,
+) -> crate::Result<Option<Saga>> {
+    match decision {
+        Decision::Applied {
+            saga: next,
+            effects,
+        } => {
+            store::update_saga(tx, &next, version).await?;
+            entry.state_after = next.state.as_str().into();
+            store::append_history(tx, next.id, &entry).await?;
+            tracing::info!(saga_id = %next.id, event = %entry.message_type, state = next.state.as_str(), "saga moved");
+            emit(topics, tx, &next, causation_id, effects).await?;
+            Ok(Some(*next))
+        }
+        Decision::Ignored { reason } => {
+            tracing::info!(saga_id = %saga.id, event = %entry.message_type, %reason, "ignored");
+            entry.decision = "ignored".into();
+            entry.detail = Some(reason);
+            entry.state_after = saga.state.as_str().into();
+            store::append_history(tx, saga.id, &entry).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// Writes the saga's commands and events to the outbox, keyed by order id so that every
+/// message of one order stays in one partition, in order.
+async fn emit(
+    topics: &Topics,
+    tx: &mut PgConnection,
+    saga: &Saga,
+    causation_id: Option<Uuid>,
+    effects: Vec<Effect>,
+) -> crate::Result<()> {
+    let key = saga.order.order_id.to_string();
+    for effect in effects {
+        let message = match effect {
+            Effect::Send(command) => {
+                let topic = topics.commands(Participant::for_step(command.step()));
+                let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, command);
+                OutgoingMessage::new(topic, key.clone(), envelope.to_json())
+            }
+            Effect::Publish(event) => {
+                let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, event);
+                OutgoingMessage::new(topics.saga_events(), key.clone(), envelope.to_json())
+            }
+        };
+        outbox::enqueue(tx, &message).await?;
+    }
+    Ok(())
 }
 
 impl Handler for OrchestratorHandler {

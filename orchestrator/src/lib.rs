@@ -2,12 +2,14 @@
 //!
 //! - [`saga`]: the pure state machine and the saga's definition.
 //! - [`handler`]: turns Kafka records into state machine calls, inside one transaction.
+//! - [`deadlines`]: re-sends or gives up on commands whose reply is overdue.
 //! - [`store`]: the SQL of the saga tables.
 //! - [`api`]: the status HTTP API.
 //! - [`run`]: wires them to Kafka, PostgreSQL and an HTTP listener until shutdown.
 
 pub mod api;
 pub mod config;
+pub mod deadlines;
 mod error;
 pub mod handler;
 pub mod saga;
@@ -44,11 +46,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
 
+    let policies = config.retries.policies().map_err(Error::Config)?;
     let state = api::AppState {
         pool: pool.clone(),
         producer: kafka::producer(&config.kafka)?,
         topics: topics.clone(),
+        policies: policies.clone(),
     };
+    let scanner = tokio::spawn(
+        deadlines::DeadlineScanner {
+            pool: pool.clone(),
+            topics: topics.clone(),
+            policies: policies.clone(),
+            interval: config.retries.scan_interval(),
+        }
+        .run(shutdown.clone()),
+    );
     let pipeline = Pipeline {
         kafka: config.kafka.clone(),
         relay: config.relay.clone(),
@@ -69,13 +82,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let (consumed, served) = tokio::join!(
         pipeline.run(
             pool.clone(),
-            handler::OrchestratorHandler::new(topics),
+            handler::OrchestratorHandler::new(topics, policies),
             shutdown.clone()
         ),
         async move { http.await.map_err(Error::Http) }
     );
     // Whichever half failed first, stop the other too.
     shutdown.cancel();
+    if let Err(e) = scanner.await {
+        tracing::error!(error.message = %e, "deadline scanner ended abnormally");
+    }
     pool.close().await;
     consumed?;
     served

@@ -24,10 +24,11 @@ struct SagaRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    deadline_at: Option<DateTime<Utc>>,
 }
 
 const SAGA_COLUMNS: &str = "id, state, order_data, steps, failure_reason, definition_version, \
-                            version, created_at, updated_at, finished_at";
+                            version, created_at, updated_at, finished_at, deadline_at";
 
 impl SagaRow {
     fn into_saga(self) -> Result<(Saga, i64)> {
@@ -58,6 +59,7 @@ impl SagaRow {
             created_at: self.created_at,
             updated_at: self.updated_at,
             finished_at: self.finished_at,
+            deadline_at: self.deadline_at,
         };
         Ok((saga, self.version))
     }
@@ -72,8 +74,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 pub async fn insert_saga(tx: &mut PgConnection, saga: &Saga) -> Result<bool> {
     let inserted = sqlx::query(
         "INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
-                            definition_version, version, created_at, updated_at, finished_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10) \
+                            definition_version, version, created_at, updated_at, finished_at, \
+                            deadline_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11) \
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(saga.id)
@@ -86,6 +89,7 @@ pub async fn insert_saga(tx: &mut PgConnection, saga: &Saga) -> Result<bool> {
     .bind(saga.created_at)
     .bind(saga.updated_at)
     .bind(saga.finished_at)
+    .bind(saga.deadline_at)
     .execute(tx)
     .await?
     .rows_affected();
@@ -110,7 +114,7 @@ pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Opt
 pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i64) -> Result<()> {
     let updated = sqlx::query(
         "UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
-                          finished_at = $7, version = version + 1 \
+                          finished_at = $7, deadline_at = $8, version = version + 1 \
          WHERE id = $1 AND version = $2",
     )
     .bind(saga.id)
@@ -120,6 +124,7 @@ pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i
     .bind(&saga.failure_reason)
     .bind(saga.updated_at)
     .bind(saga.finished_at)
+    .bind(saga.deadline_at)
     .execute(tx)
     .await?
     .rows_affected();
@@ -133,13 +138,31 @@ pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i
     }
 }
 
+/// Locks up to `limit` sagas whose deadline has passed, skipping those another transaction
+/// (another orchestrator instance, or a reply being handled) holds, oldest deadline first.
+pub async fn lock_due(
+    tx: &mut PgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(Saga, i64)>> {
+    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE deadline_at <= $1 \
+         ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(now)
+    .bind(limit)
+    .fetch_all(tx)
+    .await?;
+    rows.into_iter().map(SagaRow::into_saga).collect()
+}
+
 /// One line of a saga's history.
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct HistoryEntry {
     pub at: DateTime<Utc>,
     pub message_id: Option<Uuid>,
     pub message_type: String,
-    /// `started`, `applied` or `ignored`.
+    /// `started`, `applied`, `ignored`, `deadline` or `operator`.
     pub decision: String,
     pub detail: Option<String>,
     pub state_after: String,

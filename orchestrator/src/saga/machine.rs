@@ -12,6 +12,13 @@
 //! step, in the current direction (forward or compensating), for the current attempt. Anything
 //! else (a duplicate, a reply to an earlier attempt, a reply that arrives after the saga moved
 //! on) is [`Decision::Ignored`] with the reason, never a second transition.
+//!
+//! Every command sent arms the saga's deadline. When it passes ([`Saga::on_deadline`]), the
+//! command is sent again with the next attempt number (the participant answers a repeated
+//! step from its ledger instead of acting twice). A forward step that runs out of attempts
+//! failed with its outcome unknown, so it is compensated too, before the steps below it.
+//! Compensations retry, with growing waits, until their budget is spent; then the saga is
+//! `failed` and waits for an operator ([`Saga::on_operator`]: retry, skip or abort).
 
 use chrono::{DateTime, Utc};
 use events::{Action, Command, OrderPlaced, Outcome, Reply, SagaEvent, StepName};
@@ -19,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::definition::{compensation_command, forward_command, DEFINITION_VERSION, STEPS};
+use super::policy::Policies;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -69,6 +77,8 @@ pub enum StepStatus {
     Compensating,
     Compensated,
     CompensationFailed,
+    /// An operator chose to leave this step as it is.
+    CompensationSkipped,
 }
 
 /// What happened to one step of one saga.
@@ -80,6 +90,10 @@ pub struct StepState {
     pub attempts: u32,
     /// Compensation commands sent for this step.
     pub compensation_attempts: u32,
+    /// `compensation_attempts` when the current retry budget began (an operator's retry
+    /// grants a fresh budget).
+    #[serde(default)]
+    pub compensation_budget_from: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub compensation_started_at: Option<DateTime<Utc>>,
@@ -94,6 +108,7 @@ impl StepState {
             status: StepStatus::Pending,
             attempts: 0,
             compensation_attempts: 0,
+            compensation_budget_from: 0,
             started_at: None,
             finished_at: None,
             compensation_started_at: None,
@@ -116,6 +131,19 @@ pub struct Saga {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the saga stops waiting for the reply to its last command.
+    pub deadline_at: Option<DateTime<Utc>>,
+}
+
+/// What an operator can do to a saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorAction {
+    /// A `failed` saga: try the stuck compensation again, with a fresh retry budget.
+    Retry,
+    /// A `failed` saga: leave the stuck step as it is and go on compensating the ones below.
+    Skip,
+    /// A `running` saga: stop, and compensate what was done.
+    Abort { reason: String },
 }
 
 /// Something the saga wants done once its new state is stored.
@@ -138,7 +166,12 @@ pub enum Decision {
 
 impl Saga {
     /// A new saga for `order`, with its first command.
-    pub fn start(id: Uuid, order: OrderPlaced, now: DateTime<Utc>) -> (Self, Vec<Effect>) {
+    pub fn start(
+        id: Uuid,
+        order: OrderPlaced,
+        now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> (Self, Vec<Effect>) {
         let mut saga = Self {
             id,
             state: SagaState::Running,
@@ -148,6 +181,7 @@ impl Saga {
             created_at: now,
             updated_at: now,
             finished_at: None,
+            deadline_at: None,
             order,
         };
         let started = SagaEvent::SagaStarted {
@@ -157,7 +191,7 @@ impl Saga {
             currency: saga.order.currency.clone(),
         };
         let mut effects = vec![Effect::Publish(started)];
-        effects.push(saga.begin_step(0, now));
+        effects.push(saga.send_forward(0, now, 0.0, policies));
         (saga, effects)
     }
 
@@ -172,7 +206,7 @@ impl Saga {
     }
 
     /// Decides what `reply` does to the saga.
-    pub fn on_reply(&self, reply: &Reply, now: DateTime<Utc>) -> Decision {
+    pub fn on_reply(&self, reply: &Reply, now: DateTime<Utc>, policies: &Policies) -> Decision {
         let expected_action = match self.state {
             SagaState::Running => Action::Forward,
             SagaState::Compensating => Action::Compensate,
@@ -212,74 +246,266 @@ impl Saga {
         let mut saga = self.clone();
         saga.updated_at = now;
         let effects = match (expected_action, reply.outcome()) {
-            (Action::Forward, Outcome::Succeeded) => saga.step_succeeded(index, now),
-            (Action::Forward, Outcome::Failed { reason }) => saga.step_failed(index, reason, now),
-            (Action::Compensate, Outcome::Succeeded) => saga.compensation_succeeded(index, now),
+            (Action::Forward, Outcome::Succeeded) => saga.step_succeeded(index, now, policies),
+            (Action::Forward, Outcome::Failed { reason }) => {
+                saga.step_failed(index, reason, now, policies)
+            }
+            (Action::Compensate, Outcome::Succeeded) => {
+                saga.compensation_succeeded(index, now, policies)
+            }
             (Action::Compensate, Outcome::Failed { reason }) => {
-                saga.compensation_failed(index, reason, now)
+                saga.compensation_refused(index, reason, now, policies)
             }
         };
-        Decision::Applied {
-            saga: Box::new(saga),
-            effects,
-        }
+        applied(saga, effects)
     }
 
-    fn begin_step(&mut self, index: usize, now: DateTime<Utc>) -> Effect {
+    /// Decides what the passing of the saga's deadline does: send the command again with the
+    /// next attempt, or give up on the step. `jitter` in `[0, 1)` spreads the next wait.
+    pub fn on_deadline(&self, now: DateTime<Utc>, jitter: f64, policies: &Policies) -> Decision {
+        match self.deadline_at {
+            None => return ignored("the saga has no deadline".into()),
+            Some(deadline) if deadline > now => {
+                return ignored(format!("the deadline {deadline} has not passed"))
+            }
+            Some(_) => {}
+        }
+        let Some(index) = self.current_step() else {
+            return ignored(format!(
+                "the saga is {} and waits on no step",
+                self.state.as_str()
+            ));
+        };
+        let mut saga = self.clone();
+        saga.updated_at = now;
+        let step = &saga.steps[index];
+        let effects = if saga.state == SagaState::Running {
+            let policy = policies.forward(step.name);
+            if policy.exhausted(step.attempts) {
+                let reason = format!("no reply after {} attempts; outcome unknown", step.attempts);
+                saga.step_timed_out(index, reason, now, policies)
+            } else {
+                vec![saga.send_forward(index, now, jitter, policies)]
+            }
+        } else {
+            let round = step.compensation_attempts - step.compensation_budget_from;
+            if policies.compensation.exhausted(round) {
+                let last = step
+                    .failure_reason
+                    .clone()
+                    .unwrap_or_else(|| "no reply".into());
+                let reason = format!("did not succeed after {round} attempts (last: {last})");
+                saga.fail(index, &reason, now)
+            } else {
+                saga.send_compensation(index, now, jitter, policies)
+            }
+        };
+        applied(saga, effects)
+    }
+
+    /// Decides what an operator's action does. Ignored (with the reason) when the action does
+    /// not fit the saga's state.
+    pub fn on_operator(
+        &self,
+        action: &OperatorAction,
+        now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> Decision {
+        let mut saga = self.clone();
+        saga.updated_at = now;
+        let stuck = self
+            .steps
+            .iter()
+            .position(|s| s.status == StepStatus::CompensationFailed);
+        let effects = match (action, self.state, stuck) {
+            (OperatorAction::Retry, SagaState::Failed, Some(index)) => {
+                saga.state = SagaState::Compensating;
+                saga.finished_at = None;
+                let step = &mut saga.steps[index];
+                step.compensation_budget_from = step.compensation_attempts;
+                saga.send_compensation(index, now, 0.0, policies)
+            }
+            (OperatorAction::Skip, SagaState::Failed, Some(index)) => {
+                saga.state = SagaState::Compensating;
+                saga.finished_at = None;
+                saga.steps[index].status = StepStatus::CompensationSkipped;
+                saga.compensate_below(index, now, policies)
+            }
+            (OperatorAction::Abort { reason }, SagaState::Running, _) => {
+                let Some(index) = self.current_step() else {
+                    return ignored("the saga waits on no step".into());
+                };
+                if !STEPS[index].compensable {
+                    return ignored(format!(
+                        "{} cannot be undone; wait for its reply",
+                        self.steps[index].name.as_str()
+                    ));
+                }
+                saga.step_timed_out(
+                    index,
+                    format!("aborted by operator: {reason}"),
+                    now,
+                    policies,
+                )
+            }
+            (OperatorAction::Abort { .. }, state, _) => {
+                return ignored(format!(
+                    "only a running saga can be aborted; this one is {}",
+                    state.as_str()
+                ))
+            }
+            (_, state, _) => {
+                return ignored(format!(
+                "retry and skip apply to a failed saga with a stuck compensation; this one is {}",
+                state.as_str()
+            ))
+            }
+        };
+        applied(saga, effects)
+    }
+
+    fn send_forward(
+        &mut self,
+        index: usize,
+        now: DateTime<Utc>,
+        jitter: f64,
+        policies: &Policies,
+    ) -> Effect {
         let step = &mut self.steps[index];
         step.status = StepStatus::Running;
         step.attempts += 1;
         step.started_at.get_or_insert(now);
+        self.deadline_at = Some(now + policies.forward(step.name).wait_for(step.attempts, jitter));
         Effect::Send(forward_command(step.name, &self.order, step.attempts))
     }
 
-    fn step_succeeded(&mut self, index: usize, now: DateTime<Utc>) -> Vec<Effect> {
+    /// Sends the next compensation attempt of a step (nothing for a step without one).
+    fn send_compensation(
+        &mut self,
+        index: usize,
+        now: DateTime<Utc>,
+        jitter: f64,
+        policies: &Policies,
+    ) -> Vec<Effect> {
+        let order_id = self.order.order_id;
+        let step = &mut self.steps[index];
+        step.status = StepStatus::Compensating;
+        step.compensation_attempts += 1;
+        step.compensation_started_at.get_or_insert(now);
+        let round = step.compensation_attempts - step.compensation_budget_from;
+        self.deadline_at = Some(now + policies.compensation.wait_for(round, jitter));
+        compensation_command(step.name, order_id, step.compensation_attempts)
+            .map(Effect::Send)
+            .into_iter()
+            .collect()
+    }
+
+    fn step_succeeded(
+        &mut self,
+        index: usize,
+        now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> Vec<Effect> {
         let step = &mut self.steps[index];
         step.status = StepStatus::Succeeded;
         step.finished_at = Some(now);
         if index + 1 < self.steps.len() {
-            return vec![self.begin_step(index + 1, now)];
+            return vec![self.send_forward(index + 1, now, 0.0, policies)];
         }
         self.state = SagaState::Completed;
         self.finished_at = Some(now);
+        self.deadline_at = None;
         vec![Effect::Publish(SagaEvent::SagaCompleted {
             order_id: self.order.order_id,
         })]
     }
 
-    fn step_failed(&mut self, index: usize, reason: String, now: DateTime<Utc>) -> Vec<Effect> {
-        let step = &mut self.steps[index];
-        step.status = StepStatus::Failed;
-        step.finished_at = Some(now);
-        step.failure_reason = Some(reason.clone());
-        self.failure_reason = Some(format!("{} failed: {reason}", step.name.as_str()));
-        self.state = SagaState::Compensating;
-        self.compensate_below(index, now)
-    }
-
-    fn compensation_succeeded(&mut self, index: usize, now: DateTime<Utc>) -> Vec<Effect> {
-        let step = &mut self.steps[index];
-        step.status = StepStatus::Compensated;
-        step.compensated_at = Some(now);
-        self.compensate_below(index, now)
-    }
-
-    fn compensation_failed(
+    /// The participant refused the step: it changed nothing, so only the steps below it are
+    /// undone.
+    fn step_failed(
         &mut self,
         index: usize,
         reason: String,
         now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> Vec<Effect> {
+        self.mark_failed(index, reason, now);
+        self.compensate_below(index, now, policies)
+    }
+
+    /// The step ended without an answer (timed out, or aborted): it may have acted, so it is
+    /// undone too when it can be. Its participant compensates "nothing" harmlessly and refuses
+    /// the forward command if it arrives later.
+    fn step_timed_out(
+        &mut self,
+        index: usize,
+        reason: String,
+        now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> Vec<Effect> {
+        self.mark_failed(index, reason, now);
+        if STEPS[index].compensable {
+            self.send_compensation(index, now, 0.0, policies)
+        } else {
+            self.compensate_below(index, now, policies)
+        }
+    }
+
+    fn mark_failed(&mut self, index: usize, reason: String, now: DateTime<Utc>) {
+        let step = &mut self.steps[index];
+        step.status = StepStatus::Failed;
+        step.finished_at = Some(now);
+        self.failure_reason
+            .get_or_insert_with(|| format!("{} failed: {reason}", step.name.as_str()));
+        step.failure_reason = Some(reason);
+        self.state = SagaState::Compensating;
+    }
+
+    fn compensation_succeeded(
+        &mut self,
+        index: usize,
+        now: DateTime<Utc>,
+        policies: &Policies,
     ) -> Vec<Effect> {
         let step = &mut self.steps[index];
+        step.status = StepStatus::Compensated;
+        step.compensated_at = Some(now);
+        self.compensate_below(index, now, policies)
+    }
+
+    /// The participant could not undo the step this time: wait, then try again (the deadline
+    /// sends the next attempt), until the budget is spent.
+    fn compensation_refused(
+        &mut self,
+        index: usize,
+        reason: String,
+        now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> Vec<Effect> {
+        let step = &mut self.steps[index];
+        let round = step.compensation_attempts - step.compensation_budget_from;
+        if policies.compensation.exhausted(round) {
+            let why = format!("failed after {round} attempts: {reason}");
+            return self.fail(index, &why, now);
+        }
+        step.failure_reason = Some(reason);
+        self.deadline_at = Some(now + policies.compensation.wait_for(round, 0.0));
+        Vec::new()
+    }
+
+    /// Gives up on compensating `index`: the saga is `failed` until an operator acts.
+    fn fail(&mut self, index: usize, why: &str, now: DateTime<Utc>) -> Vec<Effect> {
+        let step = &mut self.steps[index];
         step.status = StepStatus::CompensationFailed;
-        step.failure_reason = Some(reason.clone());
-        let why = format!("compensation of {} failed: {reason}", step.name.as_str());
+        let why = format!("compensation of {} {why}", step.name.as_str());
+        step.failure_reason = Some(why.clone());
         self.failure_reason = Some(match self.failure_reason.take() {
             Some(original) => format!("{original}; then {why}"),
             None => why,
         });
         self.state = SagaState::Failed;
         self.finished_at = Some(now);
+        self.deadline_at = None;
         vec![Effect::Publish(SagaEvent::SagaFailed {
             order_id: self.order.order_id,
             reason: self.failure_reason.clone().unwrap_or_default(),
@@ -288,26 +514,32 @@ impl Saga {
 
     /// Starts undoing the nearest succeeded step below `index`, or ends the saga as
     /// compensated when there is none. Compensations run one at a time, in reverse order.
-    fn compensate_below(&mut self, index: usize, now: DateTime<Utc>) -> Vec<Effect> {
-        let order_id = self.order.order_id;
-        for step in self.steps[..index].iter_mut().rev() {
-            if step.status != StepStatus::Succeeded {
-                continue;
-            }
-            let next_attempt = step.compensation_attempts + 1;
-            if let Some(command) = compensation_command(step.name, order_id, next_attempt) {
-                step.status = StepStatus::Compensating;
-                step.compensation_attempts = next_attempt;
-                step.compensation_started_at.get_or_insert(now);
-                return vec![Effect::Send(command)];
-            }
+    fn compensate_below(
+        &mut self,
+        index: usize,
+        now: DateTime<Utc>,
+        policies: &Policies,
+    ) -> Vec<Effect> {
+        let next = (0..index)
+            .rev()
+            .find(|&i| self.steps[i].status == StepStatus::Succeeded && STEPS[i].compensable);
+        if let Some(i) = next {
+            return self.send_compensation(i, now, 0.0, policies);
         }
         self.state = SagaState::Compensated;
         self.finished_at = Some(now);
+        self.deadline_at = None;
         vec![Effect::Publish(SagaEvent::SagaCompensated {
-            order_id,
+            order_id: self.order.order_id,
             reason: self.failure_reason.clone().unwrap_or_default(),
         })]
+    }
+}
+
+fn applied(saga: Saga, effects: Vec<Effect>) -> Decision {
+    Decision::Applied {
+        saga: Box::new(saga),
+        effects,
     }
 }
 

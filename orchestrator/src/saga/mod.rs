@@ -1,11 +1,12 @@
-//! The order saga: its definition (which steps, in which order, with which compensations) and
-//! its state machine. Pure: no Kafka, no SQL, no clock; time is passed in.
+//! The order saga: its definition (which steps, in which order, with which compensations), its
+//! retry policies and its state machine. Pure: no Kafka, no SQL, no clock; time is passed in.
 
 mod definition;
 mod machine;
-
-pub use definition::{StepDefinition, DEFINITION_VERSION, STEPS};
+mod policy;
 #[cfg(test)]
 mod tests;
 
-pub use machine::{Decision, Effect, Saga, SagaState, StepState, StepStatus};
+pub use definition::{StepDefinition, DEFINITION_VERSION, STEPS};
+pub use machine::{Decision, Effect, OperatorAction, Saga, SagaState, StepState, StepStatus};
+pub use policy::{Policies, RetryPolicy};

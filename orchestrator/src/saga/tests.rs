@@ -8,7 +8,9 @@ use events::{
 };
 use uuid::Uuid;
 
-use super::{Decision, Effect, Saga, SagaState, StepStatus};
+use chrono::TimeDelta;
+
+use super::{Decision, Effect, OperatorAction, Policies, RetryPolicy, Saga, SagaState, StepStatus};
 
 fn at(second: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, second)
@@ -51,20 +53,38 @@ fn refused(reason: &str) -> StepRefused {
     }
 }
 
+/// 1 s for the first reply, doubling; 3 forward attempts, 2 compensation attempts.
+fn policies() -> Policies {
+    let forward = RetryPolicy {
+        timeout: TimeDelta::seconds(1),
+        max_attempts: 3,
+        max_timeout: TimeDelta::seconds(8),
+    };
+    Policies {
+        reserve_stock: forward,
+        charge_payment: forward,
+        schedule_shipment: forward,
+        compensation: RetryPolicy {
+            max_attempts: 2,
+            ..forward
+        },
+    }
+}
+
 fn started() -> Saga {
-    Saga::start(Uuid::from_u128(1), order(), at(0)).0
+    Saga::start(Uuid::from_u128(1), order(), at(0), &policies()).0
 }
 
 /// Applies `reply`, failing the test if it is ignored.
 fn apply(saga: &Saga, reply: Reply, second: u32) -> (Saga, Vec<Effect>) {
-    match saga.on_reply(&reply, at(second)) {
+    match saga.on_reply(&reply, at(second), &policies()) {
         Decision::Applied { saga, effects } => (*saga, effects),
         Decision::Ignored { reason } => panic!("{} was ignored: {reason}", reply.type_name()),
     }
 }
 
 fn assert_ignored(saga: &Saga, reply: Reply, reason_contains: &str) {
-    match saga.on_reply(&reply, at(59)) {
+    match saga.on_reply(&reply, at(59), &policies()) {
         Decision::Ignored { reason } => assert!(
             reason.contains(reason_contains),
             "reason {reason:?} does not mention {reason_contains:?}"
@@ -89,7 +109,7 @@ fn statuses(saga: &Saga) -> Vec<StepStatus> {
 
 #[test]
 fn start_announces_the_saga_and_reserves_stock() {
-    let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), at(0));
+    let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), at(0), &policies());
     assert_eq!(saga.state, SagaState::Running);
     assert_eq!(saga.current_step(), Some(0));
     assert_eq!(saga.steps[0].attempts, 1);
@@ -206,18 +226,51 @@ fn shipping_rejected_refunds_then_releases_in_reverse_order() {
     );
 }
 
-#[test]
-fn a_failed_compensation_fails_the_saga_for_an_operator() {
-    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
-    let (saga, _) = apply(&saga, Reply::PaymentDeclined(refused("declined")), 2);
-    let failure = Reply::CompensationFailed(CompensationFailed {
+fn compensation_failed(attempt: u32) -> Reply {
+    Reply::CompensationFailed(CompensationFailed {
         order_id: Uuid::from_u128(7),
-        attempt: 1,
+        attempt,
         step: StepName::ReserveStock,
         reason: "warehouse offline".into(),
-    });
-    let (saga, effects) = apply(&saga, failure, 3);
+    })
+}
+
+fn at_deadline(saga: &Saga) -> (Saga, Vec<Effect>) {
+    let due = saga.deadline_at.expect("a deadline is armed");
+    match saga.on_deadline(due, 0.0, &policies()) {
+        Decision::Applied { saga, effects } => (*saga, effects),
+        Decision::Ignored { reason } => panic!("deadline ignored: {reason}"),
+    }
+}
+
+/// A saga whose payment was declined and whose stock release keeps failing.
+fn compensating_stock() -> Saga {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    apply(&saga, Reply::PaymentDeclined(refused("declined")), 2).0
+}
+
+#[test]
+fn a_refused_compensation_is_retried_then_fails_the_saga_for_an_operator() {
+    let saga = compensating_stock();
+    let (saga, effects) = apply(&saga, compensation_failed(1), 3);
+    assert_eq!(
+        saga.state,
+        SagaState::Compensating,
+        "one failure is retried"
+    );
+    assert!(effects.is_empty(), "the retry waits for the deadline");
+    assert_eq!(saga.deadline_at, Some(at(4)));
+    let (saga, effects) = at_deadline(&saga);
+    assert_eq!(
+        effects,
+        [Effect::Send(Command::ReleaseStock {
+            order_id: Uuid::from_u128(7),
+            attempt: 2
+        })]
+    );
+    let (saga, effects) = apply(&saga, compensation_failed(2), 5);
     assert_eq!(saga.state, SagaState::Failed);
+    assert_eq!(saga.deadline_at, None);
     assert_eq!(saga.steps[0].status, StepStatus::CompensationFailed);
     let reason = saga.failure_reason.clone().unwrap_or_default();
     assert!(
@@ -227,6 +280,194 @@ fn a_failed_compensation_fails_the_saga_for_an_operator() {
     assert!(matches!(
         &effects[0],
         Effect::Publish(SagaEvent::SagaFailed { .. })
+    ));
+}
+
+#[test]
+fn an_operator_retry_gives_a_fresh_budget_and_can_complete_the_compensation() {
+    let (saga, _) = apply(&compensating_stock(), compensation_failed(1), 3);
+    let (saga, _) = apply(&at_deadline(&saga).0, compensation_failed(2), 5);
+    assert_eq!(saga.state, SagaState::Failed);
+    let Decision::Applied { saga, effects } =
+        saga.on_operator(&OperatorAction::Retry, at(10), &policies())
+    else {
+        panic!("retry refused");
+    };
+    assert_eq!(saga.state, SagaState::Compensating);
+    assert_eq!(saga.finished_at, None);
+    assert_eq!(
+        effects,
+        [Effect::Send(Command::ReleaseStock {
+            order_id: Uuid::from_u128(7),
+            attempt: 3
+        })]
+    );
+    assert_eq!(
+        saga.deadline_at,
+        Some(at(11)),
+        "a fresh budget starts with the first wait"
+    );
+    let (saga, _) = apply(&saga, Reply::StockReleased(done(3)), 11);
+    assert_eq!(saga.state, SagaState::Compensated);
+}
+
+#[test]
+fn an_operator_skip_leaves_the_stuck_step_and_finishes_compensating() {
+    let (saga, _) = apply(&compensating_stock(), compensation_failed(1), 3);
+    let (saga, _) = apply(&at_deadline(&saga).0, compensation_failed(2), 5);
+    let Decision::Applied { saga, effects } =
+        saga.on_operator(&OperatorAction::Skip, at(10), &policies())
+    else {
+        panic!("skip refused");
+    };
+    assert_eq!(saga.steps[0].status, StepStatus::CompensationSkipped);
+    assert_eq!(saga.state, SagaState::Compensated);
+    assert!(matches!(
+        &effects[0],
+        Effect::Publish(SagaEvent::SagaCompensated { .. })
+    ));
+}
+
+#[test]
+fn operator_actions_that_do_not_fit_the_state_are_refused() {
+    let running = started();
+    for action in [OperatorAction::Retry, OperatorAction::Skip] {
+        assert!(matches!(
+            running.on_operator(&action, at(1), &policies()),
+            Decision::Ignored { .. }
+        ));
+    }
+    let (completed, _) = apply(
+        &apply(
+            &apply(&running, Reply::StockReserved(done(1)), 1).0,
+            Reply::PaymentCharged(done(1)),
+            2,
+        )
+        .0,
+        Reply::ShipmentScheduled(done(1)),
+        3,
+    );
+    let abort = OperatorAction::Abort {
+        reason: "customer called".into(),
+    };
+    assert!(matches!(
+        completed.on_operator(&abort, at(4), &policies()),
+        Decision::Ignored { .. }
+    ));
+    // The last step cannot be undone, so a saga waiting on it cannot be aborted.
+    let (shipping, _) = apply(
+        &apply(&running, Reply::StockReserved(done(1)), 1).0,
+        Reply::PaymentCharged(done(1)),
+        2,
+    );
+    match shipping.on_operator(&abort, at(3), &policies()) {
+        Decision::Ignored { reason } => assert!(reason.contains("cannot be undone"), "{reason}"),
+        Decision::Applied { .. } => panic!("aborting the last step must be refused"),
+    }
+}
+
+#[test]
+fn an_operator_abort_compensates_the_running_step_and_those_below() {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    let abort = OperatorAction::Abort {
+        reason: "customer called".into(),
+    };
+    let Decision::Applied { saga, effects } = saga.on_operator(&abort, at(2), &policies()) else {
+        panic!("abort refused");
+    };
+    assert_eq!(saga.state, SagaState::Compensating);
+    assert_eq!(
+        saga.failure_reason.as_deref(),
+        Some("charge_payment failed: aborted by operator: customer called")
+    );
+    // The charge may have happened: refund it (a no-op if it did not), then release.
+    assert_eq!(sent(&effects), ["RefundPayment"]);
+    let (saga, effects) = apply(&saga, Reply::PaymentRefunded(done(1)), 3);
+    assert_eq!(sent(&effects), ["ReleaseStock"]);
+    let (saga, _) = apply(&saga, Reply::StockReleased(done(1)), 4);
+    assert_eq!(saga.state, SagaState::Compensated);
+    assert_eq!(
+        statuses(&saga),
+        [
+            StepStatus::Compensated,
+            StepStatus::Compensated,
+            StepStatus::Pending
+        ]
+    );
+}
+
+#[test]
+fn a_deadline_resends_the_command_with_the_next_attempt_and_fences_the_old_one() {
+    let saga = started();
+    assert_eq!(saga.deadline_at, Some(at(1)));
+    assert!(
+        matches!(
+            saga.on_deadline(at(0), 0.0, &policies()),
+            Decision::Ignored { .. }
+        ),
+        "not due yet"
+    );
+    let (saga, effects) = at_deadline(&saga);
+    assert_eq!(
+        effects,
+        [Effect::Send(Command::ReserveStock {
+            order_id: Uuid::from_u128(7),
+            attempt: 2,
+            items: order().items
+        })]
+    );
+    assert_eq!(saga.steps[0].attempts, 2);
+    assert_eq!(
+        saga.deadline_at,
+        Some(at(3)),
+        "the second wait is twice the first"
+    );
+    assert_ignored(&saga, Reply::StockReserved(done(1)), "current attempt is 2");
+    let (saga, _) = apply(&saga, Reply::StockReserved(done(2)), 2);
+    assert_eq!(saga.steps[1].status, StepStatus::Running);
+    assert_eq!(
+        saga.deadline_at,
+        Some(at(3)),
+        "the next step arms its own deadline"
+    );
+}
+
+#[test]
+fn a_step_that_never_answers_is_compensated_itself_then_the_steps_below() {
+    let (mut saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    for attempt in 2..=3 {
+        let (next, effects) = at_deadline(&saga);
+        assert!(
+            matches!(&effects[0], Effect::Send(Command::ChargePayment { attempt: a, .. }) if *a == attempt)
+        );
+        saga = next;
+    }
+    let (saga, effects) = at_deadline(&saga);
+    assert_eq!(saga.state, SagaState::Compensating);
+    assert_eq!(saga.steps[1].status, StepStatus::Compensating);
+    let reason = saga.failure_reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("no reply after 3 attempts; outcome unknown"),
+        "{reason}"
+    );
+    assert_eq!(
+        sent(&effects),
+        ["RefundPayment"],
+        "the charge may have happened"
+    );
+    let (saga, effects) = apply(&saga, Reply::PaymentRefunded(done(1)), 30);
+    assert_eq!(sent(&effects), ["ReleaseStock"]);
+    let (saga, _) = apply(&saga, Reply::StockReleased(done(1)), 31);
+    assert_eq!(saga.state, SagaState::Compensated);
+}
+
+#[test]
+fn finished_sagas_have_no_deadline() {
+    let (saga, _) = apply(&started(), Reply::StockUnavailable(refused("none")), 1);
+    assert_eq!(saga.deadline_at, None);
+    assert!(matches!(
+        saga.on_deadline(at(59), 0.0, &policies()),
+        Decision::Ignored { .. }
     ));
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use events::{Address, LineItem, OrderPlaced, Topics};
 use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
+use orchestrator::config::RetryConfig;
 use participants::inventory::Inventory;
 use participants::payment::Payment;
 use participants::shipping::{Shipping, ShippingConfig};
@@ -113,6 +114,7 @@ impl TestSystem {
             kafka: kafka.clone(),
             database: database_config,
             relay: RelayConfig::default(),
+            retries: RetryConfig::default(),
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
         };
