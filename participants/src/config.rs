@@ -15,4 +15,9 @@ pub struct ParticipantConfig {
     /// Consumer group of this service (default: `{TOPIC_PREFIX}{service}`).
     #[arg(long, env = "PARTICIPANT_GROUP")]
     pub group: Option<String>,
+
+    /// Fault injection for chaos tests: refuse this many compensation commands (replying
+    /// `CompensationFailed`) before doing them. 0 in production.
+    #[arg(long, env = "FAULT_COMPENSATION_FAILURES", default_value_t = 0)]
+    pub fault_compensation_failures: u32,
 }

@@ -13,6 +13,7 @@
 //! 4. write the reply to the outbox.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::Utc;
 use events::{Action, Command, Envelope, Participant, Reply, Topics};
@@ -100,7 +101,17 @@ pub async fn run<S: StepService + 'static>(
         },
     };
     tracing::info!(service = name, "participant started");
-    let handler = ParticipantHandler { service, topics };
+    if config.fault_compensation_failures > 0 {
+        tracing::warn!(
+            count = config.fault_compensation_failures,
+            "fault injection: refusing the first compensations"
+        );
+    }
+    let handler = ParticipantHandler {
+        service,
+        topics,
+        injected_compensation_failures: AtomicU32::new(config.fault_compensation_failures),
+    };
     let result = pipeline.run(pool.clone(), handler, shutdown).await;
     pool.close().await;
     result
@@ -109,6 +120,8 @@ pub async fn run<S: StepService + 'static>(
 struct ParticipantHandler<S> {
     service: S,
     topics: Topics,
+    /// Compensations still to refuse (fault injection).
+    injected_compensation_failures: AtomicU32,
 }
 
 /// A (saga, step) row of the ledger, locked for this transaction.
@@ -119,6 +132,12 @@ struct LedgerEntry {
 }
 
 impl<S: StepService> ParticipantHandler<S> {
+    fn take_injected_failure(&self) -> bool {
+        self.injected_compensation_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     async fn reply_to(
         &self,
         tx: &mut PgConnection,
@@ -128,30 +147,34 @@ impl<S: StepService> ParticipantHandler<S> {
         let step = command.step().as_str();
         let entry = claim_ledger_entry(tx, saga_id, step).await?;
         let reply = match command.action() {
-            Action::Forward if entry.compensated => Reply::refused(
-                command,
-                "the step was already compensated; a forward command after its compensation is refused",
-            ),
+            Action::Forward if entry.compensated => {
+                let reason = "the step was already compensated; a forward command after its compensation is refused";
+                // Remember the refusal unless the step had run before its compensation.
+                if entry.forward_outcome.is_none() {
+                    record_forward(tx, saga_id, step, &StepOutcome::Refused(reason.into())).await?;
+                }
+                Reply::refused(command, reason)
+            }
             Action::Forward => match entry.forward_outcome.as_deref() {
                 Some("succeeded") => Reply::done(command),
                 Some(_) => Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
                 None => {
                     let outcome = self.service.forward(tx, saga_id, command).await?;
                     record_forward(tx, saga_id, step, &outcome).await?;
-                    match outcome {
-                        StepOutcome::Done => Reply::done(command),
-                        StepOutcome::Refused(reason) => Reply::refused(command, reason),
-                    }
+                    reply_for(command, outcome)
                 }
             },
             Action::Compensate if entry.compensated => Reply::done(command),
-            Action::Compensate => match self.service.compensate(tx, saga_id, command).await? {
-                StepOutcome::Done => {
+            Action::Compensate if self.take_injected_failure() => {
+                Reply::refused(command, "injected fault: compensation refused")
+            }
+            Action::Compensate => {
+                let outcome = self.service.compensate(tx, saga_id, command).await?;
+                if outcome == StepOutcome::Done {
                     record_compensation(tx, saga_id, step).await?;
-                    Reply::done(command)
                 }
-                StepOutcome::Refused(reason) => Reply::refused(command, reason),
-            },
+                reply_for(command, outcome)
+            }
         };
         Ok(reply)
     }
@@ -194,6 +217,13 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
         );
         outbox::enqueue(tx, &message).await?;
         Ok(())
+    }
+}
+
+fn reply_for(command: &Command, outcome: StepOutcome) -> Reply {
+    match outcome {
+        StepOutcome::Done => Reply::done(command),
+        StepOutcome::Refused(reason) => Reply::refused(command, reason),
     }
 }
 

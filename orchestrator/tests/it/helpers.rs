@@ -35,13 +35,36 @@ fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// What a test changes about its deployment.
+#[derive(Default)]
+pub struct Options {
+    pub retries: RetryConfig,
+    /// Participants not started at first (a test starts them with `start_participant`).
+    pub without: Vec<&'static str>,
+}
+
+/// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
+/// at most 1 s; 3 compensation attempts.
+pub fn fast_retries() -> RetryConfig {
+    RetryConfig {
+        step_timeout_ms: 300,
+        step_max_attempts: 100,
+        compensation_max_attempts: 3,
+        retry_max_timeout_ms: 1_000,
+        deadline_scan_interval_ms: 50,
+        ..RetryConfig::default()
+    }
+}
+
 pub struct TestSystem {
     pub http: String,
     pub topics: Topics,
     database: String,
     database_url: String,
+    participant: ParticipantConfig,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// Each service runs with a child token of `shutdown`, so a test can stop one alone.
+    services: Vec<(&'static str, CancellationToken, JoinHandle<()>)>,
     producer: FutureProducer,
     client: reqwest::Client,
     cleaned_up: bool,
@@ -49,6 +72,10 @@ pub struct TestSystem {
 
 impl TestSystem {
     pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
         messaging::telemetry::init();
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("saga_test_{id}");
@@ -87,62 +114,92 @@ impl TestSystem {
             database: database_config.clone(),
             relay: RelayConfig::default(),
             group: None,
+            fault_compensation_failures: 0,
         };
         let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-        tasks.push(spawn(
-            "inventory",
-            participants::run(Inventory, participant.clone(), shutdown.clone()),
-        ));
-        tasks.push(spawn(
-            "payment",
-            participants::run(Payment, participant.clone(), shutdown.clone()),
-        ));
-        let shipping = Shipping::new(&ShippingConfig {
-            denied_countries: vec!["AQ".into(), "BV".into()],
-        });
-        tasks.push(spawn(
-            "shipping",
-            participants::run(shipping, participant, shutdown.clone()),
-        ));
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let http = format!("http://{}", listener.local_addr().expect("local addr"));
         let config = orchestrator::Config {
-            kafka: kafka.clone(),
+            kafka,
             database: database_config,
             relay: RelayConfig::default(),
-            retries: RetryConfig::default(),
+            retries: options.retries,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
         };
-        tasks.push(spawn(
+        let orchestrator_stop = shutdown.child_token();
+        let orchestrator = spawn(
             "orchestrator",
-            orchestrator::run(config, listener, shutdown.clone()),
-        ));
+            orchestrator::run(config, listener, orchestrator_stop.clone()),
+        );
 
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("enable.idempotence", "true")
             .create()
             .expect("producer");
-        let system = Self {
+        let mut system = Self {
             http,
             topics,
             database,
             database_url,
+            participant,
             shutdown,
-            tasks,
+            services: vec![("orchestrator", orchestrator_stop, orchestrator)],
             producer,
             client: reqwest::Client::new(),
             cleaned_up: false,
         };
+        for name in ["inventory", "payment", "shipping"] {
+            if !options.without.contains(&name) {
+                system.start_participant(name, 0);
+            }
+        }
         system.wait_until_healthy().await;
         system
     }
 
+    /// Starts a participant; it refuses its first `compensation_faults` compensations.
+    pub fn start_participant(&mut self, name: &'static str, compensation_faults: u32) {
+        let config = ParticipantConfig {
+            fault_compensation_failures: compensation_faults,
+            ..self.participant.clone()
+        };
+        let stop = self.shutdown.child_token();
+        let task = match name {
+            "inventory" => spawn(name, participants::run(Inventory, config, stop.clone())),
+            "payment" => spawn(name, participants::run(Payment, config, stop.clone())),
+            "shipping" => {
+                let shipping = Shipping::new(&ShippingConfig {
+                    denied_countries: vec!["AQ".into(), "BV".into()],
+                });
+                spawn(name, participants::run(shipping, config, stop.clone()))
+            }
+            other => panic!("no participant {other}"),
+        };
+        self.services.push((name, stop, task));
+    }
+
+    /// Stops one service gracefully and waits for it.
+    pub async fn stop_service(&mut self, name: &str) {
+        let index = self
+            .services
+            .iter()
+            .position(|(n, _, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let (_, stop, task) = self.services.remove(index);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the service stops within 30 s")
+            .expect("service task");
+    }
+
+    /// Waits for the orchestrator's API and for the started participants' migrations (the
+    /// demo data is their last one).
     async fn wait_until_healthy(&self) {
         eventually("the orchestrator to answer /healthz", || async {
             match self
@@ -158,11 +215,17 @@ impl TestSystem {
         .await;
         // The participants are ready once their last migration (the demo data) is in.
         let db = self.schema("public").await;
-        for ready in [
-            "SELECT EXISTS (SELECT 1 FROM inventory.stock)",
-            "SELECT EXISTS (SELECT 1 FROM payment.accounts)",
-            "SELECT to_regclass('shipping.shipments') IS NOT NULL",
+        for (service, ready) in [
+            ("inventory", "SELECT EXISTS (SELECT 1 FROM inventory.stock)"),
+            ("payment", "SELECT EXISTS (SELECT 1 FROM payment.accounts)"),
+            (
+                "shipping",
+                "SELECT to_regclass('shipping.shipments') IS NOT NULL",
+            ),
         ] {
+            if !self.services.iter().any(|(name, _, _)| *name == service) {
+                continue;
+            }
             eventually(ready, || async {
                 let ok: Option<bool> = sqlx::query_scalar(ready).fetch_one(&db).await.ok();
                 ok.unwrap_or(false).then_some(())
@@ -251,7 +314,7 @@ impl TestSystem {
     /// Stops every service, then drops the database and the topics.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        for task in self.tasks.drain(..) {
+        for (_, _, task) in self.services.drain(..) {
             tokio::time::timeout(Duration::from_secs(30), task)
                 .await
                 .expect("services stop within 30 s")

@@ -2,6 +2,7 @@
 //! the real PostgreSQL. See `helpers` for how each test gets its own deployment.
 
 mod helpers;
+mod recovery;
 
 use events::{Envelope, Reply, StepDone};
 use helpers::{order, step_statuses, TestSystem};

@@ -1,0 +1,211 @@
+//! Crash-proofing: deadlines and retries, compensations that fail, operator actions, and the
+//! participant runtime's refusal of a forward command that arrives after its compensation.
+
+use events::{Command, Envelope, LineItem};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{eventually, fast_retries, order, step_statuses, Options, TestSystem};
+
+async fn saga_of(system: &TestSystem, order_id: Uuid) -> Option<Value> {
+    let (status, body) = system.get(&format!("/orders/{order_id}/saga")).await;
+    (status == 200).then_some(body)
+}
+
+async fn count(system: &TestSystem, schema: &str, sql: &str, order_id: Uuid) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(order_id)
+        .fetch_one(&system.schema(schema).await)
+        .await
+        .expect("count query")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_is_down_when_its_command_is_sent_completes_the_saga_after_it_returns() {
+    let mut system = TestSystem::start_with(Options {
+        retries: fast_retries(),
+        without: vec!["payment"],
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    // No payment service: the charge is re-sent on every deadline.
+    eventually("the charge to be re-sent", || async {
+        let saga = saga_of(&system, placed.order_id).await?;
+        (saga["steps"][1]["attempts"].as_u64()? >= 3).then_some(())
+    })
+    .await;
+    system.start_participant("payment", 0);
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let charges = count(
+        &system,
+        "payment",
+        "SELECT count(*) FROM payments WHERE order_id = $1",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(
+        charges, 1,
+        "every re-sent command is answered from the ledger, charged once"
+    );
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    let history = system.history(&saga_id).await;
+    assert!(
+        history.iter().any(|h| h["decision"] == "deadline"),
+        "{history:?}"
+    );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_fails_twice_then_succeeds_compensates_the_saga() {
+    let mut system = TestSystem::start_with(Options {
+        retries: fast_retries(),
+        without: vec!["inventory"],
+    })
+    .await;
+    system.start_participant("inventory", 2);
+    // carol cannot pay, so the reservation must be released; the first two releases fail.
+    let placed = order("carol", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(step_statuses(&saga), ["compensated", "failed", "pending"]);
+    assert_eq!(saga["steps"][0]["compensation_attempts"], 3);
+    let held = count(
+        &system,
+        "inventory",
+        "SELECT count(*) FROM reservations WHERE order_id = $1 AND status = 'reserved'",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(held, 0);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_never_succeeds_fails_the_saga_until_an_operator_retries() {
+    let mut system = TestSystem::start_with(Options {
+        retries: fast_retries(),
+        without: vec!["inventory"],
+    })
+    .await;
+    system.start_participant("inventory", u32::MAX);
+    let placed = order("carol", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "failed", "{saga}");
+    assert_eq!(saga["steps"][0]["status"], "compensation_failed");
+    let reason = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("injected fault"), "{reason}");
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+
+    let (status, body) = system.post(&format!("/sagas/{saga_id}/retry"), "{}").await;
+    assert_eq!(status, 422, "operator and reason are required: {body}");
+    let (status, body) = system
+        .post(
+            &format!("/sagas/{saga_id}/retry"),
+            r#"{"operator":"","reason":"x"}"#,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let operator = json!({"operator": "ops-alice", "reason": "warehouse is back"}).to_string();
+    let (status, body) = system
+        .post(&format!("/sagas/{saga_id}/abort"), &operator)
+        .await;
+    assert_eq!(status, 409, "a failed saga cannot be aborted: {body}");
+    let (status, _) = system
+        .post(&format!("/sagas/{saga_id}/frobnicate"), &operator)
+        .await;
+    assert_eq!(status, 404);
+
+    // The warehouse comes back; the operator retries.
+    system.stop_service("inventory").await;
+    system.start_participant("inventory", 0);
+    let (status, body) = system
+        .post(&format!("/sagas/{saga_id}/retry"), &operator)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "compensating");
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    let history = system.history(&saga_id).await;
+    assert!(
+        history.iter().any(|h| h["decision"] == "operator"
+            && h["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("retry by ops-alice: warehouse is back")),
+        "{history:?}"
+    );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_command_after_its_compensation_is_refused() {
+    let system = TestSystem::start().await;
+    let saga_id = Uuid::new_v4();
+    let order_id = Uuid::new_v4();
+    let inventory = system.topics.commands(events::Participant::Inventory);
+    let key = order_id.to_string();
+    // The orchestrator gave up on a reservation it never heard back from and released it; the
+    // release overtakes the reservation, which arrives afterwards.
+    let release = Envelope::new(
+        saga_id,
+        None,
+        chrono::Utc::now(),
+        Command::ReleaseStock {
+            order_id,
+            attempt: 1,
+        },
+    );
+    system.publish(&inventory, &key, &release.to_json()).await;
+    let reserve = Envelope::new(
+        saga_id,
+        None,
+        chrono::Utc::now(),
+        Command::ReserveStock {
+            order_id,
+            attempt: 1,
+            items: vec![LineItem {
+                sku: "LIMITED".into(),
+                quantity: 1,
+                unit_price_cents: 100,
+            }],
+        },
+    );
+    system.publish(&inventory, &key, &reserve.to_json()).await;
+
+    let db = system.schema("inventory").await;
+    let (outcome, compensated): (Option<String>, bool) = eventually("the late reservation to be handled", || async {
+        let row: Option<(Option<String>, bool)> = sqlx::query_as(
+            "SELECT forward_outcome, compensated_at IS NOT NULL FROM step_ledger WHERE saga_id = $1",
+        )
+        .bind(saga_id)
+        .fetch_optional(&db)
+        .await
+        .ok()
+        .flatten();
+        row.filter(|(outcome, _)| outcome.is_some())
+    })
+    .await;
+    assert!(compensated, "the release left a tombstone");
+    assert_eq!(outcome.as_deref(), Some("refused"));
+    let reservations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(&db)
+            .await
+            .expect("count");
+    assert_eq!(reservations, 0, "the late reservation did not act");
+    let limited: i32 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = 'LIMITED'")
+        .fetch_one(&db)
+        .await
+        .expect("stock");
+    assert_eq!(limited, 1);
+    system.stop().await;
+}
