@@ -27,7 +27,11 @@ pub struct ChaosArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
     /// PostgreSQL server URL without a database name; the run creates its own database.
-    #[arg(long, env = "CHAOS_DATABASE_SERVER", default_value = "postgres://postgres@127.0.0.1:5432")]
+    #[arg(
+        long,
+        env = "CHAOS_DATABASE_SERVER",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
     database_server: String,
     /// Directory with the orchestrator, inventory, payment and shipping binaries.
     #[arg(long, default_value = "target/debug")]
@@ -113,9 +117,14 @@ impl Fleet {
         for (_, mut child) in std::mem::take(&mut self.children) {
             if let Some(pid) = child.id() {
                 // SIGTERM first: the graceful path is part of what a run exercises.
-                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
             }
-            if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
         }
@@ -131,11 +140,16 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         .connect(&format!("{}/postgres", args.database_server))
         .await
         .context("connecting to PostgreSQL")?;
-    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await?;
     let database_url = format!("{}/{database}", args.database_server);
     let log_dir = PathBuf::from(format!(".run/chaos-{id}"));
     std::fs::create_dir_all(&log_dir)?;
-    eprintln!("chaos run {id}: database {database}, topic prefix {prefix}, logs {}", log_dir.display());
+    eprintln!(
+        "chaos run {id}: database {database}, topic prefix {prefix}, logs {}",
+        log_dir.display()
+    );
 
     let http_port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -183,7 +197,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         // Each order is published twice: clients retry, and the engine must absorb it.
         for _ in 0..if placed % 10 == 0 { 2 } else { 1 } {
             producer
-                .send(FutureRecord::to(&topics.orders()).key(&key).payload(&payload), Duration::from_secs(30))
+                .send(
+                    FutureRecord::to(&topics.orders())
+                        .key(&key)
+                        .payload(&payload),
+                    Duration::from_secs(30),
+                )
                 .await
                 .map_err(|(e, _)| e)
                 .context("publishing an order")?;
@@ -191,9 +210,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         order_ids.push(order.order_id);
         if let (Some(at), Some(every)) = (next_kill, kill_every) {
             if Instant::now() >= at {
-                let service = *SERVICES.choose(&mut rand::thread_rng()).unwrap_or(&"payment");
+                let service = *SERVICES
+                    .choose(&mut rand::thread_rng())
+                    .unwrap_or(&"payment");
                 fleet.kill(service).await?;
-                tokio::time::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..=args.down_ms))).await;
+                tokio::time::sleep(Duration::from_millis(
+                    rand::thread_rng().gen_range(0..=args.down_ms),
+                ))
+                .await;
                 fleet.start(service).await?;
                 restarts += 1;
                 next_kill = Some(Instant::now() + every);
@@ -201,12 +225,21 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         }
         restarts += fleet.revive().await?;
         if placed % 100 == 99 {
-            eprintln!("placed {}/{} orders, kills so far {:?}", placed + 1, args.sagas, fleet.kills);
+            eprintln!(
+                "placed {}/{} orders, kills so far {:?}",
+                placed + 1,
+                args.sagas,
+                fleet.kills
+            );
         }
         tokio::time::sleep(interval).await;
     }
     let last_kill = Instant::now();
-    eprintln!("all {} orders placed in {:.1} s; waiting for the sagas to settle", args.sagas, started.elapsed().as_secs_f64());
+    eprintln!(
+        "all {} orders placed in {:.1} s; waiting for the sagas to settle",
+        args.sagas,
+        started.elapsed().as_secs_f64()
+    );
 
     let settle_deadline = last_kill + Duration::from_secs(args.settle_timeout_secs);
     let settled = loop {
@@ -237,7 +270,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     println!("sagas run          {}", args.sagas);
     println!("kills              {:?}", fleet.kills);
     println!("restarts           {restarts}");
-    println!("settled            {settled} ({:.1} s after the last kill)", settle_time.as_secs_f64());
+    println!(
+        "settled            {settled} ({:.1} s after the last kill)",
+        settle_time.as_secs_f64()
+    );
     println!("outcomes           {}", checks.outcomes);
     println!(
         "duplicates         {} duplicate orders absorbed, {} replies ignored by fencing, {} messages redelivered into an inbox",
@@ -245,7 +281,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     );
     let mut failed = !settled;
     for (name, passed, detail) in &checks.results {
-        println!("{:<6} {name}: {detail}", if *passed { "PASS" } else { "FAIL" });
+        println!(
+            "{:<6} {name}: {detail}",
+            if *passed { "PASS" } else { "FAIL" }
+        );
         failed |= !passed;
     }
     db.close().await;
@@ -289,9 +328,13 @@ struct Snapshot {
 impl Snapshot {
     async fn take(db: &PgPool) -> anyhow::Result<Self> {
         let stock: Vec<(String, i64)> =
-            sqlx::query_as("SELECT sku, available::bigint FROM inventory.stock").fetch_all(db).await?;
+            sqlx::query_as("SELECT sku, available::bigint FROM inventory.stock")
+                .fetch_all(db)
+                .await?;
         let balances: Vec<(String, i64)> =
-            sqlx::query_as("SELECT customer_id, balance_cents FROM payment.accounts").fetch_all(db).await?;
+            sqlx::query_as("SELECT customer_id, balance_cents FROM payment.accounts")
+                .fetch_all(db)
+                .await?;
         Ok(Self {
             stock: stock.into_iter().collect(),
             balances: balances.into_iter().collect(),
@@ -308,12 +351,17 @@ async fn count(db: &PgPool, sql: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
 }
 
-async fn check_invariants(db: &PgPool, initial: &Snapshot, order_ids: &[Uuid]) -> anyhow::Result<Checks> {
+async fn check_invariants(
+    db: &PgPool,
+    initial: &Snapshot,
+    order_ids: &[Uuid],
+) -> anyhow::Result<Checks> {
     let mut results = Vec::new();
-    let by_state: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM orchestrator.sagas GROUP BY state ORDER BY state")
-            .fetch_all(db)
-            .await?;
+    let by_state: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM orchestrator.sagas GROUP BY state ORDER BY state",
+    )
+    .fetch_all(db)
+    .await?;
     let outcomes = by_state
         .iter()
         .map(|(s, n)| format!("{s} {n}"))
@@ -331,7 +379,10 @@ async fn check_invariants(db: &PgPool, initial: &Snapshot, order_ids: &[Uuid]) -
     results.push((
         "one saga per order, none lost",
         missing == 0 && total == i64::try_from(order_ids.len())?,
-        format!("{} orders placed, {total} sagas, {missing} orders without a saga", order_ids.len()),
+        format!(
+            "{} orders placed, {total} sagas, {missing} orders without a saga",
+            order_ids.len()
+        ),
     ));
     let unfinished = count(
         db,
@@ -388,13 +439,19 @@ async fn check_invariants(db: &PgPool, initial: &Snapshot, order_ids: &[Uuid]) -
     let stock_broken: Vec<String> = initial
         .stock
         .iter()
-        .filter(|(sku, before)| now.stock.get(*sku).copied().unwrap_or(0) + held.get(*sku).copied().unwrap_or(0) != **before)
+        .filter(|(sku, before)| {
+            now.stock.get(*sku).copied().unwrap_or(0) + held.get(*sku).copied().unwrap_or(0)
+                != **before
+        })
         .map(|(sku, _)| sku.clone())
         .collect();
     results.push((
         "stock conserved: initial = current + reserved, per SKU",
         stock_broken.is_empty(),
-        format!("{} SKUs checked, broken: {stock_broken:?}", initial.stock.len()),
+        format!(
+            "{} SKUs checked, broken: {stock_broken:?}",
+            initial.stock.len()
+        ),
     ));
     let charged: Vec<(String, i64)> = sqlx::query_as(
         "SELECT customer_id, sum(amount_cents)::bigint FROM payment.payments WHERE status = 'charged' GROUP BY customer_id",
@@ -405,13 +462,19 @@ async fn check_invariants(db: &PgPool, initial: &Snapshot, order_ids: &[Uuid]) -
     let money_broken: Vec<String> = initial
         .balances
         .iter()
-        .filter(|(c, before)| now.balances.get(*c).copied().unwrap_or(0) + charged.get(*c).copied().unwrap_or(0) != **before)
+        .filter(|(c, before)| {
+            now.balances.get(*c).copied().unwrap_or(0) + charged.get(*c).copied().unwrap_or(0)
+                != **before
+        })
         .map(|(c, _)| c.clone())
         .collect();
     results.push((
         "money conserved: initial = balance + net charges, per customer",
         money_broken.is_empty(),
-        format!("{} customers checked, broken: {money_broken:?}", initial.balances.len()),
+        format!(
+            "{} customers checked, broken: {money_broken:?}",
+            initial.balances.len()
+        ),
     ));
     let applied_twice = count(
         db,

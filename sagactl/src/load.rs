@@ -238,7 +238,9 @@ async fn watch_events(
     }
 }
 
-fn random_order(failure_percent: u8) -> OrderPlaced {
+/// An order of one item from the demo data; `failure_percent` of them are built to be
+/// compensated (unknown stock, a declined payment, or a denied destination, in equal parts).
+pub(crate) fn random_order(failure_percent: u8) -> OrderPlaced {
     let mut rng = rand::thread_rng();
     let (customer, sku, country) = if rng.gen_range(0..100) < failure_percent {
         match rng.gen_range(0..3) {
