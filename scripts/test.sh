@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit tests, golden files, and the end-to-end tests against the
-# Nisshi broker (installed and started here if none listens on 127.0.0.1:9092) and the
-# PostgreSQL at $TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432).
+# Runs the whole test suite: unit tests, golden files, the end-to-end tests, and a short chaos
+# run (services as processes, SIGKILLed at random while sagas run), against the Nisshi broker
+# (installed and started here if none listens on 127.0.0.1:9092) and the PostgreSQL at
+# $TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432).
 #
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -22,3 +23,8 @@ trap cleanup EXIT
 # Each end-to-end test runs four services with small pools; four at a time stay well inside
 # PostgreSQL's default 100 connections.
 cargo test --workspace --locked "$@" -- --test-threads=4
+
+# The chaos suite, short: a few hundred sagas, a kill every 1.5 s. It prints each invariant
+# with PASS/FAIL and exits non-zero on any violation.
+cargo build --workspace --locked --bins
+target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 300 --rate 30 --kill-every-ms 1500

@@ -280,13 +280,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         duplicates.orders, duplicates.ignored_replies, duplicates.redelivered
     );
     let mut failed = !settled;
+    let mut passes = 0;
     for (name, passed, detail) in &checks.results {
         println!(
             "{:<6} {name}: {detail}",
             if *passed { "PASS" } else { "FAIL" }
         );
         failed |= !passed;
+        passes += usize::from(*passed);
     }
+    println!(
+        "chaos: {passes} passed, {} failed",
+        checks.results.len() - passes
+    );
     db.close().await;
     if !args.keep {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
