@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use events::Topics;
-use rand::seq::SliceRandom;
 use rand::Rng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -42,6 +41,9 @@ pub struct ChaosArgs {
     /// Orders placed per second.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
+    /// Orchestrator instances (one consumer group; they divide the sagas by partition).
+    #[arg(long, default_value_t = 2)]
+    orchestrators: usize,
     /// Percentage of orders built to be compensated.
     #[arg(long, default_value_t = 30)]
     failure_percent: u8,
@@ -59,39 +61,53 @@ pub struct ChaosArgs {
     keep: bool,
 }
 
-const SERVICES: [&str; 4] = ["orchestrator", "inventory", "payment", "shipping"];
+/// One process of the fleet: its name in reports, its binary, and its own settings.
+struct Instance {
+    name: String,
+    binary: &'static str,
+    env: Vec<(String, String)>,
+}
 
 struct Fleet {
     bin_dir: PathBuf,
+    /// Settings every process gets.
     env: Vec<(String, String)>,
-    children: BTreeMap<&'static str, Child>,
-    kills: BTreeMap<&'static str, u32>,
+    instances: Vec<Instance>,
+    children: BTreeMap<String, Child>,
+    kills: BTreeMap<String, u32>,
     log_dir: PathBuf,
 }
 
 impl Fleet {
-    async fn start(&mut self, service: &'static str) -> anyhow::Result<()> {
-        let binary = self.bin_dir.join(service);
+    async fn start(&mut self, index: usize) -> anyhow::Result<()> {
+        let instance = &self.instances[index];
+        let binary = self.bin_dir.join(instance.binary);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_dir.join(format!("{service}.log")))?;
+            .open(self.log_dir.join(format!("{}.log", instance.name)))?;
         let child = Command::new(&binary)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.env
+                    .iter()
+                    .chain(&instance.env)
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        self.children.insert(service, child);
+        self.children.insert(instance.name.clone(), child);
         Ok(())
     }
 
-    async fn kill(&mut self, service: &'static str) -> anyhow::Result<()> {
-        if let Some(mut child) = self.children.remove(service) {
+    async fn kill(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = self.instances[index].name.clone();
+        if let Some(mut child) = self.children.remove(&name) {
             child.start_kill()?;
             child.wait().await?;
-            *self.kills.entry(service).or_default() += 1;
+            *self.kills.entry(name).or_default() += 1;
         }
         Ok(())
     }
@@ -99,14 +115,15 @@ impl Fleet {
     /// Restarts every service that exited by itself (a crash, not one of our kills).
     async fn revive(&mut self) -> anyhow::Result<u32> {
         let mut revived = 0;
-        for service in SERVICES {
-            let exited = match self.children.get_mut(service) {
+        for index in 0..self.instances.len() {
+            let name = &self.instances[index].name;
+            let exited = match self.children.get_mut(name) {
                 Some(child) => child.try_wait()?.is_some(),
                 None => true,
             };
             if exited {
-                eprintln!("{service} had exited; restarting it");
-                self.start(service).await?;
+                eprintln!("{name} had exited; restarting it");
+                self.start(index).await?;
                 revived += 1;
             }
         }
@@ -151,10 +168,25 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         log_dir.display()
     );
 
-    let http_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.local_addr()?.port()
-    };
+    // Orchestrators share one consumer group and divide the partitions between them.
+    let mut instances = Vec::new();
+    for n in 1..=args.orchestrators.max(1) {
+        let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        instances.push(Instance {
+            name: format!("orchestrator-{n}"),
+            binary: "orchestrator",
+            env: vec![("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}"))],
+        });
+    }
+    for participant in ["inventory", "payment", "shipping"] {
+        instances.push(Instance {
+            name: participant.into(),
+            binary: participant,
+            env: Vec::new(),
+        });
+    }
     let mut fleet = Fleet {
         bin_dir: args.bin_dir.clone(),
         env: vec![
@@ -163,14 +195,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             ("DATABASE_URL".into(), database_url.clone()),
             ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
             ("KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into()),
-            ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
         ],
+        instances,
         children: BTreeMap::new(),
         kills: BTreeMap::new(),
         log_dir,
     };
-    for service in SERVICES {
-        fleet.start(service).await?;
+    for index in 0..fleet.instances.len() {
+        fleet.start(index).await?;
     }
     let db = PgPoolOptions::new()
         .max_connections(2)
@@ -210,15 +242,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         order_ids.push(order.order_id);
         if let (Some(at), Some(every)) = (next_kill, kill_every) {
             if Instant::now() >= at {
-                let service = *SERVICES
-                    .choose(&mut rand::thread_rng())
-                    .unwrap_or(&"payment");
-                fleet.kill(service).await?;
+                let victim = rand::thread_rng().gen_range(0..fleet.instances.len());
+                fleet.kill(victim).await?;
                 tokio::time::sleep(Duration::from_millis(
                     rand::thread_rng().gen_range(0..=args.down_ms),
                 ))
                 .await;
-                fleet.start(service).await?;
+                fleet.start(victim).await?;
                 restarts += 1;
                 next_kill = Some(Instant::now() + every);
             }
