@@ -7,7 +7,12 @@ async fn main() -> anyhow::Result<()> {
     messaging::telemetry::init();
     let shutdown = messaging::shutdown::on_signals();
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
-    orchestrator::run(config, listener, shutdown).await?;
+    messaging::shutdown::bounded(
+        orchestrator::run(config, listener, shutdown.clone()),
+        shutdown,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     tracing::info!("orchestrator stopped");
     Ok(())
 }

@@ -18,6 +18,9 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     messaging::telemetry::init();
-    participants::run(Payment, cli.config, messaging::shutdown::on_signals()).await?;
-    Ok(())
+    let shutdown = messaging::shutdown::on_signals();
+    let service = participants::run(Payment, cli.config, shutdown.clone());
+    messaging::shutdown::bounded(service, shutdown)
+        .await
+        .map_err(anyhow::Error::msg)
 }

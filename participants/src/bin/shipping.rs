@@ -20,11 +20,9 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     messaging::telemetry::init();
-    participants::run(
-        Shipping::new(&cli.shipping),
-        cli.config,
-        messaging::shutdown::on_signals(),
-    )
-    .await?;
-    Ok(())
+    let shutdown = messaging::shutdown::on_signals();
+    let service = participants::run(Shipping::new(&cli.shipping), cli.config, shutdown.clone());
+    messaging::shutdown::bounded(service, shutdown)
+        .await
+        .map_err(anyhow::Error::msg)
 }
