@@ -34,6 +34,13 @@ pub struct KafkaConfig {
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
 
+    /// Static group membership (group.instance.id): a stable id unique to this instance. A
+    /// restarted instance with the same id takes its partitions back at once instead of after
+    /// the session timeout; a stopped one keeps them until the timeout. Unset: dynamic
+    /// membership.
+    #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
+
     /// How long the producer waits to batch messages (linger.ms).
     #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 1)]
     pub linger_ms: u32,

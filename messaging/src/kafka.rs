@@ -45,7 +45,11 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
 pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer> {
-    base(config)
+    let mut client = base(config);
+    if let Some(instance) = &config.group_instance_id {
+        client.set("group.instance.id", instance);
+    }
+    client
         .set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")

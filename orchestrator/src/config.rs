@@ -40,19 +40,20 @@ pub struct Config {
 #[derive(Debug, Clone, Args)]
 pub struct RetryConfig {
     /// How long to wait for a step's first reply, in milliseconds.
-    #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 30_000)]
     pub step_timeout_ms: u64,
     /// Per-step overrides of the first wait, e.g. `charge_payment=10000,reserve_stock=2000`.
     #[arg(long, env = "STEP_TIMEOUT_OVERRIDES_MS", value_delimiter = ',')]
     pub step_timeout_overrides_ms: Vec<String>,
-    /// Attempts of a forward step before it counts as failed (its outcome unknown).
-    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 5)]
+    /// Attempts of a forward step before it counts as failed (its outcome unknown). A step
+    /// without compensation (the last) is retried until it answers.
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 8)]
     pub step_max_attempts: u32,
     /// Attempts of a compensation before the saga is `failed` and needs an operator.
-    #[arg(long, env = "COMPENSATION_MAX_ATTEMPTS", default_value_t = 10)]
+    #[arg(long, env = "COMPENSATION_MAX_ATTEMPTS", default_value_t = 20)]
     pub compensation_max_attempts: u32,
     /// The longest single wait, in milliseconds.
-    #[arg(long, env = "RETRY_MAX_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "RETRY_MAX_TIMEOUT_MS", default_value_t = 300_000)]
     pub retry_max_timeout_ms: u64,
     /// How often overdue sagas are looked for, in milliseconds.
     #[arg(long, env = "DEADLINE_SCAN_INTERVAL_MS", default_value_t = 200)]
@@ -62,11 +63,11 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
-            step_timeout_ms: 5_000,
+            step_timeout_ms: 30_000,
             step_timeout_overrides_ms: Vec::new(),
-            step_max_attempts: 5,
-            compensation_max_attempts: 10,
-            retry_max_timeout_ms: 60_000,
+            step_max_attempts: 8,
+            compensation_max_attempts: 20,
+            retry_max_timeout_ms: 300_000,
             deadline_scan_interval_ms: 200,
         }
     }
@@ -132,8 +133,8 @@ mod tests {
         };
         let policies = config.policies().expect("valid");
         assert_eq!(policies.charge_payment.timeout, TimeDelta::seconds(9));
-        assert_eq!(policies.reserve_stock.timeout, TimeDelta::seconds(5));
-        assert_eq!(policies.compensation.max_attempts, 10);
+        assert_eq!(policies.reserve_stock.timeout, TimeDelta::seconds(30));
+        assert_eq!(policies.compensation.max_attempts, 20);
         for bad in ["charge_payment", "ship=5", "charge_payment=soon"] {
             let config = RetryConfig {
                 step_timeout_overrides_ms: vec![bad.into()],

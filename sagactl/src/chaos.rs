@@ -56,7 +56,7 @@ pub struct ChaosArgs {
     /// Give up when the sagas have not settled this long after the last kill, in seconds.
     #[arg(long, default_value_t = 180)]
     settle_timeout_secs: u64,
-    /// Keep the run's database and topics for inspection.
+    /// Keep the run's database for inspection (a failed run always keeps it).
     #[arg(long)]
     keep: bool,
 }
@@ -177,14 +177,20 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         instances.push(Instance {
             name: format!("orchestrator-{n}"),
             binary: "orchestrator",
-            env: vec![("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}"))],
+            env: vec![
+                ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+                (
+                    "KAFKA_GROUP_INSTANCE_ID".into(),
+                    format!("orchestrator-{n}"),
+                ),
+            ],
         });
     }
     for participant in ["inventory", "payment", "shipping"] {
         instances.push(Instance {
             name: participant.into(),
             binary: participant,
-            env: Vec::new(),
+            env: vec![("KAFKA_GROUP_INSTANCE_ID".into(), participant.into())],
         });
     }
     let mut fleet = Fleet {
@@ -324,7 +330,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         checks.results.len() - passes
     );
     db.close().await;
-    if !args.keep {
+    if !args.keep && !failed {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
             .execute(&admin)
             .await?;

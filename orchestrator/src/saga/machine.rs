@@ -16,7 +16,8 @@
 //! Every command sent arms the saga's deadline. When it passes ([`Saga::on_deadline`]), the
 //! command is sent again with the next attempt number (the participant answers a repeated
 //! step from its ledger instead of acting twice). A forward step that runs out of attempts
-//! failed with its outcome unknown, so it is compensated too, before the steps below it.
+//! failed with its outcome unknown, so it is compensated too, before the steps below it; a step
+//! without compensation (the last, the saga's pivot) is retried until it answers instead.
 //! Compensations retry, with growing waits, until their budget is spent; then the saga is
 //! `failed` and waits for an operator ([`Saga::on_operator`]: retry, skip or abort).
 
@@ -281,7 +282,10 @@ impl Saga {
         let step = &saga.steps[index];
         let effects = if saga.state == SagaState::Running {
             let policy = policies.forward(step.name);
-            if policy.exhausted(step.attempts) {
+            // A step that cannot be undone is never given up on: its outcome unknown, it may
+            // have acted, and nothing could take that back. It is retried (at the longest
+            // wait) until its participant answers.
+            if policy.exhausted(step.attempts) && STEPS[index].compensable {
                 let reason = format!("no reply after {} attempts; outcome unknown", step.attempts);
                 saga.step_timed_out(index, reason, now, policies)
             } else {

@@ -57,20 +57,22 @@ impl Policies {
 }
 
 impl Default for Policies {
-    /// 5 s for the first reply, doubling to at most 60 s; 5 forward attempts, 10 for each
-    /// compensation.
+    /// 30 s for the first reply, doubling to at most 5 min; 8 forward attempts (about half an
+    /// hour), 20 for each compensation. Kafka and the outboxes lose nothing, so a deadline
+    /// mostly covers a participant that is down; waits shorter than the worst queueing delay
+    /// only add re-sends that are fenced off.
     fn default() -> Self {
         let forward = RetryPolicy {
-            timeout: TimeDelta::seconds(5),
-            max_attempts: 5,
-            max_timeout: TimeDelta::seconds(60),
+            timeout: TimeDelta::seconds(30),
+            max_attempts: 8,
+            max_timeout: TimeDelta::minutes(5),
         };
         Self {
             reserve_stock: forward,
             charge_payment: forward,
             schedule_shipment: forward,
             compensation: RetryPolicy {
-                max_attempts: 10,
+                max_attempts: 20,
                 ..forward
             },
         }

@@ -523,3 +523,18 @@ fn states_parse_from_their_names() {
     assert_eq!(SagaState::parse("Running"), None);
     assert!(SagaState::Failed.is_terminal() && !SagaState::Compensating.is_terminal());
 }
+
+#[test]
+fn the_last_step_cannot_be_undone_so_it_is_retried_until_it_answers() {
+    let (saga, _) = apply(&started(), Reply::StockReserved(done(1)), 1);
+    let (mut saga, _) = apply(&saga, Reply::PaymentCharged(done(1)), 2);
+    for _ in 0..6 {
+        let (next, effects) = at_deadline(&saga);
+        assert_eq!(sent(&effects), ["ScheduleShipment"]);
+        saga = next;
+    }
+    assert_eq!(saga.state, SagaState::Running);
+    assert_eq!(saga.steps[2].attempts, 7, "past the 3-attempt budget");
+    let (saga, _) = apply(&saga, Reply::ShipmentScheduled(done(7)), 59);
+    assert_eq!(saga.state, SagaState::Completed);
+}

@@ -98,6 +98,7 @@ impl TestSystem {
             topic_replication_factor: 1,
             fetch_wait_max_ms: 10,
             session_timeout_ms: 6_000,
+            group_instance_id: None,
             linger_ms: 1,
         };
         let topics = Topics::new(kafka.topic_prefix.clone());

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Measures end-to-end saga latency and throughput on this machine: builds release binaries,
+# starts the broker if needed, a fresh database and topic prefix, the orchestrator and the three
+# participants as separate processes, then runs `sagactl load` with the arguments given
+# (default: 300 orders, one in flight). Removes its database afterwards.
+#
+#   scripts/bench.sh [sagactl load arguments, e.g. --orders 2000 --in-flight 8 --json out.json]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+server_url="${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}"
+run_id="$(date +%s)"
+database="bench_${run_id}"
+export TOPIC_PREFIX="bench-${run_id}."
+export DATABASE_URL="$server_url/$database"
+export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
+
+BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+cargo build --release --locked --bins
+psql "$server_url/postgres" -qc "CREATE DATABASE $database"
+
+mkdir -p ".run/bench-$run_id"
+pids=()
+cleanup() {
+  if ((${#pids[@]})); then kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; fi
+  psql "$server_url/postgres" -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" || true
+}
+trap cleanup EXIT
+for service in orchestrator inventory payment shipping; do
+  "target/release/$service" >".run/bench-$run_id/$service.log" 2>&1 &
+  pids+=($!)
+done
+for _ in $(seq 1 300); do
+  curl -fsS "http://$HTTP_ADDR/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+# Wait for the participants' migrations (the demo data is their last one).
+for _ in $(seq 1 300); do
+  psql "$DATABASE_URL" -Atc "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) AND to_regclass('shipping.shipments') IS NOT NULL" 2>/dev/null | grep -q t && break
+  sleep 0.1
+done
+
+if (($# == 0)); then set -- --orders 300 --in-flight 1; fi
+target/release/sagactl load "$@"
