@@ -24,7 +24,9 @@ trap cleanup EXIT
 # PostgreSQL's default 100 connections.
 cargo test --workspace --locked "$@" -- --test-threads=4
 
-# The chaos suite, short: a few hundred sagas, a kill every 1.5 s. It prints each invariant
-# with PASS/FAIL and exits non-zero on any violation.
+# The chaos suite, short: a few hundred sagas, a SIGKILL every 1.5 s, and a crash right after
+# every 40th committed message. It prints each invariant with PASS/FAIL and exits non-zero on
+# any violation.
 cargo build --workspace --locked --bins
-target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 300 --rate 30 --kill-every-ms 1500
+target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 300 --rate 30 \
+  --kill-every-ms 1500 --crash-after-commit-every 40

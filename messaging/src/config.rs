@@ -67,6 +67,16 @@ pub struct DatabaseConfig {
     pub database_max_connections: u32,
 }
 
+/// Fault injection for the chaos suite. Everything is off by default.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FaultConfig {
+    /// Crash the process (abort, no clean-up) right after every N-th handled message has
+    /// committed, before its offset is stored and usually before the relay publishes what it
+    /// wrote; never in the first 3 s of a process's life. 0: never.
+    #[arg(long, env = "FAULT_CRASH_AFTER_COMMIT_EVERY", default_value_t = 0)]
+    pub crash_after_commit_every: u64,
+}
+
 /// How the outbox relay publishes.
 #[derive(Debug, Clone, Args)]
 pub struct RelayConfig {

@@ -18,8 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::config::FaultConfig;
 use crate::outbox::{self, OutgoingMessage};
 use crate::{Error, Result};
+
+/// Fault injection never crashes a process younger than this, so that every life commits some
+/// offsets (they are committed every second) and a crash loop still makes progress.
+const FAULT_MIN_LIFETIME: Duration = Duration::from_secs(3);
 
 /// One consumed record, detached from the consumer's buffer.
 #[derive(Debug, Clone)]
@@ -89,8 +94,11 @@ pub async fn run<H: Handler>(
     pool: PgPool,
     handler: H,
     dead_letters: DeadLetters,
+    faults: &FaultConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let mut handled: u64 = 0;
+    let started = std::time::Instant::now();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
@@ -136,6 +144,14 @@ pub async fn run<H: Handler>(
             // Shut down while the record was still failing: leave its offset unstored so the
             // next owner of the partition handles it.
             break;
+        }
+        handled += 1;
+        if faults.crash_after_commit_every > 0
+            && handled.is_multiple_of(faults.crash_after_commit_every)
+            && started.elapsed() >= FAULT_MIN_LIFETIME
+        {
+            tracing::error!(topic = %record.topic, offset = record.offset, "fault injection: crashing after commit");
+            std::process::abort();
         }
         if let Err(e) = consumer.store_offset_from_message(&message) {
             // The partition was revoked meanwhile; its next owner re-reads the record and the

@@ -4,7 +4,7 @@
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{KafkaConfig, RelayConfig};
+use crate::config::{FaultConfig, KafkaConfig, RelayConfig};
 use crate::consumer::{self, DeadLetters, Handler};
 use crate::relay::Relay;
 use crate::{kafka, Result};
@@ -19,6 +19,7 @@ pub struct Pipeline {
     pub group: String,
     pub topics: Vec<String>,
     pub dead_letters: DeadLetters,
+    pub faults: FaultConfig,
 }
 
 impl Pipeline {
@@ -47,6 +48,7 @@ impl Pipeline {
             pool,
             handler,
             self.dead_letters.clone(),
+            &self.faults,
             shutdown,
         )
         .await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::{Args, Parser};
-use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
+use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig};
 
 use crate::saga::{Policies, RetryPolicy};
 
@@ -24,6 +24,8 @@ pub struct Config {
     pub relay: RelayConfig,
     #[command(flatten)]
     pub retries: RetryConfig,
+    #[command(flatten)]
+    pub faults: FaultConfig,
 
     /// Address of the status HTTP API.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]

@@ -75,6 +75,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             topic: topics.dead_letters(),
             consumer: "orchestrator".into(),
         },
+        faults: config.faults.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "status API listening");
     let http = axum::serve(listener, api::router(state))

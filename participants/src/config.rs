@@ -1,7 +1,7 @@
 //! Settings shared by every participant binary.
 
 use clap::Args;
-use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
+use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig};
 
 #[derive(Debug, Clone, Args)]
 pub struct ParticipantConfig {
@@ -11,6 +11,8 @@ pub struct ParticipantConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub relay: RelayConfig,
+    #[command(flatten)]
+    pub faults: FaultConfig,
 
     /// Consumer group of this service (default: `{TOPIC_PREFIX}{service}`).
     #[arg(long, env = "PARTICIPANT_GROUP")]

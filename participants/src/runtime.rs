@@ -99,6 +99,7 @@ pub async fn run<S: StepService + 'static>(
             topic: topics.dead_letters(),
             consumer: name.into(),
         },
+        faults: config.faults.clone(),
     };
     tracing::info!(service = name, "participant started");
     if config.fault_compensation_failures > 0 {

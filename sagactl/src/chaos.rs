@@ -56,6 +56,11 @@ pub struct ChaosArgs {
     /// Give up when the sagas have not settled this long after the last kill, in seconds.
     #[arg(long, default_value_t = 180)]
     settle_timeout_secs: u64,
+    /// Also crash every service (abort) right after every N-th message it handles has
+    /// committed, before the offset is stored (0: never). Exercises the window between a
+    /// handler's commit and its messages reaching Kafka.
+    #[arg(long, default_value_t = 0)]
+    crash_after_commit_every: u64,
     /// Keep the run's database for inspection (a failed run always keeps it).
     #[arg(long)]
     keep: bool,
@@ -201,6 +206,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             ("DATABASE_URL".into(), database_url.clone()),
             ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
             ("KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into()),
+            (
+                "FAULT_CRASH_AFTER_COMMIT_EVERY".into(),
+                args.crash_after_commit_every.to_string(),
+            ),
         ],
         instances,
         children: BTreeMap::new(),
@@ -228,6 +237,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let mut next_kill = kill_every.map(|k| Instant::now() + k);
     let mut order_ids = Vec::with_capacity(args.sagas);
     let mut restarts = 0u32;
+    // Processes that died by themselves (injected crashes), restarted by `revive`.
+    let mut crashes = 0u32;
     for placed in 0..args.sagas {
         let order = random_order(args.failure_percent);
         let payload = serde_json::to_vec(&order)?;
@@ -259,7 +270,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 next_kill = Some(Instant::now() + every);
             }
         }
-        restarts += fleet.revive().await?;
+        crashes += fleet.revive().await?;
         if placed % 100 == 99 {
             eprintln!(
                 "placed {}/{} orders, kills so far {:?}",
@@ -279,7 +290,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 
     let settle_deadline = last_kill + Duration::from_secs(args.settle_timeout_secs);
     let settled = loop {
-        restarts += fleet.revive().await?;
+        crashes += fleet.revive().await?;
         let (sagas, unfinished): (i64, i64) = sqlx::query_as(
             "SELECT count(*), count(*) FILTER (WHERE state NOT IN ('completed', 'compensated', 'failed')) \
              FROM orchestrator.sagas",
@@ -305,7 +316,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     println!("chaos run {id}");
     println!("sagas run          {}", args.sagas);
     println!("kills              {:?}", fleet.kills);
-    println!("restarts           {restarts}");
+    println!("restarts           {restarts} after kills, {crashes} after crashes");
     println!(
         "settled            {settled} ({:.1} s after the last kill)",
         settle_time.as_secs_f64()

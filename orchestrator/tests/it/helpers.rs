@@ -9,7 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use events::{Address, LineItem, OrderPlaced, Topics};
-use messaging::config::{DatabaseConfig, KafkaConfig, RelayConfig};
+use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig};
 use orchestrator::config::RetryConfig;
 use participants::inventory::Inventory;
 use participants::payment::Payment;
@@ -114,6 +114,7 @@ impl TestSystem {
             kafka: kafka.clone(),
             database: database_config.clone(),
             relay: RelayConfig::default(),
+            faults: FaultConfig::default(),
             group: None,
             fault_compensation_failures: 0,
         };
@@ -128,6 +129,7 @@ impl TestSystem {
             database: database_config,
             relay: RelayConfig::default(),
             retries: options.retries,
+            faults: FaultConfig::default(),
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
         };
