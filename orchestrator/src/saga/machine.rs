@@ -416,9 +416,7 @@ impl Saga {
         if index + 1 < self.steps.len() {
             return vec![self.send_forward(index + 1, now, 0.0, policies)];
         }
-        self.state = SagaState::Completed;
-        self.finished_at = Some(now);
-        self.deadline_at = None;
+        self.finish(SagaState::Completed, now);
         vec![Effect::Publish(SagaEvent::SagaCompleted {
             order_id: self.order.order_id,
         })]
@@ -507,13 +505,18 @@ impl Saga {
             Some(original) => format!("{original}; then {why}"),
             None => why,
         });
-        self.state = SagaState::Failed;
-        self.finished_at = Some(now);
-        self.deadline_at = None;
+        self.finish(SagaState::Failed, now);
         vec![Effect::Publish(SagaEvent::SagaFailed {
             order_id: self.order.order_id,
             reason: self.failure_reason.clone().unwrap_or_default(),
         })]
+    }
+
+    /// Ends the saga in a terminal `state`: nothing more to wait for.
+    fn finish(&mut self, state: SagaState, now: DateTime<Utc>) {
+        self.state = state;
+        self.finished_at = Some(now);
+        self.deadline_at = None;
     }
 
     /// Starts undoing the nearest succeeded step below `index`, or ends the saga as
@@ -530,9 +533,7 @@ impl Saga {
         if let Some(i) = next {
             return self.send_compensation(i, now, 0.0, policies);
         }
-        self.state = SagaState::Compensated;
-        self.finished_at = Some(now);
-        self.deadline_at = None;
+        self.finish(SagaState::Compensated, now);
         vec![Effect::Publish(SagaEvent::SagaCompensated {
             order_id: self.order.order_id,
             reason: self.failure_reason.clone().unwrap_or_default(),
