@@ -133,11 +133,15 @@ impl TestSystem {
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
         };
-        let orchestrator_stop = shutdown.child_token();
-        let orchestrator = spawn(
-            "orchestrator",
-            orchestrator::run(config, listener, orchestrator_stop.clone()),
-        );
+        let mut services = Vec::new();
+        if !options.without.contains(&"orchestrator") {
+            let stop = shutdown.child_token();
+            let task = spawn(
+                "orchestrator",
+                orchestrator::run(config, listener, stop.clone()),
+            );
+            services.push(("orchestrator", stop, task));
+        }
 
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
@@ -151,7 +155,7 @@ impl TestSystem {
             database_url,
             participant,
             shutdown,
-            services: vec![("orchestrator", orchestrator_stop, orchestrator)],
+            services,
             producer,
             client: reqwest::Client::new(),
             cleaned_up: false,
@@ -204,6 +208,45 @@ impl TestSystem {
     /// Waits for the orchestrator's API and for the started participants' migrations (the
     /// demo data is their last one).
     async fn wait_until_healthy(&self) {
+        if self
+            .services
+            .iter()
+            .any(|(name, _, _)| *name == "orchestrator")
+        {
+            self.wait_for_api().await;
+        }
+        self.wait_for_participants().await;
+    }
+
+    /// Starts the orchestrator binary as a process of its own, with `env` on top of this
+    /// deployment's settings, points the test's HTTP client at it and waits for its API. It
+    /// uses static group membership, so a restarted process takes its partitions back at once.
+    pub async fn spawn_orchestrator_process(
+        &mut self,
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .env("KAFKA_BROKERS", brokers())
+            .env("TOPIC_PREFIX", self.topics.prefix())
+            .env("DATABASE_URL", &self.database_url)
+            .env("DATABASE_MAX_CONNECTIONS", "2")
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("KAFKA_GROUP_INSTANCE_ID", "orchestrator-under-test")
+            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .envs(env.iter().copied())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the orchestrator binary");
+        self.http = format!("http://127.0.0.1:{port}");
+        self.wait_for_api().await;
+        child
+    }
+
+    async fn wait_for_api(&self) {
         eventually("the orchestrator to answer /healthz", || async {
             match self
                 .client
@@ -216,7 +259,10 @@ impl TestSystem {
             }
         })
         .await;
-        // The participants are ready once their last migration (the demo data) is in.
+    }
+
+    /// The participants are ready once their last migration (the demo data) is in.
+    async fn wait_for_participants(&self) {
         let db = self.schema("public").await;
         for (service, ready) in [
             ("inventory", "SELECT EXISTS (SELECT 1 FROM inventory.stock)"),

@@ -209,3 +209,67 @@ async fn a_forward_command_after_its_compensation_is_refused() {
     assert_eq!(limited, 1);
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_killed_after_committing_a_transition_still_sends_its_command_once() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["orchestrator"],
+        ..Options::default()
+    })
+    .await;
+    // This process aborts right after its first committed message, before storing the
+    // offset and (nearly always) before its relay has published the command.
+    let mut crashing = system
+        .spawn_orchestrator_process(&[("FAULT_CRASH_AFTER_COMMIT_EVERY", "1")])
+        .await;
+    // The fault spares a process's first 3 s.
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), crashing.wait())
+        .await
+        .expect("the orchestrator crashes within 30 s")
+        .expect("wait for the process");
+    assert!(!exit.success(), "the fault aborted the process: {exit}");
+
+    let _restarted = system.spawn_orchestrator_process(&[]).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let sagas = count(
+        &system,
+        "orchestrator",
+        "SELECT count(*) FROM sagas WHERE order_id = $1",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(sagas, 1);
+    let reservations = count(
+        &system,
+        "inventory",
+        "SELECT count(*) FROM reservations WHERE order_id = $1",
+        placed.order_id,
+    )
+    .await;
+    let charges = count(
+        &system,
+        "payment",
+        "SELECT count(*) FROM payments WHERE order_id = $1",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(
+        (reservations, charges),
+        (1, 1),
+        "each step took effect once"
+    );
+    // The redelivered order found its saga, so it was recorded as a duplicate, not a start.
+    let history = system
+        .history(saga["saga_id"].as_str().unwrap_or_default())
+        .await;
+    let starts = history
+        .iter()
+        .filter(|h| h["decision"] == "started")
+        .count();
+    assert_eq!(starts, 1, "{history:?}");
+    system.stop().await;
+}
