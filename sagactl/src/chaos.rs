@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use events::Topics;
 use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use sqlx::postgres::PgPoolOptions;
@@ -61,7 +63,7 @@ pub struct ChaosArgs {
     /// handler's commit and its messages reaching Kafka.
     #[arg(long, default_value_t = 0)]
     crash_after_commit_every: u64,
-    /// Keep the run's database for inspection (a failed run always keeps it).
+    /// Keep the run's database and topics for inspection (a failed run always keeps them).
     #[arg(long)]
     keep: bool,
 }
@@ -345,6 +347,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
             .execute(&admin)
             .await?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &args.brokers)
+            .create()?;
+        let names = topics.all();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
+            eprintln!("deleting the run's topics failed: {e}");
+        }
     }
     if failed {
         bail!("chaos run {id}: invariants violated or sagas unsettled");
