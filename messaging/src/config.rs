@@ -75,6 +75,12 @@ pub struct FaultConfig {
     /// wrote; never in the first 3 s of a process's life. 0: never.
     #[arg(long, env = "FAULT_CRASH_AFTER_COMMIT_EVERY", default_value_t = 0)]
     pub crash_after_commit_every: u64,
+
+    /// For services run as tasks inside a test process: instead of aborting the process, the
+    /// service stops dead (its consumer returns without storing the offset, its relay is
+    /// dropped without draining). Not a command-line setting.
+    #[arg(skip)]
+    pub crash_in_process: bool,
 }
 
 /// How the outbox relay publishes.

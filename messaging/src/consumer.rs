@@ -151,7 +151,11 @@ pub async fn run<H: Handler>(
             && started.elapsed() >= FAULT_MIN_LIFETIME
         {
             tracing::error!(topic = %record.topic, offset = record.offset, "fault injection: crashing after commit");
-            std::process::abort();
+            if !faults.crash_in_process {
+                std::process::abort();
+            }
+            // In-process services (tests) stop dead instead: no offset stored, no commit.
+            return Err(Error::InjectedCrash);
         }
         if let Err(e) = consumer.store_offset_from_message(&message) {
             // The partition was revoked meanwhile; its next owner re-reads the record and the

@@ -22,6 +22,8 @@ pub enum Error {
     CreateTopic { topic: String, reason: String },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("fault injection: crashed after a commit")]
+    InjectedCrash,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -52,6 +52,11 @@ impl Pipeline {
             shutdown,
         )
         .await;
+        if matches!(consumed, Err(crate::Error::InjectedCrash)) {
+            // A crash does not drain anything.
+            relay.abort();
+            return consumed;
+        }
         relay_stop.cancel();
         if let Err(e) = relay.await {
             tracing::error!(error.message = %e, "outbox relay task ended abnormally");

@@ -171,8 +171,28 @@ impl TestSystem {
 
     /// Starts a participant; it refuses its first `compensation_faults` compensations.
     pub fn start_participant(&mut self, name: &'static str, compensation_faults: u32) {
+        self.start_participant_with(name, compensation_faults, FaultConfig::default());
+    }
+
+    /// Starts a participant that stops dead right after its first message committed (once it
+    /// is 3 s old): a crash between its commit and its offset store, inside this process.
+    pub fn start_crashing_participant(&mut self, name: &'static str) {
+        let faults = FaultConfig {
+            crash_after_commit_every: 1,
+            crash_in_process: true,
+        };
+        self.start_participant_with(name, 0, faults);
+    }
+
+    fn start_participant_with(
+        &mut self,
+        name: &'static str,
+        compensation_faults: u32,
+        faults: FaultConfig,
+    ) {
         let config = ParticipantConfig {
             fault_compensation_failures: compensation_faults,
+            faults,
             ..self.participant.clone()
         };
         let stop = self.shutdown.child_token();
@@ -188,6 +208,26 @@ impl TestSystem {
             other => panic!("no participant {other}"),
         };
         self.services.push((name, stop, task));
+    }
+
+    /// Waits until a service ends by itself (a crash) and returns why it ended.
+    pub async fn wait_for_exit(&mut self, name: &str) -> String {
+        let index = self
+            .services
+            .iter()
+            .position(|(n, _, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let (_, _, task) = self.services.remove(index);
+        match tokio::time::timeout(Duration::from_secs(30), task).await {
+            Ok(Ok(())) => "stopped cleanly".into(),
+            Ok(Err(e)) if e.is_panic() => e
+                .into_panic()
+                .downcast::<String>()
+                .map(|m| *m)
+                .unwrap_or_else(|_| "panicked".into()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => panic!("{name} did not end within 30 s"),
+        }
     }
 
     /// Stops one service gracefully and waits for it.
@@ -262,7 +302,7 @@ impl TestSystem {
     }
 
     /// The participants are ready once their last migration (the demo data) is in.
-    async fn wait_for_participants(&self) {
+    pub async fn wait_for_participants(&self) {
         let db = self.schema("public").await;
         for (service, ready) in [
             ("inventory", "SELECT EXISTS (SELECT 1 FROM inventory.stock)"),

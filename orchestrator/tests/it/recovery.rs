@@ -273,3 +273,55 @@ async fn an_orchestrator_killed_after_committing_a_transition_still_sends_its_co
     assert_eq!(starts, 1, "{history:?}");
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_killed_after_its_local_commit_has_no_double_effect() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["inventory"],
+        ..Options::default()
+    })
+    .await;
+    system.start_crashing_participant("inventory");
+    system.wait_for_participants().await;
+    let widgets_before: i32 =
+        sqlx::query_scalar("SELECT available FROM stock WHERE sku = 'WIDGET'")
+            .fetch_one(&system.schema("inventory").await)
+            .await
+            .expect("stock");
+    // The fault spares a service's first 3 s.
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+    let placed = order("alice", "WIDGET", 2, "DE");
+    system.place(&placed).await;
+    // Inventory commits the reservation (and its reply, in its outbox), then dies before
+    // storing the offset of the ReserveStock it handled.
+    let ended = system.wait_for_exit("inventory").await;
+    assert!(ended.contains("crashed after a commit"), "{ended}");
+
+    system.start_participant("inventory", 0);
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let inventory = system.schema("inventory").await;
+    let widgets: i32 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = 'WIDGET'")
+        .fetch_one(&inventory)
+        .await
+        .expect("stock");
+    assert_eq!(widgets, widgets_before - 2, "the stock was taken once");
+    let reservations = count(
+        &system,
+        "inventory",
+        "SELECT count(*) FROM reservations WHERE order_id = $1",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(reservations, 1);
+    // The restarted service got the command again and its inbox absorbed it.
+    let redelivered: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE deliveries > 1")
+        .fetch_one(&inventory)
+        .await
+        .expect("inbox");
+    assert_eq!(
+        redelivered, 1,
+        "the ReserveStock was delivered twice and applied once"
+    );
+    system.stop().await;
+}
