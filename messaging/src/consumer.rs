@@ -154,7 +154,10 @@ pub async fn run<H: Handler>(
             if !faults.crash_in_process {
                 std::process::abort();
             }
-            // In-process services (tests) stop dead instead: no offset stored, no commit.
+            // In-process services (tests) stop dead instead: no offset stored, no commit. The
+            // group is left at once, as the broker would notice a dead process's session end,
+            // so the record's partition moves to the next owner and is delivered again.
+            consumer.unsubscribe();
             return Err(Error::InjectedCrash);
         }
         if let Err(e) = consumer.store_offset_from_message(&message) {
