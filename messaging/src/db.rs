@@ -14,6 +14,7 @@ use sqlx::migrate::{Migration, MigrationSource, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+use crate::config::DatabaseConfig;
 use crate::{Error, Result};
 
 /// The runtime tables every service has: inbox and outbox.
@@ -46,6 +47,28 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
         .connect_with(options.options([("search_path", schema)]))
         .await?;
     Ok(pool)
+}
+
+/// Opens the service's pool on its schema (the configured one, or `default_schema`) and brings
+/// the schema up to date with the messaging tables and `layers`. Returns the pool and the
+/// schema's name.
+///
+/// # Errors
+/// As [`connect`] and [`migrate`].
+pub async fn open(
+    config: &DatabaseConfig,
+    default_schema: &str,
+    layers: &[&Migrator],
+) -> Result<(PgPool, String)> {
+    let schema = config.schema_or(default_schema).to_owned();
+    let pool = connect(
+        &config.database_url,
+        &schema,
+        config.database_max_connections,
+    )
+    .await?;
+    migrate(&pool, &schema, layers).await?;
+    Ok((pool, schema))
 }
 
 /// Applies the messaging tables and then `layers` (each a `sqlx::migrate!` set) to the pool's

@@ -34,15 +34,7 @@ pub const DEFAULT_SCHEMA: &str = "orchestrator";
 /// # Errors
 /// Start-up failures (database, migrations, Kafka configuration) and a failed HTTP server.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    let schema = config.database.schema_or(DEFAULT_SCHEMA).to_owned();
-    let pool = db::connect(
-        &config.database.database_url,
-        &schema,
-        config.database.database_max_connections,
-    )
-    .await
-    .map_err(Error::Messaging)?;
-    db::migrate(&pool, &schema, &[&store::MIGRATIONS]).await?;
+    let (pool, schema) = db::open(&config.database, DEFAULT_SCHEMA, &[&store::MIGRATIONS]).await?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
 

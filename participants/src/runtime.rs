@@ -76,14 +76,12 @@ pub async fn run<S: StepService + 'static>(
     shutdown: CancellationToken,
 ) -> messaging::Result<()> {
     let name = S::PARTICIPANT.as_str();
-    let schema = config.database.schema_or(name).to_owned();
-    let pool = db::connect(
-        &config.database.database_url,
-        &schema,
-        config.database.database_max_connections,
+    let (pool, schema) = db::open(
+        &config.database,
+        name,
+        &[&RUNTIME_MIGRATIONS, S::migrations()],
     )
     .await?;
-    db::migrate(&pool, &schema, &[&RUNTIME_MIGRATIONS, S::migrations()]).await?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
     let pipeline = Pipeline {

@@ -13,14 +13,14 @@ use events::Topics;
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::load::random_order;
+use crate::load::{publish_order, random_order};
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
@@ -243,20 +243,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let mut crashes = 0u32;
     for placed in 0..args.sagas {
         let order = random_order(args.failure_percent);
-        let payload = serde_json::to_vec(&order)?;
-        let key = order.order_id.to_string();
-        // Each order is published twice: clients retry, and the engine must absorb it.
+        // One order in ten is published twice: clients retry, and the engine must absorb it.
         for _ in 0..if placed % 10 == 0 { 2 } else { 1 } {
-            producer
-                .send(
-                    FutureRecord::to(&topics.orders())
-                        .key(&key)
-                        .payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .context("publishing an order")?;
+            publish_order(&producer, &topics, &order).await?;
         }
         order_ids.push(order.order_id);
         if let (Some(at), Some(every)) = (next_kill, kill_every) {

@@ -126,23 +126,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
                 .forget(),
         }
         let order = random_order(args.failure_percent);
-        let payload = serde_json::to_vec(&order)?;
-        let key = order.order_id.to_string();
         tally
             .lock()
             .await
             .sent_at
             .insert(order.order_id, Instant::now());
-        producer
-            .send(
-                FutureRecord::to(&topics.orders())
-                    .key(&key)
-                    .payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .context("publishing OrderPlaced")?;
+        publish_order(&producer, &topics, &order).await?;
         if last_progress.elapsed() >= Duration::from_secs(1) {
             let finished = tally.lock().await.latencies.len();
             eprintln!("sent {}/{}, finished {finished}", sent + 1, args.orders);
@@ -167,6 +156,27 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     if report.unfinished > 0 {
         bail!("{} sagas did not finish", report.unfinished);
     }
+    Ok(())
+}
+
+/// Publishes `order` to the deployment's `orders` topic, keyed by order id, as a client does.
+pub(crate) async fn publish_order(
+    producer: &FutureProducer,
+    topics: &Topics,
+    order: &OrderPlaced,
+) -> anyhow::Result<()> {
+    let payload = serde_json::to_vec(order)?;
+    let key = order.order_id.to_string();
+    producer
+        .send(
+            FutureRecord::to(&topics.orders())
+                .key(&key)
+                .payload(&payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .context("publishing OrderPlaced")?;
     Ok(())
 }
 
