@@ -19,6 +19,16 @@ pub enum StepName {
 }
 
 impl StepName {
+    pub const ALL: [Self; 3] = [
+        Self::ReserveStock,
+        Self::ChargePayment,
+        Self::ScheduleShipment,
+    ];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ReserveStock => "reserve_stock",

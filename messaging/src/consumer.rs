@@ -7,11 +7,13 @@
 //! outbox) with the reason and its original bytes, and the loop moves on. A passing failure
 //! (database down, version conflict) is retried with backoff, never skipped.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Headers;
 use rdkafka::Message;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +21,9 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
+use crate::metrics::{self, LagReporter};
 use crate::outbox::{self, OutgoingMessage};
+use crate::telemetry;
 use crate::{Error, Result};
 
 /// Fault injection never crashes a process younger than this, so that every life commits some
@@ -34,6 +38,35 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    /// The record's trace context headers (see [`crate::telemetry::TRACE_HEADERS`]).
+    pub trace_headers: BTreeMap<String, String>,
+    /// The span the record is handled in.
+    pub span: tracing::Span,
+}
+
+impl Record {
+    /// Names the saga, step and message this record is about on its span, so that every log
+    /// line and trace span of its handling carries them.
+    pub fn describe(&self, saga_id: uuid::Uuid, step: &str, message_id: uuid::Uuid) {
+        self.span
+            .record("saga_id", tracing::field::display(saga_id))
+            .record("step", step)
+            .record("message_id", tracing::field::display(message_id));
+    }
+}
+
+fn trace_headers(message: &impl Message) -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    if let Some(headers) = message.headers() {
+        for header in headers.iter() {
+            if telemetry::TRACE_HEADERS.contains(&header.key) {
+                if let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                    found.insert(header.key.to_owned(), value.to_owned());
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Why a handler did not handle a record.
@@ -89,7 +122,7 @@ pub struct DeadLetters {
 /// # Errors
 /// [`Error::Kafka`] when the subscription fails.
 pub async fn run<H: Handler>(
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LagReporter>,
     topics: &[String],
     pool: PgPool,
     handler: H,
@@ -124,19 +157,27 @@ pub async fn run<H: Handler>(
                 continue;
             }
         };
+        // Handlers fill in the saga, step and message id once they have decoded the record.
+        let span = tracing::info_span!(
+            "handle",
+            otel.kind = "consumer",
+            topic = %message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            saga_id = tracing::field::Empty,
+            step = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+        );
         let record = Record {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            trace_headers: trace_headers(&message),
+            span: span.clone(),
         };
-        let span = tracing::info_span!(
-            "record",
-            topic = %record.topic,
-            partition = record.partition,
-            offset = record.offset
-        );
+        telemetry::extract(&span, &record.trace_headers);
         let done = process(&pool, &handler, &record, &dead_letters, &shutdown)
             .instrument(span)
             .await;
@@ -183,6 +224,7 @@ async fn process<H: Handler>(
     dead_letters: &DeadLetters,
     shutdown: &CancellationToken,
 ) -> bool {
+    let received = std::time::Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut rejection: Option<String> = None;
     loop {
@@ -191,13 +233,30 @@ async fn process<H: Handler>(
             Some(reason) => dead_letter(pool, record, dead_letters, reason).await,
         };
         match attempt {
-            Ok(()) => return true,
+            Ok(()) => {
+                let outcome = if rejection.is_some() {
+                    ::metrics::counter!(metrics::DEAD_LETTERS, "topic" => record.topic.clone())
+                        .increment(1);
+                    "dead_lettered"
+                } else {
+                    "handled"
+                };
+                ::metrics::counter!(metrics::MESSAGES_CONSUMED, "topic" => record.topic.clone(), "outcome" => outcome)
+                    .increment(1);
+                ::metrics::histogram!(metrics::HANDLE_SECONDS, "topic" => record.topic.clone())
+                    .record(received.elapsed().as_secs_f64());
+                return true;
+            }
             Err(HandlerError::Reject(reason)) if rejection.is_none() => {
+                ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
                 tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic");
                 rejection = Some(reason);
                 continue;
             }
-            Err(e) => tracing::warn!(error.message = %e, "handling failed; retrying"),
+            Err(e) => {
+                ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "retry").increment(1);
+                tracing::warn!(error.message = %e, "handling failed; retrying");
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -211,11 +270,15 @@ async fn handle_once<H: Handler>(
     handler: &H,
     record: &Record,
 ) -> Result<(), HandlerError> {
-    let mut tx = pool.begin().await?;
-    // On error, dropping the transaction rolls back whatever the handler wrote.
-    handler.handle(&mut tx, record).await?;
-    tx.commit().await?;
-    Ok(())
+    async {
+        let mut tx = pool.begin().await?;
+        // On error, dropping the transaction rolls back whatever the handler wrote.
+        handler.handle(&mut tx, record).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    .instrument(tracing::info_span!("db.transaction"))
+    .await
 }
 
 async fn dead_letter(

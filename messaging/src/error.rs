@@ -22,6 +22,8 @@ pub enum Error {
     CreateTopic { topic: String, reason: String },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
     #[error("fault injection: crashed after a commit")]
     InjectedCrash,
 }

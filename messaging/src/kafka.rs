@@ -13,6 +13,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
+use crate::metrics::LagReporter;
 use crate::{Error, Result};
 
 fn base(config: &KafkaConfig) -> ClientConfig {
@@ -44,7 +45,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
 ///
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
-pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer> {
+pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagReporter>> {
     let mut client = base(config);
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
@@ -63,7 +64,9 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer> {
             "heartbeat.interval.ms",
             (config.session_timeout_ms / 4).max(100).to_string(),
         )
-        .create()
+        // Feeds the consumer-lag gauge.
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(LagReporter)
         .map_err(Error::kafka(format!("creating consumer for group {group}")))
 }
 

@@ -9,8 +9,8 @@
 //! - [`relay`]: publishes the outbox with an idempotent producer and deletes rows only after
 //!   the broker acknowledged them.
 //! - [`kafka`], [`db`]: client settings, topic creation, pools, schemas and migrations.
-//! - [`config`], [`telemetry`], [`shutdown`]: the one way every binary loads settings, logs and
-//!   stops.
+//! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
+//!   settings, logs, traces, counts and stops.
 //!
 //! No handler talks to Kafka directly: everything it sends goes through the outbox.
 
@@ -21,6 +21,7 @@ pub mod db;
 mod error;
 pub mod inbox;
 pub mod kafka;
+pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod relay;

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use sqlx::PgConnection;
 
+use crate::telemetry;
+
 /// The `NOTIFY` channel that wakes the relay of the schema in `search_path`.
 pub(crate) const NOTIFY_CHANNEL: &str = "outbox";
 
@@ -33,10 +35,18 @@ impl OutgoingMessage {
 ///
 /// # Errors
 /// Database errors; the caller's transaction should then be rolled back and retried.
+/// The message carries the trace context of the span it was written in, unless it names one.
 pub async fn enqueue(tx: &mut PgConnection, message: &OutgoingMessage) -> sqlx::Result<()> {
+    let mut traced;
+    let headers = if message.headers.contains_key("traceparent") {
+        &message.headers
+    } else {
+        traced = message.headers.clone();
+        telemetry::inject(&tracing::Span::current(), &mut traced);
+        &traced
+    };
     let headers = serde_json::Value::Object(
-        message
-            .headers
+        headers
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect(),

@@ -7,7 +7,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig};
 use crate::consumer::{self, DeadLetters, Handler};
 use crate::relay::Relay;
-use crate::{kafka, Result};
+use crate::{kafka, metrics, Result};
+
+/// How often the outbox backlog gauges are refreshed.
+const OUTBOX_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What one service consumes and how.
 #[derive(Debug, Clone)]
@@ -42,6 +45,11 @@ impl Pipeline {
             Relay::new(pool.clone(), producer, &self.schema, self.relay.clone())
                 .run(relay_stop.clone()),
         );
+        let sampler = tokio::spawn(metrics::sample_outbox(
+            pool.clone(),
+            OUTBOX_SAMPLE_INTERVAL,
+            relay_stop.clone(),
+        ));
         let consumed = consumer::run(
             consumer,
             &self.topics,
@@ -55,9 +63,11 @@ impl Pipeline {
         if matches!(consumed, Err(crate::Error::InjectedCrash)) {
             // A crash does not drain anything.
             relay.abort();
+            sampler.abort();
             return consumed;
         }
         relay_stop.cancel();
+        let _ = sampler.await;
         if let Err(e) = relay.await {
             tracing::error!(error.message = %e, "outbox relay task ended abnormally");
         }

@@ -7,6 +7,7 @@
 //! fails part-way is published again in full: consumers dedupe by message id, and the
 //! orchestrator fences replies by attempt, so a repeat has no second effect.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::RelayConfig;
 use crate::outbox::NOTIFY_CHANNEL;
+use crate::telemetry;
 use crate::{Error, Result};
 
 pub struct Relay {
@@ -130,9 +132,15 @@ impl Relay {
         // can put many rows in one request.
         let mut deliveries = Vec::with_capacity(rows.len());
         for (_, topic, key, payload, headers) in &rows {
+            // One span per message, in the trace of the work that wrote it; the consumer's
+            // span becomes its child.
+            let mut headers = to_header_map(headers);
+            let span = tracing::info_span!("publish", otel.kind = "producer", topic = %topic);
+            telemetry::extract(&span, &headers);
+            telemetry::inject(&span, &mut headers);
             let mut record = FutureRecord::to(topic)
                 .payload(payload)
-                .headers(to_kafka_headers(headers));
+                .headers(to_kafka_headers(&headers));
             if let Some(key) = key {
                 record = record.key(key);
             }
@@ -140,9 +148,9 @@ impl Relay {
                 .producer
                 .send_result(record)
                 .map_err(|(e, _)| Error::kafka(format!("enqueueing to {topic}"))(e))?;
-            deliveries.push(delivery);
+            deliveries.push((delivery, span));
         }
-        for delivery in deliveries {
+        for (delivery, _span) in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => return Err(Error::kafka("publishing outbox row")(e)),
@@ -157,19 +165,29 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(ids.len() as u64);
         Ok(i64::try_from(ids.len()).unwrap_or(i64::MAX))
     }
 }
 
-fn to_kafka_headers(headers: &serde_json::Value) -> OwnedHeaders {
-    let mut kafka_headers = OwnedHeaders::new();
-    if let Some(map) = headers.as_object() {
-        for (key, value) in map {
-            kafka_headers = kafka_headers.insert(Header {
+fn to_header_map(headers: &serde_json::Value) -> BTreeMap<String, String> {
+    headers
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn to_kafka_headers(headers: &BTreeMap<String, String>) -> OwnedHeaders {
+    headers
+        .iter()
+        .fold(OwnedHeaders::new(), |kafka, (key, value)| {
+            kafka.insert(Header {
                 key,
-                value: value.as_str(),
-            });
-        }
-    }
-    kafka_headers
+                value: Some(value),
+            })
+        })
 }

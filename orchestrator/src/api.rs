@@ -3,25 +3,29 @@
 //!
 //! Every error is JSON: `{"error": {"code": "...", "message": "..."}}`.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use events::{Address, LineItem, OrderPlaced, Topics};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
+use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::handler::commit_decision;
+use crate::handler::{commit_decision, join_saga_trace};
 use crate::saga::{Decision, OperatorAction, Policies, Saga, SagaState, StepState};
-use crate::store::{self, HistoryEntry};
+use crate::store::{self, HistoryEntry, SagaFilter};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -29,14 +33,60 @@ pub struct AppState {
     pub producer: FutureProducer,
     pub topics: Topics,
     pub policies: Policies,
+    /// Renders `/metrics`.
+    pub metrics: messaging::metrics::Metrics,
+    /// Ends live streams (`/watch`) so that a graceful shutdown does not wait on them.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
+
+/// The OpenAPI document of this API, checked against the server by `tests/it/openapi.rs`.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+/// Every route, as the OpenAPI document lists it (the test compares the two).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/"),
+    ("get", "/ui/app.js"),
+    ("get", "/ui/style.css"),
+    ("get", "/openapi.json"),
+    ("get", "/metrics"),
+    ("get", "/healthz"),
+    ("get", "/stats"),
+    ("get", "/sagas"),
+    ("get", "/sagas/{saga_id}"),
+    ("get", "/sagas/{saga_id}/history"),
+    ("get", "/sagas/{saga_id}/watch"),
+    ("post", "/sagas/{saga_id}/retry"),
+    ("post", "/sagas/{saga_id}/skip"),
+    ("post", "/sagas/{saga_id}/abort"),
+    ("get", "/orders/{order_id}/saga"),
+    ("post", "/orders"),
+];
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route(
+            "/",
+            get(|| async { Html(include_str!("../web/index.html")) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { static_file("text/javascript", include_str!("../web/app.js")) }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { static_file("text/css", include_str!("../web/style.css")) }),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async { static_file("application/json", OPENAPI_JSON) }),
+        )
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/stats", get(stats))
         .route("/sagas", get(list_sagas))
         .route("/sagas/{saga_id}", get(get_saga))
         .route("/sagas/{saga_id}/history", get(get_history))
+        .route("/sagas/{saga_id}/watch", get(watch))
         .route("/sagas/{saga_id}/{action}", post(operate))
         .route("/orders/{order_id}/saga", get(get_saga_by_order))
         .route("/orders", post(place_order))
@@ -111,36 +161,152 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
 /// A saga as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct SagaView {
     pub saga_id: Uuid,
     pub order_id: Uuid,
     pub state: SagaState,
+    /// The step the saga waits on, or for a failed saga the one it is stuck at.
+    pub current_step: Option<events::StepName>,
     pub failure_reason: Option<String>,
     pub definition_version: i32,
+    /// Bumped by every change; a watcher compares it.
+    pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
     pub order: OrderPlaced,
     pub steps: Vec<StepState>,
 }
 
-impl From<Saga> for SagaView {
-    fn from(saga: Saga) -> Self {
+impl SagaView {
+    pub fn new(saga: Saga, version: i64) -> Self {
         Self {
             saga_id: saga.id,
             order_id: saga.order.order_id,
             state: saga.state,
+            current_step: saga.step_in_focus(),
             failure_reason: saga.failure_reason,
             definition_version: saga.definition_version,
+            version,
             created_at: saga.created_at,
             updated_at: saga.updated_at,
             finished_at: saga.finished_at,
+            deadline_at: saga.deadline_at,
             order: saga.order,
             steps: saga.steps,
         }
     }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.response().await
+}
+
+async fn stats(State(state): State<AppState>) -> Result<Json<store::Stats>, ApiError> {
+    store::stats(&state.pool, STATS_WINDOW_SECS)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::internal(&e))
+}
+
+const STATS_WINDOW_SECS: i64 = 60;
+/// How often a live stream looks for changes.
+const WATCH_POLL: Duration = Duration::from_millis(200);
+
+/// `GET /sagas/{id}/watch`: Server-Sent Events with the saga (`saga`) each time it changes, its
+/// new history lines (`history`), and `end` once it is finished.
+///
+/// The stream polls the saga's row (a primary-key read) rather than listening for
+/// notifications, so watchers cost the message path nothing.
+async fn watch(
+    State(state): State<AppState>,
+    path: Result<Path<Uuid>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(saga_id) = path?;
+    if store::get(&state.pool, saga_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .is_none()
+    {
+        return Err(ApiError::not_found(format!("no saga {saga_id}")));
+    }
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(stream_saga(state, saga_id, events_tx));
+    let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn stream_saga(state: AppState, saga_id: Uuid, events: tokio::sync::mpsc::Sender<Event>) {
+    let mut seen_version = -1;
+    let mut seen_history = 0;
+    loop {
+        let read = async {
+            let saga = store::get_versioned(&state.pool, saga_id).await?;
+            let history = store::history(&state.pool, saga_id, seen_history).await?;
+            Ok::<_, crate::Error>((saga, history))
+        };
+        let (saga, history) = match read.await {
+            Ok((Some(saga), history)) => (saga, history),
+            // Removed by retention while watched: nothing more will happen to it.
+            Ok((None, _)) => return,
+            Err(e) => {
+                tracing::warn!(error.message = %e, %saga_id, "watch: reading the saga failed");
+                let _ = events
+                    .send(Event::default().event("error").data(e.to_string()))
+                    .await;
+                return;
+            }
+        };
+        for record in history {
+            seen_history = record.id;
+            if !send_json(&events, "history", &record).await {
+                return;
+            }
+        }
+        let (saga, version) = saga;
+        let terminal = saga.state.is_terminal();
+        let state_name = saga.state.as_str();
+        if version != seen_version {
+            seen_version = version;
+            if !send_json(&events, "saga", &SagaView::new(saga, version)).await {
+                return;
+            }
+        }
+        if terminal {
+            let _ = send_json(&events, "end", &json!({ "state": state_name })).await;
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_POLL) => {}
+            _ = events.closed() => return,
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Sends one SSE event; `false` when the client has gone.
+async fn send_json<T: Serialize>(
+    events: &tokio::sync::mpsc::Sender<Event>,
+    name: &str,
+    data: &T,
+) -> bool {
+    let Ok(event) = Event::default().event(name).json_data(data) else {
+        return false;
+    };
+    events.send(event).await.is_ok()
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -160,11 +326,11 @@ async fn get_saga(
     path: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
     let Path(saga_id) = path?;
-    let saga = store::get(&state.pool, saga_id)
+    let (saga, version) = store::get_versioned(&state.pool, saga_id)
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
-    Ok(Json(saga.into()))
+    Ok(Json(SagaView::new(saga, version)))
 }
 
 async fn get_saga_by_order(
@@ -177,11 +343,11 @@ async fn get_saga_by_order(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;
-    let saga = store::get(&state.pool, saga_id)
+    let (saga, version) = store::get_versioned(&state.pool, saga_id)
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;
-    Ok(Json(saga.into()))
+    Ok(Json(SagaView::new(saga, version)))
 }
 
 async fn get_history(
@@ -196,7 +362,7 @@ async fn get_history(
     {
         return Err(ApiError::not_found(format!("no saga {saga_id}")));
     }
-    let history: Vec<HistoryEntry> = store::history(&state.pool, saga_id)
+    let history = store::history(&state.pool, saga_id, 0)
         .await
         .map_err(|e| ApiError::internal(&e))?;
     Ok(Json(json!({ "saga_id": saga_id, "history": history })))
@@ -208,19 +374,52 @@ const MAX_LIMIT: i64 = 500;
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     state: Option<String>,
+    min_age_secs: Option<u32>,
+    step: Option<String>,
+    reason: Option<String>,
     limit: Option<i64>,
+    cursor: Option<String>,
 }
 
+/// A page position: the last row's creation time (microseconds) and id. Opaque to clients.
+fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
+    format!("{}_{}", created_at.timestamp_micros(), id.simple())
+}
+
+fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (micros, id) = cursor.split_once('_')?;
+    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((at, Uuid::parse_str(id).ok()?))
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// `GET /sagas`: newest first, filtered, one page at a time.
 async fn list_sagas(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) = query?;
-    let filter = match query.state.as_deref() {
-        None | Some("") => None,
-        Some(name) => Some(SagaState::parse(name).ok_or_else(|| {
+    let state_filter = match non_empty(query.state) {
+        None => None,
+        Some(name) => Some(SagaState::parse(&name).ok_or_else(|| {
             let known: Vec<&str> = SagaState::ALL.iter().map(|s| s.as_str()).collect();
             ApiError::bad_request(format!("unknown state {name:?}; expected one of {known:?}"))
+        })?),
+    };
+    let step = match non_empty(query.step) {
+        None => None,
+        Some(name) => Some(events::StepName::parse(&name).ok_or_else(|| {
+            let known: Vec<&str> = crate::saga::STEPS.iter().map(|s| s.name.as_str()).collect();
+            ApiError::bad_request(format!("unknown step {name:?}; expected one of {known:?}"))
+        })?),
+    };
+    let after = match non_empty(query.cursor) {
+        None => None,
+        Some(cursor) => Some(decode_cursor(&cursor).ok_or_else(|| {
+            ApiError::bad_request("invalid cursor; pass a next_cursor from an earlier page")
         })?),
     };
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
@@ -229,11 +428,29 @@ async fn list_sagas(
             "limit must be between 1 and {MAX_LIMIT}"
         )));
     }
-    let sagas = store::list(&state.pool, filter, limit)
+    let filter = SagaFilter {
+        state: state_filter,
+        created_before: query
+            .min_age_secs
+            .map(|secs| Utc::now() - chrono::Duration::seconds(i64::from(secs))),
+        step,
+        reason: non_empty(query.reason),
+        after,
+    };
+    let page = store::list(&state.pool, &filter, limit)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let sagas: Vec<SagaView> = sagas.into_iter().map(SagaView::from).collect();
-    Ok(Json(json!({ "sagas": sagas })))
+    let next_cursor = match page.last() {
+        Some((saga, _)) if page.len() as i64 == limit => {
+            Some(encode_cursor(saga.created_at, saga.id))
+        }
+        _ => None,
+    };
+    let sagas: Vec<SagaView> = page
+        .into_iter()
+        .map(|(saga, version)| SagaView::new(saga, version))
+        .collect();
+    Ok(Json(json!({ "sagas": sagas, "next_cursor": next_cursor })))
 }
 
 /// The body of `POST /orders`: an `OrderPlaced` without its `type`, and with an optional
@@ -256,6 +473,7 @@ struct OrderAccepted {
 
 async fn place_order(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body?;
@@ -277,7 +495,27 @@ async fn place_order(
     let payload = serde_json::to_vec(&order).unwrap_or_default();
     let key = order.order_id.to_string();
     let topic = state.topics.orders();
-    let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+    // The order's trace starts here (or continues the caller's, from its `traceparent`).
+    let span = tracing::info_span!("place_order", order_id = %order.order_id);
+    if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let incoming =
+            std::collections::BTreeMap::from([("traceparent".to_owned(), parent.to_owned())]);
+        messaging::telemetry::extract(&span, &incoming);
+    }
+    let mut trace = std::collections::BTreeMap::new();
+    messaging::telemetry::inject(&span, &mut trace);
+    let kafka_headers = trace
+        .iter()
+        .fold(OwnedHeaders::new(), |kafka, (key, value)| {
+            kafka.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+    let record = FutureRecord::to(&topic)
+        .key(&key)
+        .payload(&payload)
+        .headers(kafka_headers);
     state
         .producer
         .send(record, Duration::from_secs(5))
@@ -358,6 +596,10 @@ async fn operate(
         )),
         state_after: String::new(),
     };
+    let span = tracing::info_span!("operator", %saga_id, action = %action_name);
+    join_saga_trace(&mut tx, &span, saga_id)
+        .await
+        .map_err(internal)?;
     let moved = commit_decision(
         &state.topics,
         &mut tx,
@@ -367,12 +609,17 @@ async fn operate(
         entry,
         None,
     )
+    .instrument(span)
     .await
     .map_err(internal)?;
     // An action that does not fit is refused, but the attempt stays in the history.
     tx.commit().await.map_err(|e| internal(e.into()))?;
     match moved {
-        Some(next) => Ok(Json(next.into())),
+        Some(next) => {
+            ::metrics::counter!(crate::metrics::OPERATOR_ACTIONS, "action" => action_name)
+                .increment(1);
+            Ok(Json(SagaView::new(next, version + 1)))
+        }
         None => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",

@@ -13,7 +13,9 @@ use rand::Rng;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::commit_decision;
+use tracing::Instrument;
+
+use crate::handler::{commit_decision, join_saga_trace};
 use crate::saga::Policies;
 use crate::store::{self, HistoryEntry};
 use crate::Result;
@@ -59,7 +61,11 @@ impl DeadlineScanner {
                 detail: saga.deadline_at.map(|d| format!("deadline {d} passed")),
                 state_after: String::new(),
             };
-            commit_decision(&self.topics, &mut tx, saga, *version, decision, entry, None).await?;
+            let span = tracing::info_span!("deadline", saga_id = %saga.id);
+            join_saga_trace(&mut tx, &span, saga.id).await?;
+            commit_decision(&self.topics, &mut tx, saga, *version, decision, entry, None)
+                .instrument(span)
+                .await?;
         }
         tx.commit().await?;
         Ok(i64::try_from(due.len()).unwrap_or(BATCH))

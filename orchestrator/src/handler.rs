@@ -29,7 +29,11 @@ impl OrchestratorHandler {
         let now = Utc::now();
         let order_id = order.order_id;
         let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, &self.policies);
-        if !store::insert_saga(tx, &saga).await? {
+        record.describe(saga.id, "order", order_id);
+        let mut trace = std::collections::BTreeMap::new();
+        messaging::telemetry::inject(&record.span, &mut trace);
+        let trace_parent = trace.get("traceparent").map(String::as_str);
+        if !store::insert_saga(tx, &saga, trace_parent).await? {
             // The same order again: one order, one saga. Note it on the saga that exists.
             if let Some(existing) = store::saga_id_for_order(&mut *tx, order_id).await? {
                 let entry = HistoryEntry {
@@ -58,6 +62,7 @@ impl OrchestratorHandler {
         };
         store::append_history(tx, saga.id, &entry).await?;
         tracing::info!(saga_id = %saga.id, %order_id, "saga started");
+        crate::metrics::saga_started();
         emit(&self.topics, tx, &saga, None, effects).await?;
         Ok(())
     }
@@ -65,6 +70,11 @@ impl OrchestratorHandler {
     async fn on_reply(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
         let envelope = Envelope::<Reply>::from_json(&record.payload)
             .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
+        record.describe(
+            envelope.saga_id,
+            envelope.body.step().as_str(),
+            envelope.message_id,
+        );
         if !inbox::first_delivery(tx, envelope.message_id).await? {
             tracing::debug!(message_id = %envelope.message_id, "redelivered reply ignored");
             return Ok(());
@@ -114,6 +124,20 @@ impl OrchestratorHandler {
     }
 }
 
+/// Puts `span`, work the engine does on its own for `saga_id` (a deadline, an operator
+/// action), into the trace of the order that started the saga.
+pub(crate) async fn join_saga_trace(
+    tx: &mut PgConnection,
+    span: &tracing::Span,
+    saga_id: Uuid,
+) -> crate::Result<()> {
+    if let Some(parent) = store::trace_parent(&mut *tx, saga_id).await? {
+        let headers = std::collections::BTreeMap::from([("traceparent".to_owned(), parent)]);
+        messaging::telemetry::extract(span, &headers);
+    }
+    Ok(())
+}
+
 /// Stores what the state machine decided about `saga` (loaded at `version`): the new state,
 /// a history line (`entry`, completed here; an ignored event keeps its reason), and the
 /// effects in the outbox. Returns the new saga when the decision applied.
@@ -138,6 +162,14 @@ pub(crate) async fn commit_decision(
             entry.state_after = next.state.as_str().into();
             store::append_history(tx, next.id, &entry).await?;
             tracing::info!(saga_id = %next.id, event = %entry.message_type, state = next.state.as_str(), "saga moved");
+            crate::metrics::transition(
+                saga,
+                &next,
+                effects.iter().filter_map(|effect| match effect {
+                    Effect::Send(command) => Some(command),
+                    Effect::Publish(_) => None,
+                }),
+            );
             emit(topics, tx, &next, causation_id, effects).await?;
             Ok(Some(*next))
         }

@@ -4,7 +4,8 @@
 //! - [`handler`]: turns Kafka records into state machine calls, inside one transaction.
 //! - [`deadlines`]: re-sends or gives up on commands whose reply is overdue.
 //! - [`store`]: the SQL of the saga tables.
-//! - [`api`]: the status HTTP API.
+//! - [`api`]: the status HTTP API, the web page and `/metrics`.
+//! - [`metrics`]: saga counters and histograms, derived from each committed transition.
 //! - [`run`]: wires them to Kafka, PostgreSQL and an HTTP listener until shutdown.
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod deadlines;
 mod error;
 pub mod handler;
+pub mod metrics;
 pub mod saga;
 pub mod store;
 
@@ -39,11 +41,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
 
     let policies = config.retries.policies().map_err(Error::Config)?;
+    let metrics = messaging::metrics::Metrics::install();
+    metrics::describe();
     let state = api::AppState {
         pool: pool.clone(),
         producer: kafka::producer(&config.kafka)?,
         topics: topics.clone(),
         policies: policies.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
     };
     let scanner = tokio::spawn(
         deadlines::DeadlineScanner {

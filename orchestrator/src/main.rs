@@ -4,7 +4,7 @@ use orchestrator::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    messaging::telemetry::init();
+    let _telemetry = messaging::telemetry::init("orchestrator");
     let shutdown = messaging::shutdown::on_signals();
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     messaging::shutdown::bounded(

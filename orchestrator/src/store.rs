@@ -2,7 +2,7 @@
 //! takes the handler's transaction.
 
 use chrono::{DateTime, Utc};
-use events::OrderPlaced;
+use events::{OrderPlaced, StepName};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -70,13 +70,18 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-/// Stores a new saga unless its order has one already. Returns whether it was stored.
-pub async fn insert_saga(tx: &mut PgConnection, saga: &Saga) -> Result<bool> {
+/// Stores a new saga unless its order has one already, with the trace context of the order
+/// (`trace_parent`). Returns whether it was stored.
+pub async fn insert_saga(
+    tx: &mut PgConnection,
+    saga: &Saga,
+    trace_parent: Option<&str>,
+) -> Result<bool> {
     let inserted = sqlx::query(
         "INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
                             definition_version, version, created_at, updated_at, finished_at, \
-                            deadline_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11) \
+                            deadline_at, current_step, trace_parent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13) \
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(saga.id)
@@ -90,6 +95,8 @@ pub async fn insert_saga(tx: &mut PgConnection, saga: &Saga) -> Result<bool> {
     .bind(saga.updated_at)
     .bind(saga.finished_at)
     .bind(saga.deadline_at)
+    .bind(saga.step_in_focus().map(StepName::as_str))
+    .bind(trace_parent)
     .execute(tx)
     .await?
     .rows_affected();
@@ -114,7 +121,8 @@ pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Opt
 pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i64) -> Result<()> {
     let updated = sqlx::query(
         "UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
-                          finished_at = $7, deadline_at = $8, version = version + 1 \
+                          finished_at = $7, deadline_at = $8, current_step = $9, \
+                          version = version + 1 \
          WHERE id = $1 AND version = $2",
     )
     .bind(saga.id)
@@ -125,6 +133,7 @@ pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i
     .bind(saga.updated_at)
     .bind(saga.finished_at)
     .bind(saga.deadline_at)
+    .bind(saga.step_in_focus().map(StepName::as_str))
     .execute(tx)
     .await?
     .rows_affected();
@@ -213,31 +222,163 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<Sa
         .map(|(saga, _)| saga))
 }
 
-/// The newest sagas first, optionally only those in `state`.
+/// The trace context of the order that started the saga.
+pub async fn trace_parent<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT trace_parent FROM sagas WHERE id = $1")
+            .bind(saga_id)
+            .fetch_optional(db)
+            .await?
+            .flatten(),
+    )
+}
+
+/// What `GET /sagas` asks for. Every filter is optional.
+#[derive(Debug, Clone, Default)]
+pub struct SagaFilter {
+    pub state: Option<SagaState>,
+    /// Only sagas created at or before this time.
+    pub created_before: Option<DateTime<Utc>>,
+    pub step: Option<StepName>,
+    /// A case-insensitive substring of the failure reason.
+    pub reason: Option<String>,
+    /// Continue after this (created_at, id), the last row of the previous page.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+}
+
+/// One page of sagas, newest first, with the version each row is at.
 pub async fn list<'e>(
     db: impl PgExecutor<'e>,
-    state: Option<SagaState>,
+    filter: &SagaFilter,
     limit: i64,
-) -> Result<Vec<Saga>> {
+) -> Result<Vec<(Saga, i64)>> {
     let rows: Vec<SagaRow> = sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas WHERE ($1::text IS NULL OR state = $1) \
-         ORDER BY created_at DESC, id DESC LIMIT $2"
+        "SELECT {SAGA_COLUMNS} FROM sagas \
+         WHERE ($1::text IS NULL OR state = $1) \
+           AND ($2::timestamptz IS NULL OR created_at <= $2) \
+           AND ($3::text IS NULL OR current_step = $3) \
+           AND ($4::text IS NULL OR failure_reason ILIKE '%' || $4 || '%') \
+           AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6)) \
+         ORDER BY created_at DESC, id DESC LIMIT $7"
     ))
-    .bind(state.map(SagaState::as_str))
+    .bind(filter.state.map(SagaState::as_str))
+    .bind(filter.created_before)
+    .bind(filter.step.map(StepName::as_str))
+    .bind(filter.reason.as_deref().map(escape_like))
+    .bind(filter.after.map(|(at, _)| at))
+    .bind(filter.after.map(|(_, id)| id))
     .bind(limit)
     .fetch_all(db)
     .await?;
-    rows.into_iter()
-        .map(|row| row.into_saga().map(|(saga, _)| saga))
-        .collect()
+    rows.into_iter().map(SagaRow::into_saga).collect()
 }
 
-pub async fn history<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Vec<HistoryEntry>> {
+/// Makes `text` match literally inside an ILIKE pattern.
+fn escape_like(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// A saga and the version its row is at, without locking it.
+pub async fn get_versioned<'e>(
+    db: impl PgExecutor<'e>,
+    saga_id: Uuid,
+) -> Result<Option<(Saga, i64)>> {
+    let row: Option<SagaRow> =
+        sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
+            .bind(saga_id)
+            .fetch_optional(db)
+            .await?;
+    row.map(SagaRow::into_saga).transpose()
+}
+
+/// A stored history line with its position.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct HistoryRecord {
+    pub id: i64,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub entry: HistoryEntry,
+}
+
+/// A saga's history lines after `after_id` (all of them for 0), oldest first.
+pub async fn history<'e>(
+    db: impl PgExecutor<'e>,
+    saga_id: Uuid,
+    after_id: i64,
+) -> Result<Vec<HistoryRecord>> {
     Ok(sqlx::query_as(
-        "SELECT at, message_id, message_type, decision, detail, state_after \
-         FROM saga_history WHERE saga_id = $1 ORDER BY id",
+        "SELECT id, at, message_id, message_type, decision, detail, state_after \
+         FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id",
     )
     .bind(saga_id)
+    .bind(after_id)
     .fetch_all(db)
     .await?)
+}
+
+/// Counts and rates for `GET /stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub counts: std::collections::BTreeMap<&'static str, i64>,
+    pub total: i64,
+    pub window_secs: i64,
+    pub started_per_sec: f64,
+    pub completed_per_sec: f64,
+    pub compensated_per_sec: f64,
+    pub failed_per_sec: f64,
+    pub oldest_running_secs: Option<f64>,
+    pub at: DateTime<Utc>,
+}
+
+pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
+    let now = Utc::now();
+    let since = now - chrono::Duration::seconds(window_secs);
+    let counted: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM sagas GROUP BY state")
+            .fetch_all(db)
+            .await?;
+    let (started, completed, compensated, failed, oldest_running): (
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+    ) = sqlx::query_as(
+        "SELECT \
+           (SELECT count(*) FROM sagas WHERE created_at > $1), \
+           (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = 'completed'), \
+           (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = 'compensated'), \
+           (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = 'failed'), \
+           (SELECT min(created_at) FROM sagas WHERE state IN ('running', 'compensating'))",
+    )
+    .bind(since)
+    .fetch_one(db)
+    .await?;
+    let mut counts: std::collections::BTreeMap<&'static str, i64> =
+        SagaState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    for (state, count) in counted {
+        if let Some(known) = SagaState::parse(&state) {
+            counts.insert(known.as_str(), count);
+        }
+    }
+    let per_sec = |n: i64| n as f64 / window_secs as f64;
+    Ok(Stats {
+        total: counts.values().sum(),
+        counts,
+        window_secs,
+        started_per_sec: per_sec(started),
+        completed_per_sec: per_sec(completed),
+        compensated_per_sec: per_sec(compensated),
+        failed_per_sec: per_sec(failed),
+        oldest_running_secs: oldest_running
+            .map(|at| (now - at).num_milliseconds().max(0) as f64 / 1000.0),
+        at: now,
+    })
 }

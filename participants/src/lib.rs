@@ -14,3 +14,9 @@ pub mod shipping;
 
 pub use config::ParticipantConfig;
 pub use runtime::{run, StepOutcome, StepService};
+
+/// `127.0.0.1:port`, where a participant binary serves `/metrics` unless `METRICS_ADDR` says
+/// otherwise.
+pub fn default_metrics_addr(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}

@@ -111,7 +111,21 @@ pub async fn run<S: StepService + 'static>(
         topics,
         injected_compensation_failures: AtomicU32::new(config.fault_compensation_failures),
     };
-    let result = pipeline.run(pool.clone(), handler, shutdown).await;
+    let metrics_server = config.metrics_addr.map(|addr| {
+        let metrics = messaging::metrics::Metrics::install();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            // Metrics are for watching; a taken port must not stop the service.
+            if let Err(e) = metrics.serve(addr, stop).await {
+                tracing::warn!(error.message = %e, %addr, "not serving /metrics");
+            }
+        })
+    });
+    let result = pipeline.run(pool.clone(), handler, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     pool.close().await;
     result
 }
@@ -184,6 +198,11 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
         let envelope = Envelope::<Command>::from_json(&record.payload)
             .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
         let command = &envelope.body;
+        record.describe(
+            envelope.saga_id,
+            command.step().as_str(),
+            envelope.message_id,
+        );
         if Participant::for_step(command.step()) != S::PARTICIPANT {
             return Err(HandlerError::Reject(format!(
                 "{} is not a command for {}",

@@ -11,6 +11,7 @@ use clap::Args;
 use events::{Address, Envelope, LineItem, OrderPlaced, SagaEvent, Topics};
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -167,11 +168,17 @@ pub(crate) async fn publish_order(
 ) -> anyhow::Result<()> {
     let payload = serde_json::to_vec(order)?;
     let key = order.order_id.to_string();
+    // Each order starts its own trace; every command and reply of its saga joins it.
+    let traceparent = messaging::telemetry::new_traceparent();
     producer
         .send(
             FutureRecord::to(&topics.orders())
                 .key(&key)
-                .payload(&payload),
+                .payload(&payload)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(&traceparent),
+                })),
             Duration::from_secs(30),
         )
         .await

@@ -5,9 +5,11 @@
 //!   `saga.events`) in the same process, so both ends read one clock.
 //! - `sagactl chaos` runs the services as processes, kills them at random while sagas run, and
 //!   checks the books afterwards.
+//! - `sagactl order`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's commands.
 
 mod chaos;
 mod load;
+mod ops;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Place an order (or N random orders) on Kafka, optionally watching its saga.
+    Order(ops::OrderArgs),
+    /// Follow one saga (by saga or order id) live until it ends.
+    Watch(ops::WatchArgs),
+    /// List sagas, newest first, with filters.
+    List(ops::ListArgs),
+    /// Retry a failed saga's compensation, or a step that is waiting.
+    Retry(ops::OperatorArgs),
+    /// Mark a failed compensation as done by hand, and move on.
+    Skip(ops::OperatorArgs),
+    /// Stop a running saga and compensate what it did.
+    Abort(ops::OperatorArgs),
     /// Publish orders and report throughput and end-to-end latency.
     Load(load::LoadArgs),
     /// Run sagas while killing services at random, then check that nothing was lost or done
@@ -34,8 +48,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    messaging::telemetry::init();
+    let _telemetry = messaging::telemetry::init("sagactl");
     match cli.command {
+        Command::Order(args) => ops::order(args).await,
+        Command::Watch(args) => ops::watch(args).await,
+        Command::List(args) => ops::list(args).await,
+        Command::Retry(args) => ops::operate("retry", args).await,
+        Command::Skip(args) => ops::operate("skip", args).await,
+        Command::Abort(args) => ops::operate("abort", args).await,
         Command::Load(args) => load::run(args).await,
         Command::Chaos(args) => chaos::run(args).await,
     }

@@ -206,6 +206,19 @@ impl Saga {
         self.steps.iter().position(|s| s.status == waiting_for)
     }
 
+    /// The step an operator looks at: the one the saga waits on, or for a failed saga the
+    /// compensation that could not be completed.
+    pub fn step_in_focus(&self) -> Option<StepName> {
+        let index = match self.state {
+            SagaState::Failed => self
+                .steps
+                .iter()
+                .position(|s| s.status == StepStatus::CompensationFailed),
+            _ => self.current_step(),
+        };
+        index.map(|i| self.steps[i].name)
+    }
+
     /// Decides what `reply` does to the saga.
     pub fn on_reply(&self, reply: &Reply, now: DateTime<Utc>, policies: &Policies) -> Decision {
         let expected_action = match self.state {

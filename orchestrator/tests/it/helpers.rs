@@ -17,8 +17,10 @@ use participants::shipping::{Shipping, ShippingConfig};
 use participants::ParticipantConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -76,7 +78,7 @@ impl TestSystem {
     }
 
     pub async fn start_with(options: Options) -> Self {
-        messaging::telemetry::init();
+        std::mem::forget(messaging::telemetry::init("saga-tests"));
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("saga_test_{id}");
         let admin = PgPoolOptions::new()
@@ -116,6 +118,7 @@ impl TestSystem {
             relay: RelayConfig::default(),
             faults: FaultConfig::default(),
             group: None,
+            metrics_addr: None,
             fault_compensation_failures: 0,
         };
         let shutdown = CancellationToken::new();
@@ -191,6 +194,7 @@ impl TestSystem {
         faults: FaultConfig,
     ) {
         let config = ParticipantConfig {
+            metrics_addr: None,
             fault_compensation_failures: compensation_faults,
             faults,
             ..self.participant.clone()
@@ -340,9 +344,30 @@ impl TestSystem {
 
     /// Publishes raw bytes to `topic`, as an outside client would.
     pub async fn publish(&self, topic: &str, key: &str, payload: &[u8]) {
+        self.publish_with_headers(topic, key, payload, &[]).await;
+    }
+
+    pub async fn publish_with_headers(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let headers = headers
+            .iter()
+            .fold(OwnedHeaders::new(), |all, (key, value)| {
+                all.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            });
         self.producer
             .send(
-                FutureRecord::to(topic).key(key).payload(payload),
+                FutureRecord::to(topic)
+                    .key(key)
+                    .payload(payload)
+                    .headers(headers),
                 Duration::from_secs(10),
             )
             .await
@@ -367,6 +392,37 @@ impl TestSystem {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// A GET whose body is not JSON: status, content type and text.
+    pub async fn get_text(&self, path: &str) -> (u16, String, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (
+            status,
+            content_type,
+            response.text().await.unwrap_or_default(),
+        )
+    }
+
+    /// Opens a streaming GET (Server-Sent Events).
+    pub async fn stream(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .expect("HTTP request")
+    }
+
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
         let response = self
             .client
@@ -378,6 +434,48 @@ impl TestSystem {
             .expect("HTTP request");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Reads `topic` from the beginning of every partition, without a group, until `count`
+    /// records have arrived (or 30 s pass, which fails the test).
+    pub async fn read_topic(&self, topic: &str, count: usize) -> Vec<OwnedMessage> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set(
+                "group.id",
+                format!("{}reader-{}", self.topics.prefix(), Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut partitions = TopicPartitionList::new();
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions
+                .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&partitions).expect("assign");
+        let mut records = Vec::new();
+        while records.len() < count {
+            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{count} records on {topic} within 30 s; got {}",
+                        records.len()
+                    )
+                })
+                .expect("receive");
+            records.push(message.detach());
+        }
+        // Closing an assign-only consumer can block for a long time against this broker
+        // (rust-rdkafka issue 509); nothing waits on it, so close it off the test's threads.
+        std::thread::spawn(move || drop(consumer));
+        records
     }
 
     /// Waits until the order's saga is in a terminal state and returns its body.

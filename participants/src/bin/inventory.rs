@@ -16,8 +16,11 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    messaging::telemetry::init();
+    let mut cli = Cli::parse();
+    cli.config
+        .metrics_addr
+        .get_or_insert(participants::default_metrics_addr(9181));
+    let _telemetry = messaging::telemetry::init("inventory");
     let shutdown = messaging::shutdown::on_signals();
     let service = participants::run(Inventory, cli.config, shutdown.clone());
     messaging::shutdown::bounded(service, shutdown)

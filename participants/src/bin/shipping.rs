@@ -18,8 +18,11 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    messaging::telemetry::init();
+    let mut cli = Cli::parse();
+    cli.config
+        .metrics_addr
+        .get_or_insert(participants::default_metrics_addr(9183));
+    let _telemetry = messaging::telemetry::init("shipping");
     let shutdown = messaging::shutdown::on_signals();
     let service = participants::run(Shipping::new(&cli.shipping), cli.config, shutdown.clone());
     messaging::shutdown::bounded(service, shutdown)

@@ -1,0 +1,183 @@
+//! Prometheus metrics: one recorder per process, rendered as the text format at `/metrics`.
+//!
+//! Code records through the `metrics` macros (`counter!`, `histogram!`, `gauge!`); this module
+//! installs the recorder, names the histograms' buckets, samples what no code path sees
+//! (outbox backlog, consumer lag) and serves the page. The names every service shares are the
+//! constants below; the orchestrator adds its saga metrics in its handler.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::statistics::Statistics;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result};
+
+/// Records consumed, by topic and by what became of them (`handled`, `dead_lettered`).
+pub const MESSAGES_CONSUMED: &str = "messages_consumed_total";
+/// Time from receiving a record to committing its transaction.
+pub const HANDLE_SECONDS: &str = "message_handle_duration_seconds";
+/// Handler failures, by kind (`retry`, `reject`).
+pub const HANDLER_ERRORS: &str = "handler_errors_total";
+/// Records sent to the dead-letter topic.
+pub const DEAD_LETTERS: &str = "dead_letters_total";
+/// Outbox rows published and acknowledged.
+pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
+/// Outbox rows not yet published.
+pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
+/// Age of the oldest unpublished outbox row (0 when empty).
+pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
+/// Records behind the partition's end, per topic and partition, from librdkafka statistics.
+pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
+
+/// Seconds: 1 ms to 60 s, dense where a healthy hop lands.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The process's metrics page.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    /// Installs the process-wide recorder the first time; later calls (several services in
+    /// one test process) share it.
+    pub fn install() -> Self {
+        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+        let handle = HANDLE.get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder was installed first; this handle then renders
+            // nothing, which the services never do.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        });
+        Self {
+            handle: handle.clone(),
+        }
+    }
+
+    /// The page in Prometheus text format.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    pub async fn response(&self) -> Response {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            self.render(),
+        )
+            .into_response()
+    }
+
+    /// Serves `/metrics` (and `/healthz`) on `addr` until `shutdown`, for services that have no
+    /// other HTTP server.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the address cannot be bound.
+    pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+        let app = Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let metrics = self.clone();
+                    async move { metrics.response().await }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok" }));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(Error::Io)
+    }
+}
+
+fn describe() {
+    metrics::describe_counter!(MESSAGES_CONSUMED, "Kafka records consumed, by outcome.");
+    metrics::describe_histogram!(
+        HANDLE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from receiving a record to committing its transaction."
+    );
+    metrics::describe_counter!(HANDLER_ERRORS, "Handler failures, by kind.");
+    metrics::describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic.");
+    metrics::describe_counter!(OUTBOX_PUBLISHED, "Outbox rows published and acknowledged.");
+    metrics::describe_gauge!(OUTBOX_BACKLOG, "Outbox rows not yet published.");
+    metrics::describe_gauge!(
+        OUTBOX_OLDEST_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest unpublished outbox row."
+    );
+    metrics::describe_gauge!(
+        CONSUMER_LAG,
+        "Records between the committed position and the end of each partition."
+    );
+}
+
+/// Samples the outbox backlog of `schema` every `every` until `stop`.
+pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToken) {
+    loop {
+        let sampled: sqlx::Result<(i64, Option<f64>)> = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+        )
+        .fetch_one(&pool)
+        .await;
+        match sampled {
+            Ok((backlog, oldest)) => {
+                metrics::gauge!(OUTBOX_BACKLOG).set(backlog as f64);
+                metrics::gauge!(OUTBOX_OLDEST_AGE).set(oldest.unwrap_or(0.0).max(0.0));
+            }
+            Err(e) => tracing::debug!(error.message = %e, "sampling the outbox failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// A consumer context that turns librdkafka's periodic statistics into the lag gauge.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LagReporter;
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                // -1 (unknown) for partitions this member does not consume.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    CONSUMER_LAG,
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}

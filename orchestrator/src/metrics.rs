@@ -1,0 +1,112 @@
+//! The orchestrator's saga metrics, derived from each committed transition (old saga → new
+//! saga) so that the state machine stays free of I/O.
+//!
+//! Counters are bumped inside the handler's transaction, before it commits; a transaction
+//! that rolls back (a version conflict, a lost connection) and is retried counts twice. Such
+//! retries are rare and show in `handler_errors_total`.
+
+use chrono::{DateTime, Utc};
+use events::{Action, Command};
+
+use crate::saga::{Saga, StepStatus};
+
+pub const SAGAS_STARTED: &str = "sagas_started_total";
+/// Sagas that reached a terminal state, by `state` (completed, compensated, failed).
+pub const SAGAS_FINISHED: &str = "sagas_finished_total";
+/// From the order to the terminal state, by `state`.
+pub const SAGA_SECONDS: &str = "saga_duration_seconds";
+/// From a step's first command to its answer, by `step`, `action` (do, undo) and `outcome`.
+pub const STEP_SECONDS: &str = "saga_step_duration_seconds";
+/// Commands sent again because their deadline passed, by `step` and `action`.
+pub const STEP_RETRIES: &str = "saga_step_retries_total";
+/// Operator actions applied, by `action`.
+pub const OPERATOR_ACTIONS: &str = "saga_operator_actions_total";
+
+pub fn describe() {
+    metrics::describe_counter!(SAGAS_STARTED, "Sagas started.");
+    metrics::describe_counter!(SAGAS_FINISHED, "Sagas that reached a terminal state.");
+    metrics::describe_histogram!(
+        SAGA_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from the order to the saga's terminal state."
+    );
+    metrics::describe_histogram!(
+        STEP_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from a step's first command to its answer."
+    );
+    metrics::describe_counter!(
+        STEP_RETRIES,
+        "Commands re-sent after their deadline passed."
+    );
+    metrics::describe_counter!(OPERATOR_ACTIONS, "Operator actions applied.");
+}
+
+pub fn saga_started() {
+    metrics::counter!(SAGAS_STARTED).increment(1);
+}
+
+/// Records what changed between `before` and `after`, and the re-sent commands in `sent`.
+pub fn transition<'a>(before: &Saga, after: &Saga, sent: impl Iterator<Item = &'a Command>) {
+    for (old, new) in before.steps.iter().zip(&after.steps) {
+        let step = new.name.as_str();
+        if old.status == StepStatus::Running && new.status != StepStatus::Running {
+            let outcome = if new.status == StepStatus::Succeeded {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            observe_step(step, "do", outcome, new.started_at, new.finished_at);
+        }
+        if old.status == StepStatus::Compensating && new.status != StepStatus::Compensating {
+            let outcome = if new.status == StepStatus::Compensated {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            observe_step(
+                step,
+                "undo",
+                outcome,
+                new.compensation_started_at,
+                new.compensated_at.or(Some(after.updated_at)),
+            );
+        }
+    }
+    for command in sent.filter(|c| c.attempt() > 1) {
+        metrics::counter!(
+            STEP_RETRIES,
+            "step" => command.step().as_str(),
+            "action" => match command.action() {
+                Action::Forward => "do",
+                Action::Compensate => "undo",
+            }
+        )
+        .increment(1);
+    }
+    if after.state.is_terminal() && !before.state.is_terminal() {
+        let state = after.state.as_str();
+        metrics::counter!(SAGAS_FINISHED, "state" => state).increment(1);
+        if let Some(finished) = after.finished_at {
+            metrics::histogram!(SAGA_SECONDS, "state" => state)
+                .record(seconds_between(after.created_at, finished));
+        }
+    }
+}
+
+fn observe_step(
+    step: &'static str,
+    action: &'static str,
+    outcome: &'static str,
+    started: Option<DateTime<Utc>>,
+    finished: Option<DateTime<Utc>>,
+) {
+    if let (Some(started), Some(finished)) = (started, finished) {
+        metrics::histogram!(STEP_SECONDS, "step" => step, "action" => action, "outcome" => outcome)
+            .record(seconds_between(started, finished));
+    }
+}
+
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
+}

@@ -1,0 +1,476 @@
+//! Operating the engine: the OpenAPI document against the live server, filters and cursor
+//! pagination, `/stats`, the live SSE stream, `/metrics` in Prometheus format, and one trace
+//! per order across Kafka.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{eventually, order, TestSystem};
+
+/// The OpenAPI document the server serves.
+fn openapi() -> Value {
+    serde_json::from_str(orchestrator::api::OPENAPI_JSON).expect("openapi.json is JSON")
+}
+
+/// Checks `body` against the schema the document gives for `method path` answering `status`.
+fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let escaped = path.replace('~', "~0").replace('/', "~1");
+    let response = format!("#/paths/{escaped}/{method}/responses/{status}");
+    let pointer = response.trim_start_matches('#');
+    assert!(
+        doc.pointer(pointer).is_some(),
+        "{method} {path} answered {status}, which the document does not list"
+    );
+    let schema_pointer = format!("{pointer}/content/application~1json/schema");
+    assert!(
+        doc.pointer(&schema_pointer).is_some(),
+        "{method} {path} {status} has no JSON schema in the document"
+    );
+    // The whole document is the root, so `#/components/...` references resolve.
+    let mut root = doc.clone();
+    root["$ref"] = json!(format!("#{schema_pointer}"));
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&root)
+        .expect("the document's schemas compile");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status} does not match the document: {errors:?}\nbody: {body}"
+    );
+}
+
+#[test]
+fn every_route_is_documented_and_every_documented_route_exists() {
+    let doc = openapi();
+    assert!(doc["openapi"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("3."));
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(method, _)| {
+                    ["get", "post", "put", "patch", "delete"].contains(&method.as_str())
+                })
+                .map(move |(method, _)| (method.clone(), path.clone()))
+        })
+        .collect();
+    let served: BTreeSet<(String, String)> = orchestrator::api::ROUTES
+        .iter()
+        .map(|(method, path)| ((*method).to_owned(), (*path).to_owned()))
+        .collect();
+    assert_eq!(documented, served);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_answers_as_its_openapi_document_says() {
+    let system = TestSystem::start().await;
+    let doc = openapi();
+
+    let (status, served_doc) = system.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(served_doc, doc, "the served document is the checked one");
+
+    let mut body = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+    if let Some(fields) = body.as_object_mut() {
+        fields.remove("order_id");
+    }
+    let (status, accepted) = system.post("/orders", &body.to_string()).await;
+    assert_documented(&doc, "post", "/orders", status, &accepted);
+    let order_id: Uuid = accepted["order_id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .expect("uuid");
+    let saga = system.finished_saga(order_id).await;
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    let failing = order("carol", "WIDGET", 1, "DE");
+    system.place(&failing).await;
+    system.finished_saga(failing.order_id).await;
+
+    let unknown = Uuid::new_v4();
+    for (template, path) in [
+        ("/healthz", "/healthz".to_owned()),
+        ("/stats", "/stats".to_owned()),
+        ("/sagas", "/sagas".to_owned()),
+        (
+            "/sagas",
+            "/sagas?state=compensated&step=&limit=1".to_owned(),
+        ),
+        ("/sagas", "/sagas?state=nope".to_owned()),
+        ("/sagas", "/sagas?cursor=garbage".to_owned()),
+        ("/sagas/{saga_id}", format!("/sagas/{saga_id}")),
+        ("/sagas/{saga_id}", format!("/sagas/{unknown}")),
+        ("/sagas/{saga_id}", "/sagas/not-a-uuid".to_owned()),
+        (
+            "/sagas/{saga_id}/history",
+            format!("/sagas/{saga_id}/history"),
+        ),
+        (
+            "/sagas/{saga_id}/history",
+            format!("/sagas/{unknown}/history"),
+        ),
+        ("/sagas/{saga_id}/watch", format!("/sagas/{unknown}/watch")),
+        ("/sagas/{saga_id}/watch", "/sagas/x/watch".to_owned()),
+        (
+            "/orders/{order_id}/saga",
+            format!("/orders/{order_id}/saga"),
+        ),
+        ("/orders/{order_id}/saga", format!("/orders/{unknown}/saga")),
+    ] {
+        let (status, body) = system.get(&path).await;
+        assert_documented(&doc, "get", template, status, &body);
+    }
+    let operator = json!({ "operator": "test", "reason": "checking the document" }).to_string();
+    for (template, path, body) in [
+        (
+            "/sagas/{saga_id}/retry",
+            format!("/sagas/{saga_id}/retry"),
+            operator.clone(),
+        ),
+        (
+            "/sagas/{saga_id}/skip",
+            format!("/sagas/{unknown}/skip"),
+            operator.clone(),
+        ),
+        (
+            "/sagas/{saga_id}/abort",
+            format!("/sagas/{saga_id}/abort"),
+            "{}".to_owned(),
+        ),
+        (
+            "/orders",
+            "/orders".to_owned(),
+            "{\"customer_id\": 1}".to_owned(),
+        ),
+    ] {
+        let (status, response) = system.post(&path, &body).await;
+        assert_documented(&doc, "post", template, status, &response);
+    }
+    let (status, page, content_type) = {
+        let (status, content_type, text) = system.get_text("/").await;
+        (status, text, content_type)
+    };
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert!(page.contains("/ui/app.js"), "the page loads its script");
+    for asset in ["/ui/app.js", "/ui/style.css"] {
+        let (status, _, text) = system.get_text(asset).await;
+        assert_eq!(status, 200, "{asset}");
+        assert!(!text.is_empty(), "{asset}");
+    }
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_filter_by_state_age_step_and_reason_and_page_with_a_cursor() {
+    let system = TestSystem::start().await;
+    let mut placed = Vec::new();
+    for customer in ["alice", "alice", "alice", "carol", "carol"] {
+        let next = order(customer, "WIDGET", 1, "DE");
+        system.place(&next).await;
+        placed.push(next.order_id);
+    }
+    for order_id in &placed {
+        system.finished_saga(*order_id).await;
+    }
+
+    // Two per page: 5 sagas take three pages, and no saga shows up twice.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page_number in 0.. {
+        assert!(page_number < 5, "pagination does not end");
+        let path = match &cursor {
+            Some(c) => format!("/sagas?limit=2&cursor={c}"),
+            None => "/sagas?limit=2".to_owned(),
+        };
+        let (status, page) = system.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        for saga in page["sagas"].as_array().expect("sagas") {
+            seen.push(saga["order_id"].as_str().unwrap_or_default().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = placed.iter().map(Uuid::to_string).collect();
+    expected.sort();
+    let mut listed = seen.clone();
+    listed.sort();
+    assert_eq!(listed, expected, "every saga exactly once across the pages");
+
+    let (_, compensated) = system.get("/sagas?state=compensated&reason=DECLINED").await;
+    let compensated = compensated["sagas"].as_array().cloned().unwrap_or_default();
+    assert_eq!(compensated.len(), 2, "{compensated:?}");
+    assert!(compensated.iter().all(|s| s["failure_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase()
+        .contains("declined")));
+    let (_, none) = system.get("/sagas?reason=no%20such%20reason").await;
+    assert_eq!(none["sagas"].as_array().map(Vec::len), Some(0));
+    let (_, old) = system.get("/sagas?min_age_secs=3600").await;
+    assert_eq!(
+        old["sagas"].as_array().map(Vec::len),
+        Some(0),
+        "nothing is an hour old"
+    );
+    let (_, young) = system.get("/sagas?min_age_secs=0").await;
+    assert_eq!(young["sagas"].as_array().map(Vec::len), Some(5));
+    // Finished sagas wait on no step.
+    let (_, waiting) = system.get("/sagas?step=charge_payment").await;
+    assert_eq!(waiting["sagas"].as_array().map(Vec::len), Some(0));
+    let (status, _) = system.get("/sagas?step=fly").await;
+    assert_eq!(status, 400);
+
+    let (status, stats) = system.get("/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["counts"]["completed"], 3, "{stats}");
+    assert_eq!(stats["counts"]["compensated"], 2, "{stats}");
+    assert_eq!(stats["total"], 5);
+    assert!(
+        stats["completed_per_sec"].as_f64().unwrap_or_default() > 0.0,
+        "{stats}"
+    );
+    assert!(stats["oldest_running_secs"].is_null(), "{stats}");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_saga_can_be_filtered_by_its_step_and_watched_live_until_it_ends() {
+    // Payment is down, so the saga waits on charge_payment until it is started.
+    let mut system = TestSystem::start_with(crate::helpers::Options {
+        without: vec!["payment"],
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let waiting = eventually("the saga to wait on charge_payment", || async {
+        let (_, page) = system.get("/sagas?state=running&step=charge_payment").await;
+        page["sagas"].as_array().and_then(|s| s.first().cloned())
+    })
+    .await;
+    assert_eq!(waiting["current_step"], "charge_payment");
+    let saga_id = waiting["saga_id"].as_str().unwrap_or_default().to_owned();
+    let (_, stats) = system.get("/stats").await;
+    assert_eq!(stats["counts"]["running"], 1, "{stats}");
+    assert!(stats["oldest_running_secs"].as_f64().is_some(), "{stats}");
+
+    let mut stream = system.stream(&format!("/sagas/{saga_id}/watch")).await;
+    assert_eq!(stream.status(), 200);
+    let content_type = stream
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+
+    // Read what the stream has so far, then let the saga finish while it is open.
+    let mut text = String::new();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+        .await
+        .expect("a first event within 10 s")
+        .expect("stream")
+        .expect("a chunk");
+    text.push_str(&String::from_utf8_lossy(&first));
+    system.start_participant("payment", 0);
+    let read_to_end = async {
+        while let Some(chunk) = stream.chunk().await.expect("stream") {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_to_end)
+        .await
+        .expect("the stream ends when the saga does");
+
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter_map(|raw| {
+            let name = raw.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = raw.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name.to_owned(), serde_json::from_str(data).ok()?))
+        })
+        .collect();
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|(name, _)| name == "saga")
+        .filter_map(|(_, saga)| saga["state"].as_str())
+        .collect();
+    assert_eq!(states.first(), Some(&"running"), "{text}");
+    assert_eq!(states.last(), Some(&"completed"), "{text}");
+    let versions: Vec<i64> = events
+        .iter()
+        .filter(|(name, _)| name == "saga")
+        .filter_map(|(_, saga)| saga["version"].as_i64())
+        .collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    let history_ids: Vec<i64> = events
+        .iter()
+        .filter(|(name, _)| name == "history")
+        .filter_map(|(_, entry)| entry["id"].as_i64())
+        .collect();
+    assert!(history_ids.len() >= 4, "started + three replies: {text}");
+    assert!(
+        history_ids.windows(2).all(|w| w[0] < w[1]),
+        "each history line once, in order"
+    );
+    assert_eq!(
+        events
+            .last()
+            .map(|(name, data)| (name.as_str(), data["state"].clone())),
+        Some(("end", json!("completed")))
+    );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text_and_count_sagas() {
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    system.finished_saga(placed.order_id).await;
+    // Metrics are process-wide and tests share the process, so check presence and shape, not
+    // exact counts.
+    let (status, content_type, text) = eventually("sagas_finished_total on /metrics", || async {
+        let answer = system.get_text("/metrics").await;
+        answer.2.contains("sagas_finished_total").then_some(answer)
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let names: BTreeSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for expected in [
+        "sagas_started_total",
+        "sagas_finished_total",
+        "messages_consumed_total",
+        "outbox_published_total",
+        "saga_duration_seconds_bucket",
+        "saga_step_duration_seconds_bucket",
+        "message_handle_duration_seconds_bucket",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let completed = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "sagas_finished_total" && s.labels.get("state") == Some("completed"))
+        .expect("completed sagas counted");
+    match completed.value {
+        prometheus_parse::Value::Counter(n) => assert!(n >= 1.0),
+        ref other => panic!("sagas_finished_total is a counter, got {other:?}"),
+    }
+    for (name, help) in &scrape.docs {
+        assert!(!help.is_empty(), "{name} has HELP text");
+    }
+    lint_metric_names(&text);
+    system.stop().await;
+}
+
+/// What `promtool check metrics` insists on: counters end in `_total`, every family has HELP
+/// and TYPE, names are snake case.
+fn lint_metric_names(text: &str) {
+    let mut typed = BTreeSet::new();
+    let mut helped = BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("#"), Some("TYPE"), Some(name), Some(kind)) => {
+                assert!(
+                    name.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                    "{name} is snake case"
+                );
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "counter {name} ends in _total");
+                }
+                typed.insert(name.to_owned());
+            }
+            (Some("#"), Some("HELP"), Some(name), Some(_)) => {
+                helped.insert(name.to_owned());
+            }
+            _ => {}
+        }
+    }
+    assert!(!typed.is_empty());
+    assert_eq!(typed, helped, "every family has both TYPE and HELP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_is_one_trace_across_every_command_reply_and_event() {
+    let system = TestSystem::start().await;
+    let trace_id = Uuid::new_v4().simple().to_string();
+    let client_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    let placed = order("alice", "WIDGET", 1, "DE");
+    let payload = serde_json::to_vec(&placed).expect("json");
+    system
+        .publish_with_headers(
+            &system.topics.orders(),
+            &placed.order_id.to_string(),
+            &payload,
+            &[("traceparent", traceparent.as_str())],
+        )
+        .await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+
+    // 3 commands and 3 replies, plus the saga's events.
+    let mut topics = vec![system.topics.replies(), system.topics.saga_events()];
+    for participant in events::Participant::ALL {
+        topics.push(system.topics.commands(participant));
+    }
+    let mut span_ids = BTreeSet::new();
+    for topic in &topics {
+        let expected = if *topic == system.topics.replies() {
+            3
+        } else {
+            1
+        };
+        for record in system.read_topic(topic, expected).await {
+            let header = record
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| panic!("a record on {topic} without traceparent"));
+            let parts: Vec<&str> = header.split('-').collect();
+            assert_eq!(parts.len(), 4, "{header}");
+            assert_eq!(
+                parts[1], trace_id,
+                "{topic} carries the order's trace: {header}"
+            );
+            assert_ne!(parts[2], client_span, "each hop has a span of its own");
+            span_ids.insert(parts[2].to_owned());
+        }
+    }
+    assert!(
+        span_ids.len() >= topics.len(),
+        "distinct publish spans: {span_ids:?}"
+    );
+    system.stop().await;
+}

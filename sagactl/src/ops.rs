@@ -1,0 +1,410 @@
+//! The operator's commands: place orders, watch a saga live, list and filter sagas, and move
+//! a stuck one (retry, skip, abort). Orders go to Kafka as any client's would; everything
+//! else talks to the orchestrator's HTTP API.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use events::{Address, LineItem, OrderPlaced, Topics};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::load::{publish_order, random_order};
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Base URL of the orchestrator's HTTP API.
+    #[arg(long, env = "SAGA_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+}
+
+impl ApiArgs {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api.trim_end_matches('/'))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OrderArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic prefix of the deployment.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// How many orders to place. More than one are random demo orders.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Percentage of random orders built to fail (with --count above 1 or --random).
+    #[arg(long, default_value_t = 0)]
+    failure_percent: u8,
+    /// A random demo order even when placing one.
+    #[arg(long)]
+    random: bool,
+    #[arg(long, default_value = "alice")]
+    customer: String,
+    #[arg(long, default_value = "WIDGET")]
+    sku: String,
+    #[arg(long, default_value_t = 1)]
+    quantity: i32,
+    #[arg(long, default_value_t = 1000)]
+    unit_price_cents: i64,
+    /// Shipping country (AQ and BV are refused by the demo shipping service).
+    #[arg(long, default_value = "DE")]
+    country: String,
+    /// Watch the (single) order's saga until it ends.
+    #[arg(long)]
+    watch: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// A saga id or an order id.
+    id: Uuid,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// running, compensating, completed, compensated or failed.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only sagas at least this old.
+    #[arg(long)]
+    min_age_secs: Option<u32>,
+    /// The step the saga waits on (or is stuck at): reserve_stock, charge_payment,
+    /// schedule_shipment.
+    #[arg(long)]
+    step: Option<String>,
+    /// A substring of the failure reason.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Sagas per page.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Follow the cursor through every page.
+    #[arg(long)]
+    all: bool,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    saga_id: Uuid,
+    /// Why; recorded in the saga's history.
+    #[arg(long)]
+    reason: String,
+    /// Who; recorded in the saga's history.
+    #[arg(long, env = "USER", default_value = "operator")]
+    operator: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+pub async fn order(args: OrderArgs) -> anyhow::Result<()> {
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .context("creating producer")?;
+    let topics = Topics::new(args.topic_prefix.clone());
+    if args.count == 1 {
+        let order = if args.random {
+            random_order(args.failure_percent)
+        } else {
+            OrderPlaced {
+                order_id: Uuid::new_v4(),
+                customer_id: args.customer.clone(),
+                items: vec![LineItem {
+                    sku: args.sku.clone(),
+                    quantity: args.quantity,
+                    unit_price_cents: args.unit_price_cents,
+                }],
+                total_cents: args.unit_price_cents * i64::from(args.quantity),
+                currency: "EUR".into(),
+                shipping_address: Address {
+                    country: args.country.clone(),
+                    city: "Berlin".into(),
+                    line1: "Unter den Linden 1".into(),
+                    postal_code: "10117".into(),
+                },
+            }
+        };
+        order.validate().context("the order is invalid")?;
+        publish_order(&producer, &topics, &order).await?;
+        println!("{}", order.order_id);
+        if args.watch {
+            return watch(WatchArgs {
+                id: order.order_id,
+                api: args.api,
+            })
+            .await;
+        }
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    for placed in 1..=args.count {
+        publish_order(&producer, &topics, &random_order(args.failure_percent)).await?;
+        if last_progress.elapsed() >= Duration::from_secs(1) || placed == args.count {
+            eprintln!(
+                "placed {placed}/{} orders ({:.0}/s)",
+                args.count,
+                placed as f64 / started.elapsed().as_secs_f64().max(1e-3)
+            );
+            last_progress = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Reads a JSON response, turning the API's error body into a message.
+async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        return Ok(body);
+    }
+    let message = body["error"]["message"].as_str().unwrap_or("no error body");
+    bail!("{status}: {message}")
+}
+
+/// Finds the saga for `id`, a saga id or an order id, waiting up to `wait` for an order's
+/// saga to appear (the orchestrator may not have read the order yet).
+async fn resolve_saga(
+    http: &reqwest::Client,
+    api: &ApiArgs,
+    id: Uuid,
+    wait: Duration,
+) -> anyhow::Result<Uuid> {
+    let deadline = Instant::now() + wait;
+    loop {
+        for path in [format!("/sagas/{id}"), format!("/orders/{id}/saga")] {
+            let response = http.get(api.url(&path)).send().await?;
+            if response.status() != reqwest::StatusCode::NOT_FOUND {
+                let saga = json_or_error(response).await?;
+                return saga["saga_id"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .context("the API returned a saga without saga_id");
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("no saga and no order with id {id}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let http = client()?;
+    let saga_id = resolve_saga(&http, &args.api, args.id, Duration::from_secs(30)).await?;
+    println!("watching saga {saga_id}");
+    let mut response = http
+        .get(args.api.url(&format!("/sagas/{saga_id}/watch")))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        json_or_error(response).await?;
+        bail!("the watch stream was refused");
+    }
+    let mut buffer = String::new();
+    let mut last_steps = String::new();
+    while let Some(chunk) = response.chunk().await? {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        // Events end with a blank line.
+        while let Some(end) = buffer.find("\n\n") {
+            let raw: String = buffer.drain(..end + 2).collect();
+            let (event, data) = parse_event(&raw);
+            let Ok(value) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            match event.as_str() {
+                "history" => println!(
+                    "{}  {:<22} {:<8} {}{}",
+                    short_time(&value["at"]),
+                    value["message_type"].as_str().unwrap_or("?"),
+                    value["decision"].as_str().unwrap_or("?"),
+                    value["detail"].as_str().unwrap_or(""),
+                    value["state_after"]
+                        .as_str()
+                        .filter(|s| !s.is_empty())
+                        .map(|s| format!("  → {s}"))
+                        .unwrap_or_default(),
+                ),
+                "saga" => {
+                    let steps = steps_line(&value);
+                    if steps != last_steps {
+                        println!(
+                            "          [{}] {steps}",
+                            value["state"].as_str().unwrap_or("?")
+                        );
+                        last_steps = steps;
+                    }
+                }
+                "end" => {
+                    println!(
+                        "saga {saga_id} ended: {}",
+                        value["state"].as_str().unwrap_or("?")
+                    );
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+    bail!("the stream closed before the saga ended")
+}
+
+/// The event name and the joined `data:` lines of one SSE event.
+fn parse_event(raw: &str) -> (String, String) {
+    let mut event = String::from("message");
+    let mut data = Vec::new();
+    for line in raw.lines() {
+        if let Some(name) = line.strip_prefix("event:") {
+            event = name.trim().to_owned();
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data.push(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    (event, data.join("\n"))
+}
+
+fn short_time(value: &Value) -> String {
+    value
+        .as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn steps_line(saga: &Value) -> String {
+    saga["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}={}",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["status"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+pub async fn list(args: ListArgs) -> anyhow::Result<()> {
+    let http = client()?;
+    let mut cursor: Option<String> = None;
+    let mut printed_header = false;
+    loop {
+        let mut query: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+        for (name, value) in [
+            ("state", args.state.clone()),
+            ("min_age_secs", args.min_age_secs.map(|s| s.to_string())),
+            ("step", args.step.clone()),
+            ("reason", args.reason.clone()),
+            ("cursor", cursor.clone()),
+        ] {
+            if let Some(value) = value {
+                query.push((name, value));
+            }
+        }
+        let page = json_or_error(
+            http.get(args.api.url("/sagas"))
+                .query(&query)
+                .send()
+                .await?,
+        )
+        .await?;
+        if args.json {
+            println!("{page}");
+        } else {
+            if !printed_header {
+                println!(
+                    "{:<36}  {:<36}  {:<12}  {:<17}  {:<24}  REASON",
+                    "SAGA", "ORDER", "STATE", "STEP", "CREATED"
+                );
+                printed_header = true;
+            }
+            for saga in page["sagas"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<36}  {:<36}  {:<12}  {:<17}  {:<24}  {}",
+                    saga["saga_id"].as_str().unwrap_or("?"),
+                    saga["order_id"].as_str().unwrap_or("?"),
+                    saga["state"].as_str().unwrap_or("?"),
+                    saga["current_step"].as_str().unwrap_or("-"),
+                    saga["created_at"].as_str().unwrap_or("?"),
+                    saga["failure_reason"].as_str().unwrap_or(""),
+                );
+            }
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        if !args.all || cursor.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+pub async fn operate(action: &str, args: OperatorArgs) -> anyhow::Result<()> {
+    let http = client()?;
+    let saga = json_or_error(
+        http.post(args.api.url(&format!("/sagas/{}/{action}", args.saga_id)))
+            .json(&serde_json::json!({ "operator": args.operator, "reason": args.reason }))
+            .send()
+            .await?,
+    )
+    .await
+    .with_context(|| format!("{action} of saga {}", args.saga_id))?;
+    println!(
+        "saga {} is now {} [{}]",
+        args.saga_id,
+        saga["state"].as_str().unwrap_or("?"),
+        steps_line(&saga)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_event;
+
+    #[test]
+    fn parses_an_sse_event() {
+        let (event, data) = parse_event("event: saga\ndata: {\"a\":1}\n\n");
+        assert_eq!(event, "saga");
+        assert_eq!(data, "{\"a\":1}");
+    }
+
+    #[test]
+    fn joins_multi_line_data_and_defaults_the_name() {
+        let (event, data) = parse_event(": keep-alive\ndata: one\ndata: two\n\n");
+        assert_eq!(event, "message");
+        assert_eq!(data, "one\ntwo");
+    }
+}

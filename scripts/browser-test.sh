@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Browser test of the operations page against the real system: builds the debug binaries,
+# starts the broker if needed, a fresh database and topic prefix, the orchestrator and the
+# three participants as separate processes, then drives the page in headless Chromium with
+# web-tests/saga-page.mjs (Playwright). Screenshots go to target/artifacts/.
+#
+#   scripts/browser-test.sh
+#
+# Needs Node 18+ and npm; installs Chromium with apt-get when /usr/bin/chromium is missing
+# (CHROMIUM=/path/to/chrome uses another). Removes its database and stops what it started.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+server_url="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
+run_id="$(date +%s)"
+database="browser_${run_id}"
+export TOPIC_PREFIX="browser-${run_id}."
+export DATABASE_URL="$server_url/$database"
+export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18081}"
+export RUST_LOG="${RUST_LOG:-info}"
+log_dir=".run/browser-$run_id"
+artifact_dir="$ROOT/target/artifacts"
+chromium="${CHROMIUM:-/usr/bin/chromium}"
+
+say() { echo "browser-test: $*" >&2; }
+
+pids=()
+broker_started=false
+database_created=false
+cleanup() {
+  local status=$?
+  set +e
+  if ((${#pids[@]})); then
+    kill -TERM "${pids[@]}" 2>/dev/null
+    # Give them the graceful shutdown they promise, then make sure.
+    for _ in $(seq 1 100); do
+      kill -0 "${pids[@]}" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null
+    wait "${pids[@]}" 2>/dev/null
+  fi
+  if [[ $database_created == true ]]; then
+    psql "$server_url/postgres" -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null
+  fi
+  if [[ $broker_started == true ]]; then
+    BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop
+  fi
+  if ((status != 0)); then
+    say "FAILED (exit $status); logs in $log_dir/"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+
+print_logs() {
+  for service in orchestrator inventory payment shipping; do
+    if [[ -f "$log_dir/$service.log" ]]; then
+      echo "----- $service (last 40 lines of $log_dir/$service.log) -----" >&2
+      tail -n 40 "$log_dir/$service.log" >&2
+    fi
+  done
+}
+
+# The browser and the test's dependencies.
+if [[ ! -x "$chromium" ]]; then
+  say "installing Chromium with apt-get"
+  as_root=()
+  if ((EUID != 0)); then as_root=(sudo); fi
+  if ! "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; then
+    "${as_root[@]}" apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  fi
+fi
+if [[ ! -d web-tests/node_modules/playwright-core ]]; then
+  say "installing the test's npm dependencies"
+  (cd web-tests && npm ci --no-audit --no-fund)
+fi
+
+# The broker, the binaries, the database.
+if BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh running; then
+  say "using the broker on $KAFKA_BROKERS"
+else
+  BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+  broker_started=true
+fi
+cargo build --locked --bins
+if curl -fsS -o /dev/null "http://$HTTP_ADDR/healthz" 2>/dev/null; then
+  say "something already answers on $HTTP_ADDR; set HTTP_ADDR to a free address"
+  exit 1
+fi
+psql "$server_url/postgres" -qc "CREATE DATABASE $database"
+database_created=true
+
+mkdir -p "$log_dir" "$artifact_dir"
+for service in orchestrator inventory payment shipping; do
+  "target/debug/$service" >"$log_dir/$service.log" 2>&1 &
+  pids+=($!)
+done
+
+healthy=false
+for _ in $(seq 1 300); do
+  if curl -fsS -o /dev/null "http://$HTTP_ADDR/healthz" 2>/dev/null; then healthy=true; break; fi
+  sleep 0.1
+done
+if [[ $healthy != true ]]; then
+  say "the orchestrator did not answer http://$HTTP_ADDR/healthz within 30 s"
+  print_logs
+  exit 1
+fi
+# Wait for the participants' migrations (the demo data is their last one).
+ready=false
+for _ in $(seq 1 300); do
+  if psql "$DATABASE_URL" -Atc "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) AND to_regclass('shipping.shipments') IS NOT NULL" 2>/dev/null | grep -q t; then
+    ready=true
+    break
+  fi
+  sleep 0.1
+done
+if [[ $ready != true ]]; then
+  say "the participants' demo data did not appear within 30 s"
+  print_logs
+  exit 1
+fi
+
+say "running web-tests/saga-page.mjs against http://$HTTP_ADDR"
+if ! SAGA_API="http://$HTTP_ADDR" ARTIFACT_DIR="$artifact_dir" CHROMIUM="$chromium" \
+  node web-tests/saga-page.mjs; then
+  print_logs
+  exit 1
+fi
+say "passed; screenshots in $artifact_dir/"
