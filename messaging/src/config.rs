@@ -41,6 +41,12 @@ pub struct KafkaConfig {
     #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
 
+    /// Most records handled in one database transaction. The consumer takes what has already
+    /// arrived, up to this many, and commits them together; 1 means one transaction per
+    /// record.
+    #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 100)]
+    pub consumer_batch_max: usize,
+
     /// How long the producer waits to batch messages (linger.ms).
     #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 1)]
     pub linger_ms: u32,
@@ -81,6 +87,35 @@ pub struct FaultConfig {
     /// dropped without draining). Not a command-line setting.
     #[arg(skip)]
     pub crash_in_process: bool,
+}
+
+/// How long handled-message ids are kept, and how often old rows are swept.
+#[derive(Debug, Clone, Args)]
+pub struct RetentionConfig {
+    /// Inbox rows (ids of handled messages) older than this are deleted. Keep it longer than
+    /// any redelivery can take (the topics' retention); a message redelivered after its row is
+    /// gone is still absorbed by the saga's fencing and the participants' step ledger.
+    #[arg(long, env = "INBOX_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub inbox_retention_secs: u64,
+
+    /// How often the retention sweep runs, in milliseconds.
+    #[arg(long, env = "RETENTION_SWEEP_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_sweep_interval_ms: u64,
+}
+
+impl RetentionConfig {
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.retention_sweep_interval_ms)
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            inbox_retention_secs: 7 * 24 * 3600,
+            retention_sweep_interval_ms: 60_000,
+        }
+    }
 }
 
 /// How the outbox relay publishes.

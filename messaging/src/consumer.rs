@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
@@ -127,6 +128,7 @@ pub async fn run<H: Handler>(
     pool: PgPool,
     handler: H,
     dead_letters: DeadLetters,
+    batch_max: usize,
     faults: &FaultConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -137,13 +139,14 @@ pub async fn run<H: Handler>(
         .subscribe(&names)
         .map_err(Error::kafka(format!("subscribing to {topics:?}")))?;
     let mut receive_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let batch_max = batch_max.max(1);
     loop {
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
         };
-        let message = match received {
+        let first = match received {
             Ok(message) => {
                 receive_backoff.reset();
                 message
@@ -157,41 +160,33 @@ pub async fn run<H: Handler>(
                 continue;
             }
         };
-        // Handlers fill in the saga, step and message id once they have decoded the record.
-        let span = tracing::info_span!(
-            "handle",
-            otel.kind = "consumer",
-            topic = %message.topic(),
-            partition = message.partition(),
-            offset = message.offset(),
-            saga_id = tracing::field::Empty,
-            step = tracing::field::Empty,
-            message_id = tracing::field::Empty,
-        );
-        let record = Record {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            trace_headers: trace_headers(&message),
-            span: span.clone(),
-        };
-        telemetry::extract(&span, &record.trace_headers);
-        let done = process(&pool, &handler, &record, &dead_letters, &shutdown)
-            .instrument(span)
-            .await;
-        if !done {
-            // Shut down while the record was still failing: leave its offset unstored so the
-            // next owner of the partition handles it.
+        // Take whatever else has already arrived, without waiting for more.
+        let mut batch = vec![to_record(&first)];
+        drop(first);
+        while batch.len() < batch_max {
+            match consumer.recv().now_or_never() {
+                Some(Ok(message)) => batch.push(to_record(&message)),
+                Some(Err(e)) => {
+                    tracing::warn!(error.message = %e, "kafka receive failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !process_batch(&pool, &handler, &batch, &dead_letters, &shutdown).await {
+            // Shut down while a record was still failing: leave the offsets unstored so the
+            // next owner of the partition handles the records again.
             break;
         }
-        handled += 1;
-        if faults.crash_after_commit_every > 0
-            && handled.is_multiple_of(faults.crash_after_commit_every)
-            && started.elapsed() >= FAULT_MIN_LIFETIME
+        let before = handled;
+        handled += batch.len() as u64;
+        let every = faults.crash_after_commit_every;
+        if every > 0 && before / every != handled / every && started.elapsed() >= FAULT_MIN_LIFETIME
         {
-            tracing::error!(topic = %record.topic, offset = record.offset, "fault injection: crashing after commit");
+            tracing::error!(
+                records = batch.len(),
+                "fault injection: crashing after commit"
+            );
             if !faults.crash_in_process {
                 std::process::abort();
             }
@@ -201,10 +196,15 @@ pub async fn run<H: Handler>(
             consumer.unsubscribe();
             return Err(Error::InjectedCrash);
         }
-        if let Err(e) = consumer.store_offset_from_message(&message) {
-            // The partition was revoked meanwhile; its next owner re-reads the record and the
-            // inbox absorbs it.
-            tracing::warn!(error.message = %e, topic = %record.topic, partition = record.partition, offset = record.offset, "could not store offset");
+        for record in &batch {
+            // The committed offset is the next record to read.
+            if let Err(e) =
+                consumer.store_offset(&record.topic, record.partition, record.offset + 1)
+            {
+                // The partition was revoked meanwhile; its next owner re-reads the record and
+                // the inbox absorbs it.
+                tracing::warn!(error.message = %e, topic = %record.topic, partition = record.partition, offset = record.offset, "could not store offset");
+            }
         }
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -213,6 +213,92 @@ pub async fn run<H: Handler>(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Copies a record out of the consumer's buffer, with the span it will be handled in.
+fn to_record(message: &impl Message) -> Record {
+    // Handlers fill in the saga, step and message id once they have decoded the record.
+    let span = tracing::info_span!(
+        "handle",
+        otel.kind = "consumer",
+        topic = %message.topic(),
+        partition = message.partition(),
+        offset = message.offset(),
+        saga_id = tracing::field::Empty,
+        step = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+    );
+    let trace_headers = trace_headers(message);
+    telemetry::extract(&span, &trace_headers);
+    Record {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        trace_headers,
+        span,
+    }
+}
+
+/// Handles `batch` in one transaction: one commit for all its records, in order, so the
+/// records of one saga (one partition) keep their order. If any record fails, the whole
+/// transaction is rolled back and the records are handled one at a time instead, so a
+/// rejected record is dead-lettered alone and a passing failure is retried alone. Returns
+/// `false` only when told to shut down while a record kept failing.
+async fn process_batch<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    batch: &[Record],
+    dead_letters: &DeadLetters,
+    shutdown: &CancellationToken,
+) -> bool {
+    if let [record] = batch {
+        return process(pool, handler, record, dead_letters, shutdown)
+            .instrument(record.span.clone())
+            .await;
+    }
+    let received = std::time::Instant::now();
+    let together = async {
+        let mut tx = pool.begin().await?;
+        for record in batch {
+            handler
+                .handle(&mut tx, record)
+                .instrument(record.span.clone())
+                .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, HandlerError>(())
+    }
+    .instrument(tracing::info_span!("db.transaction", records = batch.len()))
+    .await;
+    match together {
+        Ok(()) => {
+            let elapsed = received.elapsed().as_secs_f64();
+            for record in batch {
+                count_handled(record, "handled", elapsed);
+            }
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error.message = %e, records = batch.len(), "batch failed; handling its records one by one");
+            for record in batch {
+                let done = process(pool, handler, record, dead_letters, shutdown)
+                    .instrument(record.span.clone())
+                    .await;
+                if !done {
+                    return false;
+                }
+            }
+            true
+        }
+    }
+}
+
+fn count_handled(record: &Record, outcome: &'static str, seconds: f64) {
+    ::metrics::counter!(metrics::MESSAGES_CONSUMED, "topic" => record.topic.clone(), "outcome" => outcome)
+        .increment(1);
+    ::metrics::histogram!(metrics::HANDLE_SECONDS, "topic" => record.topic.clone()).record(seconds);
 }
 
 /// Handles `record` until it is committed or dead-lettered. Returns `false` only when told to
@@ -241,10 +327,7 @@ async fn process<H: Handler>(
                 } else {
                     "handled"
                 };
-                ::metrics::counter!(metrics::MESSAGES_CONSUMED, "topic" => record.topic.clone(), "outcome" => outcome)
-                    .increment(1);
-                ::metrics::histogram!(metrics::HANDLE_SECONDS, "topic" => record.topic.clone())
-                    .record(received.elapsed().as_secs_f64());
+                count_handled(record, outcome, received.elapsed().as_secs_f64());
                 return true;
             }
             Err(HandlerError::Reject(reason)) if rejection.is_none() => {
@@ -277,7 +360,7 @@ async fn handle_once<H: Handler>(
         tx.commit().await?;
         Ok(())
     }
-    .instrument(tracing::info_span!("db.transaction"))
+    .instrument(tracing::info_span!("db.transaction", records = 1))
     .await
 }
 

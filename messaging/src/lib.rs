@@ -8,6 +8,7 @@
 //! - [`outbox`]: where a handler writes the messages it wants to send, in the same transaction.
 //! - [`relay`]: publishes the outbox with an idempotent producer and deletes rows only after
 //!   the broker acknowledged them.
+//! - [`retention`]: deletes inbox rows once they are older than any redelivery.
 //! - [`kafka`], [`db`]: client settings, topic creation, pools, schemas and migrations.
 //! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
 //!   settings, logs, traces, counts and stops.
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod relay;
+pub mod retention;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -4,10 +4,10 @@
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{FaultConfig, KafkaConfig, RelayConfig};
+use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 use crate::consumer::{self, DeadLetters, Handler};
 use crate::relay::Relay;
-use crate::{kafka, metrics, Result};
+use crate::{kafka, metrics, retention, Result};
 
 /// How often the outbox backlog gauges are refreshed.
 const OUTBOX_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -17,6 +17,7 @@ const OUTBOX_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 pub struct Pipeline {
     pub kafka: KafkaConfig,
     pub relay: RelayConfig,
+    pub retention: RetentionConfig,
     /// The schema whose outbox the relay publishes.
     pub schema: String,
     pub group: String,
@@ -45,6 +46,20 @@ impl Pipeline {
             Relay::new(pool.clone(), producer, &self.schema, self.relay.clone())
                 .run(relay_stop.clone()),
         );
+        let retention = {
+            let pool = pool.clone();
+            let config = self.retention.clone();
+            tokio::spawn(retention::every(
+                "inbox retention",
+                config.sweep_interval(),
+                relay_stop.clone(),
+                move || {
+                    let pool = pool.clone();
+                    let config = config.clone();
+                    async move { retention::sweep_inbox(&pool, &config).await }
+                },
+            ))
+        };
         let sampler = tokio::spawn(metrics::sample_outbox(
             pool.clone(),
             OUTBOX_SAMPLE_INTERVAL,
@@ -56,6 +71,7 @@ impl Pipeline {
             pool,
             handler,
             self.dead_letters.clone(),
+            self.kafka.consumer_batch_max,
             &self.faults,
             shutdown,
         )
@@ -64,10 +80,12 @@ impl Pipeline {
             // A crash does not drain anything.
             relay.abort();
             sampler.abort();
+            retention.abort();
             return consumed;
         }
         relay_stop.cancel();
         let _ = sampler.await;
+        let _ = retention.await;
         if let Err(e) = relay.await {
             tracing::error!(error.message = %e, "outbox relay task ended abnormally");
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::{Args, Parser};
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig};
+use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 
 use crate::saga::{Policies, RetryPolicy};
 
@@ -23,6 +23,8 @@ pub struct Config {
     #[command(flatten)]
     pub relay: RelayConfig,
     #[command(flatten)]
+    pub retention: RetentionConfig,
+    #[command(flatten)]
     pub retries: RetryConfig,
     #[command(flatten)]
     pub faults: FaultConfig,
@@ -30,6 +32,11 @@ pub struct Config {
     /// Address of the status HTTP API.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+
+    /// Completed and compensated sagas (and their history) older than this are deleted.
+    /// Failed sagas are kept until an operator moves them.
+    #[arg(long, env = "SAGA_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub saga_retention_secs: u64,
 
     /// Consumer group of the orchestrators (default: `{TOPIC_PREFIX}orchestrator`). Instances in
     /// one group share the orders and replies between them by partition.

@@ -60,9 +60,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         }
         .run(shutdown.clone()),
     );
+    let retention = {
+        let pool = pool.clone();
+        let retention_secs = config.saga_retention_secs;
+        tokio::spawn(messaging::retention::every(
+            "saga retention",
+            config.retention.sweep_interval(),
+            shutdown.clone(),
+            move || {
+                let pool = pool.clone();
+                async move {
+                    store::sweep_finished(&pool, retention_secs, messaging::retention::SWEEP_BATCH)
+                        .await
+                }
+            },
+        ))
+    };
     let pipeline = Pipeline {
         kafka: config.kafka.clone(),
         relay: config.relay.clone(),
+        retention: config.retention.clone(),
         schema,
         group: config
             .group
@@ -88,6 +105,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     );
     // Whichever half failed first, stop the other too.
     shutdown.cancel();
+    let _ = retention.await;
     if let Err(e) = scanner.await {
         tracing::error!(error.message = %e, "deadline scanner ended abnormally");
     }

@@ -233,6 +233,31 @@ pub async fn trace_parent<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<
     )
 }
 
+/// Deletes up to `limit` completed or compensated sagas that finished more than
+/// `retention_secs` ago, with their history. Failed sagas stay until an operator moves them.
+/// Returns how many sagas it deleted.
+pub async fn sweep_finished(
+    db: &sqlx::PgPool,
+    retention_secs: u64,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "WITH doomed AS ( \
+             SELECT id FROM sagas \
+             WHERE finished_at < now() - make_interval(secs => $1) \
+               AND state IN ('completed', 'compensated') \
+             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+         history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id) \
+         DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
+    )
+    .bind(retention_secs as f64)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}
+
 /// What `GET /sagas` asks for. Every filter is optional.
 #[derive(Debug, Clone, Default)]
 pub struct SagaFilter {

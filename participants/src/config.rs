@@ -1,7 +1,7 @@
 //! Settings shared by every participant binary.
 
 use clap::Args;
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig};
+use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 
 #[derive(Debug, Clone, Args)]
 pub struct ParticipantConfig {
@@ -11,6 +11,8 @@ pub struct ParticipantConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub relay: RelayConfig,
+    #[command(flatten)]
+    pub retention: RetentionConfig,
     #[command(flatten)]
     pub faults: FaultConfig,
 

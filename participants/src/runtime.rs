@@ -87,6 +87,7 @@ pub async fn run<S: StepService + 'static>(
     let pipeline = Pipeline {
         kafka: config.kafka.clone(),
         relay: config.relay.clone(),
+        retention: config.retention.clone(),
         schema,
         group: config
             .group

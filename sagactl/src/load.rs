@@ -47,6 +47,27 @@ pub struct LoadArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Sagas finishing in the first seconds are left out of the sustained rate.
+    #[arg(long, default_value_t = 5.0)]
+    warmup_secs: f64,
+    /// A service process to account for, as NAME=PID (repeat): its CPU seconds per saga and
+    /// its peak memory are reported (Linux /proc).
+    #[arg(long = "process", value_parser = parse_named::<u32>)]
+    processes: Vec<(String, u32)>,
+    /// A service's /metrics page, as NAME=URL (repeat): its outbox backlog and consumer lag at
+    /// the end are reported.
+    #[arg(long = "metrics", value_parser = parse_named::<String>)]
+    metrics: Vec<(String, String)>,
+}
+
+fn parse_named<T: std::str::FromStr>(text: &str) -> Result<(String, T), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    let value = value
+        .parse()
+        .map_err(|_| format!("cannot read the value of {text:?}"))?;
+    Ok((name.to_owned(), value))
 }
 
 #[derive(Debug, Serialize)]
@@ -61,7 +82,28 @@ struct Report {
     elapsed_secs: f64,
     finished_per_sec: f64,
     completed_per_sec: f64,
+    /// Completed sagas per second between the end of the warm-up and the last finish.
+    sustained_completed_per_sec: f64,
     latency_ms: Percentiles,
+    processes: Vec<ProcessUsage>,
+    /// Outbox rows not yet published and records not yet consumed, per service, at the end.
+    backlog_at_end: Vec<Backlog>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProcessUsage {
+    name: String,
+    pid: u32,
+    cpu_secs: f64,
+    cpu_ms_per_saga: f64,
+    peak_rss_mb: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Backlog {
+    name: String,
+    outbox_rows: f64,
+    consumer_lag: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,6 +120,8 @@ struct Percentiles {
 struct Tally {
     sent_at: HashMap<Uuid, Instant>,
     latencies: Vec<Duration>,
+    /// When each saga finished, for the sustained rate.
+    finished_at: Vec<(Instant, bool)>,
     completed: usize,
     compensated: usize,
     failed: usize,
@@ -98,6 +142,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .create()
         .context("creating producer")?;
     let watcher = watch_from_end(&args, &topics.saga_events()).await?;
+    let cpu_before: Vec<f64> = args
+        .processes
+        .iter()
+        .map(|(_, pid)| cpu_seconds(*pid).unwrap_or(0.0))
+        .collect();
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let in_flight = Arc::new(Semaphore::new(args.in_flight));
@@ -148,7 +197,27 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     let tally = tally.lock().await;
-    let report = report(&args, &tally, elapsed);
+    let mut report = report(&args, &tally, elapsed, started);
+    for ((name, pid), before) in args.processes.iter().zip(cpu_before) {
+        let cpu_secs = cpu_seconds(*pid).unwrap_or(0.0) - before;
+        report.processes.push(ProcessUsage {
+            name: name.clone(),
+            pid: *pid,
+            cpu_secs,
+            cpu_ms_per_saga: cpu_secs * 1_000.0 / report.finished.max(1) as f64,
+            peak_rss_mb: peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
+        });
+    }
+    for (name, url) in &args.metrics {
+        match scrape_backlog(url).await {
+            Ok((outbox_rows, consumer_lag)) => report.backlog_at_end.push(Backlog {
+                name: name.clone(),
+                outbox_rows,
+                consumer_lag,
+            }),
+            Err(e) => eprintln!("reading {url}: {e:#}"),
+        }
+    }
     print_report(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -235,6 +304,7 @@ async fn watch_events(
             continue;
         };
         let mut tally = tally.lock().await;
+        let completed = matches!(envelope.body, SagaEvent::SagaCompleted { .. });
         let outcome = match &envelope.body {
             SagaEvent::SagaStarted { .. } => continue,
             SagaEvent::SagaCompleted { .. } => &mut tally.completed,
@@ -244,6 +314,7 @@ async fn watch_events(
         *outcome += 1;
         if let Some(sent) = tally.sent_at.remove(&envelope.body.order_id()) {
             tally.latencies.push(sent.elapsed());
+            tally.finished_at.push((Instant::now(), completed));
             in_flight.add_permits(1);
         }
         if tally.latencies.len() >= expected {
@@ -289,7 +360,52 @@ pub(crate) fn random_order(failure_percent: u8) -> OrderPlaced {
     }
 }
 
-fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration) -> Report {
+/// User plus system CPU time of `pid` so far, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are space separated.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / CLOCK_TICKS_PER_SEC)
+}
+
+/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every architecture we run.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// The peak resident set size of `pid` (VmHWM) in KiB.
+fn peak_rss_kb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a /metrics page.
+async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64)> {
+    let text = reqwest::get(url).await?.error_for_status()?.text().await?;
+    let mut outbox = 0.0;
+    let mut lag = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value: f64 = value.parse().unwrap_or(0.0);
+        let name = series.split('{').next().unwrap_or_default();
+        match name {
+            "outbox_backlog" => outbox += value,
+            "kafka_consumer_lag" => lag += value,
+            _ => {}
+        }
+    }
+    Ok((outbox, lag))
+}
+
+fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration, started: Instant) -> Report {
     let mut latencies = tally.latencies.clone();
     latencies.sort();
     let at = |q: f64| -> f64 {
@@ -314,6 +430,9 @@ fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration) -> Report {
         elapsed_secs: secs,
         finished_per_sec: latencies.len() as f64 / secs,
         completed_per_sec: tally.completed as f64 / secs,
+        sustained_completed_per_sec: sustained_rate(tally, started, args.warmup_secs),
+        processes: Vec::new(),
+        backlog_at_end: Vec::new(),
         latency_ms: Percentiles {
             p50: at(0.50),
             p90: at(0.90),
@@ -322,6 +441,27 @@ fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration) -> Report {
             max: at(1.0),
         },
     }
+}
+
+/// Completed sagas per second from the end of the warm-up to the last finish; over the whole
+/// run when it was shorter than twice the warm-up.
+fn sustained_rate(tally: &Tally, started: Instant, warmup_secs: f64) -> f64 {
+    let Some(last) = tally.finished_at.iter().map(|(at, _)| *at).max() else {
+        return 0.0;
+    };
+    let run_secs = (last - started).as_secs_f64();
+    let warmup = if run_secs > 2.0 * warmup_secs {
+        Duration::from_secs_f64(warmup_secs)
+    } else {
+        Duration::ZERO
+    };
+    let from = started + warmup;
+    let completed = tally
+        .finished_at
+        .iter()
+        .filter(|(at, completed)| *completed && *at >= from)
+        .count();
+    completed as f64 / (last - from).as_secs_f64().max(f64::EPSILON)
 }
 
 fn print_report(r: &Report) {
@@ -339,9 +479,25 @@ fn print_report(r: &Report) {
         "throughput        {:.1} finished/s, {:.1} completed/s",
         r.finished_per_sec, r.completed_per_sec
     );
+    println!(
+        "sustained         {:.1} completed/s after warm-up",
+        r.sustained_completed_per_sec
+    );
     let l = &r.latency_ms;
     println!(
         "latency (ms)      p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
         l.p50, l.p90, l.p99, l.p999, l.max
     );
+    for p in &r.processes {
+        println!(
+            "process           {:<13} cpu {:>7.2} s  {:>6.2} ms/saga  peak rss {:>6.1} MB",
+            p.name, p.cpu_secs, p.cpu_ms_per_saga, p.peak_rss_mb
+        );
+    }
+    for b in &r.backlog_at_end {
+        println!(
+            "backlog at end    {:<13} outbox {:>6}  consumer lag {:>6}",
+            b.name, b.outbox_rows, b.consumer_lag
+        );
+    }
 }

@@ -5,8 +5,10 @@
 //!   `saga.events`) in the same process, so both ends read one clock.
 //! - `sagactl chaos` runs the services as processes, kills them at random while sagas run, and
 //!   checks the books afterwards.
+//! - `sagactl ceiling broker|postgres` measures what the machine can do at most.
 //! - `sagactl order`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's commands.
 
+mod ceiling;
 mod chaos;
 mod load;
 mod ops;
@@ -40,6 +42,9 @@ enum Command {
     Abort(ops::OperatorArgs),
     /// Publish orders and report throughput and end-to-end latency.
     Load(load::LoadArgs),
+    /// Measure what the broker and PostgreSQL can do at most on this machine.
+    #[command(subcommand)]
+    Ceiling(ceiling::Ceiling),
     /// Run sagas while killing services at random, then check that nothing was lost or done
     /// twice.
     Chaos(chaos::ChaosArgs),
@@ -57,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Skip(args) => ops::operate("skip", args).await,
         Command::Abort(args) => ops::operate("abort", args).await,
         Command::Load(args) => load::run(args).await,
+        Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
     }
 }

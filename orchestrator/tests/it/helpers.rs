@@ -9,7 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use events::{Address, LineItem, OrderPlaced, Topics};
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig};
+use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 use orchestrator::config::RetryConfig;
 use participants::inventory::Inventory;
 use participants::payment::Payment;
@@ -43,6 +43,8 @@ pub struct Options {
     pub retries: RetryConfig,
     /// Participants not started at first (a test starts them with `start_participant`).
     pub without: Vec<&'static str>,
+    /// Sweep finished sagas and inbox rows older than this many seconds, every 100 ms.
+    pub retention_secs: Option<u64>,
 }
 
 /// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
@@ -102,6 +104,7 @@ impl TestSystem {
             session_timeout_ms: 6_000,
             group_instance_id: None,
             linger_ms: 1,
+            consumer_batch_max: 100,
         };
         let topics = Topics::new(kafka.topic_prefix.clone());
         messaging::kafka::ensure_topics(&kafka, &topics.all())
@@ -112,10 +115,18 @@ impl TestSystem {
             database_schema: None,
             database_max_connections: 2,
         };
+        let retention = match options.retention_secs {
+            Some(secs) => RetentionConfig {
+                inbox_retention_secs: secs,
+                retention_sweep_interval_ms: 100,
+            },
+            None => RetentionConfig::default(),
+        };
         let participant = ParticipantConfig {
             kafka: kafka.clone(),
             database: database_config.clone(),
             relay: RelayConfig::default(),
+            retention: retention.clone(),
             faults: FaultConfig::default(),
             group: None,
             metrics_addr: None,
@@ -131,6 +142,8 @@ impl TestSystem {
             kafka,
             database: database_config,
             relay: RelayConfig::default(),
+            retention,
+            saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
             retries: options.retries,
             faults: FaultConfig::default(),
             http_addr: listener.local_addr().expect("local addr"),

@@ -474,3 +474,58 @@ async fn one_order_is_one_trace_across_every_command_reply_and_event() {
     );
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_keeps_failed_ones() {
+    let system = TestSystem::start_with(crate::helpers::Options {
+        retention_secs: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    // A failed saga (as if its compensation had run out of attempts) must stay.
+    let orchestrator = system.schema("orchestrator").await;
+    let failed_id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO sagas (id, order_id, state, order_data, steps, definition_version, version, \
+                            created_at, updated_at, finished_at) \
+         SELECT $1, $2, 'failed', order_data, steps, definition_version, 0, created_at, \
+                updated_at, now() - interval '1 day' FROM sagas WHERE id = $3::uuid",
+    )
+    .bind(failed_id)
+    .bind(Uuid::new_v4())
+    .bind(&saga_id)
+    .execute(&orchestrator)
+    .await
+    .expect("insert a failed saga");
+
+    eventually("the finished saga to be swept", || async {
+        let (status, _) = system.get(&format!("/sagas/{saga_id}")).await;
+        (status == 404).then_some(())
+    })
+    .await;
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM saga_history WHERE saga_id = $1::uuid")
+            .bind(&saga_id)
+            .fetch_one(&orchestrator)
+            .await
+            .expect("count history");
+    assert_eq!(history, 0, "its history went with it");
+    let (status, kept) = system.get(&format!("/sagas/{failed_id}")).await;
+    assert_eq!(status, 200, "failed sagas wait for an operator: {kept}");
+    for schema in ["orchestrator", "inventory", "payment", "shipping"] {
+        let pool = system.schema(schema).await;
+        eventually(&format!("the {schema} inbox to be swept"), || async {
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (rows == 0).then_some(())
+        })
+        .await;
+    }
+    system.stop().await;
+}

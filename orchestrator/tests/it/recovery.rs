@@ -25,6 +25,7 @@ async fn a_participant_that_is_down_when_its_command_is_sent_completes_the_saga_
     let mut system = TestSystem::start_with(Options {
         retries: fast_retries(),
         without: vec!["payment"],
+        ..Default::default()
     })
     .await;
     let placed = order("alice", "WIDGET", 1, "DE");
@@ -64,6 +65,7 @@ async fn a_compensation_that_fails_twice_then_succeeds_compensates_the_saga() {
     let mut system = TestSystem::start_with(Options {
         retries: fast_retries(),
         without: vec!["inventory"],
+        ..Default::default()
     })
     .await;
     system.start_participant("inventory", 2);
@@ -91,6 +93,7 @@ async fn a_compensation_that_never_succeeds_fails_the_saga_until_an_operator_ret
     let mut system = TestSystem::start_with(Options {
         retries: fast_retries(),
         without: vec!["inventory"],
+        ..Default::default()
     })
     .await;
     system.start_participant("inventory", u32::MAX);

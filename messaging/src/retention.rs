@@ -1,0 +1,55 @@
+//! Retention: handled-message ids (the inbox) do not grow without bound. Rows older than
+//! `INBOX_RETENTION_SECS` are deleted in small batches, so the sweep never holds long locks.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionConfig;
+
+/// Rows deleted per statement.
+pub const SWEEP_BATCH: i64 = 5_000;
+
+/// Runs `sweep` every `interval` until `stop`; a sweep that deleted a full batch runs again at
+/// once. `sweep` returns how many rows it deleted.
+pub async fn every<F, Fut>(what: &str, interval: Duration, stop: CancellationToken, mut sweep: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<u64>>,
+{
+    loop {
+        match sweep().await {
+            Ok(deleted) if deleted >= SWEEP_BATCH as u64 => {
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            Ok(deleted) if deleted > 0 => tracing::info!(deleted, "{what}: swept"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error.message = %e, "{what}: sweep failed; retrying later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Deletes up to [`SWEEP_BATCH`] inbox rows older than the retention.
+pub async fn sweep_inbox(pool: &PgPool, config: &RetentionConfig) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM inbox WHERE message_id IN ( \
+             SELECT message_id FROM inbox \
+             WHERE received_at < now() - make_interval(secs => $1) \
+             ORDER BY received_at LIMIT $2)",
+    )
+    .bind(config.inbox_retention_secs as f64)
+    .bind(SWEEP_BATCH)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}
