@@ -5,6 +5,10 @@
 # (default: 300 orders, one in flight). Removes its database afterwards.
 #
 #   scripts/bench.sh [sagactl load arguments, e.g. --orders 2000 --in-flight 8 --json out.json]
+#
+# BENCH_PROFILE=debug uses the debug build (CI's smoke run); the default is release.
+# The report includes each service's CPU time per saga and peak memory (--process) and its
+# outbox backlog and consumer lag at the end (--metrics), read from the services' /metrics.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,7 +22,12 @@ export DATABASE_URL="$server_url/$database"
 export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
 
 BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
-cargo build --release --locked --bins
+profile="${BENCH_PROFILE:-release}"
+if [[ "$profile" == release ]]; then
+  cargo build --release --locked --bins
+else
+  cargo build --locked --bins
+fi
 psql "$server_url/postgres" -qc "CREATE DATABASE $database"
 
 mkdir -p ".run/bench-$run_id"
@@ -29,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for service in orchestrator inventory payment shipping; do
-  "target/release/$service" >".run/bench-$run_id/$service.log" 2>&1 &
+  "target/$profile/$service" >".run/bench-$run_id/$service.log" 2>&1 &
   pids+=($!)
 done
 for _ in $(seq 1 300); do
@@ -43,4 +52,10 @@ for _ in $(seq 1 300); do
 done
 
 if (($# == 0)); then set -- --orders 300 --in-flight 1; fi
-target/release/sagactl load "$@"
+names=(orchestrator inventory payment shipping)
+metrics_urls=("http://$HTTP_ADDR/metrics" http://127.0.0.1:9181/metrics http://127.0.0.1:9182/metrics http://127.0.0.1:9183/metrics)
+accounting=()
+for i in "${!names[@]}"; do
+  accounting+=(--process "${names[$i]}=${pids[$i]}" --metrics "${names[$i]}=${metrics_urls[$i]}")
+done
+"target/$profile/sagactl" load "${accounting[@]}" "$@"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit tests, golden files, the end-to-end tests, and a short chaos
-# run (services as processes, SIGKILLed at random while sagas run), against the Nisshi broker
+# Runs the whole test suite: unit tests, golden files, the end-to-end tests, a short chaos run
+# (services as processes, SIGKILLed at random while sagas run), the operations page in
+# headless Chromium, and a few-second smoke run of the benchmark, against the Nisshi broker
 # (installed and started here if none listens on 127.0.0.1:9092) and the PostgreSQL at
 # $TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432).
 #
@@ -30,3 +31,12 @@ cargo test --workspace --locked "$@" -- --test-threads=4
 cargo build --workspace --locked --bins
 target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 300 --rate 30 \
   --kill-every-ms 1500 --crash-after-commit-every 40
+
+# The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
+# missing) against the services as processes; screenshots go to target/artifacts/.
+scripts/browser-test.sh
+
+# A smoke run of the benchmark, so that its command cannot rot: a few seconds, debug build.
+mkdir -p target/artifacts
+BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
+  --warmup-secs 0 --json target/artifacts/bench-smoke.json

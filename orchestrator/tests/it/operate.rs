@@ -20,12 +20,18 @@ fn openapi() -> Value {
 /// Checks `body` against the schema the document gives for `method path` answering `status`.
 fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
     let escaped = path.replace('~', "~0").replace('/', "~1");
-    let response = format!("#/paths/{escaped}/{method}/responses/{status}");
-    let pointer = response.trim_start_matches('#');
-    assert!(
-        doc.pointer(pointer).is_some(),
-        "{method} {path} answered {status}, which the document does not list"
-    );
+    let mut pointer = format!("/paths/{escaped}/{method}/responses/{status}");
+    // A shared response (`#/components/responses/...`) is a reference.
+    while let Some(target) = doc
+        .pointer(&pointer)
+        .unwrap_or_else(|| {
+            panic!("{method} {path} answered {status}, which the document does not list")
+        })
+        .get("$ref")
+        .and_then(Value::as_str)
+    {
+        pointer = target.trim_start_matches('#').to_owned();
+    }
     let schema_pointer = format!("{pointer}/content/application~1json/schema");
     assert!(
         doc.pointer(&schema_pointer).is_some(),
@@ -33,7 +39,9 @@ fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &
     );
     // The whole document is the root, so `#/components/...` references resolve.
     let mut root = doc.clone();
-    root["$ref"] = json!(format!("#{schema_pointer}"));
+    // As a URI fragment, the path template's braces must be percent-encoded.
+    let fragment = schema_pointer.replace('{', "%7B").replace('}', "%7D");
+    root["$ref"] = json!(format!("#{fragment}"));
     let validator = jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
         .build(&root)
@@ -80,6 +88,13 @@ fn every_route_is_documented_and_every_documented_route_exists() {
 async fn the_server_answers_as_its_openapi_document_says() {
     let system = TestSystem::start().await;
     let doc = openapi();
+
+    // The check is not vacuous: a body that breaks the schema fails it.
+    let wrong = json!({ "saga_id": "not a uuid", "state": "lost" });
+    assert!(std::panic::catch_unwind(|| {
+        assert_documented(&doc, "get", "/sagas/{saga_id}", 200, &wrong);
+    })
+    .is_err());
 
     let (status, served_doc) = system.get("/openapi.json").await;
     assert_eq!(status, 200);
@@ -214,14 +229,16 @@ async fn sagas_filter_by_state_age_step_and_reason_and_page_with_a_cursor() {
     listed.sort();
     assert_eq!(listed, expected, "every saga exactly once across the pages");
 
-    let (_, compensated) = system.get("/sagas?state=compensated&reason=DECLINED").await;
+    // carol cannot pay: "insufficient funds"; the match ignores case.
+    let (_, compensated) = system
+        .get("/sagas?state=compensated&reason=Insufficient%20FUNDS")
+        .await;
     let compensated = compensated["sagas"].as_array().cloned().unwrap_or_default();
     assert_eq!(compensated.len(), 2, "{compensated:?}");
     assert!(compensated.iter().all(|s| s["failure_reason"]
         .as_str()
         .unwrap_or_default()
-        .to_lowercase()
-        .contains("declined")));
+        .contains("insufficient funds")));
     let (_, none) = system.get("/sagas?reason=no%20such%20reason").await;
     assert_eq!(none["sagas"].as_array().map(Vec::len), Some(0));
     let (_, old) = system.get("/sagas?min_age_secs=3600").await;
@@ -366,13 +383,28 @@ async fn metrics_are_valid_prometheus_text_and_count_sagas() {
         "sagas_finished_total",
         "messages_consumed_total",
         "outbox_published_total",
-        "saga_duration_seconds_bucket",
-        "saga_step_duration_seconds_bucket",
-        "message_handle_duration_seconds_bucket",
     ] {
         assert!(
             names.contains(expected),
             "{expected} missing from {names:?}"
+        );
+    }
+    // Latencies are histograms (with buckets), which Prometheus can aggregate across
+    // instances, not summaries.
+    for histogram in [
+        "saga_duration_seconds",
+        "saga_step_duration_seconds",
+        "message_handle_duration_seconds",
+    ] {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == histogram)
+            .unwrap_or_else(|| panic!("{histogram} missing from {names:?}"));
+        assert!(
+            matches!(sample.value, prometheus_parse::Value::Histogram(ref buckets) if !buckets.is_empty()),
+            "{histogram} is a histogram: {:?}",
+            sample.value
         );
     }
     let completed = scrape
