@@ -6,7 +6,7 @@
 #
 #   scripts/browser-test.sh
 #
-# Needs Node 18+ and npm; installs Chromium with apt-get when /usr/bin/chromium is missing
+# Needs Node 20+ and npm; installs Chromium with apt-get when /usr/bin/chromium is missing
 # (CHROMIUM=/path/to/chrome uses another). Removes its database and stops what it started.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +65,10 @@ print_logs() {
 }
 
 # The browser and the test's dependencies.
+if [[ -n ${CHROMIUM:-} && ! -x $CHROMIUM ]]; then
+  say "CHROMIUM=$CHROMIUM is not an executable"
+  exit 1
+fi
 if [[ ! -x "$chromium" ]]; then
   say "installing Chromium with apt-get"
   as_root=()

@@ -249,6 +249,7 @@ async function run(browser) {
   log(`happy: completed; screenshot ${join(ARTIFACT_DIR, 'saga-page.png')}`);
 
   // 3. An order that is compensated: carol's payment is declined.
+  const compensatedBefore = Number(await testIdText(page, 'count-compensated'));
   const declined = await placeOrderThroughPage(page, 'payment_declined', happy);
   await waitForTimelineState(page, declined, 'compensated');
   await expectSteps(page, declined, {
@@ -264,6 +265,9 @@ async function run(browser) {
   await waitInPage(page, `the timeline's stream of saga ${declined} to end`,
     () => document.querySelector('[data-testid="timeline-connection"]')?.dataset.status === 'ended');
   await expectListRow(page, declined, 'compensated');
+  await waitInPage(page, `the header's compensated count to pass ${compensatedBefore}`,
+    (before) => Number(document.querySelector('[data-testid="count-compensated"]').textContent) > before,
+    compensatedBefore);
   await expectNoErrorBar(page);
   guard.check();
   await page.screenshot({ path: join(ARTIFACT_DIR, 'saga-compensated.png'), fullPage: true });

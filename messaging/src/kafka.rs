@@ -65,7 +65,7 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagR
             (config.session_timeout_ms / 4).max(100).to_string(),
         )
         // Feeds the consumer-lag gauge.
-        .set("statistics.interval.ms", "5000")
+        .set("statistics.interval.ms", "1000")
         .create_with_context(LagReporter)
         .map_err(Error::kafka(format!("creating consumer for group {group}")))
 }

@@ -10,7 +10,7 @@ use crate::relay::Relay;
 use crate::{kafka, metrics, retention, Result};
 
 /// How often the outbox backlog gauges are refreshed.
-const OUTBOX_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+const OUTBOX_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one service consumes and how.
 #[derive(Debug, Clone)]

@@ -70,11 +70,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/ui/app.js",
-            get(|| async { static_file("text/javascript", include_str!("../web/app.js")) }),
+            get(|| async {
+                static_file(
+                    "text/javascript; charset=utf-8",
+                    include_str!("../web/app.js"),
+                )
+            }),
         )
         .route(
             "/ui/style.css",
-            get(|| async { static_file("text/css", include_str!("../web/style.css")) }),
+            get(|| async {
+                static_file("text/css; charset=utf-8", include_str!("../web/style.css"))
+            }),
         )
         .route(
             "/openapi.json",

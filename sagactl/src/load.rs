@@ -104,6 +104,8 @@ struct Backlog {
     name: String,
     outbox_rows: f64,
     consumer_lag: f64,
+    /// Mean time from receiving a record to committing its transaction, over the run.
+    mean_handle_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,6 +165,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
     let mut next_send = Instant::now();
     let mut last_progress = Instant::now();
+    let mut publishing = Vec::with_capacity(args.orders);
     for sent in 0..args.orders {
         match interval {
             Some(interval) => {
@@ -181,12 +184,20 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             .await
             .sent_at
             .insert(order.order_id, Instant::now());
-        publish_order(&producer, &topics, &order).await?;
+        // Publishing does not wait for the broker's acknowledgement before the next order:
+        // awaiting each one in turn capped the load at one order per produce round trip.
+        let (producer, topics) = (producer.clone(), topics.clone());
+        publishing.push(tokio::spawn(async move {
+            publish_order(&producer, &topics, &order).await
+        }));
         if last_progress.elapsed() >= Duration::from_secs(1) {
             let finished = tally.lock().await.latencies.len();
             eprintln!("sent {}/{}, finished {finished}", sent + 1, args.orders);
             last_progress = Instant::now();
         }
+    }
+    for published in publishing {
+        published.await.context("publishing task")??;
     }
     let settled = tokio::time::timeout(Duration::from_secs(args.settle_timeout_secs), watch).await;
     let elapsed = started.elapsed();
@@ -208,13 +219,21 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             peak_rss_mb: peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
         });
     }
+    if !args.metrics.is_empty() {
+        // The gauges are sampled every second (outbox) and committed offsets move every
+        // second; let both catch up with the end of the run.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+    }
     for (name, url) in &args.metrics {
         match scrape_backlog(url).await {
-            Ok((outbox_rows, consumer_lag)) => report.backlog_at_end.push(Backlog {
-                name: name.clone(),
-                outbox_rows,
-                consumer_lag,
-            }),
+            Ok((outbox_rows, consumer_lag, mean_handle_ms)) => {
+                report.backlog_at_end.push(Backlog {
+                    name: name.clone(),
+                    outbox_rows,
+                    consumer_lag,
+                    mean_handle_ms,
+                })
+            }
             Err(e) => eprintln!("reading {url}: {e:#}"),
         }
     }
@@ -385,11 +404,13 @@ fn peak_rss_kb(pid: u32) -> Option<f64> {
         .ok()
 }
 
-/// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a /metrics page.
-async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64)> {
+/// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a /metrics page, and
+/// the mean of `message_handle_duration_seconds` in milliseconds.
+async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64, f64)> {
     let text = reqwest::get(url).await?.error_for_status()?.text().await?;
     let mut outbox = 0.0;
     let mut lag = 0.0;
+    let (mut handle_sum, mut handle_count) = (0.0, 0.0);
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
@@ -399,10 +420,17 @@ async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64)> {
         match name {
             "outbox_backlog" => outbox += value,
             "kafka_consumer_lag" => lag += value,
+            "message_handle_duration_seconds_sum" => handle_sum += value,
+            "message_handle_duration_seconds_count" => handle_count += value,
             _ => {}
         }
     }
-    Ok((outbox, lag))
+    let mean_handle_ms = if handle_count > 0.0 {
+        handle_sum * 1_000.0 / handle_count
+    } else {
+        0.0
+    };
+    Ok((outbox, lag, mean_handle_ms))
 }
 
 fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration, started: Instant) -> Report {
@@ -496,8 +524,8 @@ fn print_report(r: &Report) {
     }
     for b in &r.backlog_at_end {
         println!(
-            "backlog at end    {:<13} outbox {:>6}  consumer lag {:>6}",
-            b.name, b.outbox_rows, b.consumer_lag
+            "backlog at end    {:<13} outbox {:>6}  consumer lag {:>6}  (mean handling {:.2} ms/record)",
+            b.name, b.outbox_rows, b.consumer_lag, b.mean_handle_ms
         );
     }
 }
