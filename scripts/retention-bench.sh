@@ -28,10 +28,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-{
-  echo "CREATE SCHEMA orchestrator; SET search_path = orchestrator;"
-  cat migrations/messaging/*.sql migrations/orchestrator/*.sql
-} | psql "$db" -q -v ON_ERROR_STOP=1
+# The orchestrator creates and migrates its schema; start it once for that, then stop it.
+start_orchestrator() {
+  DATABASE_URL="$db" TOPIC_PREFIX="retention-${run_id}." HTTP_ADDR=127.0.0.1:18090 \
+    "target/$profile/orchestrator" >>".run/retention-${run_id}.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 300); do
+    curl -fsS http://127.0.0.1:18090/healthz >/dev/null 2>&1 && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "the orchestrator did not start; see .run/retention-${run_id}.log" >&2
+  exit 1
+}
+mkdir -p .run
+start_orchestrator
+kill -TERM "$pid"; wait "$pid" || true; pid=""
 
 sizes() {
   psql "$db" -At -F ' ' -c "SELECT relname, pg_size_pretty(pg_total_relation_size(c.oid)), \
@@ -80,10 +92,7 @@ sizes
 
 echo "sweeping with SAGA_RETENTION_SECS=0 INBOX_RETENTION_SECS=0..." >&2
 started=$(date +%s.%N)
-DATABASE_URL="$db" TOPIC_PREFIX="retention-${run_id}." HTTP_ADDR=127.0.0.1:18090 \
-  SAGA_RETENTION_SECS=0 INBOX_RETENTION_SECS=0 RETENTION_SWEEP_INTERVAL_MS=100 \
-  "target/$profile/orchestrator" >".run/retention-${run_id}.log" 2>&1 &
-pid=$!
+SAGA_RETENTION_SECS=0 INBOX_RETENTION_SECS=0 RETENTION_SWEEP_INTERVAL_MS=100 start_orchestrator
 while :; do
   left=$(psql "$db" -At -c "SELECT (SELECT count(*) FROM orchestrator.sagas) + (SELECT count(*) FROM orchestrator.inbox)")
   [[ "$left" == 0 ]] && break

@@ -561,3 +561,78 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     }
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
+    // A stand-in OTLP/HTTP collector that keeps what it receives.
+    let received: std::sync::Arc<tokio::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    let collector = {
+        let received = std::sync::Arc::clone(&received);
+        axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let received = std::sync::Arc::clone(&received);
+                    async move {
+                        let content_type = headers
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        received.lock().await.push((content_type, body.to_vec()));
+                        axum::http::StatusCode::OK
+                    }
+                },
+            ),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let mut system = TestSystem::start_with(crate::helpers::Options {
+        without: vec!["orchestrator"],
+        ..Default::default()
+    })
+    .await;
+    let mut orchestrator = system
+        .spawn_orchestrator_process(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ])
+        .await;
+    let trace_id = Uuid::new_v4();
+    let traceparent = format!("00-{}-00f067aa0ba902b7-01", trace_id.simple());
+    let placed = order("alice", "WIDGET", 1, "DE");
+    let payload = serde_json::to_vec(&placed).expect("json");
+    system
+        .publish_with_headers(
+            &system.topics.orders(),
+            &placed.order_id.to_string(),
+            &payload,
+            &[("traceparent", traceparent.as_str())],
+        )
+        .await;
+    system.finished_saga(placed.order_id).await;
+
+    // The export is protobuf: the trace id appears as its 16 raw bytes, the service name as
+    // a string.
+    let trace_bytes = trace_id.as_bytes().to_vec();
+    eventually("the order's spans at the collector", || async {
+        let received = received.lock().await;
+        received
+            .iter()
+            .any(|(content_type, body)| {
+                content_type == "application/x-protobuf"
+                    && body.windows(16).any(|w| w == trace_bytes.as_slice())
+                    && body.windows(12).any(|w| w == b"orchestrator")
+            })
+            .then_some(())
+    })
+    .await;
+    // Stop the process before its topics and database go.
+    orchestrator.kill().await.expect("stop the orchestrator");
+    system.stop().await;
+}
