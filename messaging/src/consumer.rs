@@ -117,21 +117,34 @@ pub struct DeadLetters {
     pub consumer: String,
 }
 
-/// Consumes `topics` until `shutdown` is cancelled, finishing the record in hand, then commits
-/// the stored offsets before leaving the group.
+/// What a consume loop reads and how.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumeSettings<'a> {
+    pub topics: &'a [String],
+    pub dead_letters: &'a DeadLetters,
+    /// Most records handled in one transaction.
+    pub batch_max: usize,
+    pub faults: &'a FaultConfig,
+}
+
+/// Consumes `settings.topics` until `shutdown` is cancelled, finishing the batch in hand, then
+/// commits the stored offsets before leaving the group.
 ///
 /// # Errors
 /// [`Error::Kafka`] when the subscription fails.
 pub async fn run<H: Handler>(
     consumer: StreamConsumer<LagReporter>,
-    topics: &[String],
     pool: PgPool,
     handler: H,
-    dead_letters: DeadLetters,
-    batch_max: usize,
-    faults: &FaultConfig,
+    settings: ConsumeSettings<'_>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let ConsumeSettings {
+        topics,
+        dead_letters,
+        batch_max,
+        faults,
+    } = settings;
     let mut handled: u64 = 0;
     let started = std::time::Instant::now();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -173,7 +186,7 @@ pub async fn run<H: Handler>(
                 None => break,
             }
         }
-        if !process_batch(&pool, &handler, &batch, &dead_letters, &shutdown).await {
+        if !process_batch(&pool, &handler, &batch, dead_letters, &shutdown).await {
             // Shut down while a record was still failing: leave the offsets unstored so the
             // next owner of the partition handles the records again.
             break;

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
-use crate::consumer::{self, DeadLetters, Handler};
+use crate::consumer::{self, ConsumeSettings, DeadLetters, Handler};
 use crate::relay::Relay;
 use crate::{kafka, metrics, retention, Result};
 
@@ -65,17 +65,13 @@ impl Pipeline {
             OUTBOX_SAMPLE_INTERVAL,
             relay_stop.clone(),
         ));
-        let consumed = consumer::run(
-            consumer,
-            &self.topics,
-            pool,
-            handler,
-            self.dead_letters.clone(),
-            self.kafka.consumer_batch_max,
-            &self.faults,
-            shutdown,
-        )
-        .await;
+        let settings = ConsumeSettings {
+            topics: &self.topics,
+            dead_letters: &self.dead_letters,
+            batch_max: self.kafka.consumer_batch_max,
+            faults: &self.faults,
+        };
+        let consumed = consumer::run(consumer, pool, handler, settings, shutdown).await;
         if matches!(consumed, Err(crate::Error::InjectedCrash)) {
             // A crash does not drain anything.
             relay.abort();

@@ -237,13 +237,7 @@ async fn watch(
     path: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(saga_id) = path?;
-    if store::get(&state.pool, saga_id)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .is_none()
-    {
-        return Err(ApiError::not_found(format!("no saga {saga_id}")));
-    }
+    ensure_exists(&state, saga_id).await?;
     let (events_tx, events_rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(stream_saga(state, saga_id, events_tx));
     let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
@@ -357,18 +351,21 @@ async fn get_saga_by_order(
     Ok(Json(SagaView::new(saga, version)))
 }
 
+/// `404` unless the saga exists.
+async fn ensure_exists(state: &AppState, saga_id: Uuid) -> Result<(), ApiError> {
+    match store::get(&state.pool, saga_id).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::not_found(format!("no saga {saga_id}"))),
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
 async fn get_history(
     State(state): State<AppState>,
     path: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(saga_id) = path?;
-    if store::get(&state.pool, saga_id)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .is_none()
-    {
-        return Err(ApiError::not_found(format!("no saga {saga_id}")));
-    }
+    ensure_exists(&state, saga_id).await?;
     let history = store::history(&state.pool, saga_id, 0)
         .await
         .map_err(|e| ApiError::internal(&e))?;

@@ -79,13 +79,7 @@ struct Latency {
 
 fn latency_ms(mut samples: Vec<Duration>) -> Latency {
     samples.sort();
-    let at = |q: f64| -> f64 {
-        if samples.is_empty() {
-            return 0.0;
-        }
-        let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[index].as_secs_f64() * 1_000.0
-    };
+    let at = |q: f64| crate::load::percentile_ms(&samples, q);
     Latency {
         p50: at(0.5),
         p90: at(0.9),

@@ -433,16 +433,19 @@ async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64, f64)> {
     Ok((outbox, lag, mean_handle_ms))
 }
 
+/// The `q` quantile (0 to 1, nearest rank) of `sorted`, in milliseconds; 0 when empty.
+pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1_000.0
+}
+
 fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration, started: Instant) -> Report {
     let mut latencies = tally.latencies.clone();
     latencies.sort();
-    let at = |q: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[index].as_secs_f64() * 1_000.0
-    };
+    let at = |q: f64| percentile_ms(&latencies, q);
     let secs = elapsed.as_secs_f64().max(f64::EPSILON);
     Report {
         orders: args.orders,

@@ -388,6 +388,18 @@ impl TestSystem {
             .expect("publish");
     }
 
+    /// Places `order` as a client inside trace `traceparent` would.
+    pub async fn place_traced(&self, order: &OrderPlaced, traceparent: &str) {
+        let payload = serde_json::to_vec(order).expect("serialise order");
+        self.publish_with_headers(
+            &self.topics.orders(),
+            &order.order_id.to_string(),
+            &payload,
+            &[("traceparent", traceparent)],
+        )
+        .await;
+    }
+
     pub async fn place(&self, order: &OrderPlaced) {
         let payload = serde_json::to_vec(order).expect("serialise order");
         self.publish(&self.topics.orders(), &order.order_id.to_string(), &payload)

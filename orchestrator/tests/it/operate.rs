@@ -459,15 +459,7 @@ async fn one_order_is_one_trace_across_every_command_reply_and_event() {
     let client_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace_id}-{client_span}-01");
     let placed = order("alice", "WIDGET", 1, "DE");
-    let payload = serde_json::to_vec(&placed).expect("json");
-    system
-        .publish_with_headers(
-            &system.topics.orders(),
-            &placed.order_id.to_string(),
-            &payload,
-            &[("traceparent", traceparent.as_str())],
-        )
-        .await;
+    system.place_traced(&placed, &traceparent).await;
     let saga = system.finished_saga(placed.order_id).await;
     assert_eq!(saga["state"], "completed", "{saga}");
 
@@ -562,10 +554,13 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     system.stop().await;
 }
 
+/// What the stand-in collector received: content type and body of each request.
+type Exports = std::sync::Arc<tokio::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
     // A stand-in OTLP/HTTP collector that keeps what it receives.
-    let received: std::sync::Arc<tokio::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    let received: Exports = Default::default();
     let collector = {
         let received = std::sync::Arc::clone(&received);
         axum::Router::new().route(
@@ -606,15 +601,7 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
     let trace_id = Uuid::new_v4();
     let traceparent = format!("00-{}-00f067aa0ba902b7-01", trace_id.simple());
     let placed = order("alice", "WIDGET", 1, "DE");
-    let payload = serde_json::to_vec(&placed).expect("json");
-    system
-        .publish_with_headers(
-            &system.topics.orders(),
-            &placed.order_id.to_string(),
-            &payload,
-            &[("traceparent", traceparent.as_str())],
-        )
-        .await;
+    system.place_traced(&placed, &traceparent).await;
     system.finished_saga(placed.order_id).await;
 
     // The export is protobuf: the trace id appears as its 16 raw bytes, the service name as
