@@ -25,9 +25,10 @@ pub struct KafkaConfig {
     pub topic_replication_factor: i32,
 
     /// Longest time the broker may hold a fetch request waiting for data (fetch.wait.max.ms).
-    /// Low, because some Kafka-protocol brokers (Nisshi) wait the full time on every fetch;
-    /// against Apache Kafka 100 or more saves requests.
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 10)]
+    /// 25 measured best on Nisshi (BENCHMARKS.md): lower makes every idle consumer poll the
+    /// broker so often that it starves the machine, higher adds to each hop. Against Apache
+    /// Kafka, which answers as soon as data arrives, 100 or more saves requests.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 25)]
     pub fetch_wait_max_ms: u32,
 
     /// Consumer group session timeout: how soon a crashed member's partitions move.
