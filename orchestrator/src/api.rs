@@ -266,7 +266,12 @@ async fn stream_saga(state: AppState, saga_id: Uuid, events: tokio::sync::mpsc::
             Err(e) => {
                 tracing::warn!(error.message = %e, %saga_id, "watch: reading the saga failed");
                 let _ = events
-                    .send(Event::default().event("error").data(e.to_string()))
+                    .send(
+                        Event::default()
+                            .event("error")
+                            .json_data(json!({ "error": { "code": "internal", "message": e.to_string() } }))
+                            .unwrap_or_default(),
+                    )
                     .await;
                 return;
             }
@@ -441,13 +446,14 @@ async fn list_sagas(
         reason: non_empty(query.reason),
         after,
     };
-    let page = store::list(&state.pool, &filter, limit)
+    // One row more than asked says whether another page follows.
+    let mut page = store::list(&state.pool, &filter, limit + 1)
         .await
         .map_err(|e| ApiError::internal(&e))?;
+    let more = page.len() as i64 > limit;
+    page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next_cursor = match page.last() {
-        Some((saga, _)) if page.len() as i64 == limit => {
-            Some(encode_cursor(saga.created_at, saga.id))
-        }
+        Some((saga, _)) if more => Some(encode_cursor(saga.created_at, saga.id)),
         _ => None,
     };
     let sagas: Vec<SagaView> = page

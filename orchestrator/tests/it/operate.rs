@@ -204,6 +204,11 @@ async fn sagas_filter_by_state_age_step_and_reason_and_page_with_a_cursor() {
         system.finished_saga(*order_id).await;
     }
 
+    // A page that holds the last saga says so: no cursor to an empty page.
+    let (_, all) = system.get("/sagas?limit=5").await;
+    assert_eq!(all["sagas"].as_array().map(Vec::len), Some(5));
+    assert!(all["next_cursor"].is_null(), "{all}");
+
     // Two per page: 5 sagas take three pages, and no saga shows up twice.
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
