@@ -628,3 +628,54 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
     orchestrator.kill().await.expect("stop the orchestrator");
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_serves_metrics_and_health_on_its_own_address() {
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    system.finished_saga(placed.order_id).await;
+    // The server every participant binary starts on METRICS_ADDR.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(messaging::metrics::Metrics::install().serve(addr, stop.clone()));
+    let client = reqwest::Client::new();
+    let text = eventually("the metrics server to answer", || async {
+        let response = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .ok()?;
+        response.status().is_success().then_some(())?;
+        response.text().await.ok()
+    })
+    .await;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text format");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "messages_consumed_total"
+                && s.labels.get("topic")
+                    == Some(&system.topics.commands(events::Participant::Payment))),
+        "the payment participant's consumption is counted"
+    );
+    lint_metric_names(&text);
+    let health = client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert!(health.status().is_success());
+    stop.cancel();
+    server
+        .await
+        .expect("server task")
+        .expect("server stops cleanly");
+    system.stop().await;
+}
