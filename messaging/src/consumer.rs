@@ -39,9 +39,7 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    /// The record's trace context headers (see [`crate::telemetry::TRACE_HEADERS`]).
-    pub trace_headers: BTreeMap<String, String>,
-    /// The span the record is handled in.
+    /// The span the record is handled in, a child of the trace context in its headers.
     pub span: tracing::Span,
 }
 
@@ -240,15 +238,13 @@ fn to_record(message: &impl Message) -> Record {
         step = tracing::field::Empty,
         message_id = tracing::field::Empty,
     );
-    let trace_headers = trace_headers(message);
-    telemetry::extract(&span, &trace_headers);
+    telemetry::extract(&span, &trace_headers(message));
     Record {
         topic: message.topic().to_owned(),
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        trace_headers,
         span,
     }
 }

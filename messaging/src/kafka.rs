@@ -9,6 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
@@ -20,6 +21,18 @@ fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);
     client
+}
+
+/// Kafka record headers carrying `headers`.
+pub fn record_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
+    headers
+        .into_iter()
+        .fold(OwnedHeaders::new(), |kafka, (key, value)| {
+            kafka.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
 }
 
 /// An idempotent producer: acks from all in-sync replicas, no duplicates or reordering from

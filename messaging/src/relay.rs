@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::RelayConfig;
 use crate::outbox::NOTIFY_CHANNEL;
-use crate::telemetry;
+use crate::{kafka, telemetry};
 use crate::{Error, Result};
 
 pub struct Relay {
@@ -138,9 +137,12 @@ impl Relay {
             let span = tracing::info_span!("publish", otel.kind = "producer", topic = %topic);
             telemetry::extract(&span, &headers);
             telemetry::inject(&span, &mut headers);
-            let mut record = FutureRecord::to(topic)
-                .payload(payload)
-                .headers(to_kafka_headers(&headers));
+            let mut record =
+                FutureRecord::to(topic)
+                    .payload(payload)
+                    .headers(kafka::record_headers(
+                        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    ));
             if let Some(key) = key {
                 record = record.key(key);
             }
@@ -179,15 +181,4 @@ fn to_header_map(headers: &serde_json::Value) -> BTreeMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn to_kafka_headers(headers: &BTreeMap<String, String>) -> OwnedHeaders {
-    headers
-        .iter()
-        .fold(OwnedHeaders::new(), |kafka, (key, value)| {
-            kafka.insert(Header {
-                key,
-                value: Some(value),
-            })
-        })
 }

@@ -139,6 +139,21 @@ pub fn extract(span: &tracing::Span, headers: &BTreeMap<String, String>) {
     }
 }
 
+/// The `traceparent` of `span`, to store or send where only that one value fits.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let mut headers = BTreeMap::new();
+    inject(span, &mut headers);
+    headers.remove("traceparent")
+}
+
+/// Makes `span` a child of `traceparent` (a stored or received W3C value).
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    extract(
+        span,
+        &BTreeMap::from([("traceparent".to_owned(), traceparent.to_owned())]),
+    );
+}
+
 /// A new root `traceparent` for a client outside any trace (the load generator, the CLI):
 /// version 00, random trace and span ids, sampled.
 pub fn new_traceparent() -> String {

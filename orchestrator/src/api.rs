@@ -15,7 +15,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use events::{Address, LineItem, OrderPlaced, Topics};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -255,7 +254,7 @@ async fn stream_saga(state: AppState, saga_id: Uuid, events: tokio::sync::mpsc::
     let mut seen_history = 0;
     loop {
         let read = async {
-            let saga = store::get_versioned(&state.pool, saga_id).await?;
+            let saga = store::get(&state.pool, saga_id).await?;
             let history = store::history(&state.pool, saga_id, seen_history).await?;
             Ok::<_, crate::Error>((saga, history))
         };
@@ -332,7 +331,7 @@ async fn get_saga(
     path: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
     let Path(saga_id) = path?;
-    let (saga, version) = store::get_versioned(&state.pool, saga_id)
+    let (saga, version) = store::get(&state.pool, saga_id)
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
@@ -349,7 +348,7 @@ async fn get_saga_by_order(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;
-    let (saga, version) = store::get_versioned(&state.pool, saga_id)
+    let (saga, version) = store::get(&state.pool, saga_id)
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;
@@ -508,24 +507,15 @@ async fn place_order(
     // The order's trace starts here (or continues the caller's, from its `traceparent`).
     let span = tracing::info_span!("place_order", order_id = %order.order_id);
     if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        let incoming =
-            std::collections::BTreeMap::from([("traceparent".to_owned(), parent.to_owned())]);
-        messaging::telemetry::extract(&span, &incoming);
+        messaging::telemetry::continue_trace(&span, parent);
     }
-    let mut trace = std::collections::BTreeMap::new();
-    messaging::telemetry::inject(&span, &mut trace);
-    let kafka_headers = trace
-        .iter()
-        .fold(OwnedHeaders::new(), |kafka, (key, value)| {
-            kafka.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
+    let traceparent = messaging::telemetry::traceparent(&span);
     let record = FutureRecord::to(&topic)
         .key(&key)
         .payload(&payload)
-        .headers(kafka_headers);
+        .headers(messaging::kafka::record_headers(
+            traceparent.as_deref().map(|value| ("traceparent", value)),
+        ));
     state
         .producer
         .send(record, Duration::from_secs(5))

@@ -30,10 +30,8 @@ impl OrchestratorHandler {
         let order_id = order.order_id;
         let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, &self.policies);
         record.describe(saga.id, "order", order_id);
-        let mut trace = std::collections::BTreeMap::new();
-        messaging::telemetry::inject(&record.span, &mut trace);
-        let trace_parent = trace.get("traceparent").map(String::as_str);
-        if !store::insert_saga(tx, &saga, trace_parent).await? {
+        let trace_parent = messaging::telemetry::traceparent(&record.span);
+        if !store::insert_saga(tx, &saga, trace_parent.as_deref()).await? {
             // The same order again: one order, one saga. Note it on the saga that exists.
             if let Some(existing) = store::saga_id_for_order(&mut *tx, order_id).await? {
                 let entry = HistoryEntry {
@@ -132,8 +130,7 @@ pub(crate) async fn join_saga_trace(
     saga_id: Uuid,
 ) -> crate::Result<()> {
     if let Some(parent) = store::trace_parent(&mut *tx, saga_id).await? {
-        let headers = std::collections::BTreeMap::from([("traceparent".to_owned(), parent)]);
-        messaging::telemetry::extract(span, &headers);
+        messaging::telemetry::continue_trace(span, &parent);
     }
     Ok(())
 }

@@ -210,18 +210,6 @@ pub async fn saga_id_for_order<'e>(
     )
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<Saga>> {
-    let row: Option<SagaRow> =
-        sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
-            .bind(saga_id)
-            .fetch_optional(db)
-            .await?;
-    Ok(row
-        .map(SagaRow::into_saga)
-        .transpose()?
-        .map(|(saga, _)| saga))
-}
-
 /// The trace context of the order that started the saga.
 pub async fn trace_parent<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<String>> {
     Ok(
@@ -311,10 +299,7 @@ fn escape_like(text: &str) -> String {
 }
 
 /// A saga and the version its row is at, without locking it.
-pub async fn get_versioned<'e>(
-    db: impl PgExecutor<'e>,
-    saga_id: Uuid,
-) -> Result<Option<(Saga, i64)>> {
+pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
     let row: Option<SagaRow> =
         sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
             .bind(saga_id)

@@ -11,7 +11,6 @@ use clap::Args;
 use events::{Address, Envelope, LineItem, OrderPlaced, SagaEvent, Topics};
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -263,10 +262,10 @@ pub(crate) async fn publish_order(
             FutureRecord::to(&topics.orders())
                 .key(&key)
                 .payload(&payload)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "traceparent",
-                    value: Some(&traceparent),
-                })),
+                .headers(messaging::kafka::record_headers([(
+                    "traceparent",
+                    traceparent.as_str(),
+                )])),
             Duration::from_secs(30),
         )
         .await

@@ -18,7 +18,7 @@ use participants::ParticipantConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
@@ -367,14 +367,7 @@ impl TestSystem {
         payload: &[u8],
         headers: &[(&str, &str)],
     ) {
-        let headers = headers
-            .iter()
-            .fold(OwnedHeaders::new(), |all, (key, value)| {
-                all.insert(Header {
-                    key,
-                    value: Some(*value),
-                })
-            });
+        let headers = messaging::kafka::record_headers(headers.iter().copied());
         self.producer
             .send(
                 FutureRecord::to(topic)
@@ -407,31 +400,16 @@ impl TestSystem {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.http))
-            .send()
-            .await
-            .expect("HTTP request");
+        let response = self.get_response(path).await;
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// A GET whose body is not JSON: status, content type and text.
     pub async fn get_text(&self, path: &str) -> (u16, String, String) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.http))
-            .send()
-            .await
-            .expect("HTTP request");
+        let response = self.get_response(path).await;
         let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let content_type = content_type(&response);
         (
             status,
             content_type,
@@ -439,8 +417,8 @@ impl TestSystem {
         )
     }
 
-    /// Opens a streaming GET (Server-Sent Events).
-    pub async fn stream(&self, path: &str) -> reqwest::Response {
+    /// A GET whose body the caller reads itself (a stream of Server-Sent Events, say).
+    pub async fn get_response(&self, path: &str) -> reqwest::Response {
         self.client
             .get(format!("{}{path}", self.http))
             .send()
@@ -600,6 +578,16 @@ where
 }
 
 /// Polls `check` until it returns a value, for at most 60 seconds.
+/// The response's `content-type`, or "" without one.
+pub fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,

@@ -294,14 +294,11 @@ async fn a_running_saga_can_be_filtered_by_its_step_and_watched_live_until_it_en
     assert_eq!(stats["counts"]["running"], 1, "{stats}");
     assert!(stats["oldest_running_secs"].as_f64().is_some(), "{stats}");
 
-    let mut stream = system.stream(&format!("/sagas/{saga_id}/watch")).await;
+    let mut stream = system
+        .get_response(&format!("/sagas/{saga_id}/watch"))
+        .await;
     assert_eq!(stream.status(), 200);
-    let content_type = stream
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let content_type = crate::helpers::content_type(&stream);
     assert!(
         content_type.starts_with("text/event-stream"),
         "{content_type}"
