@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures end-to-end saga latency and throughput on this machine: builds release binaries,
-# starts the broker if needed, a fresh database and topic prefix, the orchestrator and the three
+# starts PostgreSQL and the broker if needed, a fresh database and topic prefix, the orchestrator and the three
 # participants as separate processes, then runs `sagactl load` with the arguments given
 # (default: 300 orders, one in flight). Removes its database afterwards.
 #
@@ -10,9 +10,8 @@
 # The report includes each service's CPU time per saga and peak memory (--process) and its
 # outbox backlog and consumer lag at the end (--metrics), read from the services' /metrics.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
-export PATH="$HOME/.cargo/bin:$PATH"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 server_url="${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}"
 run_id="$(date +%s)"
@@ -21,7 +20,7 @@ export TOPIC_PREFIX="bench-${run_id}."
 export DATABASE_URL="$server_url/$database"
 export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
 
-BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+start_dependencies
 profile="${BENCH_PROFILE:-release}"
 if [[ "$profile" == release ]]; then
   cargo build --release --locked --bins

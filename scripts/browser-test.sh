@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Browser test of the operations page against the real system: builds the debug binaries,
-# starts the broker if needed, a fresh database and topic prefix, the orchestrator and the
+# starts PostgreSQL and the broker if needed, a fresh database and topic prefix, the orchestrator and the
 # three participants as separate processes, then drives the page in headless Chromium with
 # web-tests/saga-page.mjs (Playwright). Screenshots go to target/artifacts/.
 #
@@ -9,9 +9,8 @@
 # Needs Node 20+ and npm; installs Chromium with apt-get when /usr/bin/chromium is missing
 # (CHROMIUM=/path/to/chrome uses another). Removes its database and stops what it started.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
-export PATH="$HOME/.cargo/bin:$PATH"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 server_url="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
 run_id="$(date +%s)"
@@ -71,12 +70,7 @@ if [[ -n ${CHROMIUM:-} && ! -x $CHROMIUM ]]; then
 fi
 if [[ ! -x "$chromium" ]]; then
   say "installing Chromium with apt-get"
-  as_root=()
-  if ((EUID != 0)); then as_root=(sudo); fi
-  if ! "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; then
-    "${as_root[@]}" apt-get update -qq
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
-  fi
+  apt_install chromium
 fi
 if [[ ! -d web-tests/node_modules/playwright-core ]]; then
   say "installing the test's npm dependencies"
@@ -84,12 +78,8 @@ if [[ ! -d web-tests/node_modules/playwright-core ]]; then
 fi
 
 # The broker, the binaries, the database.
-if BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh running; then
-  say "using the broker on $KAFKA_BROKERS"
-else
-  BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
-  broker_started=true
-fi
+start_dependencies
+[[ $STARTED_BROKER == 0 ]] || broker_started=true
 cargo build --locked --bins
 if curl -fsS -o /dev/null "http://$HTTP_ADDR/healthz" 2>/dev/null; then
   say "something already answers on $HTTP_ADDR; set HTTP_ADDR to a free address"

@@ -7,9 +7,8 @@
 #
 #   scripts/retention-bench.sh [N]     # default 1000000
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
-export PATH="$HOME/.cargo/bin:$PATH"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 n="${1:-1000000}"
 server_url="${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}"
@@ -18,7 +17,7 @@ database="retention_${run_id}"
 db="$server_url/$database"
 profile="${BENCH_PROFILE:-release}"
 
-BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+start_dependencies
 if [[ "$profile" == release ]]; then cargo build --release --locked --bin orchestrator; else cargo build --locked --bin orchestrator; fi
 psql "$server_url/postgres" -qc "CREATE DATABASE $database"
 pid=""

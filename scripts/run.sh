@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole system on this machine and shows every saga path:
-#   installs and starts the Nisshi broker if needed, creates the database, builds and starts
+#   installs and starts PostgreSQL and the Kafka broker if needed, creates the database, builds and starts
 #   the orchestrator and the three participants as separate processes, places demo orders
 #   (happy path, stock unavailable, payment declined, shipping rejected), and prints each
 #   saga's final state as read from the status API. Then it keeps running until Ctrl-C.
@@ -11,16 +11,15 @@
 # KAFKA_BROKERS (default 127.0.0.1:9092), HTTP_ADDR (default 127.0.0.1:8080), TOPIC_PREFIX.
 # Logs go to .run/logs/.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
-export PATH="$HOME/.cargo/bin:$PATH"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/sagas}"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}"
 exit_after_demo=0
 [[ "${1:-}" == "--exit-after-demo" ]] && exit_after_demo=1
 
-BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
+start_dependencies
 
 # Create the database if it is missing (each service creates its schema and migrates it).
 db_name="${DATABASE_URL##*/}"

@@ -1,24 +1,20 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, golden files, the end-to-end tests, a short chaos run
 # (services as processes, SIGKILLed at random while sagas run), the operations page in
-# headless Chromium, and a few-second smoke run of the benchmark, against the Nisshi broker
-# (installed and started here if none listens on 127.0.0.1:9092) and the PostgreSQL at
-# $TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432).
+# headless Chromium, and a few-second smoke run of the benchmark, against Apache Kafka on
+# $KAFKA_BROKERS (default 127.0.0.1:9092) and PostgreSQL at $TEST_DATABASE_URL (default
+# postgres://postgres@127.0.0.1:5432). Both are installed and started here when nothing answers
+# there (scripts/broker.sh, scripts/postgres.sh); the broker is stopped again at the end.
 #
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
-export PATH="$HOME/.cargo/bin:$PATH"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
 
-started_broker=0
-if ! BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh running; then
-  BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh start
-  started_broker=1
-fi
-cleanup() { if [[ $started_broker == 1 ]]; then scripts/broker.sh stop; fi; }
+start_dependencies
+cleanup() { if [[ $STARTED_BROKER == 1 ]]; then BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop; fi; }
 trap cleanup EXIT
 
 # Each end-to-end test runs four services with small pools; four at a time stay well inside

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Installs and runs the PostgreSQL server the services and the tests use: Debian's
+# `postgresql` package and its `main` cluster, listening on 127.0.0.1:5432, with trust
+# authentication for TCP connections from loopback (so `postgres://postgres@127.0.0.1:5432`
+# is a superuser without a password) and pg_stat_statements loaded.
+#
+#   scripts/postgres.sh install   # apt-get install postgresql unless a server binary is there
+#   scripts/postgres.sh start     # configure and start the cluster unless a server answers
+#   scripts/postgres.sh stop      # stop the cluster
+#   scripts/postgres.sh running   # exit 0 when something listens on 127.0.0.1:$PGPORT
+#
+# The project's settings live in one file of the cluster's conf.d
+# (/etc/postgresql/<version>/main/conf.d/saga-engine.conf) and the loopback trust rules in
+# saga-engine-hba.conf beside it; Debian's own files are left as they are. A server that
+# already answers on the port is used as it is: it must accept that URL.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+PGPORT="${PGPORT:-5432}"
+CLUSTER=main
+
+server_version() {
+  ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -1
+}
+
+install() {
+  if [[ -n "$(server_version)" && -x "/usr/lib/postgresql/$(server_version)/bin/postgres" ]]; then
+    return 0
+  fi
+  local began=$SECONDS
+  apt_install postgresql
+  echo "installed PostgreSQL $(server_version) in $((SECONDS - began)) s" >&2
+}
+
+configure() {
+  local version="$1" conf_dir="/etc/postgresql/$1/$CLUSTER"
+  if [[ ! -d "$conf_dir" ]]; then
+    as_root pg_createcluster "$version" "$CLUSTER" >/dev/null
+  fi
+  as_root tee "$conf_dir/saga-engine-hba.conf" >/dev/null <<HBA
+# Written by scripts/postgres.sh: local development and tests only.
+local   all   all                 peer
+host    all   all   127.0.0.1/32  trust
+host    all   all   ::1/128       trust
+HBA
+  # Every end-to-end test runs four services with their own pools, several tests at once.
+  as_root tee "$conf_dir/conf.d/saga-engine.conf" >/dev/null <<CONF
+# Written by scripts/postgres.sh.
+listen_addresses = '127.0.0.1'
+port = $PGPORT
+max_connections = 300
+shared_buffers = 256MB
+hba_file = '$conf_dir/saga-engine-hba.conf'
+shared_preload_libraries = 'pg_stat_statements'
+CONF
+}
+
+start() {
+  if tcp_open "127.0.0.1:$PGPORT"; then
+    echo "PostgreSQL already answers on 127.0.0.1:$PGPORT" >&2
+    return 0
+  fi
+  install
+  local version began=$SECONDS
+  version="$(server_version)"
+  configure "$version"
+  # A cluster that runs on another port (or a stale pid) is restarted with the settings above.
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" stop >/dev/null 2>&1 || true
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" start
+  for _ in $(seq 1 100); do
+    if tcp_open "127.0.0.1:$PGPORT"; then
+      echo "PostgreSQL $version listening on 127.0.0.1:$PGPORT (started in $((SECONDS - began)) s)" >&2
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "PostgreSQL did not start; see /var/log/postgresql/postgresql-$version-$CLUSTER.log" >&2
+  return 1
+}
+
+stop() {
+  local version
+  version="$(server_version)"
+  [[ -n "$version" ]] || return 0
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" stop >/dev/null 2>&1 || true
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  running) tcp_open "127.0.0.1:$PGPORT" ;;
+  *) echo "usage: $0 install|start|stop|running" >&2; exit 2 ;;
+esac
