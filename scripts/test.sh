@@ -21,12 +21,12 @@ trap cleanup EXIT
 # PostgreSQL's default 100 connections.
 cargo test --workspace --locked "$@" -- --test-threads=4
 
-# The chaos suite, short: a few hundred sagas, a SIGKILL every 1.5 s, and a crash right after
-# every 40th committed message. It prints each invariant with PASS/FAIL and exits non-zero on
-# any violation.
+# The chaos suite, short: a few hundred sagas, a SIGKILL every 1.5 s, a crash right after
+# every 40th committed message, and the broker SIGKILLed and restarted every 8 s. It prints
+# each invariant with PASS/FAIL and exits non-zero on any violation.
 cargo build --workspace --locked --bins
 target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 300 --rate 30 \
-  --kill-every-ms 1500 --crash-after-commit-every 40
+  --kill-every-ms 1500 --crash-after-commit-every 40 --broker-kill-every-ms 8000
 
 # The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
 # missing) against the services as processes; screenshots go to target/artifacts/.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 /// How to reach Kafka and how to name and create topics.
 #[derive(Debug, Clone, Args)]
@@ -31,9 +31,16 @@ pub struct KafkaConfig {
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 25)]
     pub fetch_wait_max_ms: u32,
 
-    /// Consumer group session timeout: how soon a crashed member's partitions move.
+    /// Consumer group session timeout: how soon a crashed member's partitions move (classic
+    /// protocol; with `consumer` the broker's group.consumer.session.timeout.ms decides).
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
+
+    /// Consumer-group protocol: `classic` (the members rebalance among themselves, stopping
+    /// all of them) or `consumer` (KIP-848, Kafka 4: the broker assigns partitions and moves
+    /// only those that change owner).
+    #[arg(long, env = "KAFKA_GROUP_PROTOCOL", value_enum, default_value_t = GroupProtocol::default())]
+    pub group_protocol: GroupProtocol,
 
     /// Static group membership (group.instance.id): a stable id unique to this instance. A
     /// restarted instance with the same id takes its partitions back at once instead of after
@@ -41,6 +48,11 @@ pub struct KafkaConfig {
     /// membership.
     #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
+
+    /// librdkafka debug contexts to log (its `debug` setting, e.g. `cgrp,consumer` for group
+    /// membership and fetching). Unset: none.
+    #[arg(long, env = "KAFKA_DEBUG")]
+    pub kafka_debug: Option<String>,
 
     /// Most records handled in one database transaction. The consumer takes what has already
     /// arrived, up to this many, and commits them together; 1 means one transaction per
@@ -51,6 +63,20 @@ pub struct KafkaConfig {
     /// How long the producer waits to batch messages (linger.ms).
     #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 1)]
     pub linger_ms: u32,
+}
+
+/// Kafka's consumer-group protocols (librdkafka's `group.protocol`).
+///
+/// `classic` with static membership is the default: in the chaos suite (Kafka 4.1, librdkafka
+/// 2.12) a SIGKILLed service restarted under its instance id took its partitions back at once,
+/// while a KIP-848 group refuses that restart until the dead member's session has expired
+/// (UNRELEASED_INSTANCE_ID) and otherwise waits out the session before moving partitions:
+/// sagas stalled about 10 s per kill (BENCHMARKS.md, "Consumer-group protocol").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum GroupProtocol {
+    #[default]
+    Classic,
+    Consumer,
 }
 
 /// Where the service keeps its state.

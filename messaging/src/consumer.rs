@@ -129,7 +129,7 @@ pub struct ConsumeSettings<'a> {
 /// commits the stored offsets before leaving the group.
 ///
 /// # Errors
-/// [`Error::Kafka`] when the subscription fails.
+/// [`Error::Kafka`] when the subscription fails or the consumer fails fatally.
 pub async fn run<H: Handler>(
     consumer: StreamConsumer<LagReporter>,
     pool: PgPool,
@@ -149,7 +149,6 @@ pub async fn run<H: Handler>(
     consumer
         .subscribe(&names)
         .map_err(Error::kafka(format!("subscribing to {topics:?}")))?;
-    let mut receive_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let batch_max = batch_max.max(1);
     loop {
         let received = tokio::select! {
@@ -158,16 +157,25 @@ pub async fn run<H: Handler>(
             received = consumer.recv() => received,
         };
         let first = match received {
-            Ok(message) => {
-                receive_backoff.reset();
-                message
+            Ok(message) => message,
+            // A fatal error (e.g. a static member whose instance id the group still holds)
+            // leaves the consumer unusable for good: stop, so that the process exits and its
+            // supervisor starts a fresh one, instead of a service that looks alive and reads
+            // nothing.
+            Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
+                return Err(Error::Kafka {
+                    context: "consumer failed fatally".into(),
+                    source: e,
+                });
             }
+            // Anything else (broker down, transport failure) is librdkafka telling us what it
+            // is recovering from by itself. No pause here: errors, rebalances and messages
+            // share one queue, and a consumer that slept after each error fell ever further
+            // behind the errors a down broker produces, so it never reached the assignment
+            // waiting behind them and read nothing again after the broker came back (the
+            // chaos suite's broker kills found this).
             Err(e) => {
-                tracing::warn!(error.message = %e, "kafka receive failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(receive_backoff.next_delay()) => {}
-                    _ = shutdown.cancelled() => {}
-                }
+                tracing::warn!(error.message = %e, "kafka receive failed; librdkafka retries");
                 continue;
             }
         };

@@ -1,7 +1,7 @@
 //! Kafka client settings and topic creation.
 //!
-//! The settings work on Apache Kafka and on Nisshi alike: no Kafka transactions (the outbox
-//! makes them unnecessary), idempotent producers, manual offset storing.
+//! The settings work on Apache Kafka and on the Nisshi stand-in alike: no Kafka transactions
+//! (the outbox makes them unnecessary), idempotent producers, manual offset storing.
 
 use std::time::Duration;
 
@@ -13,13 +13,16 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
-use crate::config::KafkaConfig;
+use crate::config::{GroupProtocol, KafkaConfig};
 use crate::metrics::LagReporter;
 use crate::{Error, Result};
 
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);
+    if let Some(contexts) = &config.kafka_debug {
+        client.set("debug", contexts);
+    }
     client
 }
 
@@ -35,16 +38,35 @@ pub fn record_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>)
         })
 }
 
-/// An idempotent producer: acks from all in-sync replicas, no duplicates or reordering from
-/// its own retries.
+/// The partitioner Java clients use by default (murmur2 of the key, random for a record
+/// without one), so that a record keyed by an order id lands on the same partition index
+/// whichever client published it: an `OrderPlaced` from a Java or Go service and the engine's
+/// own commands and replies for that order meet on one partition number, which the range
+/// assignor hands to one consumer. librdkafka's own default (`consistent_random`, CRC32) would
+/// scatter them.
+pub const PARTITIONER: &str = "murmur2_random";
+
+/// Settings every producer of the project shares, the services' and the tools': idempotent
+/// (no duplicates or reordering from its own retries), acks from all in-sync replicas, the
+/// Java partitioner, and `linger_ms` of batching.
+pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", PARTITIONER)
+        .set("linger.ms", linger_ms.to_string());
+    client
+}
+
+/// The services' producer: [`producer_settings`], giving up on a record after 30 s (the relay
+/// then tries its row again).
 ///
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
-    base(config)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", config.linger_ms.to_string())
+    producer_settings(&config.kafka_brokers, config.linger_ms)
         .set("message.timeout.ms", "30000")
         .create()
         .map_err(Error::kafka("creating producer"))
@@ -52,9 +74,10 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
 
 /// A consumer in `group` that never commits an offset the application has not stored:
 /// `enable.auto.offset.store=false`, and the consume loop stores an offset only after the
-/// record's database transaction committed. The range assignor gives one member the same
-/// partition number of every topic it reads, so the orders and replies of one order (keyed by
-/// order id) reach the same member.
+/// record's database transaction committed. The range assignor (the client's in the classic
+/// protocol, the broker's in KIP-848's) gives one member the same partition number of every
+/// topic it reads, so the orders and replies of one order (keyed by order id) reach the same
+/// member.
 ///
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
@@ -63,6 +86,20 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagR
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
     }
+    match config.group_protocol {
+        GroupProtocol::Classic => client
+            .set("group.protocol", "classic")
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (config.session_timeout_ms / 4).max(100).to_string(),
+            ),
+        // Session and heartbeat are the broker's group.consumer.* settings here.
+        GroupProtocol::Consumer => client
+            .set("group.protocol", "consumer")
+            .set("group.remote.assignor", "range"),
+    };
     client
         .set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -70,13 +107,7 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagR
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("partition.assignment.strategy", "range")
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-        .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set(
-            "heartbeat.interval.ms",
-            (config.session_timeout_ms / 4).max(100).to_string(),
-        )
         // Feeds the consumer-lag gauge.
         .set("statistics.interval.ms", "1000")
         .create_with_context(LagReporter)

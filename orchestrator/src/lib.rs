@@ -95,16 +95,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tracing::info!(addr = %listener.local_addr()?, "status API listening");
     let http = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Whichever half ends first (a failure, or shutdown) stops the other: no process that
+    // serves a green /healthz while its consumer is gone.
     let (consumed, served) = tokio::join!(
-        pipeline.run(
-            pool.clone(),
-            handler::OrchestratorHandler::new(topics, policies),
-            shutdown.clone()
-        ),
-        async move { http.await.map_err(Error::Http) }
+        async {
+            let consumed = pipeline
+                .run(
+                    pool.clone(),
+                    handler::OrchestratorHandler::new(topics, policies),
+                    shutdown.clone(),
+                )
+                .await;
+            shutdown.cancel();
+            consumed
+        },
+        async {
+            let served = http.await.map_err(Error::Http);
+            shutdown.cancel();
+            served
+        }
     );
-    // Whichever half failed first, stop the other too.
-    shutdown.cancel();
     let _ = retention.await;
     if let Err(e) = scanner.await {
         tracing::error!(error.message = %e, "deadline scanner ended abnormally");

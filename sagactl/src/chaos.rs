@@ -1,15 +1,20 @@
 //! The chaos suite: runs the orchestrator and the three participants as separate OS processes,
 //! places orders while SIGKILLing and restarting random services, waits for every saga to
 //! settle, then checks from the services' own tables that nothing was lost or done twice.
+//! It can SIGKILL and restart the broker too, and reports how long the failures stalled the
+//! sagas (the time a group needs to move a dead member's partitions shows there).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use events::Topics;
+use messaging::config::GroupProtocol;
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -63,6 +68,24 @@ pub struct ChaosArgs {
     /// handler's commit and its messages reaching Kafka.
     #[arg(long, default_value_t = 0)]
     crash_after_commit_every: u64,
+    /// SIGKILL the broker this often, in milliseconds, and start it again after
+    /// --broker-down-ms (0: never). Needs a broker that --broker-script controls.
+    #[arg(long, default_value_t = 0)]
+    broker_kill_every_ms: u64,
+    /// How long a killed broker stays down before it is started again, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    broker_down_ms: u64,
+    /// The script that kills (`kill`) and starts (`start`) the broker at $BROKER_ADDR, which
+    /// the run sets to the first of --brokers.
+    #[arg(long, default_value = "scripts/broker.sh")]
+    broker_script: PathBuf,
+    /// Consumer-group protocol of every service (KAFKA_GROUP_PROTOCOL).
+    #[arg(long, env = "KAFKA_GROUP_PROTOCOL", value_enum, default_value_t = GroupProtocol::default())]
+    group_protocol: GroupProtocol,
+    /// Dynamic group membership for the classic protocol too: no KAFKA_GROUP_INSTANCE_ID, so a
+    /// restarted service joins as a new member (classic groups run static by default).
+    #[arg(long)]
+    dynamic_membership: bool,
     /// Keep the run's database and topics for inspection (a failed run always keeps them).
     #[arg(long)]
     keep: bool,
@@ -184,21 +207,25 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         instances.push(Instance {
             name: format!("orchestrator-{n}"),
             binary: "orchestrator",
-            env: vec![
-                ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
-                (
-                    "KAFKA_GROUP_INSTANCE_ID".into(),
-                    format!("orchestrator-{n}"),
-                ),
-            ],
+            env: vec![("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}"))],
         });
     }
     for participant in ["inventory", "payment", "shipping"] {
         instances.push(Instance {
             name: participant.into(),
             binary: participant,
-            env: vec![("KAFKA_GROUP_INSTANCE_ID".into(), participant.into())],
+            env: Vec::new(),
         });
+    }
+    // Static membership lets a restarted member of a classic group take its partitions back at
+    // once. KIP-848 groups refuse a restarted member whose instance id the broker still holds
+    // (until the dead one's session expires) with a fatal error, so they run dynamic.
+    if !args.dynamic_membership && args.group_protocol == GroupProtocol::Classic {
+        for instance in &mut instances {
+            instance
+                .env
+                .push(("KAFKA_GROUP_INSTANCE_ID".into(), instance.name.clone()));
+        }
     }
     let mut fleet = Fleet {
         bin_dir: args.bin_dir.clone(),
@@ -208,6 +235,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             ("DATABASE_URL".into(), database_url.clone()),
             ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
             ("KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into()),
+            (
+                "KAFKA_GROUP_PROTOCOL".into(),
+                value_name(args.group_protocol),
+            ),
             (
                 "FAULT_CRASH_AFTER_COMMIT_EVERY".into(),
                 args.crash_after_commit_every.to_string(),
@@ -229,10 +260,17 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let initial = Snapshot::take(&db).await?;
 
     let topics = Topics::new(prefix.clone());
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("enable.idempotence", "true")
-        .create()?;
+    let producer: FutureProducer =
+        messaging::kafka::producer_settings(&args.brokers, 1).create()?;
+    let broker_faults = (args.broker_kill_every_ms > 0).then(|| {
+        BrokerFaults::spawn(
+            &args.broker_script,
+            args.brokers.split(',').next().unwrap_or_default(),
+            Duration::from_millis(args.broker_kill_every_ms),
+            Duration::from_millis(args.broker_down_ms),
+        )
+    });
+    let placing_from = db_now(&db).await?;
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.01));
     let kill_every = (args.kill_every_ms > 0).then(|| Duration::from_millis(args.kill_every_ms));
@@ -272,6 +310,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(interval).await;
     }
+    let placing_until = db_now(&db).await?;
+    let broker_kills = match broker_faults {
+        Some(faults) => faults.stop().await?,
+        None => 0,
+    };
     let last_kill = Instant::now();
     eprintln!(
         "all {} orders placed in {:.1} s; waiting for the sagas to settle",
@@ -304,9 +347,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 
     let checks = check_invariants(&db, &initial, &order_ids).await?;
     let duplicates = Duplicates::count(&db).await?;
+    let stalls = Stalls::measure(&db, placing_from, placing_until).await?;
     println!("chaos run {id}");
     println!("sagas run          {}", args.sagas);
+    println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
+    println!("broker kills       {broker_kills}");
     println!("restarts           {restarts} after kills, {crashes} after crashes");
     println!(
         "settled            {settled} ({:.1} s after the last kill)",
@@ -316,6 +362,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     println!(
         "duplicates         {} duplicate orders absorbed, {} replies ignored by fencing, {} messages redelivered into an inbox",
         duplicates.orders, duplicates.ignored_replies, duplicates.redelivered
+    );
+    println!(
+        "saga duration      p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (placed to finished)",
+        stalls.saga_p50_ms, stalls.saga_p99_ms, stalls.saga_max_ms
+    );
+    println!(
+        "longest stall      {} (the longest a service handled nothing while orders were placed)",
+        stalls
+            .longest_gap_secs
+            .iter()
+            .map(|(service, secs)| format!("{service} {secs:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let mut failed = !settled;
     let mut passes = 0;
@@ -580,6 +639,119 @@ impl Duplicates {
             orders,
             ignored_replies,
             redelivered,
+        })
+    }
+}
+
+/// The name a clap value enum has on the command line and in environment variables.
+fn value_name(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+async fn db_now(db: &PgPool) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(db).await?)
+}
+
+/// Kills and restarts the broker in the background while orders are placed.
+struct BrokerFaults {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<anyhow::Result<u32>>,
+}
+
+impl BrokerFaults {
+    fn spawn(script: &std::path::Path, address: &str, every: Duration, down: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (script, address, stopping) = (script.to_owned(), address.to_owned(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut kills = 0;
+            loop {
+                tokio::time::sleep(every).await;
+                if stopping.load(Ordering::Relaxed) {
+                    return Ok(kills);
+                }
+                eprintln!("killing the broker (SIGKILL)");
+                broker_control(&script, &address, "kill").await?;
+                kills += 1;
+                tokio::time::sleep(down).await;
+                broker_control(&script, &address, "start").await?;
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops killing; returns once the broker is up again, with the number of kills.
+    async fn stop(self) -> anyhow::Result<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+/// Runs `script action` for the broker at `address`.
+async fn broker_control(
+    script: &std::path::Path,
+    address: &str,
+    action: &str,
+) -> anyhow::Result<()> {
+    let status = Command::new(script)
+        .arg(action)
+        .env("BROKER_ADDR", address)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running {} {action}", script.display()))?;
+    if !status.success() {
+        bail!("{} {action} failed: {status}", script.display());
+    }
+    Ok(())
+}
+
+/// How much the failures slowed the sagas down.
+struct Stalls {
+    saga_p50_ms: f64,
+    saga_p99_ms: f64,
+    saga_max_ms: f64,
+    /// Per service: the longest time between two messages it handled (or the start or end of
+    /// placing orders) while orders were being placed, so messages were waiting for it.
+    longest_gap_secs: Vec<(&'static str, f64)>,
+}
+
+impl Stalls {
+    async fn measure(
+        db: &PgPool,
+        from: chrono::DateTime<chrono::Utc>,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Self> {
+        let (saga_p50_ms, saga_p99_ms, saga_max_ms): (f64, f64, f64) = sqlx::query_as(
+            "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(max(ms), 0) \
+             FROM (SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 AS ms \
+                   FROM orchestrator.sagas WHERE finished_at IS NOT NULL) d",
+        )
+        .fetch_one(db)
+        .await?;
+        let mut longest_gap_secs = Vec::new();
+        for service in ["orchestrator", "inventory", "payment", "shipping"] {
+            let gap: f64 = sqlx::query_scalar(&format!(
+                "SELECT coalesce(max(gap), 0) FROM ( \
+                   SELECT extract(epoch FROM at - lag(at) OVER (ORDER BY at))::float8 AS gap \
+                   FROM (SELECT received_at AS at FROM {service}.inbox WHERE received_at BETWEEN $1 AND $2 \
+                         UNION ALL SELECT $1 UNION ALL SELECT $2) handled) g"
+            ))
+            .bind(from)
+            .bind(until)
+            .fetch_one(db)
+            .await?;
+            longest_gap_secs.push((service, gap));
+        }
+        Ok(Self {
+            saga_p50_ms,
+            saga_p99_ms,
+            saga_max_ms,
+            longest_gap_secs,
         })
     }
 }

@@ -136,10 +136,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         bail!("--failure-percent is a percentage");
     }
     let topics = Topics::new(args.topic_prefix.clone());
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "1")
+    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 1)
         .create()
         .context("creating producer")?;
     let watcher = watch_from_end(&args, &topics.saga_events()).await?;

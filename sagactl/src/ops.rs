@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use clap::Args;
 use events::{Address, LineItem, OrderPlaced, Topics};
 use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -115,10 +114,7 @@ pub async fn order(args: OrderArgs) -> anyhow::Result<()> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 5)
         .create()
         .context("creating producer")?;
     let topics = Topics::new(args.topic_prefix.clone());

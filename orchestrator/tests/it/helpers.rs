@@ -9,7 +9,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use events::{Address, LineItem, OrderPlaced, Topics};
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
+use messaging::config::{
+    DatabaseConfig, FaultConfig, GroupProtocol, KafkaConfig, RelayConfig, RetentionConfig,
+};
 use orchestrator::config::RetryConfig;
 use participants::inventory::Inventory;
 use participants::payment::Payment;
@@ -49,6 +51,23 @@ pub struct Options {
 
 /// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
 /// at most 1 s; 3 compensation attempts.
+/// Client settings for a test's own topic prefix, with `partitions` per topic.
+pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
+    KafkaConfig {
+        kafka_brokers: brokers(),
+        topic_prefix,
+        topic_partitions: partitions,
+        topic_replication_factor: 1,
+        fetch_wait_max_ms: 10,
+        session_timeout_ms: 6_000,
+        group_instance_id: None,
+        group_protocol: GroupProtocol::default(),
+        kafka_debug: None,
+        linger_ms: 1,
+        consumer_batch_max: 100,
+    }
+}
+
 pub fn fast_retries() -> RetryConfig {
     RetryConfig {
         step_timeout_ms: 300,
@@ -95,17 +114,7 @@ impl TestSystem {
         admin.close().await;
         let database_url = format!("{}/{database}", server_url());
 
-        let kafka = KafkaConfig {
-            kafka_brokers: brokers(),
-            topic_prefix: format!("test-{id}."),
-            topic_partitions: 2,
-            topic_replication_factor: 1,
-            fetch_wait_max_ms: 10,
-            session_timeout_ms: 6_000,
-            group_instance_id: None,
-            linger_ms: 1,
-            consumer_batch_max: 100,
-        };
+        let kafka = kafka_config(format!("test-{id}."), 2);
         let topics = Topics::new(kafka.topic_prefix.clone());
         messaging::kafka::ensure_topics(&kafka, &topics.all())
             .await
@@ -159,9 +168,7 @@ impl TestSystem {
             services.push(("orchestrator", stop, task));
         }
 
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("enable.idempotence", "true")
+        let producer: FutureProducer = messaging::kafka::producer_settings(&brokers(), 1)
             .create()
             .expect("producer");
         let mut system = Self {

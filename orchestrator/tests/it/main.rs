@@ -354,3 +354,46 @@ async fn the_http_api_answers_400_404_and_422_with_json_errors() {
     assert_eq!(none["sagas"].as_array().map(Vec::len), Some(0));
     system.stop().await;
 }
+
+/// A record keyed by an order id lands on the partition index a Java client's default
+/// partitioner (murmur2) picks, so that an `OrderPlaced` from any Kafka client and the engine's
+/// own records for that order meet on one partition number. The expected partitions were
+/// computed with `Utils.toPositive(Utils.murmur2(key)) % 4` from kafka-clients 4.1.1.
+#[tokio::test]
+async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
+    let java_partitions = [
+        ("7f1d2c3b-4a5e-4f60-8a71-9b0c1d2e3f40", 3),
+        ("00000000-0000-4000-8000-000000000001", 2),
+        ("0b6f9a52-1c1e-4d0e-9b7a-2a7c5e0d9f11", 3),
+        ("e8a4c1d2-3b4c-4d5e-8f60-718293a4b5c6", 0),
+        ("5c1e7b2a-9d3f-4e6a-b1c2-d3e4f5a6b7c8", 1),
+        ("91d2a3b4-c5d6-4e7f-8a9b-0c1d2e3f4a5b", 3),
+    ];
+    let config = helpers::kafka_config(format!("partitioner-{}.", Uuid::new_v4().simple()), 4);
+    let topic = format!("{}orders", config.topic_prefix);
+    messaging::kafka::ensure_topics(&config, std::slice::from_ref(&topic))
+        .await
+        .expect("create topic");
+    let producer = messaging::kafka::producer(&config).expect("producer");
+    for (key, expected) in java_partitions {
+        let delivery = producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(key)
+                    .payload("{}"),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+        assert_eq!(delivery.partition, expected, "partition of key {key}");
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", helpers::brokers())
+            .create()
+            .expect("admin client");
+    admin
+        .delete_topics(&[topic.as_str()], &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete topic");
+}
