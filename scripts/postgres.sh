@@ -31,19 +31,30 @@ install() {
   echo "installed PostgreSQL $(server_version) in $((SECONDS - began)) s" >&2
 }
 
+# write_if_changed FILE: writes standard input to FILE (as root) unless it holds that already;
+# exit 0 when it wrote.
+write_if_changed() {
+  local content
+  content="$(cat)"
+  [[ -f "$1" && "$(cat "$1")" == "$content" ]] && return 1
+  printf '%s\n' "$content" | as_root tee "$1" >/dev/null
+}
+
+# configure VERSION: creates the cluster if it is missing and writes the project's settings;
+# exit 0 when a setting changed (a running cluster then needs a restart).
 configure() {
-  local version="$1" conf_dir="/etc/postgresql/$1/$CLUSTER"
+  local version="$1" conf_dir="/etc/postgresql/$1/$CLUSTER" changed=1
   if [[ ! -d "$conf_dir" ]]; then
     as_root pg_createcluster "$version" "$CLUSTER" >/dev/null
   fi
-  as_root tee "$conf_dir/saga-engine-hba.conf" >/dev/null <<HBA
+  write_if_changed "$conf_dir/saga-engine-hba.conf" <<HBA && changed=0
 # Written by scripts/postgres.sh: local development and tests only.
 local   all   all                 peer
 host    all   all   127.0.0.1/32  trust
 host    all   all   ::1/128       trust
 HBA
   # Every end-to-end test runs four services with their own pools, several tests at once.
-  as_root tee "$conf_dir/conf.d/saga-engine.conf" >/dev/null <<CONF
+  write_if_changed "$conf_dir/conf.d/saga-engine.conf" <<CONF && changed=0
 # Written by scripts/postgres.sh.
 listen_addresses = '127.0.0.1'
 port = $PGPORT
@@ -52,23 +63,37 @@ shared_buffers = 256MB
 hba_file = '$conf_dir/saga-engine-hba.conf'
 shared_preload_libraries = 'pg_stat_statements'
 CONF
+  return $changed
+}
+
+cluster_online() {
+  pg_lsclusters --no-header 2>/dev/null | awk -v v="$1" -v c="$CLUSTER" '$1 == v && $2 == c && $4 == "online" { found = 1 } END { exit !found }'
 }
 
 start() {
-  if tcp_open "127.0.0.1:$PGPORT"; then
-    echo "PostgreSQL already answers on 127.0.0.1:$PGPORT" >&2
+  if [[ -z "$(server_version)" ]] && tcp_open "127.0.0.1:$PGPORT"; then
+    echo "PostgreSQL already answers on 127.0.0.1:$PGPORT (not Debian's); using it" >&2
     return 0
   fi
   install
-  local version began=$SECONDS
+  local version began=$SECONDS action=start
   version="$(server_version)"
-  configure "$version"
-  # A cluster that runs on another port (or a stale pid) is restarted with the settings above.
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" stop >/dev/null 2>&1 || true
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" start
+  # Installing the package may have started the cluster with Debian's settings (password
+  # authentication): apply ours with a restart.
+  if configure "$version"; then
+    cluster_online "$version" && action=restart
+  elif cluster_online "$version"; then
+    echo "PostgreSQL $version already runs on 127.0.0.1:$PGPORT" >&2
+    return 0
+  fi
+  if [[ $action == start ]] && tcp_open "127.0.0.1:$PGPORT"; then
+    echo "another PostgreSQL answers on 127.0.0.1:$PGPORT; using it" >&2
+    return 0
+  fi
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" "$action"
   for _ in $(seq 1 100); do
     if tcp_open "127.0.0.1:$PGPORT"; then
-      echo "PostgreSQL $version listening on 127.0.0.1:$PGPORT (started in $((SECONDS - began)) s)" >&2
+      echo "PostgreSQL $version listening on 127.0.0.1:$PGPORT (${action}ed in $((SECONDS - began)) s)" >&2
       return 0
     fi
     sleep 0.1
