@@ -261,7 +261,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 
     let topics = Topics::new(prefix.clone());
     let producer: FutureProducer =
-        messaging::kafka::producer_settings(&args.brokers, 1).create()?;
+        messaging::kafka::producer_settings(&args.brokers, 0).create()?;
     let broker_faults = (args.broker_kill_every_ms > 0).then(|| {
         BrokerFaults::spawn(
             &args.broker_script,

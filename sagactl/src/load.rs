@@ -41,7 +41,7 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 60)]
     settle_timeout_secs: u64,
     /// fetch.wait.max.ms of the consumer that watches saga.events.
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 25)]
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
     fetch_wait_max_ms: u32,
     /// Also write the result as JSON to this file.
     #[arg(long)]
@@ -136,7 +136,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         bail!("--failure-percent is a percentage");
     }
     let topics = Topics::new(args.topic_prefix.clone());
-    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 1)
+    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 0)
         .create()
         .context("creating producer")?;
     let watcher = watch_from_end(&args, &topics.saga_events()).await?;

@@ -58,12 +58,12 @@ pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
         topic_prefix,
         topic_partitions: partitions,
         topic_replication_factor: 1,
-        fetch_wait_max_ms: 10,
+        fetch_wait_max_ms: 100,
         session_timeout_ms: 6_000,
         group_instance_id: None,
         group_protocol: GroupProtocol::default(),
         kafka_debug: None,
-        linger_ms: 1,
+        linger_ms: 0,
         consumer_batch_max: 100,
     }
 }
@@ -168,7 +168,7 @@ impl TestSystem {
             services.push(("orchestrator", stop, task));
         }
 
-        let producer: FutureProducer = messaging::kafka::producer_settings(&brokers(), 1)
+        let producer: FutureProducer = messaging::kafka::producer_settings(&brokers(), 0)
             .create()
             .expect("producer");
         let mut system = Self {
