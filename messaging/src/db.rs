@@ -36,10 +36,19 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
         .max_connections(1)
         .connect_with(options.clone())
         .await?;
+    // Instances starting at once would race on the schema's catalog row (one fails with a
+    // duplicate key in pg_namespace): a lock per schema name, held until the commit,
+    // serialises them. Migrations are serialised by sqlx's own lock.
+    let mut tx = bootstrap.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("saga-engine schema {schema}"))
+        .execute(&mut *tx)
+        .await?;
     // The name was checked above, so it can be spliced into the statement.
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(&bootstrap)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     bootstrap.close().await;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)

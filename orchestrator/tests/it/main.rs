@@ -397,3 +397,51 @@ async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
         .await
         .expect("delete topic");
 }
+
+/// Several instances of a service starting at once on a fresh database all come up: creating
+/// the schema and migrating it is serialised, so none fails on a duplicate schema name.
+#[tokio::test]
+async fn instances_starting_at_once_all_create_and_migrate_their_schema() {
+    let database = format!("startup_{}", Uuid::new_v4().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{}/postgres", helpers::server_url()))
+        .await
+        .expect("PostgreSQL reachable");
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    let config = messaging::config::DatabaseConfig {
+        database_url: format!("{}/{database}", helpers::server_url()),
+        database_schema: None,
+        database_max_connections: 1,
+    };
+    let mut starts = tokio::task::JoinSet::new();
+    let instances = 16;
+    let together = std::sync::Arc::new(tokio::sync::Barrier::new(instances));
+    for _ in 0..instances {
+        let (config, together) = (config.clone(), together.clone());
+        starts.spawn(async move {
+            together.wait().await;
+            messaging::db::open(&config, "orchestrator", &[&orchestrator::store::MIGRATIONS])
+                .await
+                .map(|(pool, _)| pool)
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(joined) = starts.join_next().await {
+        match joined.expect("task") {
+            Ok(pool) => pool.close().await,
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .expect("drop database");
+    assert!(
+        failures.is_empty(),
+        "instances failed to start: {failures:?}"
+    );
+}
