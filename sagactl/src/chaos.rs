@@ -7,8 +7,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -657,20 +655,21 @@ async fn db_now(db: &PgPool) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
 
 /// Kills and restarts the broker in the background while orders are placed.
 struct BrokerFaults {
-    stop: Arc<AtomicBool>,
+    stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<u32>>,
 }
 
 impl BrokerFaults {
     fn spawn(script: &std::path::Path, address: &str, every: Duration, down: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (script, address, stopping) = (script.to_owned(), address.to_owned(), stop.clone());
+        let (stop, mut stopping) = tokio::sync::watch::channel(false);
+        let (script, address) = (script.to_owned(), address.to_owned());
         let task = tokio::spawn(async move {
             let mut kills = 0;
             loop {
-                tokio::time::sleep(every).await;
-                if stopping.load(Ordering::Relaxed) {
-                    return Ok(kills);
+                // A stop ends the wait at once; a kill in progress finishes with the restart.
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stopping.changed() => return Ok(kills),
                 }
                 eprintln!("killing the broker (SIGKILL)");
                 broker_control(&script, &address, "kill").await?;
@@ -684,7 +683,8 @@ impl BrokerFaults {
 
     /// Stops killing; returns once the broker is up again, with the number of kills.
     async fn stop(self) -> anyhow::Result<u32> {
-        self.stop.store(true, Ordering::Relaxed);
+        // The task may have ended with an error already; its result says so.
+        let _ = self.stop.send(true);
         self.task.await?
     }
 }
