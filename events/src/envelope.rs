@@ -12,7 +12,7 @@ use crate::{ContractError, Result};
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u16 = 1;
 
-/// `{"message_id", "saga_id", "causation_id", "schema_version", "occurred_at", "type",
+/// `{"message_id", "saga_id", "causation_id", "schema_version", "occurred_at", "sequence", "type",
 /// "payload"}`: the body's `type`/`payload` pair sits beside the envelope fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope<T> {
@@ -24,6 +24,11 @@ pub struct Envelope<T> {
     pub causation_id: Option<Uuid>,
     pub schema_version: u16,
     pub occurred_at: DateTime<Utc>,
+    /// Saga events only: the saga's version when the event was written. It grows with every
+    /// event of one saga (not by one), so a reader of `saga.events` can order one saga's events
+    /// and drop repeats even when several relays published them out of order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     #[serde(flatten)]
     pub body: T,
 }
@@ -42,8 +47,16 @@ impl<T> Envelope<T> {
             causation_id,
             schema_version: SCHEMA_VERSION,
             occurred_at,
+            sequence: None,
             body,
         }
+    }
+
+    /// The same envelope with the saga's `sequence` number.
+    #[must_use]
+    pub fn with_sequence(mut self, sequence: u64) -> Self {
+        self.sequence = Some(sequence);
+        self
     }
 }
 

@@ -37,6 +37,15 @@ pub struct Address {
     pub postal_code: String,
 }
 
+const ORDER_PLACED: &str = "OrderPlaced";
+
+/// Just the `type` field of a record on `orders`.
+#[derive(Deserialize)]
+struct TypeTag<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
 /// Upper bounds that keep one order's arithmetic far from overflow.
 const MAX_ITEMS: usize = 100;
 const MAX_QUANTITY: i32 = 1_000_000;
@@ -52,6 +61,18 @@ impl OrderPlaced {
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let order: Self =
             serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+        // serde writes the `type` tag of a struct but does not check it on reading, so an
+        // `OrderCancelled` with an order's fields would otherwise start a saga.
+        let tag: TypeTag<'_> =
+            serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+        if tag.kind.as_deref() != Some(ORDER_PLACED) {
+            return Err(ContractError::Malformed(format!(
+                "expected \"type\": \"{ORDER_PLACED}\", got {:?}",
+                tag.kind
+                    .as_deref()
+                    .map(|k| k.chars().take(64).collect::<String>())
+            )));
+        }
         order.validate()?;
         Ok(order)
     }
@@ -231,5 +252,52 @@ mod tests {
             OrderPlaced::from_json(br#"{"type":"OrderShipped"}"#),
             Err(ContractError::Malformed(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod type_tag_tests {
+    use super::*;
+
+    fn with_type(kind: Option<&str>) -> Vec<u8> {
+        let order = OrderPlaced {
+            order_id: Uuid::nil(),
+            customer_id: "alice".into(),
+            items: vec![LineItem {
+                sku: "WIDGET".into(),
+                quantity: 1,
+                unit_price_cents: 100,
+            }],
+            total_cents: 100,
+            currency: "EUR".into(),
+            shipping_address: Address {
+                country: "DE".into(),
+                city: "Berlin".into(),
+                line1: "Unter den Linden 1".into(),
+                postal_code: "10117".into(),
+            },
+        };
+        let mut json = serde_json::to_value(order).expect("serialisable");
+        match kind {
+            Some(kind) => json["type"] = kind.into(),
+            None => {
+                json.as_object_mut().expect("object").remove("type");
+            }
+        }
+        serde_json::to_vec(&json).expect("serialisable")
+    }
+
+    #[test]
+    fn only_an_order_placed_type_is_an_order_placed() {
+        assert!(OrderPlaced::from_json(&with_type(Some("OrderPlaced"))).is_ok());
+        for kind in [Some("OrderCancelled"), Some(""), None] {
+            assert!(
+                matches!(
+                    OrderPlaced::from_json(&with_type(kind)),
+                    Err(ContractError::Malformed(_))
+                ),
+                "type {kind:?} must not pass as an OrderPlaced"
+            );
+        }
     }
 }

@@ -76,7 +76,11 @@ fn saga_events() {
         "SagaCompensated",
         "SagaFailed",
     ] {
-        let _: Envelope<SagaEvent> = round_trip(name);
+        let envelope: Envelope<SagaEvent> = round_trip(name);
+        assert!(
+            envelope.sequence.is_some(),
+            "{name} carries its saga sequence"
+        );
     }
 }
 

@@ -116,6 +116,12 @@ pub struct FaultConfig {
     /// dropped without draining). Not a command-line setting.
     #[arg(skip)]
     pub crash_in_process: bool,
+
+    /// Make the outbox relay's producer fail fatally, as an idempotent producer does when the
+    /// broker loses track of its sequence, once it has published this many rows (once per
+    /// process). The relay must replace the producer and go on. 0: never.
+    #[arg(long, env = "FAULT_PRODUCER_FATAL_AFTER", default_value_t = 0)]
+    pub producer_fatal_after: u64,
 }
 
 /// How long handled-message ids are kept, and how often old rows are swept.

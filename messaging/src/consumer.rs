@@ -60,7 +60,9 @@ fn trace_headers(message: &impl Message) -> BTreeMap<String, String> {
         for header in headers.iter() {
             if telemetry::TRACE_HEADERS.contains(&header.key) {
                 if let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                    found.insert(header.key.to_owned(), value.to_owned());
+                    if telemetry::acceptable_trace_header(header.key, value) {
+                        found.insert(header.key.to_owned(), value.to_owned());
+                    }
                 }
             }
         }
@@ -71,28 +73,53 @@ fn trace_headers(message: &impl Message) -> BTreeMap<String, String> {
 /// Why a handler did not handle a record.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// The record can never be handled (malformed, unknown, against the contract): it goes to
-    /// the dead-letter topic with this reason.
+    /// The record can never be handled (malformed, unknown, against the contract, or an error
+    /// that would repeat on every try): it goes to the dead-letter topic with this reason.
     #[error("rejected: {0}")]
     Reject(String),
-    /// Handling failed for a reason that may pass; the record is retried.
+    /// Handling failed for a reason that may pass with this record (a serialization failure,
+    /// a deadlock, a concurrent update). Retried, at most [`MAX_RETRIES`] times in a row; then
+    /// the record is dead-lettered with the last error.
     #[error("retryable: {0}")]
     Retry(String),
+    /// The database cannot be reached: nothing can be handled, and nothing can be
+    /// dead-lettered either (the dead-letter copy goes through the outbox). Retried with
+    /// backoff for as long as it lasts, without counting against the record.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
+/// Transient failures in a row after which a record is dead-lettered. With the backoff's 5 s
+/// cap that is over a minute of retrying one record while the database answers.
+pub const MAX_RETRIES: u32 = 20;
+
 impl From<sqlx::Error> for HandlerError {
-    /// Data and constraint errors (SQLSTATE classes 22 and 23) come from the record itself and
-    /// would fail forever, so they reject it; anything else (connection, serialization
-    /// conflicts) is worth another try.
+    /// Sorts database errors by what another try can change: a lost or refused connection
+    /// ([`HandlerError::Unavailable`]); a serialization failure, deadlock, lock or statement
+    /// timeout ([`HandlerError::Retry`]); anything else (bad data, a violated constraint, an
+    /// unreadable row) fails the same way every time and rejects the record.
     fn from(e: sqlx::Error) -> Self {
-        let deterministic = e
-            .as_database_error()
-            .and_then(|db| db.code())
-            .is_some_and(|code| code.starts_with("22") || code.starts_with("23"));
-        if deterministic {
-            Self::Reject(format!("database refused the message: {e}"))
-        } else {
-            Self::Retry(e.to_string())
+        use sqlx::Error as E;
+        match &e {
+            E::Io(_)
+            | E::Tls(_)
+            | E::Protocol(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::WorkerCrashed => Self::Unavailable(e.to_string()),
+            E::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") {
+                    // Connection exceptions, insufficient resources, server shutting down.
+                    Self::Unavailable(e.to_string())
+                } else if code.starts_with("40") || code == "55P03" || code == "57014" {
+                    // Serialization failure, deadlock, lock not available, statement timeout.
+                    Self::Retry(e.to_string())
+                } else {
+                    Self::Reject(format!("database refused the message: {e}"))
+                }
+            }
+            _ => Self::Reject(format!("database error handling the message: {e}")),
         }
     }
 }
@@ -257,11 +284,12 @@ fn to_record(message: &impl Message) -> Record {
     }
 }
 
-/// Handles `batch` in one transaction: one commit for all its records, in order, so the
-/// records of one saga (one partition) keep their order. If any record fails, the whole
-/// transaction is rolled back and the records are handled one at a time instead, so a
-/// rejected record is dead-lettered alone and a passing failure is retried alone. Returns
-/// `false` only when told to shut down while a record kept failing.
+/// Handles `batch` in as few transactions as it can: one for the whole batch when nothing
+/// fails, with a savepoint per record, so a record the handler rejects is rolled back alone and
+/// dead-lettered in the same transaction while the others commit. A record that fails
+/// transiently ends its transaction there: what came before it commits, the record is retried
+/// alone, and the rest of the batch goes on after it. Records of one partition keep their
+/// order. Returns `false` only when told to shut down while a record kept failing.
 async fn process_batch<H: Handler>(
     pool: &PgPool,
     handler: &H,
@@ -269,56 +297,106 @@ async fn process_batch<H: Handler>(
     dead_letters: &DeadLetters,
     shutdown: &CancellationToken,
 ) -> bool {
-    if let [record] = batch {
-        return process(pool, handler, record, dead_letters, shutdown)
-            .instrument(record.span.clone())
-            .await;
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let failed_at = match handle_in_one_transaction(pool, handler, rest, dead_letters).await {
+            Ok(Handled { count, .. }) if count == rest.len() => return true,
+            Ok(Handled { count, stopped_by }) => {
+                if let Some(e) = stopped_by {
+                    tracing::debug!(error.message = %e, handled = count, "a record failed; retrying it alone");
+                }
+                count
+            }
+            // The transaction itself failed (begin, savepoint or commit): nothing of it stayed.
+            Err(e) => {
+                tracing::debug!(error.message = %e, records = rest.len(), "transaction failed; retrying its first record alone");
+                0
+            }
+        };
+        let record = &rest[failed_at];
+        if !process(pool, handler, record, dead_letters, shutdown).await {
+            return false;
+        }
+        rest = &rest[failed_at + 1..];
     }
+    true
+}
+
+/// How far [`handle_in_one_transaction`] got.
+struct Handled {
+    /// Records handled or dead-lettered, from the start; all committed.
+    count: usize,
+    /// The transient error that stopped it before the end.
+    stopped_by: Option<HandlerError>,
+}
+
+/// Handles `records` in order in one transaction, each behind its own savepoint, until one
+/// fails transiently; commits what was handled (and the rejected records' dead-letter copies).
+async fn handle_in_one_transaction<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    records: &[Record],
+    dead_letters: &DeadLetters,
+) -> Result<Handled, HandlerError> {
     let received = std::time::Instant::now();
-    let together = async {
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut stopped_by = None;
+    async {
         let mut tx = pool.begin().await?;
-        for record in batch {
-            handler
-                .handle(&mut tx, record)
+        for record in records {
+            let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+            match handler
+                .handle(&mut savepoint, record)
                 .instrument(record.span.clone())
-                .await?;
+                .await
+            {
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    outcomes.push("handled");
+                }
+                Err(HandlerError::Reject(reason)) => {
+                    savepoint.rollback().await?;
+                    ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
+                    record.span.in_scope(|| tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic"));
+                    outbox::enqueue(&mut tx, &dead_letter_copy(record, dead_letters, &reason))
+                        .instrument(record.span.clone())
+                        .await?;
+                    outcomes.push("dead_lettered");
+                }
+                Err(e) => {
+                    savepoint.rollback().await?;
+                    stopped_by = Some(e);
+                    break;
+                }
+            }
         }
         tx.commit().await?;
         Ok::<_, HandlerError>(())
     }
-    .instrument(tracing::info_span!("db.transaction", records = batch.len()))
-    .await;
-    match together {
-        Ok(()) => {
-            let elapsed = received.elapsed().as_secs_f64();
-            for record in batch {
-                count_handled(record, "handled", elapsed);
-            }
-            true
-        }
-        Err(e) => {
-            tracing::debug!(error.message = %e, records = batch.len(), "batch failed; handling its records one by one");
-            for record in batch {
-                let done = process(pool, handler, record, dead_letters, shutdown)
-                    .instrument(record.span.clone())
-                    .await;
-                if !done {
-                    return false;
-                }
-            }
-            true
-        }
+    .instrument(tracing::info_span!("db.transaction", records = records.len()))
+    .await?;
+    let elapsed = received.elapsed().as_secs_f64();
+    for (record, outcome) in records.iter().zip(&outcomes) {
+        count_handled(record, outcome, elapsed);
     }
+    Ok(Handled {
+        count: outcomes.len(),
+        stopped_by,
+    })
 }
 
 fn count_handled(record: &Record, outcome: &'static str, seconds: f64) {
+    if outcome == "dead_lettered" {
+        ::metrics::counter!(metrics::DEAD_LETTERS, "topic" => record.topic.clone()).increment(1);
+    }
     ::metrics::counter!(metrics::MESSAGES_CONSUMED, "topic" => record.topic.clone(), "outcome" => outcome)
         .increment(1);
     ::metrics::histogram!(metrics::HANDLE_SECONDS, "topic" => record.topic.clone()).record(seconds);
 }
 
-/// Handles `record` until it is committed or dead-lettered. Returns `false` only when told to
-/// shut down while the record kept failing.
+/// Handles `record` alone until it is committed or dead-lettered: transient failures are
+/// retried with backoff, at most [`MAX_RETRIES`] times in a row while the database answers.
+/// Returns `false` only when told to shut down while the record kept failing.
 async fn process<H: Handler>(
     pool: &PgPool,
     handler: &H,
@@ -326,35 +404,58 @@ async fn process<H: Handler>(
     dead_letters: &DeadLetters,
     shutdown: &CancellationToken,
 ) -> bool {
-    let received = std::time::Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    let mut rejection: Option<String> = None;
+    let mut retries = 0;
+    let mut give_up: Option<String> = None;
     loop {
-        let attempt = match &rejection {
-            None => handle_once(pool, handler, record).await,
-            Some(reason) => dead_letter(pool, record, dead_letters, reason).await,
+        let failure = match &give_up {
+            None => match handle_in_one_transaction(
+                pool,
+                handler,
+                std::slice::from_ref(record),
+                dead_letters,
+            )
+            .await
+            {
+                Ok(Handled { count: 1, .. }) => return true,
+                Ok(Handled { stopped_by, .. }) => stopped_by,
+                Err(e) => Some(e),
+            },
+            Some(reason) => match dead_letter(pool, record, dead_letters, reason).await {
+                Ok(()) => {
+                    count_handled(record, "dead_lettered", 0.0);
+                    return true;
+                }
+                Err(e) => Some(e),
+            },
         };
-        match attempt {
-            Ok(()) => {
-                let outcome = if rejection.is_some() {
-                    ::metrics::counter!(metrics::DEAD_LETTERS, "topic" => record.topic.clone())
-                        .increment(1);
-                    "dead_lettered"
-                } else {
-                    "handled"
-                };
-                count_handled(record, outcome, received.elapsed().as_secs_f64());
-                return true;
+        let Some(e) = failure else { return true };
+        match &e {
+            HandlerError::Unavailable(_) => {
+                ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "unavailable").increment(1);
+                record.span.in_scope(
+                    || tracing::warn!(error.message = %e, "database unavailable; retrying"),
+                );
             }
-            Err(HandlerError::Reject(reason)) if rejection.is_none() => {
-                ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
-                tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic");
-                rejection = Some(reason);
-                continue;
-            }
-            Err(e) => {
+            // Only the transaction around the record can be rejected here (a deferred
+            // constraint at commit, say): the record goes to the dead-letter topic.
+            HandlerError::Reject(reason) | HandlerError::Retry(reason) if give_up.is_none() => {
+                retries += 1;
+                if matches!(e, HandlerError::Reject(_)) || retries >= MAX_RETRIES {
+                    let why = format!("gave up after {retries} attempts: {reason}");
+                    record.span.in_scope(|| tracing::error!(reason = %why, "sending the message to the dead-letter topic"));
+                    give_up = Some(why);
+                    continue;
+                }
                 ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "retry").increment(1);
-                tracing::warn!(error.message = %e, "handling failed; retrying");
+                record.span.in_scope(
+                    || tracing::warn!(error.message = %e, retries, "handling failed; retrying"),
+                );
+            }
+            _ => {
+                record.span.in_scope(
+                    || tracing::warn!(error.message = %e, "dead-lettering failed; retrying"),
+                );
             }
         }
         tokio::select! {
@@ -364,20 +465,75 @@ async fn process<H: Handler>(
     }
 }
 
-async fn handle_once<H: Handler>(
-    pool: &PgPool,
-    handler: &H,
+/// Largest payload copied to the dead-letter topic. A record can be as large as the broker
+/// takes (a Java client sends up to 1 MiB), more than this service's producer sends, and the
+/// copy adds headers; the rest is cut off and `dlq.payload.original_bytes` says how much there
+/// was.
+pub const DEAD_LETTER_MAX_PAYLOAD: usize = 900 * 1024;
+/// Largest key copied to the dead-letter topic.
+pub const DEAD_LETTER_MAX_KEY: usize = 16 * 1024;
+/// Longest rejection reason written to a header, in characters.
+const DEAD_LETTER_MAX_REASON: usize = 2_000;
+
+/// The dead-letter copy of `record`: its key and payload (cut to the limits above), and
+/// headers saying why, where from and who. It can always be stored and published, whatever
+/// bytes the record held: keys are stored as bytes, and header text has no NUL.
+pub fn dead_letter_copy(
     record: &Record,
-) -> Result<(), HandlerError> {
-    async {
-        let mut tx = pool.begin().await?;
-        // On error, dropping the transaction rolls back whatever the handler wrote.
-        handler.handle(&mut tx, record).await?;
-        tx.commit().await?;
-        Ok(())
+    dead_letters: &DeadLetters,
+    reason: &str,
+) -> OutgoingMessage {
+    let mut headers = std::collections::BTreeMap::new();
+    let mut payload = record.payload.as_slice();
+    if payload.len() > DEAD_LETTER_MAX_PAYLOAD {
+        headers.insert(
+            "dlq.payload.original_bytes".to_owned(),
+            payload.len().to_string(),
+        );
+        payload = &payload[..DEAD_LETTER_MAX_PAYLOAD];
     }
-    .instrument(tracing::info_span!("db.transaction", records = 1))
-    .await
+    let key = record.key.as_deref().map(|key| {
+        if key.len() > DEAD_LETTER_MAX_KEY {
+            headers.insert("dlq.key.original_bytes".to_owned(), key.len().to_string());
+            &key[..DEAD_LETTER_MAX_KEY]
+        } else {
+            key
+        }
+    });
+    for (name, value) in [
+        ("dlq.reason", header_text(reason, DEAD_LETTER_MAX_REASON)),
+        ("dlq.source.topic", header_text(&record.topic, 256)),
+        ("dlq.source.partition", record.partition.to_string()),
+        ("dlq.source.offset", record.offset.to_string()),
+        ("dlq.consumer", dead_letters.consumer.clone()),
+        ("dlq.failed_at", chrono::Utc::now().to_rfc3339()),
+    ] {
+        headers.insert(name.to_owned(), value);
+    }
+    OutgoingMessage {
+        topic: dead_letters.topic.clone(),
+        key: key.map(<[u8]>::to_vec),
+        payload: payload.to_vec(),
+        headers,
+    }
+}
+
+/// `text` fit for a header stored as JSON text: NUL (which PostgreSQL refuses in text) and
+/// other control characters escaped, at most `max_chars` characters.
+fn header_text(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars));
+    for (n, c) in text.chars().enumerate() {
+        if n == max_chars {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 async fn dead_letter(
@@ -386,27 +542,167 @@ async fn dead_letter(
     dead_letters: &DeadLetters,
     reason: &str,
 ) -> Result<(), HandlerError> {
-    let mut message = OutgoingMessage {
-        topic: dead_letters.topic.clone(),
-        key: record
-            .key
-            .as_deref()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
-        payload: record.payload.clone(),
-        headers: Default::default(),
-    };
-    for (name, value) in [
-        ("dlq.reason", reason.to_owned()),
-        ("dlq.source.topic", record.topic.clone()),
-        ("dlq.source.partition", record.partition.to_string()),
-        ("dlq.source.offset", record.offset.to_string()),
-        ("dlq.consumer", dead_letters.consumer.clone()),
-        ("dlq.failed_at", chrono::Utc::now().to_rfc3339()),
-    ] {
-        message.headers.insert(name.to_owned(), value);
-    }
     let mut tx = pool.begin().await?;
-    outbox::enqueue(&mut tx, &message).await?;
+    outbox::enqueue(&mut tx, &dead_letter_copy(record, dead_letters, reason)).await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batch path against a real PostgreSQL (`TEST_DATABASE_URL`), in a schema of its own.
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::DatabaseConfig;
+
+    /// Counts its calls; rejects `bad`, fails `flaky` once with a transient error, and records
+    /// every other record's offset in `handled`.
+    #[derive(Default)]
+    struct CountingHandler {
+        calls: AtomicUsize,
+        flaky_failed: AtomicBool,
+    }
+
+    impl Handler for CountingHandler {
+        async fn handle(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match record.payload.as_slice() {
+                b"bad" => return Err(HandlerError::Reject("bad record".into())),
+                b"flaky" if !self.flaky_failed.swap(true, Ordering::SeqCst) => {
+                    return Err(HandlerError::Retry("deadlock detected".into()))
+                }
+                _ => {}
+            }
+            sqlx::query("INSERT INTO handled (record_offset) VALUES ($1)")
+                .bind(record.offset)
+                .execute(tx)
+                .await?;
+            Ok(())
+        }
+    }
+
+    fn record(offset: i64, payload: &[u8]) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: Some(b"k\0\xff".to_vec()),
+            payload: payload.to_vec(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_record_costs_its_batch_one_savepoint_not_a_transaction_per_record() {
+        let server = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let schema = format!(
+            "consumer_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let config = DatabaseConfig {
+            database_url: format!("{server}/postgres"),
+            database_schema: Some(schema.clone()),
+            database_max_connections: 2,
+        };
+        let (pool, _) = crate::db::open(&config, "unused", &[])
+            .await
+            .expect("database");
+        sqlx::query("CREATE TABLE handled (record_offset bigint PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        let batch: Vec<Record> = (0..10)
+            .map(|offset| match offset {
+                3 => record(offset, b"bad"),
+                6 => record(offset, b"flaky"),
+                _ => record(offset, b"good"),
+            })
+            .collect();
+        let handler = CountingHandler::default();
+        let dead_letters = DeadLetters {
+            topic: "dlq".into(),
+            consumer: "test".into(),
+        };
+        let done = process_batch(
+            &pool,
+            &handler,
+            &batch,
+            &dead_letters,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(done);
+
+        let handled: Vec<i64> =
+            sqlx::query_scalar("SELECT record_offset FROM handled ORDER BY record_offset")
+                .fetch_all(&pool)
+                .await
+                .expect("handled");
+        assert_eq!(
+            handled,
+            [0, 1, 2, 4, 5, 6, 7, 8, 9],
+            "every good record once"
+        );
+        let dead: Vec<(String, Option<Vec<u8>>)> =
+            sqlx::query_as("SELECT topic, message_key FROM outbox")
+                .fetch_all(&pool)
+                .await
+                .expect("outbox");
+        assert_eq!(
+            dead,
+            [("dlq".to_owned(), Some(b"k\0\xff".to_vec()))],
+            "the bad one dead-lettered once, key kept"
+        );
+        assert_eq!(
+            handler.calls.load(Ordering::SeqCst),
+            11,
+            "each record handled once, and the flaky one once more"
+        );
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await
+            .expect("drop schema");
+    }
+
+    #[test]
+    fn errors_are_sorted_by_what_another_try_can_change() {
+        assert!(matches!(
+            HandlerError::from(sqlx::Error::PoolTimedOut),
+            HandlerError::Unavailable(_)
+        ));
+        assert!(matches!(
+            HandlerError::from(sqlx::Error::RowNotFound),
+            HandlerError::Reject(_)
+        ));
+    }
+
+    #[test]
+    fn a_dead_letter_copy_fits_any_producer_and_any_text_column() {
+        let mut hostile = record(7, &vec![b'x'; 2_000_000]);
+        hostile.key = Some(vec![0; 100_000]);
+        let copy = dead_letter_copy(
+            &hostile,
+            &DeadLetters {
+                topic: "dlq".into(),
+                consumer: "test".into(),
+            },
+            &format!("reason with NUL \0 and {}", "y".repeat(10_000)),
+        );
+        assert_eq!(copy.payload.len(), DEAD_LETTER_MAX_PAYLOAD);
+        assert_eq!(copy.key.as_ref().map(Vec::len), Some(DEAD_LETTER_MAX_KEY));
+        assert_eq!(copy.headers["dlq.payload.original_bytes"], "2000000");
+        assert_eq!(copy.headers["dlq.key.original_bytes"], "100000");
+        let reason = &copy.headers["dlq.reason"];
+        assert!(
+            !reason.contains('\0') && reason.contains("\\u{0}"),
+            "{reason}"
+        );
+        assert!(
+            reason.chars().count() < 2_100,
+            "cut to about 2,000 characters"
+        );
+    }
 }

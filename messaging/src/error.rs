@@ -24,6 +24,9 @@ pub enum Error {
     Config(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// A part of the process that runs for the life of the process ended early.
+    #[error("{0}")]
+    TaskEnded(String),
     #[error("fault injection: crashed after a commit")]
     InjectedCrash,
 }

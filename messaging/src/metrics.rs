@@ -32,6 +32,7 @@ pub const HANDLER_ERRORS: &str = "handler_errors_total";
 pub const DEAD_LETTERS: &str = "dead_letters_total";
 /// Outbox rows published and acknowledged.
 pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
+pub const OUTBOX_PARKED: &str = "outbox_parked_total";
 /// Outbox rows not yet published.
 pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
 /// Age of the oldest unpublished outbox row (0 when empty).
@@ -123,6 +124,10 @@ fn describe() {
     metrics::describe_counter!(HANDLER_ERRORS, "Handler failures, by kind.");
     metrics::describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic.");
     metrics::describe_counter!(OUTBOX_PUBLISHED, "Outbox rows published and acknowledged.");
+    metrics::describe_counter!(
+        OUTBOX_PARKED,
+        "Outbox rows the broker refused for good, moved to outbox_parked."
+    );
     metrics::describe_gauge!(OUTBOX_BACKLOG, "Outbox rows not yet published.");
     metrics::describe_gauge!(
         OUTBOX_OLDEST_AGE,

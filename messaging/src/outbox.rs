@@ -14,7 +14,8 @@ pub(crate) const NOTIFY_CHANNEL: &str = "outbox";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutgoingMessage {
     pub topic: String,
-    pub key: Option<String>,
+    /// Bytes, not text: a dead-letter copy keeps whatever key its record had.
+    pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: BTreeMap<String, String>,
 }
@@ -23,7 +24,7 @@ impl OutgoingMessage {
     pub fn new(topic: impl Into<String>, key: impl Into<String>, payload: Vec<u8>) -> Self {
         Self {
             topic: topic.into(),
-            key: Some(key.into()),
+            key: Some(key.into().into_bytes()),
             payload,
             headers: BTreeMap::new(),
         }

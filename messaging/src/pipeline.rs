@@ -39,12 +39,17 @@ impl Pipeline {
         handler: H,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let producer = kafka::producer(&self.kafka)?;
         let consumer = kafka::consumer(&self.kafka, &self.group)?;
         let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(
-            Relay::new(pool.clone(), producer, &self.schema, self.relay.clone())
-                .run(relay_stop.clone()),
+        let mut relay = tokio::spawn(
+            Relay::new(
+                pool.clone(),
+                self.kafka.clone(),
+                &self.schema,
+                self.relay.clone(),
+                self.faults.clone(),
+            )?
+            .run(relay_stop.clone()),
         );
         let retention = {
             let pool = pool.clone();
@@ -71,7 +76,20 @@ impl Pipeline {
             batch_max: self.kafka.consumer_batch_max,
             faults: &self.faults,
         };
-        let consumed = consumer::run(consumer, pool, handler, settings, shutdown).await;
+        // The relay runs until told to stop; if it ends before (a panic), the consumer would
+        // go on filling an outbox nobody publishes: stop the whole pipeline instead.
+        let consumed = tokio::select! {
+            consumed = consumer::run(consumer, pool, handler, settings, shutdown) => consumed,
+            ended = &mut relay => {
+                sampler.abort();
+                retention.abort();
+                let reason = match ended {
+                    Err(e) => format!("outbox relay failed: {e}"),
+                    Ok(()) => "outbox relay stopped on its own".to_owned(),
+                };
+                return Err(crate::Error::TaskEnded(reason));
+            }
+        };
         if matches!(consumed, Err(crate::Error::InjectedCrash)) {
             // A crash does not drain anything.
             relay.abort();

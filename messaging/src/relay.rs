@@ -10,39 +10,59 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::RelayConfig;
+use crate::config::{FaultConfig, KafkaConfig, RelayConfig};
 use crate::outbox::NOTIFY_CHANNEL;
 use crate::{kafka, telemetry};
 use crate::{Error, Result};
 
 pub struct Relay {
     pool: PgPool,
+    kafka: KafkaConfig,
     producer: FutureProducer,
     schema: String,
     config: RelayConfig,
+    faults: FaultConfig,
+    /// Rows published by this relay so far (for fault injection).
+    published: u64,
+    fatal_error_injected: bool,
 }
 
-type OutboxRow = (i64, String, Option<String>, Vec<u8>, serde_json::Value);
+type OutboxRow = (i64, String, Option<Vec<u8>>, Vec<u8>, serde_json::Value);
 
 impl Relay {
-    pub fn new(pool: PgPool, producer: FutureProducer, schema: &str, config: RelayConfig) -> Self {
-        Self {
+    /// A relay for the outbox of `schema`, with a producer of its own.
+    ///
+    /// # Errors
+    /// [`Error::Kafka`] when the producer cannot be created.
+    pub fn new(
+        pool: PgPool,
+        kafka: KafkaConfig,
+        schema: &str,
+        config: RelayConfig,
+        faults: FaultConfig,
+    ) -> Result<Self> {
+        Ok(Self {
             pool,
-            producer,
+            producer: kafka::producer(&kafka)?,
+            kafka,
             schema: schema.to_owned(),
             config,
-        }
+            faults,
+            published: 0,
+            fatal_error_injected: false,
+        })
     }
 
     /// Publishes until `stop` is cancelled, then drains what is left (bounded by the
     /// producer's message timeout) and flushes the producer.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let mut listener = self.listen().await;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -115,7 +135,8 @@ impl Relay {
     }
 
     /// Publishes up to one batch and returns how many rows it published.
-    async fn publish_batch(&self) -> Result<i64> {
+    async fn publish_batch(&mut self) -> Result<i64> {
+        self.inject_fatal_error();
         let mut tx = self.pool.begin().await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, topic, message_key, payload, headers FROM outbox \
@@ -130,7 +151,8 @@ impl Relay {
         // Enqueue the whole batch first, then wait for the acknowledgements, so the producer
         // can put many rows in one request.
         let mut deliveries = Vec::with_capacity(rows.len());
-        for (_, topic, key, payload, headers) in &rows {
+        let mut refused: Vec<(i64, String)> = Vec::new();
+        for (id, topic, key, payload, headers) in &rows {
             // One span per message, in the trace of the work that wrote it; the consumer's
             // span becomes its child.
             let mut headers = to_header_map(headers);
@@ -146,20 +168,34 @@ impl Relay {
             if let Some(key) = key {
                 record = record.key(key);
             }
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| Error::kafka(format!("enqueueing to {topic}"))(e))?;
-            deliveries.push((delivery, span));
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push((*id, delivery, span)),
+                Err((e, _)) if refused_for_good(&e) => refused.push((*id, e.to_string())),
+                Err((e, _)) => return Err(self.failed(e, format!("enqueueing to {topic}"))),
+            }
         }
-        for (delivery, _span) in deliveries {
+        for (id, delivery, _span) in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(Error::kafka("publishing outbox row")(e)),
+                Ok(Err((e, _))) if refused_for_good(&e) => refused.push((id, e.to_string())),
+                Ok(Err((e, _))) => return Err(self.failed(e, "publishing outbox row".into())),
                 Err(_cancelled) => {
                     return Err(Error::Config("producer dropped a delivery report".into()))
                 }
             }
+        }
+        for (id, error) in &refused {
+            // Retrying cannot help, and the rows behind it must go out: keep it aside, whole,
+            // with the broker's reason, for an operator.
+            tracing::error!(outbox_id = id, error.message = %error, schema = %self.schema, "the broker refuses an outbox row for good; parked in outbox_parked");
+            sqlx::query(
+                "INSERT INTO outbox_parked (id, topic, message_key, payload, headers, created_at, error) \
+                 SELECT id, topic, message_key, payload, headers, created_at, $2 FROM outbox WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
         }
         let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
         sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
@@ -167,8 +203,66 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(ids.len() as u64);
+        ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED)
+            .increment((ids.len() - refused.len()) as u64);
+        ::metrics::counter!(crate::metrics::OUTBOX_PARKED).increment(refused.len() as u64);
+        self.published += ids.len() as u64;
         Ok(i64::try_from(ids.len()).unwrap_or(i64::MAX))
+    }
+
+    /// The error of a failed publish; when the producer failed fatally (an idempotent
+    /// producer that lost its sequence, say), a fresh producer replaces it for the next try.
+    fn failed(&mut self, e: KafkaError, context: String) -> Error {
+        if let Some(fatal) = self.producer.client().fatal_error() {
+            tracing::error!(error.code = ?fatal.0, error.message = %fatal.1, "the producer failed fatally; creating a new one");
+            match kafka::producer(&self.kafka) {
+                Ok(producer) => self.producer = producer,
+                Err(e) => return e,
+            }
+        }
+        Error::kafka(context)(e)
+    }
+}
+
+/// Whether the broker (or the client, before sending) refuses this record whatever happens:
+/// too large, malformed, or a topic name that cannot exist. Everything else (timeouts, a
+/// broker away, leadership moving) passes.
+fn refused_for_good(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::InvalidRecord
+                | Code::InvalidTopic
+                | Code::MessageBatchTooLarge
+                | Code::TopicAuthorizationFailed
+        )
+    )
+}
+
+impl Relay {
+    /// `FAULT_PRODUCER_FATAL_AFTER`: raises a fatal error in the producer the way librdkafka
+    /// does for an idempotent producer that lost its sequence.
+    #[allow(unsafe_code)]
+    fn inject_fatal_error(&mut self) {
+        let after = self.faults.producer_fatal_after;
+        if after == 0 || self.fatal_error_injected || self.published < after {
+            return;
+        }
+        self.fatal_error_injected = true;
+        tracing::error!("fault injection: the producer fails fatally");
+        // SAFETY: the handle is the live producer's own (it outlives the call), and the
+        // reason is a NUL-terminated static string; librdkafka copies both values.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                self.producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"fault injection".as_ptr(),
+            );
+        }
     }
 }
 

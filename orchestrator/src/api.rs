@@ -541,6 +541,9 @@ async fn place_order(
         .into_response())
 }
 
+const MAX_OPERATOR_CHARS: usize = 200;
+const MAX_REASON_CHARS: usize = 2_000;
+
 /// The body of an operator action: who acts and why, both recorded in the saga's history.
 #[derive(Debug, Deserialize)]
 struct OperatorRequest {
@@ -560,6 +563,18 @@ async fn operate(
         return Err(ApiError::bad_request(
             "`operator` and `reason` must not be empty",
         ));
+    }
+    // Both end up in the history and the reason in a saga event: bounded, so that the event
+    // can always be published, and without NUL, which PostgreSQL's text refuses.
+    for (field, value, max) in [
+        ("operator", &request.operator, MAX_OPERATOR_CHARS),
+        ("reason", &request.reason, MAX_REASON_CHARS),
+    ] {
+        if value.chars().count() > max || value.contains('\0') {
+            return Err(ApiError::bad_request(format!(
+                "`{field}` must be at most {max} characters, without NUL"
+            )));
+        }
     }
     let action = match action_name.as_str() {
         "retry" => OperatorAction::Retry,

@@ -38,6 +38,13 @@ pub struct Config {
     #[arg(long, env = "SAGA_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub saga_retention_secs: u64,
 
+    /// How long an order id is remembered after its order arrived, so that the same order
+    /// published again (a client's retry, a replayed topic) never starts a second saga, even
+    /// after its saga was deleted. Keep it at least the `orders` topic's retention (Kafka's
+    /// default is 7 days).
+    #[arg(long, env = "ORDER_DEDUP_RETENTION_SECS", default_value_t = 8 * 24 * 3600)]
+    pub order_dedup_retention_secs: u64,
+
     /// Consumer group of the orchestrators (default: `{TOPIC_PREFIX}orchestrator`). Instances in
     /// one group share the orders and replies between them by partition.
     #[arg(long, env = "ORCHESTRATOR_GROUP")]

@@ -25,10 +25,14 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for messaging::consumer::HandlerError {
+    /// A concurrent update is worth another try; a row this build cannot read or a bad setting
+    /// fails the same way every time, so the record goes to the dead-letter topic instead of
+    /// blocking its partition.
     fn from(e: Error) -> Self {
         match e {
-            Error::Database(db) => db.into(),
-            other => Self::Retry(other.to_string()),
+            Error::Database(db) | Error::Messaging(messaging::Error::Database(db)) => db.into(),
+            Error::VersionConflict { .. } => Self::Retry(e.to_string()),
+            other => Self::Reject(other.to_string()),
         }
     }
 }

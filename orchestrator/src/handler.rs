@@ -61,7 +61,7 @@ impl OrchestratorHandler {
         store::append_history(tx, saga.id, &entry).await?;
         tracing::info!(saga_id = %saga.id, %order_id, "saga started");
         crate::metrics::saga_started();
-        emit(&self.topics, tx, &saga, None, effects).await?;
+        emit(&self.topics, tx, &saga, 0, None, effects).await?;
         Ok(())
     }
 
@@ -78,7 +78,15 @@ impl OrchestratorHandler {
             return Ok(());
         }
         let reply = &envelope.body;
-        let Some((saga, version)) = store::load_for_update(tx, envelope.saga_id).await? else {
+        let loaded = match store::load_for_update(tx, envelope.saga_id).await {
+            Err(e @ crate::Error::CorruptRow { .. }) => {
+                // Retrying cannot fix the row, and the reply is not at fault: park the saga.
+                store::park_unreadable(tx, envelope.saga_id, &e).await?;
+                return Ok(());
+            }
+            other => other?,
+        };
+        let Some((saga, version)) = loaded else {
             return Err(HandlerError::Reject(format!(
                 "{} for unknown saga {}",
                 reply.type_name(),
@@ -167,7 +175,9 @@ pub(crate) async fn commit_decision(
                     Effect::Publish(_) => None,
                 }),
             );
-            emit(topics, tx, &next, causation_id, effects).await?;
+            // The row is now at `version + 1`: that numbers the event this transition publishes.
+            let sequence = u64::try_from(version + 1).unwrap_or_default();
+            emit(topics, tx, &next, sequence, causation_id, effects).await?;
             Ok(Some(*next))
         }
         Decision::Ignored { reason } => {
@@ -182,11 +192,13 @@ pub(crate) async fn commit_decision(
 }
 
 /// Writes the saga's commands and events to the outbox, keyed by order id so that every
-/// message of one order stays in one partition, in order.
+/// message of one order stays in one partition, in order. Events carry `sequence`, the saga
+/// row's version after this transition (one event per transition at most).
 async fn emit(
     topics: &Topics,
     tx: &mut PgConnection,
     saga: &Saga,
+    sequence: u64,
     causation_id: Option<Uuid>,
     effects: Vec<Effect>,
 ) -> crate::Result<()> {
@@ -199,7 +211,8 @@ async fn emit(
                 OutgoingMessage::new(topic, key.clone(), envelope.to_json())
             }
             Effect::Publish(event) => {
-                let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, event);
+                let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, event)
+                    .with_sequence(sequence);
                 OutgoingMessage::new(topics.saga_events(), key.clone(), envelope.to_json())
             }
         };

@@ -63,6 +63,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let retention = {
         let pool = pool.clone();
         let retention_secs = config.saga_retention_secs;
+        let dedup_secs = config.order_dedup_retention_secs;
         tokio::spawn(messaging::retention::every(
             "saga retention",
             config.retention.sweep_interval(),
@@ -70,8 +71,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             move || {
                 let pool = pool.clone();
                 async move {
-                    store::sweep_finished(&pool, retention_secs, messaging::retention::SWEEP_BATCH)
-                        .await
+                    let batch = messaging::retention::SWEEP_BATCH;
+                    let sagas = store::sweep_finished(&pool, retention_secs, batch).await?;
+                    let orders = store::sweep_order_dedup(&pool, dedup_secs, batch).await?;
+                    Ok(sagas + orders)
                 }
             },
         ))
@@ -95,9 +98,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tracing::info!(addr = %listener.local_addr()?, "status API listening");
     let http = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    // Whichever half ends first (a failure, or shutdown) stops the other: no process that
-    // serves a green /healthz while its consumer is gone.
-    let (consumed, served) = tokio::join!(
+    // Whichever part ends first (a failure, or shutdown) stops the others: no process that
+    // serves a green /healthz while its consumer, relay or deadline scanner is gone.
+    let (consumed, served, scanned, swept) = tokio::join!(
         async {
             let consumed = pipeline
                 .run(
@@ -113,13 +116,33 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             let served = http.await.map_err(Error::Http);
             shutdown.cancel();
             served
-        }
+        },
+        supervise("deadline scanner", scanner, &shutdown),
+        supervise("saga retention", retention, &shutdown),
     );
-    let _ = retention.await;
-    if let Err(e) = scanner.await {
-        tracing::error!(error.message = %e, "deadline scanner ended abnormally");
-    }
     pool.close().await;
     consumed?;
+    scanned?;
+    swept?;
     served
+}
+
+/// Waits for a task that should run until shutdown; if it ends before (a panic), stops the
+/// process with the reason.
+async fn supervise(
+    name: &str,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let ended = task.await;
+    if shutdown.is_cancelled() && ended.is_ok() {
+        return Ok(());
+    }
+    shutdown.cancel();
+    let reason = match ended {
+        Err(e) => format!("{name} failed: {e}"),
+        Ok(()) => format!("{name} stopped on its own"),
+    };
+    tracing::error!(%reason, "stopping");
+    Err(Error::Messaging(messaging::Error::TaskEnded(reason)))
 }

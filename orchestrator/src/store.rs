@@ -77,6 +77,17 @@ pub async fn insert_saga(
     saga: &Saga,
     trace_parent: Option<&str>,
 ) -> Result<bool> {
+    let first = sqlx::query(
+        "INSERT INTO order_dedup (order_id, saga_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(saga.order.order_id)
+    .bind(saga.id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if first == 0 {
+        return Ok(false);
+    }
     let inserted = sqlx::query(
         "INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
                             definition_version, version, created_at, updated_at, finished_at, \
@@ -160,9 +171,46 @@ pub async fn lock_due(
     ))
     .bind(now)
     .bind(limit)
-    .fetch_all(tx)
+    .fetch_all(&mut *tx)
     .await?;
-    rows.into_iter().map(SagaRow::into_saga).collect()
+    let mut due = Vec::with_capacity(rows.len());
+    for row in rows {
+        let saga_id = row.id;
+        match row.into_saga() {
+            Ok(saga) => due.push(saga),
+            // One unreadable row must not stop every other saga's deadline.
+            Err(e) => park_unreadable(tx, saga_id, &e).await?,
+        }
+    }
+    Ok(due)
+}
+
+/// Parks a saga whose row this build cannot read (`error`): `failed`, without a deadline, with
+/// the reason, for an operator. Nothing else reads it again, so it stops no other saga.
+///
+/// # Errors
+/// Database errors.
+pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error) -> Result<()> {
+    let reason = format!("parked: {error}");
+    tracing::error!(%saga_id, %reason, "unreadable saga row parked as failed");
+    sqlx::query(
+        "UPDATE sagas SET state = 'failed', failure_reason = $2, deadline_at = NULL, \
+                          finished_at = coalesce(finished_at, now()), version = version + 1 \
+         WHERE id = $1",
+    )
+    .bind(saga_id)
+    .bind(&reason)
+    .execute(&mut *tx)
+    .await?;
+    let entry = HistoryEntry {
+        at: Utc::now(),
+        message_id: None,
+        message_type: "UnreadableRow".into(),
+        decision: "parked".into(),
+        detail: Some(reason),
+        state_after: SagaState::Failed.as_str().into(),
+    };
+    append_history(tx, saga_id, &entry).await
 }
 
 /// One line of a saga's history.
@@ -237,6 +285,31 @@ pub async fn sweep_finished(
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
          history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id) \
          DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
+    )
+    .bind(retention_secs as f64)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}
+
+/// Deletes up to `limit` order ids that arrived more than `retention_secs` ago from the
+/// dedup table (never one whose saga still exists); returns how many.
+///
+/// # Errors
+/// Database errors.
+pub async fn sweep_order_dedup(
+    db: &sqlx::PgPool,
+    retention_secs: u64,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM order_dedup WHERE order_id IN ( \
+             SELECT d.order_id FROM order_dedup d \
+             WHERE d.seen_at < now() - make_interval(secs => $1) \
+               AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.order_id = d.order_id) \
+             ORDER BY d.seen_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
     )
     .bind(retention_secs as f64)
     .bind(limit)

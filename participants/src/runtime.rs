@@ -3,7 +3,7 @@
 //! For each command, in one transaction:
 //! 1. decode the envelope (or dead-letter the record) and check the command is for us;
 //! 2. record the message id in the inbox (a redelivery stops here);
-//! 3. claim the (saga, step) row of the step ledger and decide:
+//! 3. claim the (order, step) row of the step ledger and decide:
 //!    - forward, first time: run the service's step and remember its outcome;
 //!    - forward again (a retry with a new attempt): answer the remembered outcome, do nothing;
 //!    - forward after the step was compensated: refuse — the saga has moved on;
@@ -159,13 +159,15 @@ impl<S: StepService> ParticipantHandler<S> {
         command: &Command,
     ) -> Result<Reply, HandlerError> {
         let step = command.step().as_str();
-        let entry = claim_ledger_entry(tx, saga_id, step).await?;
+        let order_id = command.order_id();
+        let entry = claim_ledger_entry(tx, order_id, saga_id, step).await?;
         let reply = match command.action() {
             Action::Forward if entry.compensated => {
                 let reason = "the step was already compensated; a forward command after its compensation is refused";
                 // Remember the refusal unless the step had run before its compensation.
                 if entry.forward_outcome.is_none() {
-                    record_forward(tx, saga_id, step, &StepOutcome::Refused(reason.into())).await?;
+                    record_forward(tx, order_id, step, &StepOutcome::Refused(reason.into()))
+                        .await?;
                 }
                 Reply::refused(command, reason)
             }
@@ -174,7 +176,7 @@ impl<S: StepService> ParticipantHandler<S> {
                 Some(_) => Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
                 None => {
                     let outcome = self.service.forward(tx, saga_id, command).await?;
-                    record_forward(tx, saga_id, step, &outcome).await?;
+                    record_forward(tx, order_id, step, &outcome).await?;
                     reply_for(command, outcome)
                 }
             },
@@ -185,7 +187,7 @@ impl<S: StepService> ParticipantHandler<S> {
             Action::Compensate => {
                 let outcome = self.service.compensate(tx, saga_id, command).await?;
                 if outcome == StepOutcome::Done {
-                    record_compensation(tx, saga_id, step).await?;
+                    record_compensation(tx, order_id, step).await?;
                 }
                 reply_for(command, outcome)
             }
@@ -246,24 +248,29 @@ fn reply_for(command: &Command, outcome: StepOutcome) -> Reply {
     }
 }
 
-/// Creates the ledger row if needed and locks it, so concurrent commands for one (saga, step)
-/// — possible while partitions move between instances — take turns.
+/// Creates the ledger row of (order, step) if needed and locks it, so concurrent commands for
+/// one step of one order — possible while partitions move between instances — take turns.
 async fn claim_ledger_entry(
     tx: &mut PgConnection,
+    order_id: Uuid,
     saga_id: Uuid,
     step: &str,
 ) -> Result<LedgerEntry, HandlerError> {
-    sqlx::query("INSERT INTO step_ledger (saga_id, step) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(saga_id)
-        .bind(step)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO step_ledger (order_id, saga_id, step) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(saga_id)
+    .bind(step)
+    .execute(&mut *tx)
+    .await?;
     let (forward_outcome, refusal_reason, compensated): (Option<String>, Option<String>, bool) =
         sqlx::query_as(
             "SELECT forward_outcome, refusal_reason, compensated_at IS NOT NULL \
-             FROM step_ledger WHERE saga_id = $1 AND step = $2 FOR UPDATE",
+             FROM step_ledger WHERE order_id = $1 AND step = $2 FOR UPDATE",
         )
-        .bind(saga_id)
+        .bind(order_id)
         .bind(step)
         .fetch_one(&mut *tx)
         .await?;
@@ -276,7 +283,7 @@ async fn claim_ledger_entry(
 
 async fn record_forward(
     tx: &mut PgConnection,
-    saga_id: Uuid,
+    order_id: Uuid,
     step: &str,
     outcome: &StepOutcome,
 ) -> Result<(), HandlerError> {
@@ -286,9 +293,9 @@ async fn record_forward(
     };
     sqlx::query(
         "UPDATE step_ledger SET forward_outcome = $3, refusal_reason = $4, updated_at = now() \
-         WHERE saga_id = $1 AND step = $2",
+         WHERE order_id = $1 AND step = $2",
     )
-    .bind(saga_id)
+    .bind(order_id)
     .bind(step)
     .bind(label)
     .bind(reason)
@@ -299,14 +306,14 @@ async fn record_forward(
 
 async fn record_compensation(
     tx: &mut PgConnection,
-    saga_id: Uuid,
+    order_id: Uuid,
     step: &str,
 ) -> Result<(), HandlerError> {
     sqlx::query(
         "UPDATE step_ledger SET compensated_at = now(), updated_at = now() \
-         WHERE saga_id = $1 AND step = $2",
+         WHERE order_id = $1 AND step = $2",
     )
-    .bind(saga_id)
+    .bind(order_id)
     .bind(step)
     .execute(tx)
     .await?;

@@ -245,13 +245,21 @@ impl Saga {
                 expected_action
             ));
         }
-        let current_attempt = match expected_action {
-            Action::Forward => step.attempts,
-            Action::Compensate => step.compensation_attempts,
+        // Any attempt of the current step and direction is an answer: the participant's ledger
+        // answers every attempt of one step alike, so an earlier attempt's reply that arrives
+        // late says what the latest would say. (Waiting for the latest attempt's own reply
+        // livelocked sagas whose replies were slower than the longest wait.) Compensation
+        // attempts before an operator's retry belong to an earlier round and stay ignored.
+        let (first_attempt, current_attempt) = match expected_action {
+            Action::Forward => (1, step.attempts),
+            Action::Compensate => (
+                step.compensation_budget_from + 1,
+                step.compensation_attempts,
+            ),
         };
-        if reply.attempt() != current_attempt {
+        if !(first_attempt..=current_attempt).contains(&reply.attempt()) {
             return ignored(format!(
-                "{} is for attempt {}, but the current attempt is {current_attempt}",
+                "{} is for attempt {}, but the current attempts are {first_attempt} to {current_attempt}",
                 reply.type_name(),
                 reply.attempt()
             ));
@@ -392,6 +400,11 @@ impl Saga {
         step.status = StepStatus::Running;
         step.attempts += 1;
         step.started_at.get_or_insert(now);
+        let jitter = if step.attempts == 1 {
+            spread(self.id, index)
+        } else {
+            jitter
+        };
         self.deadline_at = Some(now + policies.forward(step.name).wait_for(step.attempts, jitter));
         Effect::Send(forward_command(step.name, &self.order, step.attempts))
     }
@@ -410,6 +423,11 @@ impl Saga {
         step.compensation_attempts += 1;
         step.compensation_started_at.get_or_insert(now);
         let round = step.compensation_attempts - step.compensation_budget_from;
+        let jitter = if round == 1 {
+            spread(self.id, index)
+        } else {
+            jitter
+        };
         self.deadline_at = Some(now + policies.compensation.wait_for(round, jitter));
         compensation_command(step.name, order_id, step.compensation_attempts)
             .map(Effect::Send)
@@ -563,4 +581,19 @@ fn applied(saga: Saga, effects: Vec<Effect>) -> Decision {
 
 fn ignored(reason: String) -> Decision {
     Decision::Ignored { reason }
+}
+
+/// The jitter of a step's first wait: a fraction in `[0, 1)` that differs from saga to saga
+/// and step to step but is always the same for one of them, so that sagas started in one burst
+/// do not all time out and re-send in one burst, and the machine stays a pure function.
+/// (Re-sends get their jitter from the caller, as `on_deadline`'s argument.)
+fn spread(saga_id: Uuid, step: usize) -> f64 {
+    // splitmix64's finaliser: every input bit moves about half of the output bits.
+    let (high, low) = saga_id.as_u64_pair();
+    let mut x = high ^ low.rotate_left(17) ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    // The top 53 bits make an f64 in [0, 1) exactly.
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }

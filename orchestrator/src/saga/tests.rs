@@ -302,11 +302,7 @@ fn an_operator_retry_gives_a_fresh_budget_and_can_complete_the_compensation() {
             attempt: 3
         })]
     );
-    assert_eq!(
-        saga.deadline_at,
-        Some(at(11)),
-        "a fresh budget starts with the first wait"
-    );
+    assert_first_wait(&saga, at(10), "a fresh budget starts with the first wait");
     let (saga, _) = apply(&saga, Reply::StockReleased(done(3)), 11);
     assert_eq!(saga.state, SagaState::Compensated);
 }
@@ -397,9 +393,10 @@ fn an_operator_abort_compensates_the_running_step_and_those_below() {
 }
 
 #[test]
-fn a_deadline_resends_the_command_with_the_next_attempt_and_fences_the_old_one() {
+fn a_deadline_resends_the_command_with_the_next_attempt() {
     let saga = started();
-    assert_eq!(saga.deadline_at, Some(at(1)));
+    assert_first_wait(&saga, at(0), "the first wait");
+    let first_deadline = saga.deadline_at.expect("armed");
     assert!(
         matches!(
             saga.on_deadline(at(0), 0.0, &policies()),
@@ -419,16 +416,56 @@ fn a_deadline_resends_the_command_with_the_next_attempt_and_fences_the_old_one()
     assert_eq!(saga.steps[0].attempts, 2);
     assert_eq!(
         saga.deadline_at,
-        Some(at(3)),
-        "the second wait is twice the first"
+        Some(first_deadline + TimeDelta::seconds(2)),
+        "the second wait is twice the first (jitter 0 here)"
     );
-    assert_ignored(&saga, Reply::StockReserved(done(1)), "current attempt is 2");
     let (saga, _) = apply(&saga, Reply::StockReserved(done(2)), 2);
     assert_eq!(saga.steps[1].status, StepStatus::Running);
-    assert_eq!(
-        saga.deadline_at,
-        Some(at(3)),
-        "the next step arms its own deadline"
+    assert_first_wait(&saga, at(2), "the next step arms its own deadline");
+}
+
+#[test]
+fn a_late_reply_to_an_earlier_attempt_answers_the_step() {
+    // The reply to attempt 1 arrives after attempt 2 was sent: the ledger answers every attempt
+    // alike, so it is the step's answer, and the reply to attempt 2 is then a duplicate.
+    let (saga, _) = at_deadline(&started());
+    let (saga, effects) = apply(&saga, Reply::StockReserved(done(1)), 2);
+    assert_eq!(sent(&effects), ["ChargePayment"]);
+    assert_ignored(
+        &saga,
+        Reply::StockReserved(done(2)),
+        "waits on charge_payment",
+    );
+    // The same in the compensating direction.
+    let (saga, _) = apply(&compensating_stock(), compensation_failed(1), 3);
+    let (saga, _) = at_deadline(&saga);
+    let (saga, _) = apply(&saga, Reply::StockReleased(done(1)), 6);
+    assert_eq!(saga.state, SagaState::Compensated);
+}
+
+#[test]
+fn sagas_started_together_do_not_time_out_together() {
+    let deadlines: std::collections::BTreeSet<_> = (0..50)
+        .map(|id| {
+            let saga = Saga::start(Uuid::from_u128(id), order(), at(0), &policies()).0;
+            assert_first_wait(&saga, at(0), "every first wait is jittered");
+            saga.deadline_at
+        })
+        .collect();
+    assert!(
+        deadlines.len() > 40,
+        "{} distinct deadlines",
+        deadlines.len()
+    );
+}
+
+/// The first wait is one second (the policy's timeout) plus up to 25% jitter.
+fn assert_first_wait(saga: &Saga, sent_at: DateTime<Utc>, why: &str) {
+    let deadline = saga.deadline_at.expect("a deadline is armed");
+    let waited = deadline - sent_at;
+    assert!(
+        waited >= TimeDelta::seconds(1) && waited <= TimeDelta::milliseconds(1_250),
+        "{why}: waited {waited}"
     );
 }
 
@@ -487,7 +524,7 @@ fn a_reply_to_another_attempt_is_fenced_off() {
     assert_ignored(
         &started(),
         Reply::StockReserved(done(0)),
-        "current attempt is 1",
+        "current attempts are 1 to 1",
     );
 }
 

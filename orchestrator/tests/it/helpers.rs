@@ -47,6 +47,8 @@ pub struct Options {
     pub without: Vec<&'static str>,
     /// Sweep finished sagas and inbox rows older than this many seconds, every 100 ms.
     pub retention_secs: Option<u64>,
+    /// Fault injection for the orchestrator.
+    pub orchestrator_faults: FaultConfig,
 }
 
 /// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
@@ -153,8 +155,9 @@ impl TestSystem {
             relay: RelayConfig::default(),
             retention,
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
+            order_dedup_retention_secs: 8 * 24 * 3600,
             retries: options.retries,
-            faults: FaultConfig::default(),
+            faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
         };
@@ -203,6 +206,7 @@ impl TestSystem {
         let faults = FaultConfig {
             crash_after_commit_every: 1,
             crash_in_process: true,
+            ..FaultConfig::default()
         };
         self.start_participant_with(name, 0, faults);
     }

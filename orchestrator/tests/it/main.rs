@@ -2,6 +2,7 @@
 //! the real PostgreSQL. See `helpers` for how each test gets its own deployment.
 
 mod helpers;
+mod hostile;
 mod operate;
 mod recovery;
 
