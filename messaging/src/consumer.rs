@@ -4,8 +4,9 @@
 //! state change, outbox rows), commit, and only then store the record's offset for the next
 //! automatic commit. A crash anywhere before the store means the record is delivered again and
 //! the inbox absorbs it. A record the handler rejects goes to the dead-letter topic (through the
-//! outbox) with the reason and its original bytes, and the loop moves on. A passing failure
-//! (database down, version conflict) is retried with backoff, never skipped.
+//! outbox) with the reason and its original bytes, and the loop moves on. A passing failure is
+//! retried with backoff: while the database is unreachable for as long as that lasts, a
+//! failure of the record's own (deadlock, version conflict) at most [`MAX_RETRIES`] times.
 
 use std::collections::BTreeMap;
 use std::future::Future;
