@@ -277,7 +277,8 @@ pub async fn sweep_finished(
     retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
+    delete_older(
+        db,
         "WITH doomed AS ( \
              SELECT id FROM sagas \
              WHERE finished_at < now() - make_interval(secs => $1) \
@@ -285,13 +286,10 @@ pub async fn sweep_finished(
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
          history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id) \
          DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
+        retention_secs,
+        limit,
     )
-    .bind(retention_secs as f64)
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(deleted)
+    .await
 }
 
 /// Deletes up to `limit` order ids that arrived more than `retention_secs` ago from the
@@ -304,19 +302,33 @@ pub async fn sweep_order_dedup(
     retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
+    delete_older(
+        db,
         "DELETE FROM order_dedup WHERE order_id IN ( \
              SELECT d.order_id FROM order_dedup d \
              WHERE d.seen_at < now() - make_interval(secs => $1) \
                AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.order_id = d.order_id) \
              ORDER BY d.seen_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention_secs,
+        limit,
     )
-    .bind(retention_secs as f64)
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(deleted)
+    .await
+}
+
+/// Runs a retention `statement` whose `$1` is an age in seconds and `$2` a row limit; returns
+/// the rows it deleted.
+async fn delete_older(
+    db: &sqlx::PgPool,
+    statement: &str,
+    retention_secs: u64,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    Ok(sqlx::query(statement)
+        .bind(retention_secs as f64)
+        .bind(limit)
+        .execute(db)
+        .await?
+        .rows_affected())
 }
 
 /// What `GET /sagas` asks for. Every filter is optional.
