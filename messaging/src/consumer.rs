@@ -597,8 +597,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_record_costs_its_batch_one_savepoint_not_a_transaction_per_record() {
-        let server = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let server = server();
         let schema = format!(
             "consumer_test_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -668,8 +667,8 @@ mod tests {
             .expect("drop schema");
     }
 
-    #[test]
-    fn errors_are_sorted_by_what_another_try_can_change() {
+    #[tokio::test]
+    async fn errors_are_sorted_by_what_another_try_can_change() {
         assert!(matches!(
             HandlerError::from(sqlx::Error::PoolTimedOut),
             HandlerError::Unavailable(_)
@@ -678,6 +677,33 @@ mod tests {
             HandlerError::from(sqlx::Error::RowNotFound),
             HandlerError::Reject(_)
         ));
+        // Errors as PostgreSQL itself reports them.
+        let pool = sqlx::PgPool::connect(&format!("{}/postgres", server()))
+            .await
+            .expect("database");
+        for (code, expected) in [
+            ("40P01", "retryable"),            // deadlock
+            ("40001", "retryable"),            // serialization failure
+            ("55P03", "retryable"),            // lock not available
+            ("23505", "rejected"),             // unique violation
+            ("22021", "rejected"),             // bad byte sequence (a NUL in text)
+            ("57P01", "database unavailable"), // admin shutdown
+            ("08006", "database unavailable"), // connection failure
+        ] {
+            let raised = sqlx::query(&format!(
+                "DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{code}'; END $$"
+            ))
+            .execute(&pool)
+            .await
+            .expect_err("raised");
+            let sorted = HandlerError::from(raised).to_string();
+            assert!(sorted.starts_with(expected), "{code}: {sorted}");
+        }
+    }
+
+    fn server() -> String {
+        std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
     }
 
     #[test]
