@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, golden files, the end-to-end tests, a short chaos run
-# (services as processes, SIGKILLed at random while sagas run), the operations page in
+# (services as processes, SIGKILLed at random while sagas run, the broker and PostgreSQL
+# restarted, garbage on every consumed topic), the operations page in
 # headless Chromium, and a few-second smoke run of the benchmark, against Apache Kafka on
 # $KAFKA_BROKERS (default 127.0.0.1:9092) and PostgreSQL at $TEST_DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432). Both are installed and started here when nothing answers
@@ -21,12 +22,20 @@ trap cleanup EXIT
 # PostgreSQL's default 100 connections.
 cargo test --workspace --locked "$@" -- --test-threads=4
 
-# The chaos suite, short: a few hundred sagas, a SIGKILL every 1.5 s, a crash right after
-# every 40th committed message, and the broker SIGKILLed and restarted every 8 s. It prints
-# each invariant with PASS/FAIL and exits non-zero on any violation.
+# The chaos suite, short (about 70 s; 90 s more when something wedges): 600 sagas over 30 s, a
+# SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker SIGKILLed
+# and restarted 10 s into each half, PostgreSQL stopped (fast: every client disconnected) every
+# 6 s for about 2 s, and in the second half a garbage record every 100 ms on each consumed
+# topic in turn. It prints each
+# invariant with PASS/FAIL (among them: the dead-letter topic holds every garbage record exactly
+# once; the throughput with garbage is at least half the first half's) and exits non-zero on
+# any violation. The PostgreSQL restarts hit every client of the server: nothing else may use
+# it meanwhile.
 cargo build --workspace --locked --bins
-target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 300 --rate 30 \
-  --kill-every-ms 1500 --crash-after-commit-every 40 --broker-kill-every-ms 8000
+target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --rate 20 \
+  --kill-every-ms 1500 --crash-after-commit-every 40 --broker-kill-every-ms 10000 \
+  --postgres-restart-every-ms 6000 --postgres-down-ms 1000 --garbage-every-ms 100 \
+  --settle-timeout-secs 90
 
 # The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
 # missing) against the services as processes; screenshots go to target/artifacts/.

@@ -63,7 +63,13 @@ impl Relay {
     /// Publishes until `stop` is cancelled, then drains what is left (bounded by the
     /// producer's message timeout) and flushes the producer.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut listener = self.listen().await;
+        let mut listener = match self.listen().await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot LISTEN for outbox notifications; polling until it can");
+                None
+            }
+        };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let stopping = stop.is_cancelled();
@@ -92,28 +98,35 @@ impl Relay {
         }
     }
 
-    async fn listen(&self) -> Option<PgListener> {
-        let connect = async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
-            listener.listen(NOTIFY_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        match connect.await {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                tracing::warn!(error.message = %e, "cannot LISTEN for outbox notifications; polling only");
-                None
-            }
-        }
+    async fn listen(&self) -> sqlx::Result<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        Ok(listener)
     }
 
     /// Returns when a notification for this schema arrives, the poll interval passes, or the
     /// relay is told to stop.
+    ///
+    /// A listener that failed is replaced by a new one in the next wait: after a PostgreSQL
+    /// restart its connection is gone (sqlx does not reconnect after every kind of error, e.g.
+    /// a connection reset). Dropping it for good, as this once did, left the relay polling
+    /// forever, so after one database restart every hop waited for the poll interval. The
+    /// wait in which it failed, and any wait in which listening again fails, is a plain poll,
+    /// so a failing listener cannot spin the loop.
     async fn wait_for_work(&self, listener: &mut Option<PgListener>, stop: &CancellationToken) {
         let poll = tokio::time::sleep(self.config.poll_interval());
         tokio::pin!(poll);
+        let mut listening = true;
         loop {
             let notified = async {
+                if !listening {
+                    return std::future::pending().await;
+                }
+                if listener.is_none() {
+                    // Cancelled by the poll when PostgreSQL is still away; tried again next time.
+                    *listener = Some(self.listen().await?);
+                    tracing::info!(schema = %self.schema, "listening for outbox notifications again");
+                }
                 match listener.as_mut() {
                     Some(l) => l.recv().await.map(|n| n.payload() == self.schema),
                     None => std::future::pending().await,
@@ -126,8 +139,12 @@ impl Relay {
                     Ok(true) => return,
                     Ok(false) => continue,
                     Err(e) => {
-                        tracing::warn!(error.message = %e, "outbox listener failed; polling only");
-                        *listener = None;
+                        if listener.take().is_some() {
+                            tracing::warn!(error.message = %e, "outbox listener failed; polling until it listens again");
+                        } else {
+                            tracing::debug!(error.message = %e, "cannot LISTEN for outbox notifications yet");
+                        }
+                        listening = false;
                     }
                 },
             }

@@ -1,12 +1,15 @@
 //! The chaos suite: runs the orchestrator and the three participants as separate OS processes,
 //! places orders while SIGKILLing and restarting random services, waits for every saga to
 //! settle, then checks from the services' own tables that nothing was lost or done twice.
-//! It can SIGKILL and restart the broker too, and reports how long the failures stalled the
-//! sagas (the time a group needs to move a dead member's partitions shows there).
+//! It can SIGKILL and restart the broker too, restart PostgreSQL, and mix garbage into every
+//! consumed topic (then checking the dead-letter topic and the throughput, `garbage.rs`), and
+//! reports how long the failures stalled the sagas (the time a group needs to move a dead
+//! member's partitions shows there).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -18,11 +21,12 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind};
 use crate::load::{publish_order, random_order};
 
 #[derive(Debug, Clone, Args)]
@@ -77,6 +81,48 @@ pub struct ChaosArgs {
     /// the run sets to the first of --brokers.
     #[arg(long, default_value = "scripts/broker.sh")]
     broker_script: PathBuf,
+    /// Stop PostgreSQL this often, in milliseconds, and start it again after --postgres-down-ms
+    /// (0: never). Needs a server that --postgres-script controls; every client of that server
+    /// loses its connections, not only this run's services.
+    #[arg(long, default_value_t = 0)]
+    postgres_restart_every_ms: u64,
+    /// How long a stopped PostgreSQL stays down before it is started again, in milliseconds
+    /// (stopping and starting add about half a second).
+    #[arg(long, default_value_t = 1500)]
+    postgres_down_ms: u64,
+    /// The script that stops (`stop`: fast, every client disconnected at once) and starts
+    /// (`start`) PostgreSQL on $PGPORT, which the run sets to the port of --database-server.
+    #[arg(long, default_value = "scripts/postgres.sh")]
+    postgres_script: PathBuf,
+    /// Publish a hostile record this often, in milliseconds, in the second half of the run
+    /// (0: never).
+    ///
+    /// The records go round-robin to orders, inventory.commands, payment.commands,
+    /// shipping.commands and saga.replies, and are all unusable (see --garbage-kinds). At the
+    /// end the run reads saga.dlq to its end and checks that each garbage record is there
+    /// exactly once (by the dlq.source.* headers) and nothing else is, and says for each kind
+    /// what happened to those that are not: never consumed, copy stuck in an outbox, started a
+    /// saga, copied twice.
+    ///
+    /// Throughput: the orders are placed in two halves, open loop at the same --rate (orders go
+    /// out on time even while the broker is down) and under the same faults, the first without
+    /// garbage (the baseline), the second with it. The broker and PostgreSQL fault schedules
+    /// start over at the half, so each half has its outages at the same times from its start;
+    /// service kills and crashes are random in both. A half's throughput is 90% of its sagas
+    /// divided by the time from its first order until 90% of them had finished: a stall the
+    /// garbage causes (a wedged consumer or relay) counts in full, even after the half, while
+    /// the last tenth, where one saga waiting out a step deadline would decide, is left out.
+    /// The check passes when 90% of the garbage half's sagas finished and its throughput is
+    /// at least half the baseline's. Below the fleet's capacity both halves run at about
+    /// --rate, and what the check catches is garbage that stalls the flow; with --rate above
+    /// capacity it compares capacities. Broker kills need to be rarer than once per half plus
+    /// the outage (the broker is back in 6-10 s, its clients up to 10 s later), or the fleet
+    /// gets too little done between them for a rate to mean anything.
+    #[arg(long, default_value_t = 0)]
+    garbage_every_ms: u64,
+    /// Which garbage to publish, comma separated (default: every kind).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    garbage_kinds: Vec<GarbageKind>,
     /// Consumer-group protocol of every service (KAFKA_GROUP_PROTOCOL).
     #[arg(long, env = "KAFKA_GROUP_PROTOCOL", value_enum, default_value_t = GroupProtocol::default())]
     group_protocol: GroupProtocol,
@@ -260,28 +306,74 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let topics = Topics::new(prefix.clone());
     let producer: FutureProducer =
         messaging::kafka::producer_settings(&args.brokers, 0).create()?;
-    let broker_faults = (args.broker_kill_every_ms > 0).then(|| {
-        BrokerFaults::spawn(
-            &args.broker_script,
-            args.brokers.split(',').next().unwrap_or_default(),
-            Duration::from_millis(args.broker_kill_every_ms),
-            Duration::from_millis(args.broker_down_ms),
-        )
-    });
-    let placing_from = db_now(&db).await?;
+    // One saga through every service before the clock starts, so that the first half of the
+    // run does not pay for the consumers' first group joins.
+    let warmup = random_order(0);
+    publish_order(&producer, &topics, &warmup).await?;
+    wait_until_finished(&db, warmup.order_id).await;
+    let mut broker_faults = spawn_broker_faults(&args);
+    let mut postgres_faults = spawn_postgres_faults(&args)?;
+    let mut broker_outages = Outages::default();
+    let mut postgres_outages = Outages::default();
+    let garbage_kinds = if args.garbage_kinds.is_empty() {
+        GarbageKind::value_variants().to_vec()
+    } else {
+        args.garbage_kinds.clone()
+    };
+    // With garbage, the first half of the orders is the baseline and the second half runs with
+    // garbage; the throughput check compares the two.
+    let baseline_orders = if args.garbage_every_ms > 0 {
+        args.sagas / 2
+    } else {
+        args.sagas
+    };
+    let mut garbage: Option<GarbageFaults> = None;
+    let placing_from = chrono::Utc::now();
+    let mut garbage_from = None;
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.01));
     let kill_every = (args.kill_every_ms > 0).then(|| Duration::from_millis(args.kill_every_ms));
     let mut next_kill = kill_every.map(|k| Instant::now() + k);
-    let mut order_ids = Vec::with_capacity(args.sagas);
+    let mut order_ids = Vec::with_capacity(args.sagas + 1);
+    order_ids.push(warmup.order_id);
+    let mut publishing = Vec::with_capacity(args.sagas);
     let mut restarts = 0u32;
     // Processes that died by themselves (injected crashes), restarted by `revive`.
     let mut crashes = 0u32;
     for placed in 0..args.sagas {
+        if placed == baseline_orders && args.garbage_every_ms > 0 {
+            // Both halves get the same server faults: their schedules start over here (once an
+            // outage in progress has ended), so each half sees its broker kills and PostgreSQL
+            // restarts at the same times from its start.
+            if let Some(faults) = broker_faults.take() {
+                broker_outages.add(faults.stop().await?);
+                broker_faults = spawn_broker_faults(&args);
+            }
+            if let Some(faults) = postgres_faults.take() {
+                postgres_outages.add(faults.stop().await?);
+                postgres_faults = spawn_postgres_faults(&args)?;
+            }
+            eprintln!(
+                "baseline done ({placed} orders); publishing garbage every {} ms from now",
+                args.garbage_every_ms
+            );
+            garbage_from = Some(chrono::Utc::now());
+            garbage = Some(GarbageFaults::spawn(
+                crate::garbage::producer(&args.brokers)?,
+                topics.clone(),
+                garbage_kinds.clone(),
+                Duration::from_millis(args.garbage_every_ms),
+            ));
+        }
         let order = random_order(args.failure_percent);
         // One order in ten is published twice: clients retry, and the engine must absorb it.
+        // Open loop: orders go out at --rate whether or not the broker is up (the producer
+        // queues them meanwhile), so both halves of a run last as long and get the same faults.
         for _ in 0..if placed % 10 == 0 { 2 } else { 1 } {
-            publish_order(&producer, &topics, &order).await?;
+            let (producer, topics, order) = (producer.clone(), topics.clone(), order.clone());
+            publishing.push(tokio::spawn(async move {
+                publish_order(&producer, &topics, &order).await
+            }));
         }
         order_ids.push(order.order_id);
         if let (Some(at), Some(every)) = (next_kill, kill_every) {
@@ -308,11 +400,21 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(interval).await;
     }
-    let placing_until = db_now(&db).await?;
-    let broker_kills = match broker_faults {
-        Some(faults) => faults.stop().await?,
-        None => 0,
+    let placing_until = chrono::Utc::now();
+    // The servers come back before the garbage stops: a send in flight waits for the broker.
+    if let Some(faults) = broker_faults {
+        broker_outages.add(faults.stop().await?);
+    }
+    if let Some(faults) = postgres_faults {
+        postgres_outages.add(faults.stop().await?);
+    }
+    let garbage = match garbage {
+        Some(garbage) => Some(garbage.stop().await?),
+        None => None,
     };
+    for published in publishing {
+        published.await??;
+    }
     let last_kill = Instant::now();
     eprintln!(
         "all {} orders placed in {:.1} s; waiting for the sagas to settle",
@@ -321,36 +423,142 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     );
 
     let settle_deadline = last_kill + Duration::from_secs(args.settle_timeout_secs);
+    let mut database_down = false;
     let settled = loop {
         crashes += fleet.revive().await?;
-        let (sagas, unfinished): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE state NOT IN ('completed', 'compensated', 'failed')) \
-             FROM orchestrator.sagas",
-        )
-        .fetch_one(&db)
-        .await?;
-        if sagas >= i64::try_from(args.sagas)? && unfinished == 0 {
-            break true;
-        }
-        if Instant::now() > settle_deadline {
-            eprintln!("not settled: {sagas} sagas exist, {unfinished} unfinished");
-            break false;
+        // The run's own pool rides out a PostgreSQL restart like the services do.
+        match settle_progress(&db, &order_ids).await {
+            Ok((sagas, unfinished)) => {
+                database_down = false;
+                if sagas >= i64::try_from(order_ids.len())? && unfinished == 0 {
+                    break true;
+                }
+                if Instant::now() > settle_deadline {
+                    eprintln!(
+                        "not settled: {sagas} orders have a saga, {unfinished} sagas unfinished"
+                    );
+                    break false;
+                }
+            }
+            Err(e) => {
+                if !database_down {
+                    eprintln!("database unavailable ({e}); retrying");
+                }
+                database_down = true;
+                if Instant::now() > settle_deadline {
+                    break false;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let settle_time = last_kill.elapsed();
+    // The garbage's copies may trail the sagas (a participant's topic can lag behind): wait for
+    // every one to reach the dead-letter topic, at most until the settle deadline.
+    let mut dead_letters = match &garbage {
+        Some(log) => {
+            let mut reader = DeadLetterReader::new(&args.brokers, topics.dead_letters())?;
+            loop {
+                if let Err(e) =
+                    tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(30)))
+                {
+                    eprintln!("reading the dead-letter topic: {e}");
+                }
+                if reader.holds_all(log) {
+                    break;
+                }
+                if Instant::now() > settle_deadline {
+                    eprintln!("not every garbage record reached the dead-letter topic in time");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some(reader)
+        }
+        None => None,
+    };
+    // After PostgreSQL restarts, every service's outbox relay must be listening for NOTIFY
+    // again (one that polls instead adds up to the poll interval to every hop).
+    let listening = if postgres_outages.lengths.is_empty() {
+        None
+    } else {
+        Some(relays_listening(&db, fleet.instances.len()).await)
+    };
     // Let the relays drain the last events before the books are checked.
     tokio::time::sleep(Duration::from_secs(1)).await;
     fleet.stop_all().await;
+    wait_for_database(&db).await?;
 
-    let checks = check_invariants(&db, &initial, &order_ids).await?;
+    let audit = match (&garbage, &mut dead_letters) {
+        (Some(log), Some(reader)) => {
+            // What the services published while they stopped.
+            tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(60)))?;
+            Some(crate::garbage::audit(log, reader, &db, &args.brokers, &prefix).await?)
+        }
+        _ => None,
+    };
+    let garbage_orders = audit
+        .as_ref()
+        .map(|a| a.garbage_orders.clone())
+        .unwrap_or_default();
+    let mut checks = check_invariants(&db, &initial, &order_ids, &garbage_orders).await?;
     let duplicates = Duplicates::count(&db).await?;
     let stalls = Stalls::measure(&db, placing_from, placing_until).await?;
+    let timeline = Throughput::timeline(&db, &order_ids, placing_from).await?;
+    if let Some(listening) = listening {
+        checks.results.push((
+            "every outbox relay LISTENs again after the PostgreSQL restarts",
+            listening >= i64::try_from(fleet.instances.len())?,
+            format!(
+                "{listening} of {} services listen for outbox notifications after {} restarts",
+                fleet.instances.len(),
+                postgres_outages.lengths.len()
+            ),
+        ));
+    }
+    if let (Some(audit), Some(garbage_from)) = (&audit, garbage_from) {
+        checks.results.push((
+            "garbage: every record in the DLQ exactly once, nothing else there",
+            audit.passed,
+            audit.detail.clone(),
+        ));
+        let now = chrono::Utc::now();
+        let baseline =
+            Throughput::phase(&db, &order_ids[1..=baseline_orders], placing_from, now).await?;
+        let with_garbage =
+            Throughput::phase(&db, &order_ids[baseline_orders + 1..], garbage_from, now).await?;
+        let ratio = with_garbage.rate / baseline.rate.max(f64::MIN_POSITIVE);
+        checks.results.push((
+            "throughput with garbage at least half the baseline",
+            with_garbage.reached && ratio >= 0.5,
+            format!(
+                "baseline {}, with garbage {}: {ratio:.2} of the baseline; offered {:.1}/s",
+                baseline.describe(),
+                with_garbage.describe(),
+                args.rate
+            ),
+        ));
+    }
     println!("chaos run {id}");
-    println!("sagas run          {}", args.sagas);
+    println!(
+        "sagas run          {} (and one warm-up saga before them)",
+        args.sagas
+    );
     println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
-    println!("broker kills       {broker_kills}");
+    println!("broker kills       {}", broker_outages.describe());
+    println!("postgres restarts  {}", postgres_outages.describe());
+    if let Some(log) = &garbage {
+        println!(
+            "garbage            {} records ({} kinds) from {:.1} s on, every {} ms",
+            log.sent.len() + log.unconfirmed.len(),
+            garbage_kinds.len(),
+            garbage_from
+                .map(|at| (at - placing_from).num_milliseconds() as f64 / 1000.0)
+                .unwrap_or_default(),
+            args.garbage_every_ms
+        );
+    }
     println!("restarts           {restarts} after kills, {crashes} after crashes");
     println!(
         "settled            {settled} ({:.1} s after the last kill)",
@@ -374,6 +582,17 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!(
+        "finished per s     {} (per {} s from the first order; offered {:.1}/s)",
+        timeline.join(" "),
+        Throughput::BUCKET_SECS,
+        args.rate
+    );
+    if let Some(audit) = &audit {
+        for line in &audit.per_kind {
+            println!("garbage kind       {line}");
+        }
+    }
     let mut failed = !settled;
     let mut passes = 0;
     for (name, passed, detail) in &checks.results {
@@ -406,6 +625,108 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         bail!("chaos run {id}: invariants violated or sagas unsettled");
     }
     Ok(())
+}
+
+/// SIGKILLs the broker every --broker-kill-every-ms, if set.
+fn spawn_broker_faults(args: &ChaosArgs) -> Option<ServerFaults> {
+    (args.broker_kill_every_ms > 0).then(|| {
+        ServerFaults::spawn(
+            "the broker (SIGKILL)",
+            Control {
+                script: args.broker_script.clone(),
+                env: vec![(
+                    "BROKER_ADDR".into(),
+                    args.brokers.split(',').next().unwrap_or_default().into(),
+                )],
+                down_action: "kill",
+            },
+            Duration::from_millis(args.broker_kill_every_ms),
+            Duration::from_millis(args.broker_down_ms),
+        )
+    })
+}
+
+/// Stops and starts PostgreSQL every --postgres-restart-every-ms, if set.
+fn spawn_postgres_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults>> {
+    if args.postgres_restart_every_ms == 0 {
+        return Ok(None);
+    }
+    let port = PgConnectOptions::from_str(&args.database_server)?.get_port();
+    Ok(Some(ServerFaults::spawn(
+        "PostgreSQL (fast stop)",
+        Control {
+            script: args.postgres_script.clone(),
+            env: vec![("PGPORT".into(), port.to_string())],
+            down_action: "stop",
+        },
+        Duration::from_millis(args.postgres_restart_every_ms),
+        Duration::from_millis(args.postgres_down_ms),
+    )))
+}
+
+/// How many of `order_ids` have a saga, and how many sagas are not finished.
+async fn settle_progress(db: &PgPool, order_ids: &[Uuid]) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE order_id = ANY($1)), \
+                count(*) FILTER (WHERE state NOT IN ('completed', 'compensated', 'failed')) \
+         FROM orchestrator.sagas",
+    )
+    .bind(order_ids)
+    .fetch_one(db)
+    .await
+}
+
+/// How many connections of the run's database LISTEN for outbox notifications (one per
+/// service), once there are `expected` or after 10 s.
+async fn relays_listening(db: &PgPool, expected: usize) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(db)
+        .await
+        .unwrap_or(0);
+        if usize::try_from(listening).is_ok_and(|n| n >= expected) || Instant::now() > deadline {
+            return listening;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until PostgreSQL answers again (after a restart it may still be starting).
+async fn wait_for_database(db: &PgPool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match sqlx::query("SELECT 1").execute(db).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context("PostgreSQL did not come back")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Waits (at most a minute) until the saga of `order_id` has finished.
+async fn wait_until_finished(db: &PgPool, order_id: Uuid) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let finished: Option<bool> = sqlx::query_scalar(
+            "SELECT finished_at IS NOT NULL FROM orchestrator.sagas WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(db)
+        .await
+        .ok()
+        .flatten();
+        if finished == Some(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the warm-up saga did not finish within a minute; going on");
 }
 
 async fn wait_until_migrated(db: &PgPool) -> anyhow::Result<()> {
@@ -460,10 +781,13 @@ async fn count(db: &PgPool, sql: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
 }
 
+/// `garbage_orders`: orders of garbage records that started a saga (the garbage check counts
+/// them; here they are neither placed orders nor strays).
 async fn check_invariants(
     db: &PgPool,
     initial: &Snapshot,
     order_ids: &[Uuid],
+    garbage_orders: &[Uuid],
 ) -> anyhow::Result<Checks> {
     let mut results = Vec::new();
     let by_state: Vec<(String, i64)> = sqlx::query_as(
@@ -484,13 +808,25 @@ async fn check_invariants(
     .bind(order_ids)
     .fetch_one(db)
     .await?;
-    let total = count(db, "SELECT count(*) FROM orchestrator.sagas").await?;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orchestrator.sagas WHERE NOT order_id = ANY($1)")
+            .bind(garbage_orders)
+            .fetch_one(db)
+            .await?;
     results.push((
         "one saga per order, none lost",
         missing == 0 && total == i64::try_from(order_ids.len())?,
         format!(
-            "{} orders placed, {total} sagas, {missing} orders without a saga",
-            order_ids.len()
+            "{} orders placed, {total} sagas, {missing} orders without a saga{}",
+            order_ids.len(),
+            if garbage_orders.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (and {} sagas started by garbage records: see the garbage check)",
+                    garbage_orders.len()
+                )
+            }
         ),
     ));
     let unfinished = count(
@@ -642,70 +978,208 @@ impl Duplicates {
 }
 
 /// The name a clap value enum has on the command line and in environment variables.
-fn value_name(value: impl ValueEnum) -> String {
+pub(crate) fn value_name(value: impl ValueEnum) -> String {
     value
         .to_possible_value()
         .map(|v| v.get_name().to_owned())
         .unwrap_or_default()
 }
 
-async fn db_now(db: &PgPool) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    Ok(sqlx::query_scalar("SELECT now()").fetch_one(db).await?)
+/// How a server is taken down and brought back: `script down_action` and `script start`,
+/// with `env`.
+struct Control {
+    script: PathBuf,
+    env: Vec<(String, String)>,
+    down_action: &'static str,
 }
 
-/// Kills and restarts the broker in the background while orders are placed.
-struct BrokerFaults {
+impl Control {
+    async fn run(&self, action: &str) -> anyhow::Result<()> {
+        let status = Command::new(&self.script)
+            .arg(action)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .with_context(|| format!("running {} {action}", self.script.display()))?;
+        if !status.success() {
+            bail!("{} {action} failed: {status}", self.script.display());
+        }
+        Ok(())
+    }
+}
+
+/// A server's outages: how many, and how long each lasted from the moment it was taken down
+/// until its start had returned.
+#[derive(Debug, Default)]
+struct Outages {
+    lengths: Vec<Duration>,
+    /// How long the script took to take the server down, and to start it.
+    stopping: Vec<Duration>,
+    starting: Vec<Duration>,
+}
+
+impl Outages {
+    fn add(&mut self, more: Outages) {
+        self.lengths.extend(more.lengths);
+        self.stopping.extend(more.stopping);
+        self.starting.extend(more.starting);
+    }
+
+    fn describe(&self) -> String {
+        let Some(longest) = self.lengths.iter().max() else {
+            return "0".into();
+        };
+        let mean = |times: &[Duration]| {
+            times.iter().sum::<Duration>().as_secs_f64() / times.len().max(1) as f64
+        };
+        format!(
+            "{} (down {:.1} s on average, {:.1} s at most; taking it down {:.1} s, starting it {:.1} s on average)",
+            self.lengths.len(),
+            mean(&self.lengths),
+            longest.as_secs_f64(),
+            mean(&self.stopping),
+            mean(&self.starting),
+        )
+    }
+}
+
+/// Takes a server (the broker, PostgreSQL) down and up again in the background while orders
+/// are placed.
+struct ServerFaults {
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<u32>>,
+    task: tokio::task::JoinHandle<anyhow::Result<Outages>>,
 }
 
-impl BrokerFaults {
-    fn spawn(script: &std::path::Path, address: &str, every: Duration, down: Duration) -> Self {
+impl ServerFaults {
+    fn spawn(what: &'static str, control: Control, every: Duration, down: Duration) -> Self {
         let (stop, mut stopping) = tokio::sync::watch::channel(false);
-        let (script, address) = (script.to_owned(), address.to_owned());
         let task = tokio::spawn(async move {
-            let mut kills = 0;
+            let mut outages = Outages::default();
             loop {
-                // A stop ends the wait at once; a kill in progress finishes with the restart.
+                // A stop ends the wait at once; an outage in progress finishes with the start.
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
-                    _ = stopping.changed() => return Ok(kills),
+                    _ = stopping.changed() => return Ok(outages),
                 }
-                eprintln!("killing the broker (SIGKILL)");
-                broker_control(&script, &address, "kill").await?;
-                kills += 1;
+                eprintln!("taking down {what}");
+                let began = Instant::now();
+                control.run(control.down_action).await?;
+                outages.stopping.push(began.elapsed());
                 tokio::time::sleep(down).await;
-                broker_control(&script, &address, "start").await?;
+                let starting = Instant::now();
+                control.run("start").await?;
+                outages.starting.push(starting.elapsed());
+                outages.lengths.push(began.elapsed());
             }
         });
         Self { stop, task }
     }
 
-    /// Stops killing; returns once the broker is up again, with the number of kills.
-    async fn stop(self) -> anyhow::Result<u32> {
+    /// Stops the faults; returns once the server is up again, with its outages.
+    async fn stop(self) -> anyhow::Result<Outages> {
         // The task may have ended with an error already; its result says so.
         let _ = self.stop.send(true);
         self.task.await?
     }
 }
 
-/// Runs `script action` for the broker at `address`.
-async fn broker_control(
-    script: &std::path::Path,
-    address: &str,
-    action: &str,
-) -> anyhow::Result<()> {
-    let status = Command::new(script)
-        .arg(action)
-        .env("BROKER_ADDR", address)
-        .stdout(Stdio::null())
-        .status()
-        .await
-        .with_context(|| format!("running {} {action}", script.display()))?;
-    if !status.success() {
-        bail!("{} {action} failed: {status}", script.display());
+/// Sagas finished per second: of one phase of the run, and over time.
+struct Throughput {
+    sagas: usize,
+    finished: i64,
+    /// Whether [`Self::SHARE`] of the phase's sagas finished.
+    reached: bool,
+    /// From the phase's first order until that share had finished (or the end of the run).
+    secs: f64,
+    rate: f64,
+}
+
+impl Throughput {
+    const BUCKET_SECS: i64 = 5;
+    /// The share of a phase's sagas whose finishing times its throughput: the last ones are
+    /// left out, so that one saga waiting out a step deadline does not decide it.
+    const SHARE: f64 = 0.9;
+
+    /// The throughput of the sagas of `order_ids`, placed from `from` on: [`Self::SHARE`] of
+    /// them over the time from `from` until that many had finished, or, when fewer finished,
+    /// those over the time until `now`.
+    async fn phase(
+        db: &PgPool,
+        order_ids: &[Uuid],
+        from: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Self> {
+        let share = ((order_ids.len() as f64 * Self::SHARE).ceil() as i64).max(1);
+        let finished: i64 = sqlx::query_scalar(
+            "SELECT count(finished_at) FROM orchestrator.sagas WHERE order_id = ANY($1)",
+        )
+        .bind(order_ids)
+        .fetch_one(db)
+        .await?;
+        let at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT finished_at FROM orchestrator.sagas \
+             WHERE order_id = ANY($1) AND finished_at IS NOT NULL \
+             ORDER BY finished_at OFFSET $2 LIMIT 1",
+        )
+        .bind(order_ids)
+        .bind(share - 1)
+        .fetch_optional(db)
+        .await?;
+        let until = at.unwrap_or(now);
+        let secs = (until - from).num_milliseconds().max(1) as f64 / 1000.0;
+        let counted = if at.is_some() { share } else { finished };
+        Ok(Self {
+            sagas: order_ids.len(),
+            finished,
+            reached: at.is_some(),
+            secs,
+            rate: counted as f64 / secs,
+        })
     }
-    Ok(())
+
+    fn describe(&self) -> String {
+        format!(
+            "{:.1}/s ({} of {} sagas finished; {:.1} s from its first order until {})",
+            self.rate,
+            self.finished,
+            self.sagas,
+            self.secs,
+            if self.reached {
+                format!("{:.0}% had finished", Self::SHARE * 100.0)
+            } else {
+                "the end of the run".into()
+            }
+        )
+    }
+
+    /// Sagas of `order_ids` finished per second, in buckets of [`Self::BUCKET_SECS`] from
+    /// `from` on.
+    async fn timeline(
+        db: &PgPool,
+        order_ids: &[Uuid],
+        from: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Vec<String>> {
+        let buckets: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT greatest(floor(extract(epoch FROM finished_at - $2) / $3), 0)::int AS bucket, \
+                    count(*) \
+             FROM orchestrator.sagas WHERE order_id = ANY($1) AND finished_at IS NOT NULL \
+             GROUP BY bucket ORDER BY bucket",
+        )
+        .bind(order_ids)
+        .bind(from)
+        .bind(Self::BUCKET_SECS as f64)
+        .fetch_all(db)
+        .await?;
+        let counts: BTreeMap<i32, i64> = buckets.into_iter().collect();
+        let last = counts.keys().last().copied().unwrap_or(0);
+        Ok((0..=last)
+            .map(|bucket| {
+                let n = counts.get(&bucket).copied().unwrap_or(0);
+                format!("{:.1}", n as f64 / Self::BUCKET_SECS as f64)
+            })
+            .collect())
+    }
 }
 
 /// How much the failures slowed the sagas down.

@@ -10,6 +10,7 @@
 
 mod ceiling;
 mod chaos;
+mod garbage;
 mod load;
 mod ops;
 
