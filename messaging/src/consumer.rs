@@ -359,7 +359,7 @@ async fn handle_in_one_transaction<H: Handler>(
                     savepoint.rollback().await?;
                     ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
                     record.span.in_scope(|| tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic"));
-                    outbox::enqueue(&mut tx, &dead_letter_copy(record, dead_letters, &reason))
+                    enqueue_dead_letter(&mut tx, record, dead_letters, &reason)
                         .instrument(record.span.clone())
                         .await?;
                     outcomes.push("dead_lettered");
@@ -502,6 +502,8 @@ pub fn dead_letter_copy(
         }
     });
     for (name, value) in [
+        // Readers drop a copy a relay published again after a crash by this id.
+        ("dlq.id", uuid::Uuid::new_v4().to_string()),
         ("dlq.reason", header_text(reason, DEAD_LETTER_MAX_REASON)),
         ("dlq.source.topic", header_text(&record.topic, 256)),
         ("dlq.source.partition", record.partition.to_string()),
@@ -544,8 +546,35 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<(), HandlerError> {
     let mut tx = pool.begin().await?;
-    outbox::enqueue(&mut tx, &dead_letter_copy(record, dead_letters, reason)).await?;
+    enqueue_dead_letter(&mut tx, record, dead_letters, reason).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Writes the dead-letter copy of `record` to the outbox, unless the record was dead-lettered
+/// before (it is delivered again when a crash came before its offset was committed).
+async fn enqueue_dead_letter(
+    tx: &mut PgConnection,
+    record: &Record,
+    dead_letters: &DeadLetters,
+    reason: &str,
+) -> Result<(), HandlerError> {
+    let first = sqlx::query(
+        "INSERT INTO dead_lettered (source_topic, source_partition, source_offset) \
+         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(&record.topic)
+    .bind(record.partition)
+    .bind(record.offset)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if first {
+        outbox::enqueue(tx, &dead_letter_copy(record, dead_letters, reason)).await?;
+    } else {
+        tracing::info!("record dead-lettered before; not copied again");
+    }
     Ok(())
 }
 
@@ -597,23 +626,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_record_costs_its_batch_one_savepoint_not_a_transaction_per_record() {
-        let server = server();
-        let schema = format!(
-            "consumer_test_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let config = DatabaseConfig {
-            database_url: format!("{server}/postgres"),
-            database_schema: Some(schema.clone()),
-            database_max_connections: 2,
-        };
-        let (pool, _) = crate::db::open(&config, "unused", &[])
-            .await
-            .expect("database");
-        sqlx::query("CREATE TABLE handled (record_offset bigint PRIMARY KEY)")
-            .execute(&pool)
-            .await
-            .expect("table");
+        let (pool, schema) = test_schema().await;
         let batch: Vec<Record> = (0..10)
             .map(|offset| match offset {
                 3 => record(offset, b"bad"),
@@ -661,8 +674,62 @@ mod tests {
             11,
             "each record handled once, and the flaky one once more"
         );
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        drop_schema(&pool, &schema).await;
+    }
+
+    #[tokio::test]
+    async fn a_record_delivered_again_is_not_dead_lettered_again() {
+        let (pool, schema) = test_schema().await;
+        let dead_letters = DeadLetters {
+            topic: "dlq".into(),
+            consumer: "test".into(),
+        };
+        let handler = CountingHandler::default();
+        // A crash between the commit and the offset commit delivers the record again.
+        for _ in 0..2 {
+            let batch = [record(41, b"bad"), record(42, b"bad")];
+            assert!(
+                process_batch(
+                    &pool,
+                    &handler,
+                    &batch,
+                    &dead_letters,
+                    &CancellationToken::new()
+                )
+                .await
+            );
+        }
+        let copies: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await
+            .expect("outbox");
+        assert_eq!(copies, 2, "one copy per record");
+        drop_schema(&pool, &schema).await;
+    }
+
+    async fn test_schema() -> (PgPool, String) {
+        let schema = format!(
+            "consumer_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let config = DatabaseConfig {
+            database_url: format!("{}/postgres", server()),
+            database_schema: Some(schema.clone()),
+            database_max_connections: 2,
+        };
+        let (pool, _) = crate::db::open(&config, "unused", &[])
+            .await
+            .expect("database");
+        sqlx::query("CREATE TABLE handled (record_offset bigint PRIMARY KEY)")
             .execute(&pool)
+            .await
+            .expect("table");
+        (pool, schema)
+    }
+
+    async fn drop_schema(pool: &PgPool, schema: &str) {
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(pool)
             .await
             .expect("drop schema");
     }

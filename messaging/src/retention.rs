@@ -38,10 +38,15 @@ where
     }
 }
 
-/// Deletes up to [`SWEEP_BATCH`] inbox rows older than the retention.
+/// Deletes up to [`SWEEP_BATCH`] inbox rows, and as many marks of dead-lettered records, older
+/// than the retention.
 pub async fn sweep_inbox(pool: &PgPool, config: &RetentionConfig) -> sqlx::Result<u64> {
     let deleted = sqlx::query(
-        "DELETE FROM inbox WHERE message_id IN ( \
+        "WITH dead AS ( \
+             DELETE FROM dead_lettered WHERE ctid IN ( \
+                 SELECT ctid FROM dead_lettered \
+                 WHERE dead_lettered_at < now() - make_interval(secs => $1) LIMIT $2)) \
+         DELETE FROM inbox WHERE message_id IN ( \
              SELECT message_id FROM inbox \
              WHERE received_at < now() - make_interval(secs => $1) \
              ORDER BY received_at LIMIT $2)",
