@@ -5,7 +5,9 @@
 //! them, so several relays (several instances of one service) never publish the same row at
 //! the same time, and a relay that dies mid-batch leaves its rows for the next one. A batch that
 //! fails part-way is published again in full: consumers dedupe by message id, and the
-//! orchestrator fences replies by attempt, so a repeat has no second effect.
+//! orchestrator fences replies by step and direction, so a repeat has no second effect. A row
+//! the broker refuses for good (too large, invalid) is moved to `outbox_parked` instead of
+//! holding up every row behind it, and a producer that failed fatally is replaced.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
