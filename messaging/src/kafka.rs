@@ -17,9 +17,16 @@ use crate::config::{GroupProtocol, KafkaConfig};
 use crate::metrics::LagReporter;
 use crate::{Error, Result};
 
+/// The longest wait between attempts to reach a broker that is away. librdkafka's default
+/// (10 s) left the services idle for up to 10 s after a restarted broker was back (the chaos
+/// suite's broker kills measured it); a one-node cluster has no other broker to turn to.
+const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka_brokers);
+    client
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
     if let Some(contexts) = &config.kafka_debug {
         client.set("debug", contexts);
     }
@@ -53,6 +60,7 @@ pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", brokers)
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", PARTITIONER)
