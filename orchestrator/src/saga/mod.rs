@@ -5,6 +5,8 @@ mod definition;
 mod machine;
 mod policy;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 pub use definition::{StepDefinition, DEFINITION_VERSION, STEPS};

@@ -1,0 +1,720 @@
+//! Property tests of the state machine: random interleavings of replies (right and wrong step,
+//! direction and attempt; done, refused, compensation failed), duplicates, stale attempts,
+//! deadlines (early, on time, with jitter and clock advances) and operator actions never break
+//! the saga's rules:
+//!
+//! - completed and compensated are final; failed moves only by an operator's retry or skip;
+//! - a reply moves the saga exactly when it answers the current step, in the current
+//!   direction, from an attempt of the current round; a deadline exactly when it passed;
+//! - every applied decision bumps the version and `updated_at` (the clock only moves forward);
+//! - every command sent targets the step the saga then waits on, with a new attempt number,
+//!   and at most one command is in flight;
+//! - no step is both done and undone, and no forward command follows a compensation;
+//! - compensations run in reverse order of the forward steps, and a compensated saga undid
+//!   every step it did;
+//! - and nothing wedges a saga: answering what it waits for (and an operator for a failed
+//!   one) always ends it.
+
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use events::{
+    Action, Address, Command, CompensationFailed, LineItem, OrderPlaced, Reply, SagaEvent,
+    StepDone, StepName, StepRefused,
+};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::{
+    Decision, Effect, OperatorAction, Policies, RetryPolicy, Saga, SagaState, StepStatus, STEPS,
+};
+
+const ORDER: Uuid = Uuid::from_u128(7);
+
+fn start_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0)
+        .single()
+        .expect("a valid time")
+}
+
+fn order() -> OrderPlaced {
+    OrderPlaced {
+        order_id: ORDER,
+        customer_id: "alice".into(),
+        items: vec![LineItem {
+            sku: "WIDGET".into(),
+            quantity: 2,
+            unit_price_cents: 1_000,
+        }],
+        total_cents: 2_000,
+        currency: "EUR".into(),
+        shipping_address: Address {
+            country: "DE".into(),
+            city: "Berlin".into(),
+            line1: "Unter den Linden 1".into(),
+            postal_code: "10117".into(),
+        },
+    }
+}
+
+/// Something that can happen to a saga.
+#[derive(Debug, Clone)]
+enum Event {
+    /// A participant answers a command the saga sent; `back` counts from the latest, so
+    /// older ones are stale attempts or commands the saga moved past.
+    Answer {
+        back: usize,
+        ok: bool,
+    },
+    /// The last reply delivered again (a participant answering a repeat from its ledger).
+    Duplicate,
+    /// A reply of any type for any step, with an attempt near the current one or anywhere.
+    Forged {
+        kind: usize,
+        step: usize,
+        attempt: Attempt,
+        ok_order: bool,
+    },
+    /// The deadline scanner at the saga's deadline (or `early`, before it), with jitter.
+    Deadline {
+        jitter: f64,
+        early: bool,
+    },
+    /// The clock moves on.
+    Advance {
+        ms: i64,
+    },
+    Operator(OperatorAction),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Attempt {
+    Current,
+    Previous,
+    Next,
+    Any(u32),
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        6 => (0..4usize, prop::bool::weighted(0.7)).prop_map(|(back, ok)| Event::Answer { back, ok }),
+        1 => Just(Event::Duplicate),
+        2 => (
+            0..9usize,
+            0..3usize,
+            prop_oneof![
+                Just(Attempt::Current),
+                Just(Attempt::Previous),
+                Just(Attempt::Next),
+                any::<u32>().prop_map(Attempt::Any),
+            ],
+            prop::bool::weighted(0.9),
+        )
+            .prop_map(|(kind, step, attempt, ok_order)| Event::Forged {
+                kind,
+                step,
+                attempt,
+                ok_order,
+            }),
+        3 => (0.0..1.0f64, prop::bool::weighted(0.2))
+            .prop_map(|(jitter, early)| Event::Deadline { jitter, early }),
+        2 => (0..600_000i64).prop_map(|ms| Event::Advance { ms }),
+        1 => prop_oneof![
+            Just(OperatorAction::Retry),
+            Just(OperatorAction::Skip),
+            "[a-z ]{0,12}".prop_map(|reason| OperatorAction::Abort { reason }),
+        ]
+        .prop_map(Event::Operator),
+    ]
+}
+
+/// Small budgets, so that retries run out within a test case.
+fn policies() -> impl Strategy<Value = Policies> {
+    let policy = |attempts: std::ops::RangeInclusive<u32>| {
+        (1..20_000i64, 1..=8i64, attempts).prop_map(|(timeout_ms, cap, max_attempts)| RetryPolicy {
+            timeout: TimeDelta::milliseconds(timeout_ms),
+            max_attempts,
+            max_timeout: TimeDelta::milliseconds(timeout_ms * cap),
+        })
+    };
+    (policy(1..=4), policy(1..=4), policy(1..=4), policy(1..=4)).prop_map(
+        |(reserve_stock, charge_payment, schedule_shipment, compensation)| Policies {
+            reserve_stock,
+            charge_payment,
+            schedule_shipment,
+            compensation,
+        },
+    )
+}
+
+/// What moved the saga.
+enum Cause<'a> {
+    Reply(&'a Reply),
+    Deadline,
+    Operator(&'a OperatorAction),
+}
+
+/// A saga with what the store keeps of it (the version) and what it sent.
+struct Model {
+    saga: Saga,
+    version: i64,
+    now: DateTime<Utc>,
+    sent: Vec<Command>,
+    last_reply: Option<Reply>,
+    policies: Policies,
+}
+
+impl Model {
+    fn start(policies: Policies) -> Self {
+        let now = start_time();
+        let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), now, &policies);
+        assert!(matches!(
+            effects.as_slice(),
+            [
+                Effect::Publish(SagaEvent::SagaStarted { .. }),
+                Effect::Send(Command::ReserveStock { attempt: 1, .. })
+            ]
+        ));
+        check_shape(&saga, &policies);
+        Self {
+            sent: sends(&effects).into_iter().cloned().collect(),
+            saga,
+            version: 0,
+            now,
+            last_reply: None,
+            policies,
+        }
+    }
+
+    /// The clock moves by at least a millisecond per event, so every change is later.
+    fn tick(&mut self, ms: i64) {
+        self.now += TimeDelta::milliseconds(ms.max(1));
+    }
+
+    fn current_attempt(&self) -> u32 {
+        self.saga.current_step().map_or(1, |i| {
+            let step = &self.saga.steps[i];
+            match self.saga.state {
+                SagaState::Compensating => step.compensation_attempts,
+                _ => step.attempts,
+            }
+        })
+    }
+
+    fn apply(&mut self, event: &Event) {
+        match event {
+            Event::Advance { ms } => self.tick(*ms),
+            Event::Answer { back, ok } => {
+                let command = self.sent[self.sent.len() - 1 - back % self.sent.len()].clone();
+                let reply = if *ok {
+                    Reply::done(&command)
+                } else {
+                    Reply::refused(&command, "no")
+                };
+                self.reply(reply);
+            }
+            Event::Duplicate => {
+                if let Some(reply) = self.last_reply.clone() {
+                    self.reply(reply);
+                }
+            }
+            Event::Forged {
+                kind,
+                step,
+                attempt,
+                ok_order,
+            } => {
+                let current = self.current_attempt();
+                let attempt = match attempt {
+                    Attempt::Current => current,
+                    Attempt::Previous => current.wrapping_sub(1),
+                    Attempt::Next => current.wrapping_add(1),
+                    Attempt::Any(n) => *n,
+                };
+                let order_id = if *ok_order { ORDER } else { Uuid::from_u128(8) };
+                if order_id != self.saga.order.order_id {
+                    // The handler rejects a reply naming another order before the machine
+                    // sees it.
+                    return;
+                }
+                self.reply(forged(*kind, *step, attempt, order_id));
+            }
+            Event::Deadline { jitter, early } => {
+                self.tick(1);
+                let due = self.saga.deadline_at;
+                match (due, early) {
+                    (Some(deadline), true) if deadline > self.now => {
+                        // Before the deadline: `deadline - 1 ms` is still before it.
+                        let before = (deadline - TimeDelta::milliseconds(1)).max(self.now);
+                        let decision = self.saga.on_deadline(before, *jitter, &self.policies);
+                        assert!(
+                            matches!(decision, Decision::Ignored { .. }),
+                            "a deadline fired before it passed: {decision:?}"
+                        );
+                        self.now = before;
+                        return;
+                    }
+                    (Some(deadline), _) => self.now = self.now.max(deadline),
+                    (None, _) => {}
+                }
+                let decision = self.saga.on_deadline(self.now, *jitter, &self.policies);
+                self.commit(decision, &Cause::Deadline);
+            }
+            Event::Operator(action) => {
+                self.tick(1);
+                let decision = self.saga.on_operator(action, self.now, &self.policies);
+                self.commit(decision, &Cause::Operator(action));
+            }
+        }
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        self.tick(1);
+        let decision = self.saga.on_reply(&reply, self.now, &self.policies);
+        self.commit(decision, &Cause::Reply(&reply));
+        self.last_reply = Some(reply);
+    }
+
+    fn commit(&mut self, decision: Decision, cause: &Cause<'_>) {
+        let expected = should_apply(&self.saga, cause, self.now);
+        match decision {
+            Decision::Ignored { reason } => assert!(
+                !expected,
+                "ignored ({reason}), though it is what the saga waits for: {:#?}",
+                self.saga
+            ),
+            Decision::Applied { saga, effects } => {
+                assert!(
+                    expected,
+                    "applied, though it is not what the saga waits for: {:#?}",
+                    self.saga
+                );
+                check_shape(&saga, &self.policies);
+                check_transition(&self.saga, &saga, &effects, cause, &self.sent, self.now);
+                self.sent.extend(sends(&effects).into_iter().cloned());
+                self.saga = *saga;
+                self.version += 1;
+            }
+        }
+    }
+
+    /// Answers what the saga waits for, and an operator retries or skips what fails, until
+    /// the saga ends.
+    fn drive_to_the_end(&mut self, skip: bool) {
+        for _ in 0..16 {
+            match self.saga.state {
+                SagaState::Completed | SagaState::Compensated => return,
+                SagaState::Failed => {
+                    let action = if skip {
+                        OperatorAction::Skip
+                    } else {
+                        OperatorAction::Retry
+                    };
+                    self.apply(&Event::Operator(action));
+                }
+                SagaState::Running | SagaState::Compensating => {
+                    let version = self.version;
+                    self.apply(&Event::Answer { back: 0, ok: true });
+                    assert_eq!(
+                        self.version,
+                        version + 1,
+                        "the latest command's answer was ignored"
+                    );
+                }
+            }
+        }
+        panic!("the saga did not end: {:#?}", self.saga);
+    }
+}
+
+fn forged(kind: usize, step: usize, attempt: u32, order_id: Uuid) -> Reply {
+    let done = StepDone { order_id, attempt };
+    let refused = StepRefused {
+        order_id,
+        attempt,
+        reason: "no".into(),
+    };
+    match kind {
+        0 => Reply::StockReserved(done),
+        1 => Reply::StockUnavailable(refused),
+        2 => Reply::StockReleased(done),
+        3 => Reply::PaymentCharged(done),
+        4 => Reply::PaymentDeclined(refused),
+        5 => Reply::PaymentRefunded(done),
+        6 => Reply::ShipmentScheduled(done),
+        7 => Reply::ShipmentRejected(refused),
+        _ => Reply::CompensationFailed(CompensationFailed {
+            order_id,
+            attempt,
+            step: StepName::ALL[step % 3],
+            reason: "cannot".into(),
+        }),
+    }
+}
+
+fn sends(effects: &[Effect]) -> Vec<&Command> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send(c) => Some(c),
+            Effect::Publish(_) => None,
+        })
+        .collect()
+}
+
+fn index_of(step: StepName) -> usize {
+    STEPS
+        .iter()
+        .position(|s| s.name == step)
+        .expect("a defined step")
+}
+
+fn direction(state: SagaState) -> Option<Action> {
+    match state {
+        SagaState::Running => Some(Action::Forward),
+        SagaState::Compensating => Some(Action::Compensate),
+        _ => None,
+    }
+}
+
+/// The rules of `machine.rs`: when an event moves a saga.
+fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
+    match cause {
+        Cause::Reply(reply) => {
+            let (Some(action), Some(i)) = (direction(saga.state), saga.current_step()) else {
+                return false;
+            };
+            let step = &saga.steps[i];
+            // Any attempt of the current round: forward, every attempt so far; compensating,
+            // the attempts since the last operator's retry.
+            let attempts = match action {
+                Action::Forward => 1..=step.attempts,
+                Action::Compensate => {
+                    step.compensation_budget_from + 1..=step.compensation_attempts
+                }
+            };
+            reply.step() == step.name
+                && reply.action() == action
+                && attempts.contains(&reply.attempt())
+        }
+        Cause::Deadline => {
+            saga.deadline_at.is_some_and(|d| d <= now) && saga.current_step().is_some()
+        }
+        Cause::Operator(OperatorAction::Retry | OperatorAction::Skip) => {
+            saga.state == SagaState::Failed
+        }
+        Cause::Operator(OperatorAction::Abort { .. }) => {
+            saga.state == SagaState::Running
+                && saga.current_step().is_some_and(|i| STEPS[i].compensable)
+        }
+    }
+}
+
+fn is_compensation(status: StepStatus) -> bool {
+    matches!(
+        status,
+        StepStatus::Compensating
+            | StepStatus::Compensated
+            | StepStatus::CompensationFailed
+            | StepStatus::CompensationSkipped
+    )
+}
+
+/// The shape every saga has between events.
+fn check_shape(saga: &Saga, policies: &Policies) {
+    let statuses: Vec<StepStatus> = saga.steps.iter().map(|s| s.status).collect();
+    assert_eq!(saga.state.is_terminal(), saga.finished_at.is_some());
+    // Every saga that waits has a deadline after its last change.
+    assert_eq!(saga.state.is_terminal(), saga.deadline_at.is_none());
+    if let Some(deadline) = saga.deadline_at {
+        assert!(deadline > saga.updated_at, "{saga:#?}");
+    }
+    for (i, step) in saga.steps.iter().enumerate() {
+        assert!(step.compensation_budget_from <= step.compensation_attempts);
+        // Done or undone, never both.
+        assert_eq!(
+            step.status == StepStatus::Compensated,
+            step.compensated_at.is_some(),
+            "{saga:#?}"
+        );
+        if step.status == StepStatus::Succeeded {
+            assert_eq!(step.compensation_attempts, 0, "{saga:#?}");
+        }
+        if is_compensation(step.status) {
+            assert!(STEPS[i].compensable, "{saga:#?}");
+            assert!(step.compensation_attempts >= 1, "{saga:#?}");
+            let round = step.compensation_attempts - step.compensation_budget_from;
+            assert!(round <= policies.compensation.max_attempts, "{saga:#?}");
+        } else {
+            assert_eq!(step.compensation_attempts, 0, "{saga:#?}");
+        }
+        if step.status == StepStatus::Pending {
+            assert_eq!(step.attempts, 0, "{saga:#?}");
+        } else if STEPS[i].compensable {
+            assert!(step.attempts >= 1);
+            assert!(step.attempts <= policies.forward(step.name).max_attempts);
+        }
+    }
+    let count = |s: StepStatus| statuses.iter().filter(|&&x| x == s).count();
+    match saga.state {
+        SagaState::Running | SagaState::Completed => {
+            let done = count(StepStatus::Succeeded);
+            assert!(statuses[..done].iter().all(|&s| s == StepStatus::Succeeded));
+            if saga.state == SagaState::Completed {
+                assert_eq!(done, STEPS.len(), "{saga:#?}");
+            } else {
+                assert_eq!(statuses[done], StepStatus::Running, "{saga:#?}");
+                assert!(statuses[done + 1..]
+                    .iter()
+                    .all(|&s| s == StepStatus::Pending));
+            }
+        }
+        SagaState::Compensating | SagaState::Compensated | SagaState::Failed => {
+            assert_eq!(count(StepStatus::Running), 0, "{saga:#?}");
+            let failed = statuses
+                .iter()
+                .rposition(|&s| s != StepStatus::Pending)
+                .expect("a step started");
+            assert_ne!(statuses[failed], StepStatus::Succeeded, "{saga:#?}");
+            // From the failed step down: undone steps, then at most one compensation under
+            // way or stuck, then steps still done. That is reverse order.
+            let mut phase = 0;
+            for &s in statuses[..=failed].iter().rev() {
+                let rank = match s {
+                    StepStatus::Failed => continue,
+                    StepStatus::Compensated | StepStatus::CompensationSkipped => 0,
+                    StepStatus::Compensating | StepStatus::CompensationFailed => 1,
+                    StepStatus::Succeeded => 2,
+                    other => panic!("{other:?} below the failed step: {saga:#?}"),
+                };
+                assert!(rank >= phase, "compensation out of order: {saga:#?}");
+                phase = rank;
+            }
+            let (compensating, stuck) = (
+                count(StepStatus::Compensating),
+                count(StepStatus::CompensationFailed),
+            );
+            match saga.state {
+                SagaState::Compensating => assert_eq!((compensating, stuck), (1, 0), "{saga:#?}"),
+                SagaState::Failed => assert_eq!((compensating, stuck), (0, 1), "{saga:#?}"),
+                _ => {
+                    assert_eq!((compensating, stuck), (0, 0), "{saga:#?}");
+                    // A compensated saga undid every step it did.
+                    assert_eq!(count(StepStatus::Succeeded), 0, "{saga:#?}");
+                }
+            }
+        }
+    }
+}
+
+fn allowed(from: StepStatus, to: StepStatus) -> bool {
+    use StepStatus::*;
+    from == to
+        || matches!(
+            (from, to),
+            (Pending, Running)
+                | (Running, Succeeded | Failed | Compensating)
+                | (Succeeded | Failed, Compensating)
+                | (Compensating, Compensated | CompensationFailed)
+                | (CompensationFailed, Compensating | CompensationSkipped)
+        )
+}
+
+/// What one applied decision may do.
+fn check_transition(
+    old: &Saga,
+    new: &Saga,
+    effects: &[Effect],
+    cause: &Cause<'_>,
+    sent_before: &[Command],
+    now: DateTime<Utc>,
+) {
+    let context = || format!("{old:#?}\n→ {new:#?}\n{effects:?}");
+    // The last change moves strictly forward.
+    assert_eq!(new.updated_at, now);
+    assert!(new.updated_at > old.updated_at, "{}", context());
+    assert_eq!((new.id, &new.order), (old.id, &old.order));
+
+    // Terminal states stay terminal: completed and compensated never move; failed only by an
+    // operator's retry or skip, and back to compensating, never forward.
+    match old.state {
+        SagaState::Completed | SagaState::Compensated => panic!("moved: {}", context()),
+        SagaState::Failed => {
+            assert!(
+                matches!(
+                    cause,
+                    Cause::Operator(OperatorAction::Retry | OperatorAction::Skip)
+                ),
+                "{}",
+                context()
+            );
+            assert!(
+                matches!(new.state, SagaState::Compensating | SagaState::Compensated),
+                "{}",
+                context()
+            );
+        }
+        SagaState::Compensating => assert!(
+            !matches!(new.state, SagaState::Running | SagaState::Completed),
+            "{}",
+            context()
+        ),
+        SagaState::Running => {}
+    }
+    for (a, b) in old.steps.iter().zip(&new.steps) {
+        assert!(
+            allowed(a.status, b.status),
+            "{:?} → {:?}: {}",
+            a.status,
+            b.status,
+            context()
+        );
+        assert!(b.attempts >= a.attempts && b.compensation_attempts >= a.compensation_attempts);
+    }
+
+    // At most one command, for the step the saga now waits on, in its direction, with the
+    // next attempt number.
+    let sent = sends(effects);
+    assert!(sent.len() <= 1, "{}", context());
+    for command in sent {
+        let i = index_of(command.step());
+        assert_eq!(command.order_id(), new.order.order_id);
+        assert_eq!(new.current_step(), Some(i), "{}", context());
+        assert_eq!(
+            Some(command.action()),
+            direction(new.state),
+            "{}",
+            context()
+        );
+        let (now_at, before) = match command.action() {
+            Action::Forward => (new.steps[i].attempts, old.steps[i].attempts),
+            Action::Compensate => (
+                new.steps[i].compensation_attempts,
+                old.steps[i].compensation_attempts,
+            ),
+        };
+        assert_eq!(command.attempt(), now_at, "{}", context());
+        assert_eq!(now_at, before + 1, "{}", context());
+        let mut compensated_before = sent_before
+            .iter()
+            .filter(|c| c.action() == Action::Compensate)
+            .map(|c| index_of(c.step()));
+        match command.action() {
+            // No forward command after a compensation, and only once the steps before it
+            // are done.
+            Action::Forward => {
+                assert!(compensated_before.next().is_none(), "{}", context());
+                assert!(new.steps[..i]
+                    .iter()
+                    .all(|s| s.status == StepStatus::Succeeded));
+            }
+            // Reverse order: never above a step already compensated, nothing above it done.
+            Action::Compensate => {
+                assert!(compensated_before.all(|j| j >= i), "{}", context());
+                assert!(
+                    new.steps[i + 1..]
+                        .iter()
+                        .all(|s| s.status != StepStatus::Succeeded),
+                    "{}",
+                    context()
+                );
+            }
+        }
+    }
+    if sends(effects).is_empty() && !new.state.is_terminal() {
+        // Only a refused compensation waits without sending: its deadline sends the next
+        // attempt.
+        assert!(
+            matches!(cause, Cause::Reply(Reply::CompensationFailed(_))),
+            "{}",
+            context()
+        );
+    }
+    // One event per terminal state reached.
+    let events: Vec<&SagaEvent> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Publish(p) => Some(p),
+            Effect::Send(_) => None,
+        })
+        .collect();
+    let expected = match new.state {
+        SagaState::Completed => 1,
+        SagaState::Compensated => 1,
+        SagaState::Failed => 1,
+        SagaState::Running | SagaState::Compensating => 0,
+    };
+    assert_eq!(events.len(), expected, "{}", context());
+    for event in events {
+        let fits = matches!(
+            (event, new.state),
+            (SagaEvent::SagaCompleted { .. }, SagaState::Completed)
+                | (SagaEvent::SagaCompensated { .. }, SagaState::Compensated)
+                | (SagaEvent::SagaFailed { .. }, SagaState::Failed)
+        );
+        assert!(fits, "{}", context());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_interleaving_breaks_the_rules(
+        policies in policies(),
+        events in prop::collection::vec(event(), 0..80),
+        skip in any::<bool>(),
+    ) {
+        let mut model = Model::start(policies);
+        for event in &events {
+            model.apply(event);
+        }
+        model.drive_to_the_end(skip);
+    }
+
+    /// The compensation commands of a saga that fails at any point are exactly its done
+    /// steps (and the step that did not answer, if it can be undone), from the top down.
+    #[test]
+    fn compensation_undoes_the_forward_steps_in_reverse_order(
+        policies in policies(),
+        done in 0..3usize,
+        how in 0..3u8,
+    ) {
+        let mut model = Model::start(policies);
+        for _ in 0..done {
+            model.apply(&Event::Answer { back: 0, ok: true });
+        }
+        let failing = done;
+        match how {
+            0 => model.apply(&Event::Answer { back: 0, ok: false }),
+            1 => model.apply(&Event::Operator(OperatorAction::Abort { reason: "x".into() })),
+            _ => {
+                for _ in 0..16 {
+                    if model.saga.state != SagaState::Running {
+                        break;
+                    }
+                    model.apply(&Event::Deadline { jitter: 0.0, early: false });
+                }
+            }
+        }
+        let gave_up_on_it = how != 0 && STEPS[failing].compensable;
+        if how != 0 && !STEPS[failing].compensable {
+            // The pivot is never given up on: abort is refused, deadlines retry it forever.
+            prop_assert_eq!(model.saga.state, SagaState::Running);
+            return Ok(());
+        }
+        model.drive_to_the_end(false);
+        let mut forward: Vec<usize> = (0..failing).filter(|&i| STEPS[i].compensable).collect();
+        if gave_up_on_it {
+            forward.push(failing);
+        }
+        forward.reverse();
+        let mut undone: Vec<usize> = model
+            .sent
+            .iter()
+            .filter(|c| c.action() == Action::Compensate)
+            .map(|c| index_of(c.step()))
+            .collect();
+        undone.dedup();
+        prop_assert_eq!(undone, forward);
+        prop_assert_eq!(model.saga.state, SagaState::Compensated);
+    }
+}

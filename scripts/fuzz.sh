@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target in fuzz/ for a while, one after another, and fails when any of
+# them crashes (a panic, a broken invariant, a sanitizer report, an input that hangs). Prints
+# one line per target: seconds, executions, corpus size.
+#
+#   scripts/fuzz.sh [seconds-per-target]        (default 30)
+#
+# cargo-fuzz is installed when missing. It needs nightly compiler flags: the `nightly` toolchain
+# when rustup has it, else the default toolchain with RUSTC_BOOTSTRAP=1 (FUZZ_BOOTSTRAP=1
+# chooses that even when nightly is there).
+#
+# The committed corpus in fuzz/corpus/<target>/ is read, not written: new inputs go to a
+# scratch directory. FUZZ_GROW_CORPUS=1 adds them to fuzz/corpus/ instead (then minimise it
+# with `cargo fuzz cmin <target>` before committing). FUZZ_TARGETS="a b" runs only those.
+# Crashing inputs and each target's last log are kept in fuzz/artifacts/<target>/; replay one with
+# `cargo +nightly fuzz run <target> fuzz/artifacts/<target>/<file>`.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$ROOT"
+
+seconds="${1:-30}"
+if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [seconds-per-target]" >&2
+  exit 2
+fi
+
+# libFuzzer itself is C++, compiled by libfuzzer-sys.
+ensure_commands g++:g++
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked
+fi
+
+if [[ ${FUZZ_BOOTSTRAP:-0} != 1 ]] && command -v rustup >/dev/null &&
+  rustup toolchain list | grep -q '^nightly'; then
+  fuzz=(cargo +nightly fuzz)
+  toolchain=nightly
+else
+  export RUSTC_BOOTSTRAP=1
+  fuzz=(cargo fuzz)
+  toolchain="$(rustc --version | cut -d' ' -f2) with RUSTC_BOOTSTRAP=1"
+fi
+
+if [[ -n ${FUZZ_TARGETS:-} ]]; then
+  read -r -a targets <<<"$FUZZ_TARGETS"
+else
+  mapfile -t targets < <("${fuzz[@]}" list)
+fi
+
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
+echo "fuzz: building ${#targets[@]} targets (${toolchain})" >&2
+"${fuzz[@]}" build
+
+failed=()
+summary=()
+for target in "${targets[@]}"; do
+  seeds="fuzz/corpus/$target"
+  mkdir -p "$seeds" "fuzz/artifacts/$target"
+  if [[ ${FUZZ_GROW_CORPUS:-0} == 1 ]]; then
+    corpus=("$seeds")
+  else
+    mkdir -p "$scratch/$target"
+    corpus=("$scratch/$target" "$seeds")
+  fi
+  log="fuzz/artifacts/$target/last-run.log"
+  echo "fuzz: $target for ${seconds}s" >&2
+  started=$SECONDS
+  # -timeout: one input running 10 s counts as a hang; -rss_limit_mb: and 2 GB as a leak.
+  if "${fuzz[@]}" run "$target" "${corpus[@]}" -- \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+    -dict=fuzz/dict/json.dict -print_final_stats=1 >"$log" 2>&1; then
+    verdict=ok
+  else
+    verdict=CRASHED
+    failed+=("$target")
+    # The panic message or sanitizer report, and where the input went.
+    grep -E -A12 "panicked at|ERROR: (libFuzzer|AddressSanitizer)" "$log" | head -40 >&2 || true
+    grep -E "Test unit written to|SUMMARY" "$log" >&2 || true
+  fi
+  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)"
+  corp="$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$log" | tail -1 | cut -d' ' -f2)"
+  summary+=("$(printf 'fuzz: %-22s %-7s %5ss %12s execs  corpus %s' \
+    "$target" "$verdict" "$((SECONDS - started))" "${execs:-?}" "${corp:-?}")")
+done
+
+printf '%s\n' "${summary[@]}"
+if ((${#failed[@]} > 0)); then
+  echo "fuzz: crashed: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+  exit 1
+fi
