@@ -22,6 +22,11 @@ trap cleanup EXIT
 # PostgreSQL's default 100 connections.
 cargo test --workspace --locked "$@" -- --test-threads=4
 
+# The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
+# state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
+# scripts/fuzz.sh 840 (see its header).
+scripts/fuzz.sh 20
+
 # The chaos suite, short (about 70 s; 90 s more when something wedges): 600 sagas over 30 s, a
 # SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker SIGKILLed
 # and restarted 10 s into each half, PostgreSQL stopped (fast: every client disconnected) every
