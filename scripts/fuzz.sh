@@ -75,12 +75,19 @@ for target in "${targets[@]}"; do
   else
     verdict=CRASHED
     failed+=("$target")
-    # The panic message or sanitizer report, and where the input went.
-    grep -E -A12 "panicked at|ERROR: (libFuzzer|AddressSanitizer)" "$log" | head -40 >&2 || true
-    grep -E "Test unit written to|SUMMARY" "$log" >&2 || true
+    # The panic message (or else the sanitizer's or libFuzzer's report), and where the input
+    # went.
+    {
+      if grep -q "panicked at" "$log"; then
+        grep -m1 -A10 "panicked at" "$log"
+      else
+        grep -m1 -A20 -E "ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" "$log"
+      fi
+      grep -E "Test unit written to|^SUMMARY" "$log"
+    } >&2 || true
   fi
-  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)"
-  corp="$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$log" | tail -1 | cut -d' ' -f2)"
+  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)" || true
+  corp="$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$log" | tail -1 | cut -d' ' -f2)" || true
   summary+=("$(printf 'fuzz: %-22s %-7s %5ss %12s execs  corpus %s' \
     "$target" "$verdict" "$((SECONDS - started))" "${execs:-?}" "${corp:-?}")")
 done
