@@ -17,12 +17,12 @@
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use events::{
-    Action, Address, Command, CompensationFailed, LineItem, OrderPlaced, Reply, SagaEvent,
-    StepDone, StepName, StepRefused,
+    Action, Command, CompensationFailed, Reply, SagaEvent, StepDone, StepName, StepRefused,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
 
+use super::tests::order;
 use super::{
     Decision, Effect, OperatorAction, Policies, RetryPolicy, Saga, SagaState, StepStatus, STEPS,
 };
@@ -33,26 +33,6 @@ fn start_time() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0)
         .single()
         .expect("a valid time")
-}
-
-fn order() -> OrderPlaced {
-    OrderPlaced {
-        order_id: ORDER,
-        customer_id: "alice".into(),
-        items: vec![LineItem {
-            sku: "WIDGET".into(),
-            quantity: 2,
-            unit_price_cents: 1_000,
-        }],
-        total_cents: 2_000,
-        currency: "EUR".into(),
-        shipping_address: Address {
-            country: "DE".into(),
-            city: "Berlin".into(),
-            line1: "Unter den Linden 1".into(),
-            postal_code: "10117".into(),
-        },
-    }
 }
 
 /// Something that can happen to a saga.

@@ -18,7 +18,8 @@ fn at(second: u32) -> DateTime<Utc> {
         .expect("valid time")
 }
 
-fn order() -> OrderPlaced {
+/// The order every state-machine test (and the property tests) runs.
+pub(super) fn order() -> OrderPlaced {
     OrderPlaced {
         order_id: Uuid::from_u128(7),
         customer_id: "alice".into(),
