@@ -14,10 +14,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 server_url="${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}"
+# BENCH_DATABASE_OPTIONS, e.g. "?host=/var/run/postgresql": PostgreSQL over its Unix socket.
+url_options="${BENCH_DATABASE_OPTIONS:-}"
 run_id="$(date +%s)"
 database="bench_${run_id}"
 export TOPIC_PREFIX="bench-${run_id}."
-export DATABASE_URL="$server_url/$database"
+export DATABASE_URL="$server_url/$database$url_options"
 export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
 
 start_dependencies
@@ -27,13 +29,13 @@ if [[ "$profile" == release ]]; then
 else
   cargo build --locked --bins
 fi
-psql "$server_url/postgres" -qc "CREATE DATABASE $database"
+psql "$server_url/postgres$url_options" -qc "CREATE DATABASE $database"
 
 mkdir -p ".run/bench-$run_id"
 pids=()
 cleanup() {
   if ((${#pids[@]})); then kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; fi
-  psql "$server_url/postgres" -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" || true
+  psql "$server_url/postgres$url_options" -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" || true
 }
 trap cleanup EXIT
 for service in orchestrator inventory payment shipping; do
@@ -57,4 +59,14 @@ accounting=()
 for i in "${!names[@]}"; do
   accounting+=(--process "${names[$i]}=${pids[$i]}" --metrics "${names[$i]}=${metrics_urls[$i]}")
 done
-"target/$profile/sagactl" load "${accounting[@]}" "$@"
+# The broker and PostgreSQL (the postmaster and every backend under it) share the machine;
+# their CPU counts in the per-saga budget too.
+broker_pid_file="$ROOT/.run/broker/broker.pid"
+if [[ -f "$broker_pid_file" ]] && kill -0 "$(cat "$broker_pid_file")" 2>/dev/null; then
+  accounting+=(--process "broker=$(cat "$broker_pid_file")" --kafka-log-dir "$ROOT/.run/broker/data")
+fi
+postmaster_pid="$(head -1 /var/run/postgresql/*-main.pid 2>/dev/null || true)"
+if [[ -n "$postmaster_pid" ]]; then
+  accounting+=(--process "postgres=$postmaster_pid")
+fi
+"target/$profile/sagactl" load "${accounting[@]}" --sql-stats "$DATABASE_URL" "$@"

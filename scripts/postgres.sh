@@ -49,7 +49,7 @@ configure() {
   fi
   write_if_changed "$conf_dir/saga-engine-hba.conf" <<HBA && changed=0
 # Written by scripts/postgres.sh: local development and tests only.
-local   all   all                 peer
+local   all   all                 trust
 host    all   all   127.0.0.1/32  trust
 host    all   all   ::1/128       trust
 HBA

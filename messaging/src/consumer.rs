@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
 use crate::metrics::{self, LagReporter};
-use crate::outbox::{self, OutgoingMessage};
+use crate::outbox::{Outbox, OutgoingMessage};
 use crate::telemetry;
 use crate::{Error, Result};
 
@@ -126,13 +126,36 @@ impl From<sqlx::Error> for HandlerError {
 }
 
 /// The application's part of consuming: what to do with one record, inside the transaction
-/// the loop opened. Everything the handler wants to send goes through [`outbox::enqueue`].
+/// the loop opened. Everything the handler wants to send goes into `outbox`, which the loop
+/// writes in that transaction (with the other records' messages) before it commits.
 pub trait Handler: Send + Sync {
     fn handle(
         &self,
         tx: &mut PgConnection,
+        outbox: &mut Outbox,
         record: &Record,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Handles `records` in order, all of them or none: the loop's first try at a batch, in
+    /// one transaction. Any error rolls the whole batch back, and the loop then handles its
+    /// records one by one with [`Handler::handle`] (and dead-letters the one that fails).
+    /// Handlers override it to do set-wise what each record would do alone (one statement
+    /// for many rows); the default handles the records in turn.
+    fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        records: &[Record],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for record in records {
+                self.handle(tx, outbox, record)
+                    .instrument(record.span.clone())
+                    .await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Where rejected records go, and who rejected them.
@@ -275,6 +298,14 @@ fn to_record(message: &impl Message) -> Record {
         message_id = tracing::field::Empty,
     );
     telemetry::extract(&span, &trace_headers(message));
+    if let Some(produced_ms) = message.timestamp().to_millis() {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        // Clocks of other hosts may run ahead; a negative delay says nothing.
+        if now_ms >= produced_ms {
+            ::metrics::histogram!(metrics::RECORD_DELIVERY_SECONDS, "topic" => message.topic().to_owned())
+                .record((now_ms - produced_ms) as f64 / 1_000.0);
+        }
+    }
     Record {
         topic: message.topic().to_owned(),
         partition: message.partition(),
@@ -285,12 +316,15 @@ fn to_record(message: &impl Message) -> Record {
     }
 }
 
-/// Handles `batch` in as few transactions as it can: one for the whole batch when nothing
-/// fails, with a savepoint per record, so a record the handler rejects is rolled back alone and
-/// dead-lettered in the same transaction while the others commit. A record that fails
-/// transiently ends its transaction there: what came before it commits, the record is retried
-/// alone, and the rest of the batch goes on after it. Records of one partition keep their
-/// order. Returns `false` only when told to shut down while a record kept failing.
+/// Handles `batch` in as few transactions as it can. First all of it in one transaction
+/// without savepoints: nearly every batch holds only good records, and a savepoint costs two
+/// round trips per record. When a record fails, that transaction is rolled back and the batch
+/// is handled carefully: one transaction with a savepoint per record, so a record the handler
+/// rejects is rolled back alone and dead-lettered in the same transaction while the others
+/// commit. A record that fails transiently ends the careful transaction there: what came
+/// before it commits, the record is retried alone, and the rest of the batch goes on after it.
+/// Records of one partition keep their order. Returns `false` only when told to shut down
+/// while a record kept failing.
 async fn process_batch<H: Handler>(
     pool: &PgPool,
     handler: &H,
@@ -298,9 +332,28 @@ async fn process_batch<H: Handler>(
     dead_letters: &DeadLetters,
     shutdown: &CancellationToken,
 ) -> bool {
+    match handle_in_one_transaction(pool, handler, batch, dead_letters, Savepoints::None).await {
+        Ok(Handled { count, .. }) if count == batch.len() => return true,
+        Ok(Handled { stopped_by, .. }) => {
+            if let Some(e) = stopped_by {
+                tracing::debug!(error.message = %e, records = batch.len(), "a record failed; handling the batch with a savepoint per record");
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error.message = %e, records = batch.len(), "batch transaction failed; handling it with a savepoint per record");
+        }
+    }
     let mut rest = batch;
     while !rest.is_empty() {
-        let failed_at = match handle_in_one_transaction(pool, handler, rest, dead_letters).await {
+        let failed_at = match handle_in_one_transaction(
+            pool,
+            handler,
+            rest,
+            dead_letters,
+            Savepoints::PerRecord,
+        )
+        .await
+        {
             Ok(Handled { count, .. }) if count == rest.len() => return true,
             Ok(Handled { count, stopped_by }) => {
                 if let Some(e) = stopped_by {
@@ -323,54 +376,79 @@ async fn process_batch<H: Handler>(
     true
 }
 
+/// How [`handle_in_one_transaction`] guards one record's work from the others'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Savepoints {
+    /// None: the first failing record stops the transaction, and nothing of it commits.
+    None,
+    /// One per record: a rejected record is rolled back alone and dead-lettered.
+    PerRecord,
+}
+
 /// How far [`handle_in_one_transaction`] got.
 struct Handled {
     /// Records handled or dead-lettered, from the start; all committed.
     count: usize,
-    /// The transient error that stopped it before the end.
+    /// The error that stopped it before the end.
     stopped_by: Option<HandlerError>,
 }
 
-/// Handles `records` in order in one transaction, each behind its own savepoint, until one
-/// fails transiently; commits what was handled (and the rejected records' dead-letter copies).
+/// Handles `records` in order in one transaction until one fails (with
+/// [`Savepoints::PerRecord`], until one fails transiently; a rejected one is dead-lettered),
+/// writes their outgoing messages to the outbox and commits what was handled. Without
+/// savepoints a failure commits nothing.
 async fn handle_in_one_transaction<H: Handler>(
     pool: &PgPool,
     handler: &H,
     records: &[Record],
     dead_letters: &DeadLetters,
+    savepoints: Savepoints,
 ) -> Result<Handled, HandlerError> {
     let received = std::time::Instant::now();
     let mut outcomes = Vec::with_capacity(records.len());
     let mut stopped_by = None;
     async {
         let mut tx = pool.begin().await?;
-        for record in records {
-            let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
-            match handler
-                .handle(&mut savepoint, record)
-                .instrument(record.span.clone())
-                .await
-            {
-                Ok(()) => {
-                    savepoint.commit().await?;
-                    outcomes.push("handled");
-                }
-                Err(HandlerError::Reject(reason)) => {
-                    savepoint.rollback().await?;
-                    ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
-                    record.span.in_scope(|| tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic"));
-                    enqueue_dead_letter(&mut tx, record, dead_letters, &reason)
-                        .instrument(record.span.clone())
-                        .await?;
-                    outcomes.push("dead_lettered");
-                }
-                Err(e) => {
-                    savepoint.rollback().await?;
-                    stopped_by = Some(e);
-                    break;
+        let mut outbox = Outbox::default();
+        if savepoints == Savepoints::None {
+            // Dropping `tx` on an error rolls it back.
+            if let Err(e) = handler.handle_batch(&mut tx, &mut outbox, records).await {
+                stopped_by = Some(e);
+                return Ok(());
+            }
+            outcomes.resize(records.len(), "handled");
+        } else {
+            for record in records {
+                let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+                let mut messages = Outbox::default();
+                match handler
+                    .handle(&mut savepoint, &mut messages, record)
+                    .instrument(record.span.clone())
+                    .await
+                {
+                    Ok(()) => {
+                        savepoint.commit().await?;
+                        outbox.append(&mut messages);
+                        outcomes.push("handled");
+                    }
+                    Err(HandlerError::Reject(reason)) => {
+                        savepoint.rollback().await?;
+                        ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
+                        record.span.in_scope(|| tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic"));
+                        enqueue_dead_letter(&mut tx, &mut outbox, record, dead_letters, &reason)
+                            .instrument(record.span.clone())
+                            .await?;
+                        outcomes.push("dead_lettered");
+                    }
+                    Err(e) => {
+                        savepoint.rollback().await?;
+                        stopped_by = Some(e);
+                        break;
+                    }
                 }
             }
         }
+        outbox.write(&mut tx).await?;
         tx.commit().await?;
         Ok::<_, HandlerError>(())
     }
@@ -415,6 +493,7 @@ async fn process<H: Handler>(
                 handler,
                 std::slice::from_ref(record),
                 dead_letters,
+                Savepoints::PerRecord,
             )
             .await
             {
@@ -546,7 +625,9 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<(), HandlerError> {
     let mut tx = pool.begin().await?;
-    enqueue_dead_letter(&mut tx, record, dead_letters, reason).await?;
+    let mut outbox = Outbox::default();
+    enqueue_dead_letter(&mut tx, &mut outbox, record, dead_letters, reason).await?;
+    outbox.write(&mut tx).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -555,6 +636,7 @@ async fn dead_letter(
 /// before (it is delivered again when a crash came before its offset was committed).
 async fn enqueue_dead_letter(
     tx: &mut PgConnection,
+    outbox: &mut Outbox,
     record: &Record,
     dead_letters: &DeadLetters,
     reason: &str,
@@ -571,7 +653,7 @@ async fn enqueue_dead_letter(
     .rows_affected()
         == 1;
     if first {
-        outbox::enqueue(tx, &dead_letter_copy(record, dead_letters, reason)).await?;
+        outbox.push(dead_letter_copy(record, dead_letters, reason));
     } else {
         tracing::info!("record dead-lettered before; not copied again");
     }
@@ -596,7 +678,12 @@ mod tests {
     }
 
     impl Handler for CountingHandler {
-        async fn handle(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+        async fn handle(
+            &self,
+            tx: &mut PgConnection,
+            _outbox: &mut Outbox,
+            record: &Record,
+        ) -> Result<(), HandlerError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             match record.payload.as_slice() {
                 b"bad" => return Err(HandlerError::Reject("bad record".into())),
@@ -625,7 +712,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bad_record_costs_its_batch_one_savepoint_not_a_transaction_per_record() {
+    async fn a_bad_record_costs_its_batch_one_rollback_then_a_savepoint_per_record() {
         let (pool, schema) = test_schema().await;
         let batch: Vec<Record> = (0..10)
             .map(|offset| match offset {
@@ -671,8 +758,9 @@ mod tests {
         );
         assert_eq!(
             handler.calls.load(Ordering::SeqCst),
-            11,
-            "each record handled once, and the flaky one once more"
+            4 + 11,
+            "the batch without savepoints up to the bad record, then with savepoints each \
+             record once and the flaky one once more"
         );
         drop_schema(&pool, &schema).await;
     }

@@ -26,6 +26,14 @@ use crate::{Error, Result};
 pub const MESSAGES_CONSUMED: &str = "messages_consumed_total";
 /// Time from receiving a record to committing its transaction.
 pub const HANDLE_SECONDS: &str = "message_handle_duration_seconds";
+/// Time from the producer handing a record to its client (the record's timestamp) to a
+/// consumer receiving it: the broker's part of a hop.
+pub const RECORD_DELIVERY_SECONDS: &str = "kafka_record_delivery_seconds";
+/// Time from writing an outbox row (the last statement before its transaction commits) to
+/// the relay claiming it: the commit and the relay's wake-up.
+pub const OUTBOX_PICKUP_SECONDS: &str = "outbox_pickup_seconds";
+/// Time from the relay handing a row to the producer to the broker's acknowledgement.
+pub const OUTBOX_PUBLISH_SECONDS: &str = "outbox_publish_seconds";
 /// Handler failures, by kind (`retry`, `reject`).
 pub const HANDLER_ERRORS: &str = "handler_errors_total";
 /// Records sent to the dead-letter topic.
@@ -40,9 +48,10 @@ pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
 /// Records behind the partition's end, per topic and partition, from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
 
-/// Seconds: 1 ms to 60 s, dense where a healthy hop lands.
+/// Seconds: 0.25 ms to 60 s, dense where a healthy hop lands.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
 ];
 
 /// The process's metrics page.
@@ -120,6 +129,21 @@ fn describe() {
         HANDLE_SECONDS,
         metrics::Unit::Seconds,
         "Time from receiving a record to committing its transaction."
+    );
+    metrics::describe_histogram!(
+        RECORD_DELIVERY_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from a record's producer timestamp to this consumer receiving it."
+    );
+    metrics::describe_histogram!(
+        OUTBOX_PICKUP_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from writing an outbox row to the relay claiming it."
+    );
+    metrics::describe_histogram!(
+        OUTBOX_PUBLISH_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from handing an outbox row to the producer to the broker's acknowledgement."
     );
     metrics::describe_counter!(HANDLER_ERRORS, "Handler failures, by kind.");
     metrics::describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic.");

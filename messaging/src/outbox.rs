@@ -31,40 +31,78 @@ impl OutgoingMessage {
     }
 }
 
-/// Adds `message` to the outbox in the current transaction and wakes the relay when that
-/// transaction commits.
-///
-/// # Errors
-/// Database errors; the caller's transaction should then be rolled back and retried.
-/// The message carries the trace context of the span it was written in, unless it names one.
-pub async fn enqueue(tx: &mut PgConnection, message: &OutgoingMessage) -> sqlx::Result<()> {
-    let mut traced;
-    let headers = if message.headers.contains_key("traceparent") {
-        &message.headers
-    } else {
-        traced = message.headers.clone();
-        telemetry::inject(&tracing::Span::current(), &mut traced);
-        &traced
-    };
-    let headers = serde_json::Value::Object(
-        headers
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect(),
-    );
-    // PostgreSQL folds identical notifications of one transaction into one, so a handler that
-    // enqueues several messages still wakes the relay once.
-    sqlx::query(
-        "WITH queued AS ( \
-             INSERT INTO outbox (topic, message_key, payload, headers) VALUES ($1, $2, $3, $4) \
-         ) SELECT pg_notify($5, current_schema())",
-    )
-    .bind(&message.topic)
-    .bind(&message.key)
-    .bind(&message.payload)
-    .bind(headers)
-    .bind(NOTIFY_CHANNEL)
-    .execute(tx)
-    .await?;
-    Ok(())
+/// The messages one transaction sends, written to the outbox together just before it
+/// commits: one multi-row `INSERT` and one `NOTIFY` for a whole batch of records, instead of
+/// a statement per message.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    messages: Vec<OutgoingMessage>,
+}
+
+impl Outbox {
+    /// Queues `message`. It carries the trace context of the span it was queued in, unless it
+    /// names one.
+    pub fn push(&mut self, mut message: OutgoingMessage) {
+        if !message.headers.contains_key("traceparent") {
+            telemetry::inject(&tracing::Span::current(), &mut message.headers);
+        }
+        self.messages.push(message);
+    }
+
+    /// Moves `other`'s messages behind this one's.
+    pub fn append(&mut self, other: &mut Outbox) {
+        self.messages.append(&mut other.messages);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Writes the queued messages to the outbox in `tx`, in the order they were queued, and
+    /// wakes the relay when `tx` commits; the buffer is empty afterwards.
+    ///
+    /// # Errors
+    /// Database errors; the caller's transaction should then be rolled back and retried.
+    pub async fn write(&mut self, tx: &mut PgConnection) -> sqlx::Result<()> {
+        if self.messages.is_empty() {
+            return Ok(());
+        }
+        let messages = std::mem::take(&mut self.messages);
+        let mut topics = Vec::with_capacity(messages.len());
+        let mut keys = Vec::with_capacity(messages.len());
+        let mut payloads = Vec::with_capacity(messages.len());
+        let mut headers = Vec::with_capacity(messages.len());
+        for message in messages {
+            headers.push(serde_json::Value::Object(
+                message
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect(),
+            ));
+            topics.push(message.topic);
+            keys.push(message.key);
+            payloads.push(message.payload);
+        }
+        // `WITH ORDINALITY` keeps the queue's order in the ids, which is the publishing order.
+        // The clock time, not the transaction's start: this is the last statement before the
+        // commit, so the relay's `outbox_pickup_seconds` measures the commit and its wake-up.
+        sqlx::query(
+            "WITH queued AS ( \
+                 INSERT INTO outbox (topic, message_key, payload, headers, created_at) \
+                 SELECT topic, message_key, payload, headers, clock_timestamp() \
+                 FROM UNNEST($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[]) \
+                      WITH ORDINALITY AS m(topic, message_key, payload, headers, n) \
+                 ORDER BY n \
+             ) SELECT pg_notify($5, current_schema())",
+        )
+        .bind(topics)
+        .bind(keys)
+        .bind(payloads)
+        .bind(headers)
+        .bind(NOTIFY_CHANNEL)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
 }

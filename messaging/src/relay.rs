@@ -36,7 +36,14 @@ pub struct Relay {
     fatal_error_injected: bool,
 }
 
-type OutboxRow = (i64, String, Option<Vec<u8>>, Vec<u8>, serde_json::Value);
+type OutboxRow = (
+    i64,
+    String,
+    Option<Vec<u8>>,
+    Vec<u8>,
+    serde_json::Value,
+    chrono::DateTime<chrono::Utc>,
+);
 
 impl Relay {
     /// A relay for the outbox of `schema`, with a producer of its own.
@@ -158,7 +165,7 @@ impl Relay {
         self.inject_fatal_error();
         let mut tx = self.pool.begin().await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, topic, message_key, payload, headers FROM outbox \
+            "SELECT id, topic, message_key, payload, headers, created_at FROM outbox \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(self.config.outbox_batch_size)
@@ -167,11 +174,18 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
+        let claimed = chrono::Utc::now();
+        for row in &rows {
+            let waited = (claimed - row.5).to_std().unwrap_or_default();
+            ::metrics::histogram!(crate::metrics::OUTBOX_PICKUP_SECONDS)
+                .record(waited.as_secs_f64());
+        }
+        let enqueued = std::time::Instant::now();
         // Enqueue the whole batch first, then wait for the acknowledgements, so the producer
         // can put many rows in one request.
         let mut deliveries = Vec::with_capacity(rows.len());
         let mut refused: Vec<(i64, String)> = Vec::new();
-        for (id, topic, key, payload, headers) in &rows {
+        for (id, topic, key, payload, headers, _) in &rows {
             // One span per message, in the trace of the work that wrote it; the consumer's
             // span becomes its child.
             let mut headers = to_header_map(headers);
@@ -195,7 +209,8 @@ impl Relay {
         }
         for (id, delivery, _span) in deliveries {
             match delivery.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => ::metrics::histogram!(crate::metrics::OUTBOX_PUBLISH_SECONDS)
+                    .record(enqueued.elapsed().as_secs_f64()),
                 Ok(Err((e, _))) if refused_for_good(&e) => refused.push((id, e.to_string())),
                 Ok(Err((e, _))) => return Err(self.failed(e, "publishing outbox row".into())),
                 Err(_cancelled) => {

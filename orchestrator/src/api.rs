@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use events::{Address, LineItem, OrderPlaced, Topics};
+use messaging::outbox::Outbox;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -615,18 +616,23 @@ async fn operate(
     join_saga_trace(&mut tx, &span, saga_id)
         .await
         .map_err(internal)?;
+    let mut outbox = Outbox::default();
     let moved = commit_decision(
         &state.topics,
         &mut tx,
+        &mut outbox,
         &saga,
         version,
         decision,
         entry,
-        None,
     )
     .instrument(span)
     .await
     .map_err(internal)?;
+    outbox
+        .write(&mut tx)
+        .await
+        .map_err(|e| internal(e.into()))?;
     // An action that does not fit is refused, but the attempt stays in the history.
     tx.commit().await.map_err(|e| internal(e.into()))?;
     match moved {

@@ -13,6 +13,7 @@ use rand::Rng;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use messaging::outbox::Outbox;
 use tracing::Instrument;
 
 use crate::handler::{commit_decision, join_saga_trace};
@@ -50,6 +51,7 @@ impl DeadlineScanner {
         let mut tx = self.pool.begin().await?;
         let now = Utc::now();
         let due = store::lock_due(&mut tx, now, BATCH).await?;
+        let mut outbox = Outbox::default();
         for (saga, version) in &due {
             let jitter = rand::thread_rng().gen_range(0.0..1.0);
             let decision = saga.on_deadline(now, jitter, &self.policies);
@@ -63,10 +65,19 @@ impl DeadlineScanner {
             };
             let span = tracing::info_span!("deadline", saga_id = %saga.id);
             join_saga_trace(&mut tx, &span, saga.id).await?;
-            commit_decision(&self.topics, &mut tx, saga, *version, decision, entry, None)
-                .instrument(span)
-                .await?;
+            commit_decision(
+                &self.topics,
+                &mut tx,
+                &mut outbox,
+                saga,
+                *version,
+                decision,
+                entry,
+            )
+            .instrument(span)
+            .await?;
         }
+        outbox.write(&mut tx).await?;
         tx.commit().await?;
         Ok(i64::try_from(due.len()).unwrap_or(BATCH))
     }

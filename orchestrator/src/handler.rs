@@ -2,12 +2,15 @@
 //! one. Each runs inside the consume loop's transaction: inbox row, saga row, history line and
 //! outgoing commands and events (via the outbox) commit together or not at all.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::Utc;
 use events::{Envelope, OrderPlaced, Participant, Reply, Topics};
 use messaging::consumer::{Handler, HandlerError, Record};
 use messaging::inbox;
-use messaging::outbox::{self, OutgoingMessage};
+use messaging::outbox::{Outbox, OutgoingMessage};
 use sqlx::PgConnection;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::saga::{Decision, Effect, Policies, Saga};
@@ -23,7 +26,12 @@ impl OrchestratorHandler {
         Self { topics, policies }
     }
 
-    async fn on_order(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+    async fn on_order(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        record: &Record,
+    ) -> Result<(), HandlerError> {
         let order = OrderPlaced::from_json(&record.payload)
             .map_err(|e| HandlerError::Reject(format!("invalid OrderPlaced: {e}")))?;
         let now = Utc::now();
@@ -31,7 +39,15 @@ impl OrchestratorHandler {
         let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, &self.policies);
         record.describe(saga.id, "order", order_id);
         let trace_parent = messaging::telemetry::traceparent(&record.span);
-        if !store::insert_saga(tx, &saga, trace_parent.as_deref()).await? {
+        let started = HistoryEntry {
+            at: now,
+            message_id: None,
+            message_type: "OrderPlaced".into(),
+            decision: "started".into(),
+            detail: None,
+            state_after: saga.state.as_str().into(),
+        };
+        if !store::insert_saga(tx, &saga, trace_parent.as_deref(), &started).await? {
             // The same order again: one order, one saga. Note it on the saga that exists.
             if let Some(existing) = store::saga_id_for_order(&mut *tx, order_id).await? {
                 let entry = HistoryEntry {
@@ -50,82 +66,142 @@ impl OrchestratorHandler {
             tracing::info!(%order_id, "duplicate OrderPlaced ignored");
             return Ok(());
         }
-        let entry = HistoryEntry {
-            at: now,
-            message_id: None,
-            message_type: "OrderPlaced".into(),
-            decision: "started".into(),
-            detail: None,
-            state_after: saga.state.as_str().into(),
-        };
-        store::append_history(tx, saga.id, &entry).await?;
         tracing::info!(saga_id = %saga.id, %order_id, "saga started");
         crate::metrics::saga_started();
-        emit(&self.topics, tx, &saga, 0, None, effects).await?;
+        emit(&self.topics, outbox, &saga, 0, None, effects);
         Ok(())
     }
 
-    async fn on_reply(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
-        let envelope = Envelope::<Reply>::from_json(&record.payload)
-            .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
-        record.describe(
-            envelope.saga_id,
-            envelope.body.step().as_str(),
-            envelope.message_id,
-        );
-        if !inbox::first_delivery(tx, envelope.message_id).await? {
-            tracing::debug!(message_id = %envelope.message_id, "redelivered reply ignored");
-            return Ok(());
+    /// Handles a batch's replies together: one statement records their deliveries in the
+    /// inbox, one locks their sagas, the state machine moves each saga in memory reply by
+    /// reply (a saga answered twice in the batch moves twice), and one statement each writes
+    /// the sagas and their history lines. A reply the batch cannot take (undecodable, for an
+    /// unknown saga or for another order) fails the batch: the consume loop then handles its
+    /// records one at a time, and that one is dead-lettered.
+    async fn on_replies(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        records: &[&Record],
+    ) -> Result<(), HandlerError> {
+        let mut replies = Vec::with_capacity(records.len());
+        for record in records {
+            let envelope = Envelope::<Reply>::from_json(&record.payload)
+                .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
+            record.describe(
+                envelope.saga_id,
+                envelope.body.step().as_str(),
+                envelope.message_id,
+            );
+            replies.push((*record, envelope));
         }
-        let reply = &envelope.body;
-        let loaded = match store::load_for_update(tx, envelope.saga_id).await {
-            Err(e @ crate::Error::CorruptRow { .. }) => {
-                // Retrying cannot fix the row, and the reply is not at fault: park the saga.
-                store::park_unreadable(tx, envelope.saga_id, &e).await?;
-                return Ok(());
+        // A message twice in one batch is a redelivery the second time.
+        let mut seen = HashSet::with_capacity(replies.len());
+        replies.retain(|(record, envelope)| {
+            let first = seen.insert(envelope.message_id);
+            if !first {
+                record
+                    .span
+                    .in_scope(|| tracing::debug!("redelivered reply ignored"));
             }
-            other => other?,
-        };
-        let Some((saga, version)) = loaded else {
-            return Err(HandlerError::Reject(format!(
-                "{} for unknown saga {}",
-                reply.type_name(),
-                envelope.saga_id
-            )));
-        };
-        if saga.order.order_id != reply.order_id() {
-            return Err(HandlerError::Reject(format!(
-                "{} names order {} but saga {} is for order {}",
-                reply.type_name(),
-                reply.order_id(),
-                saga.id,
-                saga.order.order_id
-            )));
+            first
+        });
+        let message_ids: Vec<Uuid> = replies.iter().map(|(_, e)| e.message_id).collect();
+        let deliveries = inbox::record_deliveries(tx, &message_ids).await?;
+        let mut replies: Vec<_> = replies
+            .into_iter()
+            .zip(deliveries)
+            .filter_map(|(reply, deliveries)| {
+                if deliveries > 1 {
+                    reply
+                        .0
+                        .span
+                        .in_scope(|| tracing::debug!("redelivered reply ignored"));
+                    return None;
+                }
+                Some(reply)
+            })
+            .collect();
+        let saga_ids: Vec<Uuid> = replies
+            .iter()
+            .map(|(_, e)| e.saga_id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let (mut sagas, unreadable) = store::lock_sagas(tx, &saga_ids).await?;
+        for (saga_id, e) in &unreadable {
+            // Retrying cannot fix the row, and the replies are not at fault: park the saga.
+            store::park_unreadable(tx, *saga_id, e).await?;
+            replies.retain(|(_, envelope)| envelope.saga_id != *saga_id);
         }
-        let now = Utc::now();
-        let entry = HistoryEntry {
-            at: now,
-            message_id: Some(envelope.message_id),
-            message_type: reply.type_name().into(),
-            decision: "applied".into(),
-            detail: Some(format!(
-                "{} attempt {}",
-                reply.step().as_str(),
-                reply.attempt()
-            )),
-            state_after: String::new(),
-        };
-        let decision = saga.on_reply(reply, now, &self.policies);
-        commit_decision(
-            &self.topics,
-            tx,
-            &saga,
-            version,
-            decision,
-            entry,
-            Some(envelope.message_id),
-        )
-        .await?;
+        let loaded_versions: HashMap<Uuid, i64> = sagas
+            .iter()
+            .map(|(id, (_, version))| (*id, *version))
+            .collect();
+        let mut history = Vec::with_capacity(replies.len());
+        for (record, envelope) in &replies {
+            let reply = &envelope.body;
+            let Some((saga, version)) = sagas.get_mut(&envelope.saga_id) else {
+                return Err(HandlerError::Reject(format!(
+                    "{} for unknown saga {}",
+                    reply.type_name(),
+                    envelope.saga_id
+                )));
+            };
+            if saga.order.order_id != reply.order_id() {
+                return Err(HandlerError::Reject(format!(
+                    "{} names order {} but saga {} is for order {}",
+                    reply.type_name(),
+                    reply.order_id(),
+                    saga.id,
+                    saga.order.order_id
+                )));
+            }
+            let now = Utc::now();
+            let entry = HistoryEntry {
+                at: now,
+                message_id: Some(envelope.message_id),
+                message_type: reply.type_name().into(),
+                decision: "applied".into(),
+                detail: Some(format!(
+                    "{} attempt {}",
+                    reply.step().as_str(),
+                    reply.attempt()
+                )),
+                state_after: String::new(),
+            };
+            let decision = saga.on_reply(reply, now, &self.policies);
+            // In the record's span, so that the commands it causes join the order's trace.
+            let (next, entry) = record.span.in_scope(|| {
+                note_decision(
+                    &self.topics,
+                    outbox,
+                    saga,
+                    *version,
+                    decision,
+                    entry,
+                    Some(envelope.message_id),
+                )
+            });
+            history.push((saga.id, entry));
+            if let Some(next) = next {
+                *saga = next;
+                *version += 1;
+            }
+        }
+        let updates: Vec<store::SagaUpdate<'_>> = sagas
+            .values()
+            .filter_map(|(saga, version)| {
+                let loaded = loaded_versions.get(&saga.id).copied()?;
+                (*version != loaded).then_some(store::SagaUpdate {
+                    saga,
+                    expected_version: loaded,
+                    new_version: *version,
+                })
+            })
+            .collect();
+        store::update_sagas(tx, &updates).await?;
+        store::append_history_lines(tx, &history).await?;
         Ok(())
     }
 }
@@ -143,29 +219,48 @@ pub(crate) async fn join_saga_trace(
     Ok(())
 }
 
-/// Stores what the state machine decided about `saga` (loaded at `version`): the new state,
-/// a history line (`entry`, completed here; an ignored event keeps its reason), and the
-/// effects in the outbox. Returns the new saga when the decision applied.
+/// Stores what the state machine decided about `saga` (loaded at `version`): the new state and
+/// a history line (`entry`, completed here; an ignored event keeps its reason), and queues the
+/// effects in `outbox`. Returns the new saga when the decision applied. For work the engine
+/// does on its own (a deadline, an operator action): no message caused it.
 ///
 /// # Errors
 /// [`crate::Error::VersionConflict`] when the saga changed since it was loaded; database errors.
 pub(crate) async fn commit_decision(
     topics: &Topics,
     tx: &mut PgConnection,
+    outbox: &mut Outbox,
+    saga: &Saga,
+    version: i64,
+    decision: Decision,
+    entry: HistoryEntry,
+) -> crate::Result<Option<Saga>> {
+    let (next, entry) = note_decision(topics, outbox, saga, version, decision, entry, None);
+    match &next {
+        Some(next) => store::update_saga(tx, next, version, &entry).await?,
+        None => store::append_history(tx, saga.id, &entry).await?,
+    }
+    Ok(next)
+}
+
+/// What a decision about `saga` (at `version`) amounts to, short of writing the saga: the new
+/// saga when it applied, its history line (`entry`, completed), its effects queued in
+/// `outbox`, logs and metrics.
+fn note_decision(
+    topics: &Topics,
+    outbox: &mut Outbox,
     saga: &Saga,
     version: i64,
     decision: Decision,
     mut entry: HistoryEntry,
     causation_id: Option<Uuid>,
-) -> crate::Result<Option<Saga>> {
+) -> (Option<Saga>, HistoryEntry) {
     match decision {
         Decision::Applied {
             saga: next,
             effects,
         } => {
-            store::update_saga(tx, &next, version).await?;
             entry.state_after = next.state.as_str().into();
-            store::append_history(tx, next.id, &entry).await?;
             tracing::info!(saga_id = %next.id, event = %entry.message_type, state = next.state.as_str(), "saga moved");
             crate::metrics::transition(
                 saga,
@@ -175,33 +270,33 @@ pub(crate) async fn commit_decision(
                     Effect::Publish(_) => None,
                 }),
             );
-            // The row is now at `version + 1`: that numbers the event this transition publishes.
+            // The row will be at `version + 1`: that numbers the event this transition
+            // publishes.
             let sequence = u64::try_from(version + 1).unwrap_or_default();
-            emit(topics, tx, &next, sequence, causation_id, effects).await?;
-            Ok(Some(*next))
+            emit(topics, outbox, &next, sequence, causation_id, effects);
+            (Some(*next), entry)
         }
         Decision::Ignored { reason } => {
             tracing::info!(saga_id = %saga.id, event = %entry.message_type, %reason, "ignored");
             entry.decision = "ignored".into();
             entry.detail = Some(reason);
             entry.state_after = saga.state.as_str().into();
-            store::append_history(tx, saga.id, &entry).await?;
-            Ok(None)
+            (None, entry)
         }
     }
 }
 
-/// Writes the saga's commands and events to the outbox, keyed by order id so that every
+/// Queues the saga's commands and events for the outbox, keyed by order id so that every
 /// message of one order stays in one partition, in order. Events carry `sequence`, the saga
 /// row's version after this transition (one event per transition at most).
-async fn emit(
+fn emit(
     topics: &Topics,
-    tx: &mut PgConnection,
+    outbox: &mut Outbox,
     saga: &Saga,
     sequence: u64,
     causation_id: Option<Uuid>,
     effects: Vec<Effect>,
-) -> crate::Result<()> {
+) {
     let key = saga.order.order_id.to_string();
     for effect in effects {
         let message = match effect {
@@ -216,22 +311,49 @@ async fn emit(
                 OutgoingMessage::new(topics.saga_events(), key.clone(), envelope.to_json())
             }
         };
-        outbox::enqueue(tx, &message).await?;
+        outbox.push(message);
     }
-    Ok(())
 }
 
 impl Handler for OrchestratorHandler {
-    async fn handle(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
-        if record.topic == self.topics.orders() {
-            self.on_order(tx, record).await
-        } else if record.topic == self.topics.replies() {
-            self.on_reply(tx, record).await
-        } else {
-            Err(HandlerError::Reject(format!(
-                "the orchestrator does not read topic {}",
-                record.topic
-            )))
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        record: &Record,
+    ) -> Result<(), HandlerError> {
+        self.handle_batch(tx, outbox, std::slice::from_ref(record))
+            .instrument(record.span.clone())
+            .await
+    }
+
+    /// Orders one at a time (one statement each), then all replies together.
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        records: &[Record],
+    ) -> Result<(), HandlerError> {
+        let mut replies = Vec::with_capacity(records.len());
+        for record in records {
+            if record.topic == self.topics.orders() {
+                // A reply never answers a saga started in its own batch: its command went out
+                // after that saga committed. So orders may go first.
+                self.on_order(tx, outbox, record)
+                    .instrument(record.span.clone())
+                    .await?;
+            } else if record.topic == self.topics.replies() {
+                replies.push(record);
+            } else {
+                return Err(HandlerError::Reject(format!(
+                    "the orchestrator does not read topic {}",
+                    record.topic
+                )));
+            }
         }
+        if replies.is_empty() {
+            return Ok(());
+        }
+        self.on_replies(tx, outbox, &replies).await
     }
 }

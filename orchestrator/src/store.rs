@@ -1,6 +1,8 @@
 //! The SQL of the orchestrator: sagas and their history. Every function that changes a saga
 //! takes the handler's transaction.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use events::{OrderPlaced, StepName};
 use sqlx::{PgConnection, PgExecutor};
@@ -70,30 +72,29 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-/// Stores a new saga unless its order has one already, with the trace context of the order
-/// (`trace_parent`). Returns whether it was stored.
+/// Stores a new saga and its first history line (`started`) unless its order has one
+/// already, with the trace context of the order (`trace_parent`). Returns whether it was
+/// stored. One statement: the saga costs one round trip, whatever it has to touch.
 pub async fn insert_saga(
     tx: &mut PgConnection,
     saga: &Saga,
     trace_parent: Option<&str>,
+    started: &HistoryEntry,
 ) -> Result<bool> {
-    let first = sqlx::query(
-        "INSERT INTO order_dedup (order_id, saga_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(saga.order.order_id)
-    .bind(saga.id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if first == 0 {
-        return Ok(false);
-    }
-    let inserted = sqlx::query(
-        "INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
-                            definition_version, version, created_at, updated_at, finished_at, \
-                            deadline_at, current_step, trace_parent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13) \
-         ON CONFLICT (order_id) DO NOTHING",
+    let inserted: i64 = sqlx::query_scalar(
+        "WITH first AS ( \
+             INSERT INTO order_dedup (order_id, saga_id) VALUES ($2, $1) \
+             ON CONFLICT DO NOTHING RETURNING saga_id \
+         ), saga AS ( \
+             INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
+                                definition_version, version, created_at, updated_at, finished_at, \
+                                deadline_at, current_step, trace_parent) \
+             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13 FROM first \
+             ON CONFLICT (order_id) DO NOTHING RETURNING id \
+         ), noted AS ( \
+             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
+             SELECT id, $14, $15, $16, $17, $18, $19 FROM saga \
+         ) SELECT count(*) FROM saga",
     )
     .bind(saga.id)
     .bind(saga.order.order_id)
@@ -108,9 +109,14 @@ pub async fn insert_saga(
     .bind(saga.deadline_at)
     .bind(saga.step_in_focus().map(StepName::as_str))
     .bind(trace_parent)
-    .execute(tx)
-    .await?
-    .rows_affected();
+    .bind(started.at)
+    .bind(started.message_id)
+    .bind(&started.message_type)
+    .bind(&started.decision)
+    .bind(&started.detail)
+    .bind(&started.state_after)
+    .fetch_one(tx)
+    .await?;
     Ok(inserted == 1)
 }
 
@@ -125,16 +131,173 @@ pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Opt
     row.map(SagaRow::into_saga).transpose()
 }
 
-/// Writes `saga` over the stored row if that row is still at `expected_version`.
+/// Loads the sagas `saga_ids` and locks their rows until the transaction ends, in id order
+/// (so two transactions locking overlapping sets cannot deadlock). Returns the readable ones
+/// with their versions, and the ids of those whose row this build cannot read, with why.
+pub async fn lock_sagas(
+    tx: &mut PgConnection,
+    saga_ids: &[Uuid],
+) -> Result<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)> {
+    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    ))
+    .bind(saga_ids)
+    .fetch_all(tx)
+    .await?;
+    let mut sagas = HashMap::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for row in rows {
+        let saga_id = row.id;
+        match row.into_saga() {
+            Ok(saga) => {
+                sagas.insert(saga_id, saga);
+            }
+            Err(e) => unreadable.push((saga_id, e)),
+        }
+    }
+    Ok((sagas, unreadable))
+}
+
+/// A saga's new state for [`update_sagas`]: written if its row is still at `expected_version`.
+pub struct SagaUpdate<'a> {
+    pub saga: &'a Saga,
+    pub expected_version: i64,
+    pub new_version: i64,
+}
+
+/// Writes every saga of `updates` over its stored row in one statement, each if its row is
+/// still at its expected version.
+///
+/// # Errors
+/// [`Error::VersionConflict`] (naming the first saga) when any row changed since it was
+/// loaded; nothing should then be committed.
+pub async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Result<()> {
+    let Some(first) = updates.first() else {
+        return Ok(());
+    };
+    let updated = sqlx::query(
+        "UPDATE sagas SET state = u.state, steps = u.steps, failure_reason = u.failure_reason, \
+                          updated_at = u.updated_at, finished_at = u.finished_at, \
+                          deadline_at = u.deadline_at, current_step = u.current_step, \
+                          version = u.new_version \
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[], $6::text[], \
+                     $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::text[]) \
+              AS u(id, expected_version, new_version, state, steps, failure_reason, updated_at, \
+                   finished_at, deadline_at, current_step) \
+         WHERE sagas.id = u.id AND sagas.version = u.expected_version",
+    )
+    .bind(updates.iter().map(|u| u.saga.id).collect::<Vec<_>>())
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.expected_version)
+            .collect::<Vec<_>>(),
+    )
+    .bind(updates.iter().map(|u| u.new_version).collect::<Vec<_>>())
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.saga.state.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| to_json(&u.saga.steps))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.saga.failure_reason.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.saga.updated_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.saga.finished_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.saga.deadline_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.saga.step_in_focus().map(StepName::as_str))
+            .collect::<Vec<_>>(),
+    )
+    .execute(tx)
+    .await?
+    .rows_affected();
+    if updated == updates.len() as u64 {
+        Ok(())
+    } else {
+        Err(Error::VersionConflict {
+            saga_id: first.saga.id,
+            expected: first.expected_version,
+        })
+    }
+}
+
+/// Appends history lines, each `(saga id, entry)`, in one statement.
+pub async fn append_history_lines(
+    tx: &mut PgConnection,
+    lines: &[(Uuid, HistoryEntry)],
+) -> Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
+         SELECT saga_id, at, message_id, message_type, decision, detail, state_after \
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[]) WITH ORDINALITY \
+              AS h(saga_id, at, message_id, message_type, decision, detail, state_after, n) \
+         ORDER BY n",
+    )
+    .bind(lines.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, e)| e.message_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, e)| e.message_type.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, e)| e.decision.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, e)| e.detail.as_deref()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, e)| e.state_after.as_str()).collect::<Vec<_>>())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes `saga` over the stored row if that row is still at `expected_version`, and the
+/// history line `entry` of that transition, in one round trip.
 ///
 /// # Errors
 /// [`Error::VersionConflict`] when another writer got there first.
-pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i64) -> Result<()> {
-    let updated = sqlx::query(
-        "UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
-                          finished_at = $7, deadline_at = $8, current_step = $9, \
-                          version = version + 1 \
-         WHERE id = $1 AND version = $2",
+pub async fn update_saga(
+    tx: &mut PgConnection,
+    saga: &Saga,
+    expected_version: i64,
+    entry: &HistoryEntry,
+) -> Result<()> {
+    let updated: i64 = sqlx::query_scalar(
+        "WITH updated AS ( \
+             UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
+                              finished_at = $7, deadline_at = $8, current_step = $9, \
+                              version = version + 1 \
+             WHERE id = $1 AND version = $2 RETURNING id \
+         ), noted AS ( \
+             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
+             SELECT id, $10, $11, $12, $13, $14, $15 FROM updated \
+         ) SELECT count(*) FROM updated",
     )
     .bind(saga.id)
     .bind(expected_version)
@@ -145,9 +308,14 @@ pub async fn update_saga(tx: &mut PgConnection, saga: &Saga, expected_version: i
     .bind(saga.finished_at)
     .bind(saga.deadline_at)
     .bind(saga.step_in_focus().map(StepName::as_str))
-    .execute(tx)
-    .await?
-    .rows_affected();
+    .bind(entry.at)
+    .bind(entry.message_id)
+    .bind(&entry.message_type)
+    .bind(&entry.decision)
+    .bind(&entry.detail)
+    .bind(&entry.state_after)
+    .fetch_one(tx)
+    .await?;
     if updated == 1 {
         Ok(())
     } else {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use chrono::Utc;
 use events::{Action, Command, Envelope, Participant, Reply, Topics};
 use messaging::consumer::{DeadLetters, Handler, HandlerError, Record};
-use messaging::outbox::{self, OutgoingMessage};
+use messaging::outbox::{Outbox, OutgoingMessage};
 use messaging::pipeline::Pipeline;
 use messaging::{db, inbox, kafka};
 use sqlx::migrate::Migrator;
@@ -157,10 +157,10 @@ impl<S: StepService> ParticipantHandler<S> {
         tx: &mut PgConnection,
         saga_id: Uuid,
         command: &Command,
+        entry: LedgerEntry,
     ) -> Result<Reply, HandlerError> {
         let step = command.step().as_str();
         let order_id = command.order_id();
-        let entry = claim_ledger_entry(tx, order_id, saga_id, step).await?;
         let reply = match command.action() {
             Action::Forward if entry.compensated => {
                 let reason = "the step was already compensated; a forward command after its compensation is refused";
@@ -197,7 +197,12 @@ impl<S: StepService> ParticipantHandler<S> {
 }
 
 impl<S: StepService> Handler for ParticipantHandler<S> {
-    async fn handle(&self, tx: &mut PgConnection, record: &Record) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        record: &Record,
+    ) -> Result<(), HandlerError> {
         let envelope = Envelope::<Command>::from_json(&record.payload)
             .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
         let command = &envelope.body;
@@ -213,11 +218,13 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
                 S::PARTICIPANT.as_str()
             )));
         }
-        if !inbox::first_delivery(tx, envelope.message_id).await? {
+        let Some(entry) =
+            claim_ledger_entry(tx, envelope.message_id, envelope.saga_id, command).await?
+        else {
             tracing::debug!(message_id = %envelope.message_id, "redelivered command ignored");
             return Ok(());
-        }
-        let reply = self.reply_to(tx, envelope.saga_id, command).await?;
+        };
+        let reply = self.reply_to(tx, envelope.saga_id, command, entry).await?;
         tracing::info!(
             saga_id = %envelope.saga_id,
             command = command.type_name(),
@@ -236,7 +243,7 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
             command.order_id().to_string(),
             reply.to_json(),
         );
-        outbox::enqueue(tx, &message).await?;
+        outbox.push(message);
         Ok(())
     }
 }
@@ -248,37 +255,43 @@ fn reply_for(command: &Command, outcome: StepOutcome) -> Reply {
     }
 }
 
-/// Creates the ledger row of (order, step) if needed and locks it, so concurrent commands for
-/// one step of one order — possible while partitions move between instances — take turns.
+/// Records the delivery of command `message_id` in the inbox and, the first time, creates the
+/// ledger row of (order, step) if needed and locks it, so concurrent commands for one step of
+/// one order (possible while partitions move between instances) take turns. Returns `None`
+/// for a redelivery. One statement: the upsert locks the row it finds and returns it.
 async fn claim_ledger_entry(
     tx: &mut PgConnection,
-    order_id: Uuid,
+    message_id: Uuid,
     saga_id: Uuid,
-    step: &str,
-) -> Result<LedgerEntry, HandlerError> {
-    sqlx::query(
-        "INSERT INTO step_ledger (order_id, saga_id, step) VALUES ($1, $2, $3) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(order_id)
+    command: &Command,
+) -> Result<Option<LedgerEntry>, HandlerError> {
+    let (deliveries, forward_outcome, refusal_reason, compensated): (
+        i32,
+        Option<String>,
+        Option<String>,
+        bool,
+    ) = sqlx::query_as(&format!(
+        "WITH delivery AS ({}), \
+         ledger AS ( \
+             INSERT INTO step_ledger (order_id, saga_id, step) VALUES ($2, $3, $4) \
+             ON CONFLICT (order_id, step) DO UPDATE SET saga_id = step_ledger.saga_id \
+             RETURNING forward_outcome, refusal_reason, compensated_at IS NOT NULL AS compensated \
+         ) \
+         SELECT (SELECT deliveries FROM delivery), forward_outcome, refusal_reason, compensated \
+         FROM ledger",
+        inbox::RECORD_DELIVERY
+    ))
+    .bind(message_id)
+    .bind(command.order_id())
     .bind(saga_id)
-    .bind(step)
-    .execute(&mut *tx)
+    .bind(command.step().as_str())
+    .fetch_one(&mut *tx)
     .await?;
-    let (forward_outcome, refusal_reason, compensated): (Option<String>, Option<String>, bool) =
-        sqlx::query_as(
-            "SELECT forward_outcome, refusal_reason, compensated_at IS NOT NULL \
-             FROM step_ledger WHERE order_id = $1 AND step = $2 FOR UPDATE",
-        )
-        .bind(order_id)
-        .bind(step)
-        .fetch_one(&mut *tx)
-        .await?;
-    Ok(LedgerEntry {
+    Ok((deliveries == 1).then_some(LedgerEntry {
         forward_outcome,
         refusal_reason,
         compensated,
-    })
+    }))
 }
 
 async fn record_forward(

@@ -17,6 +17,8 @@ use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
+use crate::budget;
+
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// Kafka bootstrap servers.
@@ -49,14 +51,23 @@ pub struct LoadArgs {
     /// Sagas finishing in the first seconds are left out of the sustained rate.
     #[arg(long, default_value_t = 5.0)]
     warmup_secs: f64,
-    /// A service process to account for, as NAME=PID (repeat): its CPU seconds per saga and
-    /// its peak memory are reported (Linux /proc).
+    /// A process to account for, as NAME=PID (repeat): the CPU seconds per saga of it and every
+    /// process below it (PostgreSQL's backends under the postmaster), and its peak memory
+    /// (Linux /proc).
     #[arg(long = "process", value_parser = parse_named::<u32>)]
     processes: Vec<(String, u32)>,
     /// A service's /metrics page, as NAME=URL (repeat): its outbox backlog and consumer lag at
     /// the end are reported.
     #[arg(long = "metrics", value_parser = parse_named::<String>)]
     metrics: Vec<(String, String)>,
+    /// Count SQL statements and transactions per saga in this database (resets its
+    /// `pg_stat_statements` and `pg_stat_database` counters at the start).
+    #[arg(long)]
+    sql_stats: Option<String>,
+    /// The broker's log directory: with it, the bytes each topic of the prefix stored are
+    /// reported per saga (records per saga are reported whenever the prefix is set).
+    #[arg(long)]
+    kafka_log_dir: Option<PathBuf>,
 }
 
 fn parse_named<T: std::str::FromStr>(text: &str) -> Result<(String, T), String> {
@@ -85,6 +96,8 @@ struct Report {
     sustained_completed_per_sec: f64,
     latency_ms: Percentiles,
     processes: Vec<ProcessUsage>,
+    sql: Option<budget::SqlBudget>,
+    kafka: Vec<budget::TopicVolume>,
     /// Outbox rows not yet published and records not yet consumed, per service, at the end.
     backlog_at_end: Vec<Backlog>,
 }
@@ -105,6 +118,13 @@ struct Backlog {
     consumer_lag: f64,
     /// Mean time from receiving a record to committing its transaction, over the run.
     mean_handle_ms: f64,
+    /// Where a hop into and out of this service goes, as means over the run: the producer's
+    /// timestamp to this consumer receiving the record (the broker's part), receiving to
+    /// committing (`mean_handle_ms`), the outbox row's write to the relay claiming it, and
+    /// handing it to the producer to the broker's acknowledgement.
+    mean_delivery_ms: f64,
+    mean_pickup_ms: f64,
+    mean_publish_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -140,10 +160,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .create()
         .context("creating producer")?;
     let watcher = watch_from_end(&args, &topics.saga_events()).await?;
+    let sql_counters = match &args.sql_stats {
+        Some(url) => Some(budget::SqlCounters::start(url).await?),
+        None => None,
+    };
     let cpu_before: Vec<f64> = args
         .processes
         .iter()
-        .map(|(_, pid)| cpu_seconds(*pid).unwrap_or(0.0))
+        .map(|(_, pid)| budget::tree_cpu_seconds(*pid).unwrap_or(0.0))
         .collect();
 
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -206,30 +230,32 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let tally = tally.lock().await;
     let mut report = report(&args, &tally, elapsed, started);
     for ((name, pid), before) in args.processes.iter().zip(cpu_before) {
-        let cpu_secs = cpu_seconds(*pid).unwrap_or(0.0) - before;
+        let cpu_secs = budget::tree_cpu_seconds(*pid).unwrap_or(0.0) - before;
         report.processes.push(ProcessUsage {
             name: name.clone(),
             pid: *pid,
             cpu_secs,
             cpu_ms_per_saga: cpu_secs * 1_000.0 / report.finished.max(1) as f64,
-            peak_rss_mb: peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
+            peak_rss_mb: budget::peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
         });
     }
+    if let Some(counters) = sql_counters {
+        report.sql = Some(counters.finish(report.finished).await?);
+    }
+    report.kafka = budget::kafka_volume(
+        &args.brokers,
+        &args.topic_prefix,
+        args.kafka_log_dir.as_deref(),
+        report.finished,
+    )?;
     if !args.metrics.is_empty() {
         // The gauges are sampled every second (outbox) and committed offsets move every
         // second; let both catch up with the end of the run.
         tokio::time::sleep(Duration::from_millis(2_500)).await;
     }
     for (name, url) in &args.metrics {
-        match scrape_backlog(url).await {
-            Ok((outbox_rows, consumer_lag, mean_handle_ms)) => {
-                report.backlog_at_end.push(Backlog {
-                    name: name.clone(),
-                    outbox_rows,
-                    consumer_lag,
-                    mean_handle_ms,
-                })
-            }
+        match scrape_backlog(name, url).await {
+            Ok(backlog) => report.backlog_at_end.push(backlog),
             Err(e) => eprintln!("reading {url}: {e:#}"),
         }
     }
@@ -375,38 +401,14 @@ pub(crate) fn random_order(failure_percent: u8) -> OrderPlaced {
     }
 }
 
-/// User plus system CPU time of `pid` so far, from /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are space separated.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / CLOCK_TICKS_PER_SEC)
-}
-
-/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every architecture we run.
-const CLOCK_TICKS_PER_SEC: f64 = 100.0;
-
-/// The peak resident set size of `pid` (VmHWM) in KiB.
-fn peak_rss_kb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a /metrics page, and
-/// the mean of `message_handle_duration_seconds` in milliseconds.
-async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64, f64)> {
+/// the means of the hop histograms in milliseconds.
+async fn scrape_backlog(name: &str, url: &str) -> anyhow::Result<Backlog> {
     let text = reqwest::get(url).await?.error_for_status()?.text().await?;
     let mut outbox = 0.0;
     let mut lag = 0.0;
-    let (mut handle_sum, mut handle_count) = (0.0, 0.0);
+    // (sum, count) per histogram.
+    let mut sums: HashMap<&str, (f64, f64)> = HashMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
@@ -416,17 +418,28 @@ async fn scrape_backlog(url: &str) -> anyhow::Result<(f64, f64, f64)> {
         match name {
             "outbox_backlog" => outbox += value,
             "kafka_consumer_lag" => lag += value,
-            "message_handle_duration_seconds_sum" => handle_sum += value,
-            "message_handle_duration_seconds_count" => handle_count += value,
-            _ => {}
+            _ => {
+                if let Some(histogram) = name.strip_suffix("_sum") {
+                    sums.entry(histogram).or_default().0 += value;
+                } else if let Some(histogram) = name.strip_suffix("_count") {
+                    sums.entry(histogram).or_default().1 += value;
+                }
+            }
         }
     }
-    let mean_handle_ms = if handle_count > 0.0 {
-        handle_sum * 1_000.0 / handle_count
-    } else {
-        0.0
+    let mean_ms = |histogram: &str| match sums.get(histogram) {
+        Some((sum, count)) if *count > 0.0 => sum * 1_000.0 / count,
+        _ => 0.0,
     };
-    Ok((outbox, lag, mean_handle_ms))
+    Ok(Backlog {
+        name: name.to_owned(),
+        outbox_rows: outbox,
+        consumer_lag: lag,
+        mean_handle_ms: mean_ms("message_handle_duration_seconds"),
+        mean_delivery_ms: mean_ms("kafka_record_delivery_seconds"),
+        mean_pickup_ms: mean_ms("outbox_pickup_seconds"),
+        mean_publish_ms: mean_ms("outbox_publish_seconds"),
+    })
 }
 
 /// The `q` quantile (0 to 1, nearest rank) of `sorted`, in milliseconds; 0 when empty.
@@ -459,6 +472,8 @@ fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration, started: Instant) -
         completed_per_sec: tally.completed as f64 / secs,
         sustained_completed_per_sec: sustained_rate(tally, started, args.warmup_secs),
         processes: Vec::new(),
+        sql: None,
+        kafka: Vec::new(),
         backlog_at_end: Vec::new(),
         latency_ms: Percentiles {
             p50: at(0.50),
@@ -521,10 +536,36 @@ fn print_report(r: &Report) {
             p.name, p.cpu_secs, p.cpu_ms_per_saga, p.peak_rss_mb
         );
     }
+    if let Some(sql) = &r.sql {
+        println!(
+            "sql               {:.1} transactions/saga, {:.1} statements/saga",
+            sql.transactions_per_saga, sql.statements_per_saga
+        );
+        for s in &sql.top_statements {
+            println!(
+                "  {:>6.2}/saga  {:>6.3} ms  {}",
+                s.calls_per_saga,
+                s.mean_ms,
+                s.query.chars().take(110).collect::<String>()
+            );
+        }
+    }
+    for t in &r.kafka {
+        println!(
+            "kafka             {:<40} {:>5.2} records/saga  {:>7.0} bytes/saga",
+            t.topic, t.records_per_saga, t.bytes_per_saga
+        );
+    }
     for b in &r.backlog_at_end {
         println!(
-            "backlog at end    {:<13} outbox {:>6}  consumer lag {:>6}  (mean handling {:.2} ms/record)",
-            b.name, b.outbox_rows, b.consumer_lag, b.mean_handle_ms
+            "backlog at end    {:<13} outbox {:>6}  consumer lag {:>6}",
+            b.name, b.outbox_rows, b.consumer_lag
+        );
+    }
+    for b in &r.backlog_at_end {
+        println!(
+            "hop means (ms)    {:<13} delivered {:>6.2}  handled {:>6.2}  picked up {:>6.2}  acked {:>6.2}",
+            b.name, b.mean_delivery_ms, b.mean_handle_ms, b.mean_pickup_ms, b.mean_publish_ms
         );
     }
 }

@@ -8,6 +8,7 @@
 //! - `sagactl ceiling broker|postgres` measures what the machine can do at most.
 //! - `sagactl order`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's commands.
 
+mod budget;
 mod ceiling;
 mod chaos;
 mod garbage;

@@ -1,0 +1,218 @@
+//! What one saga costs the machine, for `sagactl load`: CPU per process tree (the broker and
+//! PostgreSQL included), SQL statements and transactions (`pg_stat_statements`,
+//! `pg_stat_database`), and Kafka records and bytes per topic.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use serde::Serialize;
+use sqlx::{Connection, PgConnection};
+
+/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every architecture we run.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU seconds used so far by `pid` and every process below it: the living ones' own time plus
+/// what their reaped children used. PostgreSQL runs a process per connection under the
+/// postmaster, so accounting for the postmaster alone would miss nearly all of its work.
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut cpu: HashMap<u32, f64> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((parent, ticks)) = stat_fields(id) {
+            children.entry(parent).or_default().push(id);
+            cpu.insert(id, ticks);
+        }
+    }
+    let mut total = *cpu.get(&pid)?;
+    let mut stack = children.get(&pid).cloned().unwrap_or_default();
+    while let Some(child) = stack.pop() {
+        total += cpu.get(&child).copied().unwrap_or(0.0);
+        stack.extend(children.get(&child).into_iter().flatten());
+    }
+    Some(total / CLOCK_TICKS_PER_SEC)
+}
+
+/// The parent of `pid` and its user + system + reaped children's clock ticks.
+fn stat_fields(pid: u32) -> Option<(u32, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are space separated.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let parent = fields.get(1)?.parse().ok()?;
+    let ticks = (11..=14)
+        .map(|i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+        .sum::<Option<f64>>()?;
+    Some((parent, ticks))
+}
+
+/// The peak resident set size of `pid` (VmHWM) in KiB.
+pub fn peak_rss_kb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// PostgreSQL's counters for one database, read at the start and the end of a run.
+pub struct SqlCounters {
+    connection: PgConnection,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SqlBudget {
+    pub transactions_per_saga: f64,
+    pub statements_per_saga: f64,
+    /// The statements run most often, with their calls per saga and mean time.
+    pub top_statements: Vec<StatementCost>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatementCost {
+    pub query: String,
+    pub calls_per_saga: f64,
+    pub mean_ms: f64,
+}
+
+impl SqlCounters {
+    /// Connects to `database_url` and zeroes `pg_stat_statements` and the database's
+    /// transaction counters.
+    pub async fn start(database_url: &str) -> anyhow::Result<Self> {
+        let mut connection = PgConnection::connect(database_url)
+            .await
+            .context("connecting to read pg_stat_statements")?;
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut connection)
+            .await
+            .context("pg_stat_statements must be in shared_preload_libraries")?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&mut connection)
+            .await?;
+        sqlx::query("SELECT pg_stat_reset()")
+            .execute(&mut connection)
+            .await?;
+        Ok(Self { connection })
+    }
+
+    /// What the database did since [`SqlCounters::start`], per finished saga.
+    pub async fn finish(mut self, sagas: usize) -> anyhow::Result<SqlBudget> {
+        let per_saga = 1.0 / sagas.max(1) as f64;
+        // The cumulative statistics reach shared memory at most once a second per backend.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let (commits, rollbacks): (i64, i64) = sqlx::query_as(
+            "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut self.connection)
+        .await?;
+        let statements: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT query, calls, mean_exec_time FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND query NOT LIKE '%pg_stat%' \
+             ORDER BY calls DESC",
+        )
+        .fetch_all(&mut self.connection)
+        .await?;
+        let calls: i64 = statements.iter().map(|s| s.1).sum();
+        Ok(SqlBudget {
+            // The counters include this connection's own two transactions.
+            transactions_per_saga: (commits + rollbacks - 2).max(0) as f64 * per_saga,
+            statements_per_saga: calls as f64 * per_saga,
+            top_statements: statements
+                .into_iter()
+                .take(12)
+                .map(|(query, calls, mean_ms)| StatementCost {
+                    query: query.split_whitespace().collect::<Vec<_>>().join(" "),
+                    calls_per_saga: calls as f64 * per_saga,
+                    mean_ms,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopicVolume {
+    pub topic: String,
+    pub records_per_saga: f64,
+    /// On the broker's disk: record batches with their headers, as Kafka stores them.
+    pub bytes_per_saga: f64,
+}
+
+/// Records (high watermarks) and stored bytes of every topic named `prefix*`, per saga. Meant
+/// for a fresh prefix, whose topics hold exactly the run's records.
+pub fn kafka_volume(
+    brokers: &str,
+    prefix: &str,
+    log_dir: Option<&Path>,
+    sagas: usize,
+) -> anyhow::Result<Vec<TopicVolume>> {
+    let per_saga = 1.0 / sagas.max(1) as f64;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating a metadata client")?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .context("reading topic metadata")?;
+    let mut volumes = Vec::new();
+    for topic in metadata.topics() {
+        if prefix.is_empty() || !topic.name().starts_with(prefix) {
+            continue;
+        }
+        let mut records = 0;
+        for partition in topic.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(10))
+                .context("reading watermarks")?;
+            records += high - low;
+        }
+        let bytes = log_dir.map_or(0, |dir| stored_bytes(dir, topic.name()));
+        volumes.push(TopicVolume {
+            topic: topic.name().to_owned(),
+            records_per_saga: records as f64 * per_saga,
+            bytes_per_saga: bytes as f64 * per_saga,
+        });
+    }
+    volumes.sort_by(|a, b| a.topic.cmp(&b.topic));
+    Ok(volumes)
+}
+
+/// Sizes of the `.log` segments of every partition directory (`TOPIC-N`) of `topic`.
+fn stored_bytes(log_dir: &Path, topic: &str) -> u64 {
+    let Ok(entries) = std::fs::read_dir(log_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.rsplit_once('-'))
+                .is_some_and(|(name, n)| name == topic && n.parse::<u32>().is_ok())
+        })
+        .flat_map(|dir| {
+            std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|file| file.path().extension().is_some_and(|e| e == "log"))
+        .filter_map(|file| file.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
