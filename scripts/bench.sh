@@ -7,6 +7,8 @@
 #   scripts/bench.sh [sagactl load arguments, e.g. --orders 2000 --in-flight 8 --json out.json]
 #
 # BENCH_PROFILE=debug uses the debug build (CI's smoke run); the default is release.
+# BENCH_SERVICES_DIR runs the services from another build (e.g. an older commit's
+# target/release, to measure before and after a change with the same load generator).
 # The report includes each service's CPU time per saga and peak memory (--process) and its
 # outbox backlog and consumer lag at the end (--metrics), read from the services' /metrics.
 set -euo pipefail
@@ -39,7 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for service in orchestrator inventory payment shipping; do
-  "target/$profile/$service" >".run/bench-$run_id/$service.log" 2>&1 &
+  "${BENCH_SERVICES_DIR:-target/$profile}/$service" >".run/bench-$run_id/$service.log" 2>&1 &
   pids+=($!)
 done
 for _ in $(seq 1 300); do

@@ -11,7 +11,12 @@
 //!      happened here (it must then succeed doing nothing), and leave a tombstone;
 //!    - compensate again: answer that it is done;
 //! 4. write the reply to the outbox.
+//!
+//! A batch of commands shares the runtime's statements: one records every delivery in the
+//! inbox, one claims every ledger row, one writes every ledger change; only the service's
+//! own steps run per command.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -24,6 +29,7 @@ use messaging::{db, inbox, kafka};
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::ParticipantConfig;
@@ -138,11 +144,34 @@ struct ParticipantHandler<S> {
     injected_compensation_failures: AtomicU32,
 }
 
-/// A (saga, step) row of the ledger, locked for this transaction.
+/// An (order, step) row of the ledger, locked for this transaction.
+#[derive(sqlx::FromRow)]
 struct LedgerEntry {
+    order_id: Uuid,
+    step: String,
     forward_outcome: Option<String>,
     refusal_reason: Option<String>,
     compensated: bool,
+}
+
+/// What handling a command changes in its ledger row; written for a whole batch at once.
+enum LedgerWrite {
+    Nothing,
+    Forward(StepOutcome),
+    Compensated,
+}
+
+/// A decoded command of the batch at hand.
+struct Delivered<'a> {
+    record: &'a Record,
+    envelope: Envelope<Command>,
+}
+
+impl Delivered<'_> {
+    fn ledger_key(&self) -> (Uuid, &'static str) {
+        let command = &self.envelope.body;
+        (command.order_id(), command.step().as_str())
+    }
 }
 
 impl<S: StepService> ParticipantHandler<S> {
@@ -152,47 +181,98 @@ impl<S: StepService> ParticipantHandler<S> {
             .is_ok()
     }
 
+    /// The reply to `command`, doing the step or its compensation when the ledger says it
+    /// is due, and what that changes in the ledger.
     async fn reply_to(
         &self,
         tx: &mut PgConnection,
         saga_id: Uuid,
         command: &Command,
         entry: LedgerEntry,
-    ) -> Result<Reply, HandlerError> {
-        let step = command.step().as_str();
-        let order_id = command.order_id();
-        let reply = match command.action() {
+    ) -> Result<(Reply, LedgerWrite), HandlerError> {
+        Ok(match command.action() {
             Action::Forward if entry.compensated => {
                 let reason = "the step was already compensated; a forward command after its compensation is refused";
                 // Remember the refusal unless the step had run before its compensation.
-                if entry.forward_outcome.is_none() {
-                    record_forward(tx, order_id, step, &StepOutcome::Refused(reason.into()))
-                        .await?;
-                }
-                Reply::refused(command, reason)
+                let write = if entry.forward_outcome.is_none() {
+                    LedgerWrite::Forward(StepOutcome::Refused(reason.into()))
+                } else {
+                    LedgerWrite::Nothing
+                };
+                (Reply::refused(command, reason), write)
             }
             Action::Forward => match entry.forward_outcome.as_deref() {
-                Some("succeeded") => Reply::done(command),
-                Some(_) => Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
+                Some("succeeded") => (Reply::done(command), LedgerWrite::Nothing),
+                Some(_) => (
+                    Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
+                    LedgerWrite::Nothing,
+                ),
                 None => {
                     let outcome = self.service.forward(tx, saga_id, command).await?;
-                    record_forward(tx, order_id, step, &outcome).await?;
-                    reply_for(command, outcome)
+                    (
+                        reply_for(command, outcome.clone()),
+                        LedgerWrite::Forward(outcome),
+                    )
                 }
             },
-            Action::Compensate if entry.compensated => Reply::done(command),
-            Action::Compensate if self.take_injected_failure() => {
-                Reply::refused(command, "injected fault: compensation refused")
-            }
+            Action::Compensate if entry.compensated => (Reply::done(command), LedgerWrite::Nothing),
+            Action::Compensate if self.take_injected_failure() => (
+                Reply::refused(command, "injected fault: compensation refused"),
+                LedgerWrite::Nothing,
+            ),
             Action::Compensate => {
                 let outcome = self.service.compensate(tx, saga_id, command).await?;
-                if outcome == StepOutcome::Done {
-                    record_compensation(tx, order_id, step).await?;
-                }
-                reply_for(command, outcome)
+                let write = if outcome == StepOutcome::Done {
+                    LedgerWrite::Compensated
+                } else {
+                    LedgerWrite::Nothing
+                };
+                (reply_for(command, outcome), write)
             }
-        };
-        Ok(reply)
+        })
+    }
+
+    /// Handles `commands`, first deliveries with distinct (order, step), in order: claims
+    /// their ledger rows in one statement, runs each step or compensation that is due, then
+    /// writes the ledger changes in one statement and queues the replies.
+    async fn handle_commands(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        commands: &[Delivered<'_>],
+    ) -> Result<(), HandlerError> {
+        let entries = claim_ledger_entries(tx, commands).await?;
+        let mut writes = Vec::with_capacity(commands.len());
+        for (delivered, entry) in commands.iter().zip(entries) {
+            let Delivered { record, envelope } = delivered;
+            let command = &envelope.body;
+            let (reply, write) = self
+                .reply_to(tx, envelope.saga_id, command, entry)
+                .instrument(record.span.clone())
+                .await?;
+            writes.push((delivered.ledger_key(), write));
+            record.span.in_scope(|| {
+                tracing::info!(
+                    saga_id = %envelope.saga_id,
+                    command = command.type_name(),
+                    attempt = command.attempt(),
+                    reply = reply.type_name(),
+                    "command handled"
+                );
+                let reply = Envelope::new(
+                    envelope.saga_id,
+                    Some(envelope.message_id),
+                    Utc::now(),
+                    reply,
+                );
+                outbox.push(OutgoingMessage::new(
+                    self.topics.replies(),
+                    command.order_id().to_string(),
+                    reply.to_json(),
+                ));
+            });
+        }
+        write_ledger(tx, &writes).await
     }
 }
 
@@ -203,48 +283,69 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
         outbox: &mut Outbox,
         record: &Record,
     ) -> Result<(), HandlerError> {
-        let envelope = Envelope::<Command>::from_json(&record.payload)
-            .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
-        let command = &envelope.body;
-        record.describe(
-            envelope.saga_id,
-            command.step().as_str(),
-            envelope.message_id,
-        );
-        if Participant::for_step(command.step()) != S::PARTICIPANT {
-            return Err(HandlerError::Reject(format!(
-                "{} is not a command for {}",
-                command.type_name(),
-                S::PARTICIPANT.as_str()
-            )));
+        self.handle_batch(tx, outbox, std::slice::from_ref(record))
+            .instrument(record.span.clone())
+            .await
+    }
+
+    /// The batch's inbox rows in one statement, then its commands in runs whose (order, step)
+    /// are distinct (a step's row is claimed and written once per statement).
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        records: &[Record],
+    ) -> Result<(), HandlerError> {
+        let mut commands = Vec::with_capacity(records.len());
+        for record in records {
+            let envelope = Envelope::<Command>::from_json(&record.payload)
+                .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
+            let command = &envelope.body;
+            record.describe(
+                envelope.saga_id,
+                command.step().as_str(),
+                envelope.message_id,
+            );
+            if Participant::for_step(command.step()) != S::PARTICIPANT {
+                return Err(HandlerError::Reject(format!(
+                    "{} is not a command for {}",
+                    command.type_name(),
+                    S::PARTICIPANT.as_str()
+                )));
+            }
+            commands.push(Delivered { record, envelope });
         }
-        let Some(entry) =
-            claim_ledger_entry(tx, envelope.message_id, envelope.saga_id, command).await?
-        else {
-            tracing::debug!(message_id = %envelope.message_id, "redelivered command ignored");
-            return Ok(());
-        };
-        let reply = self.reply_to(tx, envelope.saga_id, command, entry).await?;
-        tracing::info!(
-            saga_id = %envelope.saga_id,
-            command = command.type_name(),
-            attempt = command.attempt(),
-            reply = reply.type_name(),
-            "command handled"
-        );
-        let reply = Envelope::new(
-            envelope.saga_id,
-            Some(envelope.message_id),
-            Utc::now(),
-            reply,
-        );
-        let message = OutgoingMessage::new(
-            self.topics.replies(),
-            command.order_id().to_string(),
-            reply.to_json(),
-        );
-        outbox.push(message);
-        Ok(())
+        // A message twice in one batch is a redelivery the second time.
+        let mut seen = HashSet::with_capacity(commands.len());
+        commands.retain(|c| seen.insert(c.envelope.message_id));
+        let message_ids: Vec<Uuid> = commands.iter().map(|c| c.envelope.message_id).collect();
+        let deliveries = inbox::record_deliveries(tx, &message_ids).await?;
+        let fresh: Vec<Delivered<'_>> = commands
+            .into_iter()
+            .zip(deliveries)
+            .filter_map(|(delivered, deliveries)| {
+                if deliveries > 1 {
+                    delivered
+                        .record
+                        .span
+                        .in_scope(|| tracing::debug!("redelivered command ignored"));
+                    return None;
+                }
+                Some(delivered)
+            })
+            .collect();
+        let mut run_start = 0;
+        let mut keys = HashSet::new();
+        for (i, delivered) in fresh.iter().enumerate() {
+            if !keys.insert(delivered.ledger_key()) {
+                self.handle_commands(tx, outbox, &fresh[run_start..i])
+                    .await?;
+                run_start = i;
+                keys.clear();
+                keys.insert(delivered.ledger_key());
+            }
+        }
+        self.handle_commands(tx, outbox, &fresh[run_start..]).await
     }
 }
 
@@ -255,79 +356,104 @@ fn reply_for(command: &Command, outcome: StepOutcome) -> Reply {
     }
 }
 
-/// Records the delivery of command `message_id` in the inbox and, the first time, creates the
-/// ledger row of (order, step) if needed and locks it, so concurrent commands for one step of
-/// one order (possible while partitions move between instances) take turns. Returns `None`
-/// for a redelivery. One statement: the upsert locks the row it finds and returns it.
-async fn claim_ledger_entry(
+/// Creates the ledger rows of the commands' (order, step) where missing and locks them, in
+/// (order, step) order so that two transactions cannot deadlock over them, so concurrent
+/// commands for one step of one order (possible while partitions move between instances)
+/// take turns. One statement: the upsert locks the rows it finds and returns them. Returns the
+/// entries in the commands' order.
+async fn claim_ledger_entries(
     tx: &mut PgConnection,
-    message_id: Uuid,
-    saga_id: Uuid,
-    command: &Command,
-) -> Result<Option<LedgerEntry>, HandlerError> {
-    let (deliveries, forward_outcome, refusal_reason, compensated): (
-        i32,
-        Option<String>,
-        Option<String>,
-        bool,
-    ) = sqlx::query_as(&format!(
-        "WITH delivery AS ({}), \
-         ledger AS ( \
-             INSERT INTO step_ledger (order_id, saga_id, step) VALUES ($2, $3, $4) \
-             ON CONFLICT (order_id, step) DO UPDATE SET saga_id = step_ledger.saga_id \
-             RETURNING forward_outcome, refusal_reason, compensated_at IS NOT NULL AS compensated \
-         ) \
-         SELECT (SELECT deliveries FROM delivery), forward_outcome, refusal_reason, compensated \
-         FROM ledger",
-        inbox::RECORD_DELIVERY
-    ))
-    .bind(message_id)
-    .bind(command.order_id())
-    .bind(saga_id)
-    .bind(command.step().as_str())
-    .fetch_one(&mut *tx)
+    commands: &[Delivered<'_>],
+) -> Result<Vec<LedgerEntry>, HandlerError> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<LedgerEntry> = sqlx::query_as(
+        "INSERT INTO step_ledger (order_id, saga_id, step) \
+         SELECT order_id, saga_id, step FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) \
+              AS c(order_id, saga_id, step) \
+         ORDER BY order_id, step \
+         ON CONFLICT (order_id, step) DO UPDATE SET saga_id = step_ledger.saga_id \
+         RETURNING order_id, step, forward_outcome, refusal_reason, \
+                   compensated_at IS NOT NULL AS compensated",
+    )
+    .bind(
+        commands
+            .iter()
+            .map(|c| c.ledger_key().0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        commands
+            .iter()
+            .map(|c| c.envelope.saga_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        commands
+            .iter()
+            .map(|c| c.ledger_key().1)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *tx)
     .await?;
-    Ok((deliveries == 1).then_some(LedgerEntry {
-        forward_outcome,
-        refusal_reason,
-        compensated,
-    }))
+    let mut entries: HashMap<(Uuid, String), LedgerEntry> = rows
+        .into_iter()
+        .map(|entry| ((entry.order_id, entry.step.clone()), entry))
+        .collect();
+    commands
+        .iter()
+        .map(|c| {
+            let (order_id, step) = c.ledger_key();
+            entries
+                .remove(&(order_id, step.to_owned()))
+                .ok_or_else(|| HandlerError::Retry(format!("no ledger row for {order_id}/{step}")))
+        })
+        .collect()
 }
 
-async fn record_forward(
+/// Writes the ledger changes of a batch, at most one per (order, step), in one statement.
+async fn write_ledger(
     tx: &mut PgConnection,
-    order_id: Uuid,
-    step: &str,
-    outcome: &StepOutcome,
+    writes: &[((Uuid, &'static str), LedgerWrite)],
 ) -> Result<(), HandlerError> {
-    let (label, reason) = match outcome {
-        StepOutcome::Done => ("succeeded", None),
-        StepOutcome::Refused(reason) => ("refused", Some(reason.as_str())),
-    };
+    let writes: Vec<_> = writes
+        .iter()
+        .filter(|(_, write)| !matches!(write, LedgerWrite::Nothing))
+        .collect();
+    if writes.is_empty() {
+        return Ok(());
+    }
+    fn outcome(write: &LedgerWrite) -> (Option<&'static str>, Option<&str>) {
+        match write {
+            LedgerWrite::Forward(StepOutcome::Done) => (Some("succeeded"), None),
+            LedgerWrite::Forward(StepOutcome::Refused(reason)) => {
+                (Some("refused"), Some(reason.as_str()))
+            }
+            LedgerWrite::Nothing | LedgerWrite::Compensated => (None, None),
+        }
+    }
     sqlx::query(
-        "UPDATE step_ledger SET forward_outcome = $3, refusal_reason = $4, updated_at = now() \
-         WHERE order_id = $1 AND step = $2",
+        "UPDATE step_ledger SET \
+             forward_outcome = COALESCE(w.forward_outcome, step_ledger.forward_outcome), \
+             refusal_reason = CASE WHEN w.forward_outcome IS NULL \
+                                   THEN step_ledger.refusal_reason ELSE w.refusal_reason END, \
+             compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END, \
+             updated_at = now() \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[]) \
+              AS w(order_id, step, forward_outcome, refusal_reason, compensated) \
+         WHERE step_ledger.order_id = w.order_id AND step_ledger.step = w.step",
     )
-    .bind(order_id)
-    .bind(step)
-    .bind(label)
-    .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-async fn record_compensation(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-    step: &str,
-) -> Result<(), HandlerError> {
-    sqlx::query(
-        "UPDATE step_ledger SET compensated_at = now(), updated_at = now() \
-         WHERE order_id = $1 AND step = $2",
+    .bind(writes.iter().map(|((order_id, _), _)| *order_id).collect::<Vec<_>>())
+    .bind(writes.iter().map(|((_, step), _)| *step).collect::<Vec<_>>())
+    .bind(writes.iter().map(|(_, w)| outcome(w).0).collect::<Vec<_>>())
+    .bind(writes.iter().map(|(_, w)| outcome(w).1).collect::<Vec<_>>())
+    .bind(
+        writes
+            .iter()
+            .map(|(_, w)| matches!(w, LedgerWrite::Compensated))
+            .collect::<Vec<_>>(),
     )
-    .bind(order_id)
-    .bind(step)
     .execute(tx)
     .await?;
     Ok(())
