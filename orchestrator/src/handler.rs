@@ -95,31 +95,19 @@ impl OrchestratorHandler {
             );
             replies.push((*record, envelope));
         }
-        // A message twice in one batch is a redelivery the second time.
-        let mut seen = HashSet::with_capacity(replies.len());
-        replies.retain(|(record, envelope)| {
-            let first = seen.insert(envelope.message_id);
-            if !first {
-                record
-                    .span
-                    .in_scope(|| tracing::debug!("redelivered reply ignored"));
-            }
-            first
-        });
         let message_ids: Vec<Uuid> = replies.iter().map(|(_, e)| e.message_id).collect();
-        let deliveries = inbox::record_deliveries(tx, &message_ids).await?;
+        let first_deliveries = inbox::record_deliveries(tx, &message_ids).await?;
         let mut replies: Vec<_> = replies
             .into_iter()
-            .zip(deliveries)
-            .filter_map(|(reply, deliveries)| {
-                if deliveries > 1 {
+            .zip(first_deliveries)
+            .filter_map(|(reply, first)| {
+                if !first {
                     reply
                         .0
                         .span
                         .in_scope(|| tracing::debug!("redelivered reply ignored"));
-                    return None;
                 }
-                Some(reply)
+                first.then_some(reply)
             })
             .collect();
         let saga_ids: Vec<Uuid> = replies

@@ -315,23 +315,19 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
             }
             commands.push(Delivered { record, envelope });
         }
-        // A message twice in one batch is a redelivery the second time.
-        let mut seen = HashSet::with_capacity(commands.len());
-        commands.retain(|c| seen.insert(c.envelope.message_id));
         let message_ids: Vec<Uuid> = commands.iter().map(|c| c.envelope.message_id).collect();
-        let deliveries = inbox::record_deliveries(tx, &message_ids).await?;
+        let first_deliveries = inbox::record_deliveries(tx, &message_ids).await?;
         let fresh: Vec<Delivered<'_>> = commands
             .into_iter()
-            .zip(deliveries)
-            .filter_map(|(delivered, deliveries)| {
-                if deliveries > 1 {
+            .zip(first_deliveries)
+            .filter_map(|(delivered, first)| {
+                if !first {
                     delivered
                         .record
                         .span
                         .in_scope(|| tracing::debug!("redelivered command ignored"));
-                    return None;
                 }
-                Some(delivered)
+                first.then_some(delivered)
             })
             .collect();
         let mut run_start = 0;

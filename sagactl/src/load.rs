@@ -164,8 +164,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         Some(url) => Some(budget::SqlCounters::start(url).await?),
         None => None,
     };
-    let cpu_before: Vec<f64> = args
+    // This load generator shares the machine too: it counts as one more process.
+    let processes: Vec<(String, u32)> = args
         .processes
+        .iter()
+        .cloned()
+        .chain([("sagactl load".to_owned(), std::process::id())])
+        .collect();
+    let cpu_before: Vec<f64> = processes
         .iter()
         .map(|(_, pid)| budget::tree_cpu_seconds(*pid).unwrap_or(0.0))
         .collect();
@@ -229,7 +235,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     let tally = tally.lock().await;
     let mut report = report(&args, &tally, elapsed, started);
-    for ((name, pid), before) in args.processes.iter().zip(cpu_before) {
+    for ((name, pid), before) in processes.iter().zip(cpu_before) {
         let cpu_secs = budget::tree_cpu_seconds(*pid).unwrap_or(0.0) - before;
         report.processes.push(ProcessUsage {
             name: name.clone(),
