@@ -174,6 +174,8 @@ pub struct ConsumeSettings<'a> {
     /// Most records handled in one transaction.
     pub batch_max: usize,
     pub faults: &'a FaultConfig,
+    /// Notified after each commit: the relay's wake-up.
+    pub outbox_written: &'a tokio::sync::Notify,
 }
 
 /// Consumes `settings.topics` until `shutdown` is cancelled, finishing the batch in hand, then
@@ -193,6 +195,7 @@ pub async fn run<H: Handler>(
         dead_letters,
         batch_max,
         faults,
+        outbox_written,
     } = settings;
     let mut handled: u64 = 0;
     let started = std::time::Instant::now();
@@ -248,6 +251,7 @@ pub async fn run<H: Handler>(
             // next owner of the partition handles the records again.
             break;
         }
+        outbox_written.notify_one();
         let before = handled;
         handled += batch.len() as u64;
         let every = faults.crash_after_commit_every;

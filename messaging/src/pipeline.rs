@@ -1,7 +1,10 @@
 //! A service's message pipeline: the consume loop and the outbox relay, started together and
 //! stopped in the order that loses nothing.
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
@@ -41,6 +44,9 @@ impl Pipeline {
     ) -> Result<()> {
         let consumer = kafka::consumer(&self.kafka, &self.group)?;
         let relay_stop = CancellationToken::new();
+        // The consumer wakes the relay itself after each commit, which is sooner than the
+        // commit's NOTIFY reaches the relay through PostgreSQL.
+        let outbox_written = Arc::new(Notify::new());
         let mut relay = tokio::spawn(
             Relay::new(
                 pool.clone(),
@@ -49,6 +55,7 @@ impl Pipeline {
                 self.relay.clone(),
                 self.faults.clone(),
             )?
+            .woken_by(Arc::clone(&outbox_written))
             .run(relay_stop.clone()),
         );
         let retention = {
@@ -75,6 +82,7 @@ impl Pipeline {
             dead_letters: &self.dead_letters,
             batch_max: self.kafka.consumer_batch_max,
             faults: &self.faults,
+            outbox_written: &outbox_written,
         };
         // The relay runs until told to stop; if it ends before (a panic), the consumer would
         // go on filling an outbox nobody publishes: stop the whole pipeline instead.

@@ -10,12 +10,14 @@
 //! holding up every row behind it, and a producer that failed fatally is replaced.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -34,6 +36,8 @@ pub struct Relay {
     /// Rows published by this relay so far (for fault injection).
     published: u64,
     fatal_error_injected: bool,
+    /// Notified by this process's consumer after each commit.
+    outbox_written: Arc<Notify>,
 }
 
 type OutboxRow = (
@@ -66,7 +70,15 @@ impl Relay {
             faults,
             published: 0,
             fatal_error_injected: false,
+            outbox_written: Arc::new(Notify::new()),
         })
+    }
+
+    /// Also wakes up when `outbox_written` is notified (by a writer in this process), besides
+    /// the outbox's `NOTIFY` and the poll.
+    pub fn woken_by(mut self, outbox_written: Arc<Notify>) -> Self {
+        self.outbox_written = outbox_written;
+        self
     }
 
     /// Publishes until `stop` is cancelled, then drains what is left (bounded by the
@@ -144,6 +156,7 @@ impl Relay {
             tokio::select! {
                 _ = &mut poll => return,
                 _ = stop.cancelled() => return,
+                _ = self.outbox_written.notified() => return,
                 result = notified => match result {
                     Ok(true) => return,
                     Ok(false) => continue,
