@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
 use crate::metrics::{self, LagReporter};
-use crate::outbox::{Outbox, OutgoingMessage};
+use crate::outbox::{Outbox, OutgoingMessage, Wake};
 use crate::telemetry;
 use crate::{Error, Result};
 
@@ -452,7 +452,7 @@ async fn handle_in_one_transaction<H: Handler>(
                 }
             }
         }
-        outbox.write(&mut tx).await?;
+        outbox.write(&mut tx, Wake::InProcess).await?;
         tx.commit().await?;
         Ok::<_, HandlerError>(())
     }
@@ -631,7 +631,7 @@ async fn dead_letter(
     let mut tx = pool.begin().await?;
     let mut outbox = Outbox::default();
     enqueue_dead_letter(&mut tx, &mut outbox, record, dead_letters, reason).await?;
-    outbox.write(&mut tx).await?;
+    outbox.write(&mut tx, Wake::InProcess).await?;
     tx.commit().await?;
     Ok(())
 }

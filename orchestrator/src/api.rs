@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use events::{Address, LineItem, OrderPlaced, Topics};
-use messaging::outbox::Outbox;
+use messaging::outbox::{Outbox, Wake};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -630,7 +630,7 @@ async fn operate(
     .await
     .map_err(internal)?;
     outbox
-        .write(&mut tx)
+        .write(&mut tx, Wake::Notify)
         .await
         .map_err(|e| internal(e.into()))?;
     // An action that does not fit is refused, but the attempt stays in the history.

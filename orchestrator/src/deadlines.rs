@@ -13,7 +13,7 @@ use rand::Rng;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use messaging::outbox::Outbox;
+use messaging::outbox::{Outbox, Wake};
 use tracing::Instrument;
 
 use crate::handler::{commit_decision, join_saga_trace};
@@ -77,7 +77,7 @@ impl DeadlineScanner {
             .instrument(span)
             .await?;
         }
-        outbox.write(&mut tx).await?;
+        outbox.write(&mut tx, Wake::Notify).await?;
         tx.commit().await?;
         Ok(i64::try_from(due.len()).unwrap_or(BATCH))
     }
