@@ -71,4 +71,4 @@ postmaster_pid="$(head -1 /var/run/postgresql/*-main.pid 2>/dev/null || true)"
 if [[ -n "$postmaster_pid" ]]; then
   accounting+=(--process "postgres=$postmaster_pid")
 fi
-"target/$profile/sagactl" load "${accounting[@]}" --sql-stats "$DATABASE_URL" "$@"
+"target/$profile/sagactl" load "${accounting[@]}" --sql-stats "$DATABASE_URL" --delete-topics "$@"

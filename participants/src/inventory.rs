@@ -21,76 +21,108 @@ impl StepService for Inventory {
         &MIGRATIONS
     }
 
-    async fn forward(
+    /// All reservations of a batch in four statements: lock every SKU they name, check and
+    /// take stock in memory in the commands' order, then write the stock, the reservations
+    /// and their lines.
+    async fn forward_all(
         &self,
         tx: &mut PgConnection,
-        saga_id: Uuid,
-        command: &Command,
-    ) -> Result<StepOutcome, HandlerError> {
-        let Command::ReserveStock {
-            order_id, items, ..
-        } = command
-        else {
-            return Err(unexpected(command));
-        };
-        // One line per SKU, in SKU order: rows are locked in the same order by every
-        // transaction, so two reservations cannot deadlock.
-        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-        for item in items {
-            *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
+        commands: &[(Uuid, &Command)],
+    ) -> Result<Vec<StepOutcome>, HandlerError> {
+        let mut requests = Vec::with_capacity(commands.len());
+        for (saga_id, command) in commands {
+            let Command::ReserveStock {
+                order_id, items, ..
+            } = command
+            else {
+                return Err(unexpected(command));
+            };
+            let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+            for item in items {
+                *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
+            }
+            requests.push((*saga_id, *order_id, wanted));
         }
-        let skus: Vec<String> = wanted.keys().map(|s| (*s).to_owned()).collect();
+        let skus: Vec<String> = requests
+            .iter()
+            .flat_map(|(_, _, wanted)| wanted.keys().map(|sku| (*sku).to_owned()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let rows: Vec<(String, i32)> = sqlx::query_as(
             "SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
         )
         .bind(&skus)
         .fetch_all(&mut *tx)
         .await?;
-        let available: BTreeMap<&str, i64> = rows
-            .iter()
-            .map(|(sku, n)| (sku.as_str(), i64::from(*n)))
+        let mut available: BTreeMap<String, i64> = rows
+            .into_iter()
+            .map(|(sku, n)| (sku, i64::from(n)))
             .collect();
-        for (sku, quantity) in &wanted {
-            match available.get(sku) {
-                None => return Ok(StepOutcome::Refused(format!("unknown SKU {sku}"))),
-                Some(have) if have < quantity => {
-                    return Ok(StepOutcome::Refused(format!(
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut reservations: Vec<(Uuid, Uuid)> = Vec::new();
+        let mut lines: Vec<(Uuid, String, i32)> = Vec::new();
+        for (saga_id, order_id, wanted) in &requests {
+            let refusal = wanted
+                .iter()
+                .find_map(|(sku, quantity)| match available.get(*sku) {
+                    None => Some(format!("unknown SKU {sku}")),
+                    Some(have) if have < quantity => Some(format!(
                         "insufficient stock for {sku}: {quantity} requested, {have} available"
-                    )))
-                }
-                Some(_) => {}
+                    )),
+                    Some(_) => None,
+                });
+            if let Some(reason) = refusal {
+                outcomes.push(StepOutcome::Refused(reason));
+                continue;
             }
+            for (sku, quantity) in wanted {
+                if let Some(have) = available.get_mut(*sku) {
+                    *have -= quantity;
+                }
+                let quantity = i32::try_from(*quantity).unwrap_or(i32::MAX);
+                lines.push((*order_id, (*sku).to_owned(), quantity));
+            }
+            reservations.push((*order_id, *saga_id));
+            outcomes.push(StepOutcome::Done);
         }
-        let quantities: Vec<i32> = wanted
-            .values()
-            .map(|q| i32::try_from(*q).unwrap_or(i32::MAX))
-            .collect();
+        if reservations.is_empty() {
+            return Ok(outcomes);
+        }
+        // The rows are locked: what is left of each SKU can be written as it stands.
+        let (left_skus, left): (Vec<&String>, Vec<i32>) = available
+            .iter()
+            .map(|(sku, n)| (sku, i32::try_from(*n).unwrap_or(i32::MAX)))
+            .unzip();
         sqlx::query(
-            "UPDATE stock SET available = available - wanted.quantity \
-             FROM UNNEST($1::text[], $2::int[]) AS wanted (sku, quantity) \
-             WHERE stock.sku = wanted.sku",
+            "UPDATE stock SET available = left_over.available \
+             FROM UNNEST($1::text[], $2::int[]) AS left_over (sku, available) \
+             WHERE stock.sku = left_over.sku AND stock.available <> left_over.available",
         )
-        .bind(&skus)
-        .bind(&quantities)
+        .bind(left_skus)
+        .bind(left)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO reservations (order_id, saga_id, status) VALUES ($1, $2, 'reserved')",
+            "INSERT INTO reservations (order_id, saga_id, status) \
+             SELECT order_id, saga_id, 'reserved' FROM UNNEST($1::uuid[], $2::uuid[]) \
+                  AS r (order_id, saga_id)",
         )
-        .bind(order_id)
-        .bind(saga_id)
+        .bind(reservations.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(reservations.iter().map(|r| r.1).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "INSERT INTO reservation_lines (order_id, sku, quantity) \
-             SELECT $1, sku, quantity FROM UNNEST($2::text[], $3::int[]) AS l (sku, quantity)",
+             SELECT order_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::int[]) \
+                  AS l (order_id, sku, quantity)",
         )
-        .bind(order_id)
-        .bind(&skus)
-        .bind(&quantities)
+        .bind(lines.iter().map(|l| l.0).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.2).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        Ok(StepOutcome::Done)
+        Ok(outcomes)
     }
 
     async fn compensate(

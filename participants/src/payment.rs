@@ -1,5 +1,7 @@
 //! Payment: charges the customer's balance for the order total and refunds it.
 
+use std::collections::BTreeMap;
+
 use events::{Command, Participant};
 use messaging::consumer::HandlerError;
 use sqlx::migrate::Migrator;
@@ -20,62 +22,98 @@ impl StepService for Payment {
         &MIGRATIONS
     }
 
-    async fn forward(
+    /// All charges of a batch in three statements: lock every account they name, check and
+    /// debit the balances in memory in the commands' order, then write the balances and the
+    /// payments.
+    async fn forward_all(
         &self,
         tx: &mut PgConnection,
-        saga_id: Uuid,
-        command: &Command,
-    ) -> Result<StepOutcome, HandlerError> {
-        let Command::ChargePayment {
-            order_id,
-            customer_id,
-            amount_cents,
-            currency,
-            ..
-        } = command
-        else {
-            return Err(unexpected(command));
-        };
-        let account: Option<(i64, String)> = sqlx::query_as(
-            "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1 FOR UPDATE",
+        commands: &[(Uuid, &Command)],
+    ) -> Result<Vec<StepOutcome>, HandlerError> {
+        let mut charges = Vec::with_capacity(commands.len());
+        for (saga_id, command) in commands {
+            let Command::ChargePayment {
+                order_id,
+                customer_id,
+                amount_cents,
+                currency,
+                ..
+            } = command
+            else {
+                return Err(unexpected(command));
+            };
+            charges.push((*saga_id, *order_id, customer_id, *amount_cents, currency));
+        }
+        let customers: Vec<&str> = charges
+            .iter()
+            .map(|c| c.2.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT customer_id, balance_cents, currency FROM accounts \
+             WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
         )
-        .bind(customer_id)
-        .fetch_optional(&mut *tx)
+        .bind(&customers)
+        .fetch_all(&mut *tx)
         .await?;
-        let Some((balance, account_currency)) = account else {
-            return Ok(StepOutcome::Refused(format!(
-                "unknown customer {customer_id}"
-            )));
-        };
-        if &account_currency != currency {
-            return Ok(StepOutcome::Refused(format!(
-                "the account is in {account_currency}, the order in {currency}"
-            )));
+        let mut accounts: BTreeMap<String, (i64, String)> = rows
+            .into_iter()
+            .map(|(customer, balance, currency)| (customer, (balance, currency)))
+            .collect();
+        let mut outcomes = Vec::with_capacity(charges.len());
+        let mut charged = Vec::new();
+        for (saga_id, order_id, customer_id, amount_cents, currency) in &charges {
+            let outcome = match accounts.get_mut(customer_id.as_str()) {
+                None => StepOutcome::Refused(format!("unknown customer {customer_id}")),
+                Some((_, account_currency)) if account_currency != *currency => {
+                    StepOutcome::Refused(format!(
+                        "the account is in {account_currency}, the order in {currency}"
+                    ))
+                }
+                Some((balance, _)) if *balance < *amount_cents => StepOutcome::Refused(format!(
+                    "insufficient funds: balance {balance}, amount {amount_cents}"
+                )),
+                Some((balance, _)) => {
+                    *balance -= amount_cents;
+                    charged.push((*order_id, *saga_id, *customer_id, *amount_cents, *currency));
+                    StepOutcome::Done
+                }
+            };
+            outcomes.push(outcome);
         }
-        if balance < *amount_cents {
-            return Ok(StepOutcome::Refused(format!(
-                "insufficient funds: balance {balance}, amount {amount_cents}"
-            )));
+        if charged.is_empty() {
+            return Ok(outcomes);
         }
+        // The rows are locked: each balance can be written as it stands.
+        let (names, balances): (Vec<&String>, Vec<i64>) = accounts
+            .iter()
+            .map(|(customer, (balance, _))| (customer, *balance))
+            .unzip();
         sqlx::query(
-            "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE customer_id = $1",
+            "UPDATE accounts SET balance_cents = now_has.balance \
+             FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance) \
+             WHERE accounts.customer_id = now_has.customer_id \
+               AND accounts.balance_cents <> now_has.balance",
         )
-        .bind(customer_id)
-        .bind(amount_cents)
+        .bind(names)
+        .bind(balances)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status) \
-             VALUES ($1, $2, $3, $4, $5, 'charged')",
+             SELECT order_id, saga_id, customer_id, amount_cents, currency, 'charged' \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[]) \
+                  AS p (order_id, saga_id, customer_id, amount_cents, currency)",
         )
-        .bind(order_id)
-        .bind(saga_id)
-        .bind(customer_id)
-        .bind(amount_cents)
-        .bind(currency)
+        .bind(charged.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(charged.iter().map(|c| c.1).collect::<Vec<_>>())
+        .bind(charged.iter().map(|c| c.2.as_str()).collect::<Vec<_>>())
+        .bind(charged.iter().map(|c| c.3).collect::<Vec<_>>())
+        .bind(charged.iter().map(|c| c.4.as_str()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        Ok(StepOutcome::Done)
+        Ok(outcomes)
     }
 
     async fn compensate(

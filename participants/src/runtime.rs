@@ -54,13 +54,15 @@ pub trait StepService: Send + Sync {
     /// The service's own tables (and demo data).
     fn migrations() -> &'static Migrator;
 
-    /// Does the forward step of `command`.
-    fn forward(
+    /// Does the forward steps of `commands`, each `(saga id, command)`, as if one after the
+    /// other in this order (a later one sees what an earlier one took), and returns their
+    /// outcomes in the same order. The runtime hands over every forward step of a batch that
+    /// is due at once, so a service can do them in a few statements, not a few per command.
+    fn forward_all(
         &self,
         tx: &mut PgConnection,
-        saga_id: Uuid,
-        command: &Command,
-    ) -> impl Future<Output = Result<StepOutcome, HandlerError>> + Send;
+        commands: &[(Uuid, &Command)],
+    ) -> impl Future<Output = Result<Vec<StepOutcome>, HandlerError>> + Send;
 
     /// Undoes the step of `command`. Must succeed, doing nothing, when there is nothing to
     /// undo (the forward step never ran here). `Refused` means it cannot be undone.
@@ -181,16 +183,10 @@ impl<S: StepService> ParticipantHandler<S> {
             .is_ok()
     }
 
-    /// The reply to `command`, doing the step or its compensation when the ledger says it
-    /// is due, and what that changes in the ledger.
-    async fn reply_to(
-        &self,
-        tx: &mut PgConnection,
-        saga_id: Uuid,
-        command: &Command,
-        entry: LedgerEntry,
-    ) -> Result<(Reply, LedgerWrite), HandlerError> {
-        Ok(match command.action() {
+    /// What the ledger says to do with `command`: answer from it, or run the step or its
+    /// compensation.
+    fn decide(&self, command: &Command, entry: LedgerEntry) -> Due {
+        match command.action() {
             Action::Forward if entry.compensated => {
                 let reason = "the step was already compensated; a forward command after its compensation is refused";
                 // Remember the refusal unless the step had run before its compensation.
@@ -199,42 +195,64 @@ impl<S: StepService> ParticipantHandler<S> {
                 } else {
                     LedgerWrite::Nothing
                 };
-                (Reply::refused(command, reason), write)
+                Due::Answer(Reply::refused(command, reason), write)
             }
             Action::Forward => match entry.forward_outcome.as_deref() {
-                Some("succeeded") => (Reply::done(command), LedgerWrite::Nothing),
-                Some(_) => (
+                Some("succeeded") => Due::Answer(Reply::done(command), LedgerWrite::Nothing),
+                Some(_) => Due::Answer(
                     Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
                     LedgerWrite::Nothing,
                 ),
-                None => {
-                    let outcome = self.service.forward(tx, saga_id, command).await?;
-                    (
-                        reply_for(command, outcome.clone()),
-                        LedgerWrite::Forward(outcome),
-                    )
-                }
+                None => Due::Forward,
             },
-            Action::Compensate if entry.compensated => (Reply::done(command), LedgerWrite::Nothing),
-            Action::Compensate if self.take_injected_failure() => (
+            Action::Compensate if entry.compensated => {
+                Due::Answer(Reply::done(command), LedgerWrite::Nothing)
+            }
+            Action::Compensate if self.take_injected_failure() => Due::Answer(
                 Reply::refused(command, "injected fault: compensation refused"),
                 LedgerWrite::Nothing,
             ),
-            Action::Compensate => {
-                let outcome = self.service.compensate(tx, saga_id, command).await?;
-                let write = if outcome == StepOutcome::Done {
-                    LedgerWrite::Compensated
-                } else {
-                    LedgerWrite::Nothing
-                };
-                (reply_for(command, outcome), write)
-            }
-        })
+            Action::Compensate => Due::Compensate,
+        }
+    }
+
+    /// Runs the forward steps of `commands[due]` together, and stores their answers.
+    async fn run_forwards(
+        &self,
+        tx: &mut PgConnection,
+        commands: &[Delivered<'_>],
+        due: &mut Vec<usize>,
+        answers: &mut [Option<(Reply, LedgerWrite)>],
+    ) -> Result<(), HandlerError> {
+        if due.is_empty() {
+            return Ok(());
+        }
+        let steps: Vec<(Uuid, &Command)> = due
+            .iter()
+            .map(|&i| (commands[i].envelope.saga_id, &commands[i].envelope.body))
+            .collect();
+        let outcomes = self.service.forward_all(tx, &steps).await?;
+        if outcomes.len() != steps.len() {
+            return Err(HandlerError::Reject(format!(
+                "{} outcomes for {} steps",
+                outcomes.len(),
+                steps.len()
+            )));
+        }
+        for (i, outcome) in due.drain(..).zip(outcomes) {
+            let command = &commands[i].envelope.body;
+            answers[i] = Some((
+                reply_for(command, outcome.clone()),
+                LedgerWrite::Forward(outcome),
+            ));
+        }
+        Ok(())
     }
 
     /// Handles `commands`, first deliveries with distinct (order, step), in order: claims
-    /// their ledger rows in one statement, runs each step or compensation that is due, then
-    /// writes the ledger changes in one statement and queues the replies.
+    /// their ledger rows in one statement, runs the steps that are due (consecutive forward
+    /// steps together, each compensation in its turn), then writes the ledger changes in one
+    /// statement and queues the replies.
     async fn handle_commands(
         &self,
         tx: &mut PgConnection,
@@ -242,14 +260,46 @@ impl<S: StepService> ParticipantHandler<S> {
         commands: &[Delivered<'_>],
     ) -> Result<(), HandlerError> {
         let entries = claim_ledger_entries(tx, commands).await?;
-        let mut writes = Vec::with_capacity(commands.len());
-        for (delivered, entry) in commands.iter().zip(entries) {
+        let mut answers: Vec<Option<(Reply, LedgerWrite)>> = std::iter::repeat_with(|| None)
+            .take(commands.len())
+            .collect();
+        let mut forwards = Vec::new();
+        for (i, (delivered, entry)) in commands.iter().zip(entries).enumerate() {
             let Delivered { record, envelope } = delivered;
             let command = &envelope.body;
-            let (reply, write) = self
-                .reply_to(tx, envelope.saga_id, command, entry)
-                .instrument(record.span.clone())
-                .await?;
+            match record.span.in_scope(|| self.decide(command, entry)) {
+                Due::Answer(reply, write) => answers[i] = Some((reply, write)),
+                Due::Forward => forwards.push(i),
+                Due::Compensate => {
+                    // The forward steps before it go first, as they came.
+                    self.run_forwards(tx, commands, &mut forwards, &mut answers)
+                        .await?;
+                    let outcome = self
+                        .service
+                        .compensate(tx, envelope.saga_id, command)
+                        .instrument(record.span.clone())
+                        .await?;
+                    let write = if outcome == StepOutcome::Done {
+                        LedgerWrite::Compensated
+                    } else {
+                        LedgerWrite::Nothing
+                    };
+                    answers[i] = Some((reply_for(command, outcome), write));
+                }
+            }
+        }
+        self.run_forwards(tx, commands, &mut forwards, &mut answers)
+            .await?;
+        let mut writes = Vec::with_capacity(commands.len());
+        for (delivered, answer) in commands.iter().zip(answers) {
+            let Delivered { record, envelope } = delivered;
+            let command = &envelope.body;
+            let Some((reply, write)) = answer else {
+                return Err(HandlerError::Reject(format!(
+                    "no answer to {}",
+                    command.type_name()
+                )));
+            };
             writes.push((delivered.ledger_key(), write));
             record.span.in_scope(|| {
                 tracing::info!(
@@ -274,6 +324,14 @@ impl<S: StepService> ParticipantHandler<S> {
         }
         write_ledger(tx, &writes).await
     }
+}
+
+/// What the ledger says is due for a command.
+enum Due {
+    /// Nothing to run: this is the answer.
+    Answer(Reply, LedgerWrite),
+    Forward,
+    Compensate,
 }
 
 impl<S: StepService> Handler for ParticipantHandler<S> {

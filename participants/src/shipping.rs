@@ -51,41 +51,77 @@ impl StepService for Shipping {
         &MIGRATIONS
     }
 
-    async fn forward(
+    /// All shipments of a batch in one statement, but those to a denied country.
+    async fn forward_all(
         &self,
         tx: &mut PgConnection,
-        saga_id: Uuid,
-        command: &Command,
-    ) -> Result<StepOutcome, HandlerError> {
-        let Command::ScheduleShipment {
-            order_id,
-            address,
-            items,
-            ..
-        } = command
-        else {
-            return Err(unexpected(command));
-        };
-        if self.denied.contains(&address.country) {
-            return Ok(StepOutcome::Refused(format!(
-                "destination country {} is on the deny-list",
-                address.country
-            )));
+        commands: &[(Uuid, &Command)],
+    ) -> Result<Vec<StepOutcome>, HandlerError> {
+        let mut outcomes = Vec::with_capacity(commands.len());
+        let mut shipments = Vec::new();
+        for (saga_id, command) in commands {
+            let Command::ScheduleShipment {
+                order_id,
+                address,
+                items,
+                ..
+            } = command
+            else {
+                return Err(unexpected(command));
+            };
+            if self.denied.contains(&address.country) {
+                outcomes.push(StepOutcome::Refused(format!(
+                    "destination country {} is on the deny-list",
+                    address.country
+                )));
+                continue;
+            }
+            shipments.push((*order_id, *saga_id, address, items));
+            outcomes.push(StepOutcome::Done);
+        }
+        if shipments.is_empty() {
+            return Ok(outcomes);
         }
         sqlx::query(
             "INSERT INTO shipments (order_id, saga_id, country, city, line1, postal_code, items) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+                                  $6::text[], $7::jsonb[])",
         )
-        .bind(order_id)
-        .bind(saga_id)
-        .bind(&address.country)
-        .bind(&address.city)
-        .bind(&address.line1)
-        .bind(&address.postal_code)
-        .bind(serde_json::to_value(items).unwrap_or_default())
+        .bind(shipments.iter().map(|s| s.0).collect::<Vec<_>>())
+        .bind(shipments.iter().map(|s| s.1).collect::<Vec<_>>())
+        .bind(
+            shipments
+                .iter()
+                .map(|s| s.2.country.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            shipments
+                .iter()
+                .map(|s| s.2.city.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            shipments
+                .iter()
+                .map(|s| s.2.line1.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            shipments
+                .iter()
+                .map(|s| s.2.postal_code.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            shipments
+                .iter()
+                .map(|s| serde_json::to_value(s.3).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
         .execute(tx)
         .await?;
-        Ok(StepOutcome::Done)
+        Ok(outcomes)
     }
 
     async fn compensate(

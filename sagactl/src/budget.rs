@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde::Serialize;
@@ -189,6 +191,34 @@ pub fn kafka_volume(
     }
     volumes.sort_by(|a, b| a.topic.cmp(&b.topic));
     Ok(volumes)
+}
+
+/// Deletes every topic named `prefix*` (nothing when the prefix is empty).
+pub async fn delete_topics(brokers: &str, prefix: &str) -> anyhow::Result<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating an admin client")?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .context("reading topic metadata")?;
+    let names: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    if !names.is_empty() {
+        admin
+            .delete_topics(&names, &AdminOptions::new())
+            .await
+            .context("deleting the run's topics")?;
+    }
+    Ok(())
 }
 
 /// Sizes of the `.log` segments of every partition directory (`TOPIC-N`) of `topic`.

@@ -68,6 +68,10 @@ pub struct LoadArgs {
     /// reported per saga (records per saga are reported whenever the prefix is set).
     #[arg(long)]
     kafka_log_dir: Option<PathBuf>,
+    /// Delete the prefix's topics at the end (a benchmark's own deployment): a broker that
+    /// keeps every run's partitions spends ever more CPU on them.
+    #[arg(long)]
+    delete_topics: bool,
 }
 
 fn parse_named<T: std::str::FromStr>(text: &str) -> Result<(String, T), String> {
@@ -266,6 +270,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         }
     }
     print_report(&report);
+    if args.delete_topics {
+        budget::delete_topics(&args.brokers, &args.topic_prefix).await?;
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

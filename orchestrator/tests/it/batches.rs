@@ -165,3 +165,71 @@ async fn one_batch_answering_a_saga_twice_moves_it_once() {
     assert_eq!(charges, 1, "the payment was asked for once");
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_in_one_batch_take_the_stock_in_turn() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["inventory"],
+        ..Options::default()
+    })
+    .await;
+    // One LIMITED in stock, asked for by two orders, with a WIDGET order between them.
+    let orders: Vec<Envelope<Command>> = [("LIMITED", 1), ("WIDGET", 3), ("LIMITED", 1)]
+        .into_iter()
+        .map(|(sku, quantity)| {
+            let command = Command::ReserveStock {
+                order_id: Uuid::new_v4(),
+                attempt: 1,
+                items: vec![LineItem {
+                    sku: sku.into(),
+                    quantity,
+                    unit_price_cents: 100,
+                }],
+            };
+            Envelope::new(Uuid::new_v4(), None, chrono::Utc::now(), command)
+        })
+        .collect();
+    let topic = system.topics.commands(Participant::Inventory);
+    // One key for all three, so that they land in one partition, in this order.
+    for command in &orders {
+        system.publish(&topic, "one-key", &command.to_json()).await;
+    }
+    system.start_participant("inventory", 0);
+    system.wait_for_participants().await;
+
+    let replies: Vec<(Option<Uuid>, &'static str)> = system
+        .read_topic(&system.topics.replies(), 3)
+        .await
+        .iter()
+        .map(|m| {
+            let reply =
+                Envelope::<Reply>::from_json(m.payload().unwrap_or_default()).expect("a reply");
+            (reply.causation_id, reply.body.type_name())
+        })
+        .collect();
+    let expected: Vec<(Option<Uuid>, &'static str)> = orders
+        .iter()
+        .zip(["StockReserved", "StockReserved", "StockUnavailable"])
+        .map(|(command, reply)| (Some(command.message_id), reply))
+        .collect();
+    let mut sorted = replies.clone();
+    sorted.sort();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(
+        sorted, expected_sorted,
+        "the first LIMITED order got it: {replies:?}"
+    );
+    let db = system.schema("inventory").await;
+    let stock: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT sku, available FROM stock WHERE sku IN ('LIMITED', 'WIDGET') ORDER BY sku",
+    )
+    .fetch_all(&db)
+    .await
+    .expect("stock");
+    assert_eq!(
+        stock,
+        [("LIMITED".to_owned(), 0), ("WIDGET".to_owned(), 999_997)]
+    );
+    system.stop().await;
+}
