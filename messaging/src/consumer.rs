@@ -125,36 +125,30 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
-/// The application's part of consuming: what to do with one record, inside the transaction
-/// the loop opened. Everything the handler wants to send goes into `outbox`, which the loop
-/// writes in that transaction (with the other records' messages) before it commits.
+/// The application's part of consuming: what to do with a batch of records, inside the
+/// transaction the loop opened. Everything the handler wants to send goes into `outbox`, which
+/// the loop writes in that transaction before it commits.
 pub trait Handler: Send + Sync {
-    fn handle(
-        &self,
-        tx: &mut PgConnection,
-        outbox: &mut Outbox,
-        record: &Record,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
-
     /// Handles `records` in order, all of them or none: the loop's first try at a batch, in
-    /// one transaction. Any error rolls the whole batch back, and the loop then handles its
-    /// records one by one with [`Handler::handle`] (and dead-letters the one that fails).
-    /// Handlers override it to do set-wise what each record would do alone (one statement
-    /// for many rows); the default handles the records in turn.
+    /// one transaction. Any error rolls the whole batch back, and the loop then hands its
+    /// records over one by one (and dead-letters the one that fails). A handler does set-wise
+    /// what each record would do alone: one statement for many rows.
     fn handle_batch(
         &self,
         tx: &mut PgConnection,
         outbox: &mut Outbox,
         records: &[Record],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Handles one record: a batch of one, in the record's span.
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &mut Outbox,
+        record: &Record,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        async move {
-            for record in records {
-                self.handle(tx, outbox, record)
-                    .instrument(record.span.clone())
-                    .await?;
-            }
-            Ok(())
-        }
+        self.handle_batch(tx, outbox, std::slice::from_ref(record))
+            .instrument(record.span.clone())
     }
 }
 
@@ -682,24 +676,26 @@ mod tests {
     }
 
     impl Handler for CountingHandler {
-        async fn handle(
+        async fn handle_batch(
             &self,
             tx: &mut PgConnection,
             _outbox: &mut Outbox,
-            record: &Record,
+            records: &[Record],
         ) -> Result<(), HandlerError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            match record.payload.as_slice() {
-                b"bad" => return Err(HandlerError::Reject("bad record".into())),
-                b"flaky" if !self.flaky_failed.swap(true, Ordering::SeqCst) => {
-                    return Err(HandlerError::Retry("deadlock detected".into()))
+            for record in records {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                match record.payload.as_slice() {
+                    b"bad" => return Err(HandlerError::Reject("bad record".into())),
+                    b"flaky" if !self.flaky_failed.swap(true, Ordering::SeqCst) => {
+                        return Err(HandlerError::Retry("deadlock detected".into()))
+                    }
+                    _ => {}
                 }
-                _ => {}
+                sqlx::query("INSERT INTO handled (record_offset) VALUES ($1)")
+                    .bind(record.offset)
+                    .execute(&mut *tx)
+                    .await?;
             }
-            sqlx::query("INSERT INTO handled (record_offset) VALUES ($1)")
-                .bind(record.offset)
-                .execute(tx)
-                .await?;
             Ok(())
         }
     }

@@ -124,6 +124,12 @@ fn is_identifier(name: &str) -> bool {
         && name.len() <= 63
 }
 
+/// One array parameter of a set-wise statement (`UNNEST($1::uuid[], ...)`): `field` of each of
+/// `items`, in order.
+pub fn column<'a, T, U>(items: &'a [T], field: impl FnMut(&'a T) -> U) -> Vec<U> {
+    items.iter().map(field).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_identifier;

@@ -314,17 +314,6 @@ fn emit(
 }
 
 impl Handler for OrchestratorHandler {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        outbox: &mut Outbox,
-        record: &Record,
-    ) -> Result<(), HandlerError> {
-        self.handle_batch(tx, outbox, std::slice::from_ref(record))
-            .instrument(record.span.clone())
-            .await
-    }
-
     /// Orders one at a time (one statement each), then all replies together.
     async fn handle_batch(
         &self,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use events::{OrderPlaced, StepName};
+use messaging::db::column;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -186,56 +187,18 @@ pub async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> 
                    finished_at, deadline_at, current_step) \
          WHERE sagas.id = u.id AND sagas.version = u.expected_version",
     )
-    .bind(updates.iter().map(|u| u.saga.id).collect::<Vec<_>>())
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.expected_version)
-            .collect::<Vec<_>>(),
-    )
-    .bind(updates.iter().map(|u| u.new_version).collect::<Vec<_>>())
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.saga.state.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| to_json(&u.saga.steps))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.saga.failure_reason.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.saga.updated_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.saga.finished_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.saga.deadline_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.saga.step_in_focus().map(StepName::as_str))
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(updates, |u| u.saga.id))
+    .bind(column(updates, |u| u.expected_version))
+    .bind(column(updates, |u| u.new_version))
+    .bind(column(updates, |u| u.saga.state.as_str()))
+    .bind(column(updates, |u| to_json(&u.saga.steps)))
+    .bind(column(updates, |u| u.saga.failure_reason.as_deref()))
+    .bind(column(updates, |u| u.saga.updated_at))
+    .bind(column(updates, |u| u.saga.finished_at))
+    .bind(column(updates, |u| u.saga.deadline_at))
+    .bind(column(updates, |u| {
+        u.saga.step_in_focus().map(StepName::as_str)
+    }))
     .execute(tx)
     .await?
     .rows_affected();
@@ -265,13 +228,13 @@ pub async fn append_history_lines(
               AS h(saga_id, at, message_id, message_type, decision, detail, state_after, n) \
          ORDER BY n",
     )
-    .bind(lines.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, e)| e.message_id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, e)| e.message_type.as_str()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, e)| e.decision.as_str()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, e)| e.detail.as_deref()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, e)| e.state_after.as_str()).collect::<Vec<_>>())
+    .bind(column(lines, |(id, _)| *id))
+    .bind(column(lines, |(_, e)| e.at))
+    .bind(column(lines, |(_, e)| e.message_id))
+    .bind(column(lines, |(_, e)| e.message_type.as_str()))
+    .bind(column(lines, |(_, e)| e.decision.as_str()))
+    .bind(column(lines, |(_, e)| e.detail.as_deref()))
+    .bind(column(lines, |(_, e)| e.state_after.as_str()))
     .execute(tx)
     .await?;
     Ok(())

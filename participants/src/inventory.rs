@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use events::{Command, Participant};
 use messaging::consumer::HandlerError;
+use messaging::db::column;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -108,8 +109,8 @@ impl StepService for Inventory {
              SELECT order_id, saga_id, 'reserved' FROM UNNEST($1::uuid[], $2::uuid[]) \
                   AS r (order_id, saga_id)",
         )
-        .bind(reservations.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(reservations.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(column(&reservations, |r| r.0))
+        .bind(column(&reservations, |r| r.1))
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -117,9 +118,9 @@ impl StepService for Inventory {
              SELECT order_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::int[]) \
                   AS l (order_id, sku, quantity)",
         )
-        .bind(lines.iter().map(|l| l.0).collect::<Vec<_>>())
-        .bind(lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
-        .bind(lines.iter().map(|l| l.2).collect::<Vec<_>>())
+        .bind(column(&lines, |l| l.0))
+        .bind(column(&lines, |l| l.1.as_str()))
+        .bind(column(&lines, |l| l.2))
         .execute(&mut *tx)
         .await?;
         Ok(outcomes)

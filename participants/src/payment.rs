@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use events::{Command, Participant};
 use messaging::consumer::HandlerError;
+use messaging::db::column;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -106,11 +107,11 @@ impl StepService for Payment {
              FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[]) \
                   AS p (order_id, saga_id, customer_id, amount_cents, currency)",
         )
-        .bind(charged.iter().map(|c| c.0).collect::<Vec<_>>())
-        .bind(charged.iter().map(|c| c.1).collect::<Vec<_>>())
-        .bind(charged.iter().map(|c| c.2.as_str()).collect::<Vec<_>>())
-        .bind(charged.iter().map(|c| c.3).collect::<Vec<_>>())
-        .bind(charged.iter().map(|c| c.4.as_str()).collect::<Vec<_>>())
+        .bind(column(&charged, |c| c.0))
+        .bind(column(&charged, |c| c.1))
+        .bind(column(&charged, |c| c.2.as_str()))
+        .bind(column(&charged, |c| c.3))
+        .bind(column(&charged, |c| c.4.as_str()))
         .execute(&mut *tx)
         .await?;
         Ok(outcomes)

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use chrono::Utc;
 use events::{Action, Command, Envelope, Participant, Reply, Topics};
 use messaging::consumer::{DeadLetters, Handler, HandlerError, Record};
+use messaging::db::column;
 use messaging::outbox::{Outbox, OutgoingMessage};
 use messaging::pipeline::Pipeline;
 use messaging::{db, inbox, kafka};
@@ -335,17 +336,6 @@ enum Due {
 }
 
 impl<S: StepService> Handler for ParticipantHandler<S> {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        outbox: &mut Outbox,
-        record: &Record,
-    ) -> Result<(), HandlerError> {
-        self.handle_batch(tx, outbox, std::slice::from_ref(record))
-            .instrument(record.span.clone())
-            .await
-    }
-
     /// The batch's inbox rows in one statement, then its commands in runs whose (order, step)
     /// are distinct (a step's row is claimed and written once per statement).
     async fn handle_batch(
@@ -431,24 +421,9 @@ async fn claim_ledger_entries(
          RETURNING order_id, step, forward_outcome, refusal_reason, \
                    compensated_at IS NOT NULL AS compensated",
     )
-    .bind(
-        commands
-            .iter()
-            .map(|c| c.ledger_key().0)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        commands
-            .iter()
-            .map(|c| c.envelope.saga_id)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        commands
-            .iter()
-            .map(|c| c.ledger_key().1)
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(commands, |c| c.ledger_key().0))
+    .bind(column(commands, |c| c.envelope.saga_id))
+    .bind(column(commands, |c| c.ledger_key().1))
     .fetch_all(&mut *tx)
     .await?;
     let mut entries: HashMap<(Uuid, String), LedgerEntry> = rows
@@ -498,16 +473,11 @@ async fn write_ledger(
               AS w(order_id, step, forward_outcome, refusal_reason, compensated) \
          WHERE step_ledger.order_id = w.order_id AND step_ledger.step = w.step",
     )
-    .bind(writes.iter().map(|((order_id, _), _)| *order_id).collect::<Vec<_>>())
-    .bind(writes.iter().map(|((_, step), _)| *step).collect::<Vec<_>>())
-    .bind(writes.iter().map(|(_, w)| outcome(w).0).collect::<Vec<_>>())
-    .bind(writes.iter().map(|(_, w)| outcome(w).1).collect::<Vec<_>>())
-    .bind(
-        writes
-            .iter()
-            .map(|(_, w)| matches!(w, LedgerWrite::Compensated))
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(&writes, |((order_id, _), _)| *order_id))
+    .bind(column(&writes, |((_, step), _)| *step))
+    .bind(column(&writes, |(_, w)| outcome(w).0))
+    .bind(column(&writes, |(_, w)| outcome(w).1))
+    .bind(column(&writes, |(_, w)| matches!(w, LedgerWrite::Compensated)))
     .execute(tx)
     .await?;
     Ok(())

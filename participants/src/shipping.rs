@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use clap::Args;
 use events::{Command, Participant};
 use messaging::consumer::HandlerError;
+use messaging::db::column;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -87,38 +88,15 @@ impl StepService for Shipping {
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
                                   $6::text[], $7::jsonb[])",
         )
-        .bind(shipments.iter().map(|s| s.0).collect::<Vec<_>>())
-        .bind(shipments.iter().map(|s| s.1).collect::<Vec<_>>())
-        .bind(
-            shipments
-                .iter()
-                .map(|s| s.2.country.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            shipments
-                .iter()
-                .map(|s| s.2.city.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            shipments
-                .iter()
-                .map(|s| s.2.line1.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            shipments
-                .iter()
-                .map(|s| s.2.postal_code.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            shipments
-                .iter()
-                .map(|s| serde_json::to_value(s.3).unwrap_or_default())
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&shipments, |s| s.0))
+        .bind(column(&shipments, |s| s.1))
+        .bind(column(&shipments, |s| s.2.country.as_str()))
+        .bind(column(&shipments, |s| s.2.city.as_str()))
+        .bind(column(&shipments, |s| s.2.line1.as_str()))
+        .bind(column(&shipments, |s| s.2.postal_code.as_str()))
+        .bind(column(&shipments, |s| {
+            serde_json::to_value(s.3).unwrap_or_default()
+        }))
         .execute(tx)
         .await?;
         Ok(outcomes)

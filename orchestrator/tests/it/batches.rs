@@ -8,6 +8,20 @@ use uuid::Uuid;
 
 use crate::helpers::{eventually, order, Options, TestSystem};
 
+/// The first `count` replies on the deployment's replies topic: what each answers, and its type.
+async fn replies(system: &TestSystem, count: usize) -> Vec<(Option<Uuid>, &'static str)> {
+    system
+        .read_topic(&system.topics.replies(), count)
+        .await
+        .iter()
+        .map(|m| {
+            let reply =
+                Envelope::<Reply>::from_json(m.payload().unwrap_or_default()).expect("a reply");
+            (reply.causation_id, reply.body.type_name())
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_with_a_redelivery_a_retry_and_a_compensation_of_one_step_acts_once_each() {
     let mut system = TestSystem::start_with(Options {
@@ -56,16 +70,7 @@ async fn one_batch_with_a_redelivery_a_retry_and_a_compensation_of_one_step_acts
     system.start_participant("inventory", 0);
     system.wait_for_participants().await;
 
-    let replies: Vec<(Option<Uuid>, &'static str)> = system
-        .read_topic(&system.topics.replies(), 3)
-        .await
-        .iter()
-        .map(|m| {
-            let reply =
-                Envelope::<Reply>::from_json(m.payload().unwrap_or_default()).expect("a reply");
-            (reply.causation_id, reply.body.type_name())
-        })
-        .collect();
+    let replies = replies(&system, 3).await;
     assert_eq!(
         replies,
         [
@@ -197,16 +202,7 @@ async fn reservations_in_one_batch_take_the_stock_in_turn() {
     system.start_participant("inventory", 0);
     system.wait_for_participants().await;
 
-    let replies: Vec<(Option<Uuid>, &'static str)> = system
-        .read_topic(&system.topics.replies(), 3)
-        .await
-        .iter()
-        .map(|m| {
-            let reply =
-                Envelope::<Reply>::from_json(m.payload().unwrap_or_default()).expect("a reply");
-            (reply.causation_id, reply.body.type_name())
-        })
-        .collect();
+    let replies = replies(&system, 3).await;
     let expected: Vec<(Option<Uuid>, &'static str)> = orders
         .iter()
         .zip(["StockReserved", "StockReserved", "StockUnavailable"])
