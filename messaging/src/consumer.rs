@@ -1,9 +1,9 @@
 //! The at-least-once consume loop.
 //!
-//! For each record: begin a transaction, let the [`Handler`] do its work in it (inbox row,
-//! state change, outbox rows), commit, and only then store the record's offset for the next
-//! automatic commit. A crash anywhere before the store means the record is delivered again and
-//! the inbox absorbs it. A record the handler rejects goes to the dead-letter topic (through the
+//! For each batch of records that have arrived: begin a transaction, let the [`Handler`] do
+//! their work in it (inbox rows, state changes, outbox rows), commit, wake the relay, and only
+//! then store the records' offsets for the next automatic commit. A crash anywhere before the
+//! store means the records are delivered again and the inbox absorbs them. A record the handler rejects goes to the dead-letter topic (through the
 //! outbox) with the reason and its original bytes, and the loop moves on. A passing failure is
 //! retried with backoff: while the database is unreachable for as long as that lasts, a
 //! failure of the record's own (deadlock, version conflict) at most [`MAX_RETRIES`] times.
