@@ -1,39 +1,50 @@
 //! The inbox: which messages this service has already handled.
 
+use std::collections::HashMap;
+
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-/// Records a delivery of each of `message_ids` in the current transaction, in one statement,
-/// and returns, for each, whether it is the message's first delivery: not handled before, and
-/// not an earlier entry of `message_ids` (a batch may hold a record and its redelivery). Every
-/// delivery is counted.
+/// Records a delivery of each of `items` in the current transaction, in one statement, and
+/// keeps those that are their message's first delivery: not handled before, and not an
+/// earlier item of `items` (a batch may hold a record and its redelivery). Every delivery is
+/// counted; each dropped one is logged in its span. `delivery` says an item's message id and
+/// the span it is handled in.
 ///
 /// # Errors
 /// Database errors; the caller's transaction should then be rolled back and retried.
-pub async fn record_deliveries(
+pub async fn keep_first_deliveries<T>(
     tx: &mut PgConnection,
-    message_ids: &[Uuid],
-) -> sqlx::Result<Vec<bool>> {
-    let counted: Vec<(Uuid, i32)> = sqlx::query_as(
-        "INSERT INTO inbox (message_id, deliveries) \
-         SELECT id, count(*) FROM UNNEST($1::uuid[]) AS d(id) GROUP BY id \
-         ON CONFLICT (message_id) DO UPDATE SET deliveries = inbox.deliveries + excluded.deliveries \
-         RETURNING message_id, deliveries",
+    items: Vec<T>,
+    delivery: impl Fn(&T) -> (Uuid, &tracing::Span),
+) -> sqlx::Result<Vec<T>> {
+    let message_ids: Vec<Uuid> = items.iter().map(|item| delivery(item).0).collect();
+    // `fresh`: the count is the batch's own share, so no earlier batch had the message.
+    let counted: Vec<(Uuid, bool)> = sqlx::query_as(
+        "WITH batch AS ( \
+             SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS d(id) GROUP BY id \
+         ), counted AS ( \
+             INSERT INTO inbox (message_id, deliveries) SELECT id, n FROM batch \
+             ON CONFLICT (message_id) DO UPDATE SET deliveries = inbox.deliveries + excluded.deliveries \
+             RETURNING message_id, deliveries \
+         ) \
+         SELECT counted.message_id, counted.deliveries = batch.n AS fresh \
+         FROM counted JOIN batch ON batch.id = counted.message_id",
     )
-    .bind(message_ids)
+    .bind(&message_ids)
     .fetch_all(tx)
     .await?;
-    let mut in_batch: std::collections::HashMap<Uuid, i32> = std::collections::HashMap::new();
-    for id in message_ids {
-        *in_batch.entry(*id).or_default() += 1;
-    }
-    // Handled before this batch exactly when the count is more than the batch's share.
-    let mut fresh: std::collections::HashMap<Uuid, bool> = counted
+    let mut fresh: HashMap<Uuid, bool> = counted.into_iter().collect();
+    Ok(items
         .into_iter()
-        .map(|(id, total)| (id, Some(&total) == in_batch.get(&id)))
-        .collect();
-    Ok(message_ids
-        .iter()
-        .map(|id| fresh.insert(*id, false).unwrap_or(false))
+        .filter(|item| {
+            let (message_id, span) = delivery(item);
+            // Only the first item of a message may be its first delivery.
+            let first = fresh.insert(message_id, false).unwrap_or(false);
+            if !first {
+                span.in_scope(|| tracing::debug!(%message_id, "redelivered message ignored"));
+            }
+            first
+        })
         .collect())
 }

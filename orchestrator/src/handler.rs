@@ -95,21 +95,10 @@ impl OrchestratorHandler {
             );
             replies.push((*record, envelope));
         }
-        let message_ids: Vec<Uuid> = replies.iter().map(|(_, e)| e.message_id).collect();
-        let first_deliveries = inbox::record_deliveries(tx, &message_ids).await?;
-        let mut replies: Vec<_> = replies
-            .into_iter()
-            .zip(first_deliveries)
-            .filter_map(|(reply, first)| {
-                if !first {
-                    reply
-                        .0
-                        .span
-                        .in_scope(|| tracing::debug!("redelivered reply ignored"));
-                }
-                first.then_some(reply)
-            })
-            .collect();
+        let mut replies = inbox::keep_first_deliveries(tx, replies, |(record, envelope)| {
+            (envelope.message_id, &record.span)
+        })
+        .await?;
         let saga_ids: Vec<Uuid> = replies
             .iter()
             .map(|(_, e)| e.saga_id)
@@ -188,18 +177,7 @@ impl OrchestratorHandler {
                 })
             })
             .collect();
-        match (updates.as_slice(), history.as_slice()) {
-            // One reply that moved its saga (a quiet system's every batch): the one-row
-            // statement writes the saga and its line together, and costs PostgreSQL about a
-            // third of the set-wise UPDATE for one row.
-            ([update], [(_, entry)]) => {
-                store::update_saga(tx, update.saga, update.expected_version, entry).await?
-            }
-            _ => {
-                store::update_sagas(tx, &updates).await?;
-                store::append_history_lines(tx, &history).await?;
-            }
-        }
+        store::save_transitions(tx, &updates, &history).await?;
         Ok(())
     }
 }

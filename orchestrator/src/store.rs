@@ -159,11 +159,37 @@ pub async fn lock_sagas(
     Ok((sagas, unreadable))
 }
 
-/// A saga's new state for [`update_sagas`]: written if its row is still at `expected_version`.
+/// A saga's new state for [`save_transitions`]: written if its row is still at `expected_version`.
 pub struct SagaUpdate<'a> {
     pub saga: &'a Saga,
     pub expected_version: i64,
     pub new_version: i64,
+}
+
+/// Writes a batch's transitions: every saga of `updates` and every history line of `history`.
+/// One saga moved once, with its one line (what a quiet system's batches hold), goes through
+/// the one-row [`update_saga`], which costs PostgreSQL about a third of the set-wise `UPDATE`
+/// for one row; anything else through the set-wise statements.
+///
+/// # Errors
+/// [`Error::VersionConflict`] when a saga changed since it was loaded; nothing should then be
+/// committed.
+pub async fn save_transitions(
+    tx: &mut PgConnection,
+    updates: &[SagaUpdate<'_>],
+    history: &[(Uuid, HistoryEntry)],
+) -> Result<()> {
+    match (updates, history) {
+        ([update], [(saga_id, entry)])
+            if *saga_id == update.saga.id && update.new_version == update.expected_version + 1 =>
+        {
+            update_saga(tx, update.saga, update.expected_version, entry).await
+        }
+        _ => {
+            update_sagas(tx, updates).await?;
+            append_history_lines(tx, history).await
+        }
+    }
 }
 
 /// Writes every saga of `updates` over its stored row in one statement, each if its row is
@@ -172,7 +198,7 @@ pub struct SagaUpdate<'a> {
 /// # Errors
 /// [`Error::VersionConflict`] (naming the first saga) when any row changed since it was
 /// loaded; nothing should then be committed.
-pub async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Result<()> {
+async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Result<()> {
     let Some(first) = updates.first() else {
         return Ok(());
     };
@@ -213,10 +239,7 @@ pub async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> 
 }
 
 /// Appends history lines, each `(saga id, entry)`, in one statement.
-pub async fn append_history_lines(
-    tx: &mut PgConnection,
-    lines: &[(Uuid, HistoryEntry)],
-) -> Result<()> {
+async fn append_history_lines(tx: &mut PgConnection, lines: &[(Uuid, HistoryEntry)]) -> Result<()> {
     if lines.is_empty() {
         return Ok(());
     }

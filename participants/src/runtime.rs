@@ -363,21 +363,9 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
             }
             commands.push(Delivered { record, envelope });
         }
-        let message_ids: Vec<Uuid> = commands.iter().map(|c| c.envelope.message_id).collect();
-        let first_deliveries = inbox::record_deliveries(tx, &message_ids).await?;
-        let fresh: Vec<Delivered<'_>> = commands
-            .into_iter()
-            .zip(first_deliveries)
-            .filter_map(|(delivered, first)| {
-                if !first {
-                    delivered
-                        .record
-                        .span
-                        .in_scope(|| tracing::debug!("redelivered command ignored"));
-                }
-                first.then_some(delivered)
-            })
-            .collect();
+        let fresh =
+            inbox::keep_first_deliveries(tx, commands, |c| (c.envelope.message_id, &c.record.span))
+                .await?;
         let mut run_start = 0;
         let mut keys = HashSet::new();
         for (i, delivered) in fresh.iter().enumerate() {

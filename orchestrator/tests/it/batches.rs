@@ -6,7 +6,7 @@ use events::{Command, Envelope, LineItem, Participant, Reply, StepDone};
 use rdkafka::Message;
 use uuid::Uuid;
 
-use crate::helpers::{eventually, order, Options, TestSystem};
+use crate::helpers::{count, eventually, order, Options, TestSystem};
 
 /// The first `count` replies on the deployment's replies topic: what each answers, and its type.
 async fn replies(system: &TestSystem, count: usize) -> Vec<(Option<Uuid>, &'static str)> {
@@ -161,12 +161,13 @@ async fn one_batch_answering_a_saga_twice_moves_it_once() {
         1,
         "one answer moved the saga, the others were ignored: {history:?}"
     );
-    let payments = system.schema("payment").await;
-    let charges: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE order_id = $1")
-        .bind(placed.order_id)
-        .fetch_one(&payments)
-        .await
-        .expect("count");
+    let charges = count(
+        &system,
+        "payment",
+        "SELECT count(*) FROM payments WHERE order_id = $1",
+        placed.order_id,
+    )
+    .await;
     assert_eq!(charges, 1, "the payment was asked for once");
     system.stop().await;
 }

@@ -651,3 +651,12 @@ pub fn step_statuses(saga: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The number `sql` counts for `order_id` in `schema`.
+pub async fn count(system: &TestSystem, schema: &str, sql: &str, order_id: Uuid) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(order_id)
+        .fetch_one(&system.schema(schema).await)
+        .await
+        .expect("count query")
+}

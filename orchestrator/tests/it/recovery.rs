@@ -5,19 +5,11 @@ use events::{Command, Envelope, LineItem};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{eventually, fast_retries, order, step_statuses, Options, TestSystem};
+use crate::helpers::{count, eventually, fast_retries, order, step_statuses, Options, TestSystem};
 
 async fn saga_of(system: &TestSystem, order_id: Uuid) -> Option<Value> {
     let (status, body) = system.get(&format!("/orders/{order_id}/saga")).await;
     (status == 200).then_some(body)
-}
-
-async fn count(system: &TestSystem, schema: &str, sql: &str, order_id: Uuid) -> i64 {
-    sqlx::query_scalar(sql)
-        .bind(order_id)
-        .fetch_one(&system.schema(schema).await)
-        .await
-        .expect("count query")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
