@@ -9,6 +9,7 @@
 //! - [`run`]: wires them to Kafka, PostgreSQL and an HTTP listener until shutdown.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod deadlines;
 mod error;
