@@ -174,7 +174,31 @@ pub enum Outcome {
     Failed { reason: String },
 }
 
+/// The longest failure reason a reply may carry, in bytes. Reasons are stored in the saga and
+/// its history and sent on in saga events, so they are bounded like every stored text.
+pub const MAX_REASON_LEN: usize = 2_000;
+
 impl Reply {
+    /// Checks what the types cannot: a failure reason is at most [`MAX_REASON_LEN`] bytes and
+    /// holds no NUL (PostgreSQL's text refuses it).
+    ///
+    /// # Errors
+    /// `InvalidField` for the reason.
+    pub fn validate(&self) -> crate::Result<()> {
+        if let Outcome::Failed { reason } = self.outcome() {
+            if reason.len() > MAX_REASON_LEN {
+                return Err(crate::ContractError::invalid(
+                    "reason",
+                    format!("must be at most {MAX_REASON_LEN} bytes"),
+                ));
+            }
+            if reason.contains('\0') {
+                return Err(crate::ContractError::invalid("reason", "must not contain NUL"));
+            }
+        }
+        Ok(())
+    }
+
     /// Builds the reply that says `command` succeeded.
     pub fn done(command: &Command) -> Self {
         let done = StepDone {

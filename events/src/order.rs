@@ -162,6 +162,13 @@ fn check_text(field: &'static str, value: &str) -> Result<()> {
             format!("must be at most {MAX_TEXT_LEN} bytes"),
         ));
     }
+    // PostgreSQL's text and jsonb refuse NUL, and no field has a use for control characters.
+    if value.chars().any(char::is_control) {
+        return Err(ContractError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
     Ok(())
 }
 

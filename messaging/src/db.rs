@@ -58,6 +58,25 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
     Ok(pool)
 }
 
+/// A further pool on a schema that [`open`] has already prepared, with its own size and a
+/// short wait for a connection, for work that must not take the main pool's connections (an
+/// HTTP API). Connects on first use.
+///
+/// # Errors
+/// [`Error::Database`] for a URL that does not parse.
+pub fn side_pool(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy_with(options.options([("search_path", schema)])))
+}
+
 /// Opens the service's pool on its schema (the configured one, or `default_schema`) and brings
 /// the schema up to date with the messaging tables and `layers`. Returns the pool and the
 /// schema's name.

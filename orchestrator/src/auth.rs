@@ -4,11 +4,15 @@
 //! The token list is text, one token per line, `#` starting a comment:
 //!
 //! ```text
-//! # name      role       hash of the token
-//! ops-alice   operator   sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
-//! shop        client     sha256:...
-//! dashboards  viewer     sha256:...
+//! # name      roles             hash of the token
+//! ops-alice   operator          sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+//! shop        client            sha256:...
+//! dashboards  viewer            sha256:...
+//! demo        operator,client   sha256:...
 //! ```
+//!
+//! A token may hold several roles (comma-separated); it may do what any of them allows.
+//! `printf %s "$token" | sha256sum` gives the hash.
 //!
 //! Tokens are random (`scripts/run.sh` makes them with 32 random bytes), so one round of
 //! SHA-256 is enough: there is nothing to guess a dictionary from. Checking a token compares
@@ -72,13 +76,33 @@ impl Role {
 pub struct Caller {
     /// The token's name: what operator actions record as the operator.
     pub name: String,
-    pub role: Role,
+    pub roles: Vec<Role>,
+}
+
+impl Caller {
+    /// Whoever reaches an API started with `--api-open-on-loopback`: every role.
+    pub fn loopback() -> Self {
+        Self {
+            name: "loopback".into(),
+            roles: vec![Role::Viewer, Role::Client, Role::Operator],
+        }
+    }
+
+    pub fn may(&self, access: Access) -> bool {
+        self.roles.iter().any(|role| role.may(access))
+    }
+
+    /// The roles as the token list writes them, e.g. `operator,client`.
+    pub fn roles_text(&self) -> String {
+        let names: Vec<&str> = self.roles.iter().map(|r| r.as_str()).collect();
+        names.join(",")
+    }
 }
 
 /// Why a token list cannot be read. Names the line, never a token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenListError {
-    #[error("line {line}: expected `NAME ROLE sha256:HEX`, found {fields} fields")]
+    #[error("line {line}: expected `NAME ROLES sha256:HEX`, found {fields} fields")]
     Shape { line: usize, fields: usize },
     #[error("line {line}: unknown role {role:?} (viewer, client or operator)")]
     Role { line: usize, role: String },
@@ -109,37 +133,45 @@ impl fmt::Debug for Tokens {
             .entries(
                 self.entries
                     .iter()
-                    .map(|e| (e.caller.name.as_str(), e.caller.role.as_str())),
+                    .map(|e| (e.caller.name.as_str(), e.caller.roles_text())),
             )
             .finish()
     }
 }
 
 impl Tokens {
-    /// Reads a token list (see the module's documentation).
+    /// Reads a token list (see the module's documentation). Lines may also be separated by
+    /// `;`, so that a list fits in one environment variable.
     ///
     /// # Errors
     /// [`TokenListError`] naming the first line that is wrong, or an empty list.
     pub fn parse(text: &str) -> Result<Self, TokenListError> {
         let mut entries = Vec::new();
         let mut names = BTreeSet::new();
-        for (index, raw) in text.lines().enumerate() {
+        for (index, raw) in text.split(['\n', ';']).enumerate() {
             let line = index + 1;
             let content = raw.split('#').next().unwrap_or_default().trim();
             if content.is_empty() {
                 continue;
             }
             let fields: Vec<&str> = content.split_whitespace().collect();
-            let [name, role, hash] = fields[..] else {
+            let [name, roles, hash] = fields[..] else {
                 return Err(TokenListError::Shape {
                     line,
                     fields: fields.len(),
                 });
             };
-            let role = Role::parse(role).ok_or_else(|| TokenListError::Role {
-                line,
-                role: role.to_owned(),
-            })?;
+            let mut parsed_roles = roles
+                .split(',')
+                .map(|role| {
+                    Role::parse(role).ok_or_else(|| TokenListError::Role {
+                        line,
+                        role: role.to_owned(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            parsed_roles.sort();
+            parsed_roles.dedup();
             let hash = hash
                 .strip_prefix("sha256:")
                 .and_then(decode_hex)
@@ -153,7 +185,7 @@ impl Tokens {
             entries.push(Entry {
                 caller: Caller {
                     name: name.to_owned(),
-                    role,
+                    roles: parsed_roles,
                 },
                 hash,
             });
@@ -177,11 +209,15 @@ impl Tokens {
     }
 }
 
-/// The line of a token list for `token`: what `scripts/run.sh` writes.
-pub fn token_line(name: &str, role: Role, token: &str) -> String {
+/// The line of a token list for `token`.
+pub fn token_line(name: &str, roles: &[Role], token: &str) -> String {
     let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{name} {} sha256:{hex}", role.as_str())
+    let caller = Caller {
+        name: name.to_owned(),
+        roles: roles.to_vec(),
+    };
+    format!("{name} {} sha256:{hex}", caller.roles_text())
 }
 
 fn decode_hex(text: &str) -> Option<[u8; 32]> {
@@ -217,10 +253,11 @@ mod tests {
     fn list() -> Tokens {
         let text = [
             "# the demo's tokens",
-            &token_line("ops-alice", Role::Operator, "op-secret"),
-            &token_line("shop", Role::Client, "client-secret"),
+            &token_line("ops-alice", &[Role::Operator], "op-secret"),
+            &token_line("shop", &[Role::Client], "client-secret"),
             "",
-            &token_line("dash", Role::Viewer, "viewer-secret"),
+            &token_line("dash", &[Role::Viewer], "viewer-secret"),
+            &token_line("demo", &[Role::Operator, Role::Client], "demo-secret"),
         ]
         .join("\n");
         Tokens::parse(&text).expect("valid list")
@@ -233,13 +270,15 @@ mod tests {
             tokens.caller("op-secret"),
             Some(&Caller {
                 name: "ops-alice".into(),
-                role: Role::Operator
+                roles: vec![Role::Operator]
             })
         );
         assert_eq!(
-            tokens.caller("client-secret").map(|c| c.role),
-            Some(Role::Client)
+            tokens.caller("client-secret").map(|c| c.roles.clone()),
+            Some(vec![Role::Client])
         );
+        let demo = tokens.caller("demo-secret").expect("demo token");
+        assert!(demo.may(Access::PlaceOrder) && demo.may(Access::Operate));
         for wrong in [
             "",
             "op-secre",
@@ -270,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_wrong_list_names_the_line_and_never_a_token() {
-        let good = token_line("a", Role::Viewer, "t");
+        let good = token_line("a", &[Role::Viewer], "t");
         let cases = [
             ("a viewer", TokenListError::Shape { line: 1, fields: 2 }),
             (
@@ -282,6 +321,13 @@ mod tests {
             ),
             ("a viewer sha256:zz", TokenListError::Hash { line: 1 }),
             ("a viewer plain-token", TokenListError::Hash { line: 1 }),
+            (
+                "a viewer,admin sha256:00",
+                TokenListError::Role {
+                    line: 1,
+                    role: "admin".into(),
+                },
+            ),
             ("# nothing", TokenListError::Empty),
         ];
         for (text, expected) in cases {
@@ -295,6 +341,8 @@ mod tests {
             })
         );
         assert!(!format!("{:?}", list()).contains("sha256"));
+        let inline = format!("{good}; {}", token_line("b", &[Role::Client], "u"));
+        assert_eq!(Tokens::parse(&inline).map(|t| t.entries.len()), Ok(2));
     }
 
     #[test]

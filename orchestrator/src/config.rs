@@ -1,13 +1,16 @@
 //! The orchestrator's settings: flags or environment variables, each with a default.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::{Args, Parser};
 use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 
+use crate::auth::Tokens;
 use crate::saga::{Policies, RetryPolicy};
+use crate::Error;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -28,6 +31,8 @@ pub struct Config {
     pub retries: RetryConfig,
     #[command(flatten)]
     pub faults: FaultConfig,
+    #[command(flatten)]
+    pub api: ApiConfig,
 
     /// Address of the status HTTP API.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -49,6 +54,103 @@ pub struct Config {
     /// one group share the orders and replies between them by partition.
     #[arg(long, env = "ORCHESTRATOR_GROUP")]
     pub group: Option<String>,
+}
+
+/// Who may use the HTTP API, and how much of the service it may take.
+#[derive(Debug, Clone, Args)]
+pub struct ApiConfig {
+    /// A file of bearer tokens, one `NAME ROLES sha256:HEX` per line, where ROLES is a
+    /// comma-separated subset of viewer, client and operator, and HEX is the token's SHA-256
+    /// (`printf %s "$token" | sha256sum`). The service refuses to start without tokens unless
+    /// `--api-open-on-loopback` is given.
+    #[arg(long, env = "API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+    /// The same list inline, lines separated by `;`.
+    #[arg(long, env = "API_TOKENS", hide_env_values = true)]
+    pub api_tokens: Option<String>,
+    /// Serve the API without tokens (every caller may do everything, as `loopback`). Refused
+    /// unless the API listens on a loopback address.
+    #[arg(long, env = "API_OPEN_ON_LOOPBACK")]
+    pub api_open_on_loopback: bool,
+    /// Also serve `/healthz` and `/metrics` here, without a token, for probes and Prometheus.
+    /// On the API's own address they need a viewer's token.
+    #[arg(long, env = "OPS_HTTP_ADDR")]
+    pub ops_http_addr: Option<SocketAddr>,
+    /// Browser origins besides the API's own allowed to call it (comma-separated, e.g.
+    /// `https://ops.example.com`). A request with any other `Origin` is refused.
+    #[arg(long, env = "API_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub api_allowed_origins: Vec<String>,
+    /// Host names the API answers to (comma-separated). Default: when it listens on loopback,
+    /// only `localhost`, `127.0.0.1` and `[::1]` (a page elsewhere cannot rebind a name of its
+    /// own to this machine); otherwise any.
+    #[arg(long, env = "API_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub api_allowed_hosts: Vec<String>,
+    /// Connections of the API's own pool. The message path has its own
+    /// (`DATABASE_MAX_CONNECTIONS`), so readers of the API can never take its connections.
+    #[arg(long, env = "API_DATABASE_CONNECTIONS", default_value_t = 3)]
+    pub api_database_connections: u32,
+    /// Live watch streams (`/sagas/{id}/watch`) served at once; more are answered 429.
+    #[arg(long, env = "WATCH_MAX_STREAMS", default_value_t = 2000)]
+    pub watch_max_streams: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            api_tokens_file: None,
+            api_tokens: None,
+            api_open_on_loopback: false,
+            ops_http_addr: None,
+            api_allowed_origins: Vec::new(),
+            api_allowed_hosts: Vec::new(),
+            api_database_connections: 3,
+            watch_max_streams: 2000,
+        }
+    }
+}
+
+/// How the API tells callers apart.
+#[derive(Debug, Clone)]
+pub enum Gate {
+    /// Bearer tokens from the configured list.
+    Tokens(Tokens),
+    /// No tokens: everyone who reaches the loopback address may do everything.
+    OpenOnLoopback,
+}
+
+impl ApiConfig {
+    /// The gate these settings describe, for an API listening on `http_addr`.
+    ///
+    /// # Errors
+    /// [`Error::TokenFile`], [`Error::TokenList`], and [`Error::NoTokens`] when neither tokens
+    /// nor an open API on loopback were configured.
+    pub fn gate(&self, http_addr: SocketAddr) -> Result<Gate, Error> {
+        let text = match (&self.api_tokens_file, &self.api_tokens) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "set API_TOKENS_FILE or API_TOKENS, not both".into(),
+                ))
+            }
+            (Some(path), None) => {
+                std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            (None, Some(inline)) => inline.clone(),
+            (None, None) => String::new(),
+        };
+        if self.api_tokens_file.is_some() || self.api_tokens.is_some() {
+            return Ok(Gate::Tokens(Tokens::parse(&text)?));
+        }
+        if self.api_open_on_loopback && http_addr.ip().is_loopback() {
+            return Ok(Gate::OpenOnLoopback);
+        }
+        Err(Error::NoTokens {
+            http_addr,
+            open_requested: self.api_open_on_loopback,
+        })
+    }
 }
 
 /// Step deadlines and retries. Each wait doubles per attempt (with up to 25% jitter), capped

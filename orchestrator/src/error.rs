@@ -18,6 +18,26 @@ pub enum Error {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("cannot read the API token file {}: {source}", path.display())]
+    TokenFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid API token list: {0}")]
+    TokenList(#[from] crate::auth::TokenListError),
+    #[error(
+        "no API tokens configured (API_TOKENS_FILE or API_TOKENS){}",
+        if *open_requested {
+            format!("; API_OPEN_ON_LOOPBACK is refused because the API listens on {http_addr}, not on loopback")
+        } else {
+            "; to run without them on loopback, set API_OPEN_ON_LOOPBACK=true".to_owned()
+        }
+    )]
+    NoTokens {
+        http_addr: std::net::SocketAddr,
+        open_requested: bool,
+    },
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
 }

@@ -87,6 +87,7 @@ impl OrchestratorHandler {
         let mut replies = Vec::with_capacity(records.len());
         for record in records {
             let envelope = Envelope::<Reply>::from_json(&record.payload)
+                .and_then(|envelope| envelope.body.validate().map(|()| envelope))
                 .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
             record.describe(
                 envelope.saga_id,

@@ -18,6 +18,8 @@ pub mod metrics;
 pub mod saga;
 pub mod store;
 
+use std::sync::Arc;
+
 use events::Topics;
 use messaging::consumer::DeadLetters;
 use messaging::pipeline::Pipeline;
@@ -31,27 +33,51 @@ pub use error::{Error, Result};
 /// The schema the orchestrator uses unless told otherwise.
 pub const DEFAULT_SCHEMA: &str = "orchestrator";
 
+/// How long an API request waits for one of the API pool's connections before it is answered
+/// 503: a flood of readers queues briefly, then is turned away, and never reaches the message
+/// path's pool.
+const API_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often the watch feed looks for changes to watched sagas.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Runs the orchestrator until `shutdown` is cancelled: migrates its schema, creates missing
 /// topics, consumes orders and replies, relays its outbox and serves HTTP on `listener`.
 ///
 /// # Errors
 /// Start-up failures (database, migrations, Kafka configuration) and a failed HTTP server.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    // Checked first: a service without its tokens must not start at all.
+    let gate = config.api.gate(config.http_addr)?;
     let (pool, schema) = db::open(&config.database, DEFAULT_SCHEMA, &[&store::MIGRATIONS]).await?;
+    let api_pool = db::side_pool(
+        &config.database.database_url,
+        &schema,
+        config.api.api_database_connections,
+        API_ACQUIRE_TIMEOUT,
+    )?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     kafka::ensure_topics(&config.kafka, &topics.all()).await?;
 
     let policies = config.retries.policies().map_err(Error::Config)?;
     let metrics = messaging::metrics::Metrics::install();
     metrics::describe();
+    let watch = Arc::new(api::watch::WatchFeed::new(
+        api_pool.clone(),
+        config.api.watch_max_streams,
+        WATCH_INTERVAL,
+    ));
     let state = api::AppState {
-        pool: pool.clone(),
+        pool: api_pool.clone(),
         producer: kafka::producer(&config.kafka)?,
         topics: topics.clone(),
         policies: policies.clone(),
         metrics,
         shutdown: shutdown.clone(),
+        guard: Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr)),
+        watch: watch.clone(),
+        stats: Arc::default(),
     };
+    let watch_feed = tokio::spawn(watch.run(shutdown.clone()));
     let scanner = tokio::spawn(
         deadlines::DeadlineScanner {
             pool: pool.clone(),
@@ -96,12 +122,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         },
         faults: config.faults.clone(),
     };
+    let ops = match config.api.ops_http_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
+            let served = axum::serve(listener, api::ops_router(state.clone()))
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            Some(served)
+        }
+        None => None,
+    };
     tracing::info!(addr = %listener.local_addr()?, "status API listening");
     let http = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     // Whichever part ends first (a failure, or shutdown) stops the others: no process that
     // serves a green /healthz while its consumer, relay or deadline scanner is gone.
-    let (consumed, served, scanned, swept) = tokio::join!(
+    let (consumed, served, ops_served, scanned, swept, fed) = tokio::join!(
         async {
             let consumed = pipeline
                 .run(
@@ -118,13 +154,23 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             shutdown.cancel();
             served
         },
+        async {
+            let Some(ops) = ops else { return Ok(()) };
+            let served = ops.await.map_err(Error::Http);
+            shutdown.cancel();
+            served
+        },
         supervise("deadline scanner", scanner, &shutdown),
         supervise("saga retention", retention, &shutdown),
+        supervise("watch feed", watch_feed, &shutdown),
     );
+    api_pool.close().await;
     pool.close().await;
     consumed?;
     scanned?;
     swept?;
+    fed?;
+    ops_served?;
     served
 }
 

@@ -499,29 +499,41 @@ pub struct SagaFilter {
 }
 
 /// One page of sagas, newest first, with the version each row is at.
+///
+/// The statement names only the filters given, so that each can use its index: state and
+/// step their `(…, created_at, id)` indexes, the reason its trigram index.
 pub async fn list<'e>(
     db: impl PgExecutor<'e>,
     filter: &SagaFilter,
     limit: i64,
 ) -> Result<Vec<(Saga, i64)>> {
-    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas \
-         WHERE ($1::text IS NULL OR state = $1) \
-           AND ($2::timestamptz IS NULL OR created_at <= $2) \
-           AND ($3::text IS NULL OR current_step = $3) \
-           AND ($4::text IS NULL OR failure_reason ILIKE '%' || $4 || '%') \
-           AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6)) \
-         ORDER BY created_at DESC, id DESC LIMIT $7"
-    ))
-    .bind(filter.state.map(SagaState::as_str))
-    .bind(filter.created_before)
-    .bind(filter.step.map(StepName::as_str))
-    .bind(filter.reason.as_deref().map(escape_like))
-    .bind(filter.after.map(|(at, _)| at))
-    .bind(filter.after.map(|(_, id)| id))
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
+    let mut query = sqlx::QueryBuilder::new(format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE true"));
+    if let Some(state) = filter.state {
+        query.push(" AND state = ").push_bind(state.as_str());
+    }
+    if let Some(before) = filter.created_before {
+        query.push(" AND created_at <= ").push_bind(before);
+    }
+    if let Some(step) = filter.step {
+        query.push(" AND current_step = ").push_bind(step.as_str());
+    }
+    if let Some(reason) = &filter.reason {
+        query
+            .push(" AND failure_reason ILIKE ")
+            .push_bind(format!("%{}%", escape_like(reason)));
+    }
+    if let Some((at, id)) = filter.after {
+        query
+            .push(" AND (created_at, id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    query
+        .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(limit);
+    let rows: Vec<SagaRow> = query.build_query_as().fetch_all(db).await?;
     rows.into_iter().map(SagaRow::into_saga).collect()
 }
 
@@ -556,20 +568,73 @@ pub struct HistoryRecord {
     pub entry: HistoryEntry,
 }
 
-/// A saga's history lines after `after_id` (all of them for 0), oldest first.
+/// Up to `limit` of a saga's history lines after `after_id` (from the first for 0), oldest
+/// first.
 pub async fn history<'e>(
     db: impl PgExecutor<'e>,
     saga_id: Uuid,
     after_id: i64,
+    limit: i64,
 ) -> Result<Vec<HistoryRecord>> {
     Ok(sqlx::query_as(
         "SELECT id, at, message_id, message_type, decision, detail, state_after \
-         FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id",
+         FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id LIMIT $3",
     )
     .bind(saga_id)
     .bind(after_id)
+    .bind(limit)
     .fetch_all(db)
     .await?)
+}
+
+/// Of the sagas `seen` lists as `(id, version, last history id)`, those whose version moved,
+/// as they are now. One statement for every watched saga.
+pub async fn changed_since<'e>(
+    db: impl PgExecutor<'e>,
+    seen: &[(Uuid, i64, i64)],
+) -> Result<Vec<(Saga, i64)>> {
+    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas \
+         JOIN UNNEST($1::uuid[], $2::bigint[]) AS w(watched_id, seen_version) \
+           ON id = watched_id \
+         WHERE version <> seen_version"
+    ))
+    .bind(column(seen, |(id, _, _)| *id))
+    .bind(column(seen, |(_, version, _)| *version))
+    .fetch_all(db)
+    .await?;
+    rows.into_iter().map(SagaRow::into_saga).collect()
+}
+
+/// The history lines of each saga in `after` (`(id, last line seen)`) written since, oldest
+/// first, in one statement.
+pub async fn history_since<'e>(
+    db: impl PgExecutor<'e>,
+    after: &[(Uuid, i64)],
+) -> Result<std::collections::HashMap<Uuid, Vec<HistoryRecord>>> {
+    #[derive(sqlx::FromRow)]
+    struct Line {
+        saga_id: Uuid,
+        #[sqlx(flatten)]
+        record: HistoryRecord,
+    }
+    let lines: Vec<Line> = sqlx::query_as(
+        "SELECT h.saga_id, h.id, h.at, h.message_id, h.message_type, h.decision, h.detail, \
+                h.state_after \
+         FROM UNNEST($1::uuid[], $2::bigint[]) AS w(saga_id, after_id) \
+         JOIN saga_history h ON h.saga_id = w.saga_id AND h.id > w.after_id \
+         ORDER BY h.id",
+    )
+    .bind(column(after, |(id, _)| *id))
+    .bind(column(after, |(_, after_id)| *after_id))
+    .fetch_all(db)
+    .await?;
+    let mut by_saga: std::collections::HashMap<Uuid, Vec<HistoryRecord>> =
+        std::collections::HashMap::new();
+    for line in lines {
+        by_saga.entry(line.saga_id).or_default().push(line.record);
+    }
+    Ok(by_saga)
 }
 
 /// Counts and rates for `GET /stats`.
@@ -586,13 +651,16 @@ pub struct Stats {
     pub at: DateTime<Utc>,
 }
 
+/// Counts by state (kept by the `sagas` triggers, so this reads a few dozen rows whatever
+/// the table's size) and the last `window_secs`' rates (index ranges as long as the window).
 pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
     let now = Utc::now();
     let since = now - chrono::Duration::seconds(window_secs);
-    let counted: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM sagas GROUP BY state")
-            .fetch_all(db)
-            .await?;
+    let counted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, sum(sagas)::bigint FROM saga_state_counts GROUP BY state",
+    )
+    .fetch_all(db)
+    .await?;
     let (started, completed, compensated, failed, oldest_running): (
         i64,
         i64,

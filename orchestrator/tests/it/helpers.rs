@@ -12,7 +12,8 @@ use events::{Address, LineItem, OrderPlaced, Topics};
 use messaging::config::{
     DatabaseConfig, FaultConfig, GroupProtocol, KafkaConfig, RelayConfig, RetentionConfig,
 };
-use orchestrator::config::RetryConfig;
+use orchestrator::auth::{token_line, Role};
+use orchestrator::config::{ApiConfig, RetryConfig};
 use participants::inventory::Inventory;
 use participants::payment::Payment;
 use participants::shipping::{Shipping, ShippingConfig};
@@ -49,6 +50,8 @@ pub struct Options {
     pub retention_secs: Option<u64>,
     /// Fault injection for the orchestrator.
     pub orchestrator_faults: FaultConfig,
+    /// The API's settings; the test tokens ([`token_list`]) unless they name other access.
+    pub api: ApiConfig,
 }
 
 /// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
@@ -79,6 +82,23 @@ pub fn fast_retries() -> RetryConfig {
         deadline_scan_interval_ms: 50,
         ..RetryConfig::default()
     }
+}
+
+/// The tokens every test deployment accepts, one per role.
+pub const VIEWER_TOKEN: &str = "test-viewer-token";
+pub const CLIENT_TOKEN: &str = "test-client-token";
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+/// The operator token's name: what operator actions record as the operator.
+pub const OPERATOR_NAME: &str = "ops-alice";
+
+/// The token list of a test deployment.
+pub fn token_list() -> String {
+    [
+        token_line("dashboards", &[Role::Viewer], VIEWER_TOKEN),
+        token_line("shop", &[Role::Client], CLIENT_TOKEN),
+        token_line(OPERATOR_NAME, &[Role::Operator], OPERATOR_TOKEN),
+    ]
+    .join("\n")
 }
 
 pub struct TestSystem {
@@ -160,6 +180,16 @@ impl TestSystem {
             faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
+            api: {
+                let mut api = options.api;
+                if api.api_tokens.is_none()
+                    && api.api_tokens_file.is_none()
+                    && !api.api_open_on_loopback
+                {
+                    api.api_tokens = Some(token_list());
+                }
+                api
+            },
         };
         let mut services = Vec::new();
         if !options.without.contains(&"orchestrator") {
@@ -305,6 +335,7 @@ impl TestSystem {
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("KAFKA_GROUP_INSTANCE_ID", "orchestrator-under-test")
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("API_TOKENS", token_list())
             .envs(env.iter().copied())
             .kill_on_drop(true)
             .spawn()
@@ -316,12 +347,7 @@ impl TestSystem {
 
     async fn wait_for_api(&self) {
         eventually("the orchestrator to answer /healthz", || async {
-            match self
-                .client
-                .get(format!("{}/healthz", self.http))
-                .send()
-                .await
-            {
+            match self.request_as("GET", "/healthz", Some(VIEWER_TOKEN), None).await {
                 Ok(r) if r.status().is_success() => Some(()),
                 _ => None,
             }
@@ -428,26 +454,49 @@ impl TestSystem {
         )
     }
 
-    /// A GET whose body the caller reads itself (a stream of Server-Sent Events, say).
+    /// A GET whose body the caller reads itself (a stream of Server-Sent Events, say), as a
+    /// viewer.
     pub async fn get_response(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.http))
-            .send()
+        self.request_as("GET", path, Some(VIEWER_TOKEN), None)
             .await
             .expect("HTTP request")
     }
 
+    /// A POST of a JSON body with the token its route needs: a client's for `/orders`, an
+    /// operator's otherwise.
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let token = if path == "/orders" {
+            CLIENT_TOKEN
+        } else {
+            OPERATOR_TOKEN
+        };
         let response = self
-            .client
-            .post(format!("{}{path}", self.http))
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
+            .request_as("POST", path, Some(token), Some(body))
             .await
             .expect("HTTP request");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A request with `token` (none: no `Authorization` header) and, when given, a JSON body.
+    pub async fn request_as(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> reqwest::Result<reqwest::Response> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.client.request(method, format!("{}{path}", self.http));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        request.send().await
     }
 
     /// Reads `topic` from the beginning of every partition, without a group, until `count`

@@ -201,11 +201,15 @@ async fn a_row_the_broker_refuses_is_parked_and_the_rows_behind_it_go_out() {
         .expect("the refused row is parked");
     assert!(error.contains("too large"), "{error}");
 
-    // The way a user reached it: an operator's reason that ends up in a saga event.
+    // The ways a user reached it: an operator's reason that ends up in a saga event. A body
+    // that large is refused whole; a reason over its own bound by name.
     let saga_id = saga["saga_id"].as_str().expect("saga id");
-    let reason = "x".repeat(1_500_000);
-    let body = serde_json::json!({"operator": "ops", "reason": reason}).to_string();
-    let (status, body) = system.post(&format!("/sagas/{saga_id}/abort"), &body).await;
+    let huge = serde_json::json!({"reason": "x".repeat(100_000)}).to_string();
+    let (status, body) = system.post(&format!("/sagas/{saga_id}/abort"), &huge).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "body_too_large", "{body}");
+    let long = serde_json::json!({"reason": "x".repeat(2_001)}).to_string();
+    let (status, body) = system.post(&format!("/sagas/{saga_id}/abort"), &long).await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]

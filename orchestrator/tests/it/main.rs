@@ -1,6 +1,7 @@
 //! End-to-end tests: the orchestrator and the three participants against the real broker and
 //! the real PostgreSQL. See `helpers` for how each test gets its own deployment.
 
+mod access;
 mod batches;
 mod helpers;
 mod hostile;

@@ -1,0 +1,217 @@
+//! What changes something: placing an order, and an operator's retry, skip or abort.
+
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::Utc;
+use events::{Address, LineItem, OrderPlaced};
+use messaging::outbox::{Outbox, Wake};
+use rdkafka::producer::FutureRecord;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, SagaView};
+use crate::auth::Caller;
+use crate::handler::{commit_decision, join_saga_trace};
+use crate::saga::{Decision, OperatorAction};
+use crate::store::{self, HistoryEntry};
+
+/// The longest `traceparent` header continued; a W3C one (version 00) has 55 characters.
+const MAX_TRACEPARENT_CHARS: usize = 128;
+
+/// The body of `POST /orders`: an `OrderPlaced` without its `type`, and with an optional
+/// order id (a new one is made when it is missing).
+#[derive(Debug, Deserialize)]
+pub(super) struct NewOrder {
+    order_id: Option<Uuid>,
+    customer_id: String,
+    items: Vec<LineItem>,
+    total_cents: i64,
+    currency: String,
+    shipping_address: Address,
+}
+
+#[derive(Debug, Serialize)]
+struct OrderAccepted {
+    order_id: Uuid,
+    status_url: String,
+}
+
+pub(super) async fn place_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<NewOrder>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(new) = body?;
+    let order = OrderPlaced {
+        order_id: new.order_id.unwrap_or_else(Uuid::new_v4),
+        customer_id: new.customer_id,
+        items: new.items,
+        total_cents: new.total_cents,
+        currency: new.currency,
+        shipping_address: new.shipping_address,
+    };
+    order.validate().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_order",
+            e.to_string(),
+        )
+    })?;
+    let payload = serde_json::to_vec(&order).unwrap_or_default();
+    let key = order.order_id.to_string();
+    let topic = state.topics.orders();
+    // The order's trace starts here (or continues the caller's, from its `traceparent`).
+    let span = tracing::info_span!("place_order", order_id = %order.order_id);
+    if let Some(parent) = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= MAX_TRACEPARENT_CHARS)
+    {
+        messaging::telemetry::continue_trace(&span, parent);
+    }
+    let traceparent = messaging::telemetry::traceparent(&span);
+    let record = FutureRecord::to(&topic)
+        .key(&key)
+        .payload(&payload)
+        .headers(messaging::kafka::record_headers(
+            traceparent.as_deref().map(|value| ("traceparent", value)),
+        ));
+    state
+        .producer
+        .send(record, Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| {
+            tracing::warn!(error.message = %e, "publishing OrderPlaced failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                "could not publish the order; try again",
+            )
+        })?;
+    let status_url = format!("/orders/{}/saga", order.order_id);
+    let accepted = OrderAccepted {
+        order_id: order.order_id,
+        status_url: status_url.clone(),
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, status_url)],
+        Json(accepted),
+    )
+        .into_response())
+}
+
+const MAX_REASON_CHARS: usize = 2_000;
+
+/// The body of an operator action: why. Who acts is the caller's token name, never a name
+/// the body could make up; a body that still sends `operator` is refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OperatorRequest {
+    reason: String,
+}
+
+/// `POST /sagas/{id}/retry|skip|abort`: an operator moves a stuck or running saga.
+pub(super) async fn operate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<(Uuid, String)>, PathRejection>,
+    body: Result<Json<OperatorRequest>, JsonRejection>,
+) -> Result<Json<SagaView>, ApiError> {
+    let Path((saga_id, action_name)) = path?;
+    let Json(request) = body?;
+    // The reason ends up in the history and in a saga event: bounded, so that the event can
+    // always be published, and without NUL, which PostgreSQL's text refuses.
+    if request.reason.trim().is_empty()
+        || request.reason.chars().count() > MAX_REASON_CHARS
+        || request.reason.contains('\0')
+    {
+        return Err(ApiError::bad_request(format!(
+            "`reason` must be 1 to {MAX_REASON_CHARS} characters, without NUL"
+        )));
+    }
+    let action = match action_name.as_str() {
+        "retry" => OperatorAction::Retry,
+        "skip" => OperatorAction::Skip,
+        "abort" => OperatorAction::Abort {
+            reason: request.reason.clone(),
+        },
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no action {other:?}; expected retry, skip or abort"
+            )))
+        }
+    };
+    let internal = |e: crate::Error| ApiError::internal(&e);
+    let mut tx = state.pool.begin().await.map_err(|e| internal(e.into()))?;
+    let (saga, version) = store::load_for_update(&mut tx, saga_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
+    let now = Utc::now();
+    let decision = saga.on_operator(&action, now, &state.policies);
+    let refusal = match &decision {
+        Decision::Ignored { reason } => Some(reason.clone()),
+        Decision::Applied { .. } => None,
+    };
+    let entry = HistoryEntry {
+        at: now,
+        message_id: None,
+        message_type: format!("Operator{}", capitalised(&action_name)),
+        decision: "operator".into(),
+        detail: Some(format!(
+            "{action_name} by {}: {}",
+            caller.name, request.reason
+        )),
+        state_after: String::new(),
+    };
+    let span = tracing::info_span!("operator", %saga_id, action = %action_name);
+    join_saga_trace(&mut tx, &span, saga_id)
+        .await
+        .map_err(internal)?;
+    let mut outbox = Outbox::default();
+    let moved = commit_decision(
+        &state.topics,
+        &mut tx,
+        &mut outbox,
+        &saga,
+        version,
+        decision,
+        entry,
+    )
+    .instrument(span)
+    .await
+    .map_err(internal)?;
+    outbox
+        .write(&mut tx, Wake::Notify)
+        .await
+        .map_err(|e| internal(e.into()))?;
+    // An action that does not fit is refused, but the attempt stays in the history.
+    tx.commit().await.map_err(|e| internal(e.into()))?;
+    match moved {
+        Some(next) => {
+            ::metrics::counter!(crate::metrics::OPERATOR_ACTIONS, "action" => action_name)
+                .increment(1);
+            Ok(Json(SagaView::new(next, version + 1)))
+        }
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{action_name} refused: {}", refusal.unwrap_or_default()),
+        )),
+    }
+}
+
+fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
+}

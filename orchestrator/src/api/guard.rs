@@ -1,0 +1,241 @@
+//! What every request passes before a handler sees it: the `Host`/`Origin` check (a page
+//! elsewhere cannot drive the API through a visitor's browser), and per route the bearer
+//! token and the access its role grants.
+
+use std::net::SocketAddr;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
+use crate::auth::{self, Access, Caller};
+use crate::config::{ApiConfig, Gate};
+
+/// Who may call, and from where.
+#[derive(Debug)]
+pub struct Guard {
+    gate: Gate,
+    /// Lower-case host names (no port) the API answers to; `None`: any.
+    allowed_hosts: Option<Vec<String>>,
+    /// Origins besides the API's own, without a trailing `/`.
+    allowed_origins: Vec<String>,
+}
+
+impl Guard {
+    pub fn new(gate: Gate, config: &ApiConfig, http_addr: SocketAddr) -> Self {
+        let allowed_hosts = if !config.api_allowed_hosts.is_empty() {
+            Some(
+                config
+                    .api_allowed_hosts
+                    .iter()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .filter(|h| !h.is_empty())
+                    .collect(),
+            )
+        } else if http_addr.ip().is_loopback() {
+            Some(vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()])
+        } else {
+            None
+        };
+        Self {
+            gate,
+            allowed_hosts,
+            allowed_origins: config
+                .api_allowed_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        }
+    }
+
+    /// The caller a request's `Authorization` header names.
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let tokens = match &self.gate {
+            Gate::OpenOnLoopback => return Ok(Caller::loopback()),
+            Gate::Tokens(tokens) => tokens,
+        };
+        let unauthorized = |message: &str| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message.to_owned())
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(auth::bearer)
+            .ok_or_else(|| unauthorized("send `Authorization: Bearer <token>`"))?;
+        tokens
+            .caller(token)
+            .cloned()
+            .ok_or_else(|| unauthorized("unknown token"))
+    }
+
+    /// `Err` with the reason when the request's `Host` or `Origin` is not this API's.
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        if let Some(allowed) = &self.allowed_hosts {
+            let name = host_name(host).to_ascii_lowercase();
+            if !allowed.contains(&name) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "host_not_allowed",
+                    "this API does not answer to that host name (see API_ALLOWED_HOSTS)",
+                ));
+            }
+        }
+        // Browsers send `Origin` on cross-origin requests and on every POST; tools send none.
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+        let same_origin = ["http://", "https://"]
+            .iter()
+            .any(|scheme| origin.strip_prefix(scheme) == Some(host) && !host.is_empty());
+        if same_origin || self.allowed_origins.iter().any(|o| o == origin) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "requests from this origin are not allowed (see API_ALLOWED_ORIGINS)",
+            ))
+        }
+    }
+}
+
+/// `localhost` of `localhost:8080`, `[::1]` of `[::1]:8080`.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.split(':').next().unwrap_or(host)
+}
+
+impl Access {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Read => "read sagas",
+            Self::PlaceOrder => "place orders",
+            Self::Operate => "retry, skip or abort sagas",
+        }
+    }
+}
+
+/// Middleware for every route: the `Host`/`Origin` check.
+pub async fn same_origin(
+    State(guard): State<std::sync::Arc<Guard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match guard.check_origin(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// Middleware for a route that needs `access`: 401 without a known token, 403 when its roles
+/// do not grant it. The handler finds the [`Caller`] among the request's extensions.
+pub async fn require(
+    State((guard, access)): State<(std::sync::Arc<Guard>, Access)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = match guard.caller(request.headers()) {
+        Ok(caller) => caller,
+        Err(refused) => {
+            let mut response = refused.into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    };
+    if !caller.may(access) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the token {:?} ({}) may not {}",
+                caller.name,
+                caller.roles_text(),
+                access.describe()
+            ),
+        )
+        .into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(hosts: &[&str], origins: &[&str], addr: &str) -> Guard {
+        let config = ApiConfig {
+            api_allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            api_allowed_origins: origins.iter().map(|o| (*o).to_owned()).collect(),
+            ..ApiConfig::default()
+        };
+        Guard::new(
+            Gate::OpenOnLoopback,
+            &config,
+            addr.parse().expect("address"),
+        )
+    }
+
+    fn headers(host: &str, origin: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_str(host).expect("host"));
+        if let Some(origin) = origin {
+            headers.insert(header::ORIGIN, HeaderValue::from_str(origin).expect("origin"));
+        }
+        headers
+    }
+
+    #[test]
+    fn on_loopback_only_loopback_names_and_the_own_origin_pass() {
+        let guard = guard(&[], &[], "127.0.0.1:8080");
+        for (host, origin, allowed) in [
+            ("localhost:8080", None, true),
+            ("127.0.0.1:8080", Some("http://127.0.0.1:8080"), true),
+            ("[::1]:8080", None, true),
+            ("LOCALHOST:8080", None, true),
+            // A name that a page elsewhere rebound to 127.0.0.1.
+            ("attacker.example:8080", None, false),
+            ("", None, false),
+            ("localhost:8080", Some("http://attacker.example"), false),
+            ("localhost:8080", Some("http://localhost:9999"), false),
+            ("localhost:8080", Some("null"), false),
+        ] {
+            assert_eq!(
+                guard.check_origin(&headers(host, origin)).is_ok(),
+                allowed,
+                "{host} {origin:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn configured_hosts_and_origins_widen_or_narrow_the_defaults() {
+        let open = guard(&[], &[], "0.0.0.0:8080");
+        assert!(open.check_origin(&headers("sagas.internal:8080", None)).is_ok());
+        let listed = guard(
+            &["sagas.internal"],
+            &["https://ops.example.com/"],
+            "0.0.0.0:8080",
+        );
+        assert!(listed.check_origin(&headers("sagas.internal", None)).is_ok());
+        assert!(listed.check_origin(&headers("localhost", None)).is_err());
+        assert!(listed
+            .check_origin(&headers("sagas.internal", Some("https://ops.example.com")))
+            .is_ok());
+        assert!(listed
+            .check_origin(&headers("sagas.internal", Some("https://evil.example.com")))
+            .is_err());
+    }
+}

@@ -1,0 +1,297 @@
+//! The status HTTP API. Reads come from the saga tables; `POST /orders` publishes an
+//! `OrderPlaced` to Kafka exactly as an outside client would.
+//!
+//! - [`guard`]: the `Host`/`Origin` check and the bearer token each route needs.
+//! - [`reads`]: sagas, their history, lists and `/stats`.
+//! - [`watch`]: the live streams and the one change feed behind them.
+//! - [`actions`]: placing orders and operator actions.
+//!
+//! Every error is JSON: `{"error": {"code": "...", "message": "..."}}`, and never carries an
+//! internal error's text (that goes to the log).
+
+mod actions;
+pub mod guard;
+mod reads;
+pub mod watch;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::middleware;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use events::{OrderPlaced, Topics};
+use rdkafka::producer::FutureProducer;
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::auth::Access;
+use crate::saga::{Policies, Saga, SagaState, StepState};
+use guard::Guard;
+use watch::WatchFeed;
+
+#[derive(Clone)]
+pub struct AppState {
+    /// The API's own pool, apart from the message path's, so that readers can never take
+    /// the connections the consumer, the relay and the deadline scanner need.
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub topics: Topics,
+    pub policies: Policies,
+    /// Renders `/metrics`.
+    pub metrics: messaging::metrics::Metrics,
+    /// Ends live streams (`/watch`) so that a graceful shutdown does not wait on them.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub guard: Arc<Guard>,
+    pub watch: Arc<WatchFeed>,
+    /// The last `/stats`, shared by every caller for a second.
+    pub stats: Arc<reads::StatsCache>,
+}
+
+/// The OpenAPI document of this API, checked against the server by `tests/it/openapi.rs`.
+pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
+
+/// The largest request body accepted; a larger one is answered 413. An order of 100 items
+/// with every text at its longest is about 40 KiB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Every route, as the OpenAPI document lists it (the test compares the two), with the
+/// access it needs (`None`: open).
+pub const ROUTES: &[(&str, &str, Option<Access>)] = &[
+    ("get", "/", None),
+    ("get", "/ui/app.js", None),
+    ("get", "/ui/style.css", None),
+    ("get", "/openapi.json", None),
+    ("get", "/metrics", Some(Access::Read)),
+    ("get", "/healthz", Some(Access::Read)),
+    ("get", "/stats", Some(Access::Read)),
+    ("get", "/sagas", Some(Access::Read)),
+    ("get", "/sagas/{saga_id}", Some(Access::Read)),
+    ("get", "/sagas/{saga_id}/history", Some(Access::Read)),
+    ("get", "/sagas/{saga_id}/watch", Some(Access::Read)),
+    ("post", "/sagas/{saga_id}/retry", Some(Access::Operate)),
+    ("post", "/sagas/{saga_id}/skip", Some(Access::Operate)),
+    ("post", "/sagas/{saga_id}/abort", Some(Access::Operate)),
+    ("get", "/orders/{order_id}/saga", Some(Access::Read)),
+    ("post", "/orders", Some(Access::PlaceOrder)),
+];
+
+pub fn router(state: AppState) -> Router {
+    let needs = |access: Access| {
+        middleware::from_fn_with_state((state.guard.clone(), access), guard::require)
+    };
+    let open = Router::new()
+        .route(
+            "/",
+            get(|| async { Html(include_str!("../../web/index.html")) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async {
+                static_file(
+                    "text/javascript; charset=utf-8",
+                    include_str!("../../web/app.js"),
+                )
+            }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async {
+                static_file("text/css; charset=utf-8", include_str!("../../web/style.css"))
+            }),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async { static_file("application/json", OPENAPI_JSON) }),
+        );
+    let reads = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/stats", get(reads::stats))
+        .route("/sagas", get(reads::list_sagas))
+        .route("/sagas/{saga_id}", get(reads::get_saga))
+        .route("/sagas/{saga_id}/history", get(reads::get_history))
+        .route("/sagas/{saga_id}/watch", get(watch::watch))
+        .route("/orders/{order_id}/saga", get(reads::get_saga_by_order))
+        .route_layer(needs(Access::Read));
+    let orders = Router::new()
+        .route("/orders", post(actions::place_order))
+        .route_layer(needs(Access::PlaceOrder));
+    let operations = Router::new()
+        .route("/sagas/{saga_id}/{action}", post(actions::operate))
+        .route_layer(needs(Access::Operate));
+    open.merge(reads)
+        .merge(orders)
+        .merge(operations)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.guard.clone(),
+            guard::same_origin,
+        ))
+        .with_state(state)
+}
+
+/// `/healthz` and `/metrics` without a token, for probes and Prometheus on an address of
+/// their own (`OPS_HTTP_ADDR`).
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(state)
+}
+
+/// A client-facing error with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// An error of ours: logged in full, answered without its text. A request that waited
+    /// too long for one of the API's connections is answered 503, to try again.
+    pub(crate) fn internal(e: &crate::Error) -> Self {
+        if matches!(e, crate::Error::Database(sqlx::Error::PoolTimedOut)) {
+            tracing::warn!("API request turned away: every API connection is busy");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the API is busy; try again shortly",
+            );
+        }
+        tracing::error!(error.message = %e, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(format!("invalid path parameter: {}", rejection.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(format!("invalid query: {}", rejection.body_text()))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body must be at most {MAX_BODY_BYTES} bytes"),
+            );
+        }
+        Self::new(rejection.status(), "invalid_body", rejection.body_text())
+    }
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// A saga as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct SagaView {
+    pub saga_id: Uuid,
+    pub order_id: Uuid,
+    pub state: SagaState,
+    /// The step the saga waits on, or for a failed saga the one it is stuck at.
+    pub current_step: Option<events::StepName>,
+    pub failure_reason: Option<String>,
+    pub definition_version: i32,
+    /// Bumped by every change; a watcher compares it.
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub order: OrderPlaced,
+    pub steps: Vec<StepState>,
+}
+
+impl SagaView {
+    pub fn new(saga: Saga, version: i64) -> Self {
+        Self {
+            saga_id: saga.id,
+            order_id: saga.order.order_id,
+            state: saga.state,
+            current_step: saga.step_in_focus(),
+            failure_reason: saga.failure_reason,
+            definition_version: saga.definition_version,
+            version,
+            created_at: saga.created_at,
+            updated_at: saga.updated_at,
+            finished_at: saga.finished_at,
+            deadline_at: saga.deadline_at,
+            order: saga.order,
+            steps: saga.steps,
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.response().await
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match sqlx::query("SELECT 1").execute(&state.pool).await {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => {
+            tracing::warn!(error.message = %e, "health check: database unreachable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is unreachable",
+            )
+            .into_response()
+        }
+    }
+}
+

@@ -1,0 +1,224 @@
+//! Reads: a saga, its history, a page of sagas, `/stats`.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, SagaView};
+use crate::saga::SagaState;
+use crate::store::{self, SagaFilter};
+
+const STATS_WINDOW_SECS: i64 = 60;
+/// How long one computation of `/stats` serves every caller: the page polls it every second
+/// from every open tab.
+const STATS_FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// The last `/stats` and when it was computed. Behind an async lock, so that callers arriving
+/// together wait for one computation instead of starting one each.
+#[derive(Default)]
+pub struct StatsCache(tokio::sync::Mutex<Option<(Instant, store::Stats)>>);
+
+pub(super) async fn stats(State(state): State<AppState>) -> Result<Json<store::Stats>, ApiError> {
+    let mut cached = state.stats.0.lock().await;
+    if let Some((at, stats)) = cached.as_ref() {
+        if at.elapsed() < STATS_FRESH_FOR {
+            return Ok(Json(stats.clone()));
+        }
+    }
+    let stats = store::stats(&state.pool, STATS_WINDOW_SECS)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    *cached = Some((Instant::now(), stats.clone()));
+    Ok(Json(stats))
+}
+
+pub(super) async fn get_saga(
+    State(state): State<AppState>,
+    path: Result<Path<Uuid>, PathRejection>,
+) -> Result<Json<SagaView>, ApiError> {
+    let Path(saga_id) = path?;
+    let (saga, version) = store::get(&state.pool, saga_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
+    Ok(Json(SagaView::new(saga, version)))
+}
+
+pub(super) async fn get_saga_by_order(
+    State(state): State<AppState>,
+    path: Result<Path<Uuid>, PathRejection>,
+) -> Result<Json<SagaView>, ApiError> {
+    let Path(order_id) = path?;
+    let not_found = || ApiError::not_found(format!("no saga for order {order_id}"));
+    let saga_id = store::saga_id_for_order(&state.pool, order_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(not_found)?;
+    let (saga, version) = store::get(&state.pool, saga_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(not_found)?;
+    Ok(Json(SagaView::new(saga, version)))
+}
+
+/// `404` unless the saga exists.
+async fn ensure_exists(state: &AppState, saga_id: Uuid) -> Result<(), ApiError> {
+    match store::get(&state.pool, saga_id).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::not_found(format!("no saga {saga_id}"))),
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
+const HISTORY_DEFAULT_LIMIT: i64 = 500;
+const HISTORY_MAX_LIMIT: i64 = 1_000;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct HistoryQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `GET /sagas/{id}/history`: oldest first, one page at a time (`next_after` continues).
+pub(super) async fn get_history(
+    State(state): State<AppState>,
+    path: Result<Path<Uuid>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(saga_id) = path?;
+    let Query(query) = query?;
+    let limit = page_size(query.limit, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT)?;
+    let after = query.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request("after must not be negative"));
+    }
+    ensure_exists(&state, saga_id).await?;
+    let mut history = store::history(&state.pool, saga_id, after, limit + 1)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let more = history.len() as i64 > limit;
+    history.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_after = history.last().filter(|_| more).map(|line| line.id);
+    Ok(Json(
+        json!({ "saga_id": saga_id, "history": history, "next_after": next_after }),
+    ))
+}
+
+/// `limit`, or `default` when it is missing; 400 outside `1..=max`.
+fn page_size(limit: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {max}"
+        )))
+    }
+}
+
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 500;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    state: Option<String>,
+    min_age_secs: Option<u32>,
+    step: Option<String>,
+    reason: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// A page position: the last row's creation time (microseconds) and id. Opaque to clients.
+fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
+    format!("{}_{}", created_at.timestamp_micros(), id.simple())
+}
+
+fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (micros, id) = cursor.split_once('_')?;
+    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((at, Uuid::parse_str(id).ok()?))
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Shortest and longest reason filter, in characters. The trigram index that answers it
+/// needs three.
+const REASON_FILTER_CHARS: std::ops::RangeInclusive<usize> = 3..=200;
+
+fn reason_filter(reason: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(reason) = non_empty(reason) else {
+        return Ok(None);
+    };
+    let chars = reason.chars().count();
+    if !REASON_FILTER_CHARS.contains(&chars) || reason.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "reason must be {} to {} characters, without NUL",
+            REASON_FILTER_CHARS.start(),
+            REASON_FILTER_CHARS.end()
+        )));
+    }
+    Ok(Some(reason))
+}
+
+/// `GET /sagas`: newest first, filtered, one page at a time.
+pub(super) async fn list_sagas(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query?;
+    let state_filter = match non_empty(query.state) {
+        None => None,
+        Some(name) => Some(SagaState::parse(&name).ok_or_else(|| {
+            let known: Vec<&str> = SagaState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad_request(format!("unknown state {name:?}; expected one of {known:?}"))
+        })?),
+    };
+    let step = match non_empty(query.step) {
+        None => None,
+        Some(name) => Some(events::StepName::parse(&name).ok_or_else(|| {
+            let known: Vec<&str> = crate::saga::STEPS.iter().map(|s| s.name.as_str()).collect();
+            ApiError::bad_request(format!("unknown step {name:?}; expected one of {known:?}"))
+        })?),
+    };
+    let after = match non_empty(query.cursor) {
+        None => None,
+        Some(cursor) => Some(decode_cursor(&cursor).ok_or_else(|| {
+            ApiError::bad_request("invalid cursor; pass a next_cursor from an earlier page")
+        })?),
+    };
+    let limit = page_size(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let filter = SagaFilter {
+        state: state_filter,
+        created_before: query
+            .min_age_secs
+            .map(|secs| Utc::now() - chrono::Duration::seconds(i64::from(secs))),
+        step,
+        reason: reason_filter(query.reason)?,
+        after,
+    };
+    // One row more than asked says whether another page follows.
+    let mut page = store::list(&state.pool, &filter, limit + 1)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let more = page.len() as i64 > limit;
+    page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = match page.last() {
+        Some((saga, _)) if more => Some(encode_cursor(saga.created_at, saga.id)),
+        _ => None,
+    };
+    let sagas: Vec<SagaView> = page
+        .into_iter()
+        .map(|(saga, version)| SagaView::new(saga, version))
+        .collect();
+    Ok(Json(json!({ "sagas": sagas, "next_cursor": next_cursor })))
+}
+

@@ -1,0 +1,373 @@
+//! Who may call the API, what it accepts, and what a crowd of readers may take: each role
+//! against each endpoint, the limits at the edge, the watch-stream cap, and a service that
+//! refuses to start without tokens.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    order, Options, TestSystem, CLIENT_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
+};
+
+/// Who calls: no token, a token nobody issued, or one per role.
+const CALLERS: [(&str, Option<&str>); 5] = [
+    ("nobody", None),
+    ("stranger", Some("a-token-nobody-issued")),
+    ("viewer", Some(VIEWER_TOKEN)),
+    ("client", Some(CLIENT_TOKEN)),
+    ("operator", Some(OPERATOR_TOKEN)),
+];
+
+/// What each caller gets from each endpoint, in the order of [`CALLERS`]. Written out rather
+/// than derived from the server's route table, so that a change to either shows here.
+/// `ok` is the status a permitted call gets on the saga at hand (a completed one, which no
+/// operator action can move: 409).
+const TABLE: &[(&str, &str, [u16; 5])] = &[
+    ("GET", "/", [200, 200, 200, 200, 200]),
+    ("GET", "/ui/app.js", [200, 200, 200, 200, 200]),
+    ("GET", "/openapi.json", [200, 200, 200, 200, 200]),
+    ("GET", "/healthz", [401, 401, 200, 403, 200]),
+    ("GET", "/metrics", [401, 401, 200, 403, 200]),
+    ("GET", "/stats", [401, 401, 200, 403, 200]),
+    ("GET", "/sagas", [401, 401, 200, 403, 200]),
+    ("GET", "/sagas/{saga_id}", [401, 401, 200, 403, 200]),
+    ("GET", "/sagas/{saga_id}/history", [401, 401, 200, 403, 200]),
+    ("GET", "/sagas/{saga_id}/watch", [401, 401, 200, 403, 200]),
+    ("GET", "/orders/{order_id}/saga", [401, 401, 200, 403, 200]),
+    ("POST", "/orders", [401, 401, 403, 202, 403]),
+    ("POST", "/sagas/{saga_id}/retry", [401, 401, 403, 403, 409]),
+    ("POST", "/sagas/{saga_id}/skip", [401, 401, 403, 403, 409]),
+    ("POST", "/sagas/{saga_id}/abort", [401, 401, 403, 403, 409]),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_may_use_exactly_its_endpoints() {
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+
+    // Every served route is in the table, with the access the server gives it.
+    for (method, path, _) in orchestrator::api::ROUTES {
+        assert!(
+            TABLE
+                .iter()
+                .any(|(m, p, _)| m.eq_ignore_ascii_case(method) && p == path)
+                || path.starts_with("/ui/"),
+            "{method} {path} is missing from the role table"
+        );
+    }
+
+    let mut new_order = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+    if let Some(fields) = new_order.as_object_mut() {
+        fields.remove("order_id");
+    }
+    let operator_body = json!({ "reason": "checking the role table" }).to_string();
+    for (method, template, expected) in TABLE {
+        let path = template
+            .replace("{saga_id}", &saga_id)
+            .replace("{order_id}", &placed.order_id.to_string());
+        let body = match (*method, *template) {
+            ("POST", "/orders") => Some(new_order.to_string()),
+            ("POST", _) => Some(operator_body.clone()),
+            _ => None,
+        };
+        for ((who, token), expected) in CALLERS.iter().zip(expected) {
+            let response = system
+                .request_as(method, &path, *token, body.as_deref())
+                .await
+                .expect("HTTP request");
+            let status = response.status().as_u16();
+            let challenge = response.headers().get("www-authenticate").cloned();
+            let text = response.text().await.unwrap_or_default();
+            assert_eq!(status, *expected, "{who}: {method} {path}: {text}");
+            if status == 401 || status == 403 {
+                let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let code = if status == 401 { "unauthorized" } else { "forbidden" };
+                assert_eq!(error["error"]["code"], code, "{who}: {method} {path}: {text}");
+                assert!(
+                    !text.contains(token.unwrap_or("no token at all")),
+                    "an error never echoes the token"
+                );
+            }
+            if status == 401 {
+                assert_eq!(
+                    challenge.as_ref().and_then(|v| v.to_str().ok()),
+                    Some("Bearer"),
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_at_the_edge_refuse_big_bodies_long_fields_big_pages_and_foreign_origins() {
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+
+    // A body over 64 KiB, before it is parsed.
+    let mut big = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+    big["customer_id"] = json!("x".repeat(70 * 1024));
+    let (status, body) = system.post("/orders", &big.to_string()).await;
+    assert_eq!((status, &body["error"]["code"]), (413, &json!("body_too_large")), "{body}");
+    // Under it, every text field has its own bound, and no control characters.
+    for customer in ["x".repeat(201), "al\u{0}ice".to_owned(), "al\u{7}ice".to_owned()] {
+        let mut long = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+        long["customer_id"] = json!(customer);
+        let (status, body) = system.post("/orders", &long.to_string()).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap_or_default().contains("customer_id"));
+    }
+    // A traceparent far longer than any real one is ignored, not stored.
+    let response = system
+        .request_as("POST", "/orders", Some(CLIENT_TOKEN), None)
+        .await
+        .expect("HTTP request");
+    assert_eq!(response.status(), 415, "no JSON body");
+    let mut traced = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
+    if let Some(fields) = traced.as_object_mut() {
+        fields.remove("order_id");
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/orders", system.http))
+        .bearer_auth(CLIENT_TOKEN)
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{}-01", "a".repeat(8000)))
+        .body(traced.to_string())
+        .send()
+        .await
+        .expect("HTTP request");
+    assert_eq!(response.status(), 202);
+
+    // Bounded pages and filters.
+    for path in [
+        "/sagas?limit=501".to_owned(),
+        "/sagas?reason=ab".to_owned(),
+        format!("/sagas?reason={}", "x".repeat(201)),
+        format!("/sagas/{saga_id}/history?limit=1001"),
+        format!("/sagas/{saga_id}/history?limit=0"),
+        format!("/sagas/{saga_id}/history?after=-1"),
+    ] {
+        let (status, body) = system.get(&path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
+    }
+    // History pages: two lines at a time, continued with `next_after`.
+    let (status, first) = system
+        .get(&format!("/sagas/{saga_id}/history?limit=2"))
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["history"].as_array().map(Vec::len), Some(2));
+    let after = first["next_after"].as_i64().expect("a next page");
+    let (_, rest) = system
+        .get(&format!("/sagas/{saga_id}/history?after={after}"))
+        .await;
+    let all = system.history(&saga_id).await;
+    assert_eq!(
+        rest["history"].as_array().map(Vec::len),
+        Some(all.len() - 2),
+        "{rest}"
+    );
+    assert!(rest["next_after"].is_null());
+
+    // A page elsewhere cannot drive the API through a browser: not by sending its Origin...
+    let from = |origin: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/orders", system.http))
+            .bearer_auth(CLIENT_TOKEN)
+            .header("content-type", "application/json")
+            .header("origin", origin.to_owned())
+            .body(traced.to_string())
+    };
+    let refused = from("https://attacker.example").send().await.expect("HTTP");
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
+    let own = from(&system.http).send().await.expect("HTTP");
+    assert_eq!(own.status(), 202, "the API's own page may");
+    // ...nor by rebinding a name of its own to this loopback address.
+    let rebound = reqwest::Client::new()
+        .get(format!("{}/stats", system.http))
+        .bearer_auth(VIEWER_TOKEN)
+        .header("host", "attacker.example")
+        .send()
+        .await
+        .expect("HTTP");
+    assert_eq!(rebound.status(), 403);
+    let body: Value = rebound.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["code"], "host_not_allowed", "{body}");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_beyond_the_cap_get_429_and_a_closed_one_frees_its_place() {
+    // Payment is down, so the saga stays running and its streams stay open.
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["payment"],
+        api: orchestrator::config::ApiConfig {
+            watch_max_streams: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga_id = crate::helpers::eventually("the saga to exist", || async {
+        let (status, saga) = system.get(&format!("/orders/{}/saga", placed.order_id)).await;
+        (status == 200).then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    let path = format!("/sagas/{saga_id}/watch");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let stream = system.get_response(&path).await;
+        assert_eq!(stream.status(), 200);
+        open.push(stream);
+    }
+    let (status, body) = system.get(&path).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    drop(open.pop());
+    let reopened = crate::helpers::eventually("a freed place", || async {
+        let stream = system.get_response(&path).await;
+        (stream.status() == 200).then_some(stream)
+    })
+    .await;
+    open.push(reopened);
+
+    // All three streams see the saga finish, from the one shared feed.
+    system.start_participant("payment", 0);
+    for mut stream in open {
+        let mut text = String::new();
+        let read_to_end = async {
+            while let Some(chunk) = stream.chunk().await.expect("stream") {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), read_to_end)
+            .await
+            .expect("the stream ends when the saga does");
+        assert!(
+            text.contains("event: end") && text.contains("\"state\":\"completed\""),
+            "{text}"
+        );
+    }
+    system.stop().await;
+}
+
+/// Starts the orchestrator binary with `env` and no token settings of its own, and returns
+/// how it ended and what it wrote to stderr, if it ended within 10 s.
+async fn start_binary(env: &[(&str, &str)]) -> Option<(bool, String)> {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .env_remove("API_TOKENS")
+        .env_remove("API_TOKENS_FILE")
+        .env_remove("API_OPEN_ON_LOOPBACK")
+        // Nothing answers there: a service that gets past its token check fails later, with
+        // another message.
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the orchestrator binary");
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .ok()?
+        .expect("wait");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    Some((output.status.success(), text))
+}
+
+#[tokio::test]
+async fn without_tokens_the_service_refuses_to_start_unless_told_to_run_open_on_loopback() {
+    let port = |()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+            .to_string()
+    };
+    let loopback = format!("127.0.0.1:{}", port(()));
+    let (ok, text) = start_binary(&[("HTTP_ADDR", &loopback)])
+        .await
+        .expect("it stops at once");
+    assert!(!ok && text.contains("no API tokens configured"), "{text}");
+
+    let everywhere = format!("0.0.0.0:{}", port(()));
+    let (ok, text) = start_binary(&[
+        ("HTTP_ADDR", &everywhere),
+        ("API_OPEN_ON_LOOPBACK", "true"),
+    ])
+    .await
+    .expect("it stops at once");
+    assert!(!ok && text.contains("not on loopback"), "{text}");
+
+    let (ok, text) = start_binary(&[
+        ("HTTP_ADDR", &loopback),
+        ("API_TOKENS", "ops operator sha256:not-a-hash"),
+    ])
+    .await
+    .expect("it stops at once");
+    assert!(!ok && text.contains("line 1"), "{text}");
+    assert!(!text.contains("not-a-hash"), "the error names the line, not the token: {text}");
+
+    // Open on loopback gets past the check (and then fails on the unreachable database).
+    let (ok, text) = start_binary(&[
+        ("HTTP_ADDR", &loopback),
+        ("API_OPEN_ON_LOOPBACK", "true"),
+    ])
+    .await
+    .unwrap_or((false, "still running after 10 s".into()));
+    assert!(!ok && !text.contains("no API tokens"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_on_loopback_needs_no_token_and_records_the_operator_as_loopback() {
+    // Payment is down, so the saga waits on charge_payment and can be aborted.
+    let system = TestSystem::start_with(Options {
+        without: vec!["payment"],
+        api: orchestrator::config::ApiConfig {
+            api_open_on_loopback: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga_id = crate::helpers::eventually("the saga to wait on payment", || async {
+        let (_, saga) = system.get(&format!("/orders/{}/saga", placed.order_id)).await;
+        (saga["current_step"] == "charge_payment")
+            .then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    let response = system
+        .request_as(
+            "POST",
+            &format!("/sagas/{saga_id}/abort"),
+            None,
+            Some(r#"{"reason":"no token needed"}"#),
+        )
+        .await
+        .expect("HTTP request");
+    assert_eq!(response.status(), 200);
+    let history = system.history(&saga_id).await;
+    assert!(
+        history.iter().any(|h| h["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("abort by loopback: no token needed")),
+        "{history:?}"
+    );
+    system.stop().await;
+}
