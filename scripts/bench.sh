@@ -23,6 +23,8 @@ database="bench_${run_id}"
 export TOPIC_PREFIX="bench-${run_id}."
 export DATABASE_URL="$server_url/$database$url_options"
 export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
+# A local benchmark: the API runs open, on loopback only (sagactl load reads its /metrics).
+export API_OPEN_ON_LOOPBACK=true
 
 start_dependencies
 profile="${BENCH_PROFILE:-release}"

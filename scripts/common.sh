@@ -43,3 +43,22 @@ start_dependencies() {
     STARTED_BROKER=1
   fi
 }
+
+# make_api_tokens FILE NAME:ROLES...: a random token for each NAME (ROLES: comma-separated
+# viewer, client, operator). Writes their SHA-256 hashes, never the tokens, to FILE (the
+# orchestrator's token list, exported as API_TOKENS_FILE) and sets TOKEN_<NAME> (dashes as
+# underscores) to each token for the calling script.
+make_api_tokens() {
+  local file="$1" spec name roles token
+  shift
+  mkdir -p "$(dirname "$file")"
+  (umask 077 && : >"$file")
+  for spec in "$@"; do
+    name="${spec%%:*}" roles="${spec#*:}"
+    token="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+    printf '%s %s sha256:%s\n' "$name" "$roles" \
+      "$(printf %s "$token" | sha256sum | cut -d' ' -f1)" >>"$file"
+    printf -v "TOKEN_${name//-/_}" %s "$token"
+  done
+  export API_TOKENS_FILE="$file"
+}

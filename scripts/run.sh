@@ -10,6 +10,9 @@
 # Settings (environment): DATABASE_URL (default postgres://postgres@127.0.0.1:5432/sagas),
 # KAFKA_BROKERS (default 127.0.0.1:9092), HTTP_ADDR (default 127.0.0.1:8080), TOPIC_PREFIX.
 # Logs go to .run/logs/.
+#
+# The API needs bearer tokens: each run makes new ones (their hashes in .run/api-tokens, the
+# orchestrator's token list) and prints them with how to use them.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
@@ -32,6 +35,9 @@ echo "building the services..." >&2
 cargo build --release --locked --bin orchestrator --bin inventory --bin payment --bin shipping
 
 mkdir -p .run/logs
+# demo-operator: the page's walkthrough (reads, operator actions, and the demo orders);
+# shop: a client that only places orders; dashboards: read-only.
+make_api_tokens .run/api-tokens demo-operator:operator,client shop:client dashboards:viewer
 pids=()
 stop_services() {
   if ((${#pids[@]})); then
@@ -49,11 +55,12 @@ for service in orchestrator inventory payment shipping; do
 done
 
 api="http://$HTTP_ADDR"
+viewer=(-H "Authorization: Bearer $TOKEN_dashboards")
 for _ in $(seq 1 200); do
-  curl -fsS "$api/healthz" >/dev/null 2>&1 && break
+  curl -fsS "${viewer[@]}" "$api/healthz" >/dev/null 2>&1 && break
   sleep 0.1
 done
-curl -fsS "$api/healthz" >/dev/null || { echo "the orchestrator did not come up; see .run/logs/orchestrator.log" >&2; exit 1; }
+curl -fsS "${viewer[@]}" "$api/healthz" >/dev/null || { echo "the orchestrator did not come up; see .run/logs/orchestrator.log" >&2; exit 1; }
 
 # customer sku quantity country label
 demo_orders=(
@@ -67,7 +74,8 @@ for spec in "${demo_orders[@]}"; do
   read -r customer sku quantity country label <<<"$spec"
   body=$(printf '{"customer_id":"%s","items":[{"sku":"%s","quantity":%d,"unit_price_cents":1000}],"total_cents":%d,"currency":"EUR","shipping_address":{"country":"%s","city":"Berlin","line1":"Unter den Linden 1","postal_code":"10117"}}' \
     "$customer" "$sku" "$quantity" $((quantity * 1000)) "$country")
-  order_id=$(curl -fsS -X POST "$api/orders" -H 'content-type: application/json' -d "$body" | jq -r .order_id)
+  order_id=$(curl -fsS -X POST "$api/orders" -H "Authorization: Bearer $TOKEN_shop" \
+    -H 'content-type: application/json' -d "$body" | jq -r .order_id)
   echo "placed $label order $order_id" >&2
   order_ids+=("$order_id:$label")
 done
@@ -77,7 +85,7 @@ for entry in "${order_ids[@]}"; do
   order_id="${entry%%:*}"; label="${entry#*:}"
   saga=""
   for _ in $(seq 1 300); do
-    saga=$(curl -fsS "$api/orders/$order_id/saga" 2>/dev/null || true)
+    saga=$(curl -fsS "${viewer[@]}" "$api/orders/$order_id/saga" 2>/dev/null || true)
     state=$(jq -r '.state // empty' <<<"$saga" 2>/dev/null || true)
     [[ "$state" =~ ^(completed|compensated|failed)$ ]] && break
     sleep 0.1
@@ -86,8 +94,19 @@ for entry in "${order_ids[@]}"; do
     '[$path, .order_id, .state, ([.steps[] | "\(.name)=\(.status)"] | join(" ")) + (if .failure_reason then " | " + .failure_reason else "" end)] | @tsv' \
     <<<"$saga" | awk -F'\t' '{printf "%-18s %-36s %-12s %s\n", $1, $2, $3, $4}'
 done
-echo
-echo "status API: $api/sagas   (one saga: $api/orders/<order_id>/saga)"
+cat <<TOKENS
+
+API tokens for this run (only their hashes are stored, in .run/api-tokens; new ones each run):
+  demo-operator (operator, client): $TOKEN_demo_operator
+  shop (client):                    $TOKEN_shop
+  dashboards (viewer):              $TOKEN_dashboards
+
+The page:  open $api/ and paste the demo-operator token (kept only in that browser tab).
+The API:   curl -H "Authorization: Bearer $TOKEN_dashboards" $api/sagas
+           (one saga: $api/orders/<order_id>/saga; orders: POST $api/orders with the shop token)
+sagactl:   export SAGA_API_TOKEN=$TOKEN_demo_operator SAGA_API=$api
+           target/release/sagactl list --state failed
+TOKENS
 
 if ((exit_after_demo)); then
   exit 0

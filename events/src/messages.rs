@@ -193,7 +193,10 @@ impl Reply {
                 ));
             }
             if reason.contains('\0') {
-                return Err(crate::ContractError::invalid("reason", "must not contain NUL"));
+                return Err(crate::ContractError::invalid(
+                    "reason",
+                    "must not contain NUL",
+                ));
             }
         }
         Ok(())

@@ -43,6 +43,17 @@ pub enum Access {
     Operate,
 }
 
+impl Access {
+    /// What it allows, for a refusal's message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Read => "read sagas",
+            Self::PlaceOrder => "place orders",
+            Self::Operate => "retry, skip or abort sagas",
+        }
+    }
+}
+
 impl Role {
     pub fn parse(text: &str) -> Option<Self> {
         match text {

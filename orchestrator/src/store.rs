@@ -656,11 +656,10 @@ pub struct Stats {
 pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
     let now = Utc::now();
     let since = now - chrono::Duration::seconds(window_secs);
-    let counted: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state, sum(sagas)::bigint FROM saga_state_counts GROUP BY state",
-    )
-    .fetch_all(db)
-    .await?;
+    let counted: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, sum(sagas)::bigint FROM saga_state_counts GROUP BY state")
+            .fetch_all(db)
+            .await?;
     let (started, completed, compensated, failed, oldest_running): (
         i64,
         i64,

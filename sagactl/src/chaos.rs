@@ -251,7 +251,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         instances.push(Instance {
             name: format!("orchestrator-{n}"),
             binary: "orchestrator",
-            env: vec![("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}"))],
+            // The chaos run reads the tables, not the API: open, on loopback only.
+            env: vec![
+                ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+                ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
+                ("API_DATABASE_CONNECTIONS".into(), "1".into()),
+            ],
         });
     }
     for participant in ["inventory", "payment", "shipping"] {

@@ -18,11 +18,31 @@ pub struct ApiArgs {
     /// Base URL of the orchestrator's HTTP API.
     #[arg(long, env = "SAGA_API", default_value = "http://127.0.0.1:8080")]
     api: String,
+    /// Bearer token for the API (`scripts/run.sh` prints some): a viewer's to read, an
+    /// operator's to retry, skip or abort.
+    #[arg(long, env = "SAGA_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl ApiArgs {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.api.trim_end_matches('/'))
+    }
+
+    /// An HTTP client that sends the token with every request.
+    fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = &self.token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("SAGA_API_TOKEN holds characters a header cannot")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .default_headers(headers)
+            .build()
+            .context("building the HTTP client")
     }
 }
 
@@ -100,12 +120,9 @@ pub struct ListArgs {
 #[derive(Debug, Clone, Args)]
 pub struct OperatorArgs {
     saga_id: Uuid,
-    /// Why; recorded in the saga's history.
+    /// Why; recorded in the saga's history with the name of the token (who).
     #[arg(long)]
     reason: String,
-    /// Who; recorded in the saga's history.
-    #[arg(long, env = "USER", default_value = "operator")]
-    operator: String,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -168,13 +185,6 @@ pub async fn order(args: OrderArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("building the HTTP client")
-}
-
 /// Reads a JSON response, turning the API's error body into a message.
 async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
     let status = response.status();
@@ -214,7 +224,7 @@ async fn resolve_saga(
 }
 
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let http = client()?;
+    let http = args.api.client()?;
     let saga_id = resolve_saga(&http, &args.api, args.id, Duration::from_secs(30)).await?;
     println!("watching saga {saga_id}");
     let mut response = http
@@ -256,6 +266,12 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                             "          [{}] {steps}",
                             value["state"].as_str().unwrap_or("?")
                         );
+                        if value["state"] == "failed" {
+                            println!(
+                                "saga {saga_id} failed and waits for an operator \
+                                 (sagactl retry/skip); still watching, Ctrl-C to stop"
+                            );
+                        }
                         last_steps = steps;
                     }
                 }
@@ -315,7 +331,7 @@ fn steps_line(saga: &Value) -> String {
 }
 
 pub async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let http = client()?;
+    let http = args.api.client()?;
     let mut cursor: Option<String> = None;
     let mut printed_header = false;
     loop {
@@ -368,10 +384,10 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
 }
 
 pub async fn operate(action: &str, args: OperatorArgs) -> anyhow::Result<()> {
-    let http = client()?;
+    let http = args.api.client()?;
     let saga = json_or_error(
         http.post(args.api.url(&format!("/sagas/{}/{action}", args.saga_id)))
-            .json(&serde_json::json!({ "operator": args.operator, "reason": args.reason }))
+            .json(&serde_json::json!({ "reason": args.reason }))
             .send()
             .await?,
     )

@@ -115,16 +115,6 @@ fn host_name(host: &str) -> &str {
     host.split(':').next().unwrap_or(host)
 }
 
-impl Access {
-    fn describe(self) -> &'static str {
-        match self {
-            Self::Read => "read sagas",
-            Self::PlaceOrder => "place orders",
-            Self::Operate => "retry, skip or abort sagas",
-        }
-    }
-}
-
 /// Middleware for every route: the `Host`/`Origin` check.
 pub async fn same_origin(
     State(guard): State<std::sync::Arc<Guard>>,
@@ -192,7 +182,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_str(host).expect("host"));
         if let Some(origin) = origin {
-            headers.insert(header::ORIGIN, HeaderValue::from_str(origin).expect("origin"));
+            headers.insert(
+                header::ORIGIN,
+                HeaderValue::from_str(origin).expect("origin"),
+            );
         }
         headers
     }
@@ -223,13 +216,17 @@ mod tests {
     #[test]
     fn configured_hosts_and_origins_widen_or_narrow_the_defaults() {
         let open = guard(&[], &[], "0.0.0.0:8080");
-        assert!(open.check_origin(&headers("sagas.internal:8080", None)).is_ok());
+        assert!(open
+            .check_origin(&headers("sagas.internal:8080", None))
+            .is_ok());
         let listed = guard(
             &["sagas.internal"],
             &["https://ops.example.com/"],
             "0.0.0.0:8080",
         );
-        assert!(listed.check_origin(&headers("sagas.internal", None)).is_ok());
+        assert!(listed
+            .check_origin(&headers("sagas.internal", None))
+            .is_ok());
         assert!(listed.check_origin(&headers("localhost", None)).is_err());
         assert!(listed
             .check_origin(&headers("sagas.internal", Some("https://ops.example.com")))

@@ -103,7 +103,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/ui/style.css",
             get(|| async {
-                static_file("text/css; charset=utf-8", include_str!("../../web/style.css"))
+                static_file(
+                    "text/css; charset=utf-8",
+                    include_str!("../../web/style.css"),
+                )
             }),
         )
         .route(
@@ -294,4 +297,3 @@ async fn healthz(State(state): State<AppState>) -> Response {
         }
     }
 }
-

@@ -221,4 +221,3 @@ pub(super) async fn list_sagas(
         .collect();
     Ok(Json(json!({ "sagas": sagas, "next_cursor": next_cursor })))
 }
-

@@ -140,10 +140,7 @@ impl WatchFeed {
             let Some(entry) = watched.get_mut(&saga.id) else {
                 continue;
             };
-            let last_line = lines
-                .last()
-                .map(|l| l.id)
-                .or(entry.seen.map(|(_, h)| h));
+            let last_line = lines.last().map(|l| l.id).or(entry.seen.map(|(_, h)| h));
             entry.seen = Some((version, last_line.unwrap_or(0)));
             // No receiver left is fine: the entry goes at the next look.
             let _ = entry.changes.send(Arc::new(Change {
@@ -181,7 +178,9 @@ pub async fn watch(
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
     let (events_tx, events_rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(stream_saga(state, saga_id, snapshot, changes, events_tx, permit));
+    tokio::spawn(stream_saga(
+        state, saga_id, snapshot, changes, events_tx, permit,
+    ));
     let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
         rx.recv()
             .await
@@ -239,7 +238,9 @@ async fn stream_saga(
     if !send_change(&events, &mut sent, &snapshot).await {
         return;
     }
-    state.watch.seen_from(saga_id, sent.version, sent.history_id);
+    state
+        .watch
+        .seen_from(saga_id, sent.version, sent.history_id);
     loop {
         let change = tokio::select! {
             received = changes.recv() => match received {

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{
-    order, Options, TestSystem, CLIENT_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
-};
+use crate::helpers::{order, Options, TestSystem, CLIENT_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 
 /// Who calls: no token, a token nobody issued, or one per role.
 const CALLERS: [(&str, Option<&str>); 5] = [
@@ -85,8 +83,15 @@ async fn each_role_may_use_exactly_its_endpoints() {
             assert_eq!(status, *expected, "{who}: {method} {path}: {text}");
             if status == 401 || status == 403 {
                 let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                let code = if status == 401 { "unauthorized" } else { "forbidden" };
-                assert_eq!(error["error"]["code"], code, "{who}: {method} {path}: {text}");
+                let code = if status == 401 {
+                    "unauthorized"
+                } else {
+                    "forbidden"
+                };
+                assert_eq!(
+                    error["error"]["code"], code,
+                    "{who}: {method} {path}: {text}"
+                );
                 assert!(
                     !text.contains(token.unwrap_or("no token at all")),
                     "an error never echoes the token"
@@ -116,14 +121,25 @@ async fn limits_at_the_edge_refuse_big_bodies_long_fields_big_pages_and_foreign_
     let mut big = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
     big["customer_id"] = json!("x".repeat(70 * 1024));
     let (status, body) = system.post("/orders", &big.to_string()).await;
-    assert_eq!((status, &body["error"]["code"]), (413, &json!("body_too_large")), "{body}");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (413, &json!("body_too_large")),
+        "{body}"
+    );
     // Under it, every text field has its own bound, and no control characters.
-    for customer in ["x".repeat(201), "al\u{0}ice".to_owned(), "al\u{7}ice".to_owned()] {
+    for customer in [
+        "x".repeat(201),
+        "al\u{0}ice".to_owned(),
+        "al\u{7}ice".to_owned(),
+    ] {
         let mut long = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
         long["customer_id"] = json!(customer);
         let (status, body) = system.post("/orders", &long.to_string()).await;
         assert_eq!(status, 422, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap_or_default().contains("customer_id"));
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("customer_id"));
     }
     // A traceparent far longer than any real one is ignored, not stored.
     let response = system
@@ -221,7 +237,9 @@ async fn watch_streams_beyond_the_cap_get_429_and_a_closed_one_frees_its_place()
     let placed = order("alice", "WIDGET", 1, "DE");
     system.place(&placed).await;
     let saga_id = crate::helpers::eventually("the saga to exist", || async {
-        let (status, saga) = system.get(&format!("/orders/{}/saga", placed.order_id)).await;
+        let (status, saga) = system
+            .get(&format!("/orders/{}/saga", placed.order_id))
+            .await;
         (status == 200).then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
     })
     .await;
@@ -304,12 +322,9 @@ async fn without_tokens_the_service_refuses_to_start_unless_told_to_run_open_on_
     assert!(!ok && text.contains("no API tokens configured"), "{text}");
 
     let everywhere = format!("0.0.0.0:{}", port(()));
-    let (ok, text) = start_binary(&[
-        ("HTTP_ADDR", &everywhere),
-        ("API_OPEN_ON_LOOPBACK", "true"),
-    ])
-    .await
-    .expect("it stops at once");
+    let (ok, text) = start_binary(&[("HTTP_ADDR", &everywhere), ("API_OPEN_ON_LOOPBACK", "true")])
+        .await
+        .expect("it stops at once");
     assert!(!ok && text.contains("not on loopback"), "{text}");
 
     let (ok, text) = start_binary(&[
@@ -319,15 +334,15 @@ async fn without_tokens_the_service_refuses_to_start_unless_told_to_run_open_on_
     .await
     .expect("it stops at once");
     assert!(!ok && text.contains("line 1"), "{text}");
-    assert!(!text.contains("not-a-hash"), "the error names the line, not the token: {text}");
+    assert!(
+        !text.contains("not-a-hash"),
+        "the error names the line, not the token: {text}"
+    );
 
     // Open on loopback gets past the check (and then fails on the unreachable database).
-    let (ok, text) = start_binary(&[
-        ("HTTP_ADDR", &loopback),
-        ("API_OPEN_ON_LOOPBACK", "true"),
-    ])
-    .await
-    .unwrap_or((false, "still running after 10 s".into()));
+    let (ok, text) = start_binary(&[("HTTP_ADDR", &loopback), ("API_OPEN_ON_LOOPBACK", "true")])
+        .await
+        .unwrap_or((false, "still running after 10 s".into()));
     assert!(!ok && !text.contains("no API tokens"), "{text}");
 }
 
@@ -346,7 +361,9 @@ async fn open_on_loopback_needs_no_token_and_records_the_operator_as_loopback() 
     let placed = order("alice", "WIDGET", 1, "DE");
     system.place(&placed).await;
     let saga_id = crate::helpers::eventually("the saga to wait on payment", || async {
-        let (_, saga) = system.get(&format!("/orders/{}/saga", placed.order_id)).await;
+        let (_, saga) = system
+            .get(&format!("/orders/{}/saga", placed.order_id))
+            .await;
         (saga["current_step"] == "charge_payment")
             .then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
     })

@@ -347,7 +347,10 @@ impl TestSystem {
 
     async fn wait_for_api(&self) {
         eventually("the orchestrator to answer /healthz", || async {
-            match self.request_as("GET", "/healthz", Some(VIEWER_TOKEN), None).await {
+            match self
+                .request_as("GET", "/healthz", Some(VIEWER_TOKEN), None)
+                .await
+            {
                 Ok(r) if r.status().is_success() => Some(()),
                 _ => None,
             }
