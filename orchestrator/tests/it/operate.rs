@@ -542,6 +542,17 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     assert_eq!(history, 0, "its history went with it");
     let (status, kept) = system.get(&format!("/sagas/{failed_id}")).await;
     assert_eq!(status, 200, "failed sagas wait for an operator: {kept}");
+    // The counts /stats shows are kept with every insert, update and sweep: they match the
+    // table (one failed saga left).
+    let (_, stats) = system.get("/stats").await;
+    let counted: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM sagas GROUP BY state")
+            .fetch_all(&orchestrator)
+            .await
+            .expect("count sagas");
+    assert_eq!(counted, [("failed".to_owned(), 1)]);
+    assert_eq!(stats["counts"]["failed"], 1, "{stats}");
+    assert_eq!(stats["total"], 1, "{stats}");
     for schema in ["orchestrator", "inventory", "payment", "shipping"] {
         let pool = system.schema(schema).await;
         eventually(&format!("the {schema} inbox to be swept"), || async {
