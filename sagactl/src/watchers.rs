@@ -74,11 +74,11 @@ pub struct WatchersArgs {
 }
 
 pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
-    if !(args.ramp_secs.is_finite() && args.ramp_secs >= 0.0) {
+    let Ok(ramp) = Duration::try_from_secs_f64(args.ramp_secs) else {
         bail!("--ramp-secs must be a number of seconds ≥ 0");
-    }
-    let duration = match args.duration_secs {
-        Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+    };
+    let duration = match args.duration_secs.map(Duration::try_from_secs_f64) {
+        Some(Ok(duration)) if !duration.is_zero() => Some(duration),
         Some(_) => bail!("--duration-secs must be a number of seconds > 0"),
         None => None,
     };
@@ -100,7 +100,6 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
     let streams = Arc::new(StreamTally::default());
     let tabs = Arc::new(TabTally::default());
     let pause = Duration::from_millis(args.retry_pause_ms);
-    let ramp = Duration::from_secs_f64(args.ramp_secs);
     let mut tasks = JoinSet::new();
     for i in 0..args.streams {
         let url = watch_url(&api, &sagas[i % sagas.len()]);
