@@ -62,3 +62,137 @@ make_api_tokens() {
   done
   export API_TOKENS_FILE="$file"
 }
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark deployment, shared by bench.sh and watch-bench.sh.
+#
+# bench_start_stack: starts PostgreSQL and the broker if needed, builds the binaries
+# (BENCH_PROFILE: release, the default, or debug), creates a fresh database and topic prefix,
+# starts the orchestrator and the three participants as separate processes (from
+# BENCH_SERVICES_DIR when set: another build's target/release) and waits until they are ready.
+# Afterwards:
+#   DATABASE_URL, TOPIC_PREFIX, KAFKA_BROKERS, HTTP_ADDR  exported, the deployment's
+#   BENCH_PIDS        the services' pids (orchestrator inventory payment shipping)
+#   BENCH_LOG_DIR     their logs
+#   BENCH_OPS_ADDR    where the orchestrator's /healthz and /metrics answer without a token:
+#                     OPS_HTTP_ADDR when it is set (and the orchestrator serves it), else HTTP_ADDR
+#   BENCH_SAGACTL     this build's sagactl
+#   BENCH_ACCOUNTING  the `sagactl load` arguments that account for every process (CPU, memory,
+#                     /metrics; the broker's JVM and PostgreSQL too) and the SQL statements
+# Knobs: BENCH_DATABASE_SERVER, BENCH_DATABASE_OPTIONS (e.g. "?host=/var/run/postgresql"),
+# BENCH_METRICS_PORT_BASE (default 9180: the participants' /metrics on base+1, +2, +3), and
+# extra environment for one service in the array BENCH_ENV_<service>, e.g.
+#   BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES=1000)
+# Without API_TOKENS_FILE or API_TOKENS for the orchestrator, it runs with
+# API_OPEN_ON_LOOPBACK=true (the API's auth, issue 12, needs one or the other).
+# The caller sets `trap bench_stop_stack EXIT` first.
+BENCH_PIDS=()
+BENCH_DATABASE=""
+
+bench_start_stack() {
+  export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+  BENCH_SERVER_URL="${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}"
+  BENCH_URL_OPTIONS="${BENCH_DATABASE_OPTIONS:-}"
+  local run_id
+  run_id="$(date +%s)"
+  export TOPIC_PREFIX="bench-${run_id}."
+  export DATABASE_URL="$BENCH_SERVER_URL/bench_${run_id}$BENCH_URL_OPTIONS"
+  export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
+
+  start_dependencies
+  local profile="${BENCH_PROFILE:-release}"
+  if [[ "$profile" == release ]]; then
+    cargo build --release --locked --bins
+  else
+    cargo build --locked --bins
+  fi
+  psql "$BENCH_SERVER_URL/postgres$BENCH_URL_OPTIONS" -qc "CREATE DATABASE bench_${run_id}"
+  BENCH_DATABASE="bench_${run_id}"
+
+  BENCH_LOG_DIR="$ROOT/.run/bench-$run_id"
+  mkdir -p "$BENCH_LOG_DIR"
+  local names=(orchestrator inventory payment shipping)
+  local port_base="${BENCH_METRICS_PORT_BASE:-9180}"
+  local i service extra
+  for i in "${!names[@]}"; do
+    service="${names[$i]}"
+    extra=()
+    if ((i == 0)); then
+      [[ -z "${OPS_HTTP_ADDR:-}" ]] || extra+=("OPS_HTTP_ADDR=$OPS_HTTP_ADDR")
+      if [[ -z "${API_TOKENS_FILE:-}${API_TOKENS:-}" ]] \
+        && ! declare -p BENCH_ENV_orchestrator 2>/dev/null | grep -q 'API_TOKENS'; then
+        extra+=("API_OPEN_ON_LOOPBACK=${API_OPEN_ON_LOOPBACK:-true}")
+      fi
+    else
+      extra+=("METRICS_ADDR=127.0.0.1:$((port_base + i))")
+    fi
+    if declare -p "BENCH_ENV_$service" >/dev/null 2>&1; then
+      local spec="BENCH_ENV_${service}[@]"
+      extra+=("${!spec}")
+    fi
+    # `env` executes the service in its place, so the pid is the service's.
+    env "${extra[@]}" "${BENCH_SERVICES_DIR:-target/$profile}/$service" \
+      >"$BENCH_LOG_DIR/$service.log" 2>&1 &
+    BENCH_PIDS+=($!)
+  done
+
+  local ops="${OPS_HTTP_ADDR:-$HTTP_ADDR}"
+  BENCH_OPS_ADDR=""
+  for i in $(seq 1 300); do
+    if curl -fsS --max-time 2 "http://$ops/healthz" >/dev/null 2>&1; then
+      BENCH_OPS_ADDR="$ops"
+      break
+    fi
+    if [[ "$ops" != "$HTTP_ADDR" ]] && ((i > 50)) && curl -fsS --max-time 2 "http://$HTTP_ADDR/healthz" >/dev/null 2>&1; then
+      echo "the orchestrator does not serve OPS_HTTP_ADDR=$ops (a build before issue 12):" \
+        "reading /healthz and /metrics on $HTTP_ADDR" >&2
+      BENCH_OPS_ADDR="$HTTP_ADDR"
+      break
+    fi
+    kill -0 "${BENCH_PIDS[0]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ -z "$BENCH_OPS_ADDR" ]]; then
+    echo "the orchestrator is not healthy on $ops; the end of its log ($BENCH_LOG_DIR):" >&2
+    tail -n 20 "$BENCH_LOG_DIR/orchestrator.log" >&2
+    return 1
+  fi
+  # Wait for the participants' migrations (the demo data is their last one).
+  for _ in $(seq 1 300); do
+    psql "$DATABASE_URL" -Atc "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) AND to_regclass('shipping.shipments') IS NOT NULL" 2>/dev/null | grep -q t && break
+    sleep 0.1
+  done
+
+  BENCH_SAGACTL="$ROOT/target/$profile/sagactl"
+  local metrics_urls=("http://$BENCH_OPS_ADDR/metrics")
+  for i in 1 2 3; do metrics_urls+=("http://127.0.0.1:$((port_base + i))/metrics"); done
+  BENCH_ACCOUNTING=()
+  for i in "${!names[@]}"; do
+    BENCH_ACCOUNTING+=(--process "${names[$i]}=${BENCH_PIDS[$i]}" --metrics "${names[$i]}=${metrics_urls[$i]}")
+  done
+  # The broker and PostgreSQL (the postmaster and every backend under it) share the machine;
+  # their CPU counts in the per-saga budget too.
+  local broker_pid_file="$ROOT/.run/broker/broker.pid"
+  if [[ -f "$broker_pid_file" ]] && kill -0 "$(cat "$broker_pid_file")" 2>/dev/null; then
+    BENCH_ACCOUNTING+=(--process "broker=$(cat "$broker_pid_file")" --kafka-log-dir "$ROOT/.run/broker/data")
+  fi
+  local postmaster_pid
+  postmaster_pid="$(head -1 /var/run/postgresql/*-main.pid 2>/dev/null || true)"
+  if [[ -n "$postmaster_pid" ]]; then
+    BENCH_ACCOUNTING+=(--process "postgres=$postmaster_pid")
+  fi
+  BENCH_ACCOUNTING+=(--sql-stats "$DATABASE_URL")
+}
+
+# bench_stop_stack: stops the services bench_start_stack started and drops its database.
+bench_stop_stack() {
+  if ((${#BENCH_PIDS[@]})); then
+    kill -TERM "${BENCH_PIDS[@]}" 2>/dev/null || true
+    wait "${BENCH_PIDS[@]}" 2>/dev/null || true
+    BENCH_PIDS=()
+  fi
+  if [[ -n "$BENCH_DATABASE" ]]; then
+    psql "$BENCH_SERVER_URL/postgres$BENCH_URL_OPTIONS" -qc "DROP DATABASE IF EXISTS $BENCH_DATABASE WITH (FORCE)" || true
+    BENCH_DATABASE=""
+  fi
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use events::{Address, Envelope, LineItem, OrderPlaced, SagaEvent, Topics};
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -39,6 +39,10 @@ pub struct LoadArgs {
     /// Percentage of orders built to fail (spread over stock, payment and shipping).
     #[arg(long, default_value_t = 0)]
     failure_percent: u8,
+    /// Which step the failing orders fail at: any (stock, payment and shipping in equal
+    /// parts), or only one of them.
+    #[arg(long, value_enum, default_value_t = FailAt::Any)]
+    fail_at: FailAt,
     /// Give up on sagas that have not finished this many seconds after the last order.
     #[arg(long, default_value_t = 60)]
     settle_timeout_secs: u64,
@@ -208,7 +212,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
                 .context("semaphore closed")?
                 .forget(),
         }
-        let order = random_order(args.failure_percent);
+        let order = random_order_failing_at(args.failure_percent, args.fail_at);
         tally
             .lock()
             .await
@@ -380,12 +384,36 @@ async fn watch_events(
     }
 }
 
+/// The step a failing order is built to fail at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FailAt {
+    /// Stock, payment and shipping in equal parts.
+    Any,
+    /// An unknown SKU: refused at once, nothing to compensate.
+    Stock,
+    /// A declined payment: the stock reservation is released.
+    Payment,
+    /// A denied destination: the payment is refunded and the reservation released.
+    Shipping,
+}
+
 /// An order of one item from the demo data; `failure_percent` of them are built to be
 /// compensated (unknown stock, a declined payment, or a denied destination, in equal parts).
 pub(crate) fn random_order(failure_percent: u8) -> OrderPlaced {
+    random_order_failing_at(failure_percent, FailAt::Any)
+}
+
+/// Like [`random_order`], with the failing orders failing at `fail_at`.
+pub(crate) fn random_order_failing_at(failure_percent: u8, fail_at: FailAt) -> OrderPlaced {
     let mut rng = rand::thread_rng();
     let (customer, sku, country) = if rng.gen_range(0..100) < failure_percent {
-        match rng.gen_range(0..3) {
+        let step = match fail_at {
+            FailAt::Any => rng.gen_range(0..3),
+            FailAt::Stock => 0,
+            FailAt::Payment => 1,
+            FailAt::Shipping => 2,
+        };
+        match step {
             0 => ("alice", "SOLDOUT", "DE"),
             1 => ("carol", "WIDGET", "DE"),
             _ => ("bob", "GADGET", "AQ"),
@@ -580,5 +608,27 @@ fn print_report(r: &Report) {
             "hop means (ms)    {:<13} delivered {:>6.2}  handled {:>6.2}  picked up {:>6.2}  acked {:>6.2}",
             b.name, b.mean_delivery_ms, b.mean_handle_ms, b.mean_pickup_ms, b.mean_publish_ms
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{random_order_failing_at, FailAt};
+
+    #[test]
+    fn failing_orders_fail_at_the_chosen_step() {
+        for _ in 0..50 {
+            let order = random_order_failing_at(100, FailAt::Payment);
+            assert_eq!(order.customer_id, "carol", "declined: carol has 5.00");
+            assert_eq!(order.items[0].sku, "WIDGET");
+            assert_eq!(order.shipping_address.country, "DE");
+            let order = random_order_failing_at(100, FailAt::Shipping);
+            assert_eq!(order.shipping_address.country, "AQ");
+            let order = random_order_failing_at(100, FailAt::Stock);
+            assert_eq!(order.items[0].sku, "SOLDOUT");
+            let order = random_order_failing_at(0, FailAt::Payment);
+            assert_ne!(order.customer_id, "carol");
+            assert!(order.validate().is_ok());
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! - `sagactl chaos` runs the services as processes, kills them at random while sagas run, and
 //!   checks the books afterwards.
 //! - `sagactl ceiling broker|postgres` measures what the machine can do at most.
+//! - `sagactl watchers` keeps many watch streams and emulated operations pages open against
+//!   the HTTP API, to run beside `sagactl load`.
 //! - `sagactl order`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's commands.
 
 mod budget;
@@ -14,6 +16,7 @@ mod chaos;
 mod garbage;
 mod load;
 mod ops;
+mod watchers;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +47,9 @@ enum Command {
     Abort(ops::OperatorArgs),
     /// Publish orders and report throughput and end-to-end latency.
     Load(load::LoadArgs),
+    /// Keep many watch streams and operations pages open on the HTTP API, and report what
+    /// they saw (run beside `load` to measure what watchers cost).
+    Watchers(watchers::WatchersArgs),
     /// Measure what the broker and PostgreSQL can do at most on this machine.
     #[command(subcommand)]
     Ceiling(ceiling::Ceiling),
@@ -64,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Skip(args) => ops::operate("skip", args).await,
         Command::Abort(args) => ops::operate("abort", args).await,
         Command::Load(args) => load::run(args).await,
+        Command::Watchers(args) => watchers::run(args).await,
         Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
     }
