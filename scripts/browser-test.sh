@@ -7,18 +7,28 @@
 #   scripts/browser-test.sh
 #
 # Needs Node 20+ and npm; installs Chromium with apt-get when /usr/bin/chromium is missing
-# (CHROMIUM=/path/to/chrome uses another). Removes its database and stops what it started.
+# (CHROMIUM=/path/to/chrome uses another). HTTP_ADDR defaults to a free loopback port.
+# Removes its database and stops what it started.
+#
+# The orchestrator gets a token list of two fresh random tokens: `page-operator` (operator,
+# client) for the walkthrough and `page-viewer` (viewer) for what a viewer may not do. The
+# payment service refuses its first compensation and the orchestrator gives up after one
+# attempt, so that one saga is `failed` for the page's operator retry.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 server_url="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
-run_id="$(date +%s)"
+# The time and our pid: runs of other sessions on the same PostgreSQL and broker never share a
+# database, topics or consumer groups.
+run_id="$(date +%s)_$$"
 database="browser_${run_id}"
 export TOPIC_PREFIX="browser-${run_id}."
 export DATABASE_URL="$server_url/$database"
-export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18081}"
 export RUST_LOG="${RUST_LOG:-info}"
+# The participants' /metrics on ports of their own (nobody reads them here), not the fixed
+# defaults another deployment on this machine may hold.
+export METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:0}"
 log_dir=".run/browser-$run_id"
 artifact_dir="$ROOT/target/artifacts"
 chromium="${CHROMIUM:-/usr/bin/chromium}"
@@ -77,26 +87,56 @@ if [[ ! -d web-tests/node_modules/playwright-core ]]; then
   (cd web-tests && npm ci --no-audit --no-fund)
 fi
 
+if [[ -z ${HTTP_ADDR:-} ]]; then
+  # A port the kernel has free now (should another process take it first, the health check
+  # below fails with the orchestrator's log).
+  HTTP_ADDR="127.0.0.1:$(node -e "const s = require('net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close(); });")"
+fi
+export HTTP_ADDR
+
 # The broker, the binaries, the database.
 start_dependencies
 [[ $STARTED_BROKER == 0 ]] || broker_started=true
 cargo build --locked --bins
-if curl -fsS -o /dev/null "http://$HTTP_ADDR/healthz" 2>/dev/null; then
-  say "something already answers on $HTTP_ADDR; set HTTP_ADDR to a free address"
+if tcp_open "$HTTP_ADDR"; then
+  say "something already listens on $HTTP_ADDR; set HTTP_ADDR to a free address"
   exit 1
 fi
 psql "$server_url/postgres" -qc "CREATE DATABASE $database"
 database_created=true
 
 mkdir -p "$log_dir" "$artifact_dir"
+
+# The API tokens: random, for this run only. The orchestrator reads their hashes from a file;
+# the test gets the tokens themselves through its environment.
+new_token() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
+token_hash() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+operator_token="$(new_token)"
+viewer_token="$(new_token)"
+tokens_file="$log_dir/api-tokens"
+{
+  echo "# NAME ROLES sha256:HEX, written by scripts/browser-test.sh for one run"
+  echo "page-operator operator,client sha256:$(token_hash "$operator_token")"
+  echo "page-viewer viewer sha256:$(token_hash "$viewer_token")"
+} >"$tokens_file"
+
 for service in orchestrator inventory payment shipping; do
-  "target/debug/$service" >"$log_dir/$service.log" 2>&1 &
+  case $service in
+    orchestrator) settings=(API_TOKENS_FILE="$tokens_file" COMPENSATION_MAX_ATTEMPTS=1) ;;
+    payment) settings=(FAULT_COMPENSATION_FAILURES=1) ;;
+    *) settings=() ;;
+  esac
+  env "${settings[@]}" "target/debug/$service" >"$log_dir/$service.log" 2>&1 &
   pids+=($!)
 done
 
+# /healthz on the API's address needs a token that may read.
 healthy=false
 for _ in $(seq 1 300); do
-  if curl -fsS -o /dev/null "http://$HTTP_ADDR/healthz" 2>/dev/null; then healthy=true; break; fi
+  if curl -fsS -o /dev/null -H "Authorization: Bearer $viewer_token" "http://$HTTP_ADDR/healthz" 2>/dev/null; then
+    healthy=true
+    break
+  fi
   sleep 0.1
 done
 if [[ $healthy != true ]]; then
@@ -120,7 +160,8 @@ if [[ $ready != true ]]; then
 fi
 
 say "running web-tests/saga-page.mjs against http://$HTTP_ADDR"
-if ! SAGA_API="http://$HTTP_ADDR" ARTIFACT_DIR="$artifact_dir" CHROMIUM="$chromium" \
+if ! SAGA_API="http://$HTTP_ADDR" SAGA_TOKEN="$operator_token" SAGA_TOKEN_NAME=page-operator \
+  SAGA_VIEWER_TOKEN="$viewer_token" ARTIFACT_DIR="$artifact_dir" CHROMIUM="$chromium" \
   node web-tests/saga-page.mjs; then
   print_logs
   exit 1

@@ -1,7 +1,9 @@
-// The orchestrator's operations page: live counts, a filtered list of recent sagas, and a
-// per-saga timeline fed by Server-Sent Events. Plain browser JavaScript, no build step.
+// The orchestrator's operations page: live counts, a filtered list of recent sagas, a
+// per-saga timeline fed by Server-Sent Events, and the operator actions. Plain browser
+// JavaScript, no build step.
 //
-// Everything the server sends is put into the page with textContent, never as HTML.
+// Every API call carries the tab's bearer token (asked for in a dialog). Everything the server
+// sends is put into the page with textContent, never as HTML.
 'use strict';
 
 (() => {
@@ -12,7 +14,15 @@
   const ORDER_POLL_MS = 250;
   const ORDER_POLL_TIMEOUT_MS = 30000;
   const STATES = ['running', 'compensating', 'completed', 'compensated', 'failed'];
-  const TERMINAL = new Set(['completed', 'compensated', 'failed']);
+  // Nothing more happens to a saga in these states: its live stream ends, no action applies.
+  // A `failed` saga is not among them: it waits for an operator, and its stream stays open.
+  const FINISHED = new Set(['completed', 'compensated']);
+  // The state each operator action fits (the server refuses the rest with 409).
+  const ACTION_STATES = { retry: 'failed', skip: 'failed', abort: 'running' };
+  // How long a dropped live stream waits before it reconnects, unless the server says otherwise
+  // (`retry:`): what Chromium's EventSource waits.
+  const RECONNECT_MS = 3000;
+  const TOKEN_KEY = 'sagas.api-token';
   const DASH = '\u2013'; // en dash: no value
   const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -25,6 +35,43 @@
   const $ = (testid, root = document) => root.querySelector(`[data-testid="${testid}"]`);
 
   // ---------------------------------------------------------------------------------------
+  // The API token, kept for this tab only
+
+  // sessionStorage, not localStorage or a cookie: the token lives as long as this tab, other
+  // tabs do not see it, and the browser never attaches it to a request on its own (a cookie
+  // would go along with requests other sites make the browser send). Where storage is
+  // unavailable the token is kept in memory, and a reload asks again.
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY) || null;
+    } catch {
+      return null;
+    }
+  }
+
+  let token = storedToken();
+
+  function keepToken(value) {
+    token = value;
+    try {
+      sessionStorage.setItem(TOKEN_KEY, value);
+    } catch {
+      // in memory only
+    }
+  }
+
+  function dropToken() {
+    token = null;
+    try {
+      sessionStorage.removeItem(TOKEN_KEY);
+    } catch {
+      // nothing was stored
+    }
+  }
+
+  const authorization = (value) => (value ? { Authorization: `Bearer ${value}` } : {});
+
+  // ---------------------------------------------------------------------------------------
   // API access and errors
 
   class ApiError extends Error {
@@ -35,32 +82,51 @@
     }
   }
 
-  /** Fetches JSON; a non-2xx answer becomes an ApiError with the server's code and message. */
+  /** The ApiError of a non-2xx answer: the server's code and message, or its status line. */
+  function errorOf(response, text) {
+    let parsed = null;
+    try {
+      parsed = text ? JSON.parse(text) : null;
+    } catch {
+      parsed = null;
+    }
+    const error = parsed && parsed.error;
+    if (error && typeof error.message === 'string') {
+      return new ApiError(response.status, String(error.code || 'error'), error.message);
+    }
+    return new ApiError(response.status, 'http_' + response.status,
+      `${response.status} ${response.statusText || ''}`.trim());
+  }
+
+  /**
+   * Fetches JSON with the tab's token (or `options.token`, which a 401 does not sign out); a
+   * non-2xx answer becomes an ApiError with the server's code and message.
+   */
   async function api(path, options = {}) {
+    const { token: given, ...init } = options;
+    const used = given === undefined ? token : given;
+    if (!used) throw new ApiError(401, 'no_token', 'no API token; sign in first');
     let response;
     try {
       response = await fetch(path, {
-        ...options,
-        headers: { Accept: 'application/json', ...(options.headers || {}) },
+        ...init,
+        headers: { Accept: 'application/json', ...(init.headers || {}), ...authorization(used) },
         cache: 'no-store',
       });
     } catch (e) {
       throw new ApiError(0, 'network', `${path}: server unreachable (${e.message})`);
     }
     const body = await response.text();
+    if (!response.ok) {
+      const error = errorOf(response, body);
+      if (response.status === 401 && given === undefined) tokenRefused(used, error);
+      throw error;
+    }
     let parsed = null;
     try {
       parsed = body ? JSON.parse(body) : null;
     } catch {
       parsed = null;
-    }
-    if (!response.ok) {
-      const error = parsed && parsed.error;
-      if (error && typeof error.message === 'string') {
-        throw new ApiError(response.status, String(error.code || 'error'), error.message);
-      }
-      throw new ApiError(response.status, 'http_' + response.status,
-        `${response.status} ${response.statusText || ''}`.trim());
     }
     if (parsed === null) {
       throw new ApiError(response.status, 'bad_response', `${path}: the answer is not JSON`);
@@ -73,14 +139,17 @@
   const errorBar = $('error-bar');
   const errorList = $('error-list');
 
-  function showError(source, error) {
-    let text;
+  function describe(error) {
     if (error instanceof ApiError) {
-      text = error.status ? `${error.status} ${error.code}: ${error.message}` : error.message;
-    } else {
-      text = String(error && error.message ? error.message : error);
+      return error.status ? `${error.status} ${error.code}: ${error.message}` : error.message;
     }
-    errors.set(source, `${source}: ${text}`);
+    return String(error && error.message ? error.message : error);
+  }
+
+  function showError(source, error) {
+    // A refused token is for the token dialog to say, once, not for every poller.
+    if (error instanceof ApiError && error.status === 401) return;
+    errors.set(source, `${source}: ${describe(error)}`);
     renderErrors();
   }
 
@@ -105,6 +174,97 @@
     errors.clear();
     renderErrors();
   });
+
+  // ---------------------------------------------------------------------------------------
+  // Signing in and out: the token dialog
+
+  const tokenDialog = $('token-dialog');
+  const tokenForm = $('token-form');
+  const tokenInput = $('token-input');
+  const tokenError = $('token-error');
+  const tokenStatus = $('token-status');
+  const tokenSubmit = $('token-submit');
+  const authStatus = $('auth-status');
+  const signOutButton = $('sign-out');
+  const signInButton = $('sign-in');
+
+  function renderAuth() {
+    // The server has no "who am I"; the page knows a token is held, not whose it is.
+    authStatus.textContent = token ? 'signed in' : 'no token';
+    authStatus.dataset.status = token ? 'signed-in' : 'signed-out';
+    signOutButton.hidden = !token;
+    signInButton.hidden = Boolean(token);
+  }
+
+  /** Opens the token dialog, with why it is asked again when there is a reason. */
+  function askForToken(message) {
+    tokenError.textContent = message || '';
+    tokenError.hidden = !message;
+    tokenStatus.textContent = '';
+    tokenInput.value = '';
+    if (!tokenDialog.open) tokenDialog.showModal();
+    tokenInput.focus();
+  }
+
+  function signIn(value) {
+    keepToken(value);
+    tokenDialog.close();
+    renderAuth();
+    // What went wrong with the previous token says nothing about this one.
+    errors.clear();
+    renderErrors();
+    start();
+  }
+
+  /** Forgets the token and what was read with it (the #saga= link stays, for after). */
+  function signOut(message) {
+    dropToken();
+    renderAuth();
+    closeTimeline();
+    list.request++; // an answer still on its way belongs to the old token
+    list.sagas = [];
+    list.nextCursor = null;
+    list.pending = false;
+    renderList();
+    clearStats();
+    errors.clear();
+    renderErrors();
+    askForToken(message);
+  }
+
+  /** A 401: the server does not know the token this tab holds, or no longer accepts it. */
+  function tokenRefused(used, error) {
+    if (used !== token) return; // the answer to a token already replaced or dropped
+    signOut(`The server refused the token: ${describe(error)}`);
+  }
+
+  tokenForm.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const candidate = tokenInput.value.trim();
+    if (!candidate) return;
+    tokenSubmit.disabled = true;
+    tokenStatus.textContent = 'checking\u2026';
+    try {
+      // One read tells a token the server does not know (401) from one it knows. A token
+      // that may not read (403, a client-only token) is kept for what it may do, and anything
+      // else (the server unreachable) is for the page to show once signed in.
+      await api('/stats', { token: candidate });
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) {
+        tokenStatus.textContent = '';
+        tokenError.textContent = `The server refused the token: ${describe(e)}`;
+        tokenError.hidden = false;
+        tokenInput.select();
+        return;
+      }
+    } finally {
+      tokenSubmit.disabled = false;
+    }
+    signIn(candidate);
+  });
+
+  signOutButton.addEventListener('click', () => signOut(''));
+  signInButton.addEventListener('click', () => askForToken(''));
 
   // ---------------------------------------------------------------------------------------
   // Formatting
@@ -178,10 +338,12 @@
   let statsBusy = false;
 
   async function pollStats() {
-    if (statsBusy) return;
+    if (statsBusy || !token) return;
     statsBusy = true;
+    const used = token;
     try {
       const { body } = await api('/stats');
+      if (token !== used) return; // signed out meanwhile
       const counts = body.counts || {};
       for (const state of STATES) {
         const value = counts[state];
@@ -202,12 +364,23 @@
       statsStatus.title = `Statistics as of ${formatTime(body.at)}`;
       clearError('stats');
     } catch (e) {
+      if (token !== used) return;
       statsStatus.textContent = 'offline';
       statsStatus.dataset.status = 'offline';
       showError('stats', e);
     } finally {
       statsBusy = false;
     }
+  }
+
+  function clearStats() {
+    for (const id of [...STATES.map((state) => `count-${state}`), 'count-total', 'rate-started',
+      'rate-completed', 'rate-compensated', 'rate-failed', 'rate-window', 'oldest-running']) {
+      $(id).textContent = DASH;
+    }
+    statsStatus.textContent = 'signed out';
+    statsStatus.dataset.status = 'offline';
+    statsStatus.title = 'Statistics need an API token';
   }
 
   // ---------------------------------------------------------------------------------------
@@ -222,7 +395,7 @@
   const list = {
     sagas: [], // newest first
     nextCursor: null,
-    token: 0, // the request whose answer counts
+    request: 0, // the request whose answer counts
     pending: false,
     rows: new Map(), // saga id -> <tr>
   };
@@ -247,6 +420,7 @@
   }
 
   async function fetchList(mode) {
+    if (!token) return;
     let params;
     try {
       params = filterParams();
@@ -263,11 +437,11 @@
       // A refresh re-reads as many rows as are shown, so "load more" pages stay in view.
       params.set('limit', String(Math.min(MAX_LIMIT, Math.max(PAGE_SIZE, list.sagas.length))));
     }
-    const token = ++list.token;
+    const request = ++list.request;
     list.pending = true;
     try {
       const { body } = await api(`/sagas?${params}`);
-      if (token !== list.token) return; // the filters changed meanwhile
+      if (request !== list.request) return; // the filters changed, or the token, meanwhile
       const page = Array.isArray(body.sagas) ? body.sagas : [];
       if (mode === 'more') {
         const known = new Set(list.sagas.map((s) => s.saga_id));
@@ -279,9 +453,9 @@
       renderList();
       clearError('list');
     } catch (e) {
-      if (token === list.token) showError('list', e);
+      if (request === list.request) showError('list', e);
     } finally {
-      if (token === list.token) list.pending = false;
+      if (request === list.request) list.pending = false;
     }
   }
 
@@ -344,7 +518,7 @@
     }
     list.rows = seen;
     rowsBody.replaceChildren(...ordered);
-    listEmpty.hidden = ordered.length > 0;
+    listEmpty.hidden = ordered.length > 0 || !token; // signed out, nothing was asked
     loadMoreButton.hidden = !list.nextCursor;
     listInfo.textContent = `${ordered.length} shown${list.nextCursor ? ', more available' : ''}`;
   }
@@ -390,7 +564,8 @@
   const stepsTable = $('steps');
   const historyList = $('history');
 
-  let watch = null; // { sagaId, source, historyIds, ended }
+  // { sagaId, abort: AbortController, historyIds, ended, version, retryMs, acting }
+  let watch = null;
 
   function setConnection(status, text) {
     connection.dataset.status = status;
@@ -398,7 +573,8 @@
   }
 
   function closeWatch() {
-    if (watch && watch.source) watch.source.close();
+    // Aborting the fetch closes the connection, and the server stops following the saga.
+    if (watch) watch.abort.abort();
     watch = null;
   }
 
@@ -409,6 +585,7 @@
     markSelectedRow();
     timeline.hidden = false;
     timeline.dataset.sagaId = sagaId;
+    delete timeline.dataset.state;
     $('timeline-saga-id').textContent = sagaId;
     setBadge($('timeline-state'), 'state', '');
     for (const id of ['timeline-order-id', 'timeline-customer', 'timeline-items', 'timeline-total',
@@ -421,71 +598,203 @@
     historyList.replaceChildren();
     setConnection('connecting', 'connecting\u2026');
 
-    const current = { sagaId, source: null, historyIds: new Set(), ended: false };
+    const current = {
+      sagaId,
+      abort: new AbortController(),
+      historyIds: new Set(),
+      ended: false,
+      version: -1,
+      retryMs: RECONNECT_MS,
+      acting: false,
+    };
     watch = current;
-    const source = new EventSource(`/sagas/${encodeURIComponent(sagaId)}/watch`);
-    current.source = source;
+    resetActions();
+    follow(current);
+  }
 
-    source.addEventListener('open', () => {
-      if (watch !== current) return;
-      setConnection('live', 'live');
-      clearError('timeline');
-    });
-    source.addEventListener('saga', (event) => {
-      if (watch !== current) return;
-      const saga = parseEvent(event, 'saga');
-      if (saga) {
-        renderSaga(saga);
-        setConnection('live', 'live');
-      }
-    });
-    source.addEventListener('history', (event) => {
-      if (watch !== current) return;
-      const entry = parseEvent(event, 'history');
-      if (entry) appendHistory(current, entry);
-    });
-    source.addEventListener('end', (event) => {
-      if (watch !== current) return;
-      current.ended = true;
-      source.close();
-      const data = parseEvent(event, 'end');
-      setConnection('ended', data && data.state ? `ended: ${data.state}` : 'ended');
-      refreshList();
-    });
-    source.addEventListener('error', (event) => {
-      if (watch !== current || current.ended) return;
-      if (event instanceof MessageEvent && typeof event.data === 'string') {
-        // An `event: error` the server sent (it could not read the saga); it then closes the
-        // stream and the browser reconnects.
-        showError('timeline', new Error(`live stream of saga ${current.sagaId}: ${event.data}`));
-        return;
-      }
-      if (source.readyState === EventSource.CLOSED) {
-        // The server refused the stream (an unknown saga, a bad id): ask it why.
-        setConnection('closed', 'closed');
-        explainWatchFailure(current);
-      } else {
-        setConnection('reconnecting', 'reconnecting\u2026');
-      }
+  /** Resolves after `ms`, or at once when `signal` aborts. */
+  function pause(ms, signal) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      signal.addEventListener('abort', () => {
+        clearTimeout(timer);
+        resolve();
+      }, { once: true });
     });
   }
 
-  async function explainWatchFailure(current) {
-    try {
-      await api(`/sagas/${encodeURIComponent(current.sagaId)}`);
-      showError('timeline', new Error(`the live stream of saga ${current.sagaId} closed`));
-    } catch (e) {
-      if (watch === current) showError('timeline', e);
+  /**
+   * Follows the saga's event stream until `end`, or until another saga is opened (the abort).
+   * EventSource cannot send the token, so this is fetch with a reader, keeping what EventSource
+   * did: a stream that drops is opened again after `retryMs`, and one the server refuses is
+   * not (but its answer, which EventSource could not read, is shown).
+   */
+  async function follow(current) {
+    const path = `/sagas/${encodeURIComponent(current.sagaId)}/watch`;
+    const { signal } = current.abort;
+    while (watch === current && !current.ended) {
+      const used = token;
+      let response;
+      try {
+        response = await fetch(path, {
+          headers: { Accept: 'text/event-stream', ...authorization(used) },
+          cache: 'no-store',
+          signal,
+        });
+      } catch {
+        if (signal.aborted) return;
+        setConnection('reconnecting', 'reconnecting\u2026');
+        await pause(current.retryMs, signal);
+        continue;
+      }
+      const type = response.headers.get('Content-Type') || '';
+      if (!response.ok || !type.startsWith('text/event-stream') || !response.body) {
+        const error = response.ok
+          ? new ApiError(response.status, 'bad_response', `${path}: the answer is not an event stream`)
+          : errorOf(response, await response.text().catch(() => ''));
+        if (signal.aborted) return;
+        if (error.status === 401) {
+          setConnection('closed', 'closed');
+          tokenRefused(used, error);
+          return;
+        }
+        showError('timeline', error);
+        if (error.status === 429 || error.status === 503) {
+          // Too many streams, or the server not ready: a refusal that passes.
+          setConnection('reconnecting', 'reconnecting\u2026');
+          await pause(current.retryMs, signal);
+          continue;
+        }
+        // An unknown saga, a bad id, a token that may not read: trying again will not help.
+        setConnection('closed', 'closed');
+        return;
+      }
+      setConnection('live', 'live');
+      clearError('timeline');
+      try {
+        await readEvents(response.body, current);
+      } catch {
+        // The connection broke, or was aborted (checked below).
+      }
+      if (signal.aborted || watch !== current || current.ended) return;
+      // The stream ended without `end`: the server went away, or closed after an `error` event.
+      setConnection('reconnecting', 'reconnecting\u2026');
+      await pause(current.retryMs, signal);
     }
   }
 
-  function parseEvent(event, kind) {
+  /** Reads an event stream to its end, handing each event to `onStreamEvent`. */
+  async function readEvents(body, current) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder(); // UTF-8, as the format requires; it drops a leading BOM
+    const parse = eventStreamParser((type, data) => onStreamEvent(current, type, data), (ms) => {
+      current.retryMs = ms;
+    });
     try {
-      return JSON.parse(event.data);
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        parse(decoder.decode(value, { stream: true }));
+      }
+      parse(decoder.decode(), true);
+    } finally {
+      reader.releaseLock();
+    }
+  }
+
+  /**
+   * The event stream format of the HTML standard, fed as text arrives in arbitrary pieces:
+   * lines end in CRLF, LF or CR; a blank line dispatches the event (`dispatch(type, data)`,
+   * type `message` when none was named, several `data:` lines joined by newlines); lines
+   * starting with ":" are comments (the server's keep-alives); `retry:` sets the reconnection
+   * wait; `id:` is not used (the server sends none and replays the saga on reconnection).
+   * An event the stream ends in the middle of is dropped, as EventSource drops it.
+   */
+  function eventStreamParser(dispatch, setRetry) {
+    let buffer = '';
+    let type = '';
+    let data = [];
+    const line = (text) => {
+      if (text === '') {
+        if (data.length) dispatch(type || 'message', data.join('\n'));
+        type = '';
+        data = [];
+        return;
+      }
+      if (text.startsWith(':')) return;
+      const colon = text.indexOf(':');
+      const field = colon < 0 ? text : text.slice(0, colon);
+      let value = colon < 0 ? '' : text.slice(colon + 1);
+      if (value.startsWith(' ')) value = value.slice(1);
+      if (field === 'event') type = value;
+      else if (field === 'data') data.push(value);
+      else if (field === 'retry' && /^\d+$/.test(value)) setRetry(Number(value));
+    };
+    return (text, last = false) => {
+      buffer += text;
+      const eol = /\r\n|\r|\n/g;
+      let start = 0;
+      let match;
+      while ((match = eol.exec(buffer)) !== null) {
+        // A CR that ends what has arrived may be the first half of a CRLF still on its way.
+        if (!last && match[0] === '\r' && match.index === buffer.length - 1) break;
+        line(buffer.slice(start, match.index));
+        start = eol.lastIndex;
+      }
+      buffer = buffer.slice(start);
+    };
+  }
+
+  function onStreamEvent(current, type, data) {
+    if (watch !== current || current.ended) return;
+    if (type === 'saga') {
+      const saga = parseEvent(data, 'saga');
+      if (saga) {
+        showSaga(current, saga);
+        setConnection('live', 'live');
+      }
+    } else if (type === 'history') {
+      const entry = parseEvent(data, 'history');
+      if (entry) appendHistory(current, entry);
+    } else if (type === 'end') {
+      // Sent once the saga is completed or compensated; a failed saga's stream stays open,
+      // since an operator can still move it.
+      current.ended = true;
+      current.abort.abort(); // nothing more will come; the server closes its side too
+      const end = parseEvent(data, 'end');
+      setConnection('ended', end && end.state ? `ended: ${end.state}` : 'ended');
+      fitActions();
+      refreshList();
+    } else if (type === 'error') {
+      // The server could not read the saga; it closes the stream next, and we reconnect.
+      let message = data;
+      try {
+        const parsed = JSON.parse(data);
+        if (parsed && parsed.error && typeof parsed.error.message === 'string') message = parsed.error.message;
+      } catch {
+        // shown as it came
+      }
+      showError('timeline', new Error(`live stream of saga ${current.sagaId}: ${message}`));
+    }
+  }
+
+  function parseEvent(data, kind) {
+    try {
+      return JSON.parse(data);
     } catch (e) {
       showError('timeline', new Error(`unreadable "${kind}" event: ${e.message}`));
       return null;
     }
+  }
+
+  /** Shows a saga from the stream or from an action's answer, whichever is newer. */
+  function showSaga(current, saga) {
+    if (Number.isInteger(saga.version)) {
+      if (saga.version < current.version) return;
+      current.version = saga.version;
+    }
+    renderSaga(saga);
+    fitActions();
   }
 
   function renderSaga(saga) {
@@ -584,6 +893,7 @@
     delete timeline.dataset.state;
     markSelectedRow();
     clearError('timeline');
+    resetActions();
   }
 
   $('timeline-close').addEventListener('click', () => {
@@ -614,10 +924,86 @@
       return;
     }
     clearError('link');
-    openSaga(sagaId.toLowerCase());
+    if (token) openSaga(sagaId.toLowerCase()); // else once signed in
   }
 
   window.addEventListener('hashchange', followHash);
+
+  // ---------------------------------------------------------------------------------------
+  // Operator actions on the saga shown: retry, skip, abort
+
+  const actionsForm = $('actions');
+  const actionReason = $('action-reason');
+  const actionStatus = $('action-status');
+  const actionButtons = [...actionsForm.querySelectorAll('button[data-action]')];
+
+  function setActionStatus(status, text) {
+    actionStatus.dataset.status = status;
+    actionStatus.textContent = text;
+  }
+
+  /** Enables the actions that fit the state shown; the server has the last word (409). */
+  function fitActions() {
+    const state = timeline.dataset.state;
+    actionsForm.hidden = !state || FINISHED.has(state);
+    const busy = !watch || watch.acting;
+    for (const button of actionButtons) {
+      button.disabled = busy || ACTION_STATES[button.dataset.action] !== state;
+    }
+  }
+
+  function resetActions() {
+    actionReason.value = '';
+    setActionStatus('', '');
+    clearError('action');
+    fitActions();
+  }
+
+  async function operate(action) {
+    const current = watch;
+    if (!current || current.acting) return;
+    const reason = actionReason.value.trim();
+    if (!reason) {
+      setActionStatus('refused', `${action}: give a reason; it goes into the saga's history`);
+      actionReason.focus();
+      return;
+    }
+    current.acting = true;
+    fitActions();
+    setActionStatus('busy', `${action}\u2026`);
+    try {
+      // The reason only: the server records the token's name as who acted.
+      const { body: saga } = await api(`/sagas/${encodeURIComponent(current.sagaId)}/${action}`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ reason }),
+      });
+      if (watch !== current) return;
+      actionReason.value = '';
+      setActionStatus('done', `${action} done: the saga is ${saga.state}`);
+      clearError('action');
+      showSaga(current, saga);
+    } catch (e) {
+      if (watch !== current) return;
+      if (e instanceof ApiError && e.status === 403) {
+        // The token may not do this; it stays, for what it may do.
+        setActionStatus('forbidden', `${action} not allowed: ${e.message}`);
+      } else if (e instanceof ApiError && e.status === 409) {
+        setActionStatus('refused', e.message); // the saga's state does not fit; the server says why
+      } else {
+        setActionStatus('failed', `${action} failed`);
+        showError('action', e);
+      }
+    } finally {
+      current.acting = false;
+      if (watch === current) fitActions();
+    }
+  }
+
+  for (const button of actionButtons) {
+    button.addEventListener('click', () => operate(button.dataset.action));
+  }
+  actionsForm.addEventListener('submit', (event) => event.preventDefault());
 
   // ---------------------------------------------------------------------------------------
   // Demo orders
@@ -640,8 +1026,13 @@
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   async function placeDemoOrder(scenario) {
+    if (!token) {
+      askForToken('');
+      return;
+    }
     placeButton.disabled = true;
     orderStatus.dataset.orderId = '';
+    orderStatus.dataset.status = 'busy';
     orderStatus.textContent = 'placing\u2026';
     try {
       const { body } = await api('/orders', {
@@ -659,6 +1050,7 @@
         try {
           const { body: saga } = await api(statusUrl);
           orderStatus.textContent = `order ${shortId(orderId)} \u2192 saga ${shortId(saga.saga_id)}`;
+          orderStatus.dataset.status = 'done';
           orderStatus.dataset.sagaId = saga.saga_id;
           refreshList();
           openSagaViaHash(saga.saga_id);
@@ -673,8 +1065,17 @@
         await sleep(ORDER_POLL_MS);
       }
     } catch (e) {
-      orderStatus.textContent = 'failed';
-      showError('order', e);
+      if (e instanceof ApiError && e.status === 403) {
+        // Placing orders needs the `client` role (and following the saga a reading one); the
+        // token stays, for what it may do.
+        orderStatus.dataset.status = 'forbidden';
+        orderStatus.textContent = `not allowed: ${e.message}`;
+        clearError('order');
+      } else {
+        orderStatus.dataset.status = 'failed';
+        orderStatus.textContent = 'failed';
+        showError('order', e);
+      }
     } finally {
       placeButton.disabled = false;
     }
@@ -694,9 +1095,20 @@
     }, ms);
   }
 
-  pollStats();
-  resetList();
-  followHash();
+  /** Reads everything the page shows; at load with a token, and each time one is entered. */
+  function start() {
+    pollStats();
+    resetList();
+    followHash();
+  }
+
+  renderAuth();
+  if (token) {
+    start();
+  } else {
+    clearStats();
+    askForToken('');
+  }
   every(STATS_INTERVAL_MS, pollStats);
   every(LIST_INTERVAL_MS, refreshList);
   document.addEventListener('visibilitychange', () => {
