@@ -236,13 +236,7 @@ async fn watch_streams_beyond_the_cap_get_429_and_a_closed_one_frees_its_place()
     .await;
     let placed = order("alice", "WIDGET", 1, "DE");
     system.place(&placed).await;
-    let saga_id = crate::helpers::eventually("the saga to exist", || async {
-        let (status, saga) = system
-            .get(&format!("/orders/{}/saga", placed.order_id))
-            .await;
-        (status == 200).then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
-    })
-    .await;
+    let saga_id = system.saga_id_of(placed.order_id).await;
     let path = format!("/sagas/{saga_id}/watch");
     let mut open = Vec::new();
     for _ in 0..3 {
@@ -265,14 +259,7 @@ async fn watch_streams_beyond_the_cap_get_429_and_a_closed_one_frees_its_place()
     system.start_participant("payment", 0);
     for mut stream in open {
         let mut text = String::new();
-        let read_to_end = async {
-            while let Some(chunk) = stream.chunk().await.expect("stream") {
-                text.push_str(&String::from_utf8_lossy(&chunk));
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), read_to_end)
-            .await
-            .expect("the stream ends when the saga does");
+        crate::helpers::read_to_end(&mut stream, &mut text).await;
         assert!(
             text.contains("event: end") && text.contains("\"state\":\"completed\""),
             "{text}"
@@ -360,14 +347,7 @@ async fn open_on_loopback_needs_no_token_and_records_the_operator_as_loopback() 
     .await;
     let placed = order("alice", "WIDGET", 1, "DE");
     system.place(&placed).await;
-    let saga_id = crate::helpers::eventually("the saga to wait on payment", || async {
-        let (_, saga) = system
-            .get(&format!("/orders/{}/saga", placed.order_id))
-            .await;
-        (saga["current_step"] == "charge_payment")
-            .then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
-    })
-    .await;
+    let saga_id = system.saga_id_of(placed.order_id).await;
     let response = system
         .request_as(
             "POST",

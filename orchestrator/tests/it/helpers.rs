@@ -502,6 +502,15 @@ impl TestSystem {
         request.send().await
     }
 
+    /// The id of `order_id`'s saga, once the orchestrator has started it.
+    pub async fn saga_id_of(&self, order_id: Uuid) -> String {
+        eventually("the saga to exist", || async {
+            let (status, saga) = self.get(&format!("/orders/{order_id}/saga")).await;
+            (status == 200).then(|| saga["saga_id"].as_str().unwrap_or_default().to_owned())
+        })
+        .await
+    }
+
     /// Reads `topic` from the beginning of every partition, without a group, until `count`
     /// records have arrived (or 30 s pass, which fails the test).
     pub async fn read_topic(&self, topic: &str, count: usize) -> Vec<OwnedMessage> {
@@ -711,4 +720,17 @@ pub async fn count(system: &TestSystem, schema: &str, sql: &str, order_id: Uuid)
         .fetch_one(&system.schema(schema).await)
         .await
         .expect("count query")
+}
+
+/// Reads a response to its end (a watch stream ends with its saga) onto `text`; fails the test
+/// if that takes over 60 s.
+pub async fn read_to_end(response: &mut reqwest::Response, text: &mut String) {
+    let reading = async {
+        while let Some(chunk) = response.chunk().await.expect("stream") {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the stream ends when the saga does");
 }

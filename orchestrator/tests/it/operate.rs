@@ -313,14 +313,7 @@ async fn a_running_saga_can_be_filtered_by_its_step_and_watched_live_until_it_en
         .expect("a chunk");
     text.push_str(&String::from_utf8_lossy(&first));
     system.start_participant("payment", 0);
-    let read_to_end = async {
-        while let Some(chunk) = stream.chunk().await.expect("stream") {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), read_to_end)
-        .await
-        .expect("the stream ends when the saga does");
+    crate::helpers::read_to_end(&mut stream, &mut text).await;
 
     let events: Vec<(String, Value)> = text
         .split("\n\n")
