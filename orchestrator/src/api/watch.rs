@@ -125,13 +125,13 @@ impl WatchFeed {
         if changed.is_empty() {
             return Ok(());
         }
+        let last_lines: HashMap<Uuid, i64> = seen
+            .iter()
+            .map(|(id, _, history)| (*id, *history))
+            .collect();
         let after: Vec<(Uuid, i64)> = changed
             .iter()
-            .filter_map(|(saga, _)| {
-                seen.iter()
-                    .find(|(id, _, _)| *id == saga.id)
-                    .map(|(id, _, history)| (*id, *history))
-            })
+            .filter_map(|(saga, _)| last_lines.get(&saga.id).map(|line| (saga.id, *line)))
             .collect();
         let mut history = store::history_since(&self.pool, &after).await?;
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
