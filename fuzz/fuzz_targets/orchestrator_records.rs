@@ -460,8 +460,9 @@ impl World {
 
     /// `OrchestratorHandler::on_reply`.
     fn on_reply(&mut self, payload: &[u8]) -> Result<(), String> {
-        let envelope =
-            Envelope::<Reply>::from_json(payload).map_err(|e| format!("invalid reply: {e}"))?;
+        let envelope = Envelope::<Reply>::from_json(payload)
+            .and_then(|envelope| envelope.body.validate().map(|()| envelope))
+            .map_err(|e| format!("invalid reply: {e}"))?;
         if self.inbox.contains(&envelope.message_id) {
             return Ok(());
         }
