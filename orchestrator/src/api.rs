@@ -431,6 +431,11 @@ async fn list_sagas(
             ApiError::bad_request("invalid cursor; pass a next_cursor from an earlier page")
         })?),
     };
+    let reason = non_empty(query.reason);
+    // PostgreSQL's text cannot hold NUL: the query would fail (a 500).
+    if reason.as_deref().is_some_and(|r| r.contains('\0')) {
+        return Err(ApiError::bad_request("`reason` must not contain NUL"));
+    }
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -443,7 +448,7 @@ async fn list_sagas(
             .min_age_secs
             .map(|secs| Utc::now() - chrono::Duration::seconds(i64::from(secs))),
         step,
-        reason: non_empty(query.reason),
+        reason,
         after,
     };
     // One row more than asked says whether another page follows.
