@@ -78,7 +78,8 @@ impl OrderPlaced {
     }
 
     /// Checks the business rules of the contract: at least one item, positive quantities and
-    /// prices, a total equal to the sum of the lines, well-formed currency and country codes.
+    /// prices, a total equal to the sum of the lines, well-formed currency and country codes,
+    /// text that is not blank, not too long and without NUL.
     ///
     /// # Errors
     /// `InvalidField` naming the first field that breaks a rule.
@@ -162,6 +163,11 @@ fn check_text(field: &'static str, value: &str) -> Result<()> {
             format!("must be at most {MAX_TEXT_LEN} bytes"),
         ));
     }
+    // Valid JSON (`\u0000`), but PostgreSQL's text and JSONB cannot hold it: the saga could never
+    // be stored.
+    if value.contains('\0') {
+        return Err(ContractError::invalid(field, "must not contain NUL"));
+    }
     Ok(())
 }
 
@@ -227,6 +233,10 @@ mod tests {
                 Box::new(|o| o.shipping_address.city = String::new()),
             ),
             ("customer_id", Box::new(|o| o.customer_id = "x".repeat(201))),
+            (
+                "shipping_address.line1",
+                Box::new(|o| o.shipping_address.line1 = "Unter\0den Linden".into()),
+            ),
         ];
         for (field, break_rule) in cases {
             let mut o = order();
