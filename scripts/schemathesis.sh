@@ -21,9 +21,9 @@
 #
 # API_TOKEN, when set, goes out as `Authorization: Bearer $API_TOKEN` with every request (it is
 # handed to Schemathesis through the environment, never on a command line); every operation is
-# tested, so the token needs every role that any operation asks for. A run took 40 s against a
-# fresh database and up to about two minutes against one holding a few hundred sagas (two
-# cores, debug build). Schemathesis is installed on first use, pinned, into a virtualenv in
+# tested, so the token needs every role that any operation asks for. A run took 45 s against a
+# fresh database and up to 2 minutes against one holding about 100 unfinished sagas (two cores,
+# debug build; most of it is spent on watch streams of sagas that are still running). Schemathesis is installed on first use, pinned, into a virtualenv in
 # target/schemathesis-venv (needs python3 with venv and access to PyPI). The JUnit report goes to
 # target/schemathesis-report/; each failure prints a curl command that reproduces it.
 set -euo pipefail
