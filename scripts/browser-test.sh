@@ -53,6 +53,7 @@ cleanup() {
   fi
   if [[ $database_created == true ]]; then
     psql "$server_url/postgres" -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null
+    target/debug/sagactl delete-topics --prefix "$TOPIC_PREFIX" >/dev/null 2>&1
   fi
   if [[ $broker_started == true ]]; then
     BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop

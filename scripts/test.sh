@@ -46,6 +46,11 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
 # missing) against the services as processes; screenshots go to target/artifacts/.
 scripts/browser-test.sh
 
+# The HTTP API against its OpenAPI document: Schemathesis (from PyPI, pinned, installed on first
+# use) sends generated requests to an orchestrator of its own, with a token of every role, and
+# fails on any 5xx or any answer the document does not allow (about a minute).
+scripts/api-test.sh
+
 # A smoke run of the benchmark, so that its command cannot rot: a few seconds, debug build.
 mkdir -p target/artifacts
 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \

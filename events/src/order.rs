@@ -78,7 +78,8 @@ impl OrderPlaced {
     }
 
     /// Checks the business rules of the contract: at least one item, positive quantities and
-    /// prices, a total equal to the sum of the lines, well-formed currency and country codes.
+    /// prices, a total equal to the sum of the lines, well-formed currency and country codes,
+    /// text that is not blank, not too long and without NUL.
     ///
     /// # Errors
     /// `InvalidField` naming the first field that breaks a rule.
@@ -234,6 +235,10 @@ mod tests {
                 Box::new(|o| o.shipping_address.city = String::new()),
             ),
             ("customer_id", Box::new(|o| o.customer_id = "x".repeat(201))),
+            (
+                "shipping_address.line1",
+                Box::new(|o| o.shipping_address.line1 = "Unter\0den Linden".into()),
+            ),
         ];
         for (field, break_rule) in cases {
             let mut o = order();

@@ -56,6 +56,18 @@ enum Command {
     /// Run sagas while killing services at random, then check that nothing was lost or done
     /// twice.
     Chaos(chaos::ChaosArgs),
+    /// Delete every topic whose name starts with a prefix (a test run's, say).
+    DeleteTopics(DeleteTopicsArgs),
+}
+
+#[derive(clap::Args)]
+struct DeleteTopicsArgs {
+    /// The prefix; it must not be empty.
+    #[arg(long)]
+    prefix: String,
+    /// Bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
 }
 
 #[tokio::main]
@@ -73,5 +85,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Watchers(args) => watchers::run(args).await,
         Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
+        Command::DeleteTopics(args) => {
+            anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
+            budget::delete_topics(&args.brokers, &args.prefix).await
+        }
     }
 }

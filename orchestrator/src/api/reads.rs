@@ -142,6 +142,16 @@ fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
 
 fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let (micros, id) = cursor.split_once('_')?;
+    // Only what `encode_cursor` writes: at most 16 digits (years 1653 to 2286; PostgreSQL refuses
+    // times before 4713 BC, a 500) and the id as 32 lower-case hex digits.
+    let digits = micros.strip_prefix('-').unwrap_or(micros);
+    if !(1..=16).contains(&digits.len())
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || id.len() != 32
+        || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
     let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
     Some((at, Uuid::parse_str(id).ok()?))
 }

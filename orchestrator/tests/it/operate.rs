@@ -259,6 +259,14 @@ async fn sagas_filter_by_state_age_step_and_reason_and_page_with_a_cursor() {
     assert_eq!(waiting["sagas"].as_array().map(Vec::len), Some(0));
     let (status, _) = system.get("/sagas?step=fly").await;
     assert_eq!(status, 400);
+    // No text in PostgreSQL holds NUL; the query must not reach it.
+    let (status, _) = system.get("/sagas?reason=a%00b").await;
+    assert_eq!(status, 400);
+    // A cursor the server did not write, here a time before PostgreSQL's first (4713 BC).
+    let (status, _) = system
+        .get("/sagas?cursor=-999999999999999999_00000000000000000000000000000000")
+        .await;
+    assert_eq!(status, 400);
 
     let (status, stats) = system.get("/stats").await;
     assert_eq!(status, 200);
