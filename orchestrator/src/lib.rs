@@ -48,6 +48,10 @@ const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     // Checked first: a service without its tokens must not start at all.
     let gate = config.api.gate(config.http_addr)?;
+    let ops_listener = match config.api.ops_http_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
     let (pool, schema) = db::open(&config.database, DEFAULT_SCHEMA, &[&store::MIGRATIONS]).await?;
     let api_pool = db::side_pool(
         &config.database.database_url,
@@ -122,9 +126,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         },
         faults: config.faults.clone(),
     };
-    let ops = match config.api.ops_http_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr).await?;
+    let ops = match ops_listener {
+        Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
             let served = axum::serve(listener, api::ops_router(state.clone()))
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned());
