@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use orchestrator::config::ApiConfig;
 use serde_json::{json, Value};
 
 use crate::helpers::{order, Options, TestSystem, CLIENT_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
@@ -222,21 +223,28 @@ async fn limits_at_the_edge_refuse_big_bodies_long_fields_big_pages_and_foreign_
     system.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_streams_beyond_the_cap_get_429_and_a_closed_one_frees_its_place() {
-    // Payment is down, so the saga stays running and its streams stay open.
-    let mut system = TestSystem::start_with(Options {
+/// A deployment with `api` whose payment service is down, and the id of a saga that therefore
+/// stays running (its streams stay open; it can be aborted).
+async fn start_with_a_saga_waiting_on_payment(api: ApiConfig) -> (TestSystem, String) {
+    let system = TestSystem::start_with(Options {
         without: vec!["payment"],
-        api: orchestrator::config::ApiConfig {
-            watch_max_streams: 3,
-            ..Default::default()
-        },
+        api,
         ..Default::default()
     })
     .await;
     let placed = order("alice", "WIDGET", 1, "DE");
     system.place(&placed).await;
     let saga_id = system.saga_id_of(placed.order_id).await;
+    (system, saga_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_beyond_the_cap_get_429_and_a_closed_one_frees_its_place() {
+    let (mut system, saga_id) = start_with_a_saga_waiting_on_payment(ApiConfig {
+        watch_max_streams: 3,
+        ..Default::default()
+    })
+    .await;
     let path = format!("/sagas/{saga_id}/watch");
     let mut open = Vec::new();
     for _ in 0..3 {
@@ -335,19 +343,11 @@ async fn without_tokens_the_service_refuses_to_start_unless_told_to_run_open_on_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_on_loopback_needs_no_token_and_records_the_operator_as_loopback() {
-    // Payment is down, so the saga waits on charge_payment and can be aborted.
-    let system = TestSystem::start_with(Options {
-        without: vec!["payment"],
-        api: orchestrator::config::ApiConfig {
-            api_open_on_loopback: true,
-            ..Default::default()
-        },
+    let (system, saga_id) = start_with_a_saga_waiting_on_payment(ApiConfig {
+        api_open_on_loopback: true,
         ..Default::default()
     })
     .await;
-    let placed = order("alice", "WIDGET", 1, "DE");
-    system.place(&placed).await;
-    let saga_id = system.saga_id_of(placed.order_id).await;
     let response = system
         .request_as(
             "POST",
