@@ -12,6 +12,22 @@ use uuid::Uuid;
 use crate::saga::{Saga, SagaState, StepState};
 use crate::{Error, Result};
 
+/// Binds a history entry to a statement's next six parameters, in `saga_history`'s column
+/// order after `saga_id` (at, message_id, message_type, decision, detail, state_after). A
+/// macro, so that it serves a `Query` and a `QueryScalar` alike.
+macro_rules! bind_history {
+    ($query:expr, $entry:expr) => {{
+        let entry: &HistoryEntry = $entry;
+        $query
+            .bind(entry.at)
+            .bind(entry.message_id)
+            .bind(&entry.message_type)
+            .bind(&entry.decision)
+            .bind(&entry.detail)
+            .bind(&entry.state_after)
+    }};
+}
+
 /// The orchestrator's own migrations (on top of the messaging tables).
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
 
@@ -82,7 +98,7 @@ pub async fn insert_saga(
     trace_parent: Option<&str>,
     started: &HistoryEntry,
 ) -> Result<bool> {
-    let inserted: i64 = sqlx::query_scalar(
+    let statement = sqlx::query_scalar(
         "WITH first AS ( \
              INSERT INTO order_dedup (order_id, saga_id) VALUES ($2, $1) \
              ON CONFLICT DO NOTHING RETURNING saga_id \
@@ -110,14 +126,8 @@ pub async fn insert_saga(
     .bind(saga.deadline_at)
     .bind(saga.step_in_focus().map(StepName::as_str))
     .bind(trace_parent)
-    .bind(started.at)
-    .bind(started.message_id)
-    .bind(&started.message_type)
-    .bind(&started.decision)
-    .bind(&started.detail)
-    .bind(&started.state_after)
-    .fetch_one(tx)
-    .await?;
+    ;
+    let inserted: i64 = bind_history!(statement, started).fetch_one(tx).await?;
     Ok(inserted == 1)
 }
 
@@ -274,7 +284,7 @@ pub async fn update_saga(
     expected_version: i64,
     entry: &HistoryEntry,
 ) -> Result<()> {
-    let updated: i64 = sqlx::query_scalar(
+    let statement = sqlx::query_scalar(
         "WITH updated AS ( \
              UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
                               finished_at = $7, deadline_at = $8, current_step = $9, \
@@ -294,14 +304,8 @@ pub async fn update_saga(
     .bind(saga.finished_at)
     .bind(saga.deadline_at)
     .bind(saga.step_in_focus().map(StepName::as_str))
-    .bind(entry.at)
-    .bind(entry.message_id)
-    .bind(&entry.message_type)
-    .bind(&entry.decision)
-    .bind(&entry.detail)
-    .bind(&entry.state_after)
-    .fetch_one(tx)
-    .await?;
+    ;
+    let updated: i64 = bind_history!(statement, entry).fetch_one(tx).await?;
     if updated == 1 {
         Ok(())
     } else {
@@ -384,19 +388,12 @@ pub async fn append_history(
     saga_id: Uuid,
     entry: &HistoryEntry,
 ) -> Result<()> {
-    sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
-    .bind(saga_id)
-    .bind(entry.at)
-    .bind(entry.message_id)
-    .bind(&entry.message_type)
-    .bind(&entry.decision)
-    .bind(&entry.detail)
-    .bind(&entry.state_after)
-    .execute(tx)
-    .await?;
+    .bind(saga_id);
+    bind_history!(statement, entry).execute(tx).await?;
     Ok(())
 }
 
