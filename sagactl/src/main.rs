@@ -16,6 +16,7 @@ mod chaos;
 mod garbage;
 mod load;
 mod ops;
+mod sse;
 mod watchers;
 
 use clap::{Parser, Subcommand};

@@ -12,6 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::load::{publish_order, random_order};
+use crate::sse::SseParser;
 
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
@@ -26,11 +27,16 @@ pub struct ApiArgs {
 
 impl ApiArgs {
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.api.trim_end_matches('/'))
+        format!("{}{path}", self.base())
     }
 
-    /// An HTTP client that sends the token with every request.
-    fn client(&self) -> anyhow::Result<reqwest::Client> {
+    /// The base URL, without a trailing `/`.
+    pub(crate) fn base(&self) -> &str {
+        self.api.trim_end_matches('/')
+    }
+
+    /// An HTTP client builder whose requests send the token.
+    pub(crate) fn client_builder(&self) -> anyhow::Result<reqwest::ClientBuilder> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = &self.token {
             let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -38,9 +44,14 @@ impl ApiArgs {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        reqwest::Client::builder()
+        Ok(reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .default_headers(headers)
+            .default_headers(headers))
+    }
+
+    /// An HTTP client that sends the token with every request.
+    fn client(&self) -> anyhow::Result<reqwest::Client> {
+        self.client_builder()?
             .build()
             .context("building the HTTP client")
     }
@@ -186,7 +197,7 @@ pub async fn order(args: OrderArgs) -> anyhow::Result<()> {
 }
 
 /// Reads a JSON response, turning the API's error body into a message.
-async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
+pub(crate) async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if status.is_success() {
@@ -235,18 +246,14 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         json_or_error(response).await?;
         bail!("the watch stream was refused");
     }
-    let mut buffer = String::new();
+    let mut parser = SseParser::default();
     let mut last_steps = String::new();
     while let Some(chunk) = response.chunk().await? {
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        // Events end with a blank line.
-        while let Some(end) = buffer.find("\n\n") {
-            let raw: String = buffer.drain(..end + 2).collect();
-            let (event, data) = parse_event(&raw);
-            let Ok(value) = serde_json::from_str::<Value>(&data) else {
+        for event in parser.feed(&chunk).map_err(anyhow::Error::msg)? {
+            let Ok(value) = serde_json::from_str::<Value>(&event.data) else {
                 continue;
             };
-            match event.as_str() {
+            match event.name.as_str() {
                 "history" => println!(
                     "{}  {:<22} {:<8} {}{}",
                     short_time(&value["at"]),
@@ -287,20 +294,6 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         }
     }
     bail!("the stream closed before the saga ended")
-}
-
-/// The event name and the joined `data:` lines of one SSE event.
-fn parse_event(raw: &str) -> (String, String) {
-    let mut event = String::from("message");
-    let mut data = Vec::new();
-    for line in raw.lines() {
-        if let Some(name) = line.strip_prefix("event:") {
-            event = name.trim().to_owned();
-        } else if let Some(value) = line.strip_prefix("data:") {
-            data.push(value.strip_prefix(' ').unwrap_or(value));
-        }
-    }
-    (event, data.join("\n"))
 }
 
 fn short_time(value: &Value) -> String {
@@ -400,23 +393,4 @@ pub async fn operate(action: &str, args: OperatorArgs) -> anyhow::Result<()> {
         steps_line(&saga)
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_event;
-
-    #[test]
-    fn parses_an_sse_event() {
-        let (event, data) = parse_event("event: saga\ndata: {\"a\":1}\n\n");
-        assert_eq!(event, "saga");
-        assert_eq!(data, "{\"a\":1}");
-    }
-
-    #[test]
-    fn joins_multi_line_data_and_defaults_the_name() {
-        let (event, data) = parse_event(": keep-alive\ndata: one\ndata: two\n\n");
-        assert_eq!(event, "message");
-        assert_eq!(data, "one\ntwo");
-    }
 }

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use rand::Rng;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL};
+use reqwest::header::{ACCEPT, CACHE_CONTROL};
 use reqwest::StatusCode;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::task::JoinSet;
 
 use crate::load::percentile_ms;
+use crate::ops::{json_or_error, ApiArgs};
+use crate::sse::{SseParser, KEEP_ALIVE};
 
 /// What the operations page sends (app.js: `STATS_INTERVAL_MS`, `LIST_INTERVAL_MS`, and the
 /// list's default refresh, `/sagas?limit=50` with no filter set).
@@ -35,18 +36,12 @@ const LIST_PAGE: &str = "500";
 const TAB_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server sends a keep-alive comment every 15 s; a stream silent for this long is dead.
 const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// An SSE event larger than this ends the stream as an error (the saga's events are a few KB).
-const MAX_EVENT_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Args)]
 pub struct WatchersArgs {
-    /// Base URL of the orchestrator's HTTP API.
-    #[arg(long, env = "SAGA_API", default_value = "http://127.0.0.1:8080")]
-    api: String,
-    /// API token, sent as `Authorization: Bearer TOKEN` on every request (a viewer's is
-    /// enough).
-    #[arg(long, env = "SAGA_API_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// The API and its token (a viewer's is enough).
+    #[command(flatten)]
+    api: ApiArgs,
     /// Watch streams to keep open, spread round-robin over the sagas.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
@@ -82,8 +77,8 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
         Some(_) => bail!("--duration-secs must be a number of seconds > 0"),
         None => None,
     };
-    let api = args.api.trim_end_matches('/').to_owned();
-    let streams_client = client(args.token.as_deref())?;
+    let api = args.api.base().to_owned();
+    let streams_client = client(&args.api)?;
     let wanted = args.streams.max(args.tabs).max(1);
     let sagas = list_sagas(&streams_client, &api, &args.saga_state, wanted).await?;
     if sagas.is_empty() {
@@ -112,7 +107,7 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
     }
     for tab in 0..args.tabs {
         // Each tab has its own connections, as separate browsers would.
-        let client = client(args.token.as_deref())?;
+        let client = client(&args.api)?;
         let delay = ramp.mul_f64(tab as f64 / args.tabs as f64);
         let watch = watch_url(&api, &sagas[tab % sagas.len()]);
         let stats = format!("{api}/stats");
@@ -208,17 +203,8 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
-    let mut headers = HeaderMap::new();
-    if let Some(token) = token {
-        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .context("the API token is not a valid header value")?;
-        value.set_sensitive(true);
-        headers.insert(AUTHORIZATION, value);
-    }
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .connect_timeout(Duration::from_secs(5))
+fn client(api: &ApiArgs) -> anyhow::Result<reqwest::Client> {
+    api.client_builder()?
         .read_timeout(STREAM_READ_TIMEOUT)
         .build()
         .context("building the HTTP client")
@@ -249,12 +235,9 @@ async fn list_sagas(
             .send()
             .await
             .with_context(|| format!("listing the {state} sagas at {api}"))?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let message = body["error"]["message"].as_str().unwrap_or("no error body");
-            bail!("listing the {state} sagas: {status}: {message}");
-        }
+        let body = json_or_error(response)
+            .await
+            .with_context(|| format!("listing the {state} sagas"))?;
         let Some(page) = body["sagas"].as_array() else {
             bail!("listing the {state} sagas: the answer has no `sagas` array");
         };
@@ -317,11 +300,11 @@ async fn watch_once(http: &reqwest::Client, url: &str, tally: &StreamTally) {
     loop {
         match response.chunk().await {
             Ok(Some(bytes)) => match parser.feed(&bytes) {
-                Ok(names) => {
-                    if !names.is_empty() {
+                Ok(received) => {
+                    if !received.is_empty() {
                         let mut events = lock(&tally.events);
-                        for name in names {
-                            *events.entry(name).or_default() += 1;
+                        for event in received {
+                            *events.entry(event.name).or_default() += 1;
                         }
                     }
                 }
@@ -568,75 +551,6 @@ impl Endpoint {
     }
 }
 
-const KEEP_ALIVE: &str = "keep-alive";
-
-/// Splits a Server-Sent Events body into events, whatever the chunks' boundaries.
-#[derive(Default)]
-struct SseParser {
-    buffer: Vec<u8>,
-    /// How much of `buffer` has been searched for an event's end already.
-    searched: usize,
-}
-
-impl SseParser {
-    /// Takes the next bytes of the body and returns the names of the events they complete:
-    /// the `event:` field, `message` when there is none, `keep-alive` for a block of comments
-    /// only. A block with neither data nor comments is no event (as a browser sees it).
-    fn feed(&mut self, bytes: &[u8]) -> Result<Vec<String>, String> {
-        // Line ends may be \r\n; events end at a blank line.
-        self.buffer.extend(bytes.iter().filter(|b| **b != b'\r'));
-        let mut names = Vec::new();
-        loop {
-            let from = self.searched.saturating_sub(1);
-            let Some(at) = self.buffer[from..]
-                .windows(2)
-                .position(|w| w == b"\n\n")
-                .map(|p| p + from)
-            else {
-                self.searched = self.buffer.len();
-                break;
-            };
-            let block: Vec<u8> = self.buffer.drain(..at + 2).collect();
-            self.searched = 0;
-            if let Some(name) = event_name(&block) {
-                names.push(name);
-            }
-        }
-        if self.buffer.len() > MAX_EVENT_BYTES {
-            return Err(format!(
-                "an event longer than {MAX_EVENT_BYTES} bytes without its end"
-            ));
-        }
-        Ok(names)
-    }
-}
-
-fn event_name(block: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(block);
-    let mut name = None;
-    let mut data = false;
-    let mut comment = false;
-    for line in text.lines() {
-        if line.starts_with(':') {
-            comment = true;
-        } else if let Some(value) = line.strip_prefix("event:") {
-            name = Some(value.strip_prefix(' ').unwrap_or(value).to_owned());
-        } else if line.starts_with("data") {
-            data = true;
-        }
-    }
-    if data {
-        Some(
-            name.filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "message".into()),
-        )
-    } else if comment && name.is_none() {
-        Some(KEEP_ALIVE.into())
-    } else {
-        None
-    }
-}
-
 #[derive(Debug, Serialize)]
 struct Report {
     api: String,
@@ -784,59 +698,4 @@ fn errors_text(errors: &BTreeMap<String, ErrorCount>) -> String {
         .map(|(kind, e)| format!("{kind} {} (first: {})", e.count, e.first))
         .collect();
     format!(", errors: {}", parts.join("; "))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{event_name, SseParser, KEEP_ALIVE};
-
-    #[test]
-    fn events_are_found_across_chunk_boundaries() {
-        let body = b"event: saga\ndata: {\"a\":1}\n\nevent: history\ndata: {}\n\n:\n\nevent: end\ndata: {\"state\":\"completed\"}\n\n";
-        for split in 0..body.len() {
-            let mut parser = SseParser::default();
-            let mut names = parser.feed(&body[..split]).unwrap_or_default();
-            names.extend(parser.feed(&body[split..]).unwrap_or_default());
-            assert_eq!(
-                names,
-                ["saga", "history", KEEP_ALIVE, "end"],
-                "split at {split}"
-            );
-        }
-    }
-
-    #[test]
-    fn byte_by_byte_with_crlf() {
-        let body = b"event: saga\r\ndata: x\r\n\r\ndata: y\r\n\r\n";
-        let mut parser = SseParser::default();
-        let names: Vec<String> = body
-            .iter()
-            .flat_map(|b| parser.feed(&[*b]).unwrap_or_default())
-            .collect();
-        assert_eq!(names, ["saga", "message"]);
-    }
-
-    #[test]
-    fn an_event_without_data_is_no_event() {
-        assert_eq!(event_name(b"event: saga\n\n"), None);
-        assert_eq!(event_name(b": ping\n\n").as_deref(), Some(KEEP_ALIVE));
-        assert_eq!(
-            event_name(b": note\nevent: error\ndata: {}\n\n").as_deref(),
-            Some("error")
-        );
-    }
-
-    #[test]
-    fn an_endless_event_is_refused() {
-        let mut parser = SseParser::default();
-        let chunk = vec![b'x'; 64 * 1024];
-        let mut refused = false;
-        for _ in 0..20 {
-            if parser.feed(&chunk).is_err() {
-                refused = true;
-                break;
-            }
-        }
-        assert!(refused);
-    }
 }
