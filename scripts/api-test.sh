@@ -17,7 +17,6 @@ log_dir=".run/api-$run_id"
 mkdir -p "$log_dir"
 say() { echo "api-test: $*" >&2; }
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 http_addr="127.0.0.1:$(free_port)"
 pid=""
 cleanup() {

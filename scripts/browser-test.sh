@@ -89,9 +89,9 @@ if [[ ! -d web-tests/node_modules/playwright-core ]]; then
 fi
 
 if [[ -z ${HTTP_ADDR:-} ]]; then
-  # A port the kernel has free now (should another process take it first, the health check
-  # below fails with the orchestrator's log).
-  HTTP_ADDR="127.0.0.1:$(node -e "const s = require('net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close(); });")"
+  # The health check below fails with the orchestrator's log, should another process take
+  # the port first.
+  HTTP_ADDR="127.0.0.1:$(free_port)"
 fi
 export HTTP_ADDR
 
@@ -108,22 +108,16 @@ database_created=true
 
 mkdir -p "$log_dir" "$artifact_dir"
 
-# The API tokens: random, for this run only. The orchestrator reads their hashes from a file;
-# the test gets the tokens themselves through its environment.
-new_token() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
-token_hash() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
-operator_token="$(new_token)"
-viewer_token="$(new_token)"
-tokens_file="$log_dir/api-tokens"
-{
-  echo "# NAME ROLES sha256:HEX, written by scripts/browser-test.sh for one run"
-  echo "page-operator operator,client sha256:$(token_hash "$operator_token")"
-  echo "page-viewer viewer sha256:$(token_hash "$viewer_token")"
-} >"$tokens_file"
+# The API tokens: random, for this run only. The orchestrator reads their hashes from a file
+# (API_TOKENS_FILE, exported by make_api_tokens); the test gets the tokens themselves through
+# its environment.
+make_api_tokens "$log_dir/api-tokens" page-operator:operator,client page-viewer:viewer
+operator_token="$TOKEN_page_operator"
+viewer_token="$TOKEN_page_viewer"
 
 for service in orchestrator inventory payment shipping; do
   case $service in
-    orchestrator) settings=(API_TOKENS_FILE="$tokens_file" COMPENSATION_MAX_ATTEMPTS=1) ;;
+    orchestrator) settings=(COMPENSATION_MAX_ATTEMPTS=1) ;;
     payment) settings=(FAULT_COMPENSATION_FAILURES=1) ;;
     *) settings=() ;;
   esac

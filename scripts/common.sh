@@ -31,6 +31,12 @@ tcp_open() {
   (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null
 }
 
+# free_port: a loopback TCP port the kernel has free now (should another process take it first,
+# the caller's health check fails and says so).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 # start_dependencies: the clients the scripts use, PostgreSQL and the broker on
 # $KAFKA_BROKERS, each installed and started when missing. Sets STARTED_BROKER=1 when it started
 # the broker (so a caller can stop it again).
