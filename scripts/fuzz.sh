@@ -48,7 +48,13 @@ else
 fi
 
 scratch="$(mktemp -d)"
-trap 'rm -rf "$scratch"' EXIT
+# FUZZ_REMOVE_BUILD=1 (CI) also removes the instrumented build when done: it is large and
+# nothing after the fuzzers uses it.
+cleanup() {
+  rm -rf "$scratch"
+  if [[ ${FUZZ_REMOVE_BUILD:-0} == 1 ]]; then rm -rf fuzz/target; fi
+}
+trap cleanup EXIT
 
 echo "fuzz: building ${#targets[@]} targets (${toolchain})" >&2
 "${fuzz[@]}" build
