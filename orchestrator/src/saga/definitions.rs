@@ -1,7 +1,7 @@
 //! Saga definitions as data: one TOML file per saga type under `sagas/` (issue 13).
 //!
 //! Groundwork only: nothing in the engine reads these yet. The order saga still runs from
-//! [`super::definition`]; the tests below check that `sagas/order.toml` describes exactly that
+//! `saga/definition.rs`; the tests below check that `sagas/order.toml` describes exactly that
 //! saga. The format and the path syntax are documented in `sagas/README.md`.
 //!
 //! [`parse`] reads one file into a [`SagaDefinition`] and validates it; [`load_dir`] reads
