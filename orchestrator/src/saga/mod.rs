@@ -2,6 +2,7 @@
 //! retry policies and its state machine. Pure: no Kafka, no SQL, no clock; time is passed in.
 
 mod definition;
+pub mod definitions;
 mod machine;
 mod policy;
 #[cfg(test)]

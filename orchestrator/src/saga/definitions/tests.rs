@@ -1,0 +1,913 @@
+//! `sagas/order.toml` against today's order saga in code, and one test per validation rule.
+
+use std::path::{Path, PathBuf};
+
+use events::{Address, LineItem, OrderPlaced, Participant, Reply, Topics};
+use serde_json::Value as Json;
+use toml::Value;
+use uuid::Uuid;
+
+use super::*;
+use crate::config::RetryConfig;
+use crate::saga::definition::{compensation_command, forward_command, DEFINITION_VERSION, STEPS};
+
+const ORDER: &str = include_str!("../../../../sagas/order.toml");
+
+fn order() -> OrderPlaced {
+    OrderPlaced {
+        order_id: Uuid::from_u128(0x7f1d_2c3b_4a5e_4f60_8a71_9b0c_1d2e_3f40),
+        customer_id: "alice".into(),
+        items: vec![
+            LineItem {
+                sku: "WIDGET".into(),
+                quantity: 2,
+                unit_price_cents: 1_250,
+            },
+            LineItem {
+                sku: "GADGET".into(),
+                quantity: 1,
+                unit_price_cents: 4_999,
+            },
+        ],
+        total_cents: 7_499,
+        currency: "EUR".into(),
+        shipping_address: Address {
+            country: "DE".into(),
+            city: "Berlin".into(),
+            line1: "Unter den Linden 1".into(),
+            postal_code: "10117".into(),
+        },
+    }
+}
+
+fn order_definition() -> SagaDefinition {
+    parse("sagas/order.toml", ORDER).expect("sagas/order.toml is valid")
+}
+
+// ---------------------------------------------------------------------------------------------
+// sagas/order.toml is today's order saga.
+
+#[test]
+fn the_order_file_has_todays_steps_in_todays_order() {
+    let definition = order_definition();
+    assert_eq!(definition.name, "order");
+    assert_eq!(definition.version, DEFINITION_VERSION);
+    let names: Vec<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
+    let today: Vec<&str> = STEPS.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, today);
+    for (step, today) in definition.steps.iter().zip(STEPS) {
+        assert_eq!(step.compensable(), today.compensable, "{}", step.name);
+        assert_eq!(
+            step.compensation.is_some(),
+            today.compensable,
+            "{}",
+            step.name
+        );
+    }
+    assert_eq!(definition.pivot(), Some(2));
+    assert_eq!(definition.steps[2].kind, StepKind::Pivot);
+}
+
+#[test]
+fn the_order_file_is_triggered_and_routed_as_today() {
+    let definition = order_definition();
+    let topics = Topics::default();
+    assert_eq!(definition.trigger.topic, topics.orders());
+    assert_eq!(definition.trigger.message, "OrderPlaced");
+    assert_eq!(definition.trigger.key.to_string(), "$.order_id");
+    let trigger = serde_json::to_value(order()).expect("serialises");
+    assert_eq!(
+        definition.trigger.key.resolve(&trigger),
+        Some(&Json::from(order().order_id.to_string()))
+    );
+    for (step, today) in definition.steps.iter().zip(STEPS) {
+        let participant = Participant::for_step(today.name);
+        assert_eq!(step.participant, participant.as_str());
+        assert_eq!(step.topic, topics.commands(participant));
+    }
+}
+
+#[test]
+fn the_order_file_maps_the_order_onto_todays_commands() {
+    let definition = order_definition();
+    let order = order();
+    let trigger = serde_json::to_value(&order).expect("serialises");
+    for (step, today) in definition.steps.iter().zip(STEPS) {
+        for attempt in [1, 5] {
+            let command = forward_command(today.name, &order, attempt);
+            let wire = serde_json::to_value(&command).expect("serialises");
+            assert_eq!(wire["type"], step.forward.name, "{}", step.name);
+            let payload = step.forward.payload(&trigger, attempt).expect("maps");
+            assert_eq!(payload, wire["payload"], "{} attempt {attempt}", step.name);
+
+            let command = compensation_command(today.name, order.order_id, attempt);
+            match (&step.compensation, command) {
+                (Some(compensation), Some(command)) => {
+                    let wire = serde_json::to_value(&command).expect("serialises");
+                    assert_eq!(wire["type"], compensation.name, "{}", step.name);
+                    let payload = compensation.payload(&trigger, attempt).expect("maps");
+                    assert_eq!(payload, wire["payload"], "{} attempt {attempt}", step.name);
+                }
+                (None, None) => {}
+                (ours, today) => panic!("{}: {ours:?} but today {today:?}", step.name),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_order_file_reads_replies_as_today() {
+    let definition = order_definition();
+    let order = order();
+    for (step, today) in definition.steps.iter().zip(STEPS) {
+        let command = forward_command(today.name, &order, 1);
+        assert_eq!(Reply::done(&command).type_name(), step.forward.success);
+        assert_eq!(
+            Some(Reply::refused(&command, "no").type_name()),
+            step.forward.failure.as_deref()
+        );
+        if let (Some(compensation), Some(command)) = (
+            &step.compensation,
+            compensation_command(today.name, order.order_id, 1),
+        ) {
+            assert_eq!(Reply::done(&command).type_name(), compensation.success);
+            assert_eq!(
+                Some(Reply::refused(&command, "no").type_name()),
+                compensation.failure.as_deref()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_order_file_retries_like_todays_defaults() {
+    let definition = order_definition();
+    let today = RetryConfig::default()
+        .policies()
+        .expect("the defaults are valid");
+    for (step, today_step) in definition.steps.iter().zip(STEPS) {
+        let policy = today.forward(today_step.name);
+        if today_step.compensable {
+            assert_eq!(step.forward.retry, *policy, "{}", step.name);
+        } else {
+            // Today's machine never gives up on a step without compensation: max_attempts is
+            // ignored there, and the file says so by leaving it out.
+            assert_eq!(step.forward.retry.timeout, policy.timeout);
+            assert_eq!(step.forward.retry.max_timeout, policy.max_timeout);
+            assert_eq!(step.forward.retry.max_attempts, u32::MAX);
+        }
+        if let Some(compensation) = &step.compensation {
+            assert_eq!(compensation.retry, today.compensation, "{}", step.name);
+        }
+    }
+}
+
+/// The shape paths are checked against is what `OrderPlaced` serialises to, field for field.
+#[test]
+fn the_order_placed_shape_is_the_message() {
+    fn check(value: &Json, shape: Shape, at: &str) {
+        match shape {
+            Shape::Text => assert!(value.is_string(), "{at} is text"),
+            Shape::Integer => assert!(value.is_i64(), "{at} is an integer"),
+            Shape::List(item) => {
+                let list = value.as_array().expect("a list");
+                assert!(!list.is_empty(), "{at}: the sample has items");
+                for value in list {
+                    check(value, *item, &format!("{at}[]"));
+                }
+            }
+            Shape::Object(fields) => {
+                let object = value.as_object().expect("an object");
+                let mut names: Vec<&str> = object
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|name| at != "$" || *name != "type")
+                    .collect();
+                names.sort_unstable();
+                let mut expected: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+                expected.sort_unstable();
+                assert_eq!(names, expected, "{at}");
+                for (name, shape) in fields {
+                    check(&object[*name], *shape, &format!("{at}.{name}"));
+                }
+            }
+        }
+    }
+    let json = serde_json::to_value(order()).expect("serialises");
+    let (name, shape) = TRIGGER_MESSAGES[0];
+    assert_eq!(json["type"], name);
+    check(&json, shape, "$");
+}
+
+#[test]
+fn the_sagas_folder_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
+    let definitions = load_dir(&dir).expect("sagas/ loads");
+    assert_eq!(definitions.len(), 1);
+    let expected = SagaDefinition {
+        file: dir.join("order.toml").display().to_string(),
+        ..order_definition()
+    };
+    assert_eq!(definitions[0], expected);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths and payloads.
+
+#[test]
+fn field_paths_are_dotted_fields_and_nothing_else() {
+    for good in ["$.order_id", "$.shipping_address.country", "$._x.Y9"] {
+        let path = FieldPath::parse(good).expect(good);
+        assert_eq!(path.to_string(), good);
+    }
+    for bad in [
+        "",
+        "$",
+        "$.",
+        "order_id",
+        ".order_id",
+        "$order_id",
+        "$.items[0]",
+        "$.items.*",
+        "$..sku",
+        "$.a.",
+        "$.9a",
+        "$.a-b",
+        "$.a b",
+        "$['a']",
+        "$.total_cents * 2",
+    ] {
+        assert_eq!(FieldPath::parse(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn a_payload_copies_whole_values_and_names_the_first_missing_path() {
+    let definition = order_definition();
+    let shipping = &definition.steps[2].forward;
+    let trigger = serde_json::json!({
+        "order_id": "o-1", "items": [], "shipping_address": {"country": "DE"}
+    });
+    assert_eq!(
+        shipping.payload(&trigger, 2).expect("maps"),
+        serde_json::json!({
+            "order_id": "o-1", "attempt": 2, "items": [], "address": {"country": "DE"}
+        })
+    );
+    let charge = &definition.steps[1].forward;
+    assert_eq!(
+        charge.payload(&trigger, 1),
+        Err(PayloadError::Missing {
+            path: "$.total_cents".into()
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: each rule refuses a changed copy of sagas/order.toml, naming the file and field.
+
+/// `sagas/order.toml` with `change` applied, parsed as `bad.toml`.
+fn refused(change: impl FnOnce(&mut Value)) -> DefinitionError {
+    let mut document: Value = toml::from_str(ORDER).expect("order.toml is TOML");
+    change(&mut document);
+    let text = toml::to_string(&document).expect("serialises");
+    parse("bad.toml", &text).expect_err("the changed definition is refused")
+}
+
+/// The table holding the last key of a dotted `path` (numbers index lists), and that key.
+fn parent<'a>(document: &'a mut Value, path: &str) -> (&'a mut toml::Table, String) {
+    let (parents, last) = path.rsplit_once('.').unwrap_or(("", path));
+    let mut value = document;
+    for segment in parents.split('.').filter(|s| !s.is_empty()) {
+        value = match segment.parse::<usize>() {
+            Ok(index) => &mut value[index],
+            Err(_) => &mut value[segment],
+        };
+    }
+    (value.as_table_mut().expect("a table"), last.to_owned())
+}
+
+fn set(document: &mut Value, path: &str, value: Value) {
+    let (table, key) = parent(document, path);
+    table.insert(key, value);
+}
+
+fn remove(document: &mut Value, path: &str) {
+    let (table, key) = parent(document, path);
+    assert!(table.remove(&key).is_some(), "{path} is in order.toml");
+}
+
+fn text(s: &str) -> Value {
+    Value::String(s.into())
+}
+
+fn assert_invalid(error: DefinitionError, field: &str, problem: Problem) {
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("bad.toml: {field}: ")),
+        "{message}"
+    );
+    assert_eq!(error.file(), Some("bad.toml"));
+    assert_eq!(error.field(), Some(field), "{message}");
+    assert_eq!(error.problem(), Some(&problem), "{message}");
+}
+
+#[test]
+fn a_version_below_one_is_refused() {
+    for version in [0, -1, i64::from(i32::MAX) + 1] {
+        let error = refused(|d| set(d, "version", Value::Integer(version)));
+        assert_invalid(error, "version", Problem::VersionOutOfRange { version });
+    }
+}
+
+#[test]
+fn a_saga_name_that_is_not_snake_case_is_refused() {
+    let error = refused(|d| set(d, "name", text("Order")));
+    assert_invalid(
+        error,
+        "name",
+        Problem::InvalidName {
+            name: "Order".into(),
+        },
+    );
+}
+
+#[test]
+fn a_step_name_that_is_not_snake_case_is_refused() {
+    let error = refused(|d| set(d, "steps.1.name", text("charge payment")));
+    let name = "charge payment".to_owned();
+    assert_invalid(error, "steps[1].name", Problem::InvalidName { name });
+}
+
+#[test]
+fn an_invalid_topic_name_is_refused() {
+    let error = refused(|d| set(d, "trigger.topic", text("orders/eu")));
+    let topic = "orders/eu".to_owned();
+    assert_invalid(error, "trigger.topic", Problem::InvalidTopic { topic });
+}
+
+#[test]
+fn an_engine_topic_as_a_command_topic_is_refused() {
+    let error = refused(|d| set(d, "steps.0.topic", text("saga.replies")));
+    let topic = "saga.replies".to_owned();
+    assert_invalid(error, "steps[0].topic", Problem::EngineTopic { topic });
+}
+
+#[test]
+fn the_trigger_topic_as_a_command_topic_is_refused() {
+    let error = refused(|d| set(d, "steps.1.topic", text("orders")));
+    let topic = "orders".to_owned();
+    assert_invalid(
+        error,
+        "steps[1].topic",
+        Problem::CommandTopicIsTrigger { topic },
+    );
+}
+
+#[test]
+fn an_unknown_trigger_message_is_refused() {
+    let error = refused(|d| set(d, "trigger.message", text("OrderCancelled")));
+    let message = "OrderCancelled".to_owned();
+    assert_invalid(
+        error,
+        "trigger.message",
+        Problem::UnknownTriggerMessage { message },
+    );
+}
+
+#[test]
+fn a_key_that_is_not_a_scalar_is_refused() {
+    let error = refused(|d| set(d, "trigger.key", text("$.shipping_address")));
+    let path = "$.shipping_address".to_owned();
+    assert_invalid(error, "trigger.key", Problem::KeyNotScalar { path });
+}
+
+#[test]
+fn a_payload_path_with_bad_syntax_is_refused() {
+    let field = "steps.1.forward.payload.amount_cents";
+    let error = refused(|d| set(d, field, text("$.total_cents * 100")));
+    let path = "$.total_cents * 100".to_owned();
+    assert_invalid(
+        error,
+        "steps[1].forward.payload.amount_cents",
+        Problem::PathSyntax { path },
+    );
+}
+
+#[test]
+fn a_payload_path_the_trigger_message_lacks_is_refused() {
+    let error = refused(|d| set(d, "steps.1.forward.payload.amount_cents", text("$.total")));
+    assert_invalid(
+        error,
+        "steps[1].forward.payload.amount_cents",
+        Problem::UnknownField {
+            path: "$.total".into(),
+            message: "OrderPlaced".into(),
+            segment: "total".into(),
+        },
+    );
+    // Into a list: paths take whole lists, never their elements' fields.
+    let error = refused(|d| set(d, "steps.0.forward.payload.items", text("$.items.sku")));
+    assert_invalid(
+        error,
+        "steps[0].forward.payload.items",
+        Problem::UnknownField {
+            path: "$.items.sku".into(),
+            message: "OrderPlaced".into(),
+            segment: "sku".into(),
+        },
+    );
+}
+
+#[test]
+fn a_payload_field_the_engine_sets_is_refused() {
+    let error = refused(|d| set(d, "steps.0.forward.payload.attempt", text("$.total_cents")));
+    let name = "attempt".to_owned();
+    assert_invalid(
+        error,
+        "steps[0].forward.payload.attempt",
+        Problem::EnginePayloadField { name },
+    );
+}
+
+#[test]
+fn a_payload_field_name_that_is_not_a_field_name_is_refused() {
+    let error = refused(|d| set(d, "steps.0.forward.payload.order-id", text("$.order_id")));
+    let name = "order-id".to_owned();
+    assert_invalid(
+        error,
+        "steps[0].forward.payload.order-id",
+        Problem::InvalidFieldName { name },
+    );
+}
+
+#[test]
+fn a_saga_without_steps_is_refused() {
+    let error = refused(|d| set(d, "steps", Value::Array(Vec::new())));
+    assert_invalid(error, "steps", Problem::NoSteps);
+    let error = refused(|d| remove(d, "steps"));
+    assert_invalid(error, "steps", Problem::NoSteps);
+}
+
+#[test]
+fn a_duplicate_step_name_is_refused() {
+    let error = refused(|d| set(d, "steps.2.name", text("reserve_stock")));
+    let name = "reserve_stock".to_owned();
+    assert_invalid(
+        error,
+        "steps[2].name",
+        Problem::DuplicateStep { name, first: 0 },
+    );
+}
+
+#[test]
+fn an_unknown_pivot_step_is_refused() {
+    let error = refused(|d| set(d, "pivot", text("ship")));
+    assert_invalid(
+        error,
+        "pivot",
+        Problem::UnknownStep {
+            name: "ship".into(),
+        },
+    );
+}
+
+#[test]
+fn a_step_before_the_pivot_without_compensation_is_refused() {
+    let error = refused(|d| remove(d, "steps.1.compensation"));
+    assert_invalid(
+        error,
+        "steps[1].compensation",
+        Problem::MissingCompensation {
+            step: "charge_payment".into(),
+            pivot: Some("schedule_shipment".into()),
+        },
+    );
+}
+
+#[test]
+fn without_a_pivot_every_step_needs_a_compensation() {
+    let error = refused(|d| remove(d, "pivot"));
+    assert_invalid(
+        error,
+        "steps[2].compensation",
+        Problem::MissingCompensation {
+            step: "schedule_shipment".into(),
+            pivot: None,
+        },
+    );
+}
+
+/// A compensation for schedule_shipment, which the order saga does not have.
+fn cancel_shipment() -> Value {
+    toml::from_str(
+        r#"
+        action = "CancelShipment"
+        payload = { order_id = "$.order_id" }
+        success = "ShipmentCancelled"
+        retry = { timeout_ms = 30_000, max_attempts = 20, max_timeout_ms = 300_000 }
+        "#,
+    )
+    .expect("TOML")
+}
+
+#[test]
+fn a_compensation_on_the_pivot_is_refused() {
+    let error = refused(|d| set(d, "steps.2.compensation", cancel_shipment()));
+    let step = "schedule_shipment".to_owned();
+    assert_invalid(
+        error,
+        "steps[2].compensation",
+        Problem::CompensatedPivot { step },
+    );
+}
+
+/// order.toml with charge_payment as the pivot (no compensation, no max_attempts), so that
+/// schedule_shipment comes after it.
+fn pivot_on_charge_payment(d: &mut Value) {
+    set(d, "pivot", text("charge_payment"));
+    remove(d, "steps.1.compensation");
+    remove(d, "steps.1.forward.retry.max_attempts");
+}
+
+#[test]
+fn a_compensable_step_after_the_pivot_is_refused() {
+    let error = refused(|d| {
+        pivot_on_charge_payment(d);
+        remove(d, "steps.2.forward.failure");
+        set(d, "steps.2.compensation", cancel_shipment());
+    });
+    assert_invalid(
+        error,
+        "steps[2].compensation",
+        Problem::CompensationAfterPivot {
+            step: "schedule_shipment".into(),
+            pivot: "charge_payment".into(),
+        },
+    );
+}
+
+#[test]
+fn a_step_after_the_pivot_that_can_fail_is_refused() {
+    let error = refused(pivot_on_charge_payment);
+    assert_invalid(
+        error,
+        "steps[2].forward.failure",
+        Problem::FailureAfterPivot {
+            step: "schedule_shipment".into(),
+            pivot: "charge_payment".into(),
+        },
+    );
+    // Without the failure reply it is a valid retriable step.
+    let mut document: Value = toml::from_str(ORDER).expect("TOML");
+    pivot_on_charge_payment(&mut document);
+    remove(&mut document, "steps.2.forward.failure");
+    let text = toml::to_string(&document).expect("serialises");
+    let definition = parse("good.toml", &text).expect("valid");
+    let kinds: Vec<StepKind> = definition.steps.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        [StepKind::Compensable, StepKind::Pivot, StepKind::Retriable]
+    );
+}
+
+#[test]
+fn a_zero_timeout_is_refused() {
+    let error = refused(|d| set(d, "steps.0.forward.retry.timeout_ms", Value::Integer(0)));
+    assert_invalid(
+        error,
+        "steps[0].forward.retry.timeout_ms",
+        Problem::ZeroTimeout,
+    );
+    let field = "steps.1.compensation.retry.max_timeout_ms";
+    let error = refused(|d| set(d, field, Value::Integer(0)));
+    assert_invalid(
+        error,
+        "steps[1].compensation.retry.max_timeout_ms",
+        Problem::ZeroTimeout,
+    );
+}
+
+#[test]
+fn a_timeout_beyond_a_week_is_refused() {
+    let ms = MAX_WAIT_MS + 1;
+    let error = refused(|d| {
+        let ms = i64::try_from(ms).expect("fits");
+        set(
+            d,
+            "steps.2.forward.retry.max_timeout_ms",
+            Value::Integer(ms),
+        );
+    });
+    assert_invalid(
+        error,
+        "steps[2].forward.retry.max_timeout_ms",
+        Problem::TimeoutTooLong { ms },
+    );
+}
+
+#[test]
+fn a_longest_wait_below_the_first_is_refused() {
+    let error = refused(|d| {
+        set(
+            d,
+            "steps.0.forward.retry.max_timeout_ms",
+            Value::Integer(1_000),
+        );
+    });
+    assert_invalid(
+        error,
+        "steps[0].forward.retry.max_timeout_ms",
+        Problem::MaxTimeoutBelowTimeout {
+            timeout_ms: 30_000,
+            max_timeout_ms: 1_000,
+        },
+    );
+}
+
+#[test]
+fn zero_attempts_are_refused() {
+    let field = "steps.0.compensation.retry.max_attempts";
+    let error = refused(|d| set(d, field, Value::Integer(0)));
+    assert_invalid(
+        error,
+        "steps[0].compensation.retry.max_attempts",
+        Problem::ZeroAttempts,
+    );
+}
+
+#[test]
+fn a_compensable_step_without_max_attempts_is_refused() {
+    let error = refused(|d| remove(d, "steps.0.forward.retry.max_attempts"));
+    assert_invalid(
+        error,
+        "steps[0].forward.retry.max_attempts",
+        Problem::MissingAttempts,
+    );
+}
+
+#[test]
+fn max_attempts_on_the_pivot_is_refused() {
+    let error = refused(|d| set(d, "steps.2.forward.retry.max_attempts", Value::Integer(8)));
+    let step = "schedule_shipment".to_owned();
+    assert_invalid(
+        error,
+        "steps[2].forward.retry.max_attempts",
+        Problem::AttemptsNotApplicable { step },
+    );
+}
+
+#[test]
+fn a_message_name_that_is_not_upper_camel_case_is_refused() {
+    let error = refused(|d| set(d, "steps.0.forward.action", text("reserve_stock")));
+    let name = "reserve_stock".to_owned();
+    assert_invalid(
+        error,
+        "steps[0].forward.action",
+        Problem::InvalidMessageName { name },
+    );
+    let error = refused(|d| set(d, "steps.1.compensation.success", text("Payment Refunded")));
+    let name = "Payment Refunded".to_owned();
+    assert_invalid(
+        error,
+        "steps[1].compensation.success",
+        Problem::InvalidMessageName { name },
+    );
+}
+
+#[test]
+fn a_command_sent_by_two_actions_is_refused() {
+    let error = refused(|d| set(d, "steps.1.compensation.action", text("ReleaseStock")));
+    assert_invalid(
+        error,
+        "steps[1].compensation.action",
+        Problem::DuplicateAction {
+            action: "ReleaseStock".into(),
+            other: "steps[0].compensation.action".into(),
+        },
+    );
+}
+
+#[test]
+fn a_reply_with_two_meanings_is_refused() {
+    let error = refused(|d| set(d, "steps.0.forward.failure", text("StockReserved")));
+    assert_invalid(
+        error,
+        "steps[0].forward.failure",
+        Problem::ConflictingReply {
+            reply: "StockReserved".into(),
+            meaning: ReplyMeaning::ForwardSuccess,
+            other: "steps[0].forward.success".into(),
+        },
+    );
+    let error = refused(|d| set(d, "steps.2.forward.failure", text("CompensationFailed")));
+    assert_invalid(
+        error,
+        "steps[2].forward.failure",
+        Problem::ConflictingReply {
+            reply: "CompensationFailed".into(),
+            meaning: ReplyMeaning::CompensationFailure,
+            other: "steps[0].compensation.failure".into(),
+        },
+    );
+}
+
+#[test]
+fn a_participant_with_two_command_topics_is_refused() {
+    let error = refused(|d| set(d, "steps.1.participant", text("inventory")));
+    assert_invalid(
+        error,
+        "steps[1].topic",
+        Problem::ParticipantTopicConflict {
+            participant: "inventory".into(),
+            other_topic: "inventory.commands".into(),
+            other: "steps[0].topic".into(),
+        },
+    );
+}
+
+#[test]
+fn a_command_topic_of_two_participants_is_refused() {
+    let error = refused(|d| set(d, "steps.1.topic", text("inventory.commands")));
+    assert_invalid(
+        error,
+        "steps[1].topic",
+        Problem::TopicParticipantConflict {
+            topic: "inventory.commands".into(),
+            other_participant: "inventory".into(),
+            other: "steps[0].topic".into(),
+        },
+    );
+}
+
+#[test]
+fn unknown_and_missing_fields_are_named_with_the_file() {
+    let error = refused(|d| {
+        remove(d, "steps.0.forward.retry.timeout_ms");
+        set(d, "steps.0.forward.retry.timout_ms", Value::Integer(1));
+    });
+    let message = error.to_string();
+    assert!(matches!(error, DefinitionError::Syntax { .. }), "{message}");
+    assert!(message.starts_with("bad.toml: "), "{message}");
+    assert!(message.contains("timout_ms"), "{message}");
+
+    let error = refused(|d| remove(d, "trigger.topic"));
+    let message = error.to_string();
+    assert!(message.starts_with("bad.toml: "), "{message}");
+    assert!(message.contains("missing field `topic`"), "{message}");
+
+    let error = parse("bad.toml", "name = ").expect_err("not TOML");
+    assert!(error.to_string().starts_with("bad.toml: "), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The folder: files against each other.
+
+/// A folder of its own under the system's temporary folder, removed when dropped.
+struct Folder(PathBuf);
+
+impl Folder {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("saga-definitions-{}", Uuid::new_v4()));
+        std::fs::create_dir(&path).expect("creates a temporary folder");
+        Self(path)
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("writes");
+        path.display().to_string()
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn order_with(change: impl FnOnce(&mut Value)) -> String {
+    let mut document: Value = toml::from_str(ORDER).expect("TOML");
+    change(&mut document);
+    toml::to_string(&document).expect("serialises")
+}
+
+fn assert_invalid_in(error: DefinitionError, file: &str, field: &str, problem: Problem) {
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("{file}: {field}: ")),
+        "{message}"
+    );
+    assert_eq!(error.problem(), Some(&problem), "{message}");
+}
+
+#[test]
+fn the_same_saga_version_twice_is_refused_and_two_versions_load() {
+    let folder = Folder::new();
+    let first = folder.write("a.toml", ORDER);
+    let second = folder.write("b.toml", ORDER);
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert_invalid_in(
+        error,
+        &second,
+        "version",
+        Problem::DuplicateVersion {
+            name: "order".into(),
+            version: 1,
+            other_file: first,
+        },
+    );
+
+    folder.write(
+        "b.toml",
+        &order_with(|d| set(d, "version", Value::Integer(2))),
+    );
+    folder.write("README.md", "not a definition");
+    let definitions = load_dir(&folder.0).expect("v1 and v2");
+    let versions: Vec<(&str, i32)> = definitions
+        .iter()
+        .map(|d| (d.name.as_str(), d.version))
+        .collect();
+    assert_eq!(versions, [("order", 1), ("order", 2)]);
+}
+
+#[test]
+fn two_saga_types_on_one_trigger_are_refused() {
+    let folder = Folder::new();
+    let first = folder.write("a.toml", ORDER);
+    let second = folder.write(
+        "b.toml",
+        &order_with(|d| set(d, "name", text("order_copy"))),
+    );
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert_invalid_in(
+        error,
+        &second,
+        "trigger",
+        Problem::SharedTrigger {
+            topic: "orders".into(),
+            message: "OrderPlaced".into(),
+            other_saga: "order".into(),
+            other_file: first,
+        },
+    );
+}
+
+#[test]
+fn a_participant_with_another_topic_in_another_file_is_refused() {
+    let folder = Folder::new();
+    let first = folder.write("a.toml", ORDER);
+    let second = folder.write(
+        "b.toml",
+        &order_with(|d| {
+            set(d, "name", text("order_copy"));
+            set(d, "trigger.topic", text("orders.copy"));
+            set(d, "steps.1.topic", text("payments.commands"));
+        }),
+    );
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert_invalid_in(
+        error,
+        &second,
+        "steps[1].topic",
+        Problem::ParticipantTopicConflict {
+            participant: "payment".into(),
+            other_topic: "payment.commands".into(),
+            other: format!("{first} steps[1].topic"),
+        },
+    );
+}
+
+#[test]
+fn a_folder_without_definitions_or_that_cannot_be_read_is_refused() {
+    let folder = Folder::new();
+    folder.write("README.md", "no definitions here");
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert!(
+        matches!(error, DefinitionError::NoDefinitions { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains(&folder.0.display().to_string()));
+
+    let missing = folder.0.join("missing");
+    let error = load_dir(&missing).expect_err("refused");
+    assert!(matches!(error, DefinitionError::ReadDir { .. }), "{error}");
+    assert!(error.to_string().contains(&missing.display().to_string()));
+}
+
+#[test]
+fn an_invalid_file_in_the_folder_is_named_by_its_path() {
+    let folder = Folder::new();
+    folder.write("a.toml", ORDER);
+    let bad = folder.write(
+        "b.toml",
+        &order_with(|d| set(d, "version", Value::Integer(0))),
+    );
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert_invalid_in(
+        error,
+        &bad,
+        "version",
+        Problem::VersionOutOfRange { version: 0 },
+    );
+}
