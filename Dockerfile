@@ -13,7 +13,9 @@
 # Configuration is by environment variables only (KAFKA_BROKERS, DATABASE_URL,
 # TOPIC_PREFIX, ...). Each service creates its own PostgreSQL schema, runs its
 # migrations (embedded in the binary at compile time) and creates its Kafka
-# topics at start-up, so the runtime image needs nothing but the binaries.
+# topics at start-up. Besides the binaries the image holds the saga definitions
+# (sagas/*.toml) in /etc/saga-engine/sagas, which the orchestrator reads at
+# start-up (SAGAS_DIR); mount another folder there to deploy other definitions.
 
 ############################ build ############################
 FROM rust:1.95-bookworm AS builder
@@ -63,6 +65,8 @@ RUN apt-get update \
         --home-dir /nonexistent --shell /usr/sbin/nologin saga
 
 COPY --from=builder /out/orchestrator /out/inventory /out/payment /out/shipping /usr/local/bin/
+COPY sagas /etc/saga-engine/sagas
+ENV SAGAS_DIR=/etc/saga-engine/sagas
 
 # The orchestrator's status API defaults to 127.0.0.1:8080, which is unreachable
 # from outside a container; listen on all interfaces instead.

@@ -2,6 +2,8 @@
 # for the Debian packages a fresh machine may lack.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
+# The saga definitions every orchestrator the scripts start reads, wherever it runs from.
+export SAGAS_DIR="${SAGAS_DIR:-$ROOT/sagas}"
 
 # as_root CMD...: runs CMD as root (directly when we are root, else through sudo).
 as_root() {

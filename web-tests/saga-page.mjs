@@ -340,6 +340,8 @@ async function run(browser) {
   }
   await waitInPage(page, `the timeline's stream of saga ${happy} to end`,
     () => document.querySelector('[data-testid="timeline-connection"]')?.dataset.status === 'ended');
+  const definition = await testIdText(page, 'timeline-definition');
+  if (definition !== 'order v1') fail(`saga ${happy}: the timeline shows definition "${definition}", not "order v1"`);
   if (await page.evaluate(() => window.__pageToken) !== pageToken) fail('the page was reloaded; the update was not live');
   await expectListRow(page, happy, 'completed');
   await waitInPage(page, `the header's completed count to pass ${completedBefore}`,
@@ -591,7 +593,7 @@ function scriptedSaga(version, state) {
     saga_id: SCRIPTED_SAGA, order_id: '5c0e0000-0000-4000-8000-0000000000de', state,
     current_step: state === 'compensated' ? null : 'charge_payment',
     failure_reason: 'schedule_shipment failed: destination country AQ is on the deny-list',
-    definition_version: 1, version, created_at: at, updated_at: at,
+    definition_name: 'order', definition_version: 1, version, created_at: at, updated_at: at,
     finished_at: state === 'compensating' ? null : at, deadline_at: null,
     order: {
       order_id: '5c0e0000-0000-4000-8000-0000000000de', customer_id: 'bob',

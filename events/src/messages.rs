@@ -79,6 +79,15 @@ pub enum Command {
 }
 
 impl Command {
+    /// Every command's type name (the `type` on the wire), in declaration order.
+    pub const TYPE_NAMES: [&'static str; 5] = [
+        "ReserveStock",
+        "ReleaseStock",
+        "ChargePayment",
+        "RefundPayment",
+        "ScheduleShipment",
+    ];
+
     pub fn step(&self) -> StepName {
         match self {
             Self::ReserveStock { .. } | Self::ReleaseStock { .. } => StepName::ReserveStock,
@@ -179,6 +188,19 @@ pub enum Outcome {
 pub const MAX_REASON_LEN: usize = 2_000;
 
 impl Reply {
+    /// Every reply's type name (the `type` on the wire), in declaration order.
+    pub const TYPE_NAMES: [&'static str; 9] = [
+        "StockReserved",
+        "StockUnavailable",
+        "StockReleased",
+        "PaymentCharged",
+        "PaymentDeclined",
+        "PaymentRefunded",
+        "ShipmentScheduled",
+        "ShipmentRejected",
+        "CompensationFailed",
+    ];
+
     /// Checks what the types cannot: a failure reason is at most [`MAX_REASON_LEN`] bytes and
     /// holds no NUL (PostgreSQL's text refuses it).
     ///

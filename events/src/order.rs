@@ -37,7 +37,10 @@ pub struct Address {
     pub postal_code: String,
 }
 
-const ORDER_PLACED: &str = "OrderPlaced";
+impl OrderPlaced {
+    /// Its `type` on the wire.
+    pub const TYPE_NAME: &'static str = "OrderPlaced";
+}
 
 /// Just the `type` field of a record on `orders`.
 #[derive(Deserialize)]
@@ -65,9 +68,10 @@ impl OrderPlaced {
         // `OrderCancelled` with an order's fields would otherwise start a saga.
         let tag: TypeTag<'_> =
             serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
-        if tag.kind.as_deref() != Some(ORDER_PLACED) {
+        if tag.kind.as_deref() != Some(OrderPlaced::TYPE_NAME) {
             return Err(ContractError::Malformed(format!(
-                "expected \"type\": \"{ORDER_PLACED}\", got {:?}",
+                "expected \"type\": \"{}\", got {:?}",
+                OrderPlaced::TYPE_NAME,
                 tag.kind
                     .as_deref()
                     .map(|k| k.chars().take(64).collect::<String>())

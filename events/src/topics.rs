@@ -49,33 +49,39 @@ impl Topics {
         &self.prefix
     }
 
-    fn name(&self, base: &str) -> String {
+    /// `base` with the deployment's prefix: a topic a saga definition names.
+    pub fn named(&self, base: &str) -> String {
         format!("{}{base}", self.prefix)
     }
 
     /// Where clients publish `OrderPlaced`.
     pub fn orders(&self) -> String {
-        self.name("orders")
+        self.named("orders")
     }
 
     /// Where `participant` receives its commands.
     pub fn commands(&self, participant: Participant) -> String {
-        self.name(&format!("{}.commands", participant.as_str()))
+        self.named(&format!("{}.commands", participant.as_str()))
     }
 
     /// Where every participant publishes its replies.
     pub fn replies(&self) -> String {
-        self.name("saga.replies")
+        self.named("saga.replies")
     }
 
     /// Saga lifecycle events.
     pub fn saga_events(&self) -> String {
-        self.name("saga.events")
+        self.named("saga.events")
     }
 
     /// Unprocessable messages, with the reason in the record headers.
     pub fn dead_letters(&self) -> String {
-        self.name("saga.dlq")
+        self.named("saga.dlq")
+    }
+
+    /// The engine's own topics: replies, saga events and dead letters.
+    pub fn engine(&self) -> Vec<String> {
+        vec![self.replies(), self.saga_events(), self.dead_letters()]
     }
 
     /// Every topic of the deployment, for creating them at start-up.

@@ -37,13 +37,7 @@ fn order_placed() {
 
 #[test]
 fn commands() {
-    for name in [
-        "ReserveStock",
-        "ReleaseStock",
-        "ChargePayment",
-        "RefundPayment",
-        "ScheduleShipment",
-    ] {
+    for name in Command::TYPE_NAMES {
         let envelope: Envelope<Command> = round_trip(name);
         assert_eq!(envelope.body.type_name(), name);
         assert_eq!(Envelope::<Command>::from_json(&golden(name)), Ok(envelope));
@@ -52,17 +46,7 @@ fn commands() {
 
 #[test]
 fn replies() {
-    for name in [
-        "StockReserved",
-        "StockUnavailable",
-        "StockReleased",
-        "PaymentCharged",
-        "PaymentDeclined",
-        "PaymentRefunded",
-        "ShipmentScheduled",
-        "ShipmentRejected",
-        "CompensationFailed",
-    ] {
+    for name in Reply::TYPE_NAMES {
         let envelope: Envelope<Reply> = round_trip(name);
         assert_eq!(envelope.body.type_name(), name);
     }

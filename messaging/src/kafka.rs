@@ -123,7 +123,8 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagR
 }
 
 /// Creates the topics that are missing, as a deployment with auto-creation disabled needs.
-/// Topics that exist already are left as they are.
+/// Topics that exist already are left as they are; a name given twice is asked for once
+/// (librdkafka crashes on a request that names a topic twice).
 ///
 /// # Errors
 /// [`Error::CreateTopic`] for a topic the broker would not create.
@@ -131,8 +132,9 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
     let admin: AdminClient<DefaultClientContext> = base(config)
         .create()
         .map_err(Error::kafka("creating admin client"))?;
-    let new_topics: Vec<NewTopic<'_>> = topics
-        .iter()
+    let unique: std::collections::BTreeSet<&String> = topics.iter().collect();
+    let new_topics: Vec<NewTopic<'_>> = unique
+        .into_iter()
         .map(|name| {
             NewTopic::new(
                 name,

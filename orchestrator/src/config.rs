@@ -9,7 +9,7 @@ use clap::{Args, Parser};
 use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 
 use crate::auth::Tokens;
-use crate::saga::{Policies, RetryPolicy};
+use crate::saga::{RetryPolicy, SagaDefinition};
 use crate::Error;
 
 #[derive(Debug, Clone, Parser)]
@@ -33,6 +33,10 @@ pub struct Config {
     pub faults: FaultConfig,
     #[command(flatten)]
     pub api: ApiConfig,
+
+    /// The folder of saga definitions: every `*.toml` in it is loaded and validated at start.
+    #[arg(long, env = "SAGAS_DIR", default_value = "sagas")]
+    pub sagas_dir: PathBuf,
 
     /// Address of the status HTTP API.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -153,26 +157,31 @@ impl ApiConfig {
     }
 }
 
-/// Step deadlines and retries. Each wait doubles per attempt (with up to 25% jitter), capped
-/// at `--retry-max-timeout-ms`.
+/// Deployment-wide changes to the retry policies of the saga definitions (each action's
+/// `retry` in `sagas/*.toml`): unset, a definition's own values hold. Each wait doubles per
+/// attempt (with up to 25% jitter), capped at the longest wait.
 #[derive(Debug, Clone, Args)]
 pub struct RetryConfig {
-    /// How long to wait for a step's first reply, in milliseconds.
-    #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 30_000)]
-    pub step_timeout_ms: u64,
-    /// Per-step overrides of the first wait, e.g. `charge_payment=10000,reserve_stock=2000`.
+    /// The first wait for every step's and compensation's reply, in milliseconds [default: each
+    /// action's `retry.timeout_ms`].
+    #[arg(long, env = "STEP_TIMEOUT_MS")]
+    pub step_timeout_ms: Option<u64>,
+    /// Per-step first waits of forward actions, e.g. `charge_payment=10000,reserve_stock=2000`.
     #[arg(long, env = "STEP_TIMEOUT_OVERRIDES_MS", value_delimiter = ',')]
     pub step_timeout_overrides_ms: Vec<String>,
-    /// Attempts of a forward step before it counts as failed (its outcome unknown). A step
-    /// without compensation (the last) is retried until it answers.
-    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 8)]
-    pub step_max_attempts: u32,
-    /// Attempts of a compensation before the saga is `failed` and needs an operator.
-    #[arg(long, env = "COMPENSATION_MAX_ATTEMPTS", default_value_t = 20)]
-    pub compensation_max_attempts: u32,
-    /// The longest single wait, in milliseconds.
-    #[arg(long, env = "RETRY_MAX_TIMEOUT_MS", default_value_t = 300_000)]
-    pub retry_max_timeout_ms: u64,
+    /// Attempts of a forward step that can be undone before it counts as failed (its outcome
+    /// unknown) [default: each action's `retry.max_attempts`]. Steps that cannot be undone are
+    /// retried until they answer.
+    #[arg(long, env = "STEP_MAX_ATTEMPTS")]
+    pub step_max_attempts: Option<u32>,
+    /// Attempts of a compensation before the saga is `failed` and needs an operator [default:
+    /// each compensation's `retry.max_attempts`].
+    #[arg(long, env = "COMPENSATION_MAX_ATTEMPTS")]
+    pub compensation_max_attempts: Option<u32>,
+    /// The longest single wait, in milliseconds [default: each action's
+    /// `retry.max_timeout_ms`].
+    #[arg(long, env = "RETRY_MAX_TIMEOUT_MS")]
+    pub retry_max_timeout_ms: Option<u64>,
     /// How often overdue sagas are looked for, in milliseconds.
     #[arg(long, env = "DEADLINE_SCAN_INTERVAL_MS", default_value_t = 200)]
     pub deadline_scan_interval_ms: u64,
@@ -181,11 +190,11 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
-            step_timeout_ms: 30_000,
+            step_timeout_ms: None,
             step_timeout_overrides_ms: Vec::new(),
-            step_max_attempts: 8,
-            compensation_max_attempts: 20,
-            retry_max_timeout_ms: 300_000,
+            step_max_attempts: None,
+            compensation_max_attempts: None,
+            retry_max_timeout_ms: None,
             deadline_scan_interval_ms: 200,
         }
     }
@@ -196,46 +205,71 @@ impl RetryConfig {
         Duration::from_millis(self.deadline_scan_interval_ms)
     }
 
-    /// The policies these settings describe.
-    ///
-    /// # Errors
-    /// A message naming the override that is not `step=milliseconds` for a known step.
-    pub fn policies(&self) -> Result<Policies, String> {
-        let millis = |ms: u64| TimeDelta::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
-        let policy = |timeout_ms: u64, max_attempts: u32| RetryPolicy {
-            timeout: millis(timeout_ms),
-            max_attempts: max_attempts.max(1),
-            max_timeout: millis(self.retry_max_timeout_ms.max(timeout_ms)),
-        };
-        let forward = policy(self.step_timeout_ms, self.step_max_attempts);
-        let mut policies = Policies {
-            reserve_stock: forward,
-            charge_payment: forward,
-            schedule_shipment: forward,
-            compensation: policy(self.step_timeout_ms, self.compensation_max_attempts),
-        };
-        for entry in self
-            .step_timeout_overrides_ms
+    /// `STEP_TIMEOUT_OVERRIDES_MS` as (step, milliseconds).
+    fn timeout_overrides(&self) -> Result<Vec<(&str, u64)>, String> {
+        self.step_timeout_overrides_ms
             .iter()
             .filter(|e| !e.trim().is_empty())
-        {
-            let parsed = entry
-                .split_once('=')
-                .and_then(|(step, ms)| Some((step.trim(), ms.trim().parse::<u64>().ok()?)));
-            let Some((step, ms)) = parsed else {
-                return Err(format!(
-                    "step timeout override {entry:?} is not step=milliseconds"
-                ));
-            };
-            let slot = match step {
-                "reserve_stock" => &mut policies.reserve_stock,
-                "charge_payment" => &mut policies.charge_payment,
-                "schedule_shipment" => &mut policies.schedule_shipment,
-                other => return Err(format!("unknown step {other:?} in a timeout override")),
-            };
-            *slot = policy(ms, self.step_max_attempts);
+            .map(|entry| {
+                entry
+                    .split_once('=')
+                    .and_then(|(step, ms)| Some((step.trim(), ms.trim().parse::<u64>().ok()?)))
+                    .ok_or_else(|| {
+                        format!("step timeout override {entry:?} is not step=milliseconds")
+                    })
+            })
+            .collect()
+    }
+
+    /// Changes `definition`'s retry policies as these settings say.
+    ///
+    /// # Errors
+    /// A message naming an override that is not `step=milliseconds`.
+    pub fn apply(&self, definition: &mut SagaDefinition) -> Result<(), String> {
+        let overrides = self.timeout_overrides()?;
+        let millis = |ms: u64| TimeDelta::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
+        let adjust = |policy: &mut RetryPolicy, timeout_ms: Option<u64>, attempts: Option<u32>| {
+            if let Some(ms) = timeout_ms {
+                policy.timeout = millis(ms);
+            }
+            // A policy without a limit (a step that cannot be undone) keeps none.
+            if let Some(n) = attempts.filter(|_| policy.max_attempts != u32::MAX) {
+                policy.max_attempts = n.max(1);
+            }
+            if let Some(ms) = self.retry_max_timeout_ms {
+                policy.max_timeout = millis(ms);
+            }
+            policy.max_timeout = policy.max_timeout.max(policy.timeout);
+        };
+        for step in &mut definition.steps {
+            let timeout = overrides
+                .iter()
+                .find(|(name, _)| *name == step.name)
+                .map(|(_, ms)| *ms)
+                .or(self.step_timeout_ms);
+            adjust(&mut step.forward.retry, timeout, self.step_max_attempts);
+            if let Some(compensation) = &mut step.compensation {
+                adjust(
+                    &mut compensation.retry,
+                    self.step_timeout_ms,
+                    self.compensation_max_attempts,
+                );
+            }
         }
-        Ok(policies)
+        Ok(())
+    }
+
+    /// Checks that every per-step override names a step of one of `definitions`.
+    ///
+    /// # Errors
+    /// A message naming the unknown step.
+    pub fn check_overrides(&self, definitions: &[SagaDefinition]) -> Result<(), String> {
+        for (step, _) in self.timeout_overrides()? {
+            if !definitions.iter().any(|d| d.step(step).is_some()) {
+                return Err(format!("unknown step {step:?} in a timeout override"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -244,21 +278,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overrides_change_one_step_and_bad_ones_are_named() {
+    fn settings_change_the_definitions_policies_and_bad_overrides_are_named() {
+        let order = || {
+            crate::saga::definitions::parse("order.toml", include_str!("../../sagas/order.toml"))
+                .expect("the order saga parses")
+        };
+        let mut untouched = order();
+        RetryConfig::default()
+            .apply(&mut untouched)
+            .expect("no settings");
+        assert_eq!(untouched, order());
+
         let config = RetryConfig {
             step_timeout_overrides_ms: vec!["charge_payment=9000".into()],
+            compensation_max_attempts: Some(3),
+            step_max_attempts: Some(2),
             ..RetryConfig::default()
         };
-        let policies = config.policies().expect("valid");
-        assert_eq!(policies.charge_payment.timeout, TimeDelta::seconds(9));
-        assert_eq!(policies.reserve_stock.timeout, TimeDelta::seconds(30));
-        assert_eq!(policies.compensation.max_attempts, 20);
+        let mut changed = order();
+        config.apply(&mut changed).expect("valid");
+        let [reserve, charge, ship] = &changed.steps[..] else {
+            panic!("three steps")
+        };
+        assert_eq!(charge.forward.retry.timeout, TimeDelta::seconds(9));
+        assert_eq!(reserve.forward.retry.timeout, TimeDelta::seconds(30));
+        assert_eq!(reserve.forward.retry.max_attempts, 2);
+        assert_eq!(
+            ship.forward.retry.max_attempts,
+            u32::MAX,
+            "the pivot keeps no limit"
+        );
+        let compensation = reserve.compensation.as_ref().expect("compensable");
+        assert_eq!(compensation.retry.max_attempts, 3);
+        assert!(config.check_overrides(&[changed]).is_ok());
+
         for bad in ["charge_payment", "ship=5", "charge_payment=soon"] {
             let config = RetryConfig {
                 step_timeout_overrides_ms: vec![bad.into()],
                 ..RetryConfig::default()
             };
-            assert!(config.policies().is_err(), "{bad}");
+            let mut definition = order();
+            let refused = config
+                .apply(&mut definition)
+                .and_then(|()| config.check_overrides(&[definition]));
+            assert!(refused.is_err(), "{bad}");
         }
     }
 }

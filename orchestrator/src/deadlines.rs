@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use messaging::outbox::{Outbox, Wake};
 use tracing::Instrument;
 
-use crate::handler::{commit_decision, join_saga_trace};
-use crate::saga::Policies;
+use crate::catalog::Catalog;
+use crate::handler::{commit_decision, definition_of, join_saga_trace};
 use crate::store::{self, HistoryEntry};
 use crate::Result;
 
@@ -27,7 +27,7 @@ const BATCH: i64 = 64;
 pub struct DeadlineScanner {
     pub pool: PgPool,
     pub topics: Topics,
-    pub policies: Policies,
+    pub catalog: std::sync::Arc<Catalog>,
     pub interval: Duration,
 }
 
@@ -53,8 +53,16 @@ impl DeadlineScanner {
         let due = store::lock_due(&mut tx, now, BATCH).await?;
         let mut outbox = Outbox::default();
         for (saga, version) in &due {
+            let definition = match definition_of(&self.catalog, &mut tx, saga).await? {
+                Ok(definition) => definition,
+                // Nothing could move this saga: parked, so that it stops no other deadline.
+                Err(e) => {
+                    store::park_unreadable(&mut tx, saga.id, &e).await?;
+                    continue;
+                }
+            };
             let jitter = rand::thread_rng().gen_range(0.0..1.0);
-            let decision = saga.on_deadline(now, jitter, &self.policies);
+            let decision = saga.on_deadline(now, jitter, &definition);
             let entry = HistoryEntry {
                 at: now,
                 message_id: None,

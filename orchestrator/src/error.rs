@@ -16,6 +16,16 @@ pub enum Error {
         column: &'static str,
         reason: String,
     },
+    #[error("invalid saga definition: {0}")]
+    Definition(#[from] crate::saga::definitions::DefinitionError),
+    #[error("{file}: saga {name} version {version} is stored with other content; a changed definition needs a new version (running sagas keep the one they started on)")]
+    DefinitionChanged {
+        file: String,
+        name: String,
+        version: i32,
+    },
+    #[error("saga definition {name} v{version} is not stored")]
+    UnknownDefinition { name: String, version: i32 },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot read the API token file {}: {source}", path.display())]

@@ -3,9 +3,10 @@
 //! outgoing commands and events (via the outbox) commit together or not at all.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::Utc;
-use events::{Envelope, OrderPlaced, Participant, Reply, Topics};
+use events::{Envelope, OrderPlaced, Reply, Topics};
 use messaging::consumer::{Handler, HandlerError, Record};
 use messaging::inbox;
 use messaging::outbox::{Outbox, OutgoingMessage};
@@ -13,17 +14,18 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::saga::{Decision, Effect, Policies, Saga};
+use crate::catalog::Catalog;
+use crate::saga::{Decision, Effect, Saga, SagaDefinition};
 use crate::store::{self, HistoryEntry};
 
 pub struct OrchestratorHandler {
     topics: Topics,
-    policies: Policies,
+    catalog: Arc<Catalog>,
 }
 
 impl OrchestratorHandler {
-    pub fn new(topics: Topics, policies: Policies) -> Self {
-        Self { topics, policies }
+    pub fn new(topics: Topics, catalog: Arc<Catalog>) -> Self {
+        Self { topics, catalog }
     }
 
     async fn on_order(
@@ -31,18 +33,19 @@ impl OrchestratorHandler {
         tx: &mut PgConnection,
         outbox: &mut Outbox,
         record: &Record,
+        definition: &SagaDefinition,
     ) -> Result<(), HandlerError> {
         let order = OrderPlaced::from_json(&record.payload)
             .map_err(|e| HandlerError::Reject(format!("invalid OrderPlaced: {e}")))?;
         let now = Utc::now();
         let order_id = order.order_id;
-        let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, &self.policies);
+        let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, definition);
         record.describe(saga.id, "order", order_id);
         let trace_parent = messaging::telemetry::traceparent(&record.span);
         let started = HistoryEntry {
             at: now,
             message_id: None,
-            message_type: "OrderPlaced".into(),
+            message_type: OrderPlaced::TYPE_NAME.into(),
             decision: "started".into(),
             detail: None,
             state_after: saga.state.as_str().into(),
@@ -53,7 +56,7 @@ impl OrchestratorHandler {
                 let entry = HistoryEntry {
                     at: now,
                     message_id: None,
-                    message_type: "OrderPlaced".into(),
+                    message_type: OrderPlaced::TYPE_NAME.into(),
                     decision: "ignored".into(),
                     detail: Some(format!(
                         "duplicate order (record {}/{}@{})",
@@ -70,6 +73,19 @@ impl OrchestratorHandler {
         crate::metrics::saga_started();
         emit(&self.topics, outbox, &saga, 0, None, effects);
         Ok(())
+    }
+
+    /// The definition `saga` runs on: `Ok(Err(_))` when no orchestrator stored it or it does
+    /// not read back (retrying cannot help: the saga is parked), `Err` for a database error
+    /// (worth a retry).
+    pub(crate) async fn definition_of(
+        &self,
+        tx: &mut PgConnection,
+        saga: &Saga,
+    ) -> Result<Result<Arc<SagaDefinition>, crate::Error>, HandlerError> {
+        definition_of(&self.catalog, tx, saga)
+            .await
+            .map_err(Into::into)
     }
 
     /// Handles a batch's replies together: one statement records their deliveries in the
@@ -106,7 +122,17 @@ impl OrchestratorHandler {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let (mut sagas, unreadable) = store::lock_sagas(tx, &saga_ids).await?;
+        let (mut sagas, mut unreadable) = store::lock_sagas(tx, &saga_ids).await?;
+        let mut definitions = HashMap::new();
+        for (saga, _) in sagas.values() {
+            match self.definition_of(tx, saga).await? {
+                Ok(definition) => {
+                    definitions.insert(saga.id, definition);
+                }
+                Err(e) => unreadable.push((saga.id, e)),
+            }
+        }
+        sagas.retain(|id, _| definitions.contains_key(id));
         for (saga_id, e) in &unreadable {
             // Retrying cannot fix the row, and the replies are not at fault: park the saga.
             store::park_unreadable(tx, *saga_id, e).await?;
@@ -148,7 +174,10 @@ impl OrchestratorHandler {
                 )),
                 state_after: String::new(),
             };
-            let decision = saga.on_reply(reply, now, &self.policies);
+            let Some(definition) = definitions.get(&saga.id) else {
+                continue;
+            };
+            let decision = saga.on_reply(reply, now, definition);
             // In the record's span, so that the commands it causes join the order's trace.
             let (next, entry) = record.span.in_scope(|| {
                 note_decision(
@@ -180,6 +209,23 @@ impl OrchestratorHandler {
             .collect();
         store::save_transitions(tx, &updates, &history).await?;
         Ok(())
+    }
+}
+
+/// The definition `saga` runs on, from `catalog`: `Ok(Err(_))` when it is not stored or does
+/// not read back (the saga cannot move; callers park it), `Err` for a database error.
+pub(crate) async fn definition_of(
+    catalog: &Catalog,
+    tx: &mut PgConnection,
+    saga: &Saga,
+) -> crate::Result<crate::Result<Arc<SagaDefinition>>> {
+    match catalog
+        .get(&mut *tx, &saga.definition_name, saga.definition_version)
+        .await
+    {
+        Ok(definition) => Ok(Ok(definition)),
+        Err(e @ (crate::Error::Database(_) | crate::Error::Messaging(_))) => Err(e),
+        Err(e) => Ok(Err(e)),
     }
 }
 
@@ -243,7 +289,7 @@ fn note_decision(
                 saga,
                 &next,
                 effects.iter().filter_map(|effect| match effect {
-                    Effect::Send(command) => Some(command),
+                    Effect::Send { command, .. } => Some(command),
                     Effect::Publish(_) => None,
                 }),
             );
@@ -277,8 +323,8 @@ fn emit(
     let key = saga.order.order_id.to_string();
     for effect in effects {
         let message = match effect {
-            Effect::Send(command) => {
-                let topic = topics.commands(Participant::for_step(command.step()));
+            Effect::Send { topic, command } => {
+                let topic = topics.named(&topic);
                 let envelope = Envelope::new(saga.id, causation_id, saga.updated_at, command);
                 OutgoingMessage::new(topic, key.clone(), envelope.to_json())
             }
@@ -302,10 +348,15 @@ impl Handler for OrchestratorHandler {
     ) -> Result<(), HandlerError> {
         let mut replies = Vec::with_capacity(records.len());
         for record in records {
-            if record.topic == self.topics.orders() {
+            let trigger = record
+                .topic
+                .strip_prefix(self.topics.prefix())
+                // The one trigger message the engine reads today.
+                .and_then(|topic| self.catalog.for_trigger(topic, OrderPlaced::TYPE_NAME));
+            if let Some(definition) = trigger {
                 // A reply never answers a saga started in its own batch: its command went out
                 // after that saga committed. So orders may go first.
-                self.on_order(tx, outbox, record)
+                self.on_order(tx, outbox, record, &definition)
                     .instrument(record.span.clone())
                     .await?;
             } else if record.topic == self.topics.replies() {

@@ -1,6 +1,8 @@
 //! The saga orchestrator.
 //!
-//! - [`saga`]: the pure state machine and the saga's definition.
+//! - [`saga`]: saga definitions (data), the registry of their versions and the pure state
+//!   machine.
+//! - [`catalog`]: the definitions this orchestrator runs, from the files and PostgreSQL.
 //! - [`handler`]: turns Kafka records into state machine calls, inside one transaction.
 //! - [`deadlines`]: re-sends or gives up on commands whose reply is overdue.
 //! - [`store`]: the SQL of the saga tables.
@@ -10,6 +12,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod deadlines;
 mod error;
@@ -60,9 +63,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         API_ACQUIRE_TIMEOUT,
     )?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
-    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
+    let catalog =
+        Arc::new(catalog::Catalog::load(&pool, &config.sagas_dir, config.retries.clone()).await?);
+    // The definitions name the topics: their triggers (consumed here) and the participants'
+    // command topics (written here); the engine's own come from `Topics`.
+    let (trigger_topics, command_topics) = catalog.topics();
+    let mut consumed_topics: Vec<String> = trigger_topics.iter().map(|t| topics.named(t)).collect();
+    consumed_topics.push(topics.replies());
+    let mut all_topics = topics.engine();
+    all_topics.extend(
+        trigger_topics
+            .iter()
+            .chain(&command_topics)
+            .map(|t| topics.named(t)),
+    );
+    kafka::ensure_topics(&config.kafka, &all_topics).await?;
 
-    let policies = config.retries.policies().map_err(Error::Config)?;
     let metrics = messaging::metrics::Metrics::install();
     metrics::describe();
     let watch = Arc::new(api::watch::WatchFeed::new(
@@ -74,7 +90,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         pool: api_pool.clone(),
         producer: kafka::producer(&config.kafka)?,
         topics: topics.clone(),
-        policies: policies.clone(),
+        catalog: catalog.clone(),
         metrics,
         shutdown: shutdown.clone(),
         guard: Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr)),
@@ -86,7 +102,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         deadlines::DeadlineScanner {
             pool: pool.clone(),
             topics: topics.clone(),
-            policies: policies.clone(),
+            catalog: catalog.clone(),
             interval: config.retries.scan_interval(),
         }
         .run(shutdown.clone()),
@@ -119,7 +135,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .group
             .clone()
             .unwrap_or_else(|| format!("{}orchestrator", topics.prefix())),
-        topics: vec![topics.orders(), topics.replies()],
+        topics: consumed_topics,
         dead_letters: DeadLetters {
             topic: topics.dead_letters(),
             consumer: "orchestrator".into(),
@@ -145,7 +161,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             let consumed = pipeline
                 .run(
                     pool.clone(),
-                    handler::OrchestratorHandler::new(topics, policies),
+                    handler::OrchestratorHandler::new(topics, catalog),
                     shutdown.clone(),
                 )
                 .await;

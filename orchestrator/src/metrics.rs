@@ -95,14 +95,14 @@ pub fn transition<'a>(before: &Saga, after: &Saga, sent: impl Iterator<Item = &'
 }
 
 fn observe_step(
-    step: &'static str,
+    step: &str,
     action: &'static str,
     outcome: &'static str,
     started: Option<DateTime<Utc>>,
     finished: Option<DateTime<Utc>>,
 ) {
     if let (Some(started), Some(finished)) = (started, finished) {
-        metrics::histogram!(STEP_SECONDS, "step" => step, "action" => action, "outcome" => outcome)
+        metrics::histogram!(STEP_SECONDS, "step" => step.to_owned(), "action" => action, "outcome" => outcome)
             .record(seconds_between(started, finished));
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use events::{OrderPlaced, StepName};
+use events::OrderPlaced;
 use messaging::db::column;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -38,6 +38,7 @@ struct SagaRow {
     order_data: serde_json::Value,
     steps: serde_json::Value,
     failure_reason: Option<String>,
+    definition_name: String,
     definition_version: i32,
     version: i64,
     created_at: DateTime<Utc>,
@@ -46,8 +47,9 @@ struct SagaRow {
     deadline_at: Option<DateTime<Utc>>,
 }
 
-const SAGA_COLUMNS: &str = "id, state, order_data, steps, failure_reason, definition_version, \
-                            version, created_at, updated_at, finished_at, deadline_at";
+const SAGA_COLUMNS: &str = "id, state, order_data, steps, failure_reason, definition_name, \
+                            definition_version, version, created_at, updated_at, finished_at, \
+                            deadline_at";
 
 impl SagaRow {
     fn into_saga(self) -> Result<(Saga, i64)> {
@@ -74,6 +76,7 @@ impl SagaRow {
             state,
             steps,
             failure_reason: self.failure_reason,
+            definition_name: self.definition_name,
             definition_version: self.definition_version,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -105,8 +108,8 @@ pub async fn insert_saga(
          ), saga AS ( \
              INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
                                 definition_version, version, created_at, updated_at, finished_at, \
-                                deadline_at, current_step, trace_parent) \
-             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13 FROM first \
+                                deadline_at, current_step, trace_parent, definition_name) \
+             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $20 FROM first \
              ON CONFLICT (order_id) DO NOTHING RETURNING id \
          ), noted AS ( \
              INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
@@ -124,10 +127,13 @@ pub async fn insert_saga(
     .bind(saga.updated_at)
     .bind(saga.finished_at)
     .bind(saga.deadline_at)
-    .bind(saga.step_in_focus().map(StepName::as_str))
+    .bind(saga.step_in_focus())
     .bind(trace_parent)
     ;
-    let inserted: i64 = bind_history!(statement, started).fetch_one(tx).await?;
+    let inserted: i64 = bind_history!(statement, started)
+        .bind(&saga.definition_name)
+        .fetch_one(tx)
+        .await?;
     Ok(inserted == 1)
 }
 
@@ -232,9 +238,7 @@ async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Resu
     .bind(column(updates, |u| u.saga.updated_at))
     .bind(column(updates, |u| u.saga.finished_at))
     .bind(column(updates, |u| u.saga.deadline_at))
-    .bind(column(updates, |u| {
-        u.saga.step_in_focus().map(StepName::as_str)
-    }))
+    .bind(column(updates, |u| u.saga.step_in_focus()))
     .execute(tx)
     .await?
     .rows_affected();
@@ -303,7 +307,7 @@ pub async fn update_saga(
     .bind(saga.updated_at)
     .bind(saga.finished_at)
     .bind(saga.deadline_at)
-    .bind(saga.step_in_focus().map(StepName::as_str))
+    .bind(saga.step_in_focus())
     ;
     let updated: i64 = bind_history!(statement, entry).fetch_one(tx).await?;
     if updated == 1 {
@@ -488,7 +492,7 @@ pub struct SagaFilter {
     pub state: Option<SagaState>,
     /// Only sagas created at or before this time.
     pub created_before: Option<DateTime<Utc>>,
-    pub step: Option<StepName>,
+    pub step: Option<String>,
     /// A case-insensitive substring of the failure reason.
     pub reason: Option<String>,
     /// Continue after this (created_at, id), the last row of the previous page.
@@ -511,7 +515,7 @@ pub async fn list<'e>(
     if let Some(before) = filter.created_before {
         query.push(" AND created_at <= ").push_bind(before);
     }
-    if let Some(step) = filter.step {
+    if let Some(step) = &filter.step {
         query.push(" AND current_step = ").push_bind(step.as_str());
     }
     if let Some(reason) = &filter.reason {
@@ -694,4 +698,52 @@ pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
             .map(|at| (now - at).num_milliseconds().max(0) as f64 / 1000.0),
         at: now,
     })
+}
+
+/// Stores `definition` (name, version, digest, canonical form) unless that version is stored
+/// already. Returns the digest stored for the version: the one given, or an earlier one that
+/// differs when the file changed without a new version.
+pub async fn register_definition(
+    executor: impl PgExecutor<'_>,
+    definition: &crate::saga::SagaDefinition,
+) -> Result<String> {
+    let stored = sqlx::query_scalar(
+        "WITH added AS ( \
+             INSERT INTO saga_definitions (name, version, digest, canonical) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name, version) DO NOTHING RETURNING digest \
+         ) SELECT digest FROM added \
+           UNION ALL SELECT digest FROM saga_definitions WHERE name = $1 AND version = $2 \
+           LIMIT 1",
+    )
+    .bind(&definition.name)
+    .bind(definition.version)
+    .bind(definition.digest())
+    .bind(&definition.canonical)
+    .fetch_one(executor)
+    .await?;
+    Ok(stored)
+}
+
+/// A definition as stored: name, version, canonical form and when it was first deployed.
+#[derive(sqlx::FromRow)]
+pub struct StoredDefinition {
+    pub name: String,
+    pub version: i32,
+    pub canonical: String,
+    pub first_seen_at: DateTime<Utc>,
+}
+
+/// Every stored definition version, or only `name` at `version`.
+pub async fn stored_definitions(
+    executor: impl PgExecutor<'_>,
+    only: Option<(&str, i32)>,
+) -> Result<Vec<StoredDefinition>> {
+    Ok(sqlx::query_as(
+        "SELECT name, version, canonical, first_seen_at FROM saga_definitions \
+         WHERE $1::text IS NULL OR (name = $1 AND version = $2) ORDER BY name, version",
+    )
+    .bind(only.map(|(name, _)| name))
+    .bind(only.map(|(_, version)| version))
+    .fetch_all(executor)
+    .await?)
 }

@@ -817,7 +817,9 @@
       node.textContent = formatTime(iso);
       node.title = iso || '';
     }
-    $('timeline-version').textContent = `${saga.version ?? DASH} (definition ${saga.definition_version ?? DASH})`;
+    $('timeline-definition').textContent = saga.definition_name
+      ? `${saga.definition_name} v${saga.definition_version ?? DASH}` : DASH;
+    $('timeline-version').textContent = String(saga.version ?? DASH);
     const failure = $('timeline-failure');
     failure.hidden = !saga.failure_reason;
     failure.textContent = saga.failure_reason || '';
@@ -1095,8 +1097,36 @@
     }, ms);
   }
 
+  /**
+   * Fills the step filter with the steps of every saga definition the orchestrator runs,
+   * grouped by definition (the steps are data, not part of the page).
+   */
+  async function loadDefinitions() {
+    const used = token;
+    try {
+      const { body } = await api('/definitions');
+      if (token !== used) return;
+      const select = document.querySelector('select[name="step"]');
+      const chosen = select.value;
+      for (const old of select.querySelectorAll('optgroup')) old.remove();
+      const definitions = Array.isArray(body.definitions) ? body.definitions : [];
+      for (const definition of definitions.filter((d) => d.newest)) {
+        const steps = Array.isArray(definition.steps) ? definition.steps : [];
+        const group = el('optgroup', { label: `${definition.name} v${definition.version}` },
+          steps.map((step) => el('option', { value: step.name, text: step.name })));
+        select.append(group);
+      }
+      select.value = chosen;
+      clearError('definitions');
+    } catch (e) {
+      if (token !== used) return;
+      showError('definitions', e);
+    }
+  }
+
   /** Reads everything the page shows; at load with a token, and each time one is entered. */
   function start() {
+    loadDefinitions();
     pollStats();
     resetList();
     followHash();

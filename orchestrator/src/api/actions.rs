@@ -155,7 +155,17 @@ pub(super) async fn operate(
         .map_err(internal)?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
     let now = Utc::now();
-    let decision = saga.on_operator(&action, now, &state.policies);
+    let definition = crate::handler::definition_of(&state.catalog, &mut tx, &saga)
+        .await
+        .map_err(internal)?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("saga {saga_id} cannot move: {e}"),
+            )
+        })?;
+    let decision = saga.on_operator(&action, now, &definition);
     let refusal = match &decision {
         Decision::Ignored { reason } => Some(reason.clone()),
         Decision::Applied { .. } => None,

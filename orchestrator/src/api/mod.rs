@@ -32,7 +32,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::auth::Access;
-use crate::saga::{Policies, Saga, SagaState, StepState};
+use crate::catalog::Catalog;
+use crate::saga::{Saga, SagaState, StepState};
 use guard::Guard;
 use watch::WatchFeed;
 
@@ -43,7 +44,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub producer: FutureProducer,
     pub topics: Topics,
-    pub policies: Policies,
+    pub catalog: Arc<Catalog>,
     /// Renders `/metrics`.
     pub metrics: messaging::metrics::Metrics,
     /// Ends live streams (`/watch`) so that a graceful shutdown does not wait on them.
@@ -71,6 +72,7 @@ pub const ROUTES: &[(&str, &str, Option<Access>)] = &[
     ("get", "/metrics", Some(Access::Read)),
     ("get", "/healthz", Some(Access::Read)),
     ("get", "/stats", Some(Access::Read)),
+    ("get", "/definitions", Some(Access::Read)),
     ("get", "/sagas", Some(Access::Read)),
     ("get", "/sagas/{saga_id}", Some(Access::Read)),
     ("get", "/sagas/{saga_id}/history", Some(Access::Read)),
@@ -117,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/stats", get(reads::stats))
+        .route("/definitions", get(reads::definitions))
         .route("/sagas", get(reads::list_sagas))
         .route("/sagas/{saga_id}", get(reads::get_saga))
         .route("/sagas/{saga_id}/history", get(reads::get_history))
@@ -246,8 +249,10 @@ pub struct SagaView {
     pub order_id: Uuid,
     pub state: SagaState,
     /// The step the saga waits on, or for a failed saga the one it is stuck at.
-    pub current_step: Option<events::StepName>,
+    pub current_step: Option<String>,
     pub failure_reason: Option<String>,
+    /// The saga definition it runs on, to its end: name and version.
+    pub definition_name: String,
     pub definition_version: i32,
     /// Bumped by every change; a watcher compares it.
     pub version: i64,
@@ -265,8 +270,9 @@ impl SagaView {
             saga_id: saga.id,
             order_id: saga.order.order_id,
             state: saga.state,
-            current_step: saga.step_in_focus(),
+            current_step: saga.step_in_focus().map(str::to_owned),
             failure_reason: saga.failure_reason,
+            definition_name: saga.definition_name,
             definition_version: saga.definition_version,
             version,
             created_at: saga.created_at,

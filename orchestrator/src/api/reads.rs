@@ -1,4 +1,4 @@
-//! Reads: a saga, its history, a page of sagas, `/stats`.
+//! Reads: a saga, its history, a page of sagas, `/stats`, the saga definitions.
 
 use std::time::{Duration, Instant};
 
@@ -6,12 +6,13 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, SagaView};
-use crate::saga::SagaState;
+use crate::saga::definitions::{ActionDefinition, StepKind};
+use crate::saga::{SagaDefinition, SagaState};
 use crate::store::{self, SagaFilter};
 
 const STATS_WINDOW_SECS: i64 = 60;
@@ -194,10 +195,15 @@ pub(super) async fn list_sagas(
     };
     let step = match non_empty(query.step) {
         None => None,
-        Some(name) => Some(events::StepName::parse(&name).ok_or_else(|| {
-            let known: Vec<&str> = crate::saga::STEPS.iter().map(|s| s.name.as_str()).collect();
-            ApiError::bad_request(format!("unknown step {name:?}; expected one of {known:?}"))
-        })?),
+        Some(name) => {
+            let known = state.catalog.step_names();
+            if !known.contains(&name) {
+                return Err(ApiError::bad_request(format!(
+                    "unknown step {name:?}; expected one of {known:?}"
+                )));
+            }
+            Some(name)
+        }
     };
     let after = match non_empty(query.cursor) {
         None => None,
@@ -230,4 +236,108 @@ pub(super) async fn list_sagas(
         .map(|(saga, version)| SagaView::new(saga, version))
         .collect();
     Ok(Json(json!({ "sagas": sagas, "next_cursor": next_cursor })))
+}
+
+/// `GET /definitions`: every saga definition version this orchestrator knows, by name and
+/// version; `newest` marks the ones new sagas start on.
+pub(super) async fn definitions(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let definitions: Vec<DefinitionView> = state
+        .catalog
+        .list()
+        .into_iter()
+        .map(|(definition, newest, first_seen_at)| {
+            DefinitionView::new(&definition, newest, first_seen_at)
+        })
+        .collect();
+    Json(json!({ "definitions": definitions }))
+}
+
+/// A saga definition as the API shows it.
+#[derive(Debug, Serialize)]
+struct DefinitionView {
+    name: String,
+    version: i32,
+    /// Whether new sagas start on this version.
+    newest: bool,
+    digest: String,
+    /// When an orchestrator first stored this version.
+    first_seen_at: Option<DateTime<Utc>>,
+    trigger: TriggerView,
+    pivot: Option<String>,
+    steps: Vec<StepView>,
+}
+
+#[derive(Debug, Serialize)]
+struct TriggerView {
+    topic: String,
+    message: String,
+    key: String,
+}
+
+#[derive(Debug, Serialize)]
+struct StepView {
+    name: String,
+    participant: String,
+    topic: String,
+    /// `compensable`, `pivot` or `retriable`.
+    kind: &'static str,
+    forward: ActionView,
+    compensation: Option<ActionView>,
+}
+
+#[derive(Debug, Serialize)]
+struct ActionView {
+    action: String,
+    success: String,
+    failure: Option<String>,
+    timeout_ms: i64,
+    /// `null`: retried until it answers.
+    max_attempts: Option<u32>,
+    max_timeout_ms: i64,
+}
+
+impl DefinitionView {
+    fn new(
+        definition: &SagaDefinition,
+        newest: bool,
+        first_seen_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        let action = |a: &ActionDefinition| ActionView {
+            action: a.name.clone(),
+            success: a.success.clone(),
+            failure: a.failure.clone(),
+            timeout_ms: a.retry.timeout.num_milliseconds(),
+            max_attempts: (a.retry.max_attempts != u32::MAX).then_some(a.retry.max_attempts),
+            max_timeout_ms: a.retry.max_timeout.num_milliseconds(),
+        };
+        Self {
+            name: definition.name.clone(),
+            version: definition.version,
+            newest,
+            digest: definition.digest(),
+            first_seen_at,
+            trigger: TriggerView {
+                topic: definition.trigger.topic.clone(),
+                message: definition.trigger.message.clone(),
+                key: definition.trigger.key.to_string(),
+            },
+            pivot: definition.pivot().map(|i| definition.steps[i].name.clone()),
+            steps: definition
+                .steps
+                .iter()
+                .map(|step| StepView {
+                    name: step.name.clone(),
+                    participant: step.participant.clone(),
+                    topic: step.topic.clone(),
+                    kind: match step.kind {
+                        StepKind::Compensable => "compensable",
+                        StepKind::Pivot => "pivot",
+                        StepKind::Retriable => "retriable",
+                    },
+                    forward: action(&step.forward),
+                    compensation: step.compensation.as_ref().map(action),
+                })
+                .collect(),
+        }
+    }
 }

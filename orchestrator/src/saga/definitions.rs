@@ -1,12 +1,11 @@
-//! Saga definitions as data: one TOML file per saga type under `sagas/` (issue 13).
-//!
-//! Groundwork only: nothing in the engine reads these yet. The order saga still runs from
-//! `saga/definition.rs`; the tests below check that `sagas/order.toml` describes exactly that
-//! saga. The format and the path syntax are documented in `sagas/README.md`.
+//! Saga definitions as data: one TOML file per saga type under `sagas/` (issue 13). The format
+//! and the path syntax are documented in `sagas/README.md`.
 //!
 //! [`parse`] reads one file into a [`SagaDefinition`] and validates it; [`load_dir`] reads
 //! every `*.toml` of a folder and checks them against each other. Every error names the file,
-//! and a validation error also the field ([`DefinitionError::Invalid`]).
+//! and a validation error also the field ([`DefinitionError::Invalid`]). A definition is
+//! stored in PostgreSQL in its canonical form ([`SagaDefinition::canonical`], read back by
+//! [`parse_stored`]) so that sagas can finish on a version no file holds any more.
 //!
 //! The rules around the pivot (the step that cannot be undone):
 //! - the steps before it are compensable: each has a compensation;
@@ -23,6 +22,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use chrono::TimeDelta;
+use events::Command;
 use serde_json::{Map, Value};
 
 use super::policy::RetryPolicy;
@@ -52,11 +52,15 @@ pub struct SagaDefinition {
     pub name: String,
     /// At least 1. Sagas run to their end on the version they started with.
     pub version: i32,
-    /// The file it was read from, for messages.
+    /// The file it was read from, for messages (`stored order v1` when read back from the
+    /// database).
     pub file: String,
     pub trigger: Trigger,
     /// In the order they run; never empty.
     pub steps: Vec<Step>,
+    /// The definition as JSON, without the file's comments and layout: what the engine stores,
+    /// and what [`Self::digest`] hashes, so that a comment changes no version.
+    pub canonical: String,
 }
 
 impl SagaDefinition {
@@ -67,6 +71,14 @@ impl SagaDefinition {
 
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// `sha256:` and the hex SHA-256 of [`Self::canonical`]: one version, one content.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let hash = Sha256::digest(self.canonical.as_bytes());
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
     }
 }
 
@@ -130,6 +142,22 @@ pub struct ActionDefinition {
 }
 
 impl ActionDefinition {
+    /// The wire command for `trigger` (the trigger message as JSON) and `attempt`: the payload
+    /// under the action's name.
+    ///
+    /// # Errors
+    /// When the trigger lacks a mapped field, or the payload is not the command the
+    /// participants know by that name (the registry checks every definition against the wire
+    /// contract when it loads it, so this does not happen to a loaded one).
+    pub fn command(&self, trigger: &Value, attempt: u32) -> Result<Command, PayloadError> {
+        let payload = self.payload(trigger, attempt)?;
+        let tagged = serde_json::json!({ "type": self.name, "payload": payload });
+        serde_json::from_value(tagged).map_err(|error| PayloadError::NotACommand {
+            action: self.name.clone(),
+            error: error.to_string(),
+        })
+    }
+
     /// The command's payload for `trigger` (the trigger message as JSON): the mapped fields,
     /// plus the engine's `attempt`.
     ///
@@ -177,6 +205,8 @@ impl PayloadMapping {
 pub enum PayloadError {
     #[error("the trigger message has no value at {path}")]
     Missing { path: String },
+    #[error("the payload is not a {action} command: {error}")]
+    NotACommand { action: String, error: String },
 }
 
 /// A field path into the trigger message: `$` (the message) followed by one or more
@@ -268,7 +298,7 @@ const ORDER_PLACED: Shape = Shape::Object(&[
 ]);
 
 /// The messages a saga can be triggered by, and their shapes.
-pub const TRIGGER_MESSAGES: [(&str, Shape); 1] = [("OrderPlaced", ORDER_PLACED)];
+pub const TRIGGER_MESSAGES: [(&str, Shape); 1] = [(events::OrderPlaced::TYPE_NAME, ORDER_PLACED)];
 
 fn trigger_shape(message: &str) -> Option<Shape> {
     TRIGGER_MESSAGES
@@ -297,6 +327,12 @@ pub enum DefinitionError {
         file: String,
         error: Box<toml::de::Error>,
     },
+    /// A stored definition that does not read back (the database row was changed by hand).
+    #[error("{file}: {error}")]
+    Stored {
+        file: String,
+        error: serde_json::Error,
+    },
     #[error("{file}: {field}: {problem}")]
     Invalid {
         file: String,
@@ -311,6 +347,7 @@ impl DefinitionError {
         match self {
             Self::ReadFile { file, .. }
             | Self::Syntax { file, .. }
+            | Self::Stored { file, .. }
             | Self::Invalid { file, .. } => Some(file),
             Self::ReadDir { .. } | Self::NoDefinitions { .. } => None,
         }
@@ -335,6 +372,8 @@ impl DefinitionError {
 /// What is wrong with a field (the file and field are in [`DefinitionError::Invalid`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
+    #[error("not in the wire contract: {detail}")]
+    NotOnTheWire { detail: String },
     #[error("must be between 1 and {}, got {version}", i32::MAX)]
     VersionOutOfRange { version: i64 },
     #[error("{name:?} is not a name: lower_snake_case, a letter first, at most {MAX_NAME_LEN} characters")]
@@ -470,9 +509,9 @@ fn known_triggers() -> String {
 mod raw {
     use std::collections::BTreeMap;
 
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Saga {
         pub name: String,
@@ -483,7 +522,7 @@ mod raw {
         pub steps: Vec<Step>,
     }
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Trigger {
         pub topic: String,
@@ -491,7 +530,7 @@ mod raw {
         pub key: String,
     }
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Step {
         pub name: String,
@@ -501,7 +540,7 @@ mod raw {
         pub compensation: Option<Action>,
     }
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Action {
         pub action: String,
@@ -512,7 +551,7 @@ mod raw {
         pub retry: Retry,
     }
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Retry {
         pub timeout_ms: u64,
@@ -658,6 +697,20 @@ pub fn parse(file: &str, text: &str) -> Result<SagaDefinition, DefinitionError> 
     Checker::new(file).saga(raw)
 }
 
+/// Reads a definition back from its canonical form ([`SagaDefinition::canonical`]), as the
+/// engine stored it; `label` names it in errors. Validated like a file.
+///
+/// # Errors
+/// [`DefinitionError::Stored`] when `canonical` is not the format, otherwise as [`parse`].
+pub fn parse_stored(label: &str, canonical: &str) -> Result<SagaDefinition, DefinitionError> {
+    let raw: raw::Saga =
+        serde_json::from_str(canonical).map_err(|error| DefinitionError::Stored {
+            file: label.to_owned(),
+            error,
+        })?;
+    Checker::new(label).saga(raw)
+}
+
 /// Validates one file, remembering what it has seen (names, commands, replies, topics).
 struct Checker<'a> {
     file: &'a str,
@@ -685,6 +738,11 @@ impl<'a> Checker<'a> {
     }
 
     fn saga(mut self, raw: raw::Saga) -> Result<SagaDefinition, DefinitionError> {
+        // Serialising these plain structs cannot fail; the error arm is for completeness.
+        let canonical = serde_json::to_string(&raw).map_err(|error| DefinitionError::Stored {
+            file: self.file.to_owned(),
+            error,
+        })?;
         let version = i32::try_from(raw.version)
             .ok()
             .filter(|v| *v >= 1)
@@ -739,6 +797,7 @@ impl<'a> Checker<'a> {
             file: self.file.to_owned(),
             trigger,
             steps,
+            canonical,
         })
     }
 

@@ -22,12 +22,11 @@
 //! `failed` and waits for an operator ([`Saga::on_operator`]: retry, skip or abort).
 
 use chrono::{DateTime, Utc};
-use events::{Action, Command, OrderPlaced, Outcome, Reply, SagaEvent, StepName};
+use events::{Action, Command, OrderPlaced, Outcome, Reply, SagaEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::definition::{compensation_command, forward_command, DEFINITION_VERSION, STEPS};
-use super::policy::Policies;
+use super::definitions::{ActionDefinition, SagaDefinition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,7 +84,7 @@ pub enum StepStatus {
 /// What happened to one step of one saga.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepState {
-    pub name: StepName,
+    pub name: String,
     pub status: StepStatus,
     /// Forward commands sent for this step (the current attempt number).
     pub attempts: u32,
@@ -103,7 +102,7 @@ pub struct StepState {
 }
 
 impl StepState {
-    fn pending(name: StepName) -> Self {
+    fn pending(name: String) -> Self {
         Self {
             name,
             status: StepStatus::Pending,
@@ -128,6 +127,8 @@ pub struct Saga {
     pub steps: Vec<StepState>,
     /// Why the saga did not complete: the step that failed and its reason.
     pub failure_reason: Option<String>,
+    /// The definition the saga started on, and runs to its end on.
+    pub definition_name: String,
     pub definition_version: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -150,7 +151,11 @@ pub enum OperatorAction {
 /// Something the saga wants done once its new state is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    Send(Command),
+    /// A command for the participant on `topic` (without the deployment's prefix).
+    Send {
+        topic: String,
+        command: Command,
+    },
     Publish(SagaEvent),
 }
 
@@ -166,19 +171,24 @@ pub enum Decision {
 }
 
 impl Saga {
-    /// A new saga for `order`, with its first command.
+    /// A new saga of `definition` for `order`, with its first command.
     pub fn start(
         id: Uuid,
         order: OrderPlaced,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> (Self, Vec<Effect>) {
         let mut saga = Self {
             id,
             state: SagaState::Running,
-            steps: STEPS.iter().map(|s| StepState::pending(s.name)).collect(),
+            steps: definition
+                .steps
+                .iter()
+                .map(|s| StepState::pending(s.name.clone()))
+                .collect(),
             failure_reason: None,
-            definition_version: DEFINITION_VERSION,
+            definition_name: definition.name.clone(),
+            definition_version: definition.version,
             created_at: now,
             updated_at: now,
             finished_at: None,
@@ -192,8 +202,31 @@ impl Saga {
             currency: saga.order.currency.clone(),
         };
         let mut effects = vec![Effect::Publish(started)];
-        effects.push(saga.send_forward(0, now, 0.0, policies));
+        effects.extend(saga.send_forward(0, now, 0.0, definition));
         (saga, effects)
+    }
+
+    /// Whether `definition` is the one this saga runs on (same name, version and steps).
+    pub fn runs_on(&self, definition: &SagaDefinition) -> bool {
+        self.definition_name == definition.name
+            && self.definition_version == definition.version
+            && self.steps.len() == definition.steps.len()
+            && self
+                .steps
+                .iter()
+                .zip(&definition.steps)
+                .all(|(state, step)| state.name == step.name)
+    }
+
+    /// The reason a decision is refused when the caller passes another definition than the
+    /// saga's own (a caller's bug; never a panic on a step index).
+    fn foreign(&self, definition: &SagaDefinition) -> Option<Decision> {
+        (!self.runs_on(definition)).then(|| {
+            ignored(format!(
+                "the saga runs on {} v{}, not on {} v{}",
+                self.definition_name, self.definition_version, definition.name, definition.version
+            ))
+        })
     }
 
     /// The index of the step the saga waits on, if it waits on one.
@@ -208,7 +241,7 @@ impl Saga {
 
     /// The step an operator looks at: the one the saga waits on, or for a failed saga the
     /// compensation that could not be completed.
-    pub fn step_in_focus(&self) -> Option<StepName> {
+    pub fn step_in_focus(&self) -> Option<&str> {
         let index = match self.state {
             SagaState::Failed => self
                 .steps
@@ -216,11 +249,19 @@ impl Saga {
                 .position(|s| s.status == StepStatus::CompensationFailed),
             _ => self.current_step(),
         };
-        index.map(|i| self.steps[i].name)
+        index.map(|i| self.steps[i].name.as_str())
     }
 
     /// Decides what `reply` does to the saga.
-    pub fn on_reply(&self, reply: &Reply, now: DateTime<Utc>, policies: &Policies) -> Decision {
+    pub fn on_reply(
+        &self,
+        reply: &Reply,
+        now: DateTime<Utc>,
+        definition: &SagaDefinition,
+    ) -> Decision {
+        if let Some(refused) = self.foreign(definition) {
+            return refused;
+        }
         let expected_action = match self.state {
             SagaState::Running => Action::Forward,
             SagaState::Compensating => Action::Compensate,
@@ -235,16 +276,41 @@ impl Saga {
             ));
         };
         let step = &self.steps[index];
-        if reply.step() != step.name || reply.action() != expected_action {
+        if reply.step().as_str() != step.name || reply.action() != expected_action {
             return ignored(format!(
                 "{} answers {} ({:?}), but the saga waits on {} ({:?})",
                 reply.type_name(),
                 reply.step().as_str(),
                 reply.action(),
-                step.name.as_str(),
+                step.name,
                 expected_action
             ));
         }
+        // What the reply means is the definition's to say.
+        let step_definition = &definition.steps[index];
+        let Some(action) = (match expected_action {
+            Action::Forward => Some(&step_definition.forward),
+            Action::Compensate => step_definition.compensation.as_ref(),
+        }) else {
+            return ignored(format!("{} has no compensation", step.name));
+        };
+        let outcome = match reply.outcome() {
+            outcome @ Outcome::Succeeded if reply.type_name() == action.success => outcome,
+            outcome @ Outcome::Failed { .. }
+                if action.failure.as_deref() == Some(reply.type_name()) =>
+            {
+                outcome
+            }
+            _ => {
+                return ignored(format!(
+                    "{} is neither {}'s success ({}) nor its failure ({})",
+                    reply.type_name(),
+                    action.name,
+                    action.success,
+                    action.failure.as_deref().unwrap_or("none")
+                ))
+            }
+        };
         // Any attempt of the current step and direction is an answer: the participant's ledger
         // answers every attempt of one step alike, so an earlier attempt's reply that arrives
         // late says what the latest would say. (Waiting for the latest attempt's own reply
@@ -267,16 +333,16 @@ impl Saga {
 
         let mut saga = self.clone();
         saga.updated_at = now;
-        let effects = match (expected_action, reply.outcome()) {
-            (Action::Forward, Outcome::Succeeded) => saga.step_succeeded(index, now, policies),
+        let effects = match (expected_action, outcome) {
+            (Action::Forward, Outcome::Succeeded) => saga.step_succeeded(index, now, definition),
             (Action::Forward, Outcome::Failed { reason }) => {
-                saga.step_failed(index, reason, now, policies)
+                saga.step_failed(index, reason, now, definition)
             }
             (Action::Compensate, Outcome::Succeeded) => {
-                saga.compensation_succeeded(index, now, policies)
+                saga.compensation_succeeded(index, now, definition)
             }
             (Action::Compensate, Outcome::Failed { reason }) => {
-                saga.compensation_refused(index, reason, now, policies)
+                saga.compensation_refused(index, reason, now, definition)
             }
         };
         applied(saga, effects)
@@ -284,7 +350,15 @@ impl Saga {
 
     /// Decides what the passing of the saga's deadline does: send the command again with the
     /// next attempt, or give up on the step. `jitter` in `[0, 1)` spreads the next wait.
-    pub fn on_deadline(&self, now: DateTime<Utc>, jitter: f64, policies: &Policies) -> Decision {
+    pub fn on_deadline(
+        &self,
+        now: DateTime<Utc>,
+        jitter: f64,
+        definition: &SagaDefinition,
+    ) -> Decision {
+        if let Some(refused) = self.foreign(definition) {
+            return refused;
+        }
         match self.deadline_at {
             None => return ignored("the saga has no deadline".into()),
             Some(deadline) if deadline > now => {
@@ -301,20 +375,26 @@ impl Saga {
         let mut saga = self.clone();
         saga.updated_at = now;
         let step = &saga.steps[index];
+        let step_definition = &definition.steps[index];
         let effects = if saga.state == SagaState::Running {
-            let policy = policies.forward(step.name);
             // A step that cannot be undone is never given up on: its outcome unknown, it may
             // have acted, and nothing could take that back. It is retried (at the longest
-            // wait) until its participant answers.
-            if policy.exhausted(step.attempts) && STEPS[index].compensable {
+            // wait) until its participant answers; its definition gives it no attempt limit.
+            if step_definition.forward.retry.exhausted(step.attempts)
+                && step_definition.compensable()
+            {
                 let reason = format!("no reply after {} attempts; outcome unknown", step.attempts);
-                saga.step_timed_out(index, reason, now, policies)
+                saga.step_timed_out(index, reason, now, definition)
             } else {
-                vec![saga.send_forward(index, now, jitter, policies)]
+                saga.send_forward(index, now, jitter, definition)
             }
         } else {
             let round = step.compensation_attempts - step.compensation_budget_from;
-            if policies.compensation.exhausted(round) {
+            let exhausted = step_definition
+                .compensation
+                .as_ref()
+                .is_none_or(|c| c.retry.exhausted(round));
+            if exhausted {
                 let last = step
                     .failure_reason
                     .clone()
@@ -322,7 +402,7 @@ impl Saga {
                 let reason = format!("did not succeed after {round} attempts (last: {last})");
                 saga.fail(index, &reason, now)
             } else {
-                saga.send_compensation(index, now, jitter, policies)
+                saga.send_compensation(index, now, jitter, definition)
             }
         };
         applied(saga, effects)
@@ -334,8 +414,11 @@ impl Saga {
         &self,
         action: &OperatorAction,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Decision {
+        if let Some(refused) = self.foreign(definition) {
+            return refused;
+        }
         let mut saga = self.clone();
         saga.updated_at = now;
         let stuck = self
@@ -348,29 +431,29 @@ impl Saga {
                 saga.finished_at = None;
                 let step = &mut saga.steps[index];
                 step.compensation_budget_from = step.compensation_attempts;
-                saga.send_compensation(index, now, 0.0, policies)
+                saga.send_compensation(index, now, 0.0, definition)
             }
             (OperatorAction::Skip, SagaState::Failed, Some(index)) => {
                 saga.state = SagaState::Compensating;
                 saga.finished_at = None;
                 saga.steps[index].status = StepStatus::CompensationSkipped;
-                saga.compensate_below(index, now, policies)
+                saga.compensate_below(index, now, definition)
             }
             (OperatorAction::Abort { reason }, SagaState::Running, _) => {
                 let Some(index) = self.current_step() else {
                     return ignored("the saga waits on no step".into());
                 };
-                if !STEPS[index].compensable {
+                if !definition.steps[index].compensable() {
                     return ignored(format!(
                         "{} cannot be undone; wait for its reply",
-                        self.steps[index].name.as_str()
+                        self.steps[index].name
                     ));
                 }
                 saga.step_timed_out(
                     index,
                     format!("aborted by operator: {reason}"),
                     now,
-                    policies,
+                    definition,
                 )
             }
             (OperatorAction::Abort { .. }, state, _) => {
@@ -394,8 +477,9 @@ impl Saga {
         index: usize,
         now: DateTime<Utc>,
         jitter: f64,
-        policies: &Policies,
-    ) -> Effect {
+        definition: &SagaDefinition,
+    ) -> Vec<Effect> {
+        let step_definition = &definition.steps[index];
         let step = &mut self.steps[index];
         step.status = StepStatus::Running;
         step.attempts += 1;
@@ -405,8 +489,39 @@ impl Saga {
         } else {
             jitter
         };
-        self.deadline_at = Some(now + policies.forward(step.name).wait_for(step.attempts, jitter));
-        Effect::Send(forward_command(step.name, &self.order, step.attempts))
+        let attempts = step.attempts;
+        self.deadline_at = Some(now + step_definition.forward.retry.wait_for(attempts, jitter));
+        self.send(
+            index,
+            &step_definition.topic,
+            &step_definition.forward,
+            attempts,
+            now,
+        )
+    }
+
+    /// The command `action` of step `index` for `attempt`, to `topic`. Should the definition
+    /// not make a command of this saga's order (the registry checks every definition against
+    /// the wire contract, so it should not happen), the saga is `failed` with the reason
+    /// rather than waiting forever for a reply to a command it never sent.
+    fn send(
+        &mut self,
+        index: usize,
+        topic: &str,
+        action: &ActionDefinition,
+        attempt: u32,
+        now: DateTime<Utc>,
+    ) -> Vec<Effect> {
+        let command = serde_json::to_value(&self.order)
+            .map_err(|e| e.to_string())
+            .and_then(|trigger| action.command(&trigger, attempt).map_err(|e| e.to_string()));
+        match command {
+            Ok(command) => vec![Effect::Send {
+                topic: topic.to_owned(),
+                command,
+            }],
+            Err(error) => self.fail(index, &format!("cannot be sent: {error}"), now),
+        }
     }
 
     /// Sends the next compensation attempt of a step (nothing for a step without one).
@@ -415,9 +530,12 @@ impl Saga {
         index: usize,
         now: DateTime<Utc>,
         jitter: f64,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
-        let order_id = self.order.order_id;
+        let step_definition = &definition.steps[index];
+        let Some(compensation) = &step_definition.compensation else {
+            return Vec::new();
+        };
         let step = &mut self.steps[index];
         step.status = StepStatus::Compensating;
         step.compensation_attempts += 1;
@@ -428,24 +546,22 @@ impl Saga {
         } else {
             jitter
         };
-        self.deadline_at = Some(now + policies.compensation.wait_for(round, jitter));
-        compensation_command(step.name, order_id, step.compensation_attempts)
-            .map(Effect::Send)
-            .into_iter()
-            .collect()
+        let attempts = step.compensation_attempts;
+        self.deadline_at = Some(now + compensation.retry.wait_for(round, jitter));
+        self.send(index, &step_definition.topic, compensation, attempts, now)
     }
 
     fn step_succeeded(
         &mut self,
         index: usize,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
         let step = &mut self.steps[index];
         step.status = StepStatus::Succeeded;
         step.finished_at = Some(now);
         if index + 1 < self.steps.len() {
-            return vec![self.send_forward(index + 1, now, 0.0, policies)];
+            return self.send_forward(index + 1, now, 0.0, definition);
         }
         self.finish(SagaState::Completed, now);
         vec![Effect::Publish(SagaEvent::SagaCompleted {
@@ -460,10 +576,10 @@ impl Saga {
         index: usize,
         reason: String,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
         self.mark_failed(index, reason, now);
-        self.compensate_below(index, now, policies)
+        self.compensate_below(index, now, definition)
     }
 
     /// The step ended without an answer (timed out, or aborted): it may have acted, so it is
@@ -474,13 +590,13 @@ impl Saga {
         index: usize,
         reason: String,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
         self.mark_failed(index, reason, now);
-        if STEPS[index].compensable {
-            self.send_compensation(index, now, 0.0, policies)
+        if definition.steps[index].compensable() {
+            self.send_compensation(index, now, 0.0, definition)
         } else {
-            self.compensate_below(index, now, policies)
+            self.compensate_below(index, now, definition)
         }
     }
 
@@ -489,7 +605,7 @@ impl Saga {
         step.status = StepStatus::Failed;
         step.finished_at = Some(now);
         self.failure_reason
-            .get_or_insert_with(|| format!("{} failed: {reason}", step.name.as_str()));
+            .get_or_insert_with(|| format!("{} failed: {reason}", step.name));
         step.failure_reason = Some(reason);
         self.state = SagaState::Compensating;
     }
@@ -498,12 +614,12 @@ impl Saga {
         &mut self,
         index: usize,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
         let step = &mut self.steps[index];
         step.status = StepStatus::Compensated;
         step.compensated_at = Some(now);
-        self.compensate_below(index, now, policies)
+        self.compensate_below(index, now, definition)
     }
 
     /// The participant could not undo the step this time: wait, then try again (the deadline
@@ -513,16 +629,19 @@ impl Saga {
         index: usize,
         reason: String,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
+        let Some(compensation) = &definition.steps[index].compensation else {
+            return Vec::new();
+        };
         let step = &mut self.steps[index];
         let round = step.compensation_attempts - step.compensation_budget_from;
-        if policies.compensation.exhausted(round) {
+        if compensation.retry.exhausted(round) {
             let why = format!("failed after {round} attempts: {reason}");
             return self.fail(index, &why, now);
         }
         step.failure_reason = Some(reason);
-        self.deadline_at = Some(now + policies.compensation.wait_for(round, 0.0));
+        self.deadline_at = Some(now + compensation.retry.wait_for(round, 0.0));
         Vec::new()
     }
 
@@ -530,7 +649,7 @@ impl Saga {
     fn fail(&mut self, index: usize, why: &str, now: DateTime<Utc>) -> Vec<Effect> {
         let step = &mut self.steps[index];
         step.status = StepStatus::CompensationFailed;
-        let why = format!("compensation of {} {why}", step.name.as_str());
+        let why = format!("compensation of {} {why}", step.name);
         step.failure_reason = Some(why.clone());
         self.failure_reason = Some(match self.failure_reason.take() {
             Some(original) => format!("{original}; then {why}"),
@@ -556,13 +675,13 @@ impl Saga {
         &mut self,
         index: usize,
         now: DateTime<Utc>,
-        policies: &Policies,
+        definition: &SagaDefinition,
     ) -> Vec<Effect> {
-        let next = (0..index)
-            .rev()
-            .find(|&i| self.steps[i].status == StepStatus::Succeeded && STEPS[i].compensable);
+        let next = (0..index).rev().find(|&i| {
+            self.steps[i].status == StepStatus::Succeeded && definition.steps[i].compensable()
+        });
         if let Some(i) = next {
-            return self.send_compensation(i, now, 0.0, policies);
+            return self.send_compensation(i, now, 0.0, definition);
         }
         self.finish(SagaState::Compensated, now);
         vec![Effect::Publish(SagaEvent::SagaCompensated {

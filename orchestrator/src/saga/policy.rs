@@ -1,8 +1,7 @@
-//! Step deadlines and retry policies. Pure data and arithmetic: the state machine asks a
-//! policy how long to wait for a reply and how often to try.
+//! Retry policies: how long to wait for a reply and how often to try. Pure data and
+//! arithmetic; each action of a saga definition has one.
 
 use chrono::TimeDelta;
-use events::StepName;
 
 /// How one step (or the compensations) is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,50 +31,6 @@ impl RetryPolicy {
 
     pub fn exhausted(&self, attempts: u32) -> bool {
         attempts >= self.max_attempts
-    }
-}
-
-/// The retry policies of one saga definition: one per forward step, one for compensations.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policies {
-    pub reserve_stock: RetryPolicy,
-    pub charge_payment: RetryPolicy,
-    pub schedule_shipment: RetryPolicy,
-    /// Compensations retry until they succeed; after this many attempts the saga is `failed`
-    /// and waits for an operator.
-    pub compensation: RetryPolicy,
-}
-
-impl Policies {
-    pub fn forward(&self, step: StepName) -> &RetryPolicy {
-        match step {
-            StepName::ReserveStock => &self.reserve_stock,
-            StepName::ChargePayment => &self.charge_payment,
-            StepName::ScheduleShipment => &self.schedule_shipment,
-        }
-    }
-}
-
-impl Default for Policies {
-    /// 30 s for the first reply, doubling to at most 5 min; 8 forward attempts (about half an
-    /// hour), 20 for each compensation. Kafka and the outboxes lose nothing, so a deadline
-    /// mostly covers a participant that is down; waits shorter than the worst queueing delay
-    /// only add re-sends that are fenced off.
-    fn default() -> Self {
-        let forward = RetryPolicy {
-            timeout: TimeDelta::seconds(30),
-            max_attempts: 8,
-            max_timeout: TimeDelta::minutes(5),
-        };
-        Self {
-            reserve_stock: forward,
-            charge_payment: forward,
-            schedule_shipment: forward,
-            compensation: RetryPolicy {
-                max_attempts: 20,
-                ..forward
-            },
-        }
     }
 }
 

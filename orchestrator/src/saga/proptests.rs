@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::tests::order;
 use super::{
-    Decision, Effect, OperatorAction, Policies, RetryPolicy, Saga, SagaState, StepStatus, STEPS,
+    Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState, StepStatus,
 };
 
 const ORDER: Uuid = Uuid::from_u128(7);
@@ -106,8 +106,9 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-/// Small budgets, so that retries run out within a test case.
-fn policies() -> impl Strategy<Value = Policies> {
+/// The order saga with small budgets, so that retries run out within a test case: each
+/// action its own wait and attempts (a step that cannot be undone keeps no attempt limit).
+fn definitions() -> impl Strategy<Value = SagaDefinition> {
     let policy = |attempts: std::ops::RangeInclusive<u32>| {
         (1..20_000i64, 1..=8i64, attempts).prop_map(|(timeout_ms, cap, max_attempts)| RetryPolicy {
             timeout: TimeDelta::milliseconds(timeout_ms),
@@ -115,14 +116,39 @@ fn policies() -> impl Strategy<Value = Policies> {
             max_timeout: TimeDelta::milliseconds(timeout_ms * cap),
         })
     };
-    (policy(1..=4), policy(1..=4), policy(1..=4), policy(1..=4)).prop_map(
-        |(reserve_stock, charge_payment, schedule_shipment, compensation)| Policies {
-            reserve_stock,
-            charge_payment,
-            schedule_shipment,
-            compensation,
-        },
-    )
+    let steps = order_definition().steps.len();
+    prop::collection::vec((policy(1..=4), policy(1..=4)), steps).prop_map(|policies| {
+        let mut definition = order_definition();
+        for (step, (forward, compensation)) in definition.steps.iter_mut().zip(policies) {
+            let unlimited = step.forward.retry.max_attempts == u32::MAX;
+            step.forward.retry = RetryPolicy {
+                max_attempts: if unlimited {
+                    u32::MAX
+                } else {
+                    forward.max_attempts
+                },
+                ..forward
+            };
+            if let Some(action) = &mut step.compensation {
+                action.retry = compensation;
+            }
+        }
+        definition
+    })
+}
+
+/// The structure of the saga under test (its policies aside), parsed once.
+fn order_definition() -> SagaDefinition {
+    static ORDER_SAGA: std::sync::LazyLock<SagaDefinition> =
+        std::sync::LazyLock::new(super::tests::definition);
+    ORDER_SAGA.clone()
+}
+
+fn compensable(i: usize) -> bool {
+    order_definition()
+        .steps
+        .get(i)
+        .is_some_and(|s| s.compensable())
 }
 
 /// What moved the saga.
@@ -139,28 +165,31 @@ struct Model {
     now: DateTime<Utc>,
     sent: Vec<Command>,
     last_reply: Option<Reply>,
-    policies: Policies,
+    definition: SagaDefinition,
 }
 
 impl Model {
-    fn start(policies: Policies) -> Self {
+    fn start(definition: SagaDefinition) -> Self {
         let now = start_time();
-        let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), now, &policies);
+        let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), now, &definition);
         assert!(matches!(
             effects.as_slice(),
             [
                 Effect::Publish(SagaEvent::SagaStarted { .. }),
-                Effect::Send(Command::ReserveStock { attempt: 1, .. })
+                Effect::Send {
+                    command: Command::ReserveStock { attempt: 1, .. },
+                    ..
+                }
             ]
         ));
-        check_shape(&saga, &policies);
+        check_shape(&saga, &definition);
         Self {
             sent: sends(&effects).into_iter().cloned().collect(),
             saga,
             version: 0,
             now,
             last_reply: None,
-            policies,
+            definition,
         }
     }
 
@@ -224,7 +253,7 @@ impl Model {
                     (Some(deadline), true) if deadline > self.now => {
                         // Before the deadline: `deadline - 1 ms` is still before it.
                         let before = (deadline - TimeDelta::milliseconds(1)).max(self.now);
-                        let decision = self.saga.on_deadline(before, *jitter, &self.policies);
+                        let decision = self.saga.on_deadline(before, *jitter, &self.definition);
                         assert!(
                             matches!(decision, Decision::Ignored { .. }),
                             "a deadline fired before it passed: {decision:?}"
@@ -235,12 +264,12 @@ impl Model {
                     (Some(deadline), _) => self.now = self.now.max(deadline),
                     (None, _) => {}
                 }
-                let decision = self.saga.on_deadline(self.now, *jitter, &self.policies);
+                let decision = self.saga.on_deadline(self.now, *jitter, &self.definition);
                 self.commit(decision, &Cause::Deadline);
             }
             Event::Operator(action) => {
                 self.tick(1);
-                let decision = self.saga.on_operator(action, self.now, &self.policies);
+                let decision = self.saga.on_operator(action, self.now, &self.definition);
                 self.commit(decision, &Cause::Operator(action));
             }
         }
@@ -248,7 +277,7 @@ impl Model {
 
     fn reply(&mut self, reply: Reply) {
         self.tick(1);
-        let decision = self.saga.on_reply(&reply, self.now, &self.policies);
+        let decision = self.saga.on_reply(&reply, self.now, &self.definition);
         self.commit(decision, &Cause::Reply(&reply));
         self.last_reply = Some(reply);
     }
@@ -267,7 +296,7 @@ impl Model {
                     "applied, though it is not what the saga waits for: {:#?}",
                     self.saga
                 );
-                check_shape(&saga, &self.policies);
+                check_shape(&saga, &self.definition);
                 check_transition(&self.saga, &saga, &effects, cause, &self.sent, self.now);
                 self.sent.extend(sends(&effects).into_iter().cloned());
                 self.saga = *saga;
@@ -334,16 +363,17 @@ fn sends(effects: &[Effect]) -> Vec<&Command> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send(c) => Some(c),
+            Effect::Send { command, .. } => Some(command),
             Effect::Publish(_) => None,
         })
         .collect()
 }
 
 fn index_of(step: StepName) -> usize {
-    STEPS
+    order_definition()
+        .steps
         .iter()
-        .position(|s| s.name == step)
+        .position(|s| s.name == step.as_str())
         .expect("a defined step")
 }
 
@@ -371,7 +401,7 @@ fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
                     step.compensation_budget_from + 1..=step.compensation_attempts
                 }
             };
-            reply.step() == step.name
+            reply.step().as_str() == step.name
                 && reply.action() == action
                 && attempts.contains(&reply.attempt())
         }
@@ -382,8 +412,7 @@ fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
             saga.state == SagaState::Failed
         }
         Cause::Operator(OperatorAction::Abort { .. }) => {
-            saga.state == SagaState::Running
-                && saga.current_step().is_some_and(|i| STEPS[i].compensable)
+            saga.state == SagaState::Running && saga.current_step().is_some_and(compensable)
         }
     }
 }
@@ -399,7 +428,7 @@ fn is_compensation(status: StepStatus) -> bool {
 }
 
 /// The shape every saga has between events.
-fn check_shape(saga: &Saga, policies: &Policies) {
+fn check_shape(saga: &Saga, definition: &SagaDefinition) {
     let statuses: Vec<StepStatus> = saga.steps.iter().map(|s| s.status).collect();
     assert_eq!(saga.state.is_terminal(), saga.finished_at.is_some());
     // Every saga that waits has a deadline after its last change.
@@ -419,18 +448,22 @@ fn check_shape(saga: &Saga, policies: &Policies) {
             assert_eq!(step.compensation_attempts, 0, "{saga:#?}");
         }
         if is_compensation(step.status) {
-            assert!(STEPS[i].compensable, "{saga:#?}");
+            let compensation = definition.steps[i].compensation.as_ref();
+            assert!(compensation.is_some(), "{saga:#?}");
             assert!(step.compensation_attempts >= 1, "{saga:#?}");
             let round = step.compensation_attempts - step.compensation_budget_from;
-            assert!(round <= policies.compensation.max_attempts, "{saga:#?}");
+            assert!(
+                compensation.is_some_and(|c| round <= c.retry.max_attempts),
+                "{saga:#?}"
+            );
         } else {
             assert_eq!(step.compensation_attempts, 0, "{saga:#?}");
         }
         if step.status == StepStatus::Pending {
             assert_eq!(step.attempts, 0, "{saga:#?}");
-        } else if STEPS[i].compensable {
+        } else if definition.steps[i].compensable() {
             assert!(step.attempts >= 1);
-            assert!(step.attempts <= policies.forward(step.name).max_attempts);
+            assert!(step.attempts <= definition.steps[i].forward.retry.max_attempts);
         }
     }
     let count = |s: StepStatus| statuses.iter().filter(|&&x| x == s).count();
@@ -439,7 +472,7 @@ fn check_shape(saga: &Saga, policies: &Policies) {
             let done = count(StepStatus::Succeeded);
             assert!(statuses[..done].iter().all(|&s| s == StepStatus::Succeeded));
             if saga.state == SagaState::Completed {
-                assert_eq!(done, STEPS.len(), "{saga:#?}");
+                assert_eq!(done, definition.steps.len(), "{saga:#?}");
             } else {
                 assert_eq!(statuses[done], StepStatus::Running, "{saga:#?}");
                 assert!(statuses[done + 1..]
@@ -613,7 +646,7 @@ fn check_transition(
         .iter()
         .filter_map(|e| match e {
             Effect::Publish(p) => Some(p),
-            Effect::Send(_) => None,
+            Effect::Send { .. } => None,
         })
         .collect();
     let expected = match new.state {
@@ -639,11 +672,11 @@ proptest! {
 
     #[test]
     fn no_interleaving_breaks_the_rules(
-        policies in policies(),
+        definition in definitions(),
         events in prop::collection::vec(event(), 0..80),
         skip in any::<bool>(),
     ) {
-        let mut model = Model::start(policies);
+        let mut model = Model::start(definition);
         for event in &events {
             model.apply(event);
         }
@@ -654,11 +687,11 @@ proptest! {
     /// steps (and the step that did not answer, if it can be undone), from the top down.
     #[test]
     fn compensation_undoes_the_forward_steps_in_reverse_order(
-        policies in policies(),
+        definition in definitions(),
         done in 0..3usize,
         how in 0..3u8,
     ) {
-        let mut model = Model::start(policies);
+        let mut model = Model::start(definition);
         for _ in 0..done {
             model.apply(&Event::Answer { back: 0, ok: true });
         }
@@ -675,14 +708,14 @@ proptest! {
                 }
             }
         }
-        let gave_up_on_it = how != 0 && STEPS[failing].compensable;
-        if how != 0 && !STEPS[failing].compensable {
+        let gave_up_on_it = how != 0 && compensable(failing);
+        if how != 0 && !compensable(failing) {
             // The pivot is never given up on: abort is refused, deadlines retry it forever.
             prop_assert_eq!(model.saga.state, SagaState::Running);
             return Ok(());
         }
         model.drive_to_the_end(false);
-        let mut forward: Vec<usize> = (0..failing).filter(|&i| STEPS[i].compensable).collect();
+        let mut forward: Vec<usize> = (0..failing).filter(|&i| compensable(i)).collect();
         if gave_up_on_it {
             forward.push(failing);
         }

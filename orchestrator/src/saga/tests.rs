@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use chrono::TimeDelta;
 
-use super::{Decision, Effect, OperatorAction, Policies, RetryPolicy, Saga, SagaState, StepStatus};
+use super::{Decision, Effect, OperatorAction, Saga, SagaDefinition, SagaState, StepStatus};
+use crate::config::RetryConfig;
 
 fn at(second: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, second)
@@ -54,38 +55,40 @@ fn refused(reason: &str) -> StepRefused {
     }
 }
 
-/// 1 s for the first reply, doubling; 3 forward attempts, 2 compensation attempts.
-fn policies() -> Policies {
-    let forward = RetryPolicy {
-        timeout: TimeDelta::seconds(1),
-        max_attempts: 3,
-        max_timeout: TimeDelta::seconds(8),
-    };
-    Policies {
-        reserve_stock: forward,
-        charge_payment: forward,
-        schedule_shipment: forward,
-        compensation: RetryPolicy {
-            max_attempts: 2,
-            ..forward
-        },
+/// The order saga of `sagas/order.toml`, with 1 s for the first reply (doubling, at most
+/// 8 s), 3 forward attempts and 2 compensation attempts.
+pub(super) fn definition() -> SagaDefinition {
+    let mut definition = super::definitions::parse(
+        "sagas/order.toml",
+        include_str!("../../../sagas/order.toml"),
+    )
+    .expect("the order saga parses");
+    RetryConfig {
+        step_timeout_ms: Some(1_000),
+        step_max_attempts: Some(3),
+        compensation_max_attempts: Some(2),
+        retry_max_timeout_ms: Some(8_000),
+        ..RetryConfig::default()
     }
+    .apply(&mut definition)
+    .expect("valid settings");
+    definition
 }
 
 fn started() -> Saga {
-    Saga::start(Uuid::from_u128(1), order(), at(0), &policies()).0
+    Saga::start(Uuid::from_u128(1), order(), at(0), &definition()).0
 }
 
 /// Applies `reply`, failing the test if it is ignored.
 fn apply(saga: &Saga, reply: Reply, second: u32) -> (Saga, Vec<Effect>) {
-    match saga.on_reply(&reply, at(second), &policies()) {
+    match saga.on_reply(&reply, at(second), &definition()) {
         Decision::Applied { saga, effects } => (*saga, effects),
         Decision::Ignored { reason } => panic!("{} was ignored: {reason}", reply.type_name()),
     }
 }
 
 fn assert_ignored(saga: &Saga, reply: Reply, reason_contains: &str) {
-    match saga.on_reply(&reply, at(59), &policies()) {
+    match saga.on_reply(&reply, at(59), &definition()) {
         Decision::Ignored { reason } => assert!(
             reason.contains(reason_contains),
             "reason {reason:?} does not mention {reason_contains:?}"
@@ -98,10 +101,18 @@ fn sent(effects: &[Effect]) -> Vec<&'static str> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send(c) => Some(c.type_name()),
+            Effect::Send { command, .. } => Some(command.type_name()),
             Effect::Publish(_) => None,
         })
         .collect()
+}
+
+/// A command for the participant on `topic`.
+fn send(topic: &str, command: Command) -> Effect {
+    Effect::Send {
+        topic: topic.into(),
+        command,
+    }
 }
 
 fn statuses(saga: &Saga) -> Vec<StepStatus> {
@@ -110,7 +121,7 @@ fn statuses(saga: &Saga) -> Vec<StepStatus> {
 
 #[test]
 fn start_announces_the_saga_and_reserves_stock() {
-    let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), at(0), &policies());
+    let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), at(0), &definition());
     assert_eq!(saga.state, SagaState::Running);
     assert_eq!(saga.current_step(), Some(0));
     assert_eq!(saga.steps[0].attempts, 1);
@@ -124,11 +135,14 @@ fn start_announces_the_saga_and_reserves_stock() {
     ));
     assert_eq!(
         effects[1],
-        Effect::Send(Command::ReserveStock {
-            order_id: Uuid::from_u128(7),
-            attempt: 1,
-            items: order().items,
-        })
+        send(
+            "inventory.commands",
+            Command::ReserveStock {
+                order_id: Uuid::from_u128(7),
+                attempt: 1,
+                items: order().items,
+            }
+        )
     );
 }
 
@@ -138,7 +152,8 @@ fn happy_path_runs_every_step_then_completes() {
     assert_eq!(sent(&effects), ["ChargePayment"]);
     assert!(matches!(
         &effects[0],
-        Effect::Send(Command::ChargePayment { amount_cents: 2_000, customer_id, .. }) if customer_id == "alice"
+        Effect::Send { topic, command: Command::ChargePayment { amount_cents: 2_000, customer_id, .. } }
+            if customer_id == "alice" && topic == "payment.commands"
     ));
     let (saga, effects) = apply(&saga, Reply::PaymentCharged(done(1)), 2);
     assert_eq!(sent(&effects), ["ScheduleShipment"]);
@@ -238,7 +253,7 @@ fn compensation_failed(attempt: u32) -> Reply {
 
 fn at_deadline(saga: &Saga) -> (Saga, Vec<Effect>) {
     let due = saga.deadline_at.expect("a deadline is armed");
-    match saga.on_deadline(due, 0.0, &policies()) {
+    match saga.on_deadline(due, 0.0, &definition()) {
         Decision::Applied { saga, effects } => (*saga, effects),
         Decision::Ignored { reason } => panic!("deadline ignored: {reason}"),
     }
@@ -264,10 +279,13 @@ fn a_refused_compensation_is_retried_then_fails_the_saga_for_an_operator() {
     let (saga, effects) = at_deadline(&saga);
     assert_eq!(
         effects,
-        [Effect::Send(Command::ReleaseStock {
-            order_id: Uuid::from_u128(7),
-            attempt: 2
-        })]
+        [send(
+            "inventory.commands",
+            Command::ReleaseStock {
+                order_id: Uuid::from_u128(7),
+                attempt: 2
+            }
+        )]
     );
     let (saga, effects) = apply(&saga, compensation_failed(2), 5);
     assert_eq!(saga.state, SagaState::Failed);
@@ -290,7 +308,7 @@ fn an_operator_retry_gives_a_fresh_budget_and_can_complete_the_compensation() {
     let (saga, _) = apply(&at_deadline(&saga).0, compensation_failed(2), 5);
     assert_eq!(saga.state, SagaState::Failed);
     let Decision::Applied { saga, effects } =
-        saga.on_operator(&OperatorAction::Retry, at(10), &policies())
+        saga.on_operator(&OperatorAction::Retry, at(10), &definition())
     else {
         panic!("retry refused");
     };
@@ -298,10 +316,13 @@ fn an_operator_retry_gives_a_fresh_budget_and_can_complete_the_compensation() {
     assert_eq!(saga.finished_at, None);
     assert_eq!(
         effects,
-        [Effect::Send(Command::ReleaseStock {
-            order_id: Uuid::from_u128(7),
-            attempt: 3
-        })]
+        [send(
+            "inventory.commands",
+            Command::ReleaseStock {
+                order_id: Uuid::from_u128(7),
+                attempt: 3
+            }
+        )]
     );
     assert_first_wait(&saga, at(10), "a fresh budget starts with the first wait");
     let (saga, _) = apply(&saga, Reply::StockReleased(done(3)), 11);
@@ -313,7 +334,7 @@ fn an_operator_skip_leaves_the_stuck_step_and_finishes_compensating() {
     let (saga, _) = apply(&compensating_stock(), compensation_failed(1), 3);
     let (saga, _) = apply(&at_deadline(&saga).0, compensation_failed(2), 5);
     let Decision::Applied { saga, effects } =
-        saga.on_operator(&OperatorAction::Skip, at(10), &policies())
+        saga.on_operator(&OperatorAction::Skip, at(10), &definition())
     else {
         panic!("skip refused");
     };
@@ -330,7 +351,7 @@ fn operator_actions_that_do_not_fit_the_state_are_refused() {
     let running = started();
     for action in [OperatorAction::Retry, OperatorAction::Skip] {
         assert!(matches!(
-            running.on_operator(&action, at(1), &policies()),
+            running.on_operator(&action, at(1), &definition()),
             Decision::Ignored { .. }
         ));
     }
@@ -348,7 +369,7 @@ fn operator_actions_that_do_not_fit_the_state_are_refused() {
         reason: "customer called".into(),
     };
     assert!(matches!(
-        completed.on_operator(&abort, at(4), &policies()),
+        completed.on_operator(&abort, at(4), &definition()),
         Decision::Ignored { .. }
     ));
     // The last step cannot be undone, so a saga waiting on it cannot be aborted.
@@ -357,7 +378,7 @@ fn operator_actions_that_do_not_fit_the_state_are_refused() {
         Reply::PaymentCharged(done(1)),
         2,
     );
-    match shipping.on_operator(&abort, at(3), &policies()) {
+    match shipping.on_operator(&abort, at(3), &definition()) {
         Decision::Ignored { reason } => assert!(reason.contains("cannot be undone"), "{reason}"),
         Decision::Applied { .. } => panic!("aborting the last step must be refused"),
     }
@@ -369,7 +390,7 @@ fn an_operator_abort_compensates_the_running_step_and_those_below() {
     let abort = OperatorAction::Abort {
         reason: "customer called".into(),
     };
-    let Decision::Applied { saga, effects } = saga.on_operator(&abort, at(2), &policies()) else {
+    let Decision::Applied { saga, effects } = saga.on_operator(&abort, at(2), &definition()) else {
         panic!("abort refused");
     };
     assert_eq!(saga.state, SagaState::Compensating);
@@ -400,7 +421,7 @@ fn a_deadline_resends_the_command_with_the_next_attempt() {
     let first_deadline = saga.deadline_at.expect("armed");
     assert!(
         matches!(
-            saga.on_deadline(at(0), 0.0, &policies()),
+            saga.on_deadline(at(0), 0.0, &definition()),
             Decision::Ignored { .. }
         ),
         "not due yet"
@@ -408,11 +429,14 @@ fn a_deadline_resends_the_command_with_the_next_attempt() {
     let (saga, effects) = at_deadline(&saga);
     assert_eq!(
         effects,
-        [Effect::Send(Command::ReserveStock {
-            order_id: Uuid::from_u128(7),
-            attempt: 2,
-            items: order().items
-        })]
+        [send(
+            "inventory.commands",
+            Command::ReserveStock {
+                order_id: Uuid::from_u128(7),
+                attempt: 2,
+                items: order().items
+            }
+        )]
     );
     assert_eq!(saga.steps[0].attempts, 2);
     assert_eq!(
@@ -448,7 +472,7 @@ fn a_late_reply_to_an_earlier_attempt_answers_the_step() {
 fn sagas_started_together_do_not_time_out_together() {
     let deadlines: std::collections::BTreeSet<_> = (0..50)
         .map(|id| {
-            let saga = Saga::start(Uuid::from_u128(id), order(), at(0), &policies()).0;
+            let saga = Saga::start(Uuid::from_u128(id), order(), at(0), &definition()).0;
             assert_first_wait(&saga, at(0), "every first wait is jittered");
             saga.deadline_at
         })
@@ -476,7 +500,7 @@ fn a_step_that_never_answers_is_compensated_itself_then_the_steps_below() {
     for attempt in 2..=3 {
         let (next, effects) = at_deadline(&saga);
         assert!(
-            matches!(&effects[0], Effect::Send(Command::ChargePayment { attempt: a, .. }) if *a == attempt)
+            matches!(&effects[0], Effect::Send { command: Command::ChargePayment { attempt: a, .. }, .. } if *a == attempt)
         );
         saga = next;
     }
@@ -504,7 +528,7 @@ fn finished_sagas_have_no_deadline() {
     let (saga, _) = apply(&started(), Reply::StockUnavailable(refused("none")), 1);
     assert_eq!(saga.deadline_at, None);
     assert!(matches!(
-        saga.on_deadline(at(59), 0.0, &policies()),
+        saga.on_deadline(at(59), 0.0, &definition()),
         Decision::Ignored { .. }
     ));
 }

@@ -73,12 +73,17 @@ pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
     }
 }
 
+/// The repository's saga definitions.
+pub fn sagas_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas")
+}
+
 pub fn fast_retries() -> RetryConfig {
     RetryConfig {
-        step_timeout_ms: 300,
-        step_max_attempts: 100,
-        compensation_max_attempts: 3,
-        retry_max_timeout_ms: 1_000,
+        step_timeout_ms: Some(300),
+        step_max_attempts: Some(100),
+        compensation_max_attempts: Some(3),
+        retry_max_timeout_ms: Some(1_000),
         deadline_scan_interval_ms: 50,
         ..RetryConfig::default()
     }
@@ -177,6 +182,7 @@ impl TestSystem {
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
             order_dedup_retention_secs: 8 * 24 * 3600,
             retries: options.retries,
+            sagas_dir: sagas_dir(),
             faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
@@ -316,18 +322,15 @@ impl TestSystem {
         self.wait_for_participants().await;
     }
 
-    /// Starts the orchestrator binary as a process of its own, with `env` on top of this
-    /// deployment's settings, points the test's HTTP client at it and waits for its API. It
-    /// uses static group membership, so a restarted process takes its partitions back at once.
-    pub async fn spawn_orchestrator_process(
-        &mut self,
-        env: &[(&str, &str)],
-    ) -> tokio::process::Child {
+    /// The orchestrator binary with this deployment's settings and `env` on top, its API on
+    /// a free port (returned).
+    fn orchestrator_command(&self, env: &[(&str, &str)]) -> (tokio::process::Command, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+        command
             .env("KAFKA_BROKERS", brokers())
             .env("TOPIC_PREFIX", self.topics.prefix())
             .env("DATABASE_URL", &self.database_url)
@@ -336,13 +339,42 @@ impl TestSystem {
             .env("KAFKA_GROUP_INSTANCE_ID", "orchestrator-under-test")
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("API_TOKENS", token_list())
+            .env("SAGAS_DIR", sagas_dir())
             .envs(env.iter().copied())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the orchestrator binary");
+            .kill_on_drop(true);
+        (command, port)
+    }
+
+    /// Starts the orchestrator binary as a process of its own, with `env` on top of this
+    /// deployment's settings, points the test's HTTP client at it and waits for its API. It
+    /// uses static group membership, so a restarted process takes its partitions back at once.
+    pub async fn spawn_orchestrator_process(
+        &mut self,
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        let (mut command, port) = self.orchestrator_command(env);
+        let child = command.spawn().expect("start the orchestrator binary");
         self.http = format!("http://127.0.0.1:{port}");
         self.wait_for_api().await;
         child
+    }
+
+    /// Starts the orchestrator binary like [`Self::spawn_orchestrator_process`] and expects it
+    /// to stop on its own within 30 s: returns whether it succeeded and what it printed.
+    pub async fn orchestrator_process_output(&self, env: &[(&str, &str)]) -> (bool, String) {
+        let (mut command, _) = self.orchestrator_command(env);
+        let child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the orchestrator binary");
+        let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("the orchestrator stops within 30 s")
+            .expect("wait");
+        let text = String::from_utf8_lossy(&output.stderr).into_owned()
+            + &String::from_utf8_lossy(&output.stdout);
+        (output.status.success(), text)
     }
 
     async fn wait_for_api(&self) {

@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use events::{Address, LineItem, OrderPlaced, Participant, Reply, Topics};
+use events::{
+    Action, Address, Command, LineItem, OrderPlaced, Participant, Reply, StepName, Topics,
+};
 use serde_json::Value as Json;
 use toml::Value;
 use uuid::Uuid;
 
 use super::*;
-use crate::config::RetryConfig;
-use crate::saga::definition::{compensation_command, forward_command, DEFINITION_VERSION, STEPS};
 
 const ORDER: &str = include_str!("../../../../sagas/order.toml");
 
@@ -45,21 +45,21 @@ fn order_definition() -> SagaDefinition {
 }
 
 // ---------------------------------------------------------------------------------------------
-// sagas/order.toml is today's order saga.
+// sagas/order.toml is the order saga of the public contract: its steps, topics, commands and
+// replies are those of the `events` crate.
 
 #[test]
-fn the_order_file_has_todays_steps_in_todays_order() {
+fn the_order_file_has_the_order_sagas_steps_in_order() {
     let definition = order_definition();
-    assert_eq!(definition.name, "order");
-    assert_eq!(definition.version, DEFINITION_VERSION);
+    assert_eq!((definition.name.as_str(), definition.version), ("order", 1));
     let names: Vec<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
-    let today: Vec<&str> = STEPS.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, today);
-    for (step, today) in definition.steps.iter().zip(STEPS) {
-        assert_eq!(step.compensable(), today.compensable, "{}", step.name);
+    assert_eq!(names, StepName::ALL.map(StepName::as_str));
+    let compensable: Vec<bool> = definition.steps.iter().map(Step::compensable).collect();
+    assert_eq!(compensable, [true, true, false]);
+    for step in &definition.steps {
         assert_eq!(
             step.compensation.is_some(),
-            today.compensable,
+            step.compensable(),
             "{}",
             step.name
         );
@@ -69,7 +69,7 @@ fn the_order_file_has_todays_steps_in_todays_order() {
 }
 
 #[test]
-fn the_order_file_is_triggered_and_routed_as_today() {
+fn the_order_file_is_triggered_and_routed_as_the_contract_says() {
     let definition = order_definition();
     let topics = Topics::default();
     assert_eq!(definition.trigger.topic, topics.orders());
@@ -80,86 +80,103 @@ fn the_order_file_is_triggered_and_routed_as_today() {
         definition.trigger.key.resolve(&trigger),
         Some(&Json::from(order().order_id.to_string()))
     );
-    for (step, today) in definition.steps.iter().zip(STEPS) {
-        let participant = Participant::for_step(today.name);
+    for (step, name) in definition.steps.iter().zip(StepName::ALL) {
+        let participant = Participant::for_step(name);
         assert_eq!(step.participant, participant.as_str());
         assert_eq!(step.topic, topics.commands(participant));
     }
 }
 
 #[test]
-fn the_order_file_maps_the_order_onto_todays_commands() {
+fn the_order_file_makes_the_contracts_commands_and_reads_its_replies() {
     let definition = order_definition();
     let order = order();
     let trigger = serde_json::to_value(&order).expect("serialises");
-    for (step, today) in definition.steps.iter().zip(STEPS) {
-        for attempt in [1, 5] {
-            let command = forward_command(today.name, &order, attempt);
-            let wire = serde_json::to_value(&command).expect("serialises");
-            assert_eq!(wire["type"], step.forward.name, "{}", step.name);
-            let payload = step.forward.payload(&trigger, attempt).expect("maps");
-            assert_eq!(payload, wire["payload"], "{} attempt {attempt}", step.name);
-
-            let command = compensation_command(today.name, order.order_id, attempt);
-            match (&step.compensation, command) {
-                (Some(compensation), Some(command)) => {
-                    let wire = serde_json::to_value(&command).expect("serialises");
-                    assert_eq!(wire["type"], compensation.name, "{}", step.name);
-                    let payload = compensation.payload(&trigger, attempt).expect("maps");
-                    assert_eq!(payload, wire["payload"], "{} attempt {attempt}", step.name);
-                }
-                (None, None) => {}
-                (ours, today) => panic!("{}: {ours:?} but today {today:?}", step.name),
+    for (step, name) in definition.steps.iter().zip(StepName::ALL) {
+        let actions = [(Action::Forward, Some(&step.forward))]
+            .into_iter()
+            .chain([(Action::Compensate, step.compensation.as_ref())]);
+        for (direction, action) in actions {
+            let Some(action) = action else { continue };
+            for attempt in [1, 5] {
+                let command = action.command(&trigger, attempt).expect("a command");
+                assert_eq!(command.type_name(), action.name);
+                assert_eq!((command.step(), command.action()), (name, direction));
+                assert_eq!(
+                    (command.order_id(), command.attempt()),
+                    (order.order_id, attempt)
+                );
+                assert_eq!(Reply::done(&command).type_name(), action.success);
+                assert_eq!(
+                    Some(Reply::refused(&command, "no").type_name()),
+                    action.failure.as_deref()
+                );
             }
         }
     }
+    let charge = definition.steps[1]
+        .forward
+        .command(&trigger, 1)
+        .expect("a command");
+    assert_eq!(
+        charge,
+        Command::ChargePayment {
+            order_id: order.order_id,
+            attempt: 1,
+            customer_id: order.customer_id.clone(),
+            amount_cents: order.total_cents,
+            currency: order.currency.clone(),
+        }
+    );
 }
 
 #[test]
-fn the_order_file_reads_replies_as_today() {
+fn the_order_file_retries_as_the_engine_did_before_it() {
     let definition = order_definition();
-    let order = order();
-    for (step, today) in definition.steps.iter().zip(STEPS) {
-        let command = forward_command(today.name, &order, 1);
-        assert_eq!(Reply::done(&command).type_name(), step.forward.success);
-        assert_eq!(
-            Some(Reply::refused(&command, "no").type_name()),
-            step.forward.failure.as_deref()
-        );
-        if let (Some(compensation), Some(command)) = (
-            &step.compensation,
-            compensation_command(today.name, order.order_id, 1),
-        ) {
-            assert_eq!(Reply::done(&command).type_name(), compensation.success);
-            assert_eq!(
-                Some(Reply::refused(&command, "no").type_name()),
-                compensation.failure.as_deref()
-            );
-        }
-    }
-}
-
-#[test]
-fn the_order_file_retries_like_todays_defaults() {
-    let definition = order_definition();
-    let today = RetryConfig::default()
-        .policies()
-        .expect("the defaults are valid");
-    for (step, today_step) in definition.steps.iter().zip(STEPS) {
-        let policy = today.forward(today_step.name);
-        if today_step.compensable {
-            assert_eq!(step.forward.retry, *policy, "{}", step.name);
-        } else {
-            // Today's machine never gives up on a step without compensation: max_attempts is
-            // ignored there, and the file says so by leaving it out.
-            assert_eq!(step.forward.retry.timeout, policy.timeout);
-            assert_eq!(step.forward.retry.max_timeout, policy.max_timeout);
-            assert_eq!(step.forward.retry.max_attempts, u32::MAX);
-        }
+    let policy = |max_attempts| RetryPolicy {
+        timeout: TimeDelta::seconds(30),
+        max_attempts,
+        max_timeout: TimeDelta::minutes(5),
+    };
+    for step in &definition.steps {
+        // A step that cannot be undone is never given up on: no attempt limit.
+        let forward = if step.compensable() { 8 } else { u32::MAX };
+        assert_eq!(step.forward.retry, policy(forward), "{}", step.name);
         if let Some(compensation) = &step.compensation {
-            assert_eq!(compensation.retry, today.compensation, "{}", step.name);
+            assert_eq!(compensation.retry, policy(20), "{}", step.name);
         }
     }
+}
+
+#[test]
+fn the_canonical_form_ignores_comments_and_layout_and_reads_back() {
+    let definition = order_definition();
+    let reformatted = ORDER
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let again = parse("elsewhere.toml", &reformatted).expect("still valid");
+    assert_eq!(again.digest(), definition.digest());
+    assert!(definition.digest().starts_with("sha256:") && definition.digest().len() == 71);
+    let stored = parse_stored("stored order v1", &definition.canonical).expect("reads back");
+    assert_eq!(
+        SagaDefinition {
+            file: definition.file.clone(),
+            ..stored
+        },
+        definition
+    );
+    let changed = parse(
+        "x.toml",
+        &ORDER.replacen("timeout_ms = 30_000", "timeout_ms = 31_000", 1),
+    )
+    .expect("valid");
+    assert_ne!(changed.digest(), definition.digest());
+    assert!(matches!(
+        parse_stored("stored", "{}"),
+        Err(DefinitionError::Stored { .. })
+    ));
 }
 
 /// The shape paths are checked against is what `OrderPlaced` serialises to, field for field.

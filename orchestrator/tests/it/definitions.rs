@@ -1,0 +1,191 @@
+//! Saga definitions as data: versions that running sagas keep across an upgrade, and a start
+//! refused when a definition is invalid or a stored version was changed.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{eventually, order, step_statuses, Options, TestSystem};
+
+const ORDER_SAGA: &str = include_str!("../../../sagas/order.toml");
+
+/// A folder of its own holding `files` (name, text), for `SAGAS_DIR`.
+fn definitions_folder(files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sagas-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create the definitions folder");
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).expect("write a definition");
+    }
+    dir
+}
+
+/// Version 2 of the order saga: it charges the payment before it reserves the stock.
+fn order_saga_v2() -> String {
+    let v1 = ORDER_SAGA.replacen("version = 1", "version = 2", 1);
+    let start = v1.find("[[steps]]").expect("steps");
+    let (head, steps) = v1.split_at(start);
+    let parts: Vec<&str> = steps
+        .split("[[steps]]")
+        .filter(|s| !s.trim().is_empty())
+        .collect();
+    let [reserve, charge, ship] = parts[..] else {
+        panic!("the order saga has three steps")
+    };
+    format!("{head}[[steps]]{charge}[[steps]]{reserve}[[steps]]{ship}")
+}
+
+fn steps_of(saga: &Value) -> Vec<String> {
+    saga["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn dir_text(dir: &Path) -> &str {
+    dir.to_str().expect("a UTF-8 temp path")
+}
+
+/// The rolling upgrade: sagas started on v1 wait on the payment service while the
+/// orchestrator stops; v2 (another step order) is deployed with v1's file gone; the restarted
+/// orchestrator finishes the v1 sagas on v1 (one completes, one compensates the stock v1
+/// reserved first), and starts new sagas on v2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["orchestrator", "payment"],
+        ..Options::default()
+    })
+    .await;
+    let v1 = definitions_folder(&[("order.toml", ORDER_SAGA)]);
+    let mut before = system
+        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v1))])
+        .await;
+    // alice can pay; carol cannot (5.00 EUR for a 10.00 EUR order).
+    let paid = order("alice", "WIDGET", 1, "DE");
+    let declined = order("carol", "WIDGET", 1, "DE");
+    for placed in [&paid, &declined] {
+        system.place(placed).await;
+        let saga_id = system.saga_id_of(placed.order_id).await;
+        eventually("the v1 saga to wait on charge_payment", || async {
+            let (_, saga) = system.get(&format!("/sagas/{saga_id}")).await;
+            (saga["current_step"] == "charge_payment").then_some(())
+        })
+        .await;
+    }
+    before.kill().await.expect("stop the v1 orchestrator");
+
+    let v2 = definitions_folder(&[("order.toml", &order_saga_v2())]);
+    let _after = system
+        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v2))])
+        .await;
+    system.start_participant("payment", 0);
+    let v1_steps = ["reserve_stock", "charge_payment", "schedule_shipment"];
+    let saga = system.finished_saga(paid.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    assert_eq!(
+        (
+            saga["definition_name"].clone(),
+            saga["definition_version"].clone()
+        ),
+        ("order".into(), 1.into())
+    );
+    assert_eq!(steps_of(&saga), v1_steps);
+    let saga = system.finished_saga(declined.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(saga["definition_version"], 1);
+    assert_eq!(steps_of(&saga), v1_steps);
+    assert_eq!(step_statuses(&saga), ["compensated", "failed", "pending"]);
+
+    // New sagas run v2: payment first, so a declined payment leaves no stock to release.
+    let paid = order("alice", "WIDGET", 1, "DE");
+    let declined = order("carol", "WIDGET", 1, "DE");
+    system.place(&paid).await;
+    system.place(&declined).await;
+    let v2_steps = ["charge_payment", "reserve_stock", "schedule_shipment"];
+    let saga = system.finished_saga(paid.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    assert_eq!(saga["definition_version"], 2);
+    assert_eq!(steps_of(&saga), v2_steps);
+    let saga = system.finished_saga(declined.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(saga["definition_version"], 2);
+    assert_eq!(steps_of(&saga), v2_steps);
+    assert_eq!(step_statuses(&saga), ["failed", "pending", "pending"]);
+
+    // Both versions are listed; v2 is the one new sagas start on.
+    let (status, body) = system.get("/definitions").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<(i64, bool)> = body["definitions"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|d| d["name"] == "order")
+                .map(|d| (d["version"].as_i64().unwrap_or(0), d["newest"] == true))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(listed, [(1, false), (2, true)], "{body}");
+    assert_eq!(body["definitions"][1]["steps"][0]["name"], "charge_payment");
+    for dir in [v1, v2] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    system.stop().await;
+}
+
+/// A definition file that breaks a rule stops the start with the file and field; so does a
+/// file that changes a stored version without raising it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_or_silently_changed_definition_stops_the_start() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["inventory", "payment", "shipping"],
+        ..Options::default()
+    })
+    .await;
+    // The in-process orchestrator stored the repository's order saga, version 1.
+    let (status, body) = system.get("/definitions").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["definitions"][0]["version"], 1, "{body}");
+
+    let invalid = definitions_folder(&[(
+        "order.toml",
+        &ORDER_SAGA.replacen("timeout_ms = 30_000", "timeout_ms = 0", 1),
+    )]);
+    let (ok, text) = system
+        .orchestrator_process_output(&[("SAGAS_DIR", dir_text(&invalid))])
+        .await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("order.toml: steps[0].forward.retry.timeout_ms: must be at least 1 ms"),
+        "{text}"
+    );
+
+    let changed = definitions_folder(&[(
+        "order.toml",
+        &ORDER_SAGA.replacen("max_attempts = 8", "max_attempts = 9", 1),
+    )]);
+    let (ok, text) = system
+        .orchestrator_process_output(&[("SAGAS_DIR", dir_text(&changed))])
+        .await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("saga order version 1 is stored with other content"),
+        "{text}"
+    );
+    // The same content with other comments and layout is the same version: it starts.
+    let recommented = ORDER_SAGA.replace("# ", "#  ").replace(" = ", "   =   ");
+    let same = definitions_folder(&[("order.toml", &recommented)]);
+    let mut started = system
+        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&same))])
+        .await;
+    started.kill().await.expect("stop it");
+    for dir in [invalid, changed, same] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    system.stop().await;
+}
