@@ -13,6 +13,7 @@
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use arbitrary::Arbitrary;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
@@ -22,8 +23,8 @@ use events::{
 };
 use libfuzzer_sys::fuzz_target;
 use orchestrator::saga::{
-    Decision, Effect, OperatorAction, Policies, RetryPolicy, Saga, SagaState, StepStatus,
-    DEFINITION_VERSION, STEPS,
+    definitions, Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState,
+    StepStatus,
 };
 use uuid::Uuid;
 
@@ -33,8 +34,8 @@ struct Input {
     ops: Vec<Op>,
 }
 
-/// Retry policies as `RetryConfig::policies` builds them: a positive timeout, a cap no
-/// shorter than it, at least one attempt. Small, so that budgets run out.
+/// Retry policies as `RetryConfig::apply` sets them on a definition: a positive timeout, a
+/// cap no shorter than it, at least one attempt. Small, so that budgets run out.
 #[derive(Debug, Arbitrary)]
 struct PolicyInput {
     timeout_ms: u16,
@@ -43,8 +44,18 @@ struct PolicyInput {
     compensation_attempts: u8,
 }
 
+/// The order saga as `sagas/order.toml` defines it, parsed once: every input starts from a
+/// clone of it.
+static ORDER_SAGA: LazyLock<SagaDefinition> = LazyLock::new(|| {
+    definitions::parse("sagas/order.toml", include_str!("../../sagas/order.toml"))
+        .expect("the order saga parses")
+});
+
 impl PolicyInput {
-    fn policies(&self) -> Policies {
+    /// The order saga with these policies: every forward action one, every compensation the
+    /// other. A step that cannot be undone keeps no attempt limit (`u32::MAX`), as its
+    /// definition says.
+    fn definition(&self) -> SagaDefinition {
         let timeout_ms = 1 + i64::from(self.timeout_ms);
         let max_timeout_ms = timeout_ms.max(i64::from(self.max_timeout_ms % 600_000));
         let policy = |attempts: u8, modulo: u8| RetryPolicy {
@@ -53,12 +64,23 @@ impl PolicyInput {
             max_timeout: TimeDelta::milliseconds(max_timeout_ms),
         };
         let forward = policy(self.forward_attempts, 8);
-        Policies {
-            reserve_stock: forward,
-            charge_payment: forward,
-            schedule_shipment: forward,
-            compensation: policy(self.compensation_attempts, 20),
+        let compensation = policy(self.compensation_attempts, 20);
+        let mut definition = ORDER_SAGA.clone();
+        for step in &mut definition.steps {
+            let unlimited = step.forward.retry.max_attempts == u32::MAX;
+            step.forward.retry = RetryPolicy {
+                max_attempts: if unlimited {
+                    u32::MAX
+                } else {
+                    forward.max_attempts
+                },
+                ..forward
+            };
+            if let Some(action) = &mut step.compensation {
+                action.retry = compensation;
+            }
         }
+        definition
     }
 }
 
@@ -173,7 +195,7 @@ enum Cause<'a> {
 }
 
 struct World {
-    policies: Policies,
+    definition: SagaDefinition,
     now: DateTime<Utc>,
     rows: HashMap<Uuid, Row>,
     /// Saga ids in creation order, for picking one.
@@ -187,7 +209,7 @@ struct World {
 
 fuzz_target!(|input: Input| {
     let mut world = World {
-        policies: input.policies.policies(),
+        definition: input.policies.definition(),
         now: Utc
             .with_ymd_and_hms(2026, 11, 26, 12, 0, 0)
             .single()
@@ -311,7 +333,7 @@ impl World {
                     let decision =
                         self.rows[&id]
                             .saga
-                            .on_operator(&action, self.now, &self.policies);
+                            .on_operator(&action, self.now, &self.definition);
                     self.commit(id, decision, Cause::Operator(&action));
                 }
             }
@@ -331,7 +353,7 @@ impl World {
         let jitter = f64::from(jitter) / 65_536.0;
         let decision = self.rows[&id]
             .saga
-            .on_deadline(self.now, jitter, &self.policies);
+            .on_deadline(self.now, jitter, &self.definition);
         self.commit(id, decision, Cause::Deadline);
     }
 
@@ -437,9 +459,9 @@ impl World {
         assert_eq!(order.validate(), Ok(()));
         let id = self.fresh_id();
         let order_id = order.order_id;
-        let (saga, effects) = Saga::start(id, order, self.now, &self.policies);
-        check_start(&saga, &effects, self.now);
-        check_saga(&saga, &self.policies);
+        let (saga, effects) = Saga::start(id, order, self.now, &self.definition);
+        check_start(&saga, &effects, self.now, &self.definition);
+        check_saga(&saga, &self.definition);
         if self.by_order.contains_key(&order_id) {
             // One order, one saga: the insert does nothing.
             return Ok(());
@@ -473,7 +495,7 @@ impl World {
         if row.saga.order.order_id != reply.order_id() {
             return Err(format!("{} names another order", reply.type_name()));
         }
-        let decision = row.saga.on_reply(reply, self.now, &self.policies);
+        let decision = row.saga.on_reply(reply, self.now, &self.definition);
         self.inbox.insert(envelope.message_id);
         self.commit(envelope.saga_id, decision, Cause::Reply(reply));
         Ok(())
@@ -483,7 +505,7 @@ impl World {
     fn commit(&mut self, id: Uuid, decision: Decision, cause: Cause<'_>) {
         let row = self.rows.get_mut(&id).expect("a stored saga");
         let old = &row.saga;
-        let should_apply = should_apply(old, &cause, self.now);
+        let should_apply = should_apply(old, &cause, self.now, &self.definition);
         match decision {
             Decision::Ignored { reason } => {
                 assert!(
@@ -496,8 +518,16 @@ impl World {
                     should_apply,
                     "applied but does not answer what the saga waits for: {old:#?}\n{saga:#?}"
                 );
-                check_saga(&saga, &self.policies);
-                check_transition(old, &saga, &effects, &cause, &row.sent, self.now);
+                check_saga(&saga, &self.definition);
+                check_transition(
+                    old,
+                    &saga,
+                    &effects,
+                    &cause,
+                    &row.sent,
+                    self.now,
+                    &self.definition,
+                );
                 row.sent.extend(commands(&effects));
                 row.saga = *saga;
                 row.version += 1;
@@ -507,7 +537,7 @@ impl World {
 
     fn check_row(&self, id: Uuid) {
         let row = &self.rows[&id];
-        check_saga(&row.saga, &self.policies);
+        check_saga(&row.saga, &self.definition);
         assert_eq!(self.by_order.get(&row.saga.order.order_id), Some(&id));
         // The version counts the applied decisions: at least one per command sent after the
         // first.
@@ -529,14 +559,14 @@ impl World {
                     } else {
                         OperatorAction::Skip
                     };
-                    let decision = saga.on_operator(&action, now, &self.policies);
+                    let decision = saga.on_operator(&action, now, &self.definition);
                     apply_checked(&mut row, decision, &Cause::Operator(&action), self, now);
                 }
                 SagaState::Running | SagaState::Compensating => {
                     // The last command sent is the one the saga waits for.
                     let command = row.sent.last().expect("a saga sent something");
                     let reply = Reply::done(command);
-                    let decision = saga.on_reply(&reply, now, &self.policies);
+                    let decision = saga.on_reply(&reply, now, &self.definition);
                     apply_checked(&mut row, decision, &Cause::Reply(&reply), self, now);
                 }
             }
@@ -553,6 +583,16 @@ impl World {
     fn drive_by_deadlines(&self, id: Uuid) {
         let mut row = self.rows[&id].clone();
         let mut now = self.now;
+        // The step that cannot be undone has no attempt limit (`u32::MAX`): retried well past
+        // the budget of the steps that can be, it is clearly never given up on.
+        let budget = self
+            .definition
+            .steps
+            .iter()
+            .filter(|s| s.compensable())
+            .map(|s| s.forward.retry.max_attempts)
+            .max()
+            .unwrap_or(1);
         for _ in 0..256 {
             let saga = &row.saga;
             if saga.state.is_terminal() {
@@ -560,15 +600,14 @@ impl World {
             }
             if let Some(i) = saga.current_step() {
                 if saga.state == SagaState::Running
-                    && !STEPS[i].compensable
-                    && saga.steps[i].attempts
-                        > self.policies.forward(saga.steps[i].name).max_attempts + 2
+                    && !self.definition.steps[i].compensable()
+                    && saga.steps[i].attempts > budget + 2
                 {
                     return;
                 }
             }
             now = now.max(saga.deadline_at.expect("a waiting saga has a deadline"));
-            let decision = saga.on_deadline(now, 0.5, &self.policies);
+            let decision = saga.on_deadline(now, 0.5, &self.definition);
             apply_checked(&mut row, decision, &Cause::Deadline, self, now);
         }
         panic!("deadlines did not end the saga: {:#?}", row.saga);
@@ -583,12 +622,15 @@ fn apply_checked(
     world: &World,
     now: DateTime<Utc>,
 ) {
-    assert!(should_apply(&row.saga, cause, now));
+    let definition = &world.definition;
+    assert!(should_apply(&row.saga, cause, now, definition));
     let Decision::Applied { saga, effects } = decision else {
         panic!("{decision:?} for a saga that waits for it: {:#?}", row.saga);
     };
-    check_saga(&saga, &world.policies);
-    check_transition(&row.saga, &saga, &effects, cause, &row.sent, now);
+    check_saga(&saga, definition);
+    check_transition(
+        &row.saga, &saga, &effects, cause, &row.sent, now, definition,
+    );
     row.sent.extend(commands(&effects));
     row.saga = *saga;
     row.version += 1;
@@ -638,7 +680,7 @@ fn commands(effects: &[Effect]) -> Vec<Command> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send(c) => Some(c.clone()),
+            Effect::Send { command, .. } => Some(command.clone()),
             Effect::Publish(_) => None,
         })
         .collect()
@@ -653,7 +695,12 @@ fn direction(state: SagaState) -> Option<Action> {
 }
 
 /// Whether the machine's documented rules say the event moves the saga.
-fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
+fn should_apply(
+    saga: &Saga,
+    cause: &Cause<'_>,
+    now: DateTime<Utc>,
+    definition: &SagaDefinition,
+) -> bool {
     match cause {
         // Only a reply to the current step, in the current direction, from an attempt of the
         // current round.
@@ -670,7 +717,7 @@ fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
                     step.compensation_budget_from + 1..=step.compensation_attempts
                 }
             };
-            reply.step() == step.name
+            reply.step().as_str() == step.name
                 && reply.action() == action
                 && attempts.contains(&reply.attempt())
         }
@@ -684,13 +731,15 @@ fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
             OperatorAction::Retry | OperatorAction::Skip => saga.state == SagaState::Failed,
             OperatorAction::Abort { .. } => {
                 saga.state == SagaState::Running
-                    && saga.current_step().is_some_and(|i| STEPS[i].compensable)
+                    && saga
+                        .current_step()
+                        .is_some_and(|i| definition.steps[i].compensable())
             }
         },
     }
 }
 
-fn check_start(saga: &Saga, effects: &[Effect], now: DateTime<Utc>) {
+fn check_start(saga: &Saga, effects: &[Effect], now: DateTime<Utc>, definition: &SagaDefinition) {
     assert_eq!(saga.state, SagaState::Running);
     assert_eq!(saga.created_at, now);
     assert_eq!(saga.updated_at, now);
@@ -710,7 +759,11 @@ fn check_start(saga: &Saga, effects: &[Effect], now: DateTime<Utc>) {
         other => panic!("a saga starts by announcing itself, not {other:?}"),
     }
     match &effects[1] {
-        Effect::Send(command @ Command::ReserveStock { attempt: 1, .. }) => {
+        Effect::Send {
+            topic,
+            command: command @ Command::ReserveStock { attempt: 1, .. },
+        } => {
+            assert_eq!(*topic, definition.steps[0].topic);
             check_command_content(saga, command);
         }
         other => panic!("a saga starts by reserving stock, not {other:?}"),
@@ -735,11 +788,12 @@ fn is_compensation(status: StepStatus) -> bool {
 }
 
 /// The shape every stored saga has.
-fn check_saga(saga: &Saga, policies: &Policies) {
-    let names: Vec<StepName> = saga.steps.iter().map(|s| s.name).collect();
-    let defined: Vec<StepName> = STEPS.iter().map(|s| s.name).collect();
+fn check_saga(saga: &Saga, definition: &SagaDefinition) {
+    let names: Vec<&str> = saga.steps.iter().map(|s| s.name.as_str()).collect();
+    let defined: Vec<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, defined);
-    assert_eq!(saga.definition_version, DEFINITION_VERSION);
+    assert_eq!(saga.definition_name, definition.name);
+    assert_eq!(saga.definition_version, definition.version);
     assert!(saga.created_at <= saga.updated_at);
     let statuses: Vec<StepStatus> = saga.steps.iter().map(|s| s.status).collect();
 
@@ -757,16 +811,14 @@ fn check_saga(saga: &Saga, policies: &Policies) {
     );
     if let Some(deadline) = saga.deadline_at {
         let wait = deadline - saga.updated_at;
-        let longest = [
-            policies.reserve_stock,
-            policies.charge_payment,
-            policies.schedule_shipment,
-            policies.compensation,
-        ]
-        .iter()
-        .map(|p| p.max_timeout + p.max_timeout / 4)
-        .max()
-        .expect("four policies");
+        let longest = definition
+            .steps
+            .iter()
+            .flat_map(|s| [Some(&s.forward), s.compensation.as_ref()])
+            .flatten()
+            .map(|a| a.retry.max_timeout + a.retry.max_timeout / 4)
+            .max()
+            .expect("a definition has steps");
         assert!(
             wait > TimeDelta::zero() && wait <= longest,
             "wait {wait}: {saga:#?}"
@@ -790,9 +842,10 @@ fn check_saga(saga: &Saga, policies: &Policies) {
         assert!(step.attempts >= 1, "{saga:#?}");
         let started = step.started_at.expect("a started step has started_at");
         assert!(saga.created_at <= started && started <= saga.updated_at);
-        if STEPS[i].compensable {
+        let defined = &definition.steps[i];
+        if defined.compensable() {
             assert!(
-                step.attempts <= policies.forward(step.name).max_attempts,
+                step.attempts <= defined.forward.retry.max_attempts,
                 "{saga:#?}"
             );
         }
@@ -803,12 +856,13 @@ fn check_saga(saga: &Saga, policies: &Policies) {
             "{saga:#?}"
         );
         if is_compensation(step.status) {
-            assert!(STEPS[i].compensable, "{saga:#?}");
+            assert!(defined.compensable(), "{saga:#?}");
+            let policy = defined.compensation.as_ref().map(|c| c.retry);
             assert!(step.compensation_attempts >= 1, "{saga:#?}");
             assert!(step.compensation_started_at.is_some());
             assert!(step.finished_at.is_some(), "{saga:#?}");
             let round = step.compensation_attempts - step.compensation_budget_from;
-            assert!(round <= policies.compensation.max_attempts, "{saga:#?}");
+            assert!(policy.is_some_and(|p| round <= p.max_attempts), "{saga:#?}");
             if step.status == StepStatus::Compensating {
                 assert!(round >= 1, "{saga:#?}");
             }
@@ -948,11 +1002,13 @@ fn check_transition(
     cause: &Cause<'_>,
     sent_before: &[Command],
     now: DateTime<Utc>,
+    definition: &SagaDefinition,
 ) {
     let context = || format!("{old:#?}\n→ {new:#?}\n{effects:?}");
     assert_eq!(new.id, old.id);
     assert_eq!(new.order, old.order);
     assert_eq!(new.created_at, old.created_at);
+    assert_eq!(new.definition_name, old.definition_name);
     assert_eq!(new.definition_version, old.definition_version);
     // The last change moves forward with the clock.
     assert!(old.updated_at <= now);
@@ -997,21 +1053,21 @@ fn check_transition(
     }
 
     // At most one command, and it is what the saga now waits for: its current step, in its
-    // direction, with a new attempt number.
-    let sends: Vec<&Command> = effects
+    // direction, to the step's topic, with a new attempt number.
+    let sends: Vec<(&String, &Command)> = effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send(c) => Some(c),
+            Effect::Send { topic, command } => Some((topic, command)),
             Effect::Publish(_) => None,
         })
         .collect();
     assert!(sends.len() <= 1, "{}", context());
-    for command in &sends {
-        let i = STEPS
-            .iter()
-            .position(|s| s.name == command.step())
-            .expect("a defined step");
+    // A step's index in the definition, by its wire name.
+    let index_of = |s: StepName| definition.steps.iter().position(|d| d.name == s.as_str());
+    for &(topic, command) in &sends {
+        let i = index_of(command.step()).expect("a defined step");
         assert_eq!(new.current_step(), Some(i), "{}", context());
+        assert_eq!(*topic, definition.steps[i].topic, "{}", context());
         assert_eq!(
             Some(command.action()),
             direction(new.state),
@@ -1043,9 +1099,8 @@ fn check_transition(
             // Compensations in reverse order: never a step above one already compensated,
             // and nothing above it still done.
             Action::Compensate => {
-                let rank = |s: StepName| StepName::ALL.iter().position(|&n| n == s);
                 for earlier in compensated_before {
-                    assert!(rank(earlier) >= Some(i), "{}", context());
+                    assert!(index_of(earlier) >= Some(i), "{}", context());
                 }
                 assert!(
                     new.steps[i + 1..]
@@ -1074,7 +1129,7 @@ fn check_transition(
         .iter()
         .filter_map(|e| match e {
             Effect::Publish(p) => Some(p),
-            Effect::Send(_) => None,
+            Effect::Send { .. } => None,
         })
         .collect();
     assert!(published.len() <= 1, "{}", context());
