@@ -66,7 +66,7 @@ cleanup() {
 trap cleanup EXIT
 
 print_logs() {
-  for service in orchestrator inventory payment shipping; do
+  for service in $(services); do
     if [[ -f "$log_dir/$service.log" ]]; then
       echo "----- $service (last 40 lines of $log_dir/$service.log) -----" >&2
       tail -n 40 "$log_dir/$service.log" >&2
@@ -115,7 +115,7 @@ make_api_tokens "$log_dir/api-tokens" page-operator:operator,client page-viewer:
 operator_token="$TOKEN_page_operator"
 viewer_token="$TOKEN_page_viewer"
 
-for service in orchestrator inventory payment shipping; do
+for service in $(services); do
   case $service in
     orchestrator) settings=(COMPENSATION_MAX_ATTEMPTS=1) ;;
     payment) settings=(FAULT_COMPENSATION_FAILURES=1) ;;

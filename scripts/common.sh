@@ -5,6 +5,16 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The saga definitions every orchestrator the scripts start reads, wherever it runs from.
 export SAGAS_DIR="${SAGAS_DIR:-$ROOT/sagas}"
 
+# services: the services of a deployment, one per line: the orchestrator, then every
+# participant a saga definition names (`participant = "..."` in $SAGAS_DIR/*.toml), each a
+# binary of its name. The scripts start what this lists, so a saga with a new participant
+# needs no script change.
+services() {
+  echo orchestrator
+  sed -n 's/^[[:space:]]*participant[[:space:]]*=[[:space:]]*"\([a-z][a-z0-9_]*\)".*/\1/p' \
+    "$SAGAS_DIR"/*.toml | sort -u
+}
+
 # as_root CMD...: runs CMD as root (directly when we are root, else through sudo).
 as_root() {
   if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi
@@ -80,7 +90,7 @@ make_api_tokens() {
 # BENCH_SERVICES_DIR when set: another build's target/release) and waits until they are ready.
 # Afterwards:
 #   DATABASE_URL, TOPIC_PREFIX, KAFKA_BROKERS, HTTP_ADDR  exported, the deployment's
-#   BENCH_PIDS        the services' pids (orchestrator inventory payment shipping)
+#   BENCH_PIDS        the services' pids, in the order `services` lists them
 #   BENCH_LOG_DIR     their logs
 #   BENCH_OPS_ADDR    where the orchestrator's /healthz and /metrics answer without a token:
 #                     OPS_HTTP_ADDR when it is set (and the orchestrator serves it), else HTTP_ADDR
@@ -119,7 +129,8 @@ bench_start_stack() {
 
   BENCH_LOG_DIR="$ROOT/.run/bench-$run_id"
   mkdir -p "$BENCH_LOG_DIR"
-  local names=(orchestrator inventory payment shipping)
+  local names
+  mapfile -t names < <(services)
   local port_base="${BENCH_METRICS_PORT_BASE:-9180}"
   local i service extra
   for i in "${!names[@]}"; do

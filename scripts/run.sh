@@ -31,8 +31,9 @@ if ! psql "$server_url/postgres" -Atc "SELECT 1 FROM pg_database WHERE datname =
   psql "$server_url/postgres" -qc "CREATE DATABASE \"$db_name\""
 fi
 
-echo "building the services..." >&2
-cargo build --release --locked --bin orchestrator --bin inventory --bin payment --bin shipping
+mapfile -t service_names < <(services)
+echo "building the services: ${service_names[*]}..." >&2
+cargo build --release --locked "${service_names[@]/#/--bin=}"
 
 mkdir -p .run/logs
 # demo-operator: the page's walkthrough (reads, operator actions, and the demo orders);
@@ -48,7 +49,7 @@ stop_services() {
 }
 trap stop_services EXIT
 trap 'exit 130' INT TERM
-for service in orchestrator inventory payment shipping; do
+for service in "${service_names[@]}"; do
   "target/release/$service" >".run/logs/$service.log" 2>&1 &
   pids+=($!)
   echo "started $service (pid $!, log .run/logs/$service.log)" >&2

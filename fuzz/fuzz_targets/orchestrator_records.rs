@@ -67,18 +67,7 @@ impl PolicyInput {
         let compensation = policy(self.compensation_attempts, 20);
         let mut definition = ORDER_SAGA.clone();
         for step in &mut definition.steps {
-            let unlimited = step.forward.retry.max_attempts == u32::MAX;
-            step.forward.retry = RetryPolicy {
-                max_attempts: if unlimited {
-                    u32::MAX
-                } else {
-                    forward.max_attempts
-                },
-                ..forward
-            };
-            if let Some(action) = &mut step.compensation {
-                action.retry = compensation;
-            }
+            step.set_retry(forward, compensation);
         }
         definition
     }

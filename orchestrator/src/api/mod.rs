@@ -111,10 +111,7 @@ pub fn router(state: AppState) -> Router {
                 )
             }),
         )
-        .route(
-            "/openapi.json",
-            get(|| async { static_file("application/json", OPENAPI_JSON) }),
-        );
+        .route("/openapi.json", get(openapi_document));
     let reads = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -236,6 +233,40 @@ impl From<JsonRejection> for ApiError {
         }
         Self::new(rejection.status(), "invalid_body", rejection.body_text())
     }
+}
+
+/// `GET /openapi.json`: the document, with the step names of this deployment's saga
+/// definitions where the file leaves them open (`StepName` and the list's `step` filter), so
+/// that a client (and Schemathesis) knows which steps the filter takes.
+async fn openapi_document(State(state): State<AppState>) -> Response {
+    match openapi_for_steps(&state.catalog.step_names()) {
+        Ok(document) => Json(document).into_response(),
+        Err(e) => ApiError::internal(&crate::Error::Config(format!("openapi.json: {e}")))
+            .into_response(),
+    }
+}
+
+/// [`OPENAPI_JSON`] with `steps` as the enum of step names.
+///
+/// # Errors
+/// When the embedded document is not JSON (a build from a broken file).
+pub fn openapi_for_steps(steps: &[String]) -> Result<serde_json::Value, serde_json::Error> {
+    let mut document: serde_json::Value = serde_json::from_str(OPENAPI_JSON)?;
+    if let Some(step_name) = document.pointer_mut("/components/schemas/StepName") {
+        step_name["enum"] = json!(steps);
+    }
+    let filter = document
+        .pointer_mut("/paths/~1sagas/get/parameters")
+        .and_then(serde_json::Value::as_array_mut)
+        .and_then(|parameters| parameters.iter_mut().find(|p| p["name"] == "step"));
+    if let Some(filter) = filter {
+        let mut allowed = json!(steps);
+        if let Some(list) = allowed.as_array_mut() {
+            list.push(json!(""));
+        }
+        filter["schema"]["enum"] = allowed;
+    }
+    Ok(document)
 }
 
 fn static_file(content_type: &'static str, body: &'static str) -> Response {

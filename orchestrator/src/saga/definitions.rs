@@ -118,9 +118,26 @@ pub struct Step {
 }
 
 impl Step {
-    /// Whether the step can be undone (today's `StepDefinition::compensable`).
+    /// Whether the step can be undone.
     pub fn compensable(&self) -> bool {
         self.kind == StepKind::Compensable
+    }
+
+    /// Gives the step these retry policies (the compensation's only if it has one). A forward
+    /// action that is never given up on keeps no attempt limit.
+    pub fn set_retry(&mut self, forward: RetryPolicy, compensation: RetryPolicy) {
+        let unlimited = self.forward.retry.max_attempts == u32::MAX;
+        self.forward.retry = RetryPolicy {
+            max_attempts: if unlimited {
+                u32::MAX
+            } else {
+                forward.max_attempts
+            },
+            ..forward
+        };
+        if let Some(action) = &mut self.compensation {
+            action.retry = compensation;
+        }
     }
 }
 

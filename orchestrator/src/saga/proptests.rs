@@ -120,18 +120,7 @@ fn definitions() -> impl Strategy<Value = SagaDefinition> {
     prop::collection::vec((policy(1..=4), policy(1..=4)), steps).prop_map(|policies| {
         let mut definition = order_definition();
         for (step, (forward, compensation)) in definition.steps.iter_mut().zip(policies) {
-            let unlimited = step.forward.retry.max_attempts == u32::MAX;
-            step.forward.retry = RetryPolicy {
-                max_attempts: if unlimited {
-                    u32::MAX
-                } else {
-                    forward.max_attempts
-                },
-                ..forward
-            };
-            if let Some(action) = &mut step.compensation {
-                action.retry = compensation;
-            }
+            step.set_retry(forward, compensation);
         }
         definition
     })

@@ -96,9 +96,17 @@ async fn the_server_answers_as_its_openapi_document_says() {
     })
     .is_err());
 
+    // The served document is the file with this deployment's step names filled in.
     let (status, served_doc) = system.get("/openapi.json").await;
     assert_eq!(status, 200);
-    assert_eq!(served_doc, doc, "the served document is the checked one");
+    let steps = ["charge_payment", "reserve_stock", "schedule_shipment"].map(String::from);
+    let expected = orchestrator::api::openapi_for_steps(&steps).expect("the file is JSON");
+    assert_eq!(served_doc, expected, "the served document is the checked one");
+    assert_eq!(
+        served_doc["components"]["schemas"]["StepName"]["enum"],
+        json!(steps)
+    );
+    let doc = expected;
 
     let mut body = serde_json::to_value(order("alice", "WIDGET", 1, "DE")).expect("json");
     if let Some(fields) = body.as_object_mut() {

@@ -2,9 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use events::{
-    Action, Address, Command, LineItem, OrderPlaced, Participant, Reply, StepName, Topics,
-};
+use events::{Action, Command, OrderPlaced, Participant, Reply, StepName, Topics};
 use serde_json::Value as Json;
 use toml::Value;
 use uuid::Uuid;
@@ -13,31 +11,9 @@ use super::*;
 
 const ORDER: &str = include_str!("../../../../sagas/order.toml");
 
+/// The order the state machine's tests run.
 fn order() -> OrderPlaced {
-    OrderPlaced {
-        order_id: Uuid::from_u128(0x7f1d_2c3b_4a5e_4f60_8a71_9b0c_1d2e_3f40),
-        customer_id: "alice".into(),
-        items: vec![
-            LineItem {
-                sku: "WIDGET".into(),
-                quantity: 2,
-                unit_price_cents: 1_250,
-            },
-            LineItem {
-                sku: "GADGET".into(),
-                quantity: 1,
-                unit_price_cents: 4_999,
-            },
-        ],
-        total_cents: 7_499,
-        currency: "EUR".into(),
-        shipping_address: Address {
-            country: "DE".into(),
-            city: "Berlin".into(),
-            line1: "Unter den Linden 1".into(),
-            postal_code: "10117".into(),
-        },
-    }
+    crate::saga::tests::order()
 }
 
 fn order_definition() -> SagaDefinition {
