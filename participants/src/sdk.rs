@@ -330,3 +330,134 @@ impl<S: Step> ServedStep for S {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde::de::IgnoredAny;
+
+    use super::*;
+
+    static NO_MIGRATIONS: Migrator = Migrator::DEFAULT;
+
+    /// A step whose forward request needs a positive `n`.
+    struct Count;
+
+    #[derive(Debug, Deserialize)]
+    struct Needs {
+        n: u32,
+    }
+
+    impl Step for Count {
+        const STEP: &'static str = "count";
+        type Forward = Needs;
+        type Compensation = IgnoredAny;
+        type Failure = String;
+
+        async fn forward_all(
+            &self,
+            _tx: &mut PgConnection,
+            requests: &[Request<'_, Needs>],
+        ) -> Result<Vec<Result<(), String>>, HandlerError> {
+            Ok(requests
+                .iter()
+                .map(|r| (r.payload.n > 0).then_some(()).ok_or("zero".to_owned()))
+                .collect())
+        }
+
+        async fn compensate(
+            &self,
+            _tx: &mut PgConnection,
+            _request: Request<'_, IgnoredAny>,
+        ) -> Result<Result<(), String>, HandlerError> {
+            Ok(Ok(()))
+        }
+    }
+
+    /// The same step name under another type.
+    struct CountAgain;
+
+    impl Step for CountAgain {
+        const STEP: &'static str = "count";
+        type Forward = IgnoredAny;
+        type Compensation = IgnoredAny;
+        type Failure = String;
+
+        async fn forward_all(
+            &self,
+            _tx: &mut PgConnection,
+            requests: &[Request<'_, IgnoredAny>],
+        ) -> Result<Vec<Result<(), String>>, HandlerError> {
+            Ok(requests.iter().map(|_| Ok(())).collect())
+        }
+
+        async fn compensate(
+            &self,
+            _tx: &mut PgConnection,
+            _request: Request<'_, IgnoredAny>,
+        ) -> Result<Result<(), String>, HandlerError> {
+            Ok(Ok(()))
+        }
+    }
+
+    fn payload(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn a_participant_serves_distinct_named_steps() {
+        let serves = |participant: Participant| participant.check().map_err(|e| e.to_string());
+        assert_eq!(
+            serves(Participant::new("counter", &NO_MIGRATIONS).step(Count)),
+            Ok(())
+        );
+        let none = serves(Participant::new("counter", &NO_MIGRATIONS));
+        assert!(none.is_err_and(|e| e.contains("serves no step")));
+        let twice = serves(
+            Participant::new("counter", &NO_MIGRATIONS)
+                .step(Count)
+                .step(CountAgain),
+        );
+        assert!(twice.is_err_and(|e| e.contains("count is served twice")));
+        let badly_named = serves(Participant::new("Counter!", &NO_MIGRATIONS).step(Count));
+        assert!(badly_named.is_err_and(|e| e.contains("not a participant name")));
+        assert_eq!(
+            Participant::new("counter", &NO_MIGRATIONS)
+                .step(Count)
+                .step_names(),
+            ["count"]
+        );
+    }
+
+    #[test]
+    fn a_payload_is_decoded_into_its_steps_request_or_refused_with_the_reason() {
+        let decoded = Count
+            .decode(
+                false,
+                &payload(serde_json::json!({ "n": 3, "extra": true })),
+            )
+            .expect("fits, extra fields ignored");
+        assert_eq!(decoded.downcast_ref::<Needs>().map(|r| r.n), Some(3));
+        let missing = Count.decode(false, &Map::new()).map(|_| ());
+        assert!(missing.is_err_and(|e| e.contains("missing field `n`")));
+        let wrong = Count
+            .decode(false, &payload(serde_json::json!({ "n": "three" })))
+            .map(|_| ());
+        assert!(wrong.is_err_and(|e| e.contains("invalid type")));
+        assert!(Count.decode(true, &Map::new()).is_ok());
+        // A payload decoded for one step's forward request is not another's.
+        let request = DecodedRequest {
+            saga_id: Uuid::nil(),
+            key: "k",
+            attempt: 1,
+            payload: &decoded,
+        };
+        assert!(typed::<IgnoredAny>(&request, "count").is_err());
+        assert_eq!(
+            typed::<Needs>(&request, "count").map(|r| r.payload.n).ok(),
+            Some(3)
+        );
+    }
+}
