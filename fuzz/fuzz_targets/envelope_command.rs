@@ -31,7 +31,12 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(reply.key, command.key);
         assert_eq!(reply.attempt, command.attempt);
         assert_eq!(reply.validate(), Ok(()));
-        let sent = Envelope::new(envelope.saga_id, Some(envelope.message_id), envelope.occurred_at, reply.clone());
+        let sent = Envelope::new(
+            envelope.saga_id,
+            Some(envelope.message_id),
+            envelope.occurred_at,
+            reply.clone(),
+        );
         assert_eq!(Envelope::<Reply>::from_json(&sent.to_json()), Ok(sent));
     }
     assert_eq!(done.name, command.replies.success);
