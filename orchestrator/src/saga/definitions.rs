@@ -418,7 +418,7 @@ impl DefinitionError {
 /// What is wrong with a field (the file and field are in [`DefinitionError::Invalid`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
-    #[error("not in the wire contract: {detail}")]
+    #[error("does not fit the wire: {detail}")]
     NotOnTheWire { detail: String },
     #[error("must be between 1 and {}, got {version}", i32::MAX)]
     VersionOutOfRange { version: i64 },
