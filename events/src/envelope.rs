@@ -9,8 +9,11 @@ use uuid::Uuid;
 
 use crate::{ContractError, Result};
 
-/// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u16 = 1;
+/// The schema version this build writes and reads. Version 2 made commands and replies generic
+/// (named by the saga definitions, not by closed enums). Version 1 is refused like any version
+/// this build does not know: no fleet speaking it was ever deployed, so there is nothing to stay
+/// compatible with; a rolling upgrade from it would drain the topics first.
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// `{"message_id", "saga_id", "causation_id", "schema_version", "occurred_at", "sequence", "type",
 /// "payload"}`: the body's `type`/`payload` pair sits beside the envelope fields.

@@ -13,7 +13,8 @@ mod topics;
 pub use envelope::{Envelope, SCHEMA_VERSION};
 pub use error::{ContractError, Result};
 pub use messages::{
-    Action, Command, CompensationFailed, Outcome, Reply, SagaEvent, StepDone, StepName, StepRefused,
+    is_key, is_name, Action, Command, Outcome, Reply, ReplyNames, SagaEvent, MAX_KEY_LEN,
+    MAX_NAME_LEN, MAX_REASON_LEN,
 };
 pub use order::{Address, LineItem, OrderPlaced};
-pub use topics::{Participant, Topics};
+pub use topics::Topics;

@@ -5,8 +5,8 @@
 //! well-formed orders, answers to commands the saga really sent, forged replies), redeliveries,
 //! deadline scans, operator actions and clock advances. Each record is decoded with the
 //! functions `orchestrator/src/handler.rs` uses and handled by the handler's rules (one saga
-//! per order id, an inbox per message id, a reply for an unknown saga or naming another order
-//! is rejected, an applied decision replaces the saga and bumps its version). After every
+//! per order id, an inbox per message id, a reply for an unknown saga or with another saga's
+//! key is rejected, an applied decision replaces the saga and bumps its version). After every
 //! step the saga's shape and the transition are checked against the rules of
 //! `orchestrator/src/saga/machine.rs`; at the end every saga is driven to its end, once by
 //! answering every command and once by deadlines alone: nothing may wedge it.
@@ -18,8 +18,7 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use events::{
-    Action, Address, Command, CompensationFailed, Envelope, LineItem, OrderPlaced, Reply,
-    SagaEvent, StepDone, StepName, StepRefused, SCHEMA_VERSION,
+    Action, Address, Command, Envelope, LineItem, OrderPlaced, Reply, SagaEvent, SCHEMA_VERSION,
 };
 use libfuzzer_sys::fuzz_target;
 use orchestrator::saga::{
@@ -27,6 +26,18 @@ use orchestrator::saga::{
     StepStatus,
 };
 use uuid::Uuid;
+
+/// The order saga's messages in the shapes the orchestrator's tests write them.
+#[path = "../../orchestrator/src/saga/order_messages.rs"]
+#[allow(dead_code)] // The orchestrator's tests use the rest of it.
+mod order_messages;
+
+use order_messages::{
+    Command as OrderCommand, CompensationFailed, Reply as OrderReply, StepDone, StepRefused,
+};
+
+/// The order saga's steps, which forged replies name.
+const STEPS: [&str; 3] = ["reserve_stock", "charge_payment", "schedule_shipment"];
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -266,9 +277,9 @@ impl World {
                 let sent = &self.rows[&id].sent;
                 let command = &sent[sent.len() - 1 - usize::from(*back) % sent.len()];
                 let reply = if *ok {
-                    Reply::done(command)
+                    Reply::succeeded(command)
                 } else {
-                    Reply::refused(command, reason.clone())
+                    Reply::failed(command, reason).expect("every order saga command may fail")
                 };
                 self.deliver_reply(id, reply, *reuse_message_id);
             }
@@ -389,22 +400,22 @@ impl World {
             reason: "refused".into(),
         };
         let reply = match kind % 9 {
-            0 => Reply::StockReserved(done),
-            1 => Reply::StockUnavailable(refused),
-            2 => Reply::StockReleased(done),
-            3 => Reply::PaymentCharged(done),
-            4 => Reply::PaymentDeclined(refused),
-            5 => Reply::PaymentRefunded(done),
-            6 => Reply::ShipmentScheduled(done),
-            7 => Reply::ShipmentRejected(refused),
-            _ => Reply::CompensationFailed(CompensationFailed {
+            0 => OrderReply::StockReserved(done),
+            1 => OrderReply::StockUnavailable(refused),
+            2 => OrderReply::StockReleased(done),
+            3 => OrderReply::PaymentCharged(done),
+            4 => OrderReply::PaymentDeclined(refused),
+            5 => OrderReply::PaymentRefunded(done),
+            6 => OrderReply::ShipmentScheduled(done),
+            7 => OrderReply::ShipmentRejected(refused),
+            _ => OrderReply::CompensationFailed(CompensationFailed {
                 order_id,
                 attempt,
-                step: StepName::ALL[usize::from(step) % 3],
+                step: STEPS[usize::from(step) % 3],
                 reason: "cannot".into(),
             }),
         };
-        self.deliver_reply(saga_id, reply, reuse_message_id);
+        self.deliver_reply(saga_id, reply.wire(), reuse_message_id);
     }
 
     fn deliver_reply(&mut self, saga_id: Uuid, reply: Reply, reuse_message_id: bool) {
@@ -423,8 +434,17 @@ impl World {
             body: reply,
         };
         let bytes = envelope.to_json();
-        // What the participant writes, the orchestrator reads.
-        assert_eq!(Envelope::<Reply>::from_json(&bytes).as_ref(), Ok(&envelope));
+        // What the participant writes, the orchestrator reads; a forged reply out of the
+        // wire's bounds (attempt 0) it refuses while decoding, and dead-letters.
+        let decoded = Envelope::<Reply>::from_json(&bytes);
+        if envelope.body.validate().is_ok() {
+            assert_eq!(decoded.as_ref(), Ok(&envelope));
+        } else {
+            assert!(
+                decoded.is_err(),
+                "an out-of-bounds reply decoded: {envelope:?}"
+            );
+        }
         self.deliver(REPLIES, bytes);
     }
 
@@ -479,10 +499,10 @@ impl World {
         }
         let reply = &envelope.body;
         let Some(row) = self.rows.get(&envelope.saga_id) else {
-            return Err(format!("{} for unknown saga", reply.type_name()));
+            return Err(format!("{} for unknown saga", reply.name));
         };
-        if row.saga.order.order_id != reply.order_id() {
-            return Err(format!("{} names another order", reply.type_name()));
+        if row.saga.key(&self.definition).as_deref() != Some(reply.key.as_str()) {
+            return Err(format!("{} names another saga's key", reply.name));
         }
         let decision = row.saga.on_reply(reply, self.now, &self.definition);
         self.inbox.insert(envelope.message_id);
@@ -554,7 +574,7 @@ impl World {
                 SagaState::Running | SagaState::Compensating => {
                     // The last command sent is the one the saga waits for.
                     let command = row.sent.last().expect("a saga sent something");
-                    let reply = Reply::done(command);
+                    let reply = Reply::succeeded(command);
                     let decision = saga.on_reply(&reply, now, &self.definition);
                     apply_checked(&mut row, decision, &Cause::Reply(&reply), self, now);
                 }
@@ -706,9 +726,7 @@ fn should_apply(
                     step.compensation_budget_from + 1..=step.compensation_attempts
                 }
             };
-            reply.step().as_str() == step.name
-                && reply.action() == action
-                && attempts.contains(&reply.attempt())
+            reply.step == step.name && reply.action == action && attempts.contains(&reply.attempt)
         }
         // A deadline that passed, on a saga that waits on a step.
         Cause::Deadline => {
@@ -748,10 +766,9 @@ fn check_start(saga: &Saga, effects: &[Effect], now: DateTime<Utc>, definition: 
         other => panic!("a saga starts by announcing itself, not {other:?}"),
     }
     match &effects[1] {
-        Effect::Send {
-            topic,
-            command: command @ Command::ReserveStock { attempt: 1, .. },
-        } => {
+        Effect::Send { topic, command }
+            if command.name == "ReserveStock" && command.attempt == 1 =>
+        {
             assert_eq!(*topic, definition.steps[0].topic);
             check_command_content(saga, command);
         }
@@ -948,10 +965,19 @@ fn check_saga(saga: &Saga, definition: &SagaDefinition) {
 /// A command carries what its step needs of the order.
 fn check_command_content(saga: &Saga, command: &Command) {
     let order = &saga.order;
-    assert_eq!(command.order_id(), order.order_id);
-    match command {
-        Command::ReserveStock { items, .. } => assert_eq!(*items, order.items),
-        Command::ChargePayment {
+    assert_eq!(command.key, order.order_id.to_string());
+    assert_eq!(
+        (command.saga_type.as_str(), command.saga_version),
+        ("order", 1)
+    );
+    assert_eq!(
+        command.payload.get("order_id").and_then(|id| id.as_str()),
+        Some(order.order_id.to_string().as_str())
+    );
+    let command = OrderCommand::from_wire(command).expect("an order saga command");
+    match &command {
+        OrderCommand::ReserveStock { items, .. } => assert_eq!(*items, order.items),
+        OrderCommand::ChargePayment {
             customer_id,
             amount_cents,
             currency,
@@ -961,11 +987,11 @@ fn check_command_content(saga: &Saga, command: &Command) {
             assert_eq!(*amount_cents, order.total_cents);
             assert_eq!(*currency, order.currency);
         }
-        Command::ScheduleShipment { address, items, .. } => {
+        OrderCommand::ScheduleShipment { address, items, .. } => {
             assert_eq!(*address, order.shipping_address);
             assert_eq!(*items, order.items);
         }
-        Command::ReleaseStock { .. } | Command::RefundPayment { .. } => {}
+        OrderCommand::ReleaseStock { .. } | OrderCommand::RefundPayment { .. } => {}
     }
 }
 
@@ -1052,32 +1078,27 @@ fn check_transition(
         .collect();
     assert!(sends.len() <= 1, "{}", context());
     // A step's index in the definition, by its wire name.
-    let index_of = |s: StepName| definition.steps.iter().position(|d| d.name == s.as_str());
+    let index_of = |s: &str| definition.steps.iter().position(|d| d.name == s);
     for &(topic, command) in &sends {
-        let i = index_of(command.step()).expect("a defined step");
+        let i = index_of(&command.step).expect("a defined step");
         assert_eq!(new.current_step(), Some(i), "{}", context());
         assert_eq!(*topic, definition.steps[i].topic, "{}", context());
-        assert_eq!(
-            Some(command.action()),
-            direction(new.state),
-            "{}",
-            context()
-        );
-        let (attempt, before) = match command.action() {
+        assert_eq!(Some(command.action), direction(new.state), "{}", context());
+        let (attempt, before) = match command.action {
             Action::Forward => (new.steps[i].attempts, old.steps[i].attempts),
             Action::Compensate => (
                 new.steps[i].compensation_attempts,
                 old.steps[i].compensation_attempts,
             ),
         };
-        assert_eq!(command.attempt(), attempt, "{}", context());
+        assert_eq!(command.attempt, attempt, "{}", context());
         assert_eq!(attempt, before + 1, "{}", context());
         check_command_content(new, command);
         let compensated_before = sent_before
             .iter()
-            .filter(|c| c.action() == Action::Compensate)
-            .map(|c| c.step());
-        match command.action() {
+            .filter(|c| c.action == Action::Compensate)
+            .map(|c| c.step.as_str());
+        match command.action {
             // Forward only while nothing was undone, and only after the steps before it.
             Action::Forward => {
                 assert_eq!(compensated_before.count(), 0, "{}", context());
@@ -1105,7 +1126,7 @@ fn check_transition(
         // Only a refused compensation leaves the saga waiting without sending: the deadline
         // sends the next attempt.
         assert!(
-            matches!(cause, Cause::Reply(Reply::CompensationFailed(_))),
+            matches!(cause, Cause::Reply(reply) if reply.name == "CompensationFailed"),
             "{}",
             context()
         );

@@ -24,8 +24,9 @@ where
             assert_ne!(found, SCHEMA_VERSION, "refused the version it supports");
             return None;
         }
+        // A body's field rules are checked while decoding, so serde reports them: Malformed.
         Err(e @ ContractError::InvalidField { .. }) => {
-            panic!("an envelope has no field rules: {e}")
+            panic!("decoding reports field rules as Malformed, not {e}")
         }
     };
     assert_eq!(envelope.schema_version, SCHEMA_VERSION);
@@ -46,22 +47,17 @@ where
     Some((envelope, json))
 }
 
-/// The `type` and `payload.<field>` of an encoded body, for comparing with its accessors.
+/// The `type` of an encoded body, for comparing with its fields.
 pub fn wire_type(json: &Value) -> &str {
     json["type"]
         .as_str()
         .expect("every body has a string `type`")
 }
 
+/// The `payload.order_id` of an encoded saga event.
 pub fn wire_order_id(json: &Value) -> String {
     json["payload"]["order_id"]
         .as_str()
         .expect("every payload names its order")
         .to_owned()
-}
-
-pub fn wire_attempt(json: &Value) -> u64 {
-    json["payload"]["attempt"]
-        .as_u64()
-        .expect("payload has an attempt")
 }

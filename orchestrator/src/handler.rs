@@ -92,7 +92,7 @@ impl OrchestratorHandler {
     /// inbox, one locks their sagas, the state machine moves each saga in memory reply by
     /// reply (a saga answered twice in the batch moves twice), and one statement each writes
     /// the sagas and their history lines. A reply the batch cannot take (undecodable, for an
-    /// unknown saga or for another order) fails the batch: the consume loop then handles its
+    /// unknown saga or with another saga's key) fails the batch: the consume loop then handles its
     /// records one at a time, and that one is dead-lettered.
     async fn on_replies(
         &self,
@@ -105,11 +105,7 @@ impl OrchestratorHandler {
             let envelope = Envelope::<Reply>::from_json(&record.payload)
                 .and_then(|envelope| envelope.body.validate().map(|()| envelope))
                 .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
-            record.describe(
-                envelope.saga_id,
-                envelope.body.step().as_str(),
-                envelope.message_id,
-            );
+            record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
             replies.push((*record, envelope));
         }
         let mut replies = inbox::keep_first_deliveries(tx, replies, |(record, envelope)| {
@@ -148,34 +144,30 @@ impl OrchestratorHandler {
             let Some((saga, version)) = sagas.get_mut(&envelope.saga_id) else {
                 return Err(HandlerError::Reject(format!(
                     "{} for unknown saga {}",
-                    reply.type_name(),
-                    envelope.saga_id
+                    reply.name, envelope.saga_id
                 )));
             };
-            if saga.order.order_id != reply.order_id() {
+            let Some(definition) = definitions.get(&saga.id) else {
+                continue;
+            };
+            let key = saga.key(definition);
+            if key.as_deref() != Some(reply.key.as_str()) {
                 return Err(HandlerError::Reject(format!(
-                    "{} names order {} but saga {} is for order {}",
-                    reply.type_name(),
-                    reply.order_id(),
+                    "{} names key {:?} but saga {} has key {}",
+                    reply.name,
+                    reply.key,
                     saga.id,
-                    saga.order.order_id
+                    key.as_deref().unwrap_or("(none)")
                 )));
             }
             let now = Utc::now();
             let entry = HistoryEntry {
                 at: now,
                 message_id: Some(envelope.message_id),
-                message_type: reply.type_name().into(),
+                message_type: reply.name.clone(),
                 decision: "applied".into(),
-                detail: Some(format!(
-                    "{} attempt {}",
-                    reply.step().as_str(),
-                    reply.attempt()
-                )),
+                detail: Some(format!("{} attempt {}", reply.step, reply.attempt)),
                 state_after: String::new(),
-            };
-            let Some(definition) = definitions.get(&saga.id) else {
-                continue;
             };
             let decision = saga.on_reply(reply, now, definition);
             // In the record's span, so that the commands it causes join the order's trace.

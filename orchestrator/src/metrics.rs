@@ -73,11 +73,11 @@ pub fn transition<'a>(before: &Saga, after: &Saga, sent: impl Iterator<Item = &'
             );
         }
     }
-    for command in sent.filter(|c| c.attempt() > 1) {
+    for command in sent.filter(|c| c.attempt > 1) {
         metrics::counter!(
             STEP_RETRIES,
-            "step" => command.step().as_str(),
-            "action" => match command.action() {
+            "step" => command.step.clone(),
+            "action" => match command.action {
                 Action::Forward => "do",
                 Action::Compensate => "undo",
             }

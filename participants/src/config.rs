@@ -20,13 +20,19 @@ pub struct ParticipantConfig {
     #[arg(long, env = "PARTICIPANT_GROUP")]
     pub group: Option<String>,
 
+    /// The topic this participant's commands arrive on, without `TOPIC_PREFIX` (default:
+    /// `{participant}.commands`); the saga definitions name the same topic for its steps.
+    #[arg(long, env = "COMMAND_TOPIC")]
+    pub command_topic: Option<String>,
+
     /// Where to serve `/metrics` (Prometheus text) and `/healthz`. Each binary has its own
     /// default (inventory 127.0.0.1:9181, payment :9182, shipping :9183); unset in tests.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Fault injection for chaos tests: refuse this many compensation commands (replying
-    /// `CompensationFailed`) before doing them. 0 in production.
+    /// Fault injection for chaos tests: refuse this many compensation commands (replying with
+    /// the failure reply the command names, e.g. `CompensationFailed`) before doing them. 0 in
+    /// production.
     #[arg(long, env = "FAULT_COMPENSATION_FAILURES", default_value_t = 0)]
     pub fault_compensation_failures: u32,
 }

@@ -1,26 +1,76 @@
-//! Inventory: reserves stock for an order (all lines or none) and releases it.
+//! Inventory: reserves stock for an order (all lines or none) and releases it. It serves the
+//! order saga's `reserve_stock` step.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
-use events::{Command, Participant};
+use events::LineItem;
 use messaging::consumer::HandlerError;
 use messaging::db::column;
+use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{StepOutcome, StepService};
+use crate::sdk::{Participant, Request, Step};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/inventory");
 
-pub struct Inventory;
+/// The inventory participant: its tables and its one step.
+pub fn participant() -> Participant {
+    Participant::new("inventory", &MIGRATIONS)
+        .metrics_port(9181)
+        .step(ReserveStock)
+}
 
-impl StepService for Inventory {
-    const PARTICIPANT: Participant = Participant::Inventory;
+/// `reserve_stock`: takes every line of an order from stock, or none.
+pub struct ReserveStock;
 
-    fn migrations() -> &'static Migrator {
-        &MIGRATIONS
+/// What `ReserveStock` carries.
+#[derive(Debug, Deserialize)]
+pub struct Reservation {
+    pub order_id: Uuid,
+    pub items: Vec<LineItem>,
+}
+
+/// What `ReleaseStock` carries.
+#[derive(Debug, Deserialize)]
+pub struct Release {
+    pub order_id: Uuid,
+}
+
+/// Why stock was not reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StockRefusal {
+    UnknownSku(String),
+    Insufficient {
+        sku: String,
+        requested: i64,
+        available: i64,
+    },
+}
+
+impl fmt::Display for StockRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownSku(sku) => write!(f, "unknown SKU {sku}"),
+            Self::Insufficient {
+                sku,
+                requested,
+                available,
+            } => write!(
+                f,
+                "insufficient stock for {sku}: {requested} requested, {available} available"
+            ),
+        }
     }
+}
+
+impl Step for ReserveStock {
+    const STEP: &'static str = "reserve_stock";
+    type Forward = Reservation;
+    type Compensation = Release;
+    type Failure = StockRefusal;
 
     /// All reservations of a batch in four statements: lock every SKU they name, check and
     /// take stock in memory in the commands' order, then write the stock, the reservations
@@ -28,22 +78,18 @@ impl StepService for Inventory {
     async fn forward_all(
         &self,
         tx: &mut PgConnection,
-        commands: &[(Uuid, &Command)],
-    ) -> Result<Vec<StepOutcome>, HandlerError> {
-        let mut requests = Vec::with_capacity(commands.len());
-        for (saga_id, command) in commands {
-            let Command::ReserveStock {
-                order_id, items, ..
-            } = command
-            else {
-                return Err(unexpected(command));
-            };
-            let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-            for item in items {
-                *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
-            }
-            requests.push((*saga_id, *order_id, wanted));
-        }
+        requests: &[Request<'_, Reservation>],
+    ) -> Result<Vec<Result<(), StockRefusal>>, HandlerError> {
+        let requests: Vec<(Uuid, Uuid, BTreeMap<&str, i64>)> = requests
+            .iter()
+            .map(|request| {
+                let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+                for item in &request.payload.items {
+                    *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
+                }
+                (request.saga_id, request.payload.order_id, wanted)
+            })
+            .collect();
         let skus: Vec<String> = requests
             .iter()
             .flat_map(|(_, _, wanted)| wanted.keys().map(|sku| (*sku).to_owned()))
@@ -67,14 +113,16 @@ impl StepService for Inventory {
             let refusal = wanted
                 .iter()
                 .find_map(|(sku, quantity)| match available.get(*sku) {
-                    None => Some(format!("unknown SKU {sku}")),
-                    Some(have) if have < quantity => Some(format!(
-                        "insufficient stock for {sku}: {quantity} requested, {have} available"
-                    )),
+                    None => Some(StockRefusal::UnknownSku((*sku).to_owned())),
+                    Some(have) if have < quantity => Some(StockRefusal::Insufficient {
+                        sku: (*sku).to_owned(),
+                        requested: *quantity,
+                        available: *have,
+                    }),
                     Some(_) => None,
                 });
-            if let Some(reason) = refusal {
-                outcomes.push(StepOutcome::Refused(reason));
+            if let Some(refusal) = refusal {
+                outcomes.push(Err(refusal));
                 continue;
             }
             for (sku, quantity) in wanted {
@@ -85,7 +133,7 @@ impl StepService for Inventory {
                 lines.push((*order_id, (*sku).to_owned(), quantity));
             }
             reservations.push((*order_id, *saga_id));
-            outcomes.push(StepOutcome::Done);
+            outcomes.push(Ok(()));
         }
         if reservations.is_empty() {
             return Ok(outcomes);
@@ -129,12 +177,9 @@ impl StepService for Inventory {
     async fn compensate(
         &self,
         tx: &mut PgConnection,
-        _saga_id: Uuid,
-        command: &Command,
-    ) -> Result<StepOutcome, HandlerError> {
-        let Command::ReleaseStock { order_id, .. } = command else {
-            return Err(unexpected(command));
-        };
+        request: Request<'_, Release>,
+    ) -> Result<Result<(), StockRefusal>, HandlerError> {
+        let order_id = request.payload.order_id;
         let released = sqlx::query(
             "UPDATE reservations SET status = 'released', released_at = now() \
              WHERE order_id = $1 AND status = 'reserved'",
@@ -153,11 +198,6 @@ impl StepService for Inventory {
             .await?;
         }
         // Nothing reserved (the reservation never happened here): nothing to release.
-        Ok(StepOutcome::Done)
+        Ok(Ok(()))
     }
-}
-
-/// The runtime only routes this service's own commands here; anything else is a bug upstream.
-pub(crate) fn unexpected(command: &Command) -> HandlerError {
-    HandlerError::Reject(format!("unexpected command {}", command.type_name()))
 }

@@ -1,19 +1,22 @@
-//! The participants: one shared runtime ([`runtime`]) and the three services that do the
-//! order saga's steps ([`inventory`], [`payment`], [`shipping`]). Each service runs as its own
-//! process (`src/bin/*.rs`) with its own schema.
+//! The participant SDK ([`sdk`]: a typed [`sdk::Step`] per saga step, a [`sdk::Participant`]
+//! naming its steps and migrations, one generic [`sdk::main`]) and the three services that do
+//! the order saga's steps ([`inventory`], [`payment`], [`shipping`]). Each service runs as its
+//! own process (`src/bin/*.rs`) with its own schema.
 //!
-//! A service only says how to do and undo its step inside a transaction; the runtime does the
-//! rest: decoding, dedup, idempotency per (saga, step), refusing a forward command that comes
-//! after its compensation, replying through the outbox, dead-lettering what it cannot read.
+//! A service only says how to do and undo its steps inside a transaction; the runtime does the
+//! rest: decoding, dedup, idempotency per (saga key, step), refusing a forward command that
+//! comes after its compensation, replying through the outbox with the names the command
+//! carries, dead-lettering what it cannot read.
 
 pub mod config;
 pub mod inventory;
 pub mod payment;
-pub mod runtime;
+mod runtime;
+pub mod sdk;
 pub mod shipping;
 
 pub use config::ParticipantConfig;
-pub use runtime::{run, StepOutcome, StepService};
+pub use runtime::RUNTIME_MIGRATIONS;
 
 /// `127.0.0.1:port`, where a participant binary serves `/metrics` unless `METRICS_ADDR` says
 /// otherwise.

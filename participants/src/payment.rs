@@ -1,27 +1,72 @@
-//! Payment: charges the customer's balance for the order total and refunds it.
+//! Payment: charges the customer's balance for the order total and refunds it. It serves the
+//! order saga's `charge_payment` step.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
-use events::{Command, Participant};
 use messaging::consumer::HandlerError;
 use messaging::db::column;
+use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::inventory::unexpected;
-use crate::{StepOutcome, StepService};
+use crate::sdk::{Participant, Request, Step};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/payment");
 
-pub struct Payment;
+/// The payment participant: its tables and its one step.
+pub fn participant() -> Participant {
+    Participant::new("payment", &MIGRATIONS)
+        .metrics_port(9182)
+        .step(ChargePayment)
+}
 
-impl StepService for Payment {
-    const PARTICIPANT: Participant = Participant::Payment;
+/// `charge_payment`: debits the customer's balance by the order total.
+pub struct ChargePayment;
 
-    fn migrations() -> &'static Migrator {
-        &MIGRATIONS
+/// What `ChargePayment` carries.
+#[derive(Debug, Deserialize)]
+pub struct Charge {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// What `RefundPayment` carries.
+#[derive(Debug, Deserialize)]
+pub struct Refund {
+    pub order_id: Uuid,
+}
+
+/// Why a payment was declined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Declined {
+    UnknownCustomer(String),
+    OtherCurrency { account: String, order: String },
+    InsufficientFunds { balance: i64, amount: i64 },
+}
+
+impl fmt::Display for Declined {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownCustomer(customer) => write!(f, "unknown customer {customer}"),
+            Self::OtherCurrency { account, order } => {
+                write!(f, "the account is in {account}, the order in {order}")
+            }
+            Self::InsufficientFunds { balance, amount } => {
+                write!(f, "insufficient funds: balance {balance}, amount {amount}")
+            }
+        }
     }
+}
+
+impl Step for ChargePayment {
+    const STEP: &'static str = "charge_payment";
+    type Forward = Charge;
+    type Compensation = Refund;
+    type Failure = Declined;
 
     /// All charges of a batch in three statements: lock every account they name, check and
     /// debit the balances in memory in the commands' order, then write the balances and the
@@ -29,22 +74,21 @@ impl StepService for Payment {
     async fn forward_all(
         &self,
         tx: &mut PgConnection,
-        commands: &[(Uuid, &Command)],
-    ) -> Result<Vec<StepOutcome>, HandlerError> {
-        let mut charges = Vec::with_capacity(commands.len());
-        for (saga_id, command) in commands {
-            let Command::ChargePayment {
-                order_id,
-                customer_id,
-                amount_cents,
-                currency,
-                ..
-            } = command
-            else {
-                return Err(unexpected(command));
-            };
-            charges.push((*saga_id, *order_id, customer_id, *amount_cents, currency));
-        }
+        requests: &[Request<'_, Charge>],
+    ) -> Result<Vec<Result<(), Declined>>, HandlerError> {
+        let charges: Vec<(Uuid, Uuid, &String, i64, &String)> = requests
+            .iter()
+            .map(|r| {
+                let charge = r.payload;
+                (
+                    r.saga_id,
+                    charge.order_id,
+                    &charge.customer_id,
+                    charge.amount_cents,
+                    &charge.currency,
+                )
+            })
+            .collect();
         let customers: Vec<&str> = charges
             .iter()
             .map(|c| c.2.as_str())
@@ -66,19 +110,23 @@ impl StepService for Payment {
         let mut charged = Vec::new();
         for (saga_id, order_id, customer_id, amount_cents, currency) in &charges {
             let outcome = match accounts.get_mut(customer_id.as_str()) {
-                None => StepOutcome::Refused(format!("unknown customer {customer_id}")),
+                None => Err(Declined::UnknownCustomer((*customer_id).clone())),
                 Some((_, account_currency)) if account_currency != *currency => {
-                    StepOutcome::Refused(format!(
-                        "the account is in {account_currency}, the order in {currency}"
-                    ))
+                    Err(Declined::OtherCurrency {
+                        account: account_currency.clone(),
+                        order: (*currency).clone(),
+                    })
                 }
-                Some((balance, _)) if *balance < *amount_cents => StepOutcome::Refused(format!(
-                    "insufficient funds: balance {balance}, amount {amount_cents}"
-                )),
+                Some((balance, _)) if *balance < *amount_cents => {
+                    Err(Declined::InsufficientFunds {
+                        balance: *balance,
+                        amount: *amount_cents,
+                    })
+                }
                 Some((balance, _)) => {
                     *balance -= amount_cents;
                     charged.push((*order_id, *saga_id, *customer_id, *amount_cents, *currency));
-                    StepOutcome::Done
+                    Ok(())
                 }
             };
             outcomes.push(outcome);
@@ -120,12 +168,9 @@ impl StepService for Payment {
     async fn compensate(
         &self,
         tx: &mut PgConnection,
-        _saga_id: Uuid,
-        command: &Command,
-    ) -> Result<StepOutcome, HandlerError> {
-        let Command::RefundPayment { order_id, .. } = command else {
-            return Err(unexpected(command));
-        };
+        request: Request<'_, Refund>,
+    ) -> Result<Result<(), Declined>, HandlerError> {
+        let order_id = request.payload.order_id;
         let refunded: Option<(String, i64)> = sqlx::query_as(
             "UPDATE payments SET status = 'refunded', refunded_at = now() \
              WHERE order_id = $1 AND status = 'charged' RETURNING customer_id, amount_cents",
@@ -143,6 +188,6 @@ impl StepService for Payment {
             .await?;
         }
         // No charge (it never happened here): nothing to refund.
-        Ok(StepOutcome::Done)
+        Ok(Ok(()))
     }
 }

@@ -1,27 +1,29 @@
-//! The participant runtime: everything a participant needs besides its business logic.
+//! The participant runtime: everything a participant needs besides its business logic (the
+//! [`Step`](crate::sdk::Step) impls it serves).
 //!
 //! For each command, in one transaction:
-//! 1. decode the envelope (or dead-letter the record) and check the command is for us;
+//! 1. decode the envelope and the payload into the typed request of the step it names (or
+//!    dead-letter the record: unreadable, a step this participant does not serve, a payload
+//!    that does not fit);
 //! 2. record the message id in the inbox (a redelivery stops here);
-//! 3. claim the (order, step) row of the step ledger and decide:
-//!    - forward, first time: run the service's step and remember its outcome;
+//! 3. claim the (saga key, step) row of the step ledger and decide:
+//!    - forward, first time: run the step and remember its outcome;
 //!    - forward again (a retry with a new attempt): answer the remembered outcome, do nothing;
 //!    - forward after the step was compensated: refuse — the saga has moved on;
-//!    - compensate: run the service's compensation once, even when the forward step never
-//!      happened here (it must then succeed doing nothing), and leave a tombstone;
+//!    - compensate: run the compensation once, even when the forward step never happened here
+//!      (it must then succeed doing nothing), and leave a tombstone;
 //!    - compensate again: answer that it is done;
-//! 4. write the reply to the outbox.
+//! 4. write the reply to the outbox, named as the command said (its `replies`).
 //!
 //! A batch of commands shares the runtime's statements: one records every delivery in the
-//! inbox, one claims every ledger row, one writes every ledger change; only the service's
-//! own steps run per command.
+//! inbox, one claims every ledger row, one writes every ledger change; only the steps run per
+//! command (each step's due forward requests together).
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::Utc;
-use events::{Action, Command, Envelope, Participant, Reply, Topics};
+use events::{Action, Command, Envelope, Reply, Topics};
 use messaging::consumer::{DeadLetters, Handler, HandlerError, Record};
 use messaging::db::column;
 use messaging::outbox::{Outbox, OutgoingMessage};
@@ -31,68 +33,36 @@ use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use uuid::Uuid;
 
+use crate::sdk::{Decoded, DecodedRequest, Participant, ServedStep, StepOutcome};
 use crate::ParticipantConfig;
 
 /// The runtime's own table, the step ledger.
 pub static RUNTIME_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/participant");
 
-/// How a step or compensation went, in business terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepOutcome {
-    Done,
-    /// Refused for a business reason; the service changed nothing.
-    Refused(String),
-}
-
-/// A participant's business logic. Both methods run inside the runtime's transaction and
-/// must only touch the service's own tables.
-pub trait StepService: Send + Sync {
-    /// Which commands this service takes.
-    const PARTICIPANT: Participant;
-
-    /// The service's own tables (and demo data).
-    fn migrations() -> &'static Migrator;
-
-    /// Does the forward steps of `commands`, each `(saga id, command)`, as if one after the
-    /// other in this order (a later one sees what an earlier one took), and returns their
-    /// outcomes in the same order. The runtime hands over every forward step of a batch that
-    /// is due at once, so a service can do them in a few statements, not a few per command.
-    fn forward_all(
-        &self,
-        tx: &mut PgConnection,
-        commands: &[(Uuid, &Command)],
-    ) -> impl Future<Output = Result<Vec<StepOutcome>, HandlerError>> + Send;
-
-    /// Undoes the step of `command`. Must succeed, doing nothing, when there is nothing to
-    /// undo (the forward step never ran here). `Refused` means it cannot be undone.
-    fn compensate(
-        &self,
-        tx: &mut PgConnection,
-        saga_id: Uuid,
-        command: &Command,
-    ) -> impl Future<Output = Result<StepOutcome, HandlerError>> + Send;
-}
-
-/// Runs `service` until `shutdown` is cancelled.
-///
-/// # Errors
-/// Start-up failures: database, migrations, Kafka configuration.
-pub async fn run<S: StepService + 'static>(
-    service: S,
+/// Runs `participant` (already checked) until `shutdown` is cancelled.
+pub(crate) async fn run(
+    participant: Participant,
     config: ParticipantConfig,
     shutdown: CancellationToken,
 ) -> messaging::Result<()> {
-    let name = S::PARTICIPANT.as_str();
+    let name = participant.name;
     let (pool, schema) = db::open(
         &config.database,
         name,
-        &[&RUNTIME_MIGRATIONS, S::migrations()],
+        &[&RUNTIME_MIGRATIONS, participant.migrations],
     )
     .await?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
-    kafka::ensure_topics(&config.kafka, &topics.all()).await?;
+    let command_topic = topics.named(
+        &config
+            .command_topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}.commands")),
+    );
+    let mut created = topics.engine();
+    created.push(command_topic.clone());
+    kafka::ensure_topics(&config.kafka, &created).await?;
     let pipeline = Pipeline {
         kafka: config.kafka.clone(),
         relay: config.relay.clone(),
@@ -102,14 +72,19 @@ pub async fn run<S: StepService + 'static>(
             .group
             .clone()
             .unwrap_or_else(|| format!("{}{name}", topics.prefix())),
-        topics: vec![topics.commands(S::PARTICIPANT)],
+        topics: vec![command_topic.clone()],
         dead_letters: DeadLetters {
             topic: topics.dead_letters(),
             consumer: name.into(),
         },
         faults: config.faults.clone(),
     };
-    tracing::info!(service = name, "participant started");
+    tracing::info!(
+        service = name,
+        topic = %command_topic,
+        steps = ?participant.step_names(),
+        "participant started"
+    );
     if config.fault_compensation_failures > 0 {
         tracing::warn!(
             count = config.fault_compensation_failures,
@@ -117,7 +92,8 @@ pub async fn run<S: StepService + 'static>(
         );
     }
     let handler = ParticipantHandler {
-        service,
+        name,
+        steps: participant.steps,
         topics,
         injected_compensation_failures: AtomicU32::new(config.fault_compensation_failures),
     };
@@ -140,17 +116,18 @@ pub async fn run<S: StepService + 'static>(
     result
 }
 
-struct ParticipantHandler<S> {
-    service: S,
+struct ParticipantHandler {
+    name: &'static str,
+    steps: Vec<Box<dyn ServedStep>>,
     topics: Topics,
     /// Compensations still to refuse (fault injection).
     injected_compensation_failures: AtomicU32,
 }
 
-/// An (order, step) row of the ledger, locked for this transaction.
+/// A (saga key, step) row of the ledger, locked for this transaction.
 #[derive(sqlx::FromRow)]
 struct LedgerEntry {
-    order_id: Uuid,
+    saga_key: String,
     step: String,
     forward_outcome: Option<String>,
     refusal_reason: Option<String>,
@@ -168,26 +145,106 @@ enum LedgerWrite {
 struct Delivered<'a> {
     record: &'a Record,
     envelope: Envelope<Command>,
+    /// Index of the step it is for, in the participant's steps.
+    step: usize,
+    payload: Decoded,
 }
 
 impl Delivered<'_> {
-    fn ledger_key(&self) -> (Uuid, &'static str) {
-        let command = &self.envelope.body;
-        (command.order_id(), command.step().as_str())
+    fn command(&self) -> &Command {
+        &self.envelope.body
+    }
+
+    fn ledger_key(&self) -> (&str, &str) {
+        let command = self.command();
+        (&command.key, &command.step)
+    }
+
+    fn request(&self) -> DecodedRequest<'_> {
+        let command = self.command();
+        DecodedRequest {
+            saga_id: self.envelope.saga_id,
+            key: &command.key,
+            attempt: command.attempt,
+            payload: &self.payload,
+        }
     }
 }
 
-impl<S: StepService> ParticipantHandler<S> {
-    fn take_injected_failure(&self) -> bool {
-        self.injected_compensation_failures
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
+/// The reply that says `command` was refused (or could not be undone) for `reason`. A command
+/// that names no failure reply cannot be refused: the definition says the step always
+/// succeeds, so the record is dead-lettered with the reason rather than answered wrongly.
+fn refusal(command: &Command, reason: &str) -> Result<Reply, HandlerError> {
+    Reply::failed(command, reason).ok_or_else(|| {
+        HandlerError::Reject(format!(
+            "{} ({} of step {}) was refused ({reason}), but the command names no failure reply",
+            command.name,
+            command.action.as_str(),
+            command.step
+        ))
+    })
+}
+
+fn reply_for(command: &Command, outcome: &StepOutcome) -> Result<Reply, HandlerError> {
+    match outcome {
+        StepOutcome::Done => Ok(Reply::succeeded(command)),
+        StepOutcome::Refused(reason) => refusal(command, reason),
+    }
+}
+
+/// What the ledger says is due for a command.
+enum Due {
+    /// Nothing to run: this is the answer.
+    Answer(Reply, LedgerWrite),
+    Forward,
+    Compensate,
+}
+
+impl ParticipantHandler {
+    /// Finds the step `command` is for, and decodes its payload into that step's request.
+    fn route(&self, command: &Command) -> Result<(usize, Decoded), HandlerError> {
+        let Some(index) = self.steps.iter().position(|s| s.name() == command.step) else {
+            let served: Vec<&str> = self.steps.iter().map(|s| s.name()).collect();
+            return Err(HandlerError::Reject(format!(
+                "{} is for step {}, which {} does not serve (it serves {})",
+                command.name,
+                command.step,
+                self.name,
+                served.join(", ")
+            )));
+        };
+        let compensation = command.action == Action::Compensate;
+        let payload = self.steps[index]
+            .decode(compensation, &command.payload)
+            .map_err(|e| {
+                HandlerError::Reject(format!(
+                    "the payload of {} does not fit the {} request of step {}: {e}",
+                    command.name,
+                    if compensation {
+                        "compensation"
+                    } else {
+                        "forward"
+                    },
+                    command.step
+                ))
+            })?;
+        Ok((index, payload))
+    }
+
+    /// Refuses the next compensation while injected failures are left, if the command can be
+    /// refused at all.
+    fn take_injected_failure(&self, command: &Command) -> bool {
+        command.replies.failure.is_some()
+            && self
+                .injected_compensation_failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
     }
 
     /// What the ledger says to do with `command`: answer from it, or run the step or its
     /// compensation.
-    fn decide(&self, command: &Command, entry: LedgerEntry) -> Due {
-        match command.action() {
+    fn decide(&self, command: &Command, entry: LedgerEntry) -> Result<Due, HandlerError> {
+        Ok(match command.action {
             Action::Forward if entry.compensated => {
                 let reason = "the step was already compensated; a forward command after its compensation is refused";
                 // Remember the refusal unless the step had run before its compensation.
@@ -196,28 +253,29 @@ impl<S: StepService> ParticipantHandler<S> {
                 } else {
                     LedgerWrite::Nothing
                 };
-                Due::Answer(Reply::refused(command, reason), write)
+                Due::Answer(refusal(command, reason)?, write)
             }
             Action::Forward => match entry.forward_outcome.as_deref() {
-                Some("succeeded") => Due::Answer(Reply::done(command), LedgerWrite::Nothing),
+                Some("succeeded") => Due::Answer(Reply::succeeded(command), LedgerWrite::Nothing),
                 Some(_) => Due::Answer(
-                    Reply::refused(command, entry.refusal_reason.unwrap_or_default()),
+                    refusal(command, entry.refusal_reason.as_deref().unwrap_or_default())?,
                     LedgerWrite::Nothing,
                 ),
                 None => Due::Forward,
             },
             Action::Compensate if entry.compensated => {
-                Due::Answer(Reply::done(command), LedgerWrite::Nothing)
+                Due::Answer(Reply::succeeded(command), LedgerWrite::Nothing)
             }
-            Action::Compensate if self.take_injected_failure() => Due::Answer(
-                Reply::refused(command, "injected fault: compensation refused"),
+            Action::Compensate if self.take_injected_failure(command) => Due::Answer(
+                refusal(command, "injected fault: compensation refused")?,
                 LedgerWrite::Nothing,
             ),
             Action::Compensate => Due::Compensate,
-        }
+        })
     }
 
-    /// Runs the forward steps of `commands[due]` together, and stores their answers.
+    /// Runs the forward steps of `commands[due]`, each step's requests together in their
+    /// order, and stores their answers.
     async fn run_forwards(
         &self,
         tx: &mut PgConnection,
@@ -225,35 +283,38 @@ impl<S: StepService> ParticipantHandler<S> {
         due: &mut Vec<usize>,
         answers: &mut [Option<(Reply, LedgerWrite)>],
     ) -> Result<(), HandlerError> {
-        if due.is_empty() {
-            return Ok(());
+        let mut by_step: Vec<(usize, Vec<usize>)> = Vec::new();
+        for i in due.drain(..) {
+            let step = commands[i].step;
+            match by_step.iter_mut().find(|(s, _)| *s == step) {
+                Some((_, indexes)) => indexes.push(i),
+                None => by_step.push((step, vec![i])),
+            }
         }
-        let steps: Vec<(Uuid, &Command)> = due
-            .iter()
-            .map(|&i| (commands[i].envelope.saga_id, &commands[i].envelope.body))
-            .collect();
-        let outcomes = self.service.forward_all(tx, &steps).await?;
-        if outcomes.len() != steps.len() {
-            return Err(HandlerError::Reject(format!(
-                "{} outcomes for {} steps",
-                outcomes.len(),
-                steps.len()
-            )));
-        }
-        for (i, outcome) in due.drain(..).zip(outcomes) {
-            let command = &commands[i].envelope.body;
-            answers[i] = Some((
-                reply_for(command, outcome.clone()),
-                LedgerWrite::Forward(outcome),
-            ));
+        for (step, indexes) in by_step {
+            let requests: Vec<DecodedRequest<'_>> =
+                indexes.iter().map(|&i| commands[i].request()).collect();
+            let outcomes = self.steps[step].forward_all(tx, &requests).await?;
+            if outcomes.len() != requests.len() {
+                return Err(HandlerError::Reject(format!(
+                    "step {} answered {} of {} requests",
+                    self.steps[step].name(),
+                    outcomes.len(),
+                    requests.len()
+                )));
+            }
+            for (i, outcome) in indexes.into_iter().zip(outcomes) {
+                let reply = reply_for(commands[i].command(), &outcome)?;
+                answers[i] = Some((reply, LedgerWrite::Forward(outcome)));
+            }
         }
         Ok(())
     }
 
-    /// Handles `commands`, first deliveries with distinct (order, step), in order: claims
+    /// Handles `commands`, first deliveries with distinct (saga key, step), in order: claims
     /// their ledger rows in one statement, runs the steps that are due (consecutive forward
-    /// steps together, each compensation in its turn), then writes the ledger changes in one
-    /// statement and queues the replies.
+    /// requests together, each compensation in its turn), then writes the ledger changes in
+    /// one statement and queues the replies.
     async fn handle_commands(
         &self,
         tx: &mut PgConnection,
@@ -266,26 +327,29 @@ impl<S: StepService> ParticipantHandler<S> {
             .collect();
         let mut forwards = Vec::new();
         for (i, (delivered, entry)) in commands.iter().zip(entries).enumerate() {
-            let Delivered { record, envelope } = delivered;
-            let command = &envelope.body;
-            match record.span.in_scope(|| self.decide(command, entry)) {
+            let command = delivered.command();
+            match delivered
+                .record
+                .span
+                .in_scope(|| self.decide(command, entry))?
+            {
                 Due::Answer(reply, write) => answers[i] = Some((reply, write)),
                 Due::Forward => forwards.push(i),
                 Due::Compensate => {
                     // The forward steps before it go first, as they came.
                     self.run_forwards(tx, commands, &mut forwards, &mut answers)
                         .await?;
-                    let outcome = self
-                        .service
-                        .compensate(tx, envelope.saga_id, command)
-                        .instrument(record.span.clone())
+                    let request = delivered.request();
+                    let outcome = self.steps[delivered.step]
+                        .compensate(tx, &request)
+                        .instrument(delivered.record.span.clone())
                         .await?;
                     let write = if outcome == StepOutcome::Done {
                         LedgerWrite::Compensated
                     } else {
                         LedgerWrite::Nothing
                     };
-                    answers[i] = Some((reply_for(command, outcome), write));
+                    answers[i] = Some((reply_for(command, &outcome)?, write));
                 }
             }
         }
@@ -293,21 +357,23 @@ impl<S: StepService> ParticipantHandler<S> {
             .await?;
         let mut writes = Vec::with_capacity(commands.len());
         for (delivered, answer) in commands.iter().zip(answers) {
-            let Delivered { record, envelope } = delivered;
+            let Delivered {
+                record, envelope, ..
+            } = delivered;
             let command = &envelope.body;
             let Some((reply, write)) = answer else {
                 return Err(HandlerError::Reject(format!(
                     "no answer to {}",
-                    command.type_name()
+                    command.name
                 )));
             };
             writes.push((delivered.ledger_key(), write));
             record.span.in_scope(|| {
                 tracing::info!(
                     saga_id = %envelope.saga_id,
-                    command = command.type_name(),
-                    attempt = command.attempt(),
-                    reply = reply.type_name(),
+                    command = %command.name,
+                    attempt = command.attempt,
+                    reply = %reply.name,
                     "command handled"
                 );
                 let reply = Envelope::new(
@@ -318,7 +384,7 @@ impl<S: StepService> ParticipantHandler<S> {
                 );
                 outbox.push(OutgoingMessage::new(
                     self.topics.replies(),
-                    command.order_id().to_string(),
+                    command.key.clone(),
                     reply.to_json(),
                 ));
             });
@@ -327,17 +393,9 @@ impl<S: StepService> ParticipantHandler<S> {
     }
 }
 
-/// What the ledger says is due for a command.
-enum Due {
-    /// Nothing to run: this is the answer.
-    Answer(Reply, LedgerWrite),
-    Forward,
-    Compensate,
-}
-
-impl<S: StepService> Handler for ParticipantHandler<S> {
-    /// The batch's inbox rows in one statement, then its commands in runs whose (order, step)
-    /// are distinct (a step's row is claimed and written once per statement).
+impl Handler for ParticipantHandler {
+    /// The batch's inbox rows in one statement, then its commands in runs whose (saga key,
+    /// step) are distinct (a step's row is claimed and written once per statement).
     async fn handle_batch(
         &self,
         tx: &mut PgConnection,
@@ -348,20 +406,14 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
         for record in records {
             let envelope = Envelope::<Command>::from_json(&record.payload)
                 .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
-            let command = &envelope.body;
-            record.describe(
-                envelope.saga_id,
-                command.step().as_str(),
-                envelope.message_id,
-            );
-            if Participant::for_step(command.step()) != S::PARTICIPANT {
-                return Err(HandlerError::Reject(format!(
-                    "{} is not a command for {}",
-                    command.type_name(),
-                    S::PARTICIPANT.as_str()
-                )));
-            }
-            commands.push(Delivered { record, envelope });
+            record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
+            let (step, payload) = self.route(&envelope.body)?;
+            commands.push(Delivered {
+                record,
+                envelope,
+                step,
+                payload,
+            });
         }
         let fresh =
             inbox::keep_first_deliveries(tx, commands, |c| (c.envelope.message_id, &c.record.span))
@@ -381,17 +433,10 @@ impl<S: StepService> Handler for ParticipantHandler<S> {
     }
 }
 
-fn reply_for(command: &Command, outcome: StepOutcome) -> Reply {
-    match outcome {
-        StepOutcome::Done => Reply::done(command),
-        StepOutcome::Refused(reason) => Reply::refused(command, reason),
-    }
-}
-
-/// Creates the ledger rows of the commands' (order, step) where missing and locks them, in
-/// (order, step) order so that two transactions cannot deadlock over them, so concurrent
-/// commands for one step of one order (possible while partitions move between instances)
-/// take turns. One statement: the upsert locks the rows it finds and returns them. Returns the
+/// Creates the ledger rows of the commands' (saga key, step) where missing and locks them, in
+/// (key, step) order so that two transactions cannot deadlock over them, so concurrent
+/// commands for one step of one saga (possible while partitions move between instances) take
+/// turns. One statement: the upsert locks the rows it finds and returns them. Returns the
 /// entries in the commands' order.
 async fn claim_ledger_entries(
     tx: &mut PgConnection,
@@ -401,12 +446,12 @@ async fn claim_ledger_entries(
         return Ok(Vec::new());
     }
     let rows: Vec<LedgerEntry> = sqlx::query_as(
-        "INSERT INTO step_ledger (order_id, saga_id, step) \
-         SELECT order_id, saga_id, step FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) \
-              AS c(order_id, saga_id, step) \
-         ORDER BY order_id, step \
-         ON CONFLICT (order_id, step) DO UPDATE SET saga_id = step_ledger.saga_id \
-         RETURNING order_id, step, forward_outcome, refusal_reason, \
+        "INSERT INTO step_ledger (saga_key, saga_id, step) \
+         SELECT saga_key, saga_id, step FROM UNNEST($1::text[], $2::uuid[], $3::text[]) \
+              AS c(saga_key, saga_id, step) \
+         ORDER BY saga_key, step \
+         ON CONFLICT (saga_key, step) DO UPDATE SET saga_id = step_ledger.saga_id \
+         RETURNING saga_key, step, forward_outcome, refusal_reason, \
                    compensated_at IS NOT NULL AS compensated",
     )
     .bind(column(commands, |c| c.ledger_key().0))
@@ -414,25 +459,25 @@ async fn claim_ledger_entries(
     .bind(column(commands, |c| c.ledger_key().1))
     .fetch_all(&mut *tx)
     .await?;
-    let mut entries: HashMap<(Uuid, String), LedgerEntry> = rows
+    let mut entries: HashMap<(String, String), LedgerEntry> = rows
         .into_iter()
-        .map(|entry| ((entry.order_id, entry.step.clone()), entry))
+        .map(|entry| ((entry.saga_key.clone(), entry.step.clone()), entry))
         .collect();
     commands
         .iter()
         .map(|c| {
-            let (order_id, step) = c.ledger_key();
+            let (key, step) = c.ledger_key();
             entries
-                .remove(&(order_id, step.to_owned()))
-                .ok_or_else(|| HandlerError::Retry(format!("no ledger row for {order_id}/{step}")))
+                .remove(&(key.to_owned(), step.to_owned()))
+                .ok_or_else(|| HandlerError::Retry(format!("no ledger row for {key}/{step}")))
         })
         .collect()
 }
 
-/// Writes the ledger changes of a batch, at most one per (order, step), in one statement.
+/// Writes the ledger changes of a batch, at most one per (saga key, step), in one statement.
 async fn write_ledger(
     tx: &mut PgConnection,
-    writes: &[((Uuid, &'static str), LedgerWrite)],
+    writes: &[((&str, &str), LedgerWrite)],
 ) -> Result<(), HandlerError> {
     let writes: Vec<_> = writes
         .iter()
@@ -457,11 +502,11 @@ async fn write_ledger(
                                    THEN step_ledger.refusal_reason ELSE w.refusal_reason END, \
              compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END, \
              updated_at = now() \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[]) \
-              AS w(order_id, step, forward_outcome, refusal_reason, compensated) \
-         WHERE step_ledger.order_id = w.order_id AND step_ledger.step = w.step",
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[]) \
+              AS w(saga_key, step, forward_outcome, refusal_reason, compensated) \
+         WHERE step_ledger.saga_key = w.saga_key AND step_ledger.step = w.step",
     )
-    .bind(column(&writes, |((order_id, _), _)| *order_id))
+    .bind(column(&writes, |((key, _), _)| *key))
     .bind(column(&writes, |((_, step), _)| *step))
     .bind(column(&writes, |(_, w)| outcome(w).0))
     .bind(column(&writes, |(_, w)| outcome(w).1))

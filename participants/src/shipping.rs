@@ -1,20 +1,29 @@
-//! Shipping: schedules the shipment unless the destination country is on the deny-list. It is
-//! the saga's last step, so it is never compensated.
+//! Shipping: schedules the shipment unless the destination country is on the deny-list. It
+//! serves the order saga's `schedule_shipment` step, the saga's pivot, so it is never
+//! compensated.
 
 use std::collections::BTreeSet;
 
 use clap::Args;
-use events::{Command, Participant};
+use events::{Address, LineItem};
 use messaging::consumer::HandlerError;
 use messaging::db::column;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::inventory::unexpected;
-use crate::{StepOutcome, StepService};
+use crate::sdk::{Participant, Request, Step};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/shipping");
+
+/// The shipping participant: its tables and its one step, with its deny-list from `config`.
+pub fn participant(config: &ShippingConfig) -> Participant {
+    Participant::new("shipping", &MIGRATIONS)
+        .metrics_port(9183)
+        .step(ScheduleShipment::new(config))
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct ShippingConfig {
@@ -28,11 +37,12 @@ pub struct ShippingConfig {
     pub denied_countries: Vec<String>,
 }
 
-pub struct Shipping {
+/// `schedule_shipment`: records the shipment.
+pub struct ScheduleShipment {
     denied: BTreeSet<String>,
 }
 
-impl Shipping {
+impl ScheduleShipment {
     pub fn new(config: &ShippingConfig) -> Self {
         Self {
             denied: config
@@ -45,40 +55,62 @@ impl Shipping {
     }
 }
 
-impl StepService for Shipping {
-    const PARTICIPANT: Participant = Participant::Shipping;
+/// What `ScheduleShipment` carries.
+#[derive(Debug, Deserialize)]
+pub struct Shipment {
+    pub order_id: Uuid,
+    pub address: Address,
+    pub items: Vec<LineItem>,
+}
 
-    fn migrations() -> &'static Migrator {
-        &MIGRATIONS
+/// Why a shipment was not scheduled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShipmentRefusal {
+    DeniedCountry(String),
+    /// Asked to undo a shipment, which cannot be undone.
+    NoCompensation,
+}
+
+impl std::fmt::Display for ShipmentRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DeniedCountry(country) => {
+                write!(f, "destination country {country} is on the deny-list")
+            }
+            Self::NoCompensation => f.write_str(
+                "schedule_shipment has no compensation: a scheduled shipment cannot be undone",
+            ),
+        }
     }
+}
+
+impl Step for ScheduleShipment {
+    const STEP: &'static str = "schedule_shipment";
+    type Forward = Shipment;
+    /// Whatever it is: there is nothing to undo with it.
+    type Compensation = IgnoredAny;
+    type Failure = ShipmentRefusal;
 
     /// All shipments of a batch in one statement, but those to a denied country.
     async fn forward_all(
         &self,
         tx: &mut PgConnection,
-        commands: &[(Uuid, &Command)],
-    ) -> Result<Vec<StepOutcome>, HandlerError> {
-        let mut outcomes = Vec::with_capacity(commands.len());
+        requests: &[Request<'_, Shipment>],
+    ) -> Result<Vec<Result<(), ShipmentRefusal>>, HandlerError> {
+        let mut outcomes = Vec::with_capacity(requests.len());
         let mut shipments = Vec::new();
-        for (saga_id, command) in commands {
-            let Command::ScheduleShipment {
+        for request in requests {
+            let Shipment {
                 order_id,
                 address,
                 items,
-                ..
-            } = command
-            else {
-                return Err(unexpected(command));
-            };
+            } = request.payload;
             if self.denied.contains(&address.country) {
-                outcomes.push(StepOutcome::Refused(format!(
-                    "destination country {} is on the deny-list",
-                    address.country
-                )));
+                outcomes.push(Err(ShipmentRefusal::DeniedCountry(address.country.clone())));
                 continue;
             }
-            shipments.push((*order_id, *saga_id, address, items));
-            outcomes.push(StepOutcome::Done);
+            shipments.push((*order_id, request.saga_id, address, items));
+            outcomes.push(Ok(()));
         }
         if shipments.is_empty() {
             return Ok(outcomes);
@@ -105,12 +137,8 @@ impl StepService for Shipping {
     async fn compensate(
         &self,
         _tx: &mut PgConnection,
-        _saga_id: Uuid,
-        command: &Command,
-    ) -> Result<StepOutcome, HandlerError> {
-        Ok(StepOutcome::Refused(format!(
-            "{} has no compensation: shipping is the last step",
-            command.type_name()
-        )))
+        _request: Request<'_, IgnoredAny>,
+    ) -> Result<Result<(), ShipmentRefusal>, HandlerError> {
+        Ok(Err(ShipmentRefusal::NoCompensation))
     }
 }

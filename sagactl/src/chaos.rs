@@ -620,7 +620,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &args.brokers)
             .create()?;
-        let names = topics.all();
+        // The order saga's topics: its trigger, the engine's, the participants' commands.
+        let mut names = vec![topics.orders()];
+        names.extend(topics.engine());
+        names.extend(
+            ["inventory", "payment", "shipping"].map(|p| topics.named(&format!("{p}.commands"))),
+        );
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
             eprintln!("deleting the run's topics failed: {e}");

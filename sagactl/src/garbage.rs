@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::ValueEnum;
-use events::{Address, Command, Envelope, LineItem, OrderPlaced, Participant, Reply, Topics};
+use events::{
+    Action, Address, Command, Envelope, LineItem, OrderPlaced, Reply, ReplyNames, Topics,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -31,7 +33,10 @@ pub enum GarbageKind {
     InvalidUtf8,
     /// The first half of a valid message.
     TruncatedJson,
-    /// A valid message whose `type` is `OrderCancelled` (on `orders`: an `OrderPlaced`).
+    /// A valid message whose `type` is `OrderCancelled` (on `orders`: an `OrderPlaced`). Commands
+    /// and replies are generic, named by the saga definitions, so there the message is also
+    /// of a kind nobody knows: a command for a step `cancel_order` that no participant serves,
+    /// a reply with the outcome `cancelled`.
     UnknownType,
     /// A valid message without its `type`.
     MissingType,
@@ -66,6 +71,26 @@ const HUGE_PAYLOAD_BYTES: usize = 1_040_000;
 /// Size of the [`GarbageKind::HugeHeader`] record's `tracestate`.
 const HUGE_HEADER_BYTES: usize = 200 * 1024;
 
+/// A participant of the order saga and the step it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Participant {
+    name: &'static str,
+    step: &'static str,
+}
+
+const INVENTORY: Participant = Participant {
+    name: "inventory",
+    step: "reserve_stock",
+};
+const PAYMENT: Participant = Participant {
+    name: "payment",
+    step: "charge_payment",
+};
+const SHIPPING: Participant = Participant {
+    name: "shipping",
+    step: "schedule_shipment",
+};
+
 /// The consumed topics, in the order the garbage visits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -76,9 +101,9 @@ enum Target {
 
 const TARGETS: [Target; 5] = [
     Target::Orders,
-    Target::Commands(Participant::Inventory),
-    Target::Commands(Participant::Payment),
-    Target::Commands(Participant::Shipping),
+    Target::Commands(INVENTORY),
+    Target::Commands(PAYMENT),
+    Target::Commands(SHIPPING),
     Target::Replies,
 ];
 
@@ -86,7 +111,7 @@ impl Target {
     fn topic(self, topics: &Topics) -> String {
         match self {
             Self::Orders => topics.orders(),
-            Self::Commands(participant) => topics.commands(participant),
+            Self::Commands(participant) => topics.named(&format!("{}.commands", participant.name)),
             Self::Replies => topics.replies(),
         }
     }
@@ -95,7 +120,7 @@ impl Target {
     fn group(self, prefix: &str) -> String {
         match self {
             Self::Orders | Self::Replies => format!("{prefix}orchestrator"),
-            Self::Commands(participant) => format!("{prefix}{}", participant.as_str()),
+            Self::Commands(participant) => format!("{prefix}{}", participant.name),
         }
     }
 }
@@ -127,27 +152,53 @@ fn order(order_id: Uuid) -> OrderPlaced {
     }
 }
 
-/// The command `participant` takes for the forward step, for `order_id`.
+/// The forward command of `participant`'s step for `order_id`, as the order saga sends it.
 fn command_for(participant: Participant, order_id: Uuid) -> Command {
     let order = order(order_id);
-    match participant {
-        Participant::Inventory => Command::ReserveStock {
-            order_id,
-            attempt: 1,
-            items: order.items,
+    let (name, success, failure, payload) = match participant.name {
+        "inventory" => (
+            "ReserveStock",
+            "StockReserved",
+            "StockUnavailable",
+            json!({ "order_id": order_id, "items": order.items }),
+        ),
+        "payment" => (
+            "ChargePayment",
+            "PaymentCharged",
+            "PaymentDeclined",
+            json!({
+                "order_id": order_id,
+                "customer_id": order.customer_id,
+                "amount_cents": order.total_cents,
+                "currency": order.currency,
+            }),
+        ),
+        _ => (
+            "ScheduleShipment",
+            "ShipmentScheduled",
+            "ShipmentRejected",
+            json!({
+                "order_id": order_id,
+                "address": order.shipping_address,
+                "items": order.items,
+            }),
+        ),
+    };
+    Command {
+        name: name.into(),
+        saga_type: "order".into(),
+        saga_version: 1,
+        step: participant.step.into(),
+        action: Action::Forward,
+        attempt: 1,
+        key: order_id.to_string(),
+        replies: ReplyNames {
+            success: success.into(),
+            failure: Some(failure.into()),
         },
-        Participant::Payment => Command::ChargePayment {
-            order_id,
-            attempt: 1,
-            customer_id: order.customer_id,
-            amount_cents: order.total_cents,
-            currency: order.currency,
-        },
-        Participant::Shipping => Command::ScheduleShipment {
-            order_id,
-            attempt: 1,
-            address: order.shipping_address,
-            items: order.items,
+        payload: match payload {
+            Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
         },
     }
 }
@@ -161,10 +212,7 @@ fn valid(target: Target, order_id: Uuid, saga_id: Uuid) -> Value {
     match target {
         Target::Orders => serde_json::to_value(order(order_id)).unwrap_or_default(),
         Target::Commands(participant) => envelope(saga_id, command_for(participant, order_id)),
-        Target::Replies => envelope(
-            saga_id,
-            Reply::done(&command_for(Participant::Inventory, order_id)),
-        ),
+        Target::Replies => envelope(saga_id, Reply::succeeded(&command_for(INVENTORY, order_id))),
     }
 }
 
@@ -199,18 +247,19 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         GarbageKind::NulInJson => {
             match target {
                 Target::Orders => valid["customer_id"] = "ali\0ce".into(),
-                Target::Commands(Participant::Inventory) => {
+                Target::Commands(INVENTORY) => {
                     valid["payload"]["items"][0]["sku"] = "WID\0GET".into();
                 }
-                Target::Commands(Participant::Payment) => {
+                Target::Commands(PAYMENT) => {
                     valid["payload"]["customer_id"] = "ali\0ce".into();
                 }
-                Target::Commands(Participant::Shipping) => {
+                Target::Commands(_) => {
                     valid["payload"]["address"]["city"] = "Ber\0lin".into();
                 }
                 Target::Replies => {
-                    let command = command_for(Participant::Inventory, order_id);
-                    valid = envelope(saga_id, Reply::refused(&command, "out of\0stock"));
+                    // (Reply::failed takes the NUL out of a reason: set it by hand.)
+                    valid["outcome"] = "failed".into();
+                    valid["reason"] = "out of\0stock".into();
                 }
             }
             to_bytes(&valid)
@@ -233,6 +282,11 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         }
         GarbageKind::UnknownType => {
             valid["type"] = "OrderCancelled".into();
+            match target {
+                Target::Orders => {}
+                Target::Commands(_) => valid["step"] = "cancel_order".into(),
+                Target::Replies => valid["outcome"] = "cancelled".into(),
+            }
             to_bytes(&valid)
         }
         GarbageKind::MissingType => {
@@ -251,18 +305,13 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
             to_bytes(&future)
         }
         GarbageKind::WrongMessage => to_bytes(&match target {
-            Target::Orders => envelope(
-                saga_id,
-                Reply::done(&command_for(Participant::Inventory, order_id)),
-            ),
-            Target::Commands(Participant::Inventory) => {
-                envelope(saga_id, command_for(Participant::Payment, order_id))
+            Target::Orders => {
+                envelope(saga_id, Reply::succeeded(&command_for(INVENTORY, order_id)))
             }
-            Target::Commands(Participant::Payment) => {
-                envelope(saga_id, command_for(Participant::Shipping, order_id))
-            }
-            Target::Commands(Participant::Shipping) | Target::Replies => {
-                envelope(saga_id, command_for(Participant::Inventory, order_id))
+            Target::Commands(INVENTORY) => envelope(saga_id, command_for(PAYMENT, order_id)),
+            Target::Commands(PAYMENT) => envelope(saga_id, command_for(SHIPPING, order_id)),
+            Target::Commands(_) | Target::Replies => {
+                envelope(saga_id, command_for(INVENTORY, order_id))
             }
         }),
         GarbageKind::EmptyPayload => Vec::new(),
@@ -802,7 +851,7 @@ mod tests {
                 let accepted = match target {
                     Target::Orders => OrderPlaced::from_json(&payload).is_ok(),
                     Target::Commands(participant) => Envelope::<Command>::from_json(&payload)
-                        .is_ok_and(|e| Participant::for_step(e.body.step()) == participant),
+                        .is_ok_and(|e| e.body.step == participant.step),
                     Target::Replies => Envelope::<Reply>::from_json(&payload).is_ok(),
                 };
                 // Whether the contract refuses a wrong or missing `type` on an order is for the

@@ -22,16 +22,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use chrono::TimeDelta;
-use events::Command;
+use events::{Action, Command, ReplyNames};
 use serde_json::{Map, Value};
 
 use super::policy::RetryPolicy;
 
 /// Topics of the engine itself, which no definition may use as a trigger or command topic.
 pub const ENGINE_TOPICS: [&str; 3] = ["saga.replies", "saga.events", "saga.dlq"];
-
-/// Payload fields the engine sets itself; a mapping may not name them.
-pub const ENGINE_PAYLOAD_FIELDS: [&str; 1] = ["attempt"];
 
 /// The longest wait a retry policy may name: 7 days. Longer ones are surely a mistake, and the
 /// bound keeps every deadline (`now` plus a wait) far from overflowing.
@@ -91,6 +88,32 @@ pub struct Trigger {
     pub message: String,
     /// The field that identifies the saga's subject (and keys its records).
     pub key: FieldPath,
+}
+
+impl Trigger {
+    /// The saga's key in `message` (the trigger message as JSON), as text: the value at
+    /// [`Trigger::key`], text as it is and a number in decimal.
+    ///
+    /// # Errors
+    /// [`PayloadError::Missing`] when `message` has no value there, [`PayloadError::KeyNotScalar`]
+    /// when it is not text or a number.
+    pub fn key_of(&self, message: &Value) -> Result<String, PayloadError> {
+        let path = || self.key.to_string();
+        match self.key.resolve(message) {
+            None => Err(PayloadError::Missing { path: path() }),
+            Some(Value::String(text)) => Ok(text.clone()),
+            Some(Value::Number(number)) => Ok(number.to_string()),
+            Some(other) => Err(PayloadError::KeyNotScalar {
+                path: path(),
+                found: match other {
+                    Value::Null => "null",
+                    Value::Bool(_) => "a boolean",
+                    Value::Array(_) => "a list",
+                    _ => "an object",
+                },
+            }),
+        }
+    }
 }
 
 /// Where a step stands relative to the pivot.
@@ -159,31 +182,52 @@ pub struct ActionDefinition {
 }
 
 impl ActionDefinition {
-    /// The wire command for `trigger` (the trigger message as JSON) and `attempt`: the payload
-    /// under the action's name.
+    /// The command for `attempt` of this action, which is `direction` of `step` in `saga`, for
+    /// `trigger` (the trigger message as JSON): the step's and saga's names, the saga's key,
+    /// the replies that answer it and the mapped payload.
     ///
     /// # Errors
-    /// When the trigger lacks a mapped field, or the payload is not the command the
-    /// participants know by that name (the registry checks every definition against the wire
-    /// contract when it loads it, so this does not happen to a loaded one).
-    pub fn command(&self, trigger: &Value, attempt: u32) -> Result<Command, PayloadError> {
-        let payload = self.payload(trigger, attempt)?;
-        let tagged = serde_json::json!({ "type": self.name, "payload": payload });
-        serde_json::from_value(tagged).map_err(|error| PayloadError::NotACommand {
-            action: self.name.clone(),
-            error: error.to_string(),
-        })
+    /// When the trigger lacks a mapped field or a usable key, or the command would break the
+    /// wire's bounds (the registry builds every command of a definition when it loads it, so
+    /// this does not happen to a loaded one).
+    pub fn command(
+        &self,
+        saga: &SagaDefinition,
+        step: &Step,
+        direction: Action,
+        trigger: &Value,
+        attempt: u32,
+    ) -> Result<Command, PayloadError> {
+        let command = Command {
+            name: self.name.clone(),
+            saga_type: saga.name.clone(),
+            // A definition's version is at least 1; 0 is refused just below.
+            saga_version: u32::try_from(saga.version).unwrap_or(0),
+            step: step.name.clone(),
+            action: direction,
+            attempt,
+            key: saga.trigger.key_of(trigger)?,
+            replies: ReplyNames {
+                success: self.success.clone(),
+                failure: self.failure.clone(),
+            },
+            payload: self.payload(trigger)?,
+        };
+        command
+            .validate()
+            .map_err(|error| PayloadError::NotOnTheWire {
+                action: self.name.clone(),
+                error: error.to_string(),
+            })?;
+        Ok(command)
     }
 
-    /// The command's payload for `trigger` (the trigger message as JSON): the mapped fields,
-    /// plus the engine's `attempt`.
+    /// The command's payload for `trigger` (the trigger message as JSON): the mapped fields.
     ///
     /// # Errors
     /// [`PayloadError::Missing`] when the trigger lacks a mapped field.
-    pub fn payload(&self, trigger: &Value, attempt: u32) -> Result<Value, PayloadError> {
-        let mut fields = self.payload.apply(trigger)?;
-        fields.insert("attempt".into(), Value::from(attempt));
-        Ok(Value::Object(fields))
+    pub fn payload(&self, trigger: &Value) -> Result<Map<String, Value>, PayloadError> {
+        self.payload.apply(trigger)
     }
 }
 
@@ -222,8 +266,10 @@ impl PayloadMapping {
 pub enum PayloadError {
     #[error("the trigger message has no value at {path}")]
     Missing { path: String },
-    #[error("the payload is not a {action} command: {error}")]
-    NotACommand { action: String, error: String },
+    #[error("the saga's key at {path} is {found}, not text or a number")]
+    KeyNotScalar { path: String, found: &'static str },
+    #[error("the {action} command does not fit the wire: {error}")]
+    NotOnTheWire { action: String, error: String },
 }
 
 /// A field path into the trigger message: `$` (the message) followed by one or more
@@ -389,7 +435,7 @@ impl DefinitionError {
 /// What is wrong with a field (the file and field are in [`DefinitionError::Invalid`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
-    #[error("not in the wire contract: {detail}")]
+    #[error("does not fit the wire: {detail}")]
     NotOnTheWire { detail: String },
     #[error("must be between 1 and {}, got {version}", i32::MAX)]
     VersionOutOfRange { version: i64 },
@@ -455,8 +501,6 @@ pub enum Problem {
         "step {step} cannot be undone, so it is retried until it answers: remove max_attempts"
     )]
     AttemptsNotApplicable { step: String },
-    #[error("{name:?} is set by the engine; the mapping cannot set it")]
-    EnginePayloadField { name: String },
     #[error("command {action} is already sent at {other}")]
     DuplicateAction { action: String, other: String },
     #[error("reply {reply} already means {meaning} at {other}")]
@@ -965,9 +1009,6 @@ impl<'a> Checker<'a> {
             let field = format!("{at}.payload.{name}");
             if !is_field_name(&name) {
                 return Err(self.invalid(field, Problem::InvalidFieldName { name }));
-            }
-            if ENGINE_PAYLOAD_FIELDS.contains(&name.as_str()) {
-                return Err(self.invalid(field, Problem::EnginePayloadField { name }));
             }
             let (path, _) = self.path(&field, &path, &trigger.message, shape)?;
             fields.push((name, path));

@@ -26,7 +26,7 @@ use events::{Action, Command, OrderPlaced, Outcome, Reply, SagaEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::definitions::{ActionDefinition, SagaDefinition};
+use super::definitions::SagaDefinition;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -229,6 +229,14 @@ impl Saga {
         })
     }
 
+    /// The saga's key under `definition` (the trigger's value at its `trigger.key`): what its
+    /// commands carry, and what every reply to them must carry. `None` when the order does not
+    /// make one (a definition that the registry would have refused).
+    pub fn key(&self, definition: &SagaDefinition) -> Option<String> {
+        let trigger = serde_json::to_value(&self.order).ok()?;
+        definition.trigger.key_of(&trigger).ok()
+    }
+
     /// The index of the step the saga waits on, if it waits on one.
     pub fn current_step(&self) -> Option<usize> {
         let waiting_for = match self.state {
@@ -276,14 +284,16 @@ impl Saga {
             ));
         };
         let step = &self.steps[index];
-        if reply.step().as_str() != step.name || reply.action() != expected_action {
+        if reply.saga_type != definition.name {
+            return ignored(format!(
+                "{} answers a {} saga, but this saga is {}",
+                reply.name, reply.saga_type, definition.name
+            ));
+        }
+        if reply.step != step.name || reply.action != expected_action {
             return ignored(format!(
                 "{} answers {} ({:?}), but the saga waits on {} ({:?})",
-                reply.type_name(),
-                reply.step().as_str(),
-                reply.action(),
-                step.name,
-                expected_action
+                reply.name, reply.step, reply.action, step.name, expected_action
             ));
         }
         // What the reply means is the definition's to say.
@@ -294,17 +304,19 @@ impl Saga {
         }) else {
             return ignored(format!("{} has no compensation", step.name));
         };
-        let outcome = match reply.outcome() {
-            outcome @ Outcome::Succeeded if reply.type_name() == action.success => outcome,
-            outcome @ Outcome::Failed { .. }
-                if action.failure.as_deref() == Some(reply.type_name()) =>
-            {
-                outcome
+        let outcome = match &reply.outcome {
+            outcome @ Outcome::Succeeded if reply.name == action.success => outcome.clone(),
+            outcome @ Outcome::Failed { .. } if action.failure.as_deref() == Some(&reply.name) => {
+                outcome.clone()
             }
             _ => {
                 return ignored(format!(
-                    "{} is neither {}'s success ({}) nor its failure ({})",
-                    reply.type_name(),
+                    "{} ({}) is neither {}'s success ({}) nor its failure ({})",
+                    reply.name,
+                    match reply.outcome {
+                        Outcome::Succeeded => "succeeded",
+                        Outcome::Failed { .. } => "failed",
+                    },
                     action.name,
                     action.success,
                     action.failure.as_deref().unwrap_or("none")
@@ -323,11 +335,10 @@ impl Saga {
                 step.compensation_attempts,
             ),
         };
-        if !(first_attempt..=current_attempt).contains(&reply.attempt()) {
+        if !(first_attempt..=current_attempt).contains(&reply.attempt) {
             return ignored(format!(
                 "{} is for attempt {}, but the current attempts are {first_attempt} to {current_attempt}",
-                reply.type_name(),
-                reply.attempt()
+                reply.name, reply.attempt
             ));
         }
 
@@ -491,33 +502,39 @@ impl Saga {
         };
         let attempts = step.attempts;
         self.deadline_at = Some(now + step_definition.forward.retry.wait_for(attempts, jitter));
-        self.send(
-            index,
-            &step_definition.topic,
-            &step_definition.forward,
-            attempts,
-            now,
-        )
+        self.send(index, definition, Action::Forward, attempts, now)
     }
 
-    /// The command `action` of step `index` for `attempt`, to `topic`. Should the definition
-    /// not make a command of this saga's order (the registry checks every definition against
-    /// the wire contract, so it should not happen), the saga is `failed` with the reason
-    /// rather than waiting forever for a reply to a command it never sent.
+    /// The command of step `index` in `direction` for `attempt`, to the step's topic. Should the
+    /// definition not make a command of this saga's trigger (the registry builds every command
+    /// of a definition when it loads it, so it should not happen), the saga is `failed` with
+    /// the reason rather than waiting forever for a reply to a command it never sent.
     fn send(
         &mut self,
         index: usize,
-        topic: &str,
-        action: &ActionDefinition,
+        definition: &SagaDefinition,
+        direction: Action,
         attempt: u32,
         now: DateTime<Utc>,
     ) -> Vec<Effect> {
+        let step = &definition.steps[index];
+        let action = match direction {
+            Action::Forward => Some(&step.forward),
+            Action::Compensate => step.compensation.as_ref(),
+        };
+        let Some(action) = action else {
+            return self.fail(index, "cannot be sent: the step has no compensation", now);
+        };
         let command = serde_json::to_value(&self.order)
             .map_err(|e| e.to_string())
-            .and_then(|trigger| action.command(&trigger, attempt).map_err(|e| e.to_string()));
+            .and_then(|trigger| {
+                action
+                    .command(definition, step, direction, &trigger, attempt)
+                    .map_err(|e| e.to_string())
+            });
         match command {
             Ok(command) => vec![Effect::Send {
-                topic: topic.to_owned(),
+                topic: step.topic.clone(),
                 command,
             }],
             Err(error) => self.fail(index, &format!("cannot be sent: {error}"), now),
@@ -548,7 +565,7 @@ impl Saga {
         };
         let attempts = step.compensation_attempts;
         self.deadline_at = Some(now + compensation.retry.wait_for(round, jitter));
-        self.send(index, &step_definition.topic, compensation, attempts, now)
+        self.send(index, definition, Action::Compensate, attempts, now)
     }
 
     fn step_succeeded(

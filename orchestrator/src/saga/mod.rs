@@ -4,6 +4,8 @@
 
 pub mod definitions;
 mod machine;
+#[cfg(test)]
+mod order_messages;
 mod policy;
 #[cfg(test)]
 mod proptests;

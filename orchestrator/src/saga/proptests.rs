@@ -16,18 +16,20 @@
 //!   one) always ends it.
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
-use events::{
-    Action, Command, CompensationFailed, Reply, SagaEvent, StepDone, StepName, StepRefused,
-};
+use events::{Action, Command, Reply, SagaEvent};
 use proptest::prelude::*;
 use uuid::Uuid;
 
+use super::order_messages::{CompensationFailed, Reply as OrderReply, StepDone, StepRefused};
 use super::tests::order;
 use super::{
     Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState, StepStatus,
 };
 
 const ORDER: Uuid = Uuid::from_u128(7);
+
+/// The order saga's steps, which forged replies name.
+const STEPS: [&str; 3] = ["reserve_stock", "charge_payment", "schedule_shipment"];
 
 fn start_time() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0)
@@ -165,11 +167,8 @@ impl Model {
             effects.as_slice(),
             [
                 Effect::Publish(SagaEvent::SagaStarted { .. }),
-                Effect::Send {
-                    command: Command::ReserveStock { attempt: 1, .. },
-                    ..
-                }
-            ]
+                Effect::Send { command, .. }
+            ] if command.name == "ReserveStock" && command.attempt == 1
         ));
         check_shape(&saga, &definition);
         Self {
@@ -203,9 +202,9 @@ impl Model {
             Event::Answer { back, ok } => {
                 let command = self.sent[self.sent.len() - 1 - back % self.sent.len()].clone();
                 let reply = if *ok {
-                    Reply::done(&command)
+                    Reply::succeeded(&command)
                 } else {
-                    Reply::refused(&command, "no")
+                    Reply::failed(&command, "no").expect("every order saga command may fail")
                 };
                 self.reply(reply);
             }
@@ -229,7 +228,7 @@ impl Model {
                 };
                 let order_id = if *ok_order { ORDER } else { Uuid::from_u128(8) };
                 if order_id != self.saga.order.order_id {
-                    // The handler rejects a reply naming another order before the machine
+                    // The handler rejects a reply with another saga's key before the machine
                     // sees it.
                     return;
                 }
@@ -324,6 +323,10 @@ impl Model {
 }
 
 fn forged(kind: usize, step: usize, attempt: u32, order_id: Uuid) -> Reply {
+    forged_in_order_terms(kind, step, attempt, order_id).wire()
+}
+
+fn forged_in_order_terms(kind: usize, step: usize, attempt: u32, order_id: Uuid) -> OrderReply {
     let done = StepDone { order_id, attempt };
     let refused = StepRefused {
         order_id,
@@ -331,18 +334,18 @@ fn forged(kind: usize, step: usize, attempt: u32, order_id: Uuid) -> Reply {
         reason: "no".into(),
     };
     match kind {
-        0 => Reply::StockReserved(done),
-        1 => Reply::StockUnavailable(refused),
-        2 => Reply::StockReleased(done),
-        3 => Reply::PaymentCharged(done),
-        4 => Reply::PaymentDeclined(refused),
-        5 => Reply::PaymentRefunded(done),
-        6 => Reply::ShipmentScheduled(done),
-        7 => Reply::ShipmentRejected(refused),
-        _ => Reply::CompensationFailed(CompensationFailed {
+        0 => OrderReply::StockReserved(done),
+        1 => OrderReply::StockUnavailable(refused),
+        2 => OrderReply::StockReleased(done),
+        3 => OrderReply::PaymentCharged(done),
+        4 => OrderReply::PaymentDeclined(refused),
+        5 => OrderReply::PaymentRefunded(done),
+        6 => OrderReply::ShipmentScheduled(done),
+        7 => OrderReply::ShipmentRejected(refused),
+        _ => OrderReply::CompensationFailed(CompensationFailed {
             order_id,
             attempt,
-            step: StepName::ALL[step % 3],
+            step: STEPS[step % 3],
             reason: "cannot".into(),
         }),
     }
@@ -358,11 +361,11 @@ fn sends(effects: &[Effect]) -> Vec<&Command> {
         .collect()
 }
 
-fn index_of(step: StepName) -> usize {
+fn index_of(step: &str) -> usize {
     order_definition()
         .steps
         .iter()
-        .position(|s| s.name == step.as_str())
+        .position(|s| s.name == step)
         .expect("a defined step")
 }
 
@@ -390,9 +393,7 @@ fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
                     step.compensation_budget_from + 1..=step.compensation_attempts
                 }
             };
-            reply.step().as_str() == step.name
-                && reply.action() == action
-                && attempts.contains(&reply.attempt())
+            reply.step == step.name && reply.action == action && attempts.contains(&reply.attempt)
         }
         Cause::Deadline => {
             saga.deadline_at.is_some_and(|d| d <= now) && saga.current_step().is_some()
@@ -577,29 +578,24 @@ fn check_transition(
     let sent = sends(effects);
     assert!(sent.len() <= 1, "{}", context());
     for command in sent {
-        let i = index_of(command.step());
-        assert_eq!(command.order_id(), new.order.order_id);
+        let i = index_of(&command.step);
+        assert_eq!(command.key, new.order.order_id.to_string());
         assert_eq!(new.current_step(), Some(i), "{}", context());
-        assert_eq!(
-            Some(command.action()),
-            direction(new.state),
-            "{}",
-            context()
-        );
-        let (now_at, before) = match command.action() {
+        assert_eq!(Some(command.action), direction(new.state), "{}", context());
+        let (now_at, before) = match command.action {
             Action::Forward => (new.steps[i].attempts, old.steps[i].attempts),
             Action::Compensate => (
                 new.steps[i].compensation_attempts,
                 old.steps[i].compensation_attempts,
             ),
         };
-        assert_eq!(command.attempt(), now_at, "{}", context());
+        assert_eq!(command.attempt, now_at, "{}", context());
         assert_eq!(now_at, before + 1, "{}", context());
         let mut compensated_before = sent_before
             .iter()
-            .filter(|c| c.action() == Action::Compensate)
-            .map(|c| index_of(c.step()));
-        match command.action() {
+            .filter(|c| c.action == Action::Compensate)
+            .map(|c| index_of(&c.step));
+        match command.action {
             // No forward command after a compensation, and only once the steps before it
             // are done.
             Action::Forward => {
@@ -625,7 +621,7 @@ fn check_transition(
         // Only a refused compensation waits without sending: its deadline sends the next
         // attempt.
         assert!(
-            matches!(cause, Cause::Reply(Reply::CompensationFailed(_))),
+            matches!(cause, Cause::Reply(reply) if reply.name == "CompensationFailed"),
             "{}",
             context()
         );
@@ -712,8 +708,8 @@ proptest! {
         let mut undone: Vec<usize> = model
             .sent
             .iter()
-            .filter(|c| c.action() == Action::Compensate)
-            .map(|c| index_of(c.step()))
+            .filter(|c| c.action == Action::Compensate)
+            .map(|c| index_of(&c.step))
             .collect();
         undone.dedup();
         prop_assert_eq!(undone, forward);

@@ -2,14 +2,12 @@
 //! that arrive out of order.
 
 use chrono::{DateTime, TimeZone, Utc};
-use events::{
-    Address, Command, CompensationFailed, LineItem, OrderPlaced, Reply, SagaEvent, StepDone,
-    StepName, StepRefused,
-};
+use events::{Address, LineItem, OrderPlaced, SagaEvent};
 use uuid::Uuid;
 
 use chrono::TimeDelta;
 
+use super::order_messages::{Command, CompensationFailed, Reply, StepDone, StepRefused};
 use super::{Decision, Effect, OperatorAction, Saga, SagaDefinition, SagaState, StepStatus};
 use crate::config::RetryConfig;
 
@@ -81,27 +79,27 @@ fn started() -> Saga {
 
 /// Applies `reply`, failing the test if it is ignored.
 fn apply(saga: &Saga, reply: Reply, second: u32) -> (Saga, Vec<Effect>) {
-    match saga.on_reply(&reply, at(second), &definition()) {
+    match saga.on_reply(&reply.wire(), at(second), &definition()) {
         Decision::Applied { saga, effects } => (*saga, effects),
-        Decision::Ignored { reason } => panic!("{} was ignored: {reason}", reply.type_name()),
+        Decision::Ignored { reason } => panic!("{} was ignored: {reason}", reply.wire().name),
     }
 }
 
 fn assert_ignored(saga: &Saga, reply: Reply, reason_contains: &str) {
-    match saga.on_reply(&reply, at(59), &definition()) {
+    match saga.on_reply(&reply.wire(), at(59), &definition()) {
         Decision::Ignored { reason } => assert!(
             reason.contains(reason_contains),
             "reason {reason:?} does not mention {reason_contains:?}"
         ),
-        Decision::Applied { .. } => panic!("{} should have been ignored", reply.type_name()),
+        Decision::Applied { .. } => panic!("{} should have been ignored", reply.wire().name),
     }
 }
 
-fn sent(effects: &[Effect]) -> Vec<&'static str> {
+fn sent(effects: &[Effect]) -> Vec<&str> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send { command, .. } => Some(command.type_name()),
+            Effect::Send { command, .. } => Some(command.name.as_str()),
             Effect::Publish(_) => None,
         })
         .collect()
@@ -111,7 +109,7 @@ fn sent(effects: &[Effect]) -> Vec<&'static str> {
 fn send(topic: &str, command: Command) -> Effect {
     Effect::Send {
         topic: topic.into(),
-        command,
+        command: command.wire(),
     }
 }
 
@@ -152,8 +150,11 @@ fn happy_path_runs_every_step_then_completes() {
     assert_eq!(sent(&effects), ["ChargePayment"]);
     assert!(matches!(
         &effects[0],
-        Effect::Send { topic, command: Command::ChargePayment { amount_cents: 2_000, customer_id, .. } }
-            if customer_id == "alice" && topic == "payment.commands"
+        Effect::Send { topic, command } if topic == "payment.commands" && matches!(
+            Command::from_wire(command),
+            Some(Command::ChargePayment { amount_cents: 2_000, ref customer_id, .. })
+                if customer_id == "alice"
+        )
     ));
     let (saga, effects) = apply(&saga, Reply::PaymentCharged(done(1)), 2);
     assert_eq!(sent(&effects), ["ScheduleShipment"]);
@@ -246,7 +247,7 @@ fn compensation_failed(attempt: u32) -> Reply {
     Reply::CompensationFailed(CompensationFailed {
         order_id: Uuid::from_u128(7),
         attempt,
-        step: StepName::ReserveStock,
+        step: "reserve_stock",
         reason: "warehouse offline".into(),
     })
 }
@@ -500,7 +501,10 @@ fn a_step_that_never_answers_is_compensated_itself_then_the_steps_below() {
     for attempt in 2..=3 {
         let (next, effects) = at_deadline(&saga);
         assert!(
-            matches!(&effects[0], Effect::Send { command: Command::ChargePayment { attempt: a, .. }, .. } if *a == attempt)
+            matches!(&effects[0], Effect::Send { command, .. } if matches!(
+                Command::from_wire(command),
+                Some(Command::ChargePayment { attempt: a, .. }) if a == attempt
+            ))
         );
         saga = next;
     }
@@ -599,4 +603,35 @@ fn the_last_step_cannot_be_undone_so_it_is_retried_until_it_answers() {
     assert_eq!(saga.steps[2].attempts, 7, "past the 3-attempt budget");
     let (saga, _) = apply(&saga, Reply::ShipmentScheduled(done(7)), 59);
     assert_eq!(saga.state, SagaState::Completed);
+}
+
+#[test]
+fn a_reply_of_another_saga_type_or_under_another_name_is_ignored() {
+    let ignored = |edit: fn(&mut events::Reply), reason_contains: &str| {
+        let mut reply = Reply::StockReserved(done(1)).wire();
+        edit(&mut reply);
+        match started().on_reply(&reply, at(1), &definition()) {
+            Decision::Ignored { reason } => assert!(
+                reason.contains(reason_contains),
+                "reason {reason:?} does not mention {reason_contains:?}"
+            ),
+            Decision::Applied { .. } => panic!("{reply:?} should have been ignored"),
+        }
+    };
+    ignored(|r| r.saga_type = "loan".into(), "a loan saga");
+    ignored(|r| r.name = "StockHeld".into(), "neither");
+    // The success's name with a failed outcome, and the failure's with a success, answer
+    // nothing.
+    ignored(
+        |r| {
+            r.outcome = events::Outcome::Failed {
+                reason: "no".into(),
+            }
+        },
+        "StockReserved (failed)",
+    );
+    ignored(
+        |r| r.name = "StockUnavailable".into(),
+        "StockUnavailable (succeeded)",
+    );
 }

@@ -2,14 +2,16 @@
 //! one for its ledger rows or sagas), must come out as if each had been handled alone: the
 //! records are published while their consumer is down, so that they arrive in one batch.
 
-use events::{Command, Envelope, LineItem, Participant, Reply, StepDone};
+use events::{Envelope, LineItem, Reply};
+
+use crate::order_messages::{Command, Reply as OrderReply, StepDone};
 use rdkafka::Message;
 use uuid::Uuid;
 
 use crate::helpers::{count, eventually, order, Options, TestSystem};
 
 /// The first `count` replies on the deployment's replies topic: what each answers, and its type.
-async fn replies(system: &TestSystem, count: usize) -> Vec<(Option<Uuid>, &'static str)> {
+async fn replies(system: &TestSystem, count: usize) -> Vec<(Option<Uuid>, String)> {
     system
         .read_topic(&system.topics.replies(), count)
         .await
@@ -17,7 +19,7 @@ async fn replies(system: &TestSystem, count: usize) -> Vec<(Option<Uuid>, &'stat
         .map(|m| {
             let reply =
                 Envelope::<Reply>::from_json(m.payload().unwrap_or_default()).expect("a reply");
-            (reply.causation_id, reply.body.type_name())
+            (reply.causation_id, reply.body.name)
         })
         .collect()
 }
@@ -43,7 +45,8 @@ async fn one_batch_with_a_redelivery_a_retry_and_a_compensation_of_one_step_acts
                     quantity: 2,
                     unit_price_cents: 1_000,
                 }],
-            },
+            }
+            .wire(),
         )
     };
     let first = reserve(1);
@@ -55,9 +58,10 @@ async fn one_batch_with_a_redelivery_a_retry_and_a_compensation_of_one_step_acts
         Command::ReleaseStock {
             order_id,
             attempt: 1,
-        },
+        }
+        .wire(),
     );
-    let topic = system.topics.commands(Participant::Inventory);
+    let topic = system.topics.named("inventory.commands");
     let key = order_id.to_string();
     for payload in [
         first.to_json(),
@@ -71,6 +75,10 @@ async fn one_batch_with_a_redelivery_a_retry_and_a_compensation_of_one_step_acts
     system.wait_for_participants().await;
 
     let replies = replies(&system, 3).await;
+    let replies: Vec<(Option<Uuid>, &str)> = replies
+        .iter()
+        .map(|(cause, name)| (*cause, name.as_str()))
+        .collect();
     assert_eq!(
         replies,
         [
@@ -131,10 +139,11 @@ async fn one_batch_answering_a_saga_twice_moves_it_once() {
             saga_id,
             None,
             chrono::Utc::now(),
-            Reply::StockReserved(StepDone {
+            OrderReply::StockReserved(StepDone {
                 order_id: placed.order_id,
                 attempt: 1,
-            }),
+            })
+            .wire(),
         )
     };
     let (first, second) = (answer(), answer());
@@ -180,7 +189,7 @@ async fn reservations_in_one_batch_take_the_stock_in_turn() {
     })
     .await;
     // One LIMITED in stock, asked for by two orders, with a WIDGET order between them.
-    let orders: Vec<Envelope<Command>> = [("LIMITED", 1), ("WIDGET", 3), ("LIMITED", 1)]
+    let orders: Vec<Envelope<events::Command>> = [("LIMITED", 1), ("WIDGET", 3), ("LIMITED", 1)]
         .into_iter()
         .map(|(sku, quantity)| {
             let command = Command::ReserveStock {
@@ -191,11 +200,12 @@ async fn reservations_in_one_batch_take_the_stock_in_turn() {
                     quantity,
                     unit_price_cents: 100,
                 }],
-            };
+            }
+            .wire();
             Envelope::new(Uuid::new_v4(), None, chrono::Utc::now(), command)
         })
         .collect();
-    let topic = system.topics.commands(Participant::Inventory);
+    let topic = system.topics.named("inventory.commands");
     // One key for all three, so that they land in one partition, in this order.
     for command in &orders {
         system.publish(&topic, "one-key", &command.to_json()).await;
@@ -204,10 +214,10 @@ async fn reservations_in_one_batch_take_the_stock_in_turn() {
     system.wait_for_participants().await;
 
     let replies = replies(&system, 3).await;
-    let expected: Vec<(Option<Uuid>, &'static str)> = orders
+    let expected: Vec<(Option<Uuid>, String)> = orders
         .iter()
         .zip(["StockReserved", "StockReserved", "StockUnavailable"])
-        .map(|(command, reply)| (Some(command.message_id), reply))
+        .map(|(command, reply)| (Some(command.message_id), reply.to_owned()))
         .collect();
     let mut sorted = replies.clone();
     sorted.sort();

@@ -14,9 +14,7 @@ use messaging::config::{
 };
 use orchestrator::auth::{token_line, Role};
 use orchestrator::config::{ApiConfig, RetryConfig};
-use participants::inventory::Inventory;
-use participants::payment::Payment;
-use participants::shipping::{Shipping, ShippingConfig};
+use participants::shipping::ShippingConfig;
 use participants::ParticipantConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -106,6 +104,18 @@ pub fn token_list() -> String {
     .join("\n")
 }
 
+/// The order saga's participants, whose command topics are `{name}.commands`.
+pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
+
+/// Every topic of a deployment of the order saga: its trigger topic, the engine's topics and
+/// the participants' command topics.
+pub fn all_topics(topics: &Topics) -> Vec<String> {
+    let mut all = vec![topics.orders()];
+    all.extend(topics.engine());
+    all.extend(PARTICIPANTS.map(|p| topics.named(&format!("{p}.commands"))));
+    all
+}
+
 pub struct TestSystem {
     pub http: String,
     pub topics: Topics,
@@ -143,7 +153,7 @@ impl TestSystem {
 
         let kafka = kafka_config(format!("test-{id}."), 2);
         let topics = Topics::new(kafka.topic_prefix.clone());
-        messaging::kafka::ensure_topics(&kafka, &topics.all())
+        messaging::kafka::ensure_topics(&kafka, &all_topics(&topics))
             .await
             .expect("create test topics");
         let database_config = DatabaseConfig {
@@ -165,6 +175,7 @@ impl TestSystem {
             retention: retention.clone(),
             faults: FaultConfig::default(),
             group: None,
+            command_topic: None,
             metrics_addr: None,
             fault_compensation_failures: 0,
         };
@@ -260,17 +271,18 @@ impl TestSystem {
             ..self.participant.clone()
         };
         let stop = self.shutdown.child_token();
-        let task = match name {
-            "inventory" => spawn(name, participants::run(Inventory, config, stop.clone())),
-            "payment" => spawn(name, participants::run(Payment, config, stop.clone())),
-            "shipping" => {
-                let shipping = Shipping::new(&ShippingConfig {
-                    denied_countries: vec!["AQ".into(), "BV".into()],
-                });
-                spawn(name, participants::run(shipping, config, stop.clone()))
-            }
+        let participant = match name {
+            "inventory" => participants::inventory::participant(),
+            "payment" => participants::payment::participant(),
+            "shipping" => participants::shipping::participant(&ShippingConfig {
+                denied_countries: vec!["AQ".into(), "BV".into()],
+            }),
             other => panic!("no participant {other}"),
         };
+        let task = spawn(
+            name,
+            participants::sdk::run(participant, config, stop.clone()),
+        );
         self.services.push((name, stop, task));
     }
 
@@ -657,7 +669,7 @@ async fn remove_resources(database: &str, topics: &Topics) {
     let kafka_admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create();
-    let names = topics.all();
+    let names = all_topics(topics);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     match kafka_admin {
         Ok(admin) => {

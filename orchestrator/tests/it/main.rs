@@ -7,10 +7,15 @@ mod definitions;
 mod helpers;
 mod hostile;
 mod operate;
+/// The order saga's messages in the shapes the tests write them, shared with the unit tests.
+#[path = "../../src/saga/order_messages.rs"]
+#[allow(dead_code)] // The unit tests use the rest of it.
+mod order_messages;
 mod recovery;
 
-use events::{Envelope, Reply, StepDone};
+use events::Envelope;
 use helpers::{order, step_statuses, TestSystem};
+use order_messages::{Reply, StepDone};
 use rdkafka::message::Headers;
 use rdkafka::Message;
 use uuid::Uuid;
@@ -230,7 +235,8 @@ async fn a_duplicated_reply_does_not_move_the_saga_twice() {
         Reply::StockReserved(StepDone {
             order_id: placed.order_id,
             attempt: 1,
-        }),
+        })
+        .wire(),
     );
     let bytes = reply.to_json();
     let key = placed.order_id.to_string();

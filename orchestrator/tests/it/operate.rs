@@ -476,8 +476,8 @@ async fn one_order_is_one_trace_across_every_command_reply_and_event() {
 
     // 3 commands and 3 replies, plus the saga's events.
     let mut topics = vec![system.topics.replies(), system.topics.saga_events()];
-    for participant in events::Participant::ALL {
-        topics.push(system.topics.commands(participant));
+    for participant in crate::helpers::PARTICIPANTS {
+        topics.push(system.topics.named(&format!("{participant}.commands")));
     }
     let mut span_ids = BTreeSet::new();
     for topic in &topics {
@@ -678,8 +678,7 @@ async fn a_participant_serves_metrics_and_health_on_its_own_address() {
             .samples
             .iter()
             .any(|s| s.metric == "messages_consumed_total"
-                && s.labels.get("topic")
-                    == Some(&system.topics.commands(events::Participant::Payment))),
+                && s.labels.get("topic") == Some(&system.topics.named("payment.commands"))),
         "the payment participant's consumption is counted"
     );
     lint_metric_names(&text);

@@ -1,7 +1,9 @@
 //! Crash-proofing: deadlines and retries, compensations that fail, operator actions, and the
 //! participant runtime's refusal of a forward command that arrives after its compensation.
 
-use events::{Command, Envelope, LineItem};
+use events::{Envelope, LineItem};
+
+use crate::order_messages::Command;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -152,7 +154,7 @@ async fn a_forward_command_after_its_compensation_is_refused() {
     let system = TestSystem::start().await;
     let saga_id = Uuid::new_v4();
     let order_id = Uuid::new_v4();
-    let inventory = system.topics.commands(events::Participant::Inventory);
+    let inventory = system.topics.named("inventory.commands");
     let key = order_id.to_string();
     // The orchestrator gave up on a reservation it never heard back from and released it; the
     // release overtakes the reservation, which arrives afterwards.
@@ -163,7 +165,8 @@ async fn a_forward_command_after_its_compensation_is_refused() {
         Command::ReleaseStock {
             order_id,
             attempt: 1,
-        },
+        }
+        .wire(),
     );
     system.publish(&inventory, &key, &release.to_json()).await;
     let reserve = Envelope::new(
@@ -178,7 +181,8 @@ async fn a_forward_command_after_its_compensation_is_refused() {
                 quantity: 1,
                 unit_price_cents: 100,
             }],
-        },
+        }
+        .wire(),
     );
     system.publish(&inventory, &key, &reserve.to_json()).await;
 

@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use events::{Action, Command, OrderPlaced, Participant, Reply, StepName, Topics};
+use events::{Action, OrderPlaced, Reply, Topics};
 use serde_json::Value as Json;
 use toml::Value;
 use uuid::Uuid;
 
 use super::*;
+use crate::saga::order_messages::Command as OrderCommand;
 
 const ORDER: &str = include_str!("../../../../sagas/order.toml");
 
@@ -21,15 +22,22 @@ fn order_definition() -> SagaDefinition {
 }
 
 // ---------------------------------------------------------------------------------------------
-// sagas/order.toml is the order saga of the public contract: its steps, topics, commands and
-// replies are those of the `events` crate.
+// sagas/order.toml is the order saga of the public contract: its steps, participants, topics,
+// commands and replies are those of the golden files (`events/golden/`).
+
+/// The order saga's steps and the participant of each.
+const ORDER_STEPS: [(&str, &str); 3] = [
+    ("reserve_stock", "inventory"),
+    ("charge_payment", "payment"),
+    ("schedule_shipment", "shipping"),
+];
 
 #[test]
 fn the_order_file_has_the_order_sagas_steps_in_order() {
     let definition = order_definition();
     assert_eq!((definition.name.as_str(), definition.version), ("order", 1));
     let names: Vec<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, StepName::ALL.map(StepName::as_str));
+    assert_eq!(names, ORDER_STEPS.map(|(step, _)| step));
     let compensable: Vec<bool> = definition.steps.iter().map(Step::compensable).collect();
     assert_eq!(compensable, [true, true, false]);
     for step in &definition.steps {
@@ -56,10 +64,10 @@ fn the_order_file_is_triggered_and_routed_as_the_contract_says() {
         definition.trigger.key.resolve(&trigger),
         Some(&Json::from(order().order_id.to_string()))
     );
-    for (step, name) in definition.steps.iter().zip(StepName::ALL) {
-        let participant = Participant::for_step(name);
-        assert_eq!(step.participant, participant.as_str());
-        assert_eq!(step.topic, topics.commands(participant));
+    for (step, (_, participant)) in definition.steps.iter().zip(ORDER_STEPS) {
+        assert_eq!(step.participant, participant);
+        // The participants' default COMMAND_TOPIC.
+        assert_eq!(step.topic, format!("{participant}.commands"));
     }
 }
 
@@ -68,41 +76,79 @@ fn the_order_file_makes_the_contracts_commands_and_reads_its_replies() {
     let definition = order_definition();
     let order = order();
     let trigger = serde_json::to_value(&order).expect("serialises");
-    for (step, name) in definition.steps.iter().zip(StepName::ALL) {
+    for step in &definition.steps {
         let actions = [(Action::Forward, Some(&step.forward))]
             .into_iter()
             .chain([(Action::Compensate, step.compensation.as_ref())]);
         for (direction, action) in actions {
             let Some(action) = action else { continue };
             for attempt in [1, 5] {
-                let command = action.command(&trigger, attempt).expect("a command");
-                assert_eq!(command.type_name(), action.name);
-                assert_eq!((command.step(), command.action()), (name, direction));
+                let command = action
+                    .command(&definition, step, direction, &trigger, attempt)
+                    .expect("a command");
+                assert_eq!(command.name, action.name);
                 assert_eq!(
-                    (command.order_id(), command.attempt()),
-                    (order.order_id, attempt)
+                    (command.step.as_str(), command.action),
+                    (step.name.as_str(), direction)
                 );
-                assert_eq!(Reply::done(&command).type_name(), action.success);
                 assert_eq!(
-                    Some(Reply::refused(&command, "no").type_name()),
-                    action.failure.as_deref()
+                    (command.saga_type.as_str(), command.saga_version),
+                    ("order", 1)
+                );
+                assert_eq!(
+                    (command.key.clone(), command.attempt),
+                    (order.order_id.to_string(), attempt)
+                );
+                // Field for field the command of the golden files.
+                let known = OrderCommand::from_wire(&command).expect("an order saga command");
+                assert_eq!(known.wire(), command);
+                assert_eq!(Reply::succeeded(&command).name, action.success);
+                assert_eq!(
+                    Reply::failed(&command, "no").map(|r| r.name),
+                    action.failure
                 );
             }
         }
     }
-    let charge = definition.steps[1]
+    let charge_payment = &definition.steps[1];
+    let charge = charge_payment
         .forward
-        .command(&trigger, 1)
+        .command(&definition, charge_payment, Action::Forward, &trigger, 1)
         .expect("a command");
     assert_eq!(
-        charge,
-        Command::ChargePayment {
+        OrderCommand::from_wire(&charge),
+        Some(OrderCommand::ChargePayment {
             order_id: order.order_id,
             attempt: 1,
             customer_id: order.customer_id.clone(),
             amount_cents: order.total_cents,
             currency: order.currency.clone(),
-        }
+        })
+    );
+}
+
+#[test]
+fn the_key_is_text_or_a_number_as_text() {
+    let definition = order_definition();
+    let key = |value: Json| {
+        definition
+            .trigger
+            .key_of(&serde_json::json!({ "order_id": value }))
+    };
+    assert_eq!(key(Json::from("o-1")), Ok("o-1".to_owned()));
+    assert_eq!(key(Json::from(42)), Ok("42".to_owned()));
+    assert_eq!(
+        key(serde_json::json!({"a": 1})),
+        Err(PayloadError::KeyNotScalar {
+            path: "$.order_id".into(),
+            found: "an object"
+        })
+    );
+    assert_eq!(
+        definition.trigger.key_of(&serde_json::json!({})),
+        Err(PayloadError::Missing {
+            path: "$.order_id".into()
+        })
     );
 }
 
@@ -242,14 +288,14 @@ fn a_payload_copies_whole_values_and_names_the_first_missing_path() {
         "order_id": "o-1", "items": [], "shipping_address": {"country": "DE"}
     });
     assert_eq!(
-        shipping.payload(&trigger, 2).expect("maps"),
+        Json::Object(shipping.payload(&trigger).expect("maps")),
         serde_json::json!({
-            "order_id": "o-1", "attempt": 2, "items": [], "address": {"country": "DE"}
+            "order_id": "o-1", "items": [], "address": {"country": "DE"}
         })
     );
     let charge = &definition.steps[1].forward;
     assert_eq!(
-        charge.payload(&trigger, 1),
+        charge.payload(&trigger),
         Err(PayloadError::Missing {
             path: "$.total_cents".into()
         })
@@ -413,14 +459,25 @@ fn a_payload_path_the_trigger_message_lacks_is_refused() {
 }
 
 #[test]
-fn a_payload_field_the_engine_sets_is_refused() {
-    let error = refused(|d| set(d, "steps.0.forward.payload.attempt", text("$.total_cents")));
-    let name = "attempt".to_owned();
-    assert_invalid(
-        error,
-        "steps[0].forward.payload.attempt",
-        Problem::EnginePayloadField { name },
+fn attempt_is_the_commands_so_a_payload_may_name_it() {
+    // Until schema version 2 the engine wrote `attempt` into every payload and refused a
+    // mapping of it; now it is a field of the command beside the payload.
+    let mut document: Value = toml::from_str(ORDER).expect("order.toml is TOML");
+    set(
+        &mut document,
+        "steps.0.forward.payload.attempt",
+        text("$.total_cents"),
     );
+    let text = toml::to_string(&document).expect("serialises");
+    let definition = parse("attempt.toml", &text).expect("valid");
+    let step = &definition.steps[0];
+    let trigger = serde_json::to_value(order()).expect("serialises");
+    let command = step
+        .forward
+        .command(&definition, step, Action::Forward, &trigger, 3)
+        .expect("a command");
+    assert_eq!(command.attempt, 3);
+    assert_eq!(command.payload.get("attempt"), Some(&Json::from(7_499)));
 }
 
 #[test]
