@@ -241,8 +241,9 @@ impl From<JsonRejection> for ApiError {
 async fn openapi_document(State(state): State<AppState>) -> Response {
     match openapi_for_steps(&state.catalog.step_names()) {
         Ok(document) => Json(document).into_response(),
-        Err(e) => ApiError::internal(&crate::Error::Config(format!("openapi.json: {e}")))
-            .into_response(),
+        Err(e) => {
+            ApiError::internal(&crate::Error::Config(format!("openapi.json: {e}"))).into_response()
+        }
     }
 }
 

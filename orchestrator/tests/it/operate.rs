@@ -101,7 +101,10 @@ async fn the_server_answers_as_its_openapi_document_says() {
     assert_eq!(status, 200);
     let steps = ["charge_payment", "reserve_stock", "schedule_shipment"].map(String::from);
     let expected = orchestrator::api::openapi_for_steps(&steps).expect("the file is JSON");
-    assert_eq!(served_doc, expected, "the served document is the checked one");
+    assert_eq!(
+        served_doc, expected,
+        "the served document is the checked one"
+    );
     assert_eq!(
         served_doc["components"]["schemas"]["StepName"]["enum"],
         json!(steps)

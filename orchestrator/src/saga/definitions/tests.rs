@@ -961,3 +961,40 @@ fn an_invalid_file_in_the_folder_is_named_by_its_path() {
         Problem::VersionOutOfRange { version: 0 },
     );
 }
+
+/// The published wire contract (`events/contract/asyncapi.json`) describes the order saga as
+/// its file defines it: each step's command topic is a channel carrying its commands, and
+/// `saga.replies` carries every reply the definition names.
+#[test]
+fn the_asyncapi_document_describes_the_order_file() {
+    let doc: Json = serde_json::from_str(include_str!("../../../../events/contract/asyncapi.json"))
+        .expect("asyncapi.json is JSON");
+    let channel_at = |topic: &str| {
+        let address = format!("{{prefix}}{topic}");
+        doc["channels"]
+            .as_object()
+            .and_then(|channels| channels.values().find(|c| c["address"] == address.as_str()))
+            .unwrap_or_else(|| panic!("no channel for {topic}"))
+            .clone()
+    };
+    let definition = order_definition();
+    let trigger = channel_at(&definition.trigger.topic);
+    assert!(trigger["messages"]
+        .get(&definition.trigger.message)
+        .is_some());
+    let replies = channel_at(ENGINE_TOPICS[0]);
+    for step in &definition.steps {
+        let commands = channel_at(&step.topic);
+        for action in std::iter::once(&step.forward).chain(&step.compensation) {
+            assert!(
+                commands["messages"].get(&action.name).is_some(),
+                "{} is not on {}",
+                action.name,
+                step.topic
+            );
+            for reply in std::iter::once(&action.success).chain(&action.failure) {
+                assert!(replies["messages"].get(reply).is_some(), "{reply}");
+            }
+        }
+    }
+}
