@@ -138,6 +138,106 @@ async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
     system.stop().await;
 }
 
+/// The walkthrough "Add a step" (README.md), as a rolling upgrade: order sagas started on v1
+/// wait on the payment service while the orchestrator stops; v2 inserts `loyalty_points` (a
+/// new participant written with the SDK, `loyalty.rs`) before the shipment; the loyalty
+/// participant starts and the orchestrator restarts on v2. The v1 sagas finish on v1's three
+/// steps (one completes, one compensates, one is compensated by its shipment) and award no
+/// points; new sagas run v2's four steps: the points are awarded, and taken back when the
+/// shipment is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_inserted_by_a_new_version_runs_for_new_sagas_only() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["orchestrator", "payment"],
+        ..Options::default()
+    })
+    .await;
+    let v1 = definitions_folder(&[("order.toml", ORDER_SAGA)]);
+    let mut before = system
+        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v1))])
+        .await;
+    // alice can pay; carol cannot; AQ is on the shipping deny-list.
+    let v1_orders = [
+        order("alice", "WIDGET", 1, "DE"),
+        order("carol", "WIDGET", 1, "DE"),
+        order("alice", "WIDGET", 1, "AQ"),
+    ];
+    for placed in &v1_orders {
+        system.place(placed).await;
+        let saga_id = system.saga_id_of(placed.order_id).await;
+        eventually("the v1 saga to wait on charge_payment", || async {
+            let (_, saga) = system.get(&format!("/sagas/{saga_id}")).await;
+            (saga["current_step"] == "charge_payment").then_some(())
+        })
+        .await;
+    }
+    before.kill().await.expect("stop the v1 orchestrator");
+
+    let v2 = definitions_folder(&[("order.toml", include_str!("loyalty/order.toml"))]);
+    system.start_custom_participant(crate::loyalty::participant());
+    let _after = system
+        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v2))])
+        .await;
+    system.start_participant("payment", 0);
+    let v1_steps = ["reserve_stock", "charge_payment", "schedule_shipment"];
+    let expected = [
+        ("completed", ["succeeded", "succeeded", "succeeded"]),
+        ("compensated", ["compensated", "failed", "pending"]),
+        ("compensated", ["compensated", "compensated", "failed"]),
+    ];
+    for (placed, (state, statuses)) in v1_orders.iter().zip(expected) {
+        let saga = system.finished_saga(placed.order_id).await;
+        assert_eq!(saga["state"], state, "{saga}");
+        assert_eq!(saga["definition_version"], 1, "{saga}");
+        assert_eq!(steps_of(&saga), v1_steps);
+        assert_eq!(step_statuses(&saga), statuses, "{saga}");
+    }
+    assert_eq!(points(&system).await, 0, "no v1 saga awards points");
+
+    let v2_steps = [
+        "reserve_stock",
+        "charge_payment",
+        "loyalty_points",
+        "schedule_shipment",
+    ];
+    let happy = order("alice", "WIDGET", 1, "DE");
+    system.place(&happy).await;
+    let saga = system.finished_saga(happy.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    assert_eq!(saga["definition_version"], 2);
+    assert_eq!(steps_of(&saga), v2_steps);
+    assert_eq!(points(&system).await, happy.total_cents, "a point per cent");
+
+    let rejected = order("alice", "WIDGET", 1, "AQ");
+    system.place(&rejected).await;
+    let saga = system.finished_saga(rejected.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(
+        step_statuses(&saga),
+        ["compensated", "compensated", "compensated", "failed"],
+        "{saga}"
+    );
+    assert_eq!(
+        points(&system).await,
+        happy.total_cents,
+        "the rejected order's points are gone"
+    );
+    for dir in [v1, v2] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    system.stop().await;
+}
+
+/// Every point the loyalty participant holds.
+async fn points(system: &TestSystem) -> i64 {
+    let pool = system.schema("loyalty").await;
+    let total: Option<i64> = sqlx::query_scalar("SELECT sum(points)::bigint FROM points_awarded")
+        .fetch_one(&pool)
+        .await
+        .expect("read the points");
+    total.unwrap_or(0)
+}
+
 /// A definition file that breaks a rule stops the start with the file and field; so does a
 /// file that changes a stored version without raising it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

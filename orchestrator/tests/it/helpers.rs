@@ -270,7 +270,6 @@ impl TestSystem {
             faults,
             ..self.participant.clone()
         };
-        let stop = self.shutdown.child_token();
         let participant = match name {
             "inventory" => participants::inventory::participant(),
             "payment" => participants::payment::participant(),
@@ -279,6 +278,23 @@ impl TestSystem {
             }),
             other => panic!("no participant {other}"),
         };
+        self.run_participant(participant, config);
+    }
+
+    /// Starts a participant of the test's own (written with the SDK), with this deployment's
+    /// settings.
+    pub fn start_custom_participant(&mut self, participant: participants::sdk::Participant) {
+        let config = self.participant.clone();
+        self.run_participant(participant, config);
+    }
+
+    fn run_participant(
+        &mut self,
+        participant: participants::sdk::Participant,
+        config: ParticipantConfig,
+    ) {
+        let name = participant.name();
+        let stop = self.shutdown.child_token();
         let task = spawn(
             name,
             participants::sdk::run(participant, config, stop.clone()),

@@ -477,7 +477,10 @@ fn attempt_is_the_commands_so_a_payload_may_name_it() {
         .command(&definition, step, Action::Forward, &trigger, 3)
         .expect("a command");
     assert_eq!(command.attempt, 3);
-    assert_eq!(command.payload.get("attempt"), Some(&Json::from(7_499)));
+    assert_eq!(
+        command.payload.get("attempt"),
+        Some(&Json::from(order().total_cents))
+    );
 }
 
 #[test]
