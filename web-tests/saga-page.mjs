@@ -24,7 +24,6 @@ const EXECUTABLE = process.env.CHROMIUM || '/usr/bin/chromium';
 const TERMINAL_WAIT_MS = 60_000;
 const SHORT_WAIT_MS = 15_000;
 const WHOLE_TEST_MS = 240_000;
-const STEPS = ['reserve_stock', 'charge_payment', 'schedule_shipment'];
 const TERMINAL = ['completed', 'compensated', 'failed'];
 
 class TestFailure extends Error {}
@@ -34,6 +33,18 @@ function fail(message) {
 }
 
 const log = (message) => console.log(`[saga-page] ${message}`);
+
+/** The order saga's steps, in order, as the deployment's definitions give them. */
+async function orderSteps() {
+  const response = await fetch(`${BASE}/definitions`, {
+    headers: { authorization: `Bearer ${VIEWER_TOKEN}` },
+  });
+  if (!response.ok) fail(`GET /definitions answered ${response.status}`);
+  const body = await response.json();
+  const order = (body.definitions || []).find((d) => d.name === 'order' && d.newest);
+  if (!order) fail('GET /definitions lists no order saga that new sagas start on');
+  return order.steps.map((step) => step.name);
+}
 
 const isApiPath = (pathname) => pathname !== '/' && !pathname.startsWith('/ui/');
 
@@ -293,6 +304,7 @@ async function run(browser) {
 
   // 1. The page asks for a token before it reads anything (the guard fails any API call made
   // without one), then keeps it for the tab and sends it with every call.
+  const STEPS = await orderSteps();
   log(`opening ${BASE}/`);
   const response = await page.goto(`${BASE}/`, { waitUntil: 'load' });
   if (!response || response.status() !== 200) fail(`GET / answered ${response && response.status()}`);
