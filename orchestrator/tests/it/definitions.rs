@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use events::OrderPlaced;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -51,12 +52,16 @@ fn dir_text(dir: &Path) -> &str {
     dir.to_str().expect("a UTF-8 temp path")
 }
 
-/// The rolling upgrade: sagas started on v1 wait on the payment service while the
-/// orchestrator stops; v2 (another step order) is deployed with v1's file gone; the restarted
-/// orchestrator finishes the v1 sagas on v1 (one completes, one compensates the stock v1
-/// reserved first), and starts new sagas on v2.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
+/// A deployment whose orchestrator (a process) ran `sagas/order.toml` (v1) with the payment
+/// service down until every order of `v1_orders` waited on `charge_payment`, was killed, and
+/// now runs the definition `v2` alone (v1's file is gone); `before_restart` starts what v2
+/// needs first. Payment is back. Returns the deployment, the new orchestrator and the two
+/// definition folders.
+async fn upgraded_with_sagas_in_flight(
+    v1_orders: &[OrderPlaced],
+    v2: &str,
+    before_restart: impl FnOnce(&mut TestSystem),
+) -> (TestSystem, tokio::process::Child, [PathBuf; 2]) {
     let mut system = TestSystem::start_with(Options {
         without: vec!["orchestrator", "payment"],
         ..Options::default()
@@ -66,10 +71,7 @@ async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
     let mut before = system
         .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v1))])
         .await;
-    // alice can pay; carol cannot (5.00 EUR for a 10.00 EUR order).
-    let paid = order("alice", "WIDGET", 1, "DE");
-    let declined = order("carol", "WIDGET", 1, "DE");
-    for placed in [&paid, &declined] {
+    for placed in v1_orders {
         system.place(placed).await;
         let saga_id = system.saga_id_of(placed.order_id).await;
         eventually("the v1 saga to wait on charge_payment", || async {
@@ -79,28 +81,59 @@ async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
         .await;
     }
     before.kill().await.expect("stop the v1 orchestrator");
-
-    let v2 = definitions_folder(&[("order.toml", &order_saga_v2())]);
-    let _after = system
+    let v2 = definitions_folder(&[("order.toml", v2)]);
+    before_restart(&mut system);
+    let after = system
         .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v2))])
         .await;
     system.start_participant("payment", 0);
-    let v1_steps = ["reserve_stock", "charge_payment", "schedule_shipment"];
-    let saga = system.finished_saga(paid.order_id).await;
-    assert_eq!(saga["state"], "completed", "{saga}");
+    (system, after, [v1, v2])
+}
+
+/// Waits for `placed`'s saga to end and checks its state, definition version, steps and their
+/// statuses.
+async fn assert_finished(
+    system: &TestSystem,
+    placed: &OrderPlaced,
+    state: &str,
+    version: i64,
+    steps: &[&str],
+    statuses: &[&str],
+) {
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], state, "{saga}");
     assert_eq!(
         (
-            saga["definition_name"].clone(),
-            saga["definition_version"].clone()
+            saga["definition_name"].as_str(),
+            saga["definition_version"].as_i64()
         ),
-        ("order".into(), 1.into())
+        (Some("order"), Some(version)),
+        "{saga}"
     );
-    assert_eq!(steps_of(&saga), v1_steps);
-    let saga = system.finished_saga(declined.order_id).await;
-    assert_eq!(saga["state"], "compensated", "{saga}");
-    assert_eq!(saga["definition_version"], 1);
-    assert_eq!(steps_of(&saga), v1_steps);
-    assert_eq!(step_statuses(&saga), ["compensated", "failed", "pending"]);
+    assert_eq!(steps_of(&saga), steps, "{saga}");
+    assert_eq!(step_statuses(&saga), statuses, "{saga}");
+}
+
+const V1_STEPS: [&str; 3] = ["reserve_stock", "charge_payment", "schedule_shipment"];
+
+/// The rolling upgrade: sagas started on v1 wait on the payment service while the
+/// orchestrator stops; v2 (another step order) is deployed with v1's file gone; the restarted
+/// orchestrator finishes the v1 sagas on v1 (one completes, one compensates the stock v1
+/// reserved first), and starts new sagas on v2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
+    // alice can pay; carol cannot (5.00 EUR for a 10.00 EUR order).
+    let v1_orders = [
+        order("alice", "WIDGET", 1, "DE"),
+        order("carol", "WIDGET", 1, "DE"),
+    ];
+    let (system, _orchestrator, dirs) =
+        upgraded_with_sagas_in_flight(&v1_orders, &order_saga_v2(), |_| {}).await;
+    let [paid, declined] = &v1_orders;
+    let done = ["succeeded"; 3];
+    assert_finished(&system, paid, "completed", 1, &V1_STEPS, &done).await;
+    let undone = ["compensated", "failed", "pending"];
+    assert_finished(&system, declined, "compensated", 1, &V1_STEPS, &undone).await;
 
     // New sagas run v2: payment first, so a declined payment leaves no stock to release.
     let paid = order("alice", "WIDGET", 1, "DE");
@@ -108,15 +141,9 @@ async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
     system.place(&paid).await;
     system.place(&declined).await;
     let v2_steps = ["charge_payment", "reserve_stock", "schedule_shipment"];
-    let saga = system.finished_saga(paid.order_id).await;
-    assert_eq!(saga["state"], "completed", "{saga}");
-    assert_eq!(saga["definition_version"], 2);
-    assert_eq!(steps_of(&saga), v2_steps);
-    let saga = system.finished_saga(declined.order_id).await;
-    assert_eq!(saga["state"], "compensated", "{saga}");
-    assert_eq!(saga["definition_version"], 2);
-    assert_eq!(steps_of(&saga), v2_steps);
-    assert_eq!(step_statuses(&saga), ["failed", "pending", "pending"]);
+    assert_finished(&system, &paid, "completed", 2, &v2_steps, &done).await;
+    let undone = ["failed", "pending", "pending"];
+    assert_finished(&system, &declined, "compensated", 2, &v2_steps, &undone).await;
 
     // Both versions are listed; v2 is the one new sagas start on.
     let (status, body) = system.get("/definitions").await;
@@ -132,7 +159,7 @@ async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
         .unwrap_or_default();
     assert_eq!(listed, [(1, false), (2, true)], "{body}");
     assert_eq!(body["definitions"][1]["steps"][0]["name"], "charge_payment");
-    for dir in [v1, v2] {
+    for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
     system.stop().await;
@@ -147,51 +174,23 @@ async fn sagas_finish_on_the_version_they_started_on_across_an_upgrade() {
 /// shipment is rejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_inserted_by_a_new_version_runs_for_new_sagas_only() {
-    let mut system = TestSystem::start_with(Options {
-        without: vec!["orchestrator", "payment"],
-        ..Options::default()
-    })
-    .await;
-    let v1 = definitions_folder(&[("order.toml", ORDER_SAGA)]);
-    let mut before = system
-        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v1))])
-        .await;
     // alice can pay; carol cannot; AQ is on the shipping deny-list.
     let v1_orders = [
         order("alice", "WIDGET", 1, "DE"),
         order("carol", "WIDGET", 1, "DE"),
         order("alice", "WIDGET", 1, "AQ"),
     ];
-    for placed in &v1_orders {
-        system.place(placed).await;
-        let saga_id = system.saga_id_of(placed.order_id).await;
-        eventually("the v1 saga to wait on charge_payment", || async {
-            let (_, saga) = system.get(&format!("/sagas/{saga_id}")).await;
-            (saga["current_step"] == "charge_payment").then_some(())
+    let (system, _orchestrator, dirs) =
+        upgraded_with_sagas_in_flight(&v1_orders, include_str!("loyalty/order.toml"), |system| {
+            system.start_custom_participant(crate::loyalty::participant());
         })
         .await;
-    }
-    before.kill().await.expect("stop the v1 orchestrator");
-
-    let v2 = definitions_folder(&[("order.toml", include_str!("loyalty/order.toml"))]);
-    system.start_custom_participant(crate::loyalty::participant());
-    let _after = system
-        .spawn_orchestrator_process(&[("SAGAS_DIR", dir_text(&v2))])
-        .await;
-    system.start_participant("payment", 0);
-    let v1_steps = ["reserve_stock", "charge_payment", "schedule_shipment"];
-    let expected = [
-        ("completed", ["succeeded", "succeeded", "succeeded"]),
-        ("compensated", ["compensated", "failed", "pending"]),
-        ("compensated", ["compensated", "compensated", "failed"]),
-    ];
-    for (placed, (state, statuses)) in v1_orders.iter().zip(expected) {
-        let saga = system.finished_saga(placed.order_id).await;
-        assert_eq!(saga["state"], state, "{saga}");
-        assert_eq!(saga["definition_version"], 1, "{saga}");
-        assert_eq!(steps_of(&saga), v1_steps);
-        assert_eq!(step_statuses(&saga), statuses, "{saga}");
-    }
+    let [paid, declined, rejected] = &v1_orders;
+    assert_finished(&system, paid, "completed", 1, &V1_STEPS, &["succeeded"; 3]).await;
+    let undone = ["compensated", "failed", "pending"];
+    assert_finished(&system, declined, "compensated", 1, &V1_STEPS, &undone).await;
+    let undone = ["compensated", "compensated", "failed"];
+    assert_finished(&system, rejected, "compensated", 1, &V1_STEPS, &undone).await;
     assert_eq!(points(&system).await, 0, "no v1 saga awards points");
 
     let v2_steps = [
@@ -202,27 +201,27 @@ async fn a_step_inserted_by_a_new_version_runs_for_new_sagas_only() {
     ];
     let happy = order("alice", "WIDGET", 1, "DE");
     system.place(&happy).await;
-    let saga = system.finished_saga(happy.order_id).await;
-    assert_eq!(saga["state"], "completed", "{saga}");
-    assert_eq!(saga["definition_version"], 2);
-    assert_eq!(steps_of(&saga), v2_steps);
+    assert_finished(
+        &system,
+        &happy,
+        "completed",
+        2,
+        &v2_steps,
+        &["succeeded"; 4],
+    )
+    .await;
     assert_eq!(points(&system).await, happy.total_cents, "a point per cent");
 
     let rejected = order("alice", "WIDGET", 1, "AQ");
     system.place(&rejected).await;
-    let saga = system.finished_saga(rejected.order_id).await;
-    assert_eq!(saga["state"], "compensated", "{saga}");
-    assert_eq!(
-        step_statuses(&saga),
-        ["compensated", "compensated", "compensated", "failed"],
-        "{saga}"
-    );
+    let undone = ["compensated", "compensated", "compensated", "failed"];
+    assert_finished(&system, &rejected, "compensated", 2, &v2_steps, &undone).await;
     assert_eq!(
         points(&system).await,
         happy.total_cents,
         "the rejected order's points are gone"
     );
-    for dir in [v1, v2] {
+    for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
     system.stop().await;
