@@ -677,7 +677,7 @@ fn spawn_postgres_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults
 /// How many of `order_ids` have a saga, and how many sagas are not finished.
 async fn settle_progress(db: &PgPool, order_ids: &[Uuid]) -> sqlx::Result<(i64, i64)> {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE order_id = ANY($1)), \
+        "SELECT count(*) FILTER (WHERE saga_key = ANY($1::uuid[]::text[])), \
                 count(*) FILTER (WHERE state NOT IN ('completed', 'compensated', 'failed')) \
          FROM orchestrator.sagas",
     )
@@ -724,7 +724,8 @@ async fn wait_until_finished(db: &PgPool, order_id: Uuid) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let finished: Option<bool> = sqlx::query_scalar(
-            "SELECT finished_at IS NOT NULL FROM orchestrator.sagas WHERE order_id = $1",
+            "SELECT finished_at IS NOT NULL FROM orchestrator.sagas \
+             WHERE definition_name = 'order' AND saga_key = $1::text",
         )
         .bind(order_id)
         .fetch_optional(db)
@@ -813,16 +814,19 @@ async fn check_invariants(
 
     let missing: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM UNNEST($1::uuid[]) AS placed (order_id) \
-         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s WHERE s.order_id = placed.order_id)",
+         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s \
+                           WHERE s.definition_name = 'order' AND s.saga_key = placed.order_id::text)",
     )
     .bind(order_ids)
     .fetch_one(db)
     .await?;
-    let total: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orchestrator.sagas WHERE NOT order_id = ANY($1)")
-            .bind(garbage_orders)
-            .fetch_one(db)
-            .await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.sagas \
+             WHERE definition_name = 'order' AND NOT saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(garbage_orders)
+    .fetch_one(db)
+    .await?;
     results.push((
         "one saga per order, none lost",
         missing == 0 && total == i64::try_from(order_ids.len())?,
@@ -857,11 +861,11 @@ async fn check_invariants(
 
     let completed_wrong = count(
         db,
-        "SELECT count(*) FROM orchestrator.sagas s WHERE s.state = 'completed' AND NOT ( \
-           (SELECT count(*) FROM inventory.reservations r WHERE r.order_id = s.order_id AND r.status = 'reserved') = 1 \
-           AND (SELECT count(*) FROM payment.payments p WHERE p.order_id = s.order_id AND p.status = 'charged' \
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'order' AND s.state = 'completed' AND NOT ( \
+           (SELECT count(*) FROM inventory.reservations r WHERE r.order_id::text = s.saga_key AND r.status = 'reserved') = 1 \
+           AND (SELECT count(*) FROM payment.payments p WHERE p.order_id::text = s.saga_key AND p.status = 'charged' \
                 AND p.amount_cents = (s.order_data->>'total_cents')::bigint) = 1 \
-           AND (SELECT count(*) FROM shipping.shipments h WHERE h.order_id = s.order_id) = 1)",
+           AND (SELECT count(*) FROM shipping.shipments h WHERE h.order_id::text = s.saga_key) = 1)",
     )
     .await?;
     results.push((
@@ -871,10 +875,10 @@ async fn check_invariants(
     ));
     let compensated_wrong = count(
         db,
-        "SELECT count(*) FROM orchestrator.sagas s WHERE s.state = 'compensated' AND ( \
-           EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id = s.order_id AND r.status = 'reserved') \
-           OR EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id = s.order_id AND p.status = 'charged') \
-           OR EXISTS (SELECT 1 FROM shipping.shipments h WHERE h.order_id = s.order_id))",
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'order' AND s.state = 'compensated' AND ( \
+           EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id::text = s.saga_key AND r.status = 'reserved') \
+           OR EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id::text = s.saga_key AND p.status = 'charged') \
+           OR EXISTS (SELECT 1 FROM shipping.shipments h WHERE h.order_id::text = s.saga_key))",
     )
     .await?;
     results.push((
@@ -1122,7 +1126,7 @@ impl Throughput {
     ) -> anyhow::Result<Self> {
         let share = ((order_ids.len() as f64 * Self::SHARE).ceil() as i64).max(1);
         let finished: i64 = sqlx::query_scalar(
-            "SELECT count(finished_at) FROM orchestrator.sagas WHERE order_id = ANY($1)",
+            "SELECT count(finished_at) FROM orchestrator.sagas WHERE saga_key = ANY($1::uuid[]::text[])",
         )
         .bind(order_ids)
         .fetch_one(db)
@@ -1173,7 +1177,7 @@ impl Throughput {
         let buckets: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT greatest(floor(extract(epoch FROM finished_at - $2) / $3), 0)::int AS bucket, \
                     count(*) \
-             FROM orchestrator.sagas WHERE order_id = ANY($1) AND finished_at IS NOT NULL \
+             FROM orchestrator.sagas WHERE saga_key = ANY($1::uuid[]::text[]) AND finished_at IS NOT NULL \
              GROUP BY bucket ORDER BY bucket",
         )
         .bind(order_ids)

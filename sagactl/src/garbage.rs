@@ -652,13 +652,15 @@ pub async fn audit(
     let committed = tokio::task::block_in_place(|| committed_offsets(log, brokers, prefix))?;
     let order_ids: Vec<Uuid> = log.sent.iter().map(|s| s.order_id).collect();
     let saga_ids: Vec<Uuid> = log.sent.iter().map(|s| s.saga_id).collect();
-    let started: BTreeSet<Uuid> =
-        sqlx::query_scalar("SELECT order_id FROM orchestrator.sagas WHERE order_id = ANY($1)")
-            .bind(&order_ids)
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .collect();
+    let started: BTreeSet<Uuid> = sqlx::query_scalar(
+        "SELECT saga_key::uuid FROM orchestrator.sagas \
+             WHERE definition_name = 'order' AND saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(&order_ids)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .collect();
     let acted_on: BTreeSet<Uuid> = sqlx::query_scalar(
         "SELECT saga_id FROM inventory.step_ledger WHERE saga_id = ANY($1) \
          UNION SELECT saga_id FROM payment.step_ledger WHERE saga_id = ANY($1) \

@@ -370,7 +370,10 @@ async fn watch_events(
             SagaEvent::SagaFailed { .. } => &mut tally.failed,
         };
         *outcome += 1;
-        if let Some(sent) = tally.sent_at.remove(&envelope.body.order_id()) {
+        // The load places orders, so a saga's key is its order id; another saga type's key
+        // is no order of this run.
+        let order_id = Uuid::parse_str(envelope.body.key()).ok();
+        if let Some(sent) = order_id.and_then(|id| tally.sent_at.remove(&id)) {
             tally.latencies.push(sent.elapsed());
             tally.finished_at.push((Instant::now(), completed));
             in_flight.add_permits(1);

@@ -198,7 +198,7 @@ async fn the_same_order_published_twice_yields_one_saga_and_one_charge() {
             .then_some(())
     })
     .await;
-    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE order_id = $1")
+    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE saga_key = $1::text")
         .bind(placed.order_id)
         .fetch_one(&system.schema("orchestrator").await)
         .await

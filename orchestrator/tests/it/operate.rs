@@ -528,9 +528,9 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     let orchestrator = system.schema("orchestrator").await;
     let failed_id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO sagas (id, order_id, state, order_data, steps, definition_version, version, \
+        "INSERT INTO sagas (id, saga_key, state, order_data, steps, definition_version, version, \
                             created_at, updated_at, finished_at) \
-         SELECT $1, $2, 'failed', order_data, steps, definition_version, 0, created_at, \
+         SELECT $1, $2::text, 'failed', order_data, steps, definition_version, 0, created_at, \
                 updated_at, now() - interval '1 day' FROM sagas WHERE id = $3::uuid",
     )
     .bind(failed_id)

@@ -203,7 +203,7 @@ fn the_canonical_form_ignores_comments_and_layout_and_reads_back() {
 
 /// The shape paths are checked against is what `OrderPlaced` serialises to, field for field.
 #[test]
-fn the_order_placed_shape_is_the_message() {
+fn the_trigger_shapes_are_the_messages() {
     fn check(value: &Json, shape: Shape, at: &str) {
         match shape {
             Shape::Text => assert!(value.is_string(), "{at} is text"),
@@ -233,9 +233,14 @@ fn the_order_placed_shape_is_the_message() {
         }
     }
     let json = serde_json::to_value(order()).expect("serialises");
-    let (name, shape) = TRIGGER_MESSAGES[0];
-    assert_eq!(json["type"], name);
-    check(&json, shape, "$");
+    let message = &TRIGGER_MESSAGES[0];
+    assert_eq!(json["type"], message.name);
+    check(&json, message.shape, "$");
+    // What a saga keeps is what the message's decoder makes of it, and the sample used to
+    // build commands at load time has every field of the shape.
+    let bytes = serde_json::to_vec(&order()).expect("serialises");
+    assert_eq!((message.decode)(&bytes), Ok(json));
+    check(&(message.sample)(), message.shape, "$");
 }
 
 #[test]
@@ -927,6 +932,32 @@ fn a_participant_with_another_topic_in_another_file_is_refused() {
             participant: "payment".into(),
             other_topic: "payment.commands".into(),
             other: format!("{first} steps[1].topic"),
+        },
+    );
+}
+
+#[test]
+fn a_step_name_of_another_saga_type_is_refused() {
+    // Participants route commands by step name and key their ledger by (saga key, step): a
+    // step name shared by two saga types would mix their answers.
+    let folder = Folder::new();
+    let first = folder.write("a.toml", ORDER);
+    let second = folder.write(
+        "b.toml",
+        &order_with(|d| {
+            set(d, "name", text("order_copy"));
+            set(d, "trigger.topic", text("orders.copy"));
+        }),
+    );
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert_invalid_in(
+        error,
+        &second,
+        "steps[0].name",
+        Problem::StepOfAnotherSaga {
+            step: "reserve_stock".into(),
+            other_saga: "order".into(),
+            other_file: first,
         },
     );
 }
