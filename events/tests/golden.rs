@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use events::{Action, Command, Envelope, OrderPlaced, Outcome, Reply, SagaEvent};
+use events::{Action, Command, Envelope, OrderPlaced, Outcome, Reply, ReturnRequested, SagaEvent};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -33,6 +33,19 @@ fn order_placed() {
     let order: OrderPlaced = round_trip("OrderPlaced");
     assert_eq!(order.validate(), Ok(()));
     assert_eq!(OrderPlaced::from_json(&golden("OrderPlaced")), Ok(order));
+}
+
+#[test]
+fn return_requested() {
+    let request: ReturnRequested = round_trip("ReturnRequested");
+    assert_eq!(request.validate(), Ok(()));
+    assert_eq!(
+        ReturnRequested::from_json(&golden("ReturnRequested")),
+        Ok(request)
+    );
+    // An order is no return, and a return no order.
+    assert!(OrderPlaced::from_json(&golden("ReturnRequested")).is_err());
+    assert!(ReturnRequested::from_json(&golden("OrderPlaced")).is_err());
 }
 
 /// The order saga's commands, each with the step and action it serves.

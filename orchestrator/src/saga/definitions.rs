@@ -360,6 +360,18 @@ const ORDER_PLACED: Shape = Shape::Object(&[
     ("shipping_address", ADDRESS),
 ]);
 
+const RETURN_ITEM: Shape = Shape::Object(&[("sku", Shape::Text), ("quantity", Shape::Integer)]);
+
+/// `events::ReturnRequested` as JSON (its `type` tag aside); a test keeps the two in step.
+const RETURN_REQUESTED: Shape = Shape::Object(&[
+    ("return_id", Shape::Text),
+    ("order_id", Shape::Text),
+    ("customer_id", Shape::Text),
+    ("items", Shape::List(&RETURN_ITEM)),
+    ("refund_cents", Shape::Integer),
+    ("currency", Shape::Text),
+]);
+
 /// A message that can start a saga: everything the engine knows of it, in one place. A new
 /// trigger message is a type in `events` (with its validation) and one entry here.
 #[derive(Debug, Clone, Copy)]
@@ -398,23 +410,48 @@ fn decoded<T: serde::Serialize>(
 }
 
 /// The messages a saga can be triggered by.
-pub const TRIGGER_MESSAGES: [TriggerMessage; 1] = [TriggerMessage {
-    name: events::OrderPlaced::TYPE_NAME,
-    shape: ORDER_PLACED,
-    decode: |bytes| decoded(events::OrderPlaced::from_json(bytes)),
-    summary: &["order_id", "customer_id", "total_cents", "currency"],
-    sample: || {
-        serde_json::json!({
-            "type": events::OrderPlaced::TYPE_NAME,
-            "order_id": "00000000-0000-4000-8000-000000000001",
-            "customer_id": "c",
-            "items": [{ "sku": "s", "quantity": 1, "unit_price_cents": 1 }],
-            "total_cents": 1,
-            "currency": "EUR",
-            "shipping_address": { "country": "DE", "city": "c", "line1": "l", "postal_code": "p" }
-        })
+pub const TRIGGER_MESSAGES: [TriggerMessage; 2] = [
+    TriggerMessage {
+        name: events::OrderPlaced::TYPE_NAME,
+        shape: ORDER_PLACED,
+        decode: |bytes| decoded(events::OrderPlaced::from_json(bytes)),
+        summary: &["order_id", "customer_id", "total_cents", "currency"],
+        sample: || {
+            serde_json::json!({
+                "type": events::OrderPlaced::TYPE_NAME,
+                "order_id": "00000000-0000-4000-8000-000000000001",
+                "customer_id": "c",
+                "items": [{ "sku": "s", "quantity": 1, "unit_price_cents": 1 }],
+                "total_cents": 1,
+                "currency": "EUR",
+                "shipping_address": { "country": "DE", "city": "c", "line1": "l", "postal_code": "p" }
+            })
+        },
     },
-}];
+    TriggerMessage {
+        name: events::ReturnRequested::TYPE_NAME,
+        shape: RETURN_REQUESTED,
+        decode: |bytes| decoded(events::ReturnRequested::from_json(bytes)),
+        summary: &[
+            "return_id",
+            "order_id",
+            "customer_id",
+            "refund_cents",
+            "currency",
+        ],
+        sample: || {
+            serde_json::json!({
+                "type": events::ReturnRequested::TYPE_NAME,
+                "return_id": "00000000-0000-4000-8000-000000000002",
+                "order_id": "00000000-0000-4000-8000-000000000001",
+                "customer_id": "c",
+                "items": [{ "sku": "s", "quantity": 1 }],
+                "refund_cents": 1,
+                "currency": "EUR"
+            })
+        },
+    },
+];
 
 /// The trigger message named `message`, if there is one.
 pub fn trigger_message(message: &str) -> Option<&'static TriggerMessage> {

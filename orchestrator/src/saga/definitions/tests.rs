@@ -241,6 +241,30 @@ fn the_trigger_shapes_are_the_messages() {
     let bytes = serde_json::to_vec(&order()).expect("serialises");
     assert_eq!((message.decode)(&bytes), Ok(json));
     check(&(message.sample)(), message.shape, "$");
+
+    // The return saga's trigger likewise.
+    let request = events::ReturnRequested {
+        return_id: uuid::Uuid::from_u128(9),
+        order_id: uuid::Uuid::from_u128(7),
+        customer_id: "alice".into(),
+        items: vec![events::ReturnItem {
+            sku: "WIDGET".into(),
+            quantity: 1,
+        }],
+        refund_cents: 1_000,
+        currency: "EUR".into(),
+    };
+    let json = serde_json::to_value(&request).expect("serialises");
+    let message = trigger_message("ReturnRequested").expect("a trigger message");
+    assert_eq!(json["type"], message.name);
+    check(&json, message.shape, "$");
+    check(&(message.sample)(), message.shape, "$");
+    let bytes = serde_json::to_vec(&request).expect("serialises");
+    assert_eq!((message.decode)(&bytes), Ok(json));
+    // Whatever the bytes, a decoder answers with a reason, never a panic.
+    for garbage in [&b""[..], b"\xff", b"[]", br#"{"type":"OrderPlaced"}"#] {
+        assert!((message.decode)(garbage).is_err(), "{garbage:?}");
+    }
 }
 
 #[test]
