@@ -43,9 +43,11 @@ impl ReturnRequested {
     /// [`ContractError::Malformed`] when the bytes are not a `ReturnRequested` (another `type`
     /// among them), `InvalidField` when a field breaks a rule.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        // The type first, so that another message on the topic (an order, say) is named as
+        // such rather than by the first field it lacks.
+        expect_type(bytes, Self::TYPE_NAME)?;
         let request: Self =
             serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
-        expect_type(bytes, Self::TYPE_NAME)?;
         request.validate()?;
         Ok(request)
     }

@@ -13,6 +13,7 @@ mod operate;
 #[allow(dead_code)] // The unit tests use the rest of it.
 mod order_messages;
 mod recovery;
+mod returns;
 
 use events::Envelope;
 use helpers::{order, step_statuses, TestSystem};

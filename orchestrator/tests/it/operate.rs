@@ -13,12 +13,12 @@ use uuid::Uuid;
 use crate::helpers::{eventually, order, TestSystem};
 
 /// The OpenAPI document the server serves.
-fn openapi() -> Value {
+pub(crate) fn openapi() -> Value {
     serde_json::from_str(orchestrator::api::OPENAPI_JSON).expect("openapi.json is JSON")
 }
 
 /// Checks `body` against the schema the document gives for `method path` answering `status`.
-fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+pub(crate) fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
     let escaped = path.replace('~', "~0").replace('/', "~1");
     let mut pointer = format!("/paths/{escaped}/{method}/responses/{status}");
     // A shared response (`#/components/responses/...`) is a reference.
@@ -99,7 +99,16 @@ async fn the_server_answers_as_its_openapi_document_says() {
     // The served document is the file with this deployment's step names filled in.
     let (status, served_doc) = system.get("/openapi.json").await;
     assert_eq!(status, 200);
-    let steps = ["charge_payment", "reserve_stock", "schedule_shipment"].map(String::from);
+    // The repository's sagas: the order saga's steps and the return saga's.
+    let steps = [
+        "charge_payment",
+        "receive_return",
+        "refund",
+        "reserve_stock",
+        "restock",
+        "schedule_shipment",
+    ]
+    .map(String::from);
     let expected = orchestrator::api::openapi_for_steps(&steps).expect("the file is JSON");
     assert_eq!(
         served_doc, expected,

@@ -271,12 +271,37 @@ fn the_trigger_shapes_are_the_messages() {
 fn the_sagas_folder_loads() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
     let definitions = load_dir(&dir).expect("sagas/ loads");
-    assert_eq!(definitions.len(), 1);
+    assert_eq!(definitions.len(), 2);
     let expected = SagaDefinition {
         file: dir.join("order.toml").display().to_string(),
         ..order_definition()
     };
     assert_eq!(definitions[0], expected);
+    // The return saga: its own trigger topic and message, its own step names, the refund its
+    // pivot.
+    let returns = &definitions[1];
+    assert_eq!(returns.name, "return");
+    assert_eq!(
+        (
+            returns.trigger.topic.as_str(),
+            returns.trigger.message.as_str()
+        ),
+        ("returns", "ReturnRequested")
+    );
+    assert_eq!(returns.trigger.key.to_string(), "$.return_id");
+    let steps: Vec<(&str, &str, StepKind)> = returns
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.participant.as_str(), s.kind))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("receive_return", "returns", StepKind::Compensable),
+            ("restock", "inventory", StepKind::Compensable),
+            ("refund", "payment", StepKind::Pivot),
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
