@@ -27,7 +27,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind};
-use crate::load::{publish_order, random_order};
+use crate::load::{publish_order, publish_return, random_order};
 
 /// The participants a run starts: the order saga's and the return saga's.
 const PARTICIPANTS: [&str; 4] = ["inventory", "payment", "shipping", "returns"];
@@ -60,26 +60,6 @@ fn return_of(order: &events::OrderPlaced, n: usize) -> events::ReturnRequested {
         },
         currency: order.currency.clone(),
     }
-}
-
-/// Publishes `request` to the deployment's `returns` topic, keyed by return id.
-async fn publish_return(
-    producer: &FutureProducer,
-    topics: &Topics,
-    request: &events::ReturnRequested,
-) -> anyhow::Result<()> {
-    let payload = serde_json::to_vec(request)?;
-    let key = request.return_id.to_string();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(&topics.named("returns"))
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("publishing a return: {e}"))?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]

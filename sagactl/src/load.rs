@@ -387,6 +387,26 @@ async fn watch_events(
     }
 }
 
+/// Publishes `request` to the deployment's `returns` topic, keyed by return id.
+pub(crate) async fn publish_return(
+    producer: &FutureProducer,
+    topics: &Topics,
+    request: &events::ReturnRequested,
+) -> anyhow::Result<()> {
+    let payload = serde_json::to_vec(request)?;
+    let key = request.return_id.to_string();
+    producer
+        .send(
+            FutureRecord::to(&topics.named("returns"))
+                .key(&key)
+                .payload(&payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("publishing a return: {e}"))?;
+    Ok(())
+}
+
 /// The step a failing order is built to fail at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum FailAt {
