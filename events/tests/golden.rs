@@ -108,6 +108,54 @@ fn replies() {
     }
 }
 
+/// The return saga's commands (with the step and action each serves) and replies (with
+/// whether each says the action failed): generic messages like the order saga's, keyed by the
+/// return id.
+#[test]
+fn return_saga_commands_and_replies() {
+    for (name, step, action) in [
+        ("ReceiveReturn", "receive_return", Action::Forward),
+        ("RejectReturn", "receive_return", Action::Compensate),
+        ("Restock", "restock", Action::Forward),
+        ("UndoRestock", "restock", Action::Compensate),
+        ("IssueRefund", "refund", Action::Forward),
+    ] {
+        let envelope: Envelope<Command> = round_trip(name);
+        let command = &envelope.body;
+        assert_eq!(
+            (command.name.as_str(), command.step.as_str(), command.action),
+            (name, step, action)
+        );
+        assert_eq!(
+            (command.saga_type.as_str(), command.saga_version),
+            ("return", 1)
+        );
+        assert_eq!(
+            command.payload.get("return_id").and_then(|id| id.as_str()),
+            Some(command.key.as_str()),
+            "{name}: the return saga's key is the return id"
+        );
+    }
+    for (name, failed) in [
+        ("ReturnReceived", false),
+        ("ReturnRejected", false),
+        ("Restocked", false),
+        ("RestockRefused", true),
+        ("RestockUndone", false),
+        ("RefundIssued", false),
+        ("RefundRefused", true),
+    ] {
+        let envelope: Envelope<Reply> = round_trip(name);
+        assert_eq!(envelope.body.name, name);
+        assert_eq!(envelope.body.saga_type, "return");
+        assert_eq!(
+            matches!(envelope.body.outcome, Outcome::Failed { .. }),
+            failed,
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn saga_events() {
     for name in [

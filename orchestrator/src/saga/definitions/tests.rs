@@ -1048,6 +1048,117 @@ fn an_invalid_file_in_the_folder_is_named_by_its_path() {
 /// The published wire contract (`events/contract/asyncapi.json`) describes the order saga as
 /// its file defines it: each step's command topic is a channel carrying its commands, and
 /// `saga.replies` carries every reply the definition names.
+/// The return saga's golden commands and replies (`events/golden/`), by name.
+const RETURN_GOLDEN: [(&str, &str); 12] = [
+    (
+        "ReceiveReturn",
+        include_str!("../../../../events/golden/ReceiveReturn.json"),
+    ),
+    (
+        "RejectReturn",
+        include_str!("../../../../events/golden/RejectReturn.json"),
+    ),
+    (
+        "Restock",
+        include_str!("../../../../events/golden/Restock.json"),
+    ),
+    (
+        "UndoRestock",
+        include_str!("../../../../events/golden/UndoRestock.json"),
+    ),
+    (
+        "IssueRefund",
+        include_str!("../../../../events/golden/IssueRefund.json"),
+    ),
+    (
+        "ReturnReceived",
+        include_str!("../../../../events/golden/ReturnReceived.json"),
+    ),
+    (
+        "ReturnRejected",
+        include_str!("../../../../events/golden/ReturnRejected.json"),
+    ),
+    (
+        "Restocked",
+        include_str!("../../../../events/golden/Restocked.json"),
+    ),
+    (
+        "RestockRefused",
+        include_str!("../../../../events/golden/RestockRefused.json"),
+    ),
+    (
+        "RestockUndone",
+        include_str!("../../../../events/golden/RestockUndone.json"),
+    ),
+    (
+        "RefundIssued",
+        include_str!("../../../../events/golden/RefundIssued.json"),
+    ),
+    (
+        "RefundRefused",
+        include_str!("../../../../events/golden/RefundRefused.json"),
+    ),
+];
+
+fn return_golden(name: &str) -> &'static str {
+    RETURN_GOLDEN
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+        .unwrap_or_else(|| panic!("no golden file {name}"))
+}
+
+/// `sagas/return.toml` makes, from the golden `ReturnRequested`, exactly the golden commands
+/// of the return saga, and each golden reply answers the step and direction it names.
+#[test]
+fn the_return_file_makes_the_golden_commands_and_reads_the_golden_replies() {
+    let definition = parse(
+        "sagas/return.toml",
+        include_str!("../../../../sagas/return.toml"),
+    )
+    .expect("sagas/return.toml is valid");
+    let message = trigger_message(&definition.trigger.message).expect("a trigger message");
+    let trigger =
+        (message.decode)(include_str!("../../../../events/golden/ReturnRequested.json").as_bytes())
+            .expect("the golden ReturnRequested decodes");
+    for step in &definition.steps {
+        let actions = [(Action::Forward, Some(&step.forward))]
+            .into_iter()
+            .chain([(Action::Compensate, step.compensation.as_ref())]);
+        for (direction, action) in actions {
+            let Some(action) = action else { continue };
+            let command = action
+                .command(&definition, step, direction, &trigger, 1)
+                .expect("a command");
+            let golden = events::Envelope::<events::Command>::from_json(
+                return_golden(&action.name).as_bytes(),
+            )
+            .expect("the golden command decodes");
+            assert_eq!(golden.body, command, "{}", action.name);
+            for (reply, failed) in std::iter::once((&action.success, false))
+                .chain(action.failure.iter().map(|f| (f, true)))
+            {
+                if reply == "CompensationFailed" {
+                    continue;
+                }
+                let golden = events::Envelope::<Reply>::from_json(return_golden(reply).as_bytes())
+                    .expect("the golden reply decodes");
+                assert_eq!(
+                    (golden.body.step.as_str(), golden.body.action),
+                    (step.name.as_str(), direction),
+                    "{reply}"
+                );
+                assert_eq!(
+                    matches!(golden.body.outcome, events::Outcome::Failed { .. }),
+                    failed,
+                    "{reply}"
+                );
+                assert_eq!(golden.body.key, command.key, "{reply}");
+            }
+        }
+    }
+}
+
 #[test]
 fn the_asyncapi_document_describes_the_order_file() {
     let doc: Json = serde_json::from_str(include_str!("../../../../events/contract/asyncapi.json"))
@@ -1060,23 +1171,26 @@ fn the_asyncapi_document_describes_the_order_file() {
             .unwrap_or_else(|| panic!("no channel for {topic}"))
             .clone()
     };
-    let definition = order_definition();
-    let trigger = channel_at(&definition.trigger.topic);
-    assert!(trigger["messages"]
-        .get(&definition.trigger.message)
-        .is_some());
-    let replies = channel_at(ENGINE_TOPICS[0]);
-    for step in &definition.steps {
-        let commands = channel_at(&step.topic);
-        for action in std::iter::once(&step.forward).chain(&step.compensation) {
-            assert!(
-                commands["messages"].get(&action.name).is_some(),
-                "{} is not on {}",
-                action.name,
-                step.topic
-            );
-            for reply in std::iter::once(&action.success).chain(&action.failure) {
-                assert!(replies["messages"].get(reply).is_some(), "{reply}");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
+    // Every saga of the repository, the return saga beside the order saga.
+    for definition in load_dir(&dir).expect("sagas/ loads") {
+        let trigger = channel_at(&definition.trigger.topic);
+        assert!(trigger["messages"]
+            .get(&definition.trigger.message)
+            .is_some());
+        let replies = channel_at(ENGINE_TOPICS[0]);
+        for step in &definition.steps {
+            let commands = channel_at(&step.topic);
+            for action in std::iter::once(&step.forward).chain(&step.compensation) {
+                assert!(
+                    commands["messages"].get(&action.name).is_some(),
+                    "{} is not on {}",
+                    action.name,
+                    step.topic
+                );
+                for reply in std::iter::once(&action.success).chain(&action.failure) {
+                    assert!(replies["messages"].get(reply).is_some(), "{reply}");
+                }
             }
         }
     }
