@@ -1,11 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# One image for the whole saga engine. It holds all four service binaries
-# (orchestrator, inventory, payment, shipping) in /usr/local/bin and has no
-# ENTRYPOINT, so the command picks the service: docker-compose.yml builds this
-# image once (tagged saga-engine:local) and runs it four times with
-# `command: orchestrator`, `command: inventory`, `command: payment` and
-# `command: shipping`. Plain docker works the same way:
+# One image for the whole saga engine. It holds all five service binaries
+# (orchestrator, inventory, payment, shipping, returns) in /usr/local/bin and has
+# no ENTRYPOINT, so the command picks the service: docker-compose.yml builds this
+# image once (tagged saga-engine:local) and runs it five times with
+# `command: orchestrator`, `command: inventory`, `command: payment`,
+# `command: shipping` and `command: returns`. Plain docker works the same way:
 #
 #   docker build -t saga-engine:local .
 #   docker run --rm -e KAFKA_BROKERS=... -e DATABASE_URL=... saga-engine:local payment
@@ -49,10 +49,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-        --bin orchestrator --bin inventory --bin payment --bin shipping \
+        --bin orchestrator --bin inventory --bin payment --bin shipping --bin returns \
     && mkdir -p /out \
     && cp target/release/orchestrator target/release/inventory \
-          target/release/payment target/release/shipping /out/
+          target/release/payment target/release/shipping target/release/returns /out/
 
 ############################ runtime ############################
 FROM debian:bookworm-slim
@@ -64,7 +64,8 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid saga --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin saga
 
-COPY --from=builder /out/orchestrator /out/inventory /out/payment /out/shipping /usr/local/bin/
+COPY --from=builder /out/orchestrator /out/inventory /out/payment /out/shipping /out/returns \
+    /usr/local/bin/
 COPY sagas /etc/saga-engine/sagas
 ENV SAGAS_DIR=/etc/saga-engine/sagas
 

@@ -98,7 +98,7 @@ make_api_tokens() {
 #   BENCH_ACCOUNTING  the `sagactl load` arguments that account for every process (CPU, memory,
 #                     /metrics; the broker's JVM and PostgreSQL too) and the SQL statements
 # Knobs: BENCH_DATABASE_SERVER, BENCH_DATABASE_OPTIONS (e.g. "?host=/var/run/postgresql"),
-# BENCH_METRICS_PORT_BASE (default 9180: the participants' /metrics on base+1, +2, +3), and
+# BENCH_METRICS_PORT_BASE (default 9180: the participants' /metrics on base+1, +2, ...), and
 # extra environment for one service in the array BENCH_ENV_<service>, e.g.
 #   BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES=1000)
 # Without API_TOKENS_FILE or API_TOKENS for the orchestrator, it runs with
@@ -178,13 +178,13 @@ bench_start_stack() {
   fi
   # Wait for the participants' migrations (the demo data is their last one).
   for _ in $(seq 1 300); do
-    psql "$DATABASE_URL" -Atc "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) AND to_regclass('shipping.shipments') IS NOT NULL" 2>/dev/null | grep -q t && break
+    psql "$DATABASE_URL" -Atc "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) AND to_regclass('shipping.shipments') IS NOT NULL AND to_regclass('returns.return_lines') IS NOT NULL" 2>/dev/null | grep -q t && break
     sleep 0.1
   done
 
   BENCH_SAGACTL="$ROOT/target/$profile/sagactl"
   local metrics_urls=("http://$BENCH_OPS_ADDR/metrics")
-  for i in 1 2 3; do metrics_urls+=("http://127.0.0.1:$((port_base + i))/metrics"); done
+  for ((i = 1; i < ${#names[@]}; i++)); do metrics_urls+=("http://127.0.0.1:$((port_base + i))/metrics"); done
   BENCH_ACCOUNTING=()
   for i in "${!names[@]}"; do
     BENCH_ACCOUNTING+=(--process "${names[$i]}=${BENCH_PIDS[$i]}" --metrics "${names[$i]}=${metrics_urls[$i]}")

@@ -59,9 +59,9 @@ echo "filling $n finished sagas..." >&2
 started=$(date +%s.%N)
 psql "$db" -q -v ON_ERROR_STOP=1 <<SQL
 SET search_path = orchestrator;
-INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, definition_version,
+INSERT INTO sagas (id, saga_key, state, order_data, steps, failure_reason, definition_version,
                    version, created_at, updated_at, finished_at, deadline_at, current_step, trace_parent)
-SELECT gen_random_uuid(), gen_random_uuid(), 'completed',
+SELECT gen_random_uuid(), gen_random_uuid()::text, 'completed',
   jsonb_build_object('order_id', gen_random_uuid(), 'customer_id', 'alice', 'currency', 'EUR',
     'total_cents', 1000,
     'items', jsonb_build_array(jsonb_build_object('sku', 'WIDGET', 'quantity', 1, 'unit_price_cents', 1000)),

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole system on this machine and shows every saga path:
 #   installs and starts PostgreSQL and the Kafka broker if needed, creates the database, builds and starts
-#   the orchestrator and the three participants as separate processes, places demo orders
-#   (happy path, stock unavailable, payment declined, shipping rejected), and prints each
-#   saga's final state as read from the status API. Then it keeps running until Ctrl-C.
+#   the orchestrator and every participant the saga definitions name as separate processes,
+#   places demo orders (happy path, stock unavailable, payment declined, shipping rejected),
+#   then two returns of the happy order (refunded; refused as more than its charge, so the
+#   restock is undone and the return rejected), and prints each saga's final state as read
+#   from the status API. Then it keeps running until Ctrl-C.
 #
 #   scripts/run.sh [--exit-after-demo]
 #
@@ -33,7 +35,7 @@ fi
 
 mapfile -t service_names < <(services)
 echo "building the services: ${service_names[*]}..." >&2
-cargo build --release --locked "${service_names[@]/#/--bin=}"
+cargo build --release --locked "${service_names[@]/#/--bin=}" --bin=sagactl
 
 mkdir -p .run/logs
 # demo-operator: the page's walkthrough (reads, operator actions, and the demo orders);
@@ -82,8 +84,10 @@ for spec in "${demo_orders[@]}"; do
 done
 
 printf '\n%-18s %-36s %-12s %s\n' "path" "order id" "state" "steps / failure reason"
+happy_order=""
 for entry in "${order_ids[@]}"; do
   order_id="${entry%%:*}"; label="${entry#*:}"
+  [[ "$label" == happy-path ]] && happy_order="$order_id"
   saga=""
   for _ in $(seq 1 300); do
     saga=$(curl -fsS "${viewer[@]}" "$api/orders/$order_id/saga" 2>/dev/null || true)
@@ -95,6 +99,38 @@ for entry in "${order_ids[@]}"; do
     '[$path, .order_id, .state, ([.steps[] | "\(.name)=\(.status)"] | join(" ")) + (if .failure_reason then " | " + .failure_reason else "" end)] | @tsv' \
     <<<"$saga" | awk -F'\t' '{printf "%-18s %-36s %-12s %s\n", $1, $2, $3, $4}'
 done
+
+# Returns of the happy order (2 WIDGETs, 20.00 EUR charged), published on the `returns` topic
+# as a client does: one WIDGET back for 10.00 (received, restocked, refunded), then one for
+# 50.00, more than is left of the charge (the refund is refused: the restock is undone and the
+# return rejected).
+# label refund_cents
+demo_returns=(
+  "return-refunded 1000"
+  "return-refused 5000"
+)
+return_ids=()
+for spec in "${demo_returns[@]}"; do
+  read -r label refund_cents <<<"$spec"
+  return_id=$(target/release/sagactl return --order-id "$happy_order" --customer alice \
+    --sku WIDGET --quantity 1 --refund-cents "$refund_cents")
+  echo "requested $label $return_id (order $happy_order)" >&2
+  return_ids+=("$return_id:$label")
+  # One after the other: the second one's refusal depends on what the first refunded.
+  for _ in $(seq 1 300); do
+    state=$(curl -fsS "${viewer[@]}" "$api/sagas?limit=50" 2>/dev/null \
+      | jq -r --arg key "$return_id" '.sagas[] | select(.saga_key == $key) | .state' 2>/dev/null || true)
+    [[ "$state" =~ ^(completed|compensated|failed)$ ]] && break
+    sleep 0.1
+  done
+done
+printf '\n%-18s %-36s %-12s %s\n' "path" "return id" "state" "steps / failure reason"
+for entry in "${return_ids[@]}"; do
+  return_id="${entry%%:*}"; label="${entry#*:}"
+  curl -fsS "${viewer[@]}" "$api/sagas?limit=50" | jq -r --arg path "$label" --arg key "$return_id" \
+    '.sagas[] | select(.saga_key == $key) | [$path, .saga_key, .state, ([.steps[] | "\(.name)=\(.status)"] | join(" ")) + (if .failure_reason then " | " + .failure_reason else "" end)] | @tsv' \
+    | awk -F'\t' '{printf "%-18s %-36s %-12s %s\n", $1, $2, $3, $4}'
+done
 cat <<TOKENS
 
 API tokens for this run (only their hashes are stored, in .run/api-tokens; new ones each run):
@@ -104,7 +140,8 @@ API tokens for this run (only their hashes are stored, in .run/api-tokens; new o
 
 The page:  open $api/ and paste the demo-operator token (kept only in that browser tab).
 The API:   curl -H "Authorization: Bearer $TOKEN_dashboards" $api/sagas
-           (one saga: $api/orders/<order_id>/saga; orders: POST $api/orders with the shop token)
+           (one saga: $api/orders/<order_id>/saga; orders: POST $api/orders with the shop token;
+           returns: target/release/sagactl return --order-id <order_id> --refund-cents <cents>)
 sagactl:   export SAGA_API_TOKEN=$TOKEN_demo_operator SAGA_API=$api
            target/release/sagactl list --state failed
 TOKENS

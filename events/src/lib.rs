@@ -8,6 +8,7 @@ mod envelope;
 mod error;
 mod messages;
 mod order;
+mod returns;
 mod topics;
 
 pub use envelope::{Envelope, SCHEMA_VERSION};
@@ -17,4 +18,5 @@ pub use messages::{
     MAX_NAME_LEN, MAX_REASON_LEN,
 };
 pub use order::{Address, LineItem, OrderPlaced};
+pub use returns::{ReturnItem, ReturnRequested};
 pub use topics::Topics;

@@ -13,7 +13,6 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use uuid::Uuid;
 
 use crate::{ContractError, Result};
 
@@ -353,35 +352,70 @@ mod wire {
 }
 
 /// A saga's lifecycle, published on `saga.events` for anyone who wants to follow along.
+///
+/// Every event names the saga's type and key, and carries `subject`: fields of the trigger
+/// message, written beside them (flattened), so an order saga's events still say `order_id`
+/// (and `SagaStarted` the customer, total and currency) as they always did. Which fields is the
+/// trigger message's to say (the orchestrator's `TRIGGER_MESSAGES`): `SagaStarted` a summary
+/// of the message, the others the key's field alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "payload")]
 pub enum SagaEvent {
     SagaStarted {
-        order_id: Uuid,
-        customer_id: String,
-        total_cents: i64,
-        currency: String,
+        /// Empty in an event written before saga types had names.
+        #[serde(default)]
+        saga_type: String,
+        #[serde(default)]
+        key: String,
+        #[serde(flatten)]
+        subject: Map<String, Value>,
     },
     SagaCompleted {
-        order_id: Uuid,
+        #[serde(default)]
+        saga_type: String,
+        #[serde(default)]
+        key: String,
+        #[serde(flatten)]
+        subject: Map<String, Value>,
     },
     SagaCompensated {
-        order_id: Uuid,
+        #[serde(default)]
+        saga_type: String,
+        #[serde(default)]
+        key: String,
         reason: String,
+        #[serde(flatten)]
+        subject: Map<String, Value>,
     },
     SagaFailed {
-        order_id: Uuid,
+        #[serde(default)]
+        saga_type: String,
+        #[serde(default)]
+        key: String,
         reason: String,
+        #[serde(flatten)]
+        subject: Map<String, Value>,
     },
 }
 
 impl SagaEvent {
-    pub fn order_id(&self) -> Uuid {
+    /// The key of the saga the event is about (the order saga: the order id).
+    pub fn key(&self) -> &str {
         match self {
-            Self::SagaStarted { order_id, .. }
-            | Self::SagaCompleted { order_id }
-            | Self::SagaCompensated { order_id, .. }
-            | Self::SagaFailed { order_id, .. } => *order_id,
+            Self::SagaStarted { key, .. }
+            | Self::SagaCompleted { key, .. }
+            | Self::SagaCompensated { key, .. }
+            | Self::SagaFailed { key, .. } => key,
+        }
+    }
+
+    /// The type of the saga the event is about.
+    pub fn saga_type(&self) -> &str {
+        match self {
+            Self::SagaStarted { saga_type, .. }
+            | Self::SagaCompleted { saga_type, .. }
+            | Self::SagaCompensated { saga_type, .. }
+            | Self::SagaFailed { saga_type, .. } => saga_type,
         }
     }
 }

@@ -49,9 +49,25 @@ struct TypeTag<'a> {
     kind: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// Refuses a record whose `type` is not `name`. serde writes the `type` tag of a struct but
+/// does not check it on reading.
+pub(crate) fn expect_type(bytes: &[u8], name: &str) -> Result<()> {
+    let tag: TypeTag<'_> =
+        serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+    if tag.kind.as_deref() == Some(name) {
+        return Ok(());
+    }
+    Err(ContractError::Malformed(format!(
+        "expected \"type\": \"{name}\", got {:?}",
+        tag.kind
+            .as_deref()
+            .map(|k| k.chars().take(64).collect::<String>())
+    )))
+}
+
 /// Upper bounds that keep one order's arithmetic far from overflow.
-const MAX_ITEMS: usize = 100;
-const MAX_QUANTITY: i32 = 1_000_000;
+pub(crate) const MAX_ITEMS: usize = 100;
+pub(crate) const MAX_QUANTITY: i32 = 1_000_000;
 const MAX_UNIT_PRICE_CENTS: i64 = 1_000_000_000;
 const MAX_TEXT_LEN: usize = 200;
 
@@ -66,17 +82,7 @@ impl OrderPlaced {
             serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
         // serde writes the `type` tag of a struct but does not check it on reading, so an
         // `OrderCancelled` with an order's fields would otherwise start a saga.
-        let tag: TypeTag<'_> =
-            serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
-        if tag.kind.as_deref() != Some(OrderPlaced::TYPE_NAME) {
-            return Err(ContractError::Malformed(format!(
-                "expected \"type\": \"{}\", got {:?}",
-                OrderPlaced::TYPE_NAME,
-                tag.kind
-                    .as_deref()
-                    .map(|k| k.chars().take(64).collect::<String>())
-            )));
-        }
+        expect_type(bytes, OrderPlaced::TYPE_NAME)?;
         order.validate()?;
         Ok(order)
     }
@@ -157,7 +163,7 @@ impl OrderPlaced {
     }
 }
 
-fn check_text(field: &'static str, value: &str) -> Result<()> {
+pub(crate) fn check_text(field: &'static str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(ContractError::invalid(field, "must not be empty"));
     }
@@ -177,7 +183,7 @@ fn check_text(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
-fn is_upper_code(value: &str, len: usize) -> bool {
+pub(crate) fn is_upper_code(value: &str, len: usize) -> bool {
     value.len() == len && value.bytes().all(|b| b.is_ascii_uppercase())
 }
 

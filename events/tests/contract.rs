@@ -161,6 +161,27 @@ fn the_schemas_refuse_broken_messages() {
     broken["extra"] = true.into();
     assert!(!order.is_valid(&broken), "an unknown field");
 
+    let request = validator("schemas/ReturnRequested.schema.json");
+    for (field, value, why) in [
+        ("items", Value::Array(Vec::new()), "a return without items"),
+        ("refund_cents", Value::from(0), "nothing to refund"),
+        (
+            "currency",
+            Value::from("euro"),
+            "a currency that is not ISO 4217",
+        ),
+        (
+            "return_id",
+            Value::from("r-1"),
+            "a return id that is no UUID",
+        ),
+        ("unit_price_cents", Value::from(1), "an unknown field"),
+    ] {
+        let mut broken = golden("ReturnRequested");
+        broken[field] = value;
+        assert!(!request.is_valid(&broken), "{why}");
+    }
+
     let completed = validator("schemas/SagaCompleted.schema.json");
     let mut broken = golden("SagaCompleted");
     broken["schema_version"] = 99.into();

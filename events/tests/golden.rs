@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use events::{Action, Command, Envelope, OrderPlaced, Outcome, Reply, SagaEvent};
+use events::{Action, Command, Envelope, OrderPlaced, Outcome, Reply, ReturnRequested, SagaEvent};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -33,6 +33,19 @@ fn order_placed() {
     let order: OrderPlaced = round_trip("OrderPlaced");
     assert_eq!(order.validate(), Ok(()));
     assert_eq!(OrderPlaced::from_json(&golden("OrderPlaced")), Ok(order));
+}
+
+#[test]
+fn return_requested() {
+    let request: ReturnRequested = round_trip("ReturnRequested");
+    assert_eq!(request.validate(), Ok(()));
+    assert_eq!(
+        ReturnRequested::from_json(&golden("ReturnRequested")),
+        Ok(request)
+    );
+    // An order is no return, and a return no order.
+    assert!(OrderPlaced::from_json(&golden("ReturnRequested")).is_err());
+    assert!(ReturnRequested::from_json(&golden("OrderPlaced")).is_err());
 }
 
 /// The order saga's commands, each with the step and action it serves.
@@ -92,6 +105,54 @@ fn replies() {
             "{name}"
         );
         assert_eq!(Envelope::<Reply>::from_json(&golden(name)), Ok(envelope));
+    }
+}
+
+/// The return saga's commands (with the step and action each serves) and replies (with
+/// whether each says the action failed): generic messages like the order saga's, keyed by the
+/// return id.
+#[test]
+fn return_saga_commands_and_replies() {
+    for (name, step, action) in [
+        ("ReceiveReturn", "receive_return", Action::Forward),
+        ("RejectReturn", "receive_return", Action::Compensate),
+        ("Restock", "restock", Action::Forward),
+        ("UndoRestock", "restock", Action::Compensate),
+        ("IssueRefund", "refund", Action::Forward),
+    ] {
+        let envelope: Envelope<Command> = round_trip(name);
+        let command = &envelope.body;
+        assert_eq!(
+            (command.name.as_str(), command.step.as_str(), command.action),
+            (name, step, action)
+        );
+        assert_eq!(
+            (command.saga_type.as_str(), command.saga_version),
+            ("return", 1)
+        );
+        assert_eq!(
+            command.payload.get("return_id").and_then(|id| id.as_str()),
+            Some(command.key.as_str()),
+            "{name}: the return saga's key is the return id"
+        );
+    }
+    for (name, failed) in [
+        ("ReturnReceived", false),
+        ("ReturnRejected", false),
+        ("Restocked", false),
+        ("RestockRefused", true),
+        ("RestockUndone", false),
+        ("RefundIssued", false),
+        ("RefundRefused", true),
+    ] {
+        let envelope: Envelope<Reply> = round_trip(name);
+        assert_eq!(envelope.body.name, name);
+        assert_eq!(envelope.body.saga_type, "return");
+        assert_eq!(
+            matches!(envelope.body.outcome, Outcome::Failed { .. }),
+            failed,
+            "{name}"
+        );
     }
 }
 

@@ -53,11 +53,3 @@ pub fn wire_type(json: &Value) -> &str {
         .as_str()
         .expect("every body has a string `type`")
 }
-
-/// The `payload.order_id` of an encoded saga event.
-pub fn wire_order_id(json: &Value) -> String {
-    json["payload"]["order_id"]
-        .as_str()
-        .expect("every payload names its order")
-        .to_owned()
-}

@@ -96,6 +96,12 @@ impl Catalog {
         read(&self.registry).for_trigger(topic, message).cloned()
     }
 
+    /// The definition new sagas for a record on `topic` (without the prefix) start on: the
+    /// one whose trigger arrives there (loading allows one trigger message per topic).
+    pub fn for_topic(&self, topic: &str) -> Option<Arc<SagaDefinition>> {
+        read(&self.registry).for_topic(topic).cloned()
+    }
+
     /// Every known version, with whether new sagas start on it and when it was first stored.
     pub fn list(&self) -> Vec<(Arc<SagaDefinition>, bool, Option<DateTime<Utc>>)> {
         let registry = read(&self.registry);

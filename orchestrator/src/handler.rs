@@ -1,12 +1,13 @@
-//! What the orchestrator does with a record: an `OrderPlaced` starts a saga, a reply moves
-//! one. Each runs inside the consume loop's transaction: inbox row, saga row, history line and
+//! What the orchestrator does with a record: a trigger message (an `OrderPlaced` on `orders`,
+//! a `ReturnRequested` on `returns`, whatever the definitions name) starts a saga, a reply
+//! moves one. Each runs inside the consume loop's transaction: inbox row, saga row, history line and
 //! outgoing commands and events (via the outbox) commit together or not at all.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
-use events::{Envelope, OrderPlaced, Reply, Topics};
+use events::{Envelope, Reply, Topics};
 use messaging::consumer::{Handler, HandlerError, Record};
 use messaging::inbox;
 use messaging::outbox::{Outbox, OutgoingMessage};
@@ -15,6 +16,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::catalog::Catalog;
+use crate::saga::definitions::trigger_message;
 use crate::saga::{Decision, Effect, Saga, SagaDefinition};
 use crate::store::{self, HistoryEntry};
 
@@ -28,48 +30,64 @@ impl OrchestratorHandler {
         Self { topics, catalog }
     }
 
-    async fn on_order(
+    /// Starts a saga of `definition` for the trigger message in `record`, unless one of its
+    /// type and key started already.
+    async fn on_trigger(
         &self,
         tx: &mut PgConnection,
         outbox: &mut Outbox,
         record: &Record,
         definition: &SagaDefinition,
     ) -> Result<(), HandlerError> {
-        let order = OrderPlaced::from_json(&record.payload)
-            .map_err(|e| HandlerError::Reject(format!("invalid OrderPlaced: {e}")))?;
+        let message = &definition.trigger.message;
+        // Loading refused a definition whose trigger message the engine does not know.
+        let Some(known) = trigger_message(message) else {
+            return Err(HandlerError::Reject(format!(
+                "no trigger message {message} in this build"
+            )));
+        };
+        let trigger = (known.decode)(&record.payload)
+            .map_err(|e| HandlerError::Reject(format!("invalid {message}: {e}")))?;
         let now = Utc::now();
-        let order_id = order.order_id;
-        let (saga, effects) = Saga::start(Uuid::new_v4(), order, now, definition);
-        record.describe(saga.id, "order", order_id);
+        let (saga, effects) = Saga::start(Uuid::new_v4(), trigger, now, definition)
+            .map_err(|e| HandlerError::Reject(format!("{message} makes no saga key: {e}")))?;
+        // A trigger message has no message id of its own; the span names the saga and its type.
+        record
+            .span
+            .record("saga_id", tracing::field::display(saga.id))
+            .record("step", definition.name.as_str());
         let trace_parent = messaging::telemetry::traceparent(&record.span);
         let started = HistoryEntry {
             at: now,
             message_id: None,
-            message_type: OrderPlaced::TYPE_NAME.into(),
+            message_type: message.clone(),
             decision: "started".into(),
             detail: None,
             state_after: saga.state.as_str().into(),
         };
         if !store::insert_saga(tx, &saga, trace_parent.as_deref(), &started).await? {
-            // The same order again: one order, one saga. Note it on the saga that exists.
-            if let Some(existing) = store::saga_id_for_order(&mut *tx, order_id).await? {
+            // The same subject again: one saga per type and key. Note it on the saga that
+            // exists.
+            if let Some(existing) =
+                store::saga_id_for_key(&mut *tx, &definition.name, &saga.key).await?
+            {
                 let entry = HistoryEntry {
                     at: now,
                     message_id: None,
-                    message_type: OrderPlaced::TYPE_NAME.into(),
+                    message_type: message.clone(),
                     decision: "ignored".into(),
                     detail: Some(format!(
-                        "duplicate order (record {}/{}@{})",
-                        record.topic, record.partition, record.offset
+                        "duplicate {} (record {}/{}@{})",
+                        definition.name, record.topic, record.partition, record.offset
                     )),
                     state_after: String::new(),
                 };
                 store::append_history(tx, existing, &entry).await?;
             }
-            tracing::info!(%order_id, "duplicate OrderPlaced ignored");
+            tracing::info!(saga_type = %definition.name, key = %saga.key, "duplicate {message} ignored");
             return Ok(());
         }
-        tracing::info!(saga_id = %saga.id, %order_id, "saga started");
+        tracing::info!(saga_id = %saga.id, saga_type = %definition.name, key = %saga.key, "saga started");
         crate::metrics::saga_started();
         emit(&self.topics, outbox, &saga, 0, None, effects);
         Ok(())
@@ -150,14 +168,10 @@ impl OrchestratorHandler {
             let Some(definition) = definitions.get(&saga.id) else {
                 continue;
             };
-            let key = saga.key(definition);
-            if key.as_deref() != Some(reply.key.as_str()) {
+            if saga.key != reply.key {
                 return Err(HandlerError::Reject(format!(
                     "{} names key {:?} but saga {} has key {}",
-                    reply.name,
-                    reply.key,
-                    saga.id,
-                    key.as_deref().unwrap_or("(none)")
+                    reply.name, reply.key, saga.id, saga.key
                 )));
             }
             let now = Utc::now();
@@ -301,8 +315,9 @@ fn note_decision(
     }
 }
 
-/// Queues the saga's commands and events for the outbox, keyed by order id so that every
-/// message of one order stays in one partition, in order. Events carry `sequence`, the saga
+/// Queues the saga's commands and events for the outbox, keyed by the saga's key (the order
+/// saga: the order id, as its trigger is keyed) so that every message of one saga stays in one
+/// partition, in order. Events carry `sequence`, the saga
 /// row's version after this transition (one event per transition at most).
 fn emit(
     topics: &Topics,
@@ -312,7 +327,7 @@ fn emit(
     causation_id: Option<Uuid>,
     effects: Vec<Effect>,
 ) {
-    let key = saga.order.order_id.to_string();
+    let key = saga.key.clone();
     for effect in effects {
         let message = match effect {
             Effect::Send { topic, command } => {
@@ -331,7 +346,7 @@ fn emit(
 }
 
 impl Handler for OrchestratorHandler {
-    /// Orders one at a time (one statement each), then all replies together.
+    /// Trigger messages one at a time (one statement each), then all replies together.
     async fn handle_batch(
         &self,
         tx: &mut PgConnection,
@@ -343,12 +358,11 @@ impl Handler for OrchestratorHandler {
             let trigger = record
                 .topic
                 .strip_prefix(self.topics.prefix())
-                // The one trigger message the engine reads today.
-                .and_then(|topic| self.catalog.for_trigger(topic, OrderPlaced::TYPE_NAME));
+                .and_then(|topic| self.catalog.for_topic(topic));
             if let Some(definition) = trigger {
                 // A reply never answers a saga started in its own batch: its command went out
-                // after that saga committed. So orders may go first.
-                self.on_order(tx, outbox, record, &definition)
+                // after that saga committed. So triggers may go first.
+                self.on_trigger(tx, outbox, record, &definition)
                     .instrument(record.span.clone())
                     .await?;
             } else if record.topic == self.topics.replies() {

@@ -120,8 +120,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 async move {
                     let batch = messaging::retention::SWEEP_BATCH;
                     let sagas = store::sweep_finished(&pool, retention_secs, batch).await?;
-                    let orders = store::sweep_order_dedup(&pool, dedup_secs, batch).await?;
-                    Ok(sagas + orders)
+                    let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
+                    Ok(sagas + keys)
                 }
             },
         ))

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use events::OrderPlaced;
 use messaging::db::column;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -35,7 +34,9 @@ pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/o
 struct SagaRow {
     id: Uuid,
     state: String,
+    /// The trigger message (the column kept its name from when every saga was an order's).
     order_data: serde_json::Value,
+    saga_key: String,
     steps: serde_json::Value,
     failure_reason: Option<String>,
     definition_name: String,
@@ -47,7 +48,8 @@ struct SagaRow {
     deadline_at: Option<DateTime<Utc>>,
 }
 
-const SAGA_COLUMNS: &str = "id, state, order_data, steps, failure_reason, definition_name, \
+const SAGA_COLUMNS: &str =
+    "id, state, order_data, saga_key, steps, failure_reason, definition_name, \
                             definition_version, version, created_at, updated_at, finished_at, \
                             deadline_at";
 
@@ -61,8 +63,13 @@ impl SagaRow {
                 reason: e.to_string(),
             }
         };
-        let order: OrderPlaced =
-            serde_json::from_value(self.order_data.clone()).map_err(corrupt("order_data"))?;
+        if !self.order_data.is_object() {
+            return Err(Error::CorruptRow {
+                saga_id: self.id,
+                column: "order_data",
+                reason: "the trigger message is not a JSON object".into(),
+            });
+        }
         let steps: Vec<StepState> =
             serde_json::from_value(self.steps.clone()).map_err(corrupt("steps"))?;
         let state = SagaState::parse(&self.state).ok_or_else(|| Error::CorruptRow {
@@ -72,7 +79,8 @@ impl SagaRow {
         })?;
         let saga = Saga {
             id: self.id,
-            order,
+            trigger: self.order_data,
+            key: self.saga_key,
             state,
             steps,
             failure_reason: self.failure_reason,
@@ -92,9 +100,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-/// Stores a new saga and its first history line (`started`) unless its order has one
-/// already, with the trace context of the order (`trace_parent`). Returns whether it was
-/// stored. One statement: the saga costs one round trip, whatever it has to touch.
+/// Stores a new saga and its first history line (`started`) unless a saga of its type and key
+/// started already (even one swept since: `saga_dedup`), with the trace context of its trigger
+/// (`trace_parent`). Returns whether it was stored. One statement: the saga costs one round trip, whatever it has to touch.
 pub async fn insert_saga(
     tx: &mut PgConnection,
     saga: &Saga,
@@ -103,23 +111,23 @@ pub async fn insert_saga(
 ) -> Result<bool> {
     let statement = sqlx::query_scalar(
         "WITH first AS ( \
-             INSERT INTO order_dedup (order_id, saga_id) VALUES ($2, $1) \
+             INSERT INTO saga_dedup (saga_type, saga_key, saga_id) VALUES ($20, $2, $1) \
              ON CONFLICT DO NOTHING RETURNING saga_id \
          ), saga AS ( \
-             INSERT INTO sagas (id, order_id, state, order_data, steps, failure_reason, \
+             INSERT INTO sagas (id, saga_key, state, order_data, steps, failure_reason, \
                                 definition_version, version, created_at, updated_at, finished_at, \
                                 deadline_at, current_step, trace_parent, definition_name) \
              SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $20 FROM first \
-             ON CONFLICT (order_id) DO NOTHING RETURNING id \
+             ON CONFLICT (definition_name, saga_key) DO NOTHING RETURNING id \
          ), noted AS ( \
              INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
              SELECT id, $14, $15, $16, $17, $18, $19 FROM saga \
          ) SELECT count(*) FROM saga",
     )
     .bind(saga.id)
-    .bind(saga.order.order_id)
+    .bind(&saga.key)
     .bind(saga.state.as_str())
-    .bind(to_json(&saga.order))
+    .bind(&saga.trigger)
     .bind(to_json(&saga.steps))
     .bind(&saga.failure_reason)
     .bind(saga.definition_version)
@@ -401,16 +409,30 @@ pub async fn append_history(
     Ok(())
 }
 
-pub async fn saga_id_for_order<'e>(
+/// The saga of type `saga_type` for `key`, if there is one.
+pub async fn saga_id_for_key<'e>(
     db: impl PgExecutor<'e>,
-    order_id: Uuid,
+    saga_type: &str,
+    key: &str,
 ) -> Result<Option<Uuid>> {
-    Ok(
-        sqlx::query_scalar("SELECT id FROM sagas WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(db)
-            .await?,
+    saga_id_for_key_of(db, &[saga_type], key).await
+}
+
+/// The saga for `key` of any of `saga_types` (the oldest when several have one), if there is
+/// one.
+pub async fn saga_id_for_key_of<'e>(
+    db: impl PgExecutor<'e>,
+    saga_types: &[&str],
+    key: &str,
+) -> Result<Option<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM sagas WHERE definition_name = ANY($1) AND saga_key = $2 \
+         ORDER BY created_at LIMIT 1",
     )
+    .bind(saga_types)
+    .bind(key)
+    .fetch_optional(db)
+    .await?)
 }
 
 /// The trace context of the order that started the saga.
@@ -447,22 +469,23 @@ pub async fn sweep_finished(
     .await
 }
 
-/// Deletes up to `limit` order ids that arrived more than `retention_secs` ago from the
-/// dedup table (never one whose saga still exists); returns how many.
+/// Deletes up to `limit` (saga type, key) pairs that arrived more than `retention_secs` ago
+/// from the dedup table (never one whose saga still exists); returns how many.
 ///
 /// # Errors
 /// Database errors.
-pub async fn sweep_order_dedup(
+pub async fn sweep_saga_dedup(
     db: &sqlx::PgPool,
     retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
     delete_older(
         db,
-        "DELETE FROM order_dedup WHERE order_id IN ( \
-             SELECT d.order_id FROM order_dedup d \
+        "DELETE FROM saga_dedup WHERE (saga_type, saga_key) IN ( \
+             SELECT d.saga_type, d.saga_key FROM saga_dedup d \
              WHERE d.seen_at < now() - make_interval(secs => $1) \
-               AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.order_id = d.order_id) \
+               AND NOT EXISTS (SELECT 1 FROM sagas s \
+                               WHERE s.definition_name = d.saga_type AND s.saga_key = d.saga_key) \
              ORDER BY d.seen_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
         retention_secs,
         limit,

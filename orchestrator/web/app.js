@@ -484,8 +484,9 @@
     const cells = tr.children;
     cells[0].textContent = shortId(saga.saga_id);
     cells[0].title = saga.saga_id;
-    cells[1].textContent = shortId(saga.order_id);
-    cells[1].title = saga.order_id;
+    // An order saga's order id; another saga type's key (a return id).
+    cells[1].textContent = shortId(saga.order_id || saga.saga_key);
+    cells[1].title = saga.order_id || `${saga.definition_name} ${saga.saga_key}`;
     setBadge(cells[2].firstChild, 'state', saga.state);
     cells[3].textContent = saga.current_step || DASH;
     cells[4].textContent = formatDuration(sagaAgeSeconds(saga));
@@ -801,7 +802,7 @@
     timeline.dataset.state = saga.state;
     $('timeline-saga-id').textContent = saga.saga_id;
     setBadge($('timeline-state'), 'state', saga.state);
-    $('timeline-order-id').textContent = saga.order_id;
+    $('timeline-order-id').textContent = saga.order_id || `${saga.definition_name} ${saga.saga_key}`;
     const order = saga.order || {};
     $('timeline-customer').textContent = order.customer_id || DASH;
     $('timeline-items').textContent = Array.isArray(order.items)

@@ -1,10 +1,11 @@
-//! Inventory: reserves stock for an order (all lines or none) and releases it. It serves the
-//! order saga's `reserve_stock` step.
+//! Inventory: reserves stock for an order (all lines or none) and releases it, and puts
+//! returned items back in stock and takes them out again. It serves the order saga's
+//! `reserve_stock` step and the return saga's `restock` step.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use events::LineItem;
+use events::{LineItem, ReturnItem};
 use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
@@ -16,11 +17,12 @@ use crate::sdk::{Participant, Request, Step};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/inventory");
 
-/// The inventory participant: its tables and its one step.
+/// The inventory participant: its tables and its steps.
 pub fn participant() -> Participant {
     Participant::new("inventory", &MIGRATIONS)
         .metrics_port(9181)
         .step(ReserveStock)
+        .step(Restock)
 }
 
 /// `reserve_stock`: takes every line of an order from stock, or none.
@@ -198,6 +200,220 @@ impl Step for ReserveStock {
             .await?;
         }
         // Nothing reserved (the reservation never happened here): nothing to release.
+        Ok(Ok(()))
+    }
+}
+
+/// `restock`: puts a return's items back in stock (all lines or none), and takes them out
+/// again when the return saga undoes it.
+pub struct Restock;
+
+/// What `Restock` carries.
+#[derive(Debug, Deserialize)]
+pub struct Returned {
+    pub return_id: Uuid,
+    pub items: Vec<ReturnItem>,
+}
+
+/// What `UndoRestock` carries.
+#[derive(Debug, Deserialize)]
+pub struct UndoRestock {
+    pub return_id: Uuid,
+}
+
+/// Why a restock was refused, or could not be undone this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestockRefusal {
+    /// The inventory does not carry the SKU: nothing of it can go back on a shelf here.
+    UnknownSku(String),
+    /// Stock would pass what a stock row holds.
+    Overflow { sku: String },
+    /// Undoing: the restocked items were taken since (by orders); retried until they are back.
+    AlreadyTaken {
+        sku: String,
+        restocked: i64,
+        available: i64,
+    },
+}
+
+impl fmt::Display for RestockRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownSku(sku) => write!(f, "unknown SKU {sku}"),
+            Self::Overflow { sku } => write!(f, "stock of {sku} would overflow"),
+            Self::AlreadyTaken {
+                sku,
+                restocked,
+                available,
+            } => write!(
+                f,
+                "{restocked} of {sku} were restocked but only {available} are left in stock"
+            ),
+        }
+    }
+}
+
+/// The stock of `skus`, locked until the transaction ends (in SKU order, so that two
+/// transactions cannot deadlock).
+async fn lock_stock(
+    tx: &mut PgConnection,
+    skus: &[String],
+) -> Result<BTreeMap<String, i64>, HandlerError> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(skus)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(sku, n)| (sku, i64::from(n)))
+        .collect())
+}
+
+/// Writes the stock of `available` (rows locked by [`lock_stock`]) where it changed.
+async fn write_stock(
+    tx: &mut PgConnection,
+    available: &BTreeMap<String, i64>,
+) -> Result<(), HandlerError> {
+    let (skus, left): (Vec<&String>, Vec<i64>) = available.iter().map(|(sku, n)| (sku, *n)).unzip();
+    sqlx::query(
+        "UPDATE stock SET available = now_has.available \
+         FROM UNNEST($1::text[], $2::bigint[]) AS now_has (sku, available) \
+         WHERE stock.sku = now_has.sku AND stock.available <> now_has.available",
+    )
+    .bind(skus)
+    .bind(left)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl Step for Restock {
+    const STEP: &'static str = "restock";
+    type Forward = Returned;
+    type Compensation = UndoRestock;
+    type Failure = RestockRefusal;
+
+    /// Every restock of a batch in four statements: lock every SKU they name, add to stock in
+    /// memory in the commands' order, then write the stock, the restocks and their lines.
+    async fn forward_all(
+        &self,
+        tx: &mut PgConnection,
+        requests: &[Request<'_, Returned>],
+    ) -> Result<Vec<Result<(), RestockRefusal>>, HandlerError> {
+        let requests: Vec<(Uuid, Uuid, BTreeMap<&str, i64>)> = requests
+            .iter()
+            .map(|request| {
+                let mut back: BTreeMap<&str, i64> = BTreeMap::new();
+                for item in &request.payload.items {
+                    *back.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
+                }
+                (request.saga_id, request.payload.return_id, back)
+            })
+            .collect();
+        let skus: Vec<String> = requests
+            .iter()
+            .flat_map(|(_, _, back)| back.keys().map(|sku| (*sku).to_owned()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut available = lock_stock(tx, &skus).await?;
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut restocks: Vec<(Uuid, Uuid)> = Vec::new();
+        let mut lines: Vec<(Uuid, &str, i64)> = Vec::new();
+        for (saga_id, return_id, back) in &requests {
+            let refusal = back
+                .iter()
+                .find_map(|(sku, quantity)| match available.get(*sku) {
+                    None => Some(RestockRefusal::UnknownSku((*sku).to_owned())),
+                    Some(have) if have + quantity > i64::from(i32::MAX) => {
+                        Some(RestockRefusal::Overflow {
+                            sku: (*sku).to_owned(),
+                        })
+                    }
+                    Some(_) => None,
+                });
+            if let Some(refusal) = refusal {
+                outcomes.push(Err(refusal));
+                continue;
+            }
+            for (sku, quantity) in back {
+                if let Some(have) = available.get_mut(*sku) {
+                    *have += quantity;
+                }
+                lines.push((*return_id, *sku, *quantity));
+            }
+            restocks.push((*return_id, *saga_id));
+            outcomes.push(Ok(()));
+        }
+        if restocks.is_empty() {
+            return Ok(outcomes);
+        }
+        write_stock(tx, &available).await?;
+        sqlx::query(
+            "INSERT INTO restocks (return_id, saga_id, status) \
+             SELECT return_id, saga_id, 'restocked' FROM UNNEST($1::uuid[], $2::uuid[]) \
+                  AS r (return_id, saga_id)",
+        )
+        .bind(column(&restocks, |r| r.0))
+        .bind(column(&restocks, |r| r.1))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO restock_lines (return_id, sku, quantity) \
+             SELECT return_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) \
+                  AS l (return_id, sku, quantity)",
+        )
+        .bind(column(&lines, |l| l.0))
+        .bind(column(&lines, |l| l.1))
+        .bind(column(&lines, |l| l.2))
+        .execute(&mut *tx)
+        .await?;
+        Ok(outcomes)
+    }
+
+    /// Takes the restocked items out again, all or none: when orders took some of them since,
+    /// the undo is refused this time (the saga retries it, and an operator decides when it
+    /// keeps failing) rather than letting stock go negative.
+    async fn compensate(
+        &self,
+        tx: &mut PgConnection,
+        request: Request<'_, UndoRestock>,
+    ) -> Result<Result<(), RestockRefusal>, HandlerError> {
+        let return_id = request.payload.return_id;
+        let lines: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT l.sku, l.quantity FROM restocks r JOIN restock_lines l USING (return_id) \
+             WHERE r.return_id = $1 AND r.status = 'restocked' FOR UPDATE OF r",
+        )
+        .bind(return_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if lines.is_empty() {
+            // Nothing restocked (it never happened here, or it was undone): nothing to undo.
+            return Ok(Ok(()));
+        }
+        let skus: Vec<String> = lines.iter().map(|(sku, _)| sku.clone()).collect();
+        let mut available = lock_stock(tx, &skus).await?;
+        for (sku, quantity) in &lines {
+            let have = available.get(sku).copied().unwrap_or(0);
+            let restocked = i64::from(*quantity);
+            if have < restocked {
+                return Ok(Err(RestockRefusal::AlreadyTaken {
+                    sku: sku.clone(),
+                    restocked,
+                    available: have,
+                }));
+            }
+            available.insert(sku.clone(), have - restocked);
+        }
+        write_stock(tx, &available).await?;
+        sqlx::query(
+            "UPDATE restocks SET status = 'undone', undone_at = now() WHERE return_id = $1",
+        )
+        .bind(return_id)
+        .execute(&mut *tx)
+        .await?;
         Ok(Ok(()))
     }
 }

@@ -1,6 +1,7 @@
 //! The participant SDK ([`sdk`]: a typed [`sdk::Step`] per saga step, a [`sdk::Participant`]
-//! naming its steps and migrations, one generic [`sdk::main`]) and the three services that do
-//! the order saga's steps ([`inventory`], [`payment`], [`shipping`]). Each service runs as its
+//! naming its steps and migrations, one generic [`sdk::main`]) and the services that do the
+//! order saga's steps ([`inventory`], [`payment`], [`shipping`]) and the return saga's
+//! ([`returns`], and `inventory` and `payment` again). Each service runs as its
 //! own process (`src/bin/*.rs`) with its own schema.
 //!
 //! A service only says how to do and undo its steps inside a transaction; the runtime does the
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod inventory;
 pub mod payment;
+pub mod returns;
 mod runtime;
 pub mod sdk;
 pub mod shipping;

@@ -1,5 +1,6 @@
-//! Payment: charges the customer's balance for the order total and refunds it. It serves the
-//! order saga's `charge_payment` step.
+//! Payment: charges the customer's balance for the order total and refunds it, and credits a
+//! return's refund out of what its order was charged. It serves the order saga's
+//! `charge_payment` step and the return saga's `refund` step.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,11 +16,12 @@ use crate::sdk::{Participant, Request, Step};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/payment");
 
-/// The payment participant: its tables and its one step.
+/// The payment participant: its tables and its steps.
 pub fn participant() -> Participant {
     Participant::new("payment", &MIGRATIONS)
         .metrics_port(9182)
         .step(ChargePayment)
+        .step(IssueRefund)
 }
 
 /// `charge_payment`: debits the customer's balance by the order total.
@@ -178,6 +180,22 @@ impl Step for ChargePayment {
         .bind(order_id)
         .fetch_optional(&mut *tx)
         .await?;
+        // What returns of this order got back already is not paid twice: the charge is paid
+        // back once, whichever saga pays it. Read after the row is locked (a statement of its
+        // own, so it sees a refund committed while this one waited for the lock).
+        let refunded = match refunded {
+            Some((customer_id, amount)) => {
+                let returned: i64 = sqlx::query_scalar(
+                    "SELECT coalesce(sum(amount_cents), 0)::bigint FROM return_refunds \
+                     WHERE order_id = $1",
+                )
+                .bind(order_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                Some((customer_id, amount - returned))
+            }
+            None => None,
+        };
         if let Some((customer_id, amount)) = refunded {
             sqlx::query(
                 "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE customer_id = $1",
@@ -188,6 +206,204 @@ impl Step for ChargePayment {
             .await?;
         }
         // No charge (it never happened here): nothing to refund.
+        Ok(Ok(()))
+    }
+}
+
+/// `refund`: credits a return's refund to the customer, out of what the order was charged.
+/// The return saga's pivot: once done it is not undone.
+pub struct IssueRefund;
+
+/// What `IssueRefund` carries.
+#[derive(Debug, Deserialize)]
+pub struct ReturnRefund {
+    pub return_id: Uuid,
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// Why a refund was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundRefused {
+    /// The order has no charge here (never charged, or paid back when its saga was undone).
+    NoCharge {
+        order_id: Uuid,
+    },
+    /// The order was charged to another customer.
+    OtherCustomer {
+        order_id: Uuid,
+    },
+    OtherCurrency {
+        charged: String,
+        refund: String,
+    },
+    /// More than what is left of the charge after the order's earlier refunds.
+    MoreThanCharged {
+        amount: i64,
+        left: i64,
+    },
+}
+
+impl fmt::Display for RefundRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoCharge { order_id } => write!(f, "order {order_id} has no charge to refund"),
+            Self::OtherCustomer { order_id } => {
+                write!(f, "order {order_id} was charged to another customer")
+            }
+            Self::OtherCurrency { charged, refund } => {
+                write!(
+                    f,
+                    "the order was charged in {charged}, the refund is in {refund}"
+                )
+            }
+            Self::MoreThanCharged { amount, left } => write!(
+                f,
+                "refund of {amount} is more than the {left} left of the order's charge"
+            ),
+        }
+    }
+}
+
+impl Step for IssueRefund {
+    const STEP: &'static str = "refund";
+    type Forward = ReturnRefund;
+    type Compensation = serde::de::IgnoredAny;
+    type Failure = RefundRefused;
+
+    /// Every refund of a batch in six statements: lock the charges of the orders they name, read
+    /// what was refunded of each so far, lock the customers' accounts, check in memory
+    /// in the commands' order, then write the balances and the refunds. Locking the charge
+    /// row orders a refund against the order saga's own refund of it (its compensation).
+    async fn forward_all(
+        &self,
+        tx: &mut PgConnection,
+        requests: &[Request<'_, ReturnRefund>],
+    ) -> Result<Vec<Result<(), RefundRefused>>, HandlerError> {
+        let orders: Vec<Uuid> = requests
+            .iter()
+            .map(|r| r.payload.order_id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let charges: Vec<(Uuid, String, i64, String)> = sqlx::query_as(
+            "SELECT order_id, customer_id, amount_cents, currency FROM payments \
+             WHERE order_id = ANY($1) AND status = 'charged' ORDER BY order_id FOR UPDATE",
+        )
+        .bind(&orders)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Read after the charges are locked (a statement of its own, so it sees a refund of
+        // another transaction that committed while this one waited for the locks).
+        let refunded: BTreeMap<Uuid, i64> = sqlx::query_as(
+            "SELECT order_id, sum(amount_cents)::bigint FROM return_refunds \
+             WHERE order_id = ANY($1) GROUP BY order_id",
+        )
+        .bind(&orders)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        // Per order: (customer, currency, what is left of the charge).
+        let mut left: BTreeMap<Uuid, (String, String, i64)> = charges
+            .into_iter()
+            .map(|(order, customer, amount, currency)| {
+                let back = refunded.get(&order).copied().unwrap_or(0);
+                (order, (customer, currency, amount - back))
+            })
+            .collect();
+        let customers: Vec<&str> = left
+            .values()
+            .map(|(customer, _, _)| customer.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // The accounts the refunds credit, locked in customer order like the charges'.
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT customer_id, balance_cents FROM accounts \
+             WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
+        )
+        .bind(&customers)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut balances: BTreeMap<String, i64> = rows.into_iter().collect();
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut refunds = Vec::new();
+        for request in requests {
+            let refund = request.payload;
+            let outcome = match left.get_mut(&refund.order_id) {
+                None => Err(RefundRefused::NoCharge {
+                    order_id: refund.order_id,
+                }),
+                Some((customer, _, _)) if *customer != refund.customer_id => {
+                    Err(RefundRefused::OtherCustomer {
+                        order_id: refund.order_id,
+                    })
+                }
+                Some((_, currency, _)) if *currency != refund.currency => {
+                    Err(RefundRefused::OtherCurrency {
+                        charged: currency.clone(),
+                        refund: refund.currency.clone(),
+                    })
+                }
+                Some((_, _, rest)) if *rest < refund.amount_cents => {
+                    Err(RefundRefused::MoreThanCharged {
+                        amount: refund.amount_cents,
+                        left: *rest,
+                    })
+                }
+                Some((customer, _, rest)) => {
+                    *rest -= refund.amount_cents;
+                    if let Some(balance) = balances.get_mut(customer.as_str()) {
+                        *balance += refund.amount_cents;
+                    }
+                    refunds.push((request.saga_id, refund));
+                    Ok(())
+                }
+            };
+            outcomes.push(outcome);
+        }
+        if refunds.is_empty() {
+            return Ok(outcomes);
+        }
+        let (names, now_have): (Vec<&String>, Vec<i64>) =
+            balances.iter().map(|(customer, n)| (customer, *n)).unzip();
+        sqlx::query(
+            "UPDATE accounts SET balance_cents = now_has.balance \
+             FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance) \
+             WHERE accounts.customer_id = now_has.customer_id \
+               AND accounts.balance_cents <> now_has.balance",
+        )
+        .bind(names)
+        .bind(now_have)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO return_refunds (return_id, saga_id, order_id, customer_id, amount_cents, \
+                                         currency) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], \
+                                  $6::text[])",
+        )
+        .bind(column(&refunds, |(_, r)| r.return_id))
+        .bind(column(&refunds, |(saga_id, _)| *saga_id))
+        .bind(column(&refunds, |(_, r)| r.order_id))
+        .bind(column(&refunds, |(_, r)| r.customer_id.as_str()))
+        .bind(column(&refunds, |(_, r)| r.amount_cents))
+        .bind(column(&refunds, |(_, r)| r.currency.as_str()))
+        .execute(&mut *tx)
+        .await?;
+        Ok(outcomes)
+    }
+
+    /// The pivot has no compensation in the return saga; should a command ask for one anyway,
+    /// there is nothing this step can undo.
+    async fn compensate(
+        &self,
+        _tx: &mut PgConnection,
+        _request: Request<'_, serde::de::IgnoredAny>,
+    ) -> Result<Result<(), RefundRefused>, HandlerError> {
         Ok(Ok(()))
     }
 }

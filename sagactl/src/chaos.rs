@@ -1,6 +1,6 @@
-//! The chaos suite: runs the orchestrator and the three participants as separate OS processes,
-//! places orders while SIGKILLing and restarting random services, waits for every saga to
-//! settle, then checks from the services' own tables that nothing was lost or done twice.
+//! The chaos suite: runs the orchestrator and the participants as separate OS processes, places
+//! orders and returns of them while SIGKILLing and restarting random services, waits for every
+//! saga to settle, then checks from the services' own tables that nothing was lost or done twice.
 //! It can SIGKILL and restart the broker too, restart PostgreSQL, and mix garbage into every
 //! consumed topic (then checking the dead-letter topic and the throughput, `garbage.rs`), and
 //! reports how long the failures stalled the sagas (the time a group needs to move a dead
@@ -27,7 +27,40 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind};
-use crate::load::{publish_order, random_order};
+use crate::load::{publish_order, publish_return, random_order};
+
+/// The participants a run starts: the order saga's and the return saga's.
+const PARTICIPANTS: [&str; 4] = ["inventory", "payment", "shipping", "returns"];
+
+/// Every how many orders a return of an earlier one is requested.
+const RETURN_EVERY: usize = 4;
+/// How many orders back the returned one was placed (so that most are finished by then).
+const RETURN_LAG: usize = 8;
+
+/// A return of one item of `order`, which is more than its charge (so refused) for one return
+/// in three. A SOLDOUT order's item comes back as a WIDGET: restocking the one SOLDOUT would let
+/// a later SOLDOUT order take it, and undoing that restock would then wait on it for good.
+fn return_of(order: &events::OrderPlaced, n: usize) -> events::ReturnRequested {
+    let sku = match order.items.first().map(|item| item.sku.as_str()) {
+        Some("SOLDOUT") | None => "WIDGET",
+        Some(sku) => sku,
+    };
+    events::ReturnRequested {
+        return_id: Uuid::new_v4(),
+        order_id: order.order_id,
+        customer_id: order.customer_id.clone(),
+        items: vec![events::ReturnItem {
+            sku: sku.into(),
+            quantity: 1,
+        }],
+        refund_cents: if n % 3 == 2 {
+            order.total_cents + 1
+        } else {
+            order.total_cents / 2
+        },
+        currency: order.currency.clone(),
+    }
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
@@ -41,7 +74,8 @@ pub struct ChaosArgs {
         default_value = "postgres://postgres@127.0.0.1:5432"
     )]
     database_server: String,
-    /// Directory with the orchestrator, inventory, payment and shipping binaries.
+    /// Directory with the orchestrator's and the participants' binaries (inventory, payment,
+    /// shipping, returns).
     #[arg(long, default_value = "target/debug")]
     bin_dir: PathBuf,
     /// Sagas to run.
@@ -97,8 +131,8 @@ pub struct ChaosArgs {
     /// Publish a hostile record this often, in milliseconds, in the second half of the run
     /// (0: never).
     ///
-    /// The records go round-robin to orders, inventory.commands, payment.commands,
-    /// shipping.commands and saga.replies, and are all unusable (see --garbage-kinds). At the
+    /// The records go round-robin to orders, returns, inventory.commands, payment.commands,
+    /// shipping.commands, returns.commands and saga.replies, and are all unusable (see --garbage-kinds). At the
     /// end the run reads saga.dlq to its end and checks that each garbage record is there
     /// exactly once (by the dlq.source.* headers) and nothing else is, and says for each kind
     /// what happened to those that are not: never consumed, copy stuck in an outbox, started a
@@ -259,7 +293,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             ],
         });
     }
-    for participant in ["inventory", "payment", "shipping"] {
+    for participant in PARTICIPANTS {
         instances.push(Instance {
             name: participant.into(),
             binary: participant,
@@ -341,6 +375,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let mut next_kill = kill_every.map(|k| Instant::now() + k);
     let mut order_ids = Vec::with_capacity(args.sagas + 1);
     order_ids.push(warmup.order_id);
+    // Returns of earlier orders go out beside the orders, one for every RETURN_EVERY of them.
+    let mut placed_orders = Vec::with_capacity(args.sagas);
+    let mut return_ids = Vec::with_capacity(args.sagas / RETURN_EVERY + 1);
     let mut publishing = Vec::with_capacity(args.sagas);
     let mut restarts = 0u32;
     // Processes that died by themselves (injected crashes), restarted by `revive`.
@@ -381,6 +418,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             }));
         }
         order_ids.push(order.order_id);
+        placed_orders.push(order);
+        if placed % RETURN_EVERY == RETURN_EVERY - 1 && placed >= RETURN_LAG {
+            let request = return_of(&placed_orders[placed - RETURN_LAG], return_ids.len());
+            // Like orders, one return in ten is requested twice.
+            for _ in 0..if return_ids.len() % 10 == 0 { 2 } else { 1 } {
+                let (producer, topics, request) =
+                    (producer.clone(), topics.clone(), request.clone());
+                publishing.push(tokio::spawn(async move {
+                    publish_return(&producer, &topics, &request).await
+                }));
+            }
+            return_ids.push(request.return_id);
+        }
         if let (Some(at), Some(every)) = (next_kill, kill_every) {
             if Instant::now() >= at {
                 let victim = rand::thread_rng().gen_range(0..fleet.instances.len());
@@ -429,18 +479,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 
     let settle_deadline = last_kill + Duration::from_secs(args.settle_timeout_secs);
     let mut database_down = false;
+    let saga_keys: Vec<Uuid> = order_ids.iter().chain(&return_ids).copied().collect();
     let settled = loop {
         crashes += fleet.revive().await?;
         // The run's own pool rides out a PostgreSQL restart like the services do.
-        match settle_progress(&db, &order_ids).await {
+        match settle_progress(&db, &saga_keys).await {
             Ok((sagas, unfinished)) => {
                 database_down = false;
-                if sagas >= i64::try_from(order_ids.len())? && unfinished == 0 {
+                if sagas >= i64::try_from(saga_keys.len())? && unfinished == 0 {
                     break true;
                 }
                 if Instant::now() > settle_deadline {
                     eprintln!(
-                        "not settled: {sagas} orders have a saga, {unfinished} sagas unfinished"
+                        "not settled: {sagas} orders and returns have a saga, {unfinished} sagas unfinished"
                     );
                     break false;
                 }
@@ -506,7 +557,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|a| a.garbage_orders.clone())
         .unwrap_or_default();
+    let garbage_returns = audit
+        .as_ref()
+        .map(|a| a.garbage_returns.clone())
+        .unwrap_or_default();
     let mut checks = check_invariants(&db, &initial, &order_ids, &garbage_orders).await?;
+    checks
+        .results
+        .extend(check_returns(&db, &return_ids, &garbage_returns).await?);
     let duplicates = Duplicates::count(&db).await?;
     let stalls = Stalls::measure(&db, placing_from, placing_until).await?;
     let timeline = Throughput::timeline(&db, &order_ids, placing_from).await?;
@@ -546,8 +604,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
     println!("chaos run {id}");
     println!(
-        "sagas run          {} (and one warm-up saga before them)",
-        args.sagas
+        "sagas run          {} orders (and one warm-up saga before them), {} returns of them",
+        args.sagas,
+        return_ids.len()
     );
     println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
@@ -571,8 +630,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     );
     println!("outcomes           {}", checks.outcomes);
     println!(
-        "duplicates         {} duplicate orders absorbed, {} replies ignored by fencing, {} messages redelivered into an inbox",
-        duplicates.orders, duplicates.ignored_replies, duplicates.redelivered
+        "duplicates         {} duplicate orders and returns absorbed, {} replies ignored by fencing, {} messages redelivered into an inbox",
+        duplicates.triggers, duplicates.ignored_replies, duplicates.redelivered
     );
     println!(
         "saga duration      p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (placed to finished)",
@@ -620,12 +679,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &args.brokers)
             .create()?;
-        // The order saga's topics: its trigger, the engine's, the participants' commands.
-        let mut names = vec![topics.orders()];
+        // The sagas' topics: their triggers, the engine's, the participants' commands.
+        let mut names = vec![topics.orders(), topics.named("returns")];
         names.extend(topics.engine());
-        names.extend(
-            ["inventory", "payment", "shipping"].map(|p| topics.named(&format!("{p}.commands"))),
-        );
+        names.extend(PARTICIPANTS.map(|p| topics.named(&format!("{p}.commands"))));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
             eprintln!("deleting the run's topics failed: {e}");
@@ -677,7 +734,7 @@ fn spawn_postgres_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults
 /// How many of `order_ids` have a saga, and how many sagas are not finished.
 async fn settle_progress(db: &PgPool, order_ids: &[Uuid]) -> sqlx::Result<(i64, i64)> {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE order_id = ANY($1)), \
+        "SELECT count(*) FILTER (WHERE saga_key = ANY($1::uuid[]::text[])), \
                 count(*) FILTER (WHERE state NOT IN ('completed', 'compensated', 'failed')) \
          FROM orchestrator.sagas",
     )
@@ -724,7 +781,8 @@ async fn wait_until_finished(db: &PgPool, order_id: Uuid) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let finished: Option<bool> = sqlx::query_scalar(
-            "SELECT finished_at IS NOT NULL FROM orchestrator.sagas WHERE order_id = $1",
+            "SELECT finished_at IS NOT NULL FROM orchestrator.sagas \
+             WHERE definition_name = 'order' AND saga_key = $1::text",
         )
         .bind(order_id)
         .fetch_optional(db)
@@ -744,7 +802,8 @@ async fn wait_until_migrated(db: &PgPool) -> anyhow::Result<()> {
     loop {
         let ready: Option<bool> = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) \
-             AND to_regclass('shipping.shipments') IS NOT NULL AND to_regclass('orchestrator.sagas') IS NOT NULL",
+             AND to_regclass('shipping.shipments') IS NOT NULL AND to_regclass('orchestrator.sagas') IS NOT NULL \
+             AND to_regclass('returns.return_lines') IS NOT NULL",
         )
         .fetch_one(db)
         .await
@@ -813,16 +872,19 @@ async fn check_invariants(
 
     let missing: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM UNNEST($1::uuid[]) AS placed (order_id) \
-         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s WHERE s.order_id = placed.order_id)",
+         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s \
+                           WHERE s.definition_name = 'order' AND s.saga_key = placed.order_id::text)",
     )
     .bind(order_ids)
     .fetch_one(db)
     .await?;
-    let total: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orchestrator.sagas WHERE NOT order_id = ANY($1)")
-            .bind(garbage_orders)
-            .fetch_one(db)
-            .await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.sagas \
+             WHERE definition_name = 'order' AND NOT saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(garbage_orders)
+    .fetch_one(db)
+    .await?;
     results.push((
         "one saga per order, none lost",
         missing == 0 && total == i64::try_from(order_ids.len())?,
@@ -857,11 +919,11 @@ async fn check_invariants(
 
     let completed_wrong = count(
         db,
-        "SELECT count(*) FROM orchestrator.sagas s WHERE s.state = 'completed' AND NOT ( \
-           (SELECT count(*) FROM inventory.reservations r WHERE r.order_id = s.order_id AND r.status = 'reserved') = 1 \
-           AND (SELECT count(*) FROM payment.payments p WHERE p.order_id = s.order_id AND p.status = 'charged' \
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'order' AND s.state = 'completed' AND NOT ( \
+           (SELECT count(*) FROM inventory.reservations r WHERE r.order_id::text = s.saga_key AND r.status = 'reserved') = 1 \
+           AND (SELECT count(*) FROM payment.payments p WHERE p.order_id::text = s.saga_key AND p.status = 'charged' \
                 AND p.amount_cents = (s.order_data->>'total_cents')::bigint) = 1 \
-           AND (SELECT count(*) FROM shipping.shipments h WHERE h.order_id = s.order_id) = 1)",
+           AND (SELECT count(*) FROM shipping.shipments h WHERE h.order_id::text = s.saga_key) = 1)",
     )
     .await?;
     results.push((
@@ -871,10 +933,10 @@ async fn check_invariants(
     ));
     let compensated_wrong = count(
         db,
-        "SELECT count(*) FROM orchestrator.sagas s WHERE s.state = 'compensated' AND ( \
-           EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id = s.order_id AND r.status = 'reserved') \
-           OR EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id = s.order_id AND p.status = 'charged') \
-           OR EXISTS (SELECT 1 FROM shipping.shipments h WHERE h.order_id = s.order_id))",
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'order' AND s.state = 'compensated' AND ( \
+           EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id::text = s.saga_key AND r.status = 'reserved') \
+           OR EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id::text = s.saga_key AND p.status = 'charged') \
+           OR EXISTS (SELECT 1 FROM shipping.shipments h WHERE h.order_id::text = s.saga_key))",
     )
     .await?;
     results.push((
@@ -890,26 +952,40 @@ async fn check_invariants(
     .fetch_all(db)
     .await?;
     let held: BTreeMap<String, i64> = held.into_iter().collect();
+    // Returned items put back (and not taken out again) are stock that came in.
+    let restocked: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT l.sku, sum(l.quantity)::bigint FROM inventory.restock_lines l \
+         JOIN inventory.restocks r USING (return_id) WHERE r.status = 'restocked' GROUP BY l.sku",
+    )
+    .fetch_all(db)
+    .await?;
+    let restocked: BTreeMap<String, i64> = restocked.into_iter().collect();
     let now = Snapshot::take(db).await?;
     let stock_broken: Vec<String> = initial
         .stock
         .iter()
         .filter(|(sku, before)| {
             now.stock.get(*sku).copied().unwrap_or(0) + held.get(*sku).copied().unwrap_or(0)
-                != **before
+                != **before + restocked.get(*sku).copied().unwrap_or(0)
         })
         .map(|(sku, _)| sku.clone())
         .collect();
     results.push((
-        "stock conserved: initial = current + reserved, per SKU",
+        "stock conserved: initial + restocked = current + reserved, per SKU",
         stock_broken.is_empty(),
         format!(
             "{} SKUs checked, broken: {stock_broken:?}",
             initial.stock.len()
         ),
     ));
+    // A charge still standing counts less what its returns refunded; a charge paid back (its
+    // order saga undone) counts nothing, its returns' refunds included (the order's refund paid
+    // back only the rest).
     let charged: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT customer_id, sum(amount_cents)::bigint FROM payment.payments WHERE status = 'charged' GROUP BY customer_id",
+        "SELECT p.customer_id, sum(p.amount_cents - (SELECT coalesce(sum(r.amount_cents), 0) \
+                                                     FROM payment.return_refunds r \
+                                                     WHERE r.order_id = p.order_id))::bigint \
+         FROM payment.payments p WHERE p.status = 'charged' GROUP BY p.customer_id",
     )
     .fetch_all(db)
     .await?;
@@ -924,7 +1000,7 @@ async fn check_invariants(
         .map(|(c, _)| c.clone())
         .collect();
     results.push((
-        "money conserved: initial = balance + net charges, per customer",
+        "money conserved: initial = balance + net charges (charges less their returns' refunds), per customer",
         money_broken.is_empty(),
         format!(
             "{} customers checked, broken: {money_broken:?}",
@@ -952,22 +1028,108 @@ async fn check_invariants(
     Ok(Checks { outcomes, results })
 }
 
+/// The return sagas' invariants: one saga per return; what a completed and a compensated one
+/// left in the services' tables; no order refunded beyond its charge. `garbage_returns`: return
+/// ids of garbage records that started a saga (the garbage check counts them).
+async fn check_returns(
+    db: &PgPool,
+    return_ids: &[Uuid],
+    garbage_returns: &[Uuid],
+) -> anyhow::Result<Vec<(&'static str, bool, String)>> {
+    let mut results = Vec::new();
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM UNNEST($1::uuid[]) AS requested (return_id) \
+         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s \
+                           WHERE s.definition_name = 'return' \
+                             AND s.saga_key = requested.return_id::text)",
+    )
+    .bind(return_ids)
+    .fetch_one(db)
+    .await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.sagas \
+         WHERE definition_name = 'return' AND NOT saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(garbage_returns)
+    .fetch_one(db)
+    .await?;
+    results.push((
+        "one saga per return, none lost",
+        missing == 0 && total == i64::try_from(return_ids.len())?,
+        format!(
+            "{} returns requested, {total} return sagas, {missing} returns without a saga",
+            return_ids.len()
+        ),
+    ));
+    let completed_wrong = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'return' AND s.state = 'completed' AND NOT ( \
+           (SELECT count(*) FROM returns.returns t WHERE t.return_id::text = s.saga_key AND t.status = 'received') = 1 \
+           AND (SELECT count(*) FROM inventory.restocks r WHERE r.return_id::text = s.saga_key AND r.status = 'restocked') = 1 \
+           AND (SELECT count(*) FROM payment.return_refunds f WHERE f.return_id::text = s.saga_key \
+                AND f.amount_cents = (s.order_data->>'refund_cents')::bigint) = 1)",
+    )
+    .await?;
+    results.push((
+        "completed returns: received, restocked, refunded once in full",
+        completed_wrong == 0,
+        format!("{completed_wrong} completed return sagas break it"),
+    ));
+    let compensated_wrong = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'return' AND s.state = 'compensated' AND ( \
+           EXISTS (SELECT 1 FROM returns.returns t WHERE t.return_id::text = s.saga_key AND t.status = 'received') \
+           OR EXISTS (SELECT 1 FROM inventory.restocks r WHERE r.return_id::text = s.saga_key AND r.status = 'restocked') \
+           OR EXISTS (SELECT 1 FROM payment.return_refunds f WHERE f.return_id::text = s.saga_key))",
+    )
+    .await?;
+    results.push((
+        "compensated returns: not received, nothing restocked, nothing refunded",
+        compensated_wrong == 0,
+        format!("{compensated_wrong} compensated return sagas break it"),
+    ));
+    let over_refunded = count(
+        db,
+        "SELECT count(*) FROM payment.payments p \
+         WHERE (SELECT coalesce(sum(r.amount_cents), 0) FROM payment.return_refunds r \
+                WHERE r.order_id = p.order_id) > p.amount_cents",
+    )
+    .await?;
+    let refunds_without_charge = count(
+        db,
+        "SELECT count(*) FROM payment.return_refunds r \
+         WHERE NOT EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id = r.order_id)",
+    )
+    .await?;
+    results.push((
+        "no order refunded beyond its charge",
+        over_refunded == 0 && refunds_without_charge == 0,
+        format!(
+            "{over_refunded} orders refunded more than charged, {refunds_without_charge} refunds without a charge"
+        ),
+    ));
+    Ok(results)
+}
+
 struct Duplicates {
-    orders: i64,
+    /// Repeated orders and returns.
+    triggers: i64,
     ignored_replies: i64,
     redelivered: i64,
 }
 
 impl Duplicates {
     async fn count(db: &PgPool) -> anyhow::Result<Self> {
-        let orders = count(
+        let triggers = count(
             db,
-            "SELECT count(*) FROM orchestrator.saga_history WHERE message_type = 'OrderPlaced' AND decision = 'ignored'",
+            "SELECT count(*) FROM orchestrator.saga_history \
+             WHERE message_type IN ('OrderPlaced', 'ReturnRequested') AND decision = 'ignored'",
         )
         .await?;
         let ignored_replies = count(
             db,
-            "SELECT count(*) FROM orchestrator.saga_history WHERE message_type <> 'OrderPlaced' AND decision = 'ignored'",
+            "SELECT count(*) FROM orchestrator.saga_history \
+             WHERE message_type NOT IN ('OrderPlaced', 'ReturnRequested') AND decision = 'ignored'",
         )
         .await?;
         // Every inbox row counts its deliveries; all but the first were absorbed.
@@ -976,11 +1138,12 @@ impl Duplicates {
             "SELECT (SELECT coalesce(sum(deliveries - 1), 0) FROM orchestrator.inbox) \
                   + (SELECT coalesce(sum(deliveries - 1), 0) FROM inventory.inbox) \
                   + (SELECT coalesce(sum(deliveries - 1), 0) FROM payment.inbox) \
-                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM shipping.inbox)",
+                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM shipping.inbox) \
+                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM returns.inbox)",
         )
         .await?;
         Ok(Self {
-            orders,
+            triggers,
             ignored_replies,
             redelivered,
         })
@@ -1122,14 +1285,14 @@ impl Throughput {
     ) -> anyhow::Result<Self> {
         let share = ((order_ids.len() as f64 * Self::SHARE).ceil() as i64).max(1);
         let finished: i64 = sqlx::query_scalar(
-            "SELECT count(finished_at) FROM orchestrator.sagas WHERE order_id = ANY($1)",
+            "SELECT count(finished_at) FROM orchestrator.sagas WHERE saga_key = ANY($1::uuid[]::text[])",
         )
         .bind(order_ids)
         .fetch_one(db)
         .await?;
         let at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
             "SELECT finished_at FROM orchestrator.sagas \
-             WHERE order_id = ANY($1) AND finished_at IS NOT NULL \
+             WHERE saga_key = ANY($1::uuid[]::text[]) AND finished_at IS NOT NULL \
              ORDER BY finished_at OFFSET $2 LIMIT 1",
         )
         .bind(order_ids)
@@ -1173,7 +1336,7 @@ impl Throughput {
         let buckets: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT greatest(floor(extract(epoch FROM finished_at - $2) / $3), 0)::int AS bucket, \
                     count(*) \
-             FROM orchestrator.sagas WHERE order_id = ANY($1) AND finished_at IS NOT NULL \
+             FROM orchestrator.sagas WHERE saga_key = ANY($1::uuid[]::text[]) AND finished_at IS NOT NULL \
              GROUP BY bucket ORDER BY bucket",
         )
         .bind(order_ids)

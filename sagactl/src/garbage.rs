@@ -9,7 +9,8 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::ValueEnum;
 use events::{
-    Action, Address, Command, Envelope, LineItem, OrderPlaced, Reply, ReplyNames, Topics,
+    Action, Address, Command, Envelope, LineItem, OrderPlaced, Reply, ReplyNames, ReturnItem,
+    ReturnRequested, Topics,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -91,19 +92,29 @@ const SHIPPING: Participant = Participant {
     step: "schedule_shipment",
 };
 
+/// The return saga's own participant (its other steps are inventory's and payment's).
+const RETURNS: Participant = Participant {
+    name: "returns",
+    step: "receive_return",
+};
+
 /// The consumed topics, in the order the garbage visits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Orders,
+    /// The return saga's trigger topic.
+    Returns,
     Commands(Participant),
     Replies,
 }
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 7] = [
     Target::Orders,
+    Target::Returns,
     Target::Commands(INVENTORY),
     Target::Commands(PAYMENT),
     Target::Commands(SHIPPING),
+    Target::Commands(RETURNS),
     Target::Replies,
 ];
 
@@ -111,6 +122,7 @@ impl Target {
     fn topic(self, topics: &Topics) -> String {
         match self {
             Self::Orders => topics.orders(),
+            Self::Returns => topics.named("returns"),
             Self::Commands(participant) => topics.named(&format!("{}.commands", participant.name)),
             Self::Replies => topics.replies(),
         }
@@ -119,7 +131,7 @@ impl Target {
     /// The consumer group that reads the topic in a chaos run.
     fn group(self, prefix: &str) -> String {
         match self {
-            Self::Orders | Self::Replies => format!("{prefix}orchestrator"),
+            Self::Orders | Self::Returns | Self::Replies => format!("{prefix}orchestrator"),
             Self::Commands(participant) => format!("{prefix}{}", participant.name),
         }
     }
@@ -152,7 +164,23 @@ fn order(order_id: Uuid) -> OrderPlaced {
     }
 }
 
-/// The forward command of `participant`'s step for `order_id`, as the order saga sends it.
+/// A return of one WIDGET of an order, whose return id is `return_id`.
+fn return_request(return_id: Uuid) -> ReturnRequested {
+    ReturnRequested {
+        return_id,
+        order_id: Uuid::new_v4(),
+        customer_id: "alice".into(),
+        items: vec![ReturnItem {
+            sku: "WIDGET".into(),
+            quantity: 1,
+        }],
+        refund_cents: 1_000,
+        currency: "EUR".into(),
+    }
+}
+
+/// The forward command of `participant`'s step for `order_id`, as its saga sends it (the
+/// return saga's `receive_return` with `order_id` as the return id).
 fn command_for(participant: Participant, order_id: Uuid) -> Command {
     let order = order(order_id);
     let (name, success, failure, payload) = match participant.name {
@@ -173,6 +201,22 @@ fn command_for(participant: Participant, order_id: Uuid) -> Command {
                 "currency": order.currency,
             }),
         ),
+        "returns" => {
+            let request = return_request(order_id);
+            (
+                "ReceiveReturn",
+                "ReturnReceived",
+                "ReturnRefused",
+                json!({
+                    "return_id": request.return_id,
+                    "order_id": request.order_id,
+                    "customer_id": request.customer_id,
+                    "items": request.items,
+                    "refund_cents": request.refund_cents,
+                    "currency": request.currency,
+                }),
+            )
+        }
         _ => (
             "ScheduleShipment",
             "ShipmentScheduled",
@@ -186,7 +230,12 @@ fn command_for(participant: Participant, order_id: Uuid) -> Command {
     };
     Command {
         name: name.into(),
-        saga_type: "order".into(),
+        saga_type: if participant == RETURNS {
+            "return"
+        } else {
+            "order"
+        }
+        .into(),
         saga_version: 1,
         step: participant.step.into(),
         action: Action::Forward,
@@ -211,6 +260,7 @@ fn envelope(saga_id: Uuid, body: impl Serialize) -> Value {
 fn valid(target: Target, order_id: Uuid, saga_id: Uuid) -> Value {
     match target {
         Target::Orders => serde_json::to_value(order(order_id)).unwrap_or_default(),
+        Target::Returns => serde_json::to_value(return_request(order_id)).unwrap_or_default(),
         Target::Commands(participant) => envelope(saga_id, command_for(participant, order_id)),
         Target::Replies => envelope(saga_id, Reply::succeeded(&command_for(INVENTORY, order_id))),
     }
@@ -246,11 +296,11 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         }
         GarbageKind::NulInJson => {
             match target {
-                Target::Orders => valid["customer_id"] = "ali\0ce".into(),
+                Target::Orders | Target::Returns => valid["customer_id"] = "ali\0ce".into(),
                 Target::Commands(INVENTORY) => {
                     valid["payload"]["items"][0]["sku"] = "WID\0GET".into();
                 }
-                Target::Commands(PAYMENT) => {
+                Target::Commands(PAYMENT) | Target::Commands(RETURNS) => {
                     valid["payload"]["customer_id"] = "ali\0ce".into();
                 }
                 Target::Commands(_) => {
@@ -283,7 +333,7 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         GarbageKind::UnknownType => {
             valid["type"] = "OrderCancelled".into();
             match target {
-                Target::Orders => {}
+                Target::Orders | Target::Returns => {}
                 Target::Commands(_) => valid["step"] = "cancel_order".into(),
                 Target::Replies => valid["outcome"] = "cancelled".into(),
             }
@@ -297,8 +347,10 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         }
         GarbageKind::FutureSchema => {
             let mut future = match target {
-                // An enveloped order: the order is the envelope's payload.
-                Target::Orders => envelope(saga_id, json!({ "type": type_name, "payload": valid })),
+                // An enveloped order (or return): the message is the envelope's payload.
+                Target::Orders | Target::Returns => {
+                    envelope(saga_id, json!({ "type": type_name, "payload": valid }))
+                }
                 _ => valid,
             };
             future["schema_version"] = 999.into();
@@ -308,8 +360,11 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
             Target::Orders => {
                 envelope(saga_id, Reply::succeeded(&command_for(INVENTORY, order_id)))
             }
+            // An order on the returns topic: a valid trigger, of the wrong saga.
+            Target::Returns => serde_json::to_value(order(order_id)).unwrap_or_default(),
             Target::Commands(INVENTORY) => envelope(saga_id, command_for(PAYMENT, order_id)),
             Target::Commands(PAYMENT) => envelope(saga_id, command_for(SHIPPING, order_id)),
+            Target::Commands(RETURNS) => envelope(saga_id, command_for(INVENTORY, order_id)),
             Target::Commands(_) | Target::Replies => {
                 envelope(saga_id, command_for(INVENTORY, order_id))
             }
@@ -578,6 +633,8 @@ pub struct Audit {
     pub per_kind: Vec<String>,
     /// Order ids of garbage records that started a saga (left out of the saga invariants).
     pub garbage_orders: Vec<Uuid>,
+    /// Return ids of garbage records on `returns` that started a saga (likewise).
+    pub garbage_returns: Vec<Uuid>,
 }
 
 #[derive(Default)]
@@ -633,7 +690,13 @@ pub async fn audit(
 
     // Where the missing ones are: dead-letter rows not yet published, group positions.
     let mut in_outbox = BTreeSet::new();
-    for schema in ["orchestrator", "inventory", "payment", "shipping"] {
+    for schema in [
+        "orchestrator",
+        "inventory",
+        "payment",
+        "shipping",
+        "returns",
+    ] {
         let rows: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(&format!(
             "SELECT headers->>'dlq.source.topic', headers->>'dlq.source.partition', \
                  headers->>'dlq.source.offset' FROM {schema}.outbox WHERE topic = $1"
@@ -652,17 +715,30 @@ pub async fn audit(
     let committed = tokio::task::block_in_place(|| committed_offsets(log, brokers, prefix))?;
     let order_ids: Vec<Uuid> = log.sent.iter().map(|s| s.order_id).collect();
     let saga_ids: Vec<Uuid> = log.sent.iter().map(|s| s.saga_id).collect();
-    let started: BTreeSet<Uuid> =
-        sqlx::query_scalar("SELECT order_id FROM orchestrator.sagas WHERE order_id = ANY($1)")
-            .bind(&order_ids)
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .collect();
+    let started: BTreeSet<Uuid> = sqlx::query_scalar(
+        "SELECT saga_key::uuid FROM orchestrator.sagas \
+             WHERE definition_name = 'order' AND saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(&order_ids)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .collect();
+    // A garbage record on `returns` names its return id where one on `orders` names its order.
+    let started_returns: BTreeSet<Uuid> = sqlx::query_scalar(
+        "SELECT saga_key::uuid FROM orchestrator.sagas \
+             WHERE definition_name = 'return' AND saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(&order_ids)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .collect();
     let acted_on: BTreeSet<Uuid> = sqlx::query_scalar(
         "SELECT saga_id FROM inventory.step_ledger WHERE saga_id = ANY($1) \
          UNION SELECT saga_id FROM payment.step_ledger WHERE saga_id = ANY($1) \
-         UNION SELECT saga_id FROM shipping.step_ledger WHERE saga_id = ANY($1)",
+         UNION SELECT saga_id FROM shipping.step_ledger WHERE saga_id = ANY($1) \
+         UNION SELECT saga_id FROM returns.step_ledger WHERE saga_id = ANY($1)",
     )
     .bind(&saga_ids)
     .fetch_all(db)
@@ -672,6 +748,7 @@ pub async fn audit(
 
     let mut kinds: BTreeMap<GarbageKind, KindCount> = BTreeMap::new();
     let mut garbage_orders = Vec::new();
+    let mut garbage_returns = Vec::new();
     for s in &log.sent {
         let count = kinds.entry(s.kind).or_default();
         count.sent += 1;
@@ -703,6 +780,10 @@ pub async fn audit(
         if s.target == Target::Orders && started.contains(&s.order_id) {
             count.started_saga += 1;
             garbage_orders.push(s.order_id);
+        }
+        if s.target == Target::Returns && started_returns.contains(&s.order_id) {
+            count.started_saga += 1;
+            garbage_returns.push(s.order_id);
         }
         if acted_on.contains(&s.saga_id) {
             count.acted_on += 1;
@@ -766,11 +847,16 @@ pub async fn audit(
         .join("; ");
     let passed = failing.is_empty() && foreign.is_empty();
     let detail = format!(
-        "{} garbage records sent ({} kinds, 5 topics): {} in the DLQ exactly once ({} of those \
+        "{} garbage records sent ({} kinds, {} topics): {} in the DLQ exactly once ({} of those \
          copies published again by a relay, same dlq.id), {} copied more than once, {} missing, \
          {} started a saga, {} acted on, {} unacknowledged; {} other records in the DLQ{}{}",
         total(|c| c.sent),
         kinds.len(),
+        log.sent
+            .iter()
+            .map(|s| s.topic.as_str())
+            .collect::<BTreeSet<_>>()
+            .len(),
         total(|c| c.once),
         total(|c| c.republished),
         total(|c| c.redelivered),
@@ -795,6 +881,7 @@ pub async fn audit(
         detail,
         per_kind,
         garbage_orders,
+        garbage_returns,
     })
 }
 
@@ -850,6 +937,7 @@ mod tests {
                 let payload = bytes(*kind, target);
                 let accepted = match target {
                     Target::Orders => OrderPlaced::from_json(&payload).is_ok(),
+                    Target::Returns => ReturnRequested::from_json(&payload).is_ok(),
                     Target::Commands(participant) => Envelope::<Command>::from_json(&payload)
                         .is_ok_and(|e| e.body.step == participant.step),
                     Target::Replies => Envelope::<Reply>::from_json(&payload).is_ok(),
@@ -859,6 +947,7 @@ mod tests {
                 // JSON that only the database refuses.
                 let contract = target == Target::Orders
                     && matches!(kind, GarbageKind::UnknownType | GarbageKind::MissingType);
+                // A return's decoder checks its type, so nothing of it is left to the run.
                 let nul = *kind == GarbageKind::NulInJson;
                 assert!(
                     !accepted || contract || nul,

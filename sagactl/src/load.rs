@@ -370,7 +370,10 @@ async fn watch_events(
             SagaEvent::SagaFailed { .. } => &mut tally.failed,
         };
         *outcome += 1;
-        if let Some(sent) = tally.sent_at.remove(&envelope.body.order_id()) {
+        // The load places orders, so a saga's key is its order id; another saga type's key
+        // is no order of this run.
+        let order_id = Uuid::parse_str(envelope.body.key()).ok();
+        if let Some(sent) = order_id.and_then(|id| tally.sent_at.remove(&id)) {
             tally.latencies.push(sent.elapsed());
             tally.finished_at.push((Instant::now(), completed));
             in_flight.add_permits(1);
@@ -382,6 +385,26 @@ async fn watch_events(
             return;
         }
     }
+}
+
+/// Publishes `request` to the deployment's `returns` topic, keyed by return id.
+pub(crate) async fn publish_return(
+    producer: &FutureProducer,
+    topics: &Topics,
+    request: &events::ReturnRequested,
+) -> anyhow::Result<()> {
+    let payload = serde_json::to_vec(request)?;
+    let key = request.return_id.to_string();
+    producer
+        .send(
+            FutureRecord::to(&topics.named("returns"))
+                .key(&key)
+                .payload(&payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("publishing a return: {e}"))?;
+    Ok(())
 }
 
 /// The step a failing order is built to fail at.

@@ -8,7 +8,8 @@
 //! - `sagactl ceiling broker|postgres` measures what the machine can do at most.
 //! - `sagactl watchers` keeps many watch streams and emulated operations pages open against
 //!   the HTTP API, to run beside `sagactl load`.
-//! - `sagactl order`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's commands.
+//! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
+//!   commands.
 
 mod budget;
 mod ceiling;
@@ -36,6 +37,8 @@ struct Cli {
 enum Command {
     /// Place an order (or N random orders) on Kafka, optionally watching its saga.
     Order(ops::OrderArgs),
+    /// Request a return of items of an order on Kafka (topic `returns`); prints its return id.
+    Return(ops::ReturnArgs),
     /// Follow one saga (by saga or order id) live until it ends.
     Watch(ops::WatchArgs),
     /// List sagas, newest first, with filters.
@@ -77,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = messaging::telemetry::init("sagactl");
     match cli.command {
         Command::Order(args) => ops::order(args).await,
+        Command::Return(args) => ops::request_return(args).await,
         Command::Watch(args) => ops::watch(args).await,
         Command::List(args) => ops::list(args).await,
         Command::Retry(args) => ops::operate("retry", args).await,

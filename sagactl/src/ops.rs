@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use events::{Address, LineItem, OrderPlaced, Topics};
+use events::{Address, LineItem, OrderPlaced, ReturnItem, ReturnRequested, Topics};
 use rdkafka::producer::FutureProducer;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::load::{publish_order, random_order};
+use crate::load::{publish_order, publish_return, random_order};
 use crate::sse::SseParser;
 
 #[derive(Debug, Clone, Args)]
@@ -93,6 +93,28 @@ pub struct OrderArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct ReturnArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic prefix of the deployment.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// The order the items came from.
+    #[arg(long)]
+    order_id: Uuid,
+    #[arg(long, default_value = "alice")]
+    customer: String,
+    #[arg(long, default_value = "WIDGET")]
+    sku: String,
+    #[arg(long, default_value_t = 1)]
+    quantity: i32,
+    /// What to pay back; refused when more than is left of the order's charge.
+    #[arg(long, default_value_t = 1000)]
+    refund_cents: i64,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
     /// A saga id or an order id.
     id: Uuid,
@@ -136,6 +158,28 @@ pub struct OperatorArgs {
     reason: String,
     #[command(flatten)]
     api: ApiArgs,
+}
+
+/// Requests a return on Kafka (topic `returns`), as a client does, and prints its return id.
+pub async fn request_return(args: ReturnArgs) -> anyhow::Result<()> {
+    let request = ReturnRequested {
+        return_id: Uuid::new_v4(),
+        order_id: args.order_id,
+        customer_id: args.customer,
+        items: vec![ReturnItem {
+            sku: args.sku,
+            quantity: args.quantity,
+        }],
+        refund_cents: args.refund_cents,
+        currency: "EUR".into(),
+    };
+    request.validate().context("the return is invalid")?;
+    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 5)
+        .create()
+        .context("creating producer")?;
+    publish_return(&producer, &Topics::new(args.topic_prefix), &request).await?;
+    println!("{}", request.return_id);
+    Ok(())
 }
 
 pub async fn order(args: OrderArgs) -> anyhow::Result<()> {

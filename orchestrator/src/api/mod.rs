@@ -278,7 +278,11 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 #[derive(Debug, Serialize)]
 pub struct SagaView {
     pub saga_id: Uuid,
-    pub order_id: Uuid,
+    /// An order saga's order id (its key); absent for other saga types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+    /// The saga's key: its trigger message's value at the definition's `trigger.key`.
+    pub saga_key: String,
     pub state: SagaState,
     /// The step the saga waits on, or for a failed saga the one it is stuck at.
     pub current_step: Option<String>,
@@ -292,17 +296,27 @@ pub struct SagaView {
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub deadline_at: Option<DateTime<Utc>>,
-    pub order: OrderPlaced,
+    /// An order saga's `OrderPlaced` (its trigger); absent for other saga types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<OrderPlaced>,
+    /// The message that started the saga, as JSON, whatever its type.
+    pub trigger: serde_json::Value,
     pub steps: Vec<StepState>,
 }
 
 impl SagaView {
     pub fn new(saga: Saga, version: i64) -> Self {
+        // An order saga is one an OrderPlaced started: its trigger reads back as one.
+        let order = (saga.trigger.get("type").and_then(|t| t.as_str())
+            == Some(OrderPlaced::TYPE_NAME))
+        .then(|| serde_json::from_value::<OrderPlaced>(saga.trigger.clone()).ok())
+        .flatten();
         Self {
             saga_id: saga.id,
-            order_id: saga.order.order_id,
-            state: saga.state,
+            order_id: order.as_ref().map(|o| o.order_id),
             current_step: saga.step_in_focus().map(str::to_owned),
+            saga_key: saga.key,
+            state: saga.state,
             failure_reason: saga.failure_reason,
             definition_name: saga.definition_name,
             definition_version: saga.definition_version,
@@ -311,7 +325,8 @@ impl SagaView {
             updated_at: saga.updated_at,
             finished_at: saga.finished_at,
             deadline_at: saga.deadline_at,
-            order: saga.order,
+            order,
+            trigger: saga.trigger,
             steps: saga.steps,
         }
     }

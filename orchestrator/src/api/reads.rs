@@ -57,7 +57,17 @@ pub(super) async fn get_saga_by_order(
 ) -> Result<Json<SagaView>, ApiError> {
     let Path(order_id) = path?;
     let not_found = || ApiError::not_found(format!("no saga for order {order_id}"));
-    let saga_id = store::saga_id_for_order(&state.pool, order_id)
+    // The order sagas: every saga type an OrderPlaced starts (one, unless a deployment
+    // renamed the order saga and still has sagas of the old name).
+    let listed = state.catalog.list();
+    let mut order_types: Vec<&str> = listed
+        .iter()
+        .filter(|(d, _, _)| d.trigger.message == events::OrderPlaced::TYPE_NAME)
+        .map(|(d, _, _)| d.name.as_str())
+        .collect();
+    order_types.sort_unstable();
+    order_types.dedup();
+    let saga_id = store::saga_id_for_key_of(&state.pool, &order_types, &order_id.to_string())
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;

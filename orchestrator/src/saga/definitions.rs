@@ -360,14 +360,106 @@ const ORDER_PLACED: Shape = Shape::Object(&[
     ("shipping_address", ADDRESS),
 ]);
 
-/// The messages a saga can be triggered by, and their shapes.
-pub const TRIGGER_MESSAGES: [(&str, Shape); 1] = [(events::OrderPlaced::TYPE_NAME, ORDER_PLACED)];
+const RETURN_ITEM: Shape = Shape::Object(&[("sku", Shape::Text), ("quantity", Shape::Integer)]);
+
+/// `events::ReturnRequested` as JSON (its `type` tag aside); a test keeps the two in step.
+const RETURN_REQUESTED: Shape = Shape::Object(&[
+    ("return_id", Shape::Text),
+    ("order_id", Shape::Text),
+    ("customer_id", Shape::Text),
+    ("items", Shape::List(&RETURN_ITEM)),
+    ("refund_cents", Shape::Integer),
+    ("currency", Shape::Text),
+]);
+
+/// A message that can start a saga: everything the engine knows of it, in one place. A new
+/// trigger message is a type in `events` (with its validation) and one entry here.
+#[derive(Debug, Clone, Copy)]
+pub struct TriggerMessage {
+    /// Its `type` on the wire.
+    pub name: &'static str,
+    /// Its fields as JSON (the `type` tag aside), for checking paths at load time.
+    pub shape: Shape,
+    /// Reads a record's bytes as this message, checked by its contract rules, and returns it
+    /// as JSON (as the typed message writes itself, `type` tag included): what a saga keeps
+    /// as its trigger.
+    pub decode: fn(&[u8]) -> Result<Value, events::ContractError>,
+    /// The fields `SagaStarted` copies from the message, for whoever follows `saga.events`.
+    pub summary: &'static [&'static str],
+    /// A message with every field of [`Self::shape`], for building each command of a
+    /// definition once at load time.
+    pub sample: fn() -> Value,
+}
+
+impl TriggerMessage {
+    /// The `SagaStarted` subject of `trigger`: the [`Self::summary`] fields it has.
+    pub fn summary_of(&self, trigger: &Value) -> Map<String, Value> {
+        self.summary
+            .iter()
+            .filter_map(|field| Some(((*field).to_owned(), trigger.get(field)?.clone())))
+            .collect()
+    }
+}
+
+/// `decode` of [`TRIGGER_MESSAGES`]: a typed message's check, then the message as JSON.
+fn decoded<T: serde::Serialize>(
+    message: Result<T, events::ContractError>,
+) -> Result<Value, events::ContractError> {
+    let message = message?;
+    serde_json::to_value(&message).map_err(|e| events::ContractError::Malformed(e.to_string()))
+}
+
+/// The messages a saga can be triggered by.
+pub const TRIGGER_MESSAGES: [TriggerMessage; 2] = [
+    TriggerMessage {
+        name: events::OrderPlaced::TYPE_NAME,
+        shape: ORDER_PLACED,
+        decode: |bytes| decoded(events::OrderPlaced::from_json(bytes)),
+        summary: &["order_id", "customer_id", "total_cents", "currency"],
+        sample: || {
+            serde_json::json!({
+                "type": events::OrderPlaced::TYPE_NAME,
+                "order_id": "00000000-0000-4000-8000-000000000001",
+                "customer_id": "c",
+                "items": [{ "sku": "s", "quantity": 1, "unit_price_cents": 1 }],
+                "total_cents": 1,
+                "currency": "EUR",
+                "shipping_address": { "country": "DE", "city": "c", "line1": "l", "postal_code": "p" }
+            })
+        },
+    },
+    TriggerMessage {
+        name: events::ReturnRequested::TYPE_NAME,
+        shape: RETURN_REQUESTED,
+        decode: |bytes| decoded(events::ReturnRequested::from_json(bytes)),
+        summary: &[
+            "return_id",
+            "order_id",
+            "customer_id",
+            "refund_cents",
+            "currency",
+        ],
+        sample: || {
+            serde_json::json!({
+                "type": events::ReturnRequested::TYPE_NAME,
+                "return_id": "00000000-0000-4000-8000-000000000002",
+                "order_id": "00000000-0000-4000-8000-000000000001",
+                "customer_id": "c",
+                "items": [{ "sku": "s", "quantity": 1 }],
+                "refund_cents": 1,
+                "currency": "EUR"
+            })
+        },
+    },
+];
+
+/// The trigger message named `message`, if there is one.
+pub fn trigger_message(message: &str) -> Option<&'static TriggerMessage> {
+    TRIGGER_MESSAGES.iter().find(|m| m.name == message)
+}
 
 fn trigger_shape(message: &str) -> Option<Shape> {
-    TRIGGER_MESSAGES
-        .iter()
-        .find(|(name, _)| *name == message)
-        .map(|(_, shape)| *shape)
+    trigger_message(message).map(|m| m.shape)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,7 +619,13 @@ pub enum Problem {
         version: i32,
         other_file: String,
     },
-    #[error("{message} on {topic:?} already starts saga {other_saga} ({other_file}); a trigger starts one saga type")]
+    #[error("step {step} is already a step of saga {other_saga} ({other_file}); a step name belongs to one saga type (participants route by it, and key their step ledger by it)")]
+    StepOfAnotherSaga {
+        step: String,
+        other_saga: String,
+        other_file: String,
+    },
+    #[error("{message} on {topic:?}: that topic already starts saga {other_saga} ({other_file}); a trigger topic starts one saga type")]
     SharedTrigger {
         topic: String,
         message: String,
@@ -559,7 +657,7 @@ impl fmt::Display for ReplyMeaning {
 fn known_triggers() -> String {
     TRIGGER_MESSAGES
         .iter()
-        .map(|(name, _)| *name)
+        .map(|m| m.name)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -683,9 +781,9 @@ fn check_together(definitions: &[SagaDefinition]) -> Result<(), DefinitionError>
                     },
                 ));
             }
-            if earlier.name != definition.name
-                && earlier.trigger.topic == definition.trigger.topic
-                && earlier.trigger.message == definition.trigger.message
+            // One saga type per trigger topic (whatever the message): a record on it starts
+            // that type's saga or is dead-lettered, never a guess between two.
+            if earlier.name != definition.name && earlier.trigger.topic == definition.trigger.topic
             {
                 return Err(invalid(
                     "trigger",
@@ -703,6 +801,24 @@ fn check_together(definitions: &[SagaDefinition]) -> Result<(), DefinitionError>
             routes
                 .add(&step.participant, &step.topic, place)
                 .map_err(|problem| invalid(&format!("steps[{j}].topic"), problem))?;
+        }
+        for (j, step) in definition.steps.iter().enumerate() {
+            // A participant routes a command by its step name alone, and its step ledger is
+            // keyed by (saga key, step): a step name shared by two saga types would let one
+            // type's saga be answered from the other's ledger row when their keys meet.
+            let other = definitions[..i].iter().find(|earlier| {
+                earlier.name != definition.name && earlier.step(&step.name).is_some()
+            });
+            if let Some(earlier) = other {
+                return Err(invalid(
+                    &format!("steps[{j}].name"),
+                    Problem::StepOfAnotherSaga {
+                        step: step.name.clone(),
+                        other_saga: earlier.name.clone(),
+                        other_file: earlier.file.clone(),
+                    },
+                ));
+            }
         }
     }
     Ok(())

@@ -22,11 +22,12 @@
 //! `failed` and waits for an operator ([`Saga::on_operator`]: retry, skip or abort).
 
 use chrono::{DateTime, Utc};
-use events::{Action, Command, OrderPlaced, Outcome, Reply, SagaEvent};
+use events::{Action, Command, Outcome, Reply, SagaEvent};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::definitions::SagaDefinition;
+use super::definitions::{trigger_message, PayloadError, SagaDefinition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,11 +119,16 @@ impl StepState {
     }
 }
 
-/// One order's saga.
+/// One saga: of one type (its definition), started by one trigger message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Saga {
     pub id: Uuid,
-    pub order: OrderPlaced,
+    /// The message that started it, as JSON (the order saga: an `OrderPlaced`). Every
+    /// command's payload is mapped from it.
+    pub trigger: Value,
+    /// The trigger's value at the definition's `trigger.key`, as text (the order saga: the
+    /// order id): one saga per saga type and key, and what its commands and replies carry.
+    pub key: String,
     pub state: SagaState,
     pub steps: Vec<StepState>,
     /// Why the saga did not complete: the step that failed and its reason.
@@ -171,13 +177,18 @@ pub enum Decision {
 }
 
 impl Saga {
-    /// A new saga of `definition` for `order`, with its first command.
+    /// A new saga of `definition` for `trigger` (the trigger message as JSON, checked by its
+    /// contract), with its first command.
+    ///
+    /// # Errors
+    /// When `trigger` has no usable key at the definition's `trigger.key`.
     pub fn start(
         id: Uuid,
-        order: OrderPlaced,
+        trigger: Value,
         now: DateTime<Utc>,
         definition: &SagaDefinition,
-    ) -> (Self, Vec<Effect>) {
+    ) -> Result<(Self, Vec<Effect>), PayloadError> {
+        let key = definition.trigger.key_of(&trigger)?;
         let mut saga = Self {
             id,
             state: SagaState::Running,
@@ -193,17 +204,31 @@ impl Saga {
             updated_at: now,
             finished_at: None,
             deadline_at: None,
-            order,
+            trigger,
+            key,
         };
         let started = SagaEvent::SagaStarted {
-            order_id: saga.order.order_id,
-            customer_id: saga.order.customer_id.clone(),
-            total_cents: saga.order.total_cents,
-            currency: saga.order.currency.clone(),
+            saga_type: saga.definition_name.clone(),
+            key: saga.key.clone(),
+            subject: trigger_message(&definition.trigger.message)
+                .map(|m| m.summary_of(&saga.trigger))
+                .unwrap_or_default(),
         };
         let mut effects = vec![Effect::Publish(started)];
         effects.extend(saga.send_forward(0, now, 0.0, definition));
-        (saga, effects)
+        Ok((saga, effects))
+    }
+
+    /// What the saga's events other than `SagaStarted` say of its subject: the key's field of
+    /// the trigger, under its name (the order saga: `order_id`).
+    fn key_subject(&self, definition: &SagaDefinition) -> Map<String, Value> {
+        let key = &definition.trigger.key;
+        key.segments()
+            .last()
+            .zip(key.resolve(&self.trigger))
+            .map(|(name, value)| (name.to_owned(), value.clone()))
+            .into_iter()
+            .collect()
     }
 
     /// Whether `definition` is the one this saga runs on (same name, version and steps).
@@ -227,14 +252,6 @@ impl Saga {
                 self.definition_name, self.definition_version, definition.name, definition.version
             ))
         })
-    }
-
-    /// The saga's key under `definition` (the trigger's value at its `trigger.key`): what its
-    /// commands carry, and what every reply to them must carry. `None` when the order does not
-    /// make one (a definition that the registry would have refused).
-    pub fn key(&self, definition: &SagaDefinition) -> Option<String> {
-        let trigger = serde_json::to_value(&self.order).ok()?;
-        definition.trigger.key_of(&trigger).ok()
     }
 
     /// The index of the step the saga waits on, if it waits on one.
@@ -411,7 +428,7 @@ impl Saga {
                     .clone()
                     .unwrap_or_else(|| "no reply".into());
                 let reason = format!("did not succeed after {round} attempts (last: {last})");
-                saga.fail(index, &reason, now)
+                saga.fail(index, &reason, now, definition)
             } else {
                 saga.send_compensation(index, now, jitter, definition)
             }
@@ -523,21 +540,20 @@ impl Saga {
             Action::Compensate => step.compensation.as_ref(),
         };
         let Some(action) = action else {
-            return self.fail(index, "cannot be sent: the step has no compensation", now);
+            return self.fail(
+                index,
+                "cannot be sent: the step has no compensation",
+                now,
+                definition,
+            );
         };
-        let command = serde_json::to_value(&self.order)
-            .map_err(|e| e.to_string())
-            .and_then(|trigger| {
-                action
-                    .command(definition, step, direction, &trigger, attempt)
-                    .map_err(|e| e.to_string())
-            });
+        let command = action.command(definition, step, direction, &self.trigger, attempt);
         match command {
             Ok(command) => vec![Effect::Send {
                 topic: step.topic.clone(),
                 command,
             }],
-            Err(error) => self.fail(index, &format!("cannot be sent: {error}"), now),
+            Err(error) => self.fail(index, &format!("cannot be sent: {error}"), now, definition),
         }
     }
 
@@ -582,7 +598,9 @@ impl Saga {
         }
         self.finish(SagaState::Completed, now);
         vec![Effect::Publish(SagaEvent::SagaCompleted {
-            order_id: self.order.order_id,
+            saga_type: self.definition_name.clone(),
+            key: self.key.clone(),
+            subject: self.key_subject(definition),
         })]
     }
 
@@ -655,7 +673,7 @@ impl Saga {
         let round = step.compensation_attempts - step.compensation_budget_from;
         if compensation.retry.exhausted(round) {
             let why = format!("failed after {round} attempts: {reason}");
-            return self.fail(index, &why, now);
+            return self.fail(index, &why, now, definition);
         }
         step.failure_reason = Some(reason);
         self.deadline_at = Some(now + compensation.retry.wait_for(round, 0.0));
@@ -663,7 +681,13 @@ impl Saga {
     }
 
     /// Gives up on compensating `index`: the saga is `failed` until an operator acts.
-    fn fail(&mut self, index: usize, why: &str, now: DateTime<Utc>) -> Vec<Effect> {
+    fn fail(
+        &mut self,
+        index: usize,
+        why: &str,
+        now: DateTime<Utc>,
+        definition: &SagaDefinition,
+    ) -> Vec<Effect> {
         let step = &mut self.steps[index];
         step.status = StepStatus::CompensationFailed;
         let why = format!("compensation of {} {why}", step.name);
@@ -674,7 +698,9 @@ impl Saga {
         });
         self.finish(SagaState::Failed, now);
         vec![Effect::Publish(SagaEvent::SagaFailed {
-            order_id: self.order.order_id,
+            saga_type: self.definition_name.clone(),
+            key: self.key.clone(),
+            subject: self.key_subject(definition),
             reason: self.failure_reason.clone().unwrap_or_default(),
         })]
     }
@@ -702,7 +728,9 @@ impl Saga {
         }
         self.finish(SagaState::Compensated, now);
         vec![Effect::Publish(SagaEvent::SagaCompensated {
-            order_id: self.order.order_id,
+            saga_type: self.definition_name.clone(),
+            key: self.key.clone(),
+            subject: self.key_subject(definition),
             reason: self.failure_reason.clone().unwrap_or_default(),
         })]
     }

@@ -21,7 +21,7 @@ use proptest::prelude::*;
 use uuid::Uuid;
 
 use super::order_messages::{CompensationFailed, Reply as OrderReply, StepDone, StepRefused};
-use super::tests::order;
+use super::tests::trigger;
 use super::{
     Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState, StepStatus,
 };
@@ -162,7 +162,8 @@ struct Model {
 impl Model {
     fn start(definition: SagaDefinition) -> Self {
         let now = start_time();
-        let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), now, &definition);
+        let (saga, effects) =
+            Saga::start(Uuid::from_u128(1), trigger(), now, &definition).expect("starts");
         assert!(matches!(
             effects.as_slice(),
             [
@@ -227,7 +228,7 @@ impl Model {
                     Attempt::Any(n) => *n,
                 };
                 let order_id = if *ok_order { ORDER } else { Uuid::from_u128(8) };
-                if order_id != self.saga.order.order_id {
+                if order_id.to_string() != self.saga.key {
                     // The handler rejects a reply with another saga's key before the machine
                     // sees it.
                     return;
@@ -534,7 +535,10 @@ fn check_transition(
     // The last change moves strictly forward.
     assert_eq!(new.updated_at, now);
     assert!(new.updated_at > old.updated_at, "{}", context());
-    assert_eq!((new.id, &new.order), (old.id, &old.order));
+    assert_eq!(
+        (new.id, &new.trigger, &new.key),
+        (old.id, &old.trigger, &old.key)
+    );
 
     // Terminal states stay terminal: completed and compensated never move; failed only by an
     // operator's retry or skip, and back to compensating, never forward.
@@ -579,7 +583,7 @@ fn check_transition(
     assert!(sent.len() <= 1, "{}", context());
     for command in sent {
         let i = index_of(&command.step);
-        assert_eq!(command.key, new.order.order_id.to_string());
+        assert_eq!(command.key, new.key);
         assert_eq!(new.current_step(), Some(i), "{}", context());
         assert_eq!(Some(command.action), direction(new.state), "{}", context());
         let (now_at, before) = match command.action {

@@ -68,6 +68,14 @@ impl Registry {
         })
     }
 
+    /// The definition that a record on `topic` (without the prefix) starts a saga of.
+    pub fn for_topic(&self, topic: &str) -> Option<&Arc<SagaDefinition>> {
+        self.newest.iter().find_map(|(name, version)| {
+            self.get(name, *version)
+                .filter(|d| d.trigger.topic == topic)
+        })
+    }
+
     /// The version new sagas of `name` start on.
     pub fn newest(&self, name: &str) -> Option<&Arc<SagaDefinition>> {
         self.newest.get(name).and_then(|v| self.get(name, *v))
@@ -86,19 +94,10 @@ impl Registry {
     }
 }
 
-/// A trigger message with every field the trigger shapes know, for building each command once
-/// at load time.
+/// A trigger message with every field its shape knows, for building each command once at load
+/// time.
 fn sample_trigger(message: &str) -> Option<Value> {
-    (message == events::OrderPlaced::TYPE_NAME).then(|| {
-        serde_json::json!({
-            "order_id": "00000000-0000-4000-8000-000000000001",
-            "customer_id": "c",
-            "items": [{ "sku": "s", "quantity": 1, "unit_price_cents": 1 }],
-            "total_cents": 1,
-            "currency": "EUR",
-            "shipping_address": { "country": "DE", "city": "c", "line1": "l", "postal_code": "p" }
-        })
-    })
+    super::definitions::trigger_message(message).map(|m| (m.sample)())
 }
 
 /// Checks that every command of `definition` goes on the wire as the participants will read

@@ -73,8 +73,15 @@ pub(super) fn definition() -> SagaDefinition {
     definition
 }
 
+/// [`order`] as the saga keeps it: the message as JSON.
+pub(super) fn trigger() -> serde_json::Value {
+    serde_json::to_value(order()).expect("an order serialises")
+}
+
 fn started() -> Saga {
-    Saga::start(Uuid::from_u128(1), order(), at(0), &definition()).0
+    Saga::start(Uuid::from_u128(1), trigger(), at(0), &definition())
+        .expect("the order has a key")
+        .0
 }
 
 /// Applies `reply`, failing the test if it is ignored.
@@ -119,18 +126,35 @@ fn statuses(saga: &Saga) -> Vec<StepStatus> {
 
 #[test]
 fn start_announces_the_saga_and_reserves_stock() {
-    let (saga, effects) = Saga::start(Uuid::from_u128(1), order(), at(0), &definition());
+    let (saga, effects) =
+        Saga::start(Uuid::from_u128(1), trigger(), at(0), &definition()).expect("starts");
     assert_eq!(saga.state, SagaState::Running);
+    assert_eq!(saga.key, Uuid::from_u128(7).to_string());
     assert_eq!(saga.current_step(), Some(0));
     assert_eq!(saga.steps[0].attempts, 1);
     assert_eq!(saga.steps[0].started_at, Some(at(0)));
-    assert!(matches!(
-        effects[0],
-        Effect::Publish(SagaEvent::SagaStarted {
-            total_cents: 2_000,
-            ..
+    // The order saga's SagaStarted says what it always said, beside the saga's type and key.
+    let Effect::Publish(SagaEvent::SagaStarted {
+        saga_type,
+        key,
+        subject,
+    }) = &effects[0]
+    else {
+        panic!("SagaStarted first: {effects:?}")
+    };
+    assert_eq!(
+        (saga_type.as_str(), key.as_str()),
+        ("order", saga.key.as_str())
+    );
+    assert_eq!(
+        serde_json::Value::Object(subject.clone()),
+        serde_json::json!({
+            "order_id": Uuid::from_u128(7),
+            "customer_id": "alice",
+            "total_cents": 2_000,
+            "currency": "EUR",
         })
-    ));
+    );
     assert_eq!(
         effects[1],
         send(
@@ -166,7 +190,12 @@ fn happy_path_runs_every_step_then_completes() {
     assert_eq!(
         effects,
         [Effect::Publish(SagaEvent::SagaCompleted {
-            order_id: Uuid::from_u128(7)
+            saga_type: "order".into(),
+            key: Uuid::from_u128(7).to_string(),
+            subject: serde_json::json!({ "order_id": Uuid::from_u128(7) })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
         })]
     );
 }
@@ -473,7 +502,9 @@ fn a_late_reply_to_an_earlier_attempt_answers_the_step() {
 fn sagas_started_together_do_not_time_out_together() {
     let deadlines: std::collections::BTreeSet<_> = (0..50)
         .map(|id| {
-            let saga = Saga::start(Uuid::from_u128(id), order(), at(0), &definition()).0;
+            let saga = Saga::start(Uuid::from_u128(id), trigger(), at(0), &definition())
+                .expect("starts")
+                .0;
             assert_first_wait(&saga, at(0), "every first wait is jittered");
             saga.deadline_at
         })

@@ -123,7 +123,7 @@ async fn one_batch_answering_a_saga_twice_moves_it_once() {
     system.place(&placed).await;
     let sagas = system.schema("orchestrator").await;
     let saga_id: Uuid = eventually("the saga to start", || async {
-        sqlx::query_scalar("SELECT id FROM sagas WHERE order_id = $1")
+        sqlx::query_scalar("SELECT id FROM sagas WHERE saga_key = $1::text")
             .bind(placed.order_id)
             .fetch_optional(&sagas)
             .await

@@ -107,12 +107,14 @@ pub fn token_list() -> String {
 /// The order saga's participants, whose command topics are `{name}.commands`.
 pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 
-/// Every topic of a deployment of the order saga: its trigger topic, the engine's topics and
-/// the participants' command topics.
+/// Every topic of a deployment of the repository's sagas: their trigger topics, the engine's
+/// topics and the participants' command topics (the return saga's participant `returns` beside
+/// the order saga's).
 pub fn all_topics(topics: &Topics) -> Vec<String> {
-    let mut all = vec![topics.orders()];
+    let mut all = vec![topics.orders(), topics.named("returns")];
     all.extend(topics.engine());
     all.extend(PARTICIPANTS.map(|p| topics.named(&format!("{p}.commands"))));
+    all.push(topics.named("returns.commands"));
     all
 }
 
@@ -273,6 +275,7 @@ impl TestSystem {
         let participant = match name {
             "inventory" => participants::inventory::participant(),
             "payment" => participants::payment::participant(),
+            "returns" => participants::returns::participant(),
             "shipping" => participants::shipping::participant(&ShippingConfig {
                 denied_countries: vec!["AQ".into(), "BV".into()],
             }),
@@ -427,6 +430,10 @@ impl TestSystem {
             (
                 "shipping",
                 "SELECT to_regclass('shipping.shipments') IS NOT NULL",
+            ),
+            (
+                "returns",
+                "SELECT to_regclass('returns.return_lines') IS NOT NULL",
             ),
         ] {
             if !self.services.iter().any(|(name, _, _)| *name == service) {

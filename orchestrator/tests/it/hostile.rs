@@ -341,7 +341,7 @@ async fn an_unreadable_saga_row_is_parked_and_stops_no_other_saga() {
         (status == 200 && saga["steps"][1]["attempts"].as_u64()? >= 1).then_some(())
     })
     .await;
-    sqlx::query("UPDATE sagas SET steps = '{\"not\": \"steps\"}' WHERE order_id = $1")
+    sqlx::query("UPDATE sagas SET steps = '{\"not\": \"steps\"}' WHERE saga_key = $1::text")
         .bind(stuck.order_id)
         .execute(&orchestrator)
         .await
@@ -355,7 +355,7 @@ async fn an_unreadable_saga_row_is_parked_and_stops_no_other_saga() {
         assert_eq!(saga["state"], "completed", "{saga}");
     }
     let (state, reason): (String, Option<String>) =
-        sqlx::query_as("SELECT state, failure_reason FROM sagas WHERE order_id = $1")
+        sqlx::query_as("SELECT state, failure_reason FROM sagas WHERE saga_key = $1::text")
             .bind(stuck.order_id)
             .fetch_one(&orchestrator)
             .await

@@ -13,6 +13,7 @@ mod operate;
 #[allow(dead_code)] // The unit tests use the rest of it.
 mod order_messages;
 mod recovery;
+mod returns;
 
 use events::Envelope;
 use helpers::{order, step_statuses, TestSystem};
@@ -198,7 +199,7 @@ async fn the_same_order_published_twice_yields_one_saga_and_one_charge() {
             .then_some(())
     })
     .await;
-    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE order_id = $1")
+    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE saga_key = $1::text")
         .bind(placed.order_id)
         .fetch_one(&system.schema("orchestrator").await)
         .await

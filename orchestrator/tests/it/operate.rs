@@ -13,12 +13,12 @@ use uuid::Uuid;
 use crate::helpers::{eventually, order, TestSystem};
 
 /// The OpenAPI document the server serves.
-fn openapi() -> Value {
+pub(crate) fn openapi() -> Value {
     serde_json::from_str(orchestrator::api::OPENAPI_JSON).expect("openapi.json is JSON")
 }
 
 /// Checks `body` against the schema the document gives for `method path` answering `status`.
-fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+pub(crate) fn assert_documented(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
     let escaped = path.replace('~', "~0").replace('/', "~1");
     let mut pointer = format!("/paths/{escaped}/{method}/responses/{status}");
     // A shared response (`#/components/responses/...`) is a reference.
@@ -99,7 +99,16 @@ async fn the_server_answers_as_its_openapi_document_says() {
     // The served document is the file with this deployment's step names filled in.
     let (status, served_doc) = system.get("/openapi.json").await;
     assert_eq!(status, 200);
-    let steps = ["charge_payment", "reserve_stock", "schedule_shipment"].map(String::from);
+    // The repository's sagas: the order saga's steps and the return saga's.
+    let steps = [
+        "charge_payment",
+        "receive_return",
+        "refund",
+        "reserve_stock",
+        "restock",
+        "schedule_shipment",
+    ]
+    .map(String::from);
     let expected = orchestrator::api::openapi_for_steps(&steps).expect("the file is JSON");
     assert_eq!(
         served_doc, expected,
@@ -528,9 +537,9 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     let orchestrator = system.schema("orchestrator").await;
     let failed_id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO sagas (id, order_id, state, order_data, steps, definition_version, version, \
+        "INSERT INTO sagas (id, saga_key, state, order_data, steps, definition_version, version, \
                             created_at, updated_at, finished_at) \
-         SELECT $1, $2, 'failed', order_data, steps, definition_version, 0, created_at, \
+         SELECT $1, $2::text, 'failed', order_data, steps, definition_version, 0, created_at, \
                 updated_at, now() - interval '1 day' FROM sagas WHERE id = $3::uuid",
     )
     .bind(failed_id)

@@ -244,7 +244,7 @@ async fn an_orchestrator_killed_after_committing_a_transition_still_sends_its_co
     let sagas = count(
         &system,
         "orchestrator",
-        "SELECT count(*) FROM sagas WHERE order_id = $1",
+        "SELECT count(*) FROM sagas WHERE saga_key = $1::text",
         placed.order_id,
     )
     .await;

@@ -203,7 +203,7 @@ fn the_canonical_form_ignores_comments_and_layout_and_reads_back() {
 
 /// The shape paths are checked against is what `OrderPlaced` serialises to, field for field.
 #[test]
-fn the_order_placed_shape_is_the_message() {
+fn the_trigger_shapes_are_the_messages() {
     fn check(value: &Json, shape: Shape, at: &str) {
         match shape {
             Shape::Text => assert!(value.is_string(), "{at} is text"),
@@ -233,21 +233,75 @@ fn the_order_placed_shape_is_the_message() {
         }
     }
     let json = serde_json::to_value(order()).expect("serialises");
-    let (name, shape) = TRIGGER_MESSAGES[0];
-    assert_eq!(json["type"], name);
-    check(&json, shape, "$");
+    let message = &TRIGGER_MESSAGES[0];
+    assert_eq!(json["type"], message.name);
+    check(&json, message.shape, "$");
+    // What a saga keeps is what the message's decoder makes of it, and the sample used to
+    // build commands at load time has every field of the shape.
+    let bytes = serde_json::to_vec(&order()).expect("serialises");
+    assert_eq!((message.decode)(&bytes), Ok(json));
+    check(&(message.sample)(), message.shape, "$");
+
+    // The return saga's trigger likewise.
+    let request = events::ReturnRequested {
+        return_id: uuid::Uuid::from_u128(9),
+        order_id: uuid::Uuid::from_u128(7),
+        customer_id: "alice".into(),
+        items: vec![events::ReturnItem {
+            sku: "WIDGET".into(),
+            quantity: 1,
+        }],
+        refund_cents: 1_000,
+        currency: "EUR".into(),
+    };
+    let json = serde_json::to_value(&request).expect("serialises");
+    let message = trigger_message("ReturnRequested").expect("a trigger message");
+    assert_eq!(json["type"], message.name);
+    check(&json, message.shape, "$");
+    check(&(message.sample)(), message.shape, "$");
+    let bytes = serde_json::to_vec(&request).expect("serialises");
+    assert_eq!((message.decode)(&bytes), Ok(json));
+    // Whatever the bytes, a decoder answers with a reason, never a panic.
+    for garbage in [&b""[..], b"\xff", b"[]", br#"{"type":"OrderPlaced"}"#] {
+        assert!((message.decode)(garbage).is_err(), "{garbage:?}");
+    }
 }
 
 #[test]
 fn the_sagas_folder_loads() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
     let definitions = load_dir(&dir).expect("sagas/ loads");
-    assert_eq!(definitions.len(), 1);
+    assert_eq!(definitions.len(), 2);
     let expected = SagaDefinition {
         file: dir.join("order.toml").display().to_string(),
         ..order_definition()
     };
     assert_eq!(definitions[0], expected);
+    // The return saga: its own trigger topic and message, its own step names, the refund its
+    // pivot.
+    let returns = &definitions[1];
+    assert_eq!(returns.name, "return");
+    assert_eq!(
+        (
+            returns.trigger.topic.as_str(),
+            returns.trigger.message.as_str()
+        ),
+        ("returns", "ReturnRequested")
+    );
+    assert_eq!(returns.trigger.key.to_string(), "$.return_id");
+    let steps: Vec<(&str, &str, StepKind)> = returns
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.participant.as_str(), s.kind))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("receive_return", "returns", StepKind::Compensable),
+            ("restock", "inventory", StepKind::Compensable),
+            ("refund", "payment", StepKind::Pivot),
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -932,6 +986,32 @@ fn a_participant_with_another_topic_in_another_file_is_refused() {
 }
 
 #[test]
+fn a_step_name_of_another_saga_type_is_refused() {
+    // Participants route commands by step name and key their ledger by (saga key, step): a
+    // step name shared by two saga types would mix their answers.
+    let folder = Folder::new();
+    let first = folder.write("a.toml", ORDER);
+    let second = folder.write(
+        "b.toml",
+        &order_with(|d| {
+            set(d, "name", text("order_copy"));
+            set(d, "trigger.topic", text("orders.copy"));
+        }),
+    );
+    let error = load_dir(&folder.0).expect_err("refused");
+    assert_invalid_in(
+        error,
+        &second,
+        "steps[0].name",
+        Problem::StepOfAnotherSaga {
+            step: "reserve_stock".into(),
+            other_saga: "order".into(),
+            other_file: first,
+        },
+    );
+}
+
+#[test]
 fn a_folder_without_definitions_or_that_cannot_be_read_is_refused() {
     let folder = Folder::new();
     folder.write("README.md", "no definitions here");
@@ -968,6 +1048,117 @@ fn an_invalid_file_in_the_folder_is_named_by_its_path() {
 /// The published wire contract (`events/contract/asyncapi.json`) describes the order saga as
 /// its file defines it: each step's command topic is a channel carrying its commands, and
 /// `saga.replies` carries every reply the definition names.
+/// The return saga's golden commands and replies (`events/golden/`), by name.
+const RETURN_GOLDEN: [(&str, &str); 12] = [
+    (
+        "ReceiveReturn",
+        include_str!("../../../../events/golden/ReceiveReturn.json"),
+    ),
+    (
+        "RejectReturn",
+        include_str!("../../../../events/golden/RejectReturn.json"),
+    ),
+    (
+        "Restock",
+        include_str!("../../../../events/golden/Restock.json"),
+    ),
+    (
+        "UndoRestock",
+        include_str!("../../../../events/golden/UndoRestock.json"),
+    ),
+    (
+        "IssueRefund",
+        include_str!("../../../../events/golden/IssueRefund.json"),
+    ),
+    (
+        "ReturnReceived",
+        include_str!("../../../../events/golden/ReturnReceived.json"),
+    ),
+    (
+        "ReturnRejected",
+        include_str!("../../../../events/golden/ReturnRejected.json"),
+    ),
+    (
+        "Restocked",
+        include_str!("../../../../events/golden/Restocked.json"),
+    ),
+    (
+        "RestockRefused",
+        include_str!("../../../../events/golden/RestockRefused.json"),
+    ),
+    (
+        "RestockUndone",
+        include_str!("../../../../events/golden/RestockUndone.json"),
+    ),
+    (
+        "RefundIssued",
+        include_str!("../../../../events/golden/RefundIssued.json"),
+    ),
+    (
+        "RefundRefused",
+        include_str!("../../../../events/golden/RefundRefused.json"),
+    ),
+];
+
+fn return_golden(name: &str) -> &'static str {
+    RETURN_GOLDEN
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+        .unwrap_or_else(|| panic!("no golden file {name}"))
+}
+
+/// `sagas/return.toml` makes, from the golden `ReturnRequested`, exactly the golden commands
+/// of the return saga, and each golden reply answers the step and direction it names.
+#[test]
+fn the_return_file_makes_the_golden_commands_and_reads_the_golden_replies() {
+    let definition = parse(
+        "sagas/return.toml",
+        include_str!("../../../../sagas/return.toml"),
+    )
+    .expect("sagas/return.toml is valid");
+    let message = trigger_message(&definition.trigger.message).expect("a trigger message");
+    let trigger =
+        (message.decode)(include_str!("../../../../events/golden/ReturnRequested.json").as_bytes())
+            .expect("the golden ReturnRequested decodes");
+    for step in &definition.steps {
+        let actions = [(Action::Forward, Some(&step.forward))]
+            .into_iter()
+            .chain([(Action::Compensate, step.compensation.as_ref())]);
+        for (direction, action) in actions {
+            let Some(action) = action else { continue };
+            let command = action
+                .command(&definition, step, direction, &trigger, 1)
+                .expect("a command");
+            let golden = events::Envelope::<events::Command>::from_json(
+                return_golden(&action.name).as_bytes(),
+            )
+            .expect("the golden command decodes");
+            assert_eq!(golden.body, command, "{}", action.name);
+            for (reply, failed) in std::iter::once((&action.success, false))
+                .chain(action.failure.iter().map(|f| (f, true)))
+            {
+                if reply == "CompensationFailed" {
+                    continue;
+                }
+                let golden = events::Envelope::<Reply>::from_json(return_golden(reply).as_bytes())
+                    .expect("the golden reply decodes");
+                assert_eq!(
+                    (golden.body.step.as_str(), golden.body.action),
+                    (step.name.as_str(), direction),
+                    "{reply}"
+                );
+                assert_eq!(
+                    matches!(golden.body.outcome, events::Outcome::Failed { .. }),
+                    failed,
+                    "{reply}"
+                );
+                assert_eq!(golden.body.key, command.key, "{reply}");
+            }
+        }
+    }
+}
+
 #[test]
 fn the_asyncapi_document_describes_the_order_file() {
     let doc: Json = serde_json::from_str(include_str!("../../../../events/contract/asyncapi.json"))
@@ -980,23 +1171,26 @@ fn the_asyncapi_document_describes_the_order_file() {
             .unwrap_or_else(|| panic!("no channel for {topic}"))
             .clone()
     };
-    let definition = order_definition();
-    let trigger = channel_at(&definition.trigger.topic);
-    assert!(trigger["messages"]
-        .get(&definition.trigger.message)
-        .is_some());
-    let replies = channel_at(ENGINE_TOPICS[0]);
-    for step in &definition.steps {
-        let commands = channel_at(&step.topic);
-        for action in std::iter::once(&step.forward).chain(&step.compensation) {
-            assert!(
-                commands["messages"].get(&action.name).is_some(),
-                "{} is not on {}",
-                action.name,
-                step.topic
-            );
-            for reply in std::iter::once(&action.success).chain(&action.failure) {
-                assert!(replies["messages"].get(reply).is_some(), "{reply}");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
+    // Every saga of the repository, the return saga beside the order saga.
+    for definition in load_dir(&dir).expect("sagas/ loads") {
+        let trigger = channel_at(&definition.trigger.topic);
+        assert!(trigger["messages"]
+            .get(&definition.trigger.message)
+            .is_some());
+        let replies = channel_at(ENGINE_TOPICS[0]);
+        for step in &definition.steps {
+            let commands = channel_at(&step.topic);
+            for action in std::iter::once(&step.forward).chain(&step.compensation) {
+                assert!(
+                    commands["messages"].get(&action.name).is_some(),
+                    "{} is not on {}",
+                    action.name,
+                    step.topic
+                );
+                for reply in std::iter::once(&action.success).chain(&action.failure) {
+                    assert!(replies["messages"].get(reply).is_some(), "{reply}");
+                }
             }
         }
     }

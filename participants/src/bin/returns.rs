@@ -1,0 +1,9 @@
+//! The returns participant.
+use participants::sdk::NoSettings;
+
+fn main() -> anyhow::Result<()> {
+    participants::sdk::main(
+        "Receives returned items for return sagas.",
+        |_: NoSettings| participants::returns::participant(),
+    )
+}
