@@ -85,29 +85,13 @@ impl Step for ReserveStock {
         let requests: Vec<(Uuid, Uuid, BTreeMap<&str, i64>)> = requests
             .iter()
             .map(|request| {
-                let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-                for item in &request.payload.items {
-                    *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
-                }
+                let items = request.payload.items.iter();
+                let wanted = by_sku(items.map(|i| (i.sku.as_str(), i.quantity)));
                 (request.saga_id, request.payload.order_id, wanted)
             })
             .collect();
-        let skus: Vec<String> = requests
-            .iter()
-            .flat_map(|(_, _, wanted)| wanted.keys().map(|sku| (*sku).to_owned()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let rows: Vec<(String, i32)> = sqlx::query_as(
-            "SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-        )
-        .bind(&skus)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut available: BTreeMap<String, i64> = rows
-            .into_iter()
-            .map(|(sku, n)| (sku, i64::from(n)))
-            .collect();
+        let skus = skus_of(requests.iter().map(|(_, _, wanted)| wanted));
+        let mut available = lock_stock(tx, &skus).await?;
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut reservations: Vec<(Uuid, Uuid)> = Vec::new();
         let mut lines: Vec<(Uuid, String, i32)> = Vec::new();
@@ -140,20 +124,7 @@ impl Step for ReserveStock {
         if reservations.is_empty() {
             return Ok(outcomes);
         }
-        // The rows are locked: what is left of each SKU can be written as it stands.
-        let (left_skus, left): (Vec<&String>, Vec<i32>) = available
-            .iter()
-            .map(|(sku, n)| (sku, i32::try_from(*n).unwrap_or(i32::MAX)))
-            .unzip();
-        sqlx::query(
-            "UPDATE stock SET available = left_over.available \
-             FROM UNNEST($1::text[], $2::int[]) AS left_over (sku, available) \
-             WHERE stock.sku = left_over.sku AND stock.available <> left_over.available",
-        )
-        .bind(left_skus)
-        .bind(left)
-        .execute(&mut *tx)
-        .await?;
+        write_stock(tx, &available).await?;
         sqlx::query(
             "INSERT INTO reservations (order_id, saga_id, status) \
              SELECT order_id, saga_id, 'reserved' FROM UNNEST($1::uuid[], $2::uuid[]) \
@@ -253,6 +224,24 @@ impl fmt::Display for RestockRefusal {
     }
 }
 
+/// The quantities of `items` (SKU, quantity) added up per SKU.
+fn by_sku<'a>(items: impl Iterator<Item = (&'a str, i32)>) -> BTreeMap<&'a str, i64> {
+    let mut total: BTreeMap<&str, i64> = BTreeMap::new();
+    for (sku, quantity) in items {
+        *total.entry(sku).or_default() += i64::from(quantity);
+    }
+    total
+}
+
+/// Every SKU the quantities name, once, sorted.
+fn skus_of<'a, 'b: 'a>(
+    quantities: impl Iterator<Item = &'a BTreeMap<&'b str, i64>>,
+) -> Vec<String> {
+    let skus: std::collections::BTreeSet<&str> =
+        quantities.flat_map(|q| q.keys().copied()).collect();
+    skus.into_iter().map(str::to_owned).collect()
+}
+
 /// The stock of `skus`, locked until the transaction ends (in SKU order, so that two
 /// transactions cannot deadlock).
 async fn lock_stock(
@@ -305,19 +294,12 @@ impl Step for Restock {
         let requests: Vec<(Uuid, Uuid, BTreeMap<&str, i64>)> = requests
             .iter()
             .map(|request| {
-                let mut back: BTreeMap<&str, i64> = BTreeMap::new();
-                for item in &request.payload.items {
-                    *back.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
-                }
+                let items = request.payload.items.iter();
+                let back = by_sku(items.map(|i| (i.sku.as_str(), i.quantity)));
                 (request.saga_id, request.payload.return_id, back)
             })
             .collect();
-        let skus: Vec<String> = requests
-            .iter()
-            .flat_map(|(_, _, back)| back.keys().map(|sku| (*sku).to_owned()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let skus = skus_of(requests.iter().map(|(_, _, back)| back));
         let mut available = lock_stock(tx, &skus).await?;
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut restocks: Vec<(Uuid, Uuid)> = Vec::new();
