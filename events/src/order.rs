@@ -95,30 +95,10 @@ impl OrderPlaced {
     /// `InvalidField` naming the first field that breaks a rule.
     pub fn validate(&self) -> Result<()> {
         check_text("customer_id", &self.customer_id)?;
-        if self.items.is_empty() {
-            return Err(ContractError::invalid(
-                "items",
-                "an order needs at least one item",
-            ));
-        }
-        if self.items.len() > MAX_ITEMS {
-            return Err(ContractError::invalid(
-                "items",
-                format!("at most {MAX_ITEMS} items per order"),
-            ));
-        }
+        check_item_count(self.items.len(), "an order", "order")?;
         let mut sum: i64 = 0;
         for item in &self.items {
-            check_text("items[].sku", &item.sku)?;
-            if !(1..=MAX_QUANTITY).contains(&item.quantity) {
-                return Err(ContractError::invalid(
-                    "items[].quantity",
-                    format!(
-                        "must be between 1 and {MAX_QUANTITY}, got {}",
-                        item.quantity
-                    ),
-                ));
-            }
+            check_line(&item.sku, item.quantity)?;
             if !(0..=MAX_UNIT_PRICE_CENTS).contains(&item.unit_price_cents) {
                 return Err(ContractError::invalid(
                     "items[].unit_price_cents",
@@ -137,15 +117,7 @@ impl OrderPlaced {
                 format!("is {} but the items add up to {sum}", self.total_cents),
             ));
         }
-        if !is_upper_code(&self.currency, 3) {
-            return Err(ContractError::invalid(
-                "currency",
-                format!(
-                    "expected an ISO 4217 code like \"EUR\", got {:?}",
-                    self.currency
-                ),
-            ));
-        }
+        check_currency(&self.currency)?;
         let address = &self.shipping_address;
         if !is_upper_code(&address.country, 2) {
             return Err(ContractError::invalid(
@@ -160,6 +132,48 @@ impl OrderPlaced {
         check_text("shipping_address.line1", &address.line1)?;
         check_text("shipping_address.postal_code", &address.postal_code)?;
         Ok(())
+    }
+}
+
+/// At least one and at most [`MAX_ITEMS`] items: `a_noun` ("an order") and `noun` ("order")
+/// name what holds them in the messages.
+pub(crate) fn check_item_count(items: usize, a_noun: &str, noun: &str) -> Result<()> {
+    if items == 0 {
+        return Err(ContractError::invalid(
+            "items",
+            format!("{a_noun} needs at least one item"),
+        ));
+    }
+    if items > MAX_ITEMS {
+        return Err(ContractError::invalid(
+            "items",
+            format!("at most {MAX_ITEMS} items per {noun}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A line's SKU is text and its quantity 1 to [`MAX_QUANTITY`].
+pub(crate) fn check_line(sku: &str, quantity: i32) -> Result<()> {
+    check_text("items[].sku", sku)?;
+    if !(1..=MAX_QUANTITY).contains(&quantity) {
+        return Err(ContractError::invalid(
+            "items[].quantity",
+            format!("must be between 1 and {MAX_QUANTITY}, got {quantity}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An ISO 4217 code: three upper-case letters.
+pub(crate) fn check_currency(code: &str) -> Result<()> {
+    if is_upper_code(code, 3) {
+        Ok(())
+    } else {
+        Err(ContractError::invalid(
+            "currency",
+            format!("expected an ISO 4217 code like \"EUR\", got {code:?}"),
+        ))
     }
 }
 

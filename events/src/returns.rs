@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::order::{check_text, expect_type, is_upper_code, MAX_ITEMS, MAX_QUANTITY};
+use crate::order::{check_currency, check_item_count, check_line, check_text, expect_type};
 use crate::{ContractError, Result};
 
 /// A customer asked to return items of an order, and to be refunded `refund_cents`: the event
@@ -61,29 +61,9 @@ impl ReturnRequested {
     /// `InvalidField` naming the first field that breaks a rule.
     pub fn validate(&self) -> Result<()> {
         check_text("customer_id", &self.customer_id)?;
-        if self.items.is_empty() {
-            return Err(ContractError::invalid(
-                "items",
-                "a return needs at least one item",
-            ));
-        }
-        if self.items.len() > MAX_ITEMS {
-            return Err(ContractError::invalid(
-                "items",
-                format!("at most {MAX_ITEMS} items per return"),
-            ));
-        }
+        check_item_count(self.items.len(), "a return", "return")?;
         for item in &self.items {
-            check_text("items[].sku", &item.sku)?;
-            if !(1..=MAX_QUANTITY).contains(&item.quantity) {
-                return Err(ContractError::invalid(
-                    "items[].quantity",
-                    format!(
-                        "must be between 1 and {MAX_QUANTITY}, got {}",
-                        item.quantity
-                    ),
-                ));
-            }
+            check_line(&item.sku, item.quantity)?;
         }
         if !(1..=MAX_REFUND_CENTS).contains(&self.refund_cents) {
             return Err(ContractError::invalid(
@@ -94,22 +74,14 @@ impl ReturnRequested {
                 ),
             ));
         }
-        if !is_upper_code(&self.currency, 3) {
-            return Err(ContractError::invalid(
-                "currency",
-                format!(
-                    "expected an ISO 4217 code like \"EUR\", got {:?}",
-                    self.currency
-                ),
-            ));
-        }
-        Ok(())
+        check_currency(&self.currency)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::order::{MAX_ITEMS, MAX_QUANTITY};
 
     fn request() -> ReturnRequested {
         ReturnRequested {
