@@ -622,15 +622,22 @@ impl TestSystem {
 
     /// Waits until the order's saga is in a terminal state and returns its body.
     pub async fn finished_saga(&self, order_id: Uuid) -> Value {
-        eventually(
-            &format!("the saga of order {order_id} to finish"),
-            || async {
-                let (status, body) = self.get(&format!("/orders/{order_id}/saga")).await;
-                let state = body["state"].as_str().unwrap_or_default();
-                (status == 200 && matches!(state, "completed" | "compensated" | "failed"))
-                    .then_some(body)
-            },
+        self.terminal_at(
+            &format!("the saga of order {order_id}"),
+            &format!("/orders/{order_id}/saga"),
         )
+        .await
+    }
+
+    /// The saga the API shows at `path` once it is completed, compensated or failed; `what`
+    /// names it when it never is.
+    pub async fn terminal_at(&self, what: &str, path: &str) -> Value {
+        eventually(&format!("{what} to finish"), || async {
+            let (status, body) = self.get(path).await;
+            let state = body["state"].as_str().unwrap_or_default();
+            (status == 200 && matches!(state, "completed" | "compensated" | "failed"))
+                .then_some(body)
+        })
         .await
     }
 

@@ -11,6 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::helpers::{eventually, order, step_statuses, Options, TestSystem};
+use crate::{balance, stock};
 
 /// The order and return sagas with the returns participant beside the order saga's.
 async fn start() -> TestSystem {
@@ -18,22 +19,6 @@ async fn start() -> TestSystem {
     system.start_participant("returns", 0);
     system.wait_for_participants().await;
     system
-}
-
-async fn stock(system: &TestSystem, sku: &str) -> i32 {
-    sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
-        .bind(sku)
-        .fetch_one(&system.schema("inventory").await)
-        .await
-        .expect("stock row")
-}
-
-async fn balance(system: &TestSystem, customer: &str) -> i64 {
-    sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
-        .bind(customer)
-        .fetch_one(&system.schema("payment").await)
-        .await
-        .expect("account row")
 }
 
 /// `quantity` WIDGETs of `order_id` back from alice, for `refund_cents`.
@@ -85,12 +70,9 @@ async fn finished_return(system: &TestSystem, return_id: Uuid) -> Value {
         .flatten()
     })
     .await;
-    eventually(&format!("return {return_id} to finish"), || async {
-        let (status, body) = system.get(&format!("/sagas/{saga_id}")).await;
-        let state = body["state"].as_str().unwrap_or_default();
-        (status == 200 && matches!(state, "completed" | "compensated" | "failed")).then_some(body)
-    })
-    .await
+    system
+        .terminal_at(&format!("return {return_id}"), &format!("/sagas/{saga_id}"))
+        .await
 }
 
 async fn return_status(system: &TestSystem, return_id: Uuid) -> Option<String> {
