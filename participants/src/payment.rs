@@ -137,20 +137,10 @@ impl Step for ChargePayment {
             return Ok(outcomes);
         }
         // The rows are locked: each balance can be written as it stands.
-        let (names, balances): (Vec<&String>, Vec<i64>) = accounts
+        let balances = accounts
             .iter()
-            .map(|(customer, (balance, _))| (customer, *balance))
-            .unzip();
-        sqlx::query(
-            "UPDATE accounts SET balance_cents = now_has.balance \
-             FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance) \
-             WHERE accounts.customer_id = now_has.customer_id \
-               AND accounts.balance_cents <> now_has.balance",
-        )
-        .bind(names)
-        .bind(balances)
-        .execute(&mut *tx)
-        .await?;
+            .map(|(customer, (balance, _))| (customer, *balance));
+        write_balances(tx, balances).await?;
         sqlx::query(
             "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status) \
              SELECT order_id, saga_id, customer_id, amount_cents, currency, 'charged' \
@@ -368,18 +358,7 @@ impl Step for IssueRefund {
         if refunds.is_empty() {
             return Ok(outcomes);
         }
-        let (names, now_have): (Vec<&String>, Vec<i64>) =
-            balances.iter().map(|(customer, n)| (customer, *n)).unzip();
-        sqlx::query(
-            "UPDATE accounts SET balance_cents = now_has.balance \
-             FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance) \
-             WHERE accounts.customer_id = now_has.customer_id \
-               AND accounts.balance_cents <> now_has.balance",
-        )
-        .bind(names)
-        .bind(now_have)
-        .execute(&mut *tx)
-        .await?;
+        write_balances(tx, balances.iter().map(|(customer, n)| (customer, *n))).await?;
         sqlx::query(
             "INSERT INTO return_refunds (return_id, saga_id, order_id, customer_id, amount_cents, \
                                          currency) \
@@ -406,4 +385,24 @@ impl Step for IssueRefund {
     ) -> Result<Result<(), RefundRefused>, HandlerError> {
         Ok(Ok(()))
     }
+}
+
+/// Writes the balances (customer, balance) of account rows the transaction has locked, where
+/// they changed.
+async fn write_balances<'a>(
+    tx: &mut PgConnection,
+    balances: impl Iterator<Item = (&'a String, i64)>,
+) -> Result<(), HandlerError> {
+    let (names, now_have): (Vec<&String>, Vec<i64>) = balances.unzip();
+    sqlx::query(
+        "UPDATE accounts SET balance_cents = now_has.balance \
+         FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance) \
+         WHERE accounts.customer_id = now_has.customer_id \
+           AND accounts.balance_cents <> now_has.balance",
+    )
+    .bind(names)
+    .bind(now_have)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
