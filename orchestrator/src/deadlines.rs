@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::handler::{commit_decision, definition_of, join_saga_trace};
-use crate::store::{self, HistoryEntry};
+use crate::store::{self, HistoryDecision, HistoryEntry};
 use crate::Result;
 
 /// Sagas handled per scan transaction.
@@ -67,9 +67,10 @@ impl DeadlineScanner {
                 at: now,
                 message_id: None,
                 message_type: "Deadline".into(),
-                decision: "deadline".into(),
+                decision: HistoryDecision::Deadline,
                 detail: saga.deadline_at.map(|d| format!("deadline {d} passed")),
-                state_after: String::new(),
+                // Set to the state the decision leaves (`commit_decision`).
+                state_after: saga.state,
             };
             let span = tracing::info_span!("deadline", saga_id = %saga.id);
             join_saga_trace(&mut tx, &span, saga.id).await?;

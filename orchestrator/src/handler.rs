@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::catalog::Catalog;
 use crate::saga::definitions::trigger_message;
 use crate::saga::{Decision, Effect, Saga, SagaDefinition};
-use crate::store::{self, HistoryEntry};
+use crate::store::{self, HistoryDecision, HistoryEntry};
 
 pub struct OrchestratorHandler {
     topics: Topics,
@@ -61,29 +61,18 @@ impl OrchestratorHandler {
             at: now,
             message_id: None,
             message_type: message.clone(),
-            decision: "started".into(),
+            decision: HistoryDecision::Started,
             detail: None,
-            state_after: saga.state.as_str().into(),
+            state_after: saga.state,
         };
         if !store::insert_saga(tx, &saga, trace_parent.as_deref(), &started).await? {
             // The same subject again: one saga per type and key. Note it on the saga that
             // exists.
-            if let Some(existing) =
-                store::saga_id_for_key(&mut *tx, &definition.name, &saga.key).await?
-            {
-                let entry = HistoryEntry {
-                    at: now,
-                    message_id: None,
-                    message_type: message.clone(),
-                    decision: "ignored".into(),
-                    detail: Some(format!(
-                        "duplicate {} (record {}/{}@{})",
-                        definition.name, record.topic, record.partition, record.offset
-                    )),
-                    state_after: String::new(),
-                };
-                store::append_history(tx, existing, &entry).await?;
-            }
+            let detail = format!(
+                "duplicate {} (record {}/{}@{})",
+                definition.name, record.topic, record.partition, record.offset
+            );
+            store::note_duplicate(tx, &definition.name, &saga.key, now, message, &detail).await?;
             tracing::info!(saga_type = %definition.name, key = %saga.key, "duplicate {message} ignored");
             return Ok(());
         }
@@ -179,9 +168,10 @@ impl OrchestratorHandler {
                 at: now,
                 message_id: Some(envelope.message_id),
                 message_type: reply.name.clone(),
-                decision: "applied".into(),
+                decision: HistoryDecision::Applied,
                 detail: Some(format!("{} attempt {}", reply.step, reply.attempt)),
-                state_after: String::new(),
+                // Set to the state the decision leaves (`note_decision`).
+                state_after: saga.state,
             };
             let decision = saga.on_reply(reply, now, definition);
             // In the record's span, so that the commands it causes join the order's trace.
@@ -289,7 +279,7 @@ fn note_decision(
             saga: next,
             effects,
         } => {
-            entry.state_after = next.state.as_str().into();
+            entry.state_after = next.state;
             tracing::info!(saga_id = %next.id, event = %entry.message_type, state = next.state.as_str(), "saga moved");
             crate::metrics::transition(
                 saga,
@@ -307,9 +297,9 @@ fn note_decision(
         }
         Decision::Ignored { reason } => {
             tracing::info!(saga_id = %saga.id, event = %entry.message_type, %reason, "ignored");
-            entry.decision = "ignored".into();
+            entry.decision = HistoryDecision::Ignored;
             entry.detail = Some(reason);
-            entry.state_after = saga.state.as_str().into();
+            entry.state_after = saga.state;
             (None, entry)
         }
     }

@@ -11,29 +11,13 @@ use uuid::Uuid;
 use crate::saga::{Saga, SagaState, StepState};
 use crate::{Error, Result};
 
-/// Binds a history entry to a statement's next six parameters, in `saga_history`'s column
-/// order after `saga_id` (at, message_id, message_type, decision, detail, state_after). A
-/// macro, so that it serves a `Query` and a `QueryScalar` alike.
-macro_rules! bind_history {
-    ($query:expr, $entry:expr) => {{
-        let entry: &HistoryEntry = $entry;
-        $query
-            .bind(entry.at)
-            .bind(entry.message_id)
-            .bind(&entry.message_type)
-            .bind(&entry.decision)
-            .bind(&entry.detail)
-            .bind(&entry.state_after)
-    }};
-}
-
 /// The orchestrator's own migrations (on top of the messaging tables).
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
 
 #[derive(sqlx::FromRow)]
 struct SagaRow {
     id: Uuid,
-    state: String,
+    state: SagaState,
     /// The trigger message (the column kept its name from when every saga was an order's).
     order_data: serde_json::Value,
     saga_key: String,
@@ -48,10 +32,11 @@ struct SagaRow {
     deadline_at: Option<DateTime<Utc>>,
 }
 
-const SAGA_COLUMNS: &str =
-    "id, state, order_data, saga_key, steps, failure_reason, definition_name, \
-                            definition_version, version, created_at, updated_at, finished_at, \
-                            deadline_at";
+/// `SagaRow`'s columns, for the one statement that is built at run time ([`list`]); the
+/// checked statements (`query_as!`) name them in their own text.
+const SAGA_COLUMNS: &str = "id, state, order_data, saga_key, steps, failure_reason, \
+                            definition_name, definition_version, version, created_at, \
+                            updated_at, finished_at, deadline_at";
 
 impl SagaRow {
     fn into_saga(self) -> Result<(Saga, i64)> {
@@ -72,16 +57,11 @@ impl SagaRow {
         }
         let steps: Vec<StepState> =
             serde_json::from_value(self.steps.clone()).map_err(corrupt("steps"))?;
-        let state = SagaState::parse(&self.state).ok_or_else(|| Error::CorruptRow {
-            saga_id: self.id,
-            column: "state",
-            reason: format!("unknown state {:?}", self.state),
-        })?;
         let saga = Saga {
             id: self.id,
             trigger: self.order_data,
             key: self.saga_key,
-            state,
+            state: self.state,
             steps,
             failure_reason: self.failure_reason,
             definition_name: self.definition_name,
@@ -109,48 +89,57 @@ pub async fn insert_saga(
     trace_parent: Option<&str>,
     started: &HistoryEntry,
 ) -> Result<bool> {
-    let statement = sqlx::query_scalar(
-        "WITH first AS ( \
-             INSERT INTO saga_dedup (saga_type, saga_key, saga_id) VALUES ($20, $2, $1) \
-             ON CONFLICT DO NOTHING RETURNING saga_id \
-         ), saga AS ( \
-             INSERT INTO sagas (id, saga_key, state, order_data, steps, failure_reason, \
-                                definition_version, version, created_at, updated_at, finished_at, \
-                                deadline_at, current_step, trace_parent, definition_name) \
-             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $20 FROM first \
-             ON CONFLICT (definition_name, saga_key) DO NOTHING RETURNING id \
-         ), noted AS ( \
-             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
-             SELECT id, $14, $15, $16, $17, $18, $19 FROM saga \
-         ) SELECT count(*) FROM saga",
+    let inserted = sqlx::query_scalar!(
+        r#"WITH first AS (
+             INSERT INTO saga_dedup (saga_type, saga_key, saga_id) VALUES ($20, $2, $1)
+             ON CONFLICT DO NOTHING RETURNING saga_id
+         ), saga AS (
+             INSERT INTO sagas (id, saga_key, state, order_data, steps, failure_reason,
+                                definition_version, version, created_at, updated_at, finished_at,
+                                deadline_at, current_step, trace_parent, definition_name)
+             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $20 FROM first
+             ON CONFLICT (definition_name, saga_key) DO NOTHING RETURNING id
+         ), noted AS (
+             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
+                                       state_after)
+             SELECT id, $14, $15, $16, $17, $18, $19 FROM saga
+         ) SELECT count(*) AS "inserted!" FROM saga"#,
+        saga.id,
+        saga.key,
+        saga.state as SagaState,
+        saga.trigger,
+        to_json(&saga.steps),
+        saga.failure_reason,
+        saga.definition_version,
+        saga.created_at,
+        saga.updated_at,
+        saga.finished_at,
+        saga.deadline_at,
+        saga.step_in_focus(),
+        trace_parent,
+        started.at,
+        started.message_id,
+        started.message_type,
+        started.decision as HistoryDecision,
+        started.detail,
+        started.state_after as SagaState,
+        saga.definition_name,
     )
-    .bind(saga.id)
-    .bind(&saga.key)
-    .bind(saga.state.as_str())
-    .bind(&saga.trigger)
-    .bind(to_json(&saga.steps))
-    .bind(&saga.failure_reason)
-    .bind(saga.definition_version)
-    .bind(saga.created_at)
-    .bind(saga.updated_at)
-    .bind(saga.finished_at)
-    .bind(saga.deadline_at)
-    .bind(saga.step_in_focus())
-    .bind(trace_parent)
-    ;
-    let inserted: i64 = bind_history!(statement, started)
-        .bind(&saga.definition_name)
-        .fetch_one(tx)
-        .await?;
+    .fetch_one(tx)
+    .await?;
     Ok(inserted == 1)
 }
 
 /// Loads a saga and locks its row until the transaction ends. Returns it with its version.
 pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
-    let row: Option<SagaRow> = sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(saga_id)
+    let row = sqlx::query_as!(
+        SagaRow,
+        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+                  definition_name, definition_version, version, created_at, updated_at,
+                  finished_at, deadline_at
+           FROM sagas WHERE id = $1 FOR UPDATE"#,
+        saga_id
+    )
     .fetch_optional(tx)
     .await?;
     row.map(SagaRow::into_saga).transpose()
@@ -163,10 +152,14 @@ pub async fn lock_sagas(
     tx: &mut PgConnection,
     saga_ids: &[Uuid],
 ) -> Result<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)> {
-    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-    ))
-    .bind(saga_ids)
+    let rows = sqlx::query_as!(
+        SagaRow,
+        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+                  definition_name, definition_version, version, created_at, updated_at,
+                  finished_at, deadline_at
+           FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
+        saga_ids
+    )
     .fetch_all(tx)
     .await?;
     let mut sagas = HashMap::with_capacity(rows.len());
@@ -226,27 +219,28 @@ async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Resu
     let Some(first) = updates.first() else {
         return Ok(());
     };
-    let updated = sqlx::query(
-        "UPDATE sagas SET state = u.state, steps = u.steps, failure_reason = u.failure_reason, \
-                          updated_at = u.updated_at, finished_at = u.finished_at, \
-                          deadline_at = u.deadline_at, current_step = u.current_step, \
-                          version = u.new_version \
-         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[], $6::text[], \
-                     $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::text[]) \
-              AS u(id, expected_version, new_version, state, steps, failure_reason, updated_at, \
-                   finished_at, deadline_at, current_step) \
-         WHERE sagas.id = u.id AND sagas.version = u.expected_version",
+    let updated = sqlx::query!(
+        r#"UPDATE sagas SET state = u.state, steps = u.steps, failure_reason = u.failure_reason,
+                            updated_at = u.updated_at, finished_at = u.finished_at,
+                            deadline_at = u.deadline_at, current_step = u.current_step,
+                            version = u.new_version
+           FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::saga_state[], $5::jsonb[],
+                       $6::text[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+                       $10::text[])
+                AS u(id, expected_version, new_version, state, steps, failure_reason, updated_at,
+                     finished_at, deadline_at, current_step)
+           WHERE sagas.id = u.id AND sagas.version = u.expected_version"#,
+        &column(updates, |u| u.saga.id),
+        &column(updates, |u| u.expected_version),
+        &column(updates, |u| u.new_version),
+        column(updates, |u| u.saga.state) as Vec<SagaState>,
+        &column(updates, |u| to_json(&u.saga.steps)),
+        &column(updates, |u| u.saga.failure_reason.clone()) as &[Option<String>],
+        &column(updates, |u| u.saga.updated_at),
+        &column(updates, |u| u.saga.finished_at) as &[Option<DateTime<Utc>>],
+        &column(updates, |u| u.saga.deadline_at) as &[Option<DateTime<Utc>>],
+        &column(updates, |u| u.saga.step_in_focus()) as &[Option<&str>],
     )
-    .bind(column(updates, |u| u.saga.id))
-    .bind(column(updates, |u| u.expected_version))
-    .bind(column(updates, |u| u.new_version))
-    .bind(column(updates, |u| u.saga.state.as_str()))
-    .bind(column(updates, |u| to_json(&u.saga.steps)))
-    .bind(column(updates, |u| u.saga.failure_reason.as_deref()))
-    .bind(column(updates, |u| u.saga.updated_at))
-    .bind(column(updates, |u| u.saga.finished_at))
-    .bind(column(updates, |u| u.saga.deadline_at))
-    .bind(column(updates, |u| u.saga.step_in_focus()))
     .execute(tx)
     .await?
     .rows_affected();
@@ -265,21 +259,22 @@ async fn append_history_lines(tx: &mut PgConnection, lines: &[(Uuid, HistoryEntr
     if lines.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
-         SELECT saga_id, at, message_id, message_type, decision, detail, state_after \
-         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
-                     $6::text[], $7::text[]) WITH ORDINALITY \
-              AS h(saga_id, at, message_id, message_type, decision, detail, state_after, n) \
-         ORDER BY n",
+    sqlx::query!(
+        r#"INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
+                                     state_after)
+           SELECT saga_id, at, message_id, message_type, decision, detail, state_after
+           FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[],
+                       $5::saga_decision[], $6::text[], $7::saga_state[]) WITH ORDINALITY
+                AS h(saga_id, at, message_id, message_type, decision, detail, state_after, n)
+           ORDER BY n"#,
+        &column(lines, |(id, _)| *id),
+        &column(lines, |(_, e)| e.at),
+        &column(lines, |(_, e)| e.message_id) as &[Option<Uuid>],
+        &column(lines, |(_, e)| e.message_type.as_str()) as &[&str],
+        column(lines, |(_, e)| e.decision) as Vec<HistoryDecision>,
+        &column(lines, |(_, e)| e.detail.as_deref()) as &[Option<&str>],
+        column(lines, |(_, e)| e.state_after) as Vec<SagaState>,
     )
-    .bind(column(lines, |(id, _)| *id))
-    .bind(column(lines, |(_, e)| e.at))
-    .bind(column(lines, |(_, e)| e.message_id))
-    .bind(column(lines, |(_, e)| e.message_type.as_str()))
-    .bind(column(lines, |(_, e)| e.decision.as_str()))
-    .bind(column(lines, |(_, e)| e.detail.as_deref()))
-    .bind(column(lines, |(_, e)| e.state_after.as_str()))
     .execute(tx)
     .await?;
     Ok(())
@@ -296,28 +291,35 @@ pub async fn update_saga(
     expected_version: i64,
     entry: &HistoryEntry,
 ) -> Result<()> {
-    let statement = sqlx::query_scalar(
-        "WITH updated AS ( \
-             UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6, \
-                              finished_at = $7, deadline_at = $8, current_step = $9, \
-                              version = version + 1 \
-             WHERE id = $1 AND version = $2 RETURNING id \
-         ), noted AS ( \
-             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
-             SELECT id, $10, $11, $12, $13, $14, $15 FROM updated \
-         ) SELECT count(*) FROM updated",
+    let updated = sqlx::query_scalar!(
+        r#"WITH updated AS (
+             UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6,
+                              finished_at = $7, deadline_at = $8, current_step = $9,
+                              version = version + 1
+             WHERE id = $1 AND version = $2 RETURNING id
+         ), noted AS (
+             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
+                                       state_after)
+             SELECT id, $10, $11, $12, $13, $14, $15 FROM updated
+         ) SELECT count(*) AS "updated!" FROM updated"#,
+        saga.id,
+        expected_version,
+        saga.state as SagaState,
+        to_json(&saga.steps),
+        saga.failure_reason,
+        saga.updated_at,
+        saga.finished_at,
+        saga.deadline_at,
+        saga.step_in_focus(),
+        entry.at,
+        entry.message_id,
+        entry.message_type,
+        entry.decision as HistoryDecision,
+        entry.detail,
+        entry.state_after as SagaState,
     )
-    .bind(saga.id)
-    .bind(expected_version)
-    .bind(saga.state.as_str())
-    .bind(to_json(&saga.steps))
-    .bind(&saga.failure_reason)
-    .bind(saga.updated_at)
-    .bind(saga.finished_at)
-    .bind(saga.deadline_at)
-    .bind(saga.step_in_focus())
-    ;
-    let updated: i64 = bind_history!(statement, entry).fetch_one(tx).await?;
+    .fetch_one(tx)
+    .await?;
     if updated == 1 {
         Ok(())
     } else {
@@ -335,12 +337,16 @@ pub async fn lock_due(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<(Saga, i64)>> {
-    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas WHERE deadline_at <= $1 \
-         ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED"
-    ))
-    .bind(now)
-    .bind(limit)
+    let rows = sqlx::query_as!(
+        SagaRow,
+        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+                  definition_name, definition_version, version, created_at, updated_at,
+                  finished_at, deadline_at
+           FROM sagas WHERE deadline_at <= $1
+           ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED"#,
+        now,
+        limit
+    )
     .fetch_all(&mut *tx)
     .await?;
     let mut due = Vec::with_capacity(rows.len());
@@ -363,36 +369,67 @@ pub async fn lock_due(
 pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error) -> Result<()> {
     let reason = format!("parked: {error}");
     tracing::error!(%saga_id, %reason, "unreadable saga row parked as failed");
-    sqlx::query(
-        "UPDATE sagas SET state = 'failed', failure_reason = $2, deadline_at = NULL, \
-                          finished_at = coalesce(finished_at, now()), version = version + 1 \
+    sqlx::query!(
+        "UPDATE sagas SET state = $3, failure_reason = $2, deadline_at = NULL,
+                          finished_at = coalesce(finished_at, now()), version = version + 1
          WHERE id = $1",
+        saga_id,
+        reason,
+        SagaState::Failed as SagaState,
     )
-    .bind(saga_id)
-    .bind(&reason)
     .execute(&mut *tx)
     .await?;
     let entry = HistoryEntry {
         at: Utc::now(),
         message_id: None,
         message_type: "UnreadableRow".into(),
-        decision: "parked".into(),
+        decision: HistoryDecision::Parked,
         detail: Some(reason),
-        state_after: SagaState::Failed.as_str().into(),
+        state_after: SagaState::Failed,
     };
     append_history(tx, saga_id, &entry).await
 }
 
+/// What the engine did with what reached a saga; PostgreSQL's `saga_decision` (orchestrator
+/// migration 1008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "saga_decision", rename_all = "snake_case")]
+pub enum HistoryDecision {
+    /// The trigger started the saga.
+    Started,
+    /// A reply moved the saga.
+    Applied,
+    /// A message that moved nothing (a duplicate, a stale attempt, a reply out of order).
+    Ignored,
+    /// A deadline passed: the command was sent again, or the step given up.
+    Deadline,
+    /// An operator's retry, skip or abort.
+    Operator,
+    /// The saga's row could not be read, so it was set aside as `failed`.
+    Parked,
+}
+
+impl HistoryDecision {
+    pub const ALL: [Self; 6] = [
+        Self::Started,
+        Self::Applied,
+        Self::Ignored,
+        Self::Deadline,
+        Self::Operator,
+        Self::Parked,
+    ];
+}
+
 /// One line of a saga's history.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HistoryEntry {
     pub at: DateTime<Utc>,
     pub message_id: Option<Uuid>,
     pub message_type: String,
-    /// `started`, `applied`, `ignored`, `deadline` or `operator`.
-    pub decision: String,
+    pub decision: HistoryDecision,
     pub detail: Option<String>,
-    pub state_after: String,
+    pub state_after: SagaState,
 }
 
 pub async fn append_history(
@@ -400,22 +437,48 @@ pub async fn append_history(
     saga_id: Uuid,
     entry: &HistoryEntry,
 ) -> Result<()> {
-    let statement = sqlx::query(
-        "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail, state_after) \
+    sqlx::query!(
+        "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
+                                   state_after)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        saga_id,
+        entry.at,
+        entry.message_id,
+        entry.message_type,
+        entry.decision as HistoryDecision,
+        entry.detail,
+        entry.state_after as SagaState,
     )
-    .bind(saga_id);
-    bind_history!(statement, entry).execute(tx).await?;
+    .execute(tx)
+    .await?;
     Ok(())
 }
 
-/// The saga of type `saga_type` for `key`, if there is one.
-pub async fn saga_id_for_key<'e>(
-    db: impl PgExecutor<'e>,
+/// Notes a trigger for a subject that has its saga already (`saga_type`, `key`) on that saga's
+/// history, as ignored, with the state the saga is in.
+pub async fn note_duplicate(
+    tx: &mut PgConnection,
     saga_type: &str,
     key: &str,
-) -> Result<Option<Uuid>> {
-    saga_id_for_key_of(db, &[saga_type], key).await
+    at: DateTime<Utc>,
+    message_type: &str,
+    detail: &str,
+) -> Result<()> {
+    sqlx::query!(
+        "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
+                                   state_after)
+         SELECT id, $3, NULL, $4, $5, $6, state FROM sagas
+         WHERE definition_name = $1 AND saga_key = $2",
+        saga_type,
+        key,
+        at,
+        message_type,
+        HistoryDecision::Ignored as HistoryDecision,
+        detail,
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// The saga for `key` of any of `saga_types` (the oldest when several have one), if there is
@@ -425,12 +488,12 @@ pub async fn saga_id_for_key_of<'e>(
     saga_types: &[&str],
     key: &str,
 ) -> Result<Option<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM sagas WHERE definition_name = ANY($1) AND saga_key = $2 \
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM sagas WHERE definition_name = ANY($1) AND saga_key = $2
          ORDER BY created_at LIMIT 1",
+        saga_types as &[&str],
+        key
     )
-    .bind(saga_types)
-    .bind(key)
     .fetch_optional(db)
     .await?)
 }
@@ -438,8 +501,7 @@ pub async fn saga_id_for_key_of<'e>(
 /// The trace context of the order that started the saga.
 pub async fn trace_parent<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<String>> {
     Ok(
-        sqlx::query_scalar("SELECT trace_parent FROM sagas WHERE id = $1")
-            .bind(saga_id)
+        sqlx::query_scalar!("SELECT trace_parent FROM sagas WHERE id = $1", saga_id)
             .fetch_optional(db)
             .await?
             .flatten(),
@@ -454,19 +516,20 @@ pub async fn sweep_finished(
     retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
-    delete_older(
-        db,
-        "WITH doomed AS ( \
-             SELECT id FROM sagas \
-             WHERE finished_at < now() - make_interval(secs => $1) \
-               AND state IN ('completed', 'compensated') \
-             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
-         history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id) \
+    Ok(sqlx::query!(
+        "WITH doomed AS (
+             SELECT id FROM sagas
+             WHERE finished_at < now() - make_interval(secs => $1) AND state = ANY($3)
+             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id)
          DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
-        retention_secs,
+        retention_secs as f64,
         limit,
+        &[SagaState::Completed, SagaState::Compensated] as &[SagaState],
     )
-    .await
+    .execute(db)
+    .await?
+    .rows_affected())
 }
 
 /// Deletes up to `limit` (saga type, key) pairs that arrived more than `retention_secs` ago
@@ -479,34 +542,19 @@ pub async fn sweep_saga_dedup(
     retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
-    delete_older(
-        db,
-        "DELETE FROM saga_dedup WHERE (saga_type, saga_key) IN ( \
-             SELECT d.saga_type, d.saga_key FROM saga_dedup d \
-             WHERE d.seen_at < now() - make_interval(secs => $1) \
-               AND NOT EXISTS (SELECT 1 FROM sagas s \
-                               WHERE s.definition_name = d.saga_type AND s.saga_key = d.saga_key) \
+    Ok(sqlx::query!(
+        "DELETE FROM saga_dedup WHERE (saga_type, saga_key) IN (
+             SELECT d.saga_type, d.saga_key FROM saga_dedup d
+             WHERE d.seen_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM sagas s
+                               WHERE s.definition_name = d.saga_type AND s.saga_key = d.saga_key)
              ORDER BY d.seen_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        retention_secs,
+        retention_secs as f64,
         limit,
     )
-    .await
-}
-
-/// Runs a retention `statement` whose `$1` is an age in seconds and `$2` a row limit; returns
-/// the rows it deleted.
-async fn delete_older(
-    db: &sqlx::PgPool,
-    statement: &str,
-    retention_secs: u64,
-    limit: i64,
-) -> sqlx::Result<u64> {
-    Ok(sqlx::query(statement)
-        .bind(retention_secs as f64)
-        .bind(limit)
-        .execute(db)
-        .await?
-        .rows_affected())
+    .execute(db)
+    .await?
+    .rows_affected())
 }
 
 /// What `GET /sagas` asks for. Every filter is optional.
@@ -533,7 +581,7 @@ pub async fn list<'e>(
 ) -> Result<Vec<(Saga, i64)>> {
     let mut query = sqlx::QueryBuilder::new(format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE true"));
     if let Some(state) = filter.state {
-        query.push(" AND state = ").push_bind(state.as_str());
+        query.push(" AND state = ").push_bind(state);
     }
     if let Some(before) = filter.created_before {
         query.push(" AND created_at <= ").push_bind(before);
@@ -575,21 +623,53 @@ fn escape_like(text: &str) -> String {
 
 /// A saga and the version its row is at, without locking it.
 pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
-    let row: Option<SagaRow> =
-        sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
-            .bind(saga_id)
-            .fetch_optional(db)
-            .await?;
+    let row = sqlx::query_as!(
+        SagaRow,
+        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+                  definition_name, definition_version, version, created_at, updated_at,
+                  finished_at, deadline_at
+           FROM sagas WHERE id = $1"#,
+        saga_id
+    )
+    .fetch_optional(db)
+    .await?;
     row.map(SagaRow::into_saga).transpose()
 }
 
 /// A stored history line with its position.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HistoryRecord {
     pub id: i64,
     #[serde(flatten)]
-    #[sqlx(flatten)]
     pub entry: HistoryEntry,
+}
+
+/// A `saga_history` row as the checked statements read it.
+struct HistoryRow {
+    saga_id: Uuid,
+    id: i64,
+    at: DateTime<Utc>,
+    message_id: Option<Uuid>,
+    message_type: String,
+    decision: HistoryDecision,
+    detail: Option<String>,
+    state_after: SagaState,
+}
+
+impl From<HistoryRow> for HistoryRecord {
+    fn from(row: HistoryRow) -> Self {
+        Self {
+            id: row.id,
+            entry: HistoryEntry {
+                at: row.at,
+                message_id: row.message_id,
+                message_type: row.message_type,
+                decision: row.decision,
+                detail: row.detail,
+                state_after: row.state_after,
+            },
+        }
+    }
 }
 
 /// Up to `limit` of a saga's history lines after `after_id` (from the first for 0), oldest
@@ -600,15 +680,19 @@ pub async fn history<'e>(
     after_id: i64,
     limit: i64,
 ) -> Result<Vec<HistoryRecord>> {
-    Ok(sqlx::query_as(
-        "SELECT id, at, message_id, message_type, decision, detail, state_after \
-         FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+    let lines = sqlx::query_as!(
+        HistoryRow,
+        r#"SELECT saga_id, id, at, message_id, message_type,
+                  decision AS "decision: HistoryDecision", detail,
+                  state_after AS "state_after: SagaState"
+           FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id LIMIT $3"#,
+        saga_id,
+        after_id,
+        limit
     )
-    .bind(saga_id)
-    .bind(after_id)
-    .bind(limit)
     .fetch_all(db)
-    .await?)
+    .await?;
+    Ok(lines.into_iter().map(HistoryRecord::from).collect())
 }
 
 /// Of the sagas `seen` lists as `(id, version, last history id)`, those whose version moved,
@@ -617,14 +701,18 @@ pub async fn changed_since<'e>(
     db: impl PgExecutor<'e>,
     seen: &[(Uuid, i64, i64)],
 ) -> Result<Vec<(Saga, i64)>> {
-    let rows: Vec<SagaRow> = sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas \
-         JOIN UNNEST($1::uuid[], $2::bigint[]) AS w(watched_id, seen_version) \
-           ON id = watched_id \
-         WHERE version <> seen_version"
-    ))
-    .bind(column(seen, |(id, _, _)| *id))
-    .bind(column(seen, |(_, version, _)| *version))
+    let rows = sqlx::query_as!(
+        SagaRow,
+        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+                  definition_name, definition_version, version, created_at, updated_at,
+                  finished_at, deadline_at
+           FROM sagas
+           JOIN UNNEST($1::uuid[], $2::bigint[]) AS w(watched_id, seen_version)
+             ON id = watched_id
+           WHERE version <> seen_version"#,
+        &column(seen, |(id, _, _)| *id),
+        &column(seen, |(_, version, _)| *version),
+    )
     .fetch_all(db)
     .await?;
     rows.into_iter().map(SagaRow::into_saga).collect()
@@ -636,27 +724,26 @@ pub async fn history_since<'e>(
     db: impl PgExecutor<'e>,
     after: &[(Uuid, i64)],
 ) -> Result<std::collections::HashMap<Uuid, Vec<HistoryRecord>>> {
-    #[derive(sqlx::FromRow)]
-    struct Line {
-        saga_id: Uuid,
-        #[sqlx(flatten)]
-        record: HistoryRecord,
-    }
-    let lines: Vec<Line> = sqlx::query_as(
-        "SELECT h.saga_id, h.id, h.at, h.message_id, h.message_type, h.decision, h.detail, \
-                h.state_after \
-         FROM UNNEST($1::uuid[], $2::bigint[]) AS w(saga_id, after_id) \
-         JOIN saga_history h ON h.saga_id = w.saga_id AND h.id > w.after_id \
-         ORDER BY h.id",
+    let lines = sqlx::query_as!(
+        HistoryRow,
+        r#"SELECT h.saga_id, h.id, h.at, h.message_id, h.message_type,
+                  h.decision AS "decision: HistoryDecision", h.detail,
+                  h.state_after AS "state_after: SagaState"
+           FROM UNNEST($1::uuid[], $2::bigint[]) AS w(saga_id, after_id)
+           JOIN saga_history h ON h.saga_id = w.saga_id AND h.id > w.after_id
+           ORDER BY h.id"#,
+        &column(after, |(id, _)| *id),
+        &column(after, |(_, after_id)| *after_id),
     )
-    .bind(column(after, |(id, _)| *id))
-    .bind(column(after, |(_, after_id)| *after_id))
     .fetch_all(db)
     .await?;
     let mut by_saga: std::collections::HashMap<Uuid, Vec<HistoryRecord>> =
         std::collections::HashMap::new();
     for line in lines {
-        by_saga.entry(line.saga_id).or_default().push(line.record);
+        by_saga
+            .entry(line.saga_id)
+            .or_default()
+            .push(HistoryRecord::from(line));
     }
     Ok(by_saga)
 }
@@ -680,44 +767,43 @@ pub struct Stats {
 pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
     let now = Utc::now();
     let since = now - chrono::Duration::seconds(window_secs);
-    let counted: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, sum(sagas)::bigint FROM saga_state_counts GROUP BY state")
-            .fetch_all(db)
-            .await?;
-    let (started, completed, compensated, failed, oldest_running): (
-        i64,
-        i64,
-        i64,
-        i64,
-        Option<DateTime<Utc>>,
-    ) = sqlx::query_as(
-        "SELECT \
-           (SELECT count(*) FROM sagas WHERE created_at > $1), \
-           (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = 'completed'), \
-           (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = 'compensated'), \
-           (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = 'failed'), \
-           (SELECT min(created_at) FROM sagas WHERE state IN ('running', 'compensating'))",
+    let counted = sqlx::query!(
+        r#"SELECT state AS "state!: SagaState", sum(sagas)::bigint AS "sagas!"
+           FROM saga_state_counts GROUP BY state"#
     )
-    .bind(since)
+    .fetch_all(db)
+    .await?;
+    let rates = sqlx::query!(
+        r#"SELECT
+             (SELECT count(*) FROM sagas WHERE created_at > $1) AS "started!",
+             (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = $2) AS "completed!",
+             (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = $3) AS "compensated!",
+             (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = $4) AS "failed!",
+             (SELECT min(created_at) FROM sagas WHERE state = ANY($5)) AS oldest_running"#,
+        since,
+        SagaState::Completed as SagaState,
+        SagaState::Compensated as SagaState,
+        SagaState::Failed as SagaState,
+        &[SagaState::Running, SagaState::Compensating] as &[SagaState],
+    )
     .fetch_one(db)
     .await?;
     let mut counts: std::collections::BTreeMap<&'static str, i64> =
         SagaState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-    for (state, count) in counted {
-        if let Some(known) = SagaState::parse(&state) {
-            counts.insert(known.as_str(), count);
-        }
+    for row in counted {
+        counts.insert(row.state.as_str(), row.sagas);
     }
     let per_sec = |n: i64| n as f64 / window_secs as f64;
     Ok(Stats {
         total: counts.values().sum(),
         counts,
         window_secs,
-        started_per_sec: per_sec(started),
-        completed_per_sec: per_sec(completed),
-        compensated_per_sec: per_sec(compensated),
-        failed_per_sec: per_sec(failed),
-        oldest_running_secs: oldest_running
+        started_per_sec: per_sec(rates.started),
+        completed_per_sec: per_sec(rates.completed),
+        compensated_per_sec: per_sec(rates.compensated),
+        failed_per_sec: per_sec(rates.failed),
+        oldest_running_secs: rates
+            .oldest_running
             .map(|at| (now - at).num_milliseconds().max(0) as f64 / 1000.0),
         at: now,
     })
@@ -730,18 +816,18 @@ pub async fn register_definition(
     executor: impl PgExecutor<'_>,
     definition: &crate::saga::SagaDefinition,
 ) -> Result<String> {
-    let stored = sqlx::query_scalar(
-        "WITH added AS ( \
-             INSERT INTO saga_definitions (name, version, digest, canonical) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (name, version) DO NOTHING RETURNING digest \
-         ) SELECT digest FROM added \
-           UNION ALL SELECT digest FROM saga_definitions WHERE name = $1 AND version = $2 \
-           LIMIT 1",
+    let stored = sqlx::query_scalar!(
+        r#"WITH added AS (
+             INSERT INTO saga_definitions (name, version, digest, canonical)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name, version) DO NOTHING RETURNING digest
+         ) SELECT digest AS "digest!" FROM added
+           UNION ALL SELECT digest FROM saga_definitions WHERE name = $1 AND version = $2
+           LIMIT 1"#,
+        definition.name,
+        definition.version,
+        definition.digest(),
+        definition.canonical,
     )
-    .bind(&definition.name)
-    .bind(definition.version)
-    .bind(definition.digest())
-    .bind(&definition.canonical)
     .fetch_one(executor)
     .await?;
     Ok(stored)
@@ -761,12 +847,13 @@ pub async fn stored_definitions(
     executor: impl PgExecutor<'_>,
     only: Option<(&str, i32)>,
 ) -> Result<Vec<StoredDefinition>> {
-    Ok(sqlx::query_as(
-        "SELECT name, version, canonical, first_seen_at FROM saga_definitions \
+    Ok(sqlx::query_as!(
+        StoredDefinition,
+        "SELECT name, version, canonical, first_seen_at FROM saga_definitions
          WHERE $1::text IS NULL OR (name = $1 AND version = $2) ORDER BY name, version",
+        only.map(|(name, _)| name),
+        only.map(|(_, version)| version),
     )
-    .bind(only.map(|(name, _)| name))
-    .bind(only.map(|(_, version)| version))
     .fetch_all(executor)
     .await?)
 }

@@ -18,7 +18,7 @@ pub mod sdk;
 pub mod shipping;
 
 pub use config::ParticipantConfig;
-pub use runtime::RUNTIME_MIGRATIONS;
+pub use runtime::{LedgerOutcome, RUNTIME_MIGRATIONS};
 
 /// `127.0.0.1:port`, where a participant binary serves `/metrics` unless `METRICS_ADDR` says
 /// otherwise.

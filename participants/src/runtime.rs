@@ -124,12 +124,25 @@ struct ParticipantHandler {
     injected_compensation_failures: AtomicU32,
 }
 
+/// What the ledger remembers of a step's forward command: PostgreSQL's `ledger_outcome`
+/// (participant migration 103).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "ledger_outcome", rename_all = "snake_case")]
+pub enum LedgerOutcome {
+    Succeeded,
+    Refused,
+}
+
+impl LedgerOutcome {
+    pub const ALL: [Self; 2] = [Self::Succeeded, Self::Refused];
+}
+
 /// A (saga key, step) row of the ledger, locked for this transaction.
 #[derive(sqlx::FromRow)]
 struct LedgerEntry {
     saga_key: String,
     step: String,
-    forward_outcome: Option<String>,
+    forward_outcome: Option<LedgerOutcome>,
     refusal_reason: Option<String>,
     compensated: bool,
 }
@@ -255,9 +268,11 @@ impl ParticipantHandler {
                 };
                 Due::Answer(refusal(command, reason)?, write)
             }
-            Action::Forward => match entry.forward_outcome.as_deref() {
-                Some("succeeded") => Due::Answer(Reply::succeeded(command), LedgerWrite::Nothing),
-                Some(_) => Due::Answer(
+            Action::Forward => match entry.forward_outcome {
+                Some(LedgerOutcome::Succeeded) => {
+                    Due::Answer(Reply::succeeded(command), LedgerWrite::Nothing)
+                }
+                Some(LedgerOutcome::Refused) => Due::Answer(
                     refusal(command, entry.refusal_reason.as_deref().unwrap_or_default())?,
                     LedgerWrite::Nothing,
                 ),
@@ -486,11 +501,11 @@ async fn write_ledger(
     if writes.is_empty() {
         return Ok(());
     }
-    fn outcome(write: &LedgerWrite) -> (Option<&'static str>, Option<&str>) {
+    fn outcome(write: &LedgerWrite) -> (Option<LedgerOutcome>, Option<&str>) {
         match write {
-            LedgerWrite::Forward(StepOutcome::Done) => (Some("succeeded"), None),
+            LedgerWrite::Forward(StepOutcome::Done) => (Some(LedgerOutcome::Succeeded), None),
             LedgerWrite::Forward(StepOutcome::Refused(reason)) => {
-                (Some("refused"), Some(reason.as_str()))
+                (Some(LedgerOutcome::Refused), Some(reason.as_str()))
             }
             LedgerWrite::Nothing | LedgerWrite::Compensated => (None, None),
         }
@@ -502,7 +517,7 @@ async fn write_ledger(
                                    THEN step_ledger.refusal_reason ELSE w.refusal_reason END, \
              compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END, \
              updated_at = now() \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[]) \
+         FROM UNNEST($1::text[], $2::text[], $3::ledger_outcome[], $4::text[], $5::bool[]) \
               AS w(saga_key, step, forward_outcome, refusal_reason, compensated) \
          WHERE step_ledger.saga_key = w.saga_key AND step_ledger.step = w.step",
     )

@@ -860,7 +860,7 @@ async fn check_invariants(
 ) -> anyhow::Result<Checks> {
     let mut results = Vec::new();
     let by_state: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state, count(*) FROM orchestrator.sagas GROUP BY state ORDER BY state",
+        "SELECT state::text, count(*) FROM orchestrator.sagas GROUP BY state ORDER BY state::text",
     )
     .fetch_all(db)
     .await?;

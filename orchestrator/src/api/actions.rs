@@ -19,7 +19,7 @@ use super::{ApiError, AppState, SagaView};
 use crate::auth::Caller;
 use crate::handler::{commit_decision, join_saga_trace};
 use crate::saga::{Decision, OperatorAction};
-use crate::store::{self, HistoryEntry};
+use crate::store::{self, HistoryDecision, HistoryEntry};
 
 /// The longest `traceparent` header continued; a W3C one (version 00) has 55 characters.
 const MAX_TRACEPARENT_CHARS: usize = 128;
@@ -174,12 +174,13 @@ pub(super) async fn operate(
         at: now,
         message_id: None,
         message_type: format!("Operator{}", capitalised(&action_name)),
-        decision: "operator".into(),
+        decision: HistoryDecision::Operator,
         detail: Some(format!(
             "{action_name} by {}: {}",
             caller.name, request.reason
         )),
-        state_after: String::new(),
+        // Set to the state the decision leaves (`commit_decision`).
+        state_after: saga.state,
     };
     let span = tracing::info_span!("operator", %saga_id, action = %action_name);
     join_saga_trace(&mut tx, &span, saga_id)

@@ -29,8 +29,10 @@ use uuid::Uuid;
 
 use super::definitions::{trigger_message, PayloadError, SagaDefinition};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A saga's state; PostgreSQL's `saga_state` (orchestrator migration 1008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "saga_state", rename_all = "snake_case")]
 pub enum SagaState {
     Running,
     Compensating,

@@ -355,7 +355,7 @@ async fn an_unreadable_saga_row_is_parked_and_stops_no_other_saga() {
         assert_eq!(saga["state"], "completed", "{saga}");
     }
     let (state, reason): (String, Option<String>) =
-        sqlx::query_as("SELECT state, failure_reason FROM sagas WHERE saga_key = $1::text")
+        sqlx::query_as("SELECT state::text, failure_reason FROM sagas WHERE saga_key = $1::text")
             .bind(stuck.order_id)
             .fetch_one(&orchestrator)
             .await

@@ -14,6 +14,7 @@ mod operate;
 mod order_messages;
 mod recovery;
 mod returns;
+mod typed;
 
 use events::Envelope;
 use helpers::{order, step_statuses, TestSystem};

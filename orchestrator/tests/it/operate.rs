@@ -567,7 +567,7 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     // table (one failed saga left).
     let (_, stats) = system.get("/stats").await;
     let counted: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM sagas GROUP BY state")
+        sqlx::query_as("SELECT state::text, count(*) FROM sagas GROUP BY state")
             .fetch_all(&orchestrator)
             .await
             .expect("count sagas");

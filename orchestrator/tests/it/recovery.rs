@@ -189,7 +189,7 @@ async fn a_forward_command_after_its_compensation_is_refused() {
     let db = system.schema("inventory").await;
     let (outcome, compensated): (Option<String>, bool) = eventually("the late reservation to be handled", || async {
         let row: Option<(Option<String>, bool)> = sqlx::query_as(
-            "SELECT forward_outcome, compensated_at IS NOT NULL FROM step_ledger WHERE saga_id = $1",
+            "SELECT forward_outcome::text, compensated_at IS NOT NULL FROM step_ledger WHERE saga_id = $1",
         )
         .bind(saga_id)
         .fetch_optional(&db)
