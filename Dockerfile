@@ -41,6 +41,10 @@ COPY orchestrator orchestrator
 COPY participants participants
 # sqlx::migrate!("../migrations/...") embeds these at compile time.
 COPY migrations migrations
+# sqlx's query macros check the SQL against this cache instead of a database
+# (.cargo/config.toml sets SQLX_OFFLINE; scripts/sqlx-prepare.sh writes .sqlx/).
+COPY .cargo .cargo
+COPY .sqlx .sqlx
 
 # The cache mounts keep the crate registry and the target directory between
 # builds (BuildKit), so a source change does not rebuild every dependency.

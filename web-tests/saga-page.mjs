@@ -46,7 +46,10 @@ async function orderSteps() {
   return order.steps.map((step) => step.name);
 }
 
-const isApiPath = (pathname) => pathname !== '/' && !pathname.startsWith('/ui/');
+// The page, its assets and the API's document (from which the page reads the saga states) are
+// public; everything else needs the token.
+const isApiPath = (pathname) =>
+  pathname !== '/' && pathname !== '/openapi.json' && !pathname.startsWith('/ui/');
 
 /**
  * Collects what the page must never do: console.error, uncaught exceptions, and an API call

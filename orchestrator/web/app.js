@@ -13,10 +13,12 @@
   const MAX_LIMIT = 500;
   const ORDER_POLL_MS = 250;
   const ORDER_POLL_TIMEOUT_MS = 30000;
-  const STATES = ['running', 'compensating', 'completed', 'compensated', 'failed'];
-  // Nothing more happens to a saga in these states: its live stream ends, no action applies.
-  // A `failed` saga is not among them: it waits for an operator, and its stream stays open.
-  const FINISHED = new Set(['completed', 'compensated']);
+  // The saga states, in the engine's order, and those in which nothing more happens to a saga
+  // (its live stream ends, no action applies: `failed` is not among them, it waits for an
+  // operator). Both come from the API's own document (loadStates), whose enums a server test
+  // keeps equal to the engine's.
+  let sagaStates = [];
+  let finalStates = new Set();
   // The state each operator action fits (the server refuses the rest with 409).
   const ACTION_STATES = { retry: 'failed', skip: 'failed', abort: 'running' };
   // How long a dropped live stream waits before it reconnects, unless the server says otherwise
@@ -345,7 +347,7 @@
       const { body } = await api('/stats');
       if (token !== used) return; // signed out meanwhile
       const counts = body.counts || {};
-      for (const state of STATES) {
+      for (const state of sagaStates) {
         const value = counts[state];
         $(`count-${state}`).textContent = Number.isInteger(value) ? String(value) : DASH;
       }
@@ -374,7 +376,7 @@
   }
 
   function clearStats() {
-    for (const id of [...STATES.map((state) => `count-${state}`), 'count-total', 'rate-started',
+    for (const id of [...sagaStates.map((state) => `count-${state}`), 'count-total', 'rate-started',
       'rate-completed', 'rate-compensated', 'rate-failed', 'rate-window', 'oldest-running']) {
       $(id).textContent = DASH;
     }
@@ -948,7 +950,7 @@
   /** Enables the actions that fit the state shown; the server has the last word (409). */
   function fitActions() {
     const state = timeline.dataset.state;
-    actionsForm.hidden = !state || FINISHED.has(state);
+    actionsForm.hidden = !state || finalStates.has(state);
     const busy = !watch || watch.acting;
     for (const button of actionButtons) {
       button.disabled = busy || ACTION_STATES[button.dataset.action] !== state;
@@ -1125,6 +1127,31 @@
     }
   }
 
+  /**
+   * Reads the saga states from the API document (`SagaState`, and `WatchEnd`'s final states)
+   * and adds a count and a filter option for each. The document needs no token.
+   */
+  async function loadStates() {
+    try {
+      const response = await fetch('/openapi.json');
+      if (!response.ok) throw new Error(`/openapi.json answered ${response.status}`);
+      const schemas = (await response.json()).components.schemas;
+      sagaStates = schemas.SagaState.enum;
+      finalStates = new Set(schemas.WatchEnd.properties.state.enum);
+      const total = $('count-total').parentElement;
+      for (const state of sagaStates) {
+        total.before(el('div', { className: `count state-${state}` }, [
+          el('dt', { text: state }),
+          el('dd', { text: DASH, dataset: { testid: `count-${state}` } }),
+        ]));
+      }
+      $('filter-state').append(...sagaStates.map((state) => el('option', { value: state, text: state })));
+      clearError('states');
+    } catch (e) {
+      showError('states', e);
+    }
+  }
+
   /** Reads everything the page shows; at load with a token, and each time one is entered. */
   function start() {
     loadDefinitions();
@@ -1134,12 +1161,14 @@
   }
 
   renderAuth();
-  if (token) {
-    start();
-  } else {
-    clearStats();
-    askForToken('');
-  }
+  loadStates().then(() => {
+    if (token) {
+      start();
+    } else {
+      clearStats();
+      askForToken('');
+    }
+  });
   every(STATS_INTERVAL_MS, pollStats);
   every(LIST_INTERVAL_MS, refreshList);
   document.addEventListener('visibilitychange', () => {

@@ -350,3 +350,51 @@ async fn healthz(State(state): State<AppState>) -> Response {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::OPENAPI_JSON;
+    use crate::saga::{SagaState, StepStatus};
+    use crate::store::HistoryDecision;
+
+    /// The document names the engine's enums as the engine serialises them, so that a client
+    /// (and the page, which reads the states from the document) sees what the server sends.
+    #[test]
+    fn the_document_lists_the_engines_enums() {
+        let document: Value = serde_json::from_str(OPENAPI_JSON).expect("openapi.json parses");
+        let at = |pointer: &str| document.pointer(pointer).cloned().unwrap_or(Value::Null);
+        assert_eq!(
+            at("/components/schemas/SagaState/enum"),
+            json!(SagaState::ALL)
+        );
+        assert_eq!(
+            at("/components/schemas/StepStatus/enum"),
+            json!(StepStatus::ALL)
+        );
+        assert_eq!(
+            at("/components/schemas/HistoryEntry/properties/decision/enum"),
+            json!(HistoryDecision::ALL)
+        );
+        // A watch ends when the saga reached a state nothing moves it out of: a terminal one
+        // but `failed`, which an operator may still move.
+        let stream_ends: Vec<SagaState> = SagaState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal() && *s != SagaState::Failed)
+            .collect();
+        assert_eq!(
+            at("/components/schemas/WatchEnd/properties/state/enum"),
+            json!(stream_ends)
+        );
+        let state_filter = at("/paths/~1sagas/get/parameters")
+            .as_array()
+            .and_then(|parameters| parameters.iter().find(|p| p["name"] == "state").cloned())
+            .unwrap_or(Value::Null);
+        let mut states = json!(SagaState::ALL);
+        if let Some(list) = states.as_array_mut() {
+            list.push(json!(""));
+        }
+        assert_eq!(state_filter["schema"]["enum"], states);
+    }
+}

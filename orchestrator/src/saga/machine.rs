@@ -84,6 +84,19 @@ pub enum StepStatus {
     CompensationSkipped,
 }
 
+impl StepStatus {
+    pub const ALL: [Self; 8] = [
+        Self::Pending,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Compensating,
+        Self::Compensated,
+        Self::CompensationFailed,
+        Self::CompensationSkipped,
+    ];
+}
+
 /// What happened to one step of one saga.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepState {
