@@ -56,8 +56,6 @@ pub struct Options {
     pub api: ApiConfig,
 }
 
-/// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
-/// at most 1 s; 3 compensation attempts.
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
 pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
     KafkaConfig {
@@ -126,6 +124,8 @@ pub fn participants_of(saga: &str) -> Vec<Participant> {
     participants
 }
 
+/// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
+/// at most 1 s; 3 compensation attempts.
 pub fn fast_retries() -> RetryConfig {
     RetryConfig {
         step_timeout_ms: Some(300),
@@ -778,7 +778,6 @@ where
     })
 }
 
-/// Polls `check` until it returns a value, for at most 60 seconds.
 /// The response's `content-type`, or "" without one.
 pub fn content_type(response: &reqwest::Response) -> String {
     response
@@ -789,6 +788,7 @@ pub fn content_type(response: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// Polls `check` until it returns a value, for at most 60 seconds.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
