@@ -106,12 +106,7 @@ pub async fn open(
 /// # Errors
 /// [`Error::Migrate`] when a migration fails or the applied history does not match.
 pub async fn migrate(pool: &PgPool, schema: &str, layers: &[&Migrator]) -> Result<()> {
-    let mut migrations: Vec<Migration> = MESSAGING_MIGRATIONS.iter().cloned().collect();
-    for layer in layers {
-        migrations.extend(layer.iter().cloned());
-    }
-    migrations.sort_by_key(|m| m.version);
-    let migrator = Migrator::new(Layers(migrations))
+    let migrator = Migrator::new(Layers(layered(layers)))
         .await
         .map_err(|source| Error::Migrate {
             schema: schema.to_owned(),
@@ -121,6 +116,41 @@ pub async fn migrate(pool: &PgPool, schema: &str, layers: &[&Migrator]) -> Resul
         schema: schema.to_owned(),
         source,
     })
+}
+
+/// Whether the pool's schema has every migration [`migrate`] applies with `layers` (the
+/// messaging tables' and `layers`'): a service migrates before it does anything else, so this
+/// says it has its tables and the data its migrations bring. `false` while the schema or its
+/// migration history does not exist yet.
+///
+/// # Errors
+/// [`Error::Database`] when the schema cannot be read.
+pub async fn is_migrated(pool: &PgPool, layers: &[&Migrator]) -> Result<bool> {
+    // sqlx keeps its history in the schema it migrates, the first of the search path.
+    let has_history: bool =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    if !has_history {
+        return Ok(false);
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?;
+    Ok(layered(layers)
+        .iter()
+        .all(|migration| applied.contains(&migration.version)))
+}
+
+/// The messaging tables' migrations and `layers`', by version.
+fn layered(layers: &[&Migrator]) -> Vec<Migration> {
+    let mut migrations: Vec<Migration> = MESSAGING_MIGRATIONS.iter().cloned().collect();
+    for layer in layers {
+        migrations.extend(layer.iter().cloned());
+    }
+    migrations.sort_by_key(|m| m.version);
+    migrations
 }
 
 /// Migrations gathered from several directories, handed to sqlx as one source.

@@ -47,12 +47,7 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> messaging::Result<()> {
     let name = participant.name;
-    let (pool, schema) = db::open(
-        &config.database,
-        name,
-        &[&RUNTIME_MIGRATIONS, participant.migrations],
-    )
-    .await?;
+    let (pool, schema) = db::open(&config.database, name, &participant.schema_migrations()).await?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     let command_topic = topics.named(
         &config

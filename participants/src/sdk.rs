@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sqlx::migrate::Migrator;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -138,6 +138,19 @@ impl Participant {
         self.steps.iter().map(|s| s.name()).collect()
     }
 
+    /// What the runtime migrates its schema with (after the messaging tables): the runtime's
+    /// tables, then its own.
+    pub(crate) fn schema_migrations(&self) -> [&'static Migrator; 2] {
+        [&crate::RUNTIME_MIGRATIONS, self.migrations]
+    }
+
+    /// How to tell that it is ready, for whoever starts it and waits before sending it work.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            migrations: self.schema_migrations(),
+        }
+    }
+
     /// Refuses a participant the runtime could not serve: no step, a step name that is no
     /// name on the wire, or one served twice.
     pub(crate) fn check(&self) -> messaging::Result<()> {
@@ -162,6 +175,24 @@ impl Participant {
             }
         }
         Ok(())
+    }
+}
+
+/// When a participant is ready: once its schema has every one of its migrations. The runtime
+/// migrates before it consumes a command, and a participant's data (demo data among it) comes
+/// with its migrations, so a ready participant has what the commands it gets need.
+#[derive(Debug, Clone, Copy)]
+pub struct Readiness {
+    migrations: [&'static Migrator; 2],
+}
+
+impl Readiness {
+    /// Whether the participant whose schema `pool` uses (as its search path) is ready.
+    ///
+    /// # Errors
+    /// When the schema cannot be read.
+    pub async fn is_ready(&self, pool: &PgPool) -> messaging::Result<bool> {
+        messaging::db::is_migrated(pool, &self.migrations).await
     }
 }
 

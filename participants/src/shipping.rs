@@ -25,16 +25,31 @@ pub fn participant(config: &ShippingConfig) -> Participant {
         .step(ScheduleShipment::new(config))
 }
 
+/// The deny-list unless `SHIPPING_DENIED_COUNTRIES` says otherwise.
+const DEFAULT_DENIED_COUNTRIES: &str = "AQ,BV";
+
 #[derive(Debug, Clone, Args)]
 pub struct ShippingConfig {
     /// Destination countries (ISO 3166 alpha-2, comma separated) that are never shipped to.
     #[arg(
         long,
         env = "SHIPPING_DENIED_COUNTRIES",
-        default_value = "AQ,BV",
+        default_value = DEFAULT_DENIED_COUNTRIES,
         value_delimiter = ','
     )]
     pub denied_countries: Vec<String>,
+}
+
+impl Default for ShippingConfig {
+    /// The command line's defaults (without reading the environment).
+    fn default() -> Self {
+        Self {
+            denied_countries: DEFAULT_DENIED_COUNTRIES
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
 }
 
 /// `schedule_shipment`: records the shipment.

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use events::OrderPlaced;
+use participants::sdk::Participant;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::helpers::{eventually, order, step_statuses, Options, TestSystem};
+use crate::helpers::{eventually, order, participants_of, step_statuses, Options, TestSystem};
 
 const ORDER_SAGA: &str = include_str!("../../../sagas/order.toml");
 
@@ -242,7 +243,10 @@ async fn points(system: &TestSystem) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_or_silently_changed_definition_stops_the_start() {
     let mut system = TestSystem::start_with(Options {
-        without: vec!["inventory", "payment", "shipping"],
+        without: participants_of("order")
+            .iter()
+            .map(Participant::name)
+            .collect(),
         ..Options::default()
     })
     .await;

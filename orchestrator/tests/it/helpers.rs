@@ -1,11 +1,14 @@
-//! A whole deployment per test: the orchestrator and the three participants as tasks in this
-//! process, talking to the real PostgreSQL and the real broker over the network. Each test gets
-//! its own database and its own topic prefix, and removes both when it ends.
+//! A whole deployment per test: the orchestrator and the order saga's participants as tasks in
+//! this process, talking to the real PostgreSQL and the real broker over the network. Each test
+//! gets its own database and its own topic prefix, and removes both when it ends. Which
+//! participants a saga has, and its topics, come from the repository's saga definitions
+//! (`sagas/`); the participants themselves from `participants::registry`.
 //!
 //! Environment: `KAFKA_BROKERS` (default 127.0.0.1:9092) and `TEST_DATABASE_URL`, a server URL
 //! without a database name (default postgres://postgres@127.0.0.1:5432).
 
 use std::future::Future;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use events::{Address, LineItem, OrderPlaced, Topics};
@@ -14,8 +17,9 @@ use messaging::config::{
 };
 use orchestrator::auth::{token_line, Role};
 use orchestrator::config::{ApiConfig, RetryConfig};
-use participants::shipping::ShippingConfig;
-use participants::ParticipantConfig;
+use orchestrator::saga::SagaDefinition;
+use participants::sdk::{Participant, Readiness};
+use participants::{registry, ParticipantConfig};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -52,8 +56,6 @@ pub struct Options {
     pub api: ApiConfig,
 }
 
-/// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
-/// at most 1 s; 3 compensation attempts.
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
 pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
     KafkaConfig {
@@ -76,6 +78,54 @@ pub fn sagas_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas")
 }
 
+/// The definitions of [`sagas_dir`], read once.
+static DEFINITIONS: LazyLock<Vec<SagaDefinition>> = LazyLock::new(|| {
+    orchestrator::saga::definitions::load_dir(&sagas_dir())
+        .unwrap_or_else(|e| panic!("the repository's saga definitions do not load: {e}"))
+});
+
+/// The newest definition of the repository's saga type `name`.
+pub fn definition(name: &str) -> &'static SagaDefinition {
+    DEFINITIONS
+        .iter()
+        .filter(|d| d.name == name)
+        .max_by_key(|d| d.version)
+        .unwrap_or_else(|| panic!("no saga {name} in {}", sagas_dir().display()))
+}
+
+/// The repository's participant called `name`, as the tests run it (the binaries' default
+/// settings: shipping denies AQ and BV).
+pub fn repository_participant(name: &str) -> Participant {
+    registry::participant(name, &registry::Settings::default()).unwrap_or_else(|| {
+        panic!("no participant {name} in participants::registry (participants/src/registry.rs)")
+    })
+}
+
+/// The participants the steps of the saga type `saga` name, each once, in the order of its
+/// steps. Fails the test when one is not in the registry or does not serve its step.
+pub fn participants_of(saga: &str) -> Vec<Participant> {
+    let definition = definition(saga);
+    let mut participants: Vec<Participant> = Vec::new();
+    for step in &definition.steps {
+        if participants.iter().any(|p| p.name() == step.participant) {
+            continue;
+        }
+        let participant = repository_participant(&step.participant);
+        assert!(
+            participant.step_names().contains(&step.name.as_str()),
+            "{} names {} for step {}, which it does not serve (it serves {:?})",
+            definition.file,
+            step.participant,
+            step.name,
+            participant.step_names()
+        );
+        participants.push(participant);
+    }
+    participants
+}
+
+/// Short deadlines, so tests of retries take seconds: 300 ms for the first reply, doubling to
+/// at most 1 s; 3 compensation attempts.
 pub fn fast_retries() -> RetryConfig {
     RetryConfig {
         step_timeout_ms: Some(300),
@@ -104,18 +154,27 @@ pub fn token_list() -> String {
     .join("\n")
 }
 
-/// The order saga's participants, whose command topics are `{name}.commands`.
-pub const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
-
-/// Every topic of a deployment of the repository's sagas: their trigger topics, the engine's
-/// topics and the participants' command topics (the return saga's participant `returns` beside
-/// the order saga's).
+/// Every topic of a deployment of the repository's sagas: the engine's, and each saga's trigger
+/// topic and its steps' command topics, each once.
 pub fn all_topics(topics: &Topics) -> Vec<String> {
-    let mut all = vec![topics.orders(), topics.named("returns")];
-    all.extend(topics.engine());
-    all.extend(PARTICIPANTS.map(|p| topics.named(&format!("{p}.commands"))));
-    all.push(topics.named("returns.commands"));
+    let mut all = topics.engine();
+    for saga in DEFINITIONS.iter() {
+        all.push(topics.named(&saga.trigger.topic));
+        all.extend(saga.steps.iter().map(|step| topics.named(&step.topic)));
+    }
+    all.sort();
+    all.dedup();
     all
+}
+
+/// A service of a test deployment, running as a task of this process.
+struct Service {
+    name: &'static str,
+    /// A child token of the deployment's, so a test can stop the service alone.
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    /// A participant's; the orchestrator has none.
+    readiness: Option<Readiness>,
 }
 
 pub struct TestSystem {
@@ -125,8 +184,7 @@ pub struct TestSystem {
     database_url: String,
     participant: ParticipantConfig,
     shutdown: CancellationToken,
-    /// Each service runs with a child token of `shutdown`, so a test can stop one alone.
-    services: Vec<(&'static str, CancellationToken, JoinHandle<()>)>,
+    services: Vec<Service>,
     producer: FutureProducer,
     client: reqwest::Client,
     cleaned_up: bool,
@@ -217,7 +275,12 @@ impl TestSystem {
                 "orchestrator",
                 orchestrator::run(config, listener, stop.clone()),
             );
-            services.push(("orchestrator", stop, task));
+            services.push(Service {
+                name: "orchestrator",
+                stop,
+                task,
+                readiness: None,
+            });
         }
 
         let producer: FutureProducer = messaging::kafka::producer_settings(&brokers(), 0)
@@ -235,34 +298,42 @@ impl TestSystem {
             client: reqwest::Client::new(),
             cleaned_up: false,
         };
-        for name in ["inventory", "payment", "shipping"] {
-            if !options.without.contains(&name) {
-                system.start_participant(name, 0);
+        // A default deployment runs the order saga; a test starts the return saga's own
+        // participant when it needs it.
+        for participant in participants_of("order") {
+            if !options.without.contains(&participant.name()) {
+                let config = system.participant.clone();
+                system.run_participant(participant, config);
             }
         }
         system.wait_until_healthy().await;
         system
     }
 
-    /// Starts a participant; it refuses its first `compensation_faults` compensations.
-    pub fn start_participant(&mut self, name: &'static str, compensation_faults: u32) {
-        self.start_participant_with(name, compensation_faults, FaultConfig::default());
+    /// Starts the repository's participant `name`; it refuses its first `compensation_faults`
+    /// compensations.
+    pub fn start_participant(&mut self, name: &str, compensation_faults: u32) {
+        self.start_participant_with(
+            repository_participant(name),
+            compensation_faults,
+            FaultConfig::default(),
+        );
     }
 
     /// Starts a participant that stops dead right after its first message committed (once it
     /// is 3 s old): a crash between its commit and its offset store, inside this process.
-    pub fn start_crashing_participant(&mut self, name: &'static str) {
+    pub fn start_crashing_participant(&mut self, name: &str) {
         let faults = FaultConfig {
             crash_after_commit_every: 1,
             crash_in_process: true,
             ..FaultConfig::default()
         };
-        self.start_participant_with(name, 0, faults);
+        self.start_participant_with(repository_participant(name), 0, faults);
     }
 
     fn start_participant_with(
         &mut self,
-        name: &'static str,
+        participant: Participant,
         compensation_faults: u32,
         faults: FaultConfig,
     ) {
@@ -272,37 +343,36 @@ impl TestSystem {
             faults,
             ..self.participant.clone()
         };
-        let participant = match name {
-            "inventory" => participants::inventory::participant(),
-            "payment" => participants::payment::participant(),
-            "returns" => participants::returns::participant(),
-            "shipping" => participants::shipping::participant(&ShippingConfig {
-                denied_countries: vec!["AQ".into(), "BV".into()],
-            }),
-            other => panic!("no participant {other}"),
-        };
         self.run_participant(participant, config);
     }
 
     /// Starts a participant of the test's own (written with the SDK), with this deployment's
     /// settings.
-    pub fn start_custom_participant(&mut self, participant: participants::sdk::Participant) {
+    pub fn start_custom_participant(&mut self, participant: Participant) {
         let config = self.participant.clone();
         self.run_participant(participant, config);
     }
 
-    fn run_participant(
-        &mut self,
-        participant: participants::sdk::Participant,
-        config: ParticipantConfig,
-    ) {
+    fn run_participant(&mut self, participant: Participant, config: ParticipantConfig) {
         let name = participant.name();
+        let readiness = Some(participant.readiness());
         let stop = self.shutdown.child_token();
         let task = spawn(
             name,
             participants::sdk::run(participant, config, stop.clone()),
         );
-        self.services.push((name, stop, task));
+        self.services.push(Service {
+            name,
+            stop,
+            task,
+            readiness,
+        });
+    }
+
+    /// The services running now, by name: each one's schema too, as a test deployment names
+    /// no schema.
+    pub fn running_services(&self) -> Vec<&'static str> {
+        self.services.iter().map(|s| s.name).collect()
     }
 
     /// Waits until a service ends by itself (a crash) and returns why it ended.
@@ -310,9 +380,9 @@ impl TestSystem {
         let index = self
             .services
             .iter()
-            .position(|(n, _, _)| *n == name)
+            .position(|s| s.name == name)
             .unwrap_or_else(|| panic!("{name} is not running"));
-        let (_, _, task) = self.services.remove(index);
+        let Service { task, .. } = self.services.remove(index);
         match tokio::time::timeout(Duration::from_secs(30), task).await {
             Ok(Ok(())) => "stopped cleanly".into(),
             Ok(Err(e)) if e.is_panic() => e
@@ -330,9 +400,9 @@ impl TestSystem {
         let index = self
             .services
             .iter()
-            .position(|(n, _, _)| *n == name)
+            .position(|s| s.name == name)
             .unwrap_or_else(|| panic!("{name} is not running"));
-        let (_, stop, task) = self.services.remove(index);
+        let Service { stop, task, .. } = self.services.remove(index);
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), task)
             .await
@@ -340,14 +410,9 @@ impl TestSystem {
             .expect("service task");
     }
 
-    /// Waits for the orchestrator's API and for the started participants' migrations (the
-    /// demo data is their last one).
+    /// Waits for the orchestrator's API and for the started participants to be ready.
     async fn wait_until_healthy(&self) {
-        if self
-            .services
-            .iter()
-            .any(|(name, _, _)| *name == "orchestrator")
-        {
+        if self.services.iter().any(|s| s.name == "orchestrator") {
             self.wait_for_api().await;
         }
         self.wait_for_participants().await;
@@ -421,31 +486,21 @@ impl TestSystem {
         .await;
     }
 
-    /// The participants are ready once their last migration (the demo data) is in.
+    /// Waits until every running participant is ready: all its migrations are in, the demo
+    /// data among them, so orders placed from now on find their stock and accounts.
     pub async fn wait_for_participants(&self) {
-        let db = self.schema("public").await;
-        for (service, ready) in [
-            ("inventory", "SELECT EXISTS (SELECT 1 FROM inventory.stock)"),
-            ("payment", "SELECT EXISTS (SELECT 1 FROM payment.accounts)"),
-            (
-                "shipping",
-                "SELECT to_regclass('shipping.shipments') IS NOT NULL",
-            ),
-            (
-                "returns",
-                "SELECT to_regclass('returns.return_lines') IS NOT NULL",
-            ),
-        ] {
-            if !self.services.iter().any(|(name, _, _)| *name == service) {
+        for service in &self.services {
+            let Some(readiness) = service.readiness else {
                 continue;
-            }
-            eventually(ready, || async {
-                let ok: Option<bool> = sqlx::query_scalar(ready).fetch_one(&db).await.ok();
-                ok.unwrap_or(false).then_some(())
+            };
+            let db = self.schema(service.name).await;
+            let what = format!("{} to apply all its migrations", service.name);
+            eventually(&what, || async {
+                readiness.is_ready(&db).await.ok()?.then_some(())
             })
             .await;
+            db.close().await;
         }
-        db.close().await;
     }
 
     /// A pool on the test database with `schema` as search path, to check a service's tables.
@@ -650,7 +705,7 @@ impl TestSystem {
     /// Stops every service, then drops the database and the topics.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        for (_, _, task) in self.services.drain(..) {
+        for Service { task, .. } in self.services.drain(..) {
             tokio::time::timeout(Duration::from_secs(30), task)
                 .await
                 .expect("services stop within 30 s")
@@ -723,7 +778,6 @@ where
     })
 }
 
-/// Polls `check` until it returns a value, for at most 60 seconds.
 /// The response's `content-type`, or "" without one.
 pub fn content_type(response: &reqwest::Response) -> String {
     response
@@ -734,6 +788,7 @@ pub fn content_type(response: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// Polls `check` until it returns a value, for at most 60 seconds.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,

@@ -10,7 +10,7 @@ use rdkafka::Message;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{eventually, order, TestSystem};
+use crate::helpers::{definition, eventually, order, TestSystem};
 
 /// The OpenAPI document the server serves.
 pub(crate) fn openapi() -> Value {
@@ -486,15 +486,14 @@ async fn one_order_is_one_trace_across_every_command_reply_and_event() {
     let saga = system.finished_saga(placed.order_id).await;
     assert_eq!(saga["state"], "completed", "{saga}");
 
-    // 3 commands and 3 replies, plus the saga's events.
+    // A command and a reply per step (3 of each), plus the saga's events.
+    let steps = &definition("order").steps;
     let mut topics = vec![system.topics.replies(), system.topics.saga_events()];
-    for participant in crate::helpers::PARTICIPANTS {
-        topics.push(system.topics.named(&format!("{participant}.commands")));
-    }
+    topics.extend(steps.iter().map(|step| system.topics.named(&step.topic)));
     let mut span_ids = BTreeSet::new();
     for topic in &topics {
         let expected = if *topic == system.topics.replies() {
-            3
+            steps.len()
         } else {
             1
         };
@@ -574,7 +573,7 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     assert_eq!(counted, [("failed".to_owned(), 1)]);
     assert_eq!(stats["counts"]["failed"], 1, "{stats}");
     assert_eq!(stats["total"], 1, "{stats}");
-    for schema in ["orchestrator", "inventory", "payment", "shipping"] {
+    for schema in system.running_services() {
         let pool = system.schema(schema).await;
         eventually(&format!("the {schema} inbox to be swept"), || async {
             let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
