@@ -41,5 +41,22 @@ for _ in $(seq 1 300); do
   kill -0 "$pid" 2>/dev/null || { say "the orchestrator exited"; exit 1; }
   sleep 0.1
 done
-say "Schemathesis against http://$http_addr"
+# A saga of every type the definitions name, so that the list answers Schemathesis gets hold
+# real rows of each shape (an order saga's view has `order_id` and `order`, a return saga's
+# not). No participant runs, so both stay `running` at their first step.
+api="http://$http_addr"
+order_id=$(curl -fsS -H "Authorization: Bearer $TOKEN_schemathesis" -H 'Content-Type: application/json' \
+  -d '{"customer_id": "alice", "items": [{"sku": "WIDGET", "quantity": 1, "unit_price_cents": 1000}],
+       "total_cents": 1000, "currency": "EUR",
+       "shipping_address": {"country": "DE", "city": "Berlin", "line1": "Unter den Linden 1", "postal_code": "10117"}}' \
+  "$api/orders" | jq -r .order_id)
+TOPIC_PREFIX="api-$run_id." target/debug/sagactl return --order-id "$order_id" >/dev/null
+for _ in $(seq 1 300); do
+  types=$(curl -fsS -H "Authorization: Bearer $TOKEN_schemathesis" "$api/sagas" \
+    | jq -r '[.sagas[].definition_name] | unique | join(",")')
+  [[ $types == "order,return" ]] && break
+  sleep 0.1
+done
+[[ $types == "order,return" ]] || { say "the seeded sagas did not start (saw: ${types:-none})"; exit 1; }
+say "Schemathesis against $api (sagas seeded: $types)"
 API_URL="http://$http_addr" API_TOKEN="$TOKEN_schemathesis" scripts/schemathesis.sh "$@"
