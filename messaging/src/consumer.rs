@@ -639,13 +639,13 @@ async fn enqueue_dead_letter(
     dead_letters: &DeadLetters,
     reason: &str,
 ) -> Result<(), HandlerError> {
-    let first = sqlx::query(
-        "INSERT INTO dead_lettered (source_topic, source_partition, source_offset) \
+    let first = sqlx::query!(
+        "INSERT INTO dead_lettered (source_topic, source_partition, source_offset)
          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        record.topic,
+        record.partition,
+        record.offset,
     )
-    .bind(&record.topic)
-    .bind(record.partition)
-    .bind(record.offset)
     .execute(&mut *tx)
     .await?
     .rows_affected()

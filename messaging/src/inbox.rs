@@ -20,21 +20,24 @@ pub async fn keep_first_deliveries<T>(
 ) -> sqlx::Result<Vec<T>> {
     let message_ids: Vec<Uuid> = items.iter().map(|item| delivery(item).0).collect();
     // `fresh`: the count is the batch's own share, so no earlier batch had the message.
-    let counted: Vec<(Uuid, bool)> = sqlx::query_as(
-        "WITH batch AS ( \
-             SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS d(id) GROUP BY id \
-         ), counted AS ( \
-             INSERT INTO inbox (message_id, deliveries) SELECT id, n FROM batch \
-             ON CONFLICT (message_id) DO UPDATE SET deliveries = inbox.deliveries + excluded.deliveries \
-             RETURNING message_id, deliveries \
-         ) \
-         SELECT counted.message_id, counted.deliveries = batch.n AS fresh \
-         FROM counted JOIN batch ON batch.id = counted.message_id",
+    let counted = sqlx::query!(
+        r#"WITH batch AS (
+             SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS d(id) GROUP BY id
+         ), counted AS (
+             INSERT INTO inbox (message_id, deliveries) SELECT id, n FROM batch
+             ON CONFLICT (message_id) DO UPDATE SET deliveries = inbox.deliveries + excluded.deliveries
+             RETURNING message_id, deliveries
+         )
+         SELECT counted.message_id, counted.deliveries = batch.n AS "fresh!"
+         FROM counted JOIN batch ON batch.id = counted.message_id"#,
+        &message_ids
     )
-    .bind(&message_ids)
     .fetch_all(tx)
     .await?;
-    let mut fresh: HashMap<Uuid, bool> = counted.into_iter().collect();
+    let mut fresh: HashMap<Uuid, bool> = counted
+        .into_iter()
+        .map(|row| (row.message_id, row.fresh))
+        .collect();
     Ok(items
         .into_iter()
         .filter(|item| {

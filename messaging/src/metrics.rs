@@ -167,15 +167,18 @@ fn describe() {
 /// Samples the outbox backlog of `schema` every `every` until `stop`.
 pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToken) {
     loop {
-        let sampled: sqlx::Result<(i64, Option<f64>)> = sqlx::query_as(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+        let sampled = sqlx::query!(
+            r#"SELECT count(*) AS "backlog!",
+                      extract(epoch FROM now() - min(created_at))::float8 AS "oldest_age?"
+               FROM outbox"#,
         )
         .fetch_one(&pool)
         .await;
         match sampled {
-            Ok((backlog, oldest)) => {
-                metrics::gauge!(OUTBOX_BACKLOG).set(backlog as f64);
-                metrics::gauge!(OUTBOX_OLDEST_AGE).set(oldest.unwrap_or(0.0).max(0.0));
+            Ok(sample) => {
+                metrics::gauge!(OUTBOX_BACKLOG).set(sample.backlog as f64);
+                // No age when the outbox is empty.
+                metrics::gauge!(OUTBOX_OLDEST_AGE).set(sample.oldest_age.unwrap_or(0.0).max(0.0));
             }
             Err(e) => tracing::debug!(error.message = %e, "sampling the outbox failed"),
         }

@@ -40,14 +40,15 @@ pub struct Relay {
     outbox_written: Arc<Notify>,
 }
 
-type OutboxRow = (
-    i64,
-    String,
-    Option<Vec<u8>>,
-    Vec<u8>,
-    serde_json::Value,
-    chrono::DateTime<chrono::Utc>,
-);
+/// An outbox row claimed for publishing.
+struct OutboxRow {
+    id: i64,
+    topic: String,
+    message_key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: serde_json::Value,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
 
 impl Relay {
     /// A relay for the outbox of `schema`, with a producer of its own.
@@ -177,11 +178,12 @@ impl Relay {
     async fn publish_batch(&mut self) -> Result<i64> {
         self.inject_fatal_error();
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, topic, message_key, payload, headers, created_at FROM outbox \
+        let rows = sqlx::query_as!(
+            OutboxRow,
+            "SELECT id, topic, message_key, payload, headers, created_at FROM outbox
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            self.config.outbox_batch_size,
         )
-        .bind(self.config.outbox_batch_size)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
@@ -189,7 +191,7 @@ impl Relay {
         }
         let claimed = chrono::Utc::now();
         for row in &rows {
-            let waited = (claimed - row.5).to_std().unwrap_or_default();
+            let waited = (claimed - row.created_at).to_std().unwrap_or_default();
             ::metrics::histogram!(crate::metrics::OUTBOX_PICKUP_SECONDS)
                 .record(waited.as_secs_f64());
         }
@@ -198,7 +200,15 @@ impl Relay {
         // can put many rows in one request.
         let mut deliveries = Vec::with_capacity(rows.len());
         let mut refused: Vec<(i64, String)> = Vec::new();
-        for (id, topic, key, payload, headers, _) in &rows {
+        for OutboxRow {
+            id,
+            topic,
+            message_key,
+            payload,
+            headers,
+            ..
+        } in &rows
+        {
             // One span per message, in the trace of the work that wrote it; the consumer's
             // span becomes its child.
             let mut headers = to_header_map(headers);
@@ -211,7 +221,7 @@ impl Relay {
                     .headers(kafka::record_headers(
                         headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                     ));
-            if let Some(key) = key {
+            if let Some(key) = message_key {
                 record = record.key(key);
             }
             match self.producer.send_result(record) {
@@ -235,18 +245,17 @@ impl Relay {
             // Retrying cannot help, and the rows behind it must go out: keep it aside, whole,
             // with the broker's reason, for an operator.
             tracing::error!(outbox_id = id, error.message = %error, schema = %self.schema, "the broker refuses an outbox row for good; parked in outbox_parked");
-            sqlx::query(
-                "INSERT INTO outbox_parked (id, topic, message_key, payload, headers, created_at, error) \
+            sqlx::query!(
+                "INSERT INTO outbox_parked (id, topic, message_key, payload, headers, created_at, error)
                  SELECT id, topic, message_key, payload, headers, created_at, $2 FROM outbox WHERE id = $1",
+                id,
+                error,
             )
-            .bind(id)
-            .bind(error)
             .execute(&mut *tx)
             .await?;
         }
-        let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(&ids)
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", &ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

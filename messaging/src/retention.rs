@@ -41,18 +41,21 @@ where
 /// Deletes up to [`SWEEP_BATCH`] inbox rows, and as many marks of dead-lettered records, older
 /// than the retention.
 pub async fn sweep_inbox(pool: &PgPool, config: &RetentionConfig) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
-        "WITH dead AS ( \
-             DELETE FROM dead_lettered WHERE ctid IN ( \
-                 SELECT ctid FROM dead_lettered \
-                 WHERE dead_lettered_at < now() - make_interval(secs => $1) LIMIT $2)) \
-         DELETE FROM inbox WHERE message_id IN ( \
-             SELECT message_id FROM inbox \
-             WHERE received_at < now() - make_interval(secs => $1) \
+    // Cast out here: `expr as T` among the macro's arguments would be a type override, which
+    // skips checking the parameter.
+    let retention_secs = config.inbox_retention_secs as f64;
+    let deleted = sqlx::query!(
+        "WITH dead AS (
+             DELETE FROM dead_lettered WHERE ctid IN (
+                 SELECT ctid FROM dead_lettered
+                 WHERE dead_lettered_at < now() - make_interval(secs => $1) LIMIT $2))
+         DELETE FROM inbox WHERE message_id IN (
+             SELECT message_id FROM inbox
+             WHERE received_at < now() - make_interval(secs => $1)
              ORDER BY received_at LIMIT $2)",
+        retention_secs,
+        SWEEP_BATCH,
     )
-    .bind(config.inbox_retention_secs as f64)
-    .bind(SWEEP_BATCH)
     .execute(pool)
     .await?
     .rows_affected();

@@ -125,23 +125,23 @@ impl Step for ReserveStock {
             return Ok(outcomes);
         }
         write_stock(tx, &available).await?;
-        sqlx::query(
-            "INSERT INTO reservations (order_id, saga_id, status) \
-             SELECT order_id, saga_id, 'reserved' FROM UNNEST($1::uuid[], $2::uuid[]) \
+        sqlx::query!(
+            "INSERT INTO reservations (order_id, saga_id, status)
+             SELECT order_id, saga_id, 'reserved' FROM UNNEST($1::uuid[], $2::uuid[])
                   AS r (order_id, saga_id)",
+            &column(&reservations, |r| r.0),
+            &column(&reservations, |r| r.1),
         )
-        .bind(column(&reservations, |r| r.0))
-        .bind(column(&reservations, |r| r.1))
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO reservation_lines (order_id, sku, quantity) \
-             SELECT order_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::int[]) \
+        sqlx::query!(
+            "INSERT INTO reservation_lines (order_id, sku, quantity)
+             SELECT order_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::int[])
                   AS l (order_id, sku, quantity)",
+            &column(&lines, |l| l.0),
+            &column(&lines, |l| l.1.as_str()) as &[&str],
+            &column(&lines, |l| l.2),
         )
-        .bind(column(&lines, |l| l.0))
-        .bind(column(&lines, |l| l.1.as_str()))
-        .bind(column(&lines, |l| l.2))
         .execute(&mut *tx)
         .await?;
         Ok(outcomes)
@@ -153,20 +153,20 @@ impl Step for ReserveStock {
         request: Request<'_, Release>,
     ) -> Result<Result<(), StockRefusal>, HandlerError> {
         let order_id = request.payload.order_id;
-        let released = sqlx::query(
-            "UPDATE reservations SET status = 'released', released_at = now() \
+        let released = sqlx::query!(
+            "UPDATE reservations SET status = 'released', released_at = now()
              WHERE order_id = $1 AND status = 'reserved'",
+            order_id,
         )
-        .bind(order_id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if released == 1 {
-            sqlx::query(
-                "UPDATE stock SET available = available + l.quantity \
+            sqlx::query!(
+                "UPDATE stock SET available = available + l.quantity
                  FROM reservation_lines l WHERE l.order_id = $1 AND stock.sku = l.sku",
+                order_id,
             )
-            .bind(order_id)
             .execute(&mut *tx)
             .await?;
         }
@@ -248,15 +248,15 @@ async fn lock_stock(
     tx: &mut PgConnection,
     skus: &[String],
 ) -> Result<BTreeMap<String, i64>, HandlerError> {
-    let rows: Vec<(String, i32)> = sqlx::query_as(
+    let rows = sqlx::query!(
         "SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        skus,
     )
-    .bind(skus)
     .fetch_all(&mut *tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(sku, n)| (sku, i64::from(n)))
+        .map(|row| (row.sku, i64::from(row.available)))
         .collect())
 }
 
@@ -266,13 +266,13 @@ async fn write_stock(
     available: &BTreeMap<String, i64>,
 ) -> Result<(), HandlerError> {
     let (skus, left): (Vec<&String>, Vec<i64>) = available.iter().map(|(sku, n)| (sku, *n)).unzip();
-    sqlx::query(
-        "UPDATE stock SET available = now_has.available \
-         FROM UNNEST($1::text[], $2::bigint[]) AS now_has (sku, available) \
+    sqlx::query!(
+        "UPDATE stock SET available = now_has.available
+         FROM UNNEST($1::text[], $2::bigint[]) AS now_has (sku, available)
          WHERE stock.sku = now_has.sku AND stock.available <> now_has.available",
+        &skus as &[&String],
+        &left,
     )
-    .bind(skus)
-    .bind(left)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -333,23 +333,23 @@ impl Step for Restock {
             return Ok(outcomes);
         }
         write_stock(tx, &available).await?;
-        sqlx::query(
-            "INSERT INTO restocks (return_id, saga_id, status) \
-             SELECT return_id, saga_id, 'restocked' FROM UNNEST($1::uuid[], $2::uuid[]) \
+        sqlx::query!(
+            "INSERT INTO restocks (return_id, saga_id, status)
+             SELECT return_id, saga_id, 'restocked' FROM UNNEST($1::uuid[], $2::uuid[])
                   AS r (return_id, saga_id)",
+            &column(&restocks, |r| r.0),
+            &column(&restocks, |r| r.1),
         )
-        .bind(column(&restocks, |r| r.0))
-        .bind(column(&restocks, |r| r.1))
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO restock_lines (return_id, sku, quantity) \
-             SELECT return_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) \
+        sqlx::query!(
+            "INSERT INTO restock_lines (return_id, sku, quantity)
+             SELECT return_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])
                   AS l (return_id, sku, quantity)",
+            &column(&lines, |l| l.0),
+            &column(&lines, |l| l.1) as &[&str],
+            &column(&lines, |l| l.2),
         )
-        .bind(column(&lines, |l| l.0))
-        .bind(column(&lines, |l| l.1))
-        .bind(column(&lines, |l| l.2))
         .execute(&mut *tx)
         .await?;
         Ok(outcomes)
@@ -364,22 +364,23 @@ impl Step for Restock {
         request: Request<'_, UndoRestock>,
     ) -> Result<Result<(), RestockRefusal>, HandlerError> {
         let return_id = request.payload.return_id;
-        let lines: Vec<(String, i32)> = sqlx::query_as(
-            "SELECT l.sku, l.quantity FROM restocks r JOIN restock_lines l USING (return_id) \
+        let lines = sqlx::query!(
+            "SELECT l.sku, l.quantity FROM restocks r JOIN restock_lines l USING (return_id)
              WHERE r.return_id = $1 AND r.status = 'restocked' FOR UPDATE OF r",
+            return_id,
         )
-        .bind(return_id)
         .fetch_all(&mut *tx)
         .await?;
         if lines.is_empty() {
             // Nothing restocked (it never happened here, or it was undone): nothing to undo.
             return Ok(Ok(()));
         }
-        let skus: Vec<String> = lines.iter().map(|(sku, _)| sku.clone()).collect();
+        let skus: Vec<String> = lines.iter().map(|line| line.sku.clone()).collect();
         let mut available = lock_stock(tx, &skus).await?;
-        for (sku, quantity) in &lines {
+        for line in &lines {
+            let sku = &line.sku;
             let have = available.get(sku).copied().unwrap_or(0);
-            let restocked = i64::from(*quantity);
+            let restocked = i64::from(line.quantity);
             if have < restocked {
                 return Ok(Err(RestockRefusal::AlreadyTaken {
                     sku: sku.clone(),
@@ -390,10 +391,10 @@ impl Step for Restock {
             available.insert(sku.clone(), have - restocked);
         }
         write_stock(tx, &available).await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE restocks SET status = 'undone', undone_at = now() WHERE return_id = $1",
+            return_id,
         )
-        .bind(return_id)
         .execute(&mut *tx)
         .await?;
         Ok(Ok(()))

@@ -97,16 +97,16 @@ impl Step for ChargePayment {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let rows: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT customer_id, balance_cents, currency FROM accounts \
+        let rows = sqlx::query!(
+            "SELECT customer_id, balance_cents, currency FROM accounts
              WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
+            &customers as &[&str],
         )
-        .bind(&customers)
         .fetch_all(&mut *tx)
         .await?;
         let mut accounts: BTreeMap<String, (i64, String)> = rows
             .into_iter()
-            .map(|(customer, balance, currency)| (customer, (balance, currency)))
+            .map(|row| (row.customer_id, (row.balance_cents, row.currency)))
             .collect();
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut charged = Vec::new();
@@ -141,17 +141,17 @@ impl Step for ChargePayment {
             .iter()
             .map(|(customer, (balance, _))| (customer, *balance));
         write_balances(tx, balances).await?;
-        sqlx::query(
-            "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status) \
-             SELECT order_id, saga_id, customer_id, amount_cents, currency, 'charged' \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[]) \
+        sqlx::query!(
+            "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status)
+             SELECT order_id, saga_id, customer_id, amount_cents, currency, 'charged'
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[])
                   AS p (order_id, saga_id, customer_id, amount_cents, currency)",
+            &column(&charged, |c| c.0),
+            &column(&charged, |c| c.1),
+            &column(&charged, |c| c.2.as_str()) as &[&str],
+            &column(&charged, |c| c.3),
+            &column(&charged, |c| c.4.as_str()) as &[&str],
         )
-        .bind(column(&charged, |c| c.0))
-        .bind(column(&charged, |c| c.1))
-        .bind(column(&charged, |c| c.2.as_str()))
-        .bind(column(&charged, |c| c.3))
-        .bind(column(&charged, |c| c.4.as_str()))
         .execute(&mut *tx)
         .await?;
         Ok(outcomes)
@@ -163,35 +163,35 @@ impl Step for ChargePayment {
         request: Request<'_, Refund>,
     ) -> Result<Result<(), Declined>, HandlerError> {
         let order_id = request.payload.order_id;
-        let refunded: Option<(String, i64)> = sqlx::query_as(
-            "UPDATE payments SET status = 'refunded', refunded_at = now() \
+        let refunded = sqlx::query!(
+            "UPDATE payments SET status = 'refunded', refunded_at = now()
              WHERE order_id = $1 AND status = 'charged' RETURNING customer_id, amount_cents",
+            order_id,
         )
-        .bind(order_id)
         .fetch_optional(&mut *tx)
         .await?;
         // What returns of this order got back already is not paid twice: the charge is paid
         // back once, whichever saga pays it. Read after the row is locked (a statement of its
         // own, so it sees a refund committed while this one waited for the lock).
         let refunded = match refunded {
-            Some((customer_id, amount)) => {
-                let returned: i64 = sqlx::query_scalar(
-                    "SELECT coalesce(sum(amount_cents), 0)::bigint FROM return_refunds \
-                     WHERE order_id = $1",
+            Some(charge) => {
+                let returned = sqlx::query_scalar!(
+                    r#"SELECT coalesce(sum(amount_cents), 0)::bigint AS "returned!"
+                       FROM return_refunds WHERE order_id = $1"#,
+                    order_id,
                 )
-                .bind(order_id)
                 .fetch_one(&mut *tx)
                 .await?;
-                Some((customer_id, amount - returned))
+                Some((charge.customer_id, charge.amount_cents - returned))
             }
             None => None,
         };
         if let Some((customer_id, amount)) = refunded {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE customer_id = $1",
+                customer_id,
+                amount,
             )
-            .bind(customer_id)
-            .bind(amount)
             .execute(&mut *tx)
             .await?;
         }
@@ -278,30 +278,32 @@ impl Step for IssueRefund {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let charges: Vec<(Uuid, String, i64, String)> = sqlx::query_as(
-            "SELECT order_id, customer_id, amount_cents, currency FROM payments \
+        let charges = sqlx::query!(
+            "SELECT order_id, customer_id, amount_cents, currency FROM payments
              WHERE order_id = ANY($1) AND status = 'charged' ORDER BY order_id FOR UPDATE",
+            &orders,
         )
-        .bind(&orders)
         .fetch_all(&mut *tx)
         .await?;
         // Read after the charges are locked (a statement of its own, so it sees a refund of
         // another transaction that committed while this one waited for the locks).
-        let refunded: BTreeMap<Uuid, i64> = sqlx::query_as(
-            "SELECT order_id, sum(amount_cents)::bigint FROM return_refunds \
-             WHERE order_id = ANY($1) GROUP BY order_id",
+        let refunded: BTreeMap<Uuid, i64> = sqlx::query!(
+            r#"SELECT order_id, sum(amount_cents)::bigint AS "refunded!" FROM return_refunds
+               WHERE order_id = ANY($1) GROUP BY order_id"#,
+            &orders,
         )
-        .bind(&orders)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
+        .map(|row| (row.order_id, row.refunded))
         .collect();
         // Per order: (customer, currency, what is left of the charge).
         let mut left: BTreeMap<Uuid, (String, String, i64)> = charges
             .into_iter()
-            .map(|(order, customer, amount, currency)| {
-                let back = refunded.get(&order).copied().unwrap_or(0);
-                (order, (customer, currency, amount - back))
+            .map(|charge| {
+                let back = refunded.get(&charge.order_id).copied().unwrap_or(0);
+                let rest = charge.amount_cents - back;
+                (charge.order_id, (charge.customer_id, charge.currency, rest))
             })
             .collect();
         let customers: Vec<&str> = left
@@ -311,14 +313,17 @@ impl Step for IssueRefund {
             .into_iter()
             .collect();
         // The accounts the refunds credit, locked in customer order like the charges'.
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT customer_id, balance_cents FROM accounts \
+        let rows = sqlx::query!(
+            "SELECT customer_id, balance_cents FROM accounts
              WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
+            &customers as &[&str],
         )
-        .bind(&customers)
         .fetch_all(&mut *tx)
         .await?;
-        let mut balances: BTreeMap<String, i64> = rows.into_iter().collect();
+        let mut balances: BTreeMap<String, i64> = rows
+            .into_iter()
+            .map(|row| (row.customer_id, row.balance_cents))
+            .collect();
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut refunds = Vec::new();
         for request in requests {
@@ -359,18 +364,18 @@ impl Step for IssueRefund {
             return Ok(outcomes);
         }
         write_balances(tx, balances.iter().map(|(customer, n)| (customer, *n))).await?;
-        sqlx::query(
-            "INSERT INTO return_refunds (return_id, saga_id, order_id, customer_id, amount_cents, \
-                                         currency) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], \
+        sqlx::query!(
+            "INSERT INTO return_refunds (return_id, saga_id, order_id, customer_id, amount_cents,
+                                         currency)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[],
                                   $6::text[])",
+            &column(&refunds, |(_, r)| r.return_id),
+            &column(&refunds, |(saga_id, _)| *saga_id),
+            &column(&refunds, |(_, r)| r.order_id),
+            &column(&refunds, |(_, r)| r.customer_id.as_str()) as &[&str],
+            &column(&refunds, |(_, r)| r.amount_cents),
+            &column(&refunds, |(_, r)| r.currency.as_str()) as &[&str],
         )
-        .bind(column(&refunds, |(_, r)| r.return_id))
-        .bind(column(&refunds, |(saga_id, _)| *saga_id))
-        .bind(column(&refunds, |(_, r)| r.order_id))
-        .bind(column(&refunds, |(_, r)| r.customer_id.as_str()))
-        .bind(column(&refunds, |(_, r)| r.amount_cents))
-        .bind(column(&refunds, |(_, r)| r.currency.as_str()))
         .execute(&mut *tx)
         .await?;
         Ok(outcomes)
@@ -394,14 +399,14 @@ async fn write_balances<'a>(
     balances: impl Iterator<Item = (&'a String, i64)>,
 ) -> Result<(), HandlerError> {
     let (names, now_have): (Vec<&String>, Vec<i64>) = balances.unzip();
-    sqlx::query(
-        "UPDATE accounts SET balance_cents = now_has.balance \
-         FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance) \
-         WHERE accounts.customer_id = now_has.customer_id \
+    sqlx::query!(
+        "UPDATE accounts SET balance_cents = now_has.balance
+         FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance)
+         WHERE accounts.customer_id = now_has.customer_id
            AND accounts.balance_cents <> now_has.balance",
+        &names as &[&String],
+        &now_have,
     )
-    .bind(names)
-    .bind(now_have)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -79,32 +79,32 @@ impl Step for ReceiveReturn {
                 }
             }
         }
-        let inserted: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO returns (return_id, saga_id, order_id, customer_id, refund_cents, \
-                                  currency, status) \
-             SELECT return_id, saga_id, order_id, customer_id, refund_cents, currency, 'received' \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::text[]) \
-                  AS r (return_id, saga_id, order_id, customer_id, refund_cents, currency) \
+        let inserted = sqlx::query_scalar!(
+            "INSERT INTO returns (return_id, saga_id, order_id, customer_id, refund_cents,
+                                  currency, status)
+             SELECT return_id, saga_id, order_id, customer_id, refund_cents, currency, 'received'
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::text[])
+                  AS r (return_id, saga_id, order_id, customer_id, refund_cents, currency)
              ON CONFLICT (return_id) DO NOTHING RETURNING return_id",
+            &column(requests, |r| r.payload.return_id),
+            &column(requests, |r| r.saga_id),
+            &column(requests, |r| r.payload.order_id),
+            &column(requests, |r| r.payload.customer_id.as_str()) as &[&str],
+            &column(requests, |r| r.payload.refund_cents),
+            &column(requests, |r| r.payload.currency.as_str()) as &[&str],
         )
-        .bind(column(requests, |r| r.payload.return_id))
-        .bind(column(requests, |r| r.saga_id))
-        .bind(column(requests, |r| r.payload.order_id))
-        .bind(column(requests, |r| r.payload.customer_id.as_str()))
-        .bind(column(requests, |r| r.payload.refund_cents))
-        .bind(column(requests, |r| r.payload.currency.as_str()))
         .fetch_all(&mut *tx)
         .await?;
         lines.retain(|(id, _, _)| inserted.contains(id));
         if !lines.is_empty() {
-            sqlx::query(
-                "INSERT INTO return_lines (return_id, sku, quantity) \
-                 SELECT return_id, sku, quantity \
+            sqlx::query!(
+                "INSERT INTO return_lines (return_id, sku, quantity)
+                 SELECT return_id, sku, quantity
                  FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS l (return_id, sku, quantity)",
+                &column(&lines, |l| l.0),
+                &column(&lines, |l| l.1) as &[&str],
+                &column(&lines, |l| l.2),
             )
-            .bind(column(&lines, |l| l.0))
-            .bind(column(&lines, |l| l.1))
-            .bind(column(&lines, |l| l.2))
             .execute(&mut *tx)
             .await?;
         }
@@ -116,11 +116,11 @@ impl Step for ReceiveReturn {
         tx: &mut PgConnection,
         request: Request<'_, Rejection>,
     ) -> Result<Result<(), NeverRefused>, HandlerError> {
-        sqlx::query(
-            "UPDATE returns SET status = 'rejected', rejected_at = now() \
+        sqlx::query!(
+            "UPDATE returns SET status = 'rejected', rejected_at = now()
              WHERE return_id = $1 AND status = 'received'",
+            request.payload.return_id,
         )
-        .bind(request.payload.return_id)
         .execute(&mut *tx)
         .await?;
         // Nothing received (the receipt never happened here): nothing to reject.

@@ -133,7 +133,6 @@ impl LedgerOutcome {
 }
 
 /// A (saga key, step) row of the ledger, locked for this transaction.
-#[derive(sqlx::FromRow)]
 struct LedgerEntry {
     saga_key: String,
     step: String,
@@ -455,18 +454,19 @@ async fn claim_ledger_entries(
     if commands.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<LedgerEntry> = sqlx::query_as(
-        "INSERT INTO step_ledger (saga_key, saga_id, step) \
-         SELECT saga_key, saga_id, step FROM UNNEST($1::text[], $2::uuid[], $3::text[]) \
-              AS c(saga_key, saga_id, step) \
-         ORDER BY saga_key, step \
-         ON CONFLICT (saga_key, step) DO UPDATE SET saga_id = step_ledger.saga_id \
-         RETURNING saga_key, step, forward_outcome, refusal_reason, \
-                   compensated_at IS NOT NULL AS compensated",
+    let rows = sqlx::query_as!(
+        LedgerEntry,
+        r#"INSERT INTO step_ledger (saga_key, saga_id, step)
+           SELECT saga_key, saga_id, step FROM UNNEST($1::text[], $2::uuid[], $3::text[])
+                AS c(saga_key, saga_id, step)
+           ORDER BY saga_key, step
+           ON CONFLICT (saga_key, step) DO UPDATE SET saga_id = step_ledger.saga_id
+           RETURNING saga_key, step, forward_outcome AS "forward_outcome: LedgerOutcome",
+                     refusal_reason, compensated_at IS NOT NULL AS "compensated!""#,
+        &column(commands, |c| c.ledger_key().0) as &[&str],
+        &column(commands, |c| c.envelope.saga_id),
+        &column(commands, |c| c.ledger_key().1) as &[&str],
     )
-    .bind(column(commands, |c| c.ledger_key().0))
-    .bind(column(commands, |c| c.envelope.saga_id))
-    .bind(column(commands, |c| c.ledger_key().1))
     .fetch_all(&mut *tx)
     .await?;
     let mut entries: HashMap<(String, String), LedgerEntry> = rows
@@ -505,22 +505,22 @@ async fn write_ledger(
             LedgerWrite::Nothing | LedgerWrite::Compensated => (None, None),
         }
     }
-    sqlx::query(
-        "UPDATE step_ledger SET \
-             forward_outcome = COALESCE(w.forward_outcome, step_ledger.forward_outcome), \
-             refusal_reason = CASE WHEN w.forward_outcome IS NULL \
-                                   THEN step_ledger.refusal_reason ELSE w.refusal_reason END, \
-             compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END, \
-             updated_at = now() \
-         FROM UNNEST($1::text[], $2::text[], $3::ledger_outcome[], $4::text[], $5::bool[]) \
-              AS w(saga_key, step, forward_outcome, refusal_reason, compensated) \
+    sqlx::query!(
+        "UPDATE step_ledger SET
+             forward_outcome = COALESCE(w.forward_outcome, step_ledger.forward_outcome),
+             refusal_reason = CASE WHEN w.forward_outcome IS NULL
+                                   THEN step_ledger.refusal_reason ELSE w.refusal_reason END,
+             compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END,
+             updated_at = now()
+         FROM UNNEST($1::text[], $2::text[], $3::ledger_outcome[], $4::text[], $5::bool[])
+              AS w(saga_key, step, forward_outcome, refusal_reason, compensated)
          WHERE step_ledger.saga_key = w.saga_key AND step_ledger.step = w.step",
+        &column(&writes, |((key, _), _)| *key) as &[&str],
+        &column(&writes, |((_, step), _)| *step) as &[&str],
+        &column(&writes, |(_, w)| outcome(w).0) as &[Option<LedgerOutcome>],
+        &column(&writes, |(_, w)| outcome(w).1) as &[Option<&str>],
+        &column(&writes, |(_, w)| matches!(w, LedgerWrite::Compensated)),
     )
-    .bind(column(&writes, |((key, _), _)| *key))
-    .bind(column(&writes, |((_, step), _)| *step))
-    .bind(column(&writes, |(_, w)| outcome(w).0))
-    .bind(column(&writes, |(_, w)| outcome(w).1))
-    .bind(column(&writes, |(_, w)| matches!(w, LedgerWrite::Compensated)))
     .execute(tx)
     .await?;
     Ok(())

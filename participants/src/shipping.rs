@@ -130,20 +130,19 @@ impl Step for ScheduleShipment {
         if shipments.is_empty() {
             return Ok(outcomes);
         }
-        sqlx::query(
-            "INSERT INTO shipments (order_id, saga_id, country, city, line1, postal_code, items) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+        sqlx::query!(
+            "INSERT INTO shipments (order_id, saga_id, country, city, line1, postal_code, items)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                                   $6::text[], $7::jsonb[])",
+            &column(&shipments, |s| s.0),
+            &column(&shipments, |s| s.1),
+            &column(&shipments, |s| s.2.country.as_str()) as &[&str],
+            &column(&shipments, |s| s.2.city.as_str()) as &[&str],
+            &column(&shipments, |s| s.2.line1.as_str()) as &[&str],
+            &column(&shipments, |s| s.2.postal_code.as_str()) as &[&str],
+            &column(&shipments, |s| serde_json::to_value(s.3)
+                .unwrap_or_default()),
         )
-        .bind(column(&shipments, |s| s.0))
-        .bind(column(&shipments, |s| s.1))
-        .bind(column(&shipments, |s| s.2.country.as_str()))
-        .bind(column(&shipments, |s| s.2.city.as_str()))
-        .bind(column(&shipments, |s| s.2.line1.as_str()))
-        .bind(column(&shipments, |s| s.2.postal_code.as_str()))
-        .bind(column(&shipments, |s| {
-            serde_json::to_value(s.3).unwrap_or_default()
-        }))
         .execute(tx)
         .await?;
         Ok(outcomes)
