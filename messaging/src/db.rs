@@ -40,10 +40,12 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
     // duplicate key in pg_namespace): a lock per schema name, held until the commit,
     // serialises them. Migrations are serialised by sqlx's own lock.
     let mut tx = bootstrap.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("saga-engine schema {schema}"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        format!("saga-engine schema {schema}")
+    )
+    .execute(&mut *tx)
+    .await?;
     // The name was checked above, so it can be spliced into the statement.
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
         .execute(&mut *tx)
