@@ -10,6 +10,7 @@ mod messages;
 mod order;
 mod returns;
 mod topics;
+mod values;
 
 pub use envelope::{Envelope, SCHEMA_VERSION};
 pub use error::{ContractError, Result};
@@ -20,3 +21,4 @@ pub use messages::{
 pub use order::{Address, LineItem, OrderPlaced};
 pub use returns::{ReturnItem, ReturnRequested};
 pub use topics::Topics;
+pub use values::{Cents, Currency, Line};

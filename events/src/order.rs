@@ -68,7 +68,7 @@ pub(crate) fn expect_type(bytes: &[u8], name: &str) -> Result<()> {
 /// Upper bounds that keep one order's arithmetic far from overflow.
 pub(crate) const MAX_ITEMS: usize = 100;
 pub(crate) const MAX_QUANTITY: i32 = 1_000_000;
-const MAX_UNIT_PRICE_CENTS: i64 = 1_000_000_000;
+pub(crate) const MAX_UNIT_PRICE_CENTS: i64 = 1_000_000_000;
 const MAX_TEXT_LEN: usize = 200;
 
 impl OrderPlaced {

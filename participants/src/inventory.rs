@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use events::{LineItem, ReturnItem};
+use events::Line;
 use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
@@ -32,7 +32,7 @@ pub struct ReserveStock;
 #[derive(Debug, Deserialize)]
 pub struct Reservation {
     pub order_id: Uuid,
-    pub items: Vec<LineItem>,
+    pub items: Vec<Line>,
 }
 
 /// What `ReleaseStock` carries.
@@ -86,7 +86,7 @@ impl Step for ReserveStock {
             .iter()
             .map(|request| {
                 let items = request.payload.items.iter();
-                let wanted = by_sku(items.map(|i| (i.sku.as_str(), i.quantity)));
+                let wanted = by_sku(items.map(|i| (i.sku(), i.quantity())));
                 (request.saga_id, request.payload.order_id, wanted)
             })
             .collect();
@@ -183,7 +183,7 @@ pub struct Restock;
 #[derive(Debug, Deserialize)]
 pub struct Returned {
     pub return_id: Uuid,
-    pub items: Vec<ReturnItem>,
+    pub items: Vec<Line>,
 }
 
 /// What `UndoRestock` carries.
@@ -295,7 +295,7 @@ impl Step for Restock {
             .iter()
             .map(|request| {
                 let items = request.payload.items.iter();
-                let back = by_sku(items.map(|i| (i.sku.as_str(), i.quantity)));
+                let back = by_sku(items.map(|i| (i.sku(), i.quantity())));
                 (request.saga_id, request.payload.return_id, back)
             })
             .collect();

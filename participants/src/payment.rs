@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use events::{Cents, Currency};
 use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
@@ -32,8 +33,8 @@ pub struct ChargePayment;
 pub struct Charge {
     pub order_id: Uuid,
     pub customer_id: String,
-    pub amount_cents: i64,
-    pub currency: String,
+    pub amount_cents: Cents,
+    pub currency: Currency,
 }
 
 /// What `RefundPayment` carries.
@@ -78,7 +79,7 @@ impl Step for ChargePayment {
         tx: &mut PgConnection,
         requests: &[Request<'_, Charge>],
     ) -> Result<Vec<Result<(), Declined>>, HandlerError> {
-        let charges: Vec<(Uuid, Uuid, &String, i64, &String)> = requests
+        let charges: Vec<(Uuid, Uuid, &String, i64, &str)> = requests
             .iter()
             .map(|r| {
                 let charge = r.payload;
@@ -86,8 +87,8 @@ impl Step for ChargePayment {
                     r.saga_id,
                     charge.order_id,
                     &charge.customer_id,
-                    charge.amount_cents,
-                    &charge.currency,
+                    charge.amount_cents.get(),
+                    charge.currency.as_str(),
                 )
             })
             .collect();
@@ -116,7 +117,7 @@ impl Step for ChargePayment {
                 Some((_, account_currency)) if account_currency != *currency => {
                     Err(Declined::OtherCurrency {
                         account: account_currency.clone(),
-                        order: (*currency).clone(),
+                        order: (*currency).to_owned(),
                     })
                 }
                 Some((balance, _)) if *balance < *amount_cents => {
@@ -150,7 +151,7 @@ impl Step for ChargePayment {
             &column(&charged, |c| c.1),
             &column(&charged, |c| c.2.as_str()) as &[&str],
             &column(&charged, |c| c.3),
-            &column(&charged, |c| c.4.as_str()) as &[&str],
+            &column(&charged, |c| c.4) as &[&str],
         )
         .execute(&mut *tx)
         .await?;
@@ -210,8 +211,8 @@ pub struct ReturnRefund {
     pub return_id: Uuid,
     pub order_id: Uuid,
     pub customer_id: String,
-    pub amount_cents: i64,
-    pub currency: String,
+    pub amount_cents: Cents,
+    pub currency: Currency,
 }
 
 /// Why a refund was refused.
@@ -328,6 +329,7 @@ impl Step for IssueRefund {
         let mut refunds = Vec::new();
         for request in requests {
             let refund = request.payload;
+            let amount = refund.amount_cents.get();
             let outcome = match left.get_mut(&refund.order_id) {
                 None => Err(RefundRefused::NoCharge {
                     order_id: refund.order_id,
@@ -337,22 +339,20 @@ impl Step for IssueRefund {
                         order_id: refund.order_id,
                     })
                 }
-                Some((_, currency, _)) if *currency != refund.currency => {
+                Some((_, currency, _)) if currency != refund.currency.as_str() => {
                     Err(RefundRefused::OtherCurrency {
                         charged: currency.clone(),
-                        refund: refund.currency.clone(),
+                        refund: refund.currency.as_str().to_owned(),
                     })
                 }
-                Some((_, _, rest)) if *rest < refund.amount_cents => {
-                    Err(RefundRefused::MoreThanCharged {
-                        amount: refund.amount_cents,
-                        left: *rest,
-                    })
-                }
+                Some((_, _, rest)) if *rest < amount => Err(RefundRefused::MoreThanCharged {
+                    amount,
+                    left: *rest,
+                }),
                 Some((customer, _, rest)) => {
-                    *rest -= refund.amount_cents;
+                    *rest -= amount;
                     if let Some(balance) = balances.get_mut(customer.as_str()) {
-                        *balance += refund.amount_cents;
+                        *balance += amount;
                     }
                     refunds.push((request.saga_id, refund));
                     Ok(())
@@ -373,7 +373,7 @@ impl Step for IssueRefund {
             &column(&refunds, |(saga_id, _)| *saga_id),
             &column(&refunds, |(_, r)| r.order_id),
             &column(&refunds, |(_, r)| r.customer_id.as_str()) as &[&str],
-            &column(&refunds, |(_, r)| r.amount_cents),
+            &column(&refunds, |(_, r)| r.amount_cents.get()),
             &column(&refunds, |(_, r)| r.currency.as_str()) as &[&str],
         )
         .execute(&mut *tx)

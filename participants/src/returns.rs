@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use events::ReturnItem;
+use events::{Cents, Currency, Line};
 use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
@@ -31,9 +31,9 @@ pub struct Received {
     pub return_id: Uuid,
     pub order_id: Uuid,
     pub customer_id: String,
-    pub items: Vec<ReturnItem>,
-    pub refund_cents: i64,
-    pub currency: String,
+    pub items: Vec<Line>,
+    pub refund_cents: Cents,
+    pub currency: Currency,
 }
 
 /// What `RejectReturn` carries.
@@ -72,10 +72,12 @@ impl Step for ReceiveReturn {
                 // One line per SKU: a SKU named twice in a return adds up.
                 match lines
                     .iter_mut()
-                    .find(|(id, sku, _)| *id == received.return_id && *sku == item.sku)
+                    .find(|(id, sku, _)| *id == received.return_id && *sku == item.sku())
                 {
-                    Some(line) => line.2 += i64::from(item.quantity),
-                    None => lines.push((received.return_id, &item.sku, i64::from(item.quantity))),
+                    Some(line) => line.2 += i64::from(item.quantity()),
+                    None => {
+                        lines.push((received.return_id, item.sku(), i64::from(item.quantity())))
+                    }
                 }
             }
         }
@@ -90,7 +92,7 @@ impl Step for ReceiveReturn {
             &column(requests, |r| r.saga_id),
             &column(requests, |r| r.payload.order_id),
             &column(requests, |r| r.payload.customer_id.as_str()) as &[&str],
-            &column(requests, |r| r.payload.refund_cents),
+            &column(requests, |r| r.payload.refund_cents.get()),
             &column(requests, |r| r.payload.currency.as_str()) as &[&str],
         )
         .fetch_all(&mut *tx)

@@ -43,7 +43,10 @@ pub trait Step: Send + Sync + 'static {
     /// The step name as the saga definitions name it, e.g. `"reserve_stock"`.
     const STEP: &'static str;
     /// The forward command's payload, as the definition maps it. Fields it does not name are
-    /// ignored (unless it says otherwise), so a definition may send more.
+    /// ignored (unless it says otherwise), so a definition may send more. Fields whose range
+    /// matters take a type that checks it while decoding (`events::Line`, `Cents`,
+    /// `Currency`): a command out of range is dead-lettered with the reason, and the step
+    /// never sees it.
     type Forward: DeserializeOwned + Send + Sync + 'static;
     /// The compensation's payload.
     type Compensation: DeserializeOwned + Send + Sync + 'static;

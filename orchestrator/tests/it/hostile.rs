@@ -216,7 +216,30 @@ async fn generic_messages_that_do_not_fit_are_dead_lettered_with_the_reason() {
     }
     .wire();
     misfit.payload.remove("items");
+    // Commands whose payload values are out of bounds: a negative quantity to "reserve"
+    // (which would add stock) and a negative charge (which would pay the customer).
+    let take_back = Command::ReserveStock {
+        order_id: Uuid::new_v4(),
+        attempt: 1,
+        items: vec![LineItem {
+            sku: "WIDGET".into(),
+            quantity: -50,
+            unit_price_cents: 100,
+        }],
+    }
+    .wire();
+    let pay_out = Command::ChargePayment {
+        order_id: Uuid::new_v4(),
+        attempt: 1,
+        customer_id: "alice".into(),
+        amount_cents: -1_000_000,
+        currency: "EUR".into(),
+    }
+    .wire();
+    let widgets = crate::stock(&system, "WIDGET").await;
+    let alices = crate::balance(&system, "alice").await;
     let inventory = system.topics.named("inventory.commands");
+    let payment = system.topics.named("payment.commands");
     let replies = system.topics.replies();
     let records = [
         (
@@ -233,6 +256,16 @@ async fn generic_messages_that_do_not_fit_are_dead_lettered_with_the_reason() {
             &inventory,
             Envelope::new(saga_id, None, chrono::Utc::now(), misfit).to_json(),
             "missing field `items`",
+        ),
+        (
+            &inventory,
+            Envelope::new(Uuid::new_v4(), None, chrono::Utc::now(), take_back).to_json(),
+            "items[].quantity",
+        ),
+        (
+            &payment,
+            Envelope::new(Uuid::new_v4(), None, chrono::Utc::now(), pay_out).to_json(),
+            "cents must be between 0 and",
         ),
     ];
     let producer = raw_producer();
@@ -261,6 +294,16 @@ async fn generic_messages_that_do_not_fit_are_dead_lettered_with_the_reason() {
     assert_eq!(
         again["version"], saga["version"],
         "the foreign reply moved nothing"
+    );
+    assert_eq!(
+        crate::stock(&system, "WIDGET").await,
+        widgets,
+        "no stock added"
+    );
+    assert_eq!(
+        crate::balance(&system, "alice").await,
+        alices,
+        "nothing paid out"
     );
     system.stop().await;
 }
