@@ -39,15 +39,29 @@ const SAGA_COLUMNS: &str = "id, state, order_data, saga_key, steps, failure_reas
                             updated_at, finished_at, deadline_at";
 
 impl SagaRow {
+    /// The saga, for code that moves it: refused when a column does not hold what this build
+    /// reads.
     fn into_saga(self) -> Result<(Saga, i64)> {
-        let corrupt = |column: &'static str| {
-            let saga_id = self.id;
-            move |e: serde_json::Error| Error::CorruptRow {
-                saga_id,
-                column,
-                reason: e.to_string(),
+        let steps = self.readable_steps()?;
+        Ok(self.with_steps(steps))
+    }
+
+    /// The saga as far as it can be read, for code that only shows it: a row whose steps or
+    /// trigger this build cannot read is shown without steps, with why as its failure reason
+    /// (unless it has one: a parked row says so already), so that one such row fails no page of
+    /// the status API. Nothing moves a saga read this way.
+    fn into_view(self) -> (Saga, i64) {
+        match self.readable_steps() {
+            Ok(steps) => self.with_steps(steps),
+            Err(e) => {
+                let mut row = self;
+                row.failure_reason.get_or_insert_with(|| e.to_string());
+                row.with_steps(Vec::new())
             }
-        };
+        }
+    }
+
+    fn readable_steps(&self) -> Result<Vec<StepState>> {
         if !self.order_data.is_object() {
             return Err(Error::CorruptRow {
                 saga_id: self.id,
@@ -55,8 +69,14 @@ impl SagaRow {
                 reason: "the trigger message is not a JSON object".into(),
             });
         }
-        let steps: Vec<StepState> =
-            serde_json::from_value(self.steps.clone()).map_err(corrupt("steps"))?;
+        serde_json::from_value(self.steps.clone()).map_err(|e| Error::CorruptRow {
+            saga_id: self.id,
+            column: "steps",
+            reason: e.to_string(),
+        })
+    }
+
+    fn with_steps(self, steps: Vec<StepState>) -> (Saga, i64) {
         let saga = Saga {
             id: self.id,
             trigger: self.order_data,
@@ -71,7 +91,7 @@ impl SagaRow {
             finished_at: self.finished_at,
             deadline_at: self.deadline_at,
         };
-        Ok((saga, self.version))
+        (saga, self.version)
     }
 }
 
@@ -570,7 +590,8 @@ pub struct SagaFilter {
     pub after: Option<(DateTime<Utc>, Uuid)>,
 }
 
-/// One page of sagas, newest first, with the version each row is at.
+/// One page of sagas, newest first, with the version each row is at (each as far as its row
+/// can be read: [`SagaRow::into_view`]).
 ///
 /// The statement names only the filters given, so that each can use its index: state and
 /// step their `(…, created_at, id)` indexes, the reason its trigram index.
@@ -606,7 +627,7 @@ pub async fn list<'e>(
         .push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(limit);
     let rows: Vec<SagaRow> = query.build_query_as().fetch_all(db).await?;
-    rows.into_iter().map(SagaRow::into_saga).collect()
+    Ok(rows.into_iter().map(SagaRow::into_view).collect())
 }
 
 /// Makes `text` match literally inside an ILIKE pattern.
@@ -621,7 +642,8 @@ fn escape_like(text: &str) -> String {
     escaped
 }
 
-/// A saga and the version its row is at, without locking it.
+/// A saga and the version its row is at, without locking it, as far as its row can be read
+/// ([`SagaRow::into_view`]).
 pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
     let row = sqlx::query_as!(
         SagaRow,
@@ -633,7 +655,7 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(S
     )
     .fetch_optional(db)
     .await?;
-    row.map(SagaRow::into_saga).transpose()
+    Ok(row.map(SagaRow::into_view))
 }
 
 /// A stored history line with its position.
@@ -695,7 +717,8 @@ pub async fn history<'e>(
     Ok(lines.into_iter().map(HistoryRecord::from).collect())
 }
 
-/// Of the sagas `seen` lists as `(id, version, last history id)`, those whose version moved,
+/// Of the sagas `seen` lists as `(id, version, last history id)`, those whose version moved
+/// (as far as their rows can be read: [`SagaRow::into_view`]),
 /// as they are now. One statement for every watched saga.
 pub async fn changed_since<'e>(
     db: impl PgExecutor<'e>,
@@ -715,7 +738,7 @@ pub async fn changed_since<'e>(
     )
     .fetch_all(db)
     .await?;
-    rows.into_iter().map(SagaRow::into_saga).collect()
+    Ok(rows.into_iter().map(SagaRow::into_view).collect())
 }
 
 /// The history lines of each saga in `after` (`(id, last line seen)`) written since, oldest

@@ -152,7 +152,15 @@ pub(super) async fn operate(
     let mut tx = state.pool.begin().await.map_err(|e| internal(e.into()))?;
     let (saga, version) = store::load_for_update(&mut tx, saga_id)
         .await
-        .map_err(internal)?
+        .map_err(|e| match e {
+            // Nothing can move a saga whose row this build cannot read; it stays as it is.
+            crate::Error::CorruptRow { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("saga {saga_id} cannot move: {e}"),
+            ),
+            e => internal(e),
+        })?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
     let now = Utc::now();
     let definition = crate::handler::definition_of(&state.catalog, &mut tx, &saga)

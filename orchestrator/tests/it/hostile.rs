@@ -405,6 +405,37 @@ async fn an_unreadable_saga_row_is_parked_and_stops_no_other_saga() {
             .expect("the corrupt saga");
     assert_eq!(state, "failed");
     assert!(reason.is_some_and(|r| r.contains("unreadable")));
+
+    // The status API still shows it, and every page that lists it, without its unreadable
+    // steps and with why; no operator action can move it.
+    let (status, parked) = system
+        .get(&format!("/orders/{}/saga", stuck.order_id))
+        .await;
+    assert_eq!(status, 200, "{parked}");
+    assert_eq!(parked["state"], "failed", "{parked}");
+    assert_eq!(parked["steps"], serde_json::json!([]), "{parked}");
+    assert!(
+        parked["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unreadable")),
+        "{parked}"
+    );
+    let (status, list) = system.get("/sagas?state=failed").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["sagas"][0]["saga_id"], parked["saga_id"], "{list}");
+    let (status, all) = system.get("/sagas?limit=10").await;
+    assert_eq!(status, 200, "{all}");
+    let saga_id = parked["saga_id"].as_str().unwrap_or_default();
+    let (status, body) = system
+        .post(&format!("/sagas/{saga_id}/retry"), r#"{"reason": "try"}"#)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("steps")),
+        "{body}"
+    );
     system.stop().await;
 }
 
