@@ -10,7 +10,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;
 
 use crate::config::{GroupProtocol, KafkaConfig};
@@ -78,6 +78,38 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
         .set("message.timeout.ms", "30000")
         .create()
         .map_err(Error::kafka("creating producer"))
+}
+
+/// A fresh producer when `producer` failed fatally (an idempotent producer that lost its
+/// sequence, say: every later send of it fails), else `None`.
+///
+/// # Errors
+/// [`Error::Kafka`] when the new producer cannot be created.
+pub fn renewed_if_fatal(
+    failed: &FutureProducer,
+    config: &KafkaConfig,
+) -> Result<Option<FutureProducer>> {
+    let Some(fatal) = failed.client().fatal_error() else {
+        return Ok(None);
+    };
+    tracing::error!(error.code = ?fatal.0, error.message = %fatal.1, "the producer failed fatally; creating a new one");
+    producer(config).map(Some)
+}
+
+/// Raises a fatal error in `producer` the way librdkafka does when an idempotent producer
+/// loses its sequence (fault injection: `FAULT_PRODUCER_FATAL_AFTER`).
+#[allow(unsafe_code)]
+pub fn inject_fatal_error(producer: &FutureProducer) {
+    tracing::error!("fault injection: the producer fails fatally");
+    // SAFETY: the handle is the live producer's own (it outlives the call), and the reason is
+    // a NUL-terminated static string; librdkafka copies both values.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            producer.client().native_ptr(),
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            c"fault injection".as_ptr(),
+        );
+    }
 }
 
 /// A consumer in `group` that never commits an offset the application has not stored:

@@ -269,12 +269,10 @@ impl Relay {
     /// The error of a failed publish; when the producer failed fatally (an idempotent
     /// producer that lost its sequence, say), a fresh producer replaces it for the next try.
     fn failed(&mut self, e: KafkaError, context: String) -> Error {
-        if let Some(fatal) = self.producer.client().fatal_error() {
-            tracing::error!(error.code = ?fatal.0, error.message = %fatal.1, "the producer failed fatally; creating a new one");
-            match kafka::producer(&self.kafka) {
-                Ok(producer) => self.producer = producer,
-                Err(e) => return e,
-            }
+        match kafka::renewed_if_fatal(&self.producer, &self.kafka) {
+            Ok(Some(producer)) => self.producer = producer,
+            Ok(None) => {}
+            Err(e) => return e,
         }
         Error::kafka(context)(e)
     }
@@ -302,23 +300,13 @@ fn refused_for_good(e: &KafkaError) -> bool {
 impl Relay {
     /// `FAULT_PRODUCER_FATAL_AFTER`: raises a fatal error in the producer the way librdkafka
     /// does for an idempotent producer that lost its sequence.
-    #[allow(unsafe_code)]
     fn inject_fatal_error(&mut self) {
         let after = self.faults.producer_fatal_after;
         if after == 0 || self.fatal_error_injected || self.published < after {
             return;
         }
         self.fatal_error_injected = true;
-        tracing::error!("fault injection: the producer fails fatally");
-        // SAFETY: the handle is the live producer's own (it outlives the call), and the
-        // reason is a NUL-terminated static string; librdkafka copies both values.
-        unsafe {
-            rdkafka::bindings::rd_kafka_test_fatal_error(
-                self.producer.client().native_ptr(),
-                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
-                c"fault injection".as_ptr(),
-            );
-        }
+        kafka::inject_fatal_error(&self.producer);
     }
 }
 

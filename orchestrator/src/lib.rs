@@ -88,7 +88,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     ));
     let state = api::AppState {
         pool: api_pool.clone(),
-        producer: kafka::producer(&config.kafka)?,
+        orders: Arc::new(api::publisher::OrderPublisher::new(
+            &config.kafka,
+            &config.faults,
+        )?),
         topics: topics.clone(),
         catalog: catalog.clone(),
         metrics,

@@ -1,7 +1,5 @@
 //! What changes something: placing an order, and an operator's retry, skip or abort.
 
-use std::time::Duration;
-
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -10,7 +8,6 @@ use axum::{Extension, Json};
 use chrono::Utc;
 use events::{Address, LineItem, OrderPlaced};
 use messaging::outbox::{Outbox, Wake};
-use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -76,17 +73,14 @@ pub(super) async fn place_order(
         messaging::telemetry::continue_trace(&span, parent);
     }
     let traceparent = messaging::telemetry::traceparent(&span);
-    let record = FutureRecord::to(&topic)
-        .key(&key)
-        .payload(&payload)
-        .headers(messaging::kafka::record_headers(
-            traceparent.as_deref().map(|value| ("traceparent", value)),
-        ));
+    let headers = messaging::kafka::record_headers(
+        traceparent.as_deref().map(|value| ("traceparent", value)),
+    );
     state
-        .producer
-        .send(record, Duration::from_secs(5))
+        .orders
+        .send(&topic, &key, &payload, headers)
         .await
-        .map_err(|(e, _)| {
+        .map_err(|e| {
             tracing::warn!(error.message = %e, "publishing OrderPlaced failed");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

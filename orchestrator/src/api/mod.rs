@@ -11,6 +11,7 @@
 
 mod actions;
 pub mod guard;
+pub mod publisher;
 mod reads;
 pub mod watch;
 
@@ -25,7 +26,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use events::{OrderPlaced, Topics};
-use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
@@ -42,7 +42,8 @@ pub struct AppState {
     /// The API's own pool, apart from the message path's, so that readers can never take
     /// the connections the consumer, the relay and the deadline scanner need.
     pub pool: PgPool,
-    pub producer: FutureProducer,
+    /// Publishes what `POST /orders` accepts.
+    pub orders: Arc<publisher::OrderPublisher>,
     pub topics: Topics,
     pub catalog: Arc<Catalog>,
     /// Renders `/metrics`.

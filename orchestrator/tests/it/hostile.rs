@@ -348,7 +348,7 @@ async fn a_row_the_broker_refuses_is_parked_and_the_rows_behind_it_go_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_replaces_a_producer_that_failed_fatally() {
+async fn the_relay_and_the_order_api_replace_a_producer_that_failed_fatally() {
     let system = TestSystem::start_with(Options {
         orchestrator_faults: FaultConfig {
             producer_fatal_after: 1,
@@ -360,6 +360,16 @@ async fn the_relay_replaces_a_producer_that_failed_fatally() {
     for _ in 0..3 {
         let placed = order("alice", "WIDGET", 1, "DE");
         system.place(&placed).await;
+        let saga = system.finished_saga(placed.order_id).await;
+        assert_eq!(saga["state"], "completed", "{saga}");
+    }
+    // `POST /orders` has a producer of its own, which fails fatally after its first order:
+    // every order is still accepted, and its saga completes.
+    for _ in 0..3 {
+        let placed = order("alice", "WIDGET", 1, "DE");
+        let body = serde_json::to_string(&placed).expect("order JSON");
+        let (status, accepted) = system.post("/orders", &body).await;
+        assert_eq!(status, 202, "{accepted}");
         let saga = system.finished_saga(placed.order_id).await;
         assert_eq!(saga["state"], "completed", "{saga}");
     }

@@ -1,0 +1,119 @@
+//! The producer behind `POST /orders`, replaced when it fails fatally.
+//!
+//! An idempotent producer that loses its sequence fails every later send; without a new one,
+//! every order after that would be answered 503 while `/healthz` stays green. The relay
+//! replaces its producer the same way (`messaging::kafka::renewed_if_fatal`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use messaging::config::{FaultConfig, KafkaConfig};
+use messaging::kafka;
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::RwLock;
+
+/// How long a send may wait for the broker's acknowledgement before the order is refused
+/// (503: the client tries again).
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct OrderPublisher {
+    kafka: KafkaConfig,
+    current: RwLock<FutureProducer>,
+    /// `FAULT_PRODUCER_FATAL_AFTER`: the producer fails fatally once this many records went
+    /// out (0: never).
+    fatal_after: u64,
+    published: AtomicU64,
+    fatal_injected: AtomicBool,
+}
+
+impl OrderPublisher {
+    /// # Errors
+    /// [`messaging::Error::Kafka`] when librdkafka refuses the configuration.
+    pub fn new(kafka: &KafkaConfig, faults: &FaultConfig) -> messaging::Result<Self> {
+        Ok(Self {
+            current: RwLock::new(kafka::producer(kafka)?),
+            kafka: kafka.clone(),
+            fatal_after: faults.producer_fatal_after,
+            published: AtomicU64::new(0),
+            fatal_injected: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends one record and waits for the broker. When the producer failed fatally, a new one
+    /// replaces it and sends the record once more: a trigger is keyed by its subject, and the
+    /// orchestrator starts one saga per subject, so a record that made it the first time too
+    /// starts nothing twice.
+    ///
+    /// # Errors
+    /// The send's error when the record did not go out.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(), KafkaError> {
+        let producer = self.current.read().await.clone();
+        self.inject_fault(&producer);
+        let first = send_with(&producer, topic, key, payload, headers.clone()).await;
+        let Err(error) = first else {
+            self.published.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        let renewed = {
+            let mut current = self.current.write().await;
+            match kafka::renewed_if_fatal(&current, &self.kafka) {
+                Ok(Some(fresh)) => {
+                    *current = fresh.clone();
+                    Some(fresh)
+                }
+                // Another request replaced it already.
+                Ok(None) if !same_producer(&current, &producer) => Some(current.clone()),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error.message = %e, "replacing the order producer failed");
+                    None
+                }
+            }
+        };
+        match renewed {
+            Some(fresh) => send_with(&fresh, topic, key, payload, headers).await,
+            None => Err(error),
+        }
+    }
+
+    fn inject_fault(&self, producer: &FutureProducer) {
+        if self.fatal_after > 0
+            && self.published.load(Ordering::Relaxed) >= self.fatal_after
+            && !self.fatal_injected.swap(true, Ordering::Relaxed)
+        {
+            kafka::inject_fatal_error(producer);
+        }
+    }
+}
+
+async fn send_with(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    headers: OwnedHeaders,
+) -> Result<(), KafkaError> {
+    let record = FutureRecord::to(topic)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    producer
+        .send(record, SEND_TIMEOUT)
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
+}
+
+/// Whether `a` and `b` are handles of one librdkafka producer.
+fn same_producer(a: &FutureProducer, b: &FutureProducer) -> bool {
+    use rdkafka::producer::Producer;
+    std::ptr::eq(a.client().native_ptr(), b.client().native_ptr())
+}
