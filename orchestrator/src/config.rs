@@ -69,6 +69,12 @@ pub struct ApiConfig {
     /// `--api-open-on-loopback` is given.
     #[arg(long, env = "API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
+    /// How often, in milliseconds, `API_TOKENS_FILE` is read again: a changed list takes
+    /// effect at once (tokens added, revoked or given other roles without a restart); a file
+    /// that cannot be read or parsed is logged and the list before it kept. 0: read it only
+    /// at start-up.
+    #[arg(long, env = "API_TOKENS_RELOAD_MS", default_value_t = 5000)]
+    pub api_tokens_reload_ms: u64,
     /// The same list inline, lines separated by `;`.
     #[arg(long, env = "API_TOKENS", hide_env_values = true)]
     pub api_tokens: Option<String>,
@@ -102,6 +108,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             api_tokens_file: None,
+            api_tokens_reload_ms: 5000,
             api_tokens: None,
             api_open_on_loopback: false,
             ops_http_addr: None,
@@ -135,12 +142,7 @@ impl ApiConfig {
                     "set API_TOKENS_FILE or API_TOKENS, not both".into(),
                 ))
             }
-            (Some(path), None) => {
-                std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
-                    path: path.clone(),
-                    source,
-                })?
-            }
+            (Some(path), None) => read_token_file(path)?,
             (None, Some(inline)) => inline.clone(),
             (None, None) => String::new(),
         };
@@ -155,6 +157,17 @@ impl ApiConfig {
             open_requested: self.api_open_on_loopback,
         })
     }
+}
+
+/// The text of the token file at `path`.
+///
+/// # Errors
+/// [`Error::TokenFile`] when it cannot be read.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Deployment-wide changes to the retry policies of the saga definitions (each action's

@@ -86,6 +86,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         config.api.watch_max_streams,
         WATCH_INTERVAL,
     ));
+    let guard = Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr));
+    // Ends with the shutdown; it never fails (a bad file is logged and the old list kept).
+    if let (Some(path), every @ 1..) =
+        (&config.api.api_tokens_file, config.api.api_tokens_reload_ms)
+    {
+        tokio::spawn(api::guard::reload_tokens(
+            guard.clone(),
+            path.clone(),
+            std::time::Duration::from_millis(every),
+            shutdown.clone(),
+        ));
+    }
     let state = api::AppState {
         pool: api_pool.clone(),
         orders: Arc::new(api::publisher::OrderPublisher::new(
@@ -96,7 +108,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         catalog: catalog.clone(),
         metrics,
         shutdown: shutdown.clone(),
-        guard: Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr)),
+        guard: guard.clone(),
         watch: watch.clone(),
         stats: Arc::default(),
     };

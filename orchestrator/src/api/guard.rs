@@ -3,6 +3,9 @@
 //! token and the access its role grants.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -10,13 +13,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::auth::{self, Access, Caller};
-use crate::config::{ApiConfig, Gate};
+use crate::auth::{self, Access, Caller, Tokens};
+use crate::config::{read_token_file, ApiConfig, Gate};
 
 /// Who may call, and from where.
 #[derive(Debug)]
 pub struct Guard {
-    gate: Gate,
+    /// Replaced whole when the token file changes ([`Guard::replace_gate`]).
+    gate: RwLock<Gate>,
     /// Lower-case host names (no port) the API answers to; `None`: any.
     allowed_hosts: Option<Vec<String>>,
     /// Origins besides the API's own, without a trailing `/`.
@@ -40,7 +44,7 @@ impl Guard {
             None
         };
         Self {
-            gate,
+            gate: RwLock::new(gate),
             allowed_hosts,
             allowed_origins: config
                 .api_allowed_origins
@@ -51,9 +55,17 @@ impl Guard {
         }
     }
 
+    /// From now on, callers are told apart by `gate` (a reloaded token list).
+    pub fn replace_gate(&self, gate: Gate) {
+        *self.gate.write().unwrap_or_else(PoisonError::into_inner) = gate;
+    }
+
     /// The caller a request's `Authorization` header names.
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        let tokens = match &self.gate {
+        // A writer panicking mid-assignment cannot leave a half-written gate: the value is
+        // replaced whole, so a poisoned lock still holds a complete one.
+        let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let tokens = match &*gate {
             Gate::OpenOnLoopback => return Ok(Caller::loopback()),
             Gate::Tokens(tokens) => tokens,
         };
@@ -104,6 +116,45 @@ impl Guard {
                 "requests from this origin are not allowed (see API_ALLOWED_ORIGINS)",
             ))
         }
+    }
+}
+
+/// Reads the token file at `path` every `every` until `shutdown`; when its text changed and
+/// parses, `guard` takes the new list at once. A file that cannot be read or parsed is logged
+/// (once per change) and the list before it kept: a typo in an edit must not lock every caller
+/// out, nor stop the service.
+pub async fn reload_tokens(
+    guard: Arc<Guard>,
+    path: PathBuf,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    // What the gate was built from (read again here: the start-up read was a moment ago).
+    let mut seen = read_token_file(&path).map_err(|e| e.to_string());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let read = read_token_file(&path).map_err(|e| e.to_string());
+        if read == seen {
+            continue;
+        }
+        match &read {
+            Err(e) => {
+                tracing::warn!(error.message = %e, "the API token file cannot be read; keeping the tokens before it");
+            }
+            Ok(text) => match Tokens::parse(text) {
+                Ok(tokens) => {
+                    guard.replace_gate(Gate::Tokens(tokens));
+                    tracing::info!(path = %path.display(), "API tokens reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "the API token file is not valid; keeping the tokens before it");
+                }
+            },
+        }
+        seen = read;
     }
 }
 

@@ -7,7 +7,12 @@ use std::time::Duration;
 use orchestrator::config::ApiConfig;
 use serde_json::{json, Value};
 
-use crate::helpers::{order, Options, TestSystem, CLIENT_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use orchestrator::auth::{token_line, Role};
+
+use crate::helpers::{
+    eventually, order, Options, TestSystem, CLIENT_TOKEN, OPERATOR_NAME, OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+};
 
 /// Who calls: no token, a token nobody issued, or one per role.
 const CALLERS: [(&str, Option<&str>); 5] = [
@@ -367,5 +372,51 @@ async fn open_on_loopback_needs_no_token_and_records_the_operator_as_loopback() 
             .contains("abort by loopback: no token needed")),
         "{history:?}"
     );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_token_file_takes_effect_without_a_restart_and_a_broken_one_changes_nothing() {
+    let file = std::env::temp_dir().join(format!("api-tokens-{}", uuid::Uuid::new_v4().simple()));
+    let viewer_only = token_line("dashboards", &[Role::Viewer], VIEWER_TOKEN);
+    std::fs::write(&file, &viewer_only).expect("write the token file");
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            api_tokens_file: Some(file.clone()),
+            api_tokens_reload_ms: 50,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let status_for = |token: &'static str| {
+        let system = &system;
+        async move {
+            system
+                .request_as("GET", "/stats", Some(token), None)
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(status_for(VIEWER_TOKEN).await, 200);
+    assert_eq!(status_for(OPERATOR_TOKEN).await, 401);
+
+    // The viewer's token revoked, an operator's issued.
+    let operator_only = token_line(OPERATOR_NAME, &[Role::Operator], OPERATOR_TOKEN);
+    std::fs::write(&file, &operator_only).expect("rewrite the token file");
+    eventually("the edited token list to take effect", || async {
+        (status_for(OPERATOR_TOKEN).await == 200 && status_for(VIEWER_TOKEN).await == 401)
+            .then_some(())
+    })
+    .await;
+
+    // A broken edit, then no file at all: the last good list stays.
+    std::fs::write(&file, "dashboards viewer sha256:not-hex").expect("break the token file");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::remove_file(&file).expect("remove the token file");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status_for(OPERATOR_TOKEN).await, 200);
+    assert_eq!(status_for(VIEWER_TOKEN).await, 401);
     system.stop().await;
 }
