@@ -63,7 +63,8 @@ tokens_file="$(mktemp)"
 make_api_tokens "$tokens_file" watch-bench:viewer
 export SAGA_API_TOKEN="$TOKEN_watch_bench"
 
-BENCH_ENV_orchestrator=(COMPENSATION_MAX_ATTEMPTS=1)
+# Thousands of streams share the one token: the per-token rate limit would refuse most of them.
+BENCH_ENV_orchestrator=(COMPENSATION_MAX_ATTEMPTS=1 API_RATE_LIMIT_PER_SEC=0)
 BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES="$setup_orders")
 
 watchers_pid=""

@@ -78,6 +78,15 @@ pub struct ApiConfig {
     /// The same list inline, lines separated by `;`.
     #[arg(long, env = "API_TOKENS", hide_env_values = true)]
     pub api_tokens: Option<String>,
+    /// Requests per second each token may make, sustained (a burst may reach
+    /// `API_RATE_LIMIT_BURST`); past it, requests are answered 429 with `Retry-After`, so one
+    /// client's loop cannot take the API from everyone else. 0: no limit. An API open on
+    /// loopback (no tokens) has none.
+    #[arg(long, env = "API_RATE_LIMIT_PER_SEC", default_value_t = 100)]
+    pub api_rate_limit_per_sec: u32,
+    /// Requests one token may make at once before its rate applies.
+    #[arg(long, env = "API_RATE_LIMIT_BURST", default_value_t = 200)]
+    pub api_rate_limit_burst: u32,
     /// Serve the API without tokens (every caller may do everything, as `loopback`). Refused
     /// unless the API listens on a loopback address.
     #[arg(long, env = "API_OPEN_ON_LOOPBACK")]
@@ -109,6 +118,8 @@ impl Default for ApiConfig {
         Self {
             api_tokens_file: None,
             api_tokens_reload_ms: 5000,
+            api_rate_limit_per_sec: 100,
+            api_rate_limit_burst: 200,
             api_tokens: None,
             api_open_on_loopback: false,
             ops_http_addr: None,

@@ -3,6 +3,7 @@
 //! token and the access its role grants.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -11,6 +12,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::ApiError;
 use crate::auth::{self, Access, Caller, Tokens};
@@ -25,6 +28,8 @@ pub struct Guard {
     allowed_hosts: Option<Vec<String>>,
     /// Origins besides the API's own, without a trailing `/`.
     allowed_origins: Vec<String>,
+    /// Each token's request rate, by token name; `None`: no limit.
+    rates: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 impl Guard {
@@ -43,7 +48,12 @@ impl Guard {
         } else {
             None
         };
+        let rates = NonZeroU32::new(config.api_rate_limit_per_sec).map(|per_sec| {
+            let burst = NonZeroU32::new(config.api_rate_limit_burst).unwrap_or(per_sec);
+            RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
+        });
         Self {
+            rates,
             gate: RwLock::new(gate),
             allowed_hosts,
             allowed_origins: config
@@ -53,6 +63,38 @@ impl Guard {
                 .filter(|o| !o.is_empty())
                 .collect(),
         }
+    }
+
+    /// `Err` (429, with how long to wait) when `caller` made more requests than its rate
+    /// allows. The loopback caller of an API open without tokens is never limited.
+    fn check_rate(&self, caller: &Caller) -> Result<(), Response> {
+        let Some(rates) = &self.rates else {
+            return Ok(());
+        };
+        if matches!(
+            *self.gate.read().unwrap_or_else(PoisonError::into_inner),
+            Gate::OpenOnLoopback
+        ) {
+            return Ok(());
+        }
+        rates.check_key(&caller.name).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "the token {:?} made more requests than API_RATE_LIMIT_PER_SEC allows; \
+                     try again in {retry_after} s",
+                    caller.name
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+            response
+        })
     }
 
     /// From now on, callers are told apart by `gate` (a reloaded token list).
@@ -178,8 +220,8 @@ pub async fn same_origin(
     }
 }
 
-/// Middleware for a route that needs `access`: 401 without a known token, 403 when its roles
-/// do not grant it. The handler finds the [`Caller`] among the request's extensions.
+/// Middleware for a route that needs `access`: 401 without a known token, 429 past the token's
+/// rate, 403 when its roles do not grant it. The handler finds the [`Caller`] among the request's extensions.
 pub async fn require(
     State((guard, access)): State<(std::sync::Arc<Guard>, Access)>,
     mut request: Request,
@@ -195,6 +237,10 @@ pub async fn require(
             return response;
         }
     };
+    // Every request of a known token counts, the ones its roles refuse too.
+    if let Err(limited) = guard.check_rate(&caller) {
+        return limited;
+    }
     if !caller.may(access) {
         return ApiError::new(
             StatusCode::FORBIDDEN,

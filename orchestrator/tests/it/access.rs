@@ -420,3 +420,42 @@ async fn an_edited_token_file_takes_effect_without_a_restart_and_a_broken_one_ch
     assert_eq!(status_for(VIEWER_TOKEN).await, 401);
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_past_its_rate_is_answered_429_and_others_are_not() {
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            api_rate_limit_per_sec: 1,
+            api_rate_limit_burst: 3,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    // The deployment's own start-up checks spent some of the viewer's burst; wait it back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let get = |token: &'static str| system.request_as("GET", "/stats", Some(token), None);
+    for _ in 0..3 {
+        let response = get(VIEWER_TOKEN).await.expect("request");
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let limited = get(VIEWER_TOKEN).await.expect("request");
+    assert_eq!(limited.status().as_u16(), 429);
+    let retry_after: u64 = limited
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    let body: Value = limited.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    // Another token has its own rate.
+    let response = get(OPERATOR_TOKEN).await.expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    // And the limited one gets a request again once a second passed.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let response = get(VIEWER_TOKEN).await.expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    system.stop().await;
+}
