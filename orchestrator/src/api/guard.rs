@@ -65,36 +65,33 @@ impl Guard {
         }
     }
 
-    /// `Err` (429, with how long to wait) when `caller` made more requests than its rate
+    /// The answer (429, with how long to wait) when `caller` made more requests than its rate
     /// allows. The loopback caller of an API open without tokens is never limited.
-    fn check_rate(&self, caller: &Caller) -> Result<(), Response> {
-        let Some(rates) = &self.rates else {
-            return Ok(());
-        };
+    fn rate_limited(&self, caller: &Caller) -> Option<Response> {
+        let rates = self.rates.as_ref()?;
         if matches!(
             *self.gate.read().unwrap_or_else(PoisonError::into_inner),
             Gate::OpenOnLoopback
         ) {
-            return Ok(());
+            return None;
         }
-        rates.check_key(&caller.name).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            let mut response = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "the token {:?} made more requests than API_RATE_LIMIT_PER_SEC allows; \
-                     try again in {retry_after} s",
-                    caller.name
-                ),
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
-            response
-        })
+        let not_until = rates.check_key(&caller.name).err()?;
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "the token {:?} made more requests than API_RATE_LIMIT_PER_SEC allows; \
+                 try again in {retry_after} s",
+                caller.name
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+        Some(response)
     }
 
     /// From now on, callers are told apart by `gate` (a reloaded token list).
@@ -238,7 +235,7 @@ pub async fn require(
         }
     };
     // Every request of a known token counts, the ones its roles refuse too.
-    if let Err(limited) = guard.check_rate(&caller) {
+    if let Some(limited) = guard.rate_limited(&caller) {
         return limited;
     }
     if !caller.may(access) {
