@@ -1,30 +1,46 @@
 //! The orchestrator's consumer path, record → decoder → state machine, against an in-memory
-//! store.
+//! store, for every saga type `sagas/` defines (the order saga, started by `OrderPlaced` on
+//! `orders`, and the return saga, started by `ReturnRequested` on `returns`).
 //!
-//! The input is a sequence of operations: records on the orders or replies topic (raw bytes,
-//! well-formed orders, answers to commands the saga really sent, forged replies), redeliveries,
-//! deadline scans, operator actions and clock advances. Each record is decoded with the
-//! functions `orchestrator/src/handler.rs` uses and handled by the handler's rules (one saga
-//! per order id, an inbox per message id, a reply for an unknown saga or with another saga's
+//! The definitions are loaded as the orchestrator loads them (`definitions::load_dir`), given
+//! the input's retry policies, and put in a [`Registry`]: a record on a definition's trigger
+//! topic starts a saga of it, and each saga moves by its own definition. Steps, trigger topics,
+//! trigger messages, command topics and reply names all come from the definitions.
+//!
+//! The input is a sequence of operations: records on a trigger topic, the replies topic or a
+//! topic the orchestrator does not read (raw bytes), well-formed orders and returns (now and
+//! then on the other saga's trigger topic, which refuses them), answers to commands a saga
+//! really sent, forged replies (any reply a definition names, or one mislabelled, for any step,
+//! direction and attempt, naming the saga's own type or another), redeliveries, deadline
+//! scans, operator actions and clock advances. Each record is decoded with the functions
+//! `orchestrator/src/handler.rs` uses and handled by the handler's rules (one saga per saga
+//! type and key, an inbox per message id, a reply for an unknown saga or with another saga's
 //! key is rejected, an applied decision replaces the saga and bumps its version). After every
-//! step the saga's shape and the transition are checked against the rules of
-//! `orchestrator/src/saga/machine.rs`; at the end every saga is driven to its end, once by
-//! answering every command and once by deadlines alone: nothing may wedge it.
+//! step the saga's shape, the transition and the commands it sent (checked against the typed
+//! trigger message, independently of the definition's payload mapping) are checked against the
+//! rules of `orchestrator/src/saga/machine.rs`; at the end every saga, of every type, is driven
+//! to its end, once by answering every command and once by deadlines alone: nothing may wedge
+//! it.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
-use std::sync::LazyLock;
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
 
 use arbitrary::Arbitrary;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use events::{
-    Action, Address, Command, Envelope, LineItem, OrderPlaced, Reply, SagaEvent, SCHEMA_VERSION,
+    Action, Address, Command, Envelope, LineItem, OrderPlaced, Outcome, Reply, ReturnItem,
+    ReturnRequested, SagaEvent, SCHEMA_VERSION,
 };
 use libfuzzer_sys::fuzz_target;
+use orchestrator::saga::definitions::{self, trigger_message};
 use orchestrator::saga::{
-    definitions, Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState,
+    Decision, Effect, OperatorAction, Registry, RetryPolicy, Saga, SagaDefinition, SagaState,
     StepStatus,
 };
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use uuid::Uuid;
 
 /// The order saga's messages in the shapes the orchestrator's tests write them.
@@ -32,12 +48,7 @@ use uuid::Uuid;
 #[allow(dead_code)] // The orchestrator's tests use the rest of it.
 mod order_messages;
 
-use order_messages::{
-    Command as OrderCommand, CompensationFailed, Reply as OrderReply, StepDone, StepRefused,
-};
-
-/// The order saga's steps, which forged replies name.
-const STEPS: [&str; 3] = ["reserve_stock", "charge_payment", "schedule_shipment"];
+use order_messages::Command as OrderCommand;
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -55,18 +66,27 @@ struct PolicyInput {
     compensation_attempts: u8,
 }
 
-/// The order saga as `sagas/order.toml` defines it, parsed once: every input starts from a
-/// clone of it.
-static ORDER_SAGA: LazyLock<SagaDefinition> = LazyLock::new(|| {
-    definitions::parse("sagas/order.toml", include_str!("../../sagas/order.toml"))
-        .expect("the order saga parses")
+/// Every saga definition in `sagas/`, loaded once as the orchestrator loads them at start-up:
+/// every input starts from clones of them.
+static DEFINITIONS: LazyLock<Vec<SagaDefinition>> = LazyLock::new(|| {
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../sagas"));
+    let loaded = definitions::load_dir(dir).expect("the saga definitions load");
+    // The operations make well-formed trigger messages of these types; a saga that starts on
+    // neither still gets raw records and its definition's sample message.
+    for message in [OrderPlaced::TYPE_NAME, ReturnRequested::TYPE_NAME] {
+        assert!(
+            loaded.iter().any(|d| d.trigger.message == message),
+            "no saga starts on {message}"
+        );
+    }
+    loaded
 });
 
 impl PolicyInput {
-    /// The order saga with these policies: every forward action one, every compensation the
+    /// Every definition with these policies: every forward action one, every compensation the
     /// other. A step that cannot be undone keeps no attempt limit (`u32::MAX`), as its
     /// definition says.
-    fn definition(&self) -> SagaDefinition {
+    fn registry(&self) -> Registry {
         let timeout_ms = 1 + i64::from(self.timeout_ms);
         let max_timeout_ms = timeout_ms.max(i64::from(self.max_timeout_ms % 600_000));
         let policy = |attempts: u8, modulo: u8| RetryPolicy {
@@ -76,19 +96,27 @@ impl PolicyInput {
         };
         let forward = policy(self.forward_attempts, 8);
         let compensation = policy(self.compensation_attempts, 20);
-        let mut definition = ORDER_SAGA.clone();
-        for step in &mut definition.steps {
-            step.set_retry(forward, compensation);
-        }
-        definition
+        let definitions = DEFINITIONS
+            .iter()
+            .map(|definition| {
+                let mut definition = definition.clone();
+                for step in &mut definition.steps {
+                    step.set_retry(forward, compensation);
+                }
+                definition
+            })
+            .collect();
+        Registry::new(definitions).expect("the definitions with other retry policies load")
     }
 }
 
 #[derive(Debug, Clone, Copy, Arbitrary)]
 enum Topic {
-    Orders,
+    /// A definition's trigger topic.
+    Trigger(u8),
     Replies,
-    Other,
+    /// A step's command topic, which the orchestrator writes but does not read.
+    Command(u8),
 }
 
 #[derive(Debug, Arbitrary)]
@@ -99,10 +127,22 @@ enum Op {
         payload: Vec<u8>,
     },
     /// A valid `OrderPlaced`; order ids come from a small set, so duplicates happen.
+    /// `misrouted`: on another saga's trigger topic instead of its own.
     Order {
         order: u8,
         customer: u8,
         lines: Vec<(u8, u16, u16)>,
+        misrouted: bool,
+    },
+    /// A valid `ReturnRequested`; return ids come from the same small set as order ids, so
+    /// duplicates happen, and a return may share its key with an order saga.
+    Return {
+        request: u8,
+        order: u8,
+        customer: u8,
+        lines: Vec<(u8, u16)>,
+        refund_cents: u32,
+        misrouted: bool,
     },
     /// A participant's answer to a command the saga sent (`back` counts from the latest).
     Answer {
@@ -112,13 +152,12 @@ enum Op {
         reason: String,
         reuse_message_id: bool,
     },
-    /// A reply of any type, for any step, direction and attempt.
+    /// A reply for any step, direction and attempt, named as a definition names it or
+    /// mislabelled.
     Forged {
         saga: u8,
-        unknown_saga: bool,
-        wrong_order: bool,
-        kind: u8,
-        step: u8,
+        target: Target,
+        reply: ReplyChoice,
         attempt: AttemptChoice,
         reuse_message_id: bool,
     },
@@ -148,6 +187,31 @@ enum Op {
     },
 }
 
+/// Whom a forged reply is for.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+enum Target {
+    /// The picked saga, in its own definition's terms.
+    Own,
+    /// A saga that does not exist.
+    UnknownSaga,
+    /// The picked saga, with another key than its own.
+    WrongKey,
+    /// The picked saga, in the next definition's terms (its type, steps and reply names).
+    OtherType,
+}
+
+/// Which reply a forged one is.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+enum ReplyChoice {
+    /// An answer to what the saga waits on (the first step when it waits on nothing): its
+    /// step and direction, saying `succeeded`, named as the definition names that outcome or
+    /// (`mislabelled`, or when the definition names no such reply) as it names the other.
+    Current { succeeded: bool, mislabelled: bool },
+    /// Any reply the definition names ([`named_replies`]), by index; one index more is a
+    /// reply named for one outcome that says the other.
+    Named(u8),
+}
+
 #[derive(Debug, Clone, Copy, Arbitrary)]
 enum AttemptChoice {
     Current,
@@ -175,7 +239,6 @@ impl ActionInput {
     }
 }
 
-const ORDERS: &str = "orders";
 const REPLIES: &str = "saga.replies";
 
 /// One saga row, with what the fake store remembers of what the saga sent.
@@ -194,29 +257,80 @@ enum Cause<'a> {
     Operator(&'a OperatorAction),
 }
 
+/// A reply a definition's participants may send: its step, direction, name and whether it
+/// says the action was done.
+struct Named {
+    step: String,
+    action: Action,
+    name: String,
+    succeeded: bool,
+}
+
+/// Every reply `definition` names, step by step: forward success and failure, then
+/// compensation success and failure (the replies a definition does not name are left out).
+fn named_replies(definition: &SagaDefinition) -> Vec<Named> {
+    let mut named = Vec::new();
+    for step in &definition.steps {
+        let actions = [
+            (Action::Forward, Some(&step.forward)),
+            (Action::Compensate, step.compensation.as_ref()),
+        ];
+        for (action, defined) in actions {
+            let Some(defined) = defined else { continue };
+            let names = [(&defined.success, true)]
+                .into_iter()
+                .chain(defined.failure.as_ref().map(|f| (f, false)));
+            for (name, succeeded) in names {
+                named.push(Named {
+                    step: step.name.clone(),
+                    action,
+                    name: name.clone(),
+                    succeeded,
+                });
+            }
+        }
+    }
+    named
+}
+
 struct World {
-    definition: SagaDefinition,
+    registry: Registry,
+    /// The definitions new sagas start on, by name: what operations pick by index.
+    definitions: Vec<Arc<SagaDefinition>>,
+    /// [`named_replies`] of each of [`Self::definitions`].
+    replies: Vec<Vec<Named>>,
+    /// Every step's command topic, of every definition.
+    command_topics: Vec<String>,
     now: DateTime<Utc>,
     rows: HashMap<Uuid, Row>,
     /// Saga ids in creation order, for picking one.
     order_of_creation: Vec<Uuid>,
-    by_order: HashMap<Uuid, Uuid>,
+    /// One saga per saga type and key.
+    by_key: HashMap<(String, String), Uuid>,
     inbox: HashSet<Uuid>,
-    records: Vec<(&'static str, Vec<u8>)>,
+    records: Vec<(String, Vec<u8>)>,
     next_id: u128,
     last_message_id: Option<Uuid>,
 }
 
 fuzz_target!(|input: Input| {
+    let registry = input.policies.registry();
+    let definitions: Vec<Arc<SagaDefinition>> = registry.newest_all().cloned().collect();
     let mut world = World {
-        definition: input.policies.definition(),
+        replies: definitions.iter().map(|d| named_replies(d)).collect(),
+        command_topics: definitions
+            .iter()
+            .flat_map(|d| d.steps.iter().map(|s| s.topic.clone()))
+            .collect(),
+        definitions,
+        registry,
         now: Utc
             .with_ymd_and_hms(2026, 11, 26, 12, 0, 0)
             .single()
             .expect("a valid time"),
         rows: HashMap::new(),
         order_of_creation: Vec::new(),
-        by_order: HashMap::new(),
+        by_key: HashMap::new(),
         inbox: HashSet::new(),
         records: Vec::new(),
         next_id: 1,
@@ -245,13 +359,35 @@ impl World {
         Some(self.order_of_creation[usize::from(index) % self.order_of_creation.len()])
     }
 
+    /// The definition `saga` runs on, as the handler finds it (by name and version).
+    fn definition_of(&self, saga: &Saga) -> Arc<SagaDefinition> {
+        let definition = self
+            .registry
+            .get(&saga.definition_name, saga.definition_version)
+            .expect("a saga runs on a known definition");
+        Arc::clone(definition)
+    }
+
+    /// The index in [`Self::definitions`] of the one that starts on `message`.
+    fn starting_on(&self, message: &str) -> usize {
+        self.definitions
+            .iter()
+            .position(|d| d.trigger.message == message)
+            .expect("a saga starts on it")
+    }
+
     fn step(&mut self, op: &Op) {
         match op {
             Op::Raw { topic, payload } => {
-                let topic = match topic {
-                    Topic::Orders => ORDERS,
-                    Topic::Replies => REPLIES,
-                    Topic::Other => "inventory.commands",
+                let topic = match *topic {
+                    Topic::Trigger(i) => {
+                        let i = usize::from(i) % self.definitions.len();
+                        self.definitions[i].trigger.topic.clone()
+                    }
+                    Topic::Replies => REPLIES.to_owned(),
+                    Topic::Command(i) => {
+                        self.command_topics[usize::from(i) % self.command_topics.len()].clone()
+                    }
                 };
                 self.deliver(topic, payload.clone());
             }
@@ -259,12 +395,27 @@ impl World {
                 order,
                 customer,
                 lines,
+                misrouted,
             } => {
                 let order = valid_order(*order, *customer, lines);
                 let bytes = serde_json::to_vec(&order).expect("an order serialises");
                 let decoded = OrderPlaced::from_json(&bytes);
                 assert_eq!(decoded.as_ref(), Ok(&order), "a valid order was refused");
-                self.deliver(ORDERS, bytes);
+                self.deliver_trigger(OrderPlaced::TYPE_NAME, bytes, *misrouted);
+            }
+            Op::Return {
+                request,
+                order,
+                customer,
+                lines,
+                refund_cents,
+                misrouted,
+            } => {
+                let request = valid_return(*request, *order, *customer, lines, *refund_cents);
+                let bytes = serde_json::to_vec(&request).expect("a return serialises");
+                let decoded = ReturnRequested::from_json(&bytes);
+                assert_eq!(decoded.as_ref(), Ok(&request), "a valid return was refused");
+                self.deliver_trigger(ReturnRequested::TYPE_NAME, bytes, *misrouted);
             }
             Op::Answer {
                 saga,
@@ -276,30 +427,22 @@ impl World {
                 let Some(id) = self.pick(*saga) else { return };
                 let sent = &self.rows[&id].sent;
                 let command = &sent[sent.len() - 1 - usize::from(*back) % sent.len()];
+                // A command that names no failure reply (the return saga's `ReceiveReturn`)
+                // is never refused: its participant answers that it was done.
                 let reply = if *ok {
                     Reply::succeeded(command)
                 } else {
-                    Reply::failed(command, reason).expect("every order saga command may fail")
+                    Reply::failed(command, reason).unwrap_or_else(|| Reply::succeeded(command))
                 };
                 self.deliver_reply(id, reply, *reuse_message_id);
             }
             Op::Forged {
                 saga,
-                unknown_saga,
-                wrong_order,
-                kind,
-                step,
+                target,
+                reply,
                 attempt,
                 reuse_message_id,
-            } => self.forge(
-                *saga,
-                *unknown_saga,
-                *wrong_order,
-                *kind,
-                *step,
-                *attempt,
-                *reuse_message_id,
-            ),
+            } => self.forge(*saga, *target, *reply, *attempt, *reuse_message_id),
             Op::Redeliver { back } => {
                 if self.records.is_empty() {
                     return;
@@ -330,10 +473,8 @@ impl World {
             Op::Operator { saga, action } => {
                 if let Some(id) = self.pick(*saga) {
                     let action = action.to_action();
-                    let decision =
-                        self.rows[&id]
-                            .saga
-                            .on_operator(&action, self.now, &self.definition);
+                    let saga = &self.rows[&id].saga;
+                    let decision = saga.on_operator(&action, self.now, &self.definition_of(saga));
                     self.commit(id, decision, Cause::Operator(&action));
                 }
             }
@@ -351,43 +492,73 @@ impl World {
 
     fn deadline(&mut self, id: Uuid, jitter: u16) {
         let jitter = f64::from(jitter) / 65_536.0;
-        let decision = self.rows[&id]
-            .saga
-            .on_deadline(self.now, jitter, &self.definition);
+        let saga = &self.rows[&id].saga;
+        let decision = saga.on_deadline(self.now, jitter, &self.definition_of(saga));
         self.commit(id, decision, Cause::Deadline);
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A well-formed trigger `message` on the trigger topic of the saga that starts on it, or
+    /// (`misrouted`) on the next definition's, which refuses another message than its own.
+    fn deliver_trigger(&mut self, message: &str, bytes: Vec<u8>, misrouted: bool) {
+        let own = self.starting_on(message);
+        let target = &self.definitions[(own + usize::from(misrouted)) % self.definitions.len()];
+        let refused = target.trigger.message != message;
+        let topic = target.trigger.topic.clone();
+        let sagas = self.rows.len();
+        let accepted = self.deliver(topic.clone(), bytes);
+        assert_eq!(accepted, !refused, "{message} on {topic}");
+        if refused {
+            assert_eq!(
+                self.rows.len(),
+                sagas,
+                "a misrouted {message} started a saga"
+            );
+        }
+    }
+
     fn forge(
         &mut self,
         saga: u8,
-        unknown_saga: bool,
-        wrong_order: bool,
-        kind: u8,
-        step: u8,
+        target: Target,
+        choice: ReplyChoice,
         attempt: AttemptChoice,
         reuse_message_id: bool,
     ) {
-        let (saga_id, order_id, current) = match self.pick(saga) {
-            Some(id) if !unknown_saga => {
+        // The saga, its key, its current attempt, the definition it runs on and the step and
+        // direction it waits on.
+        let (saga_id, key, current, own, waits_on) = match self.pick(saga) {
+            Some(id) if !matches!(target, Target::UnknownSaga) => {
                 let saga = &self.rows[&id].saga;
-                let current = saga.current_step().map_or(0, |i| {
+                let waits_on = saga.current_step().map(|i| {
                     let step = &saga.steps[i];
                     match saga.state {
-                        SagaState::Compensating => step.compensation_attempts,
-                        _ => step.attempts,
+                        SagaState::Compensating => {
+                            (i, Action::Compensate, step.compensation_attempts)
+                        }
+                        _ => (i, Action::Forward, step.attempts),
                     }
                 });
-                let order_id =
-                    Uuid::parse_str(&saga.key).expect("an order saga's key is its order id");
-                (id, order_id, current)
+                let own = self
+                    .definitions
+                    .iter()
+                    .position(|d| d.name == saga.definition_name)
+                    .expect("a saga of a loaded definition");
+                let current = waits_on.map_or(0, |(_, _, attempt)| attempt);
+                let waits_on = waits_on.map(|(i, action, _)| (i, action));
+                (id, saga.key.clone(), current, own, waits_on)
             }
-            _ => (Uuid::from_u128(u128::from(saga) << 8), order_uuid(saga), 1),
+            _ => (
+                Uuid::from_u128(u128::from(saga) << 8),
+                subject_uuid(saga).to_string(),
+                1,
+                usize::from(saga),
+                None,
+            ),
         };
-        let order_id = if wrong_order {
-            order_uuid(saga.wrapping_add(1))
+        let key = if matches!(target, Target::WrongKey) {
+            subject_uuid(saga.wrapping_add(1)).to_string()
         } else {
-            order_id
+            key
         };
         let attempt = match attempt {
             AttemptChoice::Current => current,
@@ -395,29 +566,66 @@ impl World {
             AttemptChoice::Next => current.wrapping_add(1),
             AttemptChoice::Exact(n) => n,
         };
-        let done = StepDone { order_id, attempt };
-        let refused = StepRefused {
-            order_id,
+        let other_type = matches!(target, Target::OtherType);
+        let d = (own + usize::from(other_type)) % self.definitions.len();
+        let named = &self.replies[d];
+        let (named, succeeded) = match choice {
+            ReplyChoice::Current {
+                succeeded,
+                mislabelled,
+            } => {
+                let (i, action) = waits_on.unwrap_or((0, Action::Forward));
+                let step = &self.definitions[d].steps[i % self.definitions[d].steps.len()].name;
+                // The step's replies in that direction; for a direction it has none in (the
+                // compensation of a step that cannot be undone), its forward ones.
+                let of_step: Vec<&Named> = named.iter().filter(|n| n.step == *step).collect();
+                let candidates: Vec<&Named> = of_step
+                    .iter()
+                    .copied()
+                    .filter(|n| n.action == action)
+                    .collect();
+                let candidates = if candidates.is_empty() {
+                    of_step
+                } else {
+                    candidates
+                };
+                let labelled = succeeded != mislabelled;
+                let named = candidates
+                    .iter()
+                    .find(|n| n.succeeded == labelled)
+                    .unwrap_or(&candidates[0]);
+                (*named, succeeded)
+            }
+            ReplyChoice::Named(kind) => {
+                // One more than the definition names: a reply named for one outcome that says
+                // the other (a success's name saying it failed, a failure's saying it
+                // succeeded).
+                let index = usize::from(kind) % (named.len() + 1);
+                match named.get(index) {
+                    Some(named) => (named, named.succeeded),
+                    None => {
+                        let named = &named[usize::from(kind) % named.len()];
+                        (named, !named.succeeded)
+                    }
+                }
+            }
+        };
+        let reply = Reply {
+            name: named.name.clone(),
+            saga_type: self.definitions[d].name.clone(),
+            step: named.step.clone(),
+            action: named.action,
             attempt,
-            reason: "refused".into(),
+            key,
+            outcome: if succeeded {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed {
+                    reason: "refused".into(),
+                }
+            },
         };
-        let reply = match kind % 9 {
-            0 => OrderReply::StockReserved(done),
-            1 => OrderReply::StockUnavailable(refused),
-            2 => OrderReply::StockReleased(done),
-            3 => OrderReply::PaymentCharged(done),
-            4 => OrderReply::PaymentDeclined(refused),
-            5 => OrderReply::PaymentRefunded(done),
-            6 => OrderReply::ShipmentScheduled(done),
-            7 => OrderReply::ShipmentRejected(refused),
-            _ => OrderReply::CompensationFailed(CompensationFailed {
-                order_id,
-                attempt,
-                step: STEPS[usize::from(step) % 3],
-                reason: "cannot".into(),
-            }),
-        };
-        self.deliver_reply(saga_id, reply.wire(), reuse_message_id);
+        self.deliver_reply(saga_id, reply, reuse_message_id);
     }
 
     fn deliver_reply(&mut self, saga_id: Uuid, reply: Reply, reuse_message_id: bool) {
@@ -447,41 +655,47 @@ impl World {
                 "an out-of-bounds reply decoded: {envelope:?}"
             );
         }
-        self.deliver(REPLIES, bytes);
+        self.deliver(REPLIES.to_owned(), bytes);
     }
 
-    /// One record through the handler. A rejection rolls the record's transaction back
-    /// (its inbox row too) and dead-letters it.
-    fn deliver(&mut self, topic: &'static str, payload: Vec<u8>) {
-        let outcome = match topic {
-            ORDERS => self.on_order(&payload),
-            REPLIES => self.on_reply(&payload),
-            other => Err(format!("the orchestrator does not read topic {other}")),
+    /// One record through the handler (`handle_batch`): a definition's trigger topic starts a
+    /// saga, the replies topic moves one, any other topic is refused. A rejection rolls the
+    /// record's transaction back (its inbox row too) and dead-letters it. Whether the record
+    /// was accepted.
+    fn deliver(&mut self, topic: String, payload: Vec<u8>) -> bool {
+        let outcome = if let Some(definition) = self.registry.for_topic(&topic).cloned() {
+            assert_eq!(definition.trigger.topic, topic);
+            self.on_trigger(&definition, &payload)
+        } else if topic == REPLIES {
+            self.on_reply(&payload)
+        } else {
+            Err(format!("the orchestrator does not read topic {topic}"))
         };
-        if let Err(reason) = outcome {
+        if let Err(reason) = &outcome {
             assert!(!reason.is_empty());
         }
         self.records.push((topic, payload));
+        outcome.is_ok()
     }
 
-    /// `OrchestratorHandler::on_order`.
-    fn on_order(&mut self, payload: &[u8]) -> Result<(), String> {
-        let order = OrderPlaced::from_json(payload).map_err(|e| format!("invalid order: {e}"))?;
-        assert_eq!(order.validate(), Ok(()));
+    /// `OrchestratorHandler::on_trigger`.
+    fn on_trigger(&mut self, definition: &SagaDefinition, payload: &[u8]) -> Result<(), String> {
+        let message = &definition.trigger.message;
+        let known = trigger_message(message).expect("a loaded definition's trigger is known");
+        let trigger = (known.decode)(payload).map_err(|e| format!("invalid {message}: {e}"))?;
+        check_trigger(message, payload, &trigger);
         let id = self.fresh_id();
-        let order_id = order.order_id;
-        let trigger = serde_json::to_value(&order).map_err(|e| e.to_string())?;
-        let (saga, effects) = Saga::start(id, trigger, self.now, &self.definition)
-            .map_err(|e| format!("no key: {e}"))?;
-        assert_eq!(saga.key, order_id.to_string());
-        check_start(&saga, &effects, self.now, &self.definition);
-        check_saga(&saga, &self.definition);
-        if self.by_order.contains_key(&order_id) {
-            // One order, one saga: the insert does nothing.
+        let (saga, effects) = Saga::start(id, trigger, self.now, definition)
+            .map_err(|e| format!("{message} makes no saga key: {e}"))?;
+        check_start(&saga, &effects, self.now, definition);
+        check_saga(&saga, definition);
+        let key = (definition.name.clone(), saga.key.clone());
+        if self.by_key.contains_key(&key) {
+            // One saga per type and key: the insert does nothing.
             return Ok(());
         }
         let sent = commands(&effects);
-        self.by_order.insert(order_id, id);
+        self.by_key.insert(key, id);
         self.order_of_creation.push(id);
         self.rows.insert(
             id,
@@ -494,7 +708,7 @@ impl World {
         Ok(())
     }
 
-    /// `OrchestratorHandler::on_reply`.
+    /// `OrchestratorHandler::on_replies`, one reply at a time.
     fn on_reply(&mut self, payload: &[u8]) -> Result<(), String> {
         let envelope = Envelope::<Reply>::from_json(payload)
             .and_then(|envelope| envelope.body.validate().map(|()| envelope))
@@ -509,7 +723,9 @@ impl World {
         if row.saga.key != reply.key {
             return Err(format!("{} names another saga's key", reply.name));
         }
-        let decision = row.saga.on_reply(reply, self.now, &self.definition);
+        let decision = row
+            .saga
+            .on_reply(reply, self.now, &self.definition_of(&row.saga));
         self.inbox.insert(envelope.message_id);
         self.commit(envelope.saga_id, decision, Cause::Reply(reply));
         Ok(())
@@ -517,9 +733,10 @@ impl World {
 
     /// `commit_decision`: checks the decision against the rules, then stores it.
     fn commit(&mut self, id: Uuid, decision: Decision, cause: Cause<'_>) {
+        let definition = self.definition_of(&self.rows[&id].saga);
         let row = self.rows.get_mut(&id).expect("a stored saga");
         let old = &row.saga;
-        let should_apply = should_apply(old, &cause, self.now, &self.definition);
+        let should_apply = should_apply(old, &cause, self.now, &definition);
         match decision {
             Decision::Ignored { reason } => {
                 assert!(
@@ -532,7 +749,7 @@ impl World {
                     should_apply,
                     "applied but does not answer what the saga waits for: {old:#?}\n{saga:#?}"
                 );
-                check_saga(&saga, &self.definition);
+                check_saga(&saga, &definition);
                 check_transition(
                     old,
                     &saga,
@@ -540,7 +757,7 @@ impl World {
                     &cause,
                     &row.sent,
                     self.now,
-                    &self.definition,
+                    &definition,
                 );
                 row.sent.extend(commands(&effects));
                 row.saga = *saga;
@@ -551,9 +768,9 @@ impl World {
 
     fn check_row(&self, id: Uuid) {
         let row = &self.rows[&id];
-        check_saga(&row.saga, &self.definition);
-        let order_id = Uuid::parse_str(&row.saga.key).expect("an order saga's key is its order id");
-        assert_eq!(self.by_order.get(&order_id), Some(&id));
+        check_saga(&row.saga, &self.definition_of(&row.saga));
+        let key = (row.saga.definition_name.clone(), row.saga.key.clone());
+        assert_eq!(self.by_key.get(&key), Some(&id));
         // The version counts the applied decisions: at least one per command sent after the
         // first.
         assert!(row.version >= i64::try_from(row.sent.len()).unwrap_or(i64::MAX) - 1);
@@ -563,6 +780,7 @@ impl World {
     /// failed ones after an operator's retry or skip.
     fn drive_by_answers(&self, id: Uuid) {
         let mut row = self.rows[&id].clone();
+        let definition = self.definition_of(&row.saga);
         let now = self.now;
         for round in 0..32 {
             let saga = &row.saga;
@@ -574,15 +792,16 @@ impl World {
                     } else {
                         OperatorAction::Skip
                     };
-                    let decision = saga.on_operator(&action, now, &self.definition);
-                    apply_checked(&mut row, decision, &Cause::Operator(&action), self, now);
+                    let decision = saga.on_operator(&action, now, &definition);
+                    let cause = Cause::Operator(&action);
+                    apply_checked(&mut row, decision, &cause, &definition, now);
                 }
                 SagaState::Running | SagaState::Compensating => {
                     // The last command sent is the one the saga waits for.
                     let command = row.sent.last().expect("a saga sent something");
                     let reply = Reply::succeeded(command);
-                    let decision = saga.on_reply(&reply, now, &self.definition);
-                    apply_checked(&mut row, decision, &Cause::Reply(&reply), self, now);
+                    let decision = saga.on_reply(&reply, now, &definition);
+                    apply_checked(&mut row, decision, &Cause::Reply(&reply), &definition, now);
                 }
             }
         }
@@ -593,15 +812,14 @@ impl World {
     }
 
     /// Participants that never answer: deadlines alone end every saga (compensated or
-    /// failed), except one waiting on the step that cannot be undone, which is retried
-    /// forever.
+    /// failed), except one waiting on a step that cannot be undone, which is retried forever.
     fn drive_by_deadlines(&self, id: Uuid) {
         let mut row = self.rows[&id].clone();
+        let definition = self.definition_of(&row.saga);
         let mut now = self.now;
-        // The step that cannot be undone has no attempt limit (`u32::MAX`): retried well past
+        // A step that cannot be undone has no attempt limit (`u32::MAX`): retried well past
         // the budget of the steps that can be, it is clearly never given up on.
-        let budget = self
-            .definition
+        let budget = definition
             .steps
             .iter()
             .filter(|s| s.compensable())
@@ -615,15 +833,15 @@ impl World {
             }
             if let Some(i) = saga.current_step() {
                 if saga.state == SagaState::Running
-                    && !self.definition.steps[i].compensable()
+                    && !definition.steps[i].compensable()
                     && saga.steps[i].attempts > budget + 2
                 {
                     return;
                 }
             }
             now = now.max(saga.deadline_at.expect("a waiting saga has a deadline"));
-            let decision = saga.on_deadline(now, 0.5, &self.definition);
-            apply_checked(&mut row, decision, &Cause::Deadline, self, now);
+            let decision = saga.on_deadline(now, 0.5, &definition);
+            apply_checked(&mut row, decision, &Cause::Deadline, &definition, now);
         }
         panic!("deadlines did not end the saga: {:#?}", row.saga);
     }
@@ -634,10 +852,9 @@ fn apply_checked(
     row: &mut Row,
     decision: Decision,
     cause: &Cause<'_>,
-    world: &World,
+    definition: &SagaDefinition,
     now: DateTime<Utc>,
 ) {
-    let definition = &world.definition;
     assert!(should_apply(&row.saga, cause, now, definition));
     let Decision::Applied { saga, effects } = decision else {
         panic!("{decision:?} for a saga that waits for it: {:#?}", row.saga);
@@ -651,7 +868,9 @@ fn apply_checked(
     row.version += 1;
 }
 
-fn order_uuid(n: u8) -> Uuid {
+/// Order ids and return ids alike: a small set, so that one id keys an order saga and a
+/// return saga (one saga per type and key: both start).
+fn subject_uuid(n: u8) -> Uuid {
     Uuid::from_u128(0x0bde_0000 + u128::from(n))
 }
 
@@ -677,7 +896,7 @@ fn valid_order(order: u8, customer: u8, lines: &[(u8, u16, u16)]) -> OrderPlaced
         .map(|i| i64::from(i.quantity) * i.unit_price_cents)
         .sum();
     OrderPlaced {
-        order_id: order_uuid(order),
+        order_id: subject_uuid(order),
         customer_id: format!("customer-{customer}"),
         items,
         total_cents,
@@ -689,6 +908,83 @@ fn valid_order(order: u8, customer: u8, lines: &[(u8, u16, u16)]) -> OrderPlaced
             postal_code: "10117".into(),
         },
     }
+}
+
+fn valid_return(
+    request: u8,
+    order: u8,
+    customer: u8,
+    lines: &[(u8, u16)],
+    refund_cents: u32,
+) -> ReturnRequested {
+    let mut items: Vec<ReturnItem> = lines
+        .iter()
+        .take(100)
+        .map(|&(sku, quantity)| ReturnItem {
+            sku: format!("SKU-{sku}"),
+            quantity: 1 + i32::from(quantity),
+        })
+        .collect();
+    if items.is_empty() {
+        items.push(ReturnItem {
+            sku: "WIDGET".into(),
+            quantity: 1,
+        });
+    }
+    ReturnRequested {
+        return_id: subject_uuid(request),
+        order_id: subject_uuid(order),
+        customer_id: format!("customer-{customer}"),
+        items,
+        refund_cents: 1 + i64::from(refund_cents),
+        currency: "EUR".into(),
+    }
+}
+
+/// A trigger message as its typed message, for checks that do not go through the
+/// definitions' payload mappings.
+enum Typed {
+    Order(OrderPlaced),
+    Return(ReturnRequested),
+    /// A trigger message these checks do not know.
+    Other,
+}
+
+impl Typed {
+    /// `trigger` (as a saga keeps it) as the typed `message`.
+    fn of(message: &str, trigger: &Value) -> Self {
+        fn read<T: DeserializeOwned>(message: &str, trigger: &Value) -> T {
+            serde_json::from_value(trigger.clone())
+                .unwrap_or_else(|e| panic!("a saga's trigger does not read back as {message}: {e}"))
+        }
+        match message {
+            OrderPlaced::TYPE_NAME => Self::Order(read(message, trigger)),
+            ReturnRequested::TYPE_NAME => Self::Return(read(message, trigger)),
+            _ => Self::Other,
+        }
+    }
+
+    /// The id that keys the saga.
+    fn key(&self) -> Option<String> {
+        match self {
+            Self::Order(order) => Some(order.order_id.to_string()),
+            Self::Return(request) => Some(request.return_id.to_string()),
+            Self::Other => None,
+        }
+    }
+}
+
+/// What the handler decoded is what the message's own decoder accepts, as JSON.
+fn check_trigger(message: &str, payload: &[u8], trigger: &Value) {
+    assert_eq!(trigger["type"], message, "{trigger}");
+    let typed = match message {
+        OrderPlaced::TYPE_NAME => OrderPlaced::from_json(payload)
+            .map(|o| serde_json::to_value(o).expect("an order serialises")),
+        ReturnRequested::TYPE_NAME => ReturnRequested::from_json(payload)
+            .map(|r| serde_json::to_value(r).expect("a return serialises")),
+        _ => return,
+    };
+    assert_eq!(typed.as_ref(), Ok(trigger));
 }
 
 fn commands(effects: &[Effect]) -> Vec<Command> {
@@ -717,8 +1013,8 @@ fn should_apply(
     definition: &SagaDefinition,
 ) -> bool {
     match cause {
-        // Only a reply to the current step, in the current direction, from an attempt of the
-        // current round.
+        // Only a reply of the saga's type to the current step, in the current direction,
+        // named as the definition names that outcome, from an attempt of the current round.
         Cause::Reply(reply) => {
             let (Some(action), Some(i)) = (direction(saga.state), saga.current_step()) else {
                 return false;
@@ -732,7 +1028,19 @@ fn should_apply(
                     step.compensation_budget_from + 1..=step.compensation_attempts
                 }
             };
-            reply.step == step.name && reply.action == action && attempts.contains(&reply.attempt)
+            let defined = match action {
+                Action::Forward => Some(&definition.steps[i].forward),
+                Action::Compensate => definition.steps[i].compensation.as_ref(),
+            };
+            let named = defined.is_some_and(|d| match reply.outcome {
+                Outcome::Succeeded => reply.name == d.success,
+                Outcome::Failed { .. } => d.failure.as_ref() == Some(&reply.name),
+            });
+            reply.saga_type == definition.name
+                && reply.step == step.name
+                && reply.action == action
+                && named
+                && attempts.contains(&reply.attempt)
         }
         // A deadline that passed, on a saga that waits on a step.
         Cause::Deadline => {
@@ -752,10 +1060,17 @@ fn should_apply(
     }
 }
 
+/// A saga starts running, announces itself with its trigger's summary and sends its first
+/// step's command.
 fn check_start(saga: &Saga, effects: &[Effect], now: DateTime<Utc>, definition: &SagaDefinition) {
     assert_eq!(saga.state, SagaState::Running);
     assert_eq!(saga.created_at, now);
     assert_eq!(saga.updated_at, now);
+    assert_eq!(saga.definition_name, definition.name);
+    assert_eq!(
+        Some(saga.key.clone()),
+        Typed::of(&definition.trigger.message, &saga.trigger).key()
+    );
     assert_eq!(effects.len(), 2, "{effects:?}");
     match &effects[0] {
         Effect::Publish(SagaEvent::SagaStarted {
@@ -765,20 +1080,28 @@ fn check_start(saga: &Saga, effects: &[Effect], now: DateTime<Utc>, definition: 
         }) => {
             assert_eq!(*saga_type, definition.name);
             assert_eq!(*key, saga.key);
-            for field in ["order_id", "customer_id", "total_cents", "currency"] {
-                assert_eq!(subject.get(field), saga.trigger.get(field), "{field}");
+            let summary = trigger_message(&definition.trigger.message)
+                .expect("a known trigger")
+                .summary;
+            for field in summary {
+                assert_eq!(subject.get(*field), saga.trigger.get(*field), "{field}");
             }
+            assert_eq!(subject.len(), summary.len(), "{subject:?}");
         }
         other => panic!("a saga starts by announcing itself, not {other:?}"),
     }
+    let first = &definition.steps[0];
     match &effects[1] {
         Effect::Send { topic, command }
-            if command.name == "ReserveStock" && command.attempt == 1 =>
+            if command.name == first.forward.name
+                && command.step == first.name
+                && command.action == Action::Forward
+                && command.attempt == 1 =>
         {
-            assert_eq!(*topic, definition.steps[0].topic);
-            check_command_content(saga, command);
+            assert_eq!(*topic, first.topic);
+            check_command_content(saga, command, definition);
         }
-        other => panic!("a saga starts by reserving stock, not {other:?}"),
+        other => panic!("a saga starts with its first step, not {other:?}"),
     }
 }
 
@@ -968,39 +1291,83 @@ fn check_saga(saga: &Saga, definition: &SagaDefinition) {
     }
 }
 
-/// A command carries what its step needs of the order.
-fn check_command_content(saga: &Saga, command: &Command) {
-    let order: OrderPlaced =
-        serde_json::from_value(saga.trigger.clone()).expect("an order saga's trigger is an order");
-    let order = &order;
-    assert_eq!(command.key, order.order_id.to_string());
+/// A command is its definition's action for its step and direction, and carries what the step
+/// needs of the trigger: checked against the definition's mapping, and for the trigger
+/// messages these checks know, against the typed message field by field.
+fn check_command_content(saga: &Saga, command: &Command, definition: &SagaDefinition) {
     assert_eq!(command.key, saga.key);
+    assert_eq!(command.saga_type, definition.name);
     assert_eq!(
-        (command.saga_type.as_str(), command.saga_version),
-        ("order", 1)
+        i64::from(command.saga_version),
+        i64::from(definition.version)
     );
-    assert_eq!(
-        command.payload.get("order_id").and_then(|id| id.as_str()),
-        Some(order.order_id.to_string().as_str())
-    );
-    let command = OrderCommand::from_wire(command).expect("an order saga command");
-    match &command {
-        OrderCommand::ReserveStock { items, .. } => assert_eq!(*items, order.items),
-        OrderCommand::ChargePayment {
-            customer_id,
-            amount_cents,
-            currency,
-            ..
-        } => {
-            assert_eq!(*customer_id, order.customer_id);
-            assert_eq!(*amount_cents, order.total_cents);
-            assert_eq!(*currency, order.currency);
+    let step = definition.step(&command.step).expect("a defined step");
+    let action = match command.action {
+        Action::Forward => Some(&step.forward),
+        Action::Compensate => step.compensation.as_ref(),
+    }
+    .expect("a command of a defined action");
+    assert_eq!(command.name, action.name);
+    assert_eq!(command.replies.success, action.success);
+    assert_eq!(command.replies.failure, action.failure);
+    assert_eq!(command.payload.len(), action.payload.fields().count());
+    for (field, path) in action.payload.fields() {
+        assert_eq!(
+            command.payload.get(field),
+            path.resolve(&saga.trigger),
+            "{field}"
+        );
+    }
+    match Typed::of(&definition.trigger.message, &saga.trigger) {
+        Typed::Order(order) => {
+            assert_eq!(command.key, order.order_id.to_string());
+            assert_eq!(
+                command.payload.get("order_id").and_then(|id| id.as_str()),
+                Some(order.order_id.to_string().as_str())
+            );
+            let command = OrderCommand::from_wire(command).expect("an order saga command");
+            match &command {
+                OrderCommand::ReserveStock { items, .. } => assert_eq!(*items, order.items),
+                OrderCommand::ChargePayment {
+                    customer_id,
+                    amount_cents,
+                    currency,
+                    ..
+                } => {
+                    assert_eq!(*customer_id, order.customer_id);
+                    assert_eq!(*amount_cents, order.total_cents);
+                    assert_eq!(*currency, order.currency);
+                }
+                OrderCommand::ScheduleShipment { address, items, .. } => {
+                    assert_eq!(*address, order.shipping_address);
+                    assert_eq!(*items, order.items);
+                }
+                OrderCommand::ReleaseStock { .. } | OrderCommand::RefundPayment { .. } => {}
+            }
         }
-        OrderCommand::ScheduleShipment { address, items, .. } => {
-            assert_eq!(*address, order.shipping_address);
-            assert_eq!(*items, order.items);
+        Typed::Return(request) => {
+            assert_eq!(command.key, request.return_id.to_string());
+            assert_eq!(
+                command.payload.get("return_id").and_then(|id| id.as_str()),
+                Some(request.return_id.to_string().as_str())
+            );
+            // Every field a return's command carries, from the request it was made of.
+            for (field, value) in &command.payload {
+                let expected = match field.as_str() {
+                    "return_id" => serde_json::json!(request.return_id),
+                    "order_id" => serde_json::json!(request.order_id),
+                    "customer_id" => serde_json::json!(request.customer_id),
+                    "items" => serde_json::json!(request.items),
+                    "refund_cents" | "amount_cents" => serde_json::json!(request.refund_cents),
+                    "currency" => serde_json::json!(request.currency),
+                    other => {
+                        panic!("{other} in a return saga's command (add it here): {command:?}")
+                    }
+                };
+                assert_eq!(*value, expected, "{field}: {command:?}");
+            }
         }
-        OrderCommand::ReleaseStock { .. } | OrderCommand::RefundPayment { .. } => {}
+        Typed::Other => {}
     }
 }
 
@@ -1102,7 +1469,7 @@ fn check_transition(
         };
         assert_eq!(command.attempt, attempt, "{}", context());
         assert_eq!(attempt, before + 1, "{}", context());
-        check_command_content(new, command);
+        check_command_content(new, command, definition);
         let compensated_before = sent_before
             .iter()
             .filter(|c| c.action == Action::Compensate)
@@ -1155,6 +1522,22 @@ fn check_transition(
     for event in &published {
         assert_eq!(event.key(), new.key);
         assert_eq!(event.saga_type(), new.definition_name);
+        // The end of a saga names its subject by the key's field of the trigger.
+        let subject = match event {
+            SagaEvent::SagaStarted { .. } => panic!("started twice: {}", context()),
+            SagaEvent::SagaCompleted { subject, .. }
+            | SagaEvent::SagaCompensated { subject, .. }
+            | SagaEvent::SagaFailed { subject, .. } => subject,
+        };
+        let key = &definition.trigger.key;
+        let field = key.segments().last().expect("a key names a field");
+        assert_eq!(subject.len(), 1, "{}", context());
+        assert_eq!(
+            subject.get(field),
+            key.resolve(&new.trigger),
+            "{}",
+            context()
+        );
     }
     let expected = match new.state {
         SagaState::Completed => Some("SagaCompleted"),
