@@ -19,8 +19,9 @@
   // keeps equal to the engine's.
   let sagaStates = [];
   let finalStates = new Set();
-  // The state each operator action fits (the server refuses the rest with 409).
-  const ACTION_STATES = { retry: 'failed', skip: 'failed', abort: 'running' };
+  // The state each operator action fits (the server refuses the rest with 409), by action
+  // name: from the API document too (each action's `x-saga-state`).
+  let actionStates = {};
   // How long a dropped live stream waits before it reconnects, unless the server says otherwise
   // (`retry:`): what Chromium's EventSource waits.
   const RECONNECT_MS = 3000;
@@ -953,7 +954,7 @@
     actionsForm.hidden = !state || finalStates.has(state);
     const busy = !watch || watch.acting;
     for (const button of actionButtons) {
-      button.disabled = busy || ACTION_STATES[button.dataset.action] !== state;
+      button.disabled = busy || actionStates[button.dataset.action] !== state;
     }
   }
 
@@ -1128,14 +1129,16 @@
   }
 
   /**
-   * Reads the saga states from the API document (`SagaState`, and `WatchEnd`'s final states)
-   * and adds a count and a filter option for each. The document needs no token.
+   * Reads the saga states from the API document (`SagaState`, `WatchEnd`'s final states, each
+   * operator action's `x-saga-state`) and adds a count and a filter option for each state. The
+   * document needs no token.
    */
   async function loadStates() {
     try {
       const response = await fetch('/openapi.json');
       if (!response.ok) throw new Error(`/openapi.json answered ${response.status}`);
-      const schemas = (await response.json()).components.schemas;
+      const apiDocument = await response.json();
+      const schemas = apiDocument.components.schemas;
       sagaStates = schemas.SagaState.enum;
       finalStates = new Set(schemas.WatchEnd.properties.state.enum);
       const total = $('count-total').parentElement;
@@ -1146,6 +1149,11 @@
         ]));
       }
       $('filter-state').append(...sagaStates.map((state) => el('option', { value: state, text: state })));
+      actionStates = Object.fromEntries([...document.querySelectorAll('button[data-action]')].map((button) => {
+        const action = button.dataset.action;
+        const operation = (apiDocument.paths[`/sagas/{saga_id}/${action}`] || {}).post || {};
+        return [action, operation['x-saga-state']];
+      }));
       clearError('states');
     } catch (e) {
       showError('states', e);

@@ -357,7 +357,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::OPENAPI_JSON;
-    use crate::saga::{SagaState, StepStatus};
+    use crate::saga::{OperatorAction, SagaState, StepStatus};
     use crate::store::HistoryDecision;
 
     /// The document names the engine's enums as the engine serialises them, so that a client
@@ -397,5 +397,24 @@ mod tests {
             list.push(json!(""));
         }
         assert_eq!(state_filter["schema"]["enum"], states);
+        // Each operator action says the state it applies in (the page enables its button by it).
+        for (name, action) in [
+            ("retry", OperatorAction::Retry),
+            ("skip", OperatorAction::Skip),
+            (
+                "abort",
+                OperatorAction::Abort {
+                    reason: String::new(),
+                },
+            ),
+        ] {
+            assert_eq!(
+                at(&format!(
+                    "/paths/~1sagas~1{{saga_id}}~1{name}/post/x-saga-state"
+                )),
+                json!(action.applies_in()),
+                "{name}"
+            );
+        }
     }
 }

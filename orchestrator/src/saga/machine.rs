@@ -169,6 +169,17 @@ pub enum OperatorAction {
     Abort { reason: String },
 }
 
+impl OperatorAction {
+    /// The state a saga must be in for the action to apply; in any other, it is refused (and
+    /// the API document says so per action: `x-saga-state`, which the page reads).
+    pub fn applies_in(&self) -> SagaState {
+        match self {
+            Self::Retry | Self::Skip => SagaState::Failed,
+            Self::Abort { .. } => SagaState::Running,
+        }
+    }
+}
+
 /// Something the saga wants done once its new state is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -468,21 +479,30 @@ impl Saga {
             .steps
             .iter()
             .position(|s| s.status == StepStatus::CompensationFailed);
-        let effects = match (action, self.state, stuck) {
-            (OperatorAction::Retry, SagaState::Failed, Some(index)) => {
+        if self.state != action.applies_in() {
+            return ignored(match action {
+                OperatorAction::Abort { .. } => format!(
+                    "only a running saga can be aborted; this one is {}",
+                    self.state.as_str()
+                ),
+                OperatorAction::Retry | OperatorAction::Skip => stuck_only(self.state),
+            });
+        }
+        let effects = match (action, stuck) {
+            (OperatorAction::Retry, Some(index)) => {
                 saga.state = SagaState::Compensating;
                 saga.finished_at = None;
                 let step = &mut saga.steps[index];
                 step.compensation_budget_from = step.compensation_attempts;
                 saga.send_compensation(index, now, 0.0, definition)
             }
-            (OperatorAction::Skip, SagaState::Failed, Some(index)) => {
+            (OperatorAction::Skip, Some(index)) => {
                 saga.state = SagaState::Compensating;
                 saga.finished_at = None;
                 saga.steps[index].status = StepStatus::CompensationSkipped;
                 saga.compensate_below(index, now, definition)
             }
-            (OperatorAction::Abort { reason }, SagaState::Running, _) => {
+            (OperatorAction::Abort { reason }, _) => {
                 let Some(index) = self.current_step() else {
                     return ignored("the saga waits on no step".into());
                 };
@@ -499,17 +519,8 @@ impl Saga {
                     definition,
                 )
             }
-            (OperatorAction::Abort { .. }, state, _) => {
-                return ignored(format!(
-                    "only a running saga can be aborted; this one is {}",
-                    state.as_str()
-                ))
-            }
-            (_, state, _) => {
-                return ignored(format!(
-                "retry and skip apply to a failed saga with a stuck compensation; this one is {}",
-                state.as_str()
-            ))
+            (OperatorAction::Retry | OperatorAction::Skip, None) => {
+                return ignored(stuck_only(self.state))
             }
         };
         applied(saga, effects)
@@ -756,6 +767,14 @@ fn applied(saga: Saga, effects: Vec<Effect>) -> Decision {
         saga: Box::new(saga),
         effects,
     }
+}
+
+/// Why a retry or a skip does not apply to a saga in `state`.
+fn stuck_only(state: SagaState) -> String {
+    format!(
+        "retry and skip apply to a failed saga with a stuck compensation; this one is {}",
+        state.as_str()
+    )
 }
 
 fn ignored(reason: String) -> Decision {
