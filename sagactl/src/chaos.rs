@@ -4,7 +4,9 @@
 //! It can SIGKILL and restart the broker too, restart PostgreSQL, and mix garbage into every
 //! consumed topic (then checking the dead-letter topic and the throughput, `garbage.rs`), and
 //! reports how long the failures stalled the sagas (the time a group needs to move a dead
-//! member's partitions shows there).
+//! member's partitions shows there). The services, their topics and the steps each ledger
+//! answers for come from the saga definitions (`deployment.rs`); the generic invariant, each
+//! saga's steps against the participants' ledgers, is `ledgers.rs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,11 +28,13 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind};
+use crate::deployment::{Deployment, ORCHESTRATOR};
+use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind, Target};
 use crate::load::{publish_order, publish_return, random_order};
 
-/// The participants a run starts: the order saga's and the return saga's.
-const PARTICIPANTS: [&str; 4] = ["inventory", "payment", "shipping", "returns"];
+/// The saga types the run's workload starts (orders, and returns of them); the definitions
+/// must have both.
+const WORKLOAD_SAGAS: [&str; 2] = ["order", "return"];
 
 /// Every how many orders a return of an earlier one is requested.
 const RETURN_EVERY: usize = 4;
@@ -74,10 +78,15 @@ pub struct ChaosArgs {
         default_value = "postgres://postgres@127.0.0.1:5432"
     )]
     database_server: String,
-    /// Directory with the orchestrator's and the participants' binaries (inventory, payment,
-    /// shipping, returns).
+    /// Directory with the orchestrator's and the participants' binaries: one per participant
+    /// the saga definitions name, called by its name.
     #[arg(long, default_value = "target/debug")]
     bin_dir: PathBuf,
+    /// The saga definitions (`*.toml`): the orchestrators run them, and the run starts, kills
+    /// and fills with garbage the participants they name, and checks every step they define
+    /// against its participant's ledger.
+    #[arg(long, env = "SAGAS_DIR", default_value = "sagas")]
+    sagas_dir: PathBuf,
     /// Sagas to run.
     #[arg(long, default_value_t = 300)]
     sagas: usize,
@@ -131,12 +140,12 @@ pub struct ChaosArgs {
     /// Publish a hostile record this often, in milliseconds, in the second half of the run
     /// (0: never).
     ///
-    /// The records go round-robin to orders, returns, inventory.commands, payment.commands,
-    /// shipping.commands, returns.commands and saga.replies, and are all unusable (see --garbage-kinds). At the
-    /// end the run reads saga.dlq to its end and checks that each garbage record is there
-    /// exactly once (by the dlq.source.* headers) and nothing else is, and says for each kind
-    /// what happened to those that are not: never consumed, copy stuck in an outbox, started a
-    /// saga, copied twice.
+    /// The records go round-robin to every topic the services consume (each saga type's
+    /// trigger topic and each participant's command topic, from the saga definitions, and
+    /// saga.replies), and are all unusable (see --garbage-kinds). At the end the run reads
+    /// saga.dlq to its end and checks that each garbage record is there exactly once (by the
+    /// dlq.source.* headers) and nothing else is, and says for each kind what happened to those
+    /// that are not: never consumed, copy stuck in an outbox, started a saga, copied twice.
     ///
     /// Throughput: the orders are placed in two halves, open loop at the same --rate (orders go
     /// out on time even while the broker is down) and under the same faults, the first without
@@ -172,7 +181,7 @@ pub struct ChaosArgs {
 /// One process of the fleet: its name in reports, its binary, and its own settings.
 struct Instance {
     name: String,
-    binary: &'static str,
+    binary: String,
     env: Vec<(String, String)>,
 }
 
@@ -189,7 +198,7 @@ struct Fleet {
 impl Fleet {
     async fn start(&mut self, index: usize) -> anyhow::Result<()> {
         let instance = &self.instances[index];
-        let binary = self.bin_dir.join(instance.binary);
+        let binary = self.bin_dir.join(&instance.binary);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -257,6 +266,10 @@ impl Fleet {
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    let deployment = Deployment::load(&args.sagas_dir)?;
+    for saga in WORKLOAD_SAGAS {
+        deployment.saga(saga)?;
+    }
     let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
     let database = format!("chaos_{id}");
     let prefix = format!("chaos-{id}.");
@@ -283,20 +296,24 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             .local_addr()?
             .port();
         instances.push(Instance {
-            name: format!("orchestrator-{n}"),
-            binary: "orchestrator",
+            name: format!("{ORCHESTRATOR}-{n}"),
+            binary: ORCHESTRATOR.into(),
             // The chaos run reads the tables, not the API: open, on loopback only.
             env: vec![
+                (
+                    "SAGAS_DIR".into(),
+                    args.sagas_dir.to_string_lossy().into_owned(),
+                ),
                 ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
                 ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
                 ("API_DATABASE_CONNECTIONS".into(), "1".into()),
             ],
         });
     }
-    for participant in PARTICIPANTS {
+    for participant in &deployment.participants {
         instances.push(Instance {
-            name: participant.into(),
-            binary: participant,
+            name: participant.name.clone(),
+            binary: participant.name.clone(),
             env: Vec::new(),
         });
     }
@@ -339,7 +356,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         .max_connections(2)
         .connect(&database_url)
         .await?;
-    wait_until_migrated(&db).await?;
+    wait_until_migrated(&db, &deployment).await?;
     let initial = Snapshot::take(&db).await?;
 
     let topics = Topics::new(prefix.clone());
@@ -403,6 +420,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             garbage = Some(GarbageFaults::spawn(
                 crate::garbage::producer(&args.brokers)?,
                 topics.clone(),
+                Target::all(&deployment),
                 garbage_kinds.clone(),
                 Duration::from_millis(args.garbage_every_ms),
             ));
@@ -549,24 +567,27 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         (Some(log), Some(reader)) => {
             // What the services published while they stopped.
             tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(60)))?;
-            Some(crate::garbage::audit(log, reader, &db, &args.brokers, &prefix).await?)
+            Some(
+                crate::garbage::audit(log, reader, &db, &args.brokers, &prefix, &deployment)
+                    .await?,
+            )
         }
         _ => None,
     };
-    let garbage_orders = audit
-        .as_ref()
-        .map(|a| a.garbage_orders.clone())
-        .unwrap_or_default();
-    let garbage_returns = audit
-        .as_ref()
-        .map(|a| a.garbage_returns.clone())
-        .unwrap_or_default();
-    let mut checks = check_invariants(&db, &initial, &order_ids, &garbage_orders).await?;
+    let [order_saga, return_saga] = WORKLOAD_SAGAS;
+    let garbage_sagas = |saga| audit.as_ref().map_or(&[][..], |a| a.garbage_sagas(saga));
+    let mut checks = check_invariants(&db, &initial, &order_ids, garbage_sagas(order_saga)).await?;
     checks
         .results
-        .extend(check_returns(&db, &return_ids, &garbage_returns).await?);
-    let duplicates = Duplicates::count(&db).await?;
-    let stalls = Stalls::measure(&db, placing_from, placing_until).await?;
+        .extend(check_returns(&db, &return_ids, garbage_sagas(return_saga)).await?);
+    let ledgers = crate::ledgers::check(&db, &deployment).await?;
+    checks.results.push((
+        "each saga's steps agree with the participants' ledgers (every saga type, every step)",
+        ledgers.passed(),
+        ledgers.describe(),
+    ));
+    let duplicates = Duplicates::count(&db, &deployment).await?;
+    let stalls = Stalls::measure(&db, &deployment, placing_from, placing_until).await?;
     let timeline = Throughput::timeline(&db, &order_ids, placing_from).await?;
     if let Some(listening) = listening {
         checks.results.push((
@@ -679,10 +700,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &args.brokers)
             .create()?;
-        // The sagas' topics: their triggers, the engine's, the participants' commands.
-        let mut names = vec![topics.orders(), topics.named("returns")];
+        // The sagas' topics: their triggers, the participants' commands, the engine's.
+        let mut names: Vec<String> = deployment
+            .saga_topics()
+            .iter()
+            .map(|t| topics.named(t))
+            .collect();
         names.extend(topics.engine());
-        names.extend(PARTICIPANTS.map(|p| topics.named(&format!("{p}.commands"))));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
             eprintln!("deleting the run's topics failed: {e}");
@@ -797,17 +821,29 @@ async fn wait_until_finished(db: &PgPool, order_id: Uuid) {
     eprintln!("the warm-up saga did not finish within a minute; going on");
 }
 
-async fn wait_until_migrated(db: &PgPool) -> anyhow::Result<()> {
+/// Waits until every service has created its tables, and the demo stock and accounts the
+/// business checks start from are in.
+async fn wait_until_migrated(db: &PgPool, deployment: &Deployment) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let tables: String =
+        std::iter::once(format!("to_regclass('{ORCHESTRATOR}.sagas') IS NOT NULL"))
+            .chain(
+                deployment
+                    .participants
+                    .iter()
+                    .map(|p| format!("to_regclass('{}.step_ledger') IS NOT NULL", p.name)),
+            )
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    let sql = format!(
+        "SELECT {tables} AND EXISTS (SELECT 1 FROM inventory.stock) \
+         AND EXISTS (SELECT 1 FROM payment.accounts) \
+         AND to_regclass('shipping.shipments') IS NOT NULL \
+         AND to_regclass('returns.return_lines') IS NOT NULL"
+    );
     loop {
-        let ready: Option<bool> = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) \
-             AND to_regclass('shipping.shipments') IS NOT NULL AND to_regclass('orchestrator.sagas') IS NOT NULL \
-             AND to_regclass('returns.return_lines') IS NOT NULL",
-        )
-        .fetch_one(db)
-        .await
-        .ok();
+        // (Before the services' migrations, the query fails on a missing table.)
+        let ready: Option<bool> = sqlx::query_scalar(&sql).fetch_one(db).await.ok();
         if ready == Some(true) {
             return Ok(());
         }
@@ -1119,27 +1155,25 @@ struct Duplicates {
 }
 
 impl Duplicates {
-    async fn count(db: &PgPool) -> anyhow::Result<Self> {
-        let triggers = count(
-            db,
-            "SELECT count(*) FROM orchestrator.saga_history \
-             WHERE message_type IN ('OrderPlaced', 'ReturnRequested') AND decision = 'ignored'",
-        )
-        .await?;
-        let ignored_replies = count(
-            db,
-            "SELECT count(*) FROM orchestrator.saga_history \
-             WHERE message_type NOT IN ('OrderPlaced', 'ReturnRequested') AND decision = 'ignored'",
-        )
+    async fn count(db: &PgPool, deployment: &Deployment) -> anyhow::Result<Self> {
+        let (triggers, ignored_replies): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*) FILTER (WHERE message_type = ANY($1)), \
+                    count(*) FILTER (WHERE NOT message_type = ANY($1)) \
+             FROM {ORCHESTRATOR}.saga_history WHERE decision = 'ignored'"
+        ))
+        .bind(deployment.trigger_messages())
+        .fetch_one(db)
         .await?;
         // Every inbox row counts its deliveries; all but the first were absorbed.
         let redelivered = count(
             db,
-            "SELECT (SELECT coalesce(sum(deliveries - 1), 0) FROM orchestrator.inbox) \
-                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM inventory.inbox) \
-                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM payment.inbox) \
-                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM shipping.inbox) \
-                  + (SELECT coalesce(sum(deliveries - 1), 0) FROM returns.inbox)",
+            &format!(
+                "SELECT 0 {}",
+                deployment
+                    .services()
+                    .map(|s| format!("+ (SELECT coalesce(sum(deliveries - 1), 0) FROM {s}.inbox)"))
+                    .collect::<String>()
+            ),
         )
         .await?;
         Ok(Self {
@@ -1362,12 +1396,13 @@ struct Stalls {
     saga_max_ms: f64,
     /// Per service: the longest time between two messages it handled (or the start or end of
     /// placing orders) while orders were being placed, so messages were waiting for it.
-    longest_gap_secs: Vec<(&'static str, f64)>,
+    longest_gap_secs: Vec<(String, f64)>,
 }
 
 impl Stalls {
     async fn measure(
         db: &PgPool,
+        deployment: &Deployment,
         from: chrono::DateTime<chrono::Utc>,
         until: chrono::DateTime<chrono::Utc>,
     ) -> anyhow::Result<Self> {
@@ -1381,7 +1416,7 @@ impl Stalls {
         .fetch_one(db)
         .await?;
         let mut longest_gap_secs = Vec::new();
-        for service in ["orchestrator", "inventory", "payment", "shipping"] {
+        for service in deployment.services() {
             let gap: f64 = sqlx::query_scalar(&format!(
                 "SELECT coalesce(max(gap), 0) FROM ( \
                    SELECT extract(epoch FROM at - lag(at) OVER (ORDER BY at))::float8 AS gap \
@@ -1392,7 +1427,7 @@ impl Stalls {
             .bind(until)
             .fetch_one(db)
             .await?;
-            longest_gap_secs.push((service, gap));
+            longest_gap_secs.push((service.to_owned(), gap));
         }
         Ok(Self {
             saga_p50_ms,

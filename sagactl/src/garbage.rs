@@ -1,17 +1,17 @@
 //! Garbage for the chaos suite: hostile records published to every topic the services consume
 //! while sagas run, and the audit of the dead-letter topic afterwards: every garbage record
-//! must be set aside there exactly once, and nothing else may be.
+//! must be set aside there exactly once, and nothing else may be. The topics, and the valid
+//! messages the garbage is made from, come from the saga definitions.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
 use clap::ValueEnum;
-use events::{
-    Action, Address, Command, Envelope, LineItem, OrderPlaced, Reply, ReplyNames, ReturnItem,
-    ReturnRequested, Topics,
-};
+use events::{Action, Envelope, Reply, Topics};
+use orchestrator::saga::definitions::{trigger_message, SagaDefinition};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -20,6 +20,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::deployment::{Deployment, ORCHESTRATOR};
 
 /// What a garbage record is made of. Each is built so that no consumer may act on it: all of
 /// them belong in the dead-letter topic.
@@ -34,17 +36,19 @@ pub enum GarbageKind {
     InvalidUtf8,
     /// The first half of a valid message.
     TruncatedJson,
-    /// A valid message whose `type` is `OrderCancelled` (on `orders`: an `OrderPlaced`). Commands
-    /// and replies are generic, named by the saga definitions, so there the message is also
-    /// of a kind nobody knows: a command for a step `cancel_order` that no participant serves,
-    /// a reply with the outcome `cancelled`.
+    /// A valid message whose `type` is `OrderCancelled` (on a trigger topic: its trigger).
+    /// Commands and replies are generic, named by the saga definitions, so there the message
+    /// is also of a kind nobody knows: a command for a step `cancel_order` that no participant
+    /// serves, a reply with the outcome `cancelled`.
     UnknownType,
     /// A valid message without its `type`.
     MissingType,
-    /// A valid envelope with `schema_version` 999 (on `orders`: an order in an envelope).
+    /// A valid envelope with `schema_version` 999 (on a trigger topic: the trigger in an
+    /// envelope).
     FutureSchema,
-    /// A valid message of another topic: a command on `saga.replies`, another participant's
-    /// command, a reply on `orders`.
+    /// A valid message of another topic: another saga type's trigger (a reply when there is
+    /// one saga type) on a trigger topic, another participant's command on a command topic, a
+    /// command on `saga.replies`.
     WrongMessage,
     /// A zero-length payload.
     EmptyPayload,
@@ -72,67 +76,61 @@ const HUGE_PAYLOAD_BYTES: usize = 1_040_000;
 /// Size of the [`GarbageKind::HugeHeader`] record's `tracestate`.
 const HUGE_HEADER_BYTES: usize = 200 * 1024;
 
-/// A participant of the order saga and the step it serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Participant {
-    name: &'static str,
-    step: &'static str,
-}
-
-const INVENTORY: Participant = Participant {
-    name: "inventory",
-    step: "reserve_stock",
-};
-const PAYMENT: Participant = Participant {
-    name: "payment",
-    step: "charge_payment",
-};
-const SHIPPING: Participant = Participant {
-    name: "shipping",
-    step: "schedule_shipment",
-};
-
-/// The return saga's own participant (its other steps are inventory's and payment's).
-const RETURNS: Participant = Participant {
-    name: "returns",
-    step: "receive_return",
-};
-
-/// The consumed topics, in the order the garbage visits them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Orders,
-    /// The return saga's trigger topic.
-    Returns,
-    Commands(Participant),
+/// A consumed topic, which the garbage visits in turn.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A saga type's trigger topic.
+    Trigger(Arc<SagaDefinition>),
+    /// A participant's command topic; the valid message there is the forward command of its
+    /// first step in `saga`.
+    Commands {
+        participant: String,
+        topic: String,
+        saga: Arc<SagaDefinition>,
+        step: usize,
+    },
     Replies,
 }
 
-const TARGETS: [Target; 7] = [
-    Target::Orders,
-    Target::Returns,
-    Target::Commands(INVENTORY),
-    Target::Commands(PAYMENT),
-    Target::Commands(SHIPPING),
-    Target::Commands(RETURNS),
-    Target::Replies,
-];
-
 impl Target {
-    fn topic(self, topics: &Topics) -> String {
+    /// Every topic the services consume: each saga type's trigger topic, each participant's
+    /// command topic, and the replies.
+    pub fn all(deployment: &Deployment) -> Vec<Self> {
+        let mut targets: Vec<Self> = deployment.sagas().cloned().map(Self::Trigger).collect();
+        for participant in &deployment.participants {
+            let first_step = deployment.sagas().find_map(|saga| {
+                let step = saga
+                    .steps
+                    .iter()
+                    .position(|s| s.participant == participant.name)?;
+                Some((Arc::clone(saga), step))
+            });
+            if let Some((saga, step)) = first_step {
+                targets.push(Self::Commands {
+                    participant: participant.name.clone(),
+                    topic: participant.topic.clone(),
+                    saga,
+                    step,
+                });
+            }
+        }
+        targets.push(Self::Replies);
+        targets
+    }
+
+    fn topic(&self, topics: &Topics) -> String {
         match self {
-            Self::Orders => topics.orders(),
-            Self::Returns => topics.named("returns"),
-            Self::Commands(participant) => topics.named(&format!("{}.commands", participant.name)),
+            Self::Trigger(saga) => topics.named(&saga.trigger.topic),
+            Self::Commands { topic, .. } => topics.named(topic),
             Self::Replies => topics.replies(),
         }
     }
 
     /// The consumer group that reads the topic in a chaos run.
-    fn group(self, prefix: &str) -> String {
+    fn group(&self, prefix: &str) -> String {
         match self {
-            Self::Orders | Self::Returns | Self::Replies => format!("{prefix}orchestrator"),
-            Self::Commands(participant) => format!("{prefix}{}", participant.name),
+            Self::Trigger(_) | Self::Replies => format!("{prefix}{ORCHESTRATOR}"),
+            Self::Commands { participant, .. } => format!("{prefix}{participant}"),
         }
     }
 }
@@ -144,167 +142,146 @@ struct Hostile {
     headers: Vec<(&'static str, Vec<u8>)>,
 }
 
-fn order(order_id: Uuid) -> OrderPlaced {
-    OrderPlaced {
-        order_id,
-        customer_id: "alice".into(),
-        items: vec![LineItem {
-            sku: "WIDGET".into(),
-            quantity: 1,
-            unit_price_cents: 1_000,
-        }],
-        total_cents: 1_000,
-        currency: "EUR".into(),
-        shipping_address: Address {
-            country: "DE".into(),
-            city: "Berlin".into(),
-            line1: "Unter den Linden 1".into(),
-            postal_code: "10117".into(),
-        },
-    }
-}
-
-/// A return of one WIDGET of an order, whose return id is `return_id`.
-fn return_request(return_id: Uuid) -> ReturnRequested {
-    ReturnRequested {
-        return_id,
-        order_id: Uuid::new_v4(),
-        customer_id: "alice".into(),
-        items: vec![ReturnItem {
-            sku: "WIDGET".into(),
-            quantity: 1,
-        }],
-        refund_cents: 1_000,
-        currency: "EUR".into(),
-    }
-}
-
-/// The forward command of `participant`'s step for `order_id`, as its saga sends it (the
-/// return saga's `receive_return` with `order_id` as the return id).
-fn command_for(participant: Participant, order_id: Uuid) -> Command {
-    let order = order(order_id);
-    let (name, success, failure, payload) = match participant.name {
-        "inventory" => (
-            "ReserveStock",
-            "StockReserved",
-            "StockUnavailable",
-            json!({ "order_id": order_id, "items": order.items }),
-        ),
-        "payment" => (
-            "ChargePayment",
-            "PaymentCharged",
-            "PaymentDeclined",
-            json!({
-                "order_id": order_id,
-                "customer_id": order.customer_id,
-                "amount_cents": order.total_cents,
-                "currency": order.currency,
-            }),
-        ),
-        "returns" => {
-            let request = return_request(order_id);
-            (
-                "ReceiveReturn",
-                "ReturnReceived",
-                "ReturnRefused",
-                json!({
-                    "return_id": request.return_id,
-                    "order_id": request.order_id,
-                    "customer_id": request.customer_id,
-                    "items": request.items,
-                    "refund_cents": request.refund_cents,
-                    "currency": request.currency,
-                }),
-            )
+/// A valid trigger of `saga` whose key is `key`: its trigger message's sample, keyed.
+fn trigger(saga: &SagaDefinition, key: Uuid) -> Value {
+    let mut message = trigger_message(&saga.trigger.message)
+        .map(|m| (m.sample)())
+        .unwrap_or_default();
+    let segments: Vec<&str> = saga.trigger.key.segments().collect();
+    if let Some((last, parents)) = segments.split_last() {
+        let parent = parents
+            .iter()
+            .try_fold(&mut message, |value, segment| value.get_mut(*segment));
+        if let Some(Value::Object(fields)) = parent {
+            fields.insert((*last).to_owned(), key.to_string().into());
         }
-        _ => (
-            "ScheduleShipment",
-            "ShipmentScheduled",
-            "ShipmentRejected",
-            json!({
-                "order_id": order_id,
-                "address": order.shipping_address,
-                "items": order.items,
-            }),
-        ),
+    }
+    message
+}
+
+/// The forward command of step `step` of `saga` for the saga keyed `key`, as the saga sends
+/// it, in an envelope of `saga_id`. (The registry built every command of the definition when
+/// it loaded it; should this one fail all the same, the record is garbage of another kind.)
+fn command(saga: &SagaDefinition, step: usize, key: Uuid, saga_id: Uuid) -> Value {
+    let Some(definition) = saga.steps.get(step) else {
+        return json!({ "note": "no such step" });
     };
-    Command {
-        name: name.into(),
-        saga_type: if participant == RETURNS {
-            "return"
-        } else {
-            "order"
-        }
-        .into(),
-        saga_version: 1,
-        step: participant.step.into(),
-        action: Action::Forward,
-        attempt: 1,
-        key: order_id.to_string(),
-        replies: ReplyNames {
-            success: success.into(),
-            failure: Some(failure.into()),
-        },
-        payload: match payload {
-            Value::Object(fields) => fields,
-            _ => serde_json::Map::new(),
-        },
+    match definition
+        .forward
+        .command(saga, definition, Action::Forward, &trigger(saga, key), 1)
+    {
+        Ok(command) => envelope(saga_id, command),
+        Err(e) => json!({ "note": format!("no command: {e}") }),
     }
+}
+
+/// The command on the first participant's topic, for the targets that carry no command.
+fn any_command(targets: &[Target], key: Uuid, saga_id: Uuid) -> Value {
+    targets
+        .iter()
+        .find_map(|t| match t {
+            Target::Commands { saga, step, .. } => Some(command(saga, *step, key, saga_id)),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 fn envelope(saga_id: Uuid, body: impl Serialize) -> Value {
     serde_json::to_value(Envelope::new(saga_id, None, Utc::now(), body)).unwrap_or_default()
 }
 
-/// A message the target's consumer would accept.
-fn valid(target: Target, order_id: Uuid, saga_id: Uuid) -> Value {
-    match target {
-        Target::Orders => serde_json::to_value(order(order_id)).unwrap_or_default(),
-        Target::Returns => serde_json::to_value(return_request(order_id)).unwrap_or_default(),
-        Target::Commands(participant) => envelope(saga_id, command_for(participant, order_id)),
-        Target::Replies => envelope(saga_id, Reply::succeeded(&command_for(INVENTORY, order_id))),
+/// A message `targets[at]`'s consumer would accept.
+fn valid(targets: &[Target], at: usize, key: Uuid, saga_id: Uuid) -> Value {
+    match &targets[at] {
+        Target::Trigger(saga) => trigger(saga, key),
+        Target::Commands { saga, step, .. } => command(saga, *step, key, saga_id),
+        Target::Replies => {
+            let command = any_command(targets, key, saga_id);
+            match serde_json::from_value::<Envelope<events::Command>>(command) {
+                Ok(command) => envelope(saga_id, Reply::succeeded(&command.body)),
+                Err(_) => Value::Null,
+            }
+        }
     }
 }
 
-fn type_name(target: Target, order_id: Uuid) -> String {
-    valid(target, order_id, Uuid::nil())["type"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
+/// A message of another topic than `targets[at]`'s.
+fn wrong(targets: &[Target], at: usize, key: Uuid, saga_id: Uuid) -> Value {
+    let same_kind = |t: &Target| {
+        matches!(
+            (&targets[at], t),
+            (Target::Trigger(_), Target::Trigger(_))
+                | (Target::Commands { .. }, Target::Commands { .. })
+        )
+    };
+    // The next target of the same kind, going round.
+    let other = (1..targets.len())
+        .map(|n| (at + n) % targets.len())
+        .find(|&i| same_kind(&targets[i]));
+    match (&targets[at], other) {
+        (Target::Replies, _) => any_command(targets, key, saga_id),
+        (_, Some(other)) => valid(targets, other, key, saga_id),
+        (Target::Trigger(_), None) => {
+            let replies = targets.iter().position(|t| matches!(t, Target::Replies));
+            replies.map_or(Value::Null, |r| valid(targets, r, key, saga_id))
+        }
+        (Target::Commands { .. }, None) => {
+            let trigger = targets.iter().position(|t| matches!(t, Target::Trigger(_)));
+            trigger.map_or(Value::Null, |t| valid(targets, t, key, saga_id))
+        }
+    }
+}
+
+/// Puts a NUL in the middle of the first string in `value` that is not a UUID nor a `type`
+/// (so that the message still decodes as far as the step's fields).
+fn put_nul(value: &mut Value) -> bool {
+    match value {
+        Value::String(text) if Uuid::parse_str(text).is_err() => {
+            let at = text
+                .chars()
+                .take(text.chars().count() / 2)
+                .map(char::len_utf8)
+                .sum();
+            text.insert(at, '\0');
+            true
+        }
+        Value::Object(fields) => fields
+            .iter_mut()
+            .filter(|(name, _)| *name != "type")
+            .any(|(_, field)| put_nul(field)),
+        Value::Array(items) => items.iter_mut().any(put_nul),
+        _ => false,
+    }
 }
 
 fn to_bytes(value: &Value) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-/// Builds the garbage record of `kind` for `target`, about `order_id` (and `saga_id` where it
-/// has an envelope).
-fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Hostile {
-    let key = Some(order_id.to_string().into_bytes());
-    let type_name = type_name(target, order_id);
+/// Builds the garbage record of `kind` for `targets[at]`, about the saga keyed `key` (and
+/// `saga_id` where it has an envelope).
+fn build(kind: GarbageKind, targets: &[Target], at: usize, key: Uuid, saga_id: Uuid) -> Hostile {
+    let target = &targets[at];
+    let mut valid = valid(targets, at, key, saga_id);
+    let type_name = valid["type"].as_str().unwrap_or_default().to_owned();
     let note = |note: &str| to_bytes(&json!({ "type": type_name, "note": note }));
-    let mut valid = valid(target, order_id, saga_id);
     let mut hostile = Hostile {
-        key,
+        key: Some(key.to_string().into_bytes()),
         payload: None,
         headers: Vec::new(),
     };
     hostile.payload = Some(match kind {
         GarbageKind::NulBytes => {
-            hostile.key = Some(format!("\0{order_id}\0").into_bytes());
-            format!("{{\"type\":\"{type_name}\",\"order_id\":\"\0\0\0\"}}\0").into_bytes()
+            hostile.key = Some(format!("\0{key}\0").into_bytes());
+            format!("{{\"type\":\"{type_name}\",\"key\":\"\0\0\0\"}}\0").into_bytes()
         }
         GarbageKind::NulInJson => {
             match target {
-                Target::Orders | Target::Returns => valid["customer_id"] = "ali\0ce".into(),
-                Target::Commands(INVENTORY) => {
-                    valid["payload"]["items"][0]["sku"] = "WID\0GET".into();
+                Target::Trigger(_) => {
+                    put_nul(&mut valid);
                 }
-                Target::Commands(PAYMENT) | Target::Commands(RETURNS) => {
-                    valid["payload"]["customer_id"] = "ali\0ce".into();
-                }
-                Target::Commands(_) => {
-                    valid["payload"]["address"]["city"] = "Ber\0lin".into();
+                Target::Commands { .. } => {
+                    put_nul(&mut valid["payload"]);
                 }
                 Target::Replies => {
                     // (Reply::failed takes the NUL out of a reason: set it by hand.)
@@ -315,8 +292,8 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
             to_bytes(&valid)
         }
         GarbageKind::InvalidUtf8 => {
-            // (The order id as text: its 16 raw bytes may hold a NUL, which is another kind.)
-            hostile.key = Some([&[0xff, 0xfe][..], order_id.to_string().as_bytes()].concat());
+            // (The key as text: its 16 raw bytes may hold a NUL, which is another kind.)
+            hostile.key = Some([&[0xff, 0xfe][..], key.to_string().as_bytes()].concat());
             // Two bytes that are no UTF-8 at the start of the first string value.
             let mut bytes = to_bytes(&valid);
             let at = bytes
@@ -333,8 +310,8 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         GarbageKind::UnknownType => {
             valid["type"] = "OrderCancelled".into();
             match target {
-                Target::Orders | Target::Returns => {}
-                Target::Commands(_) => valid["step"] = "cancel_order".into(),
+                Target::Trigger(_) => {}
+                Target::Commands { .. } => valid["step"] = "cancel_order".into(),
                 Target::Replies => valid["outcome"] = "cancelled".into(),
             }
             to_bytes(&valid)
@@ -347,8 +324,8 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
         }
         GarbageKind::FutureSchema => {
             let mut future = match target {
-                // An enveloped order (or return): the message is the envelope's payload.
-                Target::Orders | Target::Returns => {
+                // An enveloped trigger: the message is the envelope's payload.
+                Target::Trigger(_) => {
                     envelope(saga_id, json!({ "type": type_name, "payload": valid }))
                 }
                 _ => valid,
@@ -356,19 +333,7 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
             future["schema_version"] = 999.into();
             to_bytes(&future)
         }
-        GarbageKind::WrongMessage => to_bytes(&match target {
-            Target::Orders => {
-                envelope(saga_id, Reply::succeeded(&command_for(INVENTORY, order_id)))
-            }
-            // An order on the returns topic: a valid trigger, of the wrong saga.
-            Target::Returns => serde_json::to_value(order(order_id)).unwrap_or_default(),
-            Target::Commands(INVENTORY) => envelope(saga_id, command_for(PAYMENT, order_id)),
-            Target::Commands(PAYMENT) => envelope(saga_id, command_for(SHIPPING, order_id)),
-            Target::Commands(RETURNS) => envelope(saga_id, command_for(INVENTORY, order_id)),
-            Target::Commands(_) | Target::Replies => {
-                envelope(saga_id, command_for(INVENTORY, order_id))
-            }
-        }),
+        GarbageKind::WrongMessage => to_bytes(&wrong(targets, at, key, saga_id)),
         GarbageKind::EmptyPayload => Vec::new(),
         GarbageKind::NullPayload => {
             hostile.payload = None;
@@ -379,7 +344,7 @@ fn build(kind: GarbageKind, target: Target, order_id: Uuid, saga_id: Uuid) -> Ho
             note("a record without a key")
         }
         GarbageKind::NulKey => {
-            hostile.key = Some(format!("{order_id}\0").into_bytes());
+            hostile.key = Some(format!("{key}\0").into_bytes());
             note("a key with a NUL byte")
         }
         GarbageKind::HugeHeader => {
@@ -410,8 +375,8 @@ pub struct Sent {
     pub partition: i32,
     pub offset: i64,
     target: Target,
-    /// The order and saga the record names, to find whatever a consumer did with it.
-    order_id: Uuid,
+    /// The saga key and saga id the record names, to find whatever a consumer did with it.
+    key: Uuid,
     saga_id: Uuid,
 }
 
@@ -442,27 +407,29 @@ impl GarbageFaults {
     pub fn spawn(
         producer: FutureProducer,
         topics: Topics,
+        targets: Vec<Target>,
         kinds: Vec<GarbageKind>,
         every: Duration,
     ) -> Self {
         let (stop, mut stopping) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut log = GarbageLog::default();
-            if kinds.is_empty() {
+            if kinds.is_empty() || targets.is_empty() {
                 return log;
             }
-            // Record n goes to topic n % 5, with the kinds rotating per round, so every kind
-            // reaches every topic within 5 × kinds records and neighbours differ in both.
+            // Record n goes to target n % targets, with the kinds rotating per round, so every
+            // kind reaches every topic within targets × kinds records and neighbours differ in
+            // both.
             for n in 0usize.. {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
                     _ = stopping.changed() => break,
                 }
-                let target = TARGETS[n % TARGETS.len()];
-                let kind = kinds[(n / TARGETS.len() + n % TARGETS.len()) % kinds.len()];
-                let (order_id, saga_id) = (Uuid::new_v4(), Uuid::new_v4());
-                let hostile = build(kind, target, order_id, saga_id);
-                let topic = target.topic(&topics);
+                let at = n % targets.len();
+                let kind = kinds[(n / targets.len() + at) % kinds.len()];
+                let (key, saga_id) = (Uuid::new_v4(), Uuid::new_v4());
+                let hostile = build(kind, &targets, at, key, saga_id);
+                let topic = targets[at].topic(&topics);
                 let mut record = FutureRecord::<[u8], [u8]>::to(&topic);
                 if let Some(key) = &hostile.key {
                     record = record.key(key.as_slice());
@@ -487,8 +454,8 @@ impl GarbageFaults {
                         topic,
                         partition: delivery.partition,
                         offset: delivery.offset,
-                        target,
-                        order_id,
+                        target: targets[at].clone(),
+                        key,
                         saga_id,
                     }),
                     Err((e, _)) => {
@@ -631,10 +598,16 @@ pub struct Audit {
     pub passed: bool,
     pub detail: String,
     pub per_kind: Vec<String>,
-    /// Order ids of garbage records that started a saga (left out of the saga invariants).
-    pub garbage_orders: Vec<Uuid>,
-    /// Return ids of garbage records on `returns` that started a saga (likewise).
-    pub garbage_returns: Vec<Uuid>,
+    /// Per saga type, the keys of garbage records on its trigger topic that started a saga
+    /// (left out of the saga invariants).
+    garbage_sagas: BTreeMap<String, Vec<Uuid>>,
+}
+
+impl Audit {
+    /// The keys of the sagas of type `saga` that garbage records started.
+    pub fn garbage_sagas(&self, saga: &str) -> &[Uuid] {
+        self.garbage_sagas.get(saga).map_or(&[], Vec::as_slice)
+    }
 }
 
 #[derive(Default)]
@@ -671,6 +644,7 @@ pub async fn audit(
     db: &PgPool,
     brokers: &str,
     prefix: &str,
+    deployment: &Deployment,
 ) -> anyhow::Result<Audit> {
     let mut copies: HashMap<(&str, i32, i64), Vec<&DeadLetter>> = HashMap::new();
     let mut foreign: Vec<&DeadLetter> = Vec::new();
@@ -690,13 +664,7 @@ pub async fn audit(
 
     // Where the missing ones are: dead-letter rows not yet published, group positions.
     let mut in_outbox = BTreeSet::new();
-    for schema in [
-        "orchestrator",
-        "inventory",
-        "payment",
-        "shipping",
-        "returns",
-    ] {
+    for schema in deployment.services() {
         let rows: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(&format!(
             "SELECT headers->>'dlq.source.topic', headers->>'dlq.source.partition', \
                  headers->>'dlq.source.offset' FROM {schema}.outbox WHERE topic = $1"
@@ -713,42 +681,37 @@ pub async fn audit(
         }
     }
     let committed = tokio::task::block_in_place(|| committed_offsets(log, brokers, prefix))?;
-    let order_ids: Vec<Uuid> = log.sent.iter().map(|s| s.order_id).collect();
+    let keys: Vec<Uuid> = log.sent.iter().map(|s| s.key).collect();
     let saga_ids: Vec<Uuid> = log.sent.iter().map(|s| s.saga_id).collect();
-    let started: BTreeSet<Uuid> = sqlx::query_scalar(
-        "SELECT saga_key::uuid FROM orchestrator.sagas \
-             WHERE definition_name = 'order' AND saga_key = ANY($1::uuid[]::text[])",
-    )
-    .bind(&order_ids)
+    let started: BTreeSet<(String, Uuid)> = sqlx::query_as(&format!(
+        "SELECT definition_name, saga_key::uuid FROM {ORCHESTRATOR}.sagas \
+         WHERE saga_key = ANY($1::uuid[]::text[])"
+    ))
+    .bind(&keys)
     .fetch_all(db)
     .await?
     .into_iter()
     .collect();
-    // A garbage record on `returns` names its return id where one on `orders` names its order.
-    let started_returns: BTreeSet<Uuid> = sqlx::query_scalar(
-        "SELECT saga_key::uuid FROM orchestrator.sagas \
-             WHERE definition_name = 'return' AND saga_key = ANY($1::uuid[]::text[])",
-    )
-    .bind(&order_ids)
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .collect();
-    let acted_on: BTreeSet<Uuid> = sqlx::query_scalar(
-        "SELECT saga_id FROM inventory.step_ledger WHERE saga_id = ANY($1) \
-         UNION SELECT saga_id FROM payment.step_ledger WHERE saga_id = ANY($1) \
-         UNION SELECT saga_id FROM shipping.step_ledger WHERE saga_id = ANY($1) \
-         UNION SELECT saga_id FROM returns.step_ledger WHERE saga_id = ANY($1)",
-    )
-    .bind(&saga_ids)
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .collect();
+    let acted_on_sql = deployment
+        .participants
+        .iter()
+        .map(|p| {
+            format!(
+                "SELECT saga_id FROM {}.step_ledger WHERE saga_id = ANY($1)",
+                p.name
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    let acted_on: BTreeSet<Uuid> = sqlx::query_scalar(&acted_on_sql)
+        .bind(&saga_ids)
+        .fetch_all(db)
+        .await?
+        .into_iter()
+        .collect();
 
     let mut kinds: BTreeMap<GarbageKind, KindCount> = BTreeMap::new();
-    let mut garbage_orders = Vec::new();
-    let mut garbage_returns = Vec::new();
+    let mut garbage_sagas: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
     for s in &log.sent {
         let count = kinds.entry(s.kind).or_default();
         count.sent += 1;
@@ -777,13 +740,15 @@ pub async fn audit(
                 }
             }
         }
-        if s.target == Target::Orders && started.contains(&s.order_id) {
-            count.started_saga += 1;
-            garbage_orders.push(s.order_id);
-        }
-        if s.target == Target::Returns && started_returns.contains(&s.order_id) {
-            count.started_saga += 1;
-            garbage_returns.push(s.order_id);
+        // A garbage record on a trigger topic names the key of a saga of that type.
+        if let Target::Trigger(saga) = &s.target {
+            if started.contains(&(saga.name.clone(), s.key)) {
+                count.started_saga += 1;
+                garbage_sagas
+                    .entry(saga.name.clone())
+                    .or_default()
+                    .push(s.key);
+            }
         }
         if acted_on.contains(&s.saga_id) {
             count.acted_on += 1;
@@ -880,8 +845,7 @@ pub async fn audit(
         passed,
         detail,
         per_kind,
-        garbage_orders,
-        garbage_returns,
+        garbage_sagas,
     })
 }
 
@@ -924,33 +888,74 @@ fn committed_offsets(
 mod tests {
     use super::*;
 
-    fn bytes(kind: GarbageKind, target: Target) -> Vec<u8> {
-        build(kind, target, Uuid::new_v4(), Uuid::new_v4())
+    fn targets() -> Vec<Target> {
+        Target::all(&crate::deployment::tests::repository())
+    }
+
+    fn bytes(kind: GarbageKind, targets: &[Target], at: usize) -> Vec<u8> {
+        build(kind, targets, at, Uuid::new_v4(), Uuid::new_v4())
             .payload
             .unwrap_or_default()
     }
 
     #[test]
+    fn every_consumed_topic_is_a_target() {
+        let topics = Topics::new("");
+        let names: Vec<String> = targets().iter().map(|t| t.topic(&topics)).collect();
+        assert_eq!(
+            names,
+            [
+                "orders",
+                "returns",
+                "inventory.commands",
+                "payment.commands",
+                "returns.commands",
+                "shipping.commands",
+                "saga.replies"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_valid_messages_are_valid() {
+        let targets = targets();
+        for at in 0..targets.len() {
+            let payload = to_bytes(&valid(&targets, at, Uuid::new_v4(), Uuid::new_v4()));
+            assert!(accepted(&targets[at], &payload), "{:?}", targets[at]);
+        }
+    }
+
+    /// Whether the consumer of `target` would take `payload` as its own message.
+    fn accepted(target: &Target, payload: &[u8]) -> bool {
+        match target {
+            Target::Trigger(saga) => {
+                trigger_message(&saga.trigger.message).is_some_and(|m| (m.decode)(payload).is_ok())
+            }
+            Target::Commands {
+                participant, saga, ..
+            } => Envelope::<events::Command>::from_json(payload).is_ok_and(|e| {
+                saga.step(&e.body.step)
+                    .is_some_and(|s| &s.participant == participant)
+            }),
+            Target::Replies => Envelope::<Reply>::from_json(payload).is_ok(),
+        }
+    }
+
+    #[test]
     fn nothing_built_is_a_valid_message() {
+        let targets = targets();
         for kind in GarbageKind::value_variants() {
-            for target in TARGETS {
-                let payload = bytes(*kind, target);
-                let accepted = match target {
-                    Target::Orders => OrderPlaced::from_json(&payload).is_ok(),
-                    Target::Returns => ReturnRequested::from_json(&payload).is_ok(),
-                    Target::Commands(participant) => Envelope::<Command>::from_json(&payload)
-                        .is_ok_and(|e| e.body.step == participant.step),
-                    Target::Replies => Envelope::<Reply>::from_json(&payload).is_ok(),
-                };
+            for (at, target) in targets.iter().enumerate() {
+                let payload = bytes(*kind, &targets, at);
                 // Whether the contract refuses a wrong or missing `type` on an order is for the
                 // chaos run to show (the record then starts a saga); an escaped NUL is valid
                 // JSON that only the database refuses.
-                let contract = target == Target::Orders
+                let contract = matches!(target, Target::Trigger(saga) if saga.trigger.message == "OrderPlaced")
                     && matches!(kind, GarbageKind::UnknownType | GarbageKind::MissingType);
                 // A return's decoder checks its type, so nothing of it is left to the run.
                 let nul = *kind == GarbageKind::NulInJson;
                 assert!(
-                    !accepted || contract || nul,
+                    !accepted(target, &payload) || contract || nul,
                     "{kind:?} on {target:?} decodes as a valid message"
                 );
             }
@@ -959,13 +964,16 @@ mod tests {
 
     #[test]
     fn the_huge_ones_have_their_size() {
+        let targets = targets();
+        let replies = targets.len() - 1;
         assert_eq!(
-            bytes(GarbageKind::HugePayload, Target::Replies).len(),
+            bytes(GarbageKind::HugePayload, &targets, replies).len(),
             HUGE_PAYLOAD_BYTES
         );
         let header = build(
             GarbageKind::HugeHeader,
-            Target::Orders,
+            &targets,
+            0,
             Uuid::nil(),
             Uuid::nil(),
         );
@@ -974,8 +982,9 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_invalid() {
-        for target in TARGETS {
-            assert!(std::str::from_utf8(&bytes(GarbageKind::InvalidUtf8, target)).is_err());
+        let targets = targets();
+        for at in 0..targets.len() {
+            assert!(std::str::from_utf8(&bytes(GarbageKind::InvalidUtf8, &targets, at)).is_err());
         }
     }
 }

@@ -14,7 +14,9 @@
 mod budget;
 mod ceiling;
 mod chaos;
+mod deployment;
 mod garbage;
+mod ledgers;
 mod load;
 mod ops;
 mod sse;

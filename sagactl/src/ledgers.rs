@@ -1,0 +1,277 @@
+//! The definition-driven invariant of a chaos run: each finished saga's steps agree with the
+//! participants' step ledgers. The definitions say which participant (whose schema holds its
+//! `step_ledger`) serves each step and which steps can be undone; nothing here names a saga
+//! type, a step or a participant.
+
+use orchestrator::saga::{SagaState, StepStatus};
+use sqlx::PgPool;
+
+use crate::deployment::{Deployment, ORCHESTRATOR};
+
+/// What a participant's ledger remembers of one step of one saga (its row, when it has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// The forward command's outcome: `Some(true)` succeeded, `Some(false)` refused, `None`
+    /// when only the compensation arrived.
+    pub succeeded: Option<bool>,
+    pub compensated: bool,
+}
+
+impl LedgerEntry {
+    /// The step acted and nothing undid it.
+    fn standing(entry: Option<Self>) -> bool {
+        entry.is_some_and(|e| e.succeeded == Some(true) && !e.compensated)
+    }
+}
+
+/// Why one step of a `completed` or `compensated` saga disagrees with its participant's
+/// ledger (`entry`), or `None` when it agrees. `compensable`: whether its definition gives it
+/// a compensation.
+///
+/// The rules follow the state machine: a step marked succeeded got its participant's success,
+/// which the ledger keeps; compensated, a compensation's success, which leaves a tombstone
+/// (also for a step whose forward command never arrived: it compensates "nothing"); failed, in
+/// a finished saga, a refusal (a step that timed out or was aborted is compensated, not left
+/// failed); pending, no command at all. A compensated saga leaves no compensable step done and
+/// standing; a completed one has every step done and standing. A step an operator skipped is
+/// left as it is.
+pub fn disagreement(
+    state: SagaState,
+    status: StepStatus,
+    compensable: bool,
+    entry: Option<LedgerEntry>,
+) -> Option<&'static str> {
+    let standing = LedgerEntry::standing(entry);
+    if state == SagaState::Completed && status != StepStatus::Succeeded {
+        return Some("a step of a completed saga did not succeed");
+    }
+    if state == SagaState::Compensated
+        && compensable
+        && standing
+        && status != StepStatus::CompensationSkipped
+    {
+        return Some("done and never undone in a compensated saga");
+    }
+    match status {
+        StepStatus::Succeeded if !standing => {
+            Some("succeeded, but the ledger has no standing success")
+        }
+        StepStatus::Compensated if entry.is_none_or(|e| !e.compensated) => {
+            Some("compensated, but the ledger has no compensation")
+        }
+        StepStatus::Failed if entry.is_none_or(|e| e.succeeded != Some(false)) => {
+            Some("failed, but the ledger has no refusal")
+        }
+        StepStatus::Pending if entry.is_some() => Some("never sent, but the ledger has it"),
+        StepStatus::Running | StepStatus::Compensating | StepStatus::CompensationFailed => {
+            Some("still waited on in a finished saga")
+        }
+        _ => None,
+    }
+}
+
+/// One saga's step and its ledger row: saga key, the step's name and status in the saga,
+/// whether the ledger has a row, its forward outcome, whether it is compensated.
+type StepRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<String>,
+    bool,
+);
+
+/// The outcome of the check over a whole run.
+#[derive(Debug, Default)]
+pub struct LedgerCheck {
+    pub sagas: i64,
+    pub steps: i64,
+    /// Sagas with at least one step that disagrees (or that run on no known definition).
+    pub broken: i64,
+    /// Failed sagas, left to an operator: not checked.
+    pub skipped: i64,
+    /// A few of the disagreements, for the report.
+    pub examples: Vec<String>,
+}
+
+impl LedgerCheck {
+    const EXAMPLES: usize = 3;
+
+    pub fn passed(&self) -> bool {
+        self.broken == 0
+    }
+
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "{} sagas checked over {} steps, {} break it ({} failed sagas left to an operator, not checked)",
+            self.sagas, self.steps, self.broken, self.skipped
+        );
+        if !self.examples.is_empty() {
+            text.push_str(&format!(": {}", self.examples.join("; ")));
+        }
+        text
+    }
+
+    fn example(&mut self, text: String) {
+        if self.examples.len() < Self::EXAMPLES {
+            self.examples.push(text);
+        }
+    }
+}
+
+/// Checks every completed and compensated saga of every type in `db`, step by step, against
+/// the ledger of the participant its definition names for that step.
+pub async fn check(db: &PgPool, deployment: &Deployment) -> anyhow::Result<LedgerCheck> {
+    let mut result = LedgerCheck::default();
+    // Sagas run on the version they started on: read each version's own definition.
+    let versions: Vec<(String, i32, String, i64)> = sqlx::query_as(&format!(
+        "SELECT definition_name, definition_version, state::text, count(*) \
+         FROM {ORCHESTRATOR}.sagas GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ))
+    .fetch_all(db)
+    .await?;
+    let mut broken_keys = std::collections::BTreeSet::new();
+    for (name, version, state, sagas) in versions {
+        let Some(state) = SagaState::parse(&state) else {
+            anyhow::bail!("orchestrator.sagas has a state this build does not know: {state}");
+        };
+        match state {
+            SagaState::Completed | SagaState::Compensated => {}
+            SagaState::Failed => {
+                result.skipped += sagas;
+                continue;
+            }
+            // The other checks report unfinished sagas.
+            SagaState::Running | SagaState::Compensating => continue,
+        }
+        result.sagas += sagas;
+        let Some(definition) = deployment.registry.get(&name, version) else {
+            result.broken += sagas;
+            result.example(format!(
+                "{sagas} {} sagas of {name} v{version}, which the definitions do not have",
+                state.as_str()
+            ));
+            continue;
+        };
+        let steps_differ: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT saga_key FROM {ORCHESTRATOR}.sagas \
+             WHERE definition_name = $1 AND definition_version = $2 AND state::text = $3 \
+               AND (jsonb_typeof(steps) IS DISTINCT FROM 'array' OR jsonb_array_length(steps) <> $4)"
+        ))
+        .bind(&name)
+        .bind(version)
+        .bind(state.as_str())
+        .bind(i32::try_from(definition.steps.len())?)
+        .fetch_all(db)
+        .await?;
+        for key in steps_differ {
+            result.example(format!("{name} {key}: its steps are not its definition's"));
+            broken_keys.insert((name.clone(), key));
+        }
+        for (index, step) in definition.steps.iter().enumerate() {
+            // The participant's schema holds its ledger.
+            let rows: Vec<StepRow> = sqlx::query_as(&format!(
+                "SELECT s.saga_key, s.steps -> $4 ->> 'name', s.steps -> $4 ->> 'status', \
+                            l.saga_key IS NOT NULL, l.forward_outcome::text, \
+                            l.compensated_at IS NOT NULL \
+                     FROM {ORCHESTRATOR}.sagas s \
+                     LEFT JOIN {participant}.step_ledger l \
+                       ON l.saga_key = s.saga_key AND l.step = $5 \
+                     WHERE s.definition_name = $1 AND s.definition_version = $2 \
+                       AND s.state::text = $3",
+                participant = step.participant
+            ))
+            .bind(&name)
+            .bind(version)
+            .bind(state.as_str())
+            .bind(i32::try_from(index)?)
+            .bind(&step.name)
+            .fetch_all(db)
+            .await?;
+            for (key, step_name, status, has_entry, outcome, compensated) in rows {
+                result.steps += 1;
+                let status = status.and_then(|s| serde_json::from_value(s.into()).ok());
+                let why = match (step_name, status) {
+                    (Some(n), Some(status)) if n == step.name => {
+                        let entry = has_entry.then_some(LedgerEntry {
+                            succeeded: outcome.map(|o| o == "succeeded"),
+                            compensated,
+                        });
+                        disagreement(state, status, step.compensable(), entry)
+                    }
+                    _ => Some("the saga's step is not its definition's, or has no status"),
+                };
+                if let Some(why) = why {
+                    result.example(format!(
+                        "{} {name} {key}, step {} ({}): {why}",
+                        state.as_str(),
+                        step.name,
+                        step.participant
+                    ));
+                    broken_keys.insert((name.clone(), key));
+                }
+            }
+        }
+    }
+    result.broken += i64::try_from(broken_keys.len())?;
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DONE: Option<LedgerEntry> = Some(LedgerEntry {
+        succeeded: Some(true),
+        compensated: false,
+    });
+    const UNDONE: Option<LedgerEntry> = Some(LedgerEntry {
+        succeeded: Some(true),
+        compensated: true,
+    });
+    const REFUSED: Option<LedgerEntry> = Some(LedgerEntry {
+        succeeded: Some(false),
+        compensated: false,
+    });
+    /// The compensation arrived before (or instead of) the forward command.
+    const TOMBSTONE: Option<LedgerEntry> = Some(LedgerEntry {
+        succeeded: None,
+        compensated: true,
+    });
+
+    #[test]
+    fn a_completed_saga_has_every_step_done_and_standing() {
+        let completed = |status, entry| disagreement(SagaState::Completed, status, true, entry);
+        assert_eq!(completed(StepStatus::Succeeded, DONE), None);
+        assert!(completed(StepStatus::Succeeded, UNDONE).is_some());
+        assert!(completed(StepStatus::Succeeded, REFUSED).is_some());
+        assert!(completed(StepStatus::Succeeded, None).is_some());
+        assert!(completed(StepStatus::Compensated, UNDONE).is_some());
+    }
+
+    #[test]
+    fn a_compensated_saga_leaves_nothing_compensable_standing() {
+        let compensated = |status, compensable, entry| {
+            disagreement(SagaState::Compensated, status, compensable, entry)
+        };
+        // Undone, whether the step had acted, was refused late, or never arrived.
+        assert_eq!(compensated(StepStatus::Compensated, true, UNDONE), None);
+        assert_eq!(compensated(StepStatus::Compensated, true, TOMBSTONE), None);
+        assert!(compensated(StepStatus::Compensated, true, DONE).is_some());
+        assert!(compensated(StepStatus::Compensated, true, None).is_some());
+        // The refused step, and the steps never sent.
+        assert_eq!(compensated(StepStatus::Failed, false, REFUSED), None);
+        assert!(compensated(StepStatus::Failed, true, DONE).is_some());
+        assert_eq!(compensated(StepStatus::Pending, true, None), None);
+        assert!(compensated(StepStatus::Pending, false, DONE).is_some());
+        // A step that cannot be undone may stand; one that can may not.
+        assert_eq!(compensated(StepStatus::Succeeded, false, DONE), None);
+        assert!(compensated(StepStatus::Succeeded, true, DONE).is_some());
+        // What an operator skipped stays as it is.
+        assert_eq!(
+            compensated(StepStatus::CompensationSkipped, true, DONE),
+            None
+        );
+        assert!(compensated(StepStatus::Compensating, true, UNDONE).is_some());
+    }
+}
