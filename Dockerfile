@@ -39,6 +39,8 @@ COPY events events
 COPY messaging messaging
 COPY orchestrator orchestrator
 COPY participants participants
+# A workspace member: cargo reads every member's manifest, whichever binary it builds.
+COPY sagactl sagactl
 # sqlx::migrate!("../migrations/...") embeds these at compile time.
 COPY migrations migrations
 # sqlx's query macros check the SQL against this cache instead of a database
