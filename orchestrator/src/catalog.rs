@@ -127,23 +127,9 @@ impl Catalog {
         names
     }
 
-    /// The topics the definitions new sagas start on use: their triggers and command topics,
-    /// without the prefix.
+    /// The trigger and command topics of the known definitions ([`Registry::topics`]).
     pub fn topics(&self) -> (Vec<String>, Vec<String>) {
-        let registry = read(&self.registry);
-        let mut triggers: Vec<String> = registry
-            .newest_all()
-            .map(|d| d.trigger.topic.clone())
-            .collect();
-        let mut commands: Vec<String> = registry
-            .all()
-            .flat_map(|d| d.steps.iter().map(|s| s.topic.clone()))
-            .collect();
-        for list in [&mut triggers, &mut commands] {
-            list.sort();
-            list.dedup();
-        }
-        (triggers, commands)
+        read(&self.registry).topics()
     }
 }
 

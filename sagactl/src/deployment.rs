@@ -76,10 +76,8 @@ impl Deployment {
     /// The topics the sagas run on, without the prefix: every trigger topic and every
     /// participant's command topic.
     pub fn saga_topics(&self) -> Vec<String> {
-        self.sagas()
-            .map(|d| d.trigger.topic.clone())
-            .chain(self.participants.iter().map(|p| p.topic.clone()))
-            .collect()
+        let (triggers, commands) = self.registry.topics();
+        triggers.into_iter().chain(commands).collect()
     }
 
     /// The message types that start a saga.

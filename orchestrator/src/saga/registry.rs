@@ -92,6 +92,23 @@ impl Registry {
             .iter()
             .filter_map(|(name, v)| self.get(name, *v))
     }
+
+    /// The topics the sagas run on, without the prefix, each sorted and once: the trigger
+    /// topics of the definitions new sagas start on, and the command topics of every known
+    /// definition (a saga of an older version still sends its commands).
+    pub fn topics(&self) -> (Vec<String>, Vec<String>) {
+        let mut triggers: Vec<String> =
+            self.newest_all().map(|d| d.trigger.topic.clone()).collect();
+        let mut commands: Vec<String> = self
+            .all()
+            .flat_map(|d| d.steps.iter().map(|s| s.topic.clone()))
+            .collect();
+        for list in [&mut triggers, &mut commands] {
+            list.sort();
+            list.dedup();
+        }
+        (triggers, commands)
+    }
 }
 
 /// A trigger message with every field its shape knows, for building each command once at load

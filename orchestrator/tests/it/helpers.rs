@@ -17,7 +17,7 @@ use messaging::config::{
 };
 use orchestrator::auth::{token_line, Role};
 use orchestrator::config::{ApiConfig, RetryConfig};
-use orchestrator::saga::SagaDefinition;
+use orchestrator::saga::{Registry, SagaDefinition};
 use participants::sdk::{Participant, Readiness};
 use participants::{registry, ParticipantConfig};
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -78,18 +78,17 @@ pub fn sagas_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas")
 }
 
-/// The definitions of [`sagas_dir`], read once.
-static DEFINITIONS: LazyLock<Vec<SagaDefinition>> = LazyLock::new(|| {
+/// The definitions of [`sagas_dir`], read and checked once, as the orchestrator does.
+static DEFINITIONS: LazyLock<Registry> = LazyLock::new(|| {
     orchestrator::saga::definitions::load_dir(&sagas_dir())
+        .and_then(Registry::new)
         .unwrap_or_else(|e| panic!("the repository's saga definitions do not load: {e}"))
 });
 
 /// The newest definition of the repository's saga type `name`.
 pub fn definition(name: &str) -> &'static SagaDefinition {
     DEFINITIONS
-        .iter()
-        .filter(|d| d.name == name)
-        .max_by_key(|d| d.version)
+        .newest(name)
         .unwrap_or_else(|| panic!("no saga {name} in {}", sagas_dir().display()))
 }
 
@@ -157,13 +156,9 @@ pub fn token_list() -> String {
 /// Every topic of a deployment of the repository's sagas: the engine's, and each saga's trigger
 /// topic and its steps' command topics, each once.
 pub fn all_topics(topics: &Topics) -> Vec<String> {
+    let (triggers, commands) = DEFINITIONS.topics();
     let mut all = topics.engine();
-    for saga in DEFINITIONS.iter() {
-        all.push(topics.named(&saga.trigger.topic));
-        all.extend(saga.steps.iter().map(|step| topics.named(&step.topic)));
-    }
-    all.sort();
-    all.dedup();
+    all.extend(triggers.iter().chain(&commands).map(|t| topics.named(t)));
     all
 }
 
