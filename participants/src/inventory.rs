@@ -92,34 +92,28 @@ impl Step for ReserveStock {
             .collect();
         let skus = skus_of(requests.iter().map(|(_, _, wanted)| wanted));
         let mut available = lock_stock(tx, &skus).await?;
+        let refusal = |sku: &str, have: Option<i64>, quantity: i64| match have {
+            None => Some(StockRefusal::UnknownSku(sku.to_owned())),
+            Some(have) if have < quantity => Some(StockRefusal::Insufficient {
+                sku: sku.to_owned(),
+                requested: quantity,
+                available: have,
+            }),
+            Some(_) => None,
+        };
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut reservations: Vec<(Uuid, Uuid)> = Vec::new();
         let mut lines: Vec<(Uuid, String, i32)> = Vec::new();
         for (saga_id, order_id, wanted) in &requests {
-            let refusal = wanted
-                .iter()
-                .find_map(|(sku, quantity)| match available.get(*sku) {
-                    None => Some(StockRefusal::UnknownSku((*sku).to_owned())),
-                    Some(have) if have < quantity => Some(StockRefusal::Insufficient {
-                        sku: (*sku).to_owned(),
-                        requested: *quantity,
-                        available: *have,
-                    }),
-                    Some(_) => None,
-                });
-            if let Some(refusal) = refusal {
-                outcomes.push(Err(refusal));
-                continue;
+            let outcome = move_all(&mut available, wanted, Move::Take, refusal);
+            if outcome.is_ok() {
+                lines.extend(wanted.iter().map(|(sku, quantity)| {
+                    let quantity = i32::try_from(*quantity).unwrap_or(i32::MAX);
+                    (*order_id, (*sku).to_owned(), quantity)
+                }));
+                reservations.push((*order_id, *saga_id));
             }
-            for (sku, quantity) in wanted {
-                if let Some(have) = available.get_mut(*sku) {
-                    *have -= quantity;
-                }
-                let quantity = i32::try_from(*quantity).unwrap_or(i32::MAX);
-                lines.push((*order_id, (*sku).to_owned(), quantity));
-            }
-            reservations.push((*order_id, *saga_id));
-            outcomes.push(Ok(()));
+            outcomes.push(outcome);
         }
         if reservations.is_empty() {
             return Ok(outcomes);
@@ -242,6 +236,42 @@ fn skus_of<'a, 'b: 'a>(
     skus.into_iter().map(str::to_owned).collect()
 }
 
+/// Which way [`move_all`] moves stock.
+#[derive(Debug, Clone, Copy)]
+enum Move {
+    /// Out of stock (a reservation).
+    Take,
+    /// Into stock (a restock).
+    PutBack,
+}
+
+/// Moves every SKU of `quantities` (one request's) in `available`, or none of them:
+/// `refusal(sku, stock, quantity)` says why a SKU cannot move (`stock` is `None` for a SKU the
+/// inventory does not carry). A batch's requests call it one after the other, so each sees
+/// what the earlier ones moved.
+fn move_all<R>(
+    available: &mut BTreeMap<String, i64>,
+    quantities: &BTreeMap<&str, i64>,
+    direction: Move,
+    refusal: impl Fn(&str, Option<i64>, i64) -> Option<R>,
+) -> Result<(), R> {
+    if let Some(refused) = quantities
+        .iter()
+        .find_map(|(sku, quantity)| refusal(sku, available.get(*sku).copied(), *quantity))
+    {
+        return Err(refused);
+    }
+    for (sku, quantity) in quantities {
+        if let Some(have) = available.get_mut(*sku) {
+            match direction {
+                Move::Take => *have -= quantity,
+                Move::PutBack => *have += quantity,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The stock of `skus`, locked until the transaction ends (in SKU order, so that two
 /// transactions cannot deadlock).
 async fn lock_stock(
@@ -301,33 +331,26 @@ impl Step for Restock {
             .collect();
         let skus = skus_of(requests.iter().map(|(_, _, back)| back));
         let mut available = lock_stock(tx, &skus).await?;
+        let refusal = |sku: &str, have: Option<i64>, quantity: i64| match have {
+            None => Some(RestockRefusal::UnknownSku(sku.to_owned())),
+            Some(have) if have + quantity > i64::from(i32::MAX) => Some(RestockRefusal::Overflow {
+                sku: sku.to_owned(),
+            }),
+            Some(_) => None,
+        };
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut restocks: Vec<(Uuid, Uuid)> = Vec::new();
         let mut lines: Vec<(Uuid, &str, i64)> = Vec::new();
         for (saga_id, return_id, back) in &requests {
-            let refusal = back
-                .iter()
-                .find_map(|(sku, quantity)| match available.get(*sku) {
-                    None => Some(RestockRefusal::UnknownSku((*sku).to_owned())),
-                    Some(have) if have + quantity > i64::from(i32::MAX) => {
-                        Some(RestockRefusal::Overflow {
-                            sku: (*sku).to_owned(),
-                        })
-                    }
-                    Some(_) => None,
-                });
-            if let Some(refusal) = refusal {
-                outcomes.push(Err(refusal));
-                continue;
+            let outcome = move_all(&mut available, back, Move::PutBack, refusal);
+            if outcome.is_ok() {
+                lines.extend(
+                    back.iter()
+                        .map(|(sku, quantity)| (*return_id, *sku, *quantity)),
+                );
+                restocks.push((*return_id, *saga_id));
             }
-            for (sku, quantity) in back {
-                if let Some(have) = available.get_mut(*sku) {
-                    *have += quantity;
-                }
-                lines.push((*return_id, *sku, *quantity));
-            }
-            restocks.push((*return_id, *saga_id));
-            outcomes.push(Ok(()));
+            outcomes.push(outcome);
         }
         if restocks.is_empty() {
             return Ok(outcomes);
@@ -375,20 +398,18 @@ impl Step for Restock {
             // Nothing restocked (it never happened here, or it was undone): nothing to undo.
             return Ok(Ok(()));
         }
-        let skus: Vec<String> = lines.iter().map(|line| line.sku.clone()).collect();
-        let mut available = lock_stock(tx, &skus).await?;
-        for line in &lines {
-            let sku = &line.sku;
-            let have = available.get(sku).copied().unwrap_or(0);
-            let restocked = i64::from(line.quantity);
-            if have < restocked {
-                return Ok(Err(RestockRefusal::AlreadyTaken {
-                    sku: sku.clone(),
-                    restocked,
-                    available: have,
-                }));
-            }
-            available.insert(sku.clone(), have - restocked);
+        let restocked = by_sku(lines.iter().map(|line| (line.sku.as_str(), line.quantity)));
+        let mut available = lock_stock(tx, &skus_of(std::iter::once(&restocked))).await?;
+        let taken_since = |sku: &str, have: Option<i64>, restocked: i64| {
+            let have = have.unwrap_or(0);
+            (have < restocked).then(|| RestockRefusal::AlreadyTaken {
+                sku: sku.to_owned(),
+                restocked,
+                available: have,
+            })
+        };
+        if let Err(refused) = move_all(&mut available, &restocked, Move::Take, taken_since) {
+            return Ok(Err(refused));
         }
         write_stock(tx, &available).await?;
         sqlx::query!(
@@ -398,5 +419,62 @@ impl Step for Restock {
         .execute(&mut *tx)
         .await?;
         Ok(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::{by_sku, move_all, Move};
+
+    fn stock(levels: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        levels
+            .iter()
+            .map(|(sku, n)| ((*sku).to_owned(), *n))
+            .collect()
+    }
+
+    /// Refuses a SKU the inventory does not carry (`None`) or has too little of.
+    fn short(sku: &str, have: Option<i64>, quantity: i64) -> Option<String> {
+        match have {
+            None => Some(format!("unknown {sku}")),
+            Some(have) if have < quantity => Some(format!("{sku}: {have} < {quantity}")),
+            Some(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_request_moves_every_sku_or_none() {
+        let mut available = stock(&[("A", 5), ("B", 1)]);
+        let wanted = by_sku([("A", 2), ("B", 2)].into_iter());
+        assert_eq!(
+            move_all(&mut available, &wanted, Move::Take, short),
+            Err("B: 1 < 2".to_owned())
+        );
+        assert_eq!(available, stock(&[("A", 5), ("B", 1)]), "nothing taken");
+
+        let wanted = by_sku([("A", 2), ("B", 1), ("A", 1)].into_iter());
+        assert_eq!(move_all(&mut available, &wanted, Move::Take, short), Ok(()));
+        assert_eq!(available, stock(&[("A", 2), ("B", 0)]));
+
+        assert_eq!(
+            move_all(&mut available, &wanted, Move::PutBack, |_, _, _| None::<
+                String,
+            >),
+            Ok(())
+        );
+        assert_eq!(available, stock(&[("A", 5), ("B", 1)]));
+    }
+
+    #[test]
+    fn an_unknown_sku_is_refused_with_nothing_moved() {
+        let mut available = stock(&[("A", 5)]);
+        let wanted = by_sku([("A", 1), ("Z", 1)].into_iter());
+        assert_eq!(
+            move_all(&mut available, &wanted, Move::Take, short),
+            Err("unknown Z".to_owned())
+        );
+        assert_eq!(available, stock(&[("A", 5)]));
     }
 }
