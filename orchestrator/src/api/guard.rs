@@ -28,7 +28,8 @@ pub struct Guard {
     allowed_hosts: Option<Vec<String>>,
     /// Origins besides the API's own, without a trailing `/`.
     allowed_origins: Vec<String>,
-    /// Each token's request rate, by token name; `None`: no limit.
+    /// Each token's request rate, by token name; `None`: no limit (none configured, or an API
+    /// open on loopback, which has no tokens: a reload never turns it into one that has).
     rates: Option<DefaultKeyedRateLimiter<String>>,
 }
 
@@ -48,10 +49,12 @@ impl Guard {
         } else {
             None
         };
-        let rates = NonZeroU32::new(config.api_rate_limit_per_sec).map(|per_sec| {
-            let burst = NonZeroU32::new(config.api_rate_limit_burst).unwrap_or(per_sec);
-            RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
-        });
+        let rates = NonZeroU32::new(config.api_rate_limit_per_sec)
+            .filter(|_| matches!(gate, Gate::Tokens(_)))
+            .map(|per_sec| {
+                let burst = NonZeroU32::new(config.api_rate_limit_burst).unwrap_or(per_sec);
+                RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
+            });
         Self {
             rates,
             gate: RwLock::new(gate),
@@ -66,15 +69,9 @@ impl Guard {
     }
 
     /// The answer (429, with how long to wait) when `caller` made more requests than its rate
-    /// allows. The loopback caller of an API open without tokens is never limited.
+    /// allows.
     fn rate_limited(&self, caller: &Caller) -> Option<Response> {
         let rates = self.rates.as_ref()?;
-        if matches!(
-            *self.gate.read().unwrap_or_else(PoisonError::into_inner),
-            Gate::OpenOnLoopback
-        ) {
-            return None;
-        }
         let not_until = rates.check_key(&caller.name).err()?;
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
