@@ -57,14 +57,31 @@ impl ApiArgs {
     }
 }
 
+/// Where a trigger is published: the deployment's broker and topic prefix.
 #[derive(Debug, Clone, Args)]
-pub struct OrderArgs {
+pub struct DeploymentArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Topic prefix of the deployment.
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
+}
+
+impl DeploymentArgs {
+    /// A producer for the deployment's broker, and its topics.
+    fn publisher(&self) -> anyhow::Result<(FutureProducer, Topics)> {
+        let producer = messaging::kafka::producer_settings(&self.brokers, 5)
+            .create()
+            .context("creating producer")?;
+        Ok((producer, Topics::new(self.topic_prefix.clone())))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OrderArgs {
+    #[command(flatten)]
+    deployment: DeploymentArgs,
     /// How many orders to place. More than one are random demo orders.
     #[arg(long, default_value_t = 1)]
     count: usize,
@@ -94,12 +111,8 @@ pub struct OrderArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ReturnArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Topic prefix of the deployment.
-    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
+    #[command(flatten)]
+    deployment: DeploymentArgs,
     /// The order the items came from.
     #[arg(long)]
     order_id: Uuid,
@@ -174,10 +187,8 @@ pub async fn request_return(args: ReturnArgs) -> anyhow::Result<()> {
         currency: "EUR".into(),
     };
     request.validate().context("the return is invalid")?;
-    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 5)
-        .create()
-        .context("creating producer")?;
-    publish_return(&producer, &Topics::new(args.topic_prefix), &request).await?;
+    let (producer, topics) = args.deployment.publisher()?;
+    publish_return(&producer, &topics, &request).await?;
     println!("{}", request.return_id);
     Ok(())
 }
@@ -186,10 +197,7 @@ pub async fn order(args: OrderArgs) -> anyhow::Result<()> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
-    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 5)
-        .create()
-        .context("creating producer")?;
-    let topics = Topics::new(args.topic_prefix.clone());
+    let (producer, topics) = args.deployment.publisher()?;
     if args.count == 1 {
         let order = if args.random {
             random_order(args.failure_percent)
