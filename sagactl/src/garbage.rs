@@ -13,7 +13,6 @@ use clap::ValueEnum;
 use events::{Action, Envelope, Reply, Topics};
 use orchestrator::saga::definitions::{trigger_message, SagaDefinition};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -60,6 +59,10 @@ pub enum GarbageKind {
     NulKey,
     /// A 200 KB `tracestate` header beside a valid `traceparent`.
     HugeHeader,
+    /// Header names and values of any bytes, as a client of another language may send them:
+    /// names that are not UTF-8 (`c3 28` once crashed every consumer that met it), with NUL,
+    /// empty and 64 KiB long; null values; trace headers that are not text.
+    AnyBytesHeaders,
     /// A 1,040,000-byte payload: more than librdkafka's default `message.max.bytes`
     /// (1,000,000), less than the broker's (1,048,588).
     HugePayload,
@@ -139,7 +142,8 @@ impl Target {
 struct Hostile {
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
-    headers: Vec<(&'static str, Vec<u8>)>,
+    /// Name and value of each header, bytes as sent (`None`: a null value).
+    headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// A valid trigger of `saga` whose key is `key`: its trigger message's sample, keyed.
@@ -352,10 +356,23 @@ fn build(kind: GarbageKind, targets: &[Target], at: usize, key: Uuid, saga_id: U
             let mut tracestate = b"garbage=".to_vec();
             tracestate.resize(HUGE_HEADER_BYTES, b'x');
             hostile.headers = vec![
-                ("traceparent", traceparent.into_bytes()),
-                ("tracestate", tracestate),
+                (b"traceparent".to_vec(), Some(traceparent.into_bytes())),
+                (b"tracestate".to_vec(), Some(tracestate)),
             ];
             note("a 200 KB tracestate header")
+        }
+        GarbageKind::AnyBytesHeaders => {
+            let long_name = vec![0xc3; 64 * 1024];
+            hostile.headers = vec![
+                (vec![0xc3, 0x28], Some(b"a name that is not UTF-8".to_vec())),
+                (vec![0xff, 0xfe, 0xfd], Some(vec![0xc3, 0x28])),
+                (b"traceparent".to_vec(), Some(vec![0xff, 0xfe])),
+                (b"tracestate".to_vec(), Some(b"\0\0".to_vec())),
+                (b"nul\0inside".to_vec(), None),
+                (Vec::new(), Some(Vec::new())),
+                (long_name, Some(vec![0; 1024])),
+            ];
+            note("headers of any bytes")
         }
         GarbageKind::HugePayload => {
             let mut bytes = format!("{{\"type\":\"{type_name}\",\"padding\":\"").into_bytes();
@@ -438,15 +455,18 @@ impl GarbageFaults {
                     record = record.payload(payload.as_slice());
                 }
                 if !hostile.headers.is_empty() {
-                    record = record.headers(hostile.headers.iter().fold(
-                        OwnedHeaders::new(),
-                        |headers, (key, value)| {
-                            headers.insert(Header {
-                                key,
-                                value: Some(value.as_slice()),
-                            })
-                        },
-                    ));
+                    match messaging::headers::with_any_bytes(
+                        hostile
+                            .headers
+                            .iter()
+                            .map(|(name, value)| (name.as_slice(), value.as_deref())),
+                    ) {
+                        Ok(headers) => record = record.headers(headers),
+                        Err(e) => {
+                            log.unconfirmed.push((kind, topic, e.to_string()));
+                            continue;
+                        }
+                    }
                 }
                 match producer.send(record, Duration::from_secs(60)).await {
                     Ok(delivery) => log.sent.push(Sent {
@@ -551,14 +571,15 @@ impl DeadLetterReader {
                 continue;
             };
             let message = message?;
+            // Read as bytes: anyone who may write to the topic may put any bytes in a header.
             let header = |name: &str| {
-                message.headers().and_then(|headers| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                })
+                message
+                    .headers()
+                    .into_iter()
+                    .flat_map(messaging::headers::raw)
+                    .find(|h| h.name == name.as_bytes())
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
             };
             let source = match (
                 header("dlq.source.topic"),
@@ -977,7 +998,10 @@ mod tests {
             Uuid::nil(),
             Uuid::nil(),
         );
-        assert_eq!(header.headers[1].1.len(), HUGE_HEADER_BYTES);
+        assert_eq!(
+            header.headers[1].1.as_ref().map(Vec::len),
+            Some(HUGE_HEADER_BYTES)
+        );
     }
 
     #[test]

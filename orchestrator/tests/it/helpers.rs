@@ -370,6 +370,15 @@ impl TestSystem {
         self.services.iter().map(|s| s.name).collect()
     }
 
+    /// The services that ended by themselves (a crash) while the test ran.
+    pub fn ended_services(&self) -> Vec<&'static str> {
+        self.services
+            .iter()
+            .filter(|s| s.task.is_finished())
+            .map(|s| s.name)
+            .collect()
+    }
+
     /// Waits until a service ends by itself (a crash) and returns why it ended.
     pub async fn wait_for_exit(&mut self, name: &str) -> String {
         let index = self
