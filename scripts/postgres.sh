@@ -7,6 +7,8 @@
 #   scripts/postgres.sh install   # apt-get install postgresql unless a server binary is there
 #   scripts/postgres.sh start     # configure and start the cluster unless a server answers
 #   scripts/postgres.sh stop      # stop the cluster, fast: clients are disconnected at once
+#   scripts/postgres.sh read-only # refuse writes, server-wide, keeping connections (chaos)
+#   scripts/postgres.sh writable  # take writes again
 #   scripts/postgres.sh running   # exit 0 when something listens on 127.0.0.1:$PGPORT
 #
 # The project's settings live in one file of the cluster's conf.d
@@ -132,10 +134,24 @@ stop() {
   as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" stop -m fast >/dev/null 2>&1 || true
 }
 
+# read-only on|off: the whole server refuses writes (SQLSTATE 25006), as a standby during a
+# failover or a server on a full disk does, without dropping a connection: the chaos suite's
+# --postgres-read-only-every-ms. The setting (default_transaction_read_only, through ALTER
+# SYSTEM) survives a restart, so `off` removes it again; its own session is writable either way.
+read_only() {
+  local statement="ALTER SYSTEM RESET default_transaction_read_only"
+  [[ $1 == on ]] && statement="ALTER SYSTEM SET default_transaction_read_only = on"
+  PGOPTIONS="-c default_transaction_read_only=off" psql -q -v ON_ERROR_STOP=1 \
+    "postgres://postgres@127.0.0.1:$PGPORT/postgres" \
+    -c "$statement" -c "SELECT pg_reload_conf()" >/dev/null
+}
+
 case "${1:-}" in
   install) install ;;
   start) start ;;
   stop) stop ;;
+  read-only) read_only on ;;
+  writable) read_only off ;;
   running) tcp_open "127.0.0.1:$PGPORT" ;;
-  *) echo "usage: $0 install|start|stop|running" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|read-only|writable|running" >&2; exit 2 ;;
 esac

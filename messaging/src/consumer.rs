@@ -15,7 +15,6 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Headers;
 use rdkafka::Message;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,8 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
+use crate::headers::{self, HeaderList};
+use crate::health::Health;
 use crate::metrics::{self, LagReporter};
 use crate::outbox::{Outbox, OutgoingMessage, Wake};
 use crate::telemetry;
@@ -55,16 +56,24 @@ impl Record {
     }
 }
 
-fn trace_headers(message: &impl Message) -> BTreeMap<String, String> {
+/// The trace context among a record's headers. Headers are read as bytes ([`headers::raw`]):
+/// any name and value a producer sent is read without a panic, and what is not a usable trace
+/// header is passed over, as Kafka consumers pass over headers they do not know.
+pub fn trace_headers<M: Message>(message: &M) -> BTreeMap<String, String>
+where
+    M::Headers: HeaderList,
+{
     let mut found = BTreeMap::new();
-    if let Some(headers) = message.headers() {
-        for header in headers.iter() {
-            if telemetry::TRACE_HEADERS.contains(&header.key) {
-                if let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                    if telemetry::acceptable_trace_header(header.key, value) {
-                        found.insert(header.key.to_owned(), value.to_owned());
-                    }
-                }
+    for header in message.headers().into_iter().flat_map(headers::raw) {
+        let Some(name) = telemetry::TRACE_HEADERS
+            .iter()
+            .find(|known| known.as_bytes() == header.name)
+        else {
+            continue;
+        };
+        if let Some(value) = header.text() {
+            if telemetry::acceptable_trace_header(name, value) {
+                found.insert((*name).to_owned(), value.to_owned());
             }
         }
     }
@@ -83,9 +92,11 @@ pub enum HandlerError {
     /// the record is dead-lettered with the last error.
     #[error("retryable: {0}")]
     Retry(String),
-    /// The database cannot be reached: nothing can be handled, and nothing can be
-    /// dead-lettered either (the dead-letter copy goes through the outbox). Retried with
-    /// backoff for as long as it lasts, without counting against the record.
+    /// The database cannot be reached or is unwell (read-only, shutting down, out of
+    /// resources, failing I/O): nothing can be handled, and nothing can be dead-lettered either
+    /// (the dead-letter copy goes through the outbox). Retried with backoff for as long as it
+    /// lasts, without counting against the record; the service says it is not ready meanwhile
+    /// ([`crate::health::Health`]).
     #[error("database unavailable: {0}")]
     Unavailable(String),
 }
@@ -95,10 +106,16 @@ pub enum HandlerError {
 pub const MAX_RETRIES: u32 = 20;
 
 impl From<sqlx::Error> for HandlerError {
-    /// Sorts database errors by what another try can change: a lost or refused connection
-    /// ([`HandlerError::Unavailable`]); a serialization failure, deadlock, lock or statement
-    /// timeout ([`HandlerError::Retry`]); anything else (bad data, a violated constraint, an
-    /// unreadable row) fails the same way every time and rejects the record.
+    /// Sorts database errors by what they say about the record. Only what the record itself
+    /// causes rejects it: a data exception (SQLSTATE class 22: a NUL in text, a number out of
+    /// range), a violated constraint (23), a program limit its size hits (54), a row that does
+    /// not read back. A serialization failure, deadlock, lock or statement timeout may pass on
+    /// another try ([`HandlerError::Retry`]). Everything else says the database is unwell or
+    /// unreachable, not that the record is bad: no connection, read-only (25006, during a
+    /// failover or on a full disk), shutting down or starting up (57P), out of resources (53),
+    /// I/O errors (58), internal errors (XX), a missing privilege or table (42): it is waited
+    /// out ([`HandlerError::Unavailable`]), since a trigger dead-lettered meanwhile is an
+    /// order lost.
     fn from(e: sqlx::Error) -> Self {
         use sqlx::Error as E;
         match &e {
@@ -110,17 +127,44 @@ impl From<sqlx::Error> for HandlerError {
             | E::WorkerCrashed => Self::Unavailable(e.to_string()),
             E::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                if code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") {
-                    // Connection exceptions, insufficient resources, server shutting down.
-                    Self::Unavailable(e.to_string())
-                } else if code.starts_with("40") || code == "55P03" || code == "57014" {
-                    // Serialization failure, deadlock, lock not available, statement timeout.
-                    Self::Retry(e.to_string())
-                } else {
-                    Self::Reject(format!("database refused the message: {e}"))
+                match SqlState::of(&code) {
+                    SqlState::CausedByTheRecord => {
+                        Self::Reject(format!("database refused the message: {e}"))
+                    }
+                    SqlState::Contention => Self::Retry(e.to_string()),
+                    SqlState::DatabaseUnwell => Self::Unavailable(e.to_string()),
                 }
             }
             _ => Self::Reject(format!("database error handling the message: {e}")),
+        }
+    }
+}
+
+/// What a SQLSTATE says about the record whose handling failed with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SqlState {
+    /// The record's own data: another try fails alike.
+    CausedByTheRecord,
+    /// Other transactions got in the way: another try may pass.
+    Contention,
+    /// The database (or its connection, configuration or schema) is not as it should be.
+    DatabaseUnwell,
+}
+
+impl SqlState {
+    fn of(code: &str) -> Self {
+        match code {
+            // Serialization failure, deadlock (class 40), lock not available, statement
+            // timeout.
+            _ if code.starts_with("40") || code == "55P03" || code == "57014" => Self::Contention,
+            // Data exception, integrity constraint violation, program limit exceeded.
+            _ if ["22", "23", "54"]
+                .iter()
+                .any(|class| code.starts_with(class)) =>
+            {
+                Self::CausedByTheRecord
+            }
+            _ => Self::DatabaseUnwell,
         }
     }
 }
@@ -170,6 +214,8 @@ pub struct ConsumeSettings<'a> {
     pub faults: &'a FaultConfig,
     /// Notified after each commit: the relay's wake-up.
     pub outbox_written: &'a tokio::sync::Notify,
+    /// Told when the database is unwell and when it works again.
+    pub health: &'a Health,
 }
 
 /// Consumes `settings.topics` until `shutdown` is cancelled, finishing the batch in hand, then
@@ -190,6 +236,7 @@ pub async fn run<H: Handler>(
         batch_max,
         faults,
         outbox_written,
+        health,
     } = settings;
     let mut handled: u64 = 0;
     let started = std::time::Instant::now();
@@ -240,7 +287,7 @@ pub async fn run<H: Handler>(
                 None => break,
             }
         }
-        if !process_batch(&pool, &handler, &batch, dead_letters, &shutdown).await {
+        if !process_batch(&pool, &handler, &batch, dead_letters, health, &shutdown).await {
             // Shut down while a record was still failing: leave the offsets unstored so the
             // next owner of the partition handles the records again.
             break;
@@ -282,8 +329,12 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-/// Copies a record out of the consumer's buffer, with the span it will be handled in.
-fn to_record(message: &impl Message) -> Record {
+/// Copies a record out of the consumer's buffer, with the span it will be handled in. Every
+/// part of it (key, payload, each header's name and value) may hold any bytes.
+pub fn to_record<M: Message>(message: &M) -> Record
+where
+    M::Headers: HeaderList,
+{
     // Handlers fill in the saga, step and message id once they have decoded the record.
     let span = tracing::info_span!(
         "handle",
@@ -328,10 +379,14 @@ async fn process_batch<H: Handler>(
     handler: &H,
     batch: &[Record],
     dead_letters: &DeadLetters,
+    health: &Health,
     shutdown: &CancellationToken,
 ) -> bool {
     match handle_in_one_transaction(pool, handler, batch, dead_letters, Savepoints::None).await {
-        Ok(Handled { count, .. }) if count == batch.len() => return true,
+        Ok(Handled { count, .. }) if count == batch.len() => {
+            health.database_well();
+            return true;
+        }
         Ok(Handled { stopped_by, .. }) => {
             if let Some(e) = stopped_by {
                 tracing::debug!(error.message = %e, records = batch.len(), "a record failed; handling the batch with a savepoint per record");
@@ -366,7 +421,7 @@ async fn process_batch<H: Handler>(
             }
         };
         let record = &rest[failed_at];
-        if !process(pool, handler, record, dead_letters, shutdown).await {
+        if !process(pool, handler, record, dead_letters, health, shutdown).await {
             return false;
         }
         rest = &rest[failed_at + 1..];
@@ -479,6 +534,7 @@ async fn process<H: Handler>(
     handler: &H,
     record: &Record,
     dead_letters: &DeadLetters,
+    health: &Health,
     shutdown: &CancellationToken,
 ) -> bool {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
@@ -495,12 +551,16 @@ async fn process<H: Handler>(
             )
             .await
             {
-                Ok(Handled { count: 1, .. }) => return true,
+                Ok(Handled { count: 1, .. }) => {
+                    health.database_well();
+                    return true;
+                }
                 Ok(Handled { stopped_by, .. }) => stopped_by,
                 Err(e) => Some(e),
             },
             Some(reason) => match dead_letter(pool, record, dead_letters, reason).await {
                 Ok(()) => {
+                    health.database_well();
                     count_handled(record, "dead_lettered", 0.0);
                     return true;
                 }
@@ -509,7 +569,8 @@ async fn process<H: Handler>(
         };
         let Some(e) = failure else { return true };
         match &e {
-            HandlerError::Unavailable(_) => {
+            HandlerError::Unavailable(reason) => {
+                health.database_unwell(reason);
                 ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "unavailable").increment(1);
                 record.span.in_scope(
                     || tracing::warn!(error.message = %e, "database unavailable; retrying"),
@@ -731,6 +792,7 @@ mod tests {
             &handler,
             &batch,
             &dead_letters,
+            &Health::default(),
             &CancellationToken::new(),
         )
         .await;
@@ -782,6 +844,7 @@ mod tests {
                     &handler,
                     &batch,
                     &dead_letters,
+                    &Health::default(),
                     &CancellationToken::new()
                 )
                 .await
@@ -842,8 +905,20 @@ mod tests {
             ("55P03", "retryable"),            // lock not available
             ("23505", "rejected"),             // unique violation
             ("22021", "rejected"),             // bad byte sequence (a NUL in text)
+            ("23503", "rejected"),             // foreign key violation
+            ("22003", "rejected"),             // numeric value out of range
+            ("54000", "rejected"),             // program limit exceeded (index row too big)
+            ("57014", "retryable"),            // query canceled (statement timeout)
             ("57P01", "database unavailable"), // admin shutdown
+            ("57P03", "database unavailable"), // cannot connect now (starting up)
             ("08006", "database unavailable"), // connection failure
+            ("25006", "database unavailable"), // read-only transaction (failover, full disk)
+            ("53100", "database unavailable"), // disk full
+            ("53300", "database unavailable"), // too many connections
+            ("58030", "database unavailable"), // I/O error
+            ("XX000", "database unavailable"), // internal error
+            ("XX001", "database unavailable"), // data corrupted
+            ("42501", "database unavailable"), // insufficient privilege (a revoked grant)
         ] {
             let raised = sqlx::query(&format!(
                 "DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{code}'; END $$"

@@ -9,6 +9,7 @@
 //! - [`relay`]: publishes the outbox with an idempotent producer and deletes rows only after
 //!   the broker acknowledged them.
 //! - [`retention`]: deletes inbox rows once they are older than any redelivery.
+//! - [`headers`]: record headers read as bytes, whatever a producer put in them.
 //! - [`kafka`], [`db`]: client settings, topic creation, pools, schemas and migrations.
 //! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
 //!   settings, logs, traces, counts and stops.
@@ -20,6 +21,8 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 mod error;
+pub mod headers;
+pub mod health;
 pub mod inbox;
 pub mod kafka;
 pub mod metrics;

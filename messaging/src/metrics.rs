@@ -20,6 +20,7 @@ use rdkafka::statistics::Statistics;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
 use crate::{Error, Result};
 
 /// Records consumed, by topic and by what became of them (`handled`, `dead_lettered`).
@@ -47,6 +48,8 @@ pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
 pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
 /// Records behind the partition's end, per topic and partition, from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
+/// 1 while the consume loop waits for a database that is unreachable or unwell, else 0.
+pub const DATABASE_UNWELL: &str = "database_unwell";
 
 /// Seconds: 0.25 ms to 60 s, dense where a healthy hop lands.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -99,12 +102,18 @@ impl Metrics {
             .into_response()
     }
 
-    /// Serves `/metrics` (and `/healthz`) on `addr` until `shutdown`, for services that have no
-    /// other HTTP server.
+    /// Serves `/metrics` and `/healthz` on `addr` until `shutdown`, for services that have no
+    /// other HTTP server. `/healthz` answers 503 with the reason while `health` says the
+    /// service is not ready.
     ///
     /// # Errors
     /// [`Error::Io`] when the address cannot be bound.
-    pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+        health: Health,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "metrics listening");
         let app = Router::new()
@@ -115,7 +124,10 @@ impl Metrics {
                     async move { metrics.response().await }
                 }),
             )
-            .route("/healthz", get(|| async { "ok" }));
+            .route(
+                "/healthz",
+                get(move || async move { health_response(&health) }),
+            );
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
@@ -123,7 +135,32 @@ impl Metrics {
     }
 }
 
+/// `/healthz`'s answer: 200 `{"status": "ok"}`, or 503 with the reason in the JSON error body
+/// every HTTP error of the project has.
+pub fn health_response(health: &Health) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match health.ready() {
+        Ok(()) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Err(not_ready) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "error": {
+                "code": "unavailable",
+                "message": format!(
+                    "not ready for {} s: {}",
+                    not_ready.for_how_long.as_secs(),
+                    not_ready.reason
+                ),
+            }})),
+        )
+            .into_response(),
+    }
+}
+
 fn describe() {
+    metrics::describe_gauge!(
+        DATABASE_UNWELL,
+        "1 while the consumer waits for a database that is unreachable, read-only, shutting down or otherwise unwell (not ready), else 0."
+    );
     metrics::describe_counter!(MESSAGES_CONSUMED, "Kafka records consumed, by outcome.");
     metrics::describe_histogram!(
         HANDLE_SECONDS,

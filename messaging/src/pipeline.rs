@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 use crate::consumer::{self, ConsumeSettings, DeadLetters, Handler};
+use crate::health::Health;
 use crate::relay::Relay;
 use crate::{kafka, metrics, retention, Result};
 
@@ -27,6 +28,8 @@ pub struct Pipeline {
     pub topics: Vec<String>,
     pub dead_letters: DeadLetters,
     pub faults: FaultConfig,
+    /// Where the consume loop says whether the database works, for `/healthz`.
+    pub health: Health,
 }
 
 impl Pipeline {
@@ -83,6 +86,7 @@ impl Pipeline {
             batch_max: self.kafka.consumer_batch_max,
             faults: &self.faults,
             outbox_written: &outbox_written,
+            health: &self.health,
         };
         // The relay runs until told to stop; if it ends before (a panic), the consumer would
         // go on filling an outbox nobody publishes: stop the whole pipeline instead.

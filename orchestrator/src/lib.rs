@@ -81,6 +81,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let metrics = messaging::metrics::Metrics::install();
     metrics::describe();
+    let health = messaging::health::Health::default();
     let watch = Arc::new(api::watch::WatchFeed::new(
         api_pool.clone(),
         config.api.watch_max_streams,
@@ -107,6 +108,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         topics: topics.clone(),
         catalog: catalog.clone(),
         metrics,
+        health: health.clone(),
         shutdown: shutdown.clone(),
         guard: guard.clone(),
         watch: watch.clone(),
@@ -156,6 +158,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             consumer: "orchestrator".into(),
         },
         faults: config.faults.clone(),
+        health,
     };
     let ops = match ops_listener {
         Some(listener) => {

@@ -26,6 +26,7 @@ use chrono::Utc;
 use events::{Action, Command, Envelope, Reply, Topics};
 use messaging::consumer::{DeadLetters, Handler, HandlerError, Record};
 use messaging::db::column;
+use messaging::health::Health;
 use messaging::outbox::{Outbox, OutgoingMessage};
 use messaging::pipeline::Pipeline;
 use messaging::{db, inbox, kafka};
@@ -73,6 +74,7 @@ pub(crate) async fn run(
             consumer: name.into(),
         },
         faults: config.faults.clone(),
+        health: Health::default(),
     };
     tracing::info!(
         service = name,
@@ -95,9 +97,10 @@ pub(crate) async fn run(
     let metrics_server = config.metrics_addr.map(|addr| {
         let metrics = messaging::metrics::Metrics::install();
         let stop = shutdown.clone();
+        let health = pipeline.health.clone();
         tokio::spawn(async move {
             // Metrics are for watching; a taken port must not stop the service.
-            if let Err(e) = metrics.serve(addr, stop).await {
+            if let Err(e) = metrics.serve(addr, health, stop).await {
                 tracing::warn!(error.message = %e, %addr, "not serving /metrics");
             }
         })

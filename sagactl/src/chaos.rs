@@ -137,6 +137,16 @@ pub struct ChaosArgs {
     /// (`start`) PostgreSQL on $PGPORT, which the run sets to the port of --database-server.
     #[arg(long, default_value = "scripts/postgres.sh")]
     postgres_script: PathBuf,
+    /// Turn PostgreSQL read-only this often, in milliseconds, and writable again after
+    /// --postgres-read-only-ms (0: never): every write fails with SQLSTATE 25006, as during a
+    /// failover or on a full disk, while connections stay up. Server-wide, through
+    /// --postgres-script (`read-only`, `writable`): every client of the server is refused
+    /// writes, not only this run's services. A valid trigger must wait, not be dead-lettered.
+    #[arg(long, default_value_t = 0)]
+    postgres_read_only_every_ms: u64,
+    /// How long PostgreSQL stays read-only each time, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    postgres_read_only_ms: u64,
     /// Publish a hostile record this often, in milliseconds, in the second half of the run
     /// (0: never).
     ///
@@ -369,8 +379,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     wait_until_finished(&db, warmup.order_id).await;
     let mut broker_faults = spawn_broker_faults(&args);
     let mut postgres_faults = spawn_postgres_faults(&args)?;
+    let mut read_only_faults = spawn_read_only_faults(&args)?;
     let mut broker_outages = Outages::default();
     let mut postgres_outages = Outages::default();
+    let mut read_only_outages = Outages::default();
     let garbage_kinds = if args.garbage_kinds.is_empty() {
         GarbageKind::value_variants().to_vec()
     } else {
@@ -411,6 +423,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             if let Some(faults) = postgres_faults.take() {
                 postgres_outages.add(faults.stop().await?);
                 postgres_faults = spawn_postgres_faults(&args)?;
+            }
+            if let Some(faults) = read_only_faults.take() {
+                read_only_outages.add(faults.stop().await?);
+                read_only_faults = spawn_read_only_faults(&args)?;
             }
             eprintln!(
                 "baseline done ({placed} orders); publishing garbage every {} ms from now",
@@ -480,6 +496,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
     if let Some(faults) = postgres_faults {
         postgres_outages.add(faults.stop().await?);
+    }
+    if let Some(faults) = read_only_faults {
+        read_only_outages.add(faults.stop().await?);
     }
     let garbage = match garbage {
         Some(garbage) => Some(garbage.stop().await?),
@@ -586,6 +605,27 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         ledgers.passed(),
         ledgers.describe(),
     ));
+    if audit.is_none() {
+        // Without garbage every record the run sent is valid: none may be dead-lettered,
+        // whatever the faults (a trigger dead-lettered while PostgreSQL was read-only is an
+        // order lost).
+        let dead = count(
+            &db,
+            &format!(
+                "SELECT 0 {}",
+                deployment
+                    .services()
+                    .map(|s| format!("+ (SELECT count(*) FROM {s}.dead_lettered)"))
+                    .collect::<String>()
+            ),
+        )
+        .await?;
+        checks.results.push((
+            "no valid message dead-lettered",
+            dead == 0,
+            format!("{dead} records dead-lettered by the services"),
+        ));
+    }
     let duplicates = Duplicates::count(&db, &deployment).await?;
     let stalls = Stalls::measure(&db, &deployment, placing_from, placing_until).await?;
     let timeline = Throughput::timeline(&db, &order_ids, placing_from).await?;
@@ -633,6 +673,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     println!("kills              {:?}", fleet.kills);
     println!("broker kills       {}", broker_outages.describe());
     println!("postgres restarts  {}", postgres_outages.describe());
+    println!("postgres read-only {}", read_only_outages.describe());
     if let Some(log) = &garbage {
         println!(
             "garbage            {} records ({} kinds) from {:.1} s on, every {} ms",
@@ -730,6 +771,7 @@ fn spawn_broker_faults(args: &ChaosArgs) -> Option<ServerFaults> {
                     args.brokers.split(',').next().unwrap_or_default().into(),
                 )],
                 down_action: "kill",
+                up_action: "start",
             },
             Duration::from_millis(args.broker_kill_every_ms),
             Duration::from_millis(args.broker_down_ms),
@@ -749,9 +791,29 @@ fn spawn_postgres_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults
             script: args.postgres_script.clone(),
             env: vec![("PGPORT".into(), port.to_string())],
             down_action: "stop",
+            up_action: "start",
         },
         Duration::from_millis(args.postgres_restart_every_ms),
         Duration::from_millis(args.postgres_down_ms),
+    )))
+}
+
+/// Turns PostgreSQL read-only and writable again every --postgres-read-only-every-ms, if set.
+fn spawn_read_only_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults>> {
+    if args.postgres_read_only_every_ms == 0 {
+        return Ok(None);
+    }
+    let port = PgConnectOptions::from_str(&args.database_server)?.get_port();
+    Ok(Some(ServerFaults::spawn(
+        "PostgreSQL (read-only)",
+        Control {
+            script: args.postgres_script.clone(),
+            env: vec![("PGPORT".into(), port.to_string())],
+            down_action: "read-only",
+            up_action: "writable",
+        },
+        Duration::from_millis(args.postgres_read_only_every_ms),
+        Duration::from_millis(args.postgres_read_only_ms),
     )))
 }
 
@@ -1192,12 +1254,13 @@ pub(crate) fn value_name(value: impl ValueEnum) -> String {
         .unwrap_or_default()
 }
 
-/// How a server is taken down and brought back: `script down_action` and `script start`,
+/// How a server is taken down and brought back: `script down_action` and `script up_action`,
 /// with `env`.
 struct Control {
     script: PathBuf,
     env: Vec<(String, String)>,
     down_action: &'static str,
+    up_action: &'static str,
 }
 
 impl Control {
@@ -1275,7 +1338,7 @@ impl ServerFaults {
                 outages.stopping.push(began.elapsed());
                 tokio::time::sleep(down).await;
                 let starting = Instant::now();
-                control.run("start").await?;
+                control.run(control.up_action).await?;
                 outages.starting.push(starting.elapsed());
                 outages.lengths.push(began.elapsed());
             }

@@ -48,6 +48,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// Renders `/metrics`.
     pub metrics: messaging::metrics::Metrics,
+    /// Whether the message path can work now (`/healthz`).
+    pub health: messaging::health::Health,
     /// Ends live streams (`/watch`) so that a graceful shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
     pub guard: Arc<Guard>,
@@ -337,7 +339,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     state.metrics.response().await
 }
 
+/// Ready when the consume loop is not waiting for an unwell database (which may still answer
+/// `SELECT 1`: read-only, say) and the API's pool reaches the database.
 async fn healthz(State(state): State<AppState>) -> Response {
+    if state.health.ready().is_err() {
+        return messaging::metrics::health_response(&state.health);
+    }
     match sqlx::query("SELECT 1").execute(&state.pool).await {
         Ok(_) => Json(json!({ "status": "ok" })).into_response(),
         Err(e) => {

@@ -10,7 +10,7 @@ use events::{Envelope, LineItem, Outcome, Reply, SagaEvent};
 
 use crate::order_messages::{Command, Reply as OrderReply, StepDone};
 use messaging::config::FaultConfig;
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde_json::Value;
@@ -33,18 +33,12 @@ async fn send_raw(
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
-    headers: &[(&str, &[u8])],
+    headers: &[(&[u8], Option<&[u8]>)],
 ) -> (i32, i64) {
-    let mut owned = OwnedHeaders::new();
-    for (name, value) in headers {
-        owned = owned.insert(Header {
-            key: name,
-            value: Some(*value),
-        });
-    }
+    let headers = messaging::headers::with_any_bytes(headers.iter().copied()).expect("headers");
     let mut record = FutureRecord::<[u8], [u8]>::to(topic)
         .payload(payload)
-        .headers(owned);
+        .headers(headers);
     if let Some(key) = key {
         record = record.key(key);
     }
@@ -57,10 +51,8 @@ async fn send_raw(
 }
 
 fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
+    messaging::headers::raw(message.headers()?)
+        .find(|h| h.name == name.as_bytes())
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
@@ -145,6 +137,82 @@ async fn records_with_any_bytes_are_dead_lettered_and_the_next_order_completes()
     system.stop().await;
 }
 
+/// Header names and values a client of another language may send: bytes that are not UTF-8
+/// (`c3 28` once crashed every consumer that met it, on every start), NUL, empty, null, and
+/// large; trace headers that are not text.
+fn hostile_headers(large: &[u8]) -> Vec<(&[u8], Option<&[u8]>)> {
+    vec![
+        (b"\xc3\x28", Some(b"a name that is not UTF-8")),
+        (b"\xff\xfe\xfd", Some(b"\xc3\x28")),
+        (b"traceparent", Some(b"\xff\xfe")),
+        (b"tracestate", Some(b"\0\0")),
+        (b"nul\0inside", None),
+        (b"", Some(b"")),
+        (large, Some(large)),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_of_any_bytes_on_any_consumed_topic_stop_no_service() {
+    let mut system = TestSystem::start().await;
+    // The return saga's own participant too, so every command topic has its consumer.
+    system.start_participant("returns", 0);
+    system.wait_for_participants().await;
+    let producer = raw_producer();
+    let large = vec![0xc3u8; 64 * 1024];
+    let headers = hostile_headers(&large);
+    // Every topic a service of the deployment consumes: the trigger topics, the replies and
+    // each participant's commands.
+    let engine_only = [system.topics.saga_events(), system.topics.dead_letters()];
+    let consumed: Vec<String> = crate::helpers::all_topics(&system.topics)
+        .into_iter()
+        .filter(|t| !engine_only.contains(t))
+        .collect();
+    let mut sent = Vec::new();
+    for topic in &consumed {
+        let at = send_raw(&producer, topic, Some(b"k"), b"{not json", &headers).await;
+        sent.push((topic.as_str(), at));
+    }
+    // A good order with the same headers is an order like any other.
+    let placed = order("alice", "WIDGET", 1, "DE");
+    let payload = serde_json::to_vec(&placed).expect("JSON");
+    let key = placed.order_id.to_string();
+    send_raw(
+        &producer,
+        &system.topics.orders(),
+        Some(key.as_bytes()),
+        &payload,
+        &headers,
+    )
+    .await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+
+    let dead = system
+        .read_topic(&system.topics.dead_letters(), sent.len())
+        .await;
+    for (topic, (partition, offset)) in sent {
+        assert!(
+            dead.iter().any(|m| {
+                header(m, "dlq.source.topic").as_deref() == Some(topic)
+                    && header(m, "dlq.source.partition") == Some(partition.to_string())
+                    && header(m, "dlq.source.offset") == Some(offset.to_string())
+            }),
+            "no dead-letter copy of {topic}/{partition}@{offset}"
+        );
+    }
+    let next = order("bob", "WIDGET", 1, "DE");
+    system.place(&next).await;
+    let saga = system.finished_saga(next.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    assert_eq!(
+        system.ended_services(),
+        Vec::<&str>::new(),
+        "a service died"
+    );
+    system.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_tracestate_is_not_copied_into_the_sagas_messages() {
     let system = TestSystem::start().await;
@@ -163,10 +231,10 @@ async fn a_huge_tracestate_is_not_copied_into_the_sagas_messages() {
         &payload,
         &[
             (
-                "traceparent",
-                b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                b"traceparent",
+                Some(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
             ),
-            ("tracestate", tracestate.as_bytes()),
+            (b"tracestate", Some(tracestate.as_bytes())),
         ],
     )
     .await;
@@ -579,5 +647,70 @@ async fn an_orchestrator_whose_pipeline_fails_stops_whole() {
         health.is_err(),
         "the HTTP server stopped with the pipeline: {health:?}"
     );
+    system.stop().await;
+}
+
+/// Makes the test's own database read-only (as during a failover or on a full disk) or
+/// writable again: the setting applies to new sessions, so every session of that database is
+/// ended and the services' pools reconnect into it.
+async fn set_read_only(database: &str, read_only: bool) {
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", crate::helpers::server_url()))
+        .await
+        .expect("admin connection");
+    let setting = if read_only { "on" } else { "off" };
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" SET default_transaction_read_only = {setting}"
+    ))
+    .execute(&admin)
+    .await
+    .expect("alter database");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .execute(&admin)
+    .await
+    .expect("end the database's sessions");
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_placed_while_the_database_is_read_only_waits_for_it_and_completes() {
+    let system = TestSystem::start().await;
+    let orchestrator = system.schema("orchestrator").await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&orchestrator)
+        .await
+        .expect("database name");
+    orchestrator.close().await;
+    set_read_only(&database, true).await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    // Not ready while it waits, with the reason.
+    let (_, body) = eventually("/healthz to say not ready", || async {
+        let (status, body) = system.get("/healthz").await;
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("read-only"), "{body}");
+    // Long enough for every retry a record's own failure gets to run out many times over.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    set_read_only(&database, false).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    eventually("/healthz to say ready again", || async {
+        (system.get("/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+    for service in system.running_services() {
+        let pool = system.schema(service).await;
+        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_lettered")
+            .fetch_one(&pool)
+            .await
+            .expect("dead letters");
+        assert_eq!(dead, 0, "{service} dead-lettered a record of a valid order");
+    }
     system.stop().await;
 }

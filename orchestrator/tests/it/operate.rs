@@ -670,7 +670,11 @@ async fn a_participant_serves_metrics_and_health_on_its_own_address() {
         .port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(messaging::metrics::Metrics::install().serve(addr, stop.clone()));
+    let server = tokio::spawn(messaging::metrics::Metrics::install().serve(
+        addr,
+        messaging::health::Health::default(),
+        stop.clone(),
+    ));
     let client = reqwest::Client::new();
     let text = eventually("the metrics server to answer", || async {
         let response = client
