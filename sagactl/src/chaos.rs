@@ -31,6 +31,7 @@ use uuid::Uuid;
 use crate::deployment::{Deployment, ORCHESTRATOR};
 use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind, Target};
 use crate::load::{publish_order, publish_return, random_order};
+use crate::topic_faults::TopicFaults;
 
 /// The saga types the run's workload starts (orders, and returns of them); the definitions
 /// must have both.
@@ -173,6 +174,16 @@ pub struct ChaosArgs {
     /// restarted service joins as a new member (classic groups run static by default).
     #[arg(long)]
     dynamic_membership: bool,
+    /// Delete one command topic the saga definitions name (chosen at random per run) this
+    /// often, in milliseconds, while the orders are placed, and create it again after
+    /// --topic-down-ms (0: never). The commands on it when it goes are lost with it and sent
+    /// again by the step deadlines, which the run shortens to 3 s (at most 10 s) meanwhile;
+    /// garbage is not sent to that topic (`topic_faults.rs`).
+    #[arg(long, default_value_t = 0)]
+    topic_delete_every_ms: u64,
+    /// How long a deleted topic stays away before it is created again, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    topic_down_ms: u64,
     /// Keep the run's database and topics for inspection (a failed run always keeps them).
     #[arg(long)]
     keep: bool,
@@ -349,6 +360,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         kills: BTreeMap::new(),
         log_dir,
     };
+    let deleted_topic = deleted_topic(&args, &deployment, &mut fleet);
     for index in 0..fleet.instances.len() {
         fleet.start(index).await?;
     }
@@ -369,6 +381,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     wait_until_finished(&db, warmup.order_id).await;
     let mut broker_faults = spawn_broker_faults(&args);
     let mut postgres_faults = spawn_postgres_faults(&args)?;
+    let topic_faults = spawn_topic_faults(&args, &topics, deleted_topic.as_deref())?;
     let mut broker_outages = Outages::default();
     let mut postgres_outages = Outages::default();
     let garbage_kinds = if args.garbage_kinds.is_empty() {
@@ -420,7 +433,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             garbage = Some(GarbageFaults::spawn(
                 crate::garbage::producer(&args.brokers)?,
                 topics.clone(),
-                Target::all(&deployment),
+                garbage_targets(&deployment, deleted_topic.as_deref()),
                 garbage_kinds.clone(),
                 Duration::from_millis(args.garbage_every_ms),
             ));
@@ -481,6 +494,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     if let Some(faults) = postgres_faults {
         postgres_outages.add(faults.stop().await?);
     }
+    let topic_outages = match topic_faults {
+        Some(faults) => Some(faults.stop().await?),
+        None => None,
+    };
     let garbage = match garbage {
         Some(garbage) => Some(garbage.stop().await?),
         None => None,
@@ -600,6 +617,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             ),
         ));
     }
+    if let Some(check) = topic_fault_check(&args, &topics, &topic_outages, garbage.is_some()) {
+        checks.results.push(check);
+    }
     if let (Some(audit), Some(garbage_from)) = (&audit, garbage_from) {
         checks.results.push((
             "garbage: every record in the DLQ exactly once, nothing else there",
@@ -633,6 +653,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     println!("kills              {:?}", fleet.kills);
     println!("broker kills       {}", broker_outages.describe());
     println!("postgres restarts  {}", postgres_outages.describe());
+    if let Some(outages) = &topic_outages {
+        println!("topic deletions    {}", outages.describe());
+    }
     if let Some(log) = &garbage {
         println!(
             "garbage            {} records ({} kinds) from {:.1} s on, every {} ms",
@@ -753,6 +776,74 @@ fn spawn_postgres_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults
         Duration::from_millis(args.postgres_restart_every_ms),
         Duration::from_millis(args.postgres_down_ms),
     )))
+}
+
+/// The command topic --topic-delete-every-ms deletes (without the prefix), chosen for this run;
+/// while it is, the services get the shorter step deadlines the fault needs.
+fn deleted_topic(args: &ChaosArgs, deployment: &Deployment, fleet: &mut Fleet) -> Option<String> {
+    if args.topic_delete_every_ms == 0 {
+        return None;
+    }
+    let topic = crate::topic_faults::choose(deployment)?;
+    fleet.env.extend(crate::topic_faults::service_env());
+    Some(topic)
+}
+
+/// Deletes `topic` every --topic-delete-every-ms and creates it again after --topic-down-ms.
+fn spawn_topic_faults(
+    args: &ChaosArgs,
+    topics: &Topics,
+    topic: Option<&str>,
+) -> anyhow::Result<Option<TopicFaults>> {
+    let Some(topic) = topic else {
+        return Ok(None);
+    };
+    TopicFaults::spawn(
+        &args.brokers,
+        topics.named(topic),
+        Duration::from_millis(args.topic_delete_every_ms),
+        Duration::from_millis(args.topic_down_ms),
+    )
+    .map(Some)
+}
+
+/// With topics deleted and no garbage published, the dead-letter topic must stay empty: a
+/// valid trigger or command dead-lettered for its topic's absence would show there. (With
+/// garbage, the garbage audit checks that it holds nothing else.)
+fn topic_fault_check(
+    args: &ChaosArgs,
+    topics: &Topics,
+    outages: &Option<crate::topic_faults::TopicOutages>,
+    garbage: bool,
+) -> Option<(&'static str, bool, String)> {
+    let outages = outages.as_ref()?;
+    if garbage {
+        return None;
+    }
+    let check = "topic deletions: nothing reached the dead-letter topic";
+    Some(
+        match crate::topic_faults::records_in(&args.brokers, &topics.dead_letters()) {
+            Ok(records) => (
+                check,
+                records == 0,
+                format!(
+                    "{records} records in {} after {} deletions of {}",
+                    topics.dead_letters(),
+                    outages.lengths.len(),
+                    outages.topic
+                ),
+            ),
+            Err(e) => (check, false, format!("cannot count them: {e:#}")),
+        },
+    )
+}
+
+/// Where garbage goes: every consumed topic but the one the topic fault deletes.
+fn garbage_targets(deployment: &Deployment, deleted_topic: Option<&str>) -> Vec<Target> {
+    match deleted_topic {
+        Some(topic) => crate::topic_faults::spare(Target::all(deployment), topic),
+        None => Target::all(deployment),
+    }
 }
 
 /// How many of `order_ids` have a saga, and how many sagas are not finished.
