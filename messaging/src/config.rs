@@ -171,8 +171,9 @@ pub struct RelayConfig {
     pub outbox_batch_max_bytes: i64,
 
     /// How long the relay waits for the broker to acknowledge a batch's records, in
-    /// milliseconds. A destination (topic) whose records are not acknowledged by then counts as
-    /// failing, like one that answers with an error: its rows wait and are tried again with
+    /// milliseconds, and at most a quarter of it after the broker acknowledged the batch's
+    /// other records. A destination (topic) whose records are not acknowledged by then counts
+    /// as failing, like one that answers with an error: its rows wait and are tried again with
     /// backoff, while the batches of the other destinations go on.
     #[arg(long, env = "OUTBOX_ACK_WAIT_MS", default_value_t = 2_000)]
     pub outbox_ack_wait_ms: u64,

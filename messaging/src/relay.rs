@@ -11,7 +11,8 @@
 //! **Progress per destination.** A row that is acknowledged is deleted; a row the broker
 //! refuses for good (too large, invalid) is moved to `outbox_parked`; a row that fails for a
 //! passing reason (its topic deleted or not created yet, not enough replicas, no
-//! acknowledgement within `OUTBOX_ACK_WAIT_MS`) stays, and its topic counts as *failing*: the
+//! acknowledgement within `OUTBOX_ACK_WAIT_MS`, or within a quarter of it once the broker
+//! acknowledged the batch's other records) stays, and its topic counts as *failing*: the
 //! relay claims no more rows for it while the others go on, and retries it alone with a
 //! backoff of its own (100 ms doubling to `OUTBOX_DESTINATION_BACKOFF_MAX_MS`) by publishing
 //! a copy of its oldest row (a probe; the row itself goes out again in order once the
@@ -29,6 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgListener;
@@ -386,35 +388,82 @@ impl Relay {
                     }
                 }
             }
-            let deadline = tokio::time::Instant::from_std(enqueued + self.config.ack_wait());
-            for (row, (delivery, _span)) in deliveries {
-                let error = match tokio::time::timeout_at(deadline, delivery).await {
-                    Ok(Ok(Ok(_))) => {
-                        ::metrics::histogram!(crate::metrics::OUTBOX_PUBLISH_SECONDS)
-                            .record(enqueued.elapsed().as_secs_f64());
-                        published.acknowledged.push(row.id);
-                        continue;
-                    }
-                    Ok(Ok(Err((e, _)))) if refused_for_good(&e) => {
-                        published.refused.push((row.id, e.to_string()));
-                        continue;
-                    }
-                    Ok(Ok(Err((e, _)))) => e.to_string(),
-                    Ok(Err(_cancelled)) => "the producer dropped the delivery report".to_owned(),
-                    // The record stays queued in the producer and may still arrive: a
-                    // duplicate of what the row publishes later, in the same order.
-                    Err(_elapsed) => format!(
-                        "no acknowledgement within {} ms",
-                        self.config.outbox_ack_wait_ms
-                    ),
-                };
-                if let Some(key) = row.message_key.as_deref() {
-                    held.insert((row.topic.as_str(), key));
-                }
-                published.fail(&row.topic, error);
-            }
+            self.await_wave(deliveries, enqueued, &mut published, &mut held)
+                .await;
         }
         published
+    }
+
+    /// Waits for the broker's answers to one wave. A delivery not answered within
+    /// `OUTBOX_ACK_WAIT_MS`, or a quarter of it after the broker last answered one of the
+    /// wave's other records (with one broker, healthy topics are answered together: a topic
+    /// that lags that far behind them is the one failing, and the rest of the outbox should
+    /// not wait the whole time for it), fails its destination. Its record stays queued in the
+    /// producer and may still arrive: a duplicate of what the row publishes later, in order.
+    async fn await_wave<'a>(
+        &self,
+        deliveries: Vec<(&'a OutboxRow, (DeliveryFuture, tracing::Span))>,
+        enqueued: Instant,
+        published: &mut Published,
+        held: &mut HashSet<(&'a str, &'a [u8])>,
+    ) {
+        let ack_wait = self.config.ack_wait();
+        let straggler_wait = ack_wait / 4;
+        let ack_deadline = enqueued + ack_wait;
+        let mut outstanding: BTreeMap<i64, &OutboxRow> =
+            deliveries.iter().map(|(row, _)| (row.id, *row)).collect();
+        let mut answers: FuturesUnordered<_> = deliveries
+            .into_iter()
+            .map(|(row, (delivery, span))| async move { (row, delivery.await, span) })
+            .collect();
+        let mut last_answer: Option<Instant> = None;
+        let timed_out = loop {
+            let deadline =
+                last_answer.map_or(ack_deadline, |at| (at + straggler_wait).min(ack_deadline));
+            let (row, answer, _span) =
+                match tokio::time::timeout_at(deadline.into(), answers.next()).await {
+                    Ok(Some(answered)) => answered,
+                    Ok(None) => break None,
+                    Err(_elapsed) => break Some(deadline),
+                };
+            last_answer = Some(Instant::now());
+            outstanding.remove(&row.id);
+            let error = match answer {
+                Ok(Ok(_)) => {
+                    ::metrics::histogram!(crate::metrics::OUTBOX_PUBLISH_SECONDS)
+                        .record(enqueued.elapsed().as_secs_f64());
+                    published.acknowledged.push(row.id);
+                    continue;
+                }
+                Ok(Err((e, _))) if refused_for_good(&e) => {
+                    published.refused.push((row.id, e.to_string()));
+                    continue;
+                }
+                Ok(Err((e, _))) => e.to_string(),
+                Err(_cancelled) => "the producer dropped the delivery report".to_owned(),
+            };
+            if let Some(key) = row.message_key.as_deref() {
+                held.insert((row.topic.as_str(), key));
+            }
+            published.fail(&row.topic, error);
+        };
+        let Some(deadline) = timed_out else {
+            return;
+        };
+        let error = if deadline < ack_deadline {
+            format!(
+                "no acknowledgement within {} ms of the broker acknowledging the batch's other records",
+                straggler_wait.as_millis()
+            )
+        } else {
+            format!("no acknowledgement within {} ms", ack_wait.as_millis())
+        };
+        for row in outstanding.into_values() {
+            if let Some(key) = row.message_key.as_deref() {
+                held.insert((row.topic.as_str(), key));
+            }
+            published.fail(&row.topic, error.clone());
+        }
     }
 
     /// A fresh producer when this one failed fatally (an idempotent producer that lost its
