@@ -4,10 +4,11 @@
 //!
 //! What it exercises: the outbox relay holds that topic's rows back while it is gone and keeps
 //! every other destination flowing; the records on the topic when it was deleted are gone with
-//! it, and its consumer starts over on the new, empty topic, so the commands that were on it
-//! are lost and the orchestrator's step deadlines send them again (the run shortens the step
-//! timeouts for that, [`service_env`]). The invariants must hold as without the fault, and no
-//! valid trigger may reach the dead-letter topic.
+//! it, and its consumer, which keeps its position on the old topic, may skip the first records
+//! of the new one (ARCHITECTURE.md, "Hostile input and failures"), so those commands are lost
+//! and the orchestrator's step deadlines send them again (the run shortens the step timeouts
+//! for that, [`service_env`]). The invariants must hold as without the fault, and no valid
+//! trigger may reach the dead-letter topic.
 
 use std::time::{Duration, Instant};
 
