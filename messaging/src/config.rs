@@ -175,16 +175,22 @@ pub struct RelayConfig {
     /// other records. A destination (topic) whose records are not acknowledged by then counts
     /// as failing, like one that answers with an error: its rows wait and are tried again with
     /// backoff, while the batches of the other destinations go on.
-    #[arg(long, env = "OUTBOX_ACK_WAIT_MS", default_value_t = 2_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        env = "OUTBOX_ACK_WAIT_MS",
+        default_value_t = 2_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000)
+    )]
     pub outbox_ack_wait_ms: u64,
 
     /// The longest wait between two tries of a failing destination, in milliseconds (the
-    /// first comes within 100 ms, each later one within twice the one before).
+    /// first comes within 100 ms, each later one within twice the one before). Both waits are
+    /// between 1 ms and an hour.
     #[arg(
         long,
         env = "OUTBOX_DESTINATION_BACKOFF_MAX_MS",
-        default_value_t = 5_000
+        default_value_t = 5_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000)
     )]
     pub outbox_destination_backoff_max_ms: u64,
 }
