@@ -163,11 +163,49 @@ pub struct RelayConfig {
     /// How often the relay looks at the outbox when no notification woke it, in milliseconds.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", default_value_t = 500)]
     pub outbox_poll_interval_ms: u64,
+
+    /// Most bytes (payload, key and headers) of outbox rows the relay holds in memory in one
+    /// batch; the first row of a batch goes whatever its size. 4 MiB holds a full batch of
+    /// 16 KiB rows; a run of dead-letter copies (up to 900 KiB each) goes a few at a time.
+    #[arg(long, env = "OUTBOX_BATCH_MAX_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub outbox_batch_max_bytes: i64,
+
+    /// How long the relay waits for the broker to acknowledge a batch's records, in
+    /// milliseconds, and at most a quarter of it after the broker acknowledged the batch's
+    /// other records. A destination (topic) whose records are not acknowledged by then counts
+    /// as failing, like one that answers with an error: its rows wait and are tried again with
+    /// backoff, while the batches of the other destinations go on.
+    #[arg(
+        long,
+        env = "OUTBOX_ACK_WAIT_MS",
+        default_value_t = 2_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000)
+    )]
+    pub outbox_ack_wait_ms: u64,
+
+    /// The longest wait between two tries of a failing destination, in milliseconds (the
+    /// first comes within 100 ms, each later one within twice the one before). Both waits are
+    /// between 1 ms and an hour.
+    #[arg(
+        long,
+        env = "OUTBOX_DESTINATION_BACKOFF_MAX_MS",
+        default_value_t = 5_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000)
+    )]
+    pub outbox_destination_backoff_max_ms: u64,
 }
 
 impl RelayConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.outbox_poll_interval_ms)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.outbox_ack_wait_ms)
+    }
+
+    pub fn destination_backoff_max(&self) -> Duration {
+        Duration::from_millis(self.outbox_destination_backoff_max_ms)
     }
 }
 
@@ -176,6 +214,9 @@ impl Default for RelayConfig {
         Self {
             outbox_batch_size: 256,
             outbox_poll_interval_ms: 500,
+            outbox_batch_max_bytes: 4 * 1024 * 1024,
+            outbox_ack_wait_ms: 2_000,
+            outbox_destination_backoff_max_ms: 5_000,
         }
     }
 }

@@ -55,7 +55,7 @@ pub const PARTITIONER: &str = "murmur2_random";
 
 /// Settings every producer of the project shares, the services' and the tools': idempotent
 /// (no duplicates or reordering from its own retries), acks from all in-sync replicas, the
-/// Java partitioner, and `linger_ms` of batching.
+/// Java partitioner, `linger_ms` of batching, and no topic created by producing to it.
 pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
@@ -64,7 +64,14 @@ pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", PARTITIONER)
-        .set("linger.ms", linger_ms.to_string());
+        .set("linger.ms", linger_ms.to_string())
+        // A record for a topic that does not exist fails (and the relay holds that topic's
+        // rows back) rather than asking a broker that allows it to create the topic: a
+        // deleted command topic created again by a produce would get the broker's default
+        // partition count, not TOPIC_PARTITIONS, and one saga's messages would no longer
+        // share a partition number. The project's broker refuses anyway
+        // (auto.create.topics.enable=false); this keeps it so on any broker.
+        .set("allow.auto.create.topics", "false");
     client
 }
 

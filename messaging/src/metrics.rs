@@ -5,6 +5,7 @@
 //! (outbox backlog, consumer lag) and serves the page. The names every service shares are the
 //! constants below; the orchestrator adds its saga metrics in its handler.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -46,6 +47,14 @@ pub const OUTBOX_PARKED: &str = "outbox_parked_total";
 pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
 /// Age of the oldest unpublished outbox row (0 when empty).
 pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
+/// Outbox rows not yet published, per destination topic.
+pub const OUTBOX_TOPIC_BACKLOG: &str = "outbox_topic_backlog";
+/// Age of the oldest unpublished outbox row per destination topic (0 once it has none).
+pub const OUTBOX_TOPIC_OLDEST_AGE: &str = "outbox_topic_oldest_age_seconds";
+/// 1 while the relay holds a destination topic's rows back because it fails, else 0.
+pub const OUTBOX_DESTINATION_FAILING: &str = "outbox_destination_failing";
+/// Times a destination topic started failing (a run of failed tries counts once).
+pub const OUTBOX_DESTINATION_FAILURES: &str = "outbox_destination_failures_total";
 /// Records behind the partition's end, per topic and partition, from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
 /// 1 while the consume loop waits for a database that is unreachable or unwell, else 0.
@@ -196,26 +205,63 @@ fn describe() {
         "Age of the oldest unpublished outbox row."
     );
     metrics::describe_gauge!(
+        OUTBOX_TOPIC_BACKLOG,
+        "Outbox rows not yet published, per destination topic."
+    );
+    metrics::describe_gauge!(
+        OUTBOX_TOPIC_OLDEST_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest unpublished outbox row, per destination topic."
+    );
+    metrics::describe_gauge!(
+        OUTBOX_DESTINATION_FAILING,
+        "1 while the outbox relay holds a destination topic's rows back because it fails."
+    );
+    metrics::describe_counter!(
+        OUTBOX_DESTINATION_FAILURES,
+        "Times an outbox destination topic started failing."
+    );
+    metrics::describe_gauge!(
         CONSUMER_LAG,
         "Records between the committed position and the end of each partition."
     );
 }
 
-/// Samples the outbox backlog of `schema` every `every` until `stop`.
+/// Samples the outbox backlog of `schema` every `every` until `stop`: in total and per
+/// destination topic (a topic that drained reads 0 rather than keeping its last value).
 pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToken) {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
     loop {
         let sampled = sqlx::query!(
-            r#"SELECT count(*) AS "backlog!",
-                      extract(epoch FROM now() - min(created_at))::float8 AS "oldest_age?"
-               FROM outbox"#,
+            r#"SELECT topic AS "topic!", count(*) AS "backlog!",
+                      extract(epoch FROM now() - min(created_at))::float8 AS "oldest_age!"
+               FROM outbox GROUP BY topic"#,
         )
-        .fetch_one(&pool)
+        .fetch_all(&pool)
         .await;
         match sampled {
-            Ok(sample) => {
-                metrics::gauge!(OUTBOX_BACKLOG).set(sample.backlog as f64);
+            Ok(topics) => {
+                let mut backlog = 0;
+                let mut oldest: f64 = 0.0;
+                let mut drained = std::mem::take(&mut seen);
+                for sample in topics {
+                    backlog += sample.backlog;
+                    let age = sample.oldest_age.max(0.0);
+                    oldest = oldest.max(age);
+                    metrics::gauge!(OUTBOX_TOPIC_BACKLOG, "topic" => sample.topic.clone())
+                        .set(sample.backlog as f64);
+                    metrics::gauge!(OUTBOX_TOPIC_OLDEST_AGE, "topic" => sample.topic.clone())
+                        .set(age);
+                    drained.remove(&sample.topic);
+                    seen.insert(sample.topic);
+                }
+                for topic in drained {
+                    metrics::gauge!(OUTBOX_TOPIC_BACKLOG, "topic" => topic.clone()).set(0.0);
+                    metrics::gauge!(OUTBOX_TOPIC_OLDEST_AGE, "topic" => topic).set(0.0);
+                }
+                metrics::gauge!(OUTBOX_BACKLOG).set(backlog as f64);
                 // No age when the outbox is empty.
-                metrics::gauge!(OUTBOX_OLDEST_AGE).set(sample.oldest_age.unwrap_or(0.0).max(0.0));
+                metrics::gauge!(OUTBOX_OLDEST_AGE).set(oldest);
             }
             Err(e) => tracing::debug!(error.message = %e, "sampling the outbox failed"),
         }

@@ -1,30 +1,53 @@
 //! The outbox relay: publishes outbox rows in id order and deletes them only after the broker
-//! acknowledged every one of them.
+//! acknowledged them.
 //!
 //! Rows are claimed with `FOR UPDATE SKIP LOCKED` inside the transaction that later deletes
 //! them, so several relays (several instances of one service) never publish the same row at
-//! the same time, and a relay that dies mid-batch leaves its rows for the next one. A batch that
-//! fails part-way is published again in full: consumers dedupe by message id, and the
-//! orchestrator fences replies by step and direction, so a repeat has no second effect. A row
-//! the broker refuses for good (too large, invalid) is moved to `outbox_parked` instead of
-//! holding up every row behind it, and a producer that failed fatally is replaced.
+//! the same time, and a relay that dies mid-batch leaves its rows for the next one. A batch is
+//! bounded by rows (`OUTBOX_BATCH_SIZE`) and by bytes (`OUTBOX_BATCH_MAX_BYTES`; its first row
+//! goes whatever its size), so a run of large rows (dead-letter copies of up to 900 KiB) cannot
+//! take hundreds of megabytes.
+//!
+//! **Progress per destination.** A row that is acknowledged is deleted; a row the broker
+//! refuses for good (too large, invalid) is moved to `outbox_parked`; a row that fails for a
+//! passing reason (its topic deleted or not created yet, not enough replicas, no
+//! acknowledgement within `OUTBOX_ACK_WAIT_MS`, or within a quarter of it once the broker
+//! acknowledged the batch's other records) stays, and its topic counts as *failing*: the
+//! relay claims no more rows for it while the others go on, and retries it alone with a
+//! backoff of its own (100 ms doubling to `OUTBOX_DESTINATION_BACKOFF_MAX_MS`) by publishing
+//! a copy of its oldest row (a probe; the row itself goes out again in order once the
+//! destination answers, and consumers drop the copy by message id). Once it answers, its rows
+//! are claimed again from the oldest.
+//!
+//! **Order per key.** Rows of one (topic, key) go out in id order and never overtake each
+//! other: in a batch, a row is handed to the producer only after the previous row of its
+//! (topic, key) was acknowledged (rows of distinct keys go together, so a batch with one row
+//! per key is one round trip, as before), and a row whose predecessor did not go out waits
+//! with it. A failing destination's rows all wait, so when it comes back they start from the
+//! oldest. A producer that failed fatally is replaced, and blames no destination.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgListener;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig};
 use crate::outbox::NOTIFY_CHANNEL;
+use crate::Result;
 use crate::{kafka, telemetry};
-use crate::{Error, Result};
+
+/// The first retry of a failing destination comes within this; each one after doubles it, up
+/// to `OUTBOX_DESTINATION_BACKOFF_MAX_MS`.
+const DESTINATION_BACKOFF_BASE: Duration = Duration::from_millis(100);
 
 pub struct Relay {
     pool: PgPool,
@@ -36,8 +59,12 @@ pub struct Relay {
     /// Rows published by this relay so far (for fault injection).
     published: u64,
     fatal_error_injected: bool,
-    /// Notified by this process's consumer after each commit.
+    /// Notified by this process's consumer after each commit, and by a probe that finished.
     outbox_written: Arc<Notify>,
+    /// The destinations that failed and wait for their next try.
+    destinations: Destinations,
+    /// The probe of one failing destination, when one runs.
+    probe: Option<JoinHandle<(String, ProbeOutcome)>>,
 }
 
 /// An outbox row claimed for publishing.
@@ -48,6 +75,54 @@ struct OutboxRow {
     payload: Vec<u8>,
     headers: serde_json::Value,
     created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A claimed row, and how many rows its claim locked (more than it returned when the byte
+/// bound cut the batch short).
+struct ClaimedRow {
+    id: i64,
+    topic: String,
+    message_key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: serde_json::Value,
+    created_at: chrono::DateTime<chrono::Utc>,
+    claimed: i64,
+}
+
+impl From<ClaimedRow> for OutboxRow {
+    fn from(row: ClaimedRow) -> Self {
+        Self {
+            id: row.id,
+            topic: row.topic,
+            message_key: row.message_key,
+            payload: row.payload,
+            headers: row.headers,
+            created_at: row.created_at,
+        }
+    }
+}
+
+/// What became of a batch's rows at the broker.
+#[derive(Debug, Default)]
+struct Published {
+    acknowledged: Vec<i64>,
+    /// Rows refused for good, with the broker's reason.
+    refused: Vec<(i64, String)>,
+    /// Destinations that failed for a passing reason, with the first reason; their rows that
+    /// were not acknowledged stay in the outbox.
+    failed: BTreeMap<String, String>,
+}
+
+/// What a probe of a failing destination found.
+#[derive(Debug)]
+enum ProbeOutcome {
+    /// The broker answered for the destination (acknowledged the copy, or refused that row for
+    /// good, which says nothing against the destination), or nothing waits for it any more.
+    Answered,
+    /// It still fails, for this reason.
+    Failing(String),
+    /// The probe could not tell (the database failed): the destination stays as it was.
+    Inconclusive(String),
 }
 
 impl Relay {
@@ -67,11 +142,16 @@ impl Relay {
             producer: kafka::producer(&kafka)?,
             kafka,
             schema: schema.to_owned(),
+            destinations: Destinations::new(
+                DESTINATION_BACKOFF_BASE,
+                config.destination_backoff_max(),
+            ),
             config,
             faults,
             published: 0,
             fatal_error_injected: false,
             outbox_written: Arc::new(Notify::new()),
+            probe: None,
         })
     }
 
@@ -83,7 +163,8 @@ impl Relay {
     }
 
     /// Publishes until `stop` is cancelled, then drains what is left (bounded by the
-    /// producer's message timeout) and flushes the producer.
+    /// producer's message timeout; a failing destination's rows stay for the next start) and
+    /// flushes the producer.
     pub async fn run(mut self, stop: CancellationToken) {
         let mut listener = match self.listen().await {
             Ok(listener) => Some(listener),
@@ -95,9 +176,13 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let stopping = stop.is_cancelled();
+            self.settle_probe().await;
+            if !stopping {
+                self.start_probe();
+            }
             match self.publish_batch().await {
-                Ok(published) if published >= self.config.outbox_batch_size => continue,
-                Ok(_) => backoff.reset(),
+                Ok(true) => continue,
+                Ok(false) => backoff.reset(),
                 Err(e) => {
                     tracing::warn!(error.message = %e, schema = %self.schema, "outbox relay failed; retrying");
                     if stopping {
@@ -113,10 +198,27 @@ impl Relay {
             if stopping {
                 break;
             }
-            self.wait_for_work(&mut listener, &stop).await;
+            let poll = self.next_wake();
+            self.wait_for_work(&mut listener, &stop, poll).await;
+        }
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
         }
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error.message = %e, "flushing producer on shutdown failed");
+        }
+    }
+
+    /// How long to wait at most for a notification: the poll interval, or less when a failing
+    /// destination's next try comes sooner (a running probe wakes the relay when it ends).
+    fn next_wake(&self) -> Duration {
+        let poll = self.config.poll_interval();
+        if self.probe.is_some() {
+            return poll;
+        }
+        match self.destinations.next_retry() {
+            Some(at) => poll.min(at.saturating_duration_since(Instant::now())),
+            None => poll,
         }
     }
 
@@ -126,8 +228,8 @@ impl Relay {
         Ok(listener)
     }
 
-    /// Returns when a notification for this schema arrives, the poll interval passes, or the
-    /// relay is told to stop.
+    /// Returns when a notification for this schema arrives, `poll` passes, or the relay is
+    /// told to stop.
     ///
     /// A listener that failed is replaced by a new one in the next wait: after a PostgreSQL
     /// restart its connection is gone (sqlx does not reconnect after every kind of error, e.g.
@@ -135,8 +237,13 @@ impl Relay {
     /// forever, so after one database restart every hop waited for the poll interval. The
     /// wait in which it failed, and any wait in which listening again fails, is a plain poll,
     /// so a failing listener cannot spin the loop.
-    async fn wait_for_work(&self, listener: &mut Option<PgListener>, stop: &CancellationToken) {
-        let poll = tokio::time::sleep(self.config.poll_interval());
+    async fn wait_for_work(
+        &self,
+        listener: &mut Option<PgListener>,
+        stop: &CancellationToken,
+        poll: Duration,
+    ) {
+        let poll = tokio::time::sleep(poll);
         tokio::pin!(poll);
         let mut listening = true;
         loop {
@@ -174,74 +281,43 @@ impl Relay {
         }
     }
 
-    /// Publishes up to one batch and returns how many rows it published.
-    async fn publish_batch(&mut self) -> Result<i64> {
+    /// Publishes up to one batch of the destinations that are not failing; returns whether the
+    /// batch was full (more rows may be waiting).
+    async fn publish_batch(&mut self) -> Result<bool> {
         self.inject_fatal_error();
+        let failing = self.destinations.failing_topics();
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query_as!(
-            OutboxRow,
-            "SELECT id, topic, message_key, payload, headers, created_at FROM outbox
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        let claimed = claim(
+            &mut tx,
             self.config.outbox_batch_size,
+            &failing,
+            self.config.outbox_batch_max_bytes,
         )
-        .fetch_all(&mut *tx)
         .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let claimed = chrono::Utc::now();
+        let Some(first) = claimed.first() else {
+            return Ok(false);
+        };
+        let locked = first.claimed;
+        let full = locked >= self.config.outbox_batch_size
+            || i64::try_from(claimed.len()).unwrap_or(i64::MAX) < locked;
+        let rows: Vec<OutboxRow> = claimed.into_iter().map(OutboxRow::from).collect();
+        let now = chrono::Utc::now();
         for row in &rows {
-            let waited = (claimed - row.created_at).to_std().unwrap_or_default();
+            let waited = (now - row.created_at).to_std().unwrap_or_default();
             ::metrics::histogram!(crate::metrics::OUTBOX_PICKUP_SECONDS)
                 .record(waited.as_secs_f64());
         }
-        let enqueued = std::time::Instant::now();
-        // Enqueue the whole batch first, then wait for the acknowledgements, so the producer
-        // can put many rows in one request.
-        let mut deliveries = Vec::with_capacity(rows.len());
-        let mut refused: Vec<(i64, String)> = Vec::new();
-        for OutboxRow {
-            id,
-            topic,
-            message_key,
-            payload,
-            headers,
-            ..
-        } in &rows
-        {
-            // One span per message, in the trace of the work that wrote it; the consumer's
-            // span becomes its child.
-            let mut headers = to_header_map(headers);
-            let span = tracing::info_span!("publish", otel.kind = "producer", topic = %topic);
-            telemetry::extract(&span, &headers);
-            telemetry::inject(&span, &mut headers);
-            let mut record =
-                FutureRecord::to(topic)
-                    .payload(payload)
-                    .headers(kafka::record_headers(
-                        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                    ));
-            if let Some(key) = message_key {
-                record = record.key(key);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => deliveries.push((*id, delivery, span)),
-                Err((e, _)) if refused_for_good(&e) => refused.push((*id, e.to_string())),
-                Err((e, _)) => return Err(self.failed(e, format!("enqueueing to {topic}"))),
-            }
+        let mut published = self.publish(&rows).await;
+        if let Some(producer) = self.renewed_if_fatal() {
+            // The producer failed, not the destinations: the rows it did not publish stay, and
+            // the new producer takes them at once.
+            self.producer = producer;
+            published.failed.clear();
         }
-        for (id, delivery, _span) in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => ::metrics::histogram!(crate::metrics::OUTBOX_PUBLISH_SECONDS)
-                    .record(enqueued.elapsed().as_secs_f64()),
-                Ok(Err((e, _))) if refused_for_good(&e) => refused.push((id, e.to_string())),
-                Ok(Err((e, _))) => return Err(self.failed(e, "publishing outbox row".into())),
-                Err(_cancelled) => {
-                    return Err(Error::Config("producer dropped a delivery report".into()))
-                }
-            }
+        for (topic, error) in std::mem::take(&mut published.failed) {
+            self.destination_failed(&topic, error);
         }
-        for (id, error) in &refused {
+        for (id, error) in &published.refused {
             // Retrying cannot help, and the rows behind it must go out: keep it aside, whole,
             // with the broker's reason, for an operator.
             tracing::error!(outbox_id = id, error.message = %error, schema = %self.schema, "the broker refuses an outbox row for good; parked in outbox_parked");
@@ -254,33 +330,344 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         }
-        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-        sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", &ids)
-            .execute(&mut *tx)
-            .await?;
+        let done: Vec<i64> = published
+            .acknowledged
+            .iter()
+            .copied()
+            .chain(published.refused.iter().map(|(id, _)| *id))
+            .collect();
+        if !done.is_empty() {
+            sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", &done)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED)
-            .increment((ids.len() - refused.len()) as u64);
-        ::metrics::counter!(crate::metrics::OUTBOX_PARKED).increment(refused.len() as u64);
-        self.published += ids.len() as u64;
-        Ok(i64::try_from(ids.len()).unwrap_or(i64::MAX))
+            .increment(published.acknowledged.len() as u64);
+        ::metrics::counter!(crate::metrics::OUTBOX_PARKED)
+            .increment(published.refused.len() as u64);
+        self.published += done.len() as u64;
+        Ok(full)
     }
 
-    /// The error of a failed publish; when the producer failed fatally (an idempotent
-    /// producer that lost its sequence, say), a fresh producer replaces it for the next try.
-    fn failed(&mut self, e: KafkaError, context: String) -> Error {
-        match kafka::renewed_if_fatal(&self.producer, &self.kafka) {
-            Ok(Some(producer)) => self.producer = producer,
-            Ok(None) => {}
-            Err(e) => return e,
+    /// Hands `rows` to the producer and waits for the broker's answers, a wave at a time: the
+    /// first row of every (topic, key), then the second of each whose first was acknowledged,
+    /// and so on. A destination that fails for a passing reason gets no more rows of this
+    /// batch, and a row whose predecessor did not go out waits with it.
+    async fn publish(&self, rows: &[OutboxRow]) -> Published {
+        let waves = waves(
+            rows.iter()
+                .map(|row| (row.topic.as_str(), row.message_key.as_deref())),
+        );
+        let mut published = Published::default();
+        // The (topic, key)s one of whose rows did not go out: the later rows wait.
+        let mut held: HashSet<(&str, &[u8])> = HashSet::new();
+        let last_wave = waves.iter().copied().max().unwrap_or(0);
+        for wave in 0..=last_wave {
+            let enqueued = Instant::now();
+            let mut deliveries = Vec::new();
+            for (row, _) in rows.iter().zip(&waves).filter(|(_, w)| **w == wave) {
+                let key = row
+                    .message_key
+                    .as_deref()
+                    .map(|key| (row.topic.as_str(), key));
+                if published.failed.contains_key(&row.topic)
+                    || key.is_some_and(|key| held.contains(&key))
+                {
+                    held.extend(key);
+                    continue;
+                }
+                match send(&self.producer, row) {
+                    Ok(delivery) => deliveries.push((row, delivery)),
+                    Err(e) if refused_for_good(&e) => {
+                        published.refused.push((row.id, e.to_string()))
+                    }
+                    Err(e) => {
+                        held.extend(key);
+                        published.fail(&row.topic, format!("enqueueing: {e}"));
+                    }
+                }
+            }
+            self.await_wave(deliveries, enqueued, &mut published, &mut held)
+                .await;
         }
-        Error::kafka(context)(e)
+        published
+    }
+
+    /// Waits for the broker's answers to one wave. A delivery not answered within
+    /// `OUTBOX_ACK_WAIT_MS`, or a quarter of it after the broker last answered one of the
+    /// wave's other records (with one broker, healthy topics are answered together: a topic
+    /// that lags that far behind them is the one failing, and the rest of the outbox should
+    /// not wait the whole time for it), fails its destination. Its record stays queued in the
+    /// producer and may still arrive: a duplicate of what the row publishes later, in order.
+    async fn await_wave<'a>(
+        &self,
+        deliveries: Vec<(&'a OutboxRow, (DeliveryFuture, tracing::Span))>,
+        enqueued: Instant,
+        published: &mut Published,
+        held: &mut HashSet<(&'a str, &'a [u8])>,
+    ) {
+        let ack_wait = self.config.ack_wait();
+        let straggler_wait = ack_wait / 4;
+        let ack_deadline = enqueued + ack_wait;
+        let mut outstanding: BTreeMap<i64, &OutboxRow> =
+            deliveries.iter().map(|(row, _)| (row.id, *row)).collect();
+        let mut answers: FuturesUnordered<_> = deliveries
+            .into_iter()
+            .map(|(row, (delivery, span))| async move { (row, delivery.await, span) })
+            .collect();
+        let mut last_answer: Option<Instant> = None;
+        let timed_out = loop {
+            let deadline =
+                last_answer.map_or(ack_deadline, |at| (at + straggler_wait).min(ack_deadline));
+            let (row, answer, _span) =
+                match tokio::time::timeout_at(deadline.into(), answers.next()).await {
+                    Ok(Some(answered)) => answered,
+                    Ok(None) => break None,
+                    Err(_elapsed) => break Some(deadline),
+                };
+            last_answer = Some(Instant::now());
+            outstanding.remove(&row.id);
+            let error = match answer {
+                Ok(Ok(_)) => {
+                    ::metrics::histogram!(crate::metrics::OUTBOX_PUBLISH_SECONDS)
+                        .record(enqueued.elapsed().as_secs_f64());
+                    published.acknowledged.push(row.id);
+                    continue;
+                }
+                Ok(Err((e, _))) if refused_for_good(&e) => {
+                    published.refused.push((row.id, e.to_string()));
+                    continue;
+                }
+                Ok(Err((e, _))) => e.to_string(),
+                Err(_cancelled) => "the producer dropped the delivery report".to_owned(),
+            };
+            if let Some(key) = row.message_key.as_deref() {
+                held.insert((row.topic.as_str(), key));
+            }
+            published.fail(&row.topic, error);
+        };
+        let Some(deadline) = timed_out else {
+            return;
+        };
+        let error = if deadline < ack_deadline {
+            format!(
+                "no acknowledgement within {} ms of the broker acknowledging the batch's other records",
+                straggler_wait.as_millis()
+            )
+        } else {
+            format!("no acknowledgement within {} ms", ack_wait.as_millis())
+        };
+        for row in outstanding.into_values() {
+            if let Some(key) = row.message_key.as_deref() {
+                held.insert((row.topic.as_str(), key));
+            }
+            published.fail(&row.topic, error.clone());
+        }
+    }
+
+    /// A fresh producer when this one failed fatally (an idempotent producer that lost its
+    /// sequence, say).
+    fn renewed_if_fatal(&self) -> Option<FutureProducer> {
+        match kafka::renewed_if_fatal(&self.producer, &self.kafka) {
+            Ok(renewed) => renewed,
+            Err(e) => {
+                tracing::error!(error.message = %e, "cannot create a producer to replace the failed one; trying again with the next batch");
+                None
+            }
+        }
+    }
+
+    /// Notes that `topic` failed: the first failure of a run of them is logged and counted,
+    /// the retries after it only at debug level.
+    fn destination_failed(&mut self, topic: &str, error: String) {
+        let started = self.destinations.failed(topic, Instant::now());
+        if started {
+            tracing::warn!(topic, error.message = %error, schema = %self.schema, "outbox destination failing; its rows wait and are retried with backoff, the other destinations go on");
+            ::metrics::counter!(crate::metrics::OUTBOX_DESTINATION_FAILURES, "topic" => topic.to_owned())
+                .increment(1);
+            ::metrics::gauge!(crate::metrics::OUTBOX_DESTINATION_FAILING, "topic" => topic.to_owned())
+                .set(1.0);
+        } else {
+            tracing::debug!(topic, error.message = %error, "outbox destination still failing");
+        }
+    }
+
+    /// Starts the probe of the failing destination whose try is due, if no probe runs.
+    fn start_probe(&mut self) {
+        if self.probe.is_some() {
+            return;
+        }
+        let Some(topic) = self.destinations.due(Instant::now()).map(str::to_owned) else {
+            return;
+        };
+        let pool = self.pool.clone();
+        let producer = self.producer.clone();
+        let wake = Arc::clone(&self.outbox_written);
+        let ack_wait = self.config.ack_wait();
+        self.probe = Some(tokio::spawn(async move {
+            let outcome = probe(&pool, &producer, &topic, ack_wait).await;
+            wake.notify_one();
+            (topic, outcome)
+        }));
+    }
+
+    /// Takes in the outcome of a probe that has finished.
+    async fn settle_probe(&mut self) {
+        if !self.probe.as_ref().is_some_and(JoinHandle::is_finished) {
+            return;
+        }
+        let Some(probe) = self.probe.take() else {
+            return;
+        };
+        let now = Instant::now();
+        match probe.await {
+            Ok((topic, ProbeOutcome::Answered)) => {
+                if let Some((failed_for, retries)) = self.destinations.recovered(&topic, now) {
+                    tracing::info!(topic, failed_for_ms = failed_for.as_millis() as u64, retries, schema = %self.schema, "outbox destination answers again; its rows go out from the oldest");
+                    ::metrics::gauge!(crate::metrics::OUTBOX_DESTINATION_FAILING, "topic" => topic)
+                        .set(0.0);
+                }
+                // Whatever failed with it (the broker away) may be back too: try the others now.
+                self.destinations.retry_all_now(now);
+            }
+            Ok((topic, ProbeOutcome::Failing(error))) => self.destination_failed(&topic, error),
+            Ok((topic, ProbeOutcome::Inconclusive(error))) => {
+                tracing::debug!(topic, error.message = %error, "probing an outbox destination failed; trying again later");
+                self.destinations.postpone(&topic, now);
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, "a probe of an outbox destination ended abnormally; trying again later")
+            }
+        }
     }
 }
 
+/// Locks the lowest `batch_size` rows of the destinations not in `failing` and returns the
+/// longest run of them, from the first, whose bytes (payload, key, headers) fit `max_bytes`;
+/// the first row always goes. The payloads of the rows after the run are not read.
+async fn claim(
+    conn: &mut PgConnection,
+    batch_size: i64,
+    failing: &[String],
+    max_bytes: i64,
+) -> sqlx::Result<Vec<ClaimedRow>> {
+    sqlx::query_as!(
+        ClaimedRow,
+        r#"WITH claimed AS (
+                   SELECT id, octet_length(payload)::bigint + coalesce(octet_length(message_key), 0)
+                              + pg_column_size(headers) AS size
+                   FROM outbox WHERE topic <> ALL($2)
+                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+               ), sized AS (
+                   SELECT id, size, (sum(size) OVER (ORDER BY id))::bigint - size AS before,
+                          count(*) OVER () AS claimed
+                   FROM claimed
+               )
+               SELECT o.id AS "id!", o.topic AS "topic!", o.message_key, o.payload AS "payload!",
+                      o.headers AS "headers!", o.created_at AS "created_at!", s.claimed AS "claimed!"
+               FROM sized s CROSS JOIN LATERAL (SELECT * FROM outbox WHERE outbox.id = s.id) o
+               WHERE s.before = 0 OR s.before + s.size <= $3
+               ORDER BY o.id"#,
+        batch_size,
+        failing,
+        max_bytes,
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Publishes a copy of the oldest row for `topic` and waits for the broker's answer, at most
+/// `ack_wait`. The row stays: the relay publishes it in order once the destination answers.
+async fn probe(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    topic: &str,
+    ack_wait: Duration,
+) -> ProbeOutcome {
+    let oldest = sqlx::query_as!(
+        OutboxRow,
+        "SELECT id, topic, message_key, payload, headers, created_at FROM outbox
+         WHERE topic = $1 ORDER BY id LIMIT 1",
+        topic,
+    )
+    .fetch_optional(pool)
+    .await;
+    let row = match oldest {
+        Ok(Some(row)) => row,
+        Ok(None) => return ProbeOutcome::Answered,
+        Err(e) => return ProbeOutcome::Inconclusive(e.to_string()),
+    };
+    let (delivery, _span) = match send(producer, &row) {
+        Ok(delivery) => delivery,
+        Err(e) if refused_for_good(&e) => return ProbeOutcome::Answered,
+        Err(e) => return ProbeOutcome::Failing(format!("enqueueing: {e}")),
+    };
+    match tokio::time::timeout(ack_wait, delivery).await {
+        Ok(Ok(Ok(_))) => ProbeOutcome::Answered,
+        Ok(Ok(Err((e, _)))) if refused_for_good(&e) => ProbeOutcome::Answered,
+        Ok(Ok(Err((e, _)))) => ProbeOutcome::Failing(e.to_string()),
+        Ok(Err(_cancelled)) => {
+            ProbeOutcome::Inconclusive("the producer dropped the delivery report".into())
+        }
+        Err(_elapsed) => ProbeOutcome::Failing(format!(
+            "no acknowledgement within {} ms",
+            ack_wait.as_millis()
+        )),
+    }
+}
+
+/// Hands one row to the producer, in a publish span in the trace of the work that wrote it
+/// (the consumer's span becomes its child).
+fn send(
+    producer: &FutureProducer,
+    row: &OutboxRow,
+) -> Result<(DeliveryFuture, tracing::Span), KafkaError> {
+    let mut headers = to_header_map(&row.headers);
+    let span = tracing::info_span!("publish", otel.kind = "producer", topic = %row.topic);
+    telemetry::extract(&span, &headers);
+    telemetry::inject(&span, &mut headers);
+    let mut record =
+        FutureRecord::to(&row.topic)
+            .payload(&row.payload)
+            .headers(kafka::record_headers(
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ));
+    if let Some(key) = &row.message_key {
+        record = record.key(key);
+    }
+    producer
+        .send_result(record)
+        .map(|delivery| (delivery, span))
+        .map_err(|(e, _)| e)
+}
+
+impl Published {
+    /// Notes that `topic` failed; the first reason is the one kept.
+    fn fail(&mut self, topic: &str, error: String) {
+        self.failed.entry(topic.to_owned()).or_insert(error);
+    }
+}
+
+/// For each row, in order, how many earlier rows have its topic and key: the wave it is
+/// published in. Rows without a key have no order to keep and go in the first wave.
+fn waves<'a>(rows: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> Vec<usize> {
+    let mut seen: HashMap<(&str, &[u8]), usize> = HashMap::new();
+    rows.map(|(topic, key)| match key {
+        Some(key) => {
+            let count = seen.entry((topic, key)).or_default();
+            *count += 1;
+            *count - 1
+        }
+        None => 0,
+    })
+    .collect()
+}
+
 /// Whether the broker (or the client, before sending) refuses this record whatever happens:
-/// too large, malformed, or a topic name that cannot exist. Everything else (timeouts, a
-/// broker away, leadership moving) passes.
+/// too large, malformed, or a topic name that cannot exist. Everything else (a topic deleted or
+/// not created yet, timeouts, a broker away, leadership moving, not enough replicas) passes,
+/// and its row waits for its destination.
 fn refused_for_good(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
     matches!(
@@ -319,4 +706,249 @@ fn to_header_map(headers: &serde_json::Value) -> BTreeMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The destinations (topics) that failed for a passing reason, each with a backoff of its
+/// own. The relay claims no rows for them; when one's next try is due, a probe tries it.
+#[derive(Debug)]
+struct Destinations {
+    failing: BTreeMap<String, Failing>,
+    base: Duration,
+    max: Duration,
+}
+
+#[derive(Debug)]
+struct Failing {
+    since: Instant,
+    backoff: Backoff,
+    retry_at: Instant,
+    /// Tries that failed after the first failure.
+    retries: u32,
+}
+
+impl Destinations {
+    fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            failing: BTreeMap::new(),
+            base,
+            max,
+        }
+    }
+
+    fn failing_topics(&self) -> Vec<String> {
+        self.failing.keys().cloned().collect()
+    }
+
+    /// Notes a failure of `topic` and sets its next try; returns whether it starts failing
+    /// with this one (it was working before).
+    fn failed(&mut self, topic: &str, now: Instant) -> bool {
+        match self.failing.get_mut(topic) {
+            Some(failing) => {
+                failing.retries = failing.retries.saturating_add(1);
+                failing.retry_at = now + failing.backoff.next_delay();
+                false
+            }
+            None => {
+                let mut backoff = Backoff::new(self.base, self.max);
+                let retry_at = now + backoff.next_delay();
+                self.failing.insert(
+                    topic.to_owned(),
+                    Failing {
+                        since: now,
+                        backoff,
+                        retry_at,
+                        retries: 0,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// `topic` works again; returns how long it had failed and how many tries failed after
+    /// the first failure, when it was failing.
+    fn recovered(&mut self, topic: &str, now: Instant) -> Option<(Duration, u32)> {
+        self.failing
+            .remove(topic)
+            .map(|f| (now.saturating_duration_since(f.since), f.retries))
+    }
+
+    /// The failing destination whose try is due at `now` (the one due longest), if any.
+    fn due(&self, now: Instant) -> Option<&str> {
+        self.failing
+            .iter()
+            .filter(|(_, f)| f.retry_at <= now)
+            .min_by_key(|(_, f)| f.retry_at)
+            .map(|(topic, _)| topic.as_str())
+    }
+
+    /// When the next try of a failing destination is due.
+    fn next_retry(&self) -> Option<Instant> {
+        self.failing.values().map(|f| f.retry_at).min()
+    }
+
+    /// Makes every failing destination's try due now, keeping its backoff (one destination
+    /// answered again, so what failed them all, the broker away, may be over).
+    fn retry_all_now(&mut self, now: Instant) {
+        for failing in self.failing.values_mut() {
+            failing.retry_at = failing.retry_at.min(now);
+        }
+    }
+
+    /// Tries `topic` again after its backoff, without counting a failure (the try could not
+    /// tell).
+    fn postpone(&mut self, topic: &str, now: Instant) {
+        if let Some(failing) = self.failing.get_mut(topic) {
+            failing.retry_at = now + failing.backoff.next_delay();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_destination_backs_off_alone_up_to_its_cap_and_counts_one_start() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let mut destinations = Destinations::new(base, max);
+        let start = Instant::now();
+        assert!(
+            destinations.failed("shipping", start),
+            "the first failure starts it"
+        );
+        assert!(destinations.failed("payment", start));
+        assert_eq!(destinations.failing_topics(), ["payment", "shipping"]);
+        let mut now = start;
+        for retry in 0..20u32 {
+            assert!(
+                !destinations.failed("shipping", now),
+                "a retry that fails is no new start"
+            );
+            let ceiling = base.saturating_mul(2u32.saturating_pow(retry + 1)).min(max);
+            let next = destinations.failing["shipping"].retry_at;
+            assert!(next >= now && next - now <= ceiling, "retry {retry}");
+            assert!(destinations.due(now + ceiling).is_some());
+            now += ceiling;
+        }
+        // payment kept its own first, short backoff.
+        assert!(destinations.failing["payment"].retry_at <= start + base);
+        let (failed_for, retries) = destinations
+            .recovered("shipping", now)
+            .expect("it was failing");
+        assert_eq!(retries, 20);
+        assert_eq!(failed_for, now - start);
+        assert_eq!(destinations.recovered("shipping", now), None);
+        assert_eq!(destinations.failing_topics(), ["payment"]);
+        // Failing again later starts over from the short backoff.
+        assert!(destinations.failed("shipping", now));
+        assert!(destinations.failing["shipping"].retry_at <= now + base);
+    }
+
+    #[test]
+    fn the_longest_due_destination_is_tried_first_and_all_are_due_when_one_answers() {
+        let mut destinations =
+            Destinations::new(Duration::from_millis(100), Duration::from_secs(5));
+        let start = Instant::now();
+        assert_eq!(destinations.due(start), None);
+        assert_eq!(destinations.next_retry(), None);
+        destinations.failed("a", start);
+        destinations.failed("b", start);
+        for _ in 0..6 {
+            destinations.failed("a", start);
+        }
+        let b_at = destinations.failing["b"].retry_at;
+        assert_eq!(destinations.due(b_at), Some("b"));
+        assert!(destinations.next_retry() <= Some(b_at));
+        assert_eq!(destinations.due(start - Duration::from_millis(1)), None);
+        destinations.retry_all_now(start);
+        assert!(destinations.due(start).is_some());
+        assert_eq!(destinations.next_retry(), Some(start));
+        destinations.postpone("a", start);
+        assert!(destinations.failing["a"].retry_at >= start);
+        destinations.postpone("unknown", start);
+        assert_eq!(destinations.failing_topics(), ["a", "b"]);
+    }
+
+    /// A schema of its own with the messaging tables, on `TEST_DATABASE_URL`.
+    async fn test_schema() -> (PgPool, String) {
+        let server = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let schema = format!(
+            "relay_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let config = crate::config::DatabaseConfig {
+            database_url: format!("{server}/postgres"),
+            database_schema: Some(schema.clone()),
+            database_max_connections: 2,
+        };
+        let (pool, _) = crate::db::open(&config, "unused", &[])
+            .await
+            .expect("database");
+        (pool, schema)
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_bounded_by_bytes_and_leaves_failing_destinations_out() {
+        let (pool, schema) = test_schema().await;
+        for (topic, size) in [
+            ("a", 1_000),
+            ("b", 1_000),
+            ("a", 1_000),
+            ("b", 5_000),
+            ("b", 10),
+        ] {
+            sqlx::query("INSERT INTO outbox (topic, message_key, payload) VALUES ($1, 'k', $2)")
+                .bind(topic)
+                .bind(vec![b'x'; size])
+                .execute(&pool)
+                .await
+                .expect("insert a row");
+        }
+        let sizes = |rows: &[ClaimedRow]| -> Vec<(String, usize)> {
+            rows.iter()
+                .map(|row| (row.topic.clone(), row.payload.len()))
+                .collect()
+        };
+        let mut tx = pool.begin().await.expect("begin");
+        // Two rows of 1,000 bytes with their keys and headers fit 2,500 bytes; a third does not.
+        let rows = claim(&mut tx, 256, &[], 2_500).await.expect("claim");
+        assert_eq!(sizes(&rows), [("a".into(), 1_000), ("b".into(), 1_000)]);
+        assert_eq!(rows[0].claimed, 5, "every row locked, two read");
+        let rows = claim(&mut tx, 256, &[], 1 << 20).await.expect("claim");
+        assert_eq!(rows.len(), 5);
+        let rows = claim(&mut tx, 2, &[], 1 << 20).await.expect("claim");
+        assert_eq!(sizes(&rows), [("a".into(), 1_000), ("b".into(), 1_000)]);
+        // A failing destination's rows are left out; a first row larger than the bound goes
+        // alone, and the bound then holds back the rest.
+        let failing = ["a".to_owned()];
+        let rows = claim(&mut tx, 256, &failing, 1 << 20).await.expect("claim");
+        assert_eq!(
+            sizes(&rows),
+            [("b".into(), 1_000), ("b".into(), 5_000), ("b".into(), 10)]
+        );
+        let rows = claim(&mut tx, 256, &failing, 500).await.expect("claim");
+        assert_eq!(sizes(&rows), [("b".into(), 1_000)]);
+        tx.rollback().await.expect("rollback");
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await
+            .expect("drop schema");
+    }
+
+    #[test]
+    fn rows_of_one_topic_and_key_go_out_one_wave_after_another() {
+        let rows: [(&str, Option<&[u8]>); 7] = [
+            ("a", Some(b"k1")),
+            ("a", Some(b"k1")),
+            ("b", Some(b"k1")),
+            ("a", Some(b"k2")),
+            ("a", None),
+            ("a", None),
+            ("a", Some(b"k1")),
+        ];
+        assert_eq!(waves(rows.into_iter()), [0, 1, 0, 0, 0, 0, 2]);
+    }
 }

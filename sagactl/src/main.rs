@@ -20,6 +20,7 @@ mod ledgers;
 mod load;
 mod ops;
 mod sse;
+mod topic_faults;
 mod watchers;
 
 use clap::{Parser, Subcommand};

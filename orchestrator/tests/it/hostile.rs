@@ -10,9 +10,11 @@ use events::{Envelope, LineItem, Outcome, Reply, SagaEvent};
 
 use crate::order_messages::{Command, Reply as OrderReply, StepDone};
 use messaging::config::FaultConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
+use rdkafka::{ClientConfig, Message};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -712,5 +714,127 @@ async fn an_order_placed_while_the_database_is_read_only_waits_for_it_and_comple
             .expect("dead letters");
         assert_eq!(dead, 0, "{service} dead-lettered a record of a valid order");
     }
+    system.stop().await;
+}
+
+/// The orchestrator's outbox rows waiting for `topic` (its backlog on `/metrics` is the same
+/// count, sampled).
+async fn outbox_rows_for(orchestrator: &sqlx::PgPool, topic: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = $1")
+        .bind(topic)
+        .fetch_one(orchestrator)
+        .await
+        .expect("count outbox rows")
+}
+
+async fn delete_topic(topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let deleted = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    for result in deleted {
+        result.unwrap_or_else(|(topic, code)| panic!("deleting {topic}: {code}"));
+    }
+}
+
+/// One destination that refuses records (its topic deleted) holds up only the sagas whose
+/// commands go there: the relay once failed its whole batch on the produce error and claimed
+/// the same rows again for ever, so every saga on every topic waited. When the topic is back
+/// the waiting sagas finish, each once, and nothing was parked or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_command_topic_holds_up_only_the_sagas_that_send_there() {
+    let system = TestSystem::start_with(Options {
+        retries: crate::helpers::fast_retries(),
+        ..Options::default()
+    })
+    .await;
+    let orchestrator = system.schema("orchestrator").await;
+    let shipping = system.topics.named("shipping.commands");
+    // The shipping participant has joined its topic before the topic goes away.
+    let warm_up = order("alice", "WIDGET", 1, "DE");
+    system.place(&warm_up).await;
+    assert_eq!(
+        system.finished_saga(warm_up.order_id).await["state"],
+        "completed"
+    );
+    delete_topic(&shipping).await;
+
+    let waiting: Vec<_> = (0..4).map(|_| order("alice", "WIDGET", 1, "DE")).collect();
+    for placed in &waiting {
+        system.place(placed).await;
+    }
+    // Their shipment commands are the oldest rows of the outbox now.
+    eventually("shipment commands in the outbox", || async {
+        (outbox_rows_for(&orchestrator, &shipping).await >= 4).then_some(())
+    })
+    .await;
+    // Declined payments never reach shipping: these sagas compensate meanwhile.
+    let declined: Vec<_> = (0..4).map(|_| order("carol", "WIDGET", 1, "DE")).collect();
+    for placed in &declined {
+        system.place(placed).await;
+    }
+    for placed in &declined {
+        let saga = system.finished_saga(placed.order_id).await;
+        assert_eq!(saga["state"], "compensated", "{saga}");
+    }
+    // The backlog per destination is on /metrics while the destination fails.
+    let metrics = eventually("the shipping backlog on /metrics", || async {
+        let (status, _, text) = system.get_text("/metrics").await;
+        (status == 200
+            && text.lines().any(|line| {
+                line.starts_with("outbox_topic_backlog{")
+                    && line.contains(&format!("topic=\"{shipping}\""))
+                    && !line.ends_with(" 0")
+            }))
+        .then_some(text)
+    })
+    .await;
+    assert!(
+        metrics.lines().any(|line| line.starts_with(&format!(
+            "outbox_destination_failing{{topic=\"{shipping}\"}} 1"
+        ))),
+        "{metrics}"
+    );
+    for placed in &waiting {
+        let (status, saga) = system
+            .get(&format!("/orders/{}/saga", placed.order_id))
+            .await;
+        assert_eq!(status, 200, "{saga}");
+        assert_eq!(saga["state"], "running", "{saga}");
+    }
+
+    // The topic comes back (empty: what was on it before is gone); the waiting sagas finish,
+    // each with one shipment, and the relay neither parked nor left anything.
+    messaging::kafka::ensure_topics(
+        &crate::helpers::kafka_config(system.topics.prefix().to_owned(), 2),
+        std::slice::from_ref(&shipping),
+    )
+    .await
+    .expect("create the topic again");
+    for placed in &waiting {
+        let saga = system.finished_saga(placed.order_id).await;
+        assert_eq!(saga["state"], "completed", "{saga}");
+        let shipments = crate::helpers::count(
+            &system,
+            "shipping",
+            "SELECT count(*) FROM shipments WHERE order_id = $1",
+            placed.order_id,
+        )
+        .await;
+        assert_eq!(shipments, 1, "order {}", placed.order_id);
+    }
+    eventually("the outbox to drain", || async {
+        (outbox_rows_for(&orchestrator, &shipping).await == 0).then_some(())
+    })
+    .await;
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_parked")
+        .fetch_one(&orchestrator)
+        .await
+        .expect("count parked rows");
+    assert_eq!(parked, 0, "a missing topic parks nothing");
     system.stop().await;
 }

@@ -1,0 +1,5 @@
+//! The messaging crate against the real PostgreSQL (`TEST_DATABASE_URL`, a server URL without a
+//! database name) and the real broker (`KAFKA_BROKERS`), each test in a schema and topics of
+//! its own.
+
+mod relay;
