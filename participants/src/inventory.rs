@@ -627,7 +627,9 @@ impl Step for Restock {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{by_sku, move_all, Move};
+    use uuid::Uuid;
+
+    use super::{by_sku, move_all, Allowance, Move, RestockRefusal};
 
     fn stock(levels: &[(&str, i64)]) -> BTreeMap<String, i64> {
         levels
@@ -677,5 +679,50 @@ mod tests {
             Err("unknown Z".to_owned())
         );
         assert_eq!(available, stock(&[("A", 5)]));
+    }
+
+    #[test]
+    fn a_return_is_bounded_by_what_its_order_took_and_did_not_have_back() {
+        let (held, released, unknown) =
+            (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let mut allowance = Allowance {
+            held: [(held, true), (released, false)].into_iter().collect(),
+            left: [((held, "A".to_owned()), 2), ((released, "A".to_owned()), 0)]
+                .into_iter()
+                .collect(),
+        };
+        let two = by_sku([("A", 2)].into_iter());
+        assert_eq!(allowance.refusal(None, &two), Some(RestockRefusal::NoOrder));
+        assert_eq!(
+            allowance.refusal(Some(unknown), &two),
+            Some(RestockRefusal::UnknownOrder { order_id: unknown })
+        );
+        assert_eq!(
+            allowance.refusal(Some(released), &two),
+            Some(RestockRefusal::OrderReleased { order_id: released })
+        );
+        let other = by_sku([("A", 1), ("B", 1)].into_iter());
+        assert_eq!(
+            allowance.refusal(Some(held), &other),
+            Some(RestockRefusal::NotInOrder {
+                order_id: held,
+                sku: "B".into()
+            })
+        );
+        // Two returns of one each, then a third: the first two count against the allowance.
+        let one = by_sku([("A", 1)].into_iter());
+        for _ in 0..2 {
+            assert_eq!(allowance.refusal(Some(held), &one), None);
+            allowance.take(held, &one);
+        }
+        assert_eq!(
+            allowance.refusal(Some(held), &one),
+            Some(RestockRefusal::MoreThanLeft {
+                order_id: held,
+                sku: "A".into(),
+                returned: 1,
+                left: 0
+            })
+        );
     }
 }
