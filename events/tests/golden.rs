@@ -128,7 +128,7 @@ fn return_saga_commands_and_replies() {
         );
         assert_eq!(
             (command.saga_type.as_str(), command.saga_version),
-            ("return", 1)
+            ("return", 2)
         );
         assert_eq!(
             command.payload.get("return_id").and_then(|id| id.as_str()),

@@ -159,9 +159,9 @@ async fn a_return_is_received_restocked_and_refunded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refund_undoes_the_restock_and_rejects_the_return() {
     let system = start().await;
-    let order_id = completed_order(&system, 1).await;
-    // A first return takes 6.00 of the 10.00 charged, so 4.00 are left.
-    let first = widgets_back(order_id, 1, 600);
+    let order_id = completed_order(&system, 2).await;
+    // A first return of one of the two takes 16.00 of the 20.00 charged, so 4.00 are left.
+    let first = widgets_back(order_id, 1, 1_600);
     request(&system, &first).await;
     let saga = finished_return(&system, first.return_id).await;
     assert_eq!(saga["state"], "completed", "{saga}");
@@ -194,17 +194,11 @@ async fn a_refused_refund_undoes_the_restock_and_rejects_the_return() {
     );
     assert_eq!(refunded(&system, greedy.return_id).await, 0);
 
-    // A return of an order never charged is refused the same way.
+    // A return of an order never placed is refused before it gets there: the order reserved
+    // nothing, so nothing of it goes back in stock.
     let orphan = widgets_back(Uuid::new_v4(), 1, 100);
     request(&system, &orphan).await;
-    let saga = finished_return(&system, orphan.return_id).await;
-    assert_eq!(saga["state"], "compensated", "{saga}");
-    assert!(
-        saga["failure_reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("has no charge to refund")),
-        "{saga}"
-    );
+    refused_at_restock(&system, &orphan, "reserved nothing here").await;
     system.stop().await;
 }
 
@@ -287,6 +281,80 @@ async fn an_order_undone_after_a_return_pays_back_only_what_the_return_did_not()
     system.stop().await;
 }
 
+/// Waits for the return saga of `back` and checks that the restock refused it: compensated,
+/// the return rejected, nothing restocked, nothing refunded, and the reason names `reason`.
+async fn refused_at_restock(system: &TestSystem, back: &ReturnRequested, reason: &str) {
+    let saga = finished_return(system, back.return_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    assert_eq!(
+        step_statuses(&saga),
+        ["compensated", "failed", "pending"],
+        "{saga}"
+    );
+    let failure = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains("restock failed") && failure.contains(reason),
+        "{saga}"
+    );
+    assert_eq!(
+        return_status(system, back.return_id).await.as_deref(),
+        Some("rejected")
+    );
+    assert_eq!(restock_status(system, back.return_id).await, None);
+    assert_eq!(refunded(system, back.return_id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_put_back_no_more_than_the_order_took() {
+    // Issue 20's example: an order of 2 WIDGETs, two returns of 5 of them at once. Each is
+    // refused at its restock, so neither is refunded and stock stays where the order left it.
+    let system = start().await;
+    let widgets_at_start = stock(&system, "WIDGET").await;
+    let balance_at_start = balance(&system, "alice").await;
+    let order_id = completed_order(&system, 2).await;
+    let greedy = [
+        widgets_back(order_id, 5, 1_000),
+        widgets_back(order_id, 5, 1_000),
+    ];
+    for back in &greedy {
+        request(&system, back).await;
+    }
+    for back in &greedy {
+        refused_at_restock(&system, back, "5 of WIDGET returned, but only 2").await;
+    }
+    assert_eq!(stock(&system, "WIDGET").await, widgets_at_start - 2);
+    assert_eq!(balance(&system, "alice").await, balance_at_start - 2_000);
+
+    // What the order took comes back, once: then nothing of it is left to return.
+    let both = widgets_back(order_id, 2, 1_500);
+    request(&system, &both).await;
+    let saga = finished_return(&system, both.return_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let again = widgets_back(order_id, 1, 100);
+    request(&system, &again).await;
+    refused_at_restock(&system, &again, "1 of WIDGET returned, but only 0").await;
+    // A SKU the order never had.
+    let mut other = widgets_back(order_id, 1, 100);
+    other.items[0].sku = "GADGET".into();
+    request(&system, &other).await;
+    refused_at_restock(&system, &other, "did not take GADGET").await;
+    assert_eq!(stock(&system, "WIDGET").await, widgets_at_start);
+    assert_eq!(balance(&system, "alice").await, balance_at_start - 500);
+
+    // An order undone (shipping refuses AQ) released its reservation: a return of it is
+    // refused, and stock stays where it started.
+    let undone = order("alice", "WIDGET", 2, "AQ");
+    system.place(&undone).await;
+    let saga = system.finished_saga(undone.order_id).await;
+    assert_eq!(saga["state"], "compensated", "{saga}");
+    let late = widgets_back(undone.order_id, 2, 1_000);
+    request(&system, &late).await;
+    refused_at_restock(&system, &late, "was undone and its reservation released").await;
+    assert_eq!(stock(&system, "WIDGET").await, widgets_at_start);
+    assert_eq!(balance(&system, "alice").await, balance_at_start - 500);
+    system.stop().await;
+}
+
 fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     message
         .headers()?
@@ -354,8 +422,8 @@ async fn records_on_returns_that_are_no_return_are_dead_lettered_with_the_reason
             .unwrap_or_else(|| panic!("{what}: no dead-letter copy"));
         assert!(reason.contains(expected), "{what}: {reason}");
     }
-    // The topic goes on: a return after the garbage is a saga (refused: the order has no
-    // charge, which is the point of this one).
+    // The topic goes on: a return after the garbage is a saga (refused: its order was never
+    // placed, which is the point of this one).
     request(&system, &valid).await;
     let saga = finished_return(&system, valid.return_id).await;
     assert_eq!(saga["state"], "compensated", "{saga}");
