@@ -70,9 +70,11 @@ pub struct ApiConfig {
     #[arg(long, env = "API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
     /// How often, in milliseconds, `API_TOKENS_FILE` is read again: a changed list takes
-    /// effect at once (tokens added, revoked or given other roles without a restart); a file
-    /// that cannot be read or parsed is logged and the list before it kept. 0: read it only
-    /// at start-up.
+    /// effect at once (tokens added, revoked or given other roles without a restart; a file
+    /// emptied of tokens revokes them all). A file that cannot be read or parsed keeps the
+    /// list before it in force, with an error logged at each reload and
+    /// `api_token_reload_failures_total` and `api_tokens_stale` in `/metrics`. 0: read it
+    /// only at start-up.
     #[arg(long, env = "API_TOKENS_RELOAD_MS", default_value_t = 5000)]
     pub api_tokens_reload_ms: u64,
     /// The same list inline, lines separated by `;`.
@@ -158,7 +160,9 @@ impl ApiConfig {
             (None, None) => String::new(),
         };
         if self.api_tokens_file.is_some() || self.api_tokens.is_some() {
-            return Ok(Gate::Tokens(Tokens::parse(&text)?));
+            // At start-up a list of no tokens is refused, as no list is: a service that nobody
+            // can call is a mistake. A reload to an empty list is not (`reload_tokens`).
+            return Ok(Gate::Tokens(Tokens::parse(&text)?.non_empty()?));
         }
         if self.api_open_on_loopback && http_addr.ip().is_loopback() {
             return Ok(Gate::OpenOnLoopback);

@@ -81,13 +81,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let metrics = messaging::metrics::Metrics::install();
     metrics::describe();
+    api::describe_metrics();
     let watch = Arc::new(api::watch::WatchFeed::new(
         api_pool.clone(),
         config.api.watch_max_streams,
         WATCH_INTERVAL,
     ));
     let guard = Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr));
-    // Ends with the shutdown; it never fails (a bad file is logged and the old list kept).
+    // Ends with the shutdown; it never fails (a bad file is reported and the old list kept).
     if let (Some(path), every @ 1..) =
         (&config.api.api_tokens_file, config.api.api_tokens_reload_ms)
     {

@@ -159,6 +159,11 @@ pub fn ops_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Describes the API's metrics (the token reloads', the HTTP server's, the watch streams').
+pub fn describe_metrics() {
+    guard::describe_metrics();
+}
+
 /// A client-facing error with its HTTP status.
 #[derive(Debug)]
 pub struct ApiError {

@@ -459,3 +459,94 @@ async fn a_token_past_its_rate_is_answered_429_and_others_are_not() {
     assert_eq!(response.status().as_u16(), 200);
     system.stop().await;
 }
+
+/// The value of the sample `name{labels}` in a `/metrics` text, if it is there.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_token_file_revokes_every_token_and_a_broken_one_is_reported() {
+    let file = std::env::temp_dir().join(format!("api-tokens-{}", uuid::Uuid::new_v4().simple()));
+    let both = [
+        token_line("dashboards", &[Role::Viewer], VIEWER_TOKEN),
+        token_line(OPERATOR_NAME, &[Role::Operator], OPERATOR_TOKEN),
+    ]
+    .join("\n");
+    std::fs::write(&file, &both).expect("write the token file");
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            api_tokens_file: Some(file.clone()),
+            api_tokens_reload_ms: 50,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let status_for = |token: &'static str, path: &'static str| {
+        let system = &system;
+        async move {
+            system
+                .request_as("GET", path, Some(token), None)
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or_default()
+        }
+    };
+    let labels = format!("file=\"{}\"", file.display());
+    let metric = |name: &'static str| {
+        let system = &system;
+        let labels = labels.clone();
+        async move {
+            let response = system
+                .request_as("GET", "/metrics", Some(OPERATOR_TOKEN), None)
+                .await
+                .expect("HTTP request");
+            sample(&response.text().await.unwrap_or_default(), name, &labels)
+        }
+    };
+
+    // A file that is readable and names no token revokes every token, the operator's too.
+    std::fs::write(&file, "# every token revoked\n").expect("empty the token file");
+    eventually("the emptied token list to take effect", || async {
+        (status_for(OPERATOR_TOKEN, "/stats").await == 401
+            && status_for(VIEWER_TOKEN, "/sagas").await == 401
+            && status_for(CLIENT_TOKEN, "/healthz").await == 401)
+            .then_some(())
+    })
+    .await;
+    // Until tokens are issued again.
+    std::fs::write(&file, &both).expect("restore the token file");
+    eventually("the restored token list to take effect", || async {
+        (status_for(OPERATOR_TOKEN, "/stats").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(metric("api_tokens_stale").await, Some(0.0));
+
+    // A broken edit keeps the list in force, and says so: a failure counted at each reload,
+    // and the list marked stale.
+    std::fs::write(&file, "dashboards viewer sha256:not-hex").expect("break the token file");
+    let failures = eventually("failed reloads to be counted", || async {
+        let stale = metric("api_tokens_stale").await;
+        let failures = metric("api_token_reload_failures_total").await;
+        (stale == Some(1.0) && failures >= Some(2.0)).then_some(failures)
+    })
+    .await;
+    assert_eq!(status_for(VIEWER_TOKEN, "/stats").await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        metric("api_token_reload_failures_total").await > failures,
+        "every reload of a broken file counts"
+    );
+    std::fs::write(&file, &both).expect("repair the token file");
+    eventually("the repaired list to be in force again", || async {
+        (metric("api_tokens_stale").await == Some(0.0)).then_some(())
+    })
+    .await;
+    system.stop().await;
+    let _ = std::fs::remove_file(&file);
+}
