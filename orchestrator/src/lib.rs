@@ -51,6 +51,8 @@ const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     // Checked first: a service without its tokens must not start at all.
     let gate = config.api.gate(config.http_addr)?;
+    config.api.check_limits(config.order_dedup_retention_secs)?;
+    let limits = config.api.server_limits();
     let ops_listener = match config.api.ops_http_addr {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
@@ -84,7 +86,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     api::describe_metrics();
     let watch = Arc::new(api::watch::WatchFeed::new(
         api_pool.clone(),
-        config.api.watch_max_streams,
+        config.api.watch_limits(),
         WATCH_INTERVAL,
     ));
     let guard = Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr));
@@ -161,15 +163,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let ops = match ops_listener {
         Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
-            let served = axum::serve(listener, api::ops_router(state.clone()))
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-            Some(served)
+            // A server of its own, with its own connection cap: probes still get through while
+            // the API's connections are all taken.
+            Some(api::server::serve(
+                "ops",
+                listener,
+                api::ops_router(state.clone()),
+                limits,
+                shutdown.clone(),
+            ))
         }
         None => None,
     };
     tracing::info!(addr = %listener.local_addr()?, "status API listening");
-    let http = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = api::server::serve(
+        "api",
+        listener,
+        api::router(state),
+        limits,
+        shutdown.clone(),
+    );
     // Whichever part ends first (a failure, or shutdown) stops the others: no process that
     // serves a green /healthz while its consumer, relay or deadline scanner is gone.
     let (consumed, served, ops_served, scanned, swept, fed) = tokio::join!(

@@ -176,8 +176,8 @@ pub fn describe_metrics() {
     metrics::describe_gauge!(TOKENS_IN_FORCE, "API tokens in force.");
 }
 
-/// Reads the token file at `path` every `every` until `shutdown`; when its text changed and
-/// parses, `guard` takes the new list at once, an empty one too (every token revoked: emptying
+/// Reads the token file at `path` every `every` until `shutdown`; when its text changed (and
+/// reads the same a moment later: not half-written) and parses, `guard` takes the new list, an empty one too (every token revoked: emptying
 /// the file is how an operator revokes them all). A file that cannot be read or parsed keeps
 /// the list before it in force, so that a typo in an edit neither locks every caller out nor
 /// stops the service; but loudly: an error at every reload while it lasts, a count of failed
@@ -207,6 +207,11 @@ pub async fn reload_tokens(
                 metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(0.0);
                 continue;
             }
+            // Written in place (truncated, then written), a file may be read half-written or
+            // empty, which would revoke tokens for a moment, or for good when the edit itself
+            // is broken. So a change is taken only once it reads the same twice, a moment
+            // apart; until then the list in force stays.
+            Ok(text) if !settled(&path, &text).await => continue,
             Ok(text) => match Tokens::parse(&text) {
                 Ok(tokens) => {
                     let count = tokens.len();
@@ -228,6 +233,15 @@ pub async fn reload_tokens(
         metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(1.0);
         tracing::error!(error.message = %failure, "the API token file cannot be used; the tokens before it stay in force");
     }
+}
+
+/// How long a changed token file must stay the same before it is taken.
+const TOKEN_FILE_SETTLE: Duration = Duration::from_millis(100);
+
+/// Whether the file at `path` still reads `text` after [`TOKEN_FILE_SETTLE`].
+async fn settled(path: &std::path::Path, text: &str) -> bool {
+    tokio::time::sleep(TOKEN_FILE_SETTLE).await;
+    read_token_file(path).is_ok_and(|again| again == text)
 }
 
 #[allow(clippy::cast_precision_loss)] // a count of tokens

@@ -13,6 +13,7 @@ mod actions;
 pub mod guard;
 pub mod publisher;
 mod reads;
+pub mod server;
 pub mod watch;
 
 use std::sync::Arc;
@@ -162,6 +163,7 @@ pub fn ops_router(state: AppState) -> Router {
 /// Describes the API's metrics (the token reloads', the HTTP server's, the watch streams').
 pub fn describe_metrics() {
     guard::describe_metrics();
+    server::describe_metrics();
 }
 
 /// A client-facing error with its HTTP status.
