@@ -106,6 +106,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         orders: Arc::new(api::publisher::OrderPublisher::new(
             &config.kafka,
             &config.faults,
+            std::time::Duration::from_millis(config.api.order_publish_timeout_ms),
         )?),
         topics: topics.clone(),
         catalog: catalog.clone(),
@@ -114,6 +115,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         guard: guard.clone(),
         watch: watch.clone(),
         stats: Arc::default(),
+        request_timeout: limits.request_timeout,
     };
     let watch_feed = tokio::spawn(watch.run(shutdown.clone()));
     let scanner = tokio::spawn(
@@ -129,6 +131,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let pool = pool.clone();
         let retention_secs = config.saga_retention_secs;
         let dedup_secs = config.order_dedup_retention_secs;
+        let keys_secs = config.api.idempotency_key_retention_secs;
         tokio::spawn(messaging::retention::every(
             "saga retention",
             config.retention.sweep_interval(),
@@ -139,7 +142,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                     let batch = messaging::retention::SWEEP_BATCH;
                     let sagas = store::sweep_finished(&pool, retention_secs, batch).await?;
                     let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
-                    Ok(sagas + keys)
+                    let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
+                    Ok(sagas + keys + idempotency)
                 }
             },
         ))

@@ -11,6 +11,7 @@
 
 mod actions;
 pub mod guard;
+pub mod idempotency;
 pub mod publisher;
 mod reads;
 pub mod server;
@@ -55,6 +56,9 @@ pub struct AppState {
     pub watch: Arc<WatchFeed>,
     /// The last `/stats`, shared by every caller for a second.
     pub stats: Arc<reads::StatsCache>,
+    /// `HTTP_REQUEST_TIMEOUT_MS`: how long a request with an `Idempotency-Key` holds its key
+    /// (past it the server has cut the request short).
+    pub request_timeout: std::time::Duration,
 }
 
 /// The OpenAPI document of this API, checked against the server by `tests/it/openapi.rs`.
