@@ -208,6 +208,11 @@ async fn connection(
                 break;
             }
             () = shutdown.cancelled(), if !closing => {
+                // Between requests (or in the middle of a head) nothing is lost by closing
+                // now; a request in progress is answered first.
+                if activity.deadline(&limits).is_some() {
+                    break;
+                }
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
