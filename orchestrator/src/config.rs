@@ -128,9 +128,8 @@ pub struct ApiConfig {
     #[arg(long, env = "WATCH_SNAPSHOT_HISTORY_LINES", default_value_t = 500)]
     pub watch_snapshot_history_lines: u32,
     /// How long a client may take to send a request's head (request line and headers), in
-    /// milliseconds, counted from when the server waits for it: a new connection, or a
-    /// kept-alive one that started its next request. A client slower than that (a slowloris) is
-    /// disconnected.
+    /// milliseconds, counted from the connection's start for its first request and from the
+    /// first byte of each later one. A client slower than that (a slowloris) is disconnected.
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub http_header_read_timeout_ms: u64,
     /// How long a request may take from its head to its answer (reading its body included), in
@@ -140,7 +139,8 @@ pub struct ApiConfig {
     #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub http_request_timeout_ms: u64,
     /// How long a kept-alive connection may wait between requests, in milliseconds (no request
-    /// in progress and nothing received); then the server closes it.
+    /// in progress and nothing received), and a client may leave its answer unread (its socket
+    /// buffer full); then the server closes the connection.
     #[arg(long, env = "HTTP_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub http_idle_timeout_ms: u64,
     /// Connections the API (and, apart, the ops address) holds open at once. A connection

@@ -9,7 +9,8 @@
 //!   included), or it is answered 503 `timeout`. A watch stream's answer is its first
 //!   snapshot; its stream is bounded by the watch feed, not here.
 //! - A kept-alive connection that is idle (no request in progress, nothing received since
-//!   its last answer) for [`Limits::idle_timeout`] is closed.
+//!   its last answer) for [`Limits::idle_timeout`] is closed, and so is one whose client has
+//!   not read its answer for as long (a slow reader: its socket buffer stays full).
 //! - At most [`Limits::max_connections`] connections are open at once; one more is closed as
 //!   soon as it is accepted, never queued, so that sockets and file descriptors stay for the
 //!   database pools and the broker connections.
@@ -41,7 +42,8 @@ use super::ApiError;
 pub const CONNECTIONS_OPEN: &str = "http_connections_open";
 /// Connections closed at once because `HTTP_MAX_CONNECTIONS` were open, by `server`.
 pub const CONNECTIONS_REFUSED: &str = "http_connections_refused_total";
-/// Connections closed by a timeout, by `server` and `reason` (`idle`, `header`).
+/// Connections closed by a timeout, by `server` and `reason` (`header`, `idle`, `stalled`: a
+/// client that left its answer unread).
 pub const CONNECTIONS_TIMED_OUT: &str = "http_connections_timed_out_total";
 /// Requests answered 503 because they took longer than `HTTP_REQUEST_TIMEOUT_MS`, by `server`.
 pub const REQUESTS_TIMED_OUT: &str = "http_requests_timed_out_total";
@@ -247,6 +249,8 @@ struct ActivityState {
     waiting_since: Instant,
     /// When the first byte of the next request's head arrived.
     head_started: Option<Instant>,
+    /// Since when a write has waited for the client to read (its socket buffer full).
+    write_blocked_since: Option<Instant>,
 }
 
 impl Activity {
@@ -257,6 +261,7 @@ impl Activity {
                 requests: 0,
                 waiting_since: Instant::now(),
                 head_started: None,
+                write_blocked_since: None,
             }),
             changed: tokio::sync::Notify::new(),
         }
@@ -275,6 +280,19 @@ impl Activity {
         }
     }
 
+    /// A write went through (`true`) or waits for the client to read (`false`).
+    fn wrote(&self, through: bool) {
+        let mut state = self.state();
+        match (through, state.write_blocked_since) {
+            (true, Some(_)) => state.write_blocked_since = None,
+            (false, None) => {
+                state.write_blocked_since = Some(Instant::now());
+                self.changed.notify_one();
+            }
+            _ => {}
+        }
+    }
+
     fn request_started(self: &Arc<Self>) -> InFlight {
         let mut state = self.state();
         state.in_flight += 1;
@@ -284,10 +302,15 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// When the connection is to be closed if nothing happens before, and why (`header` or
-    /// `idle`); `None` while a request is in progress.
+    /// When the connection is to be closed if nothing happens before, and why (`header`,
+    /// `idle` or `stalled`); `None` while a request is in progress and its answer goes out.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, &'static str)> {
         let state = self.state();
+        // A client that stopped reading its answer (a watch stream's, say) holds the
+        // connection as an idle one does.
+        if let Some(blocked) = state.write_blocked_since {
+            return Some((blocked + limits.idle_timeout, "stalled"));
+        }
         if state.in_flight > 0 {
             return None;
         }
@@ -371,7 +394,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.wrote(written.is_ready());
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -387,7 +412,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.wrote(written.is_ready());
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -249,9 +249,13 @@ pub async fn watch(
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
     let (events_tx, events_rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(stream_saga(
-        state, saga_id, snapshot, changes, events_tx, permit,
-    ));
+    // Its whole life bounded, sends to a client that does not read included: then the stream
+    // ends (its place is given back) and the client reconnects (`retry`) to a fresh snapshot.
+    let lifetime = state.watch.limits.max_lifetime;
+    tokio::spawn(async move {
+        let streamed = stream_saga(state, saga_id, snapshot, changes, events_tx, permit);
+        let _ = tokio::time::timeout(lifetime, streamed).await;
+    });
     let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
         rx.recv()
             .await
@@ -319,7 +323,6 @@ async fn stream_saga(
     events: mpsc::Sender<Event>,
     _slot: StreamSlot,
 ) {
-    let ends_at = tokio::time::Instant::now() + state.watch.limits.max_lifetime;
     let mut sent = Sent {
         version: -1,
         history_id: 0,
@@ -361,8 +364,6 @@ async fn stream_saga(
             },
             _ = events.closed() => return,
             _ = state.shutdown.cancelled() => return,
-            // Its lifetime is over: the client reconnects (`retry`) and gets a fresh snapshot.
-            () = tokio::time::sleep_until(ends_at) => return,
         };
         if !send_change(&events, &mut sent, saga_id, &change).await {
             return;
