@@ -9,7 +9,9 @@
 #   scripts/broker.sh kill      # SIGKILL it (the chaos suite's broker fault)
 #   scripts/broker.sh running   # exit 0 when something listens on $BROKER_ADDR
 #
-# Jars go to .run/kafka-<version>/libs; data (formatted once) and the log to .run/broker/.
+# Jars go to .run/kafka-<version>/libs; data (formatted once) and the log to .run/broker/, or to
+# $BROKER_RUN_DIR: with it and another $BROKER_ADDR a second, private broker runs beside the
+# shared one (a test that stops its broker starts one so; stop/kill then act on that one only).
 # The controller listens on the next port ($BROKER_ADDR's port + 1). KAFKA_HEAP_MAX (default 1g)
 # bounds the JVM heap.
 #
@@ -23,7 +25,7 @@ BROKER="${BROKER:-kafka}"
 BROKER_ADDR="${BROKER_ADDR:-127.0.0.1:9092}"
 BROKER_HOST="${BROKER_ADDR%:*}"
 BROKER_PORT="${BROKER_ADDR##*:}"
-RUN_DIR="$ROOT/.run/broker"
+RUN_DIR="${BROKER_RUN_DIR:-$ROOT/.run/broker}"
 PID_FILE="$RUN_DIR/broker.pid"
 LOG_FILE="$RUN_DIR/broker.log"
 KAFKA_DESCRIPTOR="$ROOT/scripts/kafka"

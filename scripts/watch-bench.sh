@@ -63,8 +63,10 @@ tokens_file="$(mktemp)"
 make_api_tokens "$tokens_file" watch-bench:viewer
 export SAGA_API_TOKEN="$TOKEN_watch_bench"
 
-# Thousands of streams share the one token: the per-token rate limit would refuse most of them.
-BENCH_ENV_orchestrator=(COMPENSATION_MAX_ATTEMPTS=1 API_RATE_LIMIT_PER_SEC=0)
+# Thousands of streams share the one token: the per-token rate limit and stream cap would refuse
+# most of them.
+BENCH_ENV_orchestrator=(COMPENSATION_MAX_ATTEMPTS=1 API_RATE_LIMIT_PER_SEC=0
+  WATCH_MAX_STREAMS_PER_TOKEN="$((streams + 3 * tabs))")
 BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES="$setup_orders")
 
 watchers_pid=""

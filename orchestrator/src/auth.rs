@@ -152,10 +152,13 @@ impl fmt::Debug for Tokens {
 
 impl Tokens {
     /// Reads a token list (see the module's documentation). Lines may also be separated by
-    /// `;`, so that a list fits in one environment variable.
+    /// `;`, so that a list fits in one environment variable. A list of no tokens (empty, or
+    /// comments only) is a list, of no tokens: every request that needs one is refused. Only
+    /// start-up refuses it ([`Tokens::non_empty`]), so that a service never starts that nobody
+    /// can call by mistake; a reload to an empty list revokes every token.
     ///
     /// # Errors
-    /// [`TokenListError`] naming the first line that is wrong, or an empty list.
+    /// [`TokenListError`] naming the first line that is wrong.
     pub fn parse(text: &str) -> Result<Self, TokenListError> {
         let mut entries = Vec::new();
         let mut names = BTreeSet::new();
@@ -201,10 +204,27 @@ impl Tokens {
                 hash,
             });
         }
-        if entries.is_empty() {
+        Ok(Self { entries })
+    }
+
+    /// `self`, unless it names no token.
+    ///
+    /// # Errors
+    /// [`TokenListError::Empty`].
+    pub fn non_empty(self) -> Result<Self, TokenListError> {
+        if self.entries.is_empty() {
             return Err(TokenListError::Empty);
         }
-        Ok(Self { entries })
+        Ok(self)
+    }
+
+    /// How many tokens the list names.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// The caller `token` belongs to. Every entry is compared, in constant time each.
@@ -339,10 +359,15 @@ mod tests {
                     role: "admin".into(),
                 },
             ),
-            ("# nothing", TokenListError::Empty),
         ];
         for (text, expected) in cases {
             assert_eq!(Tokens::parse(text).err(), Some(expected), "{text}");
+        }
+        // No tokens is a list (a reload to it revokes every token); start-up refuses it.
+        for nothing in ["", "# nothing", "\n \n# a; # b"] {
+            let tokens = Tokens::parse(nothing).expect("an empty list parses");
+            assert!(tokens.is_empty() && tokens.caller("").is_none());
+            assert_eq!(tokens.non_empty().err(), Some(TokenListError::Empty));
         }
         assert_eq!(
             Tokens::parse(&format!("{good}\n{good}")).err(),

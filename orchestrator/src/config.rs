@@ -70,9 +70,11 @@ pub struct ApiConfig {
     #[arg(long, env = "API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
     /// How often, in milliseconds, `API_TOKENS_FILE` is read again: a changed list takes
-    /// effect at once (tokens added, revoked or given other roles without a restart); a file
-    /// that cannot be read or parsed is logged and the list before it kept. 0: read it only
-    /// at start-up.
+    /// effect at once (tokens added, revoked or given other roles without a restart; a file
+    /// emptied of tokens revokes them all). A file that cannot be read or parsed keeps the
+    /// list before it in force, with an error logged at each reload and
+    /// `api_token_reload_failures_total` and `api_tokens_stale` in `/metrics`. 0: read it
+    /// only at start-up.
     #[arg(long, env = "API_TOKENS_RELOAD_MS", default_value_t = 5000)]
     pub api_tokens_reload_ms: u64,
     /// The same list inline, lines separated by `;`.
@@ -111,6 +113,52 @@ pub struct ApiConfig {
     /// Live watch streams (`/sagas/{id}/watch`) served at once; more are answered 429.
     #[arg(long, env = "WATCH_MAX_STREAMS", default_value_t = 2000)]
     pub watch_max_streams: usize,
+    /// Live watch streams one token may hold at once (of `WATCH_MAX_STREAMS`); more are
+    /// answered 429, so that one viewer cannot take every stream from the others.
+    #[arg(long, env = "WATCH_MAX_STREAMS_PER_TOKEN", default_value_t = 100)]
+    pub watch_max_streams_per_token: usize,
+    /// The longest a watch stream stays open, in milliseconds; then the server ends it and the
+    /// client reconnects (each stream opens with an SSE `retry` of 1 s), getting a fresh
+    /// snapshot. Bounds what one stream can hold, and moves streams between instances.
+    #[arg(long, env = "WATCH_STREAM_MAX_MS", default_value_t = 10 * 60 * 1000)]
+    pub watch_stream_max_ms: u64,
+    /// History lines a watch stream's first snapshot sends at most: the latest ones. When the
+    /// saga has more, a `history_truncated` event says how to page the rest from
+    /// `/sagas/{id}/history`.
+    #[arg(long, env = "WATCH_SNAPSHOT_HISTORY_LINES", default_value_t = 500)]
+    pub watch_snapshot_history_lines: u32,
+    /// How long a client may take to send a request's head (request line and headers), in
+    /// milliseconds, counted from the connection's start for its first request and from the
+    /// first byte of each later one. A client slower than that (a slowloris) is disconnected.
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_read_timeout_ms: u64,
+    /// How long a request may take from its head to its answer (reading its body included), in
+    /// milliseconds; past it the request is answered 503 (`timeout`). A watch stream's answer
+    /// is its first snapshot; the stream itself is bounded by `WATCH_STREAM_MAX_MS`. Keep it
+    /// above `ORDER_PUBLISH_TIMEOUT_MS`.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
+    /// How long a kept-alive connection may wait between requests, in milliseconds (no request
+    /// in progress and nothing received), and a client may leave its answer unread (its socket
+    /// buffer full); then the server closes the connection.
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub http_idle_timeout_ms: u64,
+    /// Connections the API (and, apart, the ops address) holds open at once. A connection
+    /// beyond it is closed as soon as it is accepted, never queued. Keep it above
+    /// `WATCH_MAX_STREAMS` (each stream holds one) and under the process's open-file limit
+    /// less what the database pools and Kafka need.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub http_max_connections: u32,
+    /// How long `POST /orders` waits for the broker to acknowledge the order, in milliseconds
+    /// (the order producer's `message.timeout.ms`); past it the order is answered 503, to be
+    /// sent again with the same `Idempotency-Key` or `order_id`.
+    #[arg(long, env = "ORDER_PUBLISH_TIMEOUT_MS", default_value_t = 10_000)]
+    pub order_publish_timeout_ms: u64,
+    /// How long an `Idempotency-Key` of `POST /orders` is remembered, in seconds: within it,
+    /// the same key from the same token gets the same order id and the same answer. At most
+    /// `ORDER_DEDUP_RETENTION_SECS`.
+    #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION_SECS", default_value_t = 24 * 3600)]
+    pub idempotency_key_retention_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -127,6 +175,15 @@ impl Default for ApiConfig {
             api_allowed_hosts: Vec::new(),
             api_database_connections: 3,
             watch_max_streams: 2000,
+            watch_max_streams_per_token: 100,
+            watch_stream_max_ms: 10 * 60 * 1000,
+            watch_snapshot_history_lines: 500,
+            http_header_read_timeout_ms: 10_000,
+            http_request_timeout_ms: 30_000,
+            http_idle_timeout_ms: 60_000,
+            http_max_connections: 4096,
+            order_publish_timeout_ms: 10_000,
+            idempotency_key_retention_secs: 24 * 3600,
         }
     }
 }
@@ -158,7 +215,9 @@ impl ApiConfig {
             (None, None) => String::new(),
         };
         if self.api_tokens_file.is_some() || self.api_tokens.is_some() {
-            return Ok(Gate::Tokens(Tokens::parse(&text)?));
+            // At start-up a list of no tokens is refused, as no list is: a service that nobody
+            // can call is a mistake. A reload to an empty list is not (`reload_tokens`).
+            return Ok(Gate::Tokens(Tokens::parse(&text)?.non_empty()?));
         }
         if self.api_open_on_loopback && http_addr.ip().is_loopback() {
             return Ok(Gate::OpenOnLoopback);
@@ -167,6 +226,61 @@ impl ApiConfig {
             http_addr,
             open_requested: self.api_open_on_loopback,
         })
+    }
+}
+
+impl ApiConfig {
+    /// Checks the settings that bound the HTTP server against each other.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting that is out of bounds.
+    pub fn check_limits(&self, order_dedup_retention_secs: u64) -> Result<(), Error> {
+        let positive = [
+            (
+                "HTTP_HEADER_READ_TIMEOUT_MS",
+                self.http_header_read_timeout_ms,
+            ),
+            ("HTTP_REQUEST_TIMEOUT_MS", self.http_request_timeout_ms),
+            ("HTTP_IDLE_TIMEOUT_MS", self.http_idle_timeout_ms),
+            ("HTTP_MAX_CONNECTIONS", u64::from(self.http_max_connections)),
+            ("WATCH_STREAM_MAX_MS", self.watch_stream_max_ms),
+            ("ORDER_PUBLISH_TIMEOUT_MS", self.order_publish_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(Error::Config(format!("{name} must be above 0")));
+        }
+        // A request cut before the broker answered would be answered 503 while its order may
+        // still go out; with the publish timeout inside, the broker's answer is the one given.
+        if self.http_request_timeout_ms <= self.order_publish_timeout_ms {
+            return Err(Error::Config(
+                "HTTP_REQUEST_TIMEOUT_MS must be above ORDER_PUBLISH_TIMEOUT_MS".into(),
+            ));
+        }
+        // A key remembered longer than its order id would let a retry start a second saga.
+        if self.idempotency_key_retention_secs > order_dedup_retention_secs {
+            return Err(Error::Config(
+                "IDEMPOTENCY_KEY_RETENTION_SECS must be at most ORDER_DEDUP_RETENTION_SECS".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn watch_limits(&self) -> crate::api::watch::WatchLimits {
+        crate::api::watch::WatchLimits {
+            max_streams: self.watch_max_streams,
+            max_streams_per_token: self.watch_max_streams_per_token,
+            max_lifetime: Duration::from_millis(self.watch_stream_max_ms),
+            snapshot_lines: i64::from(self.watch_snapshot_history_lines.max(1)),
+        }
+    }
+
+    pub fn server_limits(&self) -> crate::api::server::Limits {
+        crate::api::server::Limits {
+            header_read_timeout: Duration::from_millis(self.http_header_read_timeout_ms),
+            request_timeout: Duration::from_millis(self.http_request_timeout_ms),
+            idle_timeout: Duration::from_millis(self.http_idle_timeout_ms),
+            max_connections: self.http_max_connections,
+        }
     }
 }
 

@@ -51,6 +51,8 @@ const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     // Checked first: a service without its tokens must not start at all.
     let gate = config.api.gate(config.http_addr)?;
+    config.api.check_limits(config.order_dedup_retention_secs)?;
+    let limits = config.api.server_limits();
     let ops_listener = match config.api.ops_http_addr {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
@@ -81,14 +83,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let metrics = messaging::metrics::Metrics::install();
     metrics::describe();
+    api::describe_metrics();
     let health = messaging::health::Health::default();
     let watch = Arc::new(api::watch::WatchFeed::new(
         api_pool.clone(),
-        config.api.watch_max_streams,
+        config.api.watch_limits(),
         WATCH_INTERVAL,
     ));
     let guard = Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr));
-    // Ends with the shutdown; it never fails (a bad file is logged and the old list kept).
+    // Ends with the shutdown; it never fails (a bad file is reported and the old list kept).
     if let (Some(path), every @ 1..) =
         (&config.api.api_tokens_file, config.api.api_tokens_reload_ms)
     {
@@ -104,6 +107,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         orders: Arc::new(api::publisher::OrderPublisher::new(
             &config.kafka,
             &config.faults,
+            std::time::Duration::from_millis(config.api.order_publish_timeout_ms),
         )?),
         topics: topics.clone(),
         catalog: catalog.clone(),
@@ -113,6 +117,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         guard: guard.clone(),
         watch: watch.clone(),
         stats: Arc::default(),
+        request_timeout: limits.request_timeout,
     };
     let watch_feed = tokio::spawn(watch.run(shutdown.clone()));
     let scanner = tokio::spawn(
@@ -128,6 +133,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let pool = pool.clone();
         let retention_secs = config.saga_retention_secs;
         let dedup_secs = config.order_dedup_retention_secs;
+        let keys_secs = config.api.idempotency_key_retention_secs;
         tokio::spawn(messaging::retention::every(
             "saga retention",
             config.retention.sweep_interval(),
@@ -138,7 +144,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                     let batch = messaging::retention::SWEEP_BATCH;
                     let sagas = store::sweep_finished(&pool, retention_secs, batch).await?;
                     let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
-                    Ok(sagas + keys)
+                    let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
+                    Ok(sagas + keys + idempotency)
                 }
             },
         ))
@@ -163,15 +170,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let ops = match ops_listener {
         Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
-            let served = axum::serve(listener, api::ops_router(state.clone()))
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-            Some(served)
+            // A server of its own, with its own connection cap: probes still get through while
+            // the API's connections are all taken.
+            Some(api::server::serve(
+                "ops",
+                listener,
+                api::ops_router(state.clone()),
+                limits,
+                shutdown.clone(),
+            ))
         }
         None => None,
     };
     tracing::info!(addr = %listener.local_addr()?, "status API listening");
-    let http = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = api::server::serve(
+        "api",
+        listener,
+        api::router(state),
+        limits,
+        shutdown.clone(),
+    );
     // Whichever part ends first (a failure, or shutdown) stops the others: no process that
     // serves a green /healthz while its consumer, relay or deadline scanner is gone.
     let (consumed, served, ops_served, scanned, swept, fed) = tokio::join!(

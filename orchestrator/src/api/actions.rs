@@ -2,16 +2,19 @@
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::Utc;
 use events::{Address, LineItem, OrderPlaced};
 use messaging::outbox::{Outbox, Wake};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::idempotency::{self, Reservation};
 use super::{ApiError, AppState, SagaView};
 use crate::auth::Caller;
 use crate::handler::{commit_decision, join_saga_trace};
@@ -23,7 +26,7 @@ const MAX_TRACEPARENT_CHARS: usize = 128;
 
 /// The body of `POST /orders`: an `OrderPlaced` without its `type`, and with an optional
 /// order id (a new one is made when it is missing).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub(super) struct NewOrder {
     order_id: Option<Uuid>,
     customer_id: String,
@@ -39,13 +42,35 @@ struct OrderAccepted {
     status_url: String,
 }
 
+/// The header a client sends so that a retry of `POST /orders` places no second order.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on an answer given again for a key seen before.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 pub(super) async fn place_order(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body?;
-    let order = OrderPlaced {
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(key) if idempotency::valid_key(key) => Some(key.to_owned()),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`Idempotency-Key` must be 1 to {} visible ASCII characters",
+                    idempotency::MAX_KEY_CHARS
+                )))
+            }
+        },
+    };
+    // The request as parsed, not its bytes: the same order sent again with other spacing or
+    // field order is the same request.
+    let request_hash: [u8; 32] =
+        Sha256::digest(serde_json::to_vec(&new).unwrap_or_default()).into();
+    let mut order = OrderPlaced {
         order_id: new.order_id.unwrap_or_else(Uuid::new_v4),
         customer_id: new.customer_id,
         items: new.items,
@@ -60,8 +85,52 @@ pub(super) async fn place_order(
             e.to_string(),
         )
     })?;
+    // Reserved before the order goes out, so that two requests with one key never both
+    // publish, and a retry publishes the same order id.
+    if let Some(key) = &key {
+        let lease = state.request_timeout;
+        let reserved = idempotency::reserve(
+            &state.pool,
+            &caller.name,
+            key,
+            &request_hash,
+            order.order_id,
+            lease,
+        )
+        .await
+        .map_err(|e| ApiError::internal(&e.into()))?;
+        match reserved {
+            Reservation::Publish { order_id } => order.order_id = order_id,
+            Reservation::Replay { status, body } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+                let mut response = (status, Json(body.clone())).into_response();
+                if let Some(url) = body["status_url"].as_str().and_then(|u| u.parse().ok()) {
+                    response.headers_mut().insert(header::LOCATION, url);
+                }
+                response
+                    .headers_mut()
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Reservation::InProgress => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_use",
+                    "a request with this Idempotency-Key is being handled; try again shortly",
+                ))
+            }
+            Reservation::OtherRequest => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was sent with another request; use a new key for a \
+                     new order",
+                ))
+            }
+        }
+    }
     let payload = serde_json::to_vec(&order).unwrap_or_default();
-    let key = order.order_id.to_string();
+    let record_key = order.order_id.to_string();
     let topic = state.topics.orders();
     // The order's trace starts here (or continues the caller's, from its `traceparent`).
     let span = tracing::info_span!("place_order", order_id = %order.order_id);
@@ -73,26 +142,44 @@ pub(super) async fn place_order(
         messaging::telemetry::continue_trace(&span, parent);
     }
     let traceparent = messaging::telemetry::traceparent(&span);
-    let headers = messaging::kafka::record_headers(
+    let record_headers = messaging::kafka::record_headers(
         traceparent.as_deref().map(|value| ("traceparent", value)),
     );
-    state
+    if let Err(e) = state
         .orders
-        .send(&topic, &key, &payload, headers)
+        .send(&topic, &record_key, &payload, record_headers)
         .await
-        .map_err(|e| {
-            tracing::warn!(error.message = %e, "publishing OrderPlaced failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                "could not publish the order; try again",
-            )
-        })?;
+    {
+        tracing::warn!(error.message = %e, order_id = %order.order_id, "publishing OrderPlaced failed");
+        // The record may still be written; a retry with the same key (or this order id)
+        // publishes the same order, which the orchestrator starts once.
+        if let Some(key) = &key {
+            if let Err(e) = idempotency::release(&state.pool, &caller.name, key).await {
+                tracing::warn!(error.message = %e, "giving an idempotency key back failed; it passes with its lease");
+            }
+        }
+        let body = json!({ "error": {
+            "code": "broker_unavailable",
+            "message": "could not publish the order; send it again with the same \
+                        Idempotency-Key or order_id",
+            "order_id": order.order_id,
+        } });
+        return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
+    }
     let status_url = format!("/orders/{}/saga", order.order_id);
     let accepted = OrderAccepted {
         order_id: order.order_id,
         status_url: status_url.clone(),
     };
+    if let Some(key) = &key {
+        let body = serde_json::to_value(&accepted).unwrap_or_default();
+        let stored = idempotency::complete(&state.pool, &caller.name, key, 202, &body).await;
+        if let Err(e) = stored {
+            // The order went out; a retry before the lease passes gets 409, after it the same
+            // order id published again (one saga).
+            tracing::warn!(error.message = %e, "storing an idempotency key's answer failed");
+        }
+    }
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, status_url)],

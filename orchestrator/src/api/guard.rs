@@ -155,10 +155,33 @@ impl Guard {
     }
 }
 
-/// Reads the token file at `path` every `every` until `shutdown`; when its text changed and
-/// parses, `guard` takes the new list at once. A file that cannot be read or parsed is logged
-/// (once per change) and the list before it kept: a typo in an edit must not lock every caller
-/// out, nor stop the service.
+/// Token file reloads that failed (the file could not be read or parsed), by `file`: each one
+/// left the list before it in force.
+pub const TOKEN_RELOAD_FAILURES: &str = "api_token_reload_failures_total";
+/// 1 while the token list in force is not the token file's (its last read or parse failed),
+/// else 0, by `file`.
+pub const TOKENS_STALE: &str = "api_tokens_stale";
+/// The tokens in force.
+pub const TOKENS_IN_FORCE: &str = "api_tokens";
+
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        TOKEN_RELOAD_FAILURES,
+        "Token file reloads that failed (unreadable or invalid); the list before stays in force."
+    );
+    metrics::describe_gauge!(
+        TOKENS_STALE,
+        "1 while the API token list in force is not the token file's, else 0."
+    );
+    metrics::describe_gauge!(TOKENS_IN_FORCE, "API tokens in force.");
+}
+
+/// Reads the token file at `path` every `every` until `shutdown`; when its text changed (and
+/// reads the same a moment later: not half-written) and parses, `guard` takes the new list, an empty one too (every token revoked: emptying
+/// the file is how an operator revokes them all). A file that cannot be read or parsed keeps
+/// the list before it in force, so that a typo in an edit neither locks every caller out nor
+/// stops the service; but loudly: an error at every reload while it lasts, a count of failed
+/// reloads and a gauge saying the list in force is stale.
 pub async fn reload_tokens(
     guard: Arc<Guard>,
     path: PathBuf,
@@ -166,32 +189,64 @@ pub async fn reload_tokens(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     // What the gate was built from (read again here: the start-up read was a moment ago).
-    let mut seen = read_token_file(&path).map_err(|e| e.to_string());
+    // Labels the metrics: which file is stale.
+    let file = path.display().to_string();
+    let mut in_force = read_token_file(&path).ok();
+    metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(0.0);
+    if let Some(Ok(tokens)) = in_force.as_deref().map(Tokens::parse) {
+        set_tokens_in_force(tokens.len());
+    }
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        let read = read_token_file(&path).map_err(|e| e.to_string());
-        if read == seen {
-            continue;
-        }
-        match &read {
-            Err(e) => {
-                tracing::warn!(error.message = %e, "the API token file cannot be read; keeping the tokens before it");
+        let failure = match read_token_file(&path) {
+            Err(e) => e.to_string(),
+            Ok(text) if in_force.as_deref() == Some(text.as_str()) => {
+                metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(0.0);
+                continue;
             }
-            Ok(text) => match Tokens::parse(text) {
+            // Written in place (truncated, then written), a file may be read half-written or
+            // empty, which would revoke tokens for a moment, or for good when the edit itself
+            // is broken. So a change is taken only once it reads the same twice, a moment
+            // apart; until then the list in force stays.
+            Ok(text) if !settled(&path, &text).await => continue,
+            Ok(text) => match Tokens::parse(&text) {
                 Ok(tokens) => {
+                    let count = tokens.len();
                     guard.replace_gate(Gate::Tokens(tokens));
-                    tracing::info!(path = %path.display(), "API tokens reloaded");
+                    metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(0.0);
+                    set_tokens_in_force(count);
+                    if count == 0 {
+                        tracing::warn!(path = %path.display(), "the API token file names no token: every token is revoked");
+                    } else {
+                        tracing::info!(path = %path.display(), tokens = count, "API tokens reloaded");
+                    }
+                    in_force = Some(text);
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(error.message = %e, "the API token file is not valid; keeping the tokens before it");
-                }
+                Err(e) => format!("{}: {e}", path.display()),
             },
-        }
-        seen = read;
+        };
+        metrics::counter!(TOKEN_RELOAD_FAILURES, "file" => file.clone()).increment(1);
+        metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(1.0);
+        tracing::error!(error.message = %failure, "the API token file cannot be used; the tokens before it stay in force");
     }
+}
+
+/// How long a changed token file must stay the same before it is taken.
+const TOKEN_FILE_SETTLE: Duration = Duration::from_millis(100);
+
+/// Whether the file at `path` still reads `text` after [`TOKEN_FILE_SETTLE`].
+async fn settled(path: &std::path::Path, text: &str) -> bool {
+    tokio::time::sleep(TOKEN_FILE_SETTLE).await;
+    read_token_file(path).is_ok_and(|again| again == text)
+}
+
+#[allow(clippy::cast_precision_loss)] // a count of tokens
+fn set_tokens_in_force(count: usize) {
+    metrics::gauge!(TOKENS_IN_FORCE).set(count as f64);
 }
 
 /// `localhost` of `localhost:8080`, `[::1]` of `[::1]:8080`.

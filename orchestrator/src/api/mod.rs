@@ -11,8 +11,10 @@
 
 mod actions;
 pub mod guard;
+pub mod idempotency;
 pub mod publisher;
 mod reads;
+pub mod server;
 pub mod watch;
 
 use std::sync::Arc;
@@ -56,6 +58,9 @@ pub struct AppState {
     pub watch: Arc<WatchFeed>,
     /// The last `/stats`, shared by every caller for a second.
     pub stats: Arc<reads::StatsCache>,
+    /// `HTTP_REQUEST_TIMEOUT_MS`: how long a request with an `Idempotency-Key` holds its key
+    /// (past it the server has cut the request short).
+    pub request_timeout: std::time::Duration,
 }
 
 /// The OpenAPI document of this API, checked against the server by `tests/it/openapi.rs`.
@@ -159,6 +164,12 @@ pub fn ops_router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
+}
+
+/// Describes the API's metrics (the token reloads', the HTTP server's, the watch streams').
+pub fn describe_metrics() {
+    guard::describe_metrics();
+    server::describe_metrics();
 }
 
 /// A client-facing error with its HTTP status.

@@ -14,12 +14,11 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::RwLock;
 
-/// How long a send may wait for the broker's acknowledgement before the order is refused
-/// (503: the client tries again).
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub struct OrderPublisher {
     kafka: KafkaConfig,
+    /// `ORDER_PUBLISH_TIMEOUT_MS`: how long a send may wait for the broker's acknowledgement
+    /// (its queue too) before the order is answered 503 (the client tries again).
+    timeout: Duration,
     current: RwLock<FutureProducer>,
     /// `FAULT_PRODUCER_FATAL_AFTER`: the producer fails fatally once this many records went
     /// out (0: never).
@@ -31,10 +30,15 @@ pub struct OrderPublisher {
 impl OrderPublisher {
     /// # Errors
     /// [`messaging::Error::Kafka`] when librdkafka refuses the configuration.
-    pub fn new(kafka: &KafkaConfig, faults: &FaultConfig) -> messaging::Result<Self> {
+    pub fn new(
+        kafka: &KafkaConfig,
+        faults: &FaultConfig,
+        timeout: Duration,
+    ) -> messaging::Result<Self> {
         Ok(Self {
-            current: RwLock::new(kafka::producer(kafka)?),
+            current: RwLock::new(order_producer(kafka, timeout)?),
             kafka: kafka.clone(),
+            timeout,
             fatal_after: faults.producer_fatal_after,
             published: AtomicU64::new(0),
             fatal_injected: AtomicBool::new(false),
@@ -57,14 +61,22 @@ impl OrderPublisher {
     ) -> Result<(), KafkaError> {
         let producer = self.current.read().await.clone();
         self.inject_fault(&producer);
-        let first = send_with(&producer, topic, key, payload, headers.clone()).await;
+        let first = send_with(
+            &producer,
+            topic,
+            key,
+            payload,
+            headers.clone(),
+            self.timeout,
+        )
+        .await;
         let Err(error) = first else {
             self.published.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
         let renewed = {
             let mut current = self.current.write().await;
-            match kafka::renewed_if_fatal(&current, &self.kafka) {
+            match renewed_if_fatal(&current, &self.kafka, self.timeout) {
                 Ok(Some(fresh)) => {
                     *current = fresh.clone();
                     Some(fresh)
@@ -79,7 +91,7 @@ impl OrderPublisher {
             }
         };
         match renewed {
-            Some(fresh) => send_with(&fresh, topic, key, payload, headers).await,
+            Some(fresh) => send_with(&fresh, topic, key, payload, headers, self.timeout).await,
             None => Err(error),
         }
     }
@@ -94,19 +106,47 @@ impl OrderPublisher {
     }
 }
 
+/// The services' producer settings, giving up on a record after `timeout`
+/// (`message.timeout.ms`): a client waits for the broker's acknowledgement at most that long.
+fn order_producer(kafka: &KafkaConfig, timeout: Duration) -> messaging::Result<FutureProducer> {
+    kafka::producer_settings(&kafka.kafka_brokers, kafka.linger_ms)
+        .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
+        .create()
+        .map_err(|e| messaging::Error::Kafka {
+            context: "creating the order producer".into(),
+            source: e,
+        })
+}
+
+/// A fresh producer when `producer` failed fatally, else `None` (as
+/// `messaging::kafka::renewed_if_fatal`, with this producer's timeout).
+fn renewed_if_fatal(
+    failed: &FutureProducer,
+    kafka: &KafkaConfig,
+    timeout: Duration,
+) -> messaging::Result<Option<FutureProducer>> {
+    use rdkafka::producer::Producer;
+    let Some(fatal) = failed.client().fatal_error() else {
+        return Ok(None);
+    };
+    tracing::error!(error.code = ?fatal.0, error.message = %fatal.1, "the order producer failed fatally; creating a new one");
+    order_producer(kafka, timeout).map(Some)
+}
+
 async fn send_with(
     producer: &FutureProducer,
     topic: &str,
     key: &str,
     payload: &[u8],
     headers: OwnedHeaders,
+    timeout: Duration,
 ) -> Result<(), KafkaError> {
     let record = FutureRecord::to(topic)
         .key(key)
         .payload(payload)
         .headers(headers);
     producer
-        .send(record, SEND_TIMEOUT)
+        .send(record, timeout)
         .await
         .map(|_| ())
         .map_err(|(e, _)| e)

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use orchestrator::config::ApiConfig;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use orchestrator::auth::{token_line, Role};
 
@@ -458,4 +461,378 @@ async fn a_token_past_its_rate_is_answered_429_and_others_are_not() {
     let response = get(VIEWER_TOKEN).await.expect("request");
     assert_eq!(response.status().as_u16(), 200);
     system.stop().await;
+}
+
+/// The value of the sample `name{labels}` in a `/metrics` text, if it is there.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_token_file_revokes_every_token_and_a_broken_one_is_reported() {
+    let file = std::env::temp_dir().join(format!("api-tokens-{}", uuid::Uuid::new_v4().simple()));
+    let both = [
+        token_line("dashboards", &[Role::Viewer], VIEWER_TOKEN),
+        token_line(OPERATOR_NAME, &[Role::Operator], OPERATOR_TOKEN),
+    ]
+    .join("\n");
+    std::fs::write(&file, &both).expect("write the token file");
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            api_tokens_file: Some(file.clone()),
+            api_tokens_reload_ms: 50,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let status_for = |token: &'static str, path: &'static str| {
+        let system = &system;
+        async move {
+            system
+                .request_as("GET", path, Some(token), None)
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or_default()
+        }
+    };
+    let labels = format!("file=\"{}\"", file.display());
+    let metric = |name: &'static str| {
+        let system = &system;
+        let labels = labels.clone();
+        async move {
+            let response = system
+                .request_as("GET", "/metrics", Some(OPERATOR_TOKEN), None)
+                .await
+                .expect("HTTP request");
+            sample(&response.text().await.unwrap_or_default(), name, &labels)
+        }
+    };
+
+    // A file that is readable and names no token revokes every token, the operator's too.
+    std::fs::write(&file, "# every token revoked\n").expect("empty the token file");
+    eventually("the emptied token list to take effect", || async {
+        (status_for(OPERATOR_TOKEN, "/stats").await == 401
+            && status_for(VIEWER_TOKEN, "/sagas").await == 401
+            && status_for(CLIENT_TOKEN, "/healthz").await == 401)
+            .then_some(())
+    })
+    .await;
+    // Until tokens are issued again.
+    std::fs::write(&file, &both).expect("restore the token file");
+    eventually("the restored token list to take effect", || async {
+        (status_for(OPERATOR_TOKEN, "/stats").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(metric("api_tokens_stale").await, Some(0.0));
+
+    // A broken edit keeps the list in force, and says so: a failure counted at each reload,
+    // and the list marked stale.
+    std::fs::write(&file, "dashboards viewer sha256:not-hex").expect("break the token file");
+    let failures = eventually("failed reloads to be counted", || async {
+        let stale = metric("api_tokens_stale").await;
+        let failures = metric("api_token_reload_failures_total").await;
+        (stale == Some(1.0) && failures >= Some(2.0)).then_some(failures)
+    })
+    .await;
+    assert_eq!(status_for(VIEWER_TOKEN, "/stats").await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        metric("api_token_reload_failures_total").await > failures,
+        "every reload of a broken file counts"
+    );
+    std::fs::write(&file, &both).expect("repair the token file");
+    eventually("the repaired list to be in force again", || async {
+        (metric("api_tokens_stale").await == Some(0.0)).then_some(())
+    })
+    .await;
+    system.stop().await;
+    let _ = std::fs::remove_file(&file);
+}
+
+/// The API's address, for raw connections.
+fn api_addr(system: &TestSystem) -> String {
+    system.http.trim_start_matches("http://").to_owned()
+}
+
+/// How long until the server closes `stream` (a read gives end-of-file or an error), writing
+/// one byte of `trickle` every 200 ms meanwhile when given; `None` if it is still open after
+/// `within`.
+async fn closed_by_server(
+    mut stream: TcpStream,
+    trickle: bool,
+    within: Duration,
+) -> Option<Duration> {
+    let began = Instant::now();
+    let mut buffer = [0u8; 4096];
+    let watching = async {
+        loop {
+            tokio::select! {
+                read = stream.read(&mut buffer) => match read {
+                    Ok(0) | Err(_) => return began.elapsed(),
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep(Duration::from_millis(200)), if trickle => {
+                    if stream.write_all(b"a").await.is_err() {
+                        return began.elapsed();
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(within, watching).await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_headers_are_closed_while_the_api_answers() {
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            http_header_read_timeout_ms: 1_000,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = api_addr(&system);
+    // 200 slow clients: each sends part of a request line and headers and never the end;
+    // a fifth of them keep sending a byte every 200 ms, which must not keep them open.
+    let mut slow = Vec::new();
+    for i in 0..200 {
+        let mut stream = TcpStream::connect(&addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await
+            .expect("send a partial head");
+        slow.push(tokio::spawn(closed_by_server(
+            stream,
+            i % 5 == 0,
+            Duration::from_secs(8),
+        )));
+    }
+    // Meanwhile the API answers everyone else.
+    for _ in 0..5 {
+        let response = system
+            .request_as("GET", "/stats", Some(VIEWER_TOKEN), None)
+            .await
+            .expect("HTTP request");
+        assert_eq!(response.status(), 200);
+    }
+    for (i, closed) in slow.into_iter().enumerate() {
+        let closed = closed.await.expect("watcher task");
+        let after = closed.unwrap_or_else(|| {
+            panic!("slow connection {i} was still open 8 s later (header timeout 1 s)")
+        });
+        assert!(
+            after < Duration::from_secs(4),
+            "slow connection {i} closed only after {after:?}"
+        );
+    }
+    let (status, _) = system.get("/stats").await;
+    assert_eq!(status, 200);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_that_sends_nothing_more_is_closed_once_idle() {
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            http_idle_timeout_ms: 500,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = api_addr(&system);
+
+    // A kept-alive connection that sends nothing after its answer is closed once idle.
+    let mut kept = TcpStream::connect(&addr).await.expect("connect");
+    kept.write_all(b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("send a request");
+    let mut first = [0u8; 12];
+    kept.read_exact(&mut first).await.expect("an answer");
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let idle_closed = closed_by_server(kept, false, Duration::from_secs(5))
+        .await
+        .expect("an idle connection is closed within 5 s (idle timeout 0.5 s)");
+    assert!(idle_closed >= Duration::from_millis(300), "{idle_closed:?}");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_a_connection_is_closed_at_once() {
+    let cap = 16;
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            http_max_connections: cap,
+            // The test client's own pooled connections go soon.
+            http_idle_timeout_ms: 500,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = api_addr(&system);
+
+    // Once the test client's own pooled connections timed out, `cap` silent connections
+    // take every place, and the next one is closed at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(TcpStream::connect(&addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let extra = TcpStream::connect(&addr)
+        .await
+        .expect("the kernel accepts it");
+    let refused_after = closed_by_server(extra, false, Duration::from_secs(3))
+        .await
+        .expect("a connection past HTTP_MAX_CONNECTIONS is closed at once");
+    assert!(refused_after < Duration::from_secs(1), "{refused_after:?}");
+
+    // Places come back when connections close.
+    drop(held);
+    eventually("a place for a new connection", || async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client");
+        let response = client
+            .get(format!("{}/stats", system.http))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holds_at_most_its_share_of_watch_streams_and_each_stream_ends_in_time() {
+    let (system, saga_id) = start_with_a_saga_waiting_on_payment(ApiConfig {
+        watch_max_streams_per_token: 2,
+        watch_stream_max_ms: 1_500,
+        ..Default::default()
+    })
+    .await;
+    let path = format!("/sagas/{saga_id}/watch");
+    let open = |token: &'static str| system.request_as("GET", &path, Some(token), None);
+    let mut first = open(VIEWER_TOKEN).await.expect("HTTP request");
+    let opened = Instant::now();
+    assert_eq!(first.status(), 200);
+    let second = open(VIEWER_TOKEN).await.expect("HTTP request");
+    assert_eq!(second.status(), 200);
+    let third = open(VIEWER_TOKEN).await.expect("HTTP request");
+    assert_eq!(third.status(), 429);
+    let body: Value = third.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WATCH_MAX_STREAMS_PER_TOKEN"),
+        "{body}"
+    );
+    // Another token has its own share.
+    let other = open(OPERATOR_TOKEN).await.expect("HTTP request");
+    assert_eq!(other.status(), 200);
+
+    // The saga is still running, yet the stream ends after its lifetime, having told the
+    // client to reconnect a second later.
+    let mut text = String::new();
+    crate::helpers::read_to_end(&mut first, &mut text).await;
+    let lived = opened.elapsed();
+    assert!(
+        lived >= Duration::from_millis(1_400) && lived < Duration::from_secs(6),
+        "the stream lived {lived:?} (WATCH_STREAM_MAX_MS 1500)"
+    );
+    assert!(
+        text.starts_with("retry: 1000\n") || text.contains("\nretry: 1000\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("event: saga") && !text.contains("event: end"),
+        "{text}"
+    );
+    drop(second);
+    drop(other);
+    // And its place is the token's again.
+    let reopened = eventually("a freed place", || async {
+        let stream = open(VIEWER_TOKEN).await.ok()?;
+        (stream.status() == 200).then_some(stream)
+    })
+    .await;
+    drop(reopened);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_snapshot_sends_the_latest_history_lines_and_where_to_page_the_rest() {
+    let system = TestSystem::start_with(Options {
+        api: ApiConfig {
+            watch_snapshot_history_lines: 2,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    let history = system.history(&saga_id).await;
+    assert!(history.len() > 2, "{history:?}");
+
+    let mut stream = system
+        .get_response(&format!("/sagas/{saga_id}/watch"))
+        .await;
+    let mut text = String::new();
+    crate::helpers::read_to_end(&mut stream, &mut text).await;
+    let events = sse_events(&text);
+    let sent: Vec<i64> = events
+        .iter()
+        .filter(|(name, _)| name == "history")
+        .filter_map(|(_, data)| data["id"].as_i64())
+        .collect();
+    let latest: Vec<i64> = history[history.len() - 2..]
+        .iter()
+        .filter_map(|line| line["id"].as_i64())
+        .collect();
+    assert_eq!(sent, latest, "{text}");
+    let truncated = events
+        .iter()
+        .find(|(name, _)| name == "history_truncated")
+        .map(|(_, data)| data.clone())
+        .unwrap_or_else(|| panic!("no history_truncated event: {text}"));
+    assert_eq!(truncated["through"], history[history.len() - 3]["id"]);
+    // The rest is on the history API's pages, from where the event says.
+    let url = truncated["history_url"].as_str().unwrap_or_default();
+    let (status, page) = system.get(url).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["history"][0]["id"], history[0]["id"], "{page}");
+    system.stop().await;
+}
+
+/// The events of a Server-Sent Events text: name and JSON data.
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = Some(value.to_owned());
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(value).ok();
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
 }

@@ -54,6 +54,8 @@ pub struct Options {
     pub orchestrator_faults: FaultConfig,
     /// The API's settings; the test tokens ([`token_list`]) unless they name other access.
     pub api: ApiConfig,
+    /// The services' broker, when not the shared one ([`brokers`]): a test's private broker.
+    pub brokers: Option<String>,
 }
 
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
@@ -206,7 +208,10 @@ impl TestSystem {
         admin.close().await;
         let database_url = format!("{}/{database}", server_url());
 
-        let kafka = kafka_config(format!("test-{id}."), 2);
+        let mut kafka = kafka_config(format!("test-{id}."), 2);
+        if let Some(brokers) = &options.brokers {
+            kafka.kafka_brokers.clone_from(brokers);
+        }
         let topics = Topics::new(kafka.topic_prefix.clone());
         messaging::kafka::ensure_topics(&kafka, &all_topics(&topics))
             .await

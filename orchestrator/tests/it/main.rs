@@ -6,6 +6,7 @@ mod batches;
 mod definitions;
 mod helpers;
 mod hostile;
+mod idempotency;
 mod loyalty;
 mod operate;
 /// The order saga's messages in the shapes the tests write them, shared with the unit tests.
