@@ -807,40 +807,59 @@ fn spawn_broker_faults(args: &ChaosArgs) -> Option<ServerFaults> {
 
 /// Stops and starts PostgreSQL every --postgres-restart-every-ms, if set.
 fn spawn_postgres_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults>> {
-    if args.postgres_restart_every_ms == 0 {
-        return Ok(None);
-    }
-    let port = PgConnectOptions::from_str(&args.database_server)?.get_port();
-    Ok(Some(ServerFaults::spawn(
-        "PostgreSQL (fast stop)",
-        Control {
-            script: args.postgres_script.clone(),
-            env: vec![("PGPORT".into(), port.to_string())],
-            down_action: "stop",
-            up_action: "start",
-        },
-        Duration::from_millis(args.postgres_restart_every_ms),
-        Duration::from_millis(args.postgres_down_ms),
-    )))
+    let fault = PostgresFault {
+        what: "PostgreSQL (fast stop)",
+        down_action: "stop",
+        up_action: "start",
+    };
+    fault.spawn(args, args.postgres_restart_every_ms, args.postgres_down_ms)
 }
 
 /// Turns PostgreSQL read-only and writable again every --postgres-read-only-every-ms, if set.
 fn spawn_read_only_faults(args: &ChaosArgs) -> anyhow::Result<Option<ServerFaults>> {
-    if args.postgres_read_only_every_ms == 0 {
-        return Ok(None);
+    let fault = PostgresFault {
+        what: "PostgreSQL (read-only)",
+        down_action: "read-only",
+        up_action: "writable",
+    };
+    fault.spawn(
+        args,
+        args.postgres_read_only_every_ms,
+        args.postgres_read_only_ms,
+    )
+}
+
+/// A fault of the PostgreSQL server that --postgres-script brings about and undoes.
+struct PostgresFault {
+    what: &'static str,
+    down_action: &'static str,
+    up_action: &'static str,
+}
+
+impl PostgresFault {
+    /// Runs the fault every `every_ms` for `down_ms` (never when `every_ms` is 0).
+    fn spawn(
+        self,
+        args: &ChaosArgs,
+        every_ms: u64,
+        down_ms: u64,
+    ) -> anyhow::Result<Option<ServerFaults>> {
+        if every_ms == 0 {
+            return Ok(None);
+        }
+        let port = PgConnectOptions::from_str(&args.database_server)?.get_port();
+        Ok(Some(ServerFaults::spawn(
+            self.what,
+            Control {
+                script: args.postgres_script.clone(),
+                env: vec![("PGPORT".into(), port.to_string())],
+                down_action: self.down_action,
+                up_action: self.up_action,
+            },
+            Duration::from_millis(every_ms),
+            Duration::from_millis(down_ms),
+        )))
     }
-    let port = PgConnectOptions::from_str(&args.database_server)?.get_port();
-    Ok(Some(ServerFaults::spawn(
-        "PostgreSQL (read-only)",
-        Control {
-            script: args.postgres_script.clone(),
-            env: vec![("PGPORT".into(), port.to_string())],
-            down_action: "read-only",
-            up_action: "writable",
-        },
-        Duration::from_millis(args.postgres_read_only_every_ms),
-        Duration::from_millis(args.postgres_read_only_ms),
-    )))
 }
 
 /// The command topic --topic-delete-every-ms deletes (without the prefix), chosen for this run;
