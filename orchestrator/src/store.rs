@@ -835,17 +835,20 @@ pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
 /// Stores `definition` (name, version, digest, canonical form) unless that version is stored
 /// already. Returns the digest stored for the version: the one given, or an earlier one that
 /// differs when the file changed without a new version.
+///
+/// One statement that always returns the stored row: the conflict arm "updates" the row to
+/// itself, which waits for and then reads an insert another orchestrator starting at the same
+/// moment has not committed yet. (`DO NOTHING` returned no row then, and a lookup in the same
+/// statement, on a snapshot older than that commit, found none either: `RowNotFound`.)
 pub async fn register_definition(
     executor: impl PgExecutor<'_>,
     definition: &crate::saga::SagaDefinition,
 ) -> Result<String> {
     let stored = sqlx::query_scalar!(
-        r#"WITH added AS (
-             INSERT INTO saga_definitions (name, version, digest, canonical)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (name, version) DO NOTHING RETURNING digest
-         ) SELECT digest AS "digest!" FROM added
-           UNION ALL SELECT digest FROM saga_definitions WHERE name = $1 AND version = $2
-           LIMIT 1"#,
+        "INSERT INTO saga_definitions (name, version, digest, canonical)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name, version) DO UPDATE SET digest = saga_definitions.digest
+         RETURNING digest",
         definition.name,
         definition.version,
         definition.digest(),

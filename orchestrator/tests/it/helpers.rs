@@ -364,6 +364,11 @@ impl TestSystem {
         });
     }
 
+    /// The URL of the test's database.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     /// The services running now, by name: each one's schema too, as a test deployment names
     /// no schema.
     pub fn running_services(&self) -> Vec<&'static str> {
