@@ -72,7 +72,7 @@ impl OrchestratorHandler {
                 "duplicate {} (record {}/{}@{})",
                 definition.name, record.topic, record.partition, record.offset
             );
-            store::note_duplicate(tx, &definition.name, &saga.key, now, message, &detail).await?;
+            store::note_duplicate(tx, &definition.name, &saga.key, message, &detail).await?;
             tracing::info!(saga_type = %definition.name, key = %saga.key, "duplicate {message} ignored");
             return Ok(());
         }

@@ -475,23 +475,28 @@ pub async fn append_history(
 }
 
 /// Notes a trigger for a subject that has its saga already (`saga_type`, `key`) on that saga's
-/// history, as ignored, with the state the saga is in.
+/// history, as ignored, with the state the saga is in: the first repeat gets a line of its
+/// own, every later one only counts on that line (`duplicates`, with its time and `detail` as
+/// the last one's), so that no number of replays makes a saga's history longer than one line.
 pub async fn note_duplicate(
     tx: &mut PgConnection,
     saga_type: &str,
     key: &str,
-    at: DateTime<Utc>,
     message_type: &str,
     detail: &str,
 ) -> Result<()> {
     sqlx::query!(
         "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
-                                   state_after)
-         SELECT id, $3, NULL, $4, $5, $6, state FROM sagas
-         WHERE definition_name = $1 AND saga_key = $2",
+                                   state_after, duplicates, last_duplicate_at,
+                                   last_duplicate_detail)
+         SELECT id, now(), NULL, $3, $4, $5, state, 1, now(), $5 FROM sagas
+         WHERE definition_name = $1 AND saga_key = $2
+         ON CONFLICT (saga_id) WHERE duplicates IS NOT NULL DO UPDATE
+         SET duplicates = saga_history.duplicates + 1,
+             last_duplicate_at = excluded.last_duplicate_at,
+             last_duplicate_detail = excluded.last_duplicate_detail",
         saga_type,
         key,
-        at,
         message_type,
         HistoryDecision::Ignored as HistoryDecision,
         detail,
@@ -499,6 +504,32 @@ pub async fn note_duplicate(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// How often a saga's trigger arrived again after it started it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DuplicatesSeen {
+    /// Repeats of the trigger, all absorbed.
+    pub count: i64,
+    /// When the first and the last repeat arrived.
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+}
+
+/// The repeats of `saga_id`'s trigger, if there were any (its counting history line).
+pub async fn duplicates_seen<'e>(
+    db: impl PgExecutor<'e>,
+    saga_id: Uuid,
+) -> Result<Option<DuplicatesSeen>> {
+    Ok(sqlx::query_as!(
+        DuplicatesSeen,
+        r#"SELECT duplicates AS "count!", at AS first_at,
+                  coalesce(last_duplicate_at, at) AS "last_at!"
+           FROM saga_history WHERE saga_id = $1 AND duplicates IS NOT NULL"#,
+        saga_id
+    )
+    .fetch_optional(db)
+    .await?)
 }
 
 /// The saga for `key` of any of `saga_types` (the oldest when several have one), if there is
@@ -664,6 +695,17 @@ pub struct HistoryRecord {
     pub id: i64,
     #[serde(flatten)]
     pub entry: HistoryEntry,
+    /// On the line of a repeated trigger: how many repeats it counts, and the last one's.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<Repeats>,
+}
+
+/// The repeats a repeated trigger's history line counts (the line itself is the first one).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Repeats {
+    pub duplicates: i64,
+    pub last_duplicate_at: DateTime<Utc>,
+    pub last_duplicate_detail: Option<String>,
 }
 
 /// A `saga_history` row as the checked statements read it.
@@ -676,12 +718,20 @@ struct HistoryRow {
     decision: HistoryDecision,
     detail: Option<String>,
     state_after: SagaState,
+    duplicates: Option<i64>,
+    last_duplicate_at: Option<DateTime<Utc>>,
+    last_duplicate_detail: Option<String>,
 }
 
 impl From<HistoryRow> for HistoryRecord {
     fn from(row: HistoryRow) -> Self {
         Self {
             id: row.id,
+            repeats: row.duplicates.map(|duplicates| Repeats {
+                duplicates,
+                last_duplicate_at: row.last_duplicate_at.unwrap_or(row.at),
+                last_duplicate_detail: row.last_duplicate_detail,
+            }),
             entry: HistoryEntry {
                 at: row.at,
                 message_id: row.message_id,
@@ -706,7 +756,8 @@ pub async fn history<'e>(
         HistoryRow,
         r#"SELECT saga_id, id, at, message_id, message_type,
                   decision AS "decision: HistoryDecision", detail,
-                  state_after AS "state_after: SagaState"
+                  state_after AS "state_after: SagaState", duplicates, last_duplicate_at,
+                  last_duplicate_detail
            FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id LIMIT $3"#,
         saga_id,
         after_id,
@@ -751,7 +802,8 @@ pub async fn history_since<'e>(
         HistoryRow,
         r#"SELECT h.saga_id, h.id, h.at, h.message_id, h.message_type,
                   h.decision AS "decision: HistoryDecision", h.detail,
-                  h.state_after AS "state_after: SagaState"
+                  h.state_after AS "state_after: SagaState", h.duplicates,
+                  h.last_duplicate_at, h.last_duplicate_detail
            FROM UNNEST($1::uuid[], $2::bigint[]) AS w(saga_id, after_id)
            JOIN saga_history h ON h.saga_id = w.saga_id AND h.id > w.after_id
            ORDER BY h.id"#,

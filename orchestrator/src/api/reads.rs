@@ -48,7 +48,11 @@ pub(super) async fn get_saga(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
-    Ok(Json(SagaView::new(saga, version)))
+    let view = SagaView::new(saga, version)
+        .with_duplicates(&state.pool)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(view))
 }
 
 pub(super) async fn get_saga_by_order(
@@ -75,7 +79,11 @@ pub(super) async fn get_saga_by_order(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;
-    Ok(Json(SagaView::new(saga, version)))
+    let view = SagaView::new(saga, version)
+        .with_duplicates(&state.pool)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(view))
 }
 
 /// `404` unless the saga exists.
