@@ -54,6 +54,17 @@ pub struct Config {
     #[arg(long, env = "ORDER_DEDUP_RETENTION_SECS", default_value_t = 8 * 24 * 3600)]
     pub order_dedup_retention_secs: u64,
 
+    /// Fault injection, for tests only: this instance's clock reads this many seconds ahead
+    /// (behind when negative) of the system's. Saga times come from the database's clock, so
+    /// it changes nothing but `orchestrator_clock_skew_seconds`.
+    #[arg(
+        long,
+        env = "FAULT_CLOCK_SKEW_SECS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub fault_clock_skew_secs: i64,
+
     /// Consumer group of the orchestrators (default: `{TOPIC_PREFIX}orchestrator`). Instances in
     /// one group share the orders and replies between them by partition.
     #[arg(long, env = "ORCHESTRATOR_GROUP")]

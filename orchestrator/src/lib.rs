@@ -13,6 +13,7 @@
 pub mod api;
 pub mod auth;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod deadlines;
 mod error;
@@ -63,6 +64,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         API_ACQUIRE_TIMEOUT,
     )?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
+    let clock = clock::Clock::skewed(config.fault_clock_skew_secs);
     let catalog =
         Arc::new(catalog::Catalog::load(&pool, &config.sagas_dir, config.retries.clone()).await?);
     // The definitions name the topics: their triggers (consumed here) and the participants'
@@ -119,6 +121,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             topics: topics.clone(),
             catalog: catalog.clone(),
             interval: config.retries.scan_interval(),
+            clock,
         }
         .run(shutdown.clone()),
     );

@@ -30,13 +30,17 @@ struct SagaRow {
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
     deadline_at: Option<DateTime<Utc>>,
+    /// The database's clock (`now()`: when the transaction began), read by the statements that
+    /// lock sagas to move them: every time a saga's move writes comes from that one clock.
+    db_now: Option<DateTime<Utc>>,
 }
 
 /// `SagaRow`'s columns, for the one statement that is built at run time ([`list`]); the
 /// checked statements (`query_as!`) name them in their own text.
 const SAGA_COLUMNS: &str = "id, state, order_data, saga_key, steps, failure_reason, \
                             definition_name, definition_version, version, created_at, \
-                            updated_at, finished_at, deadline_at";
+                            updated_at, finished_at, deadline_at, \
+                            NULL::timestamptz AS db_now";
 
 impl SagaRow {
     /// The saga, for code that moves it: refused when a column does not hold what this build
@@ -150,19 +154,47 @@ pub async fn insert_saga(
     Ok(inserted == 1)
 }
 
-/// Loads a saga and locks its row until the transaction ends. Returns it with its version.
-pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
+/// Sagas locked to be moved, and the database's time ([`database_now`]), the one clock
+/// whatever the move writes is reckoned on.
+pub struct Locked<T> {
+    pub sagas: T,
+    /// `None` only when nothing was locked.
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// The database's clock: `now()`, when the transaction `db` runs in began. Deadlines, and
+/// every time a saga's row and history hold, are reckoned on it rather than on the clock of
+/// the instance that writes them, so instances whose clocks disagree still agree on what is
+/// due.
+pub async fn database_now(db: impl PgExecutor<'_>) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(db)
+        .await?)
+}
+
+/// Loads a saga and locks its row until the transaction ends. Returns it with its version and
+/// the database's time.
+pub async fn load_for_update(
+    tx: &mut PgConnection,
+    saga_id: Uuid,
+) -> Result<Option<(Saga, i64, DateTime<Utc>)>> {
     let row = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE id = $1 FOR UPDATE"#,
         saga_id
     )
-    .fetch_optional(tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    row.map(SagaRow::into_saga).transpose()
+    let Some(row) = row else { return Ok(None) };
+    let now = match row.db_now {
+        Some(now) => now,
+        None => database_now(&mut *tx).await?,
+    };
+    let (saga, version) = row.into_saga()?;
+    Ok(Some((saga, version, now)))
 }
 
 /// Loads the sagas `saga_ids` and locks their rows until the transaction ends, in id order
@@ -171,17 +203,18 @@ pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Opt
 pub async fn lock_sagas(
     tx: &mut PgConnection,
     saga_ids: &[Uuid],
-) -> Result<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)> {
+) -> Result<Locked<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)>> {
     let rows = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
         saga_ids
     )
     .fetch_all(tx)
     .await?;
+    let now = rows.first().and_then(|row| row.db_now);
     let mut sagas = HashMap::with_capacity(rows.len());
     let mut unreadable = Vec::new();
     for row in rows {
@@ -193,7 +226,10 @@ pub async fn lock_sagas(
             Err(e) => unreadable.push((saga_id, e)),
         }
     }
-    Ok((sagas, unreadable))
+    Ok(Locked {
+        sagas: (sagas, unreadable),
+        now,
+    })
 }
 
 /// A saga's new state for [`save_transitions`]: written if its row is still at `expected_version`.
@@ -352,23 +388,20 @@ pub async fn update_saga(
 
 /// Locks up to `limit` sagas whose deadline has passed, skipping those another transaction
 /// (another orchestrator instance, or a reply being handled) holds, oldest deadline first.
-pub async fn lock_due(
-    tx: &mut PgConnection,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> Result<Vec<(Saga, i64)>> {
+/// Due means due by the database's clock, the one every deadline was written on.
+pub async fn lock_due(tx: &mut PgConnection, limit: i64) -> Result<Locked<Vec<(Saga, i64)>>> {
     let rows = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
-           FROM sagas WHERE deadline_at <= $1
-           ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED"#,
-        now,
+                  finished_at, deadline_at, now() AS "db_now?"
+           FROM sagas WHERE deadline_at <= now()
+           ORDER BY deadline_at LIMIT $1 FOR UPDATE SKIP LOCKED"#,
         limit
     )
     .fetch_all(&mut *tx)
     .await?;
+    let now = rows.first().and_then(|row| row.db_now);
     let mut due = Vec::with_capacity(rows.len());
     for row in rows {
         let saga_id = row.id;
@@ -378,7 +411,7 @@ pub async fn lock_due(
             Err(e) => park_unreadable(tx, saga_id, &e).await?,
         }
     }
-    Ok(due)
+    Ok(Locked { sagas: due, now })
 }
 
 /// Parks a saga whose row this build cannot read (`error`): `failed`, without a deadline, with
@@ -400,7 +433,7 @@ pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error
     .execute(&mut *tx)
     .await?;
     let entry = HistoryEntry {
-        at: Utc::now(),
+        at: database_now(&mut *tx).await?,
         message_id: None,
         message_type: "UnreadableRow".into(),
         decision: HistoryDecision::Parked,
@@ -680,7 +713,7 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(S
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, NULL::timestamptz AS "db_now?"
            FROM sagas WHERE id = $1"#,
         saga_id
     )
@@ -779,7 +812,7 @@ pub async fn changed_since<'e>(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, NULL::timestamptz AS "db_now?"
            FROM sagas
            JOIN UNNEST($1::uuid[], $2::bigint[]) AS w(watched_id, seen_version)
              ON id = watched_id
@@ -840,7 +873,9 @@ pub struct Stats {
 /// Counts by state (kept by the `sagas` triggers, so this reads a few dozen rows whatever
 /// the table's size) and the last `window_secs`' rates (index ranges as long as the window).
 pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
-    let now = Utc::now();
+    // The window ends at the database's time, the clock `created_at` and `finished_at` are
+    // written on.
+    let now = database_now(db).await?;
     let since = now - chrono::Duration::seconds(window_secs);
     let counted = sqlx::query!(
         r#"SELECT state AS "state!: SagaState", sum(sagas)::bigint AS "sagas!"

@@ -232,9 +232,16 @@ pub(super) async fn list_sagas(
     let limit = page_size(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let filter = SagaFilter {
         state: state_filter,
-        created_before: query
-            .min_age_secs
-            .map(|secs| Utc::now() - chrono::Duration::seconds(i64::from(secs))),
+        // Ages are reckoned on the database's clock, the one `created_at` is written on.
+        created_before: match query.min_age_secs {
+            None => None,
+            Some(secs) => Some(
+                store::database_now(&state.pool)
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?
+                    - chrono::Duration::seconds(i64::from(secs)),
+            ),
+        },
         step,
         reason: reason_filter(query.reason)?,
         after,

@@ -54,6 +54,8 @@ pub struct Options {
     pub orchestrator_faults: FaultConfig,
     /// The API's settings; the test tokens ([`token_list`]) unless they name other access.
     pub api: ApiConfig,
+    /// The orchestrator's clock runs this many seconds ahead (`FAULT_CLOCK_SKEW_SECS`).
+    pub clock_skew_secs: i64,
 }
 
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
@@ -252,6 +254,7 @@ impl TestSystem {
             faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
+            fault_clock_skew_secs: options.clock_skew_secs,
             api: {
                 let mut api = options.api;
                 if api.api_tokens.is_none()
