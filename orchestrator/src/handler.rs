@@ -301,8 +301,12 @@ fn note_decision(
         }
         Decision::Ignored { reason } => {
             tracing::info!(saga_id = %saga.id, event = %entry.message_type, %reason, "ignored");
+            // A refused operator action keeps who asked and why in front of the refusal.
+            entry.detail = Some(match (entry.decision, entry.detail.take()) {
+                (HistoryDecision::Operator, Some(asked)) => format!("{asked}; refused: {reason}"),
+                _ => reason,
+            });
             entry.decision = HistoryDecision::Ignored;
-            entry.detail = Some(reason);
             entry.state_after = saga.state;
             (None, entry)
         }

@@ -452,3 +452,104 @@ async fn an_orchestrator_ten_minutes_ahead_keeps_the_retry_spacing_of_the_policy
     assert!((skew - SKEW_SECS as f64).abs() < 5.0, "skew {skew}");
     system.stop().await;
 }
+
+/// A pivot whose command never arrives (its participant gone, the command parked or
+/// dead-lettered) is re-sent for ever. Once a wait passed without an answer, an operator can
+/// abandon it: the saga is failed with who and why, nothing below it is undone (the pivot may
+/// have acted), and a late answer is recorded for the operator to settle by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_pivot_can_be_abandoned_by_an_operator_and_nothing_is_undone() {
+    let mut system = TestSystem::start_with(Options {
+        retries: orchestrator::config::RetryConfig {
+            step_timeout_overrides_ms: vec!["schedule_shipment=3000".into()],
+            ..fast_retries()
+        },
+        without: vec!["shipping"],
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga_id = system.saga_id_of(placed.order_id).await;
+    let path = format!("/sagas/{saga_id}");
+    eventually("the saga to wait on its pivot", || async {
+        let (_, saga) = system.get(&path).await;
+        (saga["current_step"] == "schedule_shipment").then_some(())
+    })
+    .await;
+    let abort = json!({"reason": "shipping.commands was deleted"}).to_string();
+    // Within its first wait the shipment may still be answered.
+    let (status, body) = system.post(&format!("{path}/abort"), &abort).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.to_string().contains("cannot be undone"),
+        "the refusal says why: {body}"
+    );
+    eventually("the shipment to be sent again", || async {
+        let (_, saga) = system.get(&path).await;
+        (saga["steps"][2]["attempts"].as_u64()? >= 2).then_some(())
+    })
+    .await;
+
+    let (status, saga) = system.post(&format!("{path}/abort"), &abort).await;
+    assert_eq!(status, 200, "{saga}");
+    assert_eq!(saga["state"], "failed", "{saga}");
+    assert_eq!(saga["current_step"], "schedule_shipment", "{saga}");
+    assert_eq!(
+        step_statuses(&saga),
+        ["succeeded", "succeeded", "failed"],
+        "nothing undone: {saga}"
+    );
+    let reason = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("abandoned by operator")
+            && reason.contains("shipping.commands was deleted"),
+        "{reason}"
+    );
+    let history = system.history(&saga_id).await;
+    let asked = format!("abort by {OPERATOR_NAME}: shipping.commands was deleted");
+    let by_operator: Vec<(&Value, &str)> = history
+        .iter()
+        .filter(|h| h["message_type"] == "OperatorAbort")
+        .map(|h| (&h["decision"], h["detail"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(
+        matches!(&by_operator[..], [(refused, first), (applied, second)]
+            if *refused == "ignored" && first.starts_with(&format!("{asked}; refused: "))
+                && *applied == "operator" && *second == asked),
+        "both attempts audited with who and why: {history:?}"
+    );
+
+    // Shipping comes back and answers a re-sent command: recorded, the saga stays failed.
+    system.start_participant("shipping", 0);
+    eventually("the late answer to be recorded", || async {
+        let history = system.history(&saga_id).await;
+        history
+            .iter()
+            .any(|h| h["message_type"] == "ShipmentScheduled" && h["decision"] == "ignored")
+            .then_some(())
+    })
+    .await;
+    let (_, saga) = system.get(&path).await;
+    assert_eq!(saga["state"], "failed", "{saga}");
+    let held = count(
+        &system,
+        "inventory",
+        "SELECT count(*) FROM reservations WHERE order_id = $1 AND status = 'reserved'",
+        placed.order_id,
+    )
+    .await;
+    let charged = count(
+        &system,
+        "payment",
+        "SELECT count(*) FROM payments WHERE order_id = $1 AND status = 'charged'",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(
+        (held, charged),
+        (1, 1),
+        "nothing below the pivot was undone"
+    );
+    system.stop().await;
+}
