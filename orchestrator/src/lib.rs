@@ -128,6 +128,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let retention = {
         let pool = pool.clone();
         let retention_secs = config.saga_retention_secs;
+        let failed_secs = config.failed_saga_retention_secs;
         let dedup_secs = config.order_dedup_retention_secs;
         tokio::spawn(messaging::retention::every(
             "saga retention",
@@ -137,7 +138,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 let pool = pool.clone();
                 async move {
                     let batch = messaging::retention::SWEEP_BATCH;
-                    let sagas = store::sweep_finished(&pool, retention_secs, batch).await?;
+                    let sagas =
+                        store::sweep_finished(&pool, retention_secs, failed_secs, batch).await?;
                     let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
                     Ok(sagas + keys)
                 }

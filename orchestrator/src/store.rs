@@ -592,24 +592,31 @@ pub async fn trace_parent<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<
     )
 }
 
-/// Deletes up to `limit` completed or compensated sagas that finished more than
-/// `retention_secs` ago, with their history. Failed sagas stay until an operator moves them.
-/// Returns how many sagas it deleted.
+/// Deletes up to `limit` sagas, with their history: completed or compensated ones that
+/// finished more than `retention_secs` ago, and failed ones that failed more than
+/// `failed_retention_secs` ago (an operator's retry or skip moves a saga out of `failed`
+/// first). Returns how many sagas it deleted.
 pub async fn sweep_finished(
     db: &sqlx::PgPool,
     retention_secs: u64,
+    failed_retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
     Ok(sqlx::query!(
         "WITH doomed AS (
              SELECT id FROM sagas
-             WHERE finished_at < now() - make_interval(secs => $1) AND state = ANY($3)
+             WHERE finished_at < now() - make_interval(secs => least($1::float8, $4::float8))
+               AND CASE WHEN state = $5 THEN finished_at < now() - make_interval(secs => $4)
+                        ELSE state = ANY($3) AND finished_at < now() - make_interval(secs => $1)
+                   END
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED),
          history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id)
          DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
         retention_secs as f64,
         limit,
         &[SagaState::Completed, SagaState::Compensated] as &[SagaState],
+        failed_retention_secs as f64,
+        SagaState::Failed as SagaState,
     )
     .execute(db)
     .await?

@@ -50,6 +50,9 @@ pub struct Options {
     pub without: Vec<&'static str>,
     /// Sweep finished sagas and inbox rows older than this many seconds, every 100 ms.
     pub retention_secs: Option<u64>,
+    /// With `retention_secs`: sweep failed sagas, parked outbox rows and the participants'
+    /// step ledger entries older than this many seconds too.
+    pub everything_retention_secs: Option<u64>,
     /// Fault injection for the orchestrator.
     pub orchestrator_faults: FaultConfig,
     /// The API's settings; the test tokens ([`token_list`]) unless they name other access.
@@ -221,6 +224,9 @@ impl TestSystem {
         let retention = match options.retention_secs {
             Some(secs) => RetentionConfig {
                 inbox_retention_secs: secs,
+                outbox_parked_retention_secs: options
+                    .everything_retention_secs
+                    .unwrap_or(30 * 24 * 3600),
                 retention_sweep_interval_ms: 100,
             },
             None => RetentionConfig::default(),
@@ -235,6 +241,9 @@ impl TestSystem {
             command_topic: None,
             metrics_addr: None,
             fault_compensation_failures: 0,
+            step_ledger_retention_secs: options
+                .everything_retention_secs
+                .unwrap_or(participants::config::STEP_LEDGER_RETENTION_SECS),
         };
         let shutdown = CancellationToken::new();
 
@@ -248,6 +257,7 @@ impl TestSystem {
             relay: RelayConfig::default(),
             retention,
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
+            failed_saga_retention_secs: options.everything_retention_secs.unwrap_or(30 * 24 * 3600),
             order_dedup_retention_secs: 8 * 24 * 3600,
             retries: options.retries,
             sagas_dir: sagas_dir(),
