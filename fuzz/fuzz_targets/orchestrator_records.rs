@@ -37,7 +37,7 @@ use libfuzzer_sys::fuzz_target;
 use orchestrator::saga::definitions::{self, trigger_message};
 use orchestrator::saga::{
     Decision, Effect, OperatorAction, Registry, RetryPolicy, Saga, SagaDefinition, SagaState,
-    StepStatus,
+    StepStatus, ABANDON_AFTER_ATTEMPTS,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -786,6 +786,15 @@ impl World {
             let saga = &row.saga;
             match saga.state {
                 SagaState::Completed | SagaState::Compensated => return,
+                // Abandoned by an operator: they settle it by hand.
+                SagaState::Failed
+                    if !saga
+                        .steps
+                        .iter()
+                        .any(|s| s.status == StepStatus::CompensationFailed) =>
+                {
+                    return
+                }
                 SagaState::Failed => {
                     let action = if round % 2 == 0 {
                         OperatorAction::Retry
@@ -1046,15 +1055,23 @@ fn should_apply(
         Cause::Deadline => {
             saga.deadline_at.is_some_and(|d| d <= now) && saga.current_step().is_some()
         }
-        // Retry and skip: a failed saga. Abort: a running saga whose current step can be
-        // undone.
+        // Retry and skip: a failed saga with a stuck compensation. Abort: a running saga
+        // whose current step can be undone, or cannot but went unanswered past its first wait
+        // (it is abandoned, nothing undone).
         Cause::Operator(action) => match action {
-            OperatorAction::Retry | OperatorAction::Skip => saga.state == SagaState::Failed,
+            OperatorAction::Retry | OperatorAction::Skip => {
+                saga.state == SagaState::Failed
+                    && saga
+                        .steps
+                        .iter()
+                        .any(|s| s.status == StepStatus::CompensationFailed)
+            }
             OperatorAction::Abort { .. } => {
                 saga.state == SagaState::Running
-                    && saga
-                        .current_step()
-                        .is_some_and(|i| definition.steps[i].compensable())
+                    && saga.current_step().is_some_and(|i| {
+                        definition.steps[i].compensable()
+                            || saga.steps[i].attempts >= ABANDON_AFTER_ATTEMPTS
+                    })
             }
         },
     }
@@ -1264,6 +1281,17 @@ fn check_saga(saga: &Saga, definition: &SagaDefinition) {
                 SagaState::Compensating => {
                     assert_eq!(count(StepStatus::Compensating), 1, "{saga:#?}");
                     assert_eq!(active, 1, "{saga:#?}");
+                }
+                // A step that cannot be undone, abandoned by an operator: nothing undone.
+                SagaState::Failed if count(StepStatus::CompensationFailed) == 0 => {
+                    assert_eq!(statuses[failed], StepStatus::Failed, "{saga:#?}");
+                    assert_eq!(active, 0, "{saga:#?}");
+                    assert!(
+                        statuses[..failed]
+                            .iter()
+                            .all(|&s| s == StepStatus::Succeeded),
+                        "{saga:#?}"
+                    );
                 }
                 SagaState::Failed => {
                     assert_eq!(count(StepStatus::CompensationFailed), 1, "{saga:#?}");

@@ -133,6 +133,11 @@ pub struct RetentionConfig {
     #[arg(long, env = "INBOX_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub inbox_retention_secs: u64,
 
+    /// Outbox rows the broker refused for good (`outbox_parked`, kept whole with the broker's
+    /// reason for an operator to look at) are deleted this long after they were parked.
+    #[arg(long, env = "OUTBOX_PARKED_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
+    pub outbox_parked_retention_secs: u64,
+
     /// How often the retention sweep runs, in milliseconds.
     #[arg(long, env = "RETENTION_SWEEP_INTERVAL_MS", default_value_t = 60_000)]
     pub retention_sweep_interval_ms: u64,
@@ -148,6 +153,7 @@ impl Default for RetentionConfig {
     fn default() -> Self {
         Self {
             inbox_retention_secs: 7 * 24 * 3600,
+            outbox_parked_retention_secs: 30 * 24 * 3600,
             retention_sweep_interval_ms: 60_000,
         }
     }

@@ -42,10 +42,16 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
-    /// Completed and compensated sagas (and their history) older than this are deleted.
-    /// Failed sagas are kept until an operator moves them.
+    /// Completed and compensated sagas (and their history) are deleted this long after they
+    /// finished.
     #[arg(long, env = "SAGA_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub saga_retention_secs: u64,
+
+    /// Failed sagas (and their history) are deleted this long after they failed, unless an
+    /// operator moved them on before: longer than the others, as they wait for an operator.
+    /// Keep the participants' `STEP_LEDGER_RETENTION_SECS` at least as long.
+    #[arg(long, env = "FAILED_SAGA_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
+    pub failed_saga_retention_secs: u64,
 
     /// How long an order id is remembered after its order arrived, so that the same order
     /// published again (a client's retry, a replayed topic) never starts a second saga, even
@@ -53,6 +59,17 @@ pub struct Config {
     /// default is 7 days).
     #[arg(long, env = "ORDER_DEDUP_RETENTION_SECS", default_value_t = 8 * 24 * 3600)]
     pub order_dedup_retention_secs: u64,
+
+    /// Fault injection, for tests only: this instance's clock reads this many seconds ahead
+    /// (behind when negative) of the system's. Saga times come from the database's clock, so
+    /// it changes nothing but `orchestrator_clock_skew_seconds`.
+    #[arg(
+        long,
+        env = "FAULT_CLOCK_SKEW_SECS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub fault_clock_skew_secs: i64,
 
     /// Consumer group of the orchestrators (default: `{TOPIC_PREFIX}orchestrator`). Instances in
     /// one group share the orders and replies between them by partition.

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use events::Topics;
 use rand::Rng;
 use sqlx::PgPool;
@@ -23,17 +22,30 @@ use crate::Result;
 
 /// Sagas handled per scan transaction.
 const BATCH: i64 = 64;
+/// How often this instance's clock is compared with the database's.
+const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// A skew beyond which the comparison is logged as a warning.
+const CLOCK_SKEW_WARN_SECS: f64 = 1.0;
 
 pub struct DeadlineScanner {
     pub pool: PgPool,
     pub topics: Topics,
     pub catalog: std::sync::Arc<Catalog>,
     pub interval: Duration,
+    /// This instance's clock, only compared with the database's
+    /// ([`crate::metrics::CLOCK_SKEW`]): deadlines are written and found due on the
+    /// database's.
+    pub clock: crate::clock::Clock,
 }
 
 impl DeadlineScanner {
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut clock_checked: Option<std::time::Instant> = None;
         loop {
+            if clock_checked.is_none_or(|at| at.elapsed() >= CLOCK_CHECK_EVERY) {
+                clock_checked = Some(std::time::Instant::now());
+                self.check_clock().await;
+            }
             match self.fire_due().await {
                 Ok(fired) if fired >= BATCH => continue,
                 Ok(_) => {}
@@ -46,13 +58,34 @@ impl DeadlineScanner {
         }
     }
 
-    /// Handles one batch of overdue sagas in one transaction; returns how many it handled.
+    /// Says how far this instance's clock is from the database's (a gauge, and a warning
+    /// beyond a second). Nothing depends on it: a skewed instance reckons no deadline wrong.
+    async fn check_clock(&self) {
+        match store::database_now(&self.pool).await {
+            Ok(database) => {
+                let skew = (self.clock.now() - database).num_milliseconds() as f64 / 1000.0;
+                crate::metrics::clock_skew(skew);
+                if skew.abs() > CLOCK_SKEW_WARN_SECS {
+                    tracing::warn!(
+                        skew_secs = skew,
+                        "this instance's clock is off from the database's; saga deadlines and \
+                         times follow the database's"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error.message = %e, "cannot read the database's clock"),
+        }
+    }
+
+    /// Handles one batch of overdue sagas (due by the database's clock) in one transaction;
+    /// returns how many it handled.
     async fn fire_due(&self) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let now = Utc::now();
-        let due = store::lock_due(&mut tx, now, BATCH).await?;
+        let store::Locked { sagas: due, now } = store::lock_due(&mut tx, BATCH).await?;
         let mut outbox = Outbox::default();
         for (saga, version) in &due {
+            // A saga was locked, so its statement read the database's time.
+            let Some(now) = now else { break };
             let definition = match definition_of(&self.catalog, &mut tx, saga).await? {
                 Ok(definition) => definition,
                 // Nothing could move this saga: parked, so that it stops no other deadline.

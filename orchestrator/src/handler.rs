@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use events::{Envelope, Reply, Topics};
 use messaging::consumer::{Handler, HandlerError, Record};
 use messaging::inbox;
@@ -31,13 +31,14 @@ impl OrchestratorHandler {
     }
 
     /// Starts a saga of `definition` for the trigger message in `record`, unless one of its
-    /// type and key started already.
+    /// type and key started already. `now` is the database's time.
     async fn on_trigger(
         &self,
         tx: &mut PgConnection,
         outbox: &mut Outbox,
         record: &Record,
         definition: &SagaDefinition,
+        now: DateTime<Utc>,
     ) -> Result<(), HandlerError> {
         let message = &definition.trigger.message;
         // Loading refused a definition whose trigger message the engine does not know.
@@ -48,7 +49,6 @@ impl OrchestratorHandler {
         };
         let trigger = (known.decode)(&record.payload)
             .map_err(|e| HandlerError::Reject(format!("invalid {message}: {e}")))?;
-        let now = Utc::now();
         let (saga, effects) = Saga::start(Uuid::new_v4(), trigger, now, definition)
             .map_err(|e| HandlerError::Reject(format!("{message} makes no saga key: {e}")))?;
         // A trigger message has no message id of its own; the span names the saga and its type.
@@ -72,7 +72,7 @@ impl OrchestratorHandler {
                 "duplicate {} (record {}/{}@{})",
                 definition.name, record.topic, record.partition, record.offset
             );
-            store::note_duplicate(tx, &definition.name, &saga.key, now, message, &detail).await?;
+            store::note_duplicate(tx, &definition.name, &saga.key, message, &detail).await?;
             tracing::info!(saga_type = %definition.name, key = %saga.key, "duplicate {message} ignored");
             return Ok(());
         }
@@ -125,7 +125,10 @@ impl OrchestratorHandler {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let (mut sagas, mut unreadable) = store::lock_sagas(tx, &saga_ids).await?;
+        let store::Locked {
+            sagas: (mut sagas, mut unreadable),
+            now,
+        } = store::lock_sagas(tx, &saga_ids).await?;
         let mut definitions = HashMap::new();
         for (saga, _) in sagas.values() {
             match self.definition_of(tx, saga).await? {
@@ -163,7 +166,8 @@ impl OrchestratorHandler {
                     reply.name, reply.key, saga.id, saga.key
                 )));
             }
-            let now = Utc::now();
+            // A saga was locked, so its statement read the database's time.
+            let Some(now) = now else { continue };
             let entry = HistoryEntry {
                 at: now,
                 message_id: Some(envelope.message_id),
@@ -297,8 +301,12 @@ fn note_decision(
         }
         Decision::Ignored { reason } => {
             tracing::info!(saga_id = %saga.id, event = %entry.message_type, %reason, "ignored");
+            // A refused operator action keeps who asked and why in front of the refusal.
+            entry.detail = Some(match (entry.decision, entry.detail.take()) {
+                (HistoryDecision::Operator, Some(asked)) => format!("{asked}; refused: {reason}"),
+                _ => reason,
+            });
             entry.decision = HistoryDecision::Ignored;
-            entry.detail = Some(reason);
             entry.state_after = saga.state;
             (None, entry)
         }
@@ -344,6 +352,9 @@ impl Handler for OrchestratorHandler {
         records: &[Record],
     ) -> Result<(), HandlerError> {
         let mut replies = Vec::with_capacity(records.len());
+        // Read once for the batch's triggers, the database's clock: a new saga's times and
+        // its first deadline are reckoned on it, as every later move's are.
+        let mut now = None;
         for record in records {
             let trigger = record
                 .topic
@@ -352,7 +363,11 @@ impl Handler for OrchestratorHandler {
             if let Some(definition) = trigger {
                 // A reply never answers a saga started in its own batch: its command went out
                 // after that saga committed. So triggers may go first.
-                self.on_trigger(tx, outbox, record, &definition)
+                let now = match now {
+                    Some(now) => now,
+                    None => *now.insert(store::database_now(&mut *tx).await?),
+                };
+                self.on_trigger(tx, outbox, record, &definition, now)
                     .instrument(record.span.clone())
                     .await?;
             } else if record.topic == self.topics.replies() {

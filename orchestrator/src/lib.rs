@@ -13,6 +13,7 @@
 pub mod api;
 pub mod auth;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod deadlines;
 mod error;
@@ -65,6 +66,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         API_ACQUIRE_TIMEOUT,
     )?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
+    let clock = clock::Clock::skewed(config.fault_clock_skew_secs);
     let catalog =
         Arc::new(catalog::Catalog::load(&pool, &config.sagas_dir, config.retries.clone()).await?);
     // The definitions name the topics: their triggers (consumed here) and the participants'
@@ -126,12 +128,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             topics: topics.clone(),
             catalog: catalog.clone(),
             interval: config.retries.scan_interval(),
+            clock,
         }
         .run(shutdown.clone()),
     );
     let retention = {
         let pool = pool.clone();
         let retention_secs = config.saga_retention_secs;
+        let failed_secs = config.failed_saga_retention_secs;
         let dedup_secs = config.order_dedup_retention_secs;
         let keys_secs = config.api.idempotency_key_retention_secs;
         tokio::spawn(messaging::retention::every(
@@ -142,7 +146,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 let pool = pool.clone();
                 async move {
                     let batch = messaging::retention::SWEEP_BATCH;
-                    let sagas = store::sweep_finished(&pool, retention_secs, batch).await?;
+                    let sagas =
+                        store::sweep_finished(&pool, retention_secs, failed_secs, batch).await?;
                     let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
                     let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
                     Ok(sagas + keys + idempotency)

@@ -21,6 +21,8 @@ pub const STEP_SECONDS: &str = "saga_step_duration_seconds";
 pub const STEP_RETRIES: &str = "saga_step_retries_total";
 /// Operator actions applied, by `action`.
 pub const OPERATOR_ACTIONS: &str = "saga_operator_actions_total";
+/// How far this instance's clock is ahead of the database's (behind when negative).
+pub const CLOCK_SKEW: &str = "orchestrator_clock_skew_seconds";
 
 pub fn describe() {
     metrics::describe_counter!(SAGAS_STARTED, "Sagas started.");
@@ -40,6 +42,16 @@ pub fn describe() {
         "Commands re-sent after their deadline passed."
     );
     metrics::describe_counter!(OPERATOR_ACTIONS, "Operator actions applied.");
+    metrics::describe_gauge!(
+        CLOCK_SKEW,
+        metrics::Unit::Seconds,
+        "How far this instance's clock is ahead of the database's; saga deadlines and times \
+         follow the database's whatever it is."
+    );
+}
+
+pub fn clock_skew(seconds: f64) {
+    metrics::gauge!(CLOCK_SKEW).set(seconds);
 }
 
 pub fn saga_started() {

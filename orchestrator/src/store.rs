@@ -30,13 +30,17 @@ struct SagaRow {
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
     deadline_at: Option<DateTime<Utc>>,
+    /// The database's clock (`now()`: when the transaction began), read by the statements that
+    /// lock sagas to move them: every time a saga's move writes comes from that one clock.
+    db_now: Option<DateTime<Utc>>,
 }
 
 /// `SagaRow`'s columns, for the one statement that is built at run time ([`list`]); the
 /// checked statements (`query_as!`) name them in their own text.
 const SAGA_COLUMNS: &str = "id, state, order_data, saga_key, steps, failure_reason, \
                             definition_name, definition_version, version, created_at, \
-                            updated_at, finished_at, deadline_at";
+                            updated_at, finished_at, deadline_at, \
+                            NULL::timestamptz AS db_now";
 
 impl SagaRow {
     /// The saga, for code that moves it: refused when a column does not hold what this build
@@ -150,19 +154,47 @@ pub async fn insert_saga(
     Ok(inserted == 1)
 }
 
-/// Loads a saga and locks its row until the transaction ends. Returns it with its version.
-pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
+/// Sagas locked to be moved, and the database's time ([`database_now`]), the one clock
+/// whatever the move writes is reckoned on.
+pub struct Locked<T> {
+    pub sagas: T,
+    /// `None` only when nothing was locked.
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// The database's clock: `now()`, when the transaction `db` runs in began. Deadlines, and
+/// every time a saga's row and history hold, are reckoned on it rather than on the clock of
+/// the instance that writes them, so instances whose clocks disagree still agree on what is
+/// due.
+pub async fn database_now(db: impl PgExecutor<'_>) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(db)
+        .await?)
+}
+
+/// Loads a saga and locks its row until the transaction ends. Returns it with its version and
+/// the database's time.
+pub async fn load_for_update(
+    tx: &mut PgConnection,
+    saga_id: Uuid,
+) -> Result<Option<(Saga, i64, DateTime<Utc>)>> {
     let row = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE id = $1 FOR UPDATE"#,
         saga_id
     )
-    .fetch_optional(tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    row.map(SagaRow::into_saga).transpose()
+    let Some(row) = row else { return Ok(None) };
+    let now = match row.db_now {
+        Some(now) => now,
+        None => database_now(&mut *tx).await?,
+    };
+    let (saga, version) = row.into_saga()?;
+    Ok(Some((saga, version, now)))
 }
 
 /// Loads the sagas `saga_ids` and locks their rows until the transaction ends, in id order
@@ -171,17 +203,18 @@ pub async fn load_for_update(tx: &mut PgConnection, saga_id: Uuid) -> Result<Opt
 pub async fn lock_sagas(
     tx: &mut PgConnection,
     saga_ids: &[Uuid],
-) -> Result<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)> {
+) -> Result<Locked<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)>> {
     let rows = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
         saga_ids
     )
     .fetch_all(tx)
     .await?;
+    let now = rows.first().and_then(|row| row.db_now);
     let mut sagas = HashMap::with_capacity(rows.len());
     let mut unreadable = Vec::new();
     for row in rows {
@@ -193,7 +226,10 @@ pub async fn lock_sagas(
             Err(e) => unreadable.push((saga_id, e)),
         }
     }
-    Ok((sagas, unreadable))
+    Ok(Locked {
+        sagas: (sagas, unreadable),
+        now,
+    })
 }
 
 /// A saga's new state for [`save_transitions`]: written if its row is still at `expected_version`.
@@ -352,23 +388,20 @@ pub async fn update_saga(
 
 /// Locks up to `limit` sagas whose deadline has passed, skipping those another transaction
 /// (another orchestrator instance, or a reply being handled) holds, oldest deadline first.
-pub async fn lock_due(
-    tx: &mut PgConnection,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> Result<Vec<(Saga, i64)>> {
+/// Due means due by the database's clock, the one every deadline was written on.
+pub async fn lock_due(tx: &mut PgConnection, limit: i64) -> Result<Locked<Vec<(Saga, i64)>>> {
     let rows = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
-           FROM sagas WHERE deadline_at <= $1
-           ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED"#,
-        now,
+                  finished_at, deadline_at, now() AS "db_now?"
+           FROM sagas WHERE deadline_at <= now()
+           ORDER BY deadline_at LIMIT $1 FOR UPDATE SKIP LOCKED"#,
         limit
     )
     .fetch_all(&mut *tx)
     .await?;
+    let now = rows.first().and_then(|row| row.db_now);
     let mut due = Vec::with_capacity(rows.len());
     for row in rows {
         let saga_id = row.id;
@@ -378,7 +411,7 @@ pub async fn lock_due(
             Err(e) => park_unreadable(tx, saga_id, &e).await?,
         }
     }
-    Ok(due)
+    Ok(Locked { sagas: due, now })
 }
 
 /// Parks a saga whose row this build cannot read (`error`): `failed`, without a deadline, with
@@ -400,7 +433,7 @@ pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error
     .execute(&mut *tx)
     .await?;
     let entry = HistoryEntry {
-        at: Utc::now(),
+        at: database_now(&mut *tx).await?,
         message_id: None,
         message_type: "UnreadableRow".into(),
         decision: HistoryDecision::Parked,
@@ -475,23 +508,28 @@ pub async fn append_history(
 }
 
 /// Notes a trigger for a subject that has its saga already (`saga_type`, `key`) on that saga's
-/// history, as ignored, with the state the saga is in.
+/// history, as ignored, with the state the saga is in: the first repeat gets a line of its
+/// own, every later one only counts on that line (`duplicates`, with its time and `detail` as
+/// the last one's), so that no number of replays makes a saga's history longer than one line.
 pub async fn note_duplicate(
     tx: &mut PgConnection,
     saga_type: &str,
     key: &str,
-    at: DateTime<Utc>,
     message_type: &str,
     detail: &str,
 ) -> Result<()> {
     sqlx::query!(
         "INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
-                                   state_after)
-         SELECT id, $3, NULL, $4, $5, $6, state FROM sagas
-         WHERE definition_name = $1 AND saga_key = $2",
+                                   state_after, duplicates, last_duplicate_at,
+                                   last_duplicate_detail)
+         SELECT id, now(), NULL, $3, $4, $5, state, 1, now(), $5 FROM sagas
+         WHERE definition_name = $1 AND saga_key = $2
+         ON CONFLICT (saga_id) WHERE duplicates IS NOT NULL DO UPDATE
+         SET duplicates = saga_history.duplicates + 1,
+             last_duplicate_at = excluded.last_duplicate_at,
+             last_duplicate_detail = excluded.last_duplicate_detail",
         saga_type,
         key,
-        at,
         message_type,
         HistoryDecision::Ignored as HistoryDecision,
         detail,
@@ -499,6 +537,32 @@ pub async fn note_duplicate(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// How often a saga's trigger arrived again after it started it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DuplicatesSeen {
+    /// Repeats of the trigger, all absorbed.
+    pub count: i64,
+    /// When the first and the last repeat arrived.
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+}
+
+/// The repeats of `saga_id`'s trigger, if there were any (its counting history line).
+pub async fn duplicates_seen<'e>(
+    db: impl PgExecutor<'e>,
+    saga_id: Uuid,
+) -> Result<Option<DuplicatesSeen>> {
+    Ok(sqlx::query_as!(
+        DuplicatesSeen,
+        r#"SELECT duplicates AS "count!", at AS first_at,
+                  coalesce(last_duplicate_at, at) AS "last_at!"
+           FROM saga_history WHERE saga_id = $1 AND duplicates IS NOT NULL"#,
+        saga_id
+    )
+    .fetch_optional(db)
+    .await?)
 }
 
 /// The saga for `key` of any of `saga_types` (the oldest when several have one), if there is
@@ -528,24 +592,31 @@ pub async fn trace_parent<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<
     )
 }
 
-/// Deletes up to `limit` completed or compensated sagas that finished more than
-/// `retention_secs` ago, with their history. Failed sagas stay until an operator moves them.
-/// Returns how many sagas it deleted.
+/// Deletes up to `limit` sagas, with their history: completed or compensated ones that
+/// finished more than `retention_secs` ago, and failed ones that failed more than
+/// `failed_retention_secs` ago (an operator's retry or skip moves a saga out of `failed`
+/// first). Returns how many sagas it deleted.
 pub async fn sweep_finished(
     db: &sqlx::PgPool,
     retention_secs: u64,
+    failed_retention_secs: u64,
     limit: i64,
 ) -> sqlx::Result<u64> {
     Ok(sqlx::query!(
         "WITH doomed AS (
              SELECT id FROM sagas
-             WHERE finished_at < now() - make_interval(secs => $1) AND state = ANY($3)
+             WHERE finished_at < now() - make_interval(secs => least($1::float8, $4::float8))
+               AND CASE WHEN state = $5 THEN finished_at < now() - make_interval(secs => $4)
+                        ELSE state = ANY($3) AND finished_at < now() - make_interval(secs => $1)
+                   END
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED),
          history AS (DELETE FROM saga_history h USING doomed d WHERE h.saga_id = d.id)
          DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
         retention_secs as f64,
         limit,
         &[SagaState::Completed, SagaState::Compensated] as &[SagaState],
+        failed_retention_secs as f64,
+        SagaState::Failed as SagaState,
     )
     .execute(db)
     .await?
@@ -649,7 +720,7 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(S
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, NULL::timestamptz AS "db_now?"
            FROM sagas WHERE id = $1"#,
         saga_id
     )
@@ -664,6 +735,17 @@ pub struct HistoryRecord {
     pub id: i64,
     #[serde(flatten)]
     pub entry: HistoryEntry,
+    /// On the line of a repeated trigger: how many repeats it counts, and the last one's.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<Repeats>,
+}
+
+/// The repeats a repeated trigger's history line counts (the line itself is the first one).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Repeats {
+    pub duplicates: i64,
+    pub last_duplicate_at: DateTime<Utc>,
+    pub last_duplicate_detail: Option<String>,
 }
 
 /// A `saga_history` row as the checked statements read it.
@@ -676,12 +758,20 @@ struct HistoryRow {
     decision: HistoryDecision,
     detail: Option<String>,
     state_after: SagaState,
+    duplicates: Option<i64>,
+    last_duplicate_at: Option<DateTime<Utc>>,
+    last_duplicate_detail: Option<String>,
 }
 
 impl From<HistoryRow> for HistoryRecord {
     fn from(row: HistoryRow) -> Self {
         Self {
             id: row.id,
+            repeats: row.duplicates.map(|duplicates| Repeats {
+                duplicates,
+                last_duplicate_at: row.last_duplicate_at.unwrap_or(row.at),
+                last_duplicate_detail: row.last_duplicate_detail,
+            }),
             entry: HistoryEntry {
                 at: row.at,
                 message_id: row.message_id,
@@ -706,7 +796,8 @@ pub async fn history<'e>(
         HistoryRow,
         r#"SELECT saga_id, id, at, message_id, message_type,
                   decision AS "decision: HistoryDecision", detail,
-                  state_after AS "state_after: SagaState"
+                  state_after AS "state_after: SagaState", duplicates, last_duplicate_at,
+                  last_duplicate_detail
            FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id LIMIT $3"#,
         saga_id,
         after_id,
@@ -728,7 +819,7 @@ pub async fn changed_since<'e>(
         SagaRow,
         r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
-                  finished_at, deadline_at
+                  finished_at, deadline_at, NULL::timestamptz AS "db_now?"
            FROM sagas
            JOIN UNNEST($1::uuid[], $2::bigint[]) AS w(watched_id, seen_version)
              ON id = watched_id
@@ -751,7 +842,8 @@ pub async fn history_since<'e>(
         HistoryRow,
         r#"SELECT h.saga_id, h.id, h.at, h.message_id, h.message_type,
                   h.decision AS "decision: HistoryDecision", h.detail,
-                  h.state_after AS "state_after: SagaState"
+                  h.state_after AS "state_after: SagaState", h.duplicates,
+                  h.last_duplicate_at, h.last_duplicate_detail
            FROM UNNEST($1::uuid[], $2::bigint[]) AS w(saga_id, after_id)
            JOIN saga_history h ON h.saga_id = w.saga_id AND h.id > w.after_id
            ORDER BY h.id"#,
@@ -788,7 +880,9 @@ pub struct Stats {
 /// Counts by state (kept by the `sagas` triggers, so this reads a few dozen rows whatever
 /// the table's size) and the last `window_secs`' rates (index ranges as long as the window).
 pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
-    let now = Utc::now();
+    // The window ends at the database's time, the clock `created_at` and `finished_at` are
+    // written on.
+    let now = database_now(db).await?;
     let since = now - chrono::Duration::seconds(window_secs);
     let counted = sqlx::query!(
         r#"SELECT state AS "state!: SagaState", sum(sagas)::bigint AS "sagas!"
@@ -835,17 +929,20 @@ pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
 /// Stores `definition` (name, version, digest, canonical form) unless that version is stored
 /// already. Returns the digest stored for the version: the one given, or an earlier one that
 /// differs when the file changed without a new version.
+///
+/// One statement that always returns the stored row: the conflict arm "updates" the row to
+/// itself, which waits for and then reads an insert another orchestrator starting at the same
+/// moment has not committed yet. (`DO NOTHING` returned no row then, and a lookup in the same
+/// statement, on a snapshot older than that commit, found none either: `RowNotFound`.)
 pub async fn register_definition(
     executor: impl PgExecutor<'_>,
     definition: &crate::saga::SagaDefinition,
 ) -> Result<String> {
     let stored = sqlx::query_scalar!(
-        r#"WITH added AS (
-             INSERT INTO saga_definitions (name, version, digest, canonical)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (name, version) DO NOTHING RETURNING digest
-         ) SELECT digest AS "digest!" FROM added
-           UNION ALL SELECT digest FROM saga_definitions WHERE name = $1 AND version = $2
-           LIMIT 1"#,
+        "INSERT INTO saga_definitions (name, version, digest, canonical)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name, version) DO UPDATE SET digest = saga_definitions.digest
+         RETURNING digest",
         definition.name,
         definition.version,
         definition.digest(),

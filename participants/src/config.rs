@@ -35,4 +35,16 @@ pub struct ParticipantConfig {
     /// production.
     #[arg(long, env = "FAULT_COMPENSATION_FAILURES", default_value_t = 0)]
     pub fault_compensation_failures: u32,
+
+    /// Step ledger entries nothing has touched for this long are deleted (every command for
+    /// an entry's step touches it, a repeated one too). An entry is what stops a repeated
+    /// command from acting twice, so keep this at least as long as anything can send a step's
+    /// command again: the orchestrator's `ORDER_DEDUP_RETENTION_SECS` (a replayed trigger then
+    /// starts no second saga) and `FAILED_SAGA_RETENTION_SECS`, and the command topics'
+    /// retention. The default, 35 days, is longer than each of their defaults.
+    #[arg(long, env = "STEP_LEDGER_RETENTION_SECS", default_value_t = STEP_LEDGER_RETENTION_SECS)]
+    pub step_ledger_retention_secs: u64,
 }
+
+/// The default of [`ParticipantConfig::step_ledger_retention_secs`].
+pub const STEP_LEDGER_RETENTION_SECS: u64 = 35 * 24 * 3600;

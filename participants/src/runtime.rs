@@ -105,8 +105,22 @@ pub(crate) async fn run(
             }
         })
     });
+    let ledger_retention = {
+        let pool = pool.clone();
+        let retention_secs = config.step_ledger_retention_secs;
+        tokio::spawn(messaging::retention::every(
+            "step ledger retention",
+            config.retention.sweep_interval(),
+            shutdown.clone(),
+            move || {
+                let pool = pool.clone();
+                async move { sweep_ledger(&pool, retention_secs).await }
+            },
+        ))
+    };
     let result = pipeline.run(pool.clone(), handler, shutdown.clone()).await;
     shutdown.cancel();
+    let _ = ledger_retention.await;
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
@@ -448,8 +462,9 @@ impl Handler for ParticipantHandler {
 /// Creates the ledger rows of the commands' (saga key, step) where missing and locks them, in
 /// (key, step) order so that two transactions cannot deadlock over them, so concurrent
 /// commands for one step of one saga (possible while partitions move between instances) take
-/// turns. One statement: the upsert locks the rows it finds and returns them. Returns the
-/// entries in the commands' order.
+/// turns. One statement: the upsert locks the rows it finds, marks them touched (the ledger's
+/// retention counts from the last command for a step, so an entry that still answers repeated
+/// commands is never swept) and returns them. Returns the entries in the commands' order.
 async fn claim_ledger_entries(
     tx: &mut PgConnection,
     commands: &[Delivered<'_>],
@@ -463,7 +478,7 @@ async fn claim_ledger_entries(
            SELECT saga_key, saga_id, step FROM UNNEST($1::text[], $2::uuid[], $3::text[])
                 AS c(saga_key, saga_id, step)
            ORDER BY saga_key, step
-           ON CONFLICT (saga_key, step) DO UPDATE SET saga_id = step_ledger.saga_id
+           ON CONFLICT (saga_key, step) DO UPDATE SET updated_at = now()
            RETURNING saga_key, step, forward_outcome AS "forward_outcome: LedgerOutcome",
                      refusal_reason, compensated_at IS NOT NULL AS "compensated!""#,
         &column(commands, |c| c.ledger_key().0) as &[&str],
@@ -485,6 +500,24 @@ async fn claim_ledger_entries(
                 .ok_or_else(|| HandlerError::Retry(format!("no ledger row for {key}/{step}")))
         })
         .collect()
+}
+
+/// Deletes up to [`messaging::retention::SWEEP_BATCH`] ledger entries nothing touched for
+/// `retention_secs` (a command for an entry's step touches it: [`claim_ledger_entries`]);
+/// returns how many.
+async fn sweep_ledger(pool: &sqlx::PgPool, retention_secs: u64) -> sqlx::Result<u64> {
+    let retention_secs = retention_secs as f64;
+    Ok(sqlx::query!(
+        "DELETE FROM step_ledger WHERE (saga_key, step) IN (
+             SELECT saga_key, step FROM step_ledger
+             WHERE updated_at < now() - make_interval(secs => $1)
+             ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention_secs,
+        messaging::retention::SWEEP_BATCH,
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Writes the ledger changes of a batch, at most one per (saga key, step), in one statement.

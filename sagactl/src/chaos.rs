@@ -1361,7 +1361,7 @@ async fn check_returns(
 }
 
 struct Duplicates {
-    /// Repeated orders and returns.
+    /// Repeated orders and returns (a saga's history counts them on one line: `duplicates`).
     triggers: i64,
     ignored_replies: i64,
     redelivered: i64,
@@ -1370,7 +1370,7 @@ struct Duplicates {
 impl Duplicates {
     async fn count(db: &PgPool, deployment: &Deployment) -> anyhow::Result<Self> {
         let (triggers, ignored_replies): (i64, i64) = sqlx::query_as(&format!(
-            "SELECT count(*) FILTER (WHERE message_type = ANY($1)), \
+            "SELECT coalesce(sum(coalesce(duplicates, 1)) FILTER (WHERE message_type = ANY($1)), 0)::bigint, \
                     count(*) FILTER (WHERE NOT message_type = ANY($1)) \
              FROM {ORCHESTRATOR}.saga_history WHERE decision = 'ignored'"
         ))

@@ -5,7 +5,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use chrono::Utc;
 use events::{Address, LineItem, OrderPlaced};
 use messaging::outbox::{Outbox, Wake};
 use serde::{Deserialize, Serialize};
@@ -231,7 +230,7 @@ pub(super) async fn operate(
     };
     let internal = |e: crate::Error| ApiError::internal(&e);
     let mut tx = state.pool.begin().await.map_err(|e| internal(e.into()))?;
-    let (saga, version) = store::load_for_update(&mut tx, saga_id)
+    let (saga, version, now) = store::load_for_update(&mut tx, saga_id)
         .await
         .map_err(|e| match e {
             // Nothing can move a saga whose row this build cannot read; it stays as it is.
@@ -243,7 +242,6 @@ pub(super) async fn operate(
             e => internal(e),
         })?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
-    let now = Utc::now();
     let definition = crate::handler::definition_of(&state.catalog, &mut tx, &saga)
         .await
         .map_err(internal)?

@@ -310,6 +310,10 @@ pub struct SagaView {
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub deadline_at: Option<DateTime<Utc>>,
+    /// How often the saga's trigger arrived again, when it did: only the single-saga reads
+    /// fill it in ([`SagaView::with_duplicates`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<crate::store::DuplicatesSeen>,
     /// An order saga's `OrderPlaced` (its trigger); absent for other saga types.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order: Option<OrderPlaced>,
@@ -339,10 +343,19 @@ impl SagaView {
             updated_at: saga.updated_at,
             finished_at: saga.finished_at,
             deadline_at: saga.deadline_at,
+            duplicates: None,
             order,
             trigger: saga.trigger,
             steps: saga.steps,
         }
+    }
+}
+
+impl SagaView {
+    /// The view with the repeats of the saga's trigger, read from its history.
+    pub(crate) async fn with_duplicates(mut self, db: &sqlx::PgPool) -> Result<Self, crate::Error> {
+        self.duplicates = crate::store::duplicates_seen(db, self.saga_id).await?;
+        Ok(self)
     }
 }
 
@@ -415,6 +428,40 @@ mod tests {
             list.push(json!(""));
         }
         assert_eq!(state_filter["schema"]["enum"], states);
+        // A history line that counts a trigger's repeats, and a saga view showing them, send
+        // only properties the document lists (both schemas refuse any other).
+        let line = crate::store::HistoryRecord {
+            id: 7,
+            entry: crate::store::HistoryEntry {
+                at: chrono::Utc::now(),
+                message_id: None,
+                message_type: "OrderPlaced".into(),
+                decision: HistoryDecision::Ignored,
+                detail: Some("duplicate order (record orders/0@9)".into()),
+                state_after: SagaState::Completed,
+            },
+            repeats: Some(crate::store::Repeats {
+                duplicates: 500,
+                last_duplicate_at: chrono::Utc::now(),
+                last_duplicate_detail: Some("duplicate order (record orders/0@508)".into()),
+            }),
+        };
+        let seen = crate::store::DuplicatesSeen {
+            count: 500,
+            first_at: chrono::Utc::now(),
+            last_at: chrono::Utc::now(),
+        };
+        for (schema, sent) in [
+            ("HistoryEntry", json!(line)),
+            ("SagaView/properties/duplicates", json!(seen)),
+        ] {
+            let listed = at(&format!("/components/schemas/{schema}/properties"));
+            let sent = sent.as_object().cloned().unwrap_or_default();
+            assert!(!sent.is_empty(), "{schema}");
+            for name in sent.keys() {
+                assert!(listed.get(name).is_some(), "{schema} does not list {name}");
+            }
+        }
         // Each operator action says the state it applies in (the page enables its button by it).
         for (name, action) in [
             ("retry", OperatorAction::Retry),

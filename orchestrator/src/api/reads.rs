@@ -48,7 +48,11 @@ pub(super) async fn get_saga(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
-    Ok(Json(SagaView::new(saga, version)))
+    let view = SagaView::new(saga, version)
+        .with_duplicates(&state.pool)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(view))
 }
 
 pub(super) async fn get_saga_by_order(
@@ -75,7 +79,11 @@ pub(super) async fn get_saga_by_order(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(not_found)?;
-    Ok(Json(SagaView::new(saga, version)))
+    let view = SagaView::new(saga, version)
+        .with_duplicates(&state.pool)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(view))
 }
 
 /// `404` unless the saga exists.
@@ -224,9 +232,16 @@ pub(super) async fn list_sagas(
     let limit = page_size(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let filter = SagaFilter {
         state: state_filter,
-        created_before: query
-            .min_age_secs
-            .map(|secs| Utc::now() - chrono::Duration::seconds(i64::from(secs))),
+        // Ages are reckoned on the database's clock, the one `created_at` is written on.
+        created_before: match query.min_age_secs {
+            None => None,
+            Some(secs) => Some(
+                store::database_now(&state.pool)
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?
+                    - chrono::Duration::seconds(i64::from(secs)),
+            ),
+        },
         step,
         reason: reason_filter(query.reason)?,
         after,

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! running ──all steps succeeded──▶ completed
-//!    │
+//!    │  │
+//!    │  └─an operator abandons a step that cannot be undone and never answered─▶ failed
+//!    │                                                  (nothing undone; settled by hand)
 //!    └─a step failed─▶ compensating ──all undone──▶ compensated
 //!                           │
 //!                           └─a compensation failed─▶ failed (needs an operator)
@@ -19,7 +21,11 @@
 //! failed with its outcome unknown, so it is compensated too, before the steps below it; a step
 //! without compensation (the last, the saga's pivot) is retried until it answers instead.
 //! Compensations retry, with growing waits, until their budget is spent; then the saga is
-//! `failed` and waits for an operator ([`Saga::on_operator`]: retry, skip or abort).
+//! `failed` and waits for an operator ([`Saga::on_operator`]: retry, skip or abort). A step
+//! that cannot be undone and is never answered (its command parked, dead-lettered, its
+//! participant gone) would be re-sent for ever: once a wait has passed without an answer an
+//! operator may abandon it (`abort`), which leaves the saga `failed` without undoing anything,
+//! since the step may have acted.
 
 use chrono::{DateTime, Utc};
 use events::{Action, Command, Outcome, Reply, SagaEvent};
@@ -165,7 +171,10 @@ pub enum OperatorAction {
     Retry,
     /// A `failed` saga: leave the stuck step as it is and go on compensating the ones below.
     Skip,
-    /// A `running` saga: stop, and compensate what was done.
+    /// A `running` saga: stop, and compensate what was done. At a step that cannot be undone
+    /// (the pivot, or one after it) whose command went unanswered past its first wait, the
+    /// step is abandoned instead: the saga is `failed`, nothing is undone, and the operator
+    /// settles by hand whatever the step may have done ([`Saga::on_operator`]).
     Abort { reason: String },
 }
 
@@ -294,10 +303,16 @@ impl Saga {
     /// compensation that could not be completed.
     pub fn step_in_focus(&self) -> Option<&str> {
         let index = match self.state {
+            // The stuck compensation, or the step an operator abandoned.
             SagaState::Failed => self
                 .steps
                 .iter()
-                .position(|s| s.status == StepStatus::CompensationFailed),
+                .position(|s| s.status == StepStatus::CompensationFailed)
+                .or_else(|| {
+                    self.steps
+                        .iter()
+                        .position(|s| s.status == StepStatus::Failed)
+                }),
             _ => self.current_step(),
         };
         index.map(|i| self.steps[i].name.as_str())
@@ -507,17 +522,30 @@ impl Saga {
                     return ignored("the saga waits on no step".into());
                 };
                 if !definition.steps[index].compensable() {
-                    return ignored(format!(
-                        "{} cannot be undone; wait for its reply",
-                        self.steps[index].name
-                    ));
+                    // Its command may have acted, and nothing could take that back: the steps
+                    // below it are never undone on the strength of a guess. But a command
+                    // that never arrives (parked by the relay, dead-lettered by its
+                    // participant, its participant gone) is re-sent for ever; once one full
+                    // wait has passed without an answer the operator may abandon the step,
+                    // leaving the saga `failed` for them to settle.
+                    let step = &self.steps[index];
+                    if step.attempts < ABANDON_AFTER_ATTEMPTS {
+                        return ignored(format!(
+                            "{} cannot be undone and its command may still be answered; it can \
+                             be abandoned (the saga left failed, nothing undone) once its first \
+                             wait has passed without a reply",
+                            step.name
+                        ));
+                    }
+                    saga.abandon(index, reason, now, definition)
+                } else {
+                    saga.step_timed_out(
+                        index,
+                        format!("aborted by operator: {reason}"),
+                        now,
+                        definition,
+                    )
                 }
-                saga.step_timed_out(
-                    index,
-                    format!("aborted by operator: {reason}"),
-                    now,
-                    definition,
-                )
             }
             (OperatorAction::Retry | OperatorAction::Skip, None) => {
                 return ignored(stuck_only(self.state))
@@ -706,6 +734,37 @@ impl Saga {
         Vec::new()
     }
 
+    /// An operator gives up on step `index`, which cannot be undone and never answered: it may
+    /// or may not have acted, so nothing is undone, neither it nor the steps below it. The
+    /// saga is `failed`, with why, for the operator to settle by hand; a late reply is still
+    /// recorded in its history (ignored), and says what the step did.
+    fn abandon(
+        &mut self,
+        index: usize,
+        reason: &str,
+        now: DateTime<Utc>,
+        definition: &SagaDefinition,
+    ) -> Vec<Effect> {
+        let step = &mut self.steps[index];
+        let why = format!(
+            "abandoned by operator after {} unanswered attempts: {reason}; its outcome is \
+             unknown and nothing was undone",
+            step.attempts
+        );
+        step.status = StepStatus::Failed;
+        step.finished_at = Some(now);
+        self.failure_reason
+            .get_or_insert_with(|| format!("{} {why}", step.name));
+        step.failure_reason = Some(why);
+        self.finish(SagaState::Failed, now);
+        vec![Effect::Publish(SagaEvent::SagaFailed {
+            saga_type: self.definition_name.clone(),
+            key: self.key.clone(),
+            subject: self.key_subject(definition),
+            reason: self.failure_reason.clone().unwrap_or_default(),
+        })]
+    }
+
     /// Gives up on compensating `index`: the saga is `failed` until an operator acts.
     fn fail(
         &mut self,
@@ -761,6 +820,10 @@ impl Saga {
         })]
     }
 }
+
+/// The attempts a step that cannot be undone must have had before an operator may abandon it:
+/// its first wait passed without an answer, so the deadline sent it again.
+pub const ABANDON_AFTER_ATTEMPTS: u32 = 2;
 
 fn applied(saga: Saga, effects: Vec<Effect>) -> Decision {
     Decision::Applied {

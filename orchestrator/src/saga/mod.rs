@@ -14,6 +14,9 @@ mod registry;
 mod tests;
 
 pub use definitions::SagaDefinition;
-pub use machine::{Decision, Effect, OperatorAction, Saga, SagaState, StepState, StepStatus};
+pub use machine::{
+    Decision, Effect, OperatorAction, Saga, SagaState, StepState, StepStatus,
+    ABANDON_AFTER_ATTEMPTS,
+};
 pub use policy::RetryPolicy;
 pub use registry::Registry;

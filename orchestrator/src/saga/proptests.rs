@@ -24,6 +24,7 @@ use super::order_messages::{CompensationFailed, Reply as OrderReply, StepDone, S
 use super::tests::trigger;
 use super::{
     Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState, StepStatus,
+    ABANDON_AFTER_ATTEMPTS,
 };
 
 const ORDER: Uuid = Uuid::from_u128(7);
@@ -300,6 +301,16 @@ impl Model {
         for _ in 0..16 {
             match self.saga.state {
                 SagaState::Completed | SagaState::Compensated => return,
+                // Abandoned by an operator: nothing moves it on, they settle it by hand.
+                SagaState::Failed
+                    if !self
+                        .saga
+                        .steps
+                        .iter()
+                        .any(|s| s.status == StepStatus::CompensationFailed) =>
+                {
+                    return
+                }
                 SagaState::Failed => {
                     let action = if skip {
                         OperatorAction::Skip
@@ -399,11 +410,21 @@ fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
         Cause::Deadline => {
             saga.deadline_at.is_some_and(|d| d <= now) && saga.current_step().is_some()
         }
+        // A stuck compensation; an abandoned step is for the operator to settle by hand.
         Cause::Operator(OperatorAction::Retry | OperatorAction::Skip) => {
             saga.state == SagaState::Failed
+                && saga
+                    .steps
+                    .iter()
+                    .any(|s| s.status == StepStatus::CompensationFailed)
         }
+        // A step that can be undone at once; one that cannot (the pivot) only once a wait
+        // passed without its answer, and then it is abandoned, not undone.
         Cause::Operator(OperatorAction::Abort { .. }) => {
-            saga.state == SagaState::Running && saga.current_step().is_some_and(compensable)
+            saga.state == SagaState::Running
+                && saga.current_step().is_some_and(|i| {
+                    compensable(i) || saga.steps[i].attempts >= ABANDON_AFTER_ATTEMPTS
+                })
         }
     }
 }
@@ -498,6 +519,19 @@ fn check_shape(saga: &Saga, definition: &SagaDefinition) {
             );
             match saga.state {
                 SagaState::Compensating => assert_eq!((compensating, stuck), (1, 0), "{saga:#?}"),
+                // A stuck compensation, or a step that cannot be undone abandoned by an
+                // operator, with nothing below it undone.
+                SagaState::Failed if stuck == 0 => {
+                    assert_eq!(statuses[failed], StepStatus::Failed, "{saga:#?}");
+                    assert!(!compensable(failed), "{saga:#?}");
+                    assert!(
+                        statuses[..failed]
+                            .iter()
+                            .all(|&s| s == StepStatus::Succeeded),
+                        "{saga:#?}"
+                    );
+                    assert_eq!(compensating, 0, "{saga:#?}");
+                }
                 SagaState::Failed => assert_eq!((compensating, stuck), (0, 1), "{saga:#?}"),
                 _ => {
                     assert_eq!((compensating, stuck), (0, 0), "{saga:#?}");

@@ -444,6 +444,71 @@ fn an_operator_abort_compensates_the_running_step_and_those_below() {
     );
 }
 
+/// A pivot whose command never arrives (parked by the relay, dead-lettered, its participant
+/// gone) is re-sent for ever. An operator may abandon it once a wait passed without an answer:
+/// the saga is failed with who and why, and nothing is undone, since the pivot may have acted.
+#[test]
+fn an_unanswered_pivot_can_be_abandoned_by_an_operator_and_nothing_is_undone() {
+    let (shipping, _) = apply(
+        &apply(&started(), Reply::StockReserved(done(1)), 1).0,
+        Reply::PaymentCharged(done(1)),
+        2,
+    );
+    let abort = OperatorAction::Abort {
+        reason: "shipping.commands was deleted".into(),
+    };
+    // Its first command may still be answered.
+    match shipping.on_operator(&abort, at(3), &definition()) {
+        Decision::Ignored { reason } => assert!(reason.contains("cannot be undone"), "{reason}"),
+        Decision::Applied { .. } => panic!("a pivot within its first wait must not be abandoned"),
+    }
+    let (resent, effects) = at_deadline(&shipping);
+    assert_eq!(sent(&effects), ["ScheduleShipment"]);
+    assert_eq!(resent.steps[2].attempts, 2);
+
+    let now = resent.deadline_at.expect("armed") - TimeDelta::milliseconds(1);
+    let Decision::Applied { saga, effects } = resent.on_operator(&abort, now, &definition()) else {
+        panic!("abandoning an unanswered pivot refused");
+    };
+    assert_eq!(saga.state, SagaState::Failed);
+    assert_eq!(
+        statuses(&saga),
+        [
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::Failed
+        ],
+        "nothing undone"
+    );
+    assert!(sent(&effects).is_empty(), "{effects:?}");
+    let reason = saga.failure_reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("schedule_shipment abandoned by operator after 2 unanswered attempts")
+            && reason.contains("shipping.commands was deleted")
+            && reason.contains("outcome is unknown"),
+        "{reason}"
+    );
+    assert!(matches!(
+        &effects[..],
+        [Effect::Publish(SagaEvent::SagaFailed { reason: published, .. })] if *published == reason
+    ));
+    assert_eq!((saga.deadline_at, saga.finished_at), (None, Some(now)));
+    assert_eq!(saga.step_in_focus(), Some("schedule_shipment"));
+    // A late answer moves nothing, but is what the operator settles by.
+    assert_ignored(&saga, Reply::ShipmentScheduled(done(1)), "already failed");
+    // Retry and skip are for stuck compensations; a deadline finds nothing to wait for.
+    for action in [OperatorAction::Retry, OperatorAction::Skip, abort] {
+        assert!(matches!(
+            saga.on_operator(&action, at(59), &definition()),
+            Decision::Ignored { .. }
+        ));
+    }
+    assert!(matches!(
+        saga.on_deadline(at(59), 0.0, &definition()),
+        Decision::Ignored { .. }
+    ));
+}
+
 #[test]
 fn a_deadline_resends_the_command_with_the_next_attempt() {
     let saga = started();

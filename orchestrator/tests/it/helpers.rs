@@ -50,12 +50,17 @@ pub struct Options {
     pub without: Vec<&'static str>,
     /// Sweep finished sagas and inbox rows older than this many seconds, every 100 ms.
     pub retention_secs: Option<u64>,
+    /// With `retention_secs`: sweep failed sagas, parked outbox rows and the participants'
+    /// step ledger entries older than this many seconds too.
+    pub everything_retention_secs: Option<u64>,
     /// Fault injection for the orchestrator.
     pub orchestrator_faults: FaultConfig,
     /// The API's settings; the test tokens ([`token_list`]) unless they name other access.
     pub api: ApiConfig,
     /// The services' broker, when not the shared one ([`brokers`]): a test's private broker.
     pub brokers: Option<String>,
+    /// The orchestrator's clock runs this many seconds ahead (`FAULT_CLOCK_SKEW_SECS`).
+    pub clock_skew_secs: i64,
 }
 
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
@@ -224,6 +229,9 @@ impl TestSystem {
         let retention = match options.retention_secs {
             Some(secs) => RetentionConfig {
                 inbox_retention_secs: secs,
+                outbox_parked_retention_secs: options
+                    .everything_retention_secs
+                    .unwrap_or(30 * 24 * 3600),
                 retention_sweep_interval_ms: 100,
             },
             None => RetentionConfig::default(),
@@ -238,6 +246,9 @@ impl TestSystem {
             command_topic: None,
             metrics_addr: None,
             fault_compensation_failures: 0,
+            step_ledger_retention_secs: options
+                .everything_retention_secs
+                .unwrap_or(participants::config::STEP_LEDGER_RETENTION_SECS),
         };
         let shutdown = CancellationToken::new();
 
@@ -251,12 +262,14 @@ impl TestSystem {
             relay: RelayConfig::default(),
             retention,
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
+            failed_saga_retention_secs: options.everything_retention_secs.unwrap_or(30 * 24 * 3600),
             order_dedup_retention_secs: 8 * 24 * 3600,
             retries: options.retries,
             sagas_dir: sagas_dir(),
             faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
+            fault_clock_skew_secs: options.clock_skew_secs,
             api: {
                 let mut api = options.api;
                 if api.api_tokens.is_none()
@@ -367,6 +380,11 @@ impl TestSystem {
             task,
             readiness,
         });
+    }
+
+    /// The URL of the test's database.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
     }
 
     /// The services running now, by name: each one's schema too, as a test deployment names

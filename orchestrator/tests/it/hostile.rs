@@ -838,3 +838,69 @@ async fn a_deleted_command_topic_holds_up_only_the_sagas_that_send_there() {
     assert_eq!(parked, 0, "a missing topic parks nothing");
     system.stop().await;
 }
+
+/// Replays of one order (a client's retries, a topic read again) are counted on one history
+/// line of its saga instead of a line each: the history, and every watch snapshot of it, stays
+/// as long as the saga's own steps make it, whatever the number of replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_of_one_order_are_counted_on_one_history_line() {
+    const REPLAYS: usize = 500;
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    let lines_before = system.history(&saga_id).await.len();
+
+    futures_util::future::join_all((0..REPLAYS).map(|_| system.place(&placed))).await;
+    // A marker with the same key lands behind the replays in their partition: once its saga
+    // exists, every replay has been handled.
+    let marker = order("bob", "GADGET", 1, "DE");
+    let payload = serde_json::to_vec(&marker).expect("JSON");
+    system
+        .publish(
+            &system.topics.orders(),
+            &placed.order_id.to_string(),
+            &payload,
+        )
+        .await;
+    system.saga_id_of(marker.order_id).await;
+
+    let history = system.history(&saga_id).await;
+    let repeats: Vec<&Value> = history
+        .iter()
+        .filter(|line| line["decision"] == "ignored" && line["message_type"] == "OrderPlaced")
+        .collect();
+    assert!(
+        history.len() <= lines_before + 1,
+        "{REPLAYS} replays grew the history from {lines_before} to {} lines",
+        history.len()
+    );
+    let [line] = repeats[..] else {
+        panic!("one line notes the replays: {repeats:?}")
+    };
+    assert_eq!(line["duplicates"], REPLAYS, "{line}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("duplicate order")),
+        "the first replay's record: {line}"
+    );
+    assert!(
+        line["last_duplicate_at"].as_str() >= line["at"].as_str(),
+        "{line}"
+    );
+    let (status, view) = system.get(&format!("/sagas/{saga_id}")).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["duplicates"]["count"], REPLAYS, "{view}");
+    assert_eq!(
+        view["state"], "completed",
+        "the replays moved nothing: {view}"
+    );
+    let (_, by_order) = system
+        .get(&format!("/orders/{}/saga", placed.order_id))
+        .await;
+    assert_eq!(by_order["duplicates"], view["duplicates"]);
+    system.stop().await;
+}

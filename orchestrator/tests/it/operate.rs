@@ -587,6 +587,155 @@ async fn retention_removes_finished_sagas_their_history_and_old_inbox_rows_but_k
     system.stop().await;
 }
 
+/// Failed sagas (with their history), parked outbox rows and the participants' step ledger
+/// entries are swept after their own retentions, like everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sagas_parked_rows_and_step_ledgers_are_swept_after_their_retention() {
+    let system = TestSystem::start_with(crate::helpers::Options {
+        retention_secs: Some(1),
+        everything_retention_secs: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga = system.finished_saga(placed.order_id).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
+    let orchestrator = system.schema("orchestrator").await;
+    // A saga that failed a day ago (its compensation out of attempts), with a history line.
+    let failed_id = Uuid::new_v4();
+    sqlx::query(
+        "WITH failed AS (
+             INSERT INTO sagas (id, saga_key, state, order_data, steps, definition_version,
+                                version, created_at, updated_at, finished_at, definition_name)
+             SELECT $1, $2::text, 'failed', order_data, steps, definition_version, 0,
+                    created_at, updated_at, now() - interval '1 day', definition_name
+             FROM sagas WHERE id = $3::uuid RETURNING id)
+         INSERT INTO saga_history (saga_id, at, message_type, decision, state_after)
+         SELECT id, now() - interval '1 day', 'CompensationFailed', 'applied', 'failed'
+         FROM failed",
+    )
+    .bind(failed_id)
+    .bind(Uuid::new_v4())
+    .bind(&saga_id)
+    .execute(&orchestrator)
+    .await
+    .expect("insert a failed saga");
+    // Rows the broker refused for good, parked a day ago, in every service.
+    for schema in system.running_services() {
+        sqlx::query(
+            "INSERT INTO outbox_parked (id, topic, payload, headers, created_at, error, parked_at)
+             SELECT g, 'orders', '\\x00', '{}', now(), 'too large', now() - interval '1 day'
+             FROM generate_series(1, 3) g",
+        )
+        .execute(&system.schema(schema).await)
+        .await
+        .expect("park rows");
+    }
+
+    eventually("the failed saga and its history to be swept", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM sagas WHERE id = $1)
+                  + (SELECT count(*) FROM saga_history WHERE saga_id = $1)",
+        )
+        .bind(failed_id)
+        .fetch_one(&orchestrator)
+        .await
+        .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+    for schema in system.running_services() {
+        let pool = system.schema(schema).await;
+        eventually(&format!("the {schema} parked rows to be swept"), || async {
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_parked")
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (rows == 0).then_some(())
+        })
+        .await;
+        if schema == "orchestrator" {
+            continue;
+        }
+        eventually(&format!("the {schema} step ledger to be swept"), || async {
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM step_ledger")
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (rows == 0).then_some(())
+        })
+        .await;
+    }
+    system.stop().await;
+}
+
+/// A flood of dead letters is swept as fast as it came: a sweep that filled its batch of
+/// dead-letter marks runs again at once, not after the next interval (it waited for a full
+/// batch of inbox rows, so 5,000 marks a minute were swept at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_marks_are_swept_as_fast_as_they_fill() {
+    use messaging::config::{DatabaseConfig, RetentionConfig};
+
+    let system = TestSystem::start_with(crate::helpers::Options {
+        without: vec!["orchestrator", "inventory", "payment", "shipping"],
+        ..Default::default()
+    })
+    .await;
+    let database = DatabaseConfig {
+        database_url: system.database_url().to_owned(),
+        database_schema: Some("sweep_check".into()),
+        database_max_connections: 1,
+    };
+    let (pool, _) = messaging::db::open(&database, "sweep_check", &[])
+        .await
+        .expect("a schema with the runtime tables");
+    sqlx::query(
+        "INSERT INTO dead_lettered (source_topic, source_partition, source_offset,
+                                    dead_lettered_at)
+         SELECT 'orders', 0, g, now() - interval '8 days' FROM generate_series(1, 12000) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("dead-letter marks");
+    let config = RetentionConfig {
+        retention_sweep_interval_ms: 60_000,
+        ..RetentionConfig::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sweeping = tokio::spawn(messaging::retention::every(
+        "test retention",
+        config.sweep_interval(),
+        stop.clone(),
+        {
+            let pool = pool.clone();
+            move || {
+                let pool = pool.clone();
+                let config = config.clone();
+                async move { messaging::retention::sweep_inbox(&pool, &config).await }
+            }
+        },
+    ));
+    let started = std::time::Instant::now();
+    let mut left = i64::MAX;
+    while left > 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = sqlx::query_scalar("SELECT count(*) FROM dead_lettered")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    }
+    stop.cancel();
+    sweeping.await.expect("the sweep stops");
+    assert_eq!(
+        left, 0,
+        "dead-letter marks left after 10 s of a 60 s interval"
+    );
+    pool.close().await;
+    system.stop().await;
+}
+
 /// What the stand-in collector received: content type and body of each request.
 type Exports = std::sync::Arc<tokio::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 

@@ -343,3 +343,213 @@ async fn a_participant_killed_after_its_local_commit_has_no_double_effect() {
     );
     system.stop().await;
 }
+
+/// Deadlines and their due-ness follow one clock, the database's: an orchestrator whose own
+/// clock runs ten minutes ahead, beside a normal one, neither fires the other's deadlines at
+/// once (which spent a compensation's whole retry budget in a moment) nor writes deadlines ten
+/// minutes out. Every saga's compensation retries keep the policy's spacing (1 s, 2 s, 4 s),
+/// and no saga waits longer than the longest wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_ten_minutes_ahead_keeps_the_retry_spacing_of_the_policy() {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use orchestrator::config::RetryConfig;
+
+    const SKEW_SECS: i64 = 600;
+    let retries = RetryConfig {
+        step_timeout_ms: Some(1_000),
+        step_max_attempts: Some(100),
+        compensation_max_attempts: Some(4),
+        retry_max_timeout_ms: Some(4_000),
+        deadline_scan_interval_ms: 50,
+        ..RetryConfig::default()
+    };
+    // The waits between a refused compensation and the next attempt: 1 s, 2 s, 4 s; the
+    // longest any wait may be: 4 s and its jitter of up to 25%.
+    let policy_spacing = Duration::from_secs(1 + 2 + 4);
+    let longest_wait_secs = 4.0 * 1.25;
+    let mut system = TestSystem::start_with(Options {
+        retries,
+        without: vec!["inventory"],
+        ..Default::default()
+    })
+    .await;
+    system.start_participant("inventory", u32::MAX);
+    let skewed = SKEW_SECS.to_string();
+    let _ahead = system
+        .spawn_orchestrator_process(&[
+            ("FAULT_CLOCK_SKEW_SECS", skewed.as_str()),
+            ("KAFKA_GROUP_INSTANCE_ID", "orchestrator-ahead"),
+            ("STEP_TIMEOUT_MS", "1000"),
+            ("STEP_MAX_ATTEMPTS", "100"),
+            ("COMPENSATION_MAX_ATTEMPTS", "4"),
+            ("RETRY_MAX_TIMEOUT_MS", "4000"),
+            ("DEADLINE_SCAN_INTERVAL_MS", "50"),
+        ])
+        .await;
+    // Both orchestrators in the group, each with a partition, before the orders arrive.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    // carol cannot pay: each saga releases its reservation, which inventory always refuses.
+    let orders: Vec<_> = (0..6).map(|_| order("carol", "WIDGET", 1, "DE")).collect();
+    for placed in &orders {
+        system.place(placed).await;
+    }
+    let db = system.schema("orchestrator").await;
+    let mut compensating_since: HashMap<String, Instant> = HashMap::new();
+    let mut failed_after: HashMap<String, Duration> = HashMap::new();
+    let mut longest_deadline_secs = 0.0_f64;
+    let until = Instant::now() + Duration::from_secs(60);
+    while failed_after.len() < orders.len() && Instant::now() < until {
+        let rows: Vec<(String, String, Option<f64>)> = sqlx::query_as(
+            "SELECT saga_key, state::text,
+                    extract(epoch FROM deadline_at - now())::float8
+             FROM sagas",
+        )
+        .fetch_all(&db)
+        .await
+        .expect("sagas");
+        for (key, state, deadline_in) in rows {
+            longest_deadline_secs = longest_deadline_secs.max(deadline_in.unwrap_or_default());
+            if state == "compensating" {
+                compensating_since
+                    .entry(key.clone())
+                    .or_insert_with(Instant::now);
+            }
+            if state == "failed" && !failed_after.contains_key(&key) {
+                let since = compensating_since.get(&key).copied();
+                failed_after.insert(key, since.map(|s| s.elapsed()).unwrap_or_default());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        failed_after.len(),
+        orders.len(),
+        "every saga spent its compensation budget within 60 s: {failed_after:?}"
+    );
+    assert!(
+        longest_deadline_secs <= longest_wait_secs,
+        "a deadline was {longest_deadline_secs:.1} s out, more than the longest wait \
+         ({longest_wait_secs} s)"
+    );
+    for (key, took) in &failed_after {
+        assert!(
+            *took + Duration::from_millis(500) >= policy_spacing,
+            "saga {key} spent 4 compensation attempts in {took:?}, the policy spaces them over \
+             {policy_spacing:?}: {failed_after:?}"
+        );
+    }
+    // The fault was in force: the instance that serves the test's API runs 600 s ahead.
+    let (status, _, metrics) = system.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    let skew: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("orchestrator_clock_skew_seconds "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no orchestrator_clock_skew_seconds in {metrics}"));
+    assert!((skew - SKEW_SECS as f64).abs() < 5.0, "skew {skew}");
+    system.stop().await;
+}
+
+/// A pivot whose command never arrives (its participant gone, the command parked or
+/// dead-lettered) is re-sent for ever. Once a wait passed without an answer, an operator can
+/// abandon it: the saga is failed with who and why, nothing below it is undone (the pivot may
+/// have acted), and a late answer is recorded for the operator to settle by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_pivot_can_be_abandoned_by_an_operator_and_nothing_is_undone() {
+    let mut system = TestSystem::start_with(Options {
+        retries: orchestrator::config::RetryConfig {
+            step_timeout_overrides_ms: vec!["schedule_shipment=3000".into()],
+            ..fast_retries()
+        },
+        without: vec!["shipping"],
+        ..Default::default()
+    })
+    .await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    let saga_id = system.saga_id_of(placed.order_id).await;
+    let path = format!("/sagas/{saga_id}");
+    eventually("the saga to wait on its pivot", || async {
+        let (_, saga) = system.get(&path).await;
+        (saga["current_step"] == "schedule_shipment").then_some(())
+    })
+    .await;
+    let abort = json!({"reason": "shipping.commands was deleted"}).to_string();
+    // Within its first wait the shipment may still be answered.
+    let (status, body) = system.post(&format!("{path}/abort"), &abort).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.to_string().contains("cannot be undone"),
+        "the refusal says why: {body}"
+    );
+    eventually("the shipment to be sent again", || async {
+        let (_, saga) = system.get(&path).await;
+        (saga["steps"][2]["attempts"].as_u64()? >= 2).then_some(())
+    })
+    .await;
+
+    let (status, saga) = system.post(&format!("{path}/abort"), &abort).await;
+    assert_eq!(status, 200, "{saga}");
+    assert_eq!(saga["state"], "failed", "{saga}");
+    assert_eq!(saga["current_step"], "schedule_shipment", "{saga}");
+    assert_eq!(
+        step_statuses(&saga),
+        ["succeeded", "succeeded", "failed"],
+        "nothing undone: {saga}"
+    );
+    let reason = saga["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("abandoned by operator")
+            && reason.contains("shipping.commands was deleted"),
+        "{reason}"
+    );
+    let history = system.history(&saga_id).await;
+    let asked = format!("abort by {OPERATOR_NAME}: shipping.commands was deleted");
+    let by_operator: Vec<(&Value, &str)> = history
+        .iter()
+        .filter(|h| h["message_type"] == "OperatorAbort")
+        .map(|h| (&h["decision"], h["detail"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(
+        matches!(&by_operator[..], [(refused, first), (applied, second)]
+            if *refused == "ignored" && first.starts_with(&format!("{asked}; refused: "))
+                && *applied == "operator" && *second == asked),
+        "both attempts audited with who and why: {history:?}"
+    );
+
+    // Shipping comes back and answers a re-sent command: recorded, the saga stays failed.
+    system.start_participant("shipping", 0);
+    eventually("the late answer to be recorded", || async {
+        let history = system.history(&saga_id).await;
+        history
+            .iter()
+            .any(|h| h["message_type"] == "ShipmentScheduled" && h["decision"] == "ignored")
+            .then_some(())
+    })
+    .await;
+    let (_, saga) = system.get(&path).await;
+    assert_eq!(saga["state"], "failed", "{saga}");
+    let held = count(
+        &system,
+        "inventory",
+        "SELECT count(*) FROM reservations WHERE order_id = $1 AND status = 'reserved'",
+        placed.order_id,
+    )
+    .await;
+    let charged = count(
+        &system,
+        "payment",
+        "SELECT count(*) FROM payments WHERE order_id = $1 AND status = 'charged'",
+        placed.order_id,
+    )
+    .await;
+    assert_eq!(
+        (held, charged),
+        (1, 1),
+        "nothing below the pivot was undone"
+    );
+    system.stop().await;
+}

@@ -215,21 +215,23 @@ async fn a_repeated_return_is_one_saga_and_one_refund() {
     // Once more after it finished: still the one saga.
     request(&system, &back).await;
     let saga_id = saga["saga_id"].as_str().unwrap_or_default().to_owned();
-    eventually("both repeats to be noted on the saga", || async {
-        let ignored = system
-            .history(&saga_id)
-            .await
-            .iter()
-            .filter(|line| {
-                line["decision"] == "ignored"
-                    && line["message_type"] == "ReturnRequested"
-                    && line["detail"]
-                        .as_str()
-                        .is_some_and(|d| d.starts_with("duplicate return"))
-            })
-            .count();
-        (ignored == 2).then_some(())
-    })
+    eventually(
+        "both repeats to be counted on one line of the saga",
+        || async {
+            let history = system.history(&saga_id).await;
+            let ignored: Vec<&Value> = history
+                .iter()
+                .filter(|line| {
+                    line["decision"] == "ignored"
+                        && line["message_type"] == "ReturnRequested"
+                        && line["detail"]
+                            .as_str()
+                            .is_some_and(|d| d.starts_with("duplicate return"))
+                })
+                .collect();
+            (ignored.len() == 1 && ignored[0]["duplicates"] == 2).then_some(())
+        },
+    )
     .await;
     let sagas: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sagas WHERE definition_name = 'return' AND saga_key = $1::text",
