@@ -36,6 +36,9 @@ pub struct DeadlineScanner {
     /// ([`crate::metrics::CLOCK_SKEW`]): deadlines are written and found due on the
     /// database's.
     pub clock: crate::clock::Clock,
+    /// Told when a scan fails (the database refuses it: read-only, say, while no record
+    /// arrives to tell the consume loop) and when one works again, for `/healthz`.
+    pub health: messaging::health::Health,
 }
 
 impl DeadlineScanner {
@@ -47,9 +50,17 @@ impl DeadlineScanner {
                 self.check_clock().await;
             }
             match self.fire_due().await {
-                Ok(fired) if fired >= BATCH => continue,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error.message = %e, "deadline scan failed; retrying"),
+                Ok(fired) => {
+                    self.health.database_well();
+                    if fired >= BATCH {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "deadline scan failed; retrying");
+                    self.health
+                        .database_unwell(&format!("the deadline scan failed: {e}"));
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}

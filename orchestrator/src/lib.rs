@@ -129,6 +129,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             catalog: catalog.clone(),
             interval: config.retries.scan_interval(),
             clock,
+            health: health.clone(),
         }
         .run(shutdown.clone()),
     );
