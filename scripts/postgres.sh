@@ -138,9 +138,15 @@ stop() {
 # failover or a server on a full disk does, without dropping a connection: the chaos suite's
 # --postgres-read-only-every-ms. The setting (default_transaction_read_only, through ALTER
 # SYSTEM) survives a restart, so `off` removes it again; its own session is writable either way.
+# A server that is down meanwhile (the chaos suite's restarts overlap) is waited for.
 read_only() {
-  local statement="ALTER SYSTEM RESET default_transaction_read_only"
+  local statement="ALTER SYSTEM RESET default_transaction_read_only" version
   [[ $1 == on ]] && statement="ALTER SYSTEM SET default_transaction_read_only = on"
+  version="$(server_version)"
+  for _ in $(seq 1 600); do
+    accepting "$version" && break
+    sleep 0.05
+  done
   PGOPTIONS="-c default_transaction_read_only=off" psql -q -v ON_ERROR_STOP=1 \
     "postgres://postgres@127.0.0.1:$PGPORT/postgres" \
     -c "$statement" -c "SELECT pg_reload_conf()" >/dev/null

@@ -60,6 +60,13 @@ pub struct KafkaConfig {
     #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 100)]
     pub consumer_batch_max: usize,
 
+    /// After this long without a record, in milliseconds, the consume loop asks the broker
+    /// whether its partitions hold records it should have read; stuck so on two checks in a
+    /// row, the consumer is replaced by a new one (librdkafka can stop fetching a topic that
+    /// was deleted and created again without a word). 0: never.
+    #[arg(long, env = "KAFKA_CONSUMER_STALL_MS", default_value_t = 10_000)]
+    pub consumer_stall_ms: u64,
+
     /// How long the producer waits to batch messages (linger.ms). 0: a lone record goes out at
     /// once (unloaded sagas p50 16.5 ms instead of 27 ms at 1), while under load librdkafka
     /// still batches what queued up meanwhile (the same 271 sagas/s at 128 in flight).

@@ -26,6 +26,7 @@ use crate::headers::{self, HeaderList};
 use crate::health::Health;
 use crate::metrics::{self, LagReporter};
 use crate::outbox::{Outbox, OutgoingMessage, Wake};
+use crate::stall::StallWatch;
 use crate::telemetry;
 use crate::{Error, Result};
 
@@ -216,6 +217,8 @@ pub struct ConsumeSettings<'a> {
     pub outbox_written: &'a tokio::sync::Notify,
     /// Told when the database is unwell and when it works again.
     pub health: &'a Health,
+    /// How long without a record before the loop checks whether it is stuck (zero: never).
+    pub stall_after: Duration,
 }
 
 /// Consumes `settings.topics` until `shutdown` is cancelled, finishing the batch in hand, then
@@ -226,7 +229,7 @@ pub struct ConsumeSettings<'a> {
 pub async fn run<H: Handler>(
     consumer: StreamConsumer<LagReporter>,
     pool: PgPool,
-    handler: H,
+    handler: &H,
     settings: ConsumeSettings<'_>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -237,7 +240,9 @@ pub async fn run<H: Handler>(
         faults,
         outbox_written,
         health,
+        stall_after,
     } = settings;
+    let mut stall = StallWatch::new(stall_after);
     let mut handled: u64 = 0;
     let started = std::time::Instant::now();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -246,10 +251,18 @@ pub async fn run<H: Handler>(
         .map_err(Error::kafka(format!("subscribing to {topics:?}")))?;
     let batch_max = batch_max.max(1);
     loop {
+        let stall_check = stall.next_check();
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
+            () = sleep_until(stall_check), if stall_check.is_some() => {
+                if let Some(why) = stall.check(&consumer) {
+                    consumer.unsubscribe();
+                    return Err(Error::ConsumerStuck(why));
+                }
+                continue;
+            }
         };
         let first = match received {
             Ok(message) => message,
@@ -274,6 +287,7 @@ pub async fn run<H: Handler>(
                 continue;
             }
         };
+        stall.progressed();
         // Take whatever else has already arrived, without waiting for more.
         let mut batch = vec![to_record(&first)];
         drop(first);
@@ -287,7 +301,7 @@ pub async fn run<H: Handler>(
                 None => break,
             }
         }
-        if !process_batch(&pool, &handler, &batch, dead_letters, health, &shutdown).await {
+        if !process_batch(&pool, handler, &batch, dead_letters, health, &shutdown).await {
             // Shut down while a record was still failing: leave the offsets unstored so the
             // next owner of the partition handles the records again.
             break;
@@ -362,6 +376,13 @@ where
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         span,
+    }
+}
+
+/// Waits until `at` (the stall check's time; the `select!` arm is off without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

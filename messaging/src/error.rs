@@ -29,6 +29,10 @@ pub enum Error {
     TaskEnded(String),
     #[error("fault injection: crashed after a commit")]
     InjectedCrash,
+    /// The consumer received nothing while its partitions held records for it (see
+    /// [`crate::stall`]): the pipeline replaces it.
+    #[error("the consumer is stuck: {0}")]
+    ConsumerStuck(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

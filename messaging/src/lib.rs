@@ -31,6 +31,7 @@ pub mod pipeline;
 pub mod relay;
 pub mod retention;
 pub mod shutdown;
+pub mod stall;
 pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -57,6 +57,8 @@ pub const OUTBOX_DESTINATION_FAILING: &str = "outbox_destination_failing";
 pub const OUTBOX_DESTINATION_FAILURES: &str = "outbox_destination_failures_total";
 /// Records behind the partition's end, per topic and partition, from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
+/// Consumers replaced because they read nothing while their partitions held records.
+pub const CONSUMERS_REPLACED: &str = "kafka_consumers_replaced_total";
 /// 1 while the consume loop waits for a database that is unreachable or unwell, else 0.
 pub const DATABASE_UNWELL: &str = "database_unwell";
 
@@ -166,6 +168,10 @@ pub fn health_response(health: &Health) -> axum::response::Response {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        CONSUMERS_REPLACED,
+        "Kafka consumers replaced by a new one because they received nothing while their partitions held records to read (librdkafka stuck on a topic created again)."
+    );
     metrics::describe_gauge!(
         DATABASE_UNWELL,
         "1 while the consumer waits for a database that is unreachable, read-only, shutting down or otherwise unwell (not ready), else 0."

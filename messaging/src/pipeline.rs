@@ -45,7 +45,6 @@ impl Pipeline {
         handler: H,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let consumer = kafka::consumer(&self.kafka, &self.group)?;
         let relay_stop = CancellationToken::new();
         // The consumer wakes the relay itself after each commit, which is sooner than the
         // commit's NOTIFY reaches the relay through PostgreSQL.
@@ -87,11 +86,28 @@ impl Pipeline {
             faults: &self.faults,
             outbox_written: &outbox_written,
             health: &self.health,
+            stall_after: std::time::Duration::from_millis(self.kafka.consumer_stall_ms),
+        };
+        // A stuck consumer is replaced by a new one (its offsets are the group's; the inbox
+        // absorbs what it reads again); anything else ends the pipeline.
+        let consume = async {
+            loop {
+                let consumer = kafka::consumer(&self.kafka, &self.group)?;
+                match consumer::run(consumer, pool.clone(), &handler, settings, shutdown.clone())
+                    .await
+                {
+                    Err(crate::Error::ConsumerStuck(why)) => {
+                        tracing::error!(reason = %why, "the consumer is stuck; replacing it");
+                        ::metrics::counter!(metrics::CONSUMERS_REPLACED).increment(1);
+                    }
+                    ended => return ended,
+                }
+            }
         };
         // The relay runs until told to stop; if it ends before (a panic), the consumer would
         // go on filling an outbox nobody publishes: stop the whole pipeline instead.
         let consumed = tokio::select! {
-            consumed = consumer::run(consumer, pool, handler, settings, shutdown) => consumed,
+            consumed = consume => consumed,
             ended = &mut relay => {
                 sampler.abort();
                 retention.abort();

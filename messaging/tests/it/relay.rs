@@ -29,6 +29,7 @@ fn kafka(prefix: &str) -> KafkaConfig {
         group_instance_id: None,
         kafka_debug: None,
         consumer_batch_max: 100,
+        consumer_stall_ms: 10_000,
         linger_ms: 0,
     }
 }

@@ -8,6 +8,8 @@
 //! without a database name (default postgres://postgres@127.0.0.1:5432).
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -61,6 +63,8 @@ pub struct Options {
     pub brokers: Option<String>,
     /// The orchestrator's clock runs this many seconds ahead (`FAULT_CLOCK_SKEW_SECS`).
     pub clock_skew_secs: i64,
+    /// Every service's `KAFKA_CONSUMER_STALL_MS`, when not the default.
+    pub consumer_stall_ms: Option<u64>,
 }
 
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
@@ -77,6 +81,7 @@ pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
         kafka_debug: None,
         linger_ms: 0,
         consumer_batch_max: 100,
+        consumer_stall_ms: 10_000,
     }
 }
 
@@ -214,6 +219,9 @@ impl TestSystem {
         let database_url = format!("{}/{database}", server_url());
 
         let mut kafka = kafka_config(format!("test-{id}."), 2);
+        if let Some(stall_ms) = options.consumer_stall_ms {
+            kafka.consumer_stall_ms = stall_ms;
+        }
         if let Some(brokers) = &options.brokers {
             kafka.kafka_brokers.clone_from(brokers);
         }
@@ -256,6 +264,7 @@ impl TestSystem {
             .await
             .expect("bind");
         let http = format!("http://{}", listener.local_addr().expect("local addr"));
+        let service_brokers = kafka.kafka_brokers.clone();
         let config = orchestrator::Config {
             kafka,
             database: database_config,
@@ -296,7 +305,7 @@ impl TestSystem {
             });
         }
 
-        let producer: FutureProducer = messaging::kafka::producer_settings(&brokers(), 0)
+        let producer: FutureProducer = messaging::kafka::producer_settings(&service_brokers, 0)
             .create()
             .expect("producer");
         let mut system = Self {
@@ -889,4 +898,104 @@ pub async fn read_to_end(response: &mut reqwest::Response, text: &mut String) {
     tokio::time::timeout(Duration::from_secs(60), reading)
         .await
         .expect("the stream ends when the saga does");
+}
+
+/// A Kafka broker of this test alone.
+pub struct PrivateBroker {
+    pub addr: String,
+    dir: PathBuf,
+    pid: Option<String>,
+}
+
+impl PrivateBroker {
+    /// Starts one on two free neighbouring ports (broker, controller), as `scripts/broker.sh`
+    /// does the shared one; its jars are installed in the checkout (`broker.sh install`, once).
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("saga-private-broker-{}", Uuid::new_v4()));
+        let port = free_port_pair();
+        let mut broker = Self {
+            addr: format!("127.0.0.1:{port}"),
+            dir,
+            pid: None,
+        };
+        broker.launch();
+        broker
+    }
+
+    /// SIGKILLs it and starts it again on the same ports and data, as a crashed broker comes
+    /// back (each restart moves its partitions' leader epochs on).
+    pub fn restart(&mut self) {
+        self.signal("-KILL");
+        self.wait_gone();
+        self.launch();
+    }
+
+    fn launch(&mut self) {
+        let broker = self;
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh");
+        let output = Command::new(script)
+            .arg("start")
+            .env("BROKER_ADDR", &broker.addr)
+            .env("BROKER_RUN_DIR", &broker.dir)
+            .env("KAFKA_HEAP_MAX", "384m")
+            .output()
+            .expect("run scripts/broker.sh");
+        broker.pid = std::fs::read_to_string(broker.dir.join("broker.pid"))
+            .ok()
+            .map(|pid| pid.trim().to_owned());
+        assert!(
+            output.status.success() && broker.pid.is_some(),
+            "the private broker did not start: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Waits (5 s at most) until its process is gone.
+    fn wait_gone(&self) {
+        let Some(pid) = &self.pid else { return };
+        for _ in 0..100 {
+            let alive = Command::new("kill")
+                .args(["-0", pid])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !alive {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = &self.pid {
+            let sent = Command::new("kill").args([signal, pid]).status();
+            assert!(sent.is_ok_and(|s| s.success()), "kill {signal} {pid}");
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    /// Killed (resumed first, should it be stopped) and its data removed, also when the test
+    /// failed.
+    fn drop(&mut self) {
+        if let Some(pid) = &self.pid {
+            let _ = Command::new("kill").args(["-CONT", pid]).status();
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+            // Gone before its directory is.
+            self.wait_gone();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port whose next one is free too.
+fn free_port_pair() -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = first.local_addr().expect("address").port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two free neighbouring ports");
 }

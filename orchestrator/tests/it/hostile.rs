@@ -728,8 +728,12 @@ async fn outbox_rows_for(orchestrator: &sqlx::PgPool, topic: &str) -> i64 {
 }
 
 async fn delete_topic(topic: &str) {
+    delete_topic_on(&brokers(), topic).await;
+}
+
+async fn delete_topic_on(bootstrap: &str, topic: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
     let deleted = admin
@@ -902,5 +906,55 @@ async fn replays_of_one_order_are_counted_on_one_history_line() {
         .get(&format!("/orders/{}/saga", placed.order_id))
         .await;
     assert_eq!(by_order["duplicates"], view["duplicates"]);
+    system.stop().await;
+}
+
+/// A topic deleted and created again after broker restarts once left its consumer reading
+/// nothing for good, without an error: librdkafka 2.12 took the new topic's metadata (leader
+/// epoch 0) for outdated against the old topic's epoch, which each restart had moved on, and
+/// kept fetching the old topic id. The consume loop now sees records waiting that it does not
+/// get and replaces its consumer. The broker is the test's own: it is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stuck_on_a_topic_created_again_is_replaced_and_reads_it() {
+    let mut broker = crate::helpers::PrivateBroker::start();
+    let system = TestSystem::start_with(Options {
+        retries: crate::helpers::fast_retries(),
+        brokers: Some(broker.addr.clone()),
+        consumer_stall_ms: Some(1_000),
+        ..Options::default()
+    })
+    .await;
+    let shipping = system.topics.named("shipping.commands");
+    let warm_up = order("alice", "WIDGET", 1, "DE");
+    system.place(&warm_up).await;
+    assert_eq!(
+        system.finished_saga(warm_up.order_id).await["state"],
+        "completed"
+    );
+    // Each restart moves the partitions' leader epochs on.
+    for _ in 0..2 {
+        broker.restart();
+        let again = order("alice", "WIDGET", 1, "DE");
+        system.place(&again).await;
+        assert_eq!(
+            system.finished_saga(again.order_id).await["state"],
+            "completed"
+        );
+    }
+    delete_topic_on(&broker.addr, &shipping).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut kafka = crate::helpers::kafka_config(system.topics.prefix().to_owned(), 2);
+    kafka.kafka_brokers.clone_from(&broker.addr);
+    messaging::kafka::ensure_topics(&kafka, std::slice::from_ref(&shipping))
+        .await
+        .expect("create the topic again");
+    let placed: Vec<_> = (0..3).map(|_| order("alice", "WIDGET", 1, "DE")).collect();
+    for one in &placed {
+        system.place(one).await;
+    }
+    for one in &placed {
+        let saga = system.finished_saga(one.order_id).await;
+        assert_eq!(saga["state"], "completed", "{saga}");
+    }
     system.stop().await;
 }

@@ -4,96 +4,13 @@
 //! free ports with its own data directory, and killed and removed when the test ends, passed
 //! or failed.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use orchestrator::config::ApiConfig;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{order, Options, TestSystem, CLIENT_TOKEN};
-
-/// A Kafka broker of this test alone.
-struct PrivateBroker {
-    addr: String,
-    dir: PathBuf,
-    pid: Option<String>,
-}
-
-impl PrivateBroker {
-    /// Starts one on two free neighbouring ports (broker, controller), as `scripts/broker.sh`
-    /// does the shared one; its jars are installed in the checkout (`broker.sh install`, once).
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("saga-private-broker-{}", Uuid::new_v4()));
-        let port = free_port_pair();
-        let mut broker = Self {
-            addr: format!("127.0.0.1:{port}"),
-            dir,
-            pid: None,
-        };
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh");
-        let output = Command::new(script)
-            .arg("start")
-            .env("BROKER_ADDR", &broker.addr)
-            .env("BROKER_RUN_DIR", &broker.dir)
-            .env("KAFKA_HEAP_MAX", "384m")
-            .output()
-            .expect("run scripts/broker.sh");
-        broker.pid = std::fs::read_to_string(broker.dir.join("broker.pid"))
-            .ok()
-            .map(|pid| pid.trim().to_owned());
-        assert!(
-            output.status.success() && broker.pid.is_some(),
-            "the private broker did not start: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        broker
-    }
-
-    fn signal(&self, signal: &str) {
-        if let Some(pid) = &self.pid {
-            let sent = Command::new("kill").args([signal, pid]).status();
-            assert!(sent.is_ok_and(|s| s.success()), "kill {signal} {pid}");
-        }
-    }
-}
-
-impl Drop for PrivateBroker {
-    /// Killed (resumed first, should it be stopped) and its data removed, also when the test
-    /// failed.
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            let _ = Command::new("kill").args(["-CONT", &pid]).status();
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            // Gone before its directory is.
-            for _ in 0..100 {
-                let alive = Command::new("kill")
-                    .args(["-0", &pid])
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if !alive {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A port whose next one is free too.
-fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = first.local_addr().expect("address").port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no two free neighbouring ports");
-}
+use crate::helpers::{order, Options, PrivateBroker, TestSystem, CLIENT_TOKEN};
 
 /// `POST /orders` with `key` (none: no header) and `body`, as the shop: status, body and
 /// whether the answer says it was replayed.
