@@ -27,11 +27,12 @@ cargo test --workspace --locked "$@" -- --test-threads=4
 # scripts/fuzz.sh 840 (see its header).
 scripts/fuzz.sh 20
 
-# The chaos suite, short (about 70 s; 90 s more when something wedges): 600 sagas over 30 s, a
-# SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker SIGKILLed
-# and restarted 10 s into each half, PostgreSQL stopped (fast: every client disconnected) every
-# 6 s for about 2 s, and in the second half a garbage record every 100 ms on each consumed
-# topic in turn. It prints each
+# The chaos suite, short (about 2 minutes; 90 s more when something wedges): 600 sagas over
+# 30 s, a SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker
+# SIGKILLed and restarted 10 s into each half, PostgreSQL stopped (fast: every client
+# disconnected) every 6 s for about 2 s and turned read-only every 7 s for 2 s, one command
+# topic deleted and created again every 12 s, and in the second half a garbage record every
+# 100 ms on each consumed topic in turn. It prints each
 # invariant with PASS/FAIL (among them: the dead-letter topic holds every garbage record exactly
 # once; the throughput with garbage is at least half the first half's) and exits non-zero on
 # any violation. The PostgreSQL restarts hit every client of the server: nothing else may use
@@ -40,6 +41,8 @@ cargo build --workspace --locked --bins
 target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --rate 20 \
   --kill-every-ms 1500 --crash-after-commit-every 40 --broker-kill-every-ms 10000 \
   --postgres-restart-every-ms 6000 --postgres-down-ms 1000 --garbage-every-ms 100 \
+  --postgres-read-only-every-ms 7000 --postgres-read-only-ms 2000 \
+  --topic-delete-every-ms 12000 --topic-down-ms 3000 \
   --settle-timeout-secs 90
 
 # The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
