@@ -626,6 +626,12 @@ pub async fn sweep_finished(
 /// Deletes up to `limit` (saga type, key) pairs that arrived more than `retention_secs` ago
 /// from the dedup table (never one whose saga still exists); returns how many.
 ///
+/// The saga check is a subquery per row (`NOT (SELECT EXISTS …)`, an index probe), and the
+/// batch is named by row address: written as `NOT EXISTS` and `IN (…)`, PostgreSQL planned it
+/// as hash joins over sequential scans of `sagas` and `saga_dedup` (0.67 s a batch with
+/// 300,000 sagas, growing with the table; 21 ms this way, measured by the retention work of
+/// issue 20).
+///
 /// # Errors
 /// Database errors.
 pub async fn sweep_saga_dedup(
@@ -634,12 +640,13 @@ pub async fn sweep_saga_dedup(
     limit: i64,
 ) -> sqlx::Result<u64> {
     Ok(sqlx::query!(
-        "DELETE FROM saga_dedup WHERE (saga_type, saga_key) IN (
-             SELECT d.saga_type, d.saga_key FROM saga_dedup d
+        "DELETE FROM saga_dedup WHERE ctid = ANY(ARRAY(
+             SELECT d.ctid FROM saga_dedup d
              WHERE d.seen_at < now() - make_interval(secs => $1)
-               AND NOT EXISTS (SELECT 1 FROM sagas s
-                               WHERE s.definition_name = d.saga_type AND s.saga_key = d.saga_key)
-             ORDER BY d.seen_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+               AND NOT (SELECT EXISTS (
+                   SELECT 1 FROM sagas s
+                   WHERE s.definition_name = d.saga_type AND s.saga_key = d.saga_key))
+             ORDER BY d.seen_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
         retention_secs as f64,
         limit,
     )
