@@ -166,26 +166,24 @@ impl Step for ReserveStock {
         // A statement of its own after the lock, so it sees every restock of the order that
         // committed while this one waited. `greatest`: the restock's check keeps the returns
         // within the quantity; should that ever not hold, nothing is released rather than
-        // more than was taken.
-        let lines = sqlx::query!(
-            r#"UPDATE reservation_lines l
-               SET released = greatest(l.quantity - coalesce(
-                   (SELECT sum(rl.quantity) FROM restocks r JOIN restock_lines rl USING (return_id)
-                    WHERE r.order_id = l.order_id AND r.status = 'restocked' AND rl.sku = l.sku),
-                   0), 0)
-               WHERE l.order_id = $1
-               RETURNING l.sku, l.released::bigint AS "released!""#,
+        // more than was taken. One statement records what each line gives back and puts it
+        // back in stock (putting back cannot be refused), as the release was one statement
+        // before returns were bounded.
+        sqlx::query!(
+            r#"WITH lines AS (
+                   UPDATE reservation_lines l
+                   SET released = greatest(l.quantity - coalesce(
+                       (SELECT sum(rl.quantity) FROM restocks r JOIN restock_lines rl USING (return_id)
+                        WHERE r.order_id = l.order_id AND r.status = 'restocked' AND rl.sku = l.sku),
+                       0), 0)
+                   WHERE l.order_id = $1
+                   RETURNING l.sku, l.released)
+               UPDATE stock SET available = stock.available + lines.released
+               FROM lines WHERE stock.sku = lines.sku AND lines.released > 0"#,
             order_id,
         )
-        .fetch_all(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        let back = by_sku(lines.iter().map(|line| (line.sku.as_str(), line.released)));
-        let mut available = lock_stock(tx, &skus_of(std::iter::once(&back))).await?;
-        let never = |_: &str, _: Option<i64>, _: i64| None::<StockRefusal>;
-        if let Err(refused) = move_all(&mut available, &back, Move::PutBack, never) {
-            return Ok(Err(refused));
-        }
-        write_stock(tx, &available).await?;
         Ok(Ok(()))
     }
 }
