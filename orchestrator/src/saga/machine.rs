@@ -756,13 +756,7 @@ impl Saga {
         self.failure_reason
             .get_or_insert_with(|| format!("{} {why}", step.name));
         step.failure_reason = Some(why);
-        self.finish(SagaState::Failed, now);
-        vec![Effect::Publish(SagaEvent::SagaFailed {
-            saga_type: self.definition_name.clone(),
-            key: self.key.clone(),
-            subject: self.key_subject(definition),
-            reason: self.failure_reason.clone().unwrap_or_default(),
-        })]
+        self.end_failed(now, definition)
     }
 
     /// Gives up on compensating `index`: the saga is `failed` until an operator acts.
@@ -781,6 +775,11 @@ impl Saga {
             Some(original) => format!("{original}; then {why}"),
             None => why,
         });
+        self.end_failed(now, definition)
+    }
+
+    /// Ends the saga `failed`, for an operator, and says so on `saga.events` with its reason.
+    fn end_failed(&mut self, now: DateTime<Utc>, definition: &SagaDefinition) -> Vec<Effect> {
         self.finish(SagaState::Failed, now);
         vec![Effect::Publish(SagaEvent::SagaFailed {
             saga_type: self.definition_name.clone(),
