@@ -504,14 +504,16 @@ async fn claim_ledger_entries(
 
 /// Deletes up to [`messaging::retention::SWEEP_BATCH`] ledger entries nothing touched for
 /// `retention_secs` (a command for an entry's step touches it: [`claim_ledger_entries`]);
-/// returns how many.
+/// returns how many. The entries are walked by when they were made (indexed, and never
+/// updated, so a touch stays a HOT update); one touched since is passed over.
 async fn sweep_ledger(pool: &sqlx::PgPool, retention_secs: u64) -> sqlx::Result<u64> {
     let retention_secs = retention_secs as f64;
     Ok(sqlx::query!(
-        "DELETE FROM step_ledger WHERE (saga_key, step) IN (
-             SELECT saga_key, step FROM step_ledger
-             WHERE updated_at < now() - make_interval(secs => $1)
-             ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        "DELETE FROM step_ledger WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM step_ledger
+             WHERE created_at < now() - make_interval(secs => $1)
+               AND updated_at < now() - make_interval(secs => $1)
+             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
         retention_secs,
         messaging::retention::SWEEP_BATCH,
     )
