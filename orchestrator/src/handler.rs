@@ -167,7 +167,12 @@ impl OrchestratorHandler {
                 )));
             }
             // A saga was locked, so its statement read the database's time.
-            let Some(now) = now else { continue };
+            let Some(now) = now else {
+                return Err(HandlerError::Retry(format!(
+                    "saga {} was locked without the database's time",
+                    saga.id
+                )));
+            };
             let entry = HistoryEntry {
                 at: now,
                 message_id: Some(envelope.message_id),
