@@ -591,6 +591,16 @@ impl TestSystem {
         .await;
     }
 
+    /// Publishes a new order keyed by `order_id`, so that it lands behind every record of that
+    /// order in its partition: once the marker's saga exists, they have all been handled.
+    pub async fn place_marker_behind(&self, order_id: Uuid) -> OrderPlaced {
+        let marker = order("bob", "GADGET", 1, "DE");
+        let payload = serde_json::to_vec(&marker).expect("serialise order");
+        self.publish(&self.topics.orders(), &order_id.to_string(), &payload)
+            .await;
+        marker
+    }
+
     pub async fn place(&self, order: &OrderPlaced) {
         let payload = serde_json::to_vec(order).expect("serialise order");
         self.publish(&self.topics.orders(), &order.order_id.to_string(), &payload)

@@ -546,15 +546,7 @@ async fn an_order_published_again_after_its_saga_was_swept_starts_no_second_saga
 
     // The same order again, then a marker with the same key (same partition, read after it).
     system.place(&placed).await;
-    let marker = order("bob", "GADGET", 1, "DE");
-    let payload = serde_json::to_vec(&marker).expect("JSON");
-    system
-        .publish(
-            &system.topics.orders(),
-            &placed.order_id.to_string(),
-            &payload,
-        )
-        .await;
+    let marker = system.place_marker_behind(placed.order_id).await;
     system.finished_saga(marker.order_id).await;
     assert_eq!(system.get(&path).await.0, 404, "a second saga started");
     assert_eq!(stock().await, before, "stock reserved twice");
@@ -860,15 +852,7 @@ async fn replays_of_one_order_are_counted_on_one_history_line() {
     futures_util::future::join_all((0..REPLAYS).map(|_| system.place(&placed))).await;
     // A marker with the same key lands behind the replays in their partition: once its saga
     // exists, every replay has been handled.
-    let marker = order("bob", "GADGET", 1, "DE");
-    let payload = serde_json::to_vec(&marker).expect("JSON");
-    system
-        .publish(
-            &system.topics.orders(),
-            &placed.order_id.to_string(),
-            &payload,
-        )
-        .await;
+    let marker = system.place_marker_behind(placed.order_id).await;
     system.saga_id_of(marker.order_id).await;
 
     let history = system.history(&saga_id).await;
