@@ -21,11 +21,13 @@
 FROM rust:1.95-bookworm AS builder
 
 # rdkafka builds its bundled librdkafka from source (C toolchain, make, perl,
-# python3, zlib headers; pkg-config helps it find the system zlib).
+# python3, zlib headers; pkg-config finds the system zlib and OpenSSL, whose
+# headers librdkafka's TLS and SASL support is built against).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         build-essential \
         cmake \
+        libssl-dev \
         perl \
         pkg-config \
         python3 \
@@ -64,7 +66,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:bookworm-slim
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 saga \
     && useradd --system --uid 10001 --gid saga --no-create-home \

@@ -38,6 +38,17 @@ ensure_commands() {
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 }
 
+# ensure_build_dependencies: what building the workspace needs besides Rust: librdkafka is
+# built with TLS and SASL (rdkafka's `ssl` feature), against OpenSSL's headers found through
+# pkg-config.
+ensure_build_dependencies() {
+  local missing=() package
+  for package in libssl-dev pkg-config make; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  done
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+}
+
 # tcp_open HOST:PORT: exit 0 when something accepts connections there.
 tcp_open() {
   (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null
@@ -54,6 +65,7 @@ free_port() {
 # the broker (so a caller can stop it again).
 start_dependencies() {
   ensure_commands curl:curl jq:jq psql:postgresql-client
+  ensure_build_dependencies
   "$ROOT/scripts/postgres.sh" start
   STARTED_BROKER=0
   if ! BROKER_ADDR="$KAFKA_BROKERS" "$ROOT/scripts/broker.sh" running; then

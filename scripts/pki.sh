@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# A local certificate authority for the secured setups: the Kafka nodes, PostgreSQL with TLS,
+# client certificates for mutual TLS, and the services that verify them. For this machine and
+# for tests only: the CA's key sits unencrypted beside its certificate.
+#
+#   scripts/pki.sh ca                  # create the CA unless it exists; prints its certificate's path
+#   scripts/pki.sh issue NAME [SAN]    # a key and certificate for NAME, signed by the CA (unless
+#                                      # they exist); SAN defaults to IP:127.0.0.1,DNS:localhost
+#   scripts/pki.sh dir                 # prints the folder
+#
+# Files go to $PKI_DIR (default .run/pki): ca.crt and ca.key; NAME.crt and NAME.key (PEM; the
+# key PKCS#8, unencrypted, mode 600); NAME.p12 (a PKCS#12 keystore of the key and certificate
+# for Java) and truststore.p12 (the CA for Java), both locked with the password in
+# keystore.password. The subject is CN=NAME; every certificate is good for both server and
+# client authentication (the Kafka nodes are both to each other) for 825 days.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+PKI_DIR="${PKI_DIR:-$ROOT/.run/pki}"
+
+ca() {
+  ensure_commands openssl:openssl
+  mkdir -p "$PKI_DIR"
+  if [[ ! -f "$PKI_DIR/ca.crt" ]]; then
+    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI_DIR/ca.key" 2>/dev/null)
+    openssl req -x509 -new -key "$PKI_DIR/ca.key" -sha256 -days 825 -subj "/CN=saga-engine local CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -out "$PKI_DIR/ca.crt.tmp"
+    mv "$PKI_DIR/ca.crt.tmp" "$PKI_DIR/ca.crt"
+  fi
+  if [[ ! -f "$PKI_DIR/keystore.password" ]]; then
+    (umask 077 && od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$PKI_DIR/keystore.password")
+  fi
+  if [[ ! -f "$PKI_DIR/truststore.p12" ]] && command -v keytool >/dev/null; then
+    keytool -importcert -noprompt -alias saga-engine-ca -file "$PKI_DIR/ca.crt" \
+      -keystore "$PKI_DIR/truststore.p12.tmp" -storetype PKCS12 \
+      -storepass "$(cat "$PKI_DIR/keystore.password")" >/dev/null 2>&1
+    mv "$PKI_DIR/truststore.p12.tmp" "$PKI_DIR/truststore.p12"
+  fi
+}
+
+# issue NAME [SAN]: NAME's key, certificate and PKCS#12 keystore, made once.
+issue() {
+  local name="$1" san="${2:-IP:127.0.0.1,DNS:localhost}"
+  [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {
+    echo "certificate name must be [A-Za-z0-9._-]+, not $name" >&2
+    return 2
+  }
+  ca >/dev/null
+  local base="$PKI_DIR/$name"
+  if [[ ! -f "$base.crt" ]]; then
+    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$base.key" 2>/dev/null)
+    openssl req -new -key "$base.key" -subj "/CN=$name" -out "$base.csr"
+    openssl x509 -req -in "$base.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" -CAcreateserial \
+      -sha256 -days 825 -out "$base.crt.tmp" -extfile <(printf '%s\n' \
+        "subjectAltName=$san" "basicConstraints=CA:FALSE" \
+        "keyUsage=critical,digitalSignature,keyEncipherment" \
+        "extendedKeyUsage=serverAuth,clientAuth") 2>/dev/null
+    rm -f "$base.csr"
+    mv "$base.crt.tmp" "$base.crt"
+  fi
+  if [[ ! -f "$base.p12" ]]; then
+    (umask 077 && openssl pkcs12 -export -in "$base.crt" -inkey "$base.key" -certfile "$PKI_DIR/ca.crt" \
+      -name "$name" -out "$base.p12" -passout "file:$PKI_DIR/keystore.password")
+  fi
+  echo "$base.crt"
+}
+
+case "${1:-}" in
+  ca) ca && echo "$PKI_DIR/ca.crt" ;;
+  issue) [[ $# -ge 2 ]] || { echo "usage: $0 issue NAME [SAN]" >&2; exit 2; }; issue "$2" "${3:-}" ;;
+  dir) echo "$PKI_DIR" ;;
+  *) echo "usage: $0 ca|issue NAME [SAN]|dir" >&2; exit 2 ;;
+esac
