@@ -21,8 +21,9 @@ pub struct KafkaConfig {
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topics this service creates.
-    #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
+    /// Replication factor of the topics this service creates; -1: the cluster's
+    /// `default.replication.factor` (1 on the one-node broker, 3 on the three-node cluster).
+    #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = -1, allow_negative_numbers = true)]
     pub topic_replication_factor: i32,
 
     /// Longest time the broker may hold a fetch request waiting for data (fetch.wait.max.ms).
