@@ -11,6 +11,7 @@
 //! - [`retention`]: deletes inbox rows once they are older than any redelivery.
 //! - [`headers`]: record headers read as bytes, whatever a producer put in them.
 //! - [`kafka`], [`db`]: client settings, topic creation, pools, schemas and migrations.
+//! - [`provision`]: the admin step that gives each service its own PostgreSQL role and schema.
 //! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
 //!   settings, logs, traces, counts and stops.
 //!
@@ -28,6 +29,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
+pub mod provision;
 pub mod relay;
 pub mod retention;
 pub mod shutdown;
