@@ -195,9 +195,16 @@ fn ssl_mode_name(mode: sqlx::postgres::PgSslMode) -> &'static str {
 
 fn is_tls_failure(error: &std::io::Error) -> bool {
     let text = error.to_string().to_lowercase();
-    ["certificate", "tls", "handshake", "alert", "peer sent", "unknownissuer"]
-        .iter()
-        .any(|word| text.contains(word))
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "alert",
+        "peer sent",
+        "unknownissuer",
+    ]
+    .iter()
+    .any(|word| text.contains(word))
 }
 
 /// Whether `url` carries a password (`postgres://role:password@host`); one in the URL wins

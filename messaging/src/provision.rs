@@ -96,10 +96,11 @@ pub async fn create_roles(
         check_identifier("service role", &role)?;
         check_identifier("service", service)?;
         create_role_once(admin, &role, "LOGIN").await?;
-        let superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1")
-            .bind(&role)
-            .fetch_one(admin)
-            .await?;
+        let superuser: bool =
+            sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1")
+                .bind(&role)
+                .fetch_one(admin)
+                .await?;
         if superuser {
             return Err(Error::Config(format!(
                 "role {role} exists and is a superuser; choose another role prefix"
@@ -154,12 +155,17 @@ pub async fn create_schemas(
         check_identifier("schema", schema)?;
         // A database created by the superuser grants CONNECT to PUBLIC already; one that
         // revoked it still lets the service in.
-        sqlx::query(&format!("GRANT CONNECT ON DATABASE \"{}\" TO {role}", database.replace('"', "\"\"")))
-            .execute(admin)
-            .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"))
-            .execute(admin)
-            .await?;
+        sqlx::query(&format!(
+            "GRANT CONNECT ON DATABASE \"{}\" TO {role}",
+            database.replace('"', "\"\"")
+        ))
+        .execute(admin)
+        .await?;
+        sqlx::query(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"
+        ))
+        .execute(admin)
+        .await?;
         sqlx::query(&format!("ALTER SCHEMA {schema} OWNER TO {role}"))
             .execute(admin)
             .await?;
@@ -389,7 +395,11 @@ mod tests {
         let client_key = hmac(&salted, b"Client Key");
         let auth_message = "n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
         let signature = hmac(&Sha256::digest(client_key), auth_message.as_bytes());
-        let proof: Vec<u8> = client_key.iter().zip(signature).map(|(a, b)| a ^ b).collect();
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(a, b)| a ^ b)
+            .collect();
         assert_eq!(
             BASE64.encode(proof),
             "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
@@ -413,7 +423,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pgpass-{}", uuid::Uuid::new_v4()));
         let path = write_password_file(&dir, &role).expect("written");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(
             read_password_file(&path, "saga_payment").as_deref(),

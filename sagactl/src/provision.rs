@@ -99,7 +99,10 @@ pub async fn run(which: Provision) -> anyhow::Result<()> {
             .unwrap_or_else(provision::random_password);
         provision::write_password_file(
             &args.secrets_dir,
-            &provision::ServiceRole { password: password.clone(), ..role },
+            &provision::ServiceRole {
+                password: password.clone(),
+                ..role
+            },
         )?;
         passwords.insert((*service).to_owned(), password);
     }
