@@ -181,7 +181,17 @@ pub async fn create_schemas(
 /// sequences, types and functions (indexes and a table's own sequences and row type follow
 /// their table).
 async fn hand_over(admin: &PgPool, schema: &str, role: &str) -> Result<()> {
-    // Tables first: a sequence a column owns moves with its table and cannot move alone.
+    // Tables first: a sequence a column owns moves with its table and cannot move alone. An
+    // extension's objects (pg_trgm's, when a superuser created it in this schema) stay the
+    // extension's.
+    let member = |catalog: &str, alias: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass \
+             AND d.objid = {alias}.oid AND d.deptype = 'e')"
+        )
+    };
+    let (type_member, function_member) = (member("pg_type", "t"), member("pg_proc", "p"));
+    let member = member("pg_class", "c");
     let statement = format!(
         r#"DO $hand_over$
 DECLARE
@@ -190,7 +200,7 @@ BEGIN
     FOR object IN
         SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
         WHERE c.relnamespace = '{schema}'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-          AND c.relowner <> '{role}'::regrole
+          AND c.relowner <> '{role}'::regrole AND NOT {member}
     LOOP
         EXECUTE format('ALTER %s %s OWNER TO {role}',
             CASE object.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
@@ -199,20 +209,21 @@ BEGIN
     FOR object IN
         SELECT c.oid::regclass AS name FROM pg_class c
         WHERE c.relnamespace = '{schema}'::regnamespace AND c.relkind = 'S'
-          AND c.relowner <> '{role}'::regrole
+          AND c.relowner <> '{role}'::regrole AND NOT {member}
     LOOP
         EXECUTE format('ALTER SEQUENCE %s OWNER TO {role}', object.name);
     END LOOP;
     FOR object IN
         SELECT t.oid::regtype AS name FROM pg_type t
         WHERE t.typnamespace = '{schema}'::regnamespace AND t.typtype IN ('e', 'd', 'r')
-          AND t.typowner <> '{role}'::regrole
+          AND t.typowner <> '{role}'::regrole AND NOT {type_member}
     LOOP
         EXECUTE format('ALTER TYPE %s OWNER TO {role}', object.name);
     END LOOP;
     FOR object IN
         SELECT p.oid::regprocedure AS name FROM pg_proc p
         WHERE p.pronamespace = '{schema}'::regnamespace AND p.proowner <> '{role}'::regrole
+          AND NOT {function_member}
     LOOP
         EXECUTE format('ALTER ROUTINE %s OWNER TO {role}', object.name);
     END LOOP;

@@ -345,3 +345,59 @@ async fn a_role_without_create_on_the_database_opens_its_schema_and_is_told_of_a
     assert!(matches!(error, Error::SchemaMissing { .. }), "{text}");
     assert!(text.contains("sagactl provision database"), "{text}");
 }
+
+#[tokio::test]
+async fn the_admin_step_hands_a_schema_migrated_by_a_superuser_to_the_service_role() {
+    let fixture = Fixture::new(&["payment"]).await;
+    let admin = admin(&fixture.database).await;
+    // What migrations run by the superuser (before the roles existed) left behind.
+    sqlx::raw_sql(
+        "ALTER SCHEMA payment OWNER TO postgres;
+         CREATE TABLE payment.ledger (id bigserial PRIMARY KEY, state text);
+         CREATE TYPE payment.outcome AS ENUM ('charged', 'refused');
+         CREATE VIEW payment.recent AS SELECT * FROM payment.ledger;
+         CREATE FUNCTION payment.touch() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RETURN NEW; END $$;",
+    )
+    .execute(&admin)
+    .await
+    .expect("objects owned by the superuser");
+    provision::create_schemas(&admin, &fixture.roles, &[])
+        .await
+        .expect("the admin step runs again");
+    let foreign: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class WHERE relnamespace = 'payment'::regnamespace \
+             AND relowner <> $1::regrole \
+         UNION ALL SELECT typname::text FROM pg_type WHERE typnamespace = 'payment'::regnamespace \
+             AND typowner <> $1::regrole \
+         UNION ALL SELECT proname::text FROM pg_proc WHERE pronamespace = 'payment'::regnamespace \
+             AND proowner <> $1::regrole \
+         UNION ALL SELECT nspname::text FROM pg_namespace WHERE nspname = 'payment' \
+             AND nspowner <> $1::regrole",
+    )
+    .bind(&fixture.role("payment").role)
+    .fetch_all(&admin)
+    .await
+    .expect("owners");
+    admin.close().await;
+    assert_eq!(
+        foreign,
+        Vec::<String>::new(),
+        "everything is the role's now"
+    );
+
+    // And the service migrates and writes it with its own rights.
+    let payment = connect(&fixture.url("payment"), "payment")
+        .await
+        .expect("payment connects");
+    sqlx::raw_sql(
+        "ALTER TABLE ledger ADD COLUMN outcome outcome;
+         INSERT INTO ledger (state, outcome) VALUES ('done', 'charged');
+         CREATE OR REPLACE VIEW recent AS SELECT * FROM ledger;
+         DROP FUNCTION touch();",
+    )
+    .execute(&payment)
+    .await
+    .expect("the role changes what it now owns");
+    payment.close().await;
+}
