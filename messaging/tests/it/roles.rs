@@ -401,3 +401,85 @@ async fn the_admin_step_hands_a_schema_migrated_by_a_superuser_to_the_service_ro
     .expect("the role changes what it now owns");
     payment.close().await;
 }
+
+/// The local CA's folder (`scripts/pki.sh`, `TEST_PKI_DIR` or the repository's `.run/pki`),
+/// checked to be the CA the server trusts: the test issues client certificates with it.
+fn server_pki(ca: &str) -> PathBuf {
+    let dir = std::env::var("TEST_PKI_DIR").map_or_else(
+        |_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.run/pki"),
+        PathBuf::from,
+    );
+    let ours = std::fs::read(dir.join("ca.crt")).unwrap_or_default();
+    let servers = std::fs::read(ca).expect("the server's CA");
+    assert_eq!(
+        ours,
+        servers,
+        "the server trusts another CA than {}: run scripts/postgres.sh start from this checkout \
+         (it installs this CA's certificate with a reload), or set TEST_PKI_DIR",
+        dir.display()
+    );
+    dir
+}
+
+fn issue(pki: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pki.sh");
+    let output = std::process::Command::new(script)
+        .args(["issue", name])
+        .env("PKI_DIR", pki)
+        .output()
+        .expect("run scripts/pki.sh");
+    assert!(
+        output.status.success(),
+        "pki.sh issue: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        pki.join(format!("{name}.crt")),
+        pki.join(format!("{name}.key")),
+    )
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_the_ca_is_accepted_and_one_from_another_ca_refused() {
+    let fixture = Fixture::new(&["payment"]).await;
+    let pki = server_pki(&fixture.ca);
+    let name = fixture.role("payment").role.clone();
+    let (cert, key) = issue(&pki, &name);
+    let password = fixture.role("payment").password.clone();
+    let with_certificate = |cert: &PathBuf, key: &PathBuf| {
+        fixture.url_with(
+            "payment",
+            &password,
+            &format!(
+                "sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+                fixture.ca,
+                cert.display(),
+                key.display()
+            ),
+        )
+    };
+    let pool = connect(&with_certificate(&cert, &key), "payment")
+        .await
+        .expect("a client certificate from the server's CA is accepted");
+    let presented: Option<String> =
+        sqlx::query_scalar("SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .expect("the connection's client certificate");
+    assert_eq!(presented, Some(format!("/CN={name}")));
+    pool.close().await;
+
+    let other = std::env::temp_dir().join(format!("other-pki-{}", uuid::Uuid::new_v4()));
+    let (foreign_cert, foreign_key) = issue(&other, &name);
+    let error = connect(&with_certificate(&foreign_cert, &foreign_key), "payment")
+        .await
+        .expect_err("the server refuses a client certificate it cannot verify");
+    let text = error.to_string();
+    assert!(matches!(error, Error::Connect { .. }), "{text}");
+    assert!(text.contains("sslcert"), "{text}");
+    for file in [cert, key] {
+        let _ = std::fs::remove_file(&file);
+    }
+    let _ = std::fs::remove_file(pki.join(format!("{name}.p12")));
+    let _ = std::fs::remove_dir_all(&other);
+}
