@@ -201,9 +201,10 @@ async fn verify_full_with_the_servers_ca_connects_and_another_ca_or_password_is_
         "not-the-password",
         &format!("sslmode=verify-full&sslrootcert={}", fixture.ca),
     );
-    let error = connect(&wrong_password, "payment")
-        .await
-        .expect_err("a wrong password is refused");
+    let error = connect(&wrong_password, "payment").await.expect_err(
+        "a wrong password is refused (the server must run with scripts/postgres.sh's \
+             pg_hba.conf: `scripts/postgres.sh start` reloads it)",
+    );
     let text = error.to_string();
     assert!(matches!(error, Error::Connect { .. }), "{text}");
     assert!(
@@ -297,9 +298,10 @@ async fn a_service_role_uses_only_its_own_schema_is_no_superuser_and_needs_tls()
     let password = fixture.role("payment").password.clone();
     for mode in ["disable", "allow"] {
         let plain = fixture.url_with("payment", &password, &format!("sslmode={mode}"));
-        let error = connect(&plain, "payment")
-            .await
-            .expect_err("a service role without TLS is refused");
+        let error = connect(&plain, "payment").await.expect_err(
+            "a service role without TLS is refused (the server must run with \
+                 scripts/postgres.sh's pg_hba.conf: `scripts/postgres.sh start` reloads it)",
+        );
         let text = error.to_string();
         assert!(matches!(error, Error::Connect { .. }), "{text}");
         assert!(
