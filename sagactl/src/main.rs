@@ -8,6 +8,8 @@
 //! - `sagactl ceiling broker|postgres` measures what the machine can do at most.
 //! - `sagactl watchers` keeps many watch streams and emulated operations pages open against
 //!   the HTTP API, to run beside `sagactl load`.
+//! - `sagactl provision database`: the admin step that gives each service its own PostgreSQL
+//!   role and schema.
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
@@ -19,6 +21,7 @@ mod garbage;
 mod ledgers;
 mod load;
 mod ops;
+mod provision;
 mod sse;
 mod topic_faults;
 mod watchers;
@@ -63,6 +66,9 @@ enum Command {
     /// Run sagas while killing services at random, then check that nothing was lost or done
     /// twice.
     Chaos(chaos::ChaosArgs),
+    /// The admin steps of a deployment: each service's PostgreSQL role and schema.
+    #[command(subcommand)]
+    Provision(provision::Provision),
     /// Delete every topic whose name starts with a prefix (a test run's, say).
     DeleteTopics(DeleteTopicsArgs),
 }
@@ -92,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Watchers(args) => watchers::run(args).await,
         Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
+        Command::Provision(which) => provision::run(which).await,
         Command::DeleteTopics(args) => {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
             budget::delete_topics(&args.kafka, &args.prefix).await
