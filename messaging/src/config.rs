@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+pub use crate::access::KafkaConnection;
+
 /// How to reach Kafka and how to name and create topics.
 #[derive(Debug, Clone, Args)]
 pub struct KafkaConfig {
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub kafka_brokers: String,
+    #[command(flatten)]
+    pub connection: KafkaConnection,
 
     /// Prefix of every topic name, so several deployments can share one broker.
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]

@@ -13,18 +13,20 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::Message;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::access::Refusal;
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
 use crate::headers::{self, HeaderList};
 use crate::health::Health;
-use crate::metrics::{self, LagReporter};
+use crate::kafka::Consumer as KafkaConsumer;
+use crate::metrics;
 use crate::outbox::{Outbox, OutgoingMessage, Wake};
 use crate::stall::StallWatch;
 use crate::telemetry;
@@ -227,7 +229,7 @@ pub struct ConsumeSettings<'a> {
 /// # Errors
 /// [`Error::Kafka`] when the subscription fails or the consumer fails fatally.
 pub async fn run<H: Handler>(
-    consumer: StreamConsumer<LagReporter>,
+    consumer: KafkaConsumer,
     pool: PgPool,
     handler: &H,
     settings: ConsumeSettings<'_>,
@@ -282,7 +284,12 @@ pub async fn run<H: Handler>(
             // behind the errors a down broker produces, so it never reached the assignment
             // waiting behind them and read nothing again after the broker came back (the
             // chaos suite's broker kills found this).
+            // Except a refusal for lack of an ACL (to read the topic, to join the group): that
+            // does not heal by retrying, and the access watch stops the service with it.
             Err(e) => {
+                if let Some(refusal @ Refusal::Authorization(_)) = Refusal::of(&e) {
+                    consumer.context().access.saw(refusal);
+                }
                 tracing::warn!(error.message = %e, "kafka receive failed; librdkafka retries");
                 continue;
             }

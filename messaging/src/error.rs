@@ -20,6 +20,26 @@ pub enum Error {
     },
     #[error("creating topic `{topic}` failed: {reason}")]
     CreateTopic { topic: String, reason: String },
+    /// The Kafka client properties file (`KAFKA_CLIENT_PROPERTIES`) cannot be used.
+    #[error("the Kafka client properties in {} (KAFKA_CLIENT_PROPERTIES): {reason}", file.display())]
+    ClientProperties {
+        file: std::path::PathBuf,
+        reason: String,
+    },
+    /// The Kafka cluster refuses this process for good: its credentials, its certificates, or
+    /// an ACL it needs.
+    #[error("the Kafka cluster refuses {connection}: {refusal}")]
+    AccessRefused {
+        connection: String,
+        refusal: crate::access::Refusal,
+    },
+    /// Topics the service needs do not exist and its identity may not create them.
+    #[error("topics {topics:?} do not exist and {connection} may not create them ({reason}); create them with the admin step (`sagactl provision-kafka`)")]
+    TopicsMissing {
+        topics: Vec<String>,
+        connection: String,
+        reason: String,
+    },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("i/o error: {0}")]

@@ -6,15 +6,14 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{BaseProducer, FutureProducer, Producer as _};
 use rdkafka::ClientConfig;
 
+use crate::access::{KafkaConnection, Refusal, WatchedContext};
 use crate::config::{GroupProtocol, KafkaConfig};
-use crate::metrics::LagReporter;
 use crate::{Error, Result};
 
 /// The longest wait between attempts to reach a broker that is away. librdkafka's default
@@ -22,16 +21,31 @@ use crate::{Error, Result};
 /// suite's broker kills measured it); a one-node cluster has no other broker to turn to.
 const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
 
-fn base(config: &KafkaConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
+/// What every client of a service starts from: [`KafkaConnection::client_config`] (the brokers
+/// and the client properties file) and the reconnect backoff.
+fn base(config: &KafkaConfig) -> Result<ClientConfig> {
+    let mut client = connection_settings(&config.connection)?;
     if let Some(contexts) = &config.kafka_debug {
         client.set("debug", contexts);
     }
-    client
+    Ok(client)
 }
+
+/// The settings of any client of `connection`, a tool's too: its brokers, its client
+/// properties, and a reconnect backoff fit for a cluster that restarts.
+///
+/// # Errors
+/// [`Error::ClientProperties`] when the properties file cannot be used.
+pub fn connection_settings(connection: &KafkaConnection) -> Result<ClientConfig> {
+    let mut client = connection.client_config()?;
+    client.set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
+    Ok(client)
+}
+
+/// The service's producers and consumers, whose context reports refusals to the connection's
+/// [`crate::access::AccessWatch`].
+pub type Producer = FutureProducer<WatchedContext>;
+pub type Consumer = StreamConsumer<WatchedContext>;
 
 /// Kafka record headers carrying `headers`.
 pub fn record_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
@@ -56,11 +70,12 @@ pub const PARTITIONER: &str = "murmur2_random";
 /// Settings every producer of the project shares, the services' and the tools': idempotent
 /// (no duplicates or reordering from its own retries), acks from all in-sync replicas, the
 /// Java partitioner, `linger_ms` of batching, and no topic created by producing to it.
-pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
-    let mut client = ClientConfig::new();
+///
+/// # Errors
+/// [`Error::ClientProperties`] when the connection's properties file cannot be used.
+pub fn producer_settings(connection: &KafkaConnection, linger_ms: u32) -> Result<ClientConfig> {
+    let mut client = connection_settings(connection)?;
     client
-        .set("bootstrap.servers", brokers)
-        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", PARTITIONER)
@@ -72,7 +87,7 @@ pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
         // share a partition number. The project's broker refuses anyway
         // (auto.create.topics.enable=false); this keeps it so on any broker.
         .set("allow.auto.create.topics", "false");
-    client
+    Ok(client)
 }
 
 /// The services' producer: [`producer_settings`], giving up on a record after 30 s (the relay
@@ -80,11 +95,36 @@ pub fn producer_settings(brokers: &str, linger_ms: u32) -> ClientConfig {
 ///
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
-pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
-    producer_settings(&config.kafka_brokers, config.linger_ms)
-        .set("message.timeout.ms", "30000")
-        .create()
-        .map_err(Error::kafka("creating producer"))
+pub fn producer(config: &KafkaConfig) -> Result<Producer> {
+    producer_with_timeout(config, Duration::from_secs(30))
+}
+
+/// [`producer`] giving up on a record after `message_timeout` (`message.timeout.ms`).
+///
+/// # Errors
+/// [`Error::Kafka`] when librdkafka refuses the configuration, [`Error::ClientProperties`]
+/// when the properties file cannot be used.
+pub fn producer_with_timeout(config: &KafkaConfig, message_timeout: Duration) -> Result<Producer> {
+    let mut client = producer_settings(&config.connection, config.linger_ms)?;
+    if let Some(contexts) = &config.kafka_debug {
+        client.set("debug", contexts);
+    }
+    client
+        .set(
+            "message.timeout.ms",
+            message_timeout.as_millis().max(1).to_string(),
+        )
+        .create_with_context(watched(&config.connection))
+        .map_err(Error::kafka(format!(
+            "creating producer ({})",
+            config.connection.describe()
+        )))
+}
+
+fn watched(connection: &KafkaConnection) -> WatchedContext {
+    WatchedContext {
+        access: connection.access.clone(),
+    }
 }
 
 /// A fresh producer when `producer` failed fatally (an idempotent producer that lost its
@@ -92,10 +132,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
 ///
 /// # Errors
 /// [`Error::Kafka`] when the new producer cannot be created.
-pub fn renewed_if_fatal(
-    failed: &FutureProducer,
-    config: &KafkaConfig,
-) -> Result<Option<FutureProducer>> {
+pub fn renewed_if_fatal(failed: &Producer, config: &KafkaConfig) -> Result<Option<Producer>> {
     let Some(fatal) = failed.client().fatal_error() else {
         return Ok(None);
     };
@@ -106,7 +143,7 @@ pub fn renewed_if_fatal(
 /// Raises a fatal error in `producer` the way librdkafka does when an idempotent producer
 /// loses its sequence (fault injection: `FAULT_PRODUCER_FATAL_AFTER`).
 #[allow(unsafe_code)]
-pub fn inject_fatal_error(producer: &FutureProducer) {
+pub fn inject_fatal_error(producer: &Producer) {
     tracing::error!("fault injection: the producer fails fatally");
     // SAFETY: the handle is the live producer's own (it outlives the call), and the reason is
     // a NUL-terminated static string; librdkafka copies both values.
@@ -128,8 +165,8 @@ pub fn inject_fatal_error(producer: &FutureProducer) {
 ///
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
-pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagReporter>> {
-    let mut client = base(config);
+pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
+    let mut client = base(config)?;
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
     }
@@ -157,23 +194,76 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<StreamConsumer<LagR
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
         // Feeds the consumer-lag gauge.
         .set("statistics.interval.ms", "1000")
-        .create_with_context(LagReporter)
-        .map_err(Error::kafka(format!("creating consumer for group {group}")))
+        .create_with_context(watched(&config.connection))
+        .map_err(Error::kafka(format!(
+            "creating consumer for group {group} ({})",
+            config.connection.describe()
+        )))
 }
 
-/// Creates the topics that are missing, as a deployment with auto-creation disabled needs.
-/// Topics that exist already are left as they are; a name given twice is asked for once
-/// (librdkafka crashes on a request that names a topic twice).
+/// How long the start-up check waits for the cluster's metadata. A check that got no answer in
+/// that time while its client saw its credentials or certificates refused stops the service
+/// with that refusal (the grace [`crate::access::AccessWatch::confirm`] gives a running service
+/// is as long).
+const METADATA_TIMEOUT: Duration = crate::access::DEFAULT_REFUSAL_GRACE;
+
+/// Makes sure `topics` exist, as a deployment with auto-creation disabled needs: the topics
+/// the cluster already has are left as they are, and only missing ones are created, so a
+/// service whose identity may not create topics (a secured cluster, where the admin step
+/// `sagactl provision-kafka` made them) starts without asking. A name given twice is asked
+/// for once (librdkafka crashes on a request that names a topic twice).
+///
+/// It also checks the connection, so that a service the cluster refuses stops at start with
+/// the reason: credentials or certificates refused for the grace period
+/// ([`crate::access::DEFAULT_REFUSAL_GRACE`]), or a topic its identity may not see.
 ///
 /// # Errors
-/// [`Error::CreateTopic`] for a topic the broker would not create.
+/// [`Error::AccessRefused`] as above; [`Error::TopicsMissing`] when topics are missing and may
+/// not be created; [`Error::CreateTopic`] for a topic the broker would not create;
+/// [`Error::Kafka`] when the cluster cannot be reached.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = base(config)
-        .create()
-        .map_err(Error::kafka("creating admin client"))?;
-    let unique: std::collections::BTreeSet<&String> = topics.iter().collect();
-    let new_topics: Vec<NewTopic<'_>> = unique
+    let connection = &config.connection;
+    let admin: AdminClient<WatchedContext> = base(config)?
+        .create_with_context(watched(connection))
+        .map_err(Error::kafka(format!(
+            "creating admin client ({})",
+            connection.describe()
+        )))?;
+    let unique: Vec<String> = topics
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
+        .cloned()
+        .collect();
+    let probe = {
+        let settings = base(config)?;
+        let context = watched(connection);
+        let description = connection.describe();
+        let wanted = unique.clone();
+        tokio::task::spawn_blocking(move || {
+            missing_topics(settings, context, &wanted, &description)
+        })
+    };
+    let checked = probe
+        .await
+        .map_err(|e| Error::TaskEnded(format!("the topic check failed: {e}")))?;
+    let missing = match checked {
+        Ok(missing) => missing,
+        Err(e) => {
+            return Err(match connection.access.suspicion() {
+                Some(refusal) => Error::AccessRefused {
+                    connection: connection.describe(),
+                    refusal,
+                },
+                None => e,
+            })
+        }
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .iter()
         .map(|name| {
             NewTopic::new(
                 name,
@@ -190,6 +280,17 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((
+                _,
+                code @ (RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed),
+            )) => {
+                return Err(Error::TopicsMissing {
+                    topics: missing.clone(),
+                    connection: connection.describe(),
+                    reason: code.to_string(),
+                })
+            }
             Err((topic, code)) => {
                 return Err(Error::CreateTopic {
                     topic,
@@ -199,4 +300,65 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The topics of `wanted` the cluster does not have, asked one by one with a client of its
+/// own (librdkafka's metadata call blocks). A topic this identity may not even see
+/// (TOPIC_AUTHORIZATION_FAILED in the metadata) is a refusal: the service could not use it.
+fn missing_topics(
+    settings: ClientConfig,
+    context: WatchedContext,
+    wanted: &[String],
+    connection: &str,
+) -> Result<Vec<String>> {
+    // A producer, because polling it serves librdkafka's error callback, through which
+    // refused credentials and certificates reach the access watch; nothing is produced.
+    let client: BaseProducer<WatchedContext> =
+        settings
+            .create_with_context(context)
+            .map_err(Error::kafka(format!(
+                "creating a metadata client ({connection})"
+            )))?;
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    let mut missing = Vec::new();
+    for name in wanted {
+        let metadata = loop {
+            client.poll(Duration::ZERO);
+            match client
+                .client()
+                .fetch_metadata(Some(name), Duration::from_secs(1))
+            {
+                Ok(metadata) => break metadata,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    client.poll(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(Error::Kafka {
+                        context: format!("reading the metadata of {name} ({connection})"),
+                        source: e,
+                    })
+                }
+            }
+        };
+        let Some(found) = metadata.topics().first() else {
+            missing.push(name.clone());
+            continue;
+        };
+        let Some(code) = found.error().map(RDKafkaErrorCode::from) else {
+            continue;
+        };
+        if matches!(
+            code,
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+        ) {
+            missing.push(name.clone());
+        } else if let Some(refusal) = Refusal::of_code(code, &format!("topic {name}: {code}")) {
+            return Err(Error::AccessRefused {
+                connection: connection.to_owned(),
+                refusal,
+            });
+        }
+        // Anything else (a leader election, say): the topic exists.
+    }
+    Ok(missing)
 }

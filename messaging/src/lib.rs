@@ -10,12 +10,14 @@
 //!   the broker acknowledged them.
 //! - [`retention`]: deletes inbox rows once they are older than any redelivery.
 //! - [`headers`]: record headers read as bytes, whatever a producer put in them.
-//! - [`kafka`], [`db`]: client settings, topic creation, pools, schemas and migrations.
+//! - [`kafka`], [`access`], [`db`]: client settings (a secured cluster's too), topic creation,
+//!   pools, schemas and migrations.
 //! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
 //!   settings, logs, traces, counts and stops.
 //!
 //! No handler talks to Kafka directly: everything it sends goes through the outbox.
 
+pub mod access;
 pub mod backoff;
 pub mod config;
 pub mod consumer;

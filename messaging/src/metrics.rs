@@ -15,8 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::ConsumerContext;
 use rdkafka::statistics::Statistics;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -278,27 +276,20 @@ pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToke
     }
 }
 
-/// A consumer context that turns librdkafka's periodic statistics into the lag gauge.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LagReporter;
-
-impl ClientContext for LagReporter {
-    fn stats(&self, statistics: Statistics) {
-        for (topic, stats) in &statistics.topics {
-            for (partition, p) in &stats.partitions {
-                // -1 (unknown) for partitions this member does not consume.
-                if *partition < 0 || p.consumer_lag < 0 {
-                    continue;
-                }
-                metrics::gauge!(
-                    CONSUMER_LAG,
-                    "topic" => topic.clone(),
-                    "partition" => partition.to_string()
-                )
-                .set(p.consumer_lag as f64);
+/// Turns librdkafka's periodic statistics of a consumer into the lag gauge.
+pub fn report_lag(statistics: &Statistics) {
+    for (topic, stats) in &statistics.topics {
+        for (partition, p) in &stats.partitions {
+            // -1 (unknown) for partitions this member does not consume.
+            if *partition < 0 || p.consumer_lag < 0 {
+                continue;
             }
+            metrics::gauge!(
+                CONSUMER_LAG,
+                "topic" => topic.clone(),
+                "partition" => partition.to_string()
+            )
+            .set(p.consumer_lag as f64);
         }
     }
 }
-
-impl ConsumerContext for LagReporter {}

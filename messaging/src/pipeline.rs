@@ -108,6 +108,17 @@ impl Pipeline {
         // go on filling an outbox nobody publishes: stop the whole pipeline instead.
         let consumed = tokio::select! {
             consumed = consume => consumed,
+            // The cluster refuses this service for good (credentials, certificates, an ACL):
+            // stop with the reason. What is in the outbox stays there for the next start.
+            refusal = crate::access::AccessWatch::confirm(&self.kafka.connection) => {
+                relay.abort();
+                sampler.abort();
+                retention.abort();
+                return Err(crate::Error::AccessRefused {
+                    connection: self.kafka.connection.describe(),
+                    refusal,
+                });
+            }
             ended = &mut relay => {
                 sampler.abort();
                 retention.abort();

@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
+
+use crate::access::Refusal;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -52,7 +54,7 @@ const DESTINATION_BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub struct Relay {
     pool: PgPool,
     kafka: KafkaConfig,
-    producer: FutureProducer,
+    producer: kafka::Producer,
     schema: String,
     config: RelayConfig,
     faults: FaultConfig,
@@ -439,7 +441,10 @@ impl Relay {
                     published.refused.push((row.id, e.to_string()));
                     continue;
                 }
-                Ok(Err((e, _))) => e.to_string(),
+                Ok(Err((e, _))) => {
+                    self.report_refusal(&e);
+                    e.to_string()
+                }
                 Err(_cancelled) => "the producer dropped the delivery report".to_owned(),
             };
             if let Some(key) = row.message_key.as_deref() {
@@ -468,7 +473,7 @@ impl Relay {
 
     /// A fresh producer when this one failed fatally (an idempotent producer that lost its
     /// sequence, say).
-    fn renewed_if_fatal(&self) -> Option<FutureProducer> {
+    fn renewed_if_fatal(&self) -> Option<kafka::Producer> {
         match kafka::renewed_if_fatal(&self.producer, &self.kafka) {
             Ok(renewed) => renewed,
             Err(e) => {
@@ -584,7 +589,7 @@ async fn claim(
 /// `ack_wait`. The row stays: the relay publishes it in order once the destination answers.
 async fn probe(
     pool: &PgPool,
-    producer: &FutureProducer,
+    producer: &kafka::Producer,
     topic: &str,
     ack_wait: Duration,
 ) -> ProbeOutcome {
@@ -623,7 +628,7 @@ async fn probe(
 /// Hands one row to the producer, in a publish span in the trace of the work that wrote it
 /// (the consumer's span becomes its child).
 fn send(
-    producer: &FutureProducer,
+    producer: &kafka::Producer,
     row: &OutboxRow,
 ) -> Result<(DeliveryFuture, tracing::Span), KafkaError> {
     let mut headers = to_header_map(&row.headers);
@@ -670,7 +675,9 @@ fn waves<'a>(rows: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> Vec<usi
 /// Whether the broker (or the client, before sending) refuses this record whatever happens:
 /// too large, malformed, or a topic name that cannot exist. Everything else (a topic deleted or
 /// not created yet, timeouts, a broker away, leadership moving, not enough replicas) passes,
-/// and its row waits for its destination.
+/// and its row waits for its destination. A write the cluster's ACLs refuse is not the
+/// record's fault but the deployment's: its row stays in the outbox and the service stops
+/// ([`Relay::report_refusal`]).
 fn refused_for_good(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
     matches!(
@@ -688,6 +695,14 @@ fn refused_for_good(e: &KafkaError) -> bool {
 }
 
 impl Relay {
+    /// Tells the connection's access watch about a delivery the cluster refused for lack of an
+    /// ACL, which stops the service (retrying cannot grant it).
+    fn report_refusal(&self, error: &KafkaError) {
+        if let Some(refusal @ Refusal::Authorization(_)) = Refusal::of(error) {
+            self.kafka.connection.access.saw(refusal);
+        }
+    }
+
     /// `FAULT_PRODUCER_FATAL_AFTER`: raises a fatal error in the producer the way librdkafka
     /// does for an idempotent producer that lost its sequence.
     fn inject_fatal_error(&mut self) {

@@ -18,10 +18,10 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 
-use crate::metrics::LagReporter;
+use crate::kafka::Consumer as KafkaConsumer;
 
 /// What the consumer and the broker say of one assigned partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +97,7 @@ impl StallWatch {
     /// was seen stuck on this check and the one before; a check that cannot tell (broker
     /// unreachable, no assignment, a current-thread runtime that cannot block) clears the
     /// suspicion.
-    pub fn check(&mut self, consumer: &StreamConsumer<LagReporter>) -> Option<String> {
+    pub fn check(&mut self, consumer: &KafkaConsumer) -> Option<String> {
         // The next check is `after` from now, whatever this one finds.
         self.last_progress = tokio::time::Instant::now();
         let stuck = probe(consumer, self.after.min(Duration::from_secs(5)))
@@ -117,7 +117,7 @@ impl StallWatch {
 }
 
 /// The consumer's assigned partitions against the broker's offsets. `None` when it cannot tell.
-fn probe(consumer: &StreamConsumer<LagReporter>, timeout: Duration) -> Option<Vec<PartitionView>> {
+fn probe(consumer: &KafkaConsumer, timeout: Duration) -> Option<Vec<PartitionView>> {
     // These calls wait on the broker; only a multi-thread runtime can let a worker block.
     if tokio::runtime::Handle::try_current().ok()?.runtime_flavor()
         != tokio::runtime::RuntimeFlavor::MultiThread

@@ -10,7 +10,6 @@ use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
@@ -157,14 +156,13 @@ pub struct TopicVolume {
 /// Records (high watermarks) and stored bytes of every topic named `prefix*`, per saga. Meant
 /// for a fresh prefix, whose topics hold exactly the run's records.
 pub fn kafka_volume(
-    brokers: &str,
+    kafka: &messaging::config::KafkaConnection,
     prefix: &str,
     log_dir: Option<&Path>,
     sagas: usize,
 ) -> anyhow::Result<Vec<TopicVolume>> {
     let per_saga = 1.0 / sagas.max(1) as f64;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = messaging::kafka::connection_settings(kafka)?
         .create()
         .context("creating a metadata client")?;
     let metadata = consumer
@@ -194,12 +192,14 @@ pub fn kafka_volume(
 }
 
 /// Deletes every topic named `prefix*` (nothing when the prefix is empty).
-pub async fn delete_topics(brokers: &str, prefix: &str) -> anyhow::Result<()> {
+pub async fn delete_topics(
+    kafka: &messaging::config::KafkaConnection,
+    prefix: &str,
+) -> anyhow::Result<()> {
     if prefix.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let admin: AdminClient<DefaultClientContext> = messaging::kafka::connection_settings(kafka)?
         .create()
         .context("creating an admin client")?;
     let metadata = admin

@@ -223,9 +223,7 @@ async fn broker(args: BrokerArgs) -> anyhow::Result<()> {
     };
     write_json(args.json.as_deref(), &report)?;
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &args.kafka.kafka_brokers)
-            .create()?;
+        messaging::kafka::connection_settings(&args.kafka.connection)?.create()?;
     let _ = admin
         .delete_topics(&[topic.as_str()], &rdkafka::admin::AdminOptions::new())
         .await;

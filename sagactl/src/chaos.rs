@@ -22,7 +22,6 @@ use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -92,9 +91,8 @@ fn returned_order(placed: &[events::OrderPlaced], n: usize) -> &events::OrderPla
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
-    /// Kafka bootstrap servers (the broker must be running).
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: messaging::config::KafkaConnection,
     /// PostgreSQL server URL without a database name; the run creates its own database.
     #[arg(
         long,
@@ -145,7 +143,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 2000)]
     broker_down_ms: u64,
     /// The script that kills (`kill`) and starts (`start`) the broker at $BROKER_ADDR, which
-    /// the run sets to the first of --brokers.
+    /// the run sets to the first of --kafka-brokers.
     #[arg(long, default_value = "scripts/broker.sh")]
     broker_script: PathBuf,
     /// Stop PostgreSQL this often, in milliseconds, and start it again after --postgres-down-ms
@@ -371,10 +369,17 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 .push(("KAFKA_GROUP_INSTANCE_ID".into(), instance.name.clone()));
         }
     }
+    let mut fleet_env: Vec<(String, String)> = Vec::new();
+    if let Some(properties) = &args.kafka.kafka_client_properties {
+        fleet_env.push((
+            messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+            properties.display().to_string(),
+        ));
+    }
     let mut fleet = Fleet {
         bin_dir: args.bin_dir.clone(),
         env: vec![
-            ("KAFKA_BROKERS".into(), args.brokers.clone()),
+            ("KAFKA_BROKERS".into(), args.kafka.kafka_brokers.clone()),
             ("TOPIC_PREFIX".into(), prefix.clone()),
             ("DATABASE_URL".into(), database_url.clone()),
             ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
@@ -387,7 +392,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 "FAULT_CRASH_AFTER_COMMIT_EVERY".into(),
                 args.crash_after_commit_every.to_string(),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(fleet_env)
+        .collect(),
         instances,
         children: BTreeMap::new(),
         kills: BTreeMap::new(),
@@ -405,8 +413,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let initial = Snapshot::take(&db).await?;
 
     let topics = Topics::new(prefix.clone());
-    let producer: FutureProducer =
-        messaging::kafka::producer_settings(&args.brokers, 0).create()?;
+    let producer: FutureProducer = messaging::kafka::producer_settings(&args.kafka, 0)?.create()?;
     // One saga through every service before the clock starts, so that the first half of the
     // run does not pay for the consumers' first group joins.
     let warmup = random_order(0);
@@ -470,7 +477,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             );
             garbage_from = Some(chrono::Utc::now());
             garbage = Some(GarbageFaults::spawn(
-                crate::garbage::producer(&args.brokers)?,
+                crate::garbage::producer(&args.kafka)?,
                 topics.clone(),
                 garbage_targets(&deployment, deleted_topic.as_deref()),
                 garbage_kinds.clone(),
@@ -591,7 +598,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     // every one to reach the dead-letter topic, at most until the settle deadline.
     let mut dead_letters = match &garbage {
         Some(log) => {
-            let mut reader = DeadLetterReader::new(&args.brokers, topics.dead_letters())?;
+            let mut reader = DeadLetterReader::new(&args.kafka, topics.dead_letters())?;
             loop {
                 if let Err(e) =
                     tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(30)))
@@ -627,10 +634,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         (Some(log), Some(reader)) => {
             // What the services published while they stopped.
             tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(60)))?;
-            Some(
-                crate::garbage::audit(log, reader, &db, &args.brokers, &prefix, &deployment)
-                    .await?,
-            )
+            Some(crate::garbage::audit(log, reader, &db, &args.kafka, &prefix, &deployment).await?)
         }
         _ => None,
     };
@@ -764,9 +768,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
             .execute(&admin)
             .await?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &args.brokers)
-            .create()?;
+        let admin: AdminClient<DefaultClientContext> =
+            messaging::kafka::connection_settings(&args.kafka)?.create()?;
         // The sagas' topics: their triggers, the participants' commands, the engine's.
         let mut names: Vec<String> = deployment
             .saga_topics()
@@ -794,7 +797,12 @@ fn spawn_broker_faults(args: &ChaosArgs) -> Option<ServerFaults> {
                 script: args.broker_script.clone(),
                 env: vec![(
                     "BROKER_ADDR".into(),
-                    args.brokers.split(',').next().unwrap_or_default().into(),
+                    args.kafka
+                        .kafka_brokers
+                        .split(',')
+                        .next()
+                        .unwrap_or_default()
+                        .into(),
                 )],
                 down_action: "kill",
                 up_action: "start",
@@ -883,7 +891,7 @@ fn spawn_topic_faults(
         return Ok(None);
     };
     TopicFaults::spawn(
-        &args.brokers,
+        &args.kafka,
         topics.named(topic),
         Duration::from_millis(args.topic_delete_every_ms),
         Duration::from_millis(args.topic_down_ms),
@@ -914,7 +922,7 @@ fn empty_dlq_check(
         None => String::new(),
     };
     Some(
-        match crate::topic_faults::records_in(&args.brokers, &topics.dead_letters()) {
+        match crate::topic_faults::records_in(&args.kafka, &topics.dead_letters()) {
             Ok(records) => (
                 check,
                 records == 0,

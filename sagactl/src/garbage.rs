@@ -14,7 +14,7 @@ use events::{Action, Envelope, Reply, Topics};
 use orchestrator::saga::definitions::{trigger_message, SagaDefinition};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -413,8 +413,8 @@ pub struct GarbageFaults {
 
 /// A producer for garbage. Like a Java client's, it sends records up to 1 MiB
 /// (`max.request.size`), so it can publish what librdkafka's default would refuse.
-pub fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
-    Ok(messaging::kafka::producer_settings(brokers, 0)
+pub fn producer(kafka: &messaging::config::KafkaConnection) -> anyhow::Result<FutureProducer> {
+    Ok(messaging::kafka::producer_settings(kafka, 0)?
         .set("message.max.bytes", "1048576")
         .set("message.timeout.ms", "60000")
         .create()?)
@@ -518,9 +518,8 @@ pub struct DeadLetterReader {
 }
 
 impl DeadLetterReader {
-    pub fn new(brokers: &str, topic: String) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn new(kafka: &messaging::config::KafkaConnection, topic: String) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = messaging::kafka::connection_settings(kafka)?
             .set("group.id", format!("sagactl-chaos-dlq-{}", Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
@@ -663,7 +662,7 @@ pub async fn audit(
     log: &GarbageLog,
     reader: &DeadLetterReader,
     db: &PgPool,
-    brokers: &str,
+    kafka: &messaging::config::KafkaConnection,
     prefix: &str,
     deployment: &Deployment,
 ) -> anyhow::Result<Audit> {
@@ -701,7 +700,7 @@ pub async fn audit(
             }
         }
     }
-    let committed = tokio::task::block_in_place(|| committed_offsets(log, brokers, prefix))?;
+    let committed = tokio::task::block_in_place(|| committed_offsets(log, kafka, prefix))?;
     let keys: Vec<Uuid> = log.sent.iter().map(|s| s.key).collect();
     let saga_ids: Vec<Uuid> = log.sent.iter().map(|s| s.saga_id).collect();
     let started: BTreeSet<(String, Uuid)> = sqlx::query_as(&format!(
@@ -873,7 +872,7 @@ pub async fn audit(
 /// The next offset each consuming group will read, per (topic, partition) that got garbage.
 fn committed_offsets(
     log: &GarbageLog,
-    brokers: &str,
+    kafka: &messaging::config::KafkaConnection,
     prefix: &str,
 ) -> anyhow::Result<HashMap<(String, i32), i64>> {
     let mut by_group: BTreeMap<String, TopicPartitionList> = BTreeMap::new();
@@ -888,8 +887,7 @@ fn committed_offsets(
     }
     let mut positions = HashMap::new();
     for (group, partitions) in by_group {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let consumer: BaseConsumer = messaging::kafka::connection_settings(kafka)?
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .create()?;

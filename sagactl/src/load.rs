@@ -12,7 +12,7 @@ use events::{Address, Envelope, LineItem, OrderPlaced, SagaEvent, Topics};
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
@@ -21,9 +21,8 @@ use crate::budget;
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: messaging::config::KafkaConnection,
     /// Topic prefix of the deployment under test.
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
@@ -164,7 +163,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         bail!("--failure-percent is a percentage");
     }
     let topics = Topics::new(args.topic_prefix.clone());
-    let producer: FutureProducer = messaging::kafka::producer_settings(&args.brokers, 0)
+    let producer: FutureProducer = messaging::kafka::producer_settings(&args.kafka, 0)?
         .create()
         .context("creating producer")?;
     let watcher = watch_from_end(&args, &topics.saga_events()).await?;
@@ -257,7 +256,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         report.sql = Some(counters.finish(report.finished).await?);
     }
     report.kafka = budget::kafka_volume(
-        &args.brokers,
+        &args.kafka,
         &args.topic_prefix,
         args.kafka_log_dir.as_deref(),
         report.finished,
@@ -275,7 +274,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     print_report(&report);
     if args.delete_topics {
-        budget::delete_topics(&args.brokers, &args.topic_prefix).await?;
+        budget::delete_topics(&args.kafka, &args.topic_prefix).await?;
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -317,8 +316,7 @@ pub(crate) async fn publish_order(
 /// A consumer positioned at the current end of every partition of `topic`, so it sees exactly
 /// the events of the orders placed after this call.
 async fn watch_from_end(args: &LoadArgs, topic: &str) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
+    let consumer: StreamConsumer = messaging::kafka::connection_settings(&args.kafka)?
         .set("group.id", format!("sagactl-load-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", args.fetch_wait_max_ms.to_string())

@@ -76,9 +76,8 @@ struct DeleteTopicsArgs {
     /// The prefix; it must not be empty.
     #[arg(long)]
     prefix: String,
-    /// Bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: messaging::config::KafkaConnection,
 }
 
 #[tokio::main]
@@ -99,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(args).await,
         Command::DeleteTopics(args) => {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
-            budget::delete_topics(&args.brokers, &args.prefix).await
+            budget::delete_topics(&args.kafka, &args.prefix).await
         }
         Command::ProvisionKafka(args) => provision_kafka::run(args).await,
     }

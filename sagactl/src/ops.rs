@@ -60,9 +60,8 @@ impl ApiArgs {
 /// Where a trigger is published: the deployment's broker and topic prefix.
 #[derive(Debug, Clone, Args)]
 pub struct DeploymentArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: messaging::config::KafkaConnection,
     /// Topic prefix of the deployment.
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
@@ -71,7 +70,7 @@ pub struct DeploymentArgs {
 impl DeploymentArgs {
     /// A producer for the deployment's broker, and its topics.
     fn publisher(&self) -> anyhow::Result<(FutureProducer, Topics)> {
-        let producer = messaging::kafka::producer_settings(&self.brokers, 5)
+        let producer = messaging::kafka::producer_settings(&self.kafka, 5)?
             .create()
             .context("creating producer")?;
         Ok((producer, Topics::new(self.topic_prefix.clone())))

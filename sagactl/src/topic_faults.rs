@@ -18,7 +18,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
 
 use crate::deployment::Deployment;
 use crate::garbage::Target;
@@ -89,15 +88,15 @@ impl TopicFaults {
     /// # Errors
     /// When no admin client can be created.
     pub fn spawn(
-        brokers: &str,
+        kafka: &messaging::config::KafkaConnection,
         topic: String,
         every: Duration,
         down: Duration,
     ) -> anyhow::Result<Self> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .context("creating an admin client")?;
+        let admin: AdminClient<DefaultClientContext> =
+            messaging::kafka::connection_settings(kafka)?
+                .create()
+                .context("creating an admin client")?;
         let (stop, mut stopping) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut outages = TopicOutages {
@@ -203,9 +202,8 @@ async fn create(
 /// distance between the first and the next offset. While the fault runs without garbage, no
 /// record of the run is unreadable, so it must be 0: a valid trigger or command dead-lettered
 /// because its topic went away would count here.
-pub fn records_in(brokers: &str, topic: &str) -> anyhow::Result<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub fn records_in(kafka: &messaging::config::KafkaConnection, topic: &str) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer = messaging::kafka::connection_settings(kafka)?
         .create()
         .context("creating a client to count records")?;
     tokio::task::block_in_place(|| {

@@ -19,7 +19,7 @@ fn brokers() -> String {
 
 fn kafka(prefix: &str) -> KafkaConfig {
     KafkaConfig {
-        kafka_brokers: brokers(),
+        connection: messaging::config::KafkaConnection::to(brokers()),
         topic_prefix: prefix.to_owned(),
         topic_partitions: 2,
         topic_replication_factor: 1,

@@ -7,11 +7,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use messaging::access::Refusal;
 use messaging::config::{FaultConfig, KafkaConfig};
 use messaging::kafka;
+use messaging::kafka::Producer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::RwLock;
 
 pub struct OrderPublisher {
@@ -19,7 +21,7 @@ pub struct OrderPublisher {
     /// `ORDER_PUBLISH_TIMEOUT_MS`: how long a send may wait for the broker's acknowledgement
     /// (its queue too) before the order is answered 503 (the client tries again).
     timeout: Duration,
-    current: RwLock<FutureProducer>,
+    current: RwLock<Producer>,
     /// `FAULT_PRODUCER_FATAL_AFTER`: the producer fails fatally once this many records went
     /// out (0: never).
     fatal_after: u64,
@@ -74,6 +76,12 @@ impl OrderPublisher {
             self.published.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
+        // An order the cluster's ACLs refuse: the orchestrator's identity lacks a grant, which
+        // no retry fixes. The access watch stops the service with the reason.
+        if let Some(refusal @ Refusal::Authorization(_)) = Refusal::of(&error) {
+            self.kafka.connection.access.saw(refusal);
+            return Err(error);
+        }
         let renewed = {
             let mut current = self.current.write().await;
             match renewed_if_fatal(&current, &self.kafka, self.timeout) {
@@ -96,7 +104,7 @@ impl OrderPublisher {
         }
     }
 
-    fn inject_fault(&self, producer: &FutureProducer) {
+    fn inject_fault(&self, producer: &Producer) {
         if self.fatal_after > 0
             && self.published.load(Ordering::Relaxed) >= self.fatal_after
             && !self.fatal_injected.swap(true, Ordering::Relaxed)
@@ -108,23 +116,17 @@ impl OrderPublisher {
 
 /// The services' producer settings, giving up on a record after `timeout`
 /// (`message.timeout.ms`): a client waits for the broker's acknowledgement at most that long.
-fn order_producer(kafka: &KafkaConfig, timeout: Duration) -> messaging::Result<FutureProducer> {
-    kafka::producer_settings(&kafka.kafka_brokers, kafka.linger_ms)
-        .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
-        .create()
-        .map_err(|e| messaging::Error::Kafka {
-            context: "creating the order producer".into(),
-            source: e,
-        })
+fn order_producer(kafka: &KafkaConfig, timeout: Duration) -> messaging::Result<Producer> {
+    kafka::producer_with_timeout(kafka, timeout)
 }
 
 /// A fresh producer when `producer` failed fatally, else `None` (as
 /// `messaging::kafka::renewed_if_fatal`, with this producer's timeout).
 fn renewed_if_fatal(
-    failed: &FutureProducer,
+    failed: &Producer,
     kafka: &KafkaConfig,
     timeout: Duration,
-) -> messaging::Result<Option<FutureProducer>> {
+) -> messaging::Result<Option<Producer>> {
     use rdkafka::producer::Producer;
     let Some(fatal) = failed.client().fatal_error() else {
         return Ok(None);
@@ -134,7 +136,7 @@ fn renewed_if_fatal(
 }
 
 async fn send_with(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     key: &str,
     payload: &[u8],
@@ -153,7 +155,7 @@ async fn send_with(
 }
 
 /// Whether `a` and `b` are handles of one librdkafka producer.
-fn same_producer(a: &FutureProducer, b: &FutureProducer) -> bool {
+fn same_producer(a: &Producer, b: &Producer) -> bool {
     use rdkafka::producer::Producer;
     std::ptr::eq(a.client().native_ptr(), b.client().native_ptr())
 }

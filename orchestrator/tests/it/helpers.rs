@@ -70,7 +70,7 @@ pub struct Options {
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
 pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
     KafkaConfig {
-        kafka_brokers: brokers(),
+        connection: messaging::config::KafkaConnection::to(brokers()),
         topic_prefix,
         topic_partitions: partitions,
         topic_replication_factor: 1,
@@ -223,7 +223,7 @@ impl TestSystem {
             kafka.consumer_stall_ms = stall_ms;
         }
         if let Some(brokers) = &options.brokers {
-            kafka.kafka_brokers.clone_from(brokers);
+            kafka.connection.kafka_brokers.clone_from(brokers);
         }
         let topics = Topics::new(kafka.topic_prefix.clone());
         messaging::kafka::ensure_topics(&kafka, &all_topics(&topics))
@@ -264,7 +264,7 @@ impl TestSystem {
             .await
             .expect("bind");
         let http = format!("http://{}", listener.local_addr().expect("local addr"));
-        let service_brokers = kafka.kafka_brokers.clone();
+        let service_connection = kafka.connection.clone();
         let config = orchestrator::Config {
             kafka,
             database: database_config,
@@ -305,7 +305,8 @@ impl TestSystem {
             });
         }
 
-        let producer: FutureProducer = messaging::kafka::producer_settings(&service_brokers, 0)
+        let producer: FutureProducer = messaging::kafka::producer_settings(&service_connection, 0)
+            .expect("the producer settings")
             .create()
             .expect("producer");
         let mut system = Self {

@@ -23,7 +23,8 @@ use crate::helpers::{brokers, eventually, order, Options, TestSystem};
 /// A producer that sends what a Java client may: records up to its 1 MiB request size, keys
 /// and headers of any bytes.
 fn raw_producer() -> FutureProducer {
-    messaging::kafka::producer_settings(&brokers(), 0)
+    messaging::kafka::producer_settings(&messaging::config::KafkaConnection::to(brokers()), 0)
+        .expect("the producer settings")
         .set("message.max.bytes", "1100000")
         .create()
         .expect("producer")
@@ -928,7 +929,7 @@ async fn a_consumer_stuck_on_a_topic_created_again_is_replaced_and_reads_it() {
     delete_topic_on(&broker.addr, &shipping).await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let mut kafka = crate::helpers::kafka_config(system.topics.prefix().to_owned(), 2);
-    kafka.kafka_brokers.clone_from(&broker.addr);
+    kafka.connection.kafka_brokers.clone_from(&broker.addr);
     messaging::kafka::ensure_topics(&kafka, std::slice::from_ref(&shipping))
         .await
         .expect("create the topic again");
