@@ -10,7 +10,7 @@
 //! broker enforces it; `scripts/provision-kafka.sh` runs both.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,13 +23,10 @@ use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct ProvisionKafkaArgs {
-    /// Bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// The admin identity's librdkafka client properties (`security.protocol`, `sasl.*`,
-    /// `ssl.*`, ...), one `name=value` a line. Without it: a plaintext connection.
-    #[arg(long, env = "KAFKA_CLIENT_PROPERTIES")]
-    kafka_client_properties: Option<PathBuf>,
+    /// The cluster, with the admin identity's client properties (a super user, or one allowed
+    /// to create topics).
+    #[command(flatten)]
+    kafka: messaging::config::KafkaConnection,
     /// The deployment's topic prefix (TOPIC_PREFIX of its services).
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
@@ -196,29 +193,6 @@ pub fn client_group_prefix(topics: &Topics) -> String {
     topics.named(&format!("{CLIENT_IDENTITY}."))
 }
 
-/// Reads a `client.properties` file: `name=value` lines; blank lines and lines starting with
-/// `#` or `!` are skipped.
-fn client_properties(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the Kafka client properties {}", path.display()))?;
-    let mut properties = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
-            continue;
-        }
-        let (name, value) = line.split_once('=').with_context(|| {
-            format!(
-                "{}:{}: expected name=value (a librdkafka property)",
-                path.display(),
-                number + 1
-            )
-        })?;
-        properties.push((name.trim().to_owned(), value.trim().to_owned()));
-    }
-    Ok(properties)
-}
-
 pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
     let registry = Registry::new(definitions::load_dir(&args.sagas_dir)?)?;
     let topics = Topics::new(args.topic_prefix.clone());
@@ -252,15 +226,10 @@ pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
 
 /// Creates the topics that do not exist yet; one that exists is left as it is.
 async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> anyhow::Result<()> {
-    let mut config = rdkafka::ClientConfig::new();
-    config.set("bootstrap.servers", &args.brokers);
-    if let Some(path) = &args.kafka_client_properties {
-        for (name, value) in client_properties(path)? {
-            config.set(name, value);
-        }
-    }
     let admin: AdminClient<DefaultClientContext> =
-        config.create().context("creating the admin client")?;
+        messaging::kafka::connection_settings(&args.kafka)?
+            .create()
+            .with_context(|| format!("creating the admin client ({})", args.kafka.describe()))?;
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
@@ -275,12 +244,14 @@ async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> a
     let results = admin
         .create_topics(&new_topics, &options)
         .await
-        .context("creating the topics (is the admin identity's client.properties right?)")?;
+        .with_context(|| format!("creating the topics ({})", args.kafka.describe()))?;
     for result in results {
         match result {
             Ok(topic) => eprintln!("created {topic}"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+            Err((topic, code)) => {
+                anyhow::bail!("creating topic {topic}: {code} ({})", args.kafka.describe())
+            }
         }
     }
     Ok(())
@@ -289,6 +260,7 @@ async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn registry() -> Registry {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use events::{Action, Envelope, Outcome, Reply, Topics};
+use messaging::config::KafkaConnection;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -58,22 +59,28 @@ impl Cluster {
     /// `identity`'s ready client properties (`clients/<identity><variant>.properties`), as the
     /// services read them, bootstrapped to the listener `brokers` names in cluster.env.
     fn identity(&self, identity: &str, variant: &str, brokers: &str) -> ClientConfig {
+        let connection = self.connection(identity, variant, brokers);
+        let mut config = messaging::kafka::connection_settings(&connection)
+            .unwrap_or_else(|e| panic!("{identity}{variant}: {e}"));
+        timeouts(&mut config);
+        config
+    }
+
+    fn connection(&self, identity: &str, variant: &str, brokers: &str) -> KafkaConnection {
         let path = self
             .dir
             .join(format!("clients/{identity}{variant}.properties"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        let mut config = base(self.brokers(brokers));
-        for line in text.lines().map(str::trim) {
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (name, value) = line
-                .split_once('=')
-                .unwrap_or_else(|| panic!("{}: {line}", path.display()));
-            config.set(name, value);
-        }
-        config
+        KafkaConnection::to(self.brokers(brokers)).with_properties(path)
+    }
+
+    /// `identity`'s producer, set up as the services' ([`messaging::kafka::producer_settings`]:
+    /// idempotent, `acks=all`), on SASL_SSL with SCRAM-SHA-512.
+    fn producer(&self, identity: &str) -> FutureProducer {
+        let connection = self.connection(identity, "", "KAFKA_BROKERS");
+        let mut config = messaging::kafka::producer_settings(&connection, 0)
+            .unwrap_or_else(|e| panic!("{identity}: {e}"));
+        timeouts(&mut config);
+        config.create().expect("creating a producer")
     }
 
     /// A SASL client of `identity` with `mechanism` on the listener `brokers` names.
@@ -96,12 +103,17 @@ impl Cluster {
 }
 
 fn base(brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
+    let mut config = KafkaConnection::to(brokers)
+        .client_config()
+        .expect("a connection without a properties file");
+    timeouts(&mut config);
     config
-        .set("bootstrap.servers", brokers)
+}
+
+fn timeouts(config: &mut ClientConfig) {
+    config
         .set("socket.timeout.ms", "10000")
         .set("message.timeout.ms", "15000");
-    config
 }
 
 fn repository() -> PathBuf {
@@ -196,15 +208,6 @@ fn forged_reply() -> Vec<u8> {
         outcome: Outcome::Succeeded,
     };
     Envelope::new(Uuid::new_v4(), None, chrono::Utc::now(), reply).to_json()
-}
-
-/// An idempotent `acks=all` producer, as the services' (messaging::kafka::producer_settings).
-fn producer(mut config: ClientConfig) -> FutureProducer {
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .expect("creating a producer")
 }
 
 async fn send(producer: &FutureProducer, topic: &str, payload: &[u8]) -> Result<(), KafkaError> {
@@ -318,18 +321,18 @@ fn refusal(config: &ClientConfig, topic: &str) -> String {
 async fn a_reply_forged_by_the_public_client_is_refused_by_the_broker() {
     let cluster = cluster();
     let topics = &cluster.topics;
-    let client = producer(cluster.identity("client", "", "KAFKA_BROKERS"));
+    let client = cluster.producer("client");
     match send(&client, &topics.replies(), &forged_reply()).await {
         Err(KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed)) => {}
         other => panic!("the client's forged PaymentCharged was not refused: {other:?}"),
     }
     // The same identity may place orders, and a participant may reply: the refusal is the
     // ACL's, not a broken connection.
-    let client = producer(cluster.identity("client", "", "KAFKA_BROKERS"));
+    let client = cluster.producer("client");
     send(&client, &topics.orders(), b"{}")
         .await
         .expect("the client writes its trigger topic");
-    let payment = producer(cluster.identity("payment", "", "KAFKA_BROKERS"));
+    let payment = cluster.producer("payment");
     send(&payment, &topics.replies(), &forged_reply())
         .await
         .expect("the payment participant writes saga.replies");
@@ -341,7 +344,7 @@ async fn a_participant_cannot_read_another_participants_commands() {
     let cluster = cluster();
     let topics = &cluster.topics;
     let commands = topics.named("payment.commands");
-    let admin = producer(cluster.identity("admin", "", "KAFKA_BROKERS"));
+    let admin = cluster.producer("admin");
     send(&admin, &commands, b"charge")
         .await
         .expect("the admin writes a command");
@@ -386,7 +389,7 @@ async fn the_orchestrators_consumer_group_cannot_be_joined_by_another_identity()
         );
     }
     // The client's own groups work.
-    let admin = producer(cluster.identity("admin", "", "KAFKA_BROKERS"));
+    let admin = cluster.producer("admin");
     send(&admin, &topics.saga_events(), b"event")
         .await
         .expect("the admin writes an event");
