@@ -1,25 +1,27 @@
 //! `sagactl provision-kafka`: the admin step of a secured cluster. With the admin identity it
 //! creates the deployment's topics (the services then find them and need no create rights) and
 //! works out the ACLs each identity needs, from the same sources the services name their topics
-//! and groups from: the saga definitions (trigger topics, each participant's command topics),
-//! [`Topics`] (the engine's topics) and the group naming of the orchestrator and the
-//! participant runtime (`<prefix><service>`).
+//! and groups from: the saga definitions read as the chaos suite reads them ([`Deployment`]:
+//! trigger topics, each participant and its command topic), [`Topics`] (the engine's topics)
+//! and the group naming of the orchestrator and the participant runtime
+//! (`<prefix><service>`).
 //!
 //! rdkafka has no ACL API, so the ACLs are written as a plan (JSON, one binding per entry) that
 //! `scripts/kafka-acls.py` applies through confluent-kafka's Admin API and waits for until every
 //! broker enforces it; `scripts/provision-kafka.sh` runs both.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use events::Topics;
-use orchestrator::saga::{definitions, Registry};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
+
+use crate::deployment::{Deployment, ORCHESTRATOR};
 
 #[derive(clap::Args)]
 pub struct ProvisionKafkaArgs {
@@ -51,8 +53,6 @@ pub struct ProvisionKafkaArgs {
 
 /// The identity of the public client (orders in, saga events out).
 pub const CLIENT_IDENTITY: &str = "client";
-/// The orchestrator's identity and default consumer group suffix.
-pub const ORCHESTRATOR: &str = "orchestrator";
 
 /// Kafka's ACL resource types this plan uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -96,28 +96,19 @@ pub struct Plan {
     pub acls: BTreeSet<Binding>,
 }
 
-/// The plan for the definitions in `registry` under `topics`' prefix:
+/// The plan for `deployment` under `topics`' prefix:
 /// - the orchestrator writes the command topics, `saga.events`, the trigger topics (its API
 ///   publishes orders there) and the DLQ; reads the trigger topics and `saga.replies`; and
 ///   reads (joins) its group `<prefix>orchestrator`;
-/// - each participant reads only the command topics its steps name, and its group
+/// - each participant reads only its command topic, and its group
 ///   `<prefix><participant>`; writes only `saga.replies` and the DLQ;
 /// - the public client writes only the trigger topics and reads only `saga.events`, with any
 ///   group whose name starts with `<prefix>client.` (no service's group can: service names have
 ///   no dot).
-pub fn plan(registry: &Registry, topics: &Topics) -> Plan {
-    let (triggers, commands) = registry.topics();
+pub fn plan(deployment: &Deployment, topics: &Topics) -> Plan {
+    let (triggers, commands) = deployment.registry.topics();
     let triggers: Vec<String> = triggers.iter().map(|t| topics.named(t)).collect();
     let commands: Vec<String> = commands.iter().map(|t| topics.named(t)).collect();
-    let mut by_participant: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for definition in registry.all() {
-        for step in &definition.steps {
-            by_participant
-                .entry(step.participant.as_str())
-                .or_default()
-                .insert(topics.named(&step.topic));
-        }
-    }
 
     let mut acls = BTreeSet::new();
     let mut allow = |who: &str, resource_type, name: &str, pattern_type, operation| {
@@ -151,19 +142,18 @@ pub fn plan(registry: &Registry, topics: &Topics) -> Plan {
         Read,
     );
 
-    for (participant, own) in &by_participant {
-        for topic in own {
-            allow(participant, Topic, topic, Literal, Read);
-        }
+    for participant in &deployment.participants {
+        let name = participant.name.as_str();
         allow(
-            participant,
-            Group,
-            &topics.named(participant),
+            name,
+            Topic,
+            &topics.named(&participant.topic),
             Literal,
             Read,
         );
+        allow(name, Group, &topics.named(name), Literal, Read);
         for topic in [topics.replies(), topics.dead_letters()] {
-            allow(participant, Topic, &topic, Literal, Write);
+            allow(name, Topic, &topic, Literal, Write);
         }
     }
 
@@ -194,9 +184,9 @@ pub fn client_group_prefix(topics: &Topics) -> String {
 }
 
 pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
-    let registry = Registry::new(definitions::load_dir(&args.sagas_dir)?)?;
+    let deployment = Deployment::load(&args.sagas_dir)?;
     let topics = Topics::new(args.topic_prefix.clone());
-    let plan = plan(&registry, &topics);
+    let plan = plan(&deployment, &topics);
     if !args.dry_run {
         create_topics(&args, &plan.topics).await?;
     }
@@ -260,13 +250,7 @@ async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn registry() -> Registry {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
-        Registry::new(definitions::load_dir(&dir).expect("the repository's definitions load"))
-            .expect("they form a registry")
-    }
+    use crate::deployment::tests::repository;
 
     fn has(plan: &Plan, who: &str, op: Operation, resource: Resource, name: &str) -> bool {
         plan.acls.iter().any(|b| {
@@ -279,7 +263,7 @@ mod tests {
 
     #[test]
     fn each_identity_gets_only_what_its_role_needs() {
-        let plan = plan(&registry(), &Topics::new("t."));
+        let plan = plan(&repository(), &Topics::new("t."));
         use Operation::{Read, Write};
         use Resource::{Group, Topic};
         // The orchestrator: commands, events, triggers and DLQ out; triggers and replies in.
@@ -320,9 +304,9 @@ mod tests {
 
     #[test]
     fn every_participant_a_definition_names_is_provisioned_with_every_topic() {
-        let registry = registry();
-        let plan = plan(&registry, &Topics::new(""));
-        for definition in registry.all() {
+        let deployment = repository();
+        let plan = plan(&deployment, &Topics::new(""));
+        for definition in deployment.registry.all() {
             for step in &definition.steps {
                 assert!(plan.topics.contains(&step.topic));
                 assert!(has(
