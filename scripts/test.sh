@@ -31,8 +31,9 @@ cargo test --workspace --locked "$@" -- --test-threads=4
 # The secured three-node cluster (TLS, SASL, mutual TLS, ACLs, replication 3; started here
 # unless it runs, about 15 s, and stopped at the end): the security tests
 # (sagactl/tests/secured_kafka.rs, ignored without SECURED_KAFKA_DIR) provision a topic prefix
-# of their own and check what each identity may not do and every way of authenticating (about
-# 10 s).
+# of their own, check what each identity may not do and every way of authenticating, and run
+# every service (this build's binaries) with its own identity through an order (about 25 s).
+cargo build --workspace --locked --bins
 if ! BROKER_NODES=3 scripts/broker.sh running; then
   BROKER_NODES=3 scripts/broker.sh start
   STARTED_CLUSTER=1

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use events::{Action, Envelope, Outcome, Reply, Topics};
+use events::{Action, Envelope, Outcome, Reply, SagaEvent, Topics};
 use messaging::config::KafkaConnection;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -502,4 +502,172 @@ fn tempdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("secured-kafka-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("creating a temporary directory");
     dir
+}
+
+/// The services of a deployment as processes, each with its own identity; killed (and their
+/// database dropped) when dropped.
+struct Services {
+    children: Vec<(String, std::process::Child)>,
+    logs: PathBuf,
+    server: String,
+    database: String,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for (name, _) in &self.children {
+                let log = std::fs::read_to_string(self.logs.join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("--- the end of {name}'s log:");
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        let _ = Command::new("psql")
+            .arg(format!("{}/postgres", self.server))
+            .args([
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+            ])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+/// Starts the orchestrator and every participant from this build's binaries, each with the
+/// client properties of its own identity, on a database of their own.
+fn start_services(cluster: &Cluster) -> Services {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_sagactl"))
+        .parent()
+        .expect("the binaries' directory")
+        .to_owned();
+    let server = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let database = format!("secured_{}", Uuid::new_v4().simple());
+    let status = Command::new("psql")
+        .arg(format!("{server}/postgres"))
+        .args(["-qc", &format!("CREATE DATABASE {database}")])
+        .status()
+        .expect("running psql");
+    assert!(status.success(), "creating database {database}");
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut services = Services {
+        children: Vec::new(),
+        logs: tempdir(),
+        server: server.clone(),
+        database: database.clone(),
+    };
+    let deployment = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
+    let names = [
+        "orchestrator",
+        "inventory",
+        "payment",
+        "returns",
+        "shipping",
+    ];
+    for name in names {
+        let binary = bin_dir.join(name);
+        assert!(
+            binary.exists(),
+            "{} missing: build the services first (cargo build --bins)",
+            binary.display()
+        );
+        let log = std::fs::File::create(services.logs.join(format!("{name}.log")))
+            .expect("creating a log file");
+        let child = Command::new(&binary)
+            .env("KAFKA_BROKERS", cluster.brokers("KAFKA_BROKERS"))
+            .env(
+                "KAFKA_CLIENT_PROPERTIES",
+                cluster.dir.join(format!("clients/{name}.properties")),
+            )
+            .env("TOPIC_PREFIX", cluster.topics.prefix())
+            .env("DATABASE_URL", format!("{server}/{database}"))
+            .env("SAGAS_DIR", &deployment)
+            .env("HTTP_ADDR", http.to_string())
+            .env("API_OPEN_ON_LOOPBACK", "true")
+            .env_remove("OPS_HTTP_ADDR")
+            .env_remove("METRICS_ADDR")
+            .stdout(log.try_clone().expect("the log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        services.children.push((name.to_owned(), child));
+    }
+    services
+}
+
+#[tokio::test]
+#[ignore = "needs the secured three-node cluster: SECURED_KAFKA_DIR (scripts/test.sh)"]
+async fn every_service_runs_with_its_own_identity_and_an_order_placed_by_the_client_completes() {
+    let cluster = cluster();
+    let topics = &cluster.topics;
+    // The client watches saga.events in a group of its own (the only groups it may use).
+    let watcher: BaseConsumer = cluster
+        .identity("client", "", "KAFKA_BROKERS")
+        .set("group.id", topics.named("client.e2e"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("creating the client's consumer");
+    watcher
+        .subscribe(&[&topics.saga_events()])
+        .expect("subscribing");
+    let mut services = start_services(cluster);
+
+    let order = Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .args(["order", "--topic-prefix", topics.prefix()])
+        .env("KAFKA_BROKERS", cluster.brokers("KAFKA_BROKERS"))
+        .env(
+            "KAFKA_CLIENT_PROPERTIES",
+            cluster.dir.join("clients/client.properties"),
+        )
+        .output()
+        .expect("running sagactl order");
+    assert!(
+        order.status.success(),
+        "sagactl order as the client: {}",
+        String::from_utf8_lossy(&order.stderr)
+    );
+    let order_id = String::from_utf8_lossy(&order.stdout).trim().to_owned();
+
+    let began = Instant::now();
+    let outcome = loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(90),
+            "order {order_id}: no terminal saga event in 90 s"
+        );
+        for (name, child) in &mut services.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited with {status}");
+            }
+        }
+        let Some(received) = watcher.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = received.expect("the client reads saga.events");
+        use rdkafka::Message;
+        let Ok(event) = Envelope::<SagaEvent>::from_json(message.payload().unwrap_or_default())
+        else {
+            continue;
+        };
+        if event.body.key() != order_id {
+            continue;
+        }
+        match event.body {
+            SagaEvent::SagaStarted { .. } => {}
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(outcome, SagaEvent::SagaCompleted { .. }),
+        "order {order_id} ended {outcome:?}"
+    );
 }
