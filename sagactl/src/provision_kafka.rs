@@ -42,13 +42,23 @@ pub struct ProvisionKafkaArgs {
     /// (3 on the three-node cluster, 1 on the one-node broker).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     replication_factor: i32,
-    /// Where to write the ACL plan (JSON); `-` for standard output. Without it only the topics
-    /// are created and the plan is printed as a table.
+    /// Where to write the ACL plan; `-` for standard output. Without it only the topics are
+    /// created and the plan is printed as a table.
     #[arg(long)]
     acl_plan: Option<PathBuf>,
+    /// The plan's format: `json` (scripts/kafka-acls.py applies it) or `kafka-acls` (one line
+    /// of `kafka-acls.sh` arguments per binding, for Kafka's own tool).
+    #[arg(long, value_enum, default_value_t = PlanFormat::Json)]
+    acl_plan_format: PlanFormat,
     /// Work out the plan only: create no topic.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PlanFormat {
+    Json,
+    KafkaAcls,
 }
 
 /// The identity of the public client (orders in, saga events out).
@@ -190,14 +200,14 @@ pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
     if !args.dry_run {
         create_topics(&args, &plan.topics).await?;
     }
+    let text = match args.acl_plan_format {
+        PlanFormat::Json => serde_json::to_string_pretty(&plan)?,
+        PlanFormat::KafkaAcls => kafka_acls_lines(&plan),
+    };
     match &args.acl_plan {
-        Some(path) if path.as_os_str() == "-" => {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
-        }
-        Some(path) => {
-            std::fs::write(path, serde_json::to_string_pretty(&plan)?)
-                .with_context(|| format!("writing the ACL plan to {}", path.display()))?;
-        }
+        Some(path) if path.as_os_str() == "-" => println!("{text}"),
+        Some(path) => std::fs::write(path, text)
+            .with_context(|| format!("writing the ACL plan to {}", path.display()))?,
         None => {
             for binding in &plan.acls {
                 println!(
@@ -212,6 +222,34 @@ pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The plan as `kafka-acls.sh` arguments, one binding a line (`--add --allow-principal User:x
+/// --operation Read --topic t --resource-pattern-type literal`; any host). No word needs
+/// quoting: identities and topic names have no blanks or shell patterns.
+fn kafka_acls_lines(plan: &Plan) -> String {
+    plan.acls
+        .iter()
+        .map(|b| {
+            let resource = match b.resource_type {
+                Resource::Topic => "--topic",
+                Resource::Group => "--group",
+            };
+            let pattern = match b.pattern_type {
+                Pattern::Literal => "literal",
+                Pattern::Prefixed => "prefixed",
+            };
+            let operation = match b.operation {
+                Operation::Read => "Read",
+                Operation::Write => "Write",
+            };
+            format!(
+                "--add --allow-principal {} --operation {operation} {resource} {} \
+                 --resource-pattern-type {pattern}\n",
+                b.principal, b.resource_name
+            )
+        })
+        .collect()
 }
 
 /// Creates the topics that do not exist yet; one that exists is left as it is.
