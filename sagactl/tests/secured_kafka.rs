@@ -135,21 +135,25 @@ fn cluster() -> &'static Cluster {
             .filter_map(|line| line.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
             .collect();
-        let prefix = format!("secured-{}.", &Uuid::new_v4().simple().to_string()[..8]);
-        let status = Command::new(repository().join("scripts/provision-kafka.sh"))
-            .arg(&prefix)
-            .env("BROKER_RUN_DIR", &dir)
-            .env_remove("KAFKA_BROKERS")
-            .env("SAGACTL", env!("CARGO_BIN_EXE_sagactl"))
-            .status()
-            .expect("running scripts/provision-kafka.sh");
-        assert!(status.success(), "provisioning {prefix} failed: {status}");
-        Cluster {
-            dir,
-            env,
-            topics: Topics::new(prefix),
-        }
+        let topics = provision(&dir);
+        Cluster { dir, env, topics }
     })
+}
+
+/// A fresh topic prefix on the cluster in `dir`, provisioned by the admin step
+/// (scripts/provision-kafka.sh): its topics exist and every identity's ACLs are in force.
+fn provision(dir: &Path) -> Topics {
+    let prefix = format!("secured-{}.", &Uuid::new_v4().simple().to_string()[..8]);
+    let status = Command::new(repository().join("scripts/provision-kafka.sh"))
+        .arg(&prefix)
+        .env("BROKER_RUN_DIR", dir)
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("KAFKA_ADMIN_PROPERTIES")
+        .env("SAGACTL", env!("CARGO_BIN_EXE_sagactl"))
+        .status()
+        .expect("running scripts/provision-kafka.sh");
+    assert!(status.success(), "provisioning {prefix} failed: {status}");
+    Topics::new(prefix)
 }
 
 /// Records the errors librdkafka reports outside any request (authentication and TLS
@@ -607,7 +611,13 @@ fn start_services(cluster: &Cluster) -> Services {
 #[tokio::test]
 #[ignore = "needs the secured three-node cluster: SECURED_KAFKA_DIR (scripts/test.sh)"]
 async fn every_service_runs_with_its_own_identity_and_an_order_placed_by_the_client_completes() {
-    let cluster = cluster();
+    // A prefix of its own: its services' groups and records stay apart from the other tests'.
+    let shared = cluster();
+    let cluster = &Cluster {
+        dir: shared.dir.clone(),
+        env: shared.env.clone(),
+        topics: provision(&shared.dir),
+    };
     let topics = &cluster.topics;
     // The client watches saga.events in a group of its own (the only groups it may use).
     let watcher: BaseConsumer = cluster
