@@ -61,7 +61,7 @@ pub enum Error {
         refusal: crate::access::Refusal,
     },
     /// Topics the service needs do not exist and its identity may not create them.
-    #[error("topics {topics:?} do not exist and {connection} may not create them ({reason}); create them with the admin step (`sagactl provision-kafka`)")]
+    #[error("topics {topics:?} do not exist and {connection} may not create them ({reason}); create them with the admin step (`sagactl provision kafka`)")]
     TopicsMissing {
         topics: Vec<String>,
         connection: String,

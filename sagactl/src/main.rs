@@ -22,6 +22,7 @@ mod ledgers;
 mod load;
 mod ops;
 mod provision;
+mod provision_kafka;
 mod sse;
 mod topic_faults;
 mod watchers;
@@ -66,7 +67,8 @@ enum Command {
     /// Run sagas while killing services at random, then check that nothing was lost or done
     /// twice.
     Chaos(chaos::ChaosArgs),
-    /// The admin steps of a deployment: each service's PostgreSQL role and schema.
+    /// The admin steps of a deployment: each service's PostgreSQL role and schema, and a
+    /// secured Kafka cluster's topics and ACLs.
     #[command(subcommand)]
     Provision(provision::Provision),
     /// Delete every topic whose name starts with a prefix (a test run's, say).

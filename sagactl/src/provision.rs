@@ -18,6 +18,9 @@ pub enum Provision {
     /// each service's schema owned by its role; write each role's password file. Run it again
     /// with another --database and --service for a service that has a database of its own.
     Database(DatabaseArgs),
+    /// The admin step of a secured Kafka cluster: create a deployment's topics with the admin
+    /// identity and write the ACLs each identity needs (scripts/provision-kafka.sh applies them).
+    Kafka(crate::provision_kafka::ProvisionKafkaArgs),
 }
 
 #[derive(clap::Args)]
@@ -50,7 +53,13 @@ pub struct DatabaseArgs {
 }
 
 pub async fn run(which: Provision) -> anyhow::Result<()> {
-    let Provision::Database(args) = which;
+    match which {
+        Provision::Database(args) => database(args).await,
+        Provision::Kafka(args) => crate::provision_kafka::run(args).await,
+    }
+}
+
+async fn database(args: DatabaseArgs) -> anyhow::Result<()> {
     let deployment = Deployment::load(&args.sagas_dir)?;
     let known: Vec<&str> = deployment.services().collect();
     let services: Vec<&str> = if args.services.is_empty() {
