@@ -384,10 +384,16 @@ impl AccessWatch {
             };
             match probe(connection).await {
                 Probe::GotThrough => {
+                    tracing::info!("a fresh Kafka client got through: the refusal has passed");
                     *lock(&watch.0.suspicion) = None;
                 }
                 Probe::Refused(refusal) if since.elapsed() >= watch.grace() => watch.trip(refusal),
-                Probe::Refused(_) | Probe::Inconclusive => {
+                Probe::Refused(refusal) => {
+                    tracing::warn!(reason = %refusal, "a fresh Kafka client is refused too");
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                }
+                Probe::Inconclusive => {
+                    tracing::warn!("probing the Kafka cluster was inconclusive");
                     tokio::time::sleep(PROBE_INTERVAL).await;
                 }
             }
@@ -427,8 +433,16 @@ async fn probe(connection: &KafkaConnection) -> Probe {
             .client()
             .fetch_metadata(None, Duration::from_secs(3))
             .is_ok();
-        // Serves the error callback, which files the probe's own refusals.
-        client.poll(Duration::ZERO);
+        if !answered {
+            // Serves the error callback, which files the probe's own refusals; librdkafka may
+            // queue them a little after the request gave up.
+            for _ in 0..10 {
+                client.poll(Duration::from_millis(100));
+                if own.access.suspicion().is_some() {
+                    break;
+                }
+            }
+        }
         match (answered, own.access.suspicion()) {
             (true, _) => Probe::GotThrough,
             (false, Some(refusal)) => Probe::Refused(refusal),

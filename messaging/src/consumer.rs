@@ -284,10 +284,13 @@ pub async fn run<H: Handler>(
             // behind the errors a down broker produces, so it never reached the assignment
             // waiting behind them and read nothing again after the broker came back (the
             // chaos suite's broker kills found this).
-            // Except a refusal for lack of an ACL (to read the topic, to join the group): that
-            // does not heal by retrying, and the access watch stops the service with it.
+            // Except what the cluster refuses: an ACL missing (to read the topic, to join the
+            // group), which retrying does not grant, and a failed login or TLS handshake (a
+            // consumer gets librdkafka's errors here, not in the error callback). The access
+            // watch stops the service with the first, and confirms the second with fresh
+            // clients.
             Err(e) => {
-                if let Some(refusal @ Refusal::Authorization(_)) = Refusal::of(&e) {
+                if let Some(refusal) = Refusal::of(&e) {
                     consumer.context().access.saw(refusal);
                 }
                 tracing::warn!(error.message = %e, "kafka receive failed; librdkafka retries");

@@ -527,7 +527,10 @@ impl Drop for Services {
                 let log = std::fs::read_to_string(self.logs.join(format!("{name}.log")))
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                eprintln!("--- the end of {name}'s log:");
+                eprintln!(
+                    "--- the end of {name}'s log (all of it: {}):",
+                    self.logs.display()
+                );
                 for line in tail.into_iter().rev() {
                     eprintln!("{line}");
                 }
@@ -540,72 +543,143 @@ impl Drop for Services {
                 &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
             ])
             .status();
-        let _ = std::fs::remove_dir_all(&self.logs);
+        // A failed test's logs stay for a look.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.logs);
+        }
     }
 }
 
 /// Starts the orchestrator and every participant from this build's binaries, each with the
 /// client properties of its own identity, on a database of their own.
+/// The services of the repository's saga definitions: the orchestrator, then every participant
+/// a step names (each a binary of its name).
+fn service_names() -> Vec<String> {
+    let definitions = orchestrator::saga::definitions::load_dir(&repository().join("sagas"))
+        .expect("the repository's saga definitions load");
+    let mut names = vec!["orchestrator".to_owned()];
+    for definition in &definitions {
+        for step in &definition.steps {
+            if !names.contains(&step.participant) {
+                names.push(step.participant.clone());
+            }
+        }
+    }
+    names
+}
+
+/// Every service of the definitions as a process, each with its own identity, on a database
+/// of their own.
 fn start_services(cluster: &Cluster) -> Services {
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_sagactl"))
-        .parent()
-        .expect("the binaries' directory")
-        .to_owned();
-    let server = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let database = format!("secured_{}", Uuid::new_v4().simple());
-    let status = Command::new("psql")
-        .arg(format!("{server}/postgres"))
-        .args(["-qc", &format!("CREATE DATABASE {database}")])
-        .status()
-        .expect("running psql");
-    assert!(status.success(), "creating database {database}");
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
-    let mut services = Services {
-        children: Vec::new(),
-        logs: tempdir(),
-        server: server.clone(),
-        database: database.clone(),
-    };
-    let deployment = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
-    let names = [
-        "orchestrator",
-        "inventory",
-        "payment",
-        "returns",
-        "shipping",
-    ];
-    for name in names {
+    let mut services = Services::new();
+    for name in service_names() {
+        let properties = cluster.dir.join(format!("clients/{name}.properties"));
+        services.spawn(cluster, &name, &properties);
+    }
+    services
+}
+
+impl Services {
+    /// No service yet, a database of their own.
+    fn new() -> Self {
+        let server = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let database = format!("secured_{}", Uuid::new_v4().simple());
+        let status = Command::new("psql")
+            .arg(format!("{server}/postgres"))
+            .args(["-qc", &format!("CREATE DATABASE {database}")])
+            .status()
+            .expect("running psql");
+        assert!(status.success(), "creating database {database}");
+        Services {
+            children: Vec::new(),
+            logs: tempdir(),
+            server,
+            database,
+        }
+    }
+
+    /// Starts the service `name` with the client properties `properties`.
+    fn spawn(&mut self, cluster: &Cluster, name: &str, properties: &Path) {
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_sagactl"))
+            .parent()
+            .expect("the binaries' directory");
         let binary = bin_dir.join(name);
         assert!(
             binary.exists(),
             "{} missing: build the services first (cargo build --bins)",
             binary.display()
         );
-        let log = std::fs::File::create(services.logs.join(format!("{name}.log")))
-            .expect("creating a log file");
+        let http = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let log = std::fs::File::create(self.log(name)).expect("creating a log file");
         let child = Command::new(&binary)
             .env("KAFKA_BROKERS", cluster.brokers("KAFKA_BROKERS"))
-            .env(
-                "KAFKA_CLIENT_PROPERTIES",
-                cluster.dir.join(format!("clients/{name}.properties")),
-            )
+            .env("KAFKA_CLIENT_PROPERTIES", properties)
             .env("TOPIC_PREFIX", cluster.topics.prefix())
-            .env("DATABASE_URL", format!("{server}/{database}"))
-            .env("SAGAS_DIR", &deployment)
+            .env("DATABASE_URL", format!("{}/{}", self.server, self.database))
+            .env("SAGAS_DIR", repository().join("sagas"))
             .env("HTTP_ADDR", http.to_string())
             .env("API_OPEN_ON_LOOPBACK", "true")
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env_remove("OPS_HTTP_ADDR")
-            .env_remove("METRICS_ADDR")
+            .env_remove("RUST_BACKTRACE")
             .stdout(log.try_clone().expect("the log file"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        services.children.push((name.to_owned(), child));
+        self.children.push((name.to_owned(), child));
     }
-    services
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    /// Waits up to `within` for the service `name` to exit; its status and log.
+    fn exit_of(&mut self, name: &str, within: Duration) -> (std::process::ExitStatus, String) {
+        let began = Instant::now();
+        loop {
+            let (_, child) = self
+                .children
+                .iter_mut()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("no service {name}"));
+            if let Some(status) = child.try_wait().expect("polling the service") {
+                let log = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+                return (status, log);
+            }
+            assert!(
+                began.elapsed() < within,
+                "{name} still runs after {within:?}; it should have stopped"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the service `name` logs `line`, failing if it exits first.
+    fn wait_for_log(&mut self, name: &str, line: &str) {
+        let began = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+            if log.contains(line) {
+                return;
+            }
+            let (_, child) = self
+                .children
+                .iter_mut()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("no service {name}"));
+            if let Some(status) = child.try_wait().expect("polling the service") {
+                panic!("{name} exited with {status} before logging {line:?}:\n{log}");
+            }
+            assert!(
+                began.elapsed() < WAIT,
+                "{name} did not log {line:?} in {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 #[tokio::test]
@@ -767,4 +841,157 @@ async fn a_credential_revoked_while_a_client_runs_is_refused_at_its_next_reauthe
     };
     assert!(refusal.contains("re-authentication"), "{refusal}");
     let _ = std::fs::remove_dir_all(plan_file.parent().expect("its folder"));
+}
+
+/// The identity `user` with `like`'s ACLs on `cluster`'s prefix (from the admin step's plan),
+/// its own SCRAM credential, and a client properties file for it (returned).
+fn identity_like(cluster: &Cluster, like: &str, user: &str, password: &str) -> PathBuf {
+    let admin_properties = cluster.dir.join("clients/admin.properties");
+    let admin_properties = admin_properties.to_str().expect("a UTF-8 path");
+    let brokers = cluster.brokers("KAFKA_BROKERS");
+    admin_tool(
+        "kafka-scram.py",
+        &["upsert", user, admin_properties, brokers],
+        &format!("{password}\n"),
+    );
+    let plan = Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .args(["provision", "kafka", "--dry-run", "--acl-plan", "-"])
+        .args(["--topic-prefix", cluster.topics.prefix()])
+        .args([
+            "--kafka-brokers",
+            brokers,
+            "--kafka-client-properties",
+            admin_properties,
+        ])
+        .env("SAGAS_DIR", repository().join("sagas"))
+        .output()
+        .expect("running sagactl provision kafka");
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let mut plan: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("a JSON plan");
+    let principal = format!("User:{like}");
+    let acls: Vec<serde_json::Value> = plan["acls"]
+        .as_array()
+        .expect("the plan's acls")
+        .iter()
+        .filter(|acl| acl["principal"] == principal.as_str())
+        .map(|acl| {
+            let mut acl = acl.clone();
+            acl["principal"] = format!("User:{user}").into();
+            acl
+        })
+        .collect();
+    assert!(!acls.is_empty(), "no ACLs of {like} in the plan");
+    plan["acls"] = acls.into();
+    let dir = tempdir();
+    let plan_file = dir.join("plan.json");
+    std::fs::write(&plan_file, plan.to_string()).expect("writing the plan");
+    admin_tool(
+        "kafka-acls.py",
+        &[
+            plan_file.to_str().expect("a UTF-8 path"),
+            admin_properties,
+            brokers,
+        ],
+        "",
+    );
+    let properties = dir.join(format!("{user}.properties"));
+    std::fs::write(
+        &properties,
+        format!(
+            "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\nsasl.username={user}\nsasl.password={password}\nssl.ca.location={}\n",
+            cluster.ca()
+        ),
+    )
+    .expect("writing the client properties");
+    properties
+}
+
+#[tokio::test]
+#[ignore = "needs the secured three-node cluster: SECURED_KAFKA_DIR (scripts/test.sh)"]
+async fn a_service_the_cluster_refuses_stops_with_the_reason_at_start_and_when_revoked() {
+    let shared = cluster();
+    let cluster = &Cluster {
+        dir: shared.dir.clone(),
+        env: shared.env.clone(),
+        topics: provision(&shared.dir),
+    };
+    let mut services = Services::new();
+
+    // A wrong password: the service stops at start, naming the settings it used.
+    let wrong = tempdir().join("wrong.properties");
+    let payment = std::fs::read_to_string(cluster.dir.join("clients/payment.properties"))
+        .expect("payment's client properties");
+    let wrong_text: String = payment
+        .lines()
+        .map(|line| {
+            if line.starts_with("sasl.password=") {
+                "sasl.password=not-the-password".to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&wrong, wrong_text).expect("writing the wrong properties");
+    services.spawn(cluster, "payment", &wrong);
+    let (status, log) = services.exit_of("payment", Duration::from_secs(60));
+    assert!(!status.success(), "{status}");
+    for expected in [
+        "SASL authentication failed",
+        "KAFKA_CLIENT_PROPERTIES=",
+        "sasl.username=payment",
+    ] {
+        assert!(log.contains(expected), "no {expected:?} in:\n{log}");
+    }
+    assert!(
+        !log.contains("not-the-password"),
+        "the password was logged:\n{log}"
+    );
+    services.children.clear();
+
+    // An identity without ACLs for this prefix (inventory has none on payment's topic): at
+    // once, naming the topic.
+    let inventory = cluster.dir.join("clients/inventory.properties");
+    services.spawn(cluster, "payment", &inventory);
+    let (status, log) = services.exit_of("payment", Duration::from_secs(30));
+    assert!(!status.success(), "{status}");
+    assert!(log.contains("an ACL is missing"), "{log}");
+    assert!(
+        log.contains(&cluster.topics.named("payment.commands")),
+        "{log}"
+    );
+    services.children.clear();
+
+    // A credential deleted while the service runs: it exits non-zero with the reason once
+    // fresh connections are refused too (the brokers re-authenticate every 10 s, then 10 s of
+    // grace).
+    let user = format!("payment-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let password = Uuid::new_v4().simple().to_string();
+    let properties = identity_like(cluster, "payment", &user, &password);
+    services.spawn(cluster, "payment", &properties);
+    services.wait_for_log("payment", "participant started");
+    let admin_properties = cluster.dir.join("clients/admin.properties");
+    admin_tool(
+        "kafka-scram.py",
+        &[
+            "delete",
+            &user,
+            admin_properties.to_str().expect("a UTF-8 path"),
+            cluster.brokers("KAFKA_BROKERS"),
+        ],
+        "",
+    );
+    let revoked = Instant::now();
+    let (status, log) = services.exit_of("payment", Duration::from_secs(90));
+    assert!(!status.success(), "{status}");
+    assert!(log.contains("SASL authentication failed"), "{log}");
+    assert!(log.contains(&format!("sasl.username={user}")), "{log}");
+    eprintln!(
+        "the service stopped {:?} after its credential was deleted",
+        revoked.elapsed()
+    );
 }
