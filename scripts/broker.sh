@@ -18,6 +18,40 @@
 # BROKER=nisshi runs Nisshi instead, a Kafka-protocol broker written in Rust (cargo install,
 # about 11 minutes), for a machine without Java. It has no transactions and its fetch long-poll
 # is not woken by new data, so each hop waits out fetch.wait.max.ms: not for measurements.
+#
+# BROKER_NODES=3 runs the secured, replicated cluster instead: three KRaft nodes (node.id 1, 2,
+# 3; each controller and broker), TLS and SASL, StandardAuthorizer with ACLs, replication 3,
+# min.insync.replicas 2 (settings: scripts/kafka/cluster.properties). Its commands:
+#
+#   BROKER_NODES=3 scripts/broker.sh start        # all three nodes (formatted on first start)
+#   BROKER_NODES=3 scripts/broker.sh stop         # SIGTERM to all three at once, wait
+#   BROKER_NODES=3 scripts/broker.sh kill         # SIGKILL all three
+#   BROKER_NODES=3 scripts/broker.sh running      # exit 0 when every node answers
+#   BROKER_NODES=3 scripts/broker.sh kill-node N  # SIGKILL node N, return once it is gone
+#   BROKER_NODES=3 scripts/broker.sh stop-node N  # SIGTERM node N (controlled shutdown), wait
+#   BROKER_NODES=3 scripts/broker.sh start-node N # start node N, return once it is serving
+#   BROKER_NODES=3 scripts/broker.sh node-pid N   # print node N's pid (exit 1: not running)
+#   BROKER_NODES=3 scripts/broker.sh node-addr N  # print node N's SASL_SSL address
+#   BROKER_NODES=3 scripts/broker.sh wipe         # stop, then delete data, users and keys
+#
+# Everything goes to .run/cluster/ (or $BROKER_RUN_DIR):
+#   cluster.env             KAFKA_BROKERS (SASL_SSL), KAFKA_BROKERS_MTLS (SSL, client
+#                           certificate), KAFKA_BROKERS_SASL_PLAINTEXT, KAFKA_CLUSTER_DIR and
+#                           KAFKA_IDENTITIES, as shell assignments (source it)
+#   clients/NAME.properties       librdkafka client properties of identity NAME: SASL_SSL,
+#                                 SCRAM-SHA-512, the CA (for KAFKA_CLIENT_PROPERTIES)
+#   clients/NAME.mtls.properties  the same identity by mutual TLS (certificate CN=NAME)
+#   secrets/NAME.password   NAME's password (mode 600)
+#   pki/                    the cluster's CA (ca.crt), node and client certificates (pki.sh)
+#   node-N/                 node N's server.properties (mode 600: it holds the PLAIN users'
+#                           passwords), data, node.log and pid
+# Identities: admin (a super user: topics and ACLs, scripts/provision-kafka.sh), orchestrator,
+# every participant `services` (common.sh) lists, and client (the public client: orders in,
+# saga events out). Each has a SCRAM-SHA-512 and a SCRAM-SHA-256 credential (created at format
+# time) and a PLAIN password; a certificate with CN=NAME authenticates as the same user. The
+# nodes listen on 127.0.0.1, node N (1-3) from port $KAFKA_CLUSTER_PORT_BASE (default 19100)
+# + 10 * (N - 1): +0 CLIENT (SASL_SSL), +1 MTLS (SSL), +2 CLEARTEXT (SASL_PLAINTEXT),
+# +3 INTERNAL (SSL, between brokers), +4 CONTROLLER (SSL). KAFKA_HEAP_MAX defaults to 256m here.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -25,7 +59,12 @@ BROKER="${BROKER:-kafka}"
 BROKER_ADDR="${BROKER_ADDR:-127.0.0.1:9092}"
 BROKER_HOST="${BROKER_ADDR%:*}"
 BROKER_PORT="${BROKER_ADDR##*:}"
-RUN_DIR="${BROKER_RUN_DIR:-$ROOT/.run/broker}"
+BROKER_NODES="${BROKER_NODES:-1}"
+if [[ $BROKER_NODES == 1 ]]; then
+  RUN_DIR="${BROKER_RUN_DIR:-$ROOT/.run/broker}"
+else
+  RUN_DIR="${BROKER_RUN_DIR:-$ROOT/.run/cluster}"
+fi
 PID_FILE="$RUN_DIR/broker.pid"
 LOG_FILE="$RUN_DIR/broker.log"
 KAFKA_DESCRIPTOR="$ROOT/scripts/kafka"
@@ -149,6 +188,244 @@ stop() {
   kill -KILL "$pid" 2>/dev/null || true
   rm -f "$PID_FILE"
 }
+
+# ---------------------------------------------------------------------------------------------
+# The secured three-node cluster (BROKER_NODES=3).
+CLUSTER_NODES=(1 2 3)
+CLUSTER_HOST=127.0.0.1
+CLUSTER_PORT_BASE="${KAFKA_CLUSTER_PORT_BASE:-19100}"
+CLUSTER_PKI="$RUN_DIR/pki"
+
+# node_port N OFFSET: node N's port for the listener at OFFSET (see the header).
+node_port() { echo $((CLUSTER_PORT_BASE + 10 * ($1 - 1) + $2)); }
+node_dir() { echo "$RUN_DIR/node-$1"; }
+# bootstrap OFFSET: every node's address for the listener at OFFSET, comma separated.
+bootstrap() {
+  local n list=()
+  for n in "${CLUSTER_NODES[@]}"; do list+=("$CLUSTER_HOST:$(node_port "$n" "$1")"); done
+  (IFS=,; echo "${list[*]}")
+}
+
+# identities: the cluster's users, one per line: the admin, the services (the orchestrator and
+# every participant the saga definitions name) and the public client.
+identities() {
+  echo admin
+  services
+  echo client
+}
+
+pki() { PKI_DIR="$CLUSTER_PKI" "$ROOT/scripts/pki.sh" "$@"; }
+
+# password NAME: NAME's password, made once (random, mode 600).
+password() {
+  local file="$RUN_DIR/secrets/$1.password"
+  if [[ ! -f "$file" ]]; then
+    mkdir -p "$RUN_DIR/secrets"
+    (umask 077 && od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$file")
+  fi
+  cat "$file"
+}
+
+# cluster_prepare: certificates, passwords, each node's properties and the client files; kept
+# when they exist (a restart formats nothing and changes no secret).
+cluster_prepare() {
+  install_kafka
+  ensure_commands openssl:openssl keytool:openjdk-17-jre-headless
+  (umask 077 && mkdir -p "$RUN_DIR/clients" "$RUN_DIR/secrets")
+  local ca store_password name n voters=() plain_users=""
+  ca="$(pki ca)"
+  store_password="$(cat "$CLUSTER_PKI/keystore.password")"
+  for name in $(identities); do
+    pki issue "$name" >/dev/null
+    plain_users+=" user_$name=\"$(password "$name")\""
+  done
+  (umask 077
+    for name in $(identities); do
+      printf '%s\n' "# Identity $name on the secured cluster: SASL_SSL, SCRAM-SHA-512 (bootstrap: KAFKA_BROKERS in ../cluster.env)." \
+        "security.protocol=SASL_SSL" "sasl.mechanism=SCRAM-SHA-512" "sasl.username=$name" \
+        "sasl.password=$(password "$name")" "ssl.ca.location=$ca" >"$RUN_DIR/clients/$name.properties"
+      printf '%s\n' "# Identity $name on the secured cluster: mutual TLS, certificate CN=$name (bootstrap: KAFKA_BROKERS_MTLS in ../cluster.env)." \
+        "security.protocol=SSL" "ssl.ca.location=$ca" "ssl.certificate.location=$CLUSTER_PKI/$name.crt" \
+        "ssl.key.location=$CLUSTER_PKI/$name.key" >"$RUN_DIR/clients/$name.mtls.properties"
+    done)
+  for n in "${CLUSTER_NODES[@]}"; do
+    pki issue "kafka-$n" >/dev/null
+    voters+=("$n@$CLUSTER_HOST:$(node_port "$n" 4)")
+  done
+  for n in "${CLUSTER_NODES[@]}"; do
+    local dir listeners advertised
+    dir="$(node_dir "$n")"
+    mkdir -p "$dir"
+    listeners="CLIENT://$CLUSTER_HOST:$(node_port "$n" 0),MTLS://$CLUSTER_HOST:$(node_port "$n" 1),CLEARTEXT://$CLUSTER_HOST:$(node_port "$n" 2),INTERNAL://$CLUSTER_HOST:$(node_port "$n" 3)"
+    advertised="$listeners"
+    listeners+=",CONTROLLER://$CLUSTER_HOST:$(node_port "$n" 4)"
+    (umask 077
+      { cat "$KAFKA_DESCRIPTOR/server.properties" "$KAFKA_DESCRIPTOR/cluster.properties"
+        printf '%s\n' "" "# Node $n (written by scripts/broker.sh)" \
+          "node.id=$n" "log.dirs=$dir/data" \
+          "controller.quorum.voters=$(IFS=,; echo "${voters[*]}")" \
+          "listeners=$listeners" "advertised.listeners=$advertised" \
+          "super.users=User:admin;User:kafka-1;User:kafka-2;User:kafka-3" \
+          "ssl.keystore.location=$CLUSTER_PKI/kafka-$n.p12" "ssl.keystore.password=$store_password" \
+          "ssl.truststore.location=$CLUSTER_PKI/truststore.p12" "ssl.truststore.password=$store_password" \
+          "listener.name.client.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;" \
+          "listener.name.cleartext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;"
+      } >"$dir/server.properties")
+  done
+  {
+    echo "# The secured three-node cluster (scripts/broker.sh with BROKER_NODES=3)."
+    echo "KAFKA_CLUSTER_DIR=$RUN_DIR"
+    echo "KAFKA_BROKERS=$(bootstrap 0)"
+    echo "KAFKA_BROKERS_MTLS=$(bootstrap 1)"
+    echo "KAFKA_BROKERS_SASL_PLAINTEXT=$(bootstrap 2)"
+    echo "KAFKA_IDENTITIES=\"$(identities | tr '\n' ' ' | sed 's/ $//')\""
+  } >"$RUN_DIR/cluster.env"
+}
+
+# cluster_format: formats every node not formatted yet, with the same cluster id and every
+# identity's SCRAM credentials. The credentials go through a Java argument file (mode 600), not
+# the command line, so that no password shows in the process list.
+cluster_format() {
+  local n cluster_id args name
+  # The tool logs to stdout too; the id is its last line.
+  [[ -s "$RUN_DIR/cluster.id" ]] || kafka kafka.tools.StorageTool random-uuid | tail -1 >"$RUN_DIR/cluster.id"
+  cluster_id="$(cat "$RUN_DIR/cluster.id")"
+  for n in "${CLUSTER_NODES[@]}"; do
+    [[ -f "$(node_dir "$n")/data/meta.properties" ]] && continue
+    args="$(node_dir "$n")/format.args"
+    (umask 077
+      { printf '%s\n' kafka.tools.StorageTool format -t "$cluster_id" -c "$(node_dir "$n")/server.properties"
+        for name in $(identities); do
+          printf '%s\n' --add-scram "SCRAM-SHA-512=[name=$name,password=$(password "$name")]" \
+            --add-scram "SCRAM-SHA-256=[name=$name,password=$(password "$name")]"
+        done
+      } >"$args")
+    java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" "@$args" \
+      >"$(node_dir "$n")/format.log" 2>&1 || {
+      cat "$(node_dir "$n")/format.log" >&2
+      rm -f "$args"
+      return 1
+    }
+    rm -f "$args"
+  done
+}
+
+node_pid() {
+  local file
+  file="$(node_dir "$1")/pid"
+  [[ -f "$file" ]] && kill -0 "$(cat "$file")" 2>/dev/null && cat "$file"
+}
+
+# launch_node N: starts node N's JVM in the background; prints the log line it starts from.
+launch_node() {
+  local dir
+  dir="$(node_dir "$1")"
+  touch "$dir/node.log"
+  echo $(($(wc -l <"$dir/node.log") + 1))
+  nohup java -Xms128m -Xmx"${KAFKA_HEAP_MAX:-256m}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+    -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" \
+    kafka.Kafka "$dir/server.properties" >>"$dir/node.log" 2>&1 &
+  echo $! >"$dir/pid"
+}
+
+# await_nodes STARTS: waits (up to 120 s) until every node N in the associative array named
+# STARTS has logged "Kafka Server started" after line STARTS[N] of its log; a node whose JVM exits fails it at once.
+await_nodes() {
+  local -n starts="$1"
+  local n pending
+  for _ in $(seq 1 1200); do
+    pending=0
+    for n in "${!starts[@]}"; do
+      local dir
+      dir="$(node_dir "$n")"
+      if ! node_pid "$n" >/dev/null; then
+        echo "node $n exited during start; see $dir/node.log" >&2
+        tail -n +"${starts[$n]}" "$dir/node.log" | grep -E "ERROR|Exception" | tail -10 >&2 || true
+        return 1
+      fi
+      tail -n +"${starts[$n]}" "$dir/node.log" | grep -q "Kafka Server started" || pending=1
+    done
+    ((pending)) || return 0
+    sleep 0.1
+  done
+  echo "the cluster did not start in 120 s; see $RUN_DIR/node-*/node.log" >&2
+  return 1
+}
+
+cluster_start() {
+  local n began=$SECONDS
+  declare -A from=()
+  cluster_prepare
+  cluster_format
+  for n in "${CLUSTER_NODES[@]}"; do
+    node_pid "$n" >/dev/null && continue
+    from[$n]="$(launch_node "$n")"
+  done
+  ((${#from[@]})) || { echo "the cluster is already running" >&2; return 0; }
+  await_nodes from || return 1
+  echo "kafka cluster: nodes ${!from[*]} started in $((SECONDS - began)) s; clients: $RUN_DIR/cluster.env" >&2
+}
+
+node_start() {
+  local began=$SECONDS
+  declare -A from=()
+  node_pid "$1" >/dev/null && { echo "node $1 is already running" >&2; return 0; }
+  from[$1]="$(launch_node "$1")"
+  await_nodes from || return 1
+  echo "kafka node $1 started in $((SECONDS - began)) s (pid $(node_pid "$1"))" >&2
+}
+
+# node_stop SIGNAL N...: signals the nodes, then waits up to 60 s for them to exit (the last
+# node of a quorum alone can hang on its controlled shutdown) before SIGKILL.
+node_stop() {
+  local signal="$1" n pid pids=()
+  shift
+  for n in "$@"; do
+    pid="$(node_pid "$n")" || continue
+    kill "-$signal" "$pid" 2>/dev/null || true
+    pids+=("$pid")
+  done
+  for _ in $(seq 1 600); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for n in "$@"; do rm -f "$(node_dir "$n")/pid"; done
+}
+
+cluster_running() {
+  local n
+  for n in "${CLUSTER_NODES[@]}"; do tcp_open "$CLUSTER_HOST:$(node_port "$n" 0)" || return 1; done
+}
+
+node_arg() {
+  [[ "${1:-}" =~ ^[123]$ ]] || { echo "node must be 1, 2 or 3, not '${1:-}'" >&2; exit 2; }
+}
+
+if [[ $BROKER_NODES != 1 ]]; then
+  [[ $BROKER_NODES == 3 && $BROKER == kafka ]] || {
+    echo "BROKER_NODES must be 1 or 3 (3 with BROKER=kafka), not $BROKER_NODES" >&2
+    exit 2
+  }
+  case "${1:-}" in
+    install) install_kafka ;;
+    start) cluster_start ;;
+    stop) node_stop TERM "${CLUSTER_NODES[@]}" ;;
+    kill) node_stop KILL "${CLUSTER_NODES[@]}" ;;
+    running) cluster_running ;;
+    kill-node) node_arg "${2:-}"; node_stop KILL "$2" ;;
+    stop-node) node_arg "${2:-}"; node_stop TERM "$2" ;;
+    start-node) node_arg "${2:-}"; node_start "$2" ;;
+    node-pid) node_arg "${2:-}"; node_pid "$2" ;;
+    node-addr) node_arg "${2:-}"; echo "$CLUSTER_HOST:$(node_port "$2" 0)" ;;
+    wipe) node_stop TERM "${CLUSTER_NODES[@]}"; rm -rf "$RUN_DIR" ;;
+    *) echo "usage: BROKER_NODES=3 $0 install|start|stop|kill|running|kill-node N|stop-node N|start-node N|node-pid N|node-addr N|wipe" >&2; exit 2 ;;
+  esac
+  exit
+fi
 
 case "$BROKER" in
   kafka | nisshi) ;;

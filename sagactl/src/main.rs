@@ -19,6 +19,7 @@ mod garbage;
 mod ledgers;
 mod load;
 mod ops;
+mod provision_kafka;
 mod sse;
 mod topic_faults;
 mod watchers;
@@ -65,6 +66,9 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// Delete every topic whose name starts with a prefix (a test run's, say).
     DeleteTopics(DeleteTopicsArgs),
+    /// The admin step of a secured cluster: create a deployment's topics with the admin
+    /// identity and write the ACLs each identity needs (scripts/provision-kafka.sh applies them).
+    ProvisionKafka(provision_kafka::ProvisionKafkaArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,5 +100,6 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
             budget::delete_topics(&args.kafka, &args.prefix).await
         }
+        Command::ProvisionKafka(args) => provision_kafka::run(args).await,
     }
 }
