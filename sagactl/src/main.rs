@@ -11,6 +11,7 @@
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
+mod broker_nodes;
 mod budget;
 mod ceiling;
 mod chaos;
