@@ -739,6 +739,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 &placed_at,
                 &[(fault.killed_at, fault.back_at)],
                 (placing_from, placing_until),
+                true,
             )
             .await?,
         ));
@@ -755,11 +756,33 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                     &placed_at,
                     &windows,
                     (placing_from, placing_until),
+                    true,
                 )
                 .await?,
             ));
         }
     }
+    // The same measures for the sagas that met no broker fault, to compare with.
+    let unfaulted = if node_outages.faults.is_empty() {
+        None
+    } else {
+        let all: Vec<_> = node_outages
+            .faults
+            .iter()
+            .map(|f| (f.killed_at, f.back_at))
+            .collect();
+        Some(
+            FaultWindow::measure(
+                &db,
+                &deployment,
+                &placed_at,
+                &all,
+                (placing_from, placing_until),
+                false,
+            )
+            .await?,
+        )
+    };
     if let Some(listening) = listening {
         checks.results.push((
             "every outbox relay LISTENs again after the PostgreSQL restarts",
@@ -821,6 +844,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 },
                 window.describe()
             );
+        }
+        if let Some(window) = &unfaulted {
+            println!("{:<18} {}", "no node down", window.describe());
         }
     }
     println!("postgres restarts  {}", postgres_outages.describe());
@@ -1809,6 +1835,7 @@ impl FaultWindow {
         placed_at: &[(Uuid, chrono::DateTime<chrono::Utc>)],
         windows: &[(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)],
         (from, until): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+        inside: bool,
     ) -> anyhow::Result<Self> {
         let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
         let at: Vec<chrono::DateTime<chrono::Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
@@ -1820,7 +1847,7 @@ impl FaultWindow {
                   timed AS (SELECT extract(epoch FROM s.finished_at - p.at)::float8 * 1000 AS ms \
                             FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key \
                             WHERE s.finished_at IS NOT NULL AND EXISTS \
-                              (SELECT 1 FROM windows w WHERE p.at <= w.until AND s.finished_at >= w.since)) \
+                              (SELECT 1 FROM windows w WHERE p.at <= w.until AND s.finished_at >= w.since) = $5) \
              SELECT count(*), \
                     coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0), \
                     coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0), \
@@ -1830,8 +1857,19 @@ impl FaultWindow {
         .bind(&at)
         .bind(&starts)
         .bind(&ends)
+        .bind(inside)
         .fetch_one(db)
         .await?;
+        // Outside the windows (the baseline): no stall to measure.
+        if !inside {
+            return Ok(Self {
+                sagas,
+                p50_ms,
+                p99_ms,
+                max_ms,
+                longest_stall: None,
+            });
+        }
         let mut longest_stall: Option<(String, f64)> = None;
         for service in deployment.services() {
             let gap: f64 = sqlx::query_scalar(&format!(
