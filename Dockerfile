@@ -58,9 +58,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
         --bin orchestrator --bin inventory --bin payment --bin shipping --bin returns \
+        --bin sagactl \
     && mkdir -p /out \
     && cp target/release/orchestrator target/release/inventory \
-          target/release/payment target/release/shipping target/release/returns /out/
+          target/release/payment target/release/shipping target/release/returns \
+          target/release/sagactl /out/
 
 ############################ runtime ############################
 FROM debian:bookworm-slim
@@ -72,8 +74,10 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid saga --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin saga
 
+# sagactl too: the secured setup's admin step (docker-compose.secured.yml) runs its
+# provision-kafka.
 COPY --from=builder /out/orchestrator /out/inventory /out/payment /out/shipping /out/returns \
-    /usr/local/bin/
+    /out/sagactl /usr/local/bin/
 COPY sagas /etc/saga-engine/sagas
 ENV SAGAS_DIR=/etc/saga-engine/sagas
 

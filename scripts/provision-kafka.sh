@@ -35,6 +35,6 @@ sagactl="${SAGACTL:-$ROOT/target/debug/sagactl}"
 [[ -x "$sagactl" ]] || (cd "$ROOT" && cargo build --locked -p sagactl)
 plan="$(mktemp)"
 trap 'rm -f "$plan"' EXIT
-"$sagactl" provision-kafka --brokers "$KAFKA_BROKERS" --kafka-client-properties "$admin_properties" \
+"$sagactl" provision-kafka --kafka-brokers "$KAFKA_BROKERS" --kafka-client-properties "$admin_properties" \
   --topic-prefix "$prefix" --replication-factor "${PROVISION_REPLICATION_FACTOR:--1}" --acl-plan "$plan"
 "$venv/bin/python" "$ROOT/scripts/kafka-acls.py" "$plan" "$admin_properties" "$KAFKA_BROKERS"

@@ -8,10 +8,18 @@
 #   from the status API. Then it keeps running until Ctrl-C.
 #
 #   scripts/run.sh [--exit-after-demo]
+#   SECURED_KAFKA=1 scripts/run.sh   # the same on the secured three-node cluster
 #
 # Settings (environment): DATABASE_URL (default postgres://postgres@127.0.0.1:5432/sagas),
 # KAFKA_BROKERS (default 127.0.0.1:9092), HTTP_ADDR (default 127.0.0.1:8080), TOPIC_PREFIX.
 # Logs go to .run/logs/.
+#
+# SECURED_KAFKA=1: instead of the one plaintext node, the secured three-node cluster
+# (`BROKER_NODES=3 scripts/broker.sh start`: TLS, SASL, ACLs, replication 3; KAFKA_BROKERS from
+# its cluster.env); the admin step (scripts/provision-kafka.sh) creates the topics and ACLs of
+# TOPIC_PREFIX, and each service, and sagactl as the public client, runs with its own identity
+# (KAFKA_CLIENT_PROPERTIES=.run/cluster/clients/<name>.properties). The cluster keeps running
+# afterwards (stop it with `BROKER_NODES=3 scripts/broker.sh stop`).
 #
 # The API needs bearer tokens: each run makes new ones (their hashes in .run/api-tokens, the
 # orchestrator's token list) and prints them with how to use them.
@@ -24,7 +32,23 @@ export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}"
 exit_after_demo=0
 [[ "${1:-}" == "--exit-after-demo" ]] && exit_after_demo=1
 
-start_dependencies
+secured="${SECURED_KAFKA:-0}"
+cluster_dir="$ROOT/.run/cluster"
+# identity NAME: sets IDENTITY to the environment that makes a process identity NAME on the
+# secured cluster (nothing on the plaintext broker).
+identity() {
+  IDENTITY=()
+  if [[ $secured == 1 ]]; then IDENTITY=("KAFKA_CLIENT_PROPERTIES=$cluster_dir/clients/$1.properties"); fi
+}
+if [[ $secured == 1 ]]; then
+  ensure_commands curl:curl jq:jq psql:postgresql-client
+  ensure_build_dependencies
+  scripts/postgres.sh start
+  BROKER_NODES=3 scripts/broker.sh start
+  KAFKA_BROKERS="$(sed -n 's/^KAFKA_BROKERS=//p' "$cluster_dir/cluster.env")"
+else
+  start_dependencies
+fi
 
 # Create the database if it is missing (each service creates its schema and migrates it).
 db_name="${DATABASE_URL##*/}"
@@ -36,6 +60,9 @@ fi
 mapfile -t service_names < <(services)
 echo "building the services: ${service_names[*]}..." >&2
 cargo build --release --locked "${service_names[@]/#/--bin=}" --bin=sagactl
+if [[ $secured == 1 ]]; then
+  SAGACTL=target/release/sagactl scripts/provision-kafka.sh "${TOPIC_PREFIX:-}"
+fi
 
 mkdir -p .run/logs
 # demo-operator: the page's walkthrough (reads, operator actions, and the demo orders);
@@ -52,7 +79,9 @@ stop_services() {
 trap stop_services EXIT
 trap 'exit 130' INT TERM
 for service in "${service_names[@]}"; do
-  "target/release/$service" >".run/logs/$service.log" 2>&1 &
+  identity "$service"
+  # `env` executes the service in its place, so the pid is the service's.
+  env "${IDENTITY[@]}" "target/release/$service" >".run/logs/$service.log" 2>&1 &
   pids+=($!)
   echo "started $service (pid $!, log .run/logs/$service.log)" >&2
 done
@@ -112,7 +141,8 @@ demo_returns=(
 return_ids=()
 for spec in "${demo_returns[@]}"; do
   read -r label refund_cents <<<"$spec"
-  return_id=$(target/release/sagactl return --order-id "$happy_order" --customer alice \
+  identity client
+  return_id=$(env "${IDENTITY[@]}" target/release/sagactl return --order-id "$happy_order" --customer alice \
     --sku WIDGET --quantity 1 --refund-cents "$refund_cents")
   echo "requested $label $return_id (order $happy_order)" >&2
   return_ids+=("$return_id:$label")

@@ -5,7 +5,9 @@
 # headless Chromium, and a few-second smoke run of the benchmark, against Apache Kafka on
 # $KAFKA_BROKERS (default 127.0.0.1:9092) and PostgreSQL at $TEST_DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432). Both are installed and started here when nothing answers
-# there (scripts/broker.sh, scripts/postgres.sh); the broker is stopped again at the end.
+# there (scripts/broker.sh, scripts/postgres.sh); the broker is stopped again at the end. The
+# security tests run against the secured three-node cluster (BROKER_NODES=3 scripts/broker.sh),
+# started for them and stopped at the end.
 #
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -15,12 +17,29 @@ export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
 
 start_dependencies
-cleanup() { if [[ $STARTED_BROKER == 1 ]]; then BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop; fi; }
+STARTED_CLUSTER=0
+cleanup() {
+  if [[ $STARTED_BROKER == 1 ]]; then BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop; fi
+  if [[ $STARTED_CLUSTER == 1 ]]; then BROKER_NODES=3 scripts/broker.sh stop; fi
+}
 trap cleanup EXIT
 
 # Each end-to-end test runs four services with small pools; four at a time stay well inside
 # PostgreSQL's default 100 connections.
 cargo test --workspace --locked "$@" -- --test-threads=4
+
+# The secured three-node cluster (TLS, SASL, mutual TLS, ACLs, replication 3; started here
+# unless it runs, about 15 s, and stopped at the end): the security tests
+# (sagactl/tests/secured_kafka.rs, ignored without SECURED_KAFKA_DIR) provision a topic prefix
+# of their own, check what each identity may not do and every way of authenticating, and run
+# every service (this build's binaries) with its own identity through an order (about 25 s).
+cargo build --workspace --locked --bins
+if ! BROKER_NODES=3 scripts/broker.sh running; then
+  BROKER_NODES=3 scripts/broker.sh start
+  STARTED_CLUSTER=1
+fi
+SECURED_KAFKA_DIR="$ROOT/.run/cluster" cargo test -p sagactl --locked --test secured_kafka -- \
+  --ignored --test-threads=2
 
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:

@@ -46,12 +46,11 @@ const RESERVED: &[&str] = &[
     "isolation.level",
 ];
 
-/// How long authentication or TLS failures must go on, without a pause of
-/// [`FAILURE_STREAK_GAP`], before they count as a refusal: a broker that is restarting can
-/// refuse credentials it has not loaded yet for a moment, while a wrong password or an
-/// untrusted certificate fails every reconnection (about one a second per broker).
+/// How long fresh clients must still be refused after a client first saw its credentials or
+/// certificates refused, before the refusal counts: a broker that is restarting can refuse
+/// credentials it has not loaded yet for a moment, while a wrong password or an untrusted
+/// certificate stays refused.
 pub const DEFAULT_REFUSAL_GRACE: Duration = Duration::from_secs(10);
-const FAILURE_STREAK_GAP: Duration = Duration::from_secs(5);
 
 /// Where the Kafka cluster is and with which client properties to reach it.
 #[derive(Debug, Clone, clap::Args)]
@@ -264,22 +263,29 @@ impl Refusal {
 
 /// Shared by every client of one [`KafkaConnection`]: trips when the cluster refuses this
 /// process for good, and wakes whoever waits in [`AccessWatch::refused`].
+///
+/// A missing ACL trips it at once. Failed authentication or TLS only makes it suspicious:
+/// librdkafka reports such a failure once per broker connection and then retries quietly, and
+/// a broker that is restarting can refuse credentials it has not loaded yet for a moment. So
+/// [`AccessWatch::confirm`] probes the cluster with fresh clients, and trips the watch only
+/// when they are still refused after the grace period; a probe that gets through clears the
+/// suspicion.
 #[derive(Clone, Default)]
 pub struct AccessWatch(Arc<AccessState>);
 
 #[derive(Default)]
 struct AccessState {
-    streak: Mutex<Option<Streak>>,
+    suspicion: Mutex<Option<Suspicion>>,
     refused: Mutex<Option<Refusal>>,
-    tripped: Notify,
+    changed: Notify,
     grace: Mutex<Option<Duration>>,
 }
 
-/// A run of connection-level failures, each within [`FAILURE_STREAK_GAP`] of the one before.
+/// Authentication or TLS failures seen since `since`, the latest being `refusal`.
 #[derive(Debug, Clone)]
-struct Streak {
-    began: Instant,
-    last: Instant,
+struct Suspicion {
+    since: Instant,
+    refusal: Refusal,
 }
 
 impl fmt::Debug for AccessWatch {
@@ -306,55 +312,131 @@ impl AccessWatch {
         lock(&self.0.refused).clone()
     }
 
-    /// Records what a client saw. An authorization refusal trips the watch at once (an ACL
-    /// does not come back by retrying); authentication and TLS failures trip it once they
-    /// have gone on for the grace period.
+    /// The authentication or TLS failure seen since the cluster last let a probe in, if any.
+    pub fn suspicion(&self) -> Option<Refusal> {
+        lock(&self.0.suspicion).as_ref().map(|s| s.refusal.clone())
+    }
+
+    /// Records what a client saw: an authorization refusal trips the watch, an authentication
+    /// or TLS failure makes it suspicious.
     pub fn saw(&self, refusal: Refusal) {
         if !refusal.is_connection_level() {
             self.trip(refusal);
             return;
         }
-        let now = Instant::now();
-        let began = {
-            let mut streak = lock(&self.0.streak);
-            let current = match streak.take() {
-                Some(s) if now.duration_since(s.last) <= FAILURE_STREAK_GAP => Streak {
-                    began: s.began,
-                    last: now,
-                },
-                _ => Streak {
-                    began: now,
-                    last: now,
-                },
-            };
-            let began = current.began;
-            *streak = Some(current);
-            began
-        };
-        if now.duration_since(began) >= self.grace() {
-            self.trip(refusal);
+        {
+            let mut suspicion = lock(&self.0.suspicion);
+            let since = suspicion.as_ref().map_or_else(Instant::now, |s| s.since);
+            *suspicion = Some(Suspicion { since, refusal });
         }
+        self.0.changed.notify_waiters();
     }
 
     fn trip(&self, refusal: Refusal) {
-        let mut refused = lock(&self.0.refused);
-        if refused.is_none() {
+        {
+            let mut refused = lock(&self.0.refused);
+            if refused.is_some() {
+                return;
+            }
             tracing::error!(reason = %refusal, "the Kafka cluster refuses this process");
             *refused = Some(refusal);
-            self.0.tripped.notify_waiters();
         }
+        self.0.changed.notify_waiters();
     }
 
-    /// Waits until the cluster refuses this process for good; returns why.
+    /// Waits until the watch trips; returns why.
     pub async fn refused(&self) -> Refusal {
         loop {
-            let tripped = self.0.tripped.notified();
+            let changed = self.0.changed.notified();
             if let Some(refusal) = self.refusal() {
                 return refusal;
             }
-            tripped.await;
+            changed.await;
         }
     }
+
+    /// Waits until the watch trips or becomes suspicious.
+    async fn suspicious_or_refused(&self) {
+        loop {
+            let changed = self.0.changed.notified();
+            if self.refusal().is_some() || lock(&self.0.suspicion).is_some() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Runs for the life of a service: whenever a client of `connection` saw its credentials or
+    /// certificates refused, probes the cluster once a second with a fresh client until one
+    /// gets through (the suspicion is cleared) or the grace period has passed with the probes
+    /// still refused (the watch trips). Returns the refusal once the watch has tripped, for
+    /// whatever reason.
+    pub async fn confirm(connection: &KafkaConnection) -> Refusal {
+        let watch = &connection.access;
+        loop {
+            watch.suspicious_or_refused().await;
+            if let Some(refusal) = watch.refusal() {
+                return refusal;
+            }
+            let since = match lock(&watch.0.suspicion).as_ref() {
+                Some(s) => s.since,
+                None => continue,
+            };
+            match probe(connection).await {
+                Probe::GotThrough => {
+                    *lock(&watch.0.suspicion) = None;
+                }
+                Probe::Refused(refusal) if since.elapsed() >= watch.grace() => watch.trip(refusal),
+                Probe::Refused(_) | Probe::Inconclusive => {
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                }
+            }
+        }
+    }
+}
+
+/// How often [`AccessWatch::confirm`] probes a suspicious cluster.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+enum Probe {
+    GotThrough,
+    Refused(Refusal),
+    /// Neither: the brokers are away, say.
+    Inconclusive,
+}
+
+/// Asks the cluster for its brokers with a fresh client of `connection` (its own broker
+/// connections, so librdkafka reports their refusal afresh).
+async fn probe(connection: &KafkaConnection) -> Probe {
+    let settings = match crate::kafka::connection_settings(connection) {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::warn!(error.message = %e, "probing the Kafka cluster failed");
+            return Probe::Inconclusive;
+        }
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer as _;
+        let own = WatchedContext::default();
+        let client: rdkafka::producer::BaseProducer<WatchedContext> =
+            match settings.create_with_context(own.clone()) {
+                Ok(client) => client,
+                Err(_) => return Probe::Inconclusive,
+            };
+        let answered = client
+            .client()
+            .fetch_metadata(None, Duration::from_secs(3))
+            .is_ok();
+        // Serves the error callback, which files the probe's own refusals.
+        client.poll(Duration::ZERO);
+        match (answered, own.access.suspicion()) {
+            (true, _) => Probe::GotThrough,
+            (false, Some(refusal)) => Probe::Refused(refusal),
+            (false, None) => Probe::Inconclusive,
+        }
+    })
+    .await;
+    outcome.unwrap_or(Probe::Inconclusive)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -412,6 +494,12 @@ impl ClientContext for WatchedContext {
 
 impl ConsumerContext for WatchedContext {}
 
+/// For the start-up check's metadata client, which produces nothing.
+impl rdkafka::producer::ProducerContext for WatchedContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,18 +548,35 @@ mod tests {
     }
 
     #[test]
-    fn an_authorization_refusal_trips_at_once_and_authentication_only_when_it_lasts() {
+    fn an_authorization_refusal_trips_at_once_and_authentication_only_makes_it_suspicious() {
         let watch = AccessWatch::default();
-        watch.set_grace(Duration::from_millis(50));
         watch.saw(Refusal::Authentication("bad password".into()));
-        assert_eq!(watch.refusal(), None, "one failure is not a refusal yet");
-        std::thread::sleep(Duration::from_millis(60));
-        watch.saw(Refusal::Authentication("bad password".into()));
-        assert!(matches!(watch.refusal(), Some(Refusal::Authentication(_))));
+        assert_eq!(
+            watch.refusal(),
+            None,
+            "a failed login may be a restarting broker's"
+        );
+        assert!(matches!(
+            watch.suspicion(),
+            Some(Refusal::Authentication(_))
+        ));
 
-        let watch = AccessWatch::default();
         watch.saw(Refusal::Authorization("no ACL".into()));
         assert!(matches!(watch.refusal(), Some(Refusal::Authorization(_))));
+    }
+
+    #[tokio::test]
+    async fn a_suspicion_counts_only_when_fresh_clients_are_refused_too() {
+        // Nothing listens on port 1 of this machine: the probes are inconclusive, never refused.
+        let connection = KafkaConnection::to("127.0.0.1:1");
+        connection.access.set_grace(Duration::from_millis(10));
+        connection
+            .access
+            .saw(Refusal::Tls("a broker restarting".into()));
+        let confirmed =
+            tokio::time::timeout(Duration::from_secs(3), AccessWatch::confirm(&connection)).await;
+        assert!(confirmed.is_err(), "a broker that is away is not a refusal");
+        assert_eq!(connection.access.refusal(), None);
     }
 
     #[test]

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::producer::{BaseProducer, FutureProducer, Producer as _};
 use rdkafka::ClientConfig;
 
 use crate::access::{KafkaConnection, Refusal, WatchedContext};
@@ -201,8 +201,11 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
         )))
 }
 
-/// How long the start-up checks wait for the cluster's metadata.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the start-up check waits for the cluster's metadata. A check that got no answer in
+/// that time while its client saw its credentials or certificates refused stops the service
+/// with that refusal (the grace [`crate::access::AccessWatch::confirm`] gives a running service
+/// is as long).
+const METADATA_TIMEOUT: Duration = crate::access::DEFAULT_REFUSAL_GRACE;
 
 /// Makes sure `topics` exist, as a deployment with auto-creation disabled needs: the topics
 /// the cluster already has are left as they are, and only missing ones are created, so a
@@ -241,10 +244,19 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
             missing_topics(settings, context, &wanted, &description)
         })
     };
-    let missing = tokio::select! {
-        missing = probe => missing.map_err(|e| Error::TaskEnded(format!("the topic check failed: {e}")))??,
-        refusal = connection.access.refused() => {
-            return Err(Error::AccessRefused { connection: connection.describe(), refusal });
+    let checked = probe
+        .await
+        .map_err(|e| Error::TaskEnded(format!("the topic check failed: {e}")))?;
+    let missing = match checked {
+        Ok(missing) => missing,
+        Err(e) => {
+            return Err(match connection.access.suspicion() {
+                Some(refusal) => Error::AccessRefused {
+                    connection: connection.describe(),
+                    refusal,
+                },
+                None => e,
+            })
         }
     };
     if missing.is_empty() {
@@ -299,19 +311,35 @@ fn missing_topics(
     wanted: &[String],
     connection: &str,
 ) -> Result<Vec<String>> {
-    let client: BaseConsumer<WatchedContext> =
+    // A producer, because polling it serves librdkafka's error callback, through which
+    // refused credentials and certificates reach the access watch; nothing is produced.
+    let client: BaseProducer<WatchedContext> =
         settings
             .create_with_context(context)
             .map_err(Error::kafka(format!(
                 "creating a metadata client ({connection})"
             )))?;
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     let mut missing = Vec::new();
     for name in wanted {
-        let metadata = client
-            .fetch_metadata(Some(name), METADATA_TIMEOUT)
-            .map_err(Error::kafka(format!(
-                "reading the metadata of {name} ({connection})"
-            )))?;
+        let metadata = loop {
+            client.poll(Duration::ZERO);
+            match client
+                .client()
+                .fetch_metadata(Some(name), Duration::from_secs(1))
+            {
+                Ok(metadata) => break metadata,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    client.poll(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(Error::Kafka {
+                        context: format!("reading the metadata of {name} ({connection})"),
+                        source: e,
+                    })
+                }
+            }
+        };
         let Some(found) = metadata.topics().first() else {
             missing.push(name.clone());
             continue;

@@ -106,12 +106,11 @@ impl Pipeline {
         };
         // The relay runs until told to stop; if it ends before (a panic), the consumer would
         // go on filling an outbox nobody publishes: stop the whole pipeline instead.
-        let access = self.kafka.connection.access.clone();
         let consumed = tokio::select! {
             consumed = consume => consumed,
             // The cluster refuses this service for good (credentials, certificates, an ACL):
             // stop with the reason. What is in the outbox stays there for the next start.
-            refusal = access.refused() => {
+            refusal = crate::access::AccessWatch::confirm(&self.kafka.connection) => {
                 relay.abort();
                 sampler.abort();
                 retention.abort();

@@ -56,9 +56,14 @@ pub(crate) async fn run(
             .clone()
             .unwrap_or_else(|| format!("{name}.commands")),
     );
-    let mut created = topics.engine();
-    created.push(command_topic.clone());
-    kafka::ensure_topics(&config.kafka, &created).await?;
+    // Only the topics it uses: on a secured cluster its identity may see no other (saga.events
+    // is the orchestrator's and the clients'), and asking for one would stop it at start.
+    let used = [
+        command_topic.clone(),
+        topics.replies(),
+        topics.dead_letters(),
+    ];
+    kafka::ensure_topics(&config.kafka, &used).await?;
     let pipeline = Pipeline {
         kafka: config.kafka.clone(),
         relay: config.relay.clone(),

@@ -1,35 +1,34 @@
 //! `sagactl provision-kafka`: the admin step of a secured cluster. With the admin identity it
 //! creates the deployment's topics (the services then find them and need no create rights) and
 //! works out the ACLs each identity needs, from the same sources the services name their topics
-//! and groups from: the saga definitions (trigger topics, each participant's command topics),
-//! [`Topics`] (the engine's topics) and the group naming of the orchestrator and the
-//! participant runtime (`<prefix><service>`).
+//! and groups from: the saga definitions read as the chaos suite reads them ([`Deployment`]:
+//! trigger topics, each participant and its command topic), [`Topics`] (the engine's topics)
+//! and the group naming of the orchestrator and the participant runtime
+//! (`<prefix><service>`).
 //!
 //! rdkafka has no ACL API, so the ACLs are written as a plan (JSON, one binding per entry) that
 //! `scripts/kafka-acls.py` applies through confluent-kafka's Admin API and waits for until every
 //! broker enforces it; `scripts/provision-kafka.sh` runs both.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use events::Topics;
-use orchestrator::saga::{definitions, Registry};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
+use crate::deployment::{Deployment, ORCHESTRATOR};
+
 #[derive(clap::Args)]
 pub struct ProvisionKafkaArgs {
-    /// Bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// The admin identity's librdkafka client properties (`security.protocol`, `sasl.*`,
-    /// `ssl.*`, ...), one `name=value` a line. Without it: a plaintext connection.
-    #[arg(long, env = "KAFKA_CLIENT_PROPERTIES")]
-    kafka_client_properties: Option<PathBuf>,
+    /// The cluster, with the admin identity's client properties (a super user, or one allowed
+    /// to create topics).
+    #[command(flatten)]
+    kafka: messaging::config::KafkaConnection,
     /// The deployment's topic prefix (TOPIC_PREFIX of its services).
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
@@ -43,19 +42,27 @@ pub struct ProvisionKafkaArgs {
     /// (3 on the three-node cluster, 1 on the one-node broker).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     replication_factor: i32,
-    /// Where to write the ACL plan (JSON); `-` for standard output. Without it only the topics
-    /// are created and the plan is printed as a table.
+    /// Where to write the ACL plan; `-` for standard output. Without it only the topics are
+    /// created and the plan is printed as a table.
     #[arg(long)]
     acl_plan: Option<PathBuf>,
+    /// The plan's format: `json` (scripts/kafka-acls.py applies it) or `kafka-acls` (one line
+    /// of `kafka-acls.sh` arguments per binding, for Kafka's own tool).
+    #[arg(long, value_enum, default_value_t = PlanFormat::Json)]
+    acl_plan_format: PlanFormat,
     /// Work out the plan only: create no topic.
     #[arg(long)]
     dry_run: bool,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PlanFormat {
+    Json,
+    KafkaAcls,
+}
+
 /// The identity of the public client (orders in, saga events out).
 pub const CLIENT_IDENTITY: &str = "client";
-/// The orchestrator's identity and default consumer group suffix.
-pub const ORCHESTRATOR: &str = "orchestrator";
 
 /// Kafka's ACL resource types this plan uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -99,28 +106,19 @@ pub struct Plan {
     pub acls: BTreeSet<Binding>,
 }
 
-/// The plan for the definitions in `registry` under `topics`' prefix:
+/// The plan for `deployment` under `topics`' prefix:
 /// - the orchestrator writes the command topics, `saga.events`, the trigger topics (its API
 ///   publishes orders there) and the DLQ; reads the trigger topics and `saga.replies`; and
 ///   reads (joins) its group `<prefix>orchestrator`;
-/// - each participant reads only the command topics its steps name, and its group
+/// - each participant reads only its command topic, and its group
 ///   `<prefix><participant>`; writes only `saga.replies` and the DLQ;
 /// - the public client writes only the trigger topics and reads only `saga.events`, with any
 ///   group whose name starts with `<prefix>client.` (no service's group can: service names have
 ///   no dot).
-pub fn plan(registry: &Registry, topics: &Topics) -> Plan {
-    let (triggers, commands) = registry.topics();
+pub fn plan(deployment: &Deployment, topics: &Topics) -> Plan {
+    let (triggers, commands) = deployment.registry.topics();
     let triggers: Vec<String> = triggers.iter().map(|t| topics.named(t)).collect();
     let commands: Vec<String> = commands.iter().map(|t| topics.named(t)).collect();
-    let mut by_participant: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for definition in registry.all() {
-        for step in &definition.steps {
-            by_participant
-                .entry(step.participant.as_str())
-                .or_default()
-                .insert(topics.named(&step.topic));
-        }
-    }
 
     let mut acls = BTreeSet::new();
     let mut allow = |who: &str, resource_type, name: &str, pattern_type, operation| {
@@ -154,19 +152,18 @@ pub fn plan(registry: &Registry, topics: &Topics) -> Plan {
         Read,
     );
 
-    for (participant, own) in &by_participant {
-        for topic in own {
-            allow(participant, Topic, topic, Literal, Read);
-        }
+    for participant in &deployment.participants {
+        let name = participant.name.as_str();
         allow(
-            participant,
-            Group,
-            &topics.named(participant),
+            name,
+            Topic,
+            &topics.named(&participant.topic),
             Literal,
             Read,
         );
+        allow(name, Group, &topics.named(name), Literal, Read);
         for topic in [topics.replies(), topics.dead_letters()] {
-            allow(participant, Topic, &topic, Literal, Write);
+            allow(name, Topic, &topic, Literal, Write);
         }
     }
 
@@ -196,44 +193,21 @@ pub fn client_group_prefix(topics: &Topics) -> String {
     topics.named(&format!("{CLIENT_IDENTITY}."))
 }
 
-/// Reads a `client.properties` file: `name=value` lines; blank lines and lines starting with
-/// `#` or `!` are skipped.
-fn client_properties(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the Kafka client properties {}", path.display()))?;
-    let mut properties = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
-            continue;
-        }
-        let (name, value) = line.split_once('=').with_context(|| {
-            format!(
-                "{}:{}: expected name=value (a librdkafka property)",
-                path.display(),
-                number + 1
-            )
-        })?;
-        properties.push((name.trim().to_owned(), value.trim().to_owned()));
-    }
-    Ok(properties)
-}
-
 pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
-    let registry = Registry::new(definitions::load_dir(&args.sagas_dir)?)?;
+    let deployment = Deployment::load(&args.sagas_dir)?;
     let topics = Topics::new(args.topic_prefix.clone());
-    let plan = plan(&registry, &topics);
+    let plan = plan(&deployment, &topics);
     if !args.dry_run {
         create_topics(&args, &plan.topics).await?;
     }
+    let text = match args.acl_plan_format {
+        PlanFormat::Json => serde_json::to_string_pretty(&plan)?,
+        PlanFormat::KafkaAcls => kafka_acls_lines(&plan),
+    };
     match &args.acl_plan {
-        Some(path) if path.as_os_str() == "-" => {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
-        }
-        Some(path) => {
-            std::fs::write(path, serde_json::to_string_pretty(&plan)?)
-                .with_context(|| format!("writing the ACL plan to {}", path.display()))?;
-        }
+        Some(path) if path.as_os_str() == "-" => println!("{text}"),
+        Some(path) => std::fs::write(path, text)
+            .with_context(|| format!("writing the ACL plan to {}", path.display()))?,
         None => {
             for binding in &plan.acls {
                 println!(
@@ -250,17 +224,40 @@ pub async fn run(args: ProvisionKafkaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The plan as `kafka-acls.sh` arguments, one binding a line (`--add --allow-principal User:x
+/// --operation Read --topic t --resource-pattern-type literal`; any host). No word needs
+/// quoting: identities and topic names have no blanks or shell patterns.
+fn kafka_acls_lines(plan: &Plan) -> String {
+    plan.acls
+        .iter()
+        .map(|b| {
+            let resource = match b.resource_type {
+                Resource::Topic => "--topic",
+                Resource::Group => "--group",
+            };
+            let pattern = match b.pattern_type {
+                Pattern::Literal => "literal",
+                Pattern::Prefixed => "prefixed",
+            };
+            let operation = match b.operation {
+                Operation::Read => "Read",
+                Operation::Write => "Write",
+            };
+            format!(
+                "--add --allow-principal {} --operation {operation} {resource} {} \
+                 --resource-pattern-type {pattern}\n",
+                b.principal, b.resource_name
+            )
+        })
+        .collect()
+}
+
 /// Creates the topics that do not exist yet; one that exists is left as it is.
 async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> anyhow::Result<()> {
-    let mut config = rdkafka::ClientConfig::new();
-    config.set("bootstrap.servers", &args.brokers);
-    if let Some(path) = &args.kafka_client_properties {
-        for (name, value) in client_properties(path)? {
-            config.set(name, value);
-        }
-    }
     let admin: AdminClient<DefaultClientContext> =
-        config.create().context("creating the admin client")?;
+        messaging::kafka::connection_settings(&args.kafka)?
+            .create()
+            .with_context(|| format!("creating the admin client ({})", args.kafka.describe()))?;
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
@@ -275,12 +272,14 @@ async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> a
     let results = admin
         .create_topics(&new_topics, &options)
         .await
-        .context("creating the topics (is the admin identity's client.properties right?)")?;
+        .with_context(|| format!("creating the topics ({})", args.kafka.describe()))?;
     for result in results {
         match result {
             Ok(topic) => eprintln!("created {topic}"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+            Err((topic, code)) => {
+                anyhow::bail!("creating topic {topic}: {code} ({})", args.kafka.describe())
+            }
         }
     }
     Ok(())
@@ -289,12 +288,7 @@ async fn create_topics(args: &ProvisionKafkaArgs, names: &BTreeSet<String>) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn registry() -> Registry {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas");
-        Registry::new(definitions::load_dir(&dir).expect("the repository's definitions load"))
-            .expect("they form a registry")
-    }
+    use crate::deployment::tests::repository;
 
     fn has(plan: &Plan, who: &str, op: Operation, resource: Resource, name: &str) -> bool {
         plan.acls.iter().any(|b| {
@@ -307,7 +301,7 @@ mod tests {
 
     #[test]
     fn each_identity_gets_only_what_its_role_needs() {
-        let plan = plan(&registry(), &Topics::new("t."));
+        let plan = plan(&repository(), &Topics::new("t."));
         use Operation::{Read, Write};
         use Resource::{Group, Topic};
         // The orchestrator: commands, events, triggers and DLQ out; triggers and replies in.
@@ -348,9 +342,9 @@ mod tests {
 
     #[test]
     fn every_participant_a_definition_names_is_provisioned_with_every_topic() {
-        let registry = registry();
-        let plan = plan(&registry, &Topics::new(""));
-        for definition in registry.all() {
+        let deployment = repository();
+        let plan = plan(&deployment, &Topics::new(""));
+        for definition in deployment.registry.all() {
             for step in &definition.steps {
                 assert!(plan.topics.contains(&step.topic));
                 assert!(has(
