@@ -162,10 +162,17 @@ fn run(
     let mut traffic = Traffic::default();
     let mut singles = 0usize;
     loop {
-        match stopping.recv_timeout(plan.every) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // Stopped, or the run dropped its handle.
-            _ => return Ok(outages),
+        // Stopped, or the run dropped its handle.
+        let stopped = !matches!(
+            stopping.recv_timeout(plan.every),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        );
+        // A planned two-down fault that has not happened yet happens when the run stops the
+        // faults (the orders are placed, their sagas still in flight), so that every run that
+        // asks for it meets it, however slowly the nodes restarted before.
+        let two_pending = plan.two_down_after > 0 && singles != usize::MAX;
+        if stopped && !two_pending {
+            return Ok(outages);
         }
         let waited = Instant::now();
         let in_sync = wait_in_sync(client, &plan.topic_prefix, stopping)?;
@@ -175,7 +182,7 @@ fn run(
         let in_sync_wait = waited.elapsed();
         let busiest = traffic.busiest_leader(client, &plan.topic_prefix)?;
         let controller = controller(&plan.cluster_dir);
-        let two = plan.two_down_after > 0 && singles == plan.two_down_after;
+        let two = two_pending && (stopped || singles == plan.two_down_after);
         let mut victims: BTreeMap<i32, Vec<Role>> = BTreeMap::new();
         let mut mark = |node: i32, role: Role| victims.entry(node).or_default().push(role);
         if two {
@@ -277,6 +284,9 @@ fn run(
         } else {
             // One two-down fault per run.
             singles = usize::MAX;
+        }
+        if stopped {
+            return Ok(outages);
         }
     }
 }

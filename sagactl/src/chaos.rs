@@ -176,7 +176,8 @@ pub struct ChaosArgs {
     /// With --broker-nodes 3: after this many one-node kills, the next broker fault takes two
     /// of the three nodes down at once (the busiest leader and the controller) for
     /// --broker-two-down-ms: below min.insync.replicas, producers wait; nothing may be lost
-    /// (0: never).
+    /// (0: never). When the orders are all placed before it came, it comes then, with the
+    /// sagas still in flight.
     #[arg(long, default_value_t = 0)]
     broker_two_down_after: usize,
     /// How long the two nodes stay down, in milliseconds.
