@@ -412,3 +412,49 @@ impl Traffic {
             .map(|(node, records)| (node, u32::try_from(records * 100 / total).unwrap_or(100))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_state(dir: &Path, node: i32, text: &str) {
+        let path = dir
+            .join(format!("node-{node}"))
+            .join("data/__cluster_metadata-0");
+        std::fs::create_dir_all(&path).expect("a directory for the quorum state");
+        std::fs::write(path.join("quorum-state"), text).expect("the quorum state written");
+    }
+
+    #[test]
+    fn the_controller_is_the_leader_of_the_newest_epoch_any_node_knows() {
+        let dir = std::env::temp_dir().join(format!("chaos-quorum-{}", uuid::Uuid::new_v4()));
+        assert_eq!(controller(&dir), None, "no node has a quorum state yet");
+        // Node 1 was the leader of epoch 5 and died: its file still says so. Node 3, a voter
+        // of the next election, knows node 2 leads epoch 6; node 2 voted for itself.
+        write_state(
+            &dir,
+            1,
+            r#"{"clusterId":"","leaderId":1,"leaderEpoch":5,"votedId":-1,"appliedOffset":0,"currentVoters":[{"voterId":1},{"voterId":2},{"voterId":3}],"data_version":0}"#,
+        );
+        write_state(
+            &dir,
+            2,
+            r#"{"clusterId":"","leaderId":2,"leaderEpoch":6,"votedId":2,"appliedOffset":0,"data_version":0}"#,
+        );
+        write_state(
+            &dir,
+            3,
+            r#"{"clusterId":"","leaderId":2,"leaderEpoch":6,"votedId":2,"appliedOffset":0,"data_version":0}"#,
+        );
+        assert_eq!(controller(&dir), Some(2));
+        // During an election no leader is known in the newest epoch (-1): the last known
+        // leader is still named, not a node without one.
+        write_state(
+            &dir,
+            3,
+            r#"{"clusterId":"","leaderId":-1,"leaderEpoch":7,"votedId":3,"appliedOffset":0,"data_version":0}"#,
+        );
+        assert_eq!(controller(&dir), Some(2));
+        std::fs::remove_dir_all(&dir).expect("the test's directory removed");
+    }
+}
