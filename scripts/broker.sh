@@ -344,7 +344,9 @@ await_nodes() {
         tail -n +"${starts[$n]}" "$dir/node.log" | grep -E "ERROR|Exception" | tail -10 >&2 || true
         return 1
       fi
-      tail -n +"${starts[$n]}" "$dir/node.log" | grep -q "Kafka Server started" || pending=1
+      # Not `tail | grep -q`: with pipefail, tail killed by SIGPIPE (grep -q stops at the
+      # first match of a long log) would fail the check after the node has started.
+      grep -q "Kafka Server started" < <(tail -n +"${starts[$n]}" "$dir/node.log") || pending=1
     done
     ((pending)) || return 0
     sleep 0.1

@@ -7,8 +7,9 @@
 #   scripts/provision-kafka.sh [TOPIC_PREFIX]
 #
 # Defaults to the three-node cluster of `BROKER_NODES=3 scripts/broker.sh start`: its
-# cluster.env (KAFKA_BROKERS) and admin identity. Elsewhere set KAFKA_BROKERS and
-# KAFKA_ADMIN_PROPERTIES (the admin's librdkafka client.properties). SAGACTL names the sagactl
+# cluster.env (KAFKA_BROKERS) and admin identity. Another cluster: set KAFKA_ADMIN_PROPERTIES
+# (the admin's librdkafka client.properties) and KAFKA_BROKERS (every broker: each is asked
+# whether it enforces the ACLs). SAGACTL names the sagactl
 # to run (default: target/debug/sagactl, built when missing). confluent-kafka (pinned) is
 # installed from PyPI into .run/acl-venv on first use. PROVISION_REPLICATION_FACTOR: the
 # topics' replication (default: the brokers' default.replication.factor).
@@ -17,10 +18,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 CONFLUENT_KAFKA_VERSION=2.12.2
 prefix="${1:-${TOPIC_PREFIX:-}}"
 cluster_dir="${BROKER_RUN_DIR:-$ROOT/.run/cluster}"
-if [[ -z "${KAFKA_BROKERS:-}" && -f "$cluster_dir/cluster.env" ]]; then
+if [[ -z "${KAFKA_ADMIN_PROPERTIES:-}" ]]; then
+  # The local cluster: its brokers, whatever KAFKA_BROKERS says (test.sh sets it to the
+  # plaintext broker).
+  [[ -f "$cluster_dir/cluster.env" ]] || {
+    echo "no $cluster_dir/cluster.env (BROKER_NODES=3 scripts/broker.sh start) and no KAFKA_ADMIN_PROPERTIES" >&2
+    exit 1
+  }
   source "$cluster_dir/cluster.env"
 fi
-: "${KAFKA_BROKERS:?no KAFKA_BROKERS and no $cluster_dir/cluster.env}"
+: "${KAFKA_BROKERS:?KAFKA_BROKERS must name the cluster with KAFKA_ADMIN_PROPERTIES}"
 admin_properties="${KAFKA_ADMIN_PROPERTIES:-$cluster_dir/clients/admin.properties}"
 [[ -f "$admin_properties" ]] || { echo "no admin client properties at $admin_properties" >&2; exit 1; }
 

@@ -40,6 +40,9 @@ if ! BROKER_NODES=3 scripts/broker.sh running; then
 fi
 SECURED_KAFKA_DIR="$ROOT/.run/cluster" cargo test -p sagactl --locked --test secured_kafka -- \
   --ignored --test-threads=2
+# Their topics (prefix secured-*), so that runs do not pile up partitions on the cluster.
+(source .run/cluster/cluster.env && target/debug/sagactl delete-topics --prefix secured- \
+  --kafka-brokers "$KAFKA_BROKERS" --kafka-client-properties .run/cluster/clients/admin.properties)
 
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
