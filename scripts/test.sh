@@ -75,9 +75,8 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
 # once every replica is in sync), then two nodes at once for 8 s (producers wait: min ISR 2),
 # and every invariant checked as on one node. KIP-848 groups: a classic group's static members
 # are fenced (FENCED_INSTANCE_ID, fatal) when their coordinator's node dies.
-cluster_was_running=0
-BROKER_NODES=3 scripts/broker.sh running && cluster_was_running=1
-BROKER_NODES=3 scripts/broker.sh start
+# The cluster is the security tests' (stopped at the end if this script started it); a node this
+# run kills is started again before it ends.
 (
   source "$ROOT/.run/cluster/cluster.env"
   target/debug/sagactl chaos --kafka-brokers "$KAFKA_BROKERS" \
@@ -87,7 +86,6 @@ BROKER_NODES=3 scripts/broker.sh start
     --group-protocol consumer --broker-nodes 3 --broker-kill-every-ms 3000 --broker-down-ms 1000 \
     --broker-two-down-after 2 --broker-two-down-ms 8000 --settle-timeout-secs 120
 )
-((cluster_was_running)) || BROKER_NODES=3 scripts/broker.sh stop
 
 # The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
 # missing) against the services as processes; screenshots go to target/artifacts/.
