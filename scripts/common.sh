@@ -225,7 +225,7 @@ bench_start_stack() {
   # The broker and PostgreSQL (the postmaster and every backend under it) share the machine;
   # their CPU counts in the per-saga budget too.
   local broker_pid_file="$ROOT/.run/broker/broker.pid"
-  if [[ -f "$broker_pid_file" ]] && kill -0 "$(cat "$broker_pid_file")" 2>/dev/null; then
+  if [[ $secured != 1 && -f "$broker_pid_file" ]] && kill -0 "$(cat "$broker_pid_file")" 2>/dev/null; then
     BENCH_ACCOUNTING+=(--process "broker=$(cat "$broker_pid_file")" --kafka-log-dir "$ROOT/.run/broker/data")
   fi
   if [[ $secured == 1 ]]; then
