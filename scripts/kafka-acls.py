@@ -1,4 +1,4 @@
-"""Applies an ACL plan of `sagactl provision-kafka` through the Kafka Admin API (confluent-kafka,
+"""Applies an ACL plan of `sagactl provision kafka` through the Kafka Admin API (confluent-kafka,
 which bundles librdkafka: rdkafka 0.39 has no ACL API), then waits until every broker enforces
 it: the controller commits ACLs before each broker has replayed them, and right after
 CreateAcls returns an allowed request can still be refused for a moment.

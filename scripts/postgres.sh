@@ -11,10 +11,24 @@
 #   scripts/postgres.sh writable  # take writes again
 #   scripts/postgres.sh running   # exit 0 when something listens on 127.0.0.1:$PGPORT
 #
-# The project's settings live in one file of the cluster's conf.d
-# (/etc/postgresql/<version>/main/conf.d/saga-engine.conf) and the loopback trust rules in
-# saga-engine-hba.conf beside it; Debian's own files are left as they are. A server that
-# already answers on the port is used as it is: it must accept that URL.
+# TLS: the server's certificate comes from the local CA (`scripts/pki.sh issue postgres`, for
+# 127.0.0.1 and localhost), so clients can check it with `sslmode=verify-full` and
+# `sslrootcert=.run/pki/ca.crt`; the same CA verifies client certificates (`sslcert`/`sslkey`)
+# a client presents. The services' roles (members of the group role `saga_services`, made by
+# the admin step `sagactl provision database`) must come over TLS with a SCRAM password:
+# the same roles without TLS, or over the Unix socket, are rejected. Every other role keeps
+# trust on loopback, so `postgres://postgres@127.0.0.1:5432` stays the superuser without a
+# password (the tests and the admin steps use it).
+#
+# The project's settings live in files of the cluster's conf.d
+# (/etc/postgresql/<version>/main/conf.d/saga-engine.conf, and saga-engine-tls.conf for TLS),
+# the authentication rules in saga-engine-hba.conf beside it, and the certificate, its key
+# (owned by postgres, mode 600) and the CA beside them as saga-engine-server.crt,
+# saga-engine-server.key and saga-engine-ca.crt; Debian's own files are left as they are.
+# `start` on a running cluster applies a change of TLS or authentication with a reload (the
+# server keeps its connections; PostgreSQL >= 10 reloads every TLS setting, `ssl` itself
+# included) and restarts only for the settings that need it. A server that already answers on
+# the port and is not Debian's is used as it is: it must accept that URL.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGPORT="${PGPORT:-5432}"
@@ -42,21 +56,42 @@ write_if_changed() {
   printf '%s\n' "$content" | as_root tee "$1" >/dev/null
 }
 
-# configure VERSION: creates the cluster if it is missing and writes the project's settings;
-# exit 0 when a setting changed (a running cluster then needs a restart).
+# install_if_changed MODE SOURCE TARGET: copies SOURCE to TARGET, owned by postgres with MODE,
+# unless TARGET holds that already; exit 0 when it copied.
+install_if_changed() {
+  if [[ -f "$3" ]] && cmp -s "$2" "$3"; then
+    as_root chown postgres:postgres "$3"
+    as_root chmod "$1" "$3"
+    return 1
+  fi
+  # Through `env`: this script has a function named install.
+  as_root env install -o postgres -g postgres -m "$1" "$2" "$3"
+}
+
+# configure VERSION: creates the cluster if it is missing and writes the project's settings.
+# Sets NEEDS_RESTART=1 when a setting only a restart applies changed, NEEDS_RELOAD=1 when TLS
+# or authentication changed (a reload applies them).
 configure() {
-  local version="$1" conf_dir="/etc/postgresql/$1/$CLUSTER" changed=1
+  local version="$1" conf_dir="/etc/postgresql/$1/$CLUSTER"
+  NEEDS_RESTART=0 NEEDS_RELOAD=0
   if [[ ! -d "$conf_dir" ]]; then
     as_root pg_createcluster "$version" "$CLUSTER" >/dev/null
   fi
-  write_if_changed "$conf_dir/saga-engine-hba.conf" <<HBA && changed=0
+  # The services' roles (group saga_services) only over TLS with a SCRAM password; the rules
+  # are read top down, so theirs come before the trust rules that match every role. A group
+  # that does not exist yet matches no one.
+  write_if_changed "$conf_dir/saga-engine-hba.conf" <<HBA && NEEDS_RELOAD=1
 # Written by scripts/postgres.sh: local development and tests only.
+hostssl all   +saga_services   127.0.0.1/32  scram-sha-256
+hostssl all   +saga_services   ::1/128       scram-sha-256
+host    all   +saga_services   all           reject
+local   all   +saga_services                 reject
 local   all   all                 trust
 host    all   all   127.0.0.1/32  trust
 host    all   all   ::1/128       trust
 HBA
   # Every end-to-end test runs four services with their own pools, several tests at once.
-  write_if_changed "$conf_dir/conf.d/saga-engine.conf" <<CONF && changed=0
+  write_if_changed "$conf_dir/conf.d/saga-engine.conf" <<CONF && NEEDS_RESTART=1
 # Written by scripts/postgres.sh.
 listen_addresses = '127.0.0.1'
 port = $PGPORT
@@ -65,7 +100,50 @@ shared_buffers = 256MB
 hba_file = '$conf_dir/saga-engine-hba.conf'
 shared_preload_libraries = 'pg_stat_statements'
 CONF
-  return $changed
+  # The server's key must belong to postgres with mode 600, so it is copied from the CA's
+  # folder (which the user running the scripts owns).
+  local certificate
+  certificate="$("$ROOT/scripts/pki.sh" issue postgres)"
+  install_if_changed 644 "$certificate" "$conf_dir/saga-engine-server.crt" && NEEDS_RELOAD=1
+  install_if_changed 600 "${certificate%.crt}.key" "$conf_dir/saga-engine-server.key" && NEEDS_RELOAD=1
+  install_if_changed 644 "$(dirname "$certificate")/ca.crt" "$conf_dir/saga-engine-ca.crt" && NEEDS_RELOAD=1
+  write_if_changed "$conf_dir/conf.d/saga-engine-tls.conf" <<CONF && NEEDS_RELOAD=1
+# Written by scripts/postgres.sh: TLS with the local CA's certificate (scripts/pki.sh).
+ssl = on
+ssl_cert_file = '$conf_dir/saga-engine-server.crt'
+ssl_key_file = '$conf_dir/saga-engine-server.key'
+ssl_ca_file = '$conf_dir/saga-engine-ca.crt'
+ssl_min_protocol_version = 'TLSv1.2'
+CONF
+  as_root chown postgres:postgres "$conf_dir/saga-engine-hba.conf" "$conf_dir/conf.d/saga-engine-tls.conf"
+  return 0
+}
+
+# reload VERSION: applies changed TLS and authentication settings to the running cluster without
+# dropping a connection, after checking that the server can read them (a reload with a broken
+# file would keep the old settings and only log why).
+reload() {
+  local version="$1" errors
+  errors="$(psql -X -Atq "postgres://postgres@127.0.0.1:$PGPORT/postgres" \
+    -c "SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL")"
+  if [[ -n "$errors" ]]; then
+    echo "saga-engine-hba.conf has errors; not reloading: $errors" >&2
+    return 1
+  fi
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" reload
+  # The reload is asynchronous, and a certificate the server cannot load leaves the old one in
+  # place with only a line in its log: wait until a client that trusts only our CA gets in.
+  local ca="/etc/postgresql/$version/$CLUSTER/saga-engine-ca.crt"
+  for _ in $(seq 1 100); do
+    if psql -X -Atq "postgres://postgres@127.0.0.1:$PGPORT/postgres?sslmode=verify-full&sslrootcert=$ca" \
+      -c "SELECT 1" >/dev/null 2>&1; then
+      echo "PostgreSQL $version reloaded its TLS and authentication settings" >&2
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "PostgreSQL $version does not present the CA's certificate after a reload; see /var/log/postgresql/postgresql-$version-$CLUSTER.log" >&2
+  return 1
 }
 
 cluster_online() {
@@ -82,11 +160,15 @@ start() {
   version="$(server_version)"
   # Installing the package may have started the cluster with Debian's settings (password
   # authentication): apply ours with a restart.
-  if configure "$version"; then
-    cluster_online "$version" && action=restart
-  elif cluster_online "$version"; then
-    echo "PostgreSQL $version already runs on 127.0.0.1:$PGPORT" >&2
-    return 0
+  configure "$version"
+  if cluster_online "$version"; then
+    if ((NEEDS_RESTART)); then
+      action=restart
+    else
+      ((NEEDS_RELOAD)) && reload "$version"
+      echo "PostgreSQL $version already runs on 127.0.0.1:$PGPORT" >&2
+      return 0
+    fi
   fi
   if [[ $action == start ]] && tcp_open "127.0.0.1:$PGPORT"; then
     echo "another PostgreSQL answers on 127.0.0.1:$PGPORT; using it" >&2

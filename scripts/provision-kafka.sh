@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The admin step of a secured Kafka cluster, for one deployment (one topic prefix): creates its
-# topics and the ACLs of every identity (`sagactl provision-kafka` works them out from the saga
+# topics and the ACLs of every identity (`sagactl provision kafka` works them out from the saga
 # definitions; scripts/kafka-acls.py applies them with confluent-kafka and waits until every
 # broker enforces them). Services then start without create rights. Safe to run again.
 #
@@ -42,6 +42,6 @@ sagactl="${SAGACTL:-$ROOT/target/debug/sagactl}"
 [[ -x "$sagactl" ]] || (cd "$ROOT" && cargo build --locked -p sagactl)
 plan="$(mktemp)"
 trap 'rm -f "$plan"' EXIT
-"$sagactl" provision-kafka --kafka-brokers "$KAFKA_BROKERS" --kafka-client-properties "$admin_properties" \
+"$sagactl" provision kafka --kafka-brokers "$KAFKA_BROKERS" --kafka-client-properties "$admin_properties" \
   --topic-prefix "$prefix" --replication-factor "${PROVISION_REPLICATION_FACTOR:--1}" --acl-plan "$plan"
 "$venv/bin/python" "$ROOT/scripts/kafka-acls.py" "$plan" "$admin_properties" "$KAFKA_BROKERS"

@@ -14,6 +14,12 @@
 # KAFKA_BROKERS (default 127.0.0.1:9092), HTTP_ADDR (default 127.0.0.1:8080), TOPIC_PREFIX.
 # Logs go to .run/logs/.
 #
+# PostgreSQL: DATABASE_URL is the administrator's (a superuser). The admin step
+# (`sagactl provision database`) gives each service a role of its own (saga_<service>, its
+# password in .run/pg/<service>.pgpass) owning its schema in that database, and each service
+# connects as its role over TLS, verifying the server's certificate against the local CA
+# (sslmode=verify-full, sslrootcert=.run/pki/ca.crt), with PGPASSFILE naming its password file.
+#
 # SECURED_KAFKA=1: instead of the one plaintext node, the secured three-node cluster
 # (`BROKER_NODES=3 scripts/broker.sh start`: TLS, SASL, ACLs, replication 3; KAFKA_BROKERS from
 # its cluster.env); the admin step (scripts/provision-kafka.sh) creates the topics and ACLs of
@@ -50,12 +56,8 @@ else
   start_dependencies
 fi
 
-# Create the database if it is missing (each service creates its schema and migrates it).
 db_name="${DATABASE_URL##*/}"
 server_url="${DATABASE_URL%/*}"
-if ! psql "$server_url/postgres" -Atc "SELECT 1 FROM pg_database WHERE datname = '$db_name'" | grep -q 1; then
-  psql "$server_url/postgres" -qc "CREATE DATABASE \"$db_name\""
-fi
 
 mapfile -t service_names < <(services)
 echo "building the services: ${service_names[*]}..." >&2
@@ -63,6 +65,16 @@ cargo build --release --locked "${service_names[@]/#/--bin=}" --bin=sagactl
 if [[ $secured == 1 ]]; then
   SAGACTL=target/release/sagactl scripts/provision-kafka.sh "${TOPIC_PREFIX:-}"
 fi
+
+# The admin step: the database (created when missing), a role per service and its schema; each
+# service then migrates its own schema with its own rights.
+target/release/sagactl provision database --server "$server_url" --database "$db_name" \
+  --secrets-dir .run/pg >/dev/null
+# Where the services connect: the administrator's host and port, as their own roles, over TLS
+# verified against the CA that signed the server's certificate (scripts/postgres.sh).
+server_address="${server_url#*://}"
+server_address="${server_address#*@}"
+database_ca="$("$ROOT/scripts/pki.sh" dir)/ca.crt"
 
 mkdir -p .run/logs
 # demo-operator: the page's walkthrough (reads, operator actions, and the demo orders);
@@ -81,7 +93,10 @@ trap 'exit 130' INT TERM
 for service in "${service_names[@]}"; do
   identity "$service"
   # `env` executes the service in its place, so the pid is the service's.
-  env "${IDENTITY[@]}" "target/release/$service" >".run/logs/$service.log" 2>&1 &
+  env "${IDENTITY[@]}" \
+    DATABASE_URL="postgres://saga_$service@$server_address/$db_name?sslmode=verify-full&sslrootcert=$database_ca" \
+    PGPASSFILE="$ROOT/.run/pg/$service.pgpass" \
+    "target/release/$service" >".run/logs/$service.log" 2>&1 &
   pids+=($!)
   echo "started $service (pid $!, log .run/logs/$service.log)" >&2
 done

@@ -220,7 +220,7 @@ impl fmt::Display for Refusal {
             ),
             Self::Authorization(reason) => write!(
                 f,
-                "the cluster refuses this identity an operation (an ACL is missing; the admin step `sagactl provision-kafka` grants the services theirs): {reason}"
+                "the cluster refuses this identity an operation (an ACL is missing; the admin step `sagactl provision kafka` grants the services theirs): {reason}"
             ),
         }
     }

@@ -21,8 +21,9 @@ pub struct KafkaConfig {
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topics this service creates.
-    #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
+    /// Replication factor of the topics this service creates; -1: the cluster's
+    /// `default.replication.factor` (1 on the one-node broker, 3 on the three-node cluster).
+    #[arg(long, env = "TOPIC_REPLICATION_FACTOR", default_value_t = -1, allow_negative_numbers = true)]
     pub topic_replication_factor: i32,
 
     /// Longest time the broker may hold a fetch request waiting for data (fetch.wait.max.ms).
@@ -92,7 +93,20 @@ pub enum GroupProtocol {
 /// Where the service keeps its state.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseConfig {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL: postgres://ROLE@HOST:PORT/DATABASE?PARAMETERS. TLS:
+    /// `sslmode` = disable, allow, prefer (the default: TLS when the server offers it,
+    /// unverified), require (TLS, unverified), verify-ca (the server's certificate must be
+    /// signed by the CA in `sslrootcert`) or verify-full (verify-ca, and the certificate must
+    /// name HOST: use this one); `sslrootcert=FILE`, the CA's certificate (PEM); `sslcert=FILE`
+    /// and `sslkey=FILE`, a client certificate and its key (PEM, for a server that asks for
+    /// one). The password: rather than in the URL (which the environment and logs may show),
+    /// in a password file named by the environment variable PGPASSFILE (libpq's format, lines
+    /// `host:port:database:role:password`, `*` for any; mode 600, or it is ignored), read when
+    /// the URL has none; the admin step `sagactl provision database` creates each service's
+    /// role and writes its file. The libpq variables PGSSLMODE, PGSSLROOTCERT,
+    /// PGSSLCERT and PGSSLKEY fill in what the URL leaves out. A wrong password, an untrusted
+    /// server certificate or a role the server refuses stops the service at start with the
+    /// setting to check.
     #[arg(
         long,
         env = "DATABASE_URL",

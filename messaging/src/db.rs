@@ -22,35 +22,41 @@ pub static MESSAGING_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/messag
 
 /// Opens a pool whose connections use `schema`, creating the schema if it is missing.
 ///
+/// A service's role normally finds its schema made (and owned by it) by the admin step
+/// ([`crate::provision`]); then nothing here needs the right to create schemas in the
+/// database. A missing schema is created only when the role may (a superuser, or a role with
+/// CREATE on the database, as in development).
+///
 /// # Errors
-/// [`Error::Config`] for a schema name that is not a plain lower-case identifier,
-/// [`Error::Database`] when PostgreSQL cannot be reached.
+/// [`Error::Config`] for a schema name that is not a plain lower-case identifier, a URL that
+/// does not parse or an unusable `PGPASSFILE`; [`Error::Connect`] when PostgreSQL refuses the
+/// connection (a wrong password, an untrusted certificate, a role refused without TLS), naming
+/// the setting to check; [`Error::SchemaMissing`] and [`Error::SchemaNotWritable`] when the
+/// admin step has not given the role its schema; [`Error::Database`] otherwise.
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
     if !is_identifier(schema) {
         return Err(Error::Config(format!(
             "schema name {schema:?} must match [a-z_][a-z0-9_]*"
         )));
     }
-    let options = PgConnectOptions::from_str(url)?;
+    if !url_has_password(url) {
+        check_password_file()?;
+    }
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| Error::Config(format!("DATABASE_URL does not parse: {e}")))?;
+    let role = options.get_username().to_owned();
+    // Every start-up failure to log in stops the service here with the setting to check;
+    // sqlx's pool retries only a refused TCP connection (a server starting up).
     let bootstrap = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(options.clone())
-        .await?;
-    // Instances starting at once would race on the schema's catalog row (one fails with a
-    // duplicate key in pg_namespace): a lock per schema name, held until the commit,
-    // serialises them. Migrations are serialised by sqlx's own lock.
-    let mut tx = bootstrap.begin().await?;
-    sqlx::query!(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        format!("saga-engine schema {schema}")
-    )
-    .execute(&mut *tx)
-    .await?;
-    // The name was checked above, so it can be spliced into the statement.
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+        .await
+        .map_err(|source| Error::Connect {
+            hint: connect_hint(&source, &options),
+            role: role.clone(),
+            source,
+        })?;
+    prepare_schema(&bootstrap, schema, &role).await?;
     bootstrap.close().await;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
@@ -58,6 +64,182 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
         .connect_with(options.options([("search_path", schema)]))
         .await?;
     Ok(pool)
+}
+
+/// Makes sure `schema` exists and `role` (the pool's) may create tables in it.
+async fn prepare_schema(pool: &PgPool, schema: &str, role: &str) -> Result<()> {
+    // `CREATE SCHEMA IF NOT EXISTS` checks the right to create schemas in the database before
+    // it looks for the schema, so it is not run when the schema is there.
+    let writable = sqlx::query_scalar!(
+        r#"SELECT has_schema_privilege(oid, 'USAGE') AND has_schema_privilege(oid, 'CREATE') AS "writable!"
+           FROM pg_namespace WHERE nspname = $1"#,
+        schema
+    )
+    .fetch_optional(pool)
+    .await?;
+    match writable {
+        Some(true) => return Ok(()),
+        Some(false) => {
+            return Err(Error::SchemaNotWritable {
+                schema: schema.to_owned(),
+                role: role.to_owned(),
+            })
+        }
+        None => {}
+    }
+    // Instances starting at once would race on the schema's catalog row (one fails with a
+    // duplicate key in pg_namespace): a lock per schema name, held until the commit,
+    // serialises them. Migrations are serialised by sqlx's own lock.
+    let mut tx = pool.begin().await?;
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        format!("saga-engine schema {schema}")
+    )
+    .execute(&mut *tx)
+    .await?;
+    // The name was checked by the caller, so it can be spliced into the statement.
+    match sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .execute(&mut *tx)
+        .await
+    {
+        Ok(_) => {}
+        // insufficient_privilege: the role may not create schemas in this database.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            return Err(Error::SchemaMissing {
+                schema: schema.to_owned(),
+                role: role.to_owned(),
+                source: sqlx::Error::Database(e),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What to check when PostgreSQL refused a connection, by the kind of refusal.
+fn connect_hint(error: &sqlx::Error, options: &PgConnectOptions) -> String {
+    let tls = || {
+        format!(
+            "the server's TLS certificate was not accepted (sslmode {}): check DATABASE_URL's \
+             sslrootcert (or PGSSLROOTCERT), the file of the CA that signed the server's \
+             certificate; with verify-full the certificate must also name the host {} that \
+             DATABASE_URL connects to; and sslcert/sslkey when the server refused the client's \
+             certificate",
+            ssl_mode_name(options.get_ssl_mode()),
+            options.get_host()
+        )
+    };
+    match error {
+        sqlx::Error::Tls(_) => tls(),
+        // rustls' handshake failures (an unknown issuer, a name mismatch, a refused client
+        // certificate) reach sqlx as I/O errors of the TLS stream.
+        sqlx::Error::Io(e) if is_tls_failure(e) => tls(),
+        // sqlx reads the TLS files when it connects.
+        sqlx::Error::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            "a file DATABASE_URL names cannot be read: its sslrootcert, sslcert or sslkey (or \
+             PGSSLROOTCERT, PGSSLCERT, PGSSLKEY)"
+                .to_owned()
+        }
+        sqlx::Error::Database(e) => match e.code().as_deref() {
+            // invalid_password
+            Some("28P01") => format!(
+                "password authentication failed: the password comes from DATABASE_URL or else \
+                 from the password file PGPASSFILE names ({}), a line \
+                 `host:port:database:role:password` for role `{}` in a file of mode 600 (the \
+                 admin step `sagactl provision database` writes one per service)",
+                std::env::var("PGPASSFILE").map_or_else(
+                    |_| "unset: ~/.pgpass".to_owned(),
+                    |path| format!("PGPASSFILE={path}")
+                ),
+                options.get_username()
+            ),
+            // invalid_authorization_specification: no pg_hba.conf line lets the role in.
+            Some("28000") => format!(
+                "the server does not let role `{}` in this way (pg_hba.conf): check DATABASE_URL's \
+                 role, database and sslmode (a service role must use TLS: sslmode=verify-full \
+                 with sslrootcert)",
+                options.get_username()
+            ),
+            // invalid_catalog_name
+            Some("3D000") => "the database DATABASE_URL names does not exist: create it with the \
+                 admin step (`sagactl provision database`)"
+                .to_owned(),
+            _ => "check DATABASE_URL".to_owned(),
+        },
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => format!(
+            "the server at DATABASE_URL's host {} port {} does not answer",
+            options.get_host(),
+            options.get_port()
+        ),
+        _ => "check DATABASE_URL".to_owned(),
+    }
+}
+
+fn ssl_mode_name(mode: sqlx::postgres::PgSslMode) -> &'static str {
+    use sqlx::postgres::PgSslMode;
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
+fn is_tls_failure(error: &std::io::Error) -> bool {
+    let text = error.to_string().to_lowercase();
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "alert",
+        "peer sent",
+        "unknownissuer",
+    ]
+    .iter()
+    .any(|word| text.contains(word))
+}
+
+/// Whether `url` carries a password (`postgres://role:password@host`); one in the URL wins
+/// over the password file.
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+        || url.contains("password=")
+}
+
+/// sqlx (like libpq) silently ignores a password file it cannot read or that others may read,
+/// and the server then says only that the password was wrong: such a `PGPASSFILE` stops the
+/// start with its own reason instead.
+fn check_password_file() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = std::env::var_os("PGPASSFILE") else {
+        return Ok(());
+    };
+    let shown = std::path::Path::new(&path).display().to_string();
+    let metadata = std::fs::metadata(&path)
+        .map_err(|e| Error::Config(format!("the password file PGPASSFILE={shown}: {e}")))?;
+    let mode = metadata.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "the password file PGPASSFILE={shown} may be read by others (mode {:o}); it must be \
+             mode 600 or it is ignored",
+            mode & 0o777
+        )));
+    }
+    std::fs::File::open(&path)
+        .map_err(|e| Error::Config(format!("the password file PGPASSFILE={shown}: {e}")))?;
+    Ok(())
 }
 
 /// A further pool on a schema that [`open`] has already prepared, with its own size and a
@@ -168,7 +350,7 @@ impl<'s> MigrationSource<'s> for Layers {
     }
 }
 
-fn is_identifier(name: &str) -> bool {
+pub(crate) fn is_identifier(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))

@@ -6,6 +6,33 @@ use rdkafka::error::KafkaError;
 pub enum Error {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The service could not log in to PostgreSQL; `hint` names the setting to check.
+    #[error("cannot connect to PostgreSQL as role `{role}`: {hint}: {source}")]
+    Connect {
+        role: String,
+        hint: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The service's schema is missing and its role may not create it.
+    #[error(
+        "schema `{schema}` does not exist and role `{role}` may not create it: run the admin \
+         step first (`sagactl provision database`, README.md \"Roles, TLS and passwords\"), \
+         which creates it owned by the service's role"
+    )]
+    SchemaMissing {
+        schema: String,
+        role: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The service's schema exists but its role may not create tables in it.
+    #[error(
+        "role `{role}` may not create tables in schema `{schema}` (it is neither the owner nor \
+         granted USAGE and CREATE): run the admin step `sagactl provision database`, which \
+         hands each service's schema to its role"
+    )]
+    SchemaNotWritable { schema: String, role: String },
     #[error("migrating schema `{schema}` failed: {source}")]
     Migrate {
         schema: String,
@@ -34,7 +61,7 @@ pub enum Error {
         refusal: crate::access::Refusal,
     },
     /// Topics the service needs do not exist and its identity may not create them.
-    #[error("topics {topics:?} do not exist and {connection} may not create them ({reason}); create them with the admin step (`sagactl provision-kafka`)")]
+    #[error("topics {topics:?} do not exist and {connection} may not create them ({reason}); create them with the admin step (`sagactl provision kafka`)")]
     TopicsMissing {
         topics: Vec<String>,
         connection: String,

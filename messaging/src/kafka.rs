@@ -210,7 +210,7 @@ const METADATA_TIMEOUT: Duration = crate::access::DEFAULT_REFUSAL_GRACE;
 /// Makes sure `topics` exist, as a deployment with auto-creation disabled needs: the topics
 /// the cluster already has are left as they are, and only missing ones are created, so a
 /// service whose identity may not create topics (a secured cluster, where the admin step
-/// `sagactl provision-kafka` made them) starts without asking. A name given twice is asked
+/// `sagactl provision kafka` made them) starts without asking. A name given twice is asked
 /// for once (librdkafka crashes on a request that names a topic twice).
 ///
 /// It also checks the connection, so that a service the cluster refuses stops at start with

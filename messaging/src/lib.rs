@@ -12,6 +12,7 @@
 //! - [`headers`]: record headers read as bytes, whatever a producer put in them.
 //! - [`kafka`], [`access`], [`db`]: client settings (a secured cluster's too), topic creation,
 //!   pools, schemas and migrations.
+//! - [`provision`]: the admin step that gives each service its own PostgreSQL role and schema.
 //! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
 //!   settings, logs, traces, counts and stops.
 //!
@@ -30,6 +31,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
+pub mod provision;
 pub mod relay;
 pub mod retention;
 pub mod shutdown;

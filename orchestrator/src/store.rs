@@ -14,6 +14,12 @@ use crate::{Error, Result};
 /// The orchestrator's own migrations (on top of the messaging tables).
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
 
+/// The extensions the orchestrator's migrations use (pg_trgm: 1005's trigram index). A
+/// service role may not create an extension (it has no CREATE on the database), so the admin
+/// step (`sagactl provision database`) creates them; the migration's `CREATE EXTENSION IF NOT
+/// EXISTS` then finds them.
+pub const EXTENSIONS: &[&str] = &["pg_trgm"];
+
 #[derive(sqlx::FromRow)]
 struct SagaRow {
     id: Uuid,

@@ -8,6 +8,8 @@
 //! - `sagactl ceiling broker|postgres` measures what the machine can do at most.
 //! - `sagactl watchers` keeps many watch streams and emulated operations pages open against
 //!   the HTTP API, to run beside `sagactl load`.
+//! - `sagactl provision database`: the admin step that gives each service its own PostgreSQL
+//!   role and schema.
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
@@ -20,6 +22,7 @@ mod garbage;
 mod ledgers;
 mod load;
 mod ops;
+mod provision;
 mod provision_kafka;
 mod sse;
 mod topic_faults;
@@ -65,11 +68,12 @@ enum Command {
     /// Run sagas while killing services at random, then check that nothing was lost or done
     /// twice.
     Chaos(chaos::ChaosArgs),
+    /// The admin steps of a deployment: each service's PostgreSQL role and schema, and a
+    /// secured Kafka cluster's topics and ACLs.
+    #[command(subcommand)]
+    Provision(provision::Provision),
     /// Delete every topic whose name starts with a prefix (a test run's, say).
     DeleteTopics(DeleteTopicsArgs),
-    /// The admin step of a secured cluster: create a deployment's topics with the admin
-    /// identity and write the ACLs each identity needs (scripts/provision-kafka.sh applies them).
-    ProvisionKafka(provision_kafka::ProvisionKafkaArgs),
 }
 
 #[derive(clap::Args)]
@@ -97,10 +101,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Watchers(args) => watchers::run(args).await,
         Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
+        Command::Provision(which) => provision::run(which).await,
         Command::DeleteTopics(args) => {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
             budget::delete_topics(&args.kafka, &args.prefix).await
         }
-        Command::ProvisionKafka(args) => provision_kafka::run(args).await,
     }
 }

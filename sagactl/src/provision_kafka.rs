@@ -1,4 +1,4 @@
-//! `sagactl provision-kafka`: the admin step of a secured cluster. With the admin identity it
+//! `sagactl provision kafka`: the admin step of a secured cluster. With the admin identity it
 //! creates the deployment's topics (the services then find them and need no create rights) and
 //! works out the ACLs each identity needs, from the same sources the services name their topics
 //! and groups from: the saga definitions read as the chaos suite reads them ([`Deployment`]:

@@ -8,7 +8,7 @@
 #                               # each node's server.properties, each identity's
 #                               # clients/NAME/client.properties, the admin's Java properties
 #   compose-secured.sh node N   # format node N on first start (SCRAM users included), run it
-#   compose-secured.sh acls     # apply acls.txt (`sagactl provision-kafka --acl-plan-format
+#   compose-secured.sh acls     # apply acls.txt (`sagactl provision kafka --acl-plan-format
 #                               # kafka-acls`) with kafka-acls.sh; wait until every node lists them
 #
 # Identities: admin, the orchestrator, every participant the saga definitions name (`services`

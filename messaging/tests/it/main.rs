@@ -3,3 +3,4 @@
 //! its own.
 
 mod relay;
+mod roles;

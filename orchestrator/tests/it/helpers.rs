@@ -7,6 +7,7 @@
 //! Environment: `KAFKA_BROKERS` (default 127.0.0.1:9092) and `TEST_DATABASE_URL`, a server URL
 //! without a database name (default postgres://postgres@127.0.0.1:5432).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,6 +18,7 @@ use events::{Address, LineItem, OrderPlaced, Topics};
 use messaging::config::{
     DatabaseConfig, FaultConfig, GroupProtocol, KafkaConfig, RelayConfig, RetentionConfig,
 };
+use messaging::provision::{self, ServiceRole};
 use orchestrator::auth::{token_line, Role};
 use orchestrator::config::{ApiConfig, RetryConfig};
 use orchestrator::saga::{Registry, SagaDefinition};
@@ -65,6 +67,112 @@ pub struct Options {
     pub clock_skew_secs: i64,
     /// Every service's `KAFKA_CONSUMER_STALL_MS`, when not the default.
     pub consumer_stall_ms: Option<u64>,
+    /// Every service of the repository (the orchestrator and each participant of
+    /// `participants::registry`) connects as its own role over TLS (verify-full against the
+    /// server's CA, [`server_ca`]), with the password the admin step made: the admin step
+    /// (`messaging::provision`) runs first with roles named for this test, which are dropped at
+    /// the end. Otherwise every service connects as the superuser of [`server_url`].
+    pub service_roles: bool,
+    /// With `service_roles`: these services each get a database of their own (database per
+    /// service) instead of a schema in the test's database.
+    pub own_databases: Vec<&'static str>,
+}
+
+/// The CA that signed the PostgreSQL server's certificate: `TEST_DATABASE_CA`, or else the
+/// file the server trusts (`ssl_ca_file`; `scripts/postgres.sh` sets it to the local CA that
+/// signed the server's certificate).
+pub async fn server_ca(admin: &PgPool) -> String {
+    let ca = match std::env::var("TEST_DATABASE_CA") {
+        Ok(path) => path,
+        Err(_) => sqlx::query_scalar("SELECT current_setting('ssl_ca_file')")
+            .fetch_one(admin)
+            .await
+            .expect("the server's ssl_ca_file"),
+    };
+    assert!(
+        !ca.is_empty() && std::path::Path::new(&ca).exists(),
+        "the server trusts no CA file this test can read ({ca:?}): run scripts/postgres.sh \
+         start, or set TEST_DATABASE_CA"
+    );
+    ca
+}
+
+/// The roles and databases of a deployment with `Options::service_roles`.
+struct ServiceRoles {
+    roles: Vec<ServiceRole>,
+    /// The CA file the services verify the server with.
+    ca: String,
+    /// The database each service uses, by service.
+    databases: HashMap<String, String>,
+}
+
+impl ServiceRoles {
+    /// Runs the admin step for this test: a role per service, prefixed with `id`, and the
+    /// schemas in `database`, or in a database of its own for each of `own_databases`.
+    async fn provision(admin: &PgPool, id: &str, database: &str, own_databases: &[&str]) -> Self {
+        let mut services = vec!["orchestrator"];
+        let participants = registry::all(&registry::Settings::default());
+        services.extend(participants.iter().map(Participant::name));
+        let roles = provision::create_roles(admin, &format!("t{id}_"), &services, |_| None)
+            .await
+            .expect("the admin step creates the roles");
+        let ca = server_ca(admin).await;
+        let mut databases = HashMap::new();
+        for role in &roles {
+            let mut of_service = database.to_owned();
+            if own_databases.contains(&role.service.as_str()) {
+                of_service = format!("{database}_{}", role.service);
+                sqlx::query(&format!("CREATE DATABASE {of_service}"))
+                    .execute(admin)
+                    .await
+                    .expect("create the service's own database");
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&format!("{}/{of_service}", server_url()))
+                .await
+                .expect("PostgreSQL reachable");
+            let extensions: &[&str] = if role.service == "orchestrator" {
+                orchestrator::store::EXTENSIONS
+            } else {
+                &[]
+            };
+            provision::create_schemas(&pool, std::slice::from_ref(role), extensions)
+                .await
+                .expect("the admin step creates the schema");
+            pool.close().await;
+            databases.insert(role.service.clone(), of_service);
+        }
+        Self {
+            roles,
+            ca,
+            databases,
+        }
+    }
+
+    fn role(&self, service: &str) -> Option<&ServiceRole> {
+        self.roles.iter().find(|r| r.service == service)
+    }
+
+    /// `service`'s URL: its role, verify-full against the CA, its database; with the password
+    /// when `with_password` (in-process services share one environment, so not PGPASSFILE).
+    fn url(&self, service: &str, with_password: bool) -> Option<String> {
+        let role = self.role(service)?;
+        let server: sqlx::postgres::PgConnectOptions = server_url().parse().expect("server URL");
+        let password = if with_password {
+            format!(":{}", role.password)
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "postgres://{}{password}@{}:{}/{}?sslmode=verify-full&sslrootcert={}",
+            role.role,
+            server.get_host(),
+            server.get_port(),
+            self.databases[service],
+            self.ca
+        ))
+    }
 }
 
 /// Client settings for a test's own topic prefix, with `partitions` per topic.
@@ -189,6 +297,8 @@ pub struct TestSystem {
     pub topics: Topics,
     database: String,
     database_url: String,
+    /// With `Options::service_roles`.
+    roles: Option<ServiceRoles>,
     participant: ParticipantConfig,
     shutdown: CancellationToken,
     services: Vec<Service>,
@@ -215,6 +325,11 @@ impl TestSystem {
             .execute(&admin)
             .await
             .expect("create test database");
+        let roles = if options.service_roles {
+            Some(ServiceRoles::provision(&admin, &id, &database, &options.own_databases).await)
+        } else {
+            None
+        };
         admin.close().await;
         let database_url = format!("{}/{database}", server_url());
 
@@ -265,9 +380,16 @@ impl TestSystem {
             .expect("bind");
         let http = format!("http://{}", listener.local_addr().expect("local addr"));
         let service_connection = kafka.connection.clone();
+        let orchestrator_database = DatabaseConfig {
+            database_url: roles
+                .as_ref()
+                .and_then(|roles| roles.url("orchestrator", true))
+                .unwrap_or_else(|| database_url.clone()),
+            ..database_config
+        };
         let config = orchestrator::Config {
             kafka,
-            database: database_config,
+            database: orchestrator_database,
             relay: RelayConfig::default(),
             retention,
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
@@ -314,6 +436,7 @@ impl TestSystem {
             topics,
             database,
             database_url,
+            roles,
             participant,
             shutdown,
             services,
@@ -376,8 +499,11 @@ impl TestSystem {
         self.run_participant(participant, config);
     }
 
-    fn run_participant(&mut self, participant: Participant, config: ParticipantConfig) {
+    fn run_participant(&mut self, participant: Participant, mut config: ParticipantConfig) {
         let name = participant.name();
+        if let Some(url) = self.roles.as_ref().and_then(|roles| roles.url(name, true)) {
+            config.database.database_url = url;
+        }
         let readiness = Some(participant.readiness());
         let stop = self.shutdown.child_token();
         let task = spawn(
@@ -395,6 +521,29 @@ impl TestSystem {
     /// The URL of the test's database.
     pub fn database_url(&self) -> &str {
         &self.database_url
+    }
+
+    /// With `Options::service_roles`: `service`'s role, made by the admin step.
+    pub fn service_role(&self, service: &str) -> Option<&ServiceRole> {
+        self.roles.as_ref()?.role(service)
+    }
+
+    /// With `Options::service_roles`: `service`'s URL as a deployment gives it, its role over
+    /// TLS (verify-full) without the password, which comes from a password file.
+    pub fn service_url(&self, service: &str) -> Option<String> {
+        self.roles.as_ref()?.url(service, false)
+    }
+
+    /// The superuser's URL of the database `service` keeps its schema in.
+    fn service_database_url(&self, service: &str) -> String {
+        match self
+            .roles
+            .as_ref()
+            .and_then(|roles| roles.databases.get(service))
+        {
+            Some(database) => format!("{}/{database}", server_url()),
+            None => self.database_url.clone(),
+        }
     }
 
     /// The services running now, by name: each one's schema too, as a test deployment names
@@ -540,12 +689,13 @@ impl TestSystem {
         }
     }
 
-    /// A pool on the test database with `schema` as search path, to check a service's tables.
+    /// A pool on the test database (the service's own, when it has one) with `schema` as
+    /// search path, to check a service's tables; as the superuser.
     pub async fn schema(&self, schema: &str) -> PgPool {
         PgPoolOptions::new()
             .max_connections(1)
             .connect_with(
-                self.database_url
+                self.service_database_url(schema)
                     .parse::<sqlx::postgres::PgConnectOptions>()
                     .expect("url")
                     .options([("search_path", schema)]),
@@ -758,8 +908,21 @@ impl TestSystem {
                 .expect("services stop within 30 s")
                 .expect("service task");
         }
-        remove_resources(&self.database, &self.topics).await;
+        remove_resources(&self.resources(), &self.topics).await;
         self.cleaned_up = true;
+    }
+
+    /// The databases and roles to remove at the end.
+    fn resources(&self) -> (Vec<String>, Vec<ServiceRole>) {
+        let mut databases = vec![self.database.clone()];
+        let mut roles = Vec::new();
+        if let Some(service_roles) = &self.roles {
+            databases.extend(service_roles.databases.values().cloned());
+            databases.sort();
+            databases.dedup();
+            roles = service_roles.roles.clone();
+        }
+        (databases, roles)
     }
 }
 
@@ -770,33 +933,40 @@ impl Drop for TestSystem {
             return;
         }
         self.shutdown.cancel();
-        let database = self.database.clone();
+        let resources = self.resources();
         let topics = self.topics.clone();
         let cleanup = std::thread::spawn(move || {
             if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                runtime.block_on(remove_resources(&database, &topics));
+                runtime.block_on(remove_resources(&resources, &topics));
             }
         });
         let _ = cleanup.join();
     }
 }
 
-async fn remove_resources(database: &str, topics: &Topics) {
+/// Drops the test's databases, then its roles (which own nothing once those are gone), and
+/// deletes its topics.
+async fn remove_resources((databases, roles): &(Vec<String>, Vec<ServiceRole>), topics: &Topics) {
     match PgPoolOptions::new()
         .max_connections(1)
         .connect(&format!("{}/postgres", server_url()))
         .await
     {
         Ok(admin) => {
-            let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
-            if let Err(e) = sqlx::query(&drop).execute(&admin).await {
-                eprintln!("dropping {database} failed: {e}");
+            for database in databases {
+                let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
+                if let Err(e) = sqlx::query(&drop).execute(&admin).await {
+                    eprintln!("dropping {database} failed: {e}");
+                }
+            }
+            if let Err(e) = provision::drop_roles(&admin, roles).await {
+                eprintln!("dropping the test's roles failed: {e}");
             }
         }
-        Err(e) => eprintln!("cannot reach PostgreSQL to drop {database}: {e}"),
+        Err(e) => eprintln!("cannot reach PostgreSQL to drop {databases:?}: {e}"),
     }
     let kafka_admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
         .set("bootstrap.servers", brokers())

@@ -15,6 +15,7 @@ mod operate;
 mod order_messages;
 mod recovery;
 mod returns;
+mod roles;
 mod typed;
 
 use events::Envelope;

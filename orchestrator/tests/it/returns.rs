@@ -22,7 +22,7 @@ async fn start() -> TestSystem {
 }
 
 /// `quantity` WIDGETs of `order_id` back from alice, for `refund_cents`.
-fn widgets_back(order_id: Uuid, quantity: i32, refund_cents: i64) -> ReturnRequested {
+pub(crate) fn widgets_back(order_id: Uuid, quantity: i32, refund_cents: i64) -> ReturnRequested {
     ReturnRequested {
         return_id: Uuid::new_v4(),
         order_id,
@@ -36,7 +36,7 @@ fn widgets_back(order_id: Uuid, quantity: i32, refund_cents: i64) -> ReturnReque
     }
 }
 
-async fn request(system: &TestSystem, request: &ReturnRequested) {
+pub(crate) async fn request(system: &TestSystem, request: &ReturnRequested) {
     let payload = serde_json::to_vec(request).expect("serialise return");
     system
         .publish(
@@ -57,7 +57,7 @@ async fn completed_order(system: &TestSystem, quantity: i32) -> Uuid {
 }
 
 /// The return saga of `return_id` once it is terminal, as the API shows it.
-async fn finished_return(system: &TestSystem, return_id: Uuid) -> Value {
+pub(crate) async fn finished_return(system: &TestSystem, return_id: Uuid) -> Value {
     let sagas = system.schema("orchestrator").await;
     let saga_id: Uuid = eventually("the return saga to start", || async {
         sqlx::query_scalar(
