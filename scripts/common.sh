@@ -115,6 +115,11 @@ make_api_tokens() {
 #   BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES=1000)
 # Without API_TOKENS_FILE or API_TOKENS for the orchestrator, it runs with
 # API_OPEN_ON_LOOPBACK=true (the API's auth, issue 12, needs one or the other).
+# BENCH_SECURED_KAFKA=1: on the secured three-node cluster instead of the plaintext broker
+# (`BROKER_NODES=3 scripts/broker.sh start`, started if needed; KAFKA_BROKERS from its
+# cluster.env): the admin step (scripts/provision-kafka.sh) creates the prefix's topics
+# (replication 3) and ACLs, each service runs as its own identity, and the load generator as the
+# admin (KAFKA_CLIENT_PROPERTIES exported); the three nodes' JVMs are accounted as broker-1..3.
 # The caller sets `trap bench_stop_stack EXIT` first.
 BENCH_PIDS=()
 BENCH_DATABASE=""
@@ -129,12 +134,25 @@ bench_start_stack() {
   export DATABASE_URL="$BENCH_SERVER_URL/bench_${run_id}$BENCH_URL_OPTIONS"
   export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
 
-  start_dependencies
+  local secured="${BENCH_SECURED_KAFKA:-0}" cluster_dir="$ROOT/.run/cluster"
+  if [[ $secured == 1 ]]; then
+    ensure_commands curl:curl jq:jq psql:postgresql-client
+    ensure_build_dependencies
+    "$ROOT/scripts/postgres.sh" start
+    BROKER_NODES=3 "$ROOT/scripts/broker.sh" start
+    KAFKA_BROKERS="$(sed -n 's/^KAFKA_BROKERS=//p' "$cluster_dir/cluster.env")"
+  else
+    start_dependencies
+  fi
   local profile="${BENCH_PROFILE:-release}"
   if [[ "$profile" == release ]]; then
     cargo build --release --locked --bins
   else
     cargo build --locked --bins
+  fi
+  if [[ $secured == 1 ]]; then
+    SAGACTL="$ROOT/target/$profile/sagactl" "$ROOT/scripts/provision-kafka.sh" "$TOPIC_PREFIX" >/dev/null
+    export KAFKA_CLIENT_PROPERTIES="$cluster_dir/clients/admin.properties"
   fi
   psql "$BENCH_SERVER_URL/postgres$BENCH_URL_OPTIONS" -qc "CREATE DATABASE bench_${run_id}"
   BENCH_DATABASE="bench_${run_id}"
@@ -156,6 +174,9 @@ bench_start_stack() {
       fi
     else
       extra+=("METRICS_ADDR=127.0.0.1:$((port_base + i))")
+    fi
+    if [[ $secured == 1 ]]; then
+      extra+=("KAFKA_CLIENT_PROPERTIES=$cluster_dir/clients/$service.properties")
     fi
     if declare -p "BENCH_ENV_$service" >/dev/null 2>&1; then
       local spec="BENCH_ENV_${service}[@]"
@@ -204,8 +225,15 @@ bench_start_stack() {
   # The broker and PostgreSQL (the postmaster and every backend under it) share the machine;
   # their CPU counts in the per-saga budget too.
   local broker_pid_file="$ROOT/.run/broker/broker.pid"
-  if [[ -f "$broker_pid_file" ]] && kill -0 "$(cat "$broker_pid_file")" 2>/dev/null; then
+  if [[ $secured != 1 && -f "$broker_pid_file" ]] && kill -0 "$(cat "$broker_pid_file")" 2>/dev/null; then
     BENCH_ACCOUNTING+=(--process "broker=$(cat "$broker_pid_file")" --kafka-log-dir "$ROOT/.run/broker/data")
+  fi
+  if [[ $secured == 1 ]]; then
+    local node node_pid
+    for node in 1 2 3; do
+      node_pid="$(BROKER_NODES=3 "$ROOT/scripts/broker.sh" node-pid "$node" || true)"
+      [[ -z "$node_pid" ]] || BENCH_ACCOUNTING+=(--process "broker-$node=$node_pid")
+    done
   fi
   local postmaster_pid
   postmaster_pid="$(head -1 /var/run/postgresql/*-main.pid 2>/dev/null || true)"

@@ -27,6 +27,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+use crate::broker_nodes::{NodeFaults, NodeOutages};
 use crate::deployment::{Deployment, ORCHESTRATOR};
 use crate::garbage::{DeadLetterReader, GarbageFaults, GarbageKind, Target};
 use crate::load::{publish_order, publish_return, random_order};
@@ -93,6 +94,21 @@ fn returned_order(placed: &[events::OrderPlaced], n: usize) -> &events::OrderPla
 pub struct ChaosArgs {
     #[command(flatten)]
     kafka: messaging::config::KafkaConnection,
+    /// Run each service as its own identity on a secured cluster: a directory of librdkafka
+    /// client properties, one `<service>.properties` per service (the orchestrator's and each
+    /// participant's, as `BROKER_NODES=3 scripts/broker.sh` writes them in .run/cluster/clients),
+    /// given to that service as KAFKA_CLIENT_PROPERTIES. The run's topics and ACLs are then
+    /// created first by --kafka-provision-script with the run's own --kafka-client-properties
+    /// (the admin identity; it also publishes the orders and the garbage and reads the DLQ);
+    /// the services have no right to create topics. Unset: every service gets the run's own
+    /// properties and creates its topics.
+    #[arg(long)]
+    kafka_identities: Option<PathBuf>,
+    /// The admin step that creates a prefix's topics and ACLs (called with the prefix, and
+    /// KAFKA_BROKERS, KAFKA_ADMIN_PROPERTIES, SAGACTL and SAGAS_DIR set), for
+    /// --kafka-identities.
+    #[arg(long, default_value = "scripts/provision-kafka.sh")]
+    kafka_provision_script: PathBuf,
     /// PostgreSQL server URL without a database name; the run creates its own database.
     #[arg(
         long,
@@ -143,9 +159,30 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 2000)]
     broker_down_ms: u64,
     /// The script that kills (`kill`) and starts (`start`) the broker at $BROKER_ADDR, which
-    /// the run sets to the first of --kafka-brokers.
+    /// the run sets to the first of --kafka-brokers; with --broker-nodes 3 it kills and starts
+    /// one node (`kill-node N`, `start-node N`, with BROKER_NODES=3).
     #[arg(long, default_value = "scripts/broker.sh")]
     broker_script: PathBuf,
+    /// Nodes of the cluster --broker-kill-every-ms acts on: 1 (the broker, SIGKILLed whole) or
+    /// 3 (`BROKER_NODES=3 scripts/broker.sh`'s cluster: one node SIGKILLed at a time, by turns
+    /// the leader of the busiest partitions and the active controller, each once every replica
+    /// of the run's topics is in sync again; see `broker_nodes.rs`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    broker_nodes: u8,
+    /// The three-node cluster's directory (its nodes' quorum state tells the active
+    /// controller).
+    #[arg(long, env = "KAFKA_CLUSTER_DIR", default_value = ".run/cluster")]
+    broker_cluster_dir: PathBuf,
+    /// With --broker-nodes 3: after this many one-node kills, the next broker fault takes two
+    /// of the three nodes down at once (the busiest leader and the controller) for
+    /// --broker-two-down-ms: below min.insync.replicas, producers wait; nothing may be lost
+    /// (0: never). When the orders are all placed before it came, it comes then, with the
+    /// sagas still in flight.
+    #[arg(long, default_value_t = 0)]
+    broker_two_down_after: usize,
+    /// How long the two nodes stay down, in milliseconds.
+    #[arg(long, default_value_t = 15000)]
+    broker_two_down_ms: u64,
     /// Stop PostgreSQL this often, in milliseconds, and start it again after --postgres-down-ms
     /// (0: never). Needs a server that --postgres-script controls; every client of that server
     /// loses its connections, not only this run's services.
@@ -308,6 +345,9 @@ impl Fleet {
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    if args.broker_nodes == 2 {
+        bail!("--broker-nodes must be 1 or 3");
+    }
     let deployment = Deployment::load(&args.sagas_dir)?;
     for saga in WORKLOAD_SAGAS {
         deployment.saga(saga)?;
@@ -370,11 +410,33 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         }
     }
     let mut fleet_env: Vec<(String, String)> = Vec::new();
-    if let Some(properties) = &args.kafka.kafka_client_properties {
-        fleet_env.push((
-            messaging::access::CLIENT_PROPERTIES_SETTING.into(),
-            properties.display().to_string(),
-        ));
+    match &args.kafka_identities {
+        // Each service as itself: the orchestrators share the orchestrator's identity.
+        Some(dir) => {
+            provision_kafka(&args, &prefix).await?;
+            for instance in &mut instances {
+                let properties = dir.join(format!("{}.properties", instance.binary));
+                if !properties.is_file() {
+                    bail!(
+                        "--kafka-identities: no client properties for {} at {}",
+                        instance.binary,
+                        properties.display()
+                    );
+                }
+                instance.env.push((
+                    messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+                    properties.display().to_string(),
+                ));
+            }
+        }
+        None => {
+            if let Some(properties) = &args.kafka.kafka_client_properties {
+                fleet_env.push((
+                    messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+                    properties.display().to_string(),
+                ));
+            }
+        }
     }
     let mut fleet = Fleet {
         bin_dir: args.bin_dir.clone(),
@@ -420,6 +482,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     publish_order(&producer, &topics, &warmup).await?;
     wait_until_finished(&db, warmup.order_id).await;
     let mut broker_faults = spawn_broker_faults(&args);
+    let mut node_faults = spawn_node_faults(&args, &prefix)?;
+    let mut node_outages = NodeOutages::default();
     let mut postgres_faults = spawn_postgres_faults(&args)?;
     let mut read_only_faults = spawn_read_only_faults(&args)?;
     let topic_faults = spawn_topic_faults(&args, &topics, deleted_topic.as_deref())?;
@@ -446,6 +510,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let kill_every = (args.kill_every_ms > 0).then(|| Duration::from_millis(args.kill_every_ms));
     let mut next_kill = kill_every.map(|k| Instant::now() + k);
     let mut order_ids = Vec::with_capacity(args.sagas + 1);
+    // When each order and return was published (its first copy): the broker fault windows'
+    // latencies count from here, so a trigger held in the producer during an outage counts.
+    let mut placed_at: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> =
+        Vec::with_capacity(args.sagas * 2);
     order_ids.push(warmup.order_id);
     // Returns of earlier orders go out beside the orders, one for every RETURN_EVERY of them.
     let mut placed_orders = Vec::with_capacity(args.sagas);
@@ -462,6 +530,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             if let Some(faults) = broker_faults.take() {
                 broker_outages.add(faults.stop().await?);
                 broker_faults = spawn_broker_faults(&args);
+            }
+            if let Some(faults) = node_faults.take() {
+                node_outages.add(faults.stop().await?);
+                node_faults = spawn_node_faults(&args, &prefix)?;
             }
             if let Some(faults) = postgres_faults.take() {
                 postgres_outages.add(faults.stop().await?);
@@ -495,6 +567,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             }));
         }
         order_ids.push(order.order_id);
+        placed_at.push((order.order_id, chrono::Utc::now()));
         placed_orders.push(order);
         if placed % RETURN_EVERY == RETURN_EVERY - 1 && placed >= RETURN_LAG {
             let n = return_ids.len();
@@ -508,6 +581,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 }));
             }
             return_ids.push(request.return_id);
+            placed_at.push((request.return_id, chrono::Utc::now()));
         }
         if let (Some(at), Some(every)) = (next_kill, kill_every) {
             if Instant::now() >= at {
@@ -537,6 +611,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     // The servers come back before the garbage stops: a send in flight waits for the broker.
     if let Some(faults) = broker_faults {
         broker_outages.add(faults.stop().await?);
+    }
+    if let Some(faults) = node_faults {
+        node_outages.add(faults.stop().await?);
     }
     if let Some(faults) = postgres_faults {
         postgres_outages.add(faults.stop().await?);
@@ -653,6 +730,60 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let duplicates = Duplicates::count(&db, &deployment).await?;
     let stalls = Stalls::measure(&db, &deployment, placing_from, placing_until).await?;
     let timeline = Throughput::timeline(&db, &order_ids, placing_from).await?;
+    let mut fault_windows = Vec::new();
+    for fault in &node_outages.faults {
+        fault_windows.push((
+            fault,
+            FaultWindow::measure(
+                &db,
+                &deployment,
+                &placed_at,
+                &[(fault.killed_at, fault.back_at)],
+                (placing_from, placing_until),
+                true,
+            )
+            .await?,
+        ));
+    }
+    let mut nodes_down = Vec::new();
+    for down in [1, 2] {
+        let windows = node_outages.windows(down);
+        if !windows.is_empty() {
+            nodes_down.push((
+                down,
+                FaultWindow::measure(
+                    &db,
+                    &deployment,
+                    &placed_at,
+                    &windows,
+                    (placing_from, placing_until),
+                    true,
+                )
+                .await?,
+            ));
+        }
+    }
+    // The same measures for the sagas that met no broker fault, to compare with.
+    let unfaulted = if node_outages.faults.is_empty() {
+        None
+    } else {
+        let all: Vec<_> = node_outages
+            .faults
+            .iter()
+            .map(|f| (f.killed_at, f.back_at))
+            .collect();
+        Some(
+            FaultWindow::measure(
+                &db,
+                &deployment,
+                &placed_at,
+                &all,
+                (placing_from, placing_until),
+                false,
+            )
+            .await?,
+        )
+    };
     if let Some(listening) = listening {
         checks.results.push((
             "every outbox relay LISTENs again after the PostgreSQL restarts",
@@ -699,6 +830,26 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
     println!("broker kills       {}", broker_outages.describe());
+    if args.broker_nodes == 3 {
+        println!("broker node faults {}", node_outages.summary());
+        for (fault, window) in &fault_windows {
+            println!("  {}; {}", fault.describe(), window.describe());
+        }
+        for (down, window) in &nodes_down {
+            println!(
+                "{:<18} {}",
+                if *down == 1 {
+                    "one node down"
+                } else {
+                    "two nodes down"
+                },
+                window.describe()
+            );
+        }
+        if let Some(window) = &unfaulted {
+            println!("{:<18} {}", "no node down", window.describe());
+        }
+    }
     println!("postgres restarts  {}", postgres_outages.describe());
     println!("postgres read-only {}", read_only_outages.describe());
     if let Some(outages) = &topic_outages {
@@ -788,9 +939,42 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGKILLs the broker every --broker-kill-every-ms, if set.
+/// The admin step for the run's prefix (--kafka-identities): its topics (with the cluster's
+/// replication) and every identity's ACLs, created with the run's own (admin) properties.
+async fn provision_kafka(args: &ChaosArgs, prefix: &str) -> anyhow::Result<()> {
+    let Some(admin) = &args.kafka.kafka_client_properties else {
+        bail!("--kafka-identities needs --kafka-client-properties: the admin identity that creates the run's topics and ACLs");
+    };
+    let began = Instant::now();
+    let output = Command::new(&args.kafka_provision_script)
+        .arg(prefix)
+        .env("KAFKA_BROKERS", &args.kafka.kafka_brokers)
+        .env("KAFKA_ADMIN_PROPERTIES", admin)
+        .env("SAGACTL", std::env::current_exe()?)
+        .env("SAGAS_DIR", &args.sagas_dir)
+        .stdout(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {}", args.kafka_provision_script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} {prefix} failed ({}): {}",
+            args.kafka_provision_script.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    eprintln!(
+        "provisioned the run's topics and ACLs in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// SIGKILLs the broker every --broker-kill-every-ms, if set (one broker; three nodes:
+/// [`spawn_node_faults`]).
 fn spawn_broker_faults(args: &ChaosArgs) -> Option<ServerFaults> {
-    (args.broker_kill_every_ms > 0).then(|| {
+    (args.broker_kill_every_ms > 0 && args.broker_nodes == 1).then(|| {
         ServerFaults::spawn(
             "the broker (SIGKILL)",
             Control {
@@ -811,6 +995,27 @@ fn spawn_broker_faults(args: &ChaosArgs) -> Option<ServerFaults> {
             Duration::from_millis(args.broker_down_ms),
         )
     })
+}
+
+/// SIGKILLs one node of the three-node cluster at a time (and two once) every
+/// --broker-kill-every-ms, if set with --broker-nodes 3.
+fn spawn_node_faults(args: &ChaosArgs, prefix: &str) -> anyhow::Result<Option<NodeFaults>> {
+    if args.broker_kill_every_ms == 0 || args.broker_nodes != 3 {
+        return Ok(None);
+    }
+    NodeFaults::spawn(
+        crate::broker_nodes::Plan {
+            script: args.broker_script.clone(),
+            every: Duration::from_millis(args.broker_kill_every_ms),
+            down: Duration::from_millis(args.broker_down_ms),
+            two_down_after: args.broker_two_down_after,
+            two_down: Duration::from_millis(args.broker_two_down_ms),
+            cluster_dir: args.broker_cluster_dir.clone(),
+            topic_prefix: prefix.to_owned(),
+        },
+        &args.kafka,
+    )
+    .map(Some)
 }
 
 /// Stops and starts PostgreSQL every --postgres-restart-every-ms, if set.
@@ -1608,6 +1813,108 @@ impl Throughput {
                 format!("{:.1}", n as f64 / Self::BUCKET_SECS as f64)
             })
             .collect())
+    }
+}
+
+/// How the sagas fared while broker nodes were down: those in flight at some time in the
+/// windows (published before a window's end, finished after its start), timed from their
+/// publication to their finish, and the longest any service handled nothing in a window.
+struct FaultWindow {
+    sagas: i64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// The service that waited longest, and how long (a gap between two messages it handled
+    /// that overlaps a window).
+    longest_stall: Option<(String, f64)>,
+}
+
+impl FaultWindow {
+    async fn measure(
+        db: &PgPool,
+        deployment: &Deployment,
+        placed_at: &[(Uuid, chrono::DateTime<chrono::Utc>)],
+        windows: &[(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)],
+        (from, until): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+        inside: bool,
+    ) -> anyhow::Result<Self> {
+        let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
+        let at: Vec<chrono::DateTime<chrono::Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
+        let starts: Vec<chrono::DateTime<chrono::Utc>> = windows.iter().map(|w| w.0).collect();
+        let ends: Vec<chrono::DateTime<chrono::Utc>> = windows.iter().map(|w| w.1).collect();
+        let (sagas, p50_ms, p99_ms, max_ms): (i64, f64, f64, f64) = sqlx::query_as(
+            "WITH placed AS (SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS p(key, at)), \
+                  windows AS (SELECT * FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w(since, until)), \
+                  timed AS (SELECT extract(epoch FROM s.finished_at - p.at)::float8 * 1000 AS ms \
+                            FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key \
+                            WHERE s.finished_at IS NOT NULL AND EXISTS \
+                              (SELECT 1 FROM windows w WHERE p.at <= w.until AND s.finished_at >= w.since) = $5) \
+             SELECT count(*), \
+                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(max(ms), 0) FROM timed",
+        )
+        .bind(&keys)
+        .bind(&at)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(inside)
+        .fetch_one(db)
+        .await?;
+        // Outside the windows (the baseline): no stall to measure.
+        if !inside {
+            return Ok(Self {
+                sagas,
+                p50_ms,
+                p99_ms,
+                max_ms,
+                longest_stall: None,
+            });
+        }
+        let mut longest_stall: Option<(String, f64)> = None;
+        for service in deployment.services() {
+            let gap: f64 = sqlx::query_scalar(&format!(
+                "WITH windows AS (SELECT * FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w(since, until)) \
+                 SELECT coalesce(max(extract(epoch FROM at - previous)::float8), 0) FROM ( \
+                   SELECT at, lag(at) OVER (ORDER BY at) AS previous \
+                   FROM (SELECT received_at AS at FROM {service}.inbox WHERE received_at BETWEEN $1 AND $2 \
+                         UNION ALL SELECT $1 UNION ALL SELECT $2) handled) g \
+                 WHERE EXISTS (SELECT 1 FROM windows w WHERE g.previous <= w.until AND g.at >= w.since)"
+            ))
+            .bind(from)
+            .bind(until)
+            .bind(&starts)
+            .bind(&ends)
+            .fetch_one(db)
+            .await?;
+            if longest_stall
+                .as_ref()
+                .is_none_or(|(_, longest)| gap > *longest)
+            {
+                longest_stall = Some((service.to_owned(), gap));
+            }
+        }
+        Ok(Self {
+            sagas,
+            p50_ms,
+            p99_ms,
+            max_ms,
+            longest_stall,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} sagas in flight: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (published to finished); longest stall {}",
+            self.sagas,
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.longest_stall
+                .as_ref()
+                .map(|(service, secs)| format!("{secs:.1} s ({service})"))
+                .unwrap_or_else(|| "-".into())
+        )
     }
 }
 

@@ -13,6 +13,7 @@
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
+mod broker_nodes;
 mod budget;
 mod ceiling;
 mod chaos;
