@@ -15,11 +15,19 @@
 //! created again, whose old offsets the group kept), mean the consumer is stuck; seen twice in
 //! a row, the pipeline replaces the consumer with a new one, whose fresh metadata reads the
 //! topic as it is now.
+//!
+//! A consumer can also hold no partition while its group counts it as their owner: a KIP-848
+//! member restarted while two of three brokers were down (the group coordinator loading) got
+//! no assignment and logged nothing, while the group kept its partitions from the other
+//! members (the three-node chaos runs found it). So a consumer without partitions looks at
+//! every partition of the topics it subscribes to: records waiting beyond the group's committed
+//! offset, with that offset the same on two checks in a row, mean nobody in the group reads
+//! them, and the consumer is replaced too (a new member gets an assignment afresh).
 
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
-use rdkafka::Offset;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::Consumer as KafkaConsumer;
 
@@ -70,6 +78,9 @@ pub struct StallWatch {
     after: Duration,
     last_progress: tokio::time::Instant,
     suspected: bool,
+    /// What the last check of an unassigned consumer saw waiting: (topic, partition, the
+    /// group's committed offset).
+    unread_before: Vec<(String, i32, Option<i64>)>,
 }
 
 impl StallWatch {
@@ -79,6 +90,7 @@ impl StallWatch {
             after,
             last_progress: tokio::time::Instant::now(),
             suspected: false,
+            unread_before: Vec::new(),
         }
     }
 
@@ -100,9 +112,28 @@ impl StallWatch {
     pub fn check(&mut self, consumer: &KafkaConsumer) -> Option<String> {
         // The next check is `after` from now, whatever this one finds.
         self.last_progress = tokio::time::Instant::now();
-        let stuck = probe(consumer, self.after.min(Duration::from_secs(5)))
-            .map(|views| stuck(&views))
-            .unwrap_or_default();
+        let timeout = self.after.min(Duration::from_secs(5));
+        let stuck = match probe(consumer, timeout) {
+            Some(Probed::Assigned(views)) => {
+                self.unread_before.clear();
+                stuck(&views)
+            }
+            Some(Probed::Unassigned(views)) => {
+                let unread = unread(&views);
+                let still = unread_still(&self.unread_before, &unread);
+                self.unread_before = unread;
+                if still.is_empty() {
+                    self.suspected = false;
+                    return None;
+                }
+                // Seen unread on two checks: this is the second.
+                return Some(format!(
+                    "no partition assigned, while the group reads none of {}",
+                    still.join("; ")
+                ));
+            }
+            None => Vec::new(),
+        };
         if stuck.is_empty() {
             self.suspected = false;
             return None;
@@ -116,8 +147,44 @@ impl StallWatch {
     }
 }
 
-/// The consumer's assigned partitions against the broker's offsets. `None` when it cannot tell.
-fn probe(consumer: &KafkaConsumer, timeout: Duration) -> Option<Vec<PartitionView>> {
+/// The partitions of `views` (an unassigned consumer's view of its topics, `next` being the
+/// group's committed offset) whose records wait to be read.
+fn unread(views: &[PartitionView]) -> Vec<(String, i32, Option<i64>)> {
+    views
+        .iter()
+        .filter(|view| view.behind_or_beyond())
+        .map(|view| (view.topic.clone(), view.partition, view.next))
+        .collect()
+}
+
+/// The partitions unread now at the same committed offset as on the check before (nobody in
+/// the group moved them on), described.
+pub fn unread_still(
+    before: &[(String, i32, Option<i64>)],
+    now: &[(String, i32, Option<i64>)],
+) -> Vec<String> {
+    now.iter()
+        .filter(|partition| before.contains(partition))
+        .map(|(topic, partition, next)| {
+            format!(
+                "{topic} [{partition}] (committed {})",
+                next.map_or_else(|| "none".to_owned(), |n| n.to_string())
+            )
+        })
+        .collect()
+}
+
+/// What [`probe`] found.
+enum Probed {
+    /// The consumer's assigned partitions.
+    Assigned(Vec<PartitionView>),
+    /// It holds none: every partition of its topics, with the group's committed offsets.
+    Unassigned(Vec<PartitionView>),
+}
+
+/// The consumer's assigned partitions against the broker's offsets, or, when it holds none,
+/// every partition of the topics it subscribes to. `None` when it cannot tell.
+fn probe(consumer: &KafkaConsumer, timeout: Duration) -> Option<Probed> {
     // These calls wait on the broker; only a multi-thread runtime can let a worker block.
     if tokio::runtime::Handle::try_current().ok()?.runtime_flavor()
         != tokio::runtime::RuntimeFlavor::MultiThread
@@ -126,34 +193,60 @@ fn probe(consumer: &KafkaConsumer, timeout: Duration) -> Option<Vec<PartitionVie
     }
     tokio::task::block_in_place(|| {
         let positions = consumer.position().ok()?;
-        if positions.count() == 0 {
+        if positions.count() > 0 {
+            let committed = consumer.committed(timeout).ok()?;
+            return views(consumer, &positions, Some(&committed), timeout).map(Probed::Assigned);
+        }
+        let mut all = TopicPartitionList::new();
+        for element in consumer.subscription().ok()?.elements() {
+            let metadata = consumer
+                .fetch_metadata(Some(element.topic()), timeout)
+                .ok()?;
+            for topic in metadata.topics() {
+                for partition in topic.partitions() {
+                    all.add_partition(topic.name(), partition.id());
+                }
+            }
+        }
+        if all.count() == 0 {
             return None;
         }
-        let committed = consumer.committed(timeout).ok()?;
-        let mut views = Vec::with_capacity(positions.count());
-        for element in positions.elements() {
-            let (topic, partition) = (element.topic(), element.partition());
-            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).ok()?;
-            let next = match element.offset() {
-                Offset::Offset(n) => Some(n),
-                _ => match committed
-                    .find_partition(topic, partition)
-                    .map(|c| c.offset())
-                {
-                    Some(Offset::Offset(n)) => Some(n),
-                    _ => None,
-                },
-            };
-            views.push(PartitionView {
-                topic: topic.to_owned(),
-                partition,
-                next,
-                low,
-                high,
-            });
-        }
-        Some(views)
+        let committed = consumer.committed_offsets(all, timeout).ok()?;
+        views(consumer, &committed, None, timeout).map(Probed::Unassigned)
     })
+}
+
+/// `partitions` (offsets: where the consumer, or the group, stands) against the broker's
+/// watermarks; an unknown offset is looked up in `committed` when given.
+fn views(
+    consumer: &KafkaConsumer,
+    partitions: &TopicPartitionList,
+    committed: Option<&TopicPartitionList>,
+    timeout: Duration,
+) -> Option<Vec<PartitionView>> {
+    let mut views = Vec::with_capacity(partitions.count());
+    for element in partitions.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).ok()?;
+        let next = match element.offset() {
+            Offset::Offset(n) => Some(n),
+            _ => match committed
+                .and_then(|c| c.find_partition(topic, partition))
+                .map(|c| c.offset())
+            {
+                Some(Offset::Offset(n)) => Some(n),
+                _ => None,
+            },
+        };
+        views.push(PartitionView {
+            topic: topic.to_owned(),
+            partition,
+            next,
+            low,
+            high,
+        });
+    }
+    Some(views)
 }
 
 #[cfg(test)]
@@ -188,5 +281,17 @@ mod tests {
         assert_eq!(found.len(), 3, "{found:?}");
         assert!(found[1].contains("reads at 14 of 0..2"), "{found:?}");
         assert!(found[2].contains("its start"), "{found:?}");
+    }
+
+    #[test]
+    fn an_unassigned_consumer_counts_only_partitions_nobody_moved_on() {
+        let before = unread(&[view(Some(3), 0, 9)]);
+        // The group read on meanwhile: someone owns it.
+        assert!(unread_still(&before, &unread(&[view(Some(5), 0, 12)])).is_empty());
+        // New records, the same committed offset: nobody reads it.
+        let still = unread_still(&before, &unread(&[view(Some(3), 0, 12)]));
+        assert_eq!(still, vec!["t [0] (committed 3)".to_owned()]);
+        // Caught up: nothing waits.
+        assert!(unread_still(&before, &unread(&[view(Some(9), 0, 9)])).is_empty());
     }
 }
