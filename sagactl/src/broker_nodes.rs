@@ -161,6 +161,7 @@ fn run(
     let mut outages = NodeOutages::default();
     let mut traffic = Traffic::default();
     let mut singles = 0usize;
+    let mut two_down_done = false;
     loop {
         // Stopped, or the run dropped its handle.
         let stopped = !matches!(
@@ -170,7 +171,7 @@ fn run(
         // A planned two-down fault that has not happened yet happens when the run stops the
         // faults (the orders are placed, their sagas still in flight), so that every run that
         // asks for it meets it, however slowly the nodes restarted before.
-        let two_pending = plan.two_down_after > 0 && singles != usize::MAX;
+        let two_pending = plan.two_down_after > 0 && !two_down_done;
         if stopped && !two_pending {
             return Ok(outages);
         }
@@ -279,11 +280,11 @@ fn run(
                 .map(NodeOutage::describe)
                 .unwrap_or_default()
         );
-        if !two {
-            singles += 1;
+        // One two-down fault per run; single kills go on after it until the run stops them.
+        if two {
+            two_down_done = true;
         } else {
-            // One two-down fault per run.
-            singles = usize::MAX;
+            singles += 1;
         }
         if stopped {
             return Ok(outages);
