@@ -41,26 +41,34 @@ async fn wait_for_signal() {
 /// How long in-flight work may take after a shutdown signal before the process gives up on it.
 pub const GRACE_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Why [`bounded`] ended a service with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped<E: std::error::Error + 'static> {
+    /// The service failed; its error, with its causes.
+    #[error(transparent)]
+    Failed(E),
+    /// The service was still running this long after the stop signal.
+    #[error("in-flight work did not finish within {} s of the stop signal", .0.as_secs())]
+    GraceExceeded(std::time::Duration),
+}
+
 /// Runs `service` to completion, but no longer than [`GRACE_PERIOD`] after `token` is
 /// cancelled, so a stop request always ends the process in bounded time.
 ///
 /// # Errors
-/// The service's own error, or a message saying it did not stop within the grace period.
-pub async fn bounded<F, E>(service: F, token: CancellationToken) -> Result<(), String>
+/// [`Stopped::Failed`] with the service's own error, or [`Stopped::GraceExceeded`].
+pub async fn bounded<F, E>(service: F, token: CancellationToken) -> Result<(), Stopped<E>>
 where
     F: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: std::error::Error + 'static,
 {
     tokio::pin!(service);
     tokio::select! {
-        result = &mut service => return result.map_err(|e| e.to_string()),
+        result = &mut service => return result.map_err(Stopped::Failed),
         _ = token.cancelled() => {}
     }
     match tokio::time::timeout(GRACE_PERIOD, service).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "in-flight work did not finish within {} s of the stop signal",
-            GRACE_PERIOD.as_secs()
-        )),
+        Ok(result) => result.map_err(Stopped::Failed),
+        Err(_) => Err(Stopped::GraceExceeded(GRACE_PERIOD)),
     }
 }

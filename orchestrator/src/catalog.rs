@@ -34,9 +34,9 @@ impl Catalog {
     pub async fn load(pool: &PgPool, dir: &Path, retries: RetryConfig) -> Result<Self> {
         let mut files = definitions::load_dir(dir)?;
         for definition in &mut files {
-            retries.apply(definition).map_err(Error::Config)?;
+            retries.apply(definition)?;
         }
-        retries.check_overrides(&files).map_err(Error::Config)?;
+        retries.check_overrides(&files)?;
         for definition in &files {
             let stored = store::register_definition(pool, definition).await?;
             if stored != definition.digest() {
@@ -61,7 +61,7 @@ impl Catalog {
     fn add_stored(&self, stored: store::StoredDefinition) -> Result<Arc<SagaDefinition>> {
         let label = format!("stored {} v{}", stored.name, stored.version);
         let mut definition = definitions::parse_stored(&label, &stored.canonical)?;
-        self.retries.apply(&mut definition).map_err(Error::Config)?;
+        self.retries.apply(&mut definition)?;
         write(&self.first_seen).insert((stored.name, stored.version), stored.first_seen_at);
         Ok(write(&self.registry).add(definition)?)
     }

@@ -355,13 +355,22 @@ impl Default for RetryConfig {
     }
 }
 
+/// A per-step retry override (`STEP_TIMEOUT_OVERRIDES_MS`) that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverrideError {
+    #[error("step timeout override {0:?} is not step=milliseconds (STEP_TIMEOUT_OVERRIDES_MS)")]
+    Malformed(String),
+    #[error("unknown step {0:?} in a timeout override (STEP_TIMEOUT_OVERRIDES_MS)")]
+    UnknownStep(String),
+}
+
 impl RetryConfig {
     pub fn scan_interval(&self) -> Duration {
         Duration::from_millis(self.deadline_scan_interval_ms)
     }
 
     /// `STEP_TIMEOUT_OVERRIDES_MS` as (step, milliseconds).
-    fn timeout_overrides(&self) -> Result<Vec<(&str, u64)>, String> {
+    fn timeout_overrides(&self) -> Result<Vec<(&str, u64)>, OverrideError> {
         self.step_timeout_overrides_ms
             .iter()
             .filter(|e| !e.trim().is_empty())
@@ -369,9 +378,7 @@ impl RetryConfig {
                 entry
                     .split_once('=')
                     .and_then(|(step, ms)| Some((step.trim(), ms.trim().parse::<u64>().ok()?)))
-                    .ok_or_else(|| {
-                        format!("step timeout override {entry:?} is not step=milliseconds")
-                    })
+                    .ok_or_else(|| OverrideError::Malformed(entry.clone()))
             })
             .collect()
     }
@@ -379,8 +386,8 @@ impl RetryConfig {
     /// Changes `definition`'s retry policies as these settings say.
     ///
     /// # Errors
-    /// A message naming an override that is not `step=milliseconds`.
-    pub fn apply(&self, definition: &mut SagaDefinition) -> Result<(), String> {
+    /// [`OverrideError::Malformed`] naming an override that is not `step=milliseconds`.
+    pub fn apply(&self, definition: &mut SagaDefinition) -> Result<(), OverrideError> {
         let overrides = self.timeout_overrides()?;
         let millis = |ms: u64| TimeDelta::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
         let adjust = |policy: &mut RetryPolicy, timeout_ms: Option<u64>, attempts: Option<u32>| {
@@ -417,11 +424,11 @@ impl RetryConfig {
     /// Checks that every per-step override names a step of one of `definitions`.
     ///
     /// # Errors
-    /// A message naming the unknown step.
-    pub fn check_overrides(&self, definitions: &[SagaDefinition]) -> Result<(), String> {
+    /// [`OverrideError::UnknownStep`] naming the unknown step, or as [`RetryConfig::apply`].
+    pub fn check_overrides(&self, definitions: &[SagaDefinition]) -> Result<(), OverrideError> {
         for (step, _) in self.timeout_overrides()? {
             if !definitions.iter().any(|d| d.step(step).is_some()) {
-                return Err(format!("unknown step {step:?} in a timeout override"));
+                return Err(OverrideError::UnknownStep(step.to_owned()));
             }
         }
         Ok(())
@@ -467,7 +474,17 @@ mod tests {
         assert_eq!(compensation.retry.max_attempts, 3);
         assert!(config.check_overrides(&[changed]).is_ok());
 
-        for bad in ["charge_payment", "ship=5", "charge_payment=soon"] {
+        for (bad, expected) in [
+            (
+                "charge_payment",
+                OverrideError::Malformed("charge_payment".into()),
+            ),
+            ("ship=5", OverrideError::UnknownStep("ship".into())),
+            (
+                "charge_payment=soon",
+                OverrideError::Malformed("charge_payment=soon".into()),
+            ),
+        ] {
             let config = RetryConfig {
                 step_timeout_overrides_ms: vec![bad.into()],
                 ..RetryConfig::default()
@@ -476,7 +493,9 @@ mod tests {
             let refused = config
                 .apply(&mut definition)
                 .and_then(|()| config.check_overrides(&[definition]));
-            assert!(refused.is_err(), "{bad}");
+            assert_eq!(refused, Err(expected), "{bad}");
+            let message = refused.expect_err("refused").to_string();
+            assert!(message.contains("STEP_TIMEOUT_OVERRIDES_MS"), "{message}");
         }
     }
 }

@@ -28,6 +28,11 @@ pub enum Error {
     UnknownDefinition { name: String, version: i32 },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    RetryOverride(#[from] crate::config::OverrideError),
+    /// A message the engine made could not be encoded as JSON.
+    #[error("encoding a message")]
+    Encode(#[source] serde_json::Error),
     #[error("cannot read the API token file {}: {source}", path.display())]
     TokenFile {
         path: std::path::PathBuf,

@@ -11,8 +11,7 @@ async fn main() -> anyhow::Result<()> {
         orchestrator::run(config, listener, shutdown.clone()),
         shutdown,
     )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     tracing::info!("orchestrator stopped");
     Ok(())
 }

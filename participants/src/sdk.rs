@@ -233,9 +233,7 @@ pub fn main<S: Args>(
             let _telemetry = messaging::telemetry::init(participant.name);
             let shutdown = messaging::shutdown::on_signals();
             let service = run(participant, config, shutdown.clone());
-            messaging::shutdown::bounded(service, shutdown)
-                .await
-                .map_err(anyhow::Error::msg)
+            Ok(messaging::shutdown::bounded(service, shutdown).await?)
         })
 }
 

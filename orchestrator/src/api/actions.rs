@@ -67,8 +67,9 @@ pub(super) async fn place_order(
     };
     // The request as parsed, not its bytes: the same order sent again with other spacing or
     // field order is the same request.
-    let request_hash: [u8; 32] =
-        Sha256::digest(serde_json::to_vec(&new).unwrap_or_default()).into();
+    let request_json =
+        serde_json::to_vec(&new).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
+    let request_hash: [u8; 32] = Sha256::digest(request_json).into();
     let mut order = OrderPlaced {
         order_id: new.order_id.unwrap_or_else(Uuid::new_v4),
         customer_id: new.customer_id,
@@ -128,7 +129,11 @@ pub(super) async fn place_order(
             }
         }
     }
-    let payload = serde_json::to_vec(&order).unwrap_or_default();
+    // After the reservation, which may hand back the order id a first attempt published. An
+    // order that could not be encoded fails the request (its reservation lapses after its
+    // lease) rather than going out as an empty record.
+    let payload =
+        serde_json::to_vec(&order).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
     let record_key = order.order_id.to_string();
     let topic = state.topics.orders();
     // The order's trace starts here (or continues the caller's, from its `traceparent`).
