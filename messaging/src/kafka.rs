@@ -24,11 +24,29 @@ const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
 /// What every client of a service starts from: [`KafkaConnection::client_config`] (the brokers
 /// and the client properties file) and the reconnect backoff.
 fn base(config: &KafkaConfig) -> Result<ClientConfig> {
-    let mut client = connection_settings(&config.connection)?;
+    Ok(with_debug(connection_settings(&config.connection)?, config))
+}
+
+/// `client` with the librdkafka debug contexts `KAFKA_DEBUG` names, if any.
+fn with_debug(mut client: ClientConfig, config: &KafkaConfig) -> ClientConfig {
     if let Some(contexts) = &config.kafka_debug {
         client.set("debug", contexts);
     }
-    Ok(client)
+    client
+}
+
+/// [`Error::Kafka`] for a client that could not be created, naming the connection. The
+/// description reads the properties file, so it is made only when creation failed.
+fn creating(
+    what: &str,
+    connection: &KafkaConnection,
+) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+    let what = what.to_owned();
+    let connection = connection.clone();
+    move |source| Error::Kafka {
+        context: format!("creating {what} ({})", connection.describe()),
+        source,
+    }
 }
 
 /// The settings of any client of `connection`, a tool's too: its brokers, its client
@@ -105,20 +123,16 @@ pub fn producer(config: &KafkaConfig) -> Result<Producer> {
 /// [`Error::Kafka`] when librdkafka refuses the configuration, [`Error::ClientProperties`]
 /// when the properties file cannot be used.
 pub fn producer_with_timeout(config: &KafkaConfig, message_timeout: Duration) -> Result<Producer> {
-    let mut client = producer_settings(&config.connection, config.linger_ms)?;
-    if let Some(contexts) = &config.kafka_debug {
-        client.set("debug", contexts);
-    }
-    client
-        .set(
-            "message.timeout.ms",
-            message_timeout.as_millis().max(1).to_string(),
-        )
-        .create_with_context(watched(&config.connection))
-        .map_err(Error::kafka(format!(
-            "creating producer ({})",
-            config.connection.describe()
-        )))
+    with_debug(
+        producer_settings(&config.connection, config.linger_ms)?,
+        config,
+    )
+    .set(
+        "message.timeout.ms",
+        message_timeout.as_millis().max(1).to_string(),
+    )
+    .create_with_context(watched(&config.connection))
+    .map_err(creating("producer", &config.connection))
 }
 
 fn watched(connection: &KafkaConnection) -> WatchedContext {
@@ -195,10 +209,10 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
         // Feeds the consumer-lag gauge.
         .set("statistics.interval.ms", "1000")
         .create_with_context(watched(&config.connection))
-        .map_err(Error::kafka(format!(
-            "creating consumer for group {group} ({})",
-            config.connection.describe()
-        )))
+        .map_err(creating(
+            &format!("consumer for group {group}"),
+            &config.connection,
+        ))
 }
 
 /// How long the start-up check waits for the cluster's metadata. A check that got no answer in
@@ -223,12 +237,6 @@ const METADATA_TIMEOUT: Duration = crate::access::DEFAULT_REFUSAL_GRACE;
 /// [`Error::Kafka`] when the cluster cannot be reached.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()> {
     let connection = &config.connection;
-    let admin: AdminClient<WatchedContext> = base(config)?
-        .create_with_context(watched(connection))
-        .map_err(Error::kafka(format!(
-            "creating admin client ({})",
-            connection.describe()
-        )))?;
     let unique: Vec<String> = topics
         .iter()
         .collect::<std::collections::BTreeSet<_>>()
@@ -239,9 +247,8 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
         let settings = base(config)?;
         let context = watched(connection);
         let description = connection.describe();
-        let wanted = unique.clone();
         tokio::task::spawn_blocking(move || {
-            missing_topics(settings, context, &wanted, &description)
+            missing_topics(settings, context, &unique, &description)
         })
     };
     let checked = probe
@@ -262,6 +269,10 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
     if missing.is_empty() {
         return Ok(());
     }
+    // Only now: a service whose topics exist (the usual start) opens no admin connections.
+    let admin: AdminClient<WatchedContext> = base(config)?
+        .create_with_context(watched(connection))
+        .map_err(creating("admin client", connection))?;
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|name| {
