@@ -44,17 +44,39 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber for `service`. Calling it again is harmless (tests run
-/// several services in one process); the first call wins.
+/// Installs the global subscriber for the service `service`, logging to stdout. Calling it
+/// again is harmless (tests run several services in one process); the first call wins.
 pub fn init(service: &str) -> Telemetry {
+    install(service, LogOutput::Stdout)
+}
+
+/// Installs the global subscriber for the command-line tool `tool`, logging to stderr: its
+/// stdout is its answer (an order id, JSON) that scripts read, and a log line there (a
+/// librdkafka warning while the cluster elects a coordinator, say) would corrupt it.
+pub fn init_tool(tool: &str) -> Telemetry {
+    install(tool, LogOutput::Stderr)
+}
+
+enum LogOutput {
+    Stdout,
+    Stderr,
+}
+
+fn install(service: &str, output: LogOutput) -> Telemetry {
     let provider = PROVIDER.get_or_init(|| tracer_provider(service));
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let fmt = if json {
-        tracing_subscriber::fmt::layer().json().boxed()
-    } else {
-        tracing_subscriber::fmt::layer().boxed()
+    let fmt = match (json, output) {
+        (true, LogOutput::Stdout) => tracing_subscriber::fmt::layer().json().boxed(),
+        (true, LogOutput::Stderr) => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        (false, LogOutput::Stdout) => tracing_subscriber::fmt::layer().boxed(),
+        (false, LogOutput::Stderr) => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("saga-engine"));
     let _already_set = tracing_subscriber::registry()

@@ -88,7 +88,7 @@ struct DeleteTopicsArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = messaging::telemetry::init("sagactl");
+    let _telemetry = messaging::telemetry::init_tool("sagactl");
     match cli.command {
         Command::Order(args) => ops::order(args).await,
         Command::Return(args) => ops::request_return(args).await,

@@ -694,11 +694,12 @@ async fn every_service_runs_with_its_own_identity_and_an_order_placed_by_the_cli
     };
     let topics = &cluster.topics;
     // The client watches saga.events in a group of its own (the only groups it may use).
-    let watcher: BaseConsumer = cluster
+    let recorder = Recorder::default();
+    let watcher: BaseConsumer<Recorder> = cluster
         .identity("client", "", "KAFKA_BROKERS")
         .set("group.id", topics.named("client.e2e"))
         .set("auto.offset.reset", "earliest")
-        .create()
+        .create_with_context(recorder.clone())
         .expect("creating the client's consumer");
     watcher
         .subscribe(&[&topics.saga_events()])
@@ -722,10 +723,15 @@ async fn every_service_runs_with_its_own_identity_and_an_order_placed_by_the_cli
     let order_id = String::from_utf8_lossy(&order.stdout).trim().to_owned();
 
     let began = Instant::now();
+    // What the watcher read, for the failure message.
+    let mut seen = Vec::new();
     let outcome = loop {
         assert!(
             began.elapsed() < Duration::from_secs(90),
-            "order {order_id}: no terminal saga event in 90 s"
+            "order {order_id}: no terminal saga event in 90 s; the client read {seen:?}, was \
+             assigned {:?} and was told {:?}",
+            watcher.assignment(),
+            recorder.all()
         );
         for (name, child) in &mut services.children {
             if let Ok(Some(status)) = child.try_wait() {
@@ -737,10 +743,19 @@ async fn every_service_runs_with_its_own_identity_and_an_order_placed_by_the_cli
         };
         let message = received.expect("the client reads saga.events");
         use rdkafka::Message;
-        let Ok(event) = Envelope::<SagaEvent>::from_json(message.payload().unwrap_or_default())
-        else {
-            continue;
+        let event = match Envelope::<SagaEvent>::from_json(message.payload().unwrap_or_default()) {
+            Ok(event) => event,
+            Err(e) => {
+                seen.push(format!("{}@{}: {e}", message.partition(), message.offset()));
+                continue;
+            }
         };
+        seen.push(format!(
+            "{}@{}: {:?}",
+            message.partition(),
+            message.offset(),
+            event.body
+        ));
         if event.body.key() != order_id {
             continue;
         }
