@@ -7,8 +7,11 @@ use serde_json::Value as Json;
 use toml::Value;
 use uuid::Uuid;
 
+use chrono::TimeDelta;
+
 use super::*;
 use crate::saga::order_messages::Command as OrderCommand;
+use crate::saga::policy::RetryPolicy;
 
 const ORDER: &str = include_str!("../../../../sagas/order.toml");
 
