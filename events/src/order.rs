@@ -40,6 +40,10 @@ pub struct Address {
 impl OrderPlaced {
     /// Its `type` on the wire.
     pub const TYPE_NAME: &'static str = "OrderPlaced";
+
+    /// Its JSON Schema, the contract's (`events/contract/schemas/`): the orchestrator reads the
+    /// fields a saga definition may name, and a valid sample message (its `examples`), from it.
+    pub const SCHEMA: &'static str = include_str!("../contract/schemas/OrderPlaced.schema.json");
 }
 
 /// Just the `type` field of a record on `orders`.

@@ -37,6 +37,11 @@ impl ReturnRequested {
     /// Its `type` on the wire.
     pub const TYPE_NAME: &'static str = "ReturnRequested";
 
+    /// Its JSON Schema, the contract's (`events/contract/schemas/`): the orchestrator reads the
+    /// fields a saga definition may name, and a valid sample message (its `examples`), from it.
+    pub const SCHEMA: &'static str =
+        include_str!("../contract/schemas/ReturnRequested.schema.json");
+
     /// Parses a client's JSON and checks it with [`ReturnRequested::validate`].
     ///
     /// # Errors

@@ -242,3 +242,29 @@ fn the_schemas_refuse_broken_messages() {
     let reserved = validator("schemas/StockReserved.schema.json");
     assert!(!reserved.is_valid(&broken), "StockReserved is a success");
 }
+
+/// Every example a schema gives (the orchestrator takes a trigger message's first one as its
+/// sample) is a message the schema accepts.
+#[test]
+fn every_schema_accepts_its_examples() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(contract_dir().join("schemas")).expect("contract/schemas") {
+        let path = entry.expect("a directory entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).expect("a name");
+        let schema = read_json(&path);
+        let Some(examples) = schema.get("examples").and_then(Value::as_array) else {
+            continue;
+        };
+        let validator = validator(&format!("schemas/{name}"));
+        for example in examples {
+            let errors: Vec<String> = validator
+                .iter_errors(example)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{name}'s example: {errors:?}");
+            seen += 1;
+        }
+    }
+    // At least the two trigger messages'.
+    assert!(seen >= 2, "{seen} examples");
+}

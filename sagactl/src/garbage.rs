@@ -149,7 +149,7 @@ struct Hostile {
 /// A valid trigger of `saga` whose key is `key`: its trigger message's sample, keyed.
 fn trigger(saga: &SagaDefinition, key: Uuid) -> Value {
     let mut message = trigger_message(&saga.trigger.message)
-        .map(|m| (m.sample)())
+        .and_then(|m| m.sample().ok())
         .unwrap_or_default();
     let segments: Vec<&str> = saga.trigger.key.segments().collect();
     if let Some((last, parents)) = segments.split_last() {

@@ -30,11 +30,10 @@ pub use model::{
     ActionDefinition, FieldPath, PayloadError, PayloadMapping, SagaDefinition, Step, StepKind,
     Trigger,
 };
-pub use triggers::{trigger_message, Shape, TriggerMessage, TRIGGER_MESSAGES};
+pub use triggers::{trigger_message, SchemaError, Shape, TriggerMessage, TRIGGER_MESSAGES};
 
 use check::{is_field_name, Checker};
 use load::Routes;
-use triggers::trigger_shape;
 
 /// Topics of the engine itself, which no definition may use as a trigger or command topic.
 pub const ENGINE_TOPICS: [&str; 3] = ["saga.replies", "saga.events", "saga.dlq"];

@@ -114,7 +114,7 @@ impl Registry {
 /// A trigger message with every field its shape knows, for building each command once at load
 /// time.
 fn sample_trigger(message: &str) -> Option<Value> {
-    super::definitions::trigger_message(message).map(|m| (m.sample)())
+    super::definitions::trigger_message(message).and_then(|m| m.sample().ok())
 }
 
 /// Checks that every command of `definition` goes on the wire as the participants will read

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::TimeDelta;
 
 use super::{
-    raw, trigger_shape, ActionDefinition, DefinitionError, FieldPath, PayloadMapping, Problem,
+    raw, trigger_message, ActionDefinition, DefinitionError, FieldPath, PayloadMapping, Problem,
     ReplyMeaning, Routes, SagaDefinition, Shape, Step, StepKind, Trigger, ENGINE_TOPICS,
     MAX_NAME_LEN, MAX_TOPIC_LEN, MAX_WAIT_MS,
 };
@@ -102,13 +102,22 @@ impl<'a> Checker<'a> {
         })
     }
 
-    fn trigger(&self, raw: raw::Trigger) -> Result<(Trigger, Shape), DefinitionError> {
+    fn trigger(&self, raw: raw::Trigger) -> Result<(Trigger, &'static Shape), DefinitionError> {
         self.topic("trigger.topic", &raw.topic)?;
-        let shape = trigger_shape(&raw.message).ok_or_else(|| {
+        let message = trigger_message(&raw.message).ok_or_else(|| {
             self.invalid(
                 "trigger.message",
                 Problem::UnknownTriggerMessage {
                     message: raw.message.clone(),
+                },
+            )
+        })?;
+        let shape = message.shape().map_err(|error| {
+            self.invalid(
+                "trigger.message",
+                Problem::TriggerSchema {
+                    message: raw.message.clone(),
+                    error: error.clone(),
                 },
             )
         })?;
@@ -131,7 +140,7 @@ impl<'a> Checker<'a> {
         kind: StepKind,
         pivot: Option<&str>,
         trigger: &Trigger,
-        shape: Shape,
+        shape: &'static Shape,
     ) -> Result<Step, DefinitionError> {
         let at = |field: &str| format!("steps[{i}].{field}");
         self.name(&at("participant"), &raw.participant)?;
@@ -229,7 +238,7 @@ impl<'a> Checker<'a> {
         kind: StepKind,
         compensation: bool,
         trigger: &Trigger,
-        shape: Shape,
+        shape: &'static Shape,
     ) -> Result<ActionDefinition, DefinitionError> {
         let field = format!("{at}.action");
         self.message_name(&field, &raw.action)?;
@@ -363,8 +372,8 @@ impl<'a> Checker<'a> {
         field: &str,
         text: &str,
         message: &str,
-        shape: Shape,
-    ) -> Result<(FieldPath, Shape), DefinitionError> {
+        shape: &'static Shape,
+    ) -> Result<(FieldPath, &'static Shape), DefinitionError> {
         let path = FieldPath::parse(text).ok_or_else(|| {
             self.invalid(
                 field,

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::{MAX_NAME_LEN, MAX_TOPIC_LEN, MAX_WAIT_MS, TRIGGER_MESSAGES};
+use super::{SchemaError, MAX_NAME_LEN, MAX_TOPIC_LEN, MAX_WAIT_MS, TRIGGER_MESSAGES};
 
 /// Why the definitions could not be loaded. Each names the file (or folder); validation errors
 /// also the field, as a path like `steps[1].forward.retry.timeout_ms`.
@@ -85,6 +85,12 @@ pub enum Problem {
     CommandTopicIsTrigger { topic: String },
     #[error("unknown trigger message {message:?}; known: {}", known_triggers())]
     UnknownTriggerMessage { message: String },
+    #[error("the schema of {message} cannot be read")]
+    TriggerSchema {
+        message: String,
+        #[source]
+        error: SchemaError,
+    },
     #[error("{path:?} is not a field path: write $.field or $.field.subfield (no indexes, wildcards or expressions)")]
     PathSyntax { path: String },
     #[error("{path:?}: {message} has no field {segment:?} there")]

@@ -204,10 +204,12 @@ fn the_canonical_form_ignores_comments_and_layout_and_reads_back() {
     ));
 }
 
-/// The shape paths are checked against is what `OrderPlaced` serialises to, field for field.
+/// The shape paths are checked against, read from each trigger message's JSON Schema, is what
+/// the typed message serialises to, field for field; the sample (the schema's example) has
+/// every field and passes the message's own contract checks.
 #[test]
 fn the_trigger_shapes_are_the_messages() {
-    fn check(value: &Json, shape: Shape, at: &str) {
+    fn check(value: &Json, shape: &Shape, at: &str) {
         match shape {
             Shape::Text => assert!(value.is_string(), "{at} is text"),
             Shape::Integer => assert!(value.is_i64(), "{at} is an integer"),
@@ -215,7 +217,7 @@ fn the_trigger_shapes_are_the_messages() {
                 let list = value.as_array().expect("a list");
                 assert!(!list.is_empty(), "{at}: the sample has items");
                 for value in list {
-                    check(value, *item, &format!("{at}[]"));
+                    check(value, item, &format!("{at}[]"));
                 }
             }
             Shape::Object(fields) => {
@@ -226,11 +228,12 @@ fn the_trigger_shapes_are_the_messages() {
                     .filter(|name| at != "$" || *name != "type")
                     .collect();
                 names.sort_unstable();
-                let mut expected: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+                let mut expected: Vec<&str> =
+                    fields.iter().map(|(name, _)| name.as_str()).collect();
                 expected.sort_unstable();
                 assert_eq!(names, expected, "{at}");
                 for (name, shape) in fields {
-                    check(&object[*name], *shape, &format!("{at}.{name}"));
+                    check(&object[name.as_str()], shape, &format!("{at}.{name}"));
                 }
             }
         }
@@ -238,12 +241,13 @@ fn the_trigger_shapes_are_the_messages() {
     let json = serde_json::to_value(order()).expect("serialises");
     let message = &TRIGGER_MESSAGES[0];
     assert_eq!(json["type"], message.name);
-    check(&json, message.shape, "$");
+    let shape = message.shape().expect("OrderPlaced's schema is read");
+    check(&json, shape, "$");
     // What a saga keeps is what the message's decoder makes of it, and the sample used to
     // build commands at load time has every field of the shape.
     let bytes = serde_json::to_vec(&order()).expect("serialises");
     assert_eq!((message.decode)(&bytes), Ok(json));
-    check(&(message.sample)(), message.shape, "$");
+    check(&message.sample().expect("a sample"), shape, "$");
 
     // The return saga's trigger likewise.
     let request = events::ReturnRequested {
@@ -260,14 +264,56 @@ fn the_trigger_shapes_are_the_messages() {
     let json = serde_json::to_value(&request).expect("serialises");
     let message = trigger_message("ReturnRequested").expect("a trigger message");
     assert_eq!(json["type"], message.name);
-    check(&json, message.shape, "$");
-    check(&(message.sample)(), message.shape, "$");
+    let shape = message.shape().expect("ReturnRequested's schema is read");
+    check(&json, shape, "$");
+    check(&message.sample().expect("a sample"), shape, "$");
     let bytes = serde_json::to_vec(&request).expect("serialises");
     assert_eq!((message.decode)(&bytes), Ok(json));
+    for message in &TRIGGER_MESSAGES {
+        let sample = message
+            .sample()
+            .expect("every trigger message has a sample");
+        let bytes = serde_json::to_vec(&sample).expect("serialises");
+        assert_eq!((message.decode)(&bytes), Ok(sample), "{}", message.name);
+    }
     // Whatever the bytes, a decoder answers with a reason, never a panic.
     for garbage in [&b""[..], b"\xff", b"[]", br#"{"type":"OrderPlaced"}"#] {
         assert!((message.decode)(garbage).is_err(), "{garbage:?}");
     }
+}
+
+/// What a schema the shapes cannot be read from gets: an error naming where, never a guess.
+#[test]
+fn a_trigger_schema_that_is_not_a_shape_is_refused_with_where() {
+    let read = |schema: &'static str| {
+        let message = TriggerMessage::new("M", schema, |_| Ok(Json::Null), &[]);
+        message.shape().cloned().map_err(Clone::clone)
+    };
+    assert_eq!(
+        read(r#"{"type":"object","properties":{"a":{"type":"boolean"}},"examples":[{}]}"#),
+        Err(SchemaError::Unsupported { at: "$.a".into() })
+    );
+    assert_eq!(
+        read(r#"{"type":"object","properties":{"a":{"$ref":"x.json#/y"}},"examples":[{}]}"#),
+        Err(SchemaError::UnresolvedReference {
+            at: "$.a".into(),
+            reference: "x.json#/y".into()
+        })
+    );
+    assert_eq!(
+        read(r#"{"type":"object","properties":{}}"#),
+        Err(SchemaError::NoExample)
+    );
+    assert!(matches!(read("{"), Err(SchemaError::NotJson { .. })));
+    assert_eq!(
+        read(
+            r#"{"type":"object","properties":{"type":{"const":"M"},"l":{"type":"array","items":{"$ref":"common.schema.json#/$defs/uuid"}}},"examples":[{}]}"#
+        ),
+        Ok(Shape::Object(vec![(
+            "l".into(),
+            Shape::List(Box::new(Shape::Text))
+        )]))
+    );
 }
 
 #[test]

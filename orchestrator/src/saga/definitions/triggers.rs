@@ -1,84 +1,177 @@
-//! The messages that can start a saga, and what they look like, for checking paths at load time.
+//! The messages that can start a saga, and what they look like, for checking paths at load
+//! time. What a trigger message looks like is read from its JSON Schema, the contract's
+//! (`events/contract/schemas/`): its fields (a [`Shape`]) and a valid sample (the schema's
+//! first `examples` entry). A new trigger message is a type in `events` (with its validation
+//! and its schema) and one entry in [`TRIGGER_MESSAGES`].
+
+use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
 
 /// The shape of a trigger message's field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shape {
     Text,
     Integer,
-    Object(&'static [(&'static str, Shape)]),
-    List(&'static Shape),
+    Object(Vec<(String, Shape)>),
+    List(Box<Shape>),
 }
 
 impl Shape {
-    pub(super) fn is_scalar(self) -> bool {
+    pub(super) fn is_scalar(&self) -> bool {
         matches!(self, Self::Text | Self::Integer)
     }
 
-    pub(super) fn field(self, name: &str) -> Option<Shape> {
+    pub(super) fn field(&self, name: &str) -> Option<&Shape> {
         match self {
-            Self::Object(fields) => fields.iter().find(|(n, _)| *n == name).map(|(_, s)| *s),
+            Self::Object(fields) => fields.iter().find(|(n, _)| n == name).map(|(_, s)| s),
             _ => None,
+        }
+    }
+
+    /// The shape the JSON Schema `schema` describes (`at` names where, for errors), with
+    /// `common` the schema its `common.schema.json#/$defs/...` references name. A top-level
+    /// object's `type` property (the message's tag, not a field a definition may name) is
+    /// left out.
+    fn of_schema(schema: &Value, common: &Value, at: &str) -> Result<Shape, SchemaError> {
+        if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
+            let resolved = reference
+                .strip_prefix("common.schema.json#/$defs/")
+                .and_then(|name| common.get("$defs")?.get(name))
+                .ok_or_else(|| SchemaError::UnresolvedReference {
+                    at: at.to_owned(),
+                    reference: reference.to_owned(),
+                })?;
+            return Self::of_schema(resolved, common, at);
+        }
+        match schema.get("type").and_then(Value::as_str) {
+            Some("string") => Ok(Self::Text),
+            Some("integer") => Ok(Self::Integer),
+            Some("array") => {
+                let items = schema.get("items").ok_or_else(|| unsupported(at))?;
+                let item = Self::of_schema(items, common, &format!("{at}[]"))?;
+                Ok(Self::List(Box::new(item)))
+            }
+            Some("object") => {
+                let properties = schema
+                    .get("properties")
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| unsupported(at))?;
+                properties
+                    .iter()
+                    .filter(|(name, _)| at != "$" || *name != "type")
+                    .map(|(name, property)| {
+                        let shape = Self::of_schema(property, common, &format!("{at}.{name}"))?;
+                        Ok((name.clone(), shape))
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(Self::Object)
+            }
+            _ => Err(unsupported(at)),
         }
     }
 }
 
-const LINE_ITEM: Shape = Shape::Object(&[
-    ("sku", Shape::Text),
-    ("quantity", Shape::Integer),
-    ("unit_price_cents", Shape::Integer),
-]);
+fn unsupported(at: &str) -> SchemaError {
+    SchemaError::Unsupported { at: at.to_owned() }
+}
 
-const ADDRESS: Shape = Shape::Object(&[
-    ("country", Shape::Text),
-    ("city", Shape::Text),
-    ("line1", Shape::Text),
-    ("postal_code", Shape::Text),
-]);
+/// Why a trigger message's JSON Schema could not be read as a [`Shape`] and a sample.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    #[error("not JSON at line {line}, column {column}")]
+    NotJson { line: usize, column: usize },
+    #[error("{at}: not a string, an integer, an array of one schema or an object with properties")]
+    Unsupported { at: String },
+    #[error("{at}: the reference {reference:?} is not one of common.schema.json's $defs")]
+    UnresolvedReference { at: String, reference: String },
+    #[error("no examples: the first one is the sample message")]
+    NoExample,
+}
 
-/// `events::OrderPlaced` as JSON (its `type` tag aside); a test keeps the two in step.
-const ORDER_PLACED: Shape = Shape::Object(&[
-    ("order_id", Shape::Text),
-    ("customer_id", Shape::Text),
-    ("items", Shape::List(&LINE_ITEM)),
-    ("total_cents", Shape::Integer),
-    ("currency", Shape::Text),
-    ("shipping_address", ADDRESS),
-]);
+/// What a trigger message's schema says, read once.
+#[derive(Debug)]
+struct Described {
+    shape: Shape,
+    sample: Value,
+}
 
-const RETURN_ITEM: Shape = Shape::Object(&[("sku", Shape::Text), ("quantity", Shape::Integer)]);
+impl Described {
+    fn read(schema: &str) -> Result<Self, SchemaError> {
+        let parse = |text: &str| {
+            serde_json::from_str::<Value>(text).map_err(|e| SchemaError::NotJson {
+                line: e.line(),
+                column: e.column(),
+            })
+        };
+        let schema = parse(schema)?;
+        let common = parse(events::COMMON_SCHEMA)?;
+        Ok(Self {
+            shape: Shape::of_schema(&schema, &common, "$")?,
+            sample: schema
+                .get("examples")
+                .and_then(|examples| examples.get(0))
+                .cloned()
+                .ok_or(SchemaError::NoExample)?,
+        })
+    }
+}
 
-/// `events::ReturnRequested` as JSON (its `type` tag aside); a test keeps the two in step.
-const RETURN_REQUESTED: Shape = Shape::Object(&[
-    ("return_id", Shape::Text),
-    ("order_id", Shape::Text),
-    ("customer_id", Shape::Text),
-    ("items", Shape::List(&RETURN_ITEM)),
-    ("refund_cents", Shape::Integer),
-    ("currency", Shape::Text),
-]);
-
-/// A message that can start a saga: everything the engine knows of it, in one place. A new
-/// trigger message is a type in `events` (with its validation) and one entry here.
-#[derive(Debug, Clone, Copy)]
+/// A message that can start a saga: everything the engine knows of it, in one place.
+#[derive(Debug)]
 pub struct TriggerMessage {
     /// Its `type` on the wire.
     pub name: &'static str,
-    /// Its fields as JSON (the `type` tag aside), for checking paths at load time.
-    pub shape: Shape,
+    /// Its JSON Schema: its fields, for checking paths at load time, and a sample.
+    pub schema: &'static str,
     /// Reads a record's bytes as this message, checked by its contract rules, and returns it
     /// as JSON (as the typed message writes itself, `type` tag included): what a saga keeps
     /// as its trigger.
     pub decode: fn(&[u8]) -> Result<Value, events::ContractError>,
     /// The fields `SagaStarted` copies from the message, for whoever follows `saga.events`.
     pub summary: &'static [&'static str],
-    /// A message with every field of [`Self::shape`], for building each command of a
-    /// definition once at load time.
-    pub sample: fn() -> Value,
+    described: OnceLock<Result<Described, SchemaError>>,
 }
 
 impl TriggerMessage {
+    pub(super) const fn new(
+        name: &'static str,
+        schema: &'static str,
+        decode: fn(&[u8]) -> Result<Value, events::ContractError>,
+        summary: &'static [&'static str],
+    ) -> Self {
+        Self {
+            name,
+            schema,
+            decode,
+            summary,
+            described: OnceLock::new(),
+        }
+    }
+
+    fn described(&self) -> Result<&Described, &SchemaError> {
+        self.described
+            .get_or_init(|| Described::read(self.schema))
+            .as_ref()
+    }
+
+    /// Its fields as JSON (the `type` tag aside), from its schema.
+    ///
+    /// # Errors
+    /// When the schema is not one [`Shape`] can describe (a test reads every one).
+    pub fn shape(&self) -> Result<&Shape, &SchemaError> {
+        self.described().map(|d| &d.shape)
+    }
+
+    /// A valid message with every field of [`Self::shape`] (its schema's first example), for
+    /// building each command of a definition once at load time.
+    ///
+    /// # Errors
+    /// As [`Self::shape`], or when the schema has no example.
+    pub fn sample(&self) -> Result<Value, &SchemaError> {
+        self.described().map(|d| d.sample.clone())
+    }
+
     /// The `SagaStarted` subject of `trigger`: the [`Self::summary`] fields it has.
     pub fn summary_of(&self, trigger: &Value) -> Map<String, Value> {
         self.summary
@@ -97,54 +190,28 @@ fn decoded<T: serde::Serialize>(
 }
 
 /// The messages a saga can be triggered by.
-pub const TRIGGER_MESSAGES: [TriggerMessage; 2] = [
-    TriggerMessage {
-        name: events::OrderPlaced::TYPE_NAME,
-        shape: ORDER_PLACED,
-        decode: |bytes| decoded(events::OrderPlaced::from_json(bytes)),
-        summary: &["order_id", "customer_id", "total_cents", "currency"],
-        sample: || {
-            serde_json::json!({
-                "type": events::OrderPlaced::TYPE_NAME,
-                "order_id": "00000000-0000-4000-8000-000000000001",
-                "customer_id": "c",
-                "items": [{ "sku": "s", "quantity": 1, "unit_price_cents": 1 }],
-                "total_cents": 1,
-                "currency": "EUR",
-                "shipping_address": { "country": "DE", "city": "c", "line1": "l", "postal_code": "p" }
-            })
-        },
-    },
-    TriggerMessage {
-        name: events::ReturnRequested::TYPE_NAME,
-        shape: RETURN_REQUESTED,
-        decode: |bytes| decoded(events::ReturnRequested::from_json(bytes)),
-        summary: &[
+pub static TRIGGER_MESSAGES: [TriggerMessage; 2] = [
+    TriggerMessage::new(
+        events::OrderPlaced::TYPE_NAME,
+        events::OrderPlaced::SCHEMA,
+        |bytes| decoded(events::OrderPlaced::from_json(bytes)),
+        &["order_id", "customer_id", "total_cents", "currency"],
+    ),
+    TriggerMessage::new(
+        events::ReturnRequested::TYPE_NAME,
+        events::ReturnRequested::SCHEMA,
+        |bytes| decoded(events::ReturnRequested::from_json(bytes)),
+        &[
             "return_id",
             "order_id",
             "customer_id",
             "refund_cents",
             "currency",
         ],
-        sample: || {
-            serde_json::json!({
-                "type": events::ReturnRequested::TYPE_NAME,
-                "return_id": "00000000-0000-4000-8000-000000000002",
-                "order_id": "00000000-0000-4000-8000-000000000001",
-                "customer_id": "c",
-                "items": [{ "sku": "s", "quantity": 1 }],
-                "refund_cents": 1,
-                "currency": "EUR"
-            })
-        },
-    },
+    ),
 ];
 
 /// The trigger message named `message`, if there is one.
 pub fn trigger_message(message: &str) -> Option<&'static TriggerMessage> {
     TRIGGER_MESSAGES.iter().find(|m| m.name == message)
-}
-
-pub(super) fn trigger_shape(message: &str) -> Option<Shape> {
-    trigger_message(message).map(|m| m.shape)
 }
