@@ -102,6 +102,11 @@ impl Catalog {
         read(&self.registry).for_topic(topic).cloned()
     }
 
+    /// The definition new sagas of the type `name` start on, if the type is known.
+    pub fn newest(&self, name: &str) -> Option<Arc<SagaDefinition>> {
+        read(&self.registry).newest(name).cloned()
+    }
+
     /// Every known version, with whether new sagas start on it and when it was first stored.
     pub fn list(&self) -> Vec<(Arc<SagaDefinition>, bool, Option<DateTime<Utc>>)> {
         let registry = read(&self.registry);
@@ -122,6 +127,14 @@ impl Catalog {
             .all()
             .flat_map(|d| d.steps.iter().map(|s| s.name.clone()))
             .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The name of every known saga type, sorted.
+    pub fn saga_types(&self) -> Vec<String> {
+        let mut names: Vec<String> = read(&self.registry).all().map(|d| d.name.clone()).collect();
         names.sort();
         names.dedup();
         names

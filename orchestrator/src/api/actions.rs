@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use events::{Address, LineItem, OrderPlaced};
 use messaging::outbox::{Outbox, Wake};
+use rdkafka::message::OwnedHeaders;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -136,19 +137,8 @@ pub(super) async fn place_order(
         serde_json::to_vec(&order).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
     let record_key = order.order_id.to_string();
     let topic = state.topics.orders();
-    // The order's trace starts here (or continues the caller's, from its `traceparent`).
     let span = tracing::info_span!("place_order", order_id = %order.order_id);
-    if let Some(parent) = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= MAX_TRACEPARENT_CHARS)
-    {
-        messaging::telemetry::continue_trace(&span, parent);
-    }
-    let traceparent = messaging::telemetry::traceparent(&span);
-    let record_headers = messaging::kafka::record_headers(
-        traceparent.as_deref().map(|value| ("traceparent", value)),
-    );
+    let record_headers = request_trace(&span, &headers);
     if let Err(e) = state
         .orders
         .send(&topic, &record_key, &payload, record_headers)
@@ -190,6 +180,20 @@ pub(super) async fn place_order(
         Json(accepted),
     )
         .into_response())
+}
+
+/// The headers of a record published for an HTTP request: the trace of `span`, which starts
+/// here or continues the caller's (its `traceparent`, when it sent a usable one).
+pub(super) fn request_trace(span: &tracing::Span, headers: &HeaderMap) -> OwnedHeaders {
+    if let Some(parent) = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= MAX_TRACEPARENT_CHARS)
+    {
+        messaging::telemetry::continue_trace(span, parent);
+    }
+    let traceparent = messaging::telemetry::traceparent(span);
+    messaging::kafka::record_headers(traceparent.as_deref().map(|value| ("traceparent", value)))
 }
 
 const MAX_REASON_CHARS: usize = 2_000;

@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod publisher;
 mod reads;
 pub mod server;
+mod start;
 pub mod watch;
 
 use std::sync::Arc;
@@ -90,6 +91,16 @@ pub const ROUTES: &[(&str, &str, Option<Access>)] = &[
     ("post", "/sagas/{saga_id}/abort", Some(Access::Operate)),
     ("get", "/orders/{order_id}/saga", Some(Access::Read)),
     ("post", "/orders", Some(Access::PlaceOrder)),
+    (
+        "post",
+        "/definitions/{saga_type}/sagas",
+        Some(Access::PlaceOrder),
+    ),
+    (
+        "get",
+        "/definitions/{saga_type}/sagas/{key}",
+        Some(Access::Read),
+    ),
 ];
 
 pub fn router(state: AppState) -> Router {
@@ -130,9 +141,14 @@ pub fn router(state: AppState) -> Router {
         .route("/sagas/{saga_id}/history", get(reads::get_history))
         .route("/sagas/{saga_id}/watch", get(watch::watch))
         .route("/orders/{order_id}/saga", get(reads::get_saga_by_order))
+        .route(
+            "/definitions/{saga_type}/sagas/{key}",
+            get(start::get_saga_by_key),
+        )
         .route_layer(needs(Access::Read));
     let orders = Router::new()
         .route("/orders", post(actions::place_order))
+        .route("/definitions/{saga_type}/sagas", post(start::start_saga))
         .route_layer(needs(Access::PlaceOrder));
     let operations = Router::new()
         .route("/sagas/{saga_id}/{action}", post(actions::operate))
@@ -249,11 +265,11 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// `GET /openapi.json`: the document, with the step names of this deployment's saga
-/// definitions where the file leaves them open (`StepName` and the list's `step` filter), so
-/// that a client (and Schemathesis) knows which steps the filter takes.
+/// `GET /openapi.json`: the document, with the step names and saga types of this deployment's
+/// saga definitions where the file leaves them open (`StepName`, the list's `step` filter, the
+/// `saga_type` path parameters), so that a client (and Schemathesis) knows which it takes.
 async fn openapi_document(State(state): State<AppState>) -> Response {
-    match openapi_for_steps(&state.catalog.step_names()) {
+    match openapi_for(&state.catalog.step_names(), &state.catalog.saga_types()) {
         Ok(document) => Json(document).into_response(),
         Err(e) => {
             ApiError::internal(&crate::Error::Config(format!("openapi.json: {e}"))).into_response()
@@ -265,8 +281,27 @@ async fn openapi_document(State(state): State<AppState>) -> Response {
 ///
 /// # Errors
 /// When the embedded document is not JSON (a build from a broken file).
-pub fn openapi_for_steps(steps: &[String]) -> Result<serde_json::Value, serde_json::Error> {
+pub fn openapi_for(
+    steps: &[String],
+    saga_types: &[String],
+) -> Result<serde_json::Value, serde_json::Error> {
     let mut document: serde_json::Value = serde_json::from_str(OPENAPI_JSON)?;
+    // The saga types, where a path names one.
+    if let Some(paths) = document
+        .get_mut("paths")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        let parameters = paths
+            .values_mut()
+            .filter_map(serde_json::Value::as_object_mut)
+            .flat_map(|operations| operations.values_mut())
+            .filter_map(|operation| operation.get_mut("parameters")?.as_array_mut())
+            .flatten()
+            .filter(|parameter| parameter["name"] == "saga_type");
+        for parameter in parameters {
+            parameter["schema"]["enum"] = json!(saga_types);
+        }
+    }
     if let Some(step_name) = document.pointer_mut("/components/schemas/StepName") {
         step_name["enum"] = json!(steps);
     }

@@ -71,19 +71,36 @@ pub(super) async fn get_saga_by_order(
         .collect();
     order_types.sort_unstable();
     order_types.dedup();
-    let saga_id = store::saga_id_for_key_of(&state.pool, &order_types, &order_id.to_string())
+    saga_by_key(&state, &order_types, &order_id.to_string())
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+/// The saga of one of `saga_types` whose key is `key` (the first started, should two types
+/// share a key), if there is one.
+pub(super) async fn saga_by_key(
+    state: &AppState,
+    saga_types: &[&str],
+    key: &str,
+) -> Result<Option<SagaView>, ApiError> {
+    let Some(saga_id) = store::saga_id_for_key_of(&state.pool, saga_types, key)
         .await
         .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(not_found)?;
-    let (saga, version) = store::get(&state.pool, saga_id)
+    else {
+        return Ok(None);
+    };
+    let Some((saga, version)) = store::get(&state.pool, saga_id)
         .await
         .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(not_found)?;
+    else {
+        return Ok(None);
+    };
     let view = SagaView::new(saga, version)
         .with_duplicates(&state.pool)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    Ok(Json(view))
+    Ok(Some(view))
 }
 
 /// `404` unless the saga exists.

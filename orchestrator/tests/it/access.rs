@@ -44,6 +44,16 @@ const TABLE: &[(&str, &str, [u16; 5])] = &[
     ("GET", "/sagas/{saga_id}/watch", [401, 401, 200, 403, 200]),
     ("GET", "/orders/{order_id}/saga", [401, 401, 200, 403, 200]),
     ("POST", "/orders", [401, 401, 403, 202, 403]),
+    (
+        "GET",
+        "/definitions/{saga_type}/sagas/{key}",
+        [401, 401, 200, 403, 200],
+    ),
+    (
+        "POST",
+        "/definitions/{saga_type}/sagas",
+        [401, 401, 403, 202, 403],
+    ),
     ("POST", "/sagas/{saga_id}/retry", [401, 401, 403, 403, 409]),
     ("POST", "/sagas/{saga_id}/skip", [401, 401, 403, 403, 409]),
     ("POST", "/sagas/{saga_id}/abort", [401, 401, 403, 403, 409]),
@@ -76,9 +86,15 @@ async fn each_role_may_use_exactly_its_endpoints() {
     for (method, template, expected) in TABLE {
         let path = template
             .replace("{saga_id}", &saga_id)
-            .replace("{order_id}", &placed.order_id.to_string());
+            .replace("{order_id}", &placed.order_id.to_string())
+            .replace("{saga_type}", "order")
+            .replace("{key}", &placed.order_id.to_string());
         let body = match (*method, *template) {
             ("POST", "/orders") => Some(new_order.to_string()),
+            // The placed order again: the same key, so no second saga.
+            ("POST", "/definitions/{saga_type}/sagas") => {
+                Some(serde_json::to_string(&placed).expect("json"))
+            }
             ("POST", _) => Some(operator_body.clone()),
             _ => None,
         };

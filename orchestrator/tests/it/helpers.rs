@@ -784,10 +784,11 @@ impl TestSystem {
             .expect("HTTP request")
     }
 
-    /// A POST of a JSON body with the token its route needs: a client's for `/orders`, an
-    /// operator's otherwise.
+    /// A POST of a JSON body with the token its route needs: a client's for `/orders` and
+    /// `/definitions/{saga_type}/sagas`, an operator's otherwise.
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let token = if path == "/orders" {
+        let starts_a_saga = path.starts_with("/definitions/") && path.ends_with("/sagas");
+        let token = if path == "/orders" || starts_a_saga {
             CLIENT_TOKEN
         } else {
             OPERATOR_TOKEN

@@ -109,7 +109,8 @@ async fn the_server_answers_as_its_openapi_document_says() {
         "schedule_shipment",
     ]
     .map(String::from);
-    let expected = orchestrator::api::openapi_for_steps(&steps).expect("the file is JSON");
+    let saga_types = ["order", "return"].map(String::from);
+    let expected = orchestrator::api::openapi_for(&steps, &saga_types).expect("the file is JSON");
     assert_eq!(
         served_doc, expected,
         "the served document is the checked one"
@@ -117,6 +118,11 @@ async fn the_server_answers_as_its_openapi_document_says() {
     assert_eq!(
         served_doc["components"]["schemas"]["StepName"]["enum"],
         json!(steps)
+    );
+    assert_eq!(
+        served_doc["paths"]["/definitions/{saga_type}/sagas"]["post"]["parameters"][0]["schema"]
+            ["enum"],
+        json!(saga_types)
     );
     let doc = expected;
 

@@ -101,6 +101,136 @@ async fn refunded(system: &TestSystem, return_id: Uuid) -> i64 {
     .expect("refunds query")
 }
 
+/// Any saga type starts over HTTP: `POST /definitions/return/sagas` with a `ReturnRequested`
+/// (its `type` left out) runs the return saga; the same body again is the same saga; what
+/// is not the type's trigger message is refused with a 4xx naming why, and nothing is
+/// published for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_of_any_type_starts_over_http_once_per_key() {
+    let system = start().await;
+    let order_id = completed_order(&system, 2).await;
+    let back = widgets_back(order_id, 1, 1_000);
+    let mut body = serde_json::to_value(&back).expect("json");
+    if let Some(fields) = body.as_object_mut() {
+        fields.remove("type");
+    }
+    let body = body.to_string();
+    let (status, accepted) = system.post("/definitions/return/sagas", &body).await;
+    assert_eq!(status, 202, "{accepted}");
+    let key = back.return_id.to_string();
+    assert_eq!(accepted["saga_type"], "return");
+    assert_eq!(accepted["key"], key);
+    let status_url = format!("/definitions/return/sagas/{}", key.replace('-', "%2D"));
+    assert_eq!(accepted["status_url"], status_url);
+    crate::operate::assert_documented(
+        &crate::operate::openapi(),
+        "post",
+        "/definitions/{saga_type}/sagas",
+        202,
+        &accepted,
+    );
+    // A retry (the answer lost, say): the same key, so the same saga.
+    let (status, _) = system.post("/definitions/return/sagas", &body).await;
+    assert_eq!(status, 202);
+
+    let saga = system.terminal_at("the return saga", &status_url).await;
+    assert_eq!(saga["state"], "completed", "{saga}");
+    assert_eq!(saga["definition_name"], "return");
+    assert_eq!(saga["saga_key"], key);
+    assert_eq!(saga["trigger"]["type"], "ReturnRequested");
+    // The unencoded key finds it too; the second request was a duplicate of the first.
+    let (status, same) = system
+        .get(&format!("/definitions/return/sagas/{key}"))
+        .await;
+    assert_eq!((status, &same["saga_id"]), (200, &saga["saga_id"]));
+    let sagas = crate::helpers::count(
+        &system,
+        "orchestrator",
+        "SELECT count(*) FROM sagas WHERE definition_name = 'return' AND saga_key = $1::text",
+        back.return_id,
+    )
+    .await;
+    assert_eq!(sagas, 1);
+
+    // Refused, each with a JSON error naming why.
+    let order_json = serde_json::to_string(&order("alice", "WIDGET", 1, "DE")).expect("json");
+    let mut invalid = serde_json::to_value(widgets_back(order_id, 1, 1_000)).expect("json");
+    invalid["currency"] = "eur".into();
+    let invalid = invalid.to_string();
+    let refused: [(&str, &str, u16, &str, &str); 7] = [
+        (
+            "no such type",
+            "/definitions/nope/sagas",
+            404,
+            "not_found",
+            "nope",
+        ),
+        (
+            "another type's message",
+            "/definitions/return/sagas",
+            422,
+            "invalid_trigger",
+            "OrderPlaced",
+        ),
+        (
+            "not an object",
+            "/definitions/return/sagas",
+            422,
+            "invalid_trigger",
+            "JSON object",
+        ),
+        (
+            "a rule broken",
+            "/definitions/return/sagas",
+            422,
+            "invalid_trigger",
+            "currency",
+        ),
+        (
+            "not JSON",
+            "/definitions/return/sagas",
+            400,
+            "invalid_body",
+            "",
+        ),
+        (
+            "NUL",
+            "/definitions/return/sagas",
+            422,
+            "invalid_trigger",
+            "",
+        ),
+        (
+            "a lone surrogate",
+            "/definitions/return/sagas",
+            400,
+            "invalid_body",
+            "",
+        ),
+    ];
+    let bodies = [
+        body.as_str(),
+        order_json.as_str(),
+        "[1, 2]",
+        invalid.as_str(),
+        "{\"return_id\": ",
+        "{\"type\":\"ReturnRequested\",\"return_id\":\"\\u0000\"}",
+        "{\"type\":\"ReturnRequested\",\"customer_id\":\"\\ud800\"}",
+    ];
+    for ((what, path, expected, code, mentions), body) in refused.into_iter().zip(bodies) {
+        let (status, error) = system.post(path, body).await;
+        assert_eq!(status, expected, "{what}: {error}");
+        assert_eq!(error["error"]["code"], code, "{what}: {error}");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mentions), "{what}: {error}");
+    }
+    let (status, error) = system.get("/definitions/return/sagas/no-such-key").await;
+    assert_eq!(
+        (status, &error["error"]["code"]),
+        (404, &"not_found".into())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_return_is_received_restocked_and_refunded() {
     let system = start().await;
