@@ -1,11 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# One image for the whole saga engine. It holds all five service binaries
-# (orchestrator, inventory, payment, shipping, returns) in /usr/local/bin and has
-# no ENTRYPOINT, so the command picks the service: docker-compose.yml builds this
-# image once (tagged saga-engine:local) and runs it five times with
-# `command: orchestrator`, `command: inventory`, `command: payment`,
-# `command: shipping` and `command: returns`. Plain docker works the same way:
+# One image for the whole saga engine. It holds every service binary (the
+# orchestrator and each participant of participants/src/bin, by the name the saga
+# definitions give it) and sagactl in /usr/local/bin, and has no ENTRYPOINT, so the
+# command picks the service: docker-compose.yml builds this image once (tagged
+# saga-engine:local) and runs it once per service with `command: orchestrator`,
+# `command: inventory`, and so on. Plain docker works the same way:
 #
 #   docker build -t saga-engine:local .
 #   docker run --rm -e KAFKA_BROKERS=... -e DATABASE_URL=... saga-engine:local payment
@@ -56,13 +56,13 @@ COPY .sqlx .sqlx
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
-        --bin orchestrator --bin inventory --bin payment --bin shipping --bin returns \
-        --bin sagactl \
+    cargo build --release --locked --bins \
+        --package orchestrator --package participants --package sagactl \
     && mkdir -p /out \
-    && cp target/release/orchestrator target/release/inventory \
-          target/release/payment target/release/shipping target/release/returns \
-          target/release/sagactl /out/
+    && cargo metadata --format-version 1 --no-deps \
+        | python3 -c 'import json, sys; print("\n".join(t["name"] for p in json.load(sys.stdin)["packages"] if p["name"] in ("orchestrator", "participants", "sagactl") for t in p["targets"] if "bin" in t["kind"]))' \
+        | while read -r binary; do cp "target/release/$binary" /out/; done \
+    && test -x /out/orchestrator && test -x /out/sagactl
 
 ############################ runtime ############################
 FROM debian:bookworm-slim
@@ -76,8 +76,7 @@ RUN apt-get update \
 
 # sagactl too: the secured setup's admin step (docker-compose.secured.yml) runs its
 # provision-kafka.
-COPY --from=builder /out/orchestrator /out/inventory /out/payment /out/shipping /out/returns \
-    /out/sagactl /usr/local/bin/
+COPY --from=builder /out/ /usr/local/bin/
 COPY sagas /etc/saga-engine/sagas
 ENV SAGAS_DIR=/etc/saga-engine/sagas
 

@@ -49,4 +49,6 @@ const MAX_NAME_LEN: usize = 64;
 const MAX_TOPIC_LEN: usize = 200;
 
 #[cfg(test)]
+mod registered;
+#[cfg(test)]
 mod tests;
