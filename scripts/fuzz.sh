@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for a while, one after another, and fails when any of
+# Runs every cargo-fuzz target in fuzz/ for a while, one per core at a time, and fails when any of
 # them crashes (a panic, a broken invariant, a sanitizer report, an input that hangs). Prints
 # one line per target: seconds, executions, corpus size.
 #
@@ -59,10 +59,10 @@ trap cleanup EXIT
 echo "fuzz: building ${#targets[@]} targets (${toolchain})" >&2
 "${fuzz[@]}" build
 
-failed=()
-summary=()
-for target in "${targets[@]}"; do
-  seeds="fuzz/corpus/$target"
+# fuzz_one TARGET: runs TARGET for $seconds; its summary line goes to $scratch/TARGET.summary,
+# and $scratch/TARGET.crashed exists when it crashed.
+fuzz_one() {
+  local target="$1" seeds="fuzz/corpus/$1" corpus log started verdict execs corp
   mkdir -p "$seeds" "fuzz/artifacts/$target"
   if [[ ${FUZZ_GROW_CORPUS:-0} == 1 ]]; then
     corpus=("$seeds")
@@ -80,7 +80,7 @@ for target in "${targets[@]}"; do
     verdict=ok
   else
     verdict=CRASHED
-    failed+=("$target")
+    touch "$scratch/$target.crashed"
     # The panic message (or else the sanitizer's or libFuzzer's report), and where the input
     # went.
     {
@@ -94,11 +94,31 @@ for target in "${targets[@]}"; do
   fi
   execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)" || true
   corp="$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$log" | tail -1 | cut -d' ' -f2)" || true
-  summary+=("$(printf 'fuzz: %-22s %-7s %5ss %12s execs  corpus %s' \
-    "$target" "$verdict" "$((SECONDS - started))" "${execs:-?}" "${corp:-?}")")
-done
+  printf 'fuzz: %-22s %-7s %5ss %12s execs  corpus %s\n' \
+    "$target" "$verdict" "$((SECONDS - started))" "${execs:-?}" "${corp:-?}" >"$scratch/$target.summary"
+}
 
-printf '%s\n' "${summary[@]}"
+# One target per core at a time (FUZZ_JOBS overrides): libFuzzer runs one process, so on two
+# cores two targets take the time of one, each as long as it would alone.
+jobs="${FUZZ_JOBS:-$(nproc)}"
+running=0
+for target in "${targets[@]}"; do
+  if ((running >= jobs)); then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  fuzz_one "$target" &
+  running=$((running + 1))
+done
+wait || true
+
+failed=()
+for target in "${targets[@]}"; do
+  cat "$scratch/$target.summary" 2>/dev/null || echo "fuzz: $target gave no summary"
+  if [[ -e $scratch/$target.crashed || ! -e $scratch/$target.summary ]]; then
+    failed+=("$target")
+  fi
+done
 if ((${#failed[@]} > 0)); then
   echo "fuzz: crashed: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
   exit 1

@@ -16,16 +16,31 @@ cd "$ROOT"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
 
+# Each phase's wall time, printed at the end (also after a failure): where the suite's time goes.
+phase_times=()
+phase_name="PostgreSQL and the broker"
+phase_started=$SECONDS
+phase() {
+  phase_times+=("$(printf '%5d s  %s' "$((SECONDS - phase_started))" "$phase_name")")
+  phase_name="$1"
+  phase_started=$SECONDS
+  echo "test.sh: $1" >&2
+}
+
 start_dependencies
 STARTED_CLUSTER=0
 cleanup() {
   if [[ $STARTED_BROKER == 1 ]]; then BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop; fi
   if [[ $STARTED_CLUSTER == 1 ]]; then BROKER_NODES=3 scripts/broker.sh stop; fi
+  phase "done"
+  echo "test.sh: wall time per phase (total $SECONDS s):" >&2
+  printf '%s\n' "${phase_times[@]}" >&2
 }
 trap cleanup EXIT
 
 # Each end-to-end test runs four services with small pools; four at a time stay well inside
 # PostgreSQL's default 100 connections.
+phase "the workspace's tests"
 cargo test --workspace --locked "$@" -- --test-threads=4
 
 # The secured three-node cluster (TLS, SASL, mutual TLS, ACLs, replication 3; started here
@@ -34,6 +49,7 @@ cargo test --workspace --locked "$@" -- --test-threads=4
 # (sagactl/tests/secured_kafka.rs, ignored without SECURED_KAFKA_DIR) provision a topic prefix
 # of their own, check what each identity may not do and every way of authenticating, and run
 # every service (this build's binaries) with its own identity through an order (about 25 s).
+phase "the three-node cluster"
 cargo build --workspace --locked --bins
 if ! BROKER_NODES=3 scripts/broker.sh running; then
   BROKER_NODES=3 scripts/broker.sh start
@@ -50,6 +66,7 @@ fi
 # It runs before the security tests: they delete SCRAM credentials, and on Kafka 4.1.1 a node
 # restarted after a deletion refused every SCRAM login (BENCHMARKS.md, issue 21's notes). A node
 # this run kills is started again before it ends.
+phase "chaos on the three-node cluster"
 (
   source "$ROOT/.run/cluster/cluster.env"
   target/debug/sagactl chaos --kafka-brokers "$KAFKA_BROKERS" \
@@ -60,6 +77,7 @@ fi
     --broker-two-down-after 2 --broker-two-down-ms 8000 --settle-timeout-secs 120
 )
 
+phase "the security tests"
 SECURED_KAFKA_DIR="$ROOT/.run/cluster" cargo test -p sagactl --locked --test secured_kafka -- \
   --ignored --test-threads=2
 # Their topics (prefix secured-*), so that runs do not pile up partitions on the cluster.
@@ -69,6 +87,7 @@ SECURED_KAFKA_DIR="$ROOT/.run/cluster" cargo test -p sagactl --locked --test sec
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
 # scripts/fuzz.sh 840 (see its header).
+phase "the fuzzers"
 scripts/fuzz.sh 20
 
 # The chaos suite, short (about 2 minutes; 90 s more when something wedges): 600 sagas over
@@ -81,6 +100,7 @@ scripts/fuzz.sh 20
 # once; the throughput with garbage is at least half the first half's) and exits non-zero on
 # any violation. The PostgreSQL restarts hit every client of the server: nothing else may use
 # it meanwhile.
+phase "chaos on one node"
 cargo build --workspace --locked --bins
 target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --rate 20 \
   --kill-every-ms 1500 --crash-after-commit-every 40 --broker-kill-every-ms 10000 \
@@ -91,14 +111,17 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
 
 # The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
 # missing) against the services as processes; screenshots go to target/artifacts/.
+phase "the page in Chromium"
 scripts/browser-test.sh
 
 # The HTTP API against its OpenAPI document: Schemathesis (from PyPI, pinned, installed on first
 # use) sends generated requests to an orchestrator of its own, with a token of every role, and
 # fails on any 5xx or any answer the document does not allow (about a minute).
+phase "Schemathesis"
 scripts/api-test.sh
 
 # A smoke run of the benchmark, so that its command cannot rot: a few seconds, debug build.
+phase "the benchmark's smoke run"
 mkdir -p target/artifacts
 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
   --warmup-secs 0 --json target/artifacts/bench-smoke.json

@@ -1,10 +1,13 @@
 //! What changes something: placing an order, and an operator's retry, skip or abort.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
 use events::{Address, LineItem, OrderPlaced};
 use messaging::outbox::{Outbox, Wake};
 use rdkafka::message::OwnedHeaders;
@@ -18,7 +21,7 @@ use super::idempotency::{self, Reservation};
 use super::{ApiError, AppState, SagaView};
 use crate::auth::Caller;
 use crate::handler::{commit_decision, join_saga_trace};
-use crate::saga::{Decision, OperatorAction};
+use crate::saga::{Decision, OperatorAction, Saga, SagaDefinition};
 use crate::store::{self, HistoryDecision, HistoryEntry};
 
 /// The longest `traceparent` header continued; a W3C one (version 00) has 55 characters.
@@ -215,52 +218,10 @@ pub(super) async fn operate(
 ) -> Result<Json<SagaView>, ApiError> {
     let Path((saga_id, action_name)) = path?;
     let Json(request) = body?;
-    // The reason ends up in the history and in a saga event: bounded, so that the event can
-    // always be published, and without NUL, which PostgreSQL's text refuses.
-    if request.reason.trim().is_empty()
-        || request.reason.chars().count() > MAX_REASON_CHARS
-        || request.reason.contains('\0')
-    {
-        return Err(ApiError::bad_request(format!(
-            "`reason` must be 1 to {MAX_REASON_CHARS} characters, without NUL"
-        )));
-    }
-    let action = match action_name.as_str() {
-        "retry" => OperatorAction::Retry,
-        "skip" => OperatorAction::Skip,
-        "abort" => OperatorAction::Abort {
-            reason: request.reason.clone(),
-        },
-        other => {
-            return Err(ApiError::not_found(format!(
-                "no action {other:?}; expected retry, skip or abort"
-            )))
-        }
-    };
+    let action = operator_action(&action_name, &request)?;
     let internal = |e: crate::Error| ApiError::internal(&e);
     let mut tx = state.pool.begin().await.map_err(|e| internal(e.into()))?;
-    let (saga, version, now) = store::load_for_update(&mut tx, saga_id)
-        .await
-        .map_err(|e| match e {
-            // Nothing can move a saga whose row this build cannot read; it stays as it is.
-            crate::Error::CorruptRow { .. } => ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("saga {saga_id} cannot move: {e}"),
-            ),
-            e => internal(e),
-        })?
-        .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
-    let definition = crate::handler::definition_of(&state.catalog, &mut tx, &saga)
-        .await
-        .map_err(internal)?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("saga {saga_id} cannot move: {e}"),
-            )
-        })?;
+    let (saga, version, now, definition) = movable_saga(&state, &mut tx, saga_id).await?;
     let decision = saga.on_operator(&action, now, &definition);
     let refusal = match &decision {
         Decision::Ignored { reason } => Some(reason.clone()),
@@ -313,6 +274,61 @@ pub(super) async fn operate(
             format!("{action_name} refused: {}", refusal.unwrap_or_default()),
         )),
     }
+}
+
+/// The action `name` asks for, once its reason is one the history and a saga event can hold.
+fn operator_action(name: &str, request: &OperatorRequest) -> Result<OperatorAction, ApiError> {
+    // The reason ends up in the history and in a saga event: bounded, so that the event can
+    // always be published, and without NUL, which PostgreSQL's text refuses.
+    if request.reason.trim().is_empty()
+        || request.reason.chars().count() > MAX_REASON_CHARS
+        || request.reason.contains('\0')
+    {
+        return Err(ApiError::bad_request(format!(
+            "`reason` must be 1 to {MAX_REASON_CHARS} characters, without NUL"
+        )));
+    }
+    match name {
+        "retry" => Ok(OperatorAction::Retry),
+        "skip" => Ok(OperatorAction::Skip),
+        "abort" => Ok(OperatorAction::Abort {
+            reason: request.reason.clone(),
+        }),
+        other => Err(ApiError::not_found(format!(
+            "no action {other:?}; expected retry, skip or abort"
+        ))),
+    }
+}
+
+/// The saga `saga_id`, locked in `tx` for an operator's action, with its version, the
+/// database's time and the definition it runs on; 404 when there is none, 409 when this
+/// build cannot read its row or its definition.
+async fn movable_saga(
+    state: &AppState,
+    tx: &mut sqlx::PgConnection,
+    saga_id: Uuid,
+) -> Result<(Saga, i64, DateTime<Utc>, Arc<SagaDefinition>), ApiError> {
+    let internal = |e: crate::Error| ApiError::internal(&e);
+    let cannot_move = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("saga {saga_id} cannot move: {e}"),
+        )
+    };
+    let (saga, version, now) = store::load_for_update(&mut *tx, saga_id)
+        .await
+        .map_err(|e| match e {
+            // Nothing can move a saga whose row this build cannot read; it stays as it is.
+            crate::Error::CorruptRow { .. } => cannot_move(&e),
+            e => internal(e),
+        })?
+        .ok_or_else(|| ApiError::not_found(format!("no saga {saga_id}")))?;
+    let definition = crate::handler::definition_of(&state.catalog, &mut *tx, &saga)
+        .await
+        .map_err(internal)?
+        .map_err(|e| cannot_move(&e))?;
+    Ok((saga, version, now, definition))
 }
 
 fn capitalised(word: &str) -> String {
