@@ -1,0 +1,307 @@
+//! The garbage invariant: the dead-letter topic against the garbage log, and for every record
+//! without exactly one copy there, what became of it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use anyhow::Context;
+use events::Topics;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::dead_letters::{DeadLetter, DeadLetterReader};
+use super::{GarbageKind, GarbageLog, Target};
+use crate::deployment::{Deployment, ORCHESTRATOR};
+
+/// The garbage invariant, with a line per kind.
+pub struct Audit {
+    pub passed: bool,
+    pub detail: String,
+    pub per_kind: Vec<String>,
+    /// Per saga type, the keys of garbage records on its trigger topic that started a saga
+    /// (left out of the saga invariants).
+    garbage_sagas: BTreeMap<String, Vec<Uuid>>,
+}
+
+impl Audit {
+    /// The keys of the sagas of type `saga` that garbage records started.
+    pub fn garbage_sagas(&self, saga: &str) -> &[Uuid] {
+        self.garbage_sagas.get(saga).map_or(&[], Vec::as_slice)
+    }
+}
+
+#[derive(Default)]
+struct KindCount {
+    sent: u32,
+    once: u32,
+    /// One copy (one `dlq.id`) published more than once, by a relay that crashed between the
+    /// broker's acknowledgement and deleting the row: at-least-once publishing, which readers
+    /// undo by the id. Reported, not a failure.
+    republished: u32,
+    /// Copied more than once under different ids: a record dead-lettered again (a failure).
+    redelivered: u32,
+    /// No copy: its consumer group never committed past it, its copy is still in an outbox,
+    /// or it was consumed and is gone (handled as if valid, or lost).
+    not_consumed: u32,
+    in_outbox: u32,
+    consumed_no_copy: u32,
+    started_saga: u32,
+    acted_on: u32,
+    unconfirmed: u32,
+}
+
+impl KindCount {
+    fn ok(&self) -> bool {
+        self.once == self.sent && self.unconfirmed == 0
+    }
+}
+
+/// Checks the dead-letter topic against the garbage log, and finds out what happened to
+/// every record without exactly one copy there.
+pub async fn audit(
+    log: &GarbageLog,
+    reader: &DeadLetterReader,
+    db: &PgPool,
+    kafka: &messaging::config::KafkaConnection,
+    prefix: &str,
+    deployment: &Deployment,
+) -> anyhow::Result<Audit> {
+    let mut copies: HashMap<(&str, i32, i64), Vec<&DeadLetter>> = HashMap::new();
+    let mut foreign: Vec<&DeadLetter> = Vec::new();
+    let garbage: BTreeSet<(&str, i32, i64)> = log
+        .sent
+        .iter()
+        .map(|s| (s.topic.as_str(), s.partition, s.offset))
+        .collect();
+    for record in &reader.records {
+        match &record.source {
+            Some((t, p, o)) if garbage.contains(&(t.as_str(), *p, *o)) => {
+                copies.entry((t.as_str(), *p, *o)).or_default().push(record);
+            }
+            _ => foreign.push(record),
+        }
+    }
+
+    // Where the missing ones are: dead-letter rows not yet published, group positions.
+    let mut in_outbox = BTreeSet::new();
+    for schema in deployment.services() {
+        let rows: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT headers->>'dlq.source.topic', headers->>'dlq.source.partition', \
+                 headers->>'dlq.source.offset' FROM {schema}.outbox WHERE topic = $1"
+        ))
+        .bind(Topics::new(prefix).dead_letters())
+        .fetch_all(db)
+        .await?;
+        for row in rows {
+            if let (Some(t), Some(p), Some(o)) = row {
+                if let (Ok(p), Ok(o)) = (p.parse::<i32>(), o.parse::<i64>()) {
+                    in_outbox.insert((t, p, o));
+                }
+            }
+        }
+    }
+    let committed = tokio::task::block_in_place(|| committed_offsets(log, kafka, prefix))?;
+    let keys: Vec<Uuid> = log.sent.iter().map(|s| s.key).collect();
+    let saga_ids: Vec<Uuid> = log.sent.iter().map(|s| s.saga_id).collect();
+    let started: BTreeSet<(String, Uuid)> = sqlx::query_as(&format!(
+        "SELECT definition_name, saga_key::uuid FROM {ORCHESTRATOR}.sagas \
+         WHERE saga_key = ANY($1::uuid[]::text[])"
+    ))
+    .bind(&keys)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .collect();
+    let acted_on_sql = deployment
+        .participants
+        .iter()
+        .map(|p| {
+            format!(
+                "SELECT saga_id FROM {}.step_ledger WHERE saga_id = ANY($1)",
+                p.name
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    let acted_on: BTreeSet<Uuid> = sqlx::query_scalar(&acted_on_sql)
+        .bind(&saga_ids)
+        .fetch_all(db)
+        .await?
+        .into_iter()
+        .collect();
+
+    let mut kinds: BTreeMap<GarbageKind, KindCount> = BTreeMap::new();
+    let mut garbage_sagas: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    for s in &log.sent {
+        let count = kinds.entry(s.kind).or_default();
+        count.sent += 1;
+        let at = (s.topic.as_str(), s.partition, s.offset);
+        match copies.get(&at).map(Vec::as_slice) {
+            Some([_]) => count.once += 1,
+            Some(several) if several.len() > 1 => {
+                if several
+                    .iter()
+                    .all(|c| !c.id.is_empty() && c.id == several[0].id)
+                {
+                    count.once += 1;
+                    count.republished += 1;
+                } else {
+                    count.redelivered += 1;
+                }
+            }
+            _ => {
+                let position = committed.get(&(s.topic.clone(), s.partition));
+                if in_outbox.contains(&(s.topic.clone(), s.partition, s.offset)) {
+                    count.in_outbox += 1;
+                } else if position.is_none_or(|next| *next <= s.offset) {
+                    count.not_consumed += 1;
+                } else {
+                    count.consumed_no_copy += 1;
+                }
+            }
+        }
+        // A garbage record on a trigger topic names the key of a saga of that type.
+        if let Target::Trigger(saga) = &s.target {
+            if started.contains(&(saga.name.clone(), s.key)) {
+                count.started_saga += 1;
+                garbage_sagas
+                    .entry(saga.name.clone())
+                    .or_default()
+                    .push(s.key);
+            }
+        }
+        if acted_on.contains(&s.saga_id) {
+            count.acted_on += 1;
+        }
+    }
+    for (kind, _, _) in &log.unconfirmed {
+        let count = kinds.entry(*kind).or_default();
+        count.sent += 1;
+        count.unconfirmed += 1;
+    }
+
+    let mut per_kind = Vec::new();
+    let mut failing = Vec::new();
+    let total = |f: fn(&KindCount) -> u32| kinds.values().map(f).sum::<u32>();
+    for (kind, c) in &kinds {
+        let mut parts = vec![format!("{} sent, {} in the DLQ once", c.sent, c.once)];
+        let mut add = |n: u32, what: &str| {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        };
+        add(
+            c.redelivered,
+            "copied twice or more (dead-lettered again on redelivery)",
+        );
+        add(
+            c.republished,
+            "of those published again by a relay after a crash (one dlq.id; readers drop the repeat)",
+        );
+        add(
+            c.not_consumed,
+            "missing: their consumer group never committed past them",
+        );
+        add(c.in_outbox, "missing: copy still in an outbox");
+        add(c.consumed_no_copy, "missing: consumed, no copy anywhere");
+        add(c.started_saga, "started a saga");
+        add(c.acted_on, "acted on by a participant");
+        add(c.unconfirmed, "not acknowledged by the broker");
+        if !c.ok() {
+            failing.push(kind.name());
+        }
+        per_kind.push(format!(
+            "{:<4} {:<15} {}",
+            if c.ok() { "ok" } else { "BAD" },
+            kind.name(),
+            parts.join(", ")
+        ));
+    }
+    let foreign_detail = foreign
+        .iter()
+        .take(3)
+        .map(|r| {
+            format!(
+                "{} from {:?}: {}",
+                r.consumer,
+                r.source,
+                r.reason.chars().take(120).collect::<String>()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let passed = failing.is_empty() && foreign.is_empty();
+    let detail = format!(
+        "{} garbage records sent ({} kinds, {} topics): {} in the DLQ exactly once ({} of those \
+         copies published again by a relay, same dlq.id), {} copied more than once, {} missing, \
+         {} started a saga, {} acted on, {} unacknowledged; {} other records in the DLQ{}{}",
+        total(|c| c.sent),
+        kinds.len(),
+        log.sent
+            .iter()
+            .map(|s| s.topic.as_str())
+            .collect::<BTreeSet<_>>()
+            .len(),
+        total(|c| c.once),
+        total(|c| c.republished),
+        total(|c| c.redelivered),
+        total(|c| c.not_consumed + c.in_outbox + c.consumed_no_copy),
+        total(|c| c.started_saga),
+        total(|c| c.acted_on),
+        total(|c| c.unconfirmed),
+        foreign.len(),
+        if foreign.is_empty() {
+            String::new()
+        } else {
+            format!(" ({foreign_detail})")
+        },
+        if failing.is_empty() {
+            String::new()
+        } else {
+            format!("; failing kinds: {}", failing.join(", "))
+        },
+    );
+    Ok(Audit {
+        passed,
+        detail,
+        per_kind,
+        garbage_sagas,
+    })
+}
+
+/// The next offset each consuming group will read, per (topic, partition) that got garbage.
+fn committed_offsets(
+    log: &GarbageLog,
+    kafka: &messaging::config::KafkaConnection,
+    prefix: &str,
+) -> anyhow::Result<HashMap<(String, i32), i64>> {
+    let mut by_group: BTreeMap<String, TopicPartitionList> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for s in &log.sent {
+        if seen.insert((s.topic.clone(), s.partition)) {
+            by_group
+                .entry(s.target.group(prefix))
+                .or_default()
+                .add_partition(&s.topic, s.partition);
+        }
+    }
+    let mut positions = HashMap::new();
+    for (group, partitions) in by_group {
+        let consumer: BaseConsumer = messaging::kafka::connection_settings(kafka)?
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .with_context(|| format!("reading the offsets of group {group}"))?;
+        for element in committed.elements() {
+            if let Offset::Offset(next) = element.offset() {
+                positions.insert((element.topic().to_owned(), element.partition()), next);
+            }
+        }
+    }
+    Ok(positions)
+}
