@@ -53,9 +53,11 @@ use workload::Workload;
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let setup = Setup::create(&args).await?;
     let mut fleet = Fleet::plan(&args, &setup)?;
+    // Chosen before the fleet starts: the topic fault's shorter step deadlines are settings.
     let deleted_topic = faults::deleted_topic(&args, &setup.deployment, &mut fleet);
     fleet.start_all().await?;
     let db = setup.connect().await?;
+    // The books as they were before the first saga, once every service created its tables.
     let mut invariants = Invariants::choose(&setup.deployment);
     invariants.wait_until_ready(&db, &setup.deployment).await?;
     invariants.before(&db).await?;
