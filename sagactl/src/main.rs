@@ -13,19 +13,15 @@
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
-mod broker_nodes;
 mod budget;
 mod ceiling;
 mod chaos;
 mod deployment;
-mod garbage;
-mod ledgers;
 mod load;
 mod ops;
 mod provision;
 mod provision_kafka;
 mod sse;
-mod topic_faults;
 mod watchers;
 
 use clap::{Parser, Subcommand};

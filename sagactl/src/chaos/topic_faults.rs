@@ -19,8 +19,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 
+use super::garbage::Target;
 use crate::deployment::Deployment;
-use crate::garbage::Target;
 
 /// The first wait for a step's reply while topics are deleted, in milliseconds, and the
 /// longest: a command lost with its topic is sent again after this, not after the

@@ -1,0 +1,214 @@
+//! The fleet: the orchestrators and the participants the saga definitions name, each run as
+//! its own OS process with its own log, started, SIGKILLed, restarted after a crash, and
+//! stopped gracefully at the end.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use messaging::config::GroupProtocol;
+use tokio::process::{Child, Command};
+
+use super::args::{value_name, ChaosArgs};
+use super::setup::Setup;
+use crate::deployment::ORCHESTRATOR;
+
+/// One process of the fleet: its name in reports, its binary, and its own settings.
+struct Instance {
+    name: String,
+    binary: String,
+    env: Vec<(String, String)>,
+}
+
+pub(super) struct Fleet {
+    bin_dir: PathBuf,
+    /// Settings every process gets.
+    pub(super) env: Vec<(String, String)>,
+    instances: Vec<Instance>,
+    children: BTreeMap<String, Child>,
+    /// SIGKILLs per process, for the report.
+    pub(super) kills: BTreeMap<String, u32>,
+    log_dir: PathBuf,
+}
+
+impl Fleet {
+    /// The run's processes and their settings: --orchestrators orchestrators in one consumer
+    /// group, and one process per participant the definitions name, on the run's database and
+    /// topic prefix; none started yet.
+    pub(super) fn plan(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Self> {
+        // Orchestrators share one consumer group and divide the partitions between them.
+        let mut instances = Vec::new();
+        for n in 1..=args.orchestrators.max(1) {
+            let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            instances.push(Instance {
+                name: format!("{ORCHESTRATOR}-{n}"),
+                binary: ORCHESTRATOR.into(),
+                // The chaos run reads the tables, not the API: open, on loopback only.
+                env: vec![
+                    (
+                        "SAGAS_DIR".into(),
+                        args.sagas_dir.to_string_lossy().into_owned(),
+                    ),
+                    ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+                    ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
+                    ("API_DATABASE_CONNECTIONS".into(), "1".into()),
+                ],
+            });
+        }
+        for participant in &setup.deployment.participants {
+            instances.push(Instance {
+                name: participant.name.clone(),
+                binary: participant.name.clone(),
+                env: Vec::new(),
+            });
+        }
+        // Static membership lets a restarted member of a classic group take its partitions back
+        // at once. KIP-848 groups refuse a restarted member whose instance id the broker still
+        // holds (until the dead one's session expires) with a fatal error, so they run dynamic.
+        if !args.dynamic_membership && args.group_protocol == GroupProtocol::Classic {
+            for instance in &mut instances {
+                instance
+                    .env
+                    .push(("KAFKA_GROUP_INSTANCE_ID".into(), instance.name.clone()));
+            }
+        }
+        let mut fleet_env: Vec<(String, String)> = Vec::new();
+        match &args.kafka_identities {
+            // Each service as itself: the orchestrators share the orchestrator's identity.
+            Some(dir) => {
+                for instance in &mut instances {
+                    let properties = dir.join(format!("{}.properties", instance.binary));
+                    if !properties.is_file() {
+                        bail!(
+                            "--kafka-identities: no client properties for {} at {}",
+                            instance.binary,
+                            properties.display()
+                        );
+                    }
+                    instance.env.push((
+                        messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+                        properties.display().to_string(),
+                    ));
+                }
+            }
+            None => {
+                if let Some(properties) = &args.kafka.kafka_client_properties {
+                    fleet_env.push((
+                        messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+                        properties.display().to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            bin_dir: args.bin_dir.clone(),
+            env: vec![
+                ("KAFKA_BROKERS".into(), args.kafka.kafka_brokers.clone()),
+                ("TOPIC_PREFIX".into(), setup.prefix.clone()),
+                ("DATABASE_URL".into(), setup.database_url.clone()),
+                ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
+                ("KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into()),
+                (
+                    "KAFKA_GROUP_PROTOCOL".into(),
+                    value_name(args.group_protocol),
+                ),
+                (
+                    "FAULT_CRASH_AFTER_COMMIT_EVERY".into(),
+                    args.crash_after_commit_every.to_string(),
+                ),
+            ]
+            .into_iter()
+            .chain(fleet_env)
+            .collect(),
+            instances,
+            children: BTreeMap::new(),
+            kills: BTreeMap::new(),
+            log_dir: setup.log_dir.clone(),
+        })
+    }
+
+    /// How many processes the fleet runs.
+    pub(super) fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Starts every process.
+    pub(super) async fn start_all(&mut self) -> anyhow::Result<()> {
+        for index in 0..self.instances.len() {
+            self.start(index).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn start(&mut self, index: usize) -> anyhow::Result<()> {
+        let instance = &self.instances[index];
+        let binary = self.bin_dir.join(&instance.binary);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(format!("{}.log", instance.name)))?;
+        let child = Command::new(&binary)
+            .envs(
+                self.env
+                    .iter()
+                    .chain(&instance.env)
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        self.children.insert(instance.name.clone(), child);
+        Ok(())
+    }
+
+    pub(super) async fn kill(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = self.instances[index].name.clone();
+        if let Some(mut child) = self.children.remove(&name) {
+            child.start_kill()?;
+            child.wait().await?;
+            *self.kills.entry(name).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Restarts every service that exited by itself (a crash, not one of our kills).
+    pub(super) async fn revive(&mut self) -> anyhow::Result<u32> {
+        let mut revived = 0;
+        for index in 0..self.instances.len() {
+            let name = &self.instances[index].name;
+            let exited = match self.children.get_mut(name) {
+                Some(child) => child.try_wait()?.is_some(),
+                None => true,
+            };
+            if exited {
+                eprintln!("{name} had exited; restarting it");
+                self.start(index).await?;
+                revived += 1;
+            }
+        }
+        Ok(revived)
+    }
+
+    pub(super) async fn stop_all(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.children) {
+            if let Some(pid) = child.id() {
+                // SIGTERM first: the graceful path is part of what a run exercises.
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The invariants a chaos run checks once every saga settled: what the books must show however
+//! the services were killed, whatever the broker and PostgreSQL went through.
+//!
+//! Two kinds. The engine's hold for every saga type and need nothing but the definitions:
+//! every saga terminal, no message applied twice, each saga's steps against the participants'
+//! step ledgers (`ledgers.rs`). The business invariants read a saga type's or a participant's
+//! own tables (stock conserved, money conserved, one charge per completed order...): each is
+//! one implementation of [`Invariant`], in its own file, registered below by the name the saga
+//! definitions give its saga type or participant. A run checks those of the saga types and
+//! participants its definitions name; a new saga type (or participant) brings its invariant
+//! here, and nothing in the runner changes.
+
+mod inventory;
+mod ledgers;
+mod order;
+mod payment;
+mod return_saga;
+mod returns;
+mod shipping;
+pub mod under_faults;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::garbage::Audit;
+use crate::deployment::{Deployment, ORCHESTRATOR};
+
+/// One invariant's outcome: a PASS or FAIL line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What must hold; the line's name, stable across runs.
+    pub name: &'static str,
+    pub passed: bool,
+    /// What was seen.
+    pub detail: String,
+}
+
+impl Check {
+    pub fn new(name: &'static str, passed: bool, detail: String) -> Self {
+        Self {
+            name,
+            passed,
+            detail,
+        }
+    }
+}
+
+/// What an invariant's check is given once the run settled.
+pub struct Books<'a> {
+    /// The run's database, every service's schema in it.
+    pub db: &'a PgPool,
+    /// Per saga type, the keys of the sagas the workload started.
+    pub started: BTreeMap<&'static str, &'a [Uuid]>,
+    /// What the garbage did, with garbage in the run.
+    pub garbage: Option<&'a Audit>,
+}
+
+impl Books<'_> {
+    /// The keys of the sagas of type `saga` the workload started.
+    pub fn started(&self, saga: &str) -> &[Uuid] {
+        self.started.get(saga).copied().unwrap_or_default()
+    }
+
+    /// The keys of the sagas of type `saga` that garbage records started: neither the
+    /// workload's sagas nor strays (the garbage check counts them).
+    pub fn garbage_sagas(&self, saga: &str) -> &[Uuid] {
+        self.garbage.map_or(&[][..], |a| a.garbage_sagas(saga))
+    }
+}
+
+/// What an invariant's asynchronous steps return.
+pub type Checking<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
+
+/// The business invariant of one saga type or one participant, over the tables it knows.
+pub trait Invariant: Send + Sync {
+    /// An SQL condition its tables meet once their service created them and put its seed data
+    /// in (`None`: nothing to wait for beyond the step ledger); the run starts its sagas when
+    /// every one holds.
+    fn ready(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Takes what its checks compare the end with, before the first saga runs.
+    fn before<'a>(&'a mut self, _db: &'a PgPool) -> Checking<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Its checks, one report line each, in the order the report prints them.
+    fn check<'a>(&'a self, books: &'a Books<'a>) -> Checking<'a, Vec<Check>>;
+
+    /// How many times its tables show one saga's step done more than once (`no message
+    /// applied twice` adds them up).
+    fn done_twice<'a>(&'a self, _db: &'a PgPool) -> Checking<'a, i64> {
+        Box::pin(async { Ok(0) })
+    }
+}
+
+/// Builds one invariant.
+type Build = fn() -> Box<dyn Invariant>;
+
+/// Each saga type's invariant, by the name its definition gives it.
+const SAGAS: [(&str, Build); 2] = [
+    ("order", || Box::new(order::OrderSaga)),
+    ("return", || Box::new(return_saga::ReturnSaga)),
+];
+
+/// Each participant's invariant, by the name the definitions give it.
+const PARTICIPANTS: [(&str, Build); 4] = [
+    ("inventory", || Box::<inventory::Inventory>::default()),
+    ("payment", || Box::<payment::Payment>::default()),
+    ("returns", || Box::new(returns::Returns)),
+    ("shipping", || Box::new(shipping::Shipping)),
+];
+
+/// The invariants of a run: those of the saga types and participants its definitions name.
+pub struct Invariants {
+    chosen: Vec<Box<dyn Invariant>>,
+}
+
+impl Invariants {
+    /// The invariants of `deployment`'s saga types, then of its participants, in the
+    /// definitions' order (one without an invariant gets the engine's checks only).
+    pub fn choose(deployment: &Deployment) -> Self {
+        let find = |registry: &[(&str, Build)], name: &str| {
+            registry
+                .iter()
+                .find(|(registered, _)| *registered == name)
+                .map(|(_, build)| build())
+        };
+        let sagas = deployment.sagas().filter_map(|d| find(&SAGAS, &d.name));
+        let participants = deployment
+            .participants
+            .iter()
+            .filter_map(|p| find(&PARTICIPANTS, &p.name));
+        Self {
+            chosen: sagas.chain(participants).collect(),
+        }
+    }
+
+    /// Waits until every service has created its tables, and every invariant's are
+    /// [ready](Invariant::ready).
+    pub async fn wait_until_ready(
+        &self,
+        db: &PgPool,
+        deployment: &Deployment,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let conditions: String =
+            std::iter::once(format!("to_regclass('{ORCHESTRATOR}.sagas') IS NOT NULL"))
+                .chain(
+                    deployment
+                        .participants
+                        .iter()
+                        .map(|p| format!("to_regclass('{}.step_ledger') IS NOT NULL", p.name)),
+                )
+                .chain(
+                    self.chosen
+                        .iter()
+                        .filter_map(|i| i.ready())
+                        .map(str::to_owned),
+                )
+                .collect::<Vec<_>>()
+                .join(" AND ");
+        let sql = format!("SELECT {conditions}");
+        loop {
+            // (Before the services' migrations, the query fails on a missing table.)
+            let ready: Option<bool> = sqlx::query_scalar(&sql).fetch_one(db).await.ok();
+            if ready == Some(true) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the services did not create their tables within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Takes what every invariant compares the end with.
+    pub async fn before(&mut self, db: &PgPool) -> anyhow::Result<()> {
+        for invariant in &mut self.chosen {
+            invariant.before(db).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks the books: each saga type's and participant's invariants, then the engine's.
+    pub async fn check(
+        &self,
+        books: &Books<'_>,
+        deployment: &Deployment,
+    ) -> anyhow::Result<Vec<Check>> {
+        let mut checks = Vec::new();
+        for invariant in &self.chosen {
+            checks.extend(invariant.check(books).await?);
+        }
+        checks.push(every_saga_terminal(books.db).await?);
+        let mut steps_twice = 0;
+        for invariant in &self.chosen {
+            steps_twice += invariant.done_twice(books.db).await?;
+        }
+        checks.push(nothing_applied_twice(books.db, steps_twice).await?);
+        let ledgers = ledgers::check(books.db, deployment).await?;
+        checks.push(Check::new(
+            "each saga's steps agree with the participants' ledgers (every saga type, every step)",
+            ledgers.passed(),
+            ledgers.describe(),
+        ));
+        Ok(checks)
+    }
+}
+
+/// Every saga completed, compensated or failed (a failed one saying why).
+async fn every_saga_terminal(db: &PgPool) -> anyhow::Result<Check> {
+    let unfinished = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas WHERE state NOT IN ('completed', 'compensated', 'failed')",
+    )
+    .await?;
+    let failed_without_reason = count(
+        db,
+        "SELECT count(*) FROM orchestrator.sagas WHERE state = 'failed' AND failure_reason IS NULL",
+    )
+    .await?;
+    Ok(Check::new(
+        "every saga terminal",
+        unfinished == 0 && failed_without_reason == 0,
+        format!("{unfinished} not terminal, {failed_without_reason} failed without a reason"),
+    ))
+}
+
+/// No reply applied twice by the orchestrator, and no step done twice by a participant
+/// (`steps_twice`, from the business invariants).
+async fn nothing_applied_twice(db: &PgPool, steps_twice: i64) -> anyhow::Result<Check> {
+    let applied_twice = count(
+        db,
+        "SELECT count(*) FROM (SELECT message_id FROM orchestrator.saga_history \
+         WHERE decision = 'applied' GROUP BY message_id HAVING count(*) > 1) twice",
+    )
+    .await?;
+    Ok(Check::new(
+        "no message applied twice",
+        applied_twice == 0 && steps_twice == 0,
+        format!("{applied_twice} replies applied twice, {steps_twice} steps done twice"),
+    ))
+}
+
+/// The one number `sql` selects.
+pub async fn count(db: &PgPool, sql: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
+}
+
+/// Of the sagas of type `saga`: how many of `keys` have none, and how many there are in all
+/// but those `garbage` started.
+async fn sagas_per_key(
+    db: &PgPool,
+    saga: &str,
+    keys: &[Uuid],
+    garbage: &[Uuid],
+) -> anyhow::Result<(i64, i64)> {
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM UNNEST($1::uuid[]) AS placed (id) \
+         WHERE NOT EXISTS (SELECT 1 FROM orchestrator.sagas s \
+                           WHERE s.definition_name = $2 AND s.saga_key = placed.id::text)",
+    )
+    .bind(keys)
+    .bind(saga)
+    .fetch_one(db)
+    .await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.sagas \
+         WHERE definition_name = $2 AND NOT saga_key = ANY($1::uuid[]::text[])",
+    )
+    .bind(garbage)
+    .bind(saga)
+    .fetch_one(db)
+    .await?;
+    Ok((missing, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_saga_type_and_participant_of_the_repository_has_its_invariant() {
+        let deployment = crate::deployment::tests::repository();
+        let sagas: Vec<&str> = deployment.sagas().map(|d| d.name.as_str()).collect();
+        let participants: Vec<&str> = deployment.services().skip(1).collect();
+        fn registered(registry: &[(&'static str, Build)]) -> Vec<&'static str> {
+            registry.iter().map(|(name, _)| *name).collect()
+        }
+        assert_eq!(sagas, registered(&SAGAS));
+        assert_eq!(participants, registered(&PARTICIPANTS));
+        assert_eq!(
+            Invariants::choose(&deployment).chosen.len(),
+            SAGAS.len() + PARTICIPANTS.len()
+        );
+    }
+
+    #[test]
+    fn the_run_waits_for_the_tables_the_business_invariants_read() {
+        let deployment = crate::deployment::tests::repository();
+        let ready: Vec<&str> = Invariants::choose(&deployment)
+            .chosen
+            .iter()
+            .filter_map(|i| i.ready())
+            .collect();
+        assert_eq!(
+            ready,
+            [
+                "EXISTS (SELECT 1 FROM inventory.stock)",
+                "EXISTS (SELECT 1 FROM payment.accounts)",
+                "to_regclass('returns.return_lines') IS NOT NULL",
+                "to_regclass('shipping.shipments') IS NOT NULL",
+            ]
+        );
+    }
+}

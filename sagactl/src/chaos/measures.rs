@@ -1,0 +1,374 @@
+//! What a chaos run measures for its report, beside the invariants: the sagas' outcomes, the
+//! duplicates the engine absorbed, how long the failures stalled the sagas, the throughput,
+//! and how the sagas fared while broker nodes were down.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::broker_nodes::{NodeOutage, NodeOutages};
+use super::invariants::count;
+use crate::deployment::{Deployment, ORCHESTRATOR};
+
+/// How many sagas ended in each state, as the report prints it.
+pub(super) async fn outcomes(db: &PgPool) -> anyhow::Result<String> {
+    let by_state: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state::text, count(*) FROM orchestrator.sagas GROUP BY state ORDER BY state::text",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(by_state
+        .iter()
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// The broker node faults' windows, measured: each fault's, one and two nodes down, and the
+/// sagas that met none, to compare with.
+pub(super) struct NodeWindows<'a> {
+    pub(super) faults: Vec<(&'a NodeOutage, FaultWindow)>,
+    pub(super) nodes_down: Vec<(usize, FaultWindow)>,
+    pub(super) unfaulted: Option<FaultWindow>,
+}
+
+impl<'a> NodeWindows<'a> {
+    pub(super) async fn measure(
+        db: &PgPool,
+        deployment: &Deployment,
+        placed_at: &[(Uuid, DateTime<Utc>)],
+        outages: &'a NodeOutages,
+        placing: (DateTime<Utc>, DateTime<Utc>),
+    ) -> anyhow::Result<Self> {
+        let mut faults = Vec::new();
+        for fault in &outages.faults {
+            faults.push((
+                fault,
+                FaultWindow::measure(
+                    db,
+                    deployment,
+                    placed_at,
+                    &[(fault.killed_at, fault.back_at)],
+                    placing,
+                    true,
+                )
+                .await?,
+            ));
+        }
+        let mut nodes_down = Vec::new();
+        for down in [1, 2] {
+            let windows = outages.windows(down);
+            if !windows.is_empty() {
+                nodes_down.push((
+                    down,
+                    FaultWindow::measure(db, deployment, placed_at, &windows, placing, true)
+                        .await?,
+                ));
+            }
+        }
+        // The same measures for the sagas that met no broker fault, to compare with.
+        let unfaulted = if outages.faults.is_empty() {
+            None
+        } else {
+            let all: Vec<_> = outages
+                .faults
+                .iter()
+                .map(|f| (f.killed_at, f.back_at))
+                .collect();
+            Some(FaultWindow::measure(db, deployment, placed_at, &all, placing, false).await?)
+        };
+        Ok(Self {
+            faults,
+            nodes_down,
+            unfaulted,
+        })
+    }
+}
+
+pub(super) struct Duplicates {
+    /// Repeated orders and returns (a saga's history counts them on one line: `duplicates`).
+    pub(super) triggers: i64,
+    pub(super) ignored_replies: i64,
+    pub(super) redelivered: i64,
+}
+
+impl Duplicates {
+    pub(super) async fn count(db: &PgPool, deployment: &Deployment) -> anyhow::Result<Self> {
+        let (triggers, ignored_replies): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT coalesce(sum(coalesce(duplicates, 1)) FILTER (WHERE message_type = ANY($1)), 0)::bigint, \
+                    count(*) FILTER (WHERE NOT message_type = ANY($1)) \
+             FROM {ORCHESTRATOR}.saga_history WHERE decision = 'ignored'"
+        ))
+        .bind(deployment.trigger_messages())
+        .fetch_one(db)
+        .await?;
+        // Every inbox row counts its deliveries; all but the first were absorbed.
+        let redelivered = count(
+            db,
+            &format!(
+                "SELECT 0 {}",
+                deployment
+                    .services()
+                    .map(|s| format!("+ (SELECT coalesce(sum(deliveries - 1), 0) FROM {s}.inbox)"))
+                    .collect::<String>()
+            ),
+        )
+        .await?;
+        Ok(Self {
+            triggers,
+            ignored_replies,
+            redelivered,
+        })
+    }
+}
+
+/// Sagas finished per second: of one phase of the run, and over time.
+pub(super) struct Throughput {
+    sagas: usize,
+    finished: i64,
+    /// Whether [`Self::SHARE`] of the phase's sagas finished.
+    pub(super) reached: bool,
+    /// From the phase's first order until that share had finished (or the end of the run).
+    secs: f64,
+    pub(super) rate: f64,
+}
+
+impl Throughput {
+    pub(super) const BUCKET_SECS: i64 = 5;
+    /// The share of a phase's sagas whose finishing times its throughput: the last ones are
+    /// left out, so that one saga waiting out a step deadline does not decide it.
+    const SHARE: f64 = 0.9;
+
+    /// The throughput of the sagas of `order_ids`, placed from `from` on: [`Self::SHARE`] of
+    /// them over the time from `from` until that many had finished, or, when fewer finished,
+    /// those over the time until `now`.
+    pub(super) async fn phase(
+        db: &PgPool,
+        order_ids: &[Uuid],
+        from: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Self> {
+        let share = ((order_ids.len() as f64 * Self::SHARE).ceil() as i64).max(1);
+        let finished: i64 = sqlx::query_scalar(
+            "SELECT count(finished_at) FROM orchestrator.sagas WHERE saga_key = ANY($1::uuid[]::text[])",
+        )
+        .bind(order_ids)
+        .fetch_one(db)
+        .await?;
+        let at: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT finished_at FROM orchestrator.sagas \
+             WHERE saga_key = ANY($1::uuid[]::text[]) AND finished_at IS NOT NULL \
+             ORDER BY finished_at OFFSET $2 LIMIT 1",
+        )
+        .bind(order_ids)
+        .bind(share - 1)
+        .fetch_optional(db)
+        .await?;
+        let until = at.unwrap_or(now);
+        let secs = (until - from).num_milliseconds().max(1) as f64 / 1000.0;
+        let counted = if at.is_some() { share } else { finished };
+        Ok(Self {
+            sagas: order_ids.len(),
+            finished,
+            reached: at.is_some(),
+            secs,
+            rate: counted as f64 / secs,
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "{:.1}/s ({} of {} sagas finished; {:.1} s from its first order until {})",
+            self.rate,
+            self.finished,
+            self.sagas,
+            self.secs,
+            if self.reached {
+                format!("{:.0}% had finished", Self::SHARE * 100.0)
+            } else {
+                "the end of the run".into()
+            }
+        )
+    }
+
+    /// Sagas of `order_ids` finished per second, in buckets of [`Self::BUCKET_SECS`] from
+    /// `from` on.
+    pub(super) async fn timeline(
+        db: &PgPool,
+        order_ids: &[Uuid],
+        from: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<String>> {
+        let buckets: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT greatest(floor(extract(epoch FROM finished_at - $2) / $3), 0)::int AS bucket, \
+                    count(*) \
+             FROM orchestrator.sagas WHERE saga_key = ANY($1::uuid[]::text[]) AND finished_at IS NOT NULL \
+             GROUP BY bucket ORDER BY bucket",
+        )
+        .bind(order_ids)
+        .bind(from)
+        .bind(Self::BUCKET_SECS as f64)
+        .fetch_all(db)
+        .await?;
+        let counts: BTreeMap<i32, i64> = buckets.into_iter().collect();
+        let last = counts.keys().last().copied().unwrap_or(0);
+        Ok((0..=last)
+            .map(|bucket| {
+                let n = counts.get(&bucket).copied().unwrap_or(0);
+                format!("{:.1}", n as f64 / Self::BUCKET_SECS as f64)
+            })
+            .collect())
+    }
+}
+
+/// How the sagas fared while broker nodes were down: those in flight at some time in the
+/// windows (published before a window's end, finished after its start), timed from their
+/// publication to their finish, and the longest any service handled nothing in a window.
+pub(super) struct FaultWindow {
+    sagas: i64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// The service that waited longest, and how long (a gap between two messages it handled
+    /// that overlaps a window).
+    longest_stall: Option<(String, f64)>,
+}
+
+impl FaultWindow {
+    pub(super) async fn measure(
+        db: &PgPool,
+        deployment: &Deployment,
+        placed_at: &[(Uuid, DateTime<Utc>)],
+        windows: &[(DateTime<Utc>, DateTime<Utc>)],
+        (from, until): (DateTime<Utc>, DateTime<Utc>),
+        inside: bool,
+    ) -> anyhow::Result<Self> {
+        let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
+        let at: Vec<DateTime<Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
+        let starts: Vec<DateTime<Utc>> = windows.iter().map(|w| w.0).collect();
+        let ends: Vec<DateTime<Utc>> = windows.iter().map(|w| w.1).collect();
+        let (sagas, p50_ms, p99_ms, max_ms): (i64, f64, f64, f64) = sqlx::query_as(
+            "WITH placed AS (SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS p(key, at)), \
+                  windows AS (SELECT * FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w(since, until)), \
+                  timed AS (SELECT extract(epoch FROM s.finished_at - p.at)::float8 * 1000 AS ms \
+                            FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key \
+                            WHERE s.finished_at IS NOT NULL AND EXISTS \
+                              (SELECT 1 FROM windows w WHERE p.at <= w.until AND s.finished_at >= w.since) = $5) \
+             SELECT count(*), \
+                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(max(ms), 0) FROM timed",
+        )
+        .bind(&keys)
+        .bind(&at)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(inside)
+        .fetch_one(db)
+        .await?;
+        // Outside the windows (the baseline): no stall to measure.
+        if !inside {
+            return Ok(Self {
+                sagas,
+                p50_ms,
+                p99_ms,
+                max_ms,
+                longest_stall: None,
+            });
+        }
+        let mut longest_stall: Option<(String, f64)> = None;
+        for service in deployment.services() {
+            let gap: f64 = sqlx::query_scalar(&format!(
+                "WITH windows AS (SELECT * FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w(since, until)) \
+                 SELECT coalesce(max(extract(epoch FROM at - previous)::float8), 0) FROM ( \
+                   SELECT at, lag(at) OVER (ORDER BY at) AS previous \
+                   FROM (SELECT received_at AS at FROM {service}.inbox WHERE received_at BETWEEN $1 AND $2 \
+                         UNION ALL SELECT $1 UNION ALL SELECT $2) handled) g \
+                 WHERE EXISTS (SELECT 1 FROM windows w WHERE g.previous <= w.until AND g.at >= w.since)"
+            ))
+            .bind(from)
+            .bind(until)
+            .bind(&starts)
+            .bind(&ends)
+            .fetch_one(db)
+            .await?;
+            if longest_stall
+                .as_ref()
+                .is_none_or(|(_, longest)| gap > *longest)
+            {
+                longest_stall = Some((service.to_owned(), gap));
+            }
+        }
+        Ok(Self {
+            sagas,
+            p50_ms,
+            p99_ms,
+            max_ms,
+            longest_stall,
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "{} sagas in flight: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (published to finished); longest stall {}",
+            self.sagas,
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.longest_stall
+                .as_ref()
+                .map(|(service, secs)| format!("{secs:.1} s ({service})"))
+                .unwrap_or_else(|| "-".into())
+        )
+    }
+}
+
+/// How much the failures slowed the sagas down.
+pub(super) struct Stalls {
+    pub(super) saga_p50_ms: f64,
+    pub(super) saga_p99_ms: f64,
+    pub(super) saga_max_ms: f64,
+    /// Per service: the longest time between two messages it handled (or the start or end of
+    /// placing orders) while orders were being placed, so messages were waiting for it.
+    pub(super) longest_gap_secs: Vec<(String, f64)>,
+}
+
+impl Stalls {
+    pub(super) async fn measure(
+        db: &PgPool,
+        deployment: &Deployment,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> anyhow::Result<Self> {
+        let (saga_p50_ms, saga_p99_ms, saga_max_ms): (f64, f64, f64) = sqlx::query_as(
+            "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0), \
+                    coalesce(max(ms), 0) \
+             FROM (SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 AS ms \
+                   FROM orchestrator.sagas WHERE finished_at IS NOT NULL) d",
+        )
+        .fetch_one(db)
+        .await?;
+        let mut longest_gap_secs = Vec::new();
+        for service in deployment.services() {
+            let gap: f64 = sqlx::query_scalar(&format!(
+                "SELECT coalesce(max(gap), 0) FROM ( \
+                   SELECT extract(epoch FROM at - lag(at) OVER (ORDER BY at))::float8 AS gap \
+                   FROM (SELECT received_at AS at FROM {service}.inbox WHERE received_at BETWEEN $1 AND $2 \
+                         UNION ALL SELECT $1 UNION ALL SELECT $2) handled) g"
+            ))
+            .bind(from)
+            .bind(until)
+            .fetch_one(db)
+            .await?;
+            longest_gap_secs.push((service.to_owned(), gap));
+        }
+        Ok(Self {
+            saga_p50_ms,
+            saga_p99_ms,
+            saga_max_ms,
+            longest_gap_secs,
+        })
+    }
+}

@@ -1,0 +1,249 @@
+//! The chaos suite: runs the orchestrator and the participants as separate OS processes, places
+//! orders and returns of them while SIGKILLing and restarting random services, waits for every
+//! saga to settle, then checks from the services' own tables that nothing was lost or done twice.
+//! It can SIGKILL and restart the broker too, restart PostgreSQL, and mix garbage into every
+//! consumed topic (then checking the dead-letter topic and the throughput), and reports how
+//! long the failures stalled the sagas (the time a group needs to move a dead member's
+//! partitions shows there). The services, their topics and the steps each ledger answers for
+//! come from the saga definitions (`deployment.rs`).
+//!
+//! [`run`] reads as the run's plan; each step is a module:
+//! - `args.rs`: the command line;
+//! - `setup.rs`: the run's database, topic prefix and log folder, and their clean-up;
+//! - `fleet.rs`: the service processes, started, killed, revived, stopped;
+//! - `faults.rs`: what is injected while the orders are placed, with `servers.rs` (broker and
+//!   PostgreSQL outages), `broker_nodes.rs` (three-node cluster faults), `topic_faults.rs`
+//!   (a command topic deleted) and `garbage/` (hostile records, and their audit);
+//! - `workload.rs`: the orders and returns placed;
+//! - `settle.rs`: waiting for the sagas to settle, and stopping the fleet;
+//! - `invariants/`: the checks of the books: the engine's, each saga type's and each
+//!   participant's (one [`invariants::Invariant`] each), and those the faults add;
+//! - `measures.rs` and `report.rs`: what the run measured, and the report.
+
+mod args;
+mod broker_nodes;
+mod faults;
+mod fleet;
+mod garbage;
+mod invariants;
+mod measures;
+mod report;
+mod servers;
+mod settle;
+mod setup;
+mod topic_faults;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+pub use args::ChaosArgs;
+use faults::{FaultLog, Faults, ProcessKills};
+use fleet::Fleet;
+use garbage::Audit;
+use invariants::{under_faults, Books, Check, Invariants};
+use measures::{Duplicates, NodeWindows, Stalls, Throughput};
+use settle::Settled;
+use setup::Setup;
+use workload::Workload;
+
+/// Runs the chaos suite; fails when an invariant does not hold or the sagas did not settle.
+pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    let setup = Setup::create(&args).await?;
+    let mut fleet = Fleet::plan(&args, &setup)?;
+    // Chosen before the fleet starts: the topic fault's shorter step deadlines are settings.
+    let deleted_topic = faults::deleted_topic(&args, &setup.deployment, &mut fleet);
+    fleet.start_all().await?;
+    let db = setup.connect().await?;
+    // The books as they were before the first saga, once every service created its tables.
+    let mut invariants = Invariants::choose(&setup.deployment);
+    invariants.wait_until_ready(&db, &setup.deployment).await?;
+    invariants.before(&db).await?;
+    let workload = Workload::warm_up(&args, &setup, &db).await?;
+    let placed = place_under_faults(&args, &setup, &mut fleet, workload, deleted_topic).await?;
+    let settled = settle::settle(
+        &args,
+        &setup,
+        &db,
+        &mut fleet,
+        &placed.workload.saga_keys(),
+        &placed.faults,
+    )
+    .await?;
+    settle::stop(&mut fleet, &db).await?;
+    let findings = check(
+        &args,
+        &setup,
+        &db,
+        &invariants,
+        &placed,
+        settled,
+        fleet.len(),
+    )
+    .await?;
+    let failed = report::print(&args, &setup, &fleet, &placed, &findings);
+    setup.clean_up(&args, db, failed).await
+}
+
+/// What happened while the orders were placed.
+struct Placed {
+    workload: Workload,
+    faults: FaultLog,
+    /// Processes started again after a kill.
+    restarts: u32,
+    /// Processes that died by themselves (injected crashes), restarted by `Fleet::revive`.
+    crashes: u32,
+    /// From the first order until the last was placed.
+    placing: (DateTime<Utc>, DateTime<Utc>),
+    /// The orders of the first half, the baseline, without garbage (all, without garbage).
+    baseline_orders: usize,
+}
+
+/// Places --sagas orders (and returns of them) at --rate while the faults run, then stops the
+/// faults and waits until everything placed was published.
+///
+/// With garbage, the first half of the orders is the baseline and the second half runs with
+/// garbage; the throughput check compares the two.
+async fn place_under_faults(
+    args: &ChaosArgs,
+    setup: &Setup,
+    fleet: &mut Fleet,
+    mut workload: Workload,
+    deleted_topic: Option<String>,
+) -> anyhow::Result<Placed> {
+    let mut faults = Faults::spawn(args, setup, deleted_topic)?;
+    let baseline_orders = if args.garbage_every_ms > 0 {
+        args.sagas / 2
+    } else {
+        args.sagas
+    };
+    let placing_from = Utc::now();
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.01));
+    let mut kills = ProcessKills::start(args);
+    let mut crashes = 0u32;
+    for placed in 0..args.sagas {
+        if placed == baseline_orders && args.garbage_every_ms > 0 {
+            faults.begin_garbage(args, setup, placed).await?;
+        }
+        workload.place(setup, placed);
+        kills.when_due(fleet).await?;
+        crashes += fleet.revive().await?;
+        if placed % 100 == 99 {
+            eprintln!(
+                "placed {}/{} orders, kills so far {:?}",
+                placed + 1,
+                args.sagas,
+                fleet.kills
+            );
+        }
+        tokio::time::sleep(interval).await;
+    }
+    let placing_until = Utc::now();
+    let faults = faults.stop().await?;
+    workload.published().await?;
+    eprintln!(
+        "all {} orders placed in {:.1} s; waiting for the sagas to settle",
+        args.sagas,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Placed {
+        workload,
+        faults,
+        restarts: kills.restarts,
+        crashes,
+        placing: (placing_from, placing_until),
+        baseline_orders,
+    })
+}
+
+/// What the checks and the measures found, for the report.
+struct Findings<'a> {
+    settled: Settled,
+    audit: Option<Audit>,
+    checks: Vec<Check>,
+    outcomes: String,
+    duplicates: Duplicates,
+    stalls: Stalls,
+    timeline: Vec<String>,
+    windows: NodeWindows<'a>,
+}
+
+/// Audits the garbage, checks the invariants and measures the run, once the fleet stopped.
+async fn check<'a>(
+    args: &ChaosArgs,
+    setup: &Setup,
+    db: &PgPool,
+    invariants: &Invariants,
+    placed: &'a Placed,
+    mut settled: Settled,
+    services: usize,
+) -> anyhow::Result<Findings<'a>> {
+    let deployment = &setup.deployment;
+    let audit = match (&placed.faults.garbage, &mut settled.dead_letters) {
+        (Some(log), Some(reader)) => {
+            // What the services published while they stopped.
+            tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(60)))?;
+            Some(garbage::audit(log, reader, db, &args.kafka, &setup.prefix, deployment).await?)
+        }
+        _ => None,
+    };
+    let outcomes = measures::outcomes(db).await?;
+    let books = Books {
+        db,
+        started: placed.workload.started(),
+        garbage: audit.as_ref(),
+    };
+    let mut checks = invariants.check(&books, deployment).await?;
+    let (from, until) = placed.placing;
+    let order_ids = &placed.workload.order_ids;
+    let duplicates = Duplicates::count(db, deployment).await?;
+    let stalls = Stalls::measure(db, deployment, from, until).await?;
+    let timeline = Throughput::timeline(db, order_ids, from).await?;
+    let windows = NodeWindows::measure(
+        db,
+        deployment,
+        &placed.workload.placed_at,
+        &placed.faults.nodes,
+        placed.placing,
+    )
+    .await?;
+    if let Some(listening) = settled.listening {
+        let restarts = placed.faults.postgres.lengths.len();
+        checks.push(under_faults::relays_listening(
+            listening, services, restarts,
+        )?);
+    }
+    if placed.faults.garbage.is_none() {
+        checks.push(under_faults::empty_dead_letters(
+            &args.kafka,
+            &setup.topics,
+            placed.faults.topic.as_ref(),
+        ));
+    }
+    if let (Some(audit), Some(garbage_from)) = (&audit, placed.faults.garbage_from) {
+        let split = placed.baseline_orders + 1;
+        checks.extend(
+            under_faults::garbage(
+                db,
+                audit,
+                (&order_ids[1..split], from),
+                (&order_ids[split..], garbage_from),
+                args.rate,
+            )
+            .await?,
+        );
+    }
+    Ok(Findings {
+        settled,
+        audit,
+        checks,
+        outcomes,
+        duplicates,
+        stalls,
+        timeline,
+        windows,
+    })
+}
