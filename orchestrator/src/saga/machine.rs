@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::definitions::{trigger_message, PayloadError, SagaDefinition};
+use super::definitions::{trigger_message, ActionDefinition, PayloadError, SagaDefinition};
 
 /// A saga's state; PostgreSQL's `saga_state` (orchestrator migration 1008).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
@@ -325,34 +325,67 @@ impl Saga {
         now: DateTime<Utc>,
         definition: &SagaDefinition,
     ) -> Decision {
+        let (index, direction, outcome) = match self.answered_by(reply, definition) {
+            Ok(answer) => answer,
+            Err(refused) => return refused,
+        };
+        let mut saga = self.clone();
+        saga.updated_at = now;
+        let effects = match (direction, outcome) {
+            (Action::Forward, Outcome::Succeeded) => saga.step_succeeded(index, now, definition),
+            (Action::Forward, Outcome::Failed { reason }) => {
+                saga.step_failed(index, reason, now, definition)
+            }
+            (Action::Compensate, Outcome::Succeeded) => {
+                saga.compensation_succeeded(index, now, definition)
+            }
+            (Action::Compensate, Outcome::Failed { reason }) => {
+                saga.compensation_refused(index, reason, now, definition)
+            }
+        };
+        applied(saga, effects)
+    }
+
+    /// What `reply` answers: the index of the step the saga waits on, the direction it waits
+    /// in and the reply's outcome; or the decision to ignore it, with why. A reply answers
+    /// only the step and direction the saga waits on, with that action's success or failure
+    /// reply (as the definition names them), for one of the current attempts.
+    fn answered_by(
+        &self,
+        reply: &Reply,
+        definition: &SagaDefinition,
+    ) -> Result<(usize, Action, Outcome), Decision> {
         if let Some(refused) = self.foreign(definition) {
-            return refused;
+            return Err(refused);
         }
         let expected_action = match self.state {
             SagaState::Running => Action::Forward,
             SagaState::Compensating => Action::Compensate,
             terminal => {
-                return ignored(format!("the saga is already {}", terminal.as_str()));
+                return Err(ignored(format!(
+                    "the saga is already {}",
+                    terminal.as_str()
+                )));
             }
         };
         let Some(index) = self.current_step() else {
-            return ignored(format!(
+            return Err(ignored(format!(
                 "the saga is {} but waits on no step",
                 self.state.as_str()
-            ));
+            )));
         };
         let step = &self.steps[index];
         if reply.saga_type != definition.name {
-            return ignored(format!(
+            return Err(ignored(format!(
                 "{} answers a {} saga, but this saga is {}",
                 reply.name, reply.saga_type, definition.name
-            ));
+            )));
         }
         if reply.step != step.name || reply.action != expected_action {
-            return ignored(format!(
+            return Err(ignored(format!(
                 "{} answers {} ({:?}), but the saga waits on {} ({:?})",
                 reply.name, reply.step, reply.action, step.name, expected_action
-            ));
+            )));
         }
         // What the reply means is the definition's to say.
         let step_definition = &definition.steps[index];
@@ -360,27 +393,9 @@ impl Saga {
             Action::Forward => Some(&step_definition.forward),
             Action::Compensate => step_definition.compensation.as_ref(),
         }) else {
-            return ignored(format!("{} has no compensation", step.name));
+            return Err(ignored(format!("{} has no compensation", step.name)));
         };
-        let outcome = match &reply.outcome {
-            outcome @ Outcome::Succeeded if reply.name == action.success => outcome.clone(),
-            outcome @ Outcome::Failed { .. } if action.failure.as_deref() == Some(&reply.name) => {
-                outcome.clone()
-            }
-            _ => {
-                return ignored(format!(
-                    "{} ({}) is neither {}'s success ({}) nor its failure ({})",
-                    reply.name,
-                    match reply.outcome {
-                        Outcome::Succeeded => "succeeded",
-                        Outcome::Failed { .. } => "failed",
-                    },
-                    action.name,
-                    action.success,
-                    action.failure.as_deref().unwrap_or("none")
-                ))
-            }
-        };
+        let outcome = outcome_of(reply, action)?;
         // Any attempt of the current step and direction is an answer: the participant's ledger
         // answers every attempt of one step alike, so an earlier attempt's reply that arrives
         // late says what the latest would say. (Waiting for the latest attempt's own reply
@@ -394,27 +409,12 @@ impl Saga {
             ),
         };
         if !(first_attempt..=current_attempt).contains(&reply.attempt) {
-            return ignored(format!(
+            return Err(ignored(format!(
                 "{} is for attempt {}, but the current attempts are {first_attempt} to {current_attempt}",
                 reply.name, reply.attempt
-            ));
+            )));
         }
-
-        let mut saga = self.clone();
-        saga.updated_at = now;
-        let effects = match (expected_action, outcome) {
-            (Action::Forward, Outcome::Succeeded) => saga.step_succeeded(index, now, definition),
-            (Action::Forward, Outcome::Failed { reason }) => {
-                saga.step_failed(index, reason, now, definition)
-            }
-            (Action::Compensate, Outcome::Succeeded) => {
-                saga.compensation_succeeded(index, now, definition)
-            }
-            (Action::Compensate, Outcome::Failed { reason }) => {
-                saga.compensation_refused(index, reason, now, definition)
-            }
-        };
-        applied(saga, effects)
+        Ok((index, expected_action, outcome))
     }
 
     /// Decides what the passing of the saga's deadline does: send the command again with the
@@ -837,6 +837,28 @@ fn stuck_only(state: SagaState) -> String {
         "retry and skip apply to a failed saga with a stuck compensation; this one is {}",
         state.as_str()
     )
+}
+
+/// The outcome of `reply` when it is `action`'s success or failure reply (as the definition
+/// names them), else the decision to ignore it.
+fn outcome_of(reply: &Reply, action: &ActionDefinition) -> Result<Outcome, Decision> {
+    match &reply.outcome {
+        outcome @ Outcome::Succeeded if reply.name == action.success => Ok(outcome.clone()),
+        outcome @ Outcome::Failed { .. } if action.failure.as_deref() == Some(&reply.name) => {
+            Ok(outcome.clone())
+        }
+        _ => Err(ignored(format!(
+            "{} ({}) is neither {}'s success ({}) nor its failure ({})",
+            reply.name,
+            match reply.outcome {
+                Outcome::Succeeded => "succeeded",
+                Outcome::Failed { .. } => "failed",
+            },
+            action.name,
+            action.success,
+            action.failure.as_deref().unwrap_or("none")
+        ))),
+    }
 }
 
 fn ignored(reason: String) -> Decision {
