@@ -49,6 +49,16 @@ fn key_pointer(definition: &SagaDefinition) -> String {
         .collect()
 }
 
+/// The key a saga of `definition` gets from `message`: its value at `trigger.key`, text as it
+/// is, a number in decimal.
+pub fn key_of(definition: &SagaDefinition, message: &Value) -> Option<String> {
+    match message.pointer(&key_pointer(definition))? {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
 /// A well-formed trigger message of `definition`: the sample of its trigger message, its key
 /// made of `key` (a UUID when the sample's key is one, else the sample's key with `key` after
 /// it, or a number), every other UUID in it taken in turn from `ids`. Its contract accepts it

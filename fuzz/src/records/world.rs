@@ -231,12 +231,13 @@ impl World {
     }
 
     /// A trigger message made for definition `own` on its trigger topic, or (`misrouted`) on
-    /// the next definition's, which refuses another message than its own. A `well_formed` one
-    /// is accepted where it belongs, and its saga, new or not, is the one of its type and key.
+    /// the next definition's, which refuses another message than its own (and starts its own
+    /// saga of one it shares). A `well_formed` one is accepted where it belongs, and its saga,
+    /// new or not, is the one of its type and key.
     fn deliver_trigger(&mut self, own: usize, made: &Made, misrouted: bool, well_formed: bool) {
         let message = self.definitions[own].trigger.message.clone();
-        let target =
-            Arc::clone(&self.definitions[(own + usize::from(misrouted)) % self.definitions.len()]);
+        let target_index = (own + usize::from(misrouted)) % self.definitions.len();
+        let target = Arc::clone(&self.definitions[target_index]);
         let refused = target.trigger.message != message;
         let bytes = serde_json::to_vec(&made.message).expect("a message serialises");
         let sagas = self.rows.len();
@@ -258,8 +259,15 @@ impl World {
             "a well-formed {message} was refused: {}",
             made.message
         );
-        let id = self.by_key.get(&(target.name.clone(), made.key.clone()));
-        let id = id.unwrap_or_else(|| panic!("no {} saga keyed {}", target.name, made.key));
+        // The saga of its type and key: the key it was made with, or on the topic of another
+        // definition started by the same message, that definition's key field of it.
+        let key = generate::key_of(&target, &made.message)
+            .unwrap_or_else(|| panic!("{} has no key for {}", made.message, target.name));
+        if target_index == own {
+            assert_eq!(key, made.key);
+        }
+        let id = self.by_key.get(&(target.name.clone(), key.clone()));
+        let id = id.unwrap_or_else(|| panic!("no {} saga keyed {key}", target.name));
         if self.rows.len() > sagas {
             // A new saga keeps the message as it was sent, every field of it.
             let trigger = &self.rows[id].saga.trigger;
