@@ -1,4 +1,6 @@
-//! Checks shared by the decoder targets.
+//! Checks shared by the decoder targets, and the body of `orchestrator_records` ([`records`]).
+
+pub mod records;
 
 use std::fmt::Debug;
 

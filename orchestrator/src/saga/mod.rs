@@ -4,6 +4,8 @@
 
 pub mod definitions;
 mod machine;
+#[cfg(any(test, feature = "oracle"))]
+pub mod oracle;
 #[cfg(test)]
 mod order_messages;
 mod policy;

@@ -1,7 +1,9 @@
 //! Property tests of the state machine: random interleavings of replies (right and wrong step,
 //! direction and attempt; done, refused, compensation failed), duplicates, stale attempts,
 //! deadlines (early, on time, with jitter and clock advances) and operator actions never break
-//! the saga's rules:
+//! the saga's rules. Every decision is held against [`super::oracle`], the reference model the
+//! fuzz target `orchestrator_records` shares: the next state, step statuses, attempt counts,
+//! command, event and deadline it expects, and the invariants below.
 //!
 //! - completed and compensated are final; failed moves only by an operator's retry or skip;
 //! - a reply moves the saga exactly when it answers the current step, in the current
@@ -20,11 +22,11 @@ use events::{Action, Command, Reply, SagaEvent};
 use proptest::prelude::*;
 use uuid::Uuid;
 
+use super::oracle::{self, Cause};
 use super::order_messages::{CompensationFailed, Reply as OrderReply, StepDone, StepRefused};
 use super::tests::trigger;
 use super::{
     Decision, Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState, StepStatus,
-    ABANDON_AFTER_ATTEMPTS,
 };
 
 const ORDER: Uuid = Uuid::from_u128(7);
@@ -143,13 +145,6 @@ fn compensable(i: usize) -> bool {
         .is_some_and(|s| s.compensable())
 }
 
-/// What moved the saga.
-enum Cause<'a> {
-    Reply(&'a Reply),
-    Deadline,
-    Operator(&'a OperatorAction),
-}
-
 /// A saga with what the store keeps of it (the version) and what it sent.
 struct Model {
     saga: Saga,
@@ -172,7 +167,7 @@ impl Model {
                 Effect::Send { command, .. }
             ] if command.name == "ReserveStock" && command.attempt == 1
         ));
-        check_shape(&saga, &definition);
+        oracle::check_start(&saga, &effects, now, &definition);
         Self {
             sent: sends(&effects).into_iter().cloned().collect(),
             saga,
@@ -272,26 +267,22 @@ impl Model {
         self.last_reply = Some(reply);
     }
 
+    /// Holds the decision against the oracle, then stores it.
     fn commit(&mut self, decision: Decision, cause: &Cause<'_>) {
-        let expected = should_apply(&self.saga, cause, self.now);
-        match decision {
-            Decision::Ignored { reason } => assert!(
-                !expected,
-                "ignored ({reason}), though it is what the saga waits for: {:#?}",
-                self.saga
-            ),
-            Decision::Applied { saga, effects } => {
-                assert!(
-                    expected,
-                    "applied, though it is not what the saga waits for: {:#?}",
-                    self.saga
-                );
-                check_shape(&saga, &self.definition);
-                check_transition(&self.saga, &saga, &effects, cause, &self.sent, self.now);
-                self.sent.extend(sends(&effects).into_iter().cloned());
-                self.saga = *saga;
-                self.version += 1;
-            }
+        oracle::check_decision(
+            &self.saga,
+            &decision,
+            cause,
+            self.now,
+            &self.definition,
+            &self.sent,
+        );
+        if let Decision::Applied { saga, effects } = decision {
+            // This model's clock moves on with every event: each change is later.
+            assert!(saga.updated_at > self.saga.updated_at, "{saga:#?}");
+            self.sent.extend(sends(&effects).into_iter().cloned());
+            self.saga = *saga;
+            self.version += 1;
         }
     }
 
@@ -379,315 +370,6 @@ fn index_of(step: &str) -> usize {
         .iter()
         .position(|s| s.name == step)
         .expect("a defined step")
-}
-
-fn direction(state: SagaState) -> Option<Action> {
-    match state {
-        SagaState::Running => Some(Action::Forward),
-        SagaState::Compensating => Some(Action::Compensate),
-        _ => None,
-    }
-}
-
-/// The rules of `machine.rs`: when an event moves a saga.
-fn should_apply(saga: &Saga, cause: &Cause<'_>, now: DateTime<Utc>) -> bool {
-    match cause {
-        Cause::Reply(reply) => {
-            let (Some(action), Some(i)) = (direction(saga.state), saga.current_step()) else {
-                return false;
-            };
-            let step = &saga.steps[i];
-            // Any attempt of the current round: forward, every attempt so far; compensating,
-            // the attempts since the last operator's retry.
-            let attempts = match action {
-                Action::Forward => 1..=step.attempts,
-                Action::Compensate => {
-                    step.compensation_budget_from + 1..=step.compensation_attempts
-                }
-            };
-            reply.step == step.name && reply.action == action && attempts.contains(&reply.attempt)
-        }
-        Cause::Deadline => {
-            saga.deadline_at.is_some_and(|d| d <= now) && saga.current_step().is_some()
-        }
-        // A stuck compensation; an abandoned step is for the operator to settle by hand.
-        Cause::Operator(OperatorAction::Retry | OperatorAction::Skip) => {
-            saga.state == SagaState::Failed
-                && saga
-                    .steps
-                    .iter()
-                    .any(|s| s.status == StepStatus::CompensationFailed)
-        }
-        // A step that can be undone at once; one that cannot (the pivot) only once a wait
-        // passed without its answer, and then it is abandoned, not undone.
-        Cause::Operator(OperatorAction::Abort { .. }) => {
-            saga.state == SagaState::Running
-                && saga.current_step().is_some_and(|i| {
-                    compensable(i) || saga.steps[i].attempts >= ABANDON_AFTER_ATTEMPTS
-                })
-        }
-    }
-}
-
-fn is_compensation(status: StepStatus) -> bool {
-    matches!(
-        status,
-        StepStatus::Compensating
-            | StepStatus::Compensated
-            | StepStatus::CompensationFailed
-            | StepStatus::CompensationSkipped
-    )
-}
-
-/// The shape every saga has between events.
-fn check_shape(saga: &Saga, definition: &SagaDefinition) {
-    let statuses: Vec<StepStatus> = saga.steps.iter().map(|s| s.status).collect();
-    assert_eq!(saga.state.is_terminal(), saga.finished_at.is_some());
-    // Every saga that waits has a deadline after its last change.
-    assert_eq!(saga.state.is_terminal(), saga.deadline_at.is_none());
-    if let Some(deadline) = saga.deadline_at {
-        assert!(deadline > saga.updated_at, "{saga:#?}");
-    }
-    for (i, step) in saga.steps.iter().enumerate() {
-        assert!(step.compensation_budget_from <= step.compensation_attempts);
-        // Done or undone, never both.
-        assert_eq!(
-            step.status == StepStatus::Compensated,
-            step.compensated_at.is_some(),
-            "{saga:#?}"
-        );
-        if step.status == StepStatus::Succeeded {
-            assert_eq!(step.compensation_attempts, 0, "{saga:#?}");
-        }
-        if is_compensation(step.status) {
-            let compensation = definition.steps[i].compensation.as_ref();
-            assert!(compensation.is_some(), "{saga:#?}");
-            assert!(step.compensation_attempts >= 1, "{saga:#?}");
-            let round = step.compensation_attempts - step.compensation_budget_from;
-            assert!(
-                compensation.is_some_and(|c| round <= c.retry.max_attempts),
-                "{saga:#?}"
-            );
-        } else {
-            assert_eq!(step.compensation_attempts, 0, "{saga:#?}");
-        }
-        if step.status == StepStatus::Pending {
-            assert_eq!(step.attempts, 0, "{saga:#?}");
-        } else if definition.steps[i].compensable() {
-            assert!(step.attempts >= 1);
-            assert!(step.attempts <= definition.steps[i].forward.retry.max_attempts);
-        }
-    }
-    let count = |s: StepStatus| statuses.iter().filter(|&&x| x == s).count();
-    match saga.state {
-        SagaState::Running | SagaState::Completed => {
-            let done = count(StepStatus::Succeeded);
-            assert!(statuses[..done].iter().all(|&s| s == StepStatus::Succeeded));
-            if saga.state == SagaState::Completed {
-                assert_eq!(done, definition.steps.len(), "{saga:#?}");
-            } else {
-                assert_eq!(statuses[done], StepStatus::Running, "{saga:#?}");
-                assert!(statuses[done + 1..]
-                    .iter()
-                    .all(|&s| s == StepStatus::Pending));
-            }
-        }
-        SagaState::Compensating | SagaState::Compensated | SagaState::Failed => {
-            assert_eq!(count(StepStatus::Running), 0, "{saga:#?}");
-            let failed = statuses
-                .iter()
-                .rposition(|&s| s != StepStatus::Pending)
-                .expect("a step started");
-            assert_ne!(statuses[failed], StepStatus::Succeeded, "{saga:#?}");
-            // From the failed step down: undone steps, then at most one compensation under
-            // way or stuck, then steps still done. That is reverse order.
-            let mut phase = 0;
-            for &s in statuses[..=failed].iter().rev() {
-                let rank = match s {
-                    StepStatus::Failed => continue,
-                    StepStatus::Compensated | StepStatus::CompensationSkipped => 0,
-                    StepStatus::Compensating | StepStatus::CompensationFailed => 1,
-                    StepStatus::Succeeded => 2,
-                    other => panic!("{other:?} below the failed step: {saga:#?}"),
-                };
-                assert!(rank >= phase, "compensation out of order: {saga:#?}");
-                phase = rank;
-            }
-            let (compensating, stuck) = (
-                count(StepStatus::Compensating),
-                count(StepStatus::CompensationFailed),
-            );
-            match saga.state {
-                SagaState::Compensating => assert_eq!((compensating, stuck), (1, 0), "{saga:#?}"),
-                // A stuck compensation, or a step that cannot be undone abandoned by an
-                // operator, with nothing below it undone.
-                SagaState::Failed if stuck == 0 => {
-                    assert_eq!(statuses[failed], StepStatus::Failed, "{saga:#?}");
-                    assert!(!compensable(failed), "{saga:#?}");
-                    assert!(
-                        statuses[..failed]
-                            .iter()
-                            .all(|&s| s == StepStatus::Succeeded),
-                        "{saga:#?}"
-                    );
-                    assert_eq!(compensating, 0, "{saga:#?}");
-                }
-                SagaState::Failed => assert_eq!((compensating, stuck), (0, 1), "{saga:#?}"),
-                _ => {
-                    assert_eq!((compensating, stuck), (0, 0), "{saga:#?}");
-                    // A compensated saga undid every step it did.
-                    assert_eq!(count(StepStatus::Succeeded), 0, "{saga:#?}");
-                }
-            }
-        }
-    }
-}
-
-fn allowed(from: StepStatus, to: StepStatus) -> bool {
-    use StepStatus::*;
-    from == to
-        || matches!(
-            (from, to),
-            (Pending, Running)
-                | (Running, Succeeded | Failed | Compensating)
-                | (Succeeded | Failed, Compensating)
-                | (Compensating, Compensated | CompensationFailed)
-                | (CompensationFailed, Compensating | CompensationSkipped)
-        )
-}
-
-/// What one applied decision may do.
-fn check_transition(
-    old: &Saga,
-    new: &Saga,
-    effects: &[Effect],
-    cause: &Cause<'_>,
-    sent_before: &[Command],
-    now: DateTime<Utc>,
-) {
-    let context = || format!("{old:#?}\n→ {new:#?}\n{effects:?}");
-    // The last change moves strictly forward.
-    assert_eq!(new.updated_at, now);
-    assert!(new.updated_at > old.updated_at, "{}", context());
-    assert_eq!(
-        (new.id, &new.trigger, &new.key),
-        (old.id, &old.trigger, &old.key)
-    );
-
-    // Terminal states stay terminal: completed and compensated never move; failed only by an
-    // operator's retry or skip, and back to compensating, never forward.
-    match old.state {
-        SagaState::Completed | SagaState::Compensated => panic!("moved: {}", context()),
-        SagaState::Failed => {
-            assert!(
-                matches!(
-                    cause,
-                    Cause::Operator(OperatorAction::Retry | OperatorAction::Skip)
-                ),
-                "{}",
-                context()
-            );
-            assert!(
-                matches!(new.state, SagaState::Compensating | SagaState::Compensated),
-                "{}",
-                context()
-            );
-        }
-        SagaState::Compensating => assert!(
-            !matches!(new.state, SagaState::Running | SagaState::Completed),
-            "{}",
-            context()
-        ),
-        SagaState::Running => {}
-    }
-    for (a, b) in old.steps.iter().zip(&new.steps) {
-        assert!(
-            allowed(a.status, b.status),
-            "{:?} → {:?}: {}",
-            a.status,
-            b.status,
-            context()
-        );
-        assert!(b.attempts >= a.attempts && b.compensation_attempts >= a.compensation_attempts);
-    }
-
-    // At most one command, for the step the saga now waits on, in its direction, with the
-    // next attempt number.
-    let sent = sends(effects);
-    assert!(sent.len() <= 1, "{}", context());
-    for command in sent {
-        let i = index_of(&command.step);
-        assert_eq!(command.key, new.key);
-        assert_eq!(new.current_step(), Some(i), "{}", context());
-        assert_eq!(Some(command.action), direction(new.state), "{}", context());
-        let (now_at, before) = match command.action {
-            Action::Forward => (new.steps[i].attempts, old.steps[i].attempts),
-            Action::Compensate => (
-                new.steps[i].compensation_attempts,
-                old.steps[i].compensation_attempts,
-            ),
-        };
-        assert_eq!(command.attempt, now_at, "{}", context());
-        assert_eq!(now_at, before + 1, "{}", context());
-        let mut compensated_before = sent_before
-            .iter()
-            .filter(|c| c.action == Action::Compensate)
-            .map(|c| index_of(&c.step));
-        match command.action {
-            // No forward command after a compensation, and only once the steps before it
-            // are done.
-            Action::Forward => {
-                assert!(compensated_before.next().is_none(), "{}", context());
-                assert!(new.steps[..i]
-                    .iter()
-                    .all(|s| s.status == StepStatus::Succeeded));
-            }
-            // Reverse order: never above a step already compensated, nothing above it done.
-            Action::Compensate => {
-                assert!(compensated_before.all(|j| j >= i), "{}", context());
-                assert!(
-                    new.steps[i + 1..]
-                        .iter()
-                        .all(|s| s.status != StepStatus::Succeeded),
-                    "{}",
-                    context()
-                );
-            }
-        }
-    }
-    if sends(effects).is_empty() && !new.state.is_terminal() {
-        // Only a refused compensation waits without sending: its deadline sends the next
-        // attempt.
-        assert!(
-            matches!(cause, Cause::Reply(reply) if reply.name == "CompensationFailed"),
-            "{}",
-            context()
-        );
-    }
-    // One event per terminal state reached.
-    let events: Vec<&SagaEvent> = effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Publish(p) => Some(p),
-            Effect::Send { .. } => None,
-        })
-        .collect();
-    let expected = match new.state {
-        SagaState::Completed => 1,
-        SagaState::Compensated => 1,
-        SagaState::Failed => 1,
-        SagaState::Running | SagaState::Compensating => 0,
-    };
-    assert_eq!(events.len(), expected, "{}", context());
-    for event in events {
-        let fits = matches!(
-            (event, new.state),
-            (SagaEvent::SagaCompleted { .. }, SagaState::Completed)
-                | (SagaEvent::SagaCompensated { .. }, SagaState::Compensated)
-                | (SagaEvent::SagaFailed { .. }, SagaState::Failed)
-        );
-        assert!(fits, "{}", context());
-    }
 }
 
 proptest! {
