@@ -66,7 +66,9 @@ pub fn key_of(definition: &SagaDefinition, message: &Value) -> Option<String> {
 pub fn well_formed(definition: &SagaDefinition, key: u8, ids: &[u8]) -> Made {
     let known = trigger_message(&definition.trigger.message)
         .expect("a loaded definition's trigger message is known");
-    let mut message = (known.sample)();
+    let mut message = known
+        .sample()
+        .expect("a loaded definition's trigger message has a sample");
     let mut ids = ids.iter().copied().cycle().chain(std::iter::repeat(0));
     for pointer in leaves(&message) {
         if let Some(value @ Value::String(_)) = message.pointer_mut(&pointer) {
@@ -82,7 +84,7 @@ pub fn well_formed(definition: &SagaDefinition, key: u8, ids: &[u8]) -> Made {
     let Some(value) = message.pointer_mut(&pointer) else {
         panic!(
             "the sample {} of {} has no key at {}",
-            (known.sample)(),
+            message,
             known.name,
             definition.trigger.key
         );
