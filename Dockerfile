@@ -38,6 +38,7 @@ WORKDIR /src
 
 COPY Cargo.toml Cargo.lock ./
 COPY events events
+COPY saga-core saga-core
 COPY messaging messaging
 COPY orchestrator orchestrator
 COPY participants participants

@@ -12,7 +12,7 @@ use events::{Command, Envelope, Reply};
 use libfuzzer_sys::fuzz_target;
 use messaging::consumer::{to_record, trace_headers};
 use messaging::telemetry::{acceptable_trace_header, TRACE_HEADERS};
-use orchestrator::saga::definitions::TRIGGER_MESSAGES;
+use saga_core::definitions::TRIGGER_MESSAGES;
 use rdkafka::message::{OwnedMessage, Timestamp};
 
 #[derive(Debug, Arbitrary)]

@@ -1,7 +1,7 @@
 //! The saga orchestrator.
 //!
-//! - [`saga`]: saga definitions (data), the registry of their versions and the pure state
-//!   machine.
+//! - [`saga`]: the saga core (the `saga-core` crate, re-exported under its old path):
+//!   definitions (data), the registry of their versions and the pure state machine.
 //! - [`catalog`]: the definitions this orchestrator runs, from the files and PostgreSQL.
 //! - [`handler`]: turns Kafka records into state machine calls, inside one transaction.
 //! - [`deadlines`]: re-sends or gives up on commands whose reply is overdue.
@@ -19,8 +19,9 @@ pub mod deadlines;
 mod error;
 pub mod handler;
 pub mod metrics;
-pub mod saga;
 pub mod store;
+
+pub use saga_core as saga;
 
 use std::sync::Arc;
 

@@ -20,10 +20,47 @@ pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/o
 /// EXISTS` then finds them.
 pub const EXTENSIONS: &[&str] = &["pg_trgm"];
 
+/// A saga's state as its column holds it (`saga_state`, orchestrator migration 1008): the
+/// machine's [`SagaState`], which knows no SQL, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredState(pub SagaState);
+
+impl sqlx::Type<sqlx::Postgres> for StoredState {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_name("saga_state")
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for StoredState {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_name("_saga_state")
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for StoredState {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.0.as_str(), buf)
+    }
+}
+
+impl sqlx::Decode<'_, sqlx::Postgres> for StoredState {
+    fn decode(
+        value: sqlx::postgres::PgValueRef<'_>,
+    ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+        let name = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        SagaState::parse(name)
+            .map(Self)
+            .ok_or_else(|| format!("{name:?} is no saga state").into())
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct SagaRow {
     id: Uuid,
-    state: SagaState,
+    state: StoredState,
     /// The trigger message (the column kept its name from when every saga was an order's).
     order_data: serde_json::Value,
     saga_key: String,
@@ -91,7 +128,7 @@ impl SagaRow {
             id: self.id,
             trigger: self.order_data,
             key: self.saga_key,
-            state: self.state,
+            state: self.state.0,
             steps,
             failure_reason: self.failure_reason,
             definition_name: self.definition_name,
@@ -136,7 +173,7 @@ pub async fn insert_saga(
          ) SELECT count(*) AS "inserted!" FROM saga"#,
         saga.id,
         saga.key,
-        saga.state as SagaState,
+        StoredState(saga.state) as StoredState,
         saga.trigger,
         to_json(&saga.steps),
         saga.failure_reason,
@@ -152,7 +189,7 @@ pub async fn insert_saga(
         started.message_type,
         started.decision as HistoryDecision,
         started.detail,
-        started.state_after as SagaState,
+        StoredState(started.state_after) as StoredState,
         saga.definition_name,
     )
     .fetch_one(tx)
@@ -186,7 +223,7 @@ pub async fn load_for_update(
 ) -> Result<Option<(Saga, i64, DateTime<Utc>)>> {
     let row = sqlx::query_as!(
         SagaRow,
-        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+        r#"SELECT id, state AS "state: StoredState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
                   finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE id = $1 FOR UPDATE"#,
@@ -212,7 +249,7 @@ pub async fn lock_sagas(
 ) -> Result<Locked<(HashMap<Uuid, (Saga, i64)>, Vec<(Uuid, Error)>)>> {
     let rows = sqlx::query_as!(
         SagaRow,
-        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+        r#"SELECT id, state AS "state: StoredState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
                   finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
@@ -295,7 +332,7 @@ async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Resu
         &column(updates, |u| u.saga.id),
         &column(updates, |u| u.expected_version),
         &column(updates, |u| u.new_version),
-        column(updates, |u| u.saga.state) as Vec<SagaState>,
+        column(updates, |u| StoredState(u.saga.state)) as Vec<StoredState>,
         &column(updates, |u| to_json(&u.saga.steps)),
         &column(updates, |u| u.saga.failure_reason.clone()) as &[Option<String>],
         &column(updates, |u| u.saga.updated_at),
@@ -335,7 +372,7 @@ async fn append_history_lines(tx: &mut PgConnection, lines: &[(Uuid, HistoryEntr
         &column(lines, |(_, e)| e.message_type.as_str()) as &[&str],
         column(lines, |(_, e)| e.decision) as Vec<HistoryDecision>,
         &column(lines, |(_, e)| e.detail.as_deref()) as &[Option<&str>],
-        column(lines, |(_, e)| e.state_after) as Vec<SagaState>,
+        column(lines, |(_, e)| StoredState(e.state_after)) as Vec<StoredState>,
     )
     .execute(tx)
     .await?;
@@ -366,7 +403,7 @@ pub async fn update_saga(
          ) SELECT count(*) AS "updated!" FROM updated"#,
         saga.id,
         expected_version,
-        saga.state as SagaState,
+        StoredState(saga.state) as StoredState,
         to_json(&saga.steps),
         saga.failure_reason,
         saga.updated_at,
@@ -378,7 +415,7 @@ pub async fn update_saga(
         entry.message_type,
         entry.decision as HistoryDecision,
         entry.detail,
-        entry.state_after as SagaState,
+        StoredState(entry.state_after) as StoredState,
     )
     .fetch_one(tx)
     .await?;
@@ -398,7 +435,7 @@ pub async fn update_saga(
 pub async fn lock_due(tx: &mut PgConnection, limit: i64) -> Result<Locked<Vec<(Saga, i64)>>> {
     let rows = sqlx::query_as!(
         SagaRow,
-        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+        r#"SELECT id, state AS "state: StoredState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
                   finished_at, deadline_at, now() AS "db_now?"
            FROM sagas WHERE deadline_at <= now()
@@ -434,7 +471,7 @@ pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error
          WHERE id = $1",
         saga_id,
         reason,
-        SagaState::Failed as SagaState,
+        StoredState(SagaState::Failed) as StoredState,
     )
     .execute(&mut *tx)
     .await?;
@@ -506,7 +543,7 @@ pub async fn append_history(
         entry.message_type,
         entry.decision as HistoryDecision,
         entry.detail,
-        entry.state_after as SagaState,
+        StoredState(entry.state_after) as StoredState,
     )
     .execute(tx)
     .await?;
@@ -620,9 +657,12 @@ pub async fn sweep_finished(
          DELETE FROM sagas s USING doomed d WHERE s.id = d.id",
         retention_secs as f64,
         limit,
-        &[SagaState::Completed, SagaState::Compensated] as &[SagaState],
+        &[
+            StoredState(SagaState::Completed),
+            StoredState(SagaState::Compensated)
+        ] as &[StoredState],
         failed_retention_secs as f64,
-        SagaState::Failed as SagaState,
+        StoredState(SagaState::Failed) as StoredState,
     )
     .execute(db)
     .await?
@@ -686,7 +726,7 @@ pub async fn list<'e>(
 ) -> Result<Vec<(Saga, i64)>> {
     let mut query = sqlx::QueryBuilder::new(format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE true"));
     if let Some(state) = filter.state {
-        query.push(" AND state = ").push_bind(state);
+        query.push(" AND state = ").push_bind(StoredState(state));
     }
     if let Some(before) = filter.created_before {
         query.push(" AND created_at <= ").push_bind(before);
@@ -731,7 +771,7 @@ fn escape_like(text: &str) -> String {
 pub async fn get<'e>(db: impl PgExecutor<'e>, saga_id: Uuid) -> Result<Option<(Saga, i64)>> {
     let row = sqlx::query_as!(
         SagaRow,
-        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+        r#"SELECT id, state AS "state: StoredState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
                   finished_at, deadline_at, NULL::timestamptz AS "db_now?"
            FROM sagas WHERE id = $1"#,
@@ -770,7 +810,7 @@ struct HistoryRow {
     message_type: String,
     decision: HistoryDecision,
     detail: Option<String>,
-    state_after: SagaState,
+    state_after: StoredState,
     duplicates: Option<i64>,
     last_duplicate_at: Option<DateTime<Utc>>,
     last_duplicate_detail: Option<String>,
@@ -791,7 +831,7 @@ impl From<HistoryRow> for HistoryRecord {
                 message_type: row.message_type,
                 decision: row.decision,
                 detail: row.detail,
-                state_after: row.state_after,
+                state_after: row.state_after.0,
             },
         }
     }
@@ -809,7 +849,7 @@ pub async fn history<'e>(
         HistoryRow,
         r#"SELECT saga_id, id, at, message_id, message_type,
                   decision AS "decision: HistoryDecision", detail,
-                  state_after AS "state_after: SagaState", duplicates, last_duplicate_at,
+                  state_after AS "state_after: StoredState", duplicates, last_duplicate_at,
                   last_duplicate_detail
            FROM saga_history WHERE saga_id = $1 AND id > $2 ORDER BY id LIMIT $3"#,
         saga_id,
@@ -830,7 +870,7 @@ pub async fn changed_since<'e>(
 ) -> Result<Vec<(Saga, i64)>> {
     let rows = sqlx::query_as!(
         SagaRow,
-        r#"SELECT id, state AS "state: SagaState", order_data, saga_key, steps, failure_reason,
+        r#"SELECT id, state AS "state: StoredState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
                   finished_at, deadline_at, NULL::timestamptz AS "db_now?"
            FROM sagas
@@ -855,7 +895,7 @@ pub async fn history_since<'e>(
         HistoryRow,
         r#"SELECT h.saga_id, h.id, h.at, h.message_id, h.message_type,
                   h.decision AS "decision: HistoryDecision", h.detail,
-                  h.state_after AS "state_after: SagaState", h.duplicates,
+                  h.state_after AS "state_after: StoredState", h.duplicates,
                   h.last_duplicate_at, h.last_duplicate_detail
            FROM UNNEST($1::uuid[], $2::bigint[]) AS w(saga_id, after_id)
            JOIN saga_history h ON h.saga_id = w.saga_id AND h.id > w.after_id
@@ -898,7 +938,7 @@ pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
     let now = database_now(db).await?;
     let since = now - chrono::Duration::seconds(window_secs);
     let counted = sqlx::query!(
-        r#"SELECT state AS "state!: SagaState", sum(sagas)::bigint AS "sagas!"
+        r#"SELECT state AS "state!: StoredState", sum(sagas)::bigint AS "sagas!"
            FROM saga_state_counts GROUP BY state"#
     )
     .fetch_all(db)
@@ -911,17 +951,20 @@ pub async fn stats(db: &sqlx::PgPool, window_secs: i64) -> Result<Stats> {
              (SELECT count(*) FROM sagas WHERE finished_at > $1 AND state = $4) AS "failed!",
              (SELECT min(created_at) FROM sagas WHERE state = ANY($5)) AS oldest_running"#,
         since,
-        SagaState::Completed as SagaState,
-        SagaState::Compensated as SagaState,
-        SagaState::Failed as SagaState,
-        &[SagaState::Running, SagaState::Compensating] as &[SagaState],
+        StoredState(SagaState::Completed) as StoredState,
+        StoredState(SagaState::Compensated) as StoredState,
+        StoredState(SagaState::Failed) as StoredState,
+        &[
+            StoredState(SagaState::Running),
+            StoredState(SagaState::Compensating)
+        ] as &[StoredState],
     )
     .fetch_one(db)
     .await?;
     let mut counts: std::collections::BTreeMap<&'static str, i64> =
         SagaState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
     for row in counted {
-        counts.insert(row.state.as_str(), row.sagas);
+        counts.insert(row.state.0.as_str(), row.sagas);
     }
     let per_sec = |n: i64| n as f64 / window_secs as f64;
     Ok(Stats {

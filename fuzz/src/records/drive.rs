@@ -3,8 +3,8 @@
 //! alone. Nothing may wedge a saga.
 
 use events::Reply;
-use orchestrator::saga::oracle::{self, Cause};
-use orchestrator::saga::{OperatorAction, SagaState, StepStatus};
+use saga_core::oracle::{self, Cause};
+use saga_core::{OperatorAction, SagaState, StepStatus};
 use uuid::Uuid;
 
 use super::world::World;

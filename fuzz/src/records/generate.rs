@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use events::Action;
-use orchestrator::saga::definitions::{self, trigger_message};
-use orchestrator::saga::SagaDefinition;
+use saga_core::definitions::{self, trigger_message};
+use saga_core::SagaDefinition;
 use serde_json::Value;
 use uuid::Uuid;
 

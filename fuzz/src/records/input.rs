@@ -4,7 +4,7 @@
 
 use arbitrary::Arbitrary;
 use chrono::TimeDelta;
-use orchestrator::saga::{OperatorAction, Registry, RetryPolicy};
+use saga_core::{OperatorAction, Registry, RetryPolicy};
 
 use super::generate::DEFINITIONS;
 

@@ -2,7 +2,7 @@
 //! decoder → state machine, against an in-memory store, for every saga type `sagas/` defines.
 //!
 //! The definitions are loaded as the orchestrator loads them (`definitions::load_dir`), given
-//! the input's retry policies, and put in a [`Registry`](orchestrator::saga::Registry): a
+//! the input's retry policies, and put in a [`Registry`](saga_core::Registry): a
 //! record on a definition's trigger topic starts a saga of it, and each saga moves by its own
 //! definition. Trigger messages, steps, topics and reply names all come from the definitions
 //! ([`generate`]), so a new saga type is fuzzed without a change here.
@@ -15,7 +15,7 @@
 //! saga's own type or another), redeliveries, deadline scans, operator actions and clock
 //! advances. Each record goes through the handler's rules ([`world`]); every decision of the
 //! machine is held against the reference oracle the property tests share
-//! (`orchestrator::saga::oracle`: the next state, step statuses, attempts, command, event and
+//! (`saga_core::oracle`: the next state, step statuses, attempts, command, event and
 //! deadline it expects, and the invariants of sagas, starts and transitions). At the end every
 //! saga, of every type, is driven to its end, once by answering every command and once by
 //! deadlines alone ([`drive`]): nothing may wedge it.

@@ -2,16 +2,16 @@
 //! functions `orchestrator/src/handler.rs` uses and handled by the handler's rules (one saga per
 //! saga type and key, an inbox per message id, a reply for an unknown saga or with another
 //! saga's key is rejected, an applied decision replaces the saga and bumps its version), every
-//! decision of the machine held against the oracle (`orchestrator::saga::oracle`).
+//! decision of the machine held against the oracle (`saga_core::oracle`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use events::{Action, Command, Envelope, Outcome, Reply, SCHEMA_VERSION};
-use orchestrator::saga::definitions::{trigger_message, TriggerMessage};
-use orchestrator::saga::oracle::{self, Cause};
-use orchestrator::saga::{Decision, Effect, Registry, Saga, SagaDefinition};
+use saga_core::definitions::{trigger_message, TriggerMessage};
+use saga_core::oracle::{self, Cause};
+use saga_core::{Decision, Effect, Registry, Saga, SagaDefinition};
 use serde_json::Value;
 use uuid::Uuid;
 

@@ -10,7 +10,7 @@ mod idempotency;
 mod loyalty;
 mod operate;
 /// The order saga's messages in the shapes the tests write them, shared with the unit tests.
-#[path = "../../src/saga/order_messages.rs"]
+#[path = "../../../saga-core/src/order_messages.rs"]
 #[allow(dead_code)] // The unit tests use the rest of it.
 mod order_messages;
 mod recovery;

@@ -13,7 +13,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use events::{Action, Outcome, SagaEvent};
 
 use super::{commands, events_of, waiting_on, Cause};
-use crate::saga::{
+use crate::{
     Effect, OperatorAction, RetryPolicy, Saga, SagaDefinition, SagaState, StepState, StepStatus,
 };
 

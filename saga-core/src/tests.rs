@@ -9,7 +9,7 @@ use chrono::TimeDelta;
 
 use super::order_messages::{Command, CompensationFailed, Reply, StepDone, StepRefused};
 use super::{Decision, Effect, OperatorAction, Saga, SagaDefinition, SagaState, StepStatus};
-use crate::config::RetryConfig;
+use crate::RetryPolicy;
 
 fn at(second: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, second)
@@ -56,20 +56,19 @@ fn refused(reason: &str) -> StepRefused {
 /// The order saga of `sagas/order.toml`, with 1 s for the first reply (doubling, at most
 /// 8 s), 3 forward attempts and 2 compensation attempts.
 pub(super) fn definition() -> SagaDefinition {
-    let mut definition = super::definitions::parse(
-        "sagas/order.toml",
-        include_str!("../../../sagas/order.toml"),
-    )
-    .expect("the order saga parses");
-    RetryConfig {
-        step_timeout_ms: Some(1_000),
-        step_max_attempts: Some(3),
-        compensation_max_attempts: Some(2),
-        retry_max_timeout_ms: Some(8_000),
-        ..RetryConfig::default()
+    let mut definition =
+        super::definitions::parse("sagas/order.toml", include_str!("../../sagas/order.toml"))
+            .expect("the order saga parses");
+    // Short waits and few attempts (what STEP_TIMEOUT_MS=1000, STEP_MAX_ATTEMPTS=3,
+    // COMPENSATION_MAX_ATTEMPTS=2 and RETRY_MAX_TIMEOUT_MS=8000 make of it).
+    let policy = |max_attempts| RetryPolicy {
+        timeout: TimeDelta::seconds(1),
+        max_attempts,
+        max_timeout: TimeDelta::seconds(8),
+    };
+    for step in &mut definition.steps {
+        step.set_retry(policy(3), policy(2));
     }
-    .apply(&mut definition)
-    .expect("valid settings");
     definition
 }
 

@@ -166,9 +166,9 @@ fn check_wire(definition: &SagaDefinition) -> Result<(), DefinitionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saga::definitions::parse;
+    use crate::definitions::parse;
 
-    const ORDER: &str = include_str!("../../../sagas/order.toml");
+    const ORDER: &str = include_str!("../../sagas/order.toml");
 
     fn order_with(from: &str, to: &str) -> Result<Registry, DefinitionError> {
         Registry::new(vec![parse("order.toml", &ORDER.replacen(from, to, 1))?])

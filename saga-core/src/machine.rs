@@ -35,10 +35,10 @@ use uuid::Uuid;
 
 use super::definitions::{trigger_message, ActionDefinition, PayloadError, SagaDefinition};
 
-/// A saga's state; PostgreSQL's `saga_state` (orchestrator migration 1008).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+/// A saga's state (the orchestrator stores it by [`SagaState::as_str`] in PostgreSQL's
+/// `saga_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[sqlx(type_name = "saga_state", rename_all = "snake_case")]
 pub enum SagaState {
     Running,
     Compensating,

@@ -10,7 +10,7 @@ use super::{
     ReplyMeaning, Routes, SagaDefinition, Shape, Step, StepKind, Trigger, ENGINE_TOPICS,
     MAX_NAME_LEN, MAX_TOPIC_LEN, MAX_WAIT_MS,
 };
-use crate::saga::policy::RetryPolicy;
+use crate::policy::RetryPolicy;
 
 /// Validates one file, remembering what it has seen (names, commands, replies, topics).
 pub(super) struct Checker<'a> {

@@ -10,14 +10,14 @@ use uuid::Uuid;
 use chrono::TimeDelta;
 
 use super::*;
-use crate::saga::order_messages::Command as OrderCommand;
-use crate::saga::policy::RetryPolicy;
+use crate::order_messages::Command as OrderCommand;
+use crate::policy::RetryPolicy;
 
-const ORDER: &str = include_str!("../../../../sagas/order.toml");
+const ORDER: &str = include_str!("../../../sagas/order.toml");
 
 /// The order the state machine's tests run.
 fn order() -> OrderPlaced {
-    crate::saga::tests::order()
+    crate::tests::order()
 }
 
 fn order_definition() -> SagaDefinition {
@@ -1101,51 +1101,51 @@ fn an_invalid_file_in_the_folder_is_named_by_its_path() {
 const RETURN_GOLDEN: [(&str, &str); 12] = [
     (
         "ReceiveReturn",
-        include_str!("../../../../events/golden/ReceiveReturn.json"),
+        include_str!("../../../events/golden/ReceiveReturn.json"),
     ),
     (
         "RejectReturn",
-        include_str!("../../../../events/golden/RejectReturn.json"),
+        include_str!("../../../events/golden/RejectReturn.json"),
     ),
     (
         "Restock",
-        include_str!("../../../../events/golden/Restock.json"),
+        include_str!("../../../events/golden/Restock.json"),
     ),
     (
         "UndoRestock",
-        include_str!("../../../../events/golden/UndoRestock.json"),
+        include_str!("../../../events/golden/UndoRestock.json"),
     ),
     (
         "IssueRefund",
-        include_str!("../../../../events/golden/IssueRefund.json"),
+        include_str!("../../../events/golden/IssueRefund.json"),
     ),
     (
         "ReturnReceived",
-        include_str!("../../../../events/golden/ReturnReceived.json"),
+        include_str!("../../../events/golden/ReturnReceived.json"),
     ),
     (
         "ReturnRejected",
-        include_str!("../../../../events/golden/ReturnRejected.json"),
+        include_str!("../../../events/golden/ReturnRejected.json"),
     ),
     (
         "Restocked",
-        include_str!("../../../../events/golden/Restocked.json"),
+        include_str!("../../../events/golden/Restocked.json"),
     ),
     (
         "RestockRefused",
-        include_str!("../../../../events/golden/RestockRefused.json"),
+        include_str!("../../../events/golden/RestockRefused.json"),
     ),
     (
         "RestockUndone",
-        include_str!("../../../../events/golden/RestockUndone.json"),
+        include_str!("../../../events/golden/RestockUndone.json"),
     ),
     (
         "RefundIssued",
-        include_str!("../../../../events/golden/RefundIssued.json"),
+        include_str!("../../../events/golden/RefundIssued.json"),
     ),
     (
         "RefundRefused",
-        include_str!("../../../../events/golden/RefundRefused.json"),
+        include_str!("../../../events/golden/RefundRefused.json"),
     ),
 ];
 
@@ -1163,12 +1163,12 @@ fn return_golden(name: &str) -> &'static str {
 fn the_return_file_makes_the_golden_commands_and_reads_the_golden_replies() {
     let definition = parse(
         "sagas/return.toml",
-        include_str!("../../../../sagas/return.toml"),
+        include_str!("../../../sagas/return.toml"),
     )
     .expect("sagas/return.toml is valid");
     let message = trigger_message(&definition.trigger.message).expect("a trigger message");
     let trigger =
-        (message.decode)(include_str!("../../../../events/golden/ReturnRequested.json").as_bytes())
+        (message.decode)(include_str!("../../../events/golden/ReturnRequested.json").as_bytes())
             .expect("the golden ReturnRequested decodes");
     for step in &definition.steps {
         let actions = [(Action::Forward, Some(&step.forward))]
@@ -1210,7 +1210,7 @@ fn the_return_file_makes_the_golden_commands_and_reads_the_golden_replies() {
 
 #[test]
 fn the_asyncapi_document_describes_the_order_file() {
-    let doc: Json = serde_json::from_str(include_str!("../../../../events/contract/asyncapi.json"))
+    let doc: Json = serde_json::from_str(include_str!("../../../events/contract/asyncapi.json"))
         .expect("asyncapi.json is JSON");
     let channel_at = |topic: &str| {
         let address = format!("{{prefix}}{topic}");

@@ -6,8 +6,8 @@ use events::{Action, Command, Outcome, SagaEvent};
 use serde_json::Value;
 
 use super::{commands, events_of, terminal, waiting_on, Cause};
-use crate::saga::definitions::trigger_message;
-use crate::saga::{Effect, OperatorAction, Saga, SagaDefinition, SagaState, StepStatus};
+use crate::definitions::trigger_message;
+use crate::{Effect, OperatorAction, Saga, SagaDefinition, SagaState, StepStatus};
 
 fn is_undone(status: StepStatus) -> bool {
     matches!(

@@ -6,7 +6,7 @@ use events::{Action, Command, ReplyNames};
 use serde_json::{Map, Value};
 
 use super::is_field_name;
-use crate::saga::policy::RetryPolicy;
+use crate::policy::RetryPolicy;
 
 /// One saga type, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
