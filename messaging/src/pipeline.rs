@@ -122,11 +122,11 @@ impl Pipeline {
             ended = &mut relay => {
                 sampler.abort();
                 retention.abort();
-                let reason = match ended {
-                    Err(e) => format!("outbox relay failed: {e}"),
-                    Ok(()) => "outbox relay stopped on its own".to_owned(),
-                };
-                return Err(crate::Error::TaskEnded(reason));
+                let task = "outbox relay";
+                return Err(match ended {
+                    Err(source) => crate::Error::TaskFailed { task, source },
+                    Ok(()) => crate::Error::TaskStopped { task },
+                });
             }
         };
         if matches!(consumed, Err(crate::Error::InjectedCrash)) {
@@ -140,7 +140,7 @@ impl Pipeline {
         let _ = sampler.await;
         let _ = retention.await;
         if let Err(e) = relay.await {
-            tracing::error!(error.message = %e, "outbox relay task ended abnormally");
+            tracing::error!(error.message = %crate::Chain(&e), "outbox relay task ended abnormally");
         }
         consumed
     }

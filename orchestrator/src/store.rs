@@ -426,7 +426,7 @@ pub async fn lock_due(tx: &mut PgConnection, limit: i64) -> Result<Locked<Vec<(S
 /// # Errors
 /// Database errors.
 pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error) -> Result<()> {
-    let reason = format!("parked: {error}");
+    let reason = format!("parked: {}", messaging::chain(error));
     tracing::error!(%saga_id, %reason, "unreadable saga row parked as failed");
     sqlx::query!(
         "UPDATE sagas SET state = $3, failure_reason = $2, deadline_at = NULL,

@@ -154,12 +154,12 @@ pub(super) async fn place_order(
         .send(&topic, &record_key, &payload, record_headers)
         .await
     {
-        tracing::warn!(error.message = %e, order_id = %order.order_id, "publishing OrderPlaced failed");
+        tracing::warn!(error.message = %messaging::Chain(&e), order_id = %order.order_id, "publishing OrderPlaced failed");
         // The record may still be written; a retry with the same key (or this order id)
         // publishes the same order, which the orchestrator starts once.
         if let Some(key) = &key {
             if let Err(e) = idempotency::release(&state.pool, &caller.name, key).await {
-                tracing::warn!(error.message = %e, "giving an idempotency key back failed; it passes with its lease");
+                tracing::warn!(error.message = %messaging::Chain(&e), "giving an idempotency key back failed; it passes with its lease");
             }
         }
         let body = json!({ "error": {
@@ -181,7 +181,7 @@ pub(super) async fn place_order(
         if let Err(e) = stored {
             // The order went out; a retry before the lease passes gets 409, after it the same
             // order id published again (one saga).
-            tracing::warn!(error.message = %e, "storing an idempotency key's answer failed");
+            tracing::warn!(error.message = %messaging::Chain(&e), "storing an idempotency key's answer failed");
         }
     }
     Ok((
@@ -242,7 +242,7 @@ pub(super) async fn operate(
             crate::Error::CorruptRow { .. } => ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
-                format!("saga {saga_id} cannot move: {e}"),
+                format!("saga {saga_id} cannot move: {}", messaging::chain(&e)),
             ),
             e => internal(e),
         })?
@@ -254,7 +254,7 @@ pub(super) async fn operate(
             ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
-                format!("saga {saga_id} cannot move: {e}"),
+                format!("saga {saga_id} cannot move: {}", messaging::chain(&e)),
             )
         })?;
     let decision = saga.on_operator(&action, now, &definition);
