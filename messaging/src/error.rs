@@ -106,8 +106,12 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
-    #[error("creating topic `{topic}` failed: {reason}")]
-    CreateTopic { topic: String, reason: String },
+    #[error("creating topic `{topic}` failed")]
+    CreateTopic {
+        topic: String,
+        #[source]
+        code: rdkafka::types::RDKafkaErrorCode,
+    },
     /// The Kafka client properties file (`KAFKA_CLIENT_PROPERTIES`) cannot be used.
     #[error("the Kafka client properties in {} (KAFKA_CLIENT_PROPERTIES): {reason}", file.display())]
     ClientProperties {
@@ -122,11 +126,12 @@ pub enum Error {
         refusal: crate::access::Refusal,
     },
     /// Topics the service needs do not exist and its identity may not create them.
-    #[error("topics {topics:?} do not exist and {connection} may not create them ({reason}); create them with the admin step (`sagactl provision kafka`)")]
+    #[error("topics {topics:?} do not exist and {connection} may not create them; create them with the admin step (`sagactl provision kafka`)")]
     TopicsMissing {
         topics: Vec<String>,
         connection: String,
-        reason: String,
+        #[source]
+        code: rdkafka::types::RDKafkaErrorCode,
     },
     #[error("invalid configuration: {0}")]
     Config(String),

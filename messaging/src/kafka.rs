@@ -300,15 +300,10 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
                 return Err(Error::TopicsMissing {
                     topics: missing.clone(),
                     connection: connection.describe(),
-                    reason: code.to_string(),
+                    code,
                 })
             }
-            Err((topic, code)) => {
-                return Err(Error::CreateTopic {
-                    topic,
-                    reason: code.to_string(),
-                })
-            }
+            Err((topic, code)) => return Err(Error::CreateTopic { topic, code }),
         }
     }
     Ok(())

@@ -78,7 +78,7 @@ pub trait Step: Send + Sync + 'static {
 /// is [`Step::Failure`], which the saga hears as the step's failure reply). The runtime rolls
 /// the command's transaction back and then, as the variant says, dead-letters the command,
 /// tries it again, or waits for the database. `?` on a database error sorts it as the runtime
-/// would ([`From<sqlx::Error>`](#impl-From<Error>-for-StepError)).
+/// would (its `From<sqlx::Error>`).
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     /// The command can never be done (what it asks is against the step's own rules): it goes
