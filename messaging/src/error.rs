@@ -153,6 +153,14 @@ pub enum Error {
     },
     #[error("i/o error")]
     Io(#[from] std::io::Error),
+    /// A file could not be written: `action` is what was being done to it.
+    #[error("{action} {}", path.display())]
+    File {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A task that runs for the life of the process failed (it panicked, or was aborted).
     #[error("{task} failed")]
     TaskFailed {

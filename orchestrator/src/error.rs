@@ -12,11 +12,12 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("saga {saga_id} was changed concurrently (expected version {expected})")]
     VersionConflict { saga_id: Uuid, expected: i64 },
-    #[error("saga {saga_id} has an unreadable {column}: {reason}")]
+    #[error("saga {saga_id} has an unreadable {column}")]
     CorruptRow {
         saga_id: Uuid,
         column: &'static str,
-        reason: String,
+        #[source]
+        source: CorruptColumn,
     },
     #[error("invalid saga definition")]
     Definition(#[from] crate::saga::definitions::DefinitionError),
@@ -60,6 +61,15 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a column of a saga row does not read back.
+#[derive(Debug, thiserror::Error)]
+pub enum CorruptColumn {
+    #[error("the trigger message is not a JSON object")]
+    NotAnObject,
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 impl From<Error> for messaging::consumer::HandlerError {
     /// A concurrent update is worth another try; a row this build cannot read or a bad setting

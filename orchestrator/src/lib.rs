@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{CorruptColumn, Error, Result};
 
 /// The schema the orchestrator uses unless told otherwise.
 pub const DEFAULT_SCHEMA: &str = "orchestrator";
