@@ -369,6 +369,28 @@ impl ParticipantHandler {
         commands: &[Delivered<'_>],
     ) -> Result<(), HandlerError> {
         let entries = claim_ledger_entries(tx, commands).await?;
+        let answers = self.answer_all(tx, commands, entries).await?;
+        let mut writes = Vec::with_capacity(commands.len());
+        for (delivered, answer) in commands.iter().zip(answers) {
+            let Some((reply, write)) = answer else {
+                return Err(HandlerError::reject(CommandError::NoAnswer {
+                    command: delivered.command().name.clone(),
+                }));
+            };
+            writes.push((delivered.ledger_key(), write));
+            self.queue_reply(outbox, delivered, reply);
+        }
+        write_ledger(tx, &writes).await
+    }
+
+    /// Each command's answer and ledger change, as the ledger `entries` (in the commands'
+    /// order) decide: answered from the ledger, or by running the step or its compensation.
+    async fn answer_all(
+        &self,
+        tx: &mut PgConnection,
+        commands: &[Delivered<'_>],
+        entries: Vec<LedgerEntry>,
+    ) -> Result<Vec<Option<(Reply, LedgerWrite)>>, HandlerError> {
         let mut answers: Vec<Option<(Reply, LedgerWrite)>> = std::iter::repeat_with(|| None)
             .take(commands.len())
             .collect();
@@ -402,40 +424,36 @@ impl ParticipantHandler {
         }
         self.run_forwards(tx, commands, &mut forwards, &mut answers)
             .await?;
-        let mut writes = Vec::with_capacity(commands.len());
-        for (delivered, answer) in commands.iter().zip(answers) {
-            let Delivered {
-                record, envelope, ..
-            } = delivered;
-            let command = &envelope.body;
-            let Some((reply, write)) = answer else {
-                return Err(HandlerError::reject(CommandError::NoAnswer {
-                    command: command.name.clone(),
-                }));
-            };
-            writes.push((delivered.ledger_key(), write));
-            record.span.in_scope(|| {
-                tracing::info!(
-                    saga_id = %envelope.saga_id,
-                    command = %command.name,
-                    attempt = command.attempt,
-                    reply = %reply.name,
-                    "command handled"
-                );
-                let reply = Envelope::new(
-                    envelope.saga_id,
-                    Some(envelope.message_id),
-                    Utc::now(),
-                    reply,
-                );
-                outbox.push(OutgoingMessage::new(
-                    self.topics.replies(),
-                    command.key.clone(),
-                    reply.to_json(),
-                ));
-            });
-        }
-        write_ledger(tx, &writes).await
+        Ok(answers)
+    }
+
+    /// Queues `reply` to `delivered`'s command in `outbox`, in the command's span (so that it
+    /// joins the saga's trace).
+    fn queue_reply(&self, outbox: &mut Outbox, delivered: &Delivered<'_>, reply: Reply) {
+        let Delivered {
+            record, envelope, ..
+        } = delivered;
+        let command = &envelope.body;
+        record.span.in_scope(|| {
+            tracing::info!(
+                saga_id = %envelope.saga_id,
+                command = %command.name,
+                attempt = command.attempt,
+                reply = %reply.name,
+                "command handled"
+            );
+            let reply = Envelope::new(
+                envelope.saga_id,
+                Some(envelope.message_id),
+                Utc::now(),
+                reply,
+            );
+            outbox.push(OutgoingMessage::new(
+                self.topics.replies(),
+                command.key.clone(),
+                reply.to_json(),
+            ));
+        });
     }
 }
 
