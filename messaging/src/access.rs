@@ -152,10 +152,11 @@ impl KafkaConnection {
 /// # Errors
 /// [`Error::ClientProperties`] as [`KafkaConnection::client_config`].
 pub fn read_properties(file: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(file).map_err(|source| Error::ClientProperties {
-        file: file.to_owned(),
-        reason: format!("cannot read it: {source}"),
-    })?;
+    let text =
+        std::fs::read_to_string(file).map_err(|source| Error::ClientPropertiesUnreadable {
+            file: file.to_owned(),
+            source,
+        })?;
     parse_properties(&text).map_err(|reason| Error::ClientProperties {
         file: file.to_owned(),
         reason,
@@ -417,7 +418,7 @@ async fn probe(connection: &KafkaConnection) -> Probe {
     let settings = match crate::kafka::connection_settings(connection) {
         Ok(settings) => settings,
         Err(e) => {
-            tracing::warn!(error.message = %e, "probing the Kafka cluster failed");
+            tracing::warn!(error.message = %crate::Chain(&e), "probing the Kafka cluster failed");
             return Probe::Inconclusive;
         }
     };

@@ -30,7 +30,7 @@ use crate::metrics;
 use crate::outbox::{Outbox, OutgoingMessage, Wake};
 use crate::stall::StallWatch;
 use crate::telemetry;
-use crate::{Error, Result};
+use crate::{chain, BoxError, Chain, Error, Result};
 
 /// Fault injection never crashes a process younger than this, so that every life commits some
 /// offsets (they are committed every second) and a crash loop still makes progress.
@@ -83,30 +83,73 @@ where
     found
 }
 
-/// Why a handler did not handle a record.
+/// Why a handler did not handle a record. Each variant keeps the typed cause: its text (with
+/// its own causes, [`HandlerError::reason`]) is what the dead-letter copy's `dlq.reason` says,
+/// and the error's own text is the kind, then the cause (`rejected: ...`).
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// The record can never be handled (malformed, unknown, against the contract, or an error
     /// that would repeat on every try): it goes to the dead-letter topic with this reason.
-    #[error("rejected: {0}")]
-    Reject(String),
+    #[error("rejected")]
+    Reject(#[source] BoxError),
     /// Handling failed for a reason that may pass with this record (a serialization failure,
     /// a deadlock, a concurrent update). Retried, at most [`MAX_RETRIES`] times in a row; then
     /// the record is dead-lettered with the last error.
-    #[error("retryable: {0}")]
-    Retry(String),
+    #[error("retryable")]
+    Retry(#[source] BoxError),
     /// The database cannot be reached or is unwell (read-only, shutting down, out of
     /// resources, failing I/O): nothing can be handled, and nothing can be dead-lettered either
     /// (the dead-letter copy goes through the outbox). Retried with backoff for as long as it
     /// lasts, without counting against the record; the service says it is not ready meanwhile
     /// ([`crate::health::Health`]).
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
+    #[error("database unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+impl HandlerError {
+    /// [`HandlerError::Reject`] for `cause` (a typed error, or a text).
+    pub fn reject(cause: impl Into<BoxError>) -> Self {
+        Self::Reject(cause.into())
+    }
+
+    /// [`HandlerError::Retry`] for `cause`.
+    pub fn retry(cause: impl Into<BoxError>) -> Self {
+        Self::Retry(cause.into())
+    }
+
+    /// [`HandlerError::Unavailable`] for `cause`.
+    pub fn unavailable(cause: impl Into<BoxError>) -> Self {
+        Self::Unavailable(cause.into())
+    }
+
+    /// The cause, whatever the kind.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            Self::Reject(cause) | Self::Retry(cause) | Self::Unavailable(cause) => cause.as_ref(),
+        }
+    }
+
+    /// The cause with its own causes, on one line ([`chain`]): the dead-letter reason, and
+    /// what `/healthz` says while the database is unavailable.
+    pub fn reason(&self) -> String {
+        chain(self.cause())
+    }
 }
 
 /// Transient failures in a row after which a record is dead-lettered. With the backoff's 5 s
 /// cap that is over a minute of retrying one record while the database answers.
 pub const MAX_RETRIES: u32 = 20;
+
+/// A database error caused by the record itself: the cause of a [`HandlerError::Reject`].
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseRefusal {
+    /// PostgreSQL refused the record's data (a constraint, a data exception, a size limit).
+    #[error("database refused the message")]
+    Refused(#[source] sqlx::Error),
+    /// Any other error that no retry changes (a row that does not read back, say).
+    #[error("database error handling the message")]
+    Failed(#[source] sqlx::Error),
+}
 
 impl From<sqlx::Error> for HandlerError {
     /// Sorts database errors by what they say about the record. Only what the record itself
@@ -127,18 +170,16 @@ impl From<sqlx::Error> for HandlerError {
             | E::Protocol(_)
             | E::PoolTimedOut
             | E::PoolClosed
-            | E::WorkerCrashed => Self::Unavailable(e.to_string()),
+            | E::WorkerCrashed => Self::unavailable(e),
             E::Database(db) => {
                 let code = db.code().unwrap_or_default();
                 match SqlState::of(&code) {
-                    SqlState::CausedByTheRecord => {
-                        Self::Reject(format!("database refused the message: {e}"))
-                    }
-                    SqlState::Contention => Self::Retry(e.to_string()),
-                    SqlState::DatabaseUnwell => Self::Unavailable(e.to_string()),
+                    SqlState::CausedByTheRecord => Self::reject(DatabaseRefusal::Refused(e)),
+                    SqlState::Contention => Self::retry(e),
+                    SqlState::DatabaseUnwell => Self::unavailable(e),
                 }
             }
-            _ => Self::Reject(format!("database error handling the message: {e}")),
+            _ => Self::reject(DatabaseRefusal::Failed(e)),
         }
     }
 }
@@ -227,7 +268,9 @@ pub struct ConsumeSettings<'a> {
 /// commits the stored offsets before leaving the group.
 ///
 /// # Errors
-/// [`Error::Kafka`] when the subscription fails or the consumer fails fatally.
+/// [`Error::Kafka`] when the subscription fails or the consumer fails fatally;
+/// [`Error::ConsumerStuck`] when the stall check finds it reads nothing while records wait;
+/// [`Error::InjectedCrash`] from fault injection in process.
 pub async fn run<H: Handler>(
     consumer: KafkaConsumer,
     pool: PgPool,
@@ -235,39 +278,58 @@ pub async fn run<H: Handler>(
     settings: ConsumeSettings<'_>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let ConsumeSettings {
-        topics,
-        dead_letters,
-        batch_max,
-        faults,
-        outbox_written,
-        health,
-        stall_after,
-    } = settings;
-    let mut stall = StallWatch::new(stall_after);
-    let mut handled: u64 = 0;
-    let started = std::time::Instant::now();
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&names)
-        .map_err(Error::kafka(format!("subscribing to {topics:?}")))?;
-    let batch_max = batch_max.max(1);
+    let mut stall = StallWatch::new(settings.stall_after);
+    let mut crash = CrashFault::new(settings.faults);
+    let names: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).map_err(Error::kafka(format!(
+        "subscribing to {:?}",
+        settings.topics
+    )))?;
+    let batch_max = settings.batch_max.max(1);
+    loop {
+        let first = match next_message(&consumer, &mut stall, &shutdown).await? {
+            Some(message) => to_record(&message),
+            None => break,
+        };
+        stall.progressed();
+        let batch = take_arrived(&consumer, first, batch_max);
+        let (dead_letters, health) = (settings.dead_letters, settings.health);
+        if !process_batch(&pool, handler, &batch, dead_letters, health, &shutdown).await {
+            // Shut down while a record was still failing: leave the offsets unstored so the
+            // next owner of the partition handles the records again.
+            break;
+        }
+        settings.outbox_written.notify_one();
+        crash.after_commit(&consumer, batch.len())?;
+        store_offsets(&consumer, &batch);
+    }
+    leave(&consumer);
+    Ok(())
+}
+
+/// Waits for the next record. `None` when told to shut down; an error when the consumer can
+/// read no more (failed fatally, or stuck: [`crate::stall`]).
+async fn next_message<'c>(
+    consumer: &'c KafkaConsumer,
+    stall: &mut StallWatch,
+    shutdown: &CancellationToken,
+) -> Result<Option<rdkafka::message::BorrowedMessage<'c>>> {
     loop {
         let stall_check = stall.next_check();
         let received = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return Ok(None),
             received = consumer.recv() => received,
             () = sleep_until(stall_check), if stall_check.is_some() => {
-                if let Some(why) = stall.check(&consumer) {
+                if let Some(why) = stall.check(consumer) {
                     consumer.unsubscribe();
                     return Err(Error::ConsumerStuck(why));
                 }
                 continue;
             }
         };
-        let first = match received {
-            Ok(message) => message,
+        match received {
+            Ok(message) => return Ok(Some(message)),
             // A fatal error (e.g. a static member whose instance id the group still holds)
             // leaves the consumer unusable for good: stop, so that the process exits and its
             // supervisor starts a fresh one, instead of a service that looks alive and reads
@@ -294,63 +356,89 @@ pub async fn run<H: Handler>(
                     consumer.context().access.saw(refusal);
                 }
                 tracing::warn!(error.message = %e, "kafka receive failed; librdkafka retries");
-                continue;
-            }
-        };
-        stall.progressed();
-        // Take whatever else has already arrived, without waiting for more.
-        let mut batch = vec![to_record(&first)];
-        drop(first);
-        while batch.len() < batch_max {
-            match consumer.recv().now_or_never() {
-                Some(Ok(message)) => batch.push(to_record(&message)),
-                Some(Err(e)) => {
-                    tracing::warn!(error.message = %e, "kafka receive failed");
-                    break;
-                }
-                None => break,
-            }
-        }
-        if !process_batch(&pool, handler, &batch, dead_letters, health, &shutdown).await {
-            // Shut down while a record was still failing: leave the offsets unstored so the
-            // next owner of the partition handles the records again.
-            break;
-        }
-        outbox_written.notify_one();
-        let before = handled;
-        handled += batch.len() as u64;
-        let every = faults.crash_after_commit_every;
-        if every > 0 && before / every != handled / every && started.elapsed() >= FAULT_MIN_LIFETIME
-        {
-            tracing::error!(
-                records = batch.len(),
-                "fault injection: crashing after commit"
-            );
-            if !faults.crash_in_process {
-                std::process::abort();
-            }
-            // In-process services (tests) stop dead instead: no offset stored, no commit. The
-            // group is left at once, as the broker would notice a dead process's session end,
-            // so the record's partition moves to the next owner and is delivered again.
-            consumer.unsubscribe();
-            return Err(Error::InjectedCrash);
-        }
-        for record in &batch {
-            // librdkafka stores `offset + 1` itself, the next record to read. (Passing
-            // `offset + 1` here skipped a record at every restart; the chaos suite caught it.)
-            if let Err(e) = consumer.store_offset(&record.topic, record.partition, record.offset) {
-                // The partition was revoked meanwhile; its next owner re-reads the record and
-                // the inbox absorbs it.
-                tracing::warn!(error.message = %e, topic = %record.topic, partition = record.partition, offset = record.offset, "could not store offset");
             }
         }
     }
+}
+
+/// `first` and whatever else has already arrived, up to `batch_max` records, without waiting
+/// for more.
+fn take_arrived(consumer: &KafkaConsumer, first: Record, batch_max: usize) -> Vec<Record> {
+    let mut batch = vec![first];
+    while batch.len() < batch_max {
+        match consumer.recv().now_or_never() {
+            Some(Ok(message)) => batch.push(to_record(&message)),
+            Some(Err(e)) => {
+                tracing::warn!(error.message = %e, "kafka receive failed");
+                break;
+            }
+            None => break,
+        }
+    }
+    batch
+}
+
+/// Fault injection: a crash right after a commit, before the offsets are stored, every
+/// `crash_after_commit_every` records.
+struct CrashFault<'a> {
+    faults: &'a FaultConfig,
+    handled: u64,
+    started: std::time::Instant,
+}
+
+impl<'a> CrashFault<'a> {
+    fn new(faults: &'a FaultConfig) -> Self {
+        Self {
+            faults,
+            handled: 0,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Counts `records` just committed, and crashes when the count passes a multiple of the
+    /// setting (not in a process's first [`FAULT_MIN_LIFETIME`]).
+    fn after_commit(&mut self, consumer: &KafkaConsumer, records: usize) -> Result<()> {
+        let before = self.handled;
+        self.handled += records as u64;
+        let every = self.faults.crash_after_commit_every;
+        if every == 0
+            || before / every == self.handled / every
+            || self.started.elapsed() < FAULT_MIN_LIFETIME
+        {
+            return Ok(());
+        }
+        tracing::error!(records, "fault injection: crashing after commit");
+        if !self.faults.crash_in_process {
+            std::process::abort();
+        }
+        // In-process services (tests) stop dead instead: no offset stored, no commit. The
+        // group is left at once, as the broker would notice a dead process's session end, so
+        // the record's partition moves to the next owner and is delivered again.
+        consumer.unsubscribe();
+        Err(Error::InjectedCrash)
+    }
+}
+
+/// Stores the offsets of `batch`, handled and committed, for the next automatic commit.
+fn store_offsets(consumer: &KafkaConsumer, batch: &[Record]) {
+    for record in batch {
+        // librdkafka stores `offset + 1` itself, the next record to read. (Passing
+        // `offset + 1` here skipped a record at every restart; the chaos suite caught it.)
+        if let Err(e) = consumer.store_offset(&record.topic, record.partition, record.offset) {
+            // The partition was revoked meanwhile; its next owner re-reads the record and
+            // the inbox absorbs it.
+            tracing::warn!(error.message = %e, topic = %record.topic, partition = record.partition, offset = record.offset, "could not store offset");
+        }
+    }
+}
+
+/// Commits the stored offsets and leaves the group, on shutdown.
+fn leave(consumer: &KafkaConsumer) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => tracing::warn!(error.message = %e, "committing offsets on shutdown failed"),
     }
     consumer.unsubscribe();
-    Ok(())
 }
 
 /// Copies a record out of the consumer's buffer, with the span it will be handled in. Every
@@ -420,11 +508,11 @@ async fn process_batch<H: Handler>(
         }
         Ok(Handled { stopped_by, .. }) => {
             if let Some(e) = stopped_by {
-                tracing::debug!(error.message = %e, records = batch.len(), "a record failed; handling the batch with a savepoint per record");
+                tracing::debug!(error.message = %Chain(&e), records = batch.len(), "a record failed; handling the batch with a savepoint per record");
             }
         }
         Err(e) => {
-            tracing::debug!(error.message = %e, records = batch.len(), "batch transaction failed; handling it with a savepoint per record");
+            tracing::debug!(error.message = %Chain(&e), records = batch.len(), "batch transaction failed; handling it with a savepoint per record");
         }
     }
     let mut rest = batch;
@@ -441,13 +529,13 @@ async fn process_batch<H: Handler>(
             Ok(Handled { count, .. }) if count == rest.len() => return true,
             Ok(Handled { count, stopped_by }) => {
                 if let Some(e) = stopped_by {
-                    tracing::debug!(error.message = %e, handled = count, "a record failed; retrying it alone");
+                    tracing::debug!(error.message = %Chain(&e), handled = count, "a record failed; retrying it alone");
                 }
                 count
             }
             // The transaction itself failed (begin, savepoint or commit): nothing of it stayed.
             Err(e) => {
-                tracing::debug!(error.message = %e, records = rest.len(), "transaction failed; retrying its first record alone");
+                tracing::debug!(error.message = %Chain(&e), records = rest.len(), "transaction failed; retrying its first record alone");
                 0
             }
         };
@@ -515,9 +603,10 @@ async fn handle_in_one_transaction<H: Handler>(
                         outbox.append(&mut messages);
                         outcomes.push("handled");
                     }
-                    Err(HandlerError::Reject(reason)) => {
+                    Err(rejected @ HandlerError::Reject(_)) => {
                         savepoint.rollback().await?;
                         ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "reject").increment(1);
+                        let reason = rejected.reason();
                         record.span.in_scope(|| tracing::warn!(reason = %reason, "message rejected; sending it to the dead-letter topic"));
                         enqueue_dead_letter(&mut tx, &mut outbox, record, dead_letters, &reason)
                             .instrument(record.span.clone())
@@ -600,31 +689,31 @@ async fn process<H: Handler>(
         };
         let Some(e) = failure else { return true };
         match &e {
-            HandlerError::Unavailable(reason) => {
-                health.database_unwell(reason);
+            HandlerError::Unavailable(_) => {
+                health.database_unwell(&e.reason());
                 ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "unavailable").increment(1);
                 record.span.in_scope(
-                    || tracing::warn!(error.message = %e, "database unavailable; retrying"),
+                    || tracing::warn!(error.message = %Chain(&e), "database unavailable; retrying"),
                 );
             }
             // Only the transaction around the record can be rejected here (a deferred
             // constraint at commit, say): the record goes to the dead-letter topic.
-            HandlerError::Reject(reason) | HandlerError::Retry(reason) if give_up.is_none() => {
+            HandlerError::Reject(_) | HandlerError::Retry(_) if give_up.is_none() => {
                 retries += 1;
                 if matches!(e, HandlerError::Reject(_)) || retries >= MAX_RETRIES {
-                    let why = format!("gave up after {retries} attempts: {reason}");
+                    let why = format!("gave up after {retries} attempts: {}", e.reason());
                     record.span.in_scope(|| tracing::error!(reason = %why, "sending the message to the dead-letter topic"));
                     give_up = Some(why);
                     continue;
                 }
                 ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "retry").increment(1);
                 record.span.in_scope(
-                    || tracing::warn!(error.message = %e, retries, "handling failed; retrying"),
+                    || tracing::warn!(error.message = %Chain(&e), retries, "handling failed; retrying"),
                 );
             }
             _ => {
                 record.span.in_scope(
-                    || tracing::warn!(error.message = %e, "dead-lettering failed; retrying"),
+                    || tracing::warn!(error.message = %Chain(&e), "dead-lettering failed; retrying"),
                 );
             }
         }
@@ -960,6 +1049,40 @@ mod tests {
             let sorted = HandlerError::from(raised).to_string();
             assert!(sorted.starts_with(expected), "{code}: {sorted}");
         }
+    }
+
+    /// The dead-letter reason reads as it did when the variants held the cause's text, and the
+    /// typed cause is still there.
+    #[tokio::test]
+    async fn a_rejection_keeps_its_typed_cause_and_reads_as_before() {
+        let pool = sqlx::PgPool::connect(&format!("{}/postgres", server()))
+            .await
+            .expect("database");
+        let raised =
+            sqlx::query("DO $$ BEGIN RAISE EXCEPTION 'dup' USING ERRCODE = '23505'; END $$")
+                .execute(&pool)
+                .await
+                .expect_err("raised");
+        let text = raised.to_string();
+        let rejected = HandlerError::from(raised);
+        let reason = format!("database refused the message: {text}");
+        assert_eq!(rejected.reason(), reason);
+        assert_eq!(chain(&rejected), format!("rejected: {reason}"));
+        let refusal = std::error::Error::source(&rejected)
+            .and_then(|cause| cause.downcast_ref::<DatabaseRefusal>())
+            .expect("the typed cause");
+        assert!(
+            matches!(refusal, DatabaseRefusal::Refused(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505")),
+            "{refusal:?}"
+        );
+        let dead_letters = DeadLetters {
+            topic: "dlq".into(),
+            consumer: "test".into(),
+        };
+        let copy = dead_letter_copy(&record(1, b"x"), &dead_letters, &rejected.reason());
+        assert_eq!(copy.headers["dlq.reason"], reason);
+        // A text is a cause too, and reads as itself.
+        assert_eq!(HandlerError::reject("bad record").reason(), "bad record");
     }
 
     fn server() -> String {

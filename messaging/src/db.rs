@@ -42,8 +42,7 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
     if !url_has_password(url) {
         check_password_file()?;
     }
-    let options = PgConnectOptions::from_str(url)
-        .map_err(|e| Error::Config(format!("DATABASE_URL does not parse: {e}")))?;
+    let options = PgConnectOptions::from_str(url).map_err(Error::DatabaseUrl)?;
     let role = options.get_username().to_owned();
     // Every start-up failure to log in stops the service here with the setting to check;
     // sqlx's pool retries only a refused TCP connection (a server starting up).
@@ -227,8 +226,10 @@ fn check_password_file() -> Result<()> {
         return Ok(());
     };
     let shown = std::path::Path::new(&path).display().to_string();
-    let metadata = std::fs::metadata(&path)
-        .map_err(|e| Error::Config(format!("the password file PGPASSFILE={shown}: {e}")))?;
+    let metadata = std::fs::metadata(&path).map_err(|source| Error::PasswordFile {
+        file: shown.clone(),
+        source,
+    })?;
     let mode = metadata.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(Error::Config(format!(
@@ -237,8 +238,10 @@ fn check_password_file() -> Result<()> {
             mode & 0o777
         )));
     }
-    std::fs::File::open(&path)
-        .map_err(|e| Error::Config(format!("the password file PGPASSFILE={shown}: {e}")))?;
+    std::fs::File::open(&path).map_err(|source| Error::PasswordFile {
+        file: shown.clone(),
+        source,
+    })?;
     Ok(())
 }
 

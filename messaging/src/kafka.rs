@@ -251,9 +251,10 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
             missing_topics(settings, context, &unique, &description)
         })
     };
-    let checked = probe
-        .await
-        .map_err(|e| Error::TaskEnded(format!("the topic check failed: {e}")))?;
+    let checked = probe.await.map_err(|source| Error::TaskFailed {
+        task: "the topic check",
+        source,
+    })?;
     let missing = match checked {
         Ok(missing) => missing,
         Err(e) => {
@@ -299,15 +300,10 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
                 return Err(Error::TopicsMissing {
                     topics: missing.clone(),
                     connection: connection.describe(),
-                    reason: code.to_string(),
+                    code,
                 })
             }
-            Err((topic, code)) => {
-                return Err(Error::CreateTopic {
-                    topic,
-                    reason: code.to_string(),
-                })
-            }
+            Err((topic, code)) => return Err(Error::CreateTopic { topic, code }),
         }
     }
     Ok(())

@@ -15,6 +15,9 @@
 //! - [`provision`]: the admin step that gives each service its own PostgreSQL role and schema.
 //! - [`config`], [`telemetry`], [`metrics`], [`shutdown`]: the one way every binary loads
 //!   settings, logs, traces, counts and stops.
+//! - [`service`], [`supervisor`]: the one way every service assembles its parts (pipeline,
+//!   sweeps, servers) and runs them: the first that fails stops them all, with its reason.
+//! - [`Error`], [`chain`], [`Report`]: typed errors that keep their causes, printed once.
 //!
 //! No handler talks to Kafka directly: everything it sends goes through the outbox.
 
@@ -34,8 +37,10 @@ pub mod pipeline;
 pub mod provision;
 pub mod relay;
 pub mod retention;
+pub mod service;
 pub mod shutdown;
 pub mod stall;
+pub mod supervisor;
 pub mod telemetry;
 
-pub use error::{Error, Result};
+pub use error::{chain, BoxError, Chain, Error, Report, Result};

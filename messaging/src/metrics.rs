@@ -267,7 +267,9 @@ pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToke
                 // No age when the outbox is empty.
                 metrics::gauge!(OUTBOX_OLDEST_AGE).set(oldest);
             }
-            Err(e) => tracing::debug!(error.message = %e, "sampling the outbox failed"),
+            Err(e) => {
+                tracing::debug!(error.message = %crate::Chain(&e), "sampling the outbox failed")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
@@ -38,18 +39,63 @@ impl Pipeline {
     /// outbox, flushes the producer, and stops.
     ///
     /// # Errors
-    /// Kafka errors while creating clients or subscribing.
+    /// Kafka errors while creating clients or subscribing; the cluster refusing the service;
+    /// the relay ending before it was told to; what ends the consume loop.
     pub async fn run<H: Handler>(
         self,
         pool: PgPool,
         handler: H,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let relay_stop = CancellationToken::new();
         // The consumer wakes the relay itself after each commit, which is sooner than the
         // commit's NOTIFY reaches the relay through PostgreSQL.
         let outbox_written = Arc::new(Notify::new());
-        let mut relay = tokio::spawn(
+        let mut outbox = self.start_outbox_side(&pool, &outbox_written)?;
+        let settings = ConsumeSettings {
+            topics: &self.topics,
+            dead_letters: &self.dead_letters,
+            batch_max: self.kafka.consumer_batch_max,
+            faults: &self.faults,
+            outbox_written: &outbox_written,
+            health: &self.health,
+            stall_after: std::time::Duration::from_millis(self.kafka.consumer_stall_ms),
+        };
+        // The relay runs until told to stop; if it ends before (a panic), the consumer would
+        // go on filling an outbox nobody publishes: stop the whole pipeline instead.
+        let consumed = tokio::select! {
+            consumed = self.consume(&pool, &handler, settings, &shutdown) => consumed,
+            // The cluster refuses this service for good (credentials, certificates, an ACL):
+            // stop with the reason. What is in the outbox stays there for the next start.
+            refusal = crate::access::AccessWatch::confirm(&self.kafka.connection) => {
+                outbox.abort();
+                return Err(crate::Error::AccessRefused {
+                    connection: self.kafka.connection.describe(),
+                    refusal,
+                });
+            }
+            ended = &mut outbox.relay => {
+                outbox.abort();
+                let task = "outbox relay";
+                return Err(match ended {
+                    Err(source) => crate::Error::TaskFailed { task, source },
+                    Ok(()) => crate::Error::TaskStopped { task },
+                });
+            }
+        };
+        if matches!(consumed, Err(crate::Error::InjectedCrash)) {
+            // A crash does not drain anything.
+            outbox.abort();
+            return consumed;
+        }
+        outbox.drain().await;
+        consumed
+    }
+
+    /// Starts the relay, the inbox retention and the outbox sampler, which stop only when
+    /// told to, after the consumer.
+    fn start_outbox_side(&self, pool: &PgPool, outbox_written: &Arc<Notify>) -> Result<OutboxSide> {
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(
             Relay::new(
                 pool.clone(),
                 self.kafka.clone(),
@@ -57,8 +103,8 @@ impl Pipeline {
                 self.relay.clone(),
                 self.faults.clone(),
             )?
-            .woken_by(Arc::clone(&outbox_written))
-            .run(relay_stop.clone()),
+            .woken_by(Arc::clone(outbox_written))
+            .run(stop.clone()),
         );
         let retention = {
             let pool = pool.clone();
@@ -66,7 +112,7 @@ impl Pipeline {
             tokio::spawn(retention::every(
                 "inbox retention",
                 config.sweep_interval(),
-                relay_stop.clone(),
+                stop.clone(),
                 move || {
                     let pool = pool.clone();
                     let config = config.clone();
@@ -77,71 +123,63 @@ impl Pipeline {
         let sampler = tokio::spawn(metrics::sample_outbox(
             pool.clone(),
             OUTBOX_SAMPLE_INTERVAL,
-            relay_stop.clone(),
+            stop.clone(),
         ));
-        let settings = ConsumeSettings {
-            topics: &self.topics,
-            dead_letters: &self.dead_letters,
-            batch_max: self.kafka.consumer_batch_max,
-            faults: &self.faults,
-            outbox_written: &outbox_written,
-            health: &self.health,
-            stall_after: std::time::Duration::from_millis(self.kafka.consumer_stall_ms),
-        };
-        // A stuck consumer is replaced by a new one (its offsets are the group's; the inbox
-        // absorbs what it reads again); anything else ends the pipeline.
-        let consume = async {
-            loop {
-                let consumer = kafka::consumer(&self.kafka, &self.group)?;
-                match consumer::run(consumer, pool.clone(), &handler, settings, shutdown.clone())
-                    .await
-                {
-                    Err(crate::Error::ConsumerStuck(why)) => {
-                        tracing::error!(reason = %why, "the consumer is stuck; replacing it");
-                        ::metrics::counter!(metrics::CONSUMERS_REPLACED).increment(1);
-                    }
-                    ended => return ended,
+        Ok(OutboxSide {
+            stop,
+            relay,
+            helpers: [retention, sampler],
+        })
+    }
+
+    /// Runs the consume loop until shutdown. A stuck consumer is replaced by a new one (its
+    /// offsets are the group's; the inbox absorbs what it reads again); anything else ends the
+    /// pipeline.
+    async fn consume<H: Handler>(
+        &self,
+        pool: &PgPool,
+        handler: &H,
+        settings: ConsumeSettings<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        loop {
+            let consumer = kafka::consumer(&self.kafka, &self.group)?;
+            match consumer::run(consumer, pool.clone(), handler, settings, shutdown.clone()).await {
+                Err(crate::Error::ConsumerStuck(why)) => {
+                    tracing::error!(reason = %why, "the consumer is stuck; replacing it");
+                    ::metrics::counter!(metrics::CONSUMERS_REPLACED).increment(1);
                 }
+                ended => return ended,
             }
-        };
-        // The relay runs until told to stop; if it ends before (a panic), the consumer would
-        // go on filling an outbox nobody publishes: stop the whole pipeline instead.
-        let consumed = tokio::select! {
-            consumed = consume => consumed,
-            // The cluster refuses this service for good (credentials, certificates, an ACL):
-            // stop with the reason. What is in the outbox stays there for the next start.
-            refusal = crate::access::AccessWatch::confirm(&self.kafka.connection) => {
-                relay.abort();
-                sampler.abort();
-                retention.abort();
-                return Err(crate::Error::AccessRefused {
-                    connection: self.kafka.connection.describe(),
-                    refusal,
-                });
-            }
-            ended = &mut relay => {
-                sampler.abort();
-                retention.abort();
-                let reason = match ended {
-                    Err(e) => format!("outbox relay failed: {e}"),
-                    Ok(()) => "outbox relay stopped on its own".to_owned(),
-                };
-                return Err(crate::Error::TaskEnded(reason));
-            }
-        };
-        if matches!(consumed, Err(crate::Error::InjectedCrash)) {
-            // A crash does not drain anything.
-            relay.abort();
-            sampler.abort();
-            retention.abort();
-            return consumed;
         }
-        relay_stop.cancel();
-        let _ = sampler.await;
-        let _ = retention.await;
-        if let Err(e) = relay.await {
-            tracing::error!(error.message = %e, "outbox relay task ended abnormally");
+    }
+}
+
+/// The relay and the tasks beside it (inbox retention, outbox sampler), with the token that
+/// stops them.
+struct OutboxSide {
+    stop: CancellationToken,
+    relay: JoinHandle<()>,
+    helpers: [JoinHandle<()>; 2],
+}
+
+impl OutboxSide {
+    /// Stops everything at once, draining nothing.
+    fn abort(&self) {
+        self.relay.abort();
+        for helper in &self.helpers {
+            helper.abort();
         }
-        consumed
+    }
+
+    /// Lets the relay publish what is in the outbox, flush and stop; the others too.
+    async fn drain(self) {
+        self.stop.cancel();
+        for helper in self.helpers {
+            let _ = helper.await;
+        }
+        if let Err(e) = self.relay.await {
+            tracing::error!(error.message = %crate::Chain(&e), "outbox relay task ended abnormally");
+        }
     }
 }

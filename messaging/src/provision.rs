@@ -253,16 +253,15 @@ pub async fn drop_roles(admin: &PgPool, roles: &[ServiceRole]) -> Result<()> {
 /// its path, for the service's `PGPASSFILE`.
 ///
 /// # Errors
-/// [`Error::Io`] naming the file.
+/// [`Error::File`] naming the file.
 pub fn write_password_file(dir: &Path, role: &ServiceRole) -> Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!("{}.pgpass", role.service));
     let temporary = dir.join(format!(".{}.pgpass.tmp", role.service));
-    let io = |what: &str, path: &Path, e: std::io::Error| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("{what} {}: {e}", path.display()),
-        ))
+    let io = |action: &'static str, path: &Path, source: std::io::Error| Error::File {
+        action,
+        path: path.to_owned(),
+        source,
     };
     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
     let _ = std::fs::remove_file(&temporary);

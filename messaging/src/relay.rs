@@ -171,7 +171,7 @@ impl Relay {
         let mut listener = match self.listen().await {
             Ok(listener) => Some(listener),
             Err(e) => {
-                tracing::warn!(error.message = %e, "cannot LISTEN for outbox notifications; polling until it can");
+                tracing::warn!(error.message = %crate::Chain(&e), "cannot LISTEN for outbox notifications; polling until it can");
                 None
             }
         };
@@ -186,7 +186,7 @@ impl Relay {
                 Ok(true) => continue,
                 Ok(false) => backoff.reset(),
                 Err(e) => {
-                    tracing::warn!(error.message = %e, schema = %self.schema, "outbox relay failed; retrying");
+                    tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "outbox relay failed; retrying");
                     if stopping {
                         break;
                     }
@@ -207,7 +207,7 @@ impl Relay {
             probe.abort();
         }
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
-            tracing::warn!(error.message = %e, "flushing producer on shutdown failed");
+            tracing::warn!(error.message = %crate::Chain(&e), "flushing producer on shutdown failed");
         }
     }
 
@@ -272,9 +272,9 @@ impl Relay {
                     Ok(false) => continue,
                     Err(e) => {
                         if listener.take().is_some() {
-                            tracing::warn!(error.message = %e, "outbox listener failed; polling until it listens again");
+                            tracing::warn!(error.message = %crate::Chain(&e), "outbox listener failed; polling until it listens again");
                         } else {
-                            tracing::debug!(error.message = %e, "cannot LISTEN for outbox notifications yet");
+                            tracing::debug!(error.message = %crate::Chain(&e), "cannot LISTEN for outbox notifications yet");
                         }
                         listening = false;
                     }
@@ -477,7 +477,7 @@ impl Relay {
         match kafka::renewed_if_fatal(&self.producer, &self.kafka) {
             Ok(renewed) => renewed,
             Err(e) => {
-                tracing::error!(error.message = %e, "cannot create a producer to replace the failed one; trying again with the next batch");
+                tracing::error!(error.message = %crate::Chain(&e), "cannot create a producer to replace the failed one; trying again with the next batch");
                 None
             }
         }
@@ -542,7 +542,7 @@ impl Relay {
                 self.destinations.postpone(&topic, now);
             }
             Err(e) => {
-                tracing::warn!(error.message = %e, "a probe of an outbox destination ended abnormally; trying again later")
+                tracing::warn!(error.message = %crate::Chain(&e), "a probe of an outbox destination ended abnormally; trying again later")
             }
         }
     }

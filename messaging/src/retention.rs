@@ -32,7 +32,9 @@ where
             }
             Ok(deleted) if deleted > 0 => tracing::info!(deleted, "{what}: swept"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error.message = %e, "{what}: sweep failed; retrying later"),
+            Err(e) => {
+                tracing::warn!(error.message = %crate::Chain(&e), "{what}: sweep failed; retrying later")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -57,9 +57,11 @@ impl DeadlineScanner {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error.message = %e, "deadline scan failed; retrying");
-                    self.health
-                        .database_unwell(&format!("the deadline scan failed: {e}"));
+                    tracing::warn!(error.message = %messaging::Chain(&e), "deadline scan failed; retrying");
+                    self.health.database_unwell(&format!(
+                        "the deadline scan failed: {}",
+                        messaging::chain(&e)
+                    ));
                 }
             }
             tokio::select! {
@@ -84,7 +86,9 @@ impl DeadlineScanner {
                     );
                 }
             }
-            Err(e) => tracing::warn!(error.message = %e, "cannot read the database's clock"),
+            Err(e) => {
+                tracing::warn!(error.message = %messaging::Chain(&e), "cannot read the database's clock")
+            }
         }
     }
 

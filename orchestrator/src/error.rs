@@ -1,4 +1,6 @@
-//! Errors of the orchestrator library.
+//! Errors of the orchestrator library. Each says its own layer's part; its causes are its
+//! `source()` chain, printed once with [`messaging::chain`] (logs, `main`, and the texts that
+//! leave the process: a dead-letter reason, a parked saga's reason, an HTTP error body).
 
 use uuid::Uuid;
 
@@ -6,17 +8,18 @@ use uuid::Uuid;
 pub enum Error {
     #[error(transparent)]
     Messaging(#[from] messaging::Error),
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("saga {saga_id} was changed concurrently (expected version {expected})")]
     VersionConflict { saga_id: Uuid, expected: i64 },
-    #[error("saga {saga_id} has an unreadable {column}: {reason}")]
+    #[error("saga {saga_id} has an unreadable {column}")]
     CorruptRow {
         saga_id: Uuid,
         column: &'static str,
-        reason: String,
+        #[source]
+        source: CorruptColumn,
     },
-    #[error("invalid saga definition: {0}")]
+    #[error("invalid saga definition")]
     Definition(#[from] crate::saga::definitions::DefinitionError),
     #[error("{file}: saga {name} version {version} is stored with other content; a changed definition needs a new version (running sagas keep the one they started on)")]
     DefinitionChanged {
@@ -33,13 +36,13 @@ pub enum Error {
     /// A message the engine made could not be encoded as JSON.
     #[error("encoding a message")]
     Encode(#[source] serde_json::Error),
-    #[error("cannot read the API token file {}: {source}", path.display())]
+    #[error("cannot read the API token file {}", path.display())]
     TokenFile {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid API token list: {0}")]
+    #[error("invalid API token list")]
     TokenList(#[from] crate::auth::TokenListError),
     #[error(
         "no API tokens configured (API_TOKENS_FILE or API_TOKENS){}",
@@ -53,21 +56,30 @@ pub enum Error {
         http_addr: std::net::SocketAddr,
         open_requested: bool,
     },
-    #[error("HTTP server failed: {0}")]
+    #[error("HTTP server failed")]
     Http(#[from] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Why a column of a saga row does not read back.
+#[derive(Debug, thiserror::Error)]
+pub enum CorruptColumn {
+    #[error("the trigger message is not a JSON object")]
+    NotAnObject,
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
 impl From<Error> for messaging::consumer::HandlerError {
     /// A concurrent update is worth another try; a row this build cannot read or a bad setting
     /// fails the same way every time, so the record goes to the dead-letter topic instead of
-    /// blocking its partition.
+    /// blocking its partition. The error is kept as the cause.
     fn from(e: Error) -> Self {
         match e {
             Error::Database(db) | Error::Messaging(messaging::Error::Database(db)) => db.into(),
-            Error::VersionConflict { .. } => Self::Retry(e.to_string()),
-            other => Self::Reject(other.to_string()),
+            Error::VersionConflict { .. } => Self::retry(e),
+            other => Self::reject(other),
         }
     }
 }

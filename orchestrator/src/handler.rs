@@ -20,6 +20,43 @@ use crate::saga::definitions::trigger_message;
 use crate::saga::{Decision, Effect, Saga, SagaDefinition};
 use crate::store::{self, HistoryDecision, HistoryEntry};
 
+/// Why the orchestrator cannot take a record: its text, with its cause's, is the dead-letter
+/// reason (or, for [`RecordError::NoDatabaseTime`], what a retry may cure).
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    /// Loading refused a definition whose trigger message the engine does not know.
+    #[error("no trigger message {message} in this build")]
+    UnknownTrigger { message: String },
+    #[error("invalid {message}")]
+    InvalidTrigger {
+        message: String,
+        #[source]
+        source: events::ContractError,
+    },
+    #[error("{message} makes no saga key")]
+    NoSagaKey {
+        message: String,
+        #[source]
+        source: crate::saga::definitions::PayloadError,
+    },
+    #[error("invalid reply")]
+    InvalidReply(#[source] events::ContractError),
+    #[error("{reply} for unknown saga {saga_id}")]
+    UnknownSaga { reply: String, saga_id: Uuid },
+    #[error("{reply} names key {key:?} but saga {saga_id} has key {saga_key}")]
+    OtherSagasKey {
+        reply: String,
+        key: String,
+        saga_id: Uuid,
+        saga_key: String,
+    },
+    /// A saga was locked, so its statement read the database's time.
+    #[error("saga {saga_id} was locked without the database's time")]
+    NoDatabaseTime { saga_id: Uuid },
+    #[error("the orchestrator does not read topic {topic}")]
+    UnreadTopic { topic: String },
+}
+
 pub struct OrchestratorHandler {
     topics: Topics,
     catalog: Arc<Catalog>,
@@ -43,14 +80,23 @@ impl OrchestratorHandler {
         let message = &definition.trigger.message;
         // Loading refused a definition whose trigger message the engine does not know.
         let Some(known) = trigger_message(message) else {
-            return Err(HandlerError::Reject(format!(
-                "no trigger message {message} in this build"
-            )));
+            return Err(HandlerError::reject(RecordError::UnknownTrigger {
+                message: message.clone(),
+            }));
         };
-        let trigger = (known.decode)(&record.payload)
-            .map_err(|e| HandlerError::Reject(format!("invalid {message}: {e}")))?;
-        let (saga, effects) = Saga::start(Uuid::new_v4(), trigger, now, definition)
-            .map_err(|e| HandlerError::Reject(format!("{message} makes no saga key: {e}")))?;
+        let trigger = (known.decode)(&record.payload).map_err(|source| {
+            HandlerError::reject(RecordError::InvalidTrigger {
+                message: message.clone(),
+                source,
+            })
+        })?;
+        let (saga, effects) =
+            Saga::start(Uuid::new_v4(), trigger, now, definition).map_err(|source| {
+                HandlerError::reject(RecordError::NoSagaKey {
+                    message: message.clone(),
+                    source,
+                })
+            })?;
         // A trigger message has no message id of its own; the span names the saga and its type.
         record
             .span
@@ -107,18 +153,37 @@ impl OrchestratorHandler {
         outbox: &mut Outbox,
         records: &[&Record],
     ) -> Result<(), HandlerError> {
-        let mut replies = Vec::with_capacity(records.len());
-        for record in records {
-            let envelope = Envelope::<Reply>::from_json(&record.payload)
-                .and_then(|envelope| envelope.body.validate().map(|()| envelope))
-                .map_err(|e| HandlerError::Reject(format!("invalid reply: {e}")))?;
-            record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
-            replies.push((*record, envelope));
-        }
+        let replies = decode_replies(records)?;
         let mut replies = inbox::keep_first_deliveries(tx, replies, |(record, envelope)| {
             (envelope.message_id, &record.span)
         })
         .await?;
+        let mut sagas = self.lock_sagas(tx, &mut replies).await?;
+        let history = self.apply_replies(outbox, &mut sagas, &replies)?;
+        let updates: Vec<store::SagaUpdate<'_>> = sagas
+            .locked
+            .values()
+            .filter_map(|(saga, version)| {
+                let loaded = sagas.loaded_versions.get(&saga.id).copied()?;
+                (*version != loaded).then_some(store::SagaUpdate {
+                    saga,
+                    expected_version: loaded,
+                    new_version: *version,
+                })
+            })
+            .collect();
+        store::save_transitions(tx, &updates, &history).await?;
+        Ok(())
+    }
+
+    /// Locks the sagas `replies` answer, with the definitions they run on. A saga whose row
+    /// or definition does not read back is parked, and its replies dropped: retrying cannot
+    /// fix the row, and the replies are not at fault.
+    async fn lock_sagas(
+        &self,
+        tx: &mut PgConnection,
+        replies: &mut Vec<(&Record, Envelope<Reply>)>,
+    ) -> Result<LockedSagas, HandlerError> {
         let saga_ids: Vec<Uuid> = replies
             .iter()
             .map(|(_, e)| e.saga_id)
@@ -126,11 +191,11 @@ impl OrchestratorHandler {
             .into_iter()
             .collect();
         let store::Locked {
-            sagas: (mut sagas, mut unreadable),
+            sagas: (mut locked, mut unreadable),
             now,
         } = store::lock_sagas(tx, &saga_ids).await?;
         let mut definitions = HashMap::new();
-        for (saga, _) in sagas.values() {
+        for (saga, _) in locked.values() {
             match self.definition_of(tx, saga).await? {
                 Ok(definition) => {
                     definitions.insert(saga.id, definition);
@@ -138,40 +203,55 @@ impl OrchestratorHandler {
                 Err(e) => unreadable.push((saga.id, e)),
             }
         }
-        sagas.retain(|id, _| definitions.contains_key(id));
+        locked.retain(|id, _| definitions.contains_key(id));
         for (saga_id, e) in &unreadable {
-            // Retrying cannot fix the row, and the replies are not at fault: park the saga.
             store::park_unreadable(tx, *saga_id, e).await?;
             replies.retain(|(_, envelope)| envelope.saga_id != *saga_id);
         }
-        let loaded_versions: HashMap<Uuid, i64> = sagas
+        let loaded_versions = locked
             .iter()
             .map(|(id, (_, version))| (*id, *version))
             .collect();
+        Ok(LockedSagas {
+            locked,
+            loaded_versions,
+            definitions,
+            now,
+        })
+    }
+
+    /// Moves the locked sagas in memory, reply by reply, queueing what each move sends in
+    /// `outbox`; returns their history lines.
+    fn apply_replies(
+        &self,
+        outbox: &mut Outbox,
+        sagas: &mut LockedSagas,
+        replies: &[(&Record, Envelope<Reply>)],
+    ) -> Result<Vec<(Uuid, HistoryEntry)>, HandlerError> {
         let mut history = Vec::with_capacity(replies.len());
-        for (record, envelope) in &replies {
+        for (record, envelope) in replies {
             let reply = &envelope.body;
-            let Some((saga, version)) = sagas.get_mut(&envelope.saga_id) else {
-                return Err(HandlerError::Reject(format!(
-                    "{} for unknown saga {}",
-                    reply.name, envelope.saga_id
-                )));
+            let Some((saga, version)) = sagas.locked.get_mut(&envelope.saga_id) else {
+                return Err(HandlerError::reject(RecordError::UnknownSaga {
+                    reply: reply.name.clone(),
+                    saga_id: envelope.saga_id,
+                }));
             };
-            let Some(definition) = definitions.get(&saga.id) else {
+            let Some(definition) = sagas.definitions.get(&saga.id) else {
                 continue;
             };
             if saga.key != reply.key {
-                return Err(HandlerError::Reject(format!(
-                    "{} names key {:?} but saga {} has key {}",
-                    reply.name, reply.key, saga.id, saga.key
-                )));
+                return Err(HandlerError::reject(RecordError::OtherSagasKey {
+                    reply: reply.name.clone(),
+                    key: reply.key.clone(),
+                    saga_id: saga.id,
+                    saga_key: saga.key.clone(),
+                }));
             }
-            // A saga was locked, so its statement read the database's time.
-            let Some(now) = now else {
-                return Err(HandlerError::Retry(format!(
-                    "saga {} was locked without the database's time",
-                    saga.id
-                )));
+            let Some(now) = sagas.now else {
+                return Err(HandlerError::retry(RecordError::NoDatabaseTime {
+                    saga_id: saga.id,
+                }));
             };
             let entry = HistoryEntry {
                 at: now,
@@ -201,20 +281,35 @@ impl OrchestratorHandler {
                 *version += 1;
             }
         }
-        let updates: Vec<store::SagaUpdate<'_>> = sagas
-            .values()
-            .filter_map(|(saga, version)| {
-                let loaded = loaded_versions.get(&saga.id).copied()?;
-                (*version != loaded).then_some(store::SagaUpdate {
-                    saga,
-                    expected_version: loaded,
-                    new_version: *version,
-                })
-            })
-            .collect();
-        store::save_transitions(tx, &updates, &history).await?;
-        Ok(())
+        Ok(history)
     }
+}
+
+/// The sagas a batch's replies answer, locked for its transaction.
+struct LockedSagas {
+    /// Each saga as the replies move it, at its version so far.
+    locked: HashMap<Uuid, (Saga, i64)>,
+    /// Each saga's version as it was loaded.
+    loaded_versions: HashMap<Uuid, i64>,
+    definitions: HashMap<Uuid, Arc<SagaDefinition>>,
+    /// The database's time; `None` only when nothing was locked.
+    now: Option<DateTime<Utc>>,
+}
+
+/// Decodes and checks the replies in `records`, and names on each record's span what it is
+/// about.
+fn decode_replies<'r>(
+    records: &[&'r Record],
+) -> Result<Vec<(&'r Record, Envelope<Reply>)>, HandlerError> {
+    let mut replies = Vec::with_capacity(records.len());
+    for record in records {
+        let envelope = Envelope::<Reply>::from_json(&record.payload)
+            .and_then(|envelope| envelope.body.validate().map(|()| envelope))
+            .map_err(|e| HandlerError::reject(RecordError::InvalidReply(e)))?;
+        record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
+        replies.push((*record, envelope));
+    }
+    Ok(replies)
 }
 
 /// The definition `saga` runs on, from `catalog`: `Ok(Err(_))` when it is not stored or does
@@ -378,15 +473,92 @@ impl Handler for OrchestratorHandler {
             } else if record.topic == self.topics.replies() {
                 replies.push(record);
             } else {
-                return Err(HandlerError::Reject(format!(
-                    "the orchestrator does not read topic {}",
-                    record.topic
-                )));
+                return Err(HandlerError::reject(RecordError::UnreadTopic {
+                    topic: record.topic.clone(),
+                }));
             }
         }
         if replies.is_empty() {
             return Ok(());
         }
         self.on_replies(tx, outbox, &replies).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dead-letter reasons read as they did when each was formatted where it arose (the
+    /// texts on the right are those formats), and keep their typed cause.
+    #[test]
+    fn a_records_reason_reads_as_before_and_keeps_its_cause() {
+        let record = Record {
+            topic: "saga.replies".into(),
+            partition: 0,
+            offset: 7,
+            key: None,
+            payload: b"{".to_vec(),
+            span: tracing::Span::none(),
+        };
+        let rejected = decode_replies(&[&record]).expect_err("not JSON");
+        let contract = Envelope::<Reply>::from_json(b"{").expect_err("not JSON");
+        assert_eq!(rejected.reason(), format!("invalid reply: {contract}"));
+        assert!(matches!(
+            rejected.cause().downcast_ref::<RecordError>(),
+            Some(RecordError::InvalidReply(_))
+        ));
+        let trigger = events::OrderPlaced::from_json(b"[]").expect_err("not an order");
+        let trigger_text = trigger.to_string();
+        let message = "OrderPlaced".to_owned();
+        let saga_id = Uuid::from_u128(7);
+        let cases = [
+            (
+                HandlerError::reject(RecordError::InvalidTrigger {
+                    message: message.clone(),
+                    source: trigger,
+                }),
+                format!("invalid {message}: {trigger_text}"),
+            ),
+            (
+                HandlerError::reject(RecordError::UnknownTrigger {
+                    message: message.clone(),
+                }),
+                format!("no trigger message {message} in this build"),
+            ),
+            (
+                HandlerError::reject(RecordError::UnknownSaga {
+                    reply: "StockReserved".into(),
+                    saga_id,
+                }),
+                format!("{} for unknown saga {}", "StockReserved", saga_id),
+            ),
+            (
+                HandlerError::reject(RecordError::OtherSagasKey {
+                    reply: "StockReserved".into(),
+                    key: "k1".into(),
+                    saga_id,
+                    saga_key: "k2".into(),
+                }),
+                format!(
+                    "{} names key {:?} but saga {} has key {}",
+                    "StockReserved", "k1", saga_id, "k2"
+                ),
+            ),
+            (
+                HandlerError::retry(RecordError::NoDatabaseTime { saga_id }),
+                format!("saga {saga_id} was locked without the database's time"),
+            ),
+            (
+                HandlerError::reject(RecordError::UnreadTopic {
+                    topic: "elsewhere".into(),
+                }),
+                format!("the orchestrator does not read topic {}", "elsewhere"),
+            ),
+        ];
+        for (error, before) in cases {
+            assert_eq!(error.reason(), before);
+            assert!(error.cause().downcast_ref::<RecordError>().is_some());
+        }
     }
 }

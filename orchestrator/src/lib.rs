@@ -26,14 +26,14 @@ pub use saga_core as saga;
 use std::sync::Arc;
 
 use events::Topics;
-use messaging::consumer::DeadLetters;
-use messaging::pipeline::Pipeline;
+use messaging::service::{PipelineConfig, Service};
 use messaging::{db, kafka};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{CorruptColumn, Error, Result};
 
 /// The schema the orchestrator uses unless told otherwise.
 pub const DEFAULT_SCHEMA: &str = "orchestrator";
@@ -46,15 +46,18 @@ const API_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Runs the orchestrator until `shutdown` is cancelled: migrates its schema, creates missing
-/// topics, consumes orders and replies, relays its outbox and serves HTTP on `listener`.
+/// topics, consumes orders and replies, relays its outbox and serves HTTP on `listener`. Its
+/// parts run under one supervisor ([`messaging::service`]): whichever fails first stops the
+/// others, so no process serves a green `/healthz` while its consumer, relay or deadline
+/// scanner is gone, and its error is the one returned.
 ///
 /// # Errors
-/// Start-up failures (database, migrations, Kafka configuration) and a failed HTTP server.
+/// Start-up failures (database, migrations, Kafka configuration) and the first part that
+/// failed (the pipeline, an HTTP server, a background task).
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     // Checked first: a service without its tokens must not start at all.
     let gate = config.api.gate(config.http_addr)?;
     config.api.check_limits(config.order_dedup_retention_secs)?;
-    let limits = config.api.server_limits();
     let ops_listener = match config.api.ops_http_addr {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
@@ -67,46 +70,74 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         API_ACQUIRE_TIMEOUT,
     )?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
-    let clock = clock::Clock::skewed(config.fault_clock_skew_secs);
     let catalog =
         Arc::new(catalog::Catalog::load(&pool, &config.sagas_dir, config.retries.clone()).await?);
-    // The definitions name the topics: their triggers (consumed here) and the participants'
-    // command topics (written here); the engine's own come from `Topics`.
+    let consumed_topics = ensure_topics(&config, &topics, &catalog).await?;
+
+    let mut service = Service::new("orchestrator", pool, schema, shutdown);
+    let state = app_state(&config, gate, api_pool.clone(), &topics, &catalog, &service)?;
+    run_background(&mut service, &config, &state);
+    let pipeline = service.pipeline(
+        PipelineConfig {
+            kafka: &config.kafka,
+            relay: &config.relay,
+            retention: &config.retention,
+            faults: &config.faults,
+            group: config.group.as_deref(),
+        },
+        consumed_topics,
+        topics.dead_letters(),
+    );
+    service.consume(pipeline, handler::OrchestratorHandler::new(topics, catalog));
+    serve_http(&mut service, &config, listener, ops_listener, state)?;
+    let ended = service.run().await;
+    api_pool.close().await;
+    ended
+}
+
+/// Creates the topics the orchestrator uses where missing, and returns those it consumes. The
+/// definitions name the topics: their triggers (consumed here) and the participants' command
+/// topics (written here); the engine's own come from `Topics`.
+async fn ensure_topics(
+    config: &Config,
+    topics: &Topics,
+    catalog: &catalog::Catalog,
+) -> Result<Vec<String>> {
     let (trigger_topics, command_topics) = catalog.topics();
-    let mut consumed_topics: Vec<String> = trigger_topics.iter().map(|t| topics.named(t)).collect();
-    consumed_topics.push(topics.replies());
-    let mut all_topics = topics.engine();
-    all_topics.extend(
+    let mut consumed: Vec<String> = trigger_topics.iter().map(|t| topics.named(t)).collect();
+    consumed.push(topics.replies());
+    let mut all = topics.engine();
+    all.extend(
         trigger_topics
             .iter()
             .chain(&command_topics)
             .map(|t| topics.named(t)),
     );
-    kafka::ensure_topics(&config.kafka, &all_topics).await?;
+    kafka::ensure_topics(&config.kafka, &all).await?;
+    Ok(consumed)
+}
 
+/// What the HTTP API works with: its pool, the order publisher, the token guard, the watch
+/// feed, the metrics (installed here) and the service's health and shutdown.
+fn app_state(
+    config: &Config,
+    gate: config::Gate,
+    api_pool: PgPool,
+    topics: &Topics,
+    catalog: &Arc<catalog::Catalog>,
+    service: &Service<Error>,
+) -> Result<api::AppState> {
     let metrics = messaging::metrics::Metrics::install();
     metrics::describe();
     api::describe_metrics();
-    let health = messaging::health::Health::default();
     let watch = Arc::new(api::watch::WatchFeed::new(
         api_pool.clone(),
         config.api.watch_limits(),
         WATCH_INTERVAL,
     ));
     let guard = Arc::new(api::guard::Guard::new(gate, &config.api, config.http_addr));
-    // Ends with the shutdown; it never fails (a bad file is reported and the old list kept).
-    if let (Some(path), every @ 1..) =
-        (&config.api.api_tokens_file, config.api.api_tokens_reload_ms)
-    {
-        tokio::spawn(api::guard::reload_tokens(
-            guard.clone(),
-            path.clone(),
-            std::time::Duration::from_millis(every),
-            shutdown.clone(),
-        ));
-    }
-    let state = api::AppState {
-        pool: api_pool.clone(),
+    Ok(api::AppState {
+        pool: api_pool,
         orders: Arc::new(api::publisher::OrderPublisher::new(
             &config.kafka,
             &config.faults,
@@ -115,143 +146,86 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         topics: topics.clone(),
         catalog: catalog.clone(),
         metrics,
-        health: health.clone(),
-        shutdown: shutdown.clone(),
-        guard: guard.clone(),
-        watch: watch.clone(),
+        health: service.health().clone(),
+        shutdown: service.shutdown().clone(),
+        guard,
+        watch,
         stats: Arc::default(),
-        request_timeout: limits.request_timeout,
-    };
-    let watch_feed = tokio::spawn(watch.run(shutdown.clone()));
-    let scanner = tokio::spawn(
-        deadlines::DeadlineScanner {
-            pool: pool.clone(),
-            topics: topics.clone(),
-            catalog: catalog.clone(),
-            interval: config.retries.scan_interval(),
-            clock,
-            health: health.clone(),
-        }
-        .run(shutdown.clone()),
-    );
-    let retention = {
-        let pool = pool.clone();
-        let retention_secs = config.saga_retention_secs;
-        let failed_secs = config.failed_saga_retention_secs;
-        let dedup_secs = config.order_dedup_retention_secs;
-        let keys_secs = config.api.idempotency_key_retention_secs;
-        tokio::spawn(messaging::retention::every(
-            "saga retention",
-            config.retention.sweep_interval(),
-            shutdown.clone(),
-            move || {
-                let pool = pool.clone();
-                async move {
-                    let batch = messaging::retention::SWEEP_BATCH;
-                    let sagas =
-                        store::sweep_finished(&pool, retention_secs, failed_secs, batch).await?;
-                    let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
-                    let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
-                    Ok(sagas + keys + idempotency)
-                }
-            },
-        ))
-    };
-    let pipeline = Pipeline {
-        kafka: config.kafka.clone(),
-        relay: config.relay.clone(),
-        retention: config.retention.clone(),
-        schema,
-        group: config
-            .group
-            .clone()
-            .unwrap_or_else(|| format!("{}orchestrator", topics.prefix())),
-        topics: consumed_topics,
-        dead_letters: DeadLetters {
-            topic: topics.dead_letters(),
-            consumer: "orchestrator".into(),
-        },
-        faults: config.faults.clone(),
-        health,
-    };
-    let ops = match ops_listener {
-        Some(listener) => {
-            tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
-            // A server of its own, with its own connection cap: probes still get through while
-            // the API's connections are all taken.
-            Some(api::server::serve(
-                "ops",
-                listener,
-                api::ops_router(state.clone()),
-                limits,
-                shutdown.clone(),
-            ))
-        }
-        None => None,
-    };
-    tracing::info!(addr = %listener.local_addr()?, "status API listening");
-    let http = api::server::serve(
-        "api",
-        listener,
-        api::router(state),
-        limits,
-        shutdown.clone(),
-    );
-    // Whichever part ends first (a failure, or shutdown) stops the others: no process that
-    // serves a green /healthz while its consumer, relay or deadline scanner is gone.
-    let (consumed, served, ops_served, scanned, swept, fed) = tokio::join!(
-        async {
-            let consumed = pipeline
-                .run(
-                    pool.clone(),
-                    handler::OrchestratorHandler::new(topics, catalog),
-                    shutdown.clone(),
-                )
-                .await;
-            shutdown.cancel();
-            consumed
-        },
-        async {
-            let served = http.await.map_err(Error::Http);
-            shutdown.cancel();
-            served
-        },
-        async {
-            let Some(ops) = ops else { return Ok(()) };
-            let served = ops.await.map_err(Error::Http);
-            shutdown.cancel();
-            served
-        },
-        supervise("deadline scanner", scanner, &shutdown),
-        supervise("saga retention", retention, &shutdown),
-        supervise("watch feed", watch_feed, &shutdown),
-    );
-    api_pool.close().await;
-    pool.close().await;
-    consumed?;
-    scanned?;
-    swept?;
-    fed?;
-    ops_served?;
-    served
+        request_timeout: config.api.server_limits().request_timeout,
+    })
 }
 
-/// Waits for a task that should run until shutdown; if it ends before (a panic), stops the
-/// process with the reason.
-async fn supervise(
-    name: &str,
-    task: tokio::task::JoinHandle<()>,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    let ended = task.await;
-    if shutdown.is_cancelled() && ended.is_ok() {
-        return Ok(());
+/// The orchestrator's own background work: the watch feed, the token file's reloads, the
+/// deadline scanner and the saga tables' retention.
+fn run_background(service: &mut Service<Error>, config: &Config, state: &api::AppState) {
+    let shutdown = service.shutdown().clone();
+    service.spawn_infallible("watch feed", state.watch.clone().run(shutdown.clone()));
+    // It never fails: a bad file is reported and the old list kept.
+    if let (Some(path), every @ 1..) =
+        (&config.api.api_tokens_file, config.api.api_tokens_reload_ms)
+    {
+        service.spawn_infallible(
+            "token reload",
+            api::guard::reload_tokens(
+                state.guard.clone(),
+                path.clone(),
+                std::time::Duration::from_millis(every),
+                shutdown.clone(),
+            ),
+        );
     }
-    shutdown.cancel();
-    let reason = match ended {
-        Err(e) => format!("{name} failed: {e}"),
-        Ok(()) => format!("{name} stopped on its own"),
+    let scanner = deadlines::DeadlineScanner {
+        pool: service.pool().clone(),
+        topics: state.topics.clone(),
+        catalog: state.catalog.clone(),
+        interval: config.retries.scan_interval(),
+        clock: clock::Clock::skewed(config.fault_clock_skew_secs),
+        health: service.health().clone(),
     };
-    tracing::error!(%reason, "stopping");
-    Err(Error::Messaging(messaging::Error::TaskEnded(reason)))
+    service.spawn_infallible("deadline scanner", scanner.run(shutdown));
+    let retention_secs = config.saga_retention_secs;
+    let failed_secs = config.failed_saga_retention_secs;
+    let dedup_secs = config.order_dedup_retention_secs;
+    let keys_secs = config.api.idempotency_key_retention_secs;
+    service.sweep(
+        "saga retention",
+        config.retention.sweep_interval(),
+        move |pool| async move {
+            let batch = messaging::retention::SWEEP_BATCH;
+            let sagas = store::sweep_finished(&pool, retention_secs, failed_secs, batch).await?;
+            let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
+            let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
+            Ok(sagas + keys + idempotency)
+        },
+    );
+}
+
+/// Serves the API on `listener`, and health and metrics on `ops_listener` when there is one.
+fn serve_http(
+    service: &mut Service<Error>,
+    config: &Config,
+    listener: TcpListener,
+    ops_listener: Option<TcpListener>,
+    state: api::AppState,
+) -> Result<()> {
+    let limits = config.api.server_limits();
+    let shutdown = service.shutdown().clone();
+    if let Some(ops) = ops_listener {
+        tracing::info!(addr = %ops.local_addr()?, "health and metrics listening");
+        // A server of its own, with its own connection cap: probes still get through while
+        // the API's connections are all taken.
+        let app = api::ops_router(state.clone());
+        let served = api::server::serve("ops", ops, app, limits, shutdown.clone());
+        service.spawn(
+            "ops server",
+            async move { served.await.map_err(Error::Http) },
+        );
+    }
+    tracing::info!(addr = %listener.local_addr()?, "status API listening");
+    let served = api::server::serve("api", listener, api::router(state), limits, shutdown);
+    service.spawn(
+        "API server",
+        async move { served.await.map_err(Error::Http) },
+    );
+    Ok(())
 }

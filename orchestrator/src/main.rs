@@ -1,8 +1,9 @@
 use clap::Parser;
 use orchestrator::Config;
 
+/// Ends with the error that stopped the orchestrator, printed once with its causes.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> Result<(), messaging::Report> {
     let config = Config::parse();
     let _telemetry = messaging::telemetry::init("orchestrator");
     let shutdown = messaging::shutdown::on_signals();

@@ -9,7 +9,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::saga::{Saga, SagaState, StepState};
-use crate::{Error, Result};
+use crate::{CorruptColumn, Error, Result};
 
 /// The orchestrator's own migrations (on top of the messaging tables).
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
@@ -102,7 +102,8 @@ impl SagaRow {
             Ok(steps) => self.with_steps(steps),
             Err(e) => {
                 let mut row = self;
-                row.failure_reason.get_or_insert_with(|| e.to_string());
+                row.failure_reason
+                    .get_or_insert_with(|| messaging::chain(&e));
                 row.with_steps(Vec::new())
             }
         }
@@ -113,13 +114,13 @@ impl SagaRow {
             return Err(Error::CorruptRow {
                 saga_id: self.id,
                 column: "order_data",
-                reason: "the trigger message is not a JSON object".into(),
+                source: CorruptColumn::NotAnObject,
             });
         }
         serde_json::from_value(self.steps.clone()).map_err(|e| Error::CorruptRow {
             saga_id: self.id,
             column: "steps",
-            reason: e.to_string(),
+            source: e.into(),
         })
     }
 
@@ -463,7 +464,7 @@ pub async fn lock_due(tx: &mut PgConnection, limit: i64) -> Result<Locked<Vec<(S
 /// # Errors
 /// Database errors.
 pub async fn park_unreadable(tx: &mut PgConnection, saga_id: Uuid, error: &Error) -> Result<()> {
-    let reason = format!("parked: {error}");
+    let reason = format!("parked: {}", messaging::chain(error));
     tracing::error!(%saga_id, %reason, "unreadable saga row parked as failed");
     sqlx::query!(
         "UPDATE sagas SET state = $3, failure_reason = $2, deadline_at = NULL,
@@ -1032,4 +1033,65 @@ pub async fn stored_definitions(
     )
     .fetch_all(executor)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(order_data: serde_json::Value, steps: serde_json::Value) -> SagaRow {
+        let at = DateTime::<Utc>::UNIX_EPOCH;
+        SagaRow {
+            id: Uuid::from_u128(9),
+            state: StoredState(SagaState::Running),
+            order_data,
+            saga_key: "k".into(),
+            steps,
+            failure_reason: None,
+            definition_name: "order".into(),
+            definition_version: 1,
+            version: 1,
+            created_at: at,
+            updated_at: at,
+            finished_at: None,
+            deadline_at: None,
+            db_now: None,
+        }
+    }
+
+    /// An unreadable row keeps why as its error's cause, and reads as it did when the reason
+    /// was formatted into the error: `saga ID has an unreadable COLUMN: WHY`.
+    #[test]
+    fn an_unreadable_row_keeps_its_cause_and_reads_as_before() {
+        let bad_steps = serde_json::json!("not a list");
+        let why = serde_json::from_value::<Vec<StepState>>(bad_steps.clone())
+            .expect_err("not steps")
+            .to_string();
+        let error = row(serde_json::json!({}), bad_steps.clone())
+            .readable_steps()
+            .expect_err("unreadable");
+        assert!(matches!(
+            &error,
+            Error::CorruptRow {
+                source: CorruptColumn::Json(_),
+                ..
+            }
+        ));
+        let saga_id = Uuid::from_u128(9);
+        let before = format!("saga {saga_id} has an unreadable steps: {why}");
+        assert_eq!(messaging::chain(&error), before);
+        let (saga, _) = row(serde_json::json!({}), bad_steps).into_view();
+        assert_eq!(saga.failure_reason.as_deref(), Some(before.as_str()));
+
+        let error = row(serde_json::json!([]), serde_json::json!([]))
+            .readable_steps()
+            .expect_err("not an object");
+        assert_eq!(
+            messaging::chain(&error),
+            format!(
+                "saga {saga_id} has an unreadable order_data: the trigger message is not a JSON \
+                 object"
+            )
+        );
+    }
 }

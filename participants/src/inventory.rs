@@ -6,14 +6,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use events::Line;
-use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::sdk::{Participant, Request, Step};
+use crate::sdk::{Participant, Request, Step, StepError};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/inventory");
 
@@ -81,7 +80,7 @@ impl Step for ReserveStock {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Reservation>],
-    ) -> Result<Vec<Result<(), StockRefusal>>, HandlerError> {
+    ) -> Result<Vec<Result<(), StockRefusal>>, StepError> {
         let requests: Vec<(Uuid, Uuid, BTreeMap<&str, i64>)> = requests
             .iter()
             .map(|request| {
@@ -149,7 +148,7 @@ impl Step for ReserveStock {
         &self,
         tx: &mut PgConnection,
         request: Request<'_, Release>,
-    ) -> Result<Result<(), StockRefusal>, HandlerError> {
+    ) -> Result<Result<(), StockRefusal>, StepError> {
         let order_id = request.payload.order_id;
         let released = sqlx::query!(
             "UPDATE reservations SET status = 'released', released_at = now()
@@ -340,7 +339,7 @@ fn move_all<R>(
 async fn lock_stock(
     tx: &mut PgConnection,
     skus: &[String],
-) -> Result<BTreeMap<String, i64>, HandlerError> {
+) -> Result<BTreeMap<String, i64>, StepError> {
     let rows = sqlx::query!(
         "SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
         skus,
@@ -357,7 +356,7 @@ async fn lock_stock(
 async fn write_stock(
     tx: &mut PgConnection,
     available: &BTreeMap<String, i64>,
-) -> Result<(), HandlerError> {
+) -> Result<(), StepError> {
     let (skus, left): (Vec<&String>, Vec<i64>) = available.iter().map(|(sku, n)| (sku, *n)).unzip();
     sqlx::query!(
         "UPDATE stock SET available = now_has.available
@@ -383,7 +382,7 @@ struct Allowance {
 }
 
 impl Allowance {
-    async fn lock(tx: &mut PgConnection, orders: &[Uuid]) -> Result<Self, HandlerError> {
+    async fn lock(tx: &mut PgConnection, orders: &[Uuid]) -> Result<Self, StepError> {
         if orders.is_empty() {
             return Ok(Self {
                 held: BTreeMap::new(),
@@ -471,7 +470,7 @@ impl Step for Restock {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Returned>],
-    ) -> Result<Vec<Result<(), RestockRefusal>>, HandlerError> {
+    ) -> Result<Vec<Result<(), RestockRefusal>>, StepError> {
         let requests: Vec<(Uuid, &Returned, BTreeMap<&str, i64>)> = requests
             .iter()
             .map(|request| {
@@ -554,7 +553,7 @@ impl Step for Restock {
         &self,
         tx: &mut PgConnection,
         request: Request<'_, UndoRestock>,
-    ) -> Result<Result<(), RestockRefusal>, HandlerError> {
+    ) -> Result<Result<(), RestockRefusal>, StepError> {
         let return_id = request.payload.return_id;
         // The order's reservation row first, as a restock and a release lock it: the lock
         // order is reservation, restock, stock everywhere.

@@ -6,14 +6,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use events::{Cents, Currency};
-use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::sdk::{Participant, Request, Step};
+use crate::sdk::{Participant, Request, Step, StepError};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/payment");
 
@@ -78,7 +77,7 @@ impl Step for ChargePayment {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Charge>],
-    ) -> Result<Vec<Result<(), Declined>>, HandlerError> {
+    ) -> Result<Vec<Result<(), Declined>>, StepError> {
         let charges: Vec<(Uuid, Uuid, &String, i64, &str)> = requests
             .iter()
             .map(|r| {
@@ -162,7 +161,7 @@ impl Step for ChargePayment {
         &self,
         tx: &mut PgConnection,
         request: Request<'_, Refund>,
-    ) -> Result<Result<(), Declined>, HandlerError> {
+    ) -> Result<Result<(), Declined>, StepError> {
         let order_id = request.payload.order_id;
         let refunded = sqlx::query!(
             "UPDATE payments SET status = 'refunded', refunded_at = now()
@@ -272,7 +271,7 @@ impl Step for IssueRefund {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, ReturnRefund>],
-    ) -> Result<Vec<Result<(), RefundRefused>>, HandlerError> {
+    ) -> Result<Vec<Result<(), RefundRefused>>, StepError> {
         let orders: Vec<Uuid> = requests
             .iter()
             .map(|r| r.payload.order_id)
@@ -387,7 +386,7 @@ impl Step for IssueRefund {
         &self,
         _tx: &mut PgConnection,
         _request: Request<'_, serde::de::IgnoredAny>,
-    ) -> Result<Result<(), RefundRefused>, HandlerError> {
+    ) -> Result<Result<(), RefundRefused>, StepError> {
         Ok(Ok(()))
     }
 }
@@ -397,7 +396,7 @@ impl Step for IssueRefund {
 async fn write_balances<'a>(
     tx: &mut PgConnection,
     balances: impl Iterator<Item = (&'a String, i64)>,
-) -> Result<(), HandlerError> {
+) -> Result<(), StepError> {
     let (names, now_have): (Vec<&String>, Vec<i64>) = balances.unzip();
     sqlx::query!(
         "UPDATE accounts SET balance_cents = now_has.balance

@@ -4,14 +4,13 @@
 use std::fmt;
 
 use events::{Cents, Currency, Line};
-use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::sdk::{Participant, Request, Step};
+use crate::sdk::{Participant, Request, Step, StepError};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/returns");
 
@@ -64,7 +63,7 @@ impl Step for ReceiveReturn {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Received>],
-    ) -> Result<Vec<Result<(), NeverRefused>>, HandlerError> {
+    ) -> Result<Vec<Result<(), NeverRefused>>, StepError> {
         let mut lines: Vec<(Uuid, &str, i64)> = Vec::new();
         for request in requests {
             let received = request.payload;
@@ -117,7 +116,7 @@ impl Step for ReceiveReturn {
         &self,
         tx: &mut PgConnection,
         request: Request<'_, Rejection>,
-    ) -> Result<Result<(), NeverRefused>, HandlerError> {
+    ) -> Result<Result<(), NeverRefused>, StepError> {
         sqlx::query!(
             "UPDATE returns SET status = 'rejected', rejected_at = now()
              WHERE return_id = $1 AND status = 'received'",

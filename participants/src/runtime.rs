@@ -24,11 +24,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::Utc;
 use events::{Action, Command, Envelope, Reply, Topics};
-use messaging::consumer::{DeadLetters, Handler, HandlerError, Record};
+use messaging::consumer::{Handler, HandlerError, Record};
 use messaging::db::column;
-use messaging::health::Health;
 use messaging::outbox::{Outbox, OutgoingMessage};
-use messaging::pipeline::Pipeline;
+use messaging::service::{PipelineConfig, Service};
 use messaging::{db, inbox, kafka};
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
@@ -64,23 +63,18 @@ pub(crate) async fn run(
         topics.dead_letters(),
     ];
     kafka::ensure_topics(&config.kafka, &used).await?;
-    let pipeline = Pipeline {
-        kafka: config.kafka.clone(),
-        relay: config.relay.clone(),
-        retention: config.retention.clone(),
-        schema,
-        group: config
-            .group
-            .clone()
-            .unwrap_or_else(|| format!("{}{name}", topics.prefix())),
-        topics: vec![command_topic.clone()],
-        dead_letters: DeadLetters {
-            topic: topics.dead_letters(),
-            consumer: name.into(),
+    let mut service = Service::new(name, pool, schema, shutdown);
+    let pipeline = service.pipeline(
+        PipelineConfig {
+            kafka: &config.kafka,
+            relay: &config.relay,
+            retention: &config.retention,
+            faults: &config.faults,
+            group: config.group.as_deref(),
         },
-        faults: config.faults.clone(),
-        health: Health::default(),
-    };
+        vec![command_topic.clone()],
+        topics.dead_letters(),
+    );
     tracing::info!(
         service = name,
         topic = %command_topic,
@@ -99,38 +93,62 @@ pub(crate) async fn run(
         topics,
         injected_compensation_failures: AtomicU32::new(config.fault_compensation_failures),
     };
-    let metrics_server = config.metrics_addr.map(|addr| {
-        let metrics = messaging::metrics::Metrics::install();
-        let stop = shutdown.clone();
-        let health = pipeline.health.clone();
-        tokio::spawn(async move {
-            // Metrics are for watching; a taken port must not stop the service.
-            if let Err(e) = metrics.serve(addr, health, stop).await {
-                tracing::warn!(error.message = %e, %addr, "not serving /metrics");
-            }
-        })
-    });
-    let ledger_retention = {
-        let pool = pool.clone();
-        let retention_secs = config.step_ledger_retention_secs;
-        tokio::spawn(messaging::retention::every(
-            "step ledger retention",
-            config.retention.sweep_interval(),
-            shutdown.clone(),
-            move || {
-                let pool = pool.clone();
-                async move { sweep_ledger(&pool, retention_secs).await }
-            },
-        ))
-    };
-    let result = pipeline.run(pool.clone(), handler, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = ledger_retention.await;
-    if let Some(server) = metrics_server {
-        let _ = server.await;
+    if let Some(addr) = config.metrics_addr {
+        service.serve_metrics(addr);
     }
-    pool.close().await;
-    result
+    let retention_secs = config.step_ledger_retention_secs;
+    service.sweep(
+        "step ledger retention",
+        config.retention.sweep_interval(),
+        move |pool| async move { sweep_ledger(&pool, retention_secs).await },
+    );
+    service.consume(pipeline, handler);
+    service.run().await
+}
+
+/// Why the runtime cannot take a command: its text, with its cause's, is the dead-letter
+/// reason.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("invalid command")]
+    Invalid(#[source] events::ContractError),
+    #[error(
+        "{command} is for step {step}, which {participant} does not serve (it serves {served})"
+    )]
+    StepNotServed {
+        command: String,
+        step: String,
+        participant: &'static str,
+        served: String,
+    },
+    #[error("the payload of {command} does not fit the {request} request of step {step}")]
+    PayloadMisfit {
+        command: String,
+        request: &'static str,
+        step: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The definition says the step always succeeds: the record is dead-lettered with the
+    /// reason rather than answered wrongly.
+    #[error("{command} ({action} of step {step}) was refused ({reason}), but the command names no failure reply")]
+    NoFailureReply {
+        command: String,
+        action: &'static str,
+        step: String,
+        reason: String,
+    },
+    #[error("step {step} answered {answered} of {asked} requests")]
+    ShortAnswer {
+        step: &'static str,
+        answered: usize,
+        asked: usize,
+    },
+    #[error("no answer to {command}")]
+    NoAnswer { command: String },
+    /// The claim returns every row it locks; one missing is worth another try.
+    #[error("no ledger row for {key}/{step}")]
+    NoLedgerRow { key: String, step: String },
 }
 
 struct ParticipantHandler {
@@ -205,12 +223,12 @@ impl Delivered<'_> {
 /// succeeds, so the record is dead-lettered with the reason rather than answered wrongly.
 fn refusal(command: &Command, reason: &str) -> Result<Reply, HandlerError> {
     Reply::failed(command, reason).ok_or_else(|| {
-        HandlerError::Reject(format!(
-            "{} ({} of step {}) was refused ({reason}), but the command names no failure reply",
-            command.name,
-            command.action.as_str(),
-            command.step
-        ))
+        HandlerError::reject(CommandError::NoFailureReply {
+            command: command.name.clone(),
+            action: command.action.as_str(),
+            step: command.step.clone(),
+            reason: reason.to_owned(),
+        })
     })
 }
 
@@ -234,28 +252,27 @@ impl ParticipantHandler {
     fn route(&self, command: &Command) -> Result<(usize, Decoded), HandlerError> {
         let Some(index) = self.steps.iter().position(|s| s.name() == command.step) else {
             let served: Vec<&str> = self.steps.iter().map(|s| s.name()).collect();
-            return Err(HandlerError::Reject(format!(
-                "{} is for step {}, which {} does not serve (it serves {})",
-                command.name,
-                command.step,
-                self.name,
-                served.join(", ")
-            )));
+            return Err(HandlerError::reject(CommandError::StepNotServed {
+                command: command.name.clone(),
+                step: command.step.clone(),
+                participant: self.name,
+                served: served.join(", "),
+            }));
         };
         let compensation = command.action == Action::Compensate;
         let payload = self.steps[index]
             .decode(compensation, &command.payload)
-            .map_err(|e| {
-                HandlerError::Reject(format!(
-                    "the payload of {} does not fit the {} request of step {}: {e}",
-                    command.name,
-                    if compensation {
+            .map_err(|source| {
+                HandlerError::reject(CommandError::PayloadMisfit {
+                    command: command.name.clone(),
+                    request: if compensation {
                         "compensation"
                     } else {
                         "forward"
                     },
-                    command.step
-                ))
+                    step: command.step.clone(),
+                    source,
+                })
             })?;
         Ok((index, payload))
     }
@@ -327,12 +344,11 @@ impl ParticipantHandler {
                 indexes.iter().map(|&i| commands[i].request()).collect();
             let outcomes = self.steps[step].forward_all(tx, &requests).await?;
             if outcomes.len() != requests.len() {
-                return Err(HandlerError::Reject(format!(
-                    "step {} answered {} of {} requests",
-                    self.steps[step].name(),
-                    outcomes.len(),
-                    requests.len()
-                )));
+                return Err(HandlerError::reject(CommandError::ShortAnswer {
+                    step: self.steps[step].name(),
+                    answered: outcomes.len(),
+                    asked: requests.len(),
+                }));
             }
             for (i, outcome) in indexes.into_iter().zip(outcomes) {
                 let reply = reply_for(commands[i].command(), &outcome)?;
@@ -353,6 +369,28 @@ impl ParticipantHandler {
         commands: &[Delivered<'_>],
     ) -> Result<(), HandlerError> {
         let entries = claim_ledger_entries(tx, commands).await?;
+        let answers = self.answer_all(tx, commands, entries).await?;
+        let mut writes = Vec::with_capacity(commands.len());
+        for (delivered, answer) in commands.iter().zip(answers) {
+            let Some((reply, write)) = answer else {
+                return Err(HandlerError::reject(CommandError::NoAnswer {
+                    command: delivered.command().name.clone(),
+                }));
+            };
+            writes.push((delivered.ledger_key(), write));
+            self.queue_reply(outbox, delivered, reply);
+        }
+        write_ledger(tx, &writes).await
+    }
+
+    /// Each command's answer and ledger change, as the ledger `entries` (in the commands'
+    /// order) decide: answered from the ledger, or by running the step or its compensation.
+    async fn answer_all(
+        &self,
+        tx: &mut PgConnection,
+        commands: &[Delivered<'_>],
+        entries: Vec<LedgerEntry>,
+    ) -> Result<Vec<Option<(Reply, LedgerWrite)>>, HandlerError> {
         let mut answers: Vec<Option<(Reply, LedgerWrite)>> = std::iter::repeat_with(|| None)
             .take(commands.len())
             .collect();
@@ -386,41 +424,36 @@ impl ParticipantHandler {
         }
         self.run_forwards(tx, commands, &mut forwards, &mut answers)
             .await?;
-        let mut writes = Vec::with_capacity(commands.len());
-        for (delivered, answer) in commands.iter().zip(answers) {
-            let Delivered {
-                record, envelope, ..
-            } = delivered;
-            let command = &envelope.body;
-            let Some((reply, write)) = answer else {
-                return Err(HandlerError::Reject(format!(
-                    "no answer to {}",
-                    command.name
-                )));
-            };
-            writes.push((delivered.ledger_key(), write));
-            record.span.in_scope(|| {
-                tracing::info!(
-                    saga_id = %envelope.saga_id,
-                    command = %command.name,
-                    attempt = command.attempt,
-                    reply = %reply.name,
-                    "command handled"
-                );
-                let reply = Envelope::new(
-                    envelope.saga_id,
-                    Some(envelope.message_id),
-                    Utc::now(),
-                    reply,
-                );
-                outbox.push(OutgoingMessage::new(
-                    self.topics.replies(),
-                    command.key.clone(),
-                    reply.to_json(),
-                ));
-            });
-        }
-        write_ledger(tx, &writes).await
+        Ok(answers)
+    }
+
+    /// Queues `reply` to `delivered`'s command in `outbox`, in the command's span (so that it
+    /// joins the saga's trace).
+    fn queue_reply(&self, outbox: &mut Outbox, delivered: &Delivered<'_>, reply: Reply) {
+        let Delivered {
+            record, envelope, ..
+        } = delivered;
+        let command = &envelope.body;
+        record.span.in_scope(|| {
+            tracing::info!(
+                saga_id = %envelope.saga_id,
+                command = %command.name,
+                attempt = command.attempt,
+                reply = %reply.name,
+                "command handled"
+            );
+            let reply = Envelope::new(
+                envelope.saga_id,
+                Some(envelope.message_id),
+                Utc::now(),
+                reply,
+            );
+            outbox.push(OutgoingMessage::new(
+                self.topics.replies(),
+                command.key.clone(),
+                reply.to_json(),
+            ));
+        });
     }
 }
 
@@ -436,7 +469,7 @@ impl Handler for ParticipantHandler {
         let mut commands = Vec::with_capacity(records.len());
         for record in records {
             let envelope = Envelope::<Command>::from_json(&record.payload)
-                .map_err(|e| HandlerError::Reject(format!("invalid command: {e}")))?;
+                .map_err(|e| HandlerError::reject(CommandError::Invalid(e)))?;
             record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
             let (step, payload) = self.route(&envelope.body)?;
             commands.push(Delivered {
@@ -502,7 +535,12 @@ async fn claim_ledger_entries(
             let (key, step) = c.ledger_key();
             entries
                 .remove(&(key.to_owned(), step.to_owned()))
-                .ok_or_else(|| HandlerError::Retry(format!("no ledger row for {key}/{step}")))
+                .ok_or_else(|| {
+                    HandlerError::retry(CommandError::NoLedgerRow {
+                        key: key.to_owned(),
+                        step: step.to_owned(),
+                    })
+                })
         })
         .collect()
 }
@@ -567,4 +605,86 @@ async fn write_ledger(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dead-letter reasons read as they did when each was formatted where it arose (the
+    /// texts on the right are those formats), and keep their typed cause.
+    #[test]
+    fn a_commands_reason_reads_as_before_and_keeps_its_cause() {
+        let invalid = Envelope::<Command>::from_json(b"{").expect_err("not JSON");
+        let invalid_text = invalid.to_string();
+        let misfit = serde_json::from_str::<u32>("\"three\"").expect_err("not a number");
+        let misfit_text = misfit.to_string();
+        let cases = [
+            (
+                HandlerError::reject(CommandError::Invalid(invalid)),
+                format!("invalid command: {invalid_text}"),
+            ),
+            (
+                HandlerError::reject(CommandError::StepNotServed {
+                    command: "ShipIt".into(),
+                    step: "ship".into(),
+                    participant: "inventory",
+                    served: "reserve_stock, restock".into(),
+                }),
+                format!(
+                    "{} is for step {}, which {} does not serve (it serves {})",
+                    "ShipIt", "ship", "inventory", "reserve_stock, restock"
+                ),
+            ),
+            (
+                HandlerError::reject(CommandError::PayloadMisfit {
+                    command: "ReserveStock".into(),
+                    request: "forward",
+                    step: "reserve_stock".into(),
+                    source: misfit,
+                }),
+                format!(
+                    "the payload of {} does not fit the {} request of step {}: {misfit_text}",
+                    "ReserveStock", "forward", "reserve_stock"
+                ),
+            ),
+            (
+                HandlerError::reject(CommandError::NoFailureReply {
+                    command: "ScheduleShipment".into(),
+                    action: "forward",
+                    step: "schedule_shipment".into(),
+                    reason: "no".into(),
+                }),
+                format!(
+                    "{} ({} of step {}) was refused ({}), but the command names no failure reply",
+                    "ScheduleShipment", "forward", "schedule_shipment", "no"
+                ),
+            ),
+            (
+                HandlerError::reject(CommandError::ShortAnswer {
+                    step: "reserve_stock",
+                    answered: 1,
+                    asked: 2,
+                }),
+                format!("step {} answered {} of {} requests", "reserve_stock", 1, 2),
+            ),
+            (
+                HandlerError::reject(CommandError::NoAnswer {
+                    command: "ReserveStock".into(),
+                }),
+                format!("no answer to {}", "ReserveStock"),
+            ),
+            (
+                HandlerError::retry(CommandError::NoLedgerRow {
+                    key: "k".into(),
+                    step: "s".into(),
+                }),
+                format!("no ledger row for {}/{}", "k", "s"),
+            ),
+        ];
+        for (error, before) in cases {
+            assert_eq!(error.reason(), before);
+            assert!(error.cause().downcast_ref::<CommandError>().is_some());
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! migrations, described by a [`Participant`] and run by [`main`] (a binary) or [`run`] (a test):
 //!
 //! ```ignore
-//! fn main() -> anyhow::Result<()> {
+//! fn main() -> Result<(), messaging::Report> {
 //!     participants::sdk::main("Reserves and releases stock.", |_: NoSettings| {
 //!         Participant::new("inventory", &MIGRATIONS).step(ReserveStock)
 //!     })
@@ -26,6 +26,7 @@ use std::pin::Pin;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use messaging::consumer::HandlerError;
+use messaging::BoxError;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -61,7 +62,7 @@ pub trait Step: Send + Sync + 'static {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Self::Forward>],
-    ) -> impl Future<Output = Result<Vec<Result<(), Self::Failure>>, HandlerError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Result<(), Self::Failure>>, StepError>> + Send;
 
     /// Undoes the step of `request`. Must succeed, doing nothing, when there is nothing to
     /// undo (the forward step never ran here). A `Failure` means it cannot be undone this time
@@ -70,7 +71,62 @@ pub trait Step: Send + Sync + 'static {
         &self,
         tx: &mut PgConnection,
         request: Request<'_, Self::Compensation>,
-    ) -> impl Future<Output = Result<Result<(), Self::Failure>, HandlerError>> + Send;
+    ) -> impl Future<Output = Result<Result<(), Self::Failure>, StepError>> + Send;
+}
+
+/// Why a step could not do its work this time, for a reason that is no business refusal (that
+/// is [`Step::Failure`], which the saga hears as the step's failure reply). The runtime rolls
+/// the command's transaction back and then, as the variant says, dead-letters the command,
+/// tries it again, or waits for the database. `?` on a database error sorts it as the runtime
+/// would (its `From<sqlx::Error>`).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The command can never be done (what it asks is against the step's own rules): it goes
+    /// to the dead-letter topic, with this cause as its reason.
+    #[error("rejected")]
+    Reject(#[source] BoxError),
+    /// It may pass on another try (a deadlock, a concurrent update): tried again, a bounded
+    /// number of times, then dead-lettered with this cause.
+    #[error("retryable")]
+    Retry(#[source] BoxError),
+    /// The database is unreachable or unwell: tried again for as long as that lasts, and the
+    /// participant says it is not ready meanwhile.
+    #[error("database unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+impl StepError {
+    /// [`StepError::Reject`] for `reason` (a typed error, or a text).
+    pub fn reject(reason: impl Into<BoxError>) -> Self {
+        Self::Reject(reason.into())
+    }
+
+    /// [`StepError::Retry`] for `cause`.
+    pub fn retry(cause: impl Into<BoxError>) -> Self {
+        Self::Retry(cause.into())
+    }
+}
+
+impl From<sqlx::Error> for StepError {
+    /// As the runtime sorts database errors: what the command's own data causes rejects it, a
+    /// conflict with other transactions is retried, anything else is the database unavailable
+    /// (`messaging::consumer::HandlerError`'s `From<sqlx::Error>`).
+    fn from(e: sqlx::Error) -> Self {
+        match HandlerError::from(e) {
+            HandlerError::Reject(cause) => Self::Reject(cause),
+            HandlerError::Retry(cause) => Self::Retry(cause),
+            HandlerError::Unavailable(cause) => Self::Unavailable(cause),
+        }
+    }
+}
+
+/// A step's error as the consume loop takes it: the runtime's edge.
+pub(crate) fn to_handler_error(e: StepError) -> HandlerError {
+    match e {
+        StepError::Reject(cause) => HandlerError::Reject(cause),
+        StepError::Retry(cause) => HandlerError::Retry(cause),
+        StepError::Unavailable(cause) => HandlerError::Unavailable(cause),
+    }
 }
 
 /// One command for a step: the saga it belongs to and its typed payload.
@@ -212,11 +268,12 @@ struct Cli<S: Args> {
 /// it until SIGTERM or Ctrl-C, with logs and traces.
 ///
 /// # Errors
-/// Bad settings, and whatever stops the participant ([`run`]).
+/// Bad settings, and whatever stops the participant ([`run`]); `main` prints it with its
+/// causes ([`messaging::Report`]).
 pub fn main<S: Args>(
     about: &'static str,
     build: impl FnOnce(S) -> Participant,
-) -> anyhow::Result<()> {
+) -> Result<(), messaging::Report> {
     let matches = Cli::<S>::command().about(about).get_matches();
     let cli = Cli::<S>::from_arg_matches(&matches)?;
     let participant = build(cli.settings);
@@ -233,7 +290,8 @@ pub fn main<S: Args>(
             let _telemetry = messaging::telemetry::init(participant.name);
             let shutdown = messaging::shutdown::on_signals();
             let service = run(participant, config, shutdown.clone());
-            Ok(messaging::shutdown::bounded(service, shutdown).await?)
+            messaging::shutdown::bounded(service, shutdown).await?;
+            Ok(())
         })
 }
 
@@ -279,7 +337,11 @@ pub(crate) trait ServedStep: Send + Sync {
 
     /// The payload of a forward command (`compensation` false) or a compensation as this
     /// step's typed request, or why it does not fit.
-    fn decode(&self, compensation: bool, payload: &Map<String, Value>) -> Result<Decoded, String>;
+    fn decode(
+        &self,
+        compensation: bool,
+        payload: &Map<String, Value>,
+    ) -> Result<Decoded, serde_json::Error>;
 
     fn forward_all<'a>(
         &'a self,
@@ -295,18 +357,20 @@ pub(crate) trait ServedStep: Send + Sync {
 }
 
 /// A payload decoded by another step than the one it is handed to: a bug in the runtime.
-fn misrouted(step: &str) -> HandlerError {
-    HandlerError::Reject(format!("a payload decoded for another step reached {step}"))
+#[derive(Debug, thiserror::Error)]
+#[error("a payload decoded for another step reached {step}")]
+pub(crate) struct Misrouted {
+    step: &'static str,
 }
 
 fn typed<'a, T: 'static>(
     request: &DecodedRequest<'a>,
-    step: &str,
+    step: &'static str,
 ) -> Result<Request<'a, T>, HandlerError> {
     let payload = request
         .payload
         .downcast_ref::<T>()
-        .ok_or_else(|| misrouted(step))?;
+        .ok_or_else(|| HandlerError::reject(Misrouted { step }))?;
     Ok(Request {
         saga_id: request.saga_id,
         key: request.key,
@@ -327,13 +391,16 @@ impl<S: Step> ServedStep for S {
         S::STEP
     }
 
-    fn decode(&self, compensation: bool, payload: &Map<String, Value>) -> Result<Decoded, String> {
-        let decoded: Result<Decoded, serde_json::Error> = if compensation {
+    fn decode(
+        &self,
+        compensation: bool,
+        payload: &Map<String, Value>,
+    ) -> Result<Decoded, serde_json::Error> {
+        if compensation {
             S::Compensation::deserialize(payload).map(|p| Box::new(p) as Decoded)
         } else {
             S::Forward::deserialize(payload).map(|p| Box::new(p) as Decoded)
-        };
-        decoded.map_err(|e| e.to_string())
+        }
     }
 
     fn forward_all<'a>(
@@ -346,7 +413,9 @@ impl<S: Step> ServedStep for S {
                 .iter()
                 .map(|r| typed(r, S::STEP))
                 .collect::<Result<_, _>>()?;
-            let outcomes = Step::forward_all(self, tx, &typed).await?;
+            let outcomes = Step::forward_all(self, tx, &typed)
+                .await
+                .map_err(to_handler_error)?;
             Ok(outcomes.into_iter().map(outcome).collect())
         })
     }
@@ -358,7 +427,10 @@ impl<S: Step> ServedStep for S {
     ) -> BoxFuture<'a, Result<StepOutcome, HandlerError>> {
         Box::pin(async move {
             let request = typed::<S::Compensation>(request, S::STEP)?;
-            Ok(outcome(Step::compensate(self, tx, request).await?))
+            let done = Step::compensate(self, tx, request)
+                .await
+                .map_err(to_handler_error)?;
+            Ok(outcome(done))
         })
     }
 }
@@ -389,7 +461,7 @@ mod tests {
             &self,
             _tx: &mut PgConnection,
             requests: &[Request<'_, Needs>],
-        ) -> Result<Vec<Result<(), String>>, HandlerError> {
+        ) -> Result<Vec<Result<(), String>>, StepError> {
             Ok(requests
                 .iter()
                 .map(|r| (r.payload.n > 0).then_some(()).ok_or("zero".to_owned()))
@@ -400,7 +472,7 @@ mod tests {
             &self,
             _tx: &mut PgConnection,
             _request: Request<'_, IgnoredAny>,
-        ) -> Result<Result<(), String>, HandlerError> {
+        ) -> Result<Result<(), String>, StepError> {
             Ok(Ok(()))
         }
     }
@@ -418,7 +490,7 @@ mod tests {
             &self,
             _tx: &mut PgConnection,
             requests: &[Request<'_, IgnoredAny>],
-        ) -> Result<Vec<Result<(), String>>, HandlerError> {
+        ) -> Result<Vec<Result<(), String>>, StepError> {
             Ok(requests.iter().map(|_| Ok(())).collect())
         }
 
@@ -426,7 +498,7 @@ mod tests {
             &self,
             _tx: &mut PgConnection,
             _request: Request<'_, IgnoredAny>,
-        ) -> Result<Result<(), String>, HandlerError> {
+        ) -> Result<Result<(), String>, StepError> {
             Ok(Ok(()))
         }
     }
@@ -464,6 +536,32 @@ mod tests {
     }
 
     #[test]
+    fn a_step_error_sorts_database_errors_as_the_runtime_and_keeps_its_cause() {
+        assert!(matches!(
+            StepError::from(sqlx::Error::PoolTimedOut),
+            StepError::Unavailable(_)
+        ));
+        let rejected = StepError::from(sqlx::Error::RowNotFound);
+        assert!(matches!(rejected, StepError::Reject(_)));
+        // At the runtime's edge: the same kind, the same cause, the same reason.
+        let handled = to_handler_error(rejected);
+        assert!(matches!(handled, HandlerError::Reject(_)));
+        assert!(handled
+            .cause()
+            .downcast_ref::<messaging::consumer::DatabaseRefusal>()
+            .is_some());
+        assert_eq!(
+            handled.reason(),
+            format!(
+                "database error handling the message: {}",
+                sqlx::Error::RowNotFound
+            )
+        );
+        let retried = to_handler_error(StepError::retry("a concurrent update"));
+        assert_eq!(messaging::chain(&retried), "retryable: a concurrent update");
+    }
+
+    #[test]
     fn a_payload_is_decoded_into_its_steps_request_or_refused_with_the_reason() {
         let decoded = Count
             .decode(
@@ -473,11 +571,11 @@ mod tests {
             .expect("fits, extra fields ignored");
         assert_eq!(decoded.downcast_ref::<Needs>().map(|r| r.n), Some(3));
         let missing = Count.decode(false, &Map::new()).map(|_| ());
-        assert!(missing.is_err_and(|e| e.contains("missing field `n`")));
+        assert!(missing.is_err_and(|e| e.to_string().contains("missing field `n`")));
         let wrong = Count
             .decode(false, &payload(serde_json::json!({ "n": "three" })))
             .map(|_| ());
-        assert!(wrong.is_err_and(|e| e.contains("invalid type")));
+        assert!(wrong.is_err_and(|e| e.to_string().contains("invalid type")));
         assert!(Count.decode(true, &Map::new()).is_ok());
         // A payload decoded for one step's forward request is not another's.
         let request = DecodedRequest {

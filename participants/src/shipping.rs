@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 
 use clap::Args;
 use events::{Address, LineItem};
-use messaging::consumer::HandlerError;
 use messaging::db::column;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -14,7 +13,7 @@ use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::sdk::{Participant, Request, Step};
+use crate::sdk::{Participant, Request, Step, StepError};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/shipping");
 
@@ -111,7 +110,7 @@ impl Step for ScheduleShipment {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Shipment>],
-    ) -> Result<Vec<Result<(), ShipmentRefusal>>, HandlerError> {
+    ) -> Result<Vec<Result<(), ShipmentRefusal>>, StepError> {
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut shipments = Vec::new();
         for request in requests {
@@ -152,7 +151,7 @@ impl Step for ScheduleShipment {
         &self,
         _tx: &mut PgConnection,
         _request: Request<'_, IgnoredAny>,
-    ) -> Result<Result<(), ShipmentRefusal>, HandlerError> {
+    ) -> Result<Result<(), ShipmentRefusal>, StepError> {
         Ok(Err(ShipmentRefusal::NoCompensation))
     }
 }

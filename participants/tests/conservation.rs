@@ -288,7 +288,7 @@ impl World<'_> {
         ops: &[Op],
     ) -> Result<Vec<Result<(), String>>, String> {
         let saga_id = Uuid::from_u128(1);
-        let err = |e: messaging::consumer::HandlerError| format!("{e:?}");
+        let err = |e: participants::sdk::StepError| format!("{e:?}");
         let Some(first) = ops.first() else {
             return Ok(Vec::new());
         };
@@ -385,7 +385,7 @@ impl World<'_> {
         tx: &mut PgConnection,
         op: Op,
     ) -> Result<Result<(), String>, String> {
-        let err = |e: messaging::consumer::HandlerError| format!("{e:?}");
+        let err = |e: participants::sdk::StepError| format!("{e:?}");
         let (_, (key, _)) = ledger_key(self, op).ok_or("a return op without returns")?;
         let key_text = key.to_string();
         fn request<'a, T>(key: &'a str, payload: &'a T) -> Request<'a, T> {

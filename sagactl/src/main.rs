@@ -81,11 +81,16 @@ struct DeleteTopicsArgs {
     kafka: messaging::config::KafkaConnection,
 }
 
+/// Ends with the error that stopped the command, printed once with its causes.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> Result<(), messaging::Report> {
     let cli = Cli::parse();
     let _telemetry = messaging::telemetry::init_tool("sagactl");
-    match cli.command {
+    Ok(run(cli.command).await?)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Order(args) => ops::order(args).await,
         Command::Return(args) => ops::request_return(args).await,
         Command::Watch(args) => ops::watch(args).await,

@@ -279,7 +279,7 @@ async fn watch_once(http: &reqwest::Client, url: &str, tally: &StreamTally) {
         .await
     {
         Ok(response) => response,
-        Err(e) => return tally.error(request_error_kind(&e), &chain(&e)),
+        Err(e) => return tally.error(request_error_kind(&e), &messaging::chain(&e)),
     };
     match response.status() {
         StatusCode::OK => {}
@@ -314,7 +314,7 @@ async fn watch_once(http: &reqwest::Client, url: &str, tally: &StreamTally) {
                 tally.ended.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(e) => return tally.error(request_error_kind(&e), &chain(&e)),
+            Err(e) => return tally.error(request_error_kind(&e), &messaging::chain(&e)),
         }
     }
 }
@@ -353,10 +353,10 @@ async fn tab_request(http: &reqwest::Client, url: &str, query: &[(&str, &str)], 
                     format!("http_{}", status.as_u16()),
                     String::from_utf8_lossy(&body).into_owned(),
                 )),
-                Err(e) => Err((request_error_kind(&e), chain(&e))),
+                Err(e) => Err((request_error_kind(&e), messaging::chain(&e))),
             }
         }
-        Err(e) => Err((request_error_kind(&e), chain(&e))),
+        Err(e) => Err((request_error_kind(&e), messaging::chain(&e))),
     };
     let took = asked.elapsed();
     let mut endpoint = lock(&tally.inner);
@@ -385,19 +385,6 @@ fn request_error_kind(e: &reqwest::Error) -> String {
         "other"
     };
     kind.into()
-}
-
-/// An error and its causes, on one line (reqwest's own message leaves out the cause, such as
-/// "Too many open files").
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn stop_signal(duration: Option<Duration>) -> anyhow::Result<&'static str> {

@@ -147,12 +147,12 @@ pub(super) async fn place_order(
         .send(&topic, &record_key, &payload, record_headers)
         .await
     {
-        tracing::warn!(error.message = %e, order_id = %order.order_id, "publishing OrderPlaced failed");
+        tracing::warn!(error.message = %messaging::Chain(&e), order_id = %order.order_id, "publishing OrderPlaced failed");
         // The record may still be written; a retry with the same key (or this order id)
         // publishes the same order, which the orchestrator starts once.
         if let Some(key) = &key {
             if let Err(e) = idempotency::release(&state.pool, &caller.name, key).await {
-                tracing::warn!(error.message = %e, "giving an idempotency key back failed; it passes with its lease");
+                tracing::warn!(error.message = %messaging::Chain(&e), "giving an idempotency key back failed; it passes with its lease");
             }
         }
         let body = json!({ "error": {
@@ -174,7 +174,7 @@ pub(super) async fn place_order(
         if let Err(e) = stored {
             // The order went out; a retry before the lease passes gets 409, after it the same
             // order id published again (one saga).
-            tracing::warn!(error.message = %e, "storing an idempotency key's answer failed");
+            tracing::warn!(error.message = %messaging::Chain(&e), "storing an idempotency key's answer failed");
         }
     }
     Ok((
@@ -309,11 +309,11 @@ async fn movable_saga(
     saga_id: Uuid,
 ) -> Result<(Saga, i64, DateTime<Utc>, Arc<SagaDefinition>), ApiError> {
     let internal = |e: crate::Error| ApiError::internal(&e);
-    let cannot_move = |e: &dyn std::fmt::Display| {
+    let cannot_move = |e: &(dyn std::error::Error + 'static)| {
         ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
-            format!("saga {saga_id} cannot move: {e}"),
+            format!("saga {saga_id} cannot move: {}", messaging::chain(e)),
         )
     };
     let (saga, version, now) = store::load_for_update(&mut *tx, saga_id)

@@ -202,7 +202,7 @@ pub async fn reload_tokens(
             _ = shutdown.cancelled() => return,
         }
         let failure = match read_token_file(&path) {
-            Err(e) => e.to_string(),
+            Err(e) => messaging::chain(&e),
             Ok(text) if in_force.as_deref() == Some(text.as_str()) => {
                 metrics::gauge!(TOKENS_STALE, "file" => file.clone()).set(0.0);
                 continue;
@@ -226,7 +226,7 @@ pub async fn reload_tokens(
                     in_force = Some(text);
                     continue;
                 }
-                Err(e) => format!("{}: {e}", path.display()),
+                Err(e) => format!("{}: {}", path.display(), messaging::chain(&e)),
             },
         };
         metrics::counter!(TOKEN_RELOAD_FAILURES, "file" => file.clone()).increment(1);

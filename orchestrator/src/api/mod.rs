@@ -224,7 +224,7 @@ impl ApiError {
                 "the API is busy; try again shortly",
             );
         }
-        tracing::error!(error.message = %e, "request failed");
+        tracing::error!(error.message = %messaging::Chain(e), "request failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -407,7 +407,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
         Ok(_) => Json(json!({ "status": "ok" })).into_response(),
         Err(e) => {
-            tracing::warn!(error.message = %e, "health check: database unreachable");
+            tracing::warn!(error.message = %messaging::Chain(&e), "health check: database unreachable");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

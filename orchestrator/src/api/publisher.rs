@@ -93,7 +93,7 @@ impl OrderPublisher {
                 Ok(None) if !same_producer(&current, &producer) => Some(current.clone()),
                 Ok(None) => None,
                 Err(e) => {
-                    tracing::error!(error.message = %e, "replacing the order producer failed");
+                    tracing::error!(error.message = %messaging::Chain(&e), "replacing the order producer failed");
                     None
                 }
             }

@@ -181,7 +181,7 @@ impl WatchFeed {
                 _ = shutdown.cancelled() => return,
             }
             if let Err(e) = self.look().await {
-                tracing::warn!(error.message = %e, "watch feed: reading changes failed");
+                tracing::warn!(error.message = %messaging::Chain(&e), "watch feed: reading changes failed");
             }
         }
     }
@@ -352,7 +352,7 @@ async fn stream_saga(
                         // Removed by retention while watched: nothing more will happen to it.
                         Ok(None) => return,
                         Err(e) => {
-                            tracing::warn!(error.message = %e, %saga_id, "watch: catching up failed");
+                            tracing::warn!(error.message = %messaging::Chain(&e), %saga_id, "watch: catching up failed");
                             let _ = send_json(&events, "error", &json!({ "error": {
                                 "code": "internal", "message": "reading the saga failed; reconnect"
                             } })).await;

@@ -366,6 +366,30 @@ async fn without_tokens_the_service_refuses_to_start_unless_told_to_run_open_on_
     assert!(!ok && !text.contains("no API tokens"), "{text}");
 }
 
+/// The error that stops the binary is printed once, with each of its causes once: an
+/// unreadable token file says which file, then why, and the why is not repeated under it.
+#[tokio::test]
+async fn a_start_up_error_prints_each_cause_once() {
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let missing = std::env::temp_dir().join(format!("no-tokens-{}", uuid::Uuid::new_v4()));
+    let (ok, text) = start_binary(&[
+        ("HTTP_ADDR", &free_port.to_string()),
+        ("API_TOKENS_FILE", &missing.display().to_string()),
+    ])
+    .await
+    .expect("it stops at once");
+    assert!(!ok, "{text}");
+    let file = format!("cannot read the API token file {}", missing.display());
+    assert_eq!(text.matches(&file).count(), 1, "{text}");
+    assert_eq!(
+        text.matches("No such file or directory").count(),
+        1,
+        "the cause once: {text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_on_loopback_needs_no_token_and_records_the_operator_as_loopback() {
     let (system, saga_id) = start_with_a_saga_waiting_on_payment(ApiConfig {

@@ -4,9 +4,8 @@
 
 use std::convert::Infallible;
 
-use messaging::consumer::HandlerError;
 use messaging::db::column;
-use participants::sdk::{Participant, Request, Step};
+use participants::sdk::{Participant, Request, Step, StepError};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use sqlx::migrate::Migrator;
@@ -41,7 +40,7 @@ impl Step for LoyaltyPoints {
         &self,
         tx: &mut PgConnection,
         requests: &[Request<'_, Award>],
-    ) -> Result<Vec<Result<(), Infallible>>, HandlerError> {
+    ) -> Result<Vec<Result<(), Infallible>>, StepError> {
         sqlx::query(
             "INSERT INTO points_awarded (saga_key, customer_id, points) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
@@ -58,7 +57,7 @@ impl Step for LoyaltyPoints {
         &self,
         tx: &mut PgConnection,
         request: Request<'_, IgnoredAny>,
-    ) -> Result<Result<(), Infallible>, HandlerError> {
+    ) -> Result<Result<(), Infallible>, StepError> {
         // Nothing awarded (the step never ran here): nothing to take back.
         sqlx::query("DELETE FROM points_awarded WHERE saga_key = $1")
             .bind(request.key)

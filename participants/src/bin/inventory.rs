@@ -1,7 +1,7 @@
 //! The inventory participant.
 use participants::sdk::NoSettings;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> Result<(), messaging::Report> {
     participants::sdk::main(
         "Reserves and releases stock for order sagas.",
         |_: NoSettings| participants::inventory::participant(),

@@ -1,7 +1,7 @@
 //! The shipping participant.
 use participants::shipping::ShippingConfig;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> Result<(), messaging::Report> {
     participants::sdk::main(
         "Schedules shipments for order sagas.",
         |settings: ShippingConfig| participants::shipping::participant(&settings),

@@ -1,0 +1,173 @@
+//! The service builder: what the orchestrator and every participant run the same way, under
+//! one [`Supervisor`].
+//!
+//! A service opens its pool ([`crate::db::open`]), makes a [`Service`], and adds its parts:
+//! its message [`Pipeline`] ([`Service::pipeline`] builds it with the shared defaults, and
+//! [`Service::consume`] runs it: consumer with its stall check, relay, inbox retention, outbox
+//! sampler), its own retention sweeps ([`Service::sweep`]), `/metrics` and `/healthz`
+//! ([`Service::serve_metrics`]) and whatever else it runs ([`Service::spawn`]: the
+//! orchestrator's HTTP servers, its deadline scanner). [`Service::run`] then waits: the first
+//! part that fails stops the others through the shutdown token, as a stop signal does, and the
+//! pool is closed once every part has ended.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
+use crate::consumer::{DeadLetters, Handler};
+use crate::health::Health;
+use crate::pipeline::Pipeline;
+use crate::supervisor::Supervisor;
+
+/// The settings every service's pipeline takes from its configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineConfig<'a> {
+    pub kafka: &'a KafkaConfig,
+    pub relay: &'a RelayConfig,
+    pub retention: &'a RetentionConfig,
+    pub faults: &'a FaultConfig,
+    /// The consumer group; default `{TOPIC_PREFIX}{service}`.
+    pub group: Option<&'a str>,
+}
+
+/// A service being assembled, then run (see the module header).
+pub struct Service<E> {
+    name: &'static str,
+    pool: PgPool,
+    schema: String,
+    health: Health,
+    supervisor: Supervisor<E>,
+}
+
+impl<E> Service<E>
+where
+    E: std::error::Error + From<crate::Error> + Send + 'static,
+{
+    /// The service `name` (its consumer group's default name and its dead letters' signature),
+    /// whose pool works in `schema`, running until `shutdown` is cancelled.
+    pub fn new(
+        name: &'static str,
+        pool: PgPool,
+        schema: String,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            name,
+            pool,
+            schema,
+            health: Health::default(),
+            supervisor: Supervisor::new(shutdown),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether the database works, as the consume loop finds it, for `/healthz`.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The token every part watches.
+    pub fn shutdown(&self) -> &CancellationToken {
+        self.supervisor.shutdown()
+    }
+
+    /// The service's pipeline: it consumes `topics` in its group, dead-letters to
+    /// `dead_letter_topic` signed with the service's name, relays the outbox of its schema.
+    pub fn pipeline(
+        &self,
+        config: PipelineConfig<'_>,
+        topics: Vec<String>,
+        dead_letter_topic: String,
+    ) -> Pipeline {
+        Pipeline {
+            kafka: config.kafka.clone(),
+            relay: config.relay.clone(),
+            retention: config.retention.clone(),
+            schema: self.schema.clone(),
+            group: config.group.map_or_else(
+                || format!("{}{}", config.kafka.topic_prefix, self.name),
+                str::to_owned,
+            ),
+            topics,
+            dead_letters: DeadLetters {
+                topic: dead_letter_topic,
+                consumer: self.name.into(),
+            },
+            faults: config.faults.clone(),
+            health: self.health.clone(),
+        }
+    }
+
+    /// Runs `pipeline` with `handler` until shutdown.
+    pub fn consume<H: Handler + 'static>(&mut self, pipeline: Pipeline, handler: H) {
+        let pool = self.pool.clone();
+        let shutdown = self.shutdown().clone();
+        self.supervisor.spawn("message pipeline", async move {
+            Ok(pipeline.run(pool, handler, shutdown).await?)
+        });
+    }
+
+    /// Runs `sweep` on the service's pool every `interval` (and again at once after a full
+    /// batch: [`crate::retention::every`]) until shutdown; `what` names it in the logs.
+    pub fn sweep<F, Fut>(&mut self, what: &'static str, interval: Duration, sweep: F)
+    where
+        F: Fn(PgPool) -> Fut + Send + 'static,
+        Fut: Future<Output = sqlx::Result<u64>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let stop = self.shutdown().clone();
+        self.supervisor.spawn_infallible(
+            what,
+            crate::retention::every(what, interval, stop, move || sweep(pool.clone())),
+        );
+    }
+
+    /// Serves `/metrics` and `/healthz` on `addr` until shutdown. Metrics are for watching:
+    /// a taken port is logged and the service runs on without them.
+    pub fn serve_metrics(&mut self, addr: SocketAddr) {
+        let metrics = crate::metrics::Metrics::install();
+        let health = self.health.clone();
+        let stop = self.shutdown().clone();
+        self.supervisor.spawn_infallible("metrics server", async move {
+            if let Err(e) = metrics.serve(addr, health, stop.clone()).await {
+                tracing::warn!(error.message = %crate::Chain(&e), %addr, "not serving /metrics");
+                stop.cancelled().await;
+            }
+        });
+    }
+
+    /// Runs `task` as `name` until shutdown: an error, a panic or an end before shutdown
+    /// stops the service.
+    pub fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        self.supervisor.spawn(name, task);
+    }
+
+    /// Runs `task`, which cannot fail, as `name` until shutdown: a panic or an end before
+    /// shutdown stops the service.
+    pub fn spawn_infallible<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.supervisor.spawn_infallible(name, task);
+    }
+
+    /// Runs every part until shutdown or the first failure, then closes the pool.
+    ///
+    /// # Errors
+    /// The first part's failure ([`Supervisor::wait`]).
+    pub async fn run(self) -> Result<(), E> {
+        let ended = self.supervisor.wait().await;
+        self.pool.close().await;
+        ended
+    }
+}
