@@ -278,105 +278,20 @@ impl Step for IssueRefund {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let charges = sqlx::query!(
-            "SELECT order_id, customer_id, amount_cents, currency FROM payments
-             WHERE order_id = ANY($1) AND status = 'charged' ORDER BY order_id FOR UPDATE",
-            &orders,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        // Read after the charges are locked (a statement of its own, so it sees a refund of
-        // another transaction that committed while this one waited for the locks).
-        let refunded: BTreeMap<Uuid, i64> = sqlx::query!(
-            r#"SELECT order_id, sum(amount_cents)::bigint AS "refunded!" FROM return_refunds
-               WHERE order_id = ANY($1) GROUP BY order_id"#,
-            &orders,
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|row| (row.order_id, row.refunded))
-        .collect();
-        // Per order: (customer, currency, what is left of the charge).
-        let mut left: BTreeMap<Uuid, (String, String, i64)> = charges
-            .into_iter()
-            .map(|charge| {
-                let back = refunded.get(&charge.order_id).copied().unwrap_or(0);
-                let rest = charge.amount_cents - back;
-                (charge.order_id, (charge.customer_id, charge.currency, rest))
-            })
-            .collect();
-        let customers: Vec<&str> = left
+        let mut charges = refundable_charges(tx, &orders).await?;
+        let customers: Vec<&str> = charges
             .values()
-            .map(|(customer, _, _)| customer.as_str())
+            .map(|charge| charge.customer_id.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        // The accounts the refunds credit, locked in customer order like the charges'.
-        let rows = sqlx::query!(
-            "SELECT customer_id, balance_cents FROM accounts
-             WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
-            &customers as &[&str],
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut balances: BTreeMap<String, i64> = rows
-            .into_iter()
-            .map(|row| (row.customer_id, row.balance_cents))
-            .collect();
-        let mut outcomes = Vec::with_capacity(requests.len());
-        let mut refunds = Vec::new();
-        for request in requests {
-            let refund = request.payload;
-            let amount = refund.amount_cents.get();
-            let outcome = match left.get_mut(&refund.order_id) {
-                None => Err(RefundRefused::NoCharge {
-                    order_id: refund.order_id,
-                }),
-                Some((customer, _, _)) if *customer != refund.customer_id => {
-                    Err(RefundRefused::OtherCustomer {
-                        order_id: refund.order_id,
-                    })
-                }
-                Some((_, currency, _)) if currency != refund.currency.as_str() => {
-                    Err(RefundRefused::OtherCurrency {
-                        charged: currency.clone(),
-                        refund: refund.currency.as_str().to_owned(),
-                    })
-                }
-                Some((_, _, rest)) if *rest < amount => Err(RefundRefused::MoreThanCharged {
-                    amount,
-                    left: *rest,
-                }),
-                Some((customer, _, rest)) => {
-                    *rest -= amount;
-                    if let Some(balance) = balances.get_mut(customer.as_str()) {
-                        *balance += amount;
-                    }
-                    refunds.push((request.saga_id, refund));
-                    Ok(())
-                }
-            };
-            outcomes.push(outcome);
-        }
+        let mut balances = locked_balances(tx, &customers).await?;
+        let (outcomes, refunds) = refund_in_order(requests, &mut charges, &mut balances);
         if refunds.is_empty() {
             return Ok(outcomes);
         }
         write_balances(tx, balances.iter().map(|(customer, n)| (customer, *n))).await?;
-        sqlx::query!(
-            "INSERT INTO return_refunds (return_id, saga_id, order_id, customer_id, amount_cents,
-                                         currency)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[],
-                                  $6::text[])",
-            &column(&refunds, |(_, r)| r.return_id),
-            &column(&refunds, |(saga_id, _)| *saga_id),
-            &column(&refunds, |(_, r)| r.order_id),
-            &column(&refunds, |(_, r)| r.customer_id.as_str()) as &[&str],
-            &column(&refunds, |(_, r)| r.amount_cents.get()),
-            &column(&refunds, |(_, r)| r.currency.as_str()) as &[&str],
-        )
-        .execute(&mut *tx)
-        .await?;
+        insert_refunds(tx, &refunds).await?;
         Ok(outcomes)
     }
 
@@ -393,6 +308,142 @@ impl Step for IssueRefund {
 
 /// Writes the balances (customer, balance) of account rows the transaction has locked, where
 /// they changed.
+/// A refund granted: the saga that asked, and what it asked.
+type TakenRefund<'r> = (Uuid, &'r ReturnRefund);
+
+/// What is left to refund of an order's charge, and whose it is.
+struct RefundableCharge {
+    customer_id: String,
+    currency: String,
+    left_cents: i64,
+}
+
+/// The charges of `orders`, locked (in order id order, like every other locker of them), with
+/// what their refunds so far left of each.
+async fn refundable_charges(
+    tx: &mut PgConnection,
+    orders: &[Uuid],
+) -> Result<BTreeMap<Uuid, RefundableCharge>, sqlx::Error> {
+    let charges = sqlx::query!(
+        "SELECT order_id, customer_id, amount_cents, currency FROM payments
+             WHERE order_id = ANY($1) AND status = 'charged' ORDER BY order_id FOR UPDATE",
+        orders,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    // Read after the charges are locked (a statement of its own, so it sees a refund of
+    // another transaction that committed while this one waited for the locks).
+    let refunded: BTreeMap<Uuid, i64> = sqlx::query!(
+        r#"SELECT order_id, sum(amount_cents)::bigint AS "refunded!" FROM return_refunds
+               WHERE order_id = ANY($1) GROUP BY order_id"#,
+        orders,
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|row| (row.order_id, row.refunded))
+    .collect();
+    Ok(charges
+        .into_iter()
+        .map(|charge| {
+            let back = refunded.get(&charge.order_id).copied().unwrap_or(0);
+            let refundable = RefundableCharge {
+                customer_id: charge.customer_id,
+                currency: charge.currency,
+                left_cents: charge.amount_cents - back,
+            };
+            (charge.order_id, refundable)
+        })
+        .collect())
+}
+
+/// The balances of `customers`' accounts, locked in customer order like the charges'.
+async fn locked_balances(
+    tx: &mut PgConnection,
+    customers: &[&str],
+) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+    let rows = sqlx::query!(
+        "SELECT customer_id, balance_cents FROM accounts
+             WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
+        customers as &[&str],
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.customer_id, row.balance_cents))
+        .collect())
+}
+
+/// Decides each refund of `requests` in their order, in memory: refused when its order has no
+/// charge, is another customer's or in another currency, or has less left than it asks;
+/// otherwise taken from what is left and credited to the balance. The outcomes, and the
+/// refunds to write with the saga of each.
+fn refund_in_order<'r>(
+    requests: &'r [Request<'_, ReturnRefund>],
+    charges: &mut BTreeMap<Uuid, RefundableCharge>,
+    balances: &mut BTreeMap<String, i64>,
+) -> (Vec<Result<(), RefundRefused>>, Vec<TakenRefund<'r>>) {
+    let mut outcomes = Vec::with_capacity(requests.len());
+    let mut refunds = Vec::new();
+    for request in requests {
+        let refund = request.payload;
+        let amount = refund.amount_cents.get();
+        let outcome = match charges.get_mut(&refund.order_id) {
+            None => Err(RefundRefused::NoCharge {
+                order_id: refund.order_id,
+            }),
+            Some(charge) if charge.customer_id != refund.customer_id => {
+                Err(RefundRefused::OtherCustomer {
+                    order_id: refund.order_id,
+                })
+            }
+            Some(charge) if charge.currency != refund.currency.as_str() => {
+                Err(RefundRefused::OtherCurrency {
+                    charged: charge.currency.clone(),
+                    refund: refund.currency.as_str().to_owned(),
+                })
+            }
+            Some(charge) if charge.left_cents < amount => Err(RefundRefused::MoreThanCharged {
+                amount,
+                left: charge.left_cents,
+            }),
+            Some(charge) => {
+                charge.left_cents -= amount;
+                if let Some(balance) = balances.get_mut(charge.customer_id.as_str()) {
+                    *balance += amount;
+                }
+                refunds.push((request.saga_id, refund));
+                Ok(())
+            }
+        };
+        outcomes.push(outcome);
+    }
+    (outcomes, refunds)
+}
+
+/// Writes the refunds taken, each with its saga.
+async fn insert_refunds(
+    tx: &mut PgConnection,
+    refunds: &[TakenRefund<'_>],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "INSERT INTO return_refunds (return_id, saga_id, order_id, customer_id, amount_cents,
+                                         currency)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[],
+                                  $6::text[])",
+        &column(refunds, |(_, r)| r.return_id),
+        &column(refunds, |(saga_id, _)| *saga_id),
+        &column(refunds, |(_, r)| r.order_id),
+        &column(refunds, |(_, r)| r.customer_id.as_str()) as &[&str],
+        &column(refunds, |(_, r)| r.amount_cents.get()),
+        &column(refunds, |(_, r)| r.currency.as_str()) as &[&str],
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 async fn write_balances<'a>(
     tx: &mut PgConnection,
     balances: impl Iterator<Item = (&'a String, i64)>,
