@@ -56,15 +56,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# cargo-fuzz builds with one codegen unit: the fastest fuzzing, and the slowest build (about
-# 6.5 minutes for the dependencies on two cores). A short run spends more time building than
-# fuzzing, so it splits each crate in 16 (FUZZ_CODEGEN_UNITS overrides); a long one keeps 1.
-# `run` takes the same flags, or it would build again.
-if ((seconds <= 60)); then units="${FUZZ_CODEGEN_UNITS:-16}"; else units="${FUZZ_CODEGEN_UNITS:-1}"; fi
-build_flags=(--codegen-units "$units")
-
-echo "fuzz: building ${#targets[@]} targets (${toolchain}, $units codegen units)" >&2
-"${fuzz[@]}" build "${build_flags[@]}"
+echo "fuzz: building ${#targets[@]} targets (${toolchain})" >&2
+"${fuzz[@]}" build
 
 # fuzz_one TARGET: runs TARGET for $seconds; its summary line goes to $scratch/TARGET.summary,
 # and $scratch/TARGET.crashed exists when it crashed.
@@ -81,7 +74,7 @@ fuzz_one() {
   echo "fuzz: $target for ${seconds}s" >&2
   started=$SECONDS
   # -timeout: one input running 10 s counts as a hang; -rss_limit_mb: and 2 GB as a leak.
-  if "${fuzz[@]}" run "${build_flags[@]}" "$target" "${corpus[@]}" -- \
+  if "${fuzz[@]}" run "$target" "${corpus[@]}" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
     -dict=fuzz/dict/json.dict -print_final_stats=1 >"$log" 2>&1; then
     verdict=ok
