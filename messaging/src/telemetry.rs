@@ -18,6 +18,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -67,16 +68,15 @@ fn install(service: &str, output: LogOutput) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let fmt = match (json, output) {
-        (true, LogOutput::Stdout) => tracing_subscriber::fmt::layer().json().boxed(),
-        (true, LogOutput::Stderr) => tracing_subscriber::fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-            .boxed(),
-        (false, LogOutput::Stdout) => tracing_subscriber::fmt::layer().boxed(),
-        (false, LogOutput::Stderr) => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
+    let writer = match output {
+        LogOutput::Stdout => BoxMakeWriter::new(std::io::stdout),
+        LogOutput::Stderr => BoxMakeWriter::new(std::io::stderr),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = if json {
+        fmt.json().boxed()
+    } else {
+        fmt.boxed()
     };
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("saga-engine"));
     let _already_set = tracing_subscriber::registry()
