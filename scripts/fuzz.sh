@@ -4,6 +4,8 @@
 # one line per target: seconds, executions, corpus size.
 #
 #   scripts/fuzz.sh [seconds-per-target]        (default 30)
+#   scripts/fuzz.sh --build                     (only build the targets: scripts/test.sh builds
+#                                                them while other phases run)
 #
 # cargo-fuzz is installed when missing. It needs nightly compiler flags: the `nightly` toolchain
 # when rustup has it, else the default toolchain with RUSTC_BOOTSTRAP=1 (FUZZ_BOOTSTRAP=1
@@ -19,8 +21,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
 
 seconds="${1:-30}"
-if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 [seconds-per-target]" >&2
+build_only=0
+if [[ $seconds == --build ]]; then
+  build_only=1
+elif ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [seconds-per-target] | $0 --build" >&2
   exit 2
 fi
 
@@ -57,7 +62,14 @@ cleanup() {
 trap cleanup EXIT
 
 echo "fuzz: building ${#targets[@]} targets (${toolchain})" >&2
+started=$SECONDS
 "${fuzz[@]}" build
+echo "fuzz: built in $((SECONDS - started)) s" >&2
+if ((build_only)); then
+  trap - EXIT
+  rm -rf "$scratch"
+  exit 0
+fi
 
 # fuzz_one TARGET: runs TARGET for $seconds; its summary line goes to $scratch/TARGET.summary,
 # and $scratch/TARGET.crashed exists when it crashed.

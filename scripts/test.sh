@@ -29,7 +29,14 @@ phase() {
 
 start_dependencies
 STARTED_CLUSTER=0
+# What runs in the background (see below) and is stopped when the suite ends early: the
+# fuzzers' build and the API test. (The cluster's shutdown, also in the background, is waited
+# for.)
+background=()
 cleanup() {
+  local pid
+  for pid in "${background[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
   if [[ $STARTED_BROKER == 1 ]]; then BROKER_ADDR="$KAFKA_BROKERS" scripts/broker.sh stop; fi
   if [[ $STARTED_CLUSTER == 1 ]]; then BROKER_NODES=3 scripts/broker.sh stop; fi
   phase "done"
@@ -43,13 +50,24 @@ trap cleanup EXIT
 phase "the workspace's tests"
 cargo test --workspace --locked "$@" -- --test-threads=4
 
+# The fuzzers' instrumented build (about N s on two idle cores) runs in the background at the
+# lowest CPU priority while the three-node cluster's phases mostly wait on the cluster; the
+# fuzzers run once those are done. Its output: target/artifacts/fuzz-build.log.
+mkdir -p target/artifacts
+set -m # each background job in a process group of its own, which cleanup can stop whole
+nice -n 19 scripts/fuzz.sh --build >target/artifacts/fuzz-build.log 2>&1 &
+fuzz_build=$!
+background+=("$fuzz_build")
+set +m
+
 # The secured three-node cluster (TLS, SASL, mutual TLS, ACLs, replication 3; started here
-# unless it runs, about 15 s, and stopped at the end): the chaos suite on it, then the security
+# unless it runs, about 15 s, and stopped after the security tests): the chaos suite on it, then the security
 # tests
 # (sagactl/tests/secured_kafka.rs, ignored without SECURED_KAFKA_DIR) provision a topic prefix
 # of their own, check what each identity may not do and every way of authenticating, and run
 # every service (this build's binaries) with its own identity through an order (about 25 s).
 phase "the three-node cluster"
+# A no-op after the tests' build (messaging/Cargo.toml: the same features for both).
 cargo build --workspace --locked --bins
 if ! BROKER_NODES=3 scripts/broker.sh running; then
   BROKER_NODES=3 scripts/broker.sh start
@@ -83,11 +101,23 @@ SECURED_KAFKA_DIR="$ROOT/.run/cluster" cargo test -p sagactl --locked --test sec
 # Their topics (prefix secured-*), so that runs do not pile up partitions on the cluster.
 (source .run/cluster/cluster.env && target/debug/sagactl delete-topics --prefix secured- \
   --kafka-brokers "$KAFKA_BROKERS" --kafka-client-properties .run/cluster/clients/admin.properties)
+# Nothing else needs the cluster: a cluster started here shuts down (a minute: each node waits
+# for the others) in the background while the fuzzers run.
+if [[ $STARTED_CLUSTER == 1 ]]; then
+  BROKER_NODES=3 scripts/broker.sh stop >/dev/null 2>&1 &
+  STARTED_CLUSTER=0
+fi
 
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
 # scripts/fuzz.sh 840 (see its header).
 phase "the fuzzers"
+if ! wait "$fuzz_build"; then
+  cat target/artifacts/fuzz-build.log >&2
+  echo "test.sh: the fuzzers' build failed" >&2
+  exit 1
+fi
+grep '^fuzz: built' target/artifacts/fuzz-build.log >&2 || true
 scripts/fuzz.sh 20
 
 # The chaos suite, short (about 2 minutes; 90 s more when something wedges): 600 sagas over
@@ -109,19 +139,31 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
   --topic-delete-every-ms 12000 --topic-down-ms 3000 \
   --settle-timeout-secs 90
 
-# The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
-# missing) against the services as processes; screenshots go to target/artifacts/.
-phase "the page in Chromium"
-scripts/browser-test.sh
-
+# The last three share the machine, each with a database, a topic prefix and ports of its own:
+# Schemathesis in the background (its log is printed when it ends), the page test and the
+# benchmark's smoke run meanwhile.
+phase "the page in Chromium, Schemathesis and the benchmark's smoke run"
 # The HTTP API against its OpenAPI document: Schemathesis (from PyPI, pinned, installed on first
 # use) sends generated requests to an orchestrator of its own, with a token of every role, and
-# fails on any 5xx or any answer the document does not allow (about a minute).
-phase "Schemathesis"
-scripts/api-test.sh
+# fails on any 5xx or any answer the document does not allow (about a minute and a half).
+set -m
+scripts/api-test.sh >target/artifacts/api-test.log 2>&1 &
+api_test=$!
+background+=("$api_test")
+set +m
+
+# The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
+# missing) against the services as processes; screenshots go to target/artifacts/.
+scripts/browser-test.sh
 
 # A smoke run of the benchmark, so that its command cannot rot: a few seconds, debug build.
-phase "the benchmark's smoke run"
-mkdir -p target/artifacts
 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
   --warmup-secs 0 --json target/artifacts/bench-smoke.json
+
+api_status=0
+wait "$api_test" || api_status=$?
+cat target/artifacts/api-test.log >&2
+if ((api_status != 0)); then
+  echo "test.sh: Schemathesis failed (exit $api_status)" >&2
+  exit "$api_status"
+fi
