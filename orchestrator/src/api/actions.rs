@@ -57,18 +57,7 @@ pub(super) async fn place_order(
     body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body?;
-    let key = match headers.get(IDEMPOTENCY_KEY) {
-        None => None,
-        Some(value) => match value.to_str() {
-            Ok(key) if idempotency::valid_key(key) => Some(key.to_owned()),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "`Idempotency-Key` must be 1 to {} visible ASCII characters",
-                    idempotency::MAX_KEY_CHARS
-                )))
-            }
-        },
-    };
+    let key = idempotency_key(&headers)?;
     // The request as parsed, not its bytes: the same order sent again with other spacing or
     // field order is the same request.
     let request_json =
@@ -105,17 +94,7 @@ pub(super) async fn place_order(
         .map_err(|e| ApiError::internal(&e.into()))?;
         match reserved {
             Reservation::Publish { order_id } => order.order_id = order_id,
-            Reservation::Replay { status, body } => {
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
-                let mut response = (status, Json(body.clone())).into_response();
-                if let Some(url) = body["status_url"].as_str().and_then(|u| u.parse().ok()) {
-                    response.headers_mut().insert(header::LOCATION, url);
-                }
-                response
-                    .headers_mut()
-                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-                return Ok(response);
-            }
+            Reservation::Replay { status, body } => return Ok(replayed(status, body)),
             Reservation::InProgress => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -183,6 +162,34 @@ pub(super) async fn place_order(
         Json(accepted),
     )
         .into_response())
+}
+
+/// The request's `Idempotency-Key`, if it sent one; `400` when it is not a usable key.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if idempotency::valid_key(key) => Ok(Some(key.to_owned())),
+        _ => Err(ApiError::bad_request(format!(
+            "`Idempotency-Key` must be 1 to {} visible ASCII characters",
+            idempotency::MAX_KEY_CHARS
+        ))),
+    }
+}
+
+/// The answer a request with this idempotency key got before (`status`, `body`), given again.
+fn replayed(status: u16, body: serde_json::Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+    let location = body["status_url"].as_str().and_then(|u| u.parse().ok());
+    let mut response = (status, Json(body)).into_response();
+    if let Some(url) = location {
+        response.headers_mut().insert(header::LOCATION, url);
+    }
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response
 }
 
 /// The headers of a record published for an HTTP request: the trace of `span`, which starts
