@@ -10,6 +10,7 @@ mod messages;
 mod order;
 mod returns;
 mod topics;
+mod triggers;
 mod values;
 
 pub use envelope::{Envelope, SCHEMA_VERSION};
@@ -24,4 +25,5 @@ pub use messages::{
 pub use order::{Address, LineItem, OrderPlaced};
 pub use returns::{ReturnItem, ReturnRequested};
 pub use topics::Topics;
+pub use triggers::{SagaTrigger, SAGA_TRIGGERS};
 pub use values::{Cents, Currency, Line};

@@ -356,7 +356,7 @@ mod wire {
 /// Every event names the saga's type and key, and carries `subject`: fields of the trigger
 /// message, written beside them (flattened), so an order saga's events still say `order_id`
 /// (and `SagaStarted` the customer, total and currency) as they always did. Which fields is the
-/// trigger message's to say (the orchestrator's `TRIGGER_MESSAGES`): `SagaStarted` a summary
+/// trigger message's to say (its entry in [`crate::SAGA_TRIGGERS`]): `SagaStarted` a summary
 /// of the message, the others the key's field alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "payload")]

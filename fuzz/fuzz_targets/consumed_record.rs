@@ -91,7 +91,7 @@ fuzz_target!(|input: Input| {
     assert_eq!(record.key, key);
     assert_eq!(record.payload, payload.unwrap_or_default());
 
-    for known in &TRIGGER_MESSAGES {
+    for known in TRIGGER_MESSAGES.iter() {
         let _ = (known.decode)(&record.payload);
     }
     if let Ok(envelope) = Envelope::<Reply>::from_json(&record.payload) {

@@ -269,7 +269,7 @@ fn the_trigger_shapes_are_the_messages() {
     check(&message.sample().expect("a sample"), shape, "$");
     let bytes = serde_json::to_vec(&request).expect("serialises");
     assert_eq!((message.decode)(&bytes), Ok(json));
-    for message in &TRIGGER_MESSAGES {
+    for message in TRIGGER_MESSAGES.iter() {
         let sample = message
             .sample()
             .expect("every trigger message has a sample");

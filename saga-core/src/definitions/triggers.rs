@@ -1,10 +1,10 @@
 //! The messages that can start a saga, and what they look like, for checking paths at load
 //! time. What a trigger message looks like is read from its JSON Schema, the contract's
 //! (`events/contract/schemas/`): its fields (a [`Shape`]) and a valid sample (the schema's
-//! first `examples` entry). A new trigger message is a type in `events` (with its validation
-//! and its schema) and one entry in [`TRIGGER_MESSAGES`].
+//! first `examples` entry). The trigger messages themselves are the contract's
+//! (`events::SAGA_TRIGGERS`): a new one is registered there, not here.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use serde_json::{Map, Value};
 
@@ -181,35 +181,26 @@ impl TriggerMessage {
     }
 }
 
-/// `decode` of [`TRIGGER_MESSAGES`]: a typed message's check, then the message as JSON.
-fn decoded<T: serde::Serialize>(
-    message: Result<T, events::ContractError>,
-) -> Result<Value, events::ContractError> {
-    let message = message?;
-    serde_json::to_value(&message).map_err(|e| events::ContractError::Malformed(e.to_string()))
+impl From<&'static events::SagaTrigger> for TriggerMessage {
+    fn from(trigger: &'static events::SagaTrigger) -> Self {
+        let events::SagaTrigger {
+            name,
+            schema,
+            decode,
+            summary,
+        } = *trigger;
+        Self::new(name, schema, decode, summary)
+    }
 }
 
-/// The messages a saga can be triggered by.
-pub static TRIGGER_MESSAGES: [TriggerMessage; 2] = [
-    TriggerMessage::new(
-        events::OrderPlaced::TYPE_NAME,
-        events::OrderPlaced::SCHEMA,
-        |bytes| decoded(events::OrderPlaced::from_json(bytes)),
-        &["order_id", "customer_id", "total_cents", "currency"],
-    ),
-    TriggerMessage::new(
-        events::ReturnRequested::TYPE_NAME,
-        events::ReturnRequested::SCHEMA,
-        |bytes| decoded(events::ReturnRequested::from_json(bytes)),
-        &[
-            "return_id",
-            "order_id",
-            "customer_id",
-            "refund_cents",
-            "currency",
-        ],
-    ),
-];
+/// The messages a saga can be triggered by: the contract's (`events::SAGA_TRIGGERS`), each
+/// with its schema read once, when first asked.
+pub static TRIGGER_MESSAGES: LazyLock<Vec<TriggerMessage>> = LazyLock::new(|| {
+    events::SAGA_TRIGGERS
+        .iter()
+        .map(TriggerMessage::from)
+        .collect()
+});
 
 /// The trigger message named `message`, if there is one.
 pub fn trigger_message(message: &str) -> Option<&'static TriggerMessage> {
