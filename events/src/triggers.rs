@@ -32,7 +32,7 @@ fn decoded<T: serde::Serialize>(message: Result<T, ContractError>) -> Result<Val
 }
 
 /// Every message a saga can be started by.
-pub static SAGA_TRIGGERS: [SagaTrigger; 2] = [
+pub static SAGA_TRIGGERS: &[SagaTrigger] = &[
     SagaTrigger {
         name: OrderPlaced::TYPE_NAME,
         schema: OrderPlaced::SCHEMA,
