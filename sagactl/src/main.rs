@@ -10,6 +10,7 @@
 //!   the HTTP API, to run beside `sagactl load`.
 //! - `sagactl provision database`: the admin step that gives each service its own PostgreSQL
 //!   role and schema.
+//! - `sagactl generate`: the AsyncAPI channels and the compose services from the definitions.
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
@@ -17,6 +18,7 @@ mod budget;
 mod ceiling;
 mod chaos;
 mod deployment;
+mod generate;
 mod load;
 mod ops;
 mod provision;
@@ -70,6 +72,9 @@ enum Command {
     Provision(provision::Provision),
     /// Delete every topic whose name starts with a prefix (a test run's, say).
     DeleteTopics(DeleteTopicsArgs),
+    /// Write what follows from the saga definitions (sagas/*.toml) into the AsyncAPI document
+    /// and the compose files; with --check, fail naming each file that differs instead.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +108,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
         Command::Provision(which) => provision::run(which).await,
+        Command::Generate(args) => generate::run(args),
         Command::DeleteTopics(args) => {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
             budget::delete_topics(&args.kafka, &args.prefix).await
