@@ -11,6 +11,7 @@
 //! - `sagactl provision database`: the admin step that gives each service its own PostgreSQL
 //!   role and schema.
 //! - `sagactl generate`: the AsyncAPI channels and the compose services from the definitions.
+//! - `sagactl start <saga_type>`: start a saga of any type from its trigger message.
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
@@ -24,6 +25,7 @@ mod ops;
 mod provision;
 mod provision_kafka;
 mod sse;
+mod start;
 mod watchers;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +43,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a saga of any type: publish its trigger message (JSON from --file or standard
+    /// input, checked by the message's own rules) to the topic its newest definition names;
+    /// prints the saga's key.
+    Start(start::StartArgs),
     /// Place an order (or N random orders) on Kafka, optionally watching its saga.
     Order(ops::OrderArgs),
     /// Request a return of items of an order on Kafka (topic `returns`); prints its return id.
@@ -96,6 +102,7 @@ async fn main() -> Result<(), messaging::Report> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Start(args) => start::run(args).await,
         Command::Order(args) => ops::order(args).await,
         Command::Return(args) => ops::request_return(args).await,
         Command::Watch(args) => ops::watch(args).await,
