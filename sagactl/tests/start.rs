@@ -120,6 +120,9 @@ impl Deployment {
                 .env("HTTP_ADDR", http.to_string())
                 .env("API_OPEN_ON_LOOPBACK", "true")
                 .env("METRICS_ADDR", "127.0.0.1:0")
+                // Small pools, as the other end-to-end tests' services have: they run beside
+                // this one within PostgreSQL's 100 connections.
+                .env("DATABASE_MAX_CONNECTIONS", "2")
                 .env_remove("OPS_HTTP_ADDR")
                 .env_remove("KAFKA_CLIENT_PROPERTIES")
                 .stdout(log.try_clone().expect("the log file"))

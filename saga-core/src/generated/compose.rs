@@ -15,28 +15,25 @@ const EXPLAINED: &str = concat!(
     "  # saga-core/src/generated/compose.rs: change the template, not the lines up to END.\n",
 );
 
-/// `docker-compose.yml`'s service of one participant: `{metrics}` is its metrics port (9181
-/// for the first participant the definitions name, and so on).
-const PLAIN: &str = "
+/// The service of one participant, as both files run it: `{metrics}` is its metrics port (9181
+/// for the first participant the definitions name, and so on), `{env}` the shared environment
+/// and the participant's own block when the file has one.
+const SERVICE: &str = "
   {name}:
     <<: *service
     command: {name}
     environment:
       <<: {env}
       METRICS_ADDR: 0.0.0.0:{metrics}
-    ports:
+";
+
+/// What follows in `docker-compose.yml`: the metrics port published on the host.
+const PLAIN: &str = "    ports:
       - \"{metrics}:{metrics}\"
 ";
 
-/// `docker-compose.secured.yml`'s: the participant's own Kafka identity mounted.
-const SECURED: &str = "
-  {name}:
-    <<: *service
-    command: {name}
-    environment:
-      <<: {env}
-      METRICS_ADDR: 0.0.0.0:{metrics}
-    volumes:
+/// What follows in `docker-compose.secured.yml`: the participant's own Kafka identity mounted.
+const SECURED: &str = "    volumes:
       - ./.run/compose-secured/clients/{name}:/run/kafka-client:ro
 ";
 
@@ -51,7 +48,9 @@ pub(super) fn render_secured(wire: &Wire, current: &str) -> Result<String, Gener
     render(wire, current, SECURED)
 }
 
-fn render(wire: &Wire, current: &str, template: &str) -> Result<String, GenerateError> {
+/// `current` with the services of `wire`'s participants between the markers, each `SERVICE`
+/// followed by `tail`: the two make the file's template.
+fn render(wire: &Wire, current: &str, tail: &str) -> Result<String, GenerateError> {
     let marker = |marker: &'static str, from: usize| {
         current[from..]
             .find(marker)
@@ -79,7 +78,8 @@ fn render(wire: &Wire, current: &str, template: &str) -> Result<String, Generate
             "*service-env".to_owned()
         };
         text.push_str(
-            &template
+            &[SERVICE, tail]
+                .concat()
                 .replace("{name}", name)
                 .replace("{env}", &env)
                 .replace("{metrics}", &(FIRST_METRICS_PORT + index).to_string()),
