@@ -26,11 +26,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let definitions = load_dir(&sagas)
         .with_context(|| format!("reading the saga definitions in {}", sagas.display()))?;
     let mut differ = Vec::new();
+    // Every file that renders is written (or checked) even when another one cannot be.
+    let mut refused = Vec::new();
     for file in GENERATED_FILES {
         let path = args.root.join(file.path);
         let current = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let rendered = file.render(&definitions, &current)?;
+        let rendered = match file.render(&definitions, &current) {
+            Ok(rendered) => rendered,
+            Err(e) => {
+                refused.push(format!("{:#}", anyhow::Error::new(e)));
+                continue;
+            }
+        };
         if rendered == current {
             continue;
         }
@@ -41,6 +49,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote {}", file.path);
         }
+    }
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
     }
     if !differ.is_empty() {
         bail!(
