@@ -30,7 +30,10 @@ pub use model::{
     ActionDefinition, FieldPath, PayloadError, PayloadMapping, SagaDefinition, Step, StepKind,
     Trigger,
 };
-pub use triggers::{trigger_message, SchemaError, Shape, TriggerMessage, TRIGGER_MESSAGES};
+pub use triggers::{
+    trigger_message, AcceptedTrigger, SchemaError, Shape, TriggerMessage, TriggerRefused,
+    TRIGGER_MESSAGES,
+};
 
 use check::{is_field_name, Checker};
 use load::Routes;

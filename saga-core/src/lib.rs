@@ -3,6 +3,7 @@
 //! clock; time is passed in.
 
 pub mod definitions;
+pub mod generated;
 mod machine;
 #[cfg(any(test, feature = "oracle"))]
 pub mod oracle;

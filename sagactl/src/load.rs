@@ -287,30 +287,54 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 }
 
 /// Publishes `order` to the deployment's `orders` topic, keyed by order id, as a client does.
+/// Each order starts its own trace; every command and reply of its saga joins it.
 pub(crate) async fn publish_order(
     producer: &FutureProducer,
     topics: &Topics,
     order: &OrderPlaced,
 ) -> anyhow::Result<()> {
-    let payload = serde_json::to_vec(order)?;
-    let key = order.order_id.to_string();
-    // Each order starts its own trace; every command and reply of its saga joins it.
     let traceparent = messaging::telemetry::new_traceparent();
-    producer
-        .send(
-            FutureRecord::to(&topics.orders())
-                .key(&key)
-                .payload(&payload)
-                .headers(messaging::kafka::record_headers([(
-                    "traceparent",
-                    traceparent.as_str(),
-                )])),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .context("publishing OrderPlaced")?;
-    Ok(())
+    let trigger = TriggerRecord {
+        message: OrderPlaced::TYPE_NAME,
+        key: &order.order_id.to_string(),
+        payload: &serde_json::to_vec(order)?,
+        traceparent: Some(&traceparent),
+    };
+    trigger.publish(producer, &topics.orders()).await
+}
+
+/// A record that starts a saga, as a client publishes it.
+pub(crate) struct TriggerRecord<'a> {
+    /// The message's type, for errors.
+    pub message: &'a str,
+    /// The record's key: the saga's key, as its definition reads it from the message.
+    pub key: &'a str,
+    pub payload: &'a [u8],
+    /// The trace the saga joins, when the client starts one (a `traceparent` header).
+    pub traceparent: Option<&'a str>,
+}
+
+impl TriggerRecord<'_> {
+    /// Publishes the record to `topic` (with the prefix) and waits for the broker's ack.
+    pub(crate) async fn publish(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+    ) -> anyhow::Result<()> {
+        let mut record = FutureRecord::to(topic).key(self.key).payload(self.payload);
+        if let Some(traceparent) = self.traceparent {
+            record = record.headers(messaging::kafka::record_headers([(
+                "traceparent",
+                traceparent,
+            )]));
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("publishing {} to {topic}", self.message))?;
+        Ok(())
+    }
 }
 
 /// A consumer positioned at the current end of every partition of `topic`, so it sees exactly
@@ -391,18 +415,13 @@ pub(crate) async fn publish_return(
     topics: &Topics,
     request: &events::ReturnRequested,
 ) -> anyhow::Result<()> {
-    let payload = serde_json::to_vec(request)?;
-    let key = request.return_id.to_string();
-    producer
-        .send(
-            FutureRecord::to(&topics.named("returns"))
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("publishing a return: {e}"))?;
-    Ok(())
+    let trigger = TriggerRecord {
+        message: events::ReturnRequested::TYPE_NAME,
+        key: &request.return_id.to_string(),
+        payload: &serde_json::to_vec(request)?,
+        traceparent: None,
+    };
+    trigger.publish(producer, &topics.named("returns")).await
 }
 
 /// The step a failing order is built to fail at.

@@ -10,6 +10,8 @@
 //!   the HTTP API, to run beside `sagactl load`.
 //! - `sagactl provision database`: the admin step that gives each service its own PostgreSQL
 //!   role and schema.
+//! - `sagactl generate`: the AsyncAPI channels and the compose services from the definitions.
+//! - `sagactl start <saga_type>`: start a saga of any type from its trigger message.
 //! - `sagactl order`, `return`, `watch`, `list`, `retry`, `skip`, `abort`: the operator's
 //!   commands.
 
@@ -17,11 +19,13 @@ mod budget;
 mod ceiling;
 mod chaos;
 mod deployment;
+mod generate;
 mod load;
 mod ops;
 mod provision;
 mod provision_kafka;
 mod sse;
+mod start;
 mod watchers;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +43,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a saga of any type: publish its trigger message (JSON from --file or standard
+    /// input, checked by the message's own rules) to the topic its newest definition names;
+    /// prints the saga's key.
+    Start(start::StartArgs),
     /// Place an order (or N random orders) on Kafka, optionally watching its saga.
     Order(ops::OrderArgs),
     /// Request a return of items of an order on Kafka (topic `returns`); prints its return id.
@@ -70,6 +78,9 @@ enum Command {
     Provision(provision::Provision),
     /// Delete every topic whose name starts with a prefix (a test run's, say).
     DeleteTopics(DeleteTopicsArgs),
+    /// Write what follows from the saga definitions (sagas/*.toml) into the AsyncAPI document
+    /// and the compose files; with --check, fail naming each file that differs instead.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -91,6 +102,7 @@ async fn main() -> Result<(), messaging::Report> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Start(args) => start::run(args).await,
         Command::Order(args) => ops::order(args).await,
         Command::Return(args) => ops::request_return(args).await,
         Command::Watch(args) => ops::watch(args).await,
@@ -103,6 +115,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Ceiling(which) => ceiling::run(which).await,
         Command::Chaos(args) => chaos::run(args).await,
         Command::Provision(which) => provision::run(which).await,
+        Command::Generate(args) => generate::run(args),
         Command::DeleteTopics(args) => {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
             budget::delete_topics(&args.kafka, &args.prefix).await

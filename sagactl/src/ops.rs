@@ -69,7 +69,7 @@ pub struct DeploymentArgs {
 
 impl DeploymentArgs {
     /// A producer for the deployment's broker, and its topics.
-    fn publisher(&self) -> anyhow::Result<(FutureProducer, Topics)> {
+    pub(crate) fn publisher(&self) -> anyhow::Result<(FutureProducer, Topics)> {
         let producer = messaging::kafka::producer_settings(&self.kafka, 5)?
             .create()
             .context("creating producer")?;

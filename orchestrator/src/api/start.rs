@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::actions::request_trace;
 use super::{ApiError, AppState, SagaView};
-use crate::saga::definitions::trigger_message;
+use crate::saga::definitions::{AcceptedTrigger, TriggerRefused};
 
 #[derive(Debug, Serialize)]
 struct SagaAccepted {
@@ -49,42 +49,31 @@ pub(super) async fn start_saga(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Path(saga_type) = path?;
-    let Json(mut trigger) = body?;
+    let Json(trigger) = body?;
     let definition = state
         .catalog
         .newest(&saga_type)
         .ok_or_else(|| ApiError::not_found(format!("no saga type {saga_type:?}")))?;
-    let message_name = definition.trigger.message.as_str();
-    // Loading refuses a definition whose trigger message the engine does not know.
-    let message = trigger_message(message_name).ok_or_else(|| {
-        ApiError::internal(&crate::Error::Config(format!(
-            "saga type {saga_type} is triggered by {message_name}, which the engine does not know"
-        )))
-    })?;
-    let fields = trigger.as_object_mut().ok_or_else(|| {
-        invalid_trigger(format!(
-            "the body must be a JSON object: a {message_name} message"
-        ))
-    })?;
-    // The tag may be left out; another message's is refused rather than published.
-    match fields.get("type") {
-        None => {
-            fields.insert("type".into(), message_name.into());
-        }
-        Some(tag) if tag == message_name => {}
-        Some(other) => {
-            return Err(invalid_trigger(format!(
-                "`type` must be {message_name:?} (or left out), not {other}"
-            )))
-        }
-    }
-    let bytes =
-        serde_json::to_vec(&trigger).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
-    let checked = (message.decode)(&bytes).map_err(|e| invalid_trigger(e.to_string()))?;
-    let key = definition
+    let AcceptedTrigger {
+        message: checked,
+        key,
+    } = definition
         .trigger
-        .key_of(&checked)
-        .map_err(|e| invalid_trigger(e.to_string()))?;
+        .accept(trigger)
+        .map_err(|refused| match refused {
+            // Loading refuses a definition whose trigger message the engine does not know.
+            TriggerRefused::UnknownMessage(message_name) => {
+                ApiError::internal(&crate::Error::Config(format!(
+                    "saga type {saga_type} is triggered by {message_name}, which the engine does \
+                     not know"
+                )))
+            }
+            TriggerRefused::NotAnObject { message } => invalid_trigger(format!(
+                "the body must be a JSON object: a {message} message"
+            )),
+            TriggerRefused::Encode(e) => ApiError::internal(&crate::Error::Encode(e)),
+            other => invalid_trigger(other.to_string()),
+        })?;
     // What goes out is the message as its type writes itself, as a client on Kafka would send.
     let payload =
         serde_json::to_vec(&checked).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;

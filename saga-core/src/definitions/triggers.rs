@@ -206,3 +206,67 @@ pub static TRIGGER_MESSAGES: LazyLock<Vec<TriggerMessage>> = LazyLock::new(|| {
 pub fn trigger_message(message: &str) -> Option<&'static TriggerMessage> {
     TRIGGER_MESSAGES.iter().find(|m| m.name == message)
 }
+
+/// A trigger message a client may publish for a saga type: the message as its type writes
+/// itself (what goes on the trigger topic) and the saga's key (the record's key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcceptedTrigger {
+    pub message: Value,
+    pub key: String,
+}
+
+/// Why a trigger message is not one a saga type can start with.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerRefused {
+    #[error("the engine knows no trigger message {0}")]
+    UnknownMessage(String),
+    #[error("not a JSON object: a {message} message")]
+    NotAnObject { message: String },
+    #[error("`type` must be {expected:?} (or left out), not {found}")]
+    OtherType { expected: String, found: Value },
+    #[error("the message cannot be written as JSON")]
+    Encode(#[source] serde_json::Error),
+    #[error(transparent)]
+    Contract(events::ContractError),
+    #[error(transparent)]
+    Key(super::PayloadError),
+}
+
+impl super::Trigger {
+    /// Checks `message` (JSON from a client: its `type` tag may be left out) as this trigger's
+    /// message, by that message's own contract rules, and reads the saga's key from it: what
+    /// `POST /definitions/{saga_type}/sagas` and `sagactl start` publish.
+    ///
+    /// # Errors
+    /// [`TriggerRefused`]: another message's tag, a message its rules refuse, no key.
+    pub fn accept(&self, mut message: Value) -> Result<AcceptedTrigger, TriggerRefused> {
+        let name = self.message.as_str();
+        let known =
+            trigger_message(name).ok_or_else(|| TriggerRefused::UnknownMessage(name.to_owned()))?;
+        let fields = message
+            .as_object_mut()
+            .ok_or_else(|| TriggerRefused::NotAnObject {
+                message: name.to_owned(),
+            })?;
+        // The tag may be left out; another message's is refused rather than published.
+        match fields.get("type") {
+            None => {
+                fields.insert("type".into(), name.into());
+            }
+            Some(tag) if tag == name => {}
+            Some(other) => {
+                return Err(TriggerRefused::OtherType {
+                    expected: name.to_owned(),
+                    found: other.clone(),
+                })
+            }
+        }
+        let bytes = serde_json::to_vec(&message).map_err(TriggerRefused::Encode)?;
+        let checked = (known.decode)(&bytes).map_err(TriggerRefused::Contract)?;
+        let key = self.key_of(&checked).map_err(TriggerRefused::Key)?;
+        Ok(AcceptedTrigger {
+            message: checked,
+            key,
+        })
+    }
+}
