@@ -35,7 +35,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let generated = generate(&definitions, &files);
     if args.check {
         if !generated.changes.is_empty() {
-            let differ: Vec<&str> = generated.changes.iter().map(Change::path).collect();
+            let differ: Vec<String> = generated
+                .changes
+                .iter()
+                .map(|change| {
+                    let state = match change {
+                        Change::Write { path, .. } if files.get(path).is_none() => "missing",
+                        Change::Write { .. } => "stale",
+                        Change::Remove { .. } => "left over",
+                    };
+                    format!("{} ({state})", change.path())
+                })
+                .collect();
             eprintln!(
                 "{} differ from what the saga definitions give: run `sagactl generate` (from \
                  the repository's root) and commit the result",

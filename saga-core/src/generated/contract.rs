@@ -194,22 +194,19 @@ impl Message<'_> {
         let place = self.first();
         let (participant, step) = (&place.step.participant, &place.step.name);
         let undo = place.command.action == Action::Compensate;
-        match (self.kind, undo) {
-            (Kind::Command, false) => format!("Asks {participant} to do the {step} step."),
-            (Kind::Command, true) => format!("Asks {participant} to undo the {step} step."),
-            (Kind::Reply { succeeded: true }, false) => {
-                format!("{participant} did the {step} step.")
+        let done = match (self.kind, undo) {
+            (Kind::Command, false) => {
+                return format!("Asks the {participant} participant to do the {step} step.")
             }
-            (Kind::Reply { succeeded: false }, false) => {
-                format!("{participant} refused the {step} step.")
+            (Kind::Command, true) => {
+                return format!("Asks the {participant} participant to undo the {step} step.")
             }
-            (Kind::Reply { succeeded: true }, true) => {
-                format!("{participant} undid the {step} step.")
-            }
-            (Kind::Reply { succeeded: false }, true) => {
-                format!("{participant} could not undo the {step} step this time.")
-            }
-        }
+            (Kind::Reply { succeeded: true }, false) => "did",
+            (Kind::Reply { succeeded: false }, false) => "refused",
+            (Kind::Reply { succeeded: true }, true) => "undid",
+            (Kind::Reply { succeeded: false }, true) => "could not undo",
+        };
+        format!("The {participant} participant {done} the {step} step.")
     }
 
     fn schema(&self) -> Result<String, GenerateError> {

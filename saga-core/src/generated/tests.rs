@@ -336,7 +336,7 @@ fn a_step_of_a_new_participant_gets_schemas_goldens_and_entries_the_contract_acc
     );
     assert_eq!(
         entry["summary"],
-        "Asks loyalty to do the loyalty_points step."
+        "Asks the loyalty participant to do the loyalty_points step."
     );
     // A new entry stands after the definitions' other messages, before the engine's own.
     let names = keys(
@@ -362,7 +362,10 @@ fn a_failure_reply_gets_a_reason_and_a_first_command_no_causation() {
     check_contract(&files);
     let short = value(&files, &format!("{GOLDEN_DIR}/StockShort.json"));
     assert_eq!(short["outcome"], "failed");
-    assert_eq!(short["reason"], "inventory refused the reserve_stock step.");
+    assert_eq!(
+        short["reason"],
+        "The inventory participant refused the reserve_stock step."
+    );
     // StockUnavailable's schema is hand-written: it stays, though no definition names it.
     assert_eq!(
         files.get(&format!("{SCHEMAS_DIR}/StockUnavailable.schema.json")),
@@ -383,7 +386,7 @@ fn the_generated_contract_goes_when_no_definition_names_its_messages_and_a_rewor
 {
     let (mut files, _) = generated(&with_loyalty_step(), repository_files());
     let reworded = files.get(ASYNCAPI).expect("the document").replace(
-        "\"summary\": \"Asks loyalty to do the loyalty_points step.\"",
+        "\"summary\": \"Asks the loyalty participant to do the loyalty_points step.\"",
         "\"summary\": \"Award the order's points.\"",
     );
     files.set(ASYNCAPI, reworded);
