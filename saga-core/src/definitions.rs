@@ -27,8 +27,8 @@ mod triggers;
 pub use errors::{DefinitionError, Problem, ReplyMeaning};
 pub use load::{load_dir, parse, parse_stored};
 pub use model::{
-    ActionDefinition, FieldPath, PayloadError, PayloadMapping, SagaDefinition, Step, StepKind,
-    Trigger,
+    ActionDefinition, FieldPath, PayloadError, PayloadMapping, SagaDefinition, SampleCommand, Step,
+    StepKind, Trigger,
 };
 pub use triggers::{
     trigger_message, AcceptedTrigger, SchemaError, Shape, TriggerMessage, TriggerRefused,

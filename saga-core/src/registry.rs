@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use events::{Action, Command, Envelope};
-use serde_json::Value;
+use events::{Command, Envelope};
 
 use super::definitions::{DefinitionError, Problem, SagaDefinition};
 
@@ -111,12 +110,6 @@ impl Registry {
     }
 }
 
-/// A trigger message with every field its shape knows, for building each command once at load
-/// time.
-fn sample_trigger(message: &str) -> Option<Value> {
-    super::definitions::trigger_message(message).and_then(|m| m.sample().ok())
-}
-
 /// Checks that every command of `definition` goes on the wire as the participants will read
 /// it: each action's command, built from a sample trigger, must survive the participants'
 /// decoder (names, key and replies within the wire's bounds). The definitions' own rules are
@@ -124,41 +117,21 @@ fn sample_trigger(message: &str) -> Option<Value> {
 /// exist is the definition's to say, and a participant refuses (dead-letters) a step it does
 /// not serve.
 fn check_wire(definition: &SagaDefinition) -> Result<(), DefinitionError> {
-    let invalid = |field: String, detail: String| DefinitionError::Invalid {
-        file: definition.file.clone(),
-        field,
-        problem: Box::new(Problem::NotOnTheWire { detail }),
-    };
-    let sample = sample_trigger(&definition.trigger.message).ok_or_else(|| {
-        invalid(
-            "trigger.message".into(),
-            format!("no sample of {}", definition.trigger.message),
+    for sample in definition.sample_commands()? {
+        let sent = Envelope::new(
+            uuid::Uuid::nil(),
+            None,
+            chrono::DateTime::UNIX_EPOCH,
+            sample.command,
         )
-    })?;
-    for (i, step) in definition.steps.iter().enumerate() {
-        let actions = [(Action::Forward, "forward", Some(&step.forward))]
-            .into_iter()
-            .chain([(
-                Action::Compensate,
-                "compensation",
-                step.compensation.as_ref(),
-            )]);
-        for (direction, at, action) in actions {
-            let Some(action) = action else { continue };
-            let at = format!("steps[{i}].{at}");
-            let command = action
-                .command(definition, step, direction, &sample, 1)
-                .map_err(|e| invalid(at.clone(), e.to_string()))?;
-            let sent = Envelope::new(
-                uuid::Uuid::nil(),
-                None,
-                chrono::DateTime::UNIX_EPOCH,
-                command,
-            )
-            .to_json();
-            Envelope::<Command>::from_json(&sent)
-                .map_err(|e| invalid(at.clone(), format!("a participant cannot read it: {e}")))?;
-        }
+        .to_json();
+        Envelope::<Command>::from_json(&sent).map_err(|e| DefinitionError::Invalid {
+            file: definition.file.clone(),
+            field: sample.field,
+            problem: Box::new(Problem::NotOnTheWire {
+                detail: format!("a participant cannot read it: {e}"),
+            }),
+        })?;
     }
     Ok(())
 }
@@ -222,12 +195,16 @@ mod tests {
                 "schedule_shipment"
             ]
         );
-        let step = &order.steps[2];
-        let sample = sample_trigger("OrderPlaced").expect("sample");
-        let command = step
-            .forward
-            .command(order, step, Action::Forward, &sample, 1)
-            .expect("command");
+        let sample = crate::definitions::trigger_message("OrderPlaced")
+            .and_then(|m| m.sample().ok())
+            .expect("sample");
+        let command = order
+            .sample_commands()
+            .expect("commands")
+            .into_iter()
+            .find(|c| c.step == 2 && c.command.action == events::Action::Forward)
+            .expect("the third step's command")
+            .command;
         assert_eq!(
             (command.name.as_str(), command.step.as_str()),
             ("NotifyCustomer", "notify_customer")

@@ -5,7 +5,7 @@ use std::fmt;
 use events::{Action, Command, ReplyNames};
 use serde_json::{Map, Value};
 
-use super::is_field_name;
+use super::{is_field_name, trigger_message, DefinitionError, Problem};
 use crate::policy::RetryPolicy;
 
 /// One saga type, validated.
@@ -35,6 +35,54 @@ impl SagaDefinition {
         self.steps.iter().find(|s| s.name == name)
     }
 
+    /// Every command of the definition, each built once (attempt 1) from its trigger message's
+    /// sample (the first example of its schema): each step's forward action, then its
+    /// compensation. The registry checks each against the wire when it loads a definition;
+    /// the generator writes each as the command's golden example.
+    ///
+    /// # Errors
+    /// [`DefinitionError::Invalid`] naming the trigger message when it has no sample, or the
+    /// action whose command cannot be built from it.
+    pub fn sample_commands(&self) -> Result<Vec<SampleCommand<'_>>, DefinitionError> {
+        let invalid = |field: String, detail: String| DefinitionError::Invalid {
+            file: self.file.clone(),
+            field,
+            problem: Box::new(Problem::NotOnTheWire { detail }),
+        };
+        let sample = trigger_message(&self.trigger.message)
+            .and_then(|m| m.sample().ok())
+            .ok_or_else(|| {
+                invalid(
+                    "trigger.message".into(),
+                    format!("no sample of {}", self.trigger.message),
+                )
+            })?;
+        let mut commands = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            let actions = [(Action::Forward, "forward", Some(&step.forward))]
+                .into_iter()
+                .chain([(
+                    Action::Compensate,
+                    "compensation",
+                    step.compensation.as_ref(),
+                )]);
+            for (direction, at, action) in actions {
+                let Some(action) = action else { continue };
+                let field = format!("steps[{i}].{at}");
+                let command = action
+                    .command(self, step, direction, &sample, 1)
+                    .map_err(|e| invalid(field.clone(), e.to_string()))?;
+                commands.push(SampleCommand {
+                    step: i,
+                    action,
+                    field,
+                    command,
+                });
+            }
+        }
+        Ok(commands)
+    }
+
     /// `sha256:` and the hex SHA-256 of [`Self::canonical`]: one version, one content.
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
@@ -42,6 +90,19 @@ impl SagaDefinition {
         let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
         format!("sha256:{hex}")
     }
+}
+
+/// A command of a definition built from its trigger message's sample
+/// ([`SagaDefinition::sample_commands`]).
+#[derive(Debug, Clone)]
+pub struct SampleCommand<'a> {
+    /// The index of its step.
+    pub step: usize,
+    /// The action it does (the step's forward action or its compensation).
+    pub action: &'a ActionDefinition,
+    /// Where the definition names it, e.g. `steps[0].forward`.
+    pub field: String,
+    pub command: Command,
 }
 
 /// The message that starts a saga.

@@ -5,13 +5,21 @@
 //! name, description and summary (they are written for people); a new one gets them from the
 //! templates below, to be reworded by hand if wished. The engine's other channels
 //! (`saga.events`, `saga.dlq`) and their operations stay as written; a channel of a topic no
-//! definition uses any more is removed with its operations. The messages themselves
-//! (`components.messages`, the schemas) are the hand-written contract: a message the
-//! definitions use without an entry there is an error.
+//! definition uses any more is removed with its operations. Under `components.messages` the
+//! generator writes the entries of the messages whose schemas it writes (`contract`): one it
+//! has already written keeps its place and its summary (reworded by hand if wished), a new one
+//! goes after the last message of the definitions there is; an entry of a message no
+//! definition names any more whose schema was generated goes. Every other entry is
+//! hand-written: a message the definitions use with a hand-written schema but no entry is an
+//! error.
 
+use super::contract::Plan;
 use super::json::Json;
 use super::{GenerateError, Topic, Wire};
 use crate::definitions::ENGINE_TOPICS;
+
+/// The document's path from the repository's root.
+pub(super) const PATH: &str = "events/contract/asyncapi.json";
 
 /// The replies' topic, written by every participant.
 const REPLIES: &str = ENGINE_TOPICS[0];
@@ -23,8 +31,20 @@ enum Kind<'a> {
     Replies,
 }
 
-pub(super) fn render(wire: &Wire, current: &str) -> Result<String, GenerateError> {
+pub(super) fn render(wire: &Wire, plan: &Plan, current: &str) -> Result<String, GenerateError> {
     let mut document: Json = serde_json::from_str(current).map_err(GenerateError::NotJson)?;
+    let mut components = document
+        .get("components")
+        .cloned()
+        .ok_or(GenerateError::NotAnObject("components"))?;
+    let mut messages = components
+        .get("messages")
+        .and_then(Json::entries)
+        .ok_or(GenerateError::NotAnObject("components.messages"))?
+        .to_vec();
+    with_generated_entries(&mut messages, wire, plan);
+    components.set("messages", Json::Object(messages));
+    document.set("components", components);
     let components = document
         .get("components")
         .and_then(|c| c.get("messages"))
@@ -124,6 +144,37 @@ pub(super) fn render(wire: &Wire, current: &str) -> Result<String, GenerateError
     let mut text = serde_json::to_string_pretty(&document).map_err(GenerateError::NotJson)?;
     text.push('\n');
     Ok(text)
+}
+
+/// `messages` (the document's `components.messages`) with the generator's entries of `plan`
+/// in place and its orphans gone.
+fn with_generated_entries(messages: &mut Vec<(String, Json)>, wire: &Wire, plan: &Plan) {
+    messages.retain(|(name, _)| !plan.orphans.contains(name));
+    for (name, entry) in &plan.entries {
+        let mut entry = entry.clone();
+        match messages.iter_mut().find(|(n, _)| n == name) {
+            Some((_, old)) => {
+                if let Some(summary) = old.get("summary") {
+                    entry.set("summary", summary.clone());
+                }
+                *old = entry;
+            }
+            None => {
+                let of_definitions = |n: &str| {
+                    wire.triggers
+                        .iter()
+                        .chain(&wire.commands)
+                        .any(|t| t.messages.iter().any(|m| m == n))
+                        || wire.replies.iter().any(|m| m == n)
+                };
+                let at = messages
+                    .iter()
+                    .rposition(|(n, _)| of_definitions(n))
+                    .map_or(messages.len(), |last| last + 1);
+                messages.insert(at, (name.clone(), entry));
+            }
+        }
+    }
 }
 
 fn address(topic: &str) -> String {
