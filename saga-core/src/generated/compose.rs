@@ -16,9 +16,9 @@ const EXPLAINED: &str = concat!(
     "  # saga-core/src/generated/compose.rs: change the template, not the lines up to END.\n",
 );
 
-/// The service of one participant, as both files run it: `{metrics}` is its metrics port (9181
-/// for the first participant the definitions name, and so on), `{env}` the shared environment
-/// and the participant's own block when the file has one.
+/// The service of one participant, as both files run it: `{metrics}` is its metrics port (the
+/// one the file gives it already; a new participant the lowest free one from 9181), `{env}` the
+/// shared environment and the participant's own block when the file has one.
 const SERVICE: &str = "
   {name}:
     <<: *service
@@ -70,12 +70,17 @@ fn render(wire: &Wire, current: &str, tail: &str) -> Result<String, GenerateErro
     let after = &current[end + END.len()..];
     let hand_written = format!("{before}{after}");
 
+    let mut ports = Ports::of(&current[begin..end]);
     let mut text = String::from(before);
     text.push_str("  ");
     text.push_str(BEGIN);
     text.push('\n');
     text.push_str(EXPLAINED);
-    for (index, name) in wire.participants().enumerate() {
+    let participants: Vec<&str> = wire.participants().collect();
+    for name in &participants {
+        ports.keep(name);
+    }
+    for name in participants {
         let own = format!("x-{name}-env: &{name}-env");
         let env = if hand_written.contains(&own) {
             format!("[*service-env, *{name}-env]")
@@ -87,11 +92,63 @@ fn render(wire: &Wire, current: &str, tail: &str) -> Result<String, GenerateErro
                 .concat()
                 .replace("{name}", name)
                 .replace("{env}", &env)
-                .replace("{metrics}", &(FIRST_METRICS_PORT + index).to_string()),
+                .replace("{metrics}", &ports.of_participant(name).to_string()),
         );
     }
     text.push_str("  ");
     text.push_str(END);
     text.push_str(after);
     Ok(text)
+}
+
+/// The metrics ports of the participants' services: those the file gives already stay theirs
+/// (a published port that moved would break whoever scrapes it), a new participant gets the
+/// lowest one no other service has.
+struct Ports {
+    given: std::collections::BTreeMap<String, usize>,
+    kept: std::collections::BTreeMap<String, usize>,
+}
+
+impl Ports {
+    /// The ports `generated` (the text between the markers) gives each service.
+    fn of(generated: &str) -> Self {
+        let mut given = std::collections::BTreeMap::new();
+        let mut service = None;
+        for line in generated.lines() {
+            if let Some(name) = line
+                .strip_prefix("  ")
+                .and_then(|rest| rest.strip_suffix(':'))
+                .filter(|name| !name.starts_with(' ') && !name.starts_with('#'))
+            {
+                service = Some(name.to_owned());
+            } else if let Some(port) = line.trim().strip_prefix("METRICS_ADDR: 0.0.0.0:") {
+                if let (Some(name), Ok(port)) = (&service, port.parse()) {
+                    given.insert(name.clone(), port);
+                }
+            }
+        }
+        Self {
+            given,
+            kept: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Keeps `participant`'s port, when the file gives it one.
+    fn keep(&mut self, participant: &str) {
+        if let Some(port) = self.given.get(participant) {
+            self.kept.insert(participant.to_owned(), *port);
+        }
+    }
+
+    /// `participant`'s port: its own, or the lowest free one, which is then its own.
+    fn of_participant(&mut self, participant: &str) -> usize {
+        if let Some(port) = self.kept.get(participant) {
+            return *port;
+        }
+        let port = (FIRST_METRICS_PORT..)
+            .find(|port| !self.kept.values().any(|taken| taken == port))
+            .unwrap_or(FIRST_METRICS_PORT);
+        self.kept.insert(participant.to_owned(), port);
+        port
+    }
 }

@@ -232,7 +232,7 @@ fn a_step_of_a_new_participant_gets_its_channel_operations_and_services() {
     );
 
     for (path, own_line) in [
-        ("docker-compose.yml", "      - \"9184:9184\""),
+        ("docker-compose.yml", "      - \"9185:9185\""),
         (
             "docker-compose.secured.yml",
             "      - ./.run/compose-secured/clients/loyalty:/run/kafka-client:ro",
@@ -244,12 +244,36 @@ fn a_step_of_a_new_participant_gets_its_channel_operations_and_services() {
             .find(|block| block.starts_with("  loyalty:\n"))
             .unwrap_or_else(|| panic!("{path} has no loyalty service:\n{rendered}"));
         assert!(service.contains("    command: loyalty\n"), "{service}");
-        // The fourth participant the definitions name: 9181 is the first's.
+        // The lowest port no service has: every participant already there keeps its own,
+        // wherever the new one stands in the definitions (a published port that moved would
+        // break whoever scrapes it).
         assert!(
-            service.contains("METRICS_ADDR: 0.0.0.0:9184\n"),
+            service.contains("METRICS_ADDR: 0.0.0.0:9185\n"),
             "{service}"
         );
         assert!(service.contains(own_line), "{path}: {service}");
+        let before = std::fs::read_to_string(repository().join(path)).expect("the compose file");
+        for (participant, port) in [
+            ("inventory", 9181),
+            ("payment", 9182),
+            ("shipping", 9183),
+            ("returns", 9184),
+        ] {
+            let addr = format!("METRICS_ADDR: 0.0.0.0:{port}\n");
+            let block = |text: &str| {
+                text.split("\n\n")
+                    .find(|block| block.starts_with(&format!("  {participant}:\n")))
+                    .map(str::to_owned)
+            };
+            assert!(
+                block(&before).is_some_and(|b| b.contains(&addr)),
+                "{path}: {participant} had {port}"
+            );
+            assert!(
+                block(rendered).is_some_and(|b| b.contains(&addr)),
+                "{path}: {participant} keeps {port}"
+            );
+        }
     }
 }
 
