@@ -9,9 +9,10 @@
 //! generator writes the entries of the messages whose schemas it writes (`contract`): one it
 //! has already written keeps its place and its summary (reworded by hand if wished), a new one
 //! goes after the last message of the definitions there is; an entry of a message no
-//! definition names any more whose schema was generated goes. Every other entry is
-//! hand-written: a message the definitions use with a hand-written schema but no entry is an
-//! error.
+//! definition names any more whose schema was generated goes. A trigger message without an
+//! entry gets a first one (after the other trigger messages'), which is the document's from
+//! then on. Every other entry is hand-written: a message the definitions use with a
+//! hand-written schema but no entry is an error.
 
 use super::contract::Plan;
 use super::json::Json;
@@ -174,6 +175,21 @@ fn with_generated_entries(messages: &mut Vec<(String, Json)>, wire: &Wire, plan:
                 messages.insert(at, (name.clone(), entry));
             }
         }
+    }
+    for (name, entry) in &plan.trigger_entries {
+        if messages.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let is_trigger = |n: &str| {
+            wire.triggers
+                .iter()
+                .any(|t| t.messages.iter().any(|m| m == n))
+        };
+        let at = messages
+            .iter()
+            .rposition(|(n, _)| is_trigger(n))
+            .map_or(0, |last| last + 1);
+        messages.insert(at, (name.clone(), entry.clone()));
     }
 }
 

@@ -53,6 +53,10 @@ pub(super) struct Plan {
     pub(super) entries: Vec<(String, Json)>,
     /// Messages it wrote once that no definition names any more: their entries go.
     pub(super) orphans: Vec<String>,
+    /// A first entry for each trigger message (its schema and golden example are hand-written:
+    /// the message is a type of the contract), put in only where the document has none; from
+    /// then on it is the document's, to be reworded by hand.
+    pub(super) trigger_entries: Vec<(String, Json)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,6 +97,15 @@ pub(super) fn plan(definitions: &[SagaDefinition], files: &Files) -> Result<Plan
         plan.files
             .push((golden_path(&message.name), Some(message.golden()?)));
         plan.entries.push((message.name.clone(), message.entry()));
+    }
+    for definition in definitions {
+        let message = &definition.trigger.message;
+        if !plan.trigger_entries.iter().any(|(name, _)| name == message) {
+            let summary = format!("A client's {message}: starts a {} saga.", definition.name);
+            let key = format!("The {}.", key_words(&definition.trigger.key));
+            plan.trigger_entries
+                .push((message.clone(), entry(message, summary, key)));
+        }
     }
     for (path, text) in files.in_dir(SCHEMAS_DIR) {
         let Some(name) = path
@@ -323,45 +336,48 @@ impl Message<'_> {
                 Some(format!("for the {saga} saga, the {key}"))
             })
             .collect();
-        Json::object([
-            ("name", Json::string(&self.name)),
-            ("title", Json::string(&self.name)),
-            ("summary", Json::String(self.summary())),
-            ("contentType", Json::string("application/json")),
-            (
-                "payload",
+        let key = format!("The saga's key: {}.", keys.join("; "));
+        entry(&self.name, self.summary(), key)
+    }
+}
+
+/// An entry under `components.messages` for the message `name`, as the hand-written ones are.
+fn entry(name: &str, summary: String, key_description: String) -> Json {
+    Json::object([
+        ("name", Json::string(name)),
+        ("title", Json::string(name)),
+        ("summary", Json::String(summary)),
+        ("contentType", Json::string("application/json")),
+        (
+            "payload",
+            Json::object([
+                (
+                    "schemaFormat",
+                    Json::string("application/schema+json;version=draft-2020-12"),
+                ),
+                (
+                    "schema",
+                    Json::reference(format!("schemas/{name}.schema.json")),
+                ),
+            ]),
+        ),
+        (
+            "bindings",
+            Json::object([(
+                "kafka",
                 Json::object([
                     (
-                        "schemaFormat",
-                        Json::string("application/schema+json;version=draft-2020-12"),
+                        "key",
+                        Json::object([
+                            ("type", Json::string("string")),
+                            ("description", Json::String(key_description)),
+                        ]),
                     ),
-                    (
-                        "schema",
-                        Json::reference(format!("schemas/{}.schema.json", self.name)),
-                    ),
+                    ("bindingVersion", Json::string("0.5.0")),
                 ]),
-            ),
-            (
-                "bindings",
-                Json::object([(
-                    "kafka",
-                    Json::object([
-                        (
-                            "key",
-                            Json::object([
-                                ("type", Json::string("string")),
-                                (
-                                    "description",
-                                    Json::String(format!("The saga's key: {}.", keys.join("; "))),
-                                ),
-                            ]),
-                        ),
-                        ("bindingVersion", Json::string("0.5.0")),
-                    ]),
-                )]),
-            ),
-        ])
-    }
+            )]),
+        ),
+    ])
 }
 
 /// `body` in the envelope every golden file has.

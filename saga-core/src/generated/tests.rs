@@ -564,3 +564,52 @@ fn a_compose_file_without_the_markers_is_refused() {
         "{error:?}"
     );
 }
+
+#[test]
+fn a_trigger_message_without_an_entry_gets_a_first_one_after_the_other_triggers() {
+    let mut files = repository_files();
+    let mut document = json(&files, ASYNCAPI);
+    let mut components = document.get("components").expect("components").clone();
+    let mut messages = components
+        .get("messages")
+        .and_then(Json::entries)
+        .expect("messages")
+        .to_vec();
+    messages.retain(|(name, _)| name != "ReturnRequested");
+    components.set("messages", Json::Object(messages));
+    document.set("components", components);
+    files.set(
+        ASYNCAPI,
+        serde_json::to_string_pretty(&document).expect("JSON") + "\n",
+    );
+
+    let (files, _) = generated(&repository_definitions(), files);
+    let document = json(&files, ASYNCAPI);
+    let messages = document
+        .get("components")
+        .and_then(|c| c.get("messages"))
+        .expect("messages");
+    assert_eq!(keys(messages)[..2], ["OrderPlaced", "ReturnRequested"]);
+    let entry = messages.get("ReturnRequested").expect("its entry");
+    assert_eq!(
+        entry.get("summary").and_then(Json::as_str),
+        Some("A client's ReturnRequested: starts a return saga.")
+    );
+    assert_eq!(
+        entry
+            .get("payload")
+            .and_then(|p| p.get("schema"))
+            .and_then(|s| s.get("$ref"))
+            .and_then(Json::as_str),
+        Some("schemas/ReturnRequested.schema.json")
+    );
+    assert_eq!(
+        entry
+            .get("bindings")
+            .and_then(|b| b.get("kafka"))
+            .and_then(|k| k.get("key"))
+            .and_then(|k| k.get("description"))
+            .and_then(Json::as_str),
+        Some("The return id.")
+    );
+}
