@@ -40,6 +40,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY events events
 COPY saga-core saga-core
 COPY messaging messaging
+COPY orchestrator-schema orchestrator-schema
 COPY orchestrator orchestrator
 COPY participants participants
 # A workspace member: cargo reads every member's manifest, whichever binary it builds.

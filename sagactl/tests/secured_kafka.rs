@@ -555,7 +555,7 @@ impl Drop for Services {
 /// The services of the repository's saga definitions: the orchestrator, then every participant
 /// a step names (each a binary of its name).
 fn service_names() -> Vec<String> {
-    let definitions = orchestrator::saga::definitions::load_dir(&repository().join("sagas"))
+    let definitions = saga_core::definitions::load_dir(&repository().join("sagas"))
         .expect("the repository's saga definitions load");
     let mut names = vec!["orchestrator".to_owned()];
     for definition in &definitions {
