@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::{Args, Parser};
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
+use messaging::config::ServiceConfig;
 
 use crate::auth::Tokens;
 use crate::saga::{RetryPolicy, SagaDefinition};
@@ -19,18 +19,11 @@ use crate::Error;
     about = "Drives order sagas over Kafka and serves their status over HTTP."
 )]
 pub struct Config {
+    // What every service takes: Kafka, the database, the relay, retention, faults.
     #[command(flatten)]
-    pub kafka: KafkaConfig,
-    #[command(flatten)]
-    pub database: DatabaseConfig,
-    #[command(flatten)]
-    pub relay: RelayConfig,
-    #[command(flatten)]
-    pub retention: RetentionConfig,
+    pub service: ServiceConfig,
     #[command(flatten)]
     pub retries: RetryConfig,
-    #[command(flatten)]
-    pub faults: FaultConfig,
     #[command(flatten)]
     pub api: ApiConfig,
 

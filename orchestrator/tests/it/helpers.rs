@@ -17,6 +17,7 @@ use std::time::Duration;
 use events::{Address, LineItem, OrderPlaced, Topics};
 use messaging::config::{
     DatabaseConfig, FaultConfig, GroupProtocol, KafkaConfig, RelayConfig, RetentionConfig,
+    ServiceConfig,
 };
 use messaging::provision::{self, ServiceRole};
 use orchestrator::auth::{token_line, Role};
@@ -360,11 +361,13 @@ impl TestSystem {
             None => RetentionConfig::default(),
         };
         let participant = ParticipantConfig {
-            kafka: kafka.clone(),
-            database: database_config.clone(),
-            relay: RelayConfig::default(),
-            retention: retention.clone(),
-            faults: FaultConfig::default(),
+            service: ServiceConfig {
+                kafka: kafka.clone(),
+                database: database_config.clone(),
+                relay: RelayConfig::default(),
+                retention: retention.clone(),
+                faults: FaultConfig::default(),
+            },
             group: None,
             command_topic: None,
             metrics_addr: None,
@@ -388,16 +391,18 @@ impl TestSystem {
             ..database_config
         };
         let config = orchestrator::Config {
-            kafka,
-            database: orchestrator_database,
-            relay: RelayConfig::default(),
-            retention,
+            service: ServiceConfig {
+                kafka,
+                database: orchestrator_database,
+                relay: RelayConfig::default(),
+                retention,
+                faults: options.orchestrator_faults,
+            },
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
             failed_saga_retention_secs: options.everything_retention_secs.unwrap_or(30 * 24 * 3600),
             order_dedup_retention_secs: 8 * 24 * 3600,
             retries: options.retries,
             sagas_dir: sagas_dir(),
-            faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
             fault_clock_skew_secs: options.clock_skew_secs,
@@ -483,12 +488,12 @@ impl TestSystem {
         compensation_faults: u32,
         faults: FaultConfig,
     ) {
-        let config = ParticipantConfig {
+        let mut config = ParticipantConfig {
             metrics_addr: None,
             fault_compensation_failures: compensation_faults,
-            faults,
             ..self.participant.clone()
         };
+        config.service.faults = faults;
         self.run_participant(participant, config);
     }
 
@@ -502,7 +507,7 @@ impl TestSystem {
     fn run_participant(&mut self, participant: Participant, mut config: ParticipantConfig) {
         let name = participant.name();
         if let Some(url) = self.roles.as_ref().and_then(|roles| roles.url(name, true)) {
-            config.database.database_url = url;
+            config.service.database.database_url = url;
         }
         let readiness = Some(participant.readiness());
         let stop = self.shutdown.child_token();
