@@ -6,8 +6,8 @@ pub mod definitions;
 mod machine;
 #[cfg(any(test, feature = "oracle"))]
 pub mod oracle;
-#[cfg(test)]
-mod order_messages;
+#[cfg(any(test, feature = "order-messages"))]
+pub mod order_messages;
 mod policy;
 #[cfg(test)]
 mod proptests;
