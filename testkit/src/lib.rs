@@ -9,6 +9,7 @@
 //!   their TLS URLs, dropped when the test ends.
 //! - [`Services`]: services running as tasks of the test's process, stopped one by one or all
 //!   together; [`participants`] has every participant of the repository by name.
+//! - [`pki`]: certificates from the repository's `scripts/pki.sh`: another CA, a client's.
 //! - [`eventually`]: waiting for what the services do.
 //!
 //! Environment: `KAFKA_BROKERS` (default 127.0.0.1:9092) and `TEST_DATABASE_URL`, a server URL
@@ -17,6 +18,7 @@
 mod cleanup;
 mod database;
 pub mod participants;
+pub mod pki;
 mod roles;
 mod services;
 mod topics;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use messaging::provision::{self, ServiceRole};
 use messaging::Error;
 use sqlx::PgPool;
+use testkit::pki::{issue, OtherCa};
 use testkit::{TestDatabase, TestRoles};
 
 /// A database and the roles of `services` for one test; removed when dropped (the database
@@ -72,23 +73,6 @@ async fn connect(url: &str, schema: &str) -> Result<PgPool, Error> {
     .expect("db::connect ends within 15 s instead of retrying")
 }
 
-/// A CA that did not sign the server's certificate, made by the repository's own script.
-fn another_ca() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("other-ca-{}", uuid::Uuid::new_v4()));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pki.sh");
-    let output = std::process::Command::new(script)
-        .arg("ca")
-        .env("PKI_DIR", &dir)
-        .output()
-        .expect("run scripts/pki.sh");
-    assert!(
-        output.status.success(),
-        "pki.sh ca: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir.join("ca.crt")
-}
-
 #[tokio::test]
 async fn verify_full_with_the_servers_ca_connects_and_another_ca_or_password_is_refused_at_start() {
     let fixture = Fixture::new(&["payment"]).await;
@@ -106,12 +90,12 @@ async fn verify_full_with_the_servers_ca_connects_and_another_ca_or_password_is_
     assert!(tls, "the connection uses TLS");
     pool.close().await;
 
-    let other = another_ca();
+    let other = OtherCa::new();
     let password = fixture.role("payment").password.clone();
     let untrusted = fixture.url_with(
         "payment",
         &password,
-        &format!("sslmode=verify-full&sslrootcert={}", other.display()),
+        &format!("sslmode=verify-full&sslrootcert={}", other.ca().display()),
     );
     let error = connect(&untrusted, "payment")
         .await
@@ -119,7 +103,6 @@ async fn verify_full_with_the_servers_ca_connects_and_another_ca_or_password_is_
     let text = error.to_string();
     assert!(matches!(error, Error::Connect { .. }), "{text}");
     assert!(text.contains("sslrootcert"), "names the setting: {text}");
-    let _ = std::fs::remove_dir_all(other.parent().expect("the CA's folder"));
 
     let wrong_password = fixture.url_with(
         "payment",
@@ -332,10 +315,8 @@ async fn the_admin_step_hands_a_schema_migrated_by_a_superuser_to_the_service_ro
 /// The local CA's folder (`scripts/pki.sh`, `TEST_PKI_DIR` or the repository's `.run/pki`),
 /// checked to be the CA the server trusts: the test issues client certificates with it.
 fn server_pki(ca: &str) -> PathBuf {
-    let dir = std::env::var("TEST_PKI_DIR").map_or_else(
-        |_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.run/pki"),
-        PathBuf::from,
-    );
+    let dir = std::env::var("TEST_PKI_DIR")
+        .map_or_else(|_| testkit::repository().join(".run/pki"), PathBuf::from);
     let ours = std::fs::read(dir.join("ca.crt")).unwrap_or_default();
     let servers = std::fs::read(ca).expect("the server's CA");
     assert_eq!(
@@ -346,24 +327,6 @@ fn server_pki(ca: &str) -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn issue(pki: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pki.sh");
-    let output = std::process::Command::new(script)
-        .args(["issue", name])
-        .env("PKI_DIR", pki)
-        .output()
-        .expect("run scripts/pki.sh");
-    assert!(
-        output.status.success(),
-        "pki.sh issue: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (
-        pki.join(format!("{name}.crt")),
-        pki.join(format!("{name}.key")),
-    )
 }
 
 #[tokio::test]
@@ -396,8 +359,8 @@ async fn a_client_certificate_from_the_ca_is_accepted_and_one_from_another_ca_re
     assert_eq!(presented, Some(format!("/CN={name}")));
     pool.close().await;
 
-    let other = std::env::temp_dir().join(format!("other-pki-{}", uuid::Uuid::new_v4()));
-    let (foreign_cert, foreign_key) = issue(&other, &name);
+    let other = OtherCa::new();
+    let (foreign_cert, foreign_key) = other.issue(&name);
     let error = connect(&with_certificate(&foreign_cert, &foreign_key), "payment")
         .await
         .expect_err("the server refuses a client certificate it cannot verify");
@@ -408,5 +371,4 @@ async fn a_client_certificate_from_the_ca_is_accepted_and_one_from_another_ca_re
         let _ = std::fs::remove_file(&file);
     }
     let _ = std::fs::remove_file(pki.join(format!("{name}.p12")));
-    let _ = std::fs::remove_dir_all(&other);
 }
