@@ -40,10 +40,13 @@ COPY Cargo.toml Cargo.lock ./
 COPY events events
 COPY saga-core saga-core
 COPY messaging messaging
+COPY orchestrator-schema orchestrator-schema
 COPY orchestrator orchestrator
 COPY participants participants
 # A workspace member: cargo reads every member's manifest, whichever binary it builds.
 COPY sagactl sagactl
+# The test kit, a dev-dependency only, is a member too.
+COPY testkit testkit
 # sqlx::migrate!("../migrations/...") embeds these at compile time.
 COPY migrations migrations
 # sqlx's query macros check the SQL against this cache instead of a database

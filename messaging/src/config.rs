@@ -7,6 +7,25 @@ use clap::{Args, ValueEnum};
 
 pub use crate::access::KafkaConnection;
 
+/// What every service's set-up takes from its settings, the same flags and variables for the
+/// orchestrator and every participant: Kafka, its database, its outbox relay, the retention of
+/// the messaging tables and fault injection. Each service flattens it into its own settings
+/// (next to what only it has, its consumer group's variable among them), and
+/// [`crate::service::Service::open`] builds the service from it.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceConfig {
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub relay: RelayConfig,
+    #[command(flatten)]
+    pub retention: RetentionConfig,
+    #[command(flatten)]
+    pub faults: FaultConfig,
+}
+
 /// How to reach Kafka and how to name and create topics.
 #[derive(Debug, Clone, Args)]
 pub struct KafkaConfig {

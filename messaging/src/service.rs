@@ -1,8 +1,9 @@
 //! The service builder: what the orchestrator and every participant run the same way, under
 //! one [`Supervisor`].
 //!
-//! A service opens its pool ([`crate::db::open`]), makes a [`Service`], and adds its parts:
-//! its message [`Pipeline`] ([`Service::pipeline`] builds it with the shared defaults, and
+//! A service opens its pool and makes a [`Service`] from the settings every service shares
+//! ([`ServiceConfig`], [`Service::open`]), and adds its parts: its message [`Pipeline`]
+//! ([`Service::pipeline`] builds it from those settings with the shared defaults, and
 //! [`Service::consume`] runs it: consumer with its stall check, relay, inbox retention, outbox
 //! sampler), its own retention sweeps ([`Service::sweep`]), `/metrics` and `/healthz`
 //! ([`Service::serve_metrics`]) and whatever else it runs ([`Service::spawn`]: the
@@ -12,31 +13,20 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
+pub use crate::config::ServiceConfig;
 use crate::consumer::{DeadLetters, Handler};
 use crate::health::Health;
 use crate::pipeline::Pipeline;
 use crate::supervisor::Supervisor;
 
-/// The settings every service's pipeline takes from its configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct PipelineConfig<'a> {
-    pub kafka: &'a KafkaConfig,
-    pub relay: &'a RelayConfig,
-    pub retention: &'a RetentionConfig,
-    pub faults: &'a FaultConfig,
-    /// The consumer group; default `{TOPIC_PREFIX}{service}`.
-    pub group: Option<&'a str>,
-}
-
 /// A service being assembled, then run (see the module header).
 pub struct Service<E> {
     name: &'static str,
+    config: ServiceConfig,
     pool: PgPool,
     schema: String,
     health: Health,
@@ -47,25 +37,37 @@ impl<E> Service<E>
 where
     E: std::error::Error + From<crate::Error> + Send + 'static,
 {
-    /// The service `name` (its consumer group's default name and its dead letters' signature),
-    /// whose pool works in `schema`, running until `shutdown` is cancelled.
-    pub fn new(
+    /// Opens the service `name` (its default schema, its consumer group's default name and its
+    /// dead letters' signature) with `config`: its pool on `DATABASE_URL` in its schema
+    /// (`DATABASE_SCHEMA`, default `name`), migrated with the messaging tables and `layers`
+    /// ([`crate::db::open`]). It runs until `shutdown` is cancelled.
+    ///
+    /// # Errors
+    /// The database's ([`crate::db::open`]): unreachable, refused, not migrated.
+    pub async fn open(
         name: &'static str,
-        pool: PgPool,
-        schema: String,
+        config: &ServiceConfig,
+        layers: &[&sqlx::migrate::Migrator],
         shutdown: CancellationToken,
-    ) -> Self {
-        Self {
+    ) -> crate::Result<Self> {
+        let (pool, schema) = crate::db::open(&config.database, name, layers).await?;
+        Ok(Self {
             name,
+            config: config.clone(),
             pool,
             schema,
             health: Health::default(),
             supervisor: Supervisor::new(shutdown),
-        }
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The schema its pool works in.
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     /// Whether the database works, as the consume loop finds it, for `/healthz`.
@@ -78,20 +80,22 @@ where
         self.supervisor.shutdown()
     }
 
-    /// The service's pipeline: it consumes `topics` in its group, dead-letters to
-    /// `dead_letter_topic` signed with the service's name, relays the outbox of its schema.
+    /// The service's pipeline, from its settings: it consumes `topics` in `group` (default
+    /// `{TOPIC_PREFIX}{service}`), dead-letters to `dead_letter_topic` signed with the
+    /// service's name, relays the outbox of its schema.
     pub fn pipeline(
         &self,
-        config: PipelineConfig<'_>,
+        group: Option<&str>,
         topics: Vec<String>,
         dead_letter_topic: String,
     ) -> Pipeline {
+        let config = &self.config;
         Pipeline {
             kafka: config.kafka.clone(),
             relay: config.relay.clone(),
             retention: config.retention.clone(),
             schema: self.schema.clone(),
-            group: config.group.map_or_else(
+            group: group.map_or_else(
                 || format!("{}{}", config.kafka.topic_prefix, self.name),
                 str::to_owned,
             ),
@@ -114,13 +118,15 @@ where
         });
     }
 
-    /// Runs `sweep` on the service's pool every `interval` (and again at once after a full
-    /// batch: [`crate::retention::every`]) until shutdown; `what` names it in the logs.
-    pub fn sweep<F, Fut>(&mut self, what: &'static str, interval: Duration, sweep: F)
+    /// Runs `sweep` on the service's pool every `RETENTION_SWEEP_INTERVAL_MS` (and again at
+    /// once after a full batch: [`crate::retention::every`]) until shutdown; `what` names it
+    /// in the logs.
+    pub fn sweep<F, Fut>(&mut self, what: &'static str, sweep: F)
     where
         F: Fn(PgPool) -> Fut + Send + 'static,
         Fut: Future<Output = sqlx::Result<u64>> + Send + 'static,
     {
+        let interval = self.config.retention.sweep_interval();
         let pool = self.pool.clone();
         let stop = self.shutdown().clone();
         self.supervisor.spawn_infallible(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use clap::{Args, Parser};
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
+use messaging::config::ServiceConfig;
 
 use crate::auth::Tokens;
 use crate::saga::{RetryPolicy, SagaDefinition};
@@ -19,18 +19,11 @@ use crate::Error;
     about = "Drives order sagas over Kafka and serves their status over HTTP."
 )]
 pub struct Config {
+    // What every service takes: Kafka, the database, the relay, retention, faults.
     #[command(flatten)]
-    pub kafka: KafkaConfig,
-    #[command(flatten)]
-    pub database: DatabaseConfig,
-    #[command(flatten)]
-    pub relay: RelayConfig,
-    #[command(flatten)]
-    pub retention: RetentionConfig,
+    pub service: ServiceConfig,
     #[command(flatten)]
     pub retries: RetryConfig,
-    #[command(flatten)]
-    pub faults: FaultConfig,
     #[command(flatten)]
     pub api: ApiConfig,
 
@@ -497,5 +490,54 @@ mod tests {
             let message = refused.expect_err("refused").to_string();
             assert!(message.contains("STEP_TIMEOUT_OVERRIDES_MS"), "{message}");
         }
+    }
+}
+
+/// Every setting of the orchestrator and of a participant as their command lines know it, so
+/// that a change to how the settings are assembled (the shared pipeline settings) shows
+/// whether any setting's flag, variable or default moved.
+#[cfg(test)]
+mod settings {
+    use clap::{Args, CommandFactory};
+
+    /// One line per setting: its flag, its environment variable and its default, sorted (the
+    /// order of `--help` is not the contract; the names and defaults are).
+    fn table(command: &clap::Command) -> Vec<String> {
+        let mut lines: Vec<String> = command
+            .get_arguments()
+            .filter(|arg| !matches!(arg.get_id().as_str(), "help" | "version"))
+            .map(|arg| {
+                let defaults: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                format!(
+                    "--{} {} default={:?}",
+                    arg.get_long().unwrap_or_default(),
+                    arg.get_env()
+                        .map(|e| e.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    defaults
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn the_services_settings_keep_their_names_and_defaults() {
+        let participant = participants::ParticipantConfig::augment_args(clap::Command::new("p"));
+        let rendered = format!(
+            "[orchestrator]\n{}\n[participant]\n{}\n",
+            table(&super::Config::command()).join("\n"),
+            table(&participant).join("\n")
+        );
+        assert_eq!(
+            rendered,
+            include_str!("settings.txt"),
+            "a setting's flag, variable or default changed; the rendering is:\n{rendered}"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub use saga_core as saga;
 use std::sync::Arc;
 
 use events::Topics;
-use messaging::service::{PipelineConfig, Service};
+use messaging::service::Service;
 use messaging::{db, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -62,29 +62,29 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
-    let (pool, schema) = db::open(&config.database, DEFAULT_SCHEMA, &[&store::MIGRATIONS]).await?;
+    let mut service = Service::open(
+        DEFAULT_SCHEMA,
+        &config.service,
+        &[&store::MIGRATIONS],
+        shutdown,
+    )
+    .await?;
     let api_pool = db::side_pool(
-        &config.database.database_url,
-        &schema,
+        &config.service.database.database_url,
+        service.schema(),
         config.api.api_database_connections,
         API_ACQUIRE_TIMEOUT,
     )?;
-    let topics = Topics::new(config.kafka.topic_prefix.clone());
-    let catalog =
-        Arc::new(catalog::Catalog::load(&pool, &config.sagas_dir, config.retries.clone()).await?);
+    let topics = Topics::new(config.service.kafka.topic_prefix.clone());
+    let catalog = Arc::new(
+        catalog::Catalog::load(service.pool(), &config.sagas_dir, config.retries.clone()).await?,
+    );
     let consumed_topics = ensure_topics(&config, &topics, &catalog).await?;
 
-    let mut service = Service::new("orchestrator", pool, schema, shutdown);
     let state = app_state(&config, gate, api_pool.clone(), &topics, &catalog, &service)?;
     run_background(&mut service, &config, &state);
     let pipeline = service.pipeline(
-        PipelineConfig {
-            kafka: &config.kafka,
-            relay: &config.relay,
-            retention: &config.retention,
-            faults: &config.faults,
-            group: config.group.as_deref(),
-        },
+        config.group.as_deref(),
         consumed_topics,
         topics.dead_letters(),
     );
@@ -113,7 +113,7 @@ async fn ensure_topics(
             .chain(&command_topics)
             .map(|t| topics.named(t)),
     );
-    kafka::ensure_topics(&config.kafka, &all).await?;
+    kafka::ensure_topics(&config.service.kafka, &all).await?;
     Ok(consumed)
 }
 
@@ -139,8 +139,8 @@ fn app_state(
     Ok(api::AppState {
         pool: api_pool,
         orders: Arc::new(api::publisher::OrderPublisher::new(
-            &config.kafka,
-            &config.faults,
+            &config.service.kafka,
+            &config.service.faults,
             std::time::Duration::from_millis(config.api.order_publish_timeout_ms),
         )?),
         topics: topics.clone(),
@@ -187,17 +187,13 @@ fn run_background(service: &mut Service<Error>, config: &Config, state: &api::Ap
     let failed_secs = config.failed_saga_retention_secs;
     let dedup_secs = config.order_dedup_retention_secs;
     let keys_secs = config.api.idempotency_key_retention_secs;
-    service.sweep(
-        "saga retention",
-        config.retention.sweep_interval(),
-        move |pool| async move {
-            let batch = messaging::retention::SWEEP_BATCH;
-            let sagas = store::sweep_finished(&pool, retention_secs, failed_secs, batch).await?;
-            let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
-            let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
-            Ok(sagas + keys + idempotency)
-        },
-    );
+    service.sweep("saga retention", move |pool| async move {
+        let batch = messaging::retention::SWEEP_BATCH;
+        let sagas = store::sweep_finished(&pool, retention_secs, failed_secs, batch).await?;
+        let keys = store::sweep_saga_dedup(&pool, dedup_secs, batch).await?;
+        let idempotency = api::idempotency::sweep(&pool, keys_secs, batch).await?;
+        Ok(sagas + keys + idempotency)
+    });
 }
 
 /// Serves the API on `listener`, and health and metrics on `ops_listener` when there is one.

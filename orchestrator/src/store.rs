@@ -11,14 +11,9 @@ use uuid::Uuid;
 use crate::saga::{Saga, SagaState, StepState};
 use crate::{CorruptColumn, Error, Result};
 
-/// The orchestrator's own migrations (on top of the messaging tables).
-pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
-
-/// The extensions the orchestrator's migrations use (pg_trgm: 1005's trigram index). A
-/// service role may not create an extension (it has no CREATE on the database), so the admin
-/// step (`sagactl provision database`) creates them; the migration's `CREATE EXTENSION IF NOT
-/// EXISTS` then finds them.
-pub const EXTENSIONS: &[&str] = &["pg_trgm"];
+/// The orchestrator's migrations and the extensions they need live in their own crate, which
+/// the admin step (`sagactl provision database`) uses without this server.
+pub use orchestrator_schema::{EXTENSIONS, MIGRATIONS};
 
 /// A saga's state as its column holds it (`saga_state`, orchestrator migration 1008): the
 /// machine's [`SagaState`], which knows no SQL, by its name.

@@ -1,20 +1,13 @@
 //! Settings shared by every participant binary.
 
 use clap::Args;
-use messaging::config::{DatabaseConfig, FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
+use messaging::config::ServiceConfig;
 
 #[derive(Debug, Clone, Args)]
 pub struct ParticipantConfig {
+    // What every service takes: Kafka, the database, the relay, retention, faults.
     #[command(flatten)]
-    pub kafka: KafkaConfig,
-    #[command(flatten)]
-    pub database: DatabaseConfig,
-    #[command(flatten)]
-    pub relay: RelayConfig,
-    #[command(flatten)]
-    pub retention: RetentionConfig,
-    #[command(flatten)]
-    pub faults: FaultConfig,
+    pub service: ServiceConfig,
 
     /// Consumer group of this service (default: `{TOPIC_PREFIX}{service}`).
     #[arg(long, env = "PARTICIPANT_GROUP")]

@@ -2,7 +2,7 @@
 //! naming its steps and migrations, one generic [`sdk::main`]) and the services that do the
 //! order saga's steps ([`inventory`], [`payment`], [`shipping`]) and the return saga's
 //! ([`returns`], and `inventory` and `payment` again). Each service runs as its
-//! own process (`src/bin/*.rs`) with its own schema; [`registry`] has them all by name.
+//! own process (`src/bin/*.rs`) with its own schema.
 //!
 //! A service only says how to do and undo its steps inside a transaction; the runtime does the
 //! rest: decoding, dedup, idempotency per (saga key, step), refusing a forward command that
@@ -12,7 +12,6 @@
 pub mod config;
 pub mod inventory;
 pub mod payment;
-pub mod registry;
 pub mod returns;
 mod runtime;
 pub mod sdk;

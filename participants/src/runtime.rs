@@ -27,8 +27,8 @@ use events::{Action, Command, Envelope, Reply, Topics};
 use messaging::consumer::{Handler, HandlerError, Record};
 use messaging::db::column;
 use messaging::outbox::{Outbox, OutgoingMessage};
-use messaging::service::{PipelineConfig, Service};
-use messaging::{db, inbox, kafka};
+use messaging::service::Service;
+use messaging::{inbox, kafka};
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -47,8 +47,14 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> messaging::Result<()> {
     let name = participant.name;
-    let (pool, schema) = db::open(&config.database, name, &participant.schema_migrations()).await?;
-    let topics = Topics::new(config.kafka.topic_prefix.clone());
+    let mut service = Service::open(
+        name,
+        &config.service,
+        &participant.schema_migrations(),
+        shutdown,
+    )
+    .await?;
+    let topics = Topics::new(config.service.kafka.topic_prefix.clone());
     let command_topic = topics.named(
         &config
             .command_topic
@@ -62,16 +68,9 @@ pub(crate) async fn run(
         topics.replies(),
         topics.dead_letters(),
     ];
-    kafka::ensure_topics(&config.kafka, &used).await?;
-    let mut service = Service::new(name, pool, schema, shutdown);
+    kafka::ensure_topics(&config.service.kafka, &used).await?;
     let pipeline = service.pipeline(
-        PipelineConfig {
-            kafka: &config.kafka,
-            relay: &config.relay,
-            retention: &config.retention,
-            faults: &config.faults,
-            group: config.group.as_deref(),
-        },
+        config.group.as_deref(),
         vec![command_topic.clone()],
         topics.dead_letters(),
     );
@@ -97,11 +96,9 @@ pub(crate) async fn run(
         service.serve_metrics(addr);
     }
     let retention_secs = config.step_ledger_retention_secs;
-    service.sweep(
-        "step ledger retention",
-        config.retention.sweep_interval(),
-        move |pool| async move { sweep_ledger(&pool, retention_secs).await },
-    );
+    service.sweep("step ledger retention", move |pool| async move {
+        sweep_ledger(&pool, retention_secs).await
+    });
     service.consume(pipeline, handler);
     service.run().await
 }

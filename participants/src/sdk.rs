@@ -212,7 +212,7 @@ impl Participant {
 
     /// Refuses a participant the runtime could not serve: no step, a step name that is no
     /// name on the wire, or one served twice.
-    pub(crate) fn check(&self) -> messaging::Result<()> {
+    pub fn check(&self) -> messaging::Result<()> {
         let config = |problem: String| Err(messaging::Error::Config(problem));
         let valid_name = !self.name.is_empty()
             && self

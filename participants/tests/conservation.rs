@@ -5,7 +5,7 @@
 //! undone, stock and money are exactly where they started.
 //!
 //! The tests drive the participants' `Step` implementations against a real PostgreSQL (one
-//! database per test, created and dropped here; fresh SKUs and customers per case), without
+//! database per test, the test kit's; fresh SKUs and customers per case), without
 //! Kafka: each batch of commands is one transaction per participant, handled as the runtime
 //! handles it (its step ledger modelled here: one forward outcome per saga key and step, the
 //! compensation once, a forward command after its compensation refused; runs split at a
@@ -25,36 +25,25 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use sqlx::migrate::Migrator;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
+use testkit::TestDatabase;
 use uuid::Uuid;
 
 static INVENTORY: Migrator = sqlx::migrate!("../migrations/inventory");
 static PAYMENT: Migrator = sqlx::migrate!("../migrations/payment");
 
-fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
-}
-
 /// A database of this test's own with the inventory and payment schemas, dropped at the end
 /// (also when the test fails).
 struct TestDb {
-    name: String,
     inventory: PgPool,
     payment: PgPool,
+    _database: TestDatabase,
 }
 
 impl TestDb {
     async fn create() -> Self {
-        let name = format!("conservation_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&server_url())
-            .await
-            .expect("connect to the test server");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create the test database");
-        let url = format!("{}/{name}", server_url());
+        let database = TestDatabase::create("conservation").await;
+        let url = database.url();
         let open = |schema: &'static str, own: &'static Migrator| {
             let url = url.clone();
             async move {
@@ -70,30 +59,8 @@ impl TestDb {
         Self {
             inventory: open("inventory", &INVENTORY).await,
             payment: open("payment", &PAYMENT).await,
-            name,
+            _database: database,
         }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any runtime (or inside a finished one): a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&server_url()).await {
-                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    let _ = sqlx::query(&drop).execute(&mut admin).await;
-                }
-            });
-        })
-        .join();
     }
 }
 

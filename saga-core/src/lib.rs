@@ -7,8 +7,10 @@ pub mod generated;
 mod machine;
 #[cfg(any(test, feature = "oracle"))]
 pub mod oracle;
-#[cfg(test)]
-mod order_messages;
+// Not behind a feature: the end-to-end tests use it, and a feature only their build turned on
+// would give the saga core, and every crate above it, a second build in the test command
+// (.ci/run checks the test and service builds agree).
+pub mod order_messages;
 mod policy;
 #[cfg(test)]
 mod proptests;

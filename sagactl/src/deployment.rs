@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use orchestrator::saga::definitions::{self, SagaDefinition};
-use orchestrator::saga::Registry;
+use saga_core::definitions::{self, SagaDefinition};
+use saga_core::Registry;
 
 /// The orchestrator's service name: its binary, consumer group and schema.
 pub const ORCHESTRATOR: &str = "orchestrator";

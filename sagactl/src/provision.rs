@@ -127,7 +127,7 @@ async fn database(args: DatabaseArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to database {}", args.database))?;
     let extensions: &[&str] = if services.contains(&ORCHESTRATOR) {
-        orchestrator::store::EXTENSIONS
+        orchestrator_schema::EXTENSIONS
     } else {
         &[]
     };

@@ -4,27 +4,13 @@
 //! passwords. The roles are named with a prefix of this test's and dropped at the end.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
-
-fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-async fn admin(database: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/{database}", server_url()))
-        .await
-        .expect("PostgreSQL reachable as its superuser")
-}
+use testkit::{admin, server_url, TestDatabase};
 
 fn provision(database: &str, prefix: &str, secrets: &Path) -> String {
-    let sagas = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sagas");
+    let sagas = testkit::sagas_dir();
     let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
         .args(["provision", "database", "--server", &server_url()])
         .args(["--database", database, "--role-prefix", prefix])
@@ -44,12 +30,13 @@ fn provision(database: &str, prefix: &str, secrets: &Path) -> String {
 
 #[tokio::test]
 async fn provision_database_gives_every_service_of_the_definitions_a_role_and_its_schema() {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
-    let database = format!("provision_test_{id}");
+    let id = testkit::unique_id(10);
+    // Made by sagactl; dropped when the test ends, passed or not.
+    let database = TestDatabase::adopt(format!("provision_test_{id}"));
     let prefix = format!("t{id}_");
     let secrets = std::env::temp_dir().join(format!("provision-{id}"));
 
-    let printed = provision(&database, &prefix, &secrets);
+    let printed = provision(database.name(), &prefix, &secrets);
     let services: Vec<&str> = printed
         .lines()
         .map(|line| line.split('\t').next().unwrap_or_default())
@@ -76,7 +63,7 @@ async fn provision_database_gives_every_service_of_the_definitions_a_role_and_it
         passwords.push(std::fs::read_to_string(&file).expect("read"));
     }
 
-    let in_database = admin(&database).await;
+    let in_database = database.admin().await;
     let owners: Vec<(String, String)> = sqlx::query_as(
         "SELECT nspname::text, nspowner::regrole::text FROM pg_namespace \
          WHERE nspowner::regrole::text LIKE $1 ORDER BY 1",
@@ -112,17 +99,15 @@ async fn provision_database_gives_every_service_of_the_definitions_a_role_and_it
     assert_eq!(privileged, 0, "login roles without any other right");
 
     // Again: the same roles, schemas and passwords.
-    let again = provision(&database, &prefix, &secrets);
+    let again = provision(database.name(), &prefix, &secrets);
     assert_eq!(again, printed);
     for (service, before) in services.iter().zip(&passwords) {
         let now = std::fs::read_to_string(secrets.join(format!("{service}.pgpass"))).expect("read");
         assert_eq!(&now, before, "{service} keeps its password");
     }
 
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .expect("drop the database");
+    // The roles own what is in the database: it goes first.
+    drop(database);
     for service in &services {
         sqlx::query(&format!("DROP ROLE {prefix}{service}"))
             .execute(&admin)

@@ -24,6 +24,7 @@ use rdkafka::producer::{
 };
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
+use testkit::TestDatabase;
 use uuid::Uuid;
 
 const NEEDS_CLUSTER: &str = "needs the secured three-node cluster: set SECURED_KAFKA_DIR to its \
@@ -459,20 +460,11 @@ async fn a_wrong_password_an_untrusted_ca_or_a_foreign_certificate_fails_with_th
 
     // Another CA (a certificate authority of its own, which the cluster does not know) and a
     // client certificate it signed with the client's name.
-    let foreign = tempdir();
-    let status = Command::new(repository().join("scripts/pki.sh"))
-        .args(["issue", "client"])
-        .env("PKI_DIR", &foreign)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("running scripts/pki.sh");
-    assert!(status.success());
+    let foreign = testkit::pki::OtherCa::new();
+    let (foreign_cert, foreign_key) = foreign.issue("client");
 
     let mut untrusting = cluster.identity("client", "", "KAFKA_BROKERS");
-    untrusting.set(
-        "ssl.ca.location",
-        foreign.join("ca.crt").display().to_string(),
-    );
+    untrusting.set("ssl.ca.location", foreign.ca().display().to_string());
     let error = refusal(&untrusting, &topic);
     eprintln!("untrusted CA: {error}");
     assert!(error.contains("certificate verify failed"), "{error}");
@@ -481,12 +473,9 @@ async fn a_wrong_password_an_untrusted_ca_or_a_foreign_certificate_fails_with_th
     forged
         .set(
             "ssl.certificate.location",
-            foreign.join("client.crt").display().to_string(),
+            foreign_cert.display().to_string(),
         )
-        .set(
-            "ssl.key.location",
-            foreign.join("client.key").display().to_string(),
-        );
+        .set("ssl.key.location", foreign_key.display().to_string());
     let error = refusal(&forged, &topic);
     eprintln!("foreign client certificate: {error}");
     assert!(error.contains("alert certificate unknown"), "{error}");
@@ -498,7 +487,6 @@ async fn a_wrong_password_an_untrusted_ca_or_a_foreign_certificate_fails_with_th
     let error = refusal(&anonymous, &topic);
     eprintln!("no client certificate: {error}");
     assert!(error.contains("alert bad certificate"), "{error}");
-    let _ = std::fs::remove_dir_all(&foreign);
 }
 
 fn tempdir() -> PathBuf {
@@ -512,8 +500,8 @@ fn tempdir() -> PathBuf {
 struct Services {
     children: Vec<(String, std::process::Child)>,
     logs: PathBuf,
-    server: String,
-    database: String,
+    /// Removed when the test ends, after the processes (this struct's `drop`) are gone.
+    database: TestDatabase,
 }
 
 impl Drop for Services {
@@ -536,14 +524,8 @@ impl Drop for Services {
                 }
             }
         }
-        let _ = Command::new("psql")
-            .arg(format!("{}/postgres", self.server))
-            .args([
-                "-qc",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
-            ])
-            .status();
-        // A failed test's logs stay for a look.
+        // Their database goes with the `database` field, after them. A failed test's logs stay
+        // for a look.
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.logs);
         }
@@ -555,7 +537,7 @@ impl Drop for Services {
 /// The services of the repository's saga definitions: the orchestrator, then every participant
 /// a step names (each a binary of its name).
 fn service_names() -> Vec<String> {
-    let definitions = orchestrator::saga::definitions::load_dir(&repository().join("sagas"))
+    let definitions = saga_core::definitions::load_dir(&repository().join("sagas"))
         .expect("the repository's saga definitions load");
     let mut names = vec!["orchestrator".to_owned()];
     for definition in &definitions {
@@ -570,8 +552,8 @@ fn service_names() -> Vec<String> {
 
 /// Every service of the definitions as a process, each with its own identity, on a database
 /// of their own.
-fn start_services(cluster: &Cluster) -> Services {
-    let mut services = Services::new();
+async fn start_services(cluster: &Cluster) -> Services {
+    let mut services = Services::new().await;
     for name in service_names() {
         let properties = cluster.dir.join(format!("clients/{name}.properties"));
         services.spawn(cluster, &name, &properties);
@@ -581,21 +563,11 @@ fn start_services(cluster: &Cluster) -> Services {
 
 impl Services {
     /// No service yet, a database of their own.
-    fn new() -> Self {
-        let server = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let database = format!("secured_{}", Uuid::new_v4().simple());
-        let status = Command::new("psql")
-            .arg(format!("{server}/postgres"))
-            .args(["-qc", &format!("CREATE DATABASE {database}")])
-            .status()
-            .expect("running psql");
-        assert!(status.success(), "creating database {database}");
+    async fn new() -> Self {
         Services {
             children: Vec::new(),
             logs: tempdir(),
-            server,
-            database,
+            database: TestDatabase::create("secured").await,
         }
     }
 
@@ -618,7 +590,7 @@ impl Services {
             .env("KAFKA_BROKERS", cluster.brokers("KAFKA_BROKERS"))
             .env("KAFKA_CLIENT_PROPERTIES", properties)
             .env("TOPIC_PREFIX", cluster.topics.prefix())
-            .env("DATABASE_URL", format!("{}/{}", self.server, self.database))
+            .env("DATABASE_URL", self.database.url())
             .env("SAGAS_DIR", repository().join("sagas"))
             .env("HTTP_ADDR", http.to_string())
             .env("API_OPEN_ON_LOOPBACK", "true")
@@ -704,7 +676,7 @@ async fn every_service_runs_with_its_own_identity_and_an_order_placed_by_the_cli
     watcher
         .subscribe(&[&topics.saga_events()])
         .expect("subscribing");
-    let mut services = start_services(cluster);
+    let mut services = start_services(cluster).await;
 
     let order = Command::new(env!("CARGO_BIN_EXE_sagactl"))
         .args(["order", "--topic-prefix", topics.prefix()])
@@ -934,7 +906,7 @@ async fn a_service_the_cluster_refuses_stops_with_the_reason_at_start_and_when_r
         env: shared.env.clone(),
         topics: provision(&shared.dir),
     };
-    let mut services = Services::new();
+    let mut services = Services::new().await;
 
     // A wrong password: the service stops at start, naming the settings it used.
     let wrong = tempdir().join("wrong.properties");

@@ -7,18 +7,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
 fn sagactl(args: &[&str], client_properties: &Path) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
         .args(args)
-        .args(["--kafka-brokers", &brokers()])
-        .env(
-            "SAGAS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../sagas"),
-        )
+        .args(["--kafka-brokers", &testkit::brokers()])
+        .env("SAGAS_DIR", testkit::sagas_dir())
         .env("KAFKA_CLIENT_PROPERTIES", client_properties)
         .env("RUST_LOG", "debug")
         .output()

@@ -8,132 +8,58 @@
 //! the CA that signed the server's certificate).
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use messaging::provision::{self, ServiceRole};
 use messaging::Error;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use testkit::pki::{issue, OtherCa};
+use testkit::{TestDatabase, TestRoles};
 
-fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-/// A database and the roles of `services` for one test; removed when dropped.
+/// A database and the roles of `services` for one test; removed when dropped (the database
+/// first: the roles own what is in it).
 struct Fixture {
-    database: String,
-    roles: Vec<ServiceRole>,
+    database: TestDatabase,
+    roles: TestRoles,
     ca: String,
-    host: String,
-    port: u16,
 }
 
 impl Fixture {
     async fn new(services: &[&str]) -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
-        let database = format!("roles_test_{id}");
+        let database = TestDatabase::create("roles_test").await;
         let admin = admin("postgres").await;
-        let ca = match std::env::var("TEST_DATABASE_CA") {
-            Ok(path) => path,
-            Err(_) => sqlx::query_scalar("SELECT current_setting('ssl_ca_file')")
-                .fetch_one(&admin)
-                .await
-                .expect("the server's ssl_ca_file"),
-        };
-        assert!(
-            !ca.is_empty() && std::path::Path::new(&ca).exists(),
-            "the server trusts no CA file this test can read ({ca:?}): run scripts/postgres.sh \
-             start, or set TEST_DATABASE_CA"
-        );
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&admin)
-            .await
-            .expect("create the test database");
-        let roles = provision::create_roles(&admin, &format!("t{id}_"), services, |_| None)
-            .await
-            .expect("create the roles");
+        let roles = TestRoles::create(&admin, services).await;
         admin.close().await;
-        let in_database = self::admin(&database).await;
-        provision::create_schemas(&in_database, &roles, &[])
+        let in_database = database.admin().await;
+        provision::create_schemas(&in_database, roles.all(), &[])
             .await
             .expect("create the schemas");
         in_database.close().await;
-        let server = PgConnectOptions::from_str(&server_url()).expect("TEST_DATABASE_URL");
         Self {
+            ca: roles.ca().to_owned(),
             database,
             roles,
-            ca,
-            // verify-full checks the certificate against the name the client connects to: the
-            // local CA's certificate names both 127.0.0.1 and localhost.
-            host: server.get_host().to_owned(),
-            port: server.get_port(),
         }
     }
 
     fn role(&self, service: &str) -> &ServiceRole {
-        self.roles
-            .iter()
-            .find(|r| r.service == service)
-            .expect("a role of that service")
+        self.roles.role(service).expect("a role of that service")
     }
 
     /// `service`'s URL with `password` and the TLS `parameters`.
     fn url_with(&self, service: &str, password: &str, parameters: &str) -> String {
-        format!(
-            "postgres://{}:{password}@{}:{}/{}?{parameters}",
-            self.role(service).role,
-            self.host,
-            self.port,
-            self.database
-        )
+        self.roles
+            .url_with(service, self.database.name(), Some(password), parameters)
     }
 
     /// `service`'s URL as a deployment gives it: verify-full against the server's CA.
     fn url(&self, service: &str) -> String {
-        let password = self.role(service).password.clone();
-        self.url_with(
-            service,
-            &password,
-            &format!("sslmode=verify-full&sslrootcert={}", self.ca),
-        )
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let database = self.database.clone();
-        let roles = self.roles.clone();
-        // Runs on a runtime of its own: a test's runtime may be gone (a panic).
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let admin = admin("postgres").await;
-                let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
-                if let Err(e) = sqlx::query(&drop).execute(&admin).await {
-                    eprintln!("dropping {database} failed: {e}");
-                }
-                if let Err(e) = provision::drop_roles(&admin, &roles).await {
-                    eprintln!("dropping the test's roles failed: {e}");
-                }
-            });
-        });
-        let _ = cleanup.join();
+        self.roles.url(service, self.database.name())
     }
 }
 
 async fn admin(database: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/{database}", server_url()))
-        .await
-        .expect("PostgreSQL reachable as its superuser")
+    testkit::admin(database).await
 }
 
 /// `db::connect` as the service would at start: it must end by itself, quickly, either way
@@ -145,23 +71,6 @@ async fn connect(url: &str, schema: &str) -> Result<PgPool, Error> {
     )
     .await
     .expect("db::connect ends within 15 s instead of retrying")
-}
-
-/// A CA that did not sign the server's certificate, made by the repository's own script.
-fn another_ca() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("other-ca-{}", uuid::Uuid::new_v4()));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pki.sh");
-    let output = std::process::Command::new(script)
-        .arg("ca")
-        .env("PKI_DIR", &dir)
-        .output()
-        .expect("run scripts/pki.sh");
-    assert!(
-        output.status.success(),
-        "pki.sh ca: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir.join("ca.crt")
 }
 
 #[tokio::test]
@@ -181,12 +90,12 @@ async fn verify_full_with_the_servers_ca_connects_and_another_ca_or_password_is_
     assert!(tls, "the connection uses TLS");
     pool.close().await;
 
-    let other = another_ca();
+    let other = OtherCa::new();
     let password = fixture.role("payment").password.clone();
     let untrusted = fixture.url_with(
         "payment",
         &password,
-        &format!("sslmode=verify-full&sslrootcert={}", other.display()),
+        &format!("sslmode=verify-full&sslrootcert={}", other.ca().display()),
     );
     let error = connect(&untrusted, "payment")
         .await
@@ -194,7 +103,6 @@ async fn verify_full_with_the_servers_ca_connects_and_another_ca_or_password_is_
     let text = error.to_string();
     assert!(matches!(error, Error::Connect { .. }), "{text}");
     assert!(text.contains("sslrootcert"), "names the setting: {text}");
-    let _ = std::fs::remove_dir_all(other.parent().expect("the CA's folder"));
 
     let wrong_password = fixture.url_with(
         "payment",
@@ -275,7 +183,7 @@ async fn a_service_role_uses_only_its_own_schema_is_no_superuser_and_needs_tls()
     .await
     .expect("the group's members");
     assert_eq!(privileged, Vec::<String>::new());
-    for role in &fixture.roles {
+    for role in fixture.roles.all() {
         let member: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_auth_members \
                             WHERE member = r.oid AND roleid = $2::regrole) \
@@ -314,7 +222,7 @@ async fn a_service_role_uses_only_its_own_schema_is_no_superuser_and_needs_tls()
 #[tokio::test]
 async fn a_role_without_create_on_the_database_opens_its_schema_and_is_told_of_a_missing_one() {
     let fixture = Fixture::new(&["payment"]).await;
-    let admin = admin(&fixture.database).await;
+    let admin = fixture.database.admin().await;
     let may_create: bool =
         sqlx::query_scalar("SELECT has_database_privilege($1, current_database(), 'CREATE')")
             .bind(&fixture.role("payment").role)
@@ -351,7 +259,7 @@ async fn a_role_without_create_on_the_database_opens_its_schema_and_is_told_of_a
 #[tokio::test]
 async fn the_admin_step_hands_a_schema_migrated_by_a_superuser_to_the_service_role() {
     let fixture = Fixture::new(&["payment"]).await;
-    let admin = admin(&fixture.database).await;
+    let admin = fixture.database.admin().await;
     // What migrations run by the superuser (before the roles existed) left behind.
     sqlx::raw_sql(
         "ALTER SCHEMA payment OWNER TO postgres;
@@ -364,7 +272,7 @@ async fn the_admin_step_hands_a_schema_migrated_by_a_superuser_to_the_service_ro
     .execute(&admin)
     .await
     .expect("objects owned by the superuser");
-    provision::create_schemas(&admin, &fixture.roles, &[])
+    provision::create_schemas(&admin, fixture.roles.all(), &[])
         .await
         .expect("the admin step runs again");
     let foreign: Vec<String> = sqlx::query_scalar(
@@ -407,10 +315,8 @@ async fn the_admin_step_hands_a_schema_migrated_by_a_superuser_to_the_service_ro
 /// The local CA's folder (`scripts/pki.sh`, `TEST_PKI_DIR` or the repository's `.run/pki`),
 /// checked to be the CA the server trusts: the test issues client certificates with it.
 fn server_pki(ca: &str) -> PathBuf {
-    let dir = std::env::var("TEST_PKI_DIR").map_or_else(
-        |_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.run/pki"),
-        PathBuf::from,
-    );
+    let dir = std::env::var("TEST_PKI_DIR")
+        .map_or_else(|_| testkit::repository().join(".run/pki"), PathBuf::from);
     let ours = std::fs::read(dir.join("ca.crt")).unwrap_or_default();
     let servers = std::fs::read(ca).expect("the server's CA");
     assert_eq!(
@@ -421,24 +327,6 @@ fn server_pki(ca: &str) -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn issue(pki: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pki.sh");
-    let output = std::process::Command::new(script)
-        .args(["issue", name])
-        .env("PKI_DIR", pki)
-        .output()
-        .expect("run scripts/pki.sh");
-    assert!(
-        output.status.success(),
-        "pki.sh issue: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (
-        pki.join(format!("{name}.crt")),
-        pki.join(format!("{name}.key")),
-    )
 }
 
 #[tokio::test]
@@ -471,8 +359,8 @@ async fn a_client_certificate_from_the_ca_is_accepted_and_one_from_another_ca_re
     assert_eq!(presented, Some(format!("/CN={name}")));
     pool.close().await;
 
-    let other = std::env::temp_dir().join(format!("other-pki-{}", uuid::Uuid::new_v4()));
-    let (foreign_cert, foreign_key) = issue(&other, &name);
+    let other = OtherCa::new();
+    let (foreign_cert, foreign_key) = other.issue(&name);
     let error = connect(&with_certificate(&foreign_cert, &foreign_key), "payment")
         .await
         .expect_err("the server refuses a client certificate it cannot verify");
@@ -483,5 +371,4 @@ async fn a_client_certificate_from_the_ca_is_accepted_and_one_from_another_ca_re
         let _ = std::fs::remove_file(&file);
     }
     let _ = std::fs::remove_file(pki.join(format!("{name}.p12")));
-    let _ = std::fs::remove_dir_all(&other);
 }

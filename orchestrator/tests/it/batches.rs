@@ -4,8 +4,8 @@
 
 use events::{Envelope, LineItem, Reply};
 
-use crate::order_messages::{Command, Reply as OrderReply, StepDone};
 use rdkafka::Message;
+use saga_core::order_messages::{Command, Reply as OrderReply, StepDone};
 use uuid::Uuid;
 
 use crate::helpers::{count, eventually, order, Options, TestSystem};

@@ -1,50 +1,36 @@
 //! A whole deployment per test: the orchestrator and the order saga's participants as tasks in
 //! this process, talking to the real PostgreSQL and the real broker over the network. Each test
-//! gets its own database and its own topic prefix, and removes both when it ends. Which
-//! participants a saga has, and its topics, come from the repository's saga definitions
-//! (`sagas/`); the participants themselves from `participants::registry`.
+//! gets its own database and its own topic prefix, and removes both when it ends (the test kit's
+//! `TestDatabase` and `TestTopics`). Which participants a saga has, and its topics, come from
+//! the repository's saga definitions (`sagas/`); the participants themselves from the test
+//! kit's registry (`testkit::participants`).
 //!
 //! Environment: `KAFKA_BROKERS` (default 127.0.0.1:9092) and `TEST_DATABASE_URL`, a server URL
 //! without a database name (default postgres://postgres@127.0.0.1:5432).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use events::{Address, LineItem, OrderPlaced, Topics};
-use messaging::config::{
-    DatabaseConfig, FaultConfig, GroupProtocol, KafkaConfig, RelayConfig, RetentionConfig,
-};
+use messaging::config::{DatabaseConfig, FaultConfig, RelayConfig, RetentionConfig, ServiceConfig};
 use messaging::provision::{self, ServiceRole};
 use orchestrator::auth::{token_line, Role};
 use orchestrator::config::{ApiConfig, RetryConfig};
 use orchestrator::saga::{Registry, SagaDefinition};
-use participants::sdk::{Participant, Readiness};
-use participants::{registry, ParticipantConfig};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use participants::sdk::Participant;
+use participants::ParticipantConfig;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use testkit::{Services, TestDatabase, TestRoles, TestTopics};
 use uuid::Uuid;
 
-pub fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-pub fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
+pub use testkit::{brokers, eventually, kafka_config, sagas_dir, server_url};
 
 /// What a test changes about its deployment.
 #[derive(Default)]
@@ -67,71 +53,49 @@ pub struct Options {
     pub clock_skew_secs: i64,
     /// Every service's `KAFKA_CONSUMER_STALL_MS`, when not the default.
     pub consumer_stall_ms: Option<u64>,
-    /// Every service of the repository (the orchestrator and each participant of
-    /// `participants::registry`) connects as its own role over TLS (verify-full against the
-    /// server's CA, [`server_ca`]), with the password the admin step made: the admin step
-    /// (`messaging::provision`) runs first with roles named for this test, which are dropped at
-    /// the end. Otherwise every service connects as the superuser of [`server_url`].
+    /// Every service of the repository (the orchestrator and each participant of the test
+    /// kit's registry, `testkit::participants`) connects as its own role over TLS (verify-full
+    /// against the server's CA, [`testkit::server_ca`]), with the password the admin step made:
+    /// the admin step (`messaging::provision`) runs first with roles named for this test, which
+    /// are dropped at the end ([`testkit::TestRoles`]). Otherwise every service connects as the
+    /// superuser of [`server_url`].
     pub service_roles: bool,
     /// With `service_roles`: these services each get a database of their own (database per
     /// service) instead of a schema in the test's database.
     pub own_databases: Vec<&'static str>,
 }
 
-/// The CA that signed the PostgreSQL server's certificate: `TEST_DATABASE_CA`, or else the
-/// file the server trusts (`ssl_ca_file`; `scripts/postgres.sh` sets it to the local CA that
-/// signed the server's certificate).
-pub async fn server_ca(admin: &PgPool) -> String {
-    let ca = match std::env::var("TEST_DATABASE_CA") {
-        Ok(path) => path,
-        Err(_) => sqlx::query_scalar("SELECT current_setting('ssl_ca_file')")
-            .fetch_one(admin)
-            .await
-            .expect("the server's ssl_ca_file"),
-    };
-    assert!(
-        !ca.is_empty() && std::path::Path::new(&ca).exists(),
-        "the server trusts no CA file this test can read ({ca:?}): run scripts/postgres.sh \
-         start, or set TEST_DATABASE_CA"
-    );
-    ca
-}
-
-/// The roles and databases of a deployment with `Options::service_roles`.
+/// The roles and databases of a deployment with `Options::service_roles`. Its fields drop in
+/// their order: the services' own databases, then the roles, which own what was in them.
 struct ServiceRoles {
-    roles: Vec<ServiceRole>,
-    /// The CA file the services verify the server with.
-    ca: String,
+    /// The databases of the services in `Options::own_databases`.
+    _own_databases: Vec<TestDatabase>,
+    roles: TestRoles,
     /// The database each service uses, by service.
     databases: HashMap<String, String>,
 }
 
 impl ServiceRoles {
-    /// Runs the admin step for this test: a role per service, prefixed with `id`, and the
+    /// Runs the admin step for this test: a role per service of the repository, and the
     /// schemas in `database`, or in a database of its own for each of `own_databases`.
-    async fn provision(admin: &PgPool, id: &str, database: &str, own_databases: &[&str]) -> Self {
+    async fn provision(database: &str, own_databases: &[&str]) -> Self {
         let mut services = vec!["orchestrator"];
-        let participants = registry::all(&registry::Settings::default());
+        let participants = testkit::participants::all(&testkit::participants::Settings::default());
         services.extend(participants.iter().map(Participant::name));
-        let roles = provision::create_roles(admin, &format!("t{id}_"), &services, |_| None)
-            .await
-            .expect("the admin step creates the roles");
-        let ca = server_ca(admin).await;
+        let admin = testkit::admin("postgres").await;
+        let roles = TestRoles::create(&admin, &services).await;
+        admin.close().await;
         let mut databases = HashMap::new();
-        for role in &roles {
+        let mut own = Vec::new();
+        for role in roles.all() {
             let mut of_service = database.to_owned();
             if own_databases.contains(&role.service.as_str()) {
-                of_service = format!("{database}_{}", role.service);
-                sqlx::query(&format!("CREATE DATABASE {of_service}"))
-                    .execute(admin)
-                    .await
-                    .expect("create the service's own database");
+                let created =
+                    TestDatabase::create_named(format!("{database}_{}", role.service)).await;
+                of_service = created.name().to_owned();
+                own.push(created);
             }
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&format!("{}/{of_service}", server_url()))
-                .await
-                .expect("PostgreSQL reachable");
+            let pool = testkit::admin(&of_service).await;
             let extensions: &[&str] = if role.service == "orchestrator" {
                 orchestrator::store::EXTENSIONS
             } else {
@@ -144,58 +108,23 @@ impl ServiceRoles {
             databases.insert(role.service.clone(), of_service);
         }
         Self {
+            _own_databases: own,
             roles,
-            ca,
             databases,
         }
-    }
-
-    fn role(&self, service: &str) -> Option<&ServiceRole> {
-        self.roles.iter().find(|r| r.service == service)
     }
 
     /// `service`'s URL: its role, verify-full against the CA, its database; with the password
     /// when `with_password` (in-process services share one environment, so not PGPASSFILE).
     fn url(&self, service: &str, with_password: bool) -> Option<String> {
-        let role = self.role(service)?;
-        let server: sqlx::postgres::PgConnectOptions = server_url().parse().expect("server URL");
-        let password = if with_password {
-            format!(":{}", role.password)
+        self.roles.role(service)?;
+        let database = &self.databases[service];
+        Some(if with_password {
+            self.roles.url(service, database)
         } else {
-            String::new()
-        };
-        Some(format!(
-            "postgres://{}{password}@{}:{}/{}?sslmode=verify-full&sslrootcert={}",
-            role.role,
-            server.get_host(),
-            server.get_port(),
-            self.databases[service],
-            self.ca
-        ))
+            self.roles.url_without_password(service, database)
+        })
     }
-}
-
-/// Client settings for a test's own topic prefix, with `partitions` per topic.
-pub fn kafka_config(topic_prefix: String, partitions: i32) -> KafkaConfig {
-    KafkaConfig {
-        connection: messaging::config::KafkaConnection::to(brokers()),
-        topic_prefix,
-        topic_partitions: partitions,
-        topic_replication_factor: 1,
-        fetch_wait_max_ms: 100,
-        session_timeout_ms: 6_000,
-        group_instance_id: None,
-        group_protocol: GroupProtocol::default(),
-        kafka_debug: None,
-        linger_ms: 0,
-        consumer_batch_max: 100,
-        consumer_stall_ms: 10_000,
-    }
-}
-
-/// The repository's saga definitions.
-pub fn sagas_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas")
 }
 
 /// The definitions of [`sagas_dir`], read and checked once, as the orchestrator does.
@@ -212,14 +141,6 @@ pub fn definition(name: &str) -> &'static SagaDefinition {
         .unwrap_or_else(|| panic!("no saga {name} in {}", sagas_dir().display()))
 }
 
-/// The repository's participant called `name`, as the tests run it (the binaries' default
-/// settings: shipping denies AQ and BV).
-pub fn repository_participant(name: &str) -> Participant {
-    registry::participant(name, &registry::Settings::default()).unwrap_or_else(|| {
-        panic!("no participant {name} in participants::registry (participants/src/registry.rs)")
-    })
-}
-
 /// The participants the steps of the saga type `saga` name, each once, in the order of its
 /// steps. Fails the test when one is not in the registry or does not serve its step.
 pub fn participants_of(saga: &str) -> Vec<Participant> {
@@ -229,7 +150,7 @@ pub fn participants_of(saga: &str) -> Vec<Participant> {
         if participants.iter().any(|p| p.name() == step.participant) {
             continue;
         }
-        let participant = repository_participant(&step.participant);
+        let participant = testkit::participants::named(&step.participant);
         assert!(
             participant.step_names().contains(&step.name.as_str()),
             "{} names {} for step {}, which it does not serve (it serves {:?})",
@@ -282,29 +203,20 @@ pub fn all_topics(topics: &Topics) -> Vec<String> {
     all
 }
 
-/// A service of a test deployment, running as a task of this process.
-struct Service {
-    name: &'static str,
-    /// A child token of the deployment's, so a test can stop the service alone.
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-    /// A participant's; the orchestrator has none.
-    readiness: Option<Readiness>,
-}
-
 pub struct TestSystem {
     pub http: String,
     pub topics: Topics,
-    database: String,
-    database_url: String,
-    /// With `Options::service_roles`.
-    roles: Option<ServiceRoles>,
+    /// Stopped (the shutdown token cancelled) before what follows is removed.
+    services: Services,
     participant: ParticipantConfig,
-    shutdown: CancellationToken,
-    services: Vec<Service>,
     producer: FutureProducer,
     client: reqwest::Client,
-    cleaned_up: bool,
+    // The clean-up, in this order: the topics, the test's database, then (with
+    // `Options::service_roles`) the services' own databases and the roles.
+    _prefix: TestTopics,
+    database_url: String,
+    _database: TestDatabase,
+    roles: Option<ServiceRoles>,
 }
 
 impl TestSystem {
@@ -314,26 +226,15 @@ impl TestSystem {
 
     pub async fn start_with(options: Options) -> Self {
         std::mem::forget(messaging::telemetry::init("saga-tests"));
-        let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let database = format!("saga_test_{id}");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/postgres", server_url()))
-            .await
-            .expect("PostgreSQL reachable");
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&admin)
-            .await
-            .expect("create test database");
+        let kafka_topics = TestTopics::new("test");
+        let database = TestDatabase::create("saga_test").await;
         let roles = if options.service_roles {
-            Some(ServiceRoles::provision(&admin, &id, &database, &options.own_databases).await)
+            Some(ServiceRoles::provision(database.name(), &options.own_databases).await)
         } else {
             None
         };
-        admin.close().await;
-        let database_url = format!("{}/{database}", server_url());
 
-        let mut kafka = kafka_config(format!("test-{id}."), 2);
+        let mut kafka = kafka_topics.kafka_config(2);
         if let Some(stall_ms) = options.consumer_stall_ms {
             kafka.consumer_stall_ms = stall_ms;
         }
@@ -345,7 +246,7 @@ impl TestSystem {
             .await
             .expect("create test topics");
         let database_config = DatabaseConfig {
-            database_url: database_url.clone(),
+            database_url: database.url(),
             database_schema: None,
             database_max_connections: 2,
         };
@@ -360,11 +261,13 @@ impl TestSystem {
             None => RetentionConfig::default(),
         };
         let participant = ParticipantConfig {
-            kafka: kafka.clone(),
-            database: database_config.clone(),
-            relay: RelayConfig::default(),
-            retention: retention.clone(),
-            faults: FaultConfig::default(),
+            service: ServiceConfig {
+                kafka: kafka.clone(),
+                database: database_config.clone(),
+                relay: RelayConfig::default(),
+                retention: retention.clone(),
+                faults: FaultConfig::default(),
+            },
             group: None,
             command_topic: None,
             metrics_addr: None,
@@ -373,7 +276,6 @@ impl TestSystem {
                 .everything_retention_secs
                 .unwrap_or(participants::config::STEP_LEDGER_RETENTION_SECS),
         };
-        let shutdown = CancellationToken::new();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -384,20 +286,22 @@ impl TestSystem {
             database_url: roles
                 .as_ref()
                 .and_then(|roles| roles.url("orchestrator", true))
-                .unwrap_or_else(|| database_url.clone()),
+                .unwrap_or_else(|| database.url()),
             ..database_config
         };
         let config = orchestrator::Config {
-            kafka,
-            database: orchestrator_database,
-            relay: RelayConfig::default(),
-            retention,
+            service: ServiceConfig {
+                kafka,
+                database: orchestrator_database,
+                relay: RelayConfig::default(),
+                retention,
+                faults: options.orchestrator_faults,
+            },
             saga_retention_secs: options.retention_secs.unwrap_or(7 * 24 * 3600),
             failed_saga_retention_secs: options.everything_retention_secs.unwrap_or(30 * 24 * 3600),
             order_dedup_retention_secs: 8 * 24 * 3600,
             retries: options.retries,
             sagas_dir: sagas_dir(),
-            faults: options.orchestrator_faults,
             http_addr: listener.local_addr().expect("local addr"),
             group: None,
             fault_clock_skew_secs: options.clock_skew_secs,
@@ -412,18 +316,10 @@ impl TestSystem {
                 api
             },
         };
-        let mut services = Vec::new();
+        let mut services = Services::new();
         if !options.without.contains(&"orchestrator") {
-            let stop = shutdown.child_token();
-            let task = spawn(
-                "orchestrator",
-                orchestrator::run(config, listener, stop.clone()),
-            );
-            services.push(Service {
-                name: "orchestrator",
-                stop,
-                task,
-                readiness: None,
+            services.start("orchestrator", |stop| {
+                orchestrator::run(config, listener, stop)
             });
         }
 
@@ -434,15 +330,14 @@ impl TestSystem {
         let mut system = Self {
             http,
             topics,
-            database,
-            database_url,
-            roles,
-            participant,
-            shutdown,
             services,
+            participant,
             producer,
             client: reqwest::Client::new(),
-            cleaned_up: false,
+            _prefix: kafka_topics,
+            database_url: database.url(),
+            _database: database,
+            roles,
         };
         // A default deployment runs the order saga; a test starts the return saga's own
         // participant when it needs it.
@@ -460,7 +355,7 @@ impl TestSystem {
     /// compensations.
     pub fn start_participant(&mut self, name: &str, compensation_faults: u32) {
         self.start_participant_with(
-            repository_participant(name),
+            testkit::participants::named(name),
             compensation_faults,
             FaultConfig::default(),
         );
@@ -474,7 +369,7 @@ impl TestSystem {
             crash_in_process: true,
             ..FaultConfig::default()
         };
-        self.start_participant_with(repository_participant(name), 0, faults);
+        self.start_participant_with(testkit::participants::named(name), 0, faults);
     }
 
     fn start_participant_with(
@@ -483,12 +378,12 @@ impl TestSystem {
         compensation_faults: u32,
         faults: FaultConfig,
     ) {
-        let config = ParticipantConfig {
+        let mut config = ParticipantConfig {
             metrics_addr: None,
             fault_compensation_failures: compensation_faults,
-            faults,
             ..self.participant.clone()
         };
+        config.service.faults = faults;
         self.run_participant(participant, config);
     }
 
@@ -502,20 +397,9 @@ impl TestSystem {
     fn run_participant(&mut self, participant: Participant, mut config: ParticipantConfig) {
         let name = participant.name();
         if let Some(url) = self.roles.as_ref().and_then(|roles| roles.url(name, true)) {
-            config.database.database_url = url;
+            config.service.database.database_url = url;
         }
-        let readiness = Some(participant.readiness());
-        let stop = self.shutdown.child_token();
-        let task = spawn(
-            name,
-            participants::sdk::run(participant, config, stop.clone()),
-        );
-        self.services.push(Service {
-            name,
-            stop,
-            task,
-            readiness,
-        });
+        self.services.start_participant(participant, config);
     }
 
     /// The URL of the test's database.
@@ -525,7 +409,7 @@ impl TestSystem {
 
     /// With `Options::service_roles`: `service`'s role, made by the admin step.
     pub fn service_role(&self, service: &str) -> Option<&ServiceRole> {
-        self.roles.as_ref()?.role(service)
+        self.roles.as_ref()?.roles.role(service)
     }
 
     /// With `Options::service_roles`: `service`'s URL as a deployment gives it, its role over
@@ -549,56 +433,27 @@ impl TestSystem {
     /// The services running now, by name: each one's schema too, as a test deployment names
     /// no schema.
     pub fn running_services(&self) -> Vec<&'static str> {
-        self.services.iter().map(|s| s.name).collect()
+        self.services.names()
     }
 
     /// The services that ended by themselves (a crash) while the test ran.
     pub fn ended_services(&self) -> Vec<&'static str> {
-        self.services
-            .iter()
-            .filter(|s| s.task.is_finished())
-            .map(|s| s.name)
-            .collect()
+        self.services.ended()
     }
 
     /// Waits until a service ends by itself (a crash) and returns why it ended.
     pub async fn wait_for_exit(&mut self, name: &str) -> String {
-        let index = self
-            .services
-            .iter()
-            .position(|s| s.name == name)
-            .unwrap_or_else(|| panic!("{name} is not running"));
-        let Service { task, .. } = self.services.remove(index);
-        match tokio::time::timeout(Duration::from_secs(30), task).await {
-            Ok(Ok(())) => "stopped cleanly".into(),
-            Ok(Err(e)) if e.is_panic() => e
-                .into_panic()
-                .downcast::<String>()
-                .map(|m| *m)
-                .unwrap_or_else(|_| "panicked".into()),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => panic!("{name} did not end within 30 s"),
-        }
+        self.services.wait_for_exit(name).await
     }
 
     /// Stops one service gracefully and waits for it.
     pub async fn stop_service(&mut self, name: &str) {
-        let index = self
-            .services
-            .iter()
-            .position(|s| s.name == name)
-            .unwrap_or_else(|| panic!("{name} is not running"));
-        let Service { stop, task, .. } = self.services.remove(index);
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("the service stops within 30 s")
-            .expect("service task");
+        self.services.stop(name).await;
     }
 
     /// Waits for the orchestrator's API and for the started participants to be ready.
     async fn wait_until_healthy(&self) {
-        if self.services.iter().any(|s| s.name == "orchestrator") {
+        if self.services.contains("orchestrator") {
             self.wait_for_api().await;
         }
         self.wait_for_participants().await;
@@ -675,12 +530,9 @@ impl TestSystem {
     /// Waits until every running participant is ready: all its migrations are in, the demo
     /// data among them, so orders placed from now on find their stock and accounts.
     pub async fn wait_for_participants(&self) {
-        for service in &self.services {
-            let Some(readiness) = service.readiness else {
-                continue;
-            };
-            let db = self.schema(service.name).await;
-            let what = format!("{} to apply all its migrations", service.name);
+        for (name, readiness) in self.services.readiness() {
+            let db = self.schema(name).await;
+            let what = format!("{name} to apply all its migrations");
             eventually(&what, || async {
                 readiness.is_ready(&db).await.ok()?.then_some(())
             })
@@ -834,43 +686,7 @@ impl TestSystem {
     /// Reads `topic` from the beginning of every partition, without a group, until `count`
     /// records have arrived (or 30 s pass, which fails the test).
     pub async fn read_topic(&self, topic: &str, count: usize) -> Vec<OwnedMessage> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set(
-                "group.id",
-                format!("{}reader-{}", self.topics.prefix(), Uuid::new_v4()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .expect("consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("metadata");
-        let mut partitions = TopicPartitionList::new();
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            partitions
-                .add_partition_offset(topic, partition.id(), Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&partitions).expect("assign");
-        let mut records = Vec::new();
-        while records.len() < count {
-            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{count} records on {topic} within 30 s; got {}",
-                        records.len()
-                    )
-                })
-                .expect("receive");
-            records.push(message.detach());
-        }
-        // Closing an assign-only consumer can block for a long time against this broker
-        // (rust-rdkafka issue 509); nothing waits on it, so close it off the test's threads.
-        std::thread::spawn(move || drop(consumer));
-        records
+        testkit::read_from_start(topic, count, Duration::ZERO).await
     }
 
     /// Waits until the order's saga is in a terminal state and returns its body.
@@ -900,100 +716,12 @@ impl TestSystem {
         body["history"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Stops every service, then drops the database and the topics.
+    /// Stops every service, then drops the database and the topics (as the fields go: a test
+    /// that fails before `stop` has its services' shutdown token cancelled first, by the
+    /// `services` field, then the same removed).
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        for Service { task, .. } in self.services.drain(..) {
-            tokio::time::timeout(Duration::from_secs(30), task)
-                .await
-                .expect("services stop within 30 s")
-                .expect("service task");
-        }
-        remove_resources(&self.resources(), &self.topics).await;
-        self.cleaned_up = true;
+        self.services.stop_all().await;
     }
-
-    /// The databases and roles to remove at the end.
-    fn resources(&self) -> (Vec<String>, Vec<ServiceRole>) {
-        let mut databases = vec![self.database.clone()];
-        let mut roles = Vec::new();
-        if let Some(service_roles) = &self.roles {
-            databases.extend(service_roles.databases.values().cloned());
-            databases.sort();
-            databases.dedup();
-            roles = service_roles.roles.clone();
-        }
-        (databases, roles)
-    }
-}
-
-impl Drop for TestSystem {
-    /// A test that failed before `stop` still removes its database and topics.
-    fn drop(&mut self) {
-        if self.cleaned_up {
-            return;
-        }
-        self.shutdown.cancel();
-        let resources = self.resources();
-        let topics = self.topics.clone();
-        let cleanup = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                runtime.block_on(remove_resources(&resources, &topics));
-            }
-        });
-        let _ = cleanup.join();
-    }
-}
-
-/// Drops the test's databases, then its roles (which own nothing once those are gone), and
-/// deletes its topics.
-async fn remove_resources((databases, roles): &(Vec<String>, Vec<ServiceRole>), topics: &Topics) {
-    match PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", server_url()))
-        .await
-    {
-        Ok(admin) => {
-            for database in databases {
-                let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
-                if let Err(e) = sqlx::query(&drop).execute(&admin).await {
-                    eprintln!("dropping {database} failed: {e}");
-                }
-            }
-            if let Err(e) = provision::drop_roles(&admin, roles).await {
-                eprintln!("dropping the test's roles failed: {e}");
-            }
-        }
-        Err(e) => eprintln!("cannot reach PostgreSQL to drop {databases:?}: {e}"),
-    }
-    let kafka_admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create();
-    let names = all_topics(topics);
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    match kafka_admin {
-        Ok(admin) => {
-            if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
-                eprintln!("deleting test topics failed: {e}");
-            }
-        }
-        Err(e) => eprintln!("cannot create a Kafka admin client: {e}"),
-    }
-}
-
-fn spawn<F, E>(name: &'static str, service: F) -> JoinHandle<()>
-where
-    F: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    tokio::spawn(async move {
-        if let Err(e) = service.await {
-            panic!("{name} failed: {e}");
-        }
-    })
 }
 
 /// The response's `content-type`, or "" without one.
@@ -1004,25 +732,6 @@ pub fn content_type(response: &reqwest::Response) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Polls `check` until it returns a value, for at most 60 seconds.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// An order from the demo data: `customer` buys `quantity` of `sku` at 10.00 EUR each, shipped

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use events::{Envelope, LineItem, Outcome, Reply, SagaEvent};
 
-use crate::order_messages::{Command, Reply as OrderReply, StepDone};
 use messaging::config::FaultConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
+use saga_core::order_messages::{Command, Reply as OrderReply, StepDone};
 use serde_json::Value;
 use uuid::Uuid;
 

@@ -9,10 +9,6 @@ mod hostile;
 mod idempotency;
 mod loyalty;
 mod operate;
-/// The order saga's messages in the shapes the tests write them, shared with the unit tests.
-#[path = "../../../saga-core/src/order_messages.rs"]
-#[allow(dead_code)] // The unit tests use the rest of it.
-mod order_messages;
 mod recovery;
 mod returns;
 mod roles;
@@ -20,9 +16,9 @@ mod typed;
 
 use events::Envelope;
 use helpers::{order, step_statuses, TestSystem};
-use order_messages::{Reply, StepDone};
 use rdkafka::message::Headers;
 use rdkafka::Message;
+use saga_core::order_messages::{Reply, StepDone};
 use uuid::Uuid;
 
 async fn stock(system: &TestSystem, sku: &str) -> i32 {
@@ -384,8 +380,10 @@ async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
         ("5c1e7b2a-9d3f-4e6a-b1c2-d3e4f5a6b7c8", 1),
         ("91d2a3b4-c5d6-4e7f-8a9b-0c1d2e3f4a5b", 3),
     ];
-    let config = helpers::kafka_config(format!("partitioner-{}.", Uuid::new_v4().simple()), 4);
-    let topic = format!("{}orders", config.topic_prefix);
+    // Its topic is deleted when the test ends, passed or not.
+    let prefix = testkit::TestTopics::new("partitioner");
+    let config = prefix.kafka_config(4);
+    let topic = prefix.named("orders");
     messaging::kafka::ensure_topics(&config, std::slice::from_ref(&topic))
         .await
         .expect("create topic");
@@ -402,33 +400,16 @@ async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
             .expect("delivered");
         assert_eq!(delivery.partition, expected, "partition of key {key}");
     }
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", helpers::brokers())
-            .create()
-            .expect("admin client");
-    admin
-        .delete_topics(&[topic.as_str()], &rdkafka::admin::AdminOptions::new())
-        .await
-        .expect("delete topic");
 }
 
 /// Several instances of a service starting at once on a fresh database all come up: creating
 /// the schema and migrating it is serialised, so none fails on a duplicate schema name.
 #[tokio::test]
 async fn instances_starting_at_once_all_create_and_migrate_their_schema() {
-    let database = format!("startup_{}", Uuid::new_v4().simple());
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", helpers::server_url()))
-        .await
-        .expect("PostgreSQL reachable");
-    sqlx::query(&format!("CREATE DATABASE {database}"))
-        .execute(&admin)
-        .await
-        .expect("create database");
+    // Dropped when the test ends, passed or not.
+    let database = testkit::TestDatabase::create("startup").await;
     let config = messaging::config::DatabaseConfig {
-        database_url: format!("{}/{database}", helpers::server_url()),
+        database_url: database.url(),
         database_schema: None,
         database_max_connections: 1,
     };
@@ -451,10 +432,6 @@ async fn instances_starting_at_once_all_create_and_migrate_their_schema() {
             Err(e) => failures.push(e.to_string()),
         }
     }
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .expect("drop database");
     assert!(
         failures.is_empty(),
         "instances failed to start: {failures:?}"

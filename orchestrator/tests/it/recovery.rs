@@ -3,7 +3,7 @@
 
 use events::{Envelope, LineItem};
 
-use crate::order_messages::Command;
+use saga_core::order_messages::Command;
 use serde_json::{json, Value};
 use uuid::Uuid;
 

@@ -138,17 +138,10 @@ async fn the_orchestrator_binary_logs_in_with_pgpassfile_and_stops_on_a_wrong_pa
         "{output}"
     );
 
-    let other_ca = dir.join("other-ca");
-    let pki = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pki.sh");
-    let made = std::process::Command::new(pki)
-        .arg("ca")
-        .env("PKI_DIR", &other_ca)
-        .output()
-        .expect("pki.sh");
-    assert!(made.status.success());
+    let other_ca = testkit::pki::OtherCa::new();
     let untrusted = url.replace(
         &url[url.find("sslrootcert=").expect("sslrootcert")..],
-        &format!("sslrootcert={}", other_ca.join("ca.crt").display()),
+        &format!("sslrootcert={}", other_ca.ca().display()),
     );
     let (succeeded, output) = system
         .orchestrator_process_output(&[

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use clap::ValueEnum;
 use events::Topics;
-use orchestrator::saga::definitions::SagaDefinition;
+use saga_core::definitions::SagaDefinition;
 
 pub use audit::{audit, Audit};
 pub use dead_letters::DeadLetterReader;

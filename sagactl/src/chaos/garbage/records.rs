@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use events::{Action, Envelope, Reply};
-use orchestrator::saga::definitions::{trigger_message, SagaDefinition};
+use saga_core::definitions::{trigger_message, SagaDefinition};
 use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;

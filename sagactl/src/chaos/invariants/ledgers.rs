@@ -3,7 +3,7 @@
 //! `step_ledger`) serves each step and which steps can be undone; nothing here names a saga
 //! type, a step or a participant.
 
-use orchestrator::saga::{SagaState, StepStatus};
+use saga_core::{SagaState, StepStatus};
 use sqlx::PgPool;
 
 use crate::deployment::{Deployment, ORCHESTRATOR};

@@ -1,10 +1,11 @@
 //! Every participant of this repository, by the name the saga definitions give it, for what
-//! starts them by those names (the end-to-end tests). Each binary (`src/bin`) builds its own
-//! participant from its command line instead.
+//! starts them by those names (the end-to-end tests). Each binary (`participants/src/bin`)
+//! builds its own participant from its command line instead; the participants library holds
+//! only the SDK, the runtime and the services.
 
-use crate::sdk::Participant;
-use crate::shipping::ShippingConfig;
-use crate::{inventory, payment, returns, shipping};
+use participants::sdk::Participant;
+use participants::shipping::ShippingConfig;
+use participants::{inventory, payment, returns, shipping};
 
 /// The settings of the participants that have some; the defaults are the binaries'.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +33,17 @@ pub fn all(settings: &Settings) -> Vec<Participant> {
 /// of that name.
 pub fn participant(name: &str, settings: &Settings) -> Option<Participant> {
     all(settings).into_iter().find(|p| p.name() == name)
+}
+
+/// The repository's participant called `name`, as the tests run it (the binaries' default
+/// settings: shipping denies AQ and BV).
+///
+/// # Panics
+/// When the repository has none of that name.
+pub fn named(name: &str) -> Participant {
+    participant(name, &Settings::default()).unwrap_or_else(|| {
+        panic!("no participant {name} in the test kit's registry (testkit/src/participants.rs)")
+    })
 }
 
 #[cfg(test)]
