@@ -45,6 +45,12 @@ if [[ -d target/debug/deps ]]; then
   mkdir -p "$copy/target/debug"
   cp -a target/debug/deps target/debug/build target/debug/.fingerprint "$copy/target/debug/"
 fi
+# The copy's scripts start PostgreSQL as this checkout's do, and install their local CA (.run/pki,
+# scripts/pki.sh) in the server: they get this checkout's, so that the server keeps trusting
+# the CA every other test here issues certificates with.
+"$ROOT/scripts/postgres.sh" start
+mkdir -p "$copy/.run"
+cp -a .run/pki "$copy/.run/"
 in_copy() { git -C "$copy" -c user.name=walkthrough -c user.email=walkthrough@invalid "$@"; }
 in_copy init -q
 in_copy add -A
