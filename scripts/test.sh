@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, golden files, the end-to-end tests, a short chaos run
 # (services as processes, SIGKILLed at random while sagas run, the broker and PostgreSQL
-# restarted, garbage on every consumed topic), the operations page in
-# headless Chromium, and a few-second smoke run of the benchmark, against Apache Kafka on
+# restarted, garbage on every consumed topic), the fuzzers briefly, the operations page in
+# headless Chromium, Schemathesis against the HTTP API, the README's walkthroughs on a copy of
+# the repository, and a few-second smoke run of the benchmark, against Apache Kafka on
 # $KAFKA_BROKERS (default 127.0.0.1:9092) and PostgreSQL at $TEST_DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432). Both are installed and started here when nothing answers
 # there (scripts/broker.sh, scripts/postgres.sh); the broker is stopped again at the end. The
 # security tests run against the secured three-node cluster (BROKER_NODES=3 scripts/broker.sh),
-# started for them and stopped at the end.
+# started for them and stopped after them. The time each phase took is printed at the end.
 #
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -139,10 +140,10 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
   --topic-delete-every-ms 12000 --topic-down-ms 3000 \
   --settle-timeout-secs 90
 
-# The last three share the machine, each with a database, a topic prefix and ports of its own:
-# Schemathesis in the background (its log is printed when it ends), the page test and the
-# benchmark's smoke run meanwhile.
-phase "the page in Chromium, Schemathesis and the benchmark's smoke run"
+# The last four share the machine, each with a database, a topic prefix and ports of its own:
+# Schemathesis and the walkthroughs in the background (their logs are printed when they end),
+# the page test and the benchmark's smoke run meanwhile.
+phase "the page in Chromium, Schemathesis, the walkthroughs and the benchmark's smoke run"
 # The HTTP API against its OpenAPI document: Schemathesis (from PyPI, pinned, installed on first
 # use) sends generated requests to an orchestrator of its own, with a token of every role, and
 # fails on any 5xx or any answer the document does not allow (about a minute and a half).
@@ -150,6 +151,12 @@ set -m
 scripts/api-test.sh >target/artifacts/api-test.log 2>&1 &
 api_test=$!
 background+=("$api_test")
+# The README's walkthroughs on a copy of the repository (scripts/walkthrough.sh): a step is
+# three hand-written files and a saga type its definition, messages and participants' code,
+# `sagactl generate` writes the rest, and both run (about two minutes: the copy is built).
+scripts/walkthrough.sh >target/artifacts/walkthrough.log 2>&1 &
+walkthrough=$!
+background+=("$walkthrough")
 set +m
 
 # The operations page in a real browser: Playwright drives Debian's Chromium (installed here if
@@ -160,10 +167,15 @@ scripts/browser-test.sh
 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
   --warmup-secs 0 --json target/artifacts/bench-smoke.json
 
-api_status=0
-wait "$api_test" || api_status=$?
-cat target/artifacts/api-test.log >&2
-if ((api_status != 0)); then
-  echo "test.sh: Schemathesis failed (exit $api_status)" >&2
-  exit "$api_status"
-fi
+# finish NAME PID LOG: waits for a background test, prints its log, fails with it.
+finish() {
+  local status=0
+  wait "$2" || status=$?
+  cat "$3" >&2
+  if ((status != 0)); then
+    echo "test.sh: $1 failed (exit $status)" >&2
+    exit "$status"
+  fi
+}
+finish Schemathesis "$api_test" target/artifacts/api-test.log
+finish "the walkthroughs" "$walkthrough" target/artifacts/walkthrough.log
