@@ -53,5 +53,18 @@ const MAX_TOPIC_LEN: usize = 200;
 
 #[cfg(test)]
 mod registered;
+
+#[cfg(test)]
+/// `error` and each of its causes, on one line.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(&format!(": {error}"));
+        cause = error.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests;

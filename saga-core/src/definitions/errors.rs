@@ -9,23 +9,33 @@ use super::{SchemaError, MAX_NAME_LEN, MAX_TOPIC_LEN, MAX_WAIT_MS, TRIGGER_MESSA
 /// also the field, as a path like `steps[1].forward.retry.timeout_ms`.
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionError {
-    #[error("cannot read the saga definitions in {}: {error}", dir.display())]
-    ReadDir { dir: PathBuf, error: std::io::Error },
-    #[error("cannot read {file}: {error}")]
-    ReadFile { file: String, error: std::io::Error },
+    #[error("cannot read the saga definitions in {}", dir.display())]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("cannot read {file}")]
+    ReadFile {
+        file: String,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("{} holds no saga definition (no *.toml file)", dir.display())]
     NoDefinitions { dir: PathBuf },
     /// Not TOML, or not this format: a missing or unknown field, a wrong type. toml's message
-    /// names the field and shows the line.
-    #[error("{file}: {error}")]
+    /// (the source) names the field and shows the line.
+    #[error("{file}: not a saga definition")]
     Syntax {
         file: String,
+        #[source]
         error: Box<toml::de::Error>,
     },
     /// A stored definition that does not read back (the database row was changed by hand).
-    #[error("{file}: {error}")]
+    #[error("{file}: the stored definition does not read back")]
     Stored {
         file: String,
+        #[source]
         error: serde_json::Error,
     },
     #[error("{file}: {field}: {problem}")]

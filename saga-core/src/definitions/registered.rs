@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::load_dir;
+use super::{load_dir, with_causes};
 use crate::generated::{generate, Change, Files};
 
 fn repository() -> PathBuf {
@@ -29,15 +29,4 @@ fn the_committed_files_are_what_the_generator_writes_from_the_definitions() {
         "{differ:?} differ from what the saga definitions give: run `cargo run -p sagactl -- \
          generate` and commit the result"
     );
-}
-
-/// `error` and each of its causes, on one line.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        text.push_str(&format!(": {error}"));
-        cause = error.source();
-    }
-    text
 }

@@ -902,13 +902,14 @@ fn unknown_and_missing_fields_are_named_with_the_file() {
         remove(d, "steps.0.forward.retry.timeout_ms");
         set(d, "steps.0.forward.retry.timout_ms", Value::Integer(1));
     });
-    let message = error.to_string();
+    // toml's message, which names the field and the line, is the cause.
+    let message = with_causes(&error);
     assert!(matches!(error, DefinitionError::Syntax { .. }), "{message}");
     assert!(message.starts_with("bad.toml: "), "{message}");
     assert!(message.contains("timout_ms"), "{message}");
 
     let error = refused(|d| remove(d, "trigger.topic"));
-    let message = error.to_string();
+    let message = with_causes(&error);
     assert!(message.starts_with("bad.toml: "), "{message}");
     assert!(message.contains("missing field `topic`"), "{message}");
 
