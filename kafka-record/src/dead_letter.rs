@@ -14,6 +14,10 @@ pub const DEAD_LETTER_MAX_PAYLOAD: usize = 900 * 1024;
 pub const DEAD_LETTER_MAX_KEY: usize = 16 * 1024;
 /// Longest rejection reason written to a header, in characters.
 pub const DEAD_LETTER_MAX_REASON: usize = 2_000;
+/// Longest `dlq.reason` header, in characters: [`DEAD_LETTER_MAX_REASON`] characters of the
+/// reason, each control character among them escaped (`\u{9f}`, six, at the longest), and `...`
+/// when it was cut.
+pub const DEAD_LETTER_MAX_REASON_HEADER: usize = DEAD_LETTER_MAX_REASON * 6 + 3;
 /// Longest source topic name written to a header, in characters (Kafka allows 249).
 const DEAD_LETTER_MAX_TOPIC: usize = 256;
 
@@ -124,5 +128,27 @@ mod tests {
             reason.chars().count() < 2_100,
             "cut to about 2,000 characters"
         );
+    }
+
+    #[test]
+    fn a_reason_of_control_characters_is_escaped_within_its_bound() {
+        let record = Record {
+            topic: "t\u{9f}\n".into(),
+            partition: 0,
+            offset: 1,
+            key: None,
+            payload: Vec::new(),
+            span: tracing::Span::none(),
+        };
+        let copy = dead_letter_copy(&record, "test", &"\u{9f}".repeat(3_000));
+        let reason = &copy.headers["dlq.reason"];
+        assert_eq!(reason.chars().count(), DEAD_LETTER_MAX_REASON_HEADER);
+        assert_eq!(copy.headers["dlq.source.topic"], "t\\u{9f}\\n");
+        for value in copy.headers.values() {
+            assert!(
+                !value.chars().any(|c| c.is_control() && c != '\t'),
+                "{value:?}"
+            );
+        }
     }
 }
