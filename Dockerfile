@@ -39,6 +39,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY events events
 COPY saga-core saga-core
+COPY kafka-record kafka-record
 COPY messaging messaging
 COPY orchestrator-schema orchestrator-schema
 COPY orchestrator orchestrator

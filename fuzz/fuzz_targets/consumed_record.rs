@@ -1,19 +1,26 @@
-//! A consumed record as every consume loop reads it (`messaging::consumer::to_record`, which
-//! reads the headers as bytes and takes the trace context from them), with any key, payload and
-//! headers: names and values of any bytes (not UTF-8, NUL, empty, null, long), any number of
-//! them. Then the payload goes through the decoders the handlers run on it: the trigger
-//! messages', the reply envelope's and the command envelope's. Nothing may panic, the record
-//! keeps its bytes, and a trace header is taken only when the record carries it, as text
-//! within its bounds.
+//! A consumed record as every consume loop reads it (`kafka_record`, under
+//! `messaging::consumer::to_record`: the headers read as bytes, the record copied out, the trace
+//! context taken from its headers), with any key, payload and headers: names and values of any
+//! bytes (not UTF-8, NUL, empty, null, long), any number of them. Then the payload goes through
+//! the decoders the handlers run on it: the trigger messages', the reply envelope's and the
+//! command envelope's; and the record's dead-letter copy is made, with the payload as the
+//! rejection's reason. Nothing may panic, the record keeps its bytes, a trace header is taken
+//! only when the record carries it, as text within its bounds, and the dead-letter copy keeps
+//! within its own.
+//!
+//! (Joining the trace, OpenTelemetry's parsing of an accepted header, is `messaging`'s and not
+//! built here: this crate stays clear of the services' plumbing.)
 #![no_main]
 
 use arbitrary::Arbitrary;
 use events::{Command, Envelope, Reply};
+use kafka_record::dead_letter::{
+    dead_letter_copy, DEAD_LETTER_MAX_KEY, DEAD_LETTER_MAX_PAYLOAD, DEAD_LETTER_MAX_REASON_HEADER,
+};
+use kafka_record::{acceptable_trace_header, to_record, trace_headers, TRACE_HEADERS};
 use libfuzzer_sys::fuzz_target;
-use messaging::consumer::{to_record, trace_headers};
-use messaging::telemetry::{acceptable_trace_header, TRACE_HEADERS};
-use saga_core::definitions::TRIGGER_MESSAGES;
 use rdkafka::message::{OwnedMessage, Timestamp};
+use saga_core::definitions::TRIGGER_MESSAGES;
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -51,7 +58,7 @@ fuzz_target!(|input: Input| {
         payload,
         headers,
     } = input;
-    let Ok(owned) = messaging::headers::with_any_bytes(
+    let Ok(owned) = kafka_record::headers::with_any_bytes(
         headers
             .iter()
             .map(|(name, value)| (name.bytes(), value.as_deref())),
@@ -68,7 +75,7 @@ fuzz_target!(|input: Input| {
         Some(owned),
     );
 
-    let read: Vec<_> = messaging::headers::raw(message_headers(&message))
+    let read: Vec<_> = kafka_record::headers::raw(message_headers(&message))
         .map(|h| (h.name.to_vec(), h.value.map(<[u8]>::to_vec)))
         .collect();
     assert_eq!(read.len(), headers.len(), "every header is read");
@@ -78,7 +85,10 @@ fuzz_target!(|input: Input| {
     }
 
     for (name, value) in trace_headers(&message) {
-        assert!(TRACE_HEADERS.contains(&name.as_str()), "{name} is no trace header");
+        assert!(
+            TRACE_HEADERS.contains(&name.as_str()),
+            "{name} is no trace header"
+        );
         assert!(acceptable_trace_header(&name, &value));
         assert!(
             read.iter()
@@ -91,6 +101,31 @@ fuzz_target!(|input: Input| {
     assert_eq!(record.key, key);
     assert_eq!(record.payload, payload.unwrap_or_default());
 
+    let reason = String::from_utf8_lossy(&record.payload);
+    let copy = dead_letter_copy(&record, "fuzz", &reason);
+    let original_bytes = |part: &str| copy.headers.get(&format!("dlq.{part}.original_bytes"));
+    assert_cut(
+        &copy.payload,
+        &record.payload,
+        DEAD_LETTER_MAX_PAYLOAD,
+        original_bytes("payload"),
+    );
+    match (&copy.key, &record.key) {
+        (Some(copy_key), Some(key)) => {
+            assert_cut(copy_key, key, DEAD_LETTER_MAX_KEY, original_bytes("key"));
+        }
+        (None, None) => assert_eq!(original_bytes("key"), None),
+        _ => panic!("the copy has a key exactly when the record has one"),
+    }
+    for (name, value) in &copy.headers {
+        assert!(
+            !value.chars().any(|c| c.is_control() && c != '\t'),
+            "{name} holds a control character"
+        );
+    }
+    assert!(copy.headers["dlq.reason"].chars().count() <= DEAD_LETTER_MAX_REASON_HEADER);
+    assert_eq!(copy.headers["dlq.source.topic"], "orders");
+
     for known in TRIGGER_MESSAGES.iter() {
         let _ = (known.decode)(&record.payload);
     }
@@ -100,7 +135,17 @@ fuzz_target!(|input: Input| {
     let _ = Envelope::<Command>::from_json(&record.payload);
 });
 
+/// `copy` is `original` cut to `max` bytes, and `original_bytes` (the copy's header) gives the
+/// original's length exactly when it was cut.
+fn assert_cut(copy: &[u8], original: &[u8], max: usize, original_bytes: Option<&String>) {
+    assert_eq!(copy, &original[..original.len().min(max)]);
+    let cut = (original.len() > max).then(|| original.len().to_string());
+    assert_eq!(original_bytes, cut.as_ref());
+}
+
 fn message_headers(message: &OwnedMessage) -> &rdkafka::message::OwnedHeaders {
     use rdkafka::Message;
-    message.headers().expect("the record was built with headers")
+    message
+        .headers()
+        .expect("the record was built with headers")
 }

@@ -8,11 +8,13 @@
 //! retried with backoff: while the database is unreachable for as long as that lasts, a
 //! failure of the record's own (deadlock, version conflict) at most [`MAX_RETRIES`] times.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use kafka_record::dead_letter::DeadLetterCopy;
+use kafka_record::headers::HeaderList;
+use kafka_record::trace_headers;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::Message;
@@ -23,7 +25,6 @@ use tracing::Instrument;
 use crate::access::Refusal;
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
-use crate::headers::{self, HeaderList};
 use crate::health::Health;
 use crate::kafka::Consumer as KafkaConsumer;
 use crate::metrics;
@@ -32,56 +33,13 @@ use crate::stall::StallWatch;
 use crate::telemetry;
 use crate::{chain, BoxError, Chain, Error, Result};
 
+/// A consumed record: what a [`Handler`] handles. Read by [`kafka_record`], which also serves
+/// the fuzz crate.
+pub use kafka_record::Record;
+
 /// Fault injection never crashes a process younger than this, so that every life commits some
 /// offsets (they are committed every second) and a crash loop still makes progress.
 const FAULT_MIN_LIFETIME: Duration = Duration::from_secs(3);
-
-/// One consumed record, detached from the consumer's buffer.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    /// The span the record is handled in, a child of the trace context in its headers.
-    pub span: tracing::Span,
-}
-
-impl Record {
-    /// Names the saga, step and message this record is about on its span, so that every log
-    /// line and trace span of its handling carries them.
-    pub fn describe(&self, saga_id: uuid::Uuid, step: &str, message_id: uuid::Uuid) {
-        self.span
-            .record("saga_id", tracing::field::display(saga_id))
-            .record("step", step)
-            .record("message_id", tracing::field::display(message_id));
-    }
-}
-
-/// The trace context among a record's headers. Headers are read as bytes ([`headers::raw`]):
-/// any name and value a producer sent is read without a panic, and what is not a usable trace
-/// header is passed over, as Kafka consumers pass over headers they do not know.
-pub fn trace_headers<M: Message>(message: &M) -> BTreeMap<String, String>
-where
-    M::Headers: HeaderList,
-{
-    let mut found = BTreeMap::new();
-    for header in message.headers().into_iter().flat_map(headers::raw) {
-        let Some(name) = telemetry::TRACE_HEADERS
-            .iter()
-            .find(|known| known.as_bytes() == header.name)
-        else {
-            continue;
-        };
-        if let Some(value) = header.text() {
-            if telemetry::acceptable_trace_header(name, value) {
-                found.insert((*name).to_owned(), value.to_owned());
-            }
-        }
-    }
-    found
-}
 
 /// Why a handler did not handle a record. Each variant keeps the typed cause: its text (with
 /// its own causes, [`HandlerError::reason`]) is what the dead-letter copy's `dlq.reason` says,
@@ -441,24 +399,15 @@ fn leave(consumer: &KafkaConsumer) {
     consumer.unsubscribe();
 }
 
-/// Copies a record out of the consumer's buffer, with the span it will be handled in. Every
-/// part of it (key, payload, each header's name and value) may hold any bytes.
+/// Copies a record out of the consumer's buffer ([`kafka_record::to_record`]), makes its span a
+/// child of the trace context in its headers ([`trace_headers`]), and counts how long it took
+/// to arrive. Every part of it (key, payload, each header's name and value) may hold any bytes.
 pub fn to_record<M: Message>(message: &M) -> Record
 where
     M::Headers: HeaderList,
 {
-    // Handlers fill in the saga, step and message id once they have decoded the record.
-    let span = tracing::info_span!(
-        "handle",
-        otel.kind = "consumer",
-        topic = %message.topic(),
-        partition = message.partition(),
-        offset = message.offset(),
-        saga_id = tracing::field::Empty,
-        step = tracing::field::Empty,
-        message_id = tracing::field::Empty,
-    );
-    telemetry::extract(&span, &trace_headers(message));
+    let record = kafka_record::to_record(message);
+    telemetry::extract(&record.span, &trace_headers(message));
     if let Some(produced_ms) = message.timestamp().to_millis() {
         let now_ms = chrono::Utc::now().timestamp_millis();
         // Clocks of other hosts may run ahead; a negative delay says nothing.
@@ -467,14 +416,7 @@ where
                 .record((now_ms - produced_ms) as f64 / 1_000.0);
         }
     }
-    Record {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        span,
-    }
+    record
 }
 
 /// Waits until `at` (the stall check's time; the `select!` arm is off without one).
@@ -724,77 +666,24 @@ async fn process<H: Handler>(
     }
 }
 
-/// Largest payload copied to the dead-letter topic. A record can be as large as the broker
-/// takes (a Java client sends up to 1 MiB), more than this service's producer sends, and the
-/// copy adds headers; the rest is cut off and `dlq.payload.original_bytes` says how much there
-/// was.
-pub const DEAD_LETTER_MAX_PAYLOAD: usize = 900 * 1024;
-/// Largest key copied to the dead-letter topic.
-pub const DEAD_LETTER_MAX_KEY: usize = 16 * 1024;
-/// Longest rejection reason written to a header, in characters.
-const DEAD_LETTER_MAX_REASON: usize = 2_000;
-
-/// The dead-letter copy of `record`: its key and payload (cut to the limits above), and
-/// headers saying why, where from and who. It can always be stored and published, whatever
-/// bytes the record held: keys are stored as bytes, and header text has no NUL.
+/// The dead-letter copy of `record` ([`kafka_record::dead_letter::dead_letter_copy`]: bounded
+/// so that it can always be stored and sent), to `dead_letters.topic`.
 pub fn dead_letter_copy(
     record: &Record,
     dead_letters: &DeadLetters,
     reason: &str,
 ) -> OutgoingMessage {
-    let mut headers = std::collections::BTreeMap::new();
-    let mut payload = record.payload.as_slice();
-    if payload.len() > DEAD_LETTER_MAX_PAYLOAD {
-        headers.insert(
-            "dlq.payload.original_bytes".to_owned(),
-            payload.len().to_string(),
-        );
-        payload = &payload[..DEAD_LETTER_MAX_PAYLOAD];
-    }
-    let key = record.key.as_deref().map(|key| {
-        if key.len() > DEAD_LETTER_MAX_KEY {
-            headers.insert("dlq.key.original_bytes".to_owned(), key.len().to_string());
-            &key[..DEAD_LETTER_MAX_KEY]
-        } else {
-            key
-        }
-    });
-    for (name, value) in [
-        // Readers drop a copy a relay published again after a crash by this id.
-        ("dlq.id", uuid::Uuid::new_v4().to_string()),
-        ("dlq.reason", header_text(reason, DEAD_LETTER_MAX_REASON)),
-        ("dlq.source.topic", header_text(&record.topic, 256)),
-        ("dlq.source.partition", record.partition.to_string()),
-        ("dlq.source.offset", record.offset.to_string()),
-        ("dlq.consumer", dead_letters.consumer.clone()),
-        ("dlq.failed_at", chrono::Utc::now().to_rfc3339()),
-    ] {
-        headers.insert(name.to_owned(), value);
-    }
+    let DeadLetterCopy {
+        key,
+        payload,
+        headers,
+    } = kafka_record::dead_letter::dead_letter_copy(record, &dead_letters.consumer, reason);
     OutgoingMessage {
         topic: dead_letters.topic.clone(),
-        key: key.map(<[u8]>::to_vec),
-        payload: payload.to_vec(),
+        key,
+        payload,
         headers,
     }
-}
-
-/// `text` fit for a header stored as JSON text: NUL (which PostgreSQL refuses in text) and
-/// other control characters escaped, at most `max_chars` characters.
-fn header_text(text: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max_chars));
-    for (n, c) in text.chars().enumerate() {
-        if n == max_chars {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() && c != '\t' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 async fn dead_letter(
@@ -1088,32 +977,5 @@ mod tests {
     fn server() -> String {
         std::env::var("TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-    }
-
-    #[test]
-    fn a_dead_letter_copy_fits_any_producer_and_any_text_column() {
-        let mut hostile = record(7, &vec![b'x'; 2_000_000]);
-        hostile.key = Some(vec![0; 100_000]);
-        let copy = dead_letter_copy(
-            &hostile,
-            &DeadLetters {
-                topic: "dlq".into(),
-                consumer: "test".into(),
-            },
-            &format!("reason with NUL \0 and {}", "y".repeat(10_000)),
-        );
-        assert_eq!(copy.payload.len(), DEAD_LETTER_MAX_PAYLOAD);
-        assert_eq!(copy.key.as_ref().map(Vec::len), Some(DEAD_LETTER_MAX_KEY));
-        assert_eq!(copy.headers["dlq.payload.original_bytes"], "2000000");
-        assert_eq!(copy.headers["dlq.key.original_bytes"], "100000");
-        let reason = &copy.headers["dlq.reason"];
-        assert!(
-            !reason.contains('\0') && reason.contains("\\u{0}"),
-            "{reason}"
-        );
-        assert!(
-            reason.chars().count() < 2_100,
-            "cut to about 2,000 characters"
-        );
     }
 }

@@ -9,7 +9,8 @@
 //! - [`relay`]: publishes the outbox with an idempotent producer and deletes rows only after
 //!   the broker acknowledged them.
 //! - [`retention`]: deletes inbox rows once they are older than any redelivery.
-//! - [`headers`]: record headers read as bytes, whatever a producer put in them.
+//! - [`headers`]: record headers read as bytes, whatever a producer put in them (from
+//!   `kafka-record`, which also reads the record, its trace headers and its dead-letter copy).
 //! - [`kafka`], [`access`], [`db`]: client settings (a secured cluster's too), topic creation,
 //!   pools, schemas and migrations.
 //! - [`provision`]: the admin step that gives each service its own PostgreSQL role and schema.
@@ -27,7 +28,6 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 mod error;
-pub mod headers;
 pub mod health;
 pub mod inbox;
 pub mod kafka;
@@ -44,3 +44,6 @@ pub mod supervisor;
 pub mod telemetry;
 
 pub use error::{chain, BoxError, Chain, Error, Report, Result};
+/// Record headers read as bytes: [`kafka_record::headers`], a crate of its own so that the
+/// fuzz crate reads records without the plumbing.
+pub use kafka_record::headers;

@@ -23,9 +23,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// The Kafka/outbox headers that carry trace context.
-pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
-
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 
 /// Flushes exported spans when dropped; keep it alive for the life of `main`.
@@ -151,25 +148,6 @@ impl Extractor for HeaderView<'_> {
 /// Writes the trace context of `span` into `headers` (`traceparent`, `tracestate`).
 pub fn inject(span: &tracing::Span, headers: &mut BTreeMap<String, String>) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderMap(headers));
-}
-
-/// Longest `tracestate` taken from a record. W3C Trace Context lets a platform drop a
-/// `tracestate` longer than 512 characters; a longer one would otherwise be copied into every
-/// message of the saga and could make them too large to publish.
-const MAX_TRACESTATE: usize = 512;
-/// Longest `traceparent` taken (version 00 has 55 characters; later versions may add fields).
-const MAX_TRACEPARENT: usize = 128;
-
-/// Whether a trace header from outside (a Kafka header, an HTTP header) is worth carrying on:
-/// printable ASCII within the length limits. Others are dropped, and the work starts a trace
-/// of its own.
-pub fn acceptable_trace_header(name: &str, value: &str) -> bool {
-    let max = match name {
-        "traceparent" => MAX_TRACEPARENT,
-        "tracestate" => MAX_TRACESTATE,
-        _ => return false,
-    };
-    value.len() <= max && value.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 /// Makes `span` a child of the trace context in `headers`, if they carry one.
