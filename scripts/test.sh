@@ -46,13 +46,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Each end-to-end test runs four services with small pools; four at a time stay well inside
+# the 300 connections scripts/postgres.sh allows. (Eight at a time took 76 s instead of 94 but
+# made the timing of the private-broker tests flaky.)
+phase "the workspace's tests"
+cargo test --workspace --locked --no-run "$@"
+
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
 # scripts/fuzz.sh 840 (see its header). The instrumented build (about 250 s of CPU) and the
-# runs go in the background at the lowest CPU priority from the start: they take the CPU the
-# end-to-end tests and the three-node cluster's phases leave idle (those mostly wait on the
-# broker), and are waited for before the chaos run on one node, whose throughput check must
-# have the machine to itself. (At that priority a run gets fewer executions in its 20 s than on
+# runs go in the background at the lowest CPU priority once the tests are compiled: they take
+# the CPU the end-to-end tests and the three-node cluster's phases leave idle (those mostly
+# wait on the broker; started with the compilation, it made this phase 262 s instead of 214), and
+# are waited for before the chaos run on one node, whose throughput check must have the
+# machine to itself. (At that priority a run gets fewer executions in its 20 s than on
 # an idle machine.) Their output: target/artifacts/fuzz.log.
 mkdir -p target/artifacts
 set -m # each background job in a process group of its own, which cleanup can stop whole
@@ -61,10 +68,6 @@ fuzz=$!
 background+=("$fuzz")
 set +m
 
-# Each end-to-end test runs four services with small pools; four at a time stay well inside
-# the 300 connections scripts/postgres.sh allows. (Eight at a time took 76 s instead of 94 but
-# made the timing of the private-broker tests flaky.)
-phase "the workspace's tests"
 cargo test --workspace --locked "$@" -- --test-threads=4
 
 # The secured three-node cluster (TLS, SASL, mutual TLS, ACLs, replication 3; started here
