@@ -4,6 +4,8 @@
 //! ones go in a hand-written block `x-{participant}-env: &{participant}-env` of its own (at the
 //! file's top level), which its service merges after the shared environment.
 
+use std::collections::BTreeMap;
+
 use super::contract::Plan;
 use super::{GenerateError, Wire};
 
@@ -70,16 +72,13 @@ fn render(wire: &Wire, current: &str, tail: &str) -> Result<String, GenerateErro
     let after = &current[end + END.len()..];
     let hand_written = format!("{before}{after}");
 
-    let mut ports = Ports::of(&current[begin..end]);
+    let participants: Vec<&str> = wire.participants().collect();
+    let ports = metrics_ports(&current[begin..end], &participants);
     let mut text = String::from(before);
     text.push_str("  ");
     text.push_str(BEGIN);
     text.push('\n');
     text.push_str(EXPLAINED);
-    let participants: Vec<&str> = wire.participants().collect();
-    for name in &participants {
-        ports.keep(name);
-    }
     for name in participants {
         let own = format!("x-{name}-env: &{name}-env");
         let env = if hand_written.contains(&own) {
@@ -92,7 +91,7 @@ fn render(wire: &Wire, current: &str, tail: &str) -> Result<String, GenerateErro
                 .concat()
                 .replace("{name}", name)
                 .replace("{env}", &env)
-                .replace("{metrics}", &ports.of_participant(name).to_string()),
+                .replace("{metrics}", &ports[name].to_string()),
         );
     }
     text.push_str("  ");
@@ -101,54 +100,36 @@ fn render(wire: &Wire, current: &str, tail: &str) -> Result<String, GenerateErro
     Ok(text)
 }
 
-/// The metrics ports of the participants' services: those the file gives already stay theirs
-/// (a published port that moved would break whoever scrapes it), a new participant gets the
-/// lowest one no other service has.
-struct Ports {
-    given: std::collections::BTreeMap<String, usize>,
-    kept: std::collections::BTreeMap<String, usize>,
-}
-
-impl Ports {
-    /// The ports `generated` (the text between the markers) gives each service.
-    fn of(generated: &str) -> Self {
-        let mut given = std::collections::BTreeMap::new();
-        let mut service = None;
-        for line in generated.lines() {
-            if let Some(name) = line
-                .strip_prefix("  ")
-                .and_then(|rest| rest.strip_suffix(':'))
-                .filter(|name| !name.starts_with(' ') && !name.starts_with('#'))
-            {
-                service = Some(name.to_owned());
-            } else if let Some(port) = line.trim().strip_prefix("METRICS_ADDR: 0.0.0.0:") {
-                if let (Some(name), Ok(port)) = (&service, port.parse()) {
-                    given.insert(name.clone(), port);
-                }
+/// The metrics port of each of `participants`: the one `generated` (the text between the
+/// markers) gives its service already stays its own (a published port that moved would break
+/// whoever scrapes it); a new participant gets the lowest one no other service has.
+fn metrics_ports<'a>(generated: &str, participants: &[&'a str]) -> BTreeMap<&'a str, usize> {
+    let mut given = BTreeMap::new();
+    let mut service = None;
+    for line in generated.lines() {
+        if let Some(name) = line
+            .strip_prefix("  ")
+            .and_then(|rest| rest.strip_suffix(':'))
+            .filter(|name| !name.starts_with(' ') && !name.starts_with('#'))
+        {
+            service = Some(name);
+        } else if let Some(port) = line.trim().strip_prefix("METRICS_ADDR: 0.0.0.0:") {
+            if let (Some(name), Ok(port)) = (service, port.parse::<usize>()) {
+                given.insert(name, port);
             }
         }
-        Self {
-            given,
-            kept: std::collections::BTreeMap::new(),
+    }
+    let mut ports: BTreeMap<&str, usize> = participants
+        .iter()
+        .filter_map(|name| Some((*name, *given.get(name)?)))
+        .collect();
+    for name in participants {
+        if !ports.contains_key(name) {
+            let free = (FIRST_METRICS_PORT..)
+                .find(|port| !ports.values().any(|taken| taken == port))
+                .unwrap_or(FIRST_METRICS_PORT);
+            ports.insert(name, free);
         }
     }
-
-    /// Keeps `participant`'s port, when the file gives it one.
-    fn keep(&mut self, participant: &str) {
-        if let Some(port) = self.given.get(participant) {
-            self.kept.insert(participant.to_owned(), *port);
-        }
-    }
-
-    /// `participant`'s port: its own, or the lowest free one, which is then its own.
-    fn of_participant(&mut self, participant: &str) -> usize {
-        if let Some(port) = self.kept.get(participant) {
-            return *port;
-        }
-        let port = (FIRST_METRICS_PORT..)
-            .find(|port| !self.kept.values().any(|taken| taken == port))
-            .unwrap_or(FIRST_METRICS_PORT);
-        self.kept.insert(participant.to_owned(), port);
-        port
-    }
+    ports
 }
