@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::{ContractError, OrderPlaced, ReturnRequested};
 
 /// A message type that can start a saga.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct SagaTrigger {
     /// Its `type` on the wire.
     pub name: &'static str,

@@ -286,7 +286,12 @@ fn the_trigger_shapes_are_the_messages() {
 #[test]
 fn a_trigger_schema_that_is_not_a_shape_is_refused_with_where() {
     let read = |schema: &'static str| {
-        let message = TriggerMessage::new("M", schema, |_| Ok(Json::Null), &[]);
+        let message = TriggerMessage::from(events::SagaTrigger {
+            name: "M",
+            schema,
+            decode: |_| Ok(Json::Null),
+            summary: &[],
+        });
         message.shape().cloned().map_err(Clone::clone)
     };
     assert_eq!(

@@ -117,38 +117,33 @@ impl Described {
     }
 }
 
-/// A message that can start a saga: everything the engine knows of it, in one place.
+/// A message that can start a saga: the contract's [`events::SagaTrigger`] (its name, schema,
+/// decoder and summary fields, which this derefs to) and what the engine reads of its schema,
+/// read once, when first asked.
 #[derive(Debug)]
 pub struct TriggerMessage {
-    /// Its `type` on the wire.
-    pub name: &'static str,
-    /// Its JSON Schema: its fields, for checking paths at load time, and a sample.
-    pub schema: &'static str,
-    /// Reads a record's bytes as this message, checked by its contract rules, and returns it
-    /// as JSON (as the typed message writes itself, `type` tag included): what a saga keeps
-    /// as its trigger.
-    pub decode: fn(&[u8]) -> Result<Value, events::ContractError>,
-    /// The fields `SagaStarted` copies from the message, for whoever follows `saga.events`.
-    pub summary: &'static [&'static str],
+    trigger: events::SagaTrigger,
     described: OnceLock<Result<Described, SchemaError>>,
 }
 
-impl TriggerMessage {
-    pub(super) const fn new(
-        name: &'static str,
-        schema: &'static str,
-        decode: fn(&[u8]) -> Result<Value, events::ContractError>,
-        summary: &'static [&'static str],
-    ) -> Self {
+impl std::ops::Deref for TriggerMessage {
+    type Target = events::SagaTrigger;
+
+    fn deref(&self) -> &events::SagaTrigger {
+        &self.trigger
+    }
+}
+
+impl From<events::SagaTrigger> for TriggerMessage {
+    fn from(trigger: events::SagaTrigger) -> Self {
         Self {
-            name,
-            schema,
-            decode,
-            summary,
+            trigger,
             described: OnceLock::new(),
         }
     }
+}
 
+impl TriggerMessage {
     fn described(&self) -> Result<&Described, &SchemaError> {
         self.described
             .get_or_init(|| Described::read(self.schema))
@@ -181,23 +176,12 @@ impl TriggerMessage {
     }
 }
 
-impl From<&'static events::SagaTrigger> for TriggerMessage {
-    fn from(trigger: &'static events::SagaTrigger) -> Self {
-        let events::SagaTrigger {
-            name,
-            schema,
-            decode,
-            summary,
-        } = *trigger;
-        Self::new(name, schema, decode, summary)
-    }
-}
-
 /// The messages a saga can be triggered by: the contract's (`events::SAGA_TRIGGERS`), each
 /// with its schema read once, when first asked.
 pub static TRIGGER_MESSAGES: LazyLock<Vec<TriggerMessage>> = LazyLock::new(|| {
     events::SAGA_TRIGGERS
         .iter()
+        .copied()
         .map(TriggerMessage::from)
         .collect()
 });
