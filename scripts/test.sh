@@ -46,6 +46,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# finish NAME PID LOG: waits for a background test, prints its log, fails with it.
+finish() {
+  local status=0
+  wait "$2" || status=$?
+  cat "$3" >&2
+  if ((status != 0)); then
+    echo "test.sh: $1 failed (exit $status)" >&2
+    exit "$status"
+  fi
+}
+
 # Each end-to-end test runs four services with small pools; four at a time stay well inside
 # the 300 connections scripts/postgres.sh allows. (Eight at a time took 76 s instead of 94 but
 # made the timing of the private-broker tests flaky.)
@@ -120,14 +131,7 @@ fi
 
 # The fuzzers (started at the beginning, above): what is left of them.
 phase "the fuzzers (what is left of them)"
-fuzz_status=0
-wait "$fuzz" || fuzz_status=$?
-grep -E '^fuzz: ' target/artifacts/fuzz.log >&2 || true
-if ((fuzz_status != 0)); then
-  tail -n 40 target/artifacts/fuzz.log >&2
-  echo "test.sh: the fuzzers failed (exit $fuzz_status)" >&2
-  exit "$fuzz_status"
-fi
+finish "the fuzzers" "$fuzz" target/artifacts/fuzz.log
 
 # The chaos suite, short (about 2 minutes; 90 s more when something wedges): 600 sagas over
 # 30 s, a SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker
@@ -175,15 +179,5 @@ scripts/browser-test.sh
 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
   --warmup-secs 0 --json target/artifacts/bench-smoke.json
 
-# finish NAME PID LOG: waits for a background test, prints its log, fails with it.
-finish() {
-  local status=0
-  wait "$2" || status=$?
-  cat "$3" >&2
-  if ((status != 0)); then
-    echo "test.sh: $1 failed (exit $status)" >&2
-    exit "$status"
-  fi
-}
 finish Schemathesis "$api_test" target/artifacts/api-test.log
 finish "the walkthroughs" "$walkthrough" target/artifacts/walkthrough.log
