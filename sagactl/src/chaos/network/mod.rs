@@ -1,0 +1,401 @@
+//! Network hosts on this machine, for chaos runs whose faults are the network's: every host a
+//! Linux network namespace of its own, joined to the others by one bridge, with addresses that
+//! exist only inside this machine (`10.231.<subnet>.0/24`; the bridge itself is `.1`, so that
+//! the process that made the network reaches every host). Nothing is routed anywhere else.
+//!
+//! The faults are packet rules in a host's namespace, so that they hit whatever runs there (a
+//! broker, PostgreSQL, a service) without its knowing:
+//! - [`Network::cut`] drops what one host sends another (one direction; [`Network::partition`]
+//!   both), with nftables;
+//! - [`Network::lossy`] drops a share of what a host receives, at random (nftables' `numgen`;
+//!   on arrival, because a packet dropped on its way out fails the sender's call with `EPERM`,
+//!   which no lossy link does);
+//! - [`Network::slow`] holds each packet a host sends for a delay with jitter: this kernel has
+//!   no `netem` queueing discipline (`CONFIG_NET_SCH_NETEM` is not set, and no modules load), so
+//!   the packets go through an NFQUEUE to a thread of this process that lets each one pass when
+//!   its time has come ([`delay`]).
+//!
+//! [`Network::heal`] removes every fault; dropping the [`Network`] removes the namespaces, their
+//! links and the bridge, also when a run fails (a run killed with SIGKILL leaves them: `ip netns
+//! list` shows them by their prefix, and [`Network::sweep`] removes them).
+//!
+//! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` (iproute2), `nft` and `iptables`.
+
+mod delay;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+
+use delay::Delay;
+
+/// Why the network, or a fault on it, could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("could not run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("no host named `{0}` in this network")]
+    UnknownHost(String),
+    #[error("a network's prefix is 1 to 6 lowercase letters and digits, not `{0}`")]
+    Prefix(String),
+    #[error("a network has at most 200 hosts")]
+    TooManyHosts,
+    #[error("entering the network namespace {netns}")]
+    Enter {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the delay queue of host {host}")]
+    Delay {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = NetworkError> = std::result::Result<T, E>;
+
+/// One host: a network namespace with one link to the bridge.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    /// The namespace's name (`ip netns`), `<prefix>-<name>`.
+    pub netns: String,
+    /// Its address on the bridge.
+    pub addr: Ipv4Addr,
+}
+
+impl Host {
+    /// The namespace's file, which `setns` enters.
+    fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+}
+
+/// Hosts joined by one bridge; see the module's documentation.
+pub struct Network {
+    prefix: String,
+    bridge: String,
+    subnet: u8,
+    hosts: Vec<Host>,
+    /// The delay threads of the hosts [`Network::slow`] slowed, by host index.
+    delays: Vec<(usize, Delay)>,
+}
+
+/// The NFQUEUE number a slowed host's packets go to (queues are per namespace).
+const DELAY_QUEUE: u16 = 7;
+
+impl Network {
+    /// A bridge `<prefix>br` with `10.231.<subnet>.1/24`, and for each name a namespace
+    /// `<prefix>-<name>` whose `eth0` has `10.231.<subnet>.<10 + i>` (`lo` up too), with an
+    /// empty nftables table `inet chaos` (chains `input` and `output`) for the faults.
+    ///
+    /// # Errors
+    /// When a command fails (not root, a name taken); what was made so far is removed.
+    pub fn create(prefix: &str, subnet: u8, names: &[&str]) -> Result<Self> {
+        let valid = (1..=6).contains(&prefix.len())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !valid {
+            return Err(NetworkError::Prefix(prefix.to_owned()));
+        }
+        if names.len() > 200 {
+            return Err(NetworkError::TooManyHosts);
+        }
+        let mut network = Self {
+            prefix: prefix.to_owned(),
+            bridge: format!("{prefix}br"),
+            subnet,
+            hosts: Vec::new(),
+            delays: Vec::new(),
+        };
+        // Dropped on an error: what exists so far is removed.
+        let bridge = network.bridge.clone();
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", network.gateway()),
+            "dev",
+            &bridge,
+        ])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for (i, name) in names.iter().enumerate() {
+            network.add_host(i, name)?;
+        }
+        Ok(network)
+    }
+
+    fn add_host(&mut self, i: usize, name: &str) -> Result<()> {
+        let index = u8::try_from(10 + i).map_err(|_| NetworkError::TooManyHosts)?;
+        let host = Host {
+            name: name.to_owned(),
+            netns: format!("{}-{name}", self.prefix),
+            addr: Ipv4Addr::new(10, 231, self.subnet, index),
+        };
+        ip(&["netns", "add", &host.netns])?;
+        self.hosts.push(host.clone());
+        let link = format!("{}h{i}", self.prefix);
+        ip(&[
+            "link",
+            "add",
+            &link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &host.netns,
+        ])?;
+        ip(&["link", "set", &link, "master", &self.bridge, "up"])?;
+        let addr = format!("{}/24", host.addr);
+        ip(&["-n", &host.netns, "addr", "add", &addr, "dev", "eth0"])?;
+        ip(&["-n", &host.netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &host.netns, "link", "set", "lo", "up"])?;
+        self.nft(&host, "add table inet chaos")?;
+        self.nft(
+            &host,
+            "add chain inet chaos input { type filter hook input priority 0; }",
+        )?;
+        self.nft(
+            &host,
+            "add chain inet chaos output { type filter hook output priority 0; }",
+        )
+    }
+
+    /// The bridge's own address: how the process that made the network reaches its hosts.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 231, self.subnet, 1)
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// # Errors
+    /// [`NetworkError::UnknownHost`].
+    pub fn host(&self, name: &str) -> Result<&Host> {
+        self.index(name).map(|i| &self.hosts[i])
+    }
+
+    fn index(&self, name: &str) -> Result<usize> {
+        self.hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| NetworkError::UnknownHost(name.to_owned()))
+    }
+
+    /// `program` to be run on host `name` (`ip netns exec`); add its arguments and spawn it.
+    ///
+    /// # Errors
+    /// [`NetworkError::UnknownHost`].
+    pub fn command(&self, name: &str, program: &str) -> Result<Command> {
+        let host = self.host(name)?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &host.netns, program]);
+        Ok(command)
+    }
+
+    /// Runs `work` on a thread of this process that lives on host `name`: the sockets it opens
+    /// are the host's.
+    ///
+    /// # Errors
+    /// [`NetworkError::UnknownHost`]; entering the namespace fails in the thread, and is its
+    /// result's error.
+    pub fn spawn_on<T: Send + 'static>(
+        &self,
+        name: &str,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<Result<T>>> {
+        let host = self.host(name)?.clone();
+        Ok(std::thread::spawn(move || {
+            enter(&host)?;
+            Ok(work())
+        }))
+    }
+
+    /// Drops every packet host `from` sends host `to` (at `to`, as it arrives). TCP needs both
+    /// directions, so a connection between them stalls either way; a datagram from `to` to
+    /// `from` still arrives.
+    ///
+    /// # Errors
+    /// [`NetworkError::UnknownHost`], or the rule is refused.
+    pub fn cut(&self, from: &str, to: &str) -> Result<()> {
+        let from = self.host(from)?;
+        let to = self.host(to)?;
+        self.nft(
+            to,
+            &format!("add rule inet chaos input ip saddr {} drop", from.addr),
+        )
+    }
+
+    /// Cuts every host of `side` from every host of `other`, both ways.
+    ///
+    /// # Errors
+    /// As [`Network::cut`].
+    pub fn partition(&self, side: &[&str], other: &[&str]) -> Result<()> {
+        for a in side {
+            for b in other {
+                self.cut(a, b)?;
+                self.cut(b, a)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `percent` of what host `name` receives, each packet at random (to a tenth of a
+    /// percent), silently as a lossy link does.
+    ///
+    /// # Errors
+    /// As [`Network::cut`].
+    pub fn lossy(&self, name: &str, percent: f64) -> Result<()> {
+        let host = self.host(name)?;
+        // Whole tenths of a percent, within 0..=1000: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let permille = (percent.clamp(0.0, 100.0) * 10.0).round() as u32;
+        self.nft(
+            host,
+            &format!("add rule inet chaos input numgen random mod 1000 < {permille} drop"),
+        )
+    }
+
+    /// Holds every packet host `name` sends for `delay`, give or take up to `jitter` (uniform),
+    /// until [`Network::heal`]. Slowing a slowed host again changes its delay.
+    ///
+    /// # Errors
+    /// As [`Network::cut`], or the delay queue cannot be opened.
+    pub fn slow(&mut self, name: &str, delay: Duration, jitter: Duration) -> Result<()> {
+        let i = self.index(name)?;
+        let host = self.hosts[i].clone();
+        if let Some(at) = self.delays.iter().position(|(h, _)| *h == i) {
+            // Only the delay's rule is in the host's iptables.
+            iptables(&host, &["-F", "OUTPUT"])?;
+            self.delays.remove(at);
+        }
+        // The queue is bound before packets are sent to it. `--queue-bypass`: should the thread
+        // end, the host's packets pass undelayed rather than not at all.
+        let queue = Delay::start(&host, DELAY_QUEUE, delay, jitter)?;
+        self.delays.push((i, queue));
+        iptables(
+            &host,
+            &[
+                "-A",
+                "OUTPUT",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                &DELAY_QUEUE.to_string(),
+                "--queue-bypass",
+            ],
+        )
+    }
+
+    /// Removes every fault: the rules of every host, and the delays (what they hold is let
+    /// through at once).
+    ///
+    /// # Errors
+    /// When a host's rules cannot be flushed.
+    pub fn heal(&mut self) -> Result<()> {
+        for host in &self.hosts {
+            self.nft(host, "flush table inet chaos")?;
+            iptables(host, &["-F", "OUTPUT"])?;
+        }
+        self.delays.clear();
+        Ok(())
+    }
+
+    /// Removes what a network with `prefix` left behind (a run killed before its drop): its
+    /// namespaces and its bridge.
+    pub fn sweep(prefix: &str) {
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            let list = String::from_utf8_lossy(&out.stdout);
+            let stale = list
+                .lines()
+                .filter_map(|line| line.split_whitespace().next())
+                .filter(|netns| netns.starts_with(&format!("{prefix}-")));
+            for netns in stale {
+                let _ = ip(&["netns", "del", netns]);
+            }
+        }
+        let _ = ip(&["link", "del", &format!("{prefix}br")]);
+    }
+
+    fn nft(&self, host: &Host, rule: &str) -> Result<()> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &host.netns, "nft"])
+            .arg(rule))
+    }
+}
+
+impl Drop for Network {
+    /// The delays end first (their threads are in the namespaces), then every namespace goes
+    /// (with its end of its link, which takes the other end along), then the bridge.
+    fn drop(&mut self) {
+        self.delays.clear();
+        for host in &self.hosts {
+            if let Err(e) = ip(&["netns", "del", &host.netns]) {
+                tracing::warn!(error.message = %messaging::Chain(&e), netns = %host.netns, "removing a host");
+            }
+        }
+        if let Err(e) = ip(&["link", "del", &self.bridge]) {
+            tracing::warn!(error.message = %messaging::Chain(&e), bridge = %self.bridge, "removing the bridge");
+        }
+    }
+}
+
+/// Moves the calling thread onto `host`'s network.
+fn enter(host: &Host) -> Result<()> {
+    let entered = File::open(host.netns_path())
+        .and_then(|file| setns(file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+    entered.map_err(|source| NetworkError::Enter {
+        netns: host.netns.clone(),
+        source,
+    })
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn iptables(host: &Host, args: &[&str]) -> Result<()> {
+    run(Command::new("ip")
+        .args(["netns", "exec", &host.netns, "iptables"])
+        .args(args))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let shown = format!("{command:?}");
+    let out = command.output().map_err(|source| NetworkError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetworkError::Failed {
+            command: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
