@@ -66,12 +66,12 @@ cargo test --workspace --locked --no-run "$@"
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
 # scripts/fuzz.sh 840 (see its header). The instrumented build (about 250 s of CPU) and the
-# runs go in the background at the lowest CPU priority once the tests are compiled: they take
-# the CPU the end-to-end tests and the three-node cluster's phases leave idle (those mostly
-# wait on the broker; started with the compilation, it made this phase 262 s instead of 214), and
-# are waited for before the chaos run on one node, whose throughput check must have the
-# machine to itself. (At that priority a run gets fewer executions in its 20 s than on
-# an idle machine.) Their output: target/artifacts/fuzz.log.
+# runs go in the background at the lowest CPU priority once the tests are compiled, and are
+# waited for at the very end: they take the CPU the other phases leave idle (most of them wait
+# on a broker, a timer or a browser; started with the compilation, the build made this phase
+# 262 s instead of 214). At that priority a run gets fewer executions in its 20 s than on an
+# idle machine; the committed corpus is replayed whole all the same. Their output:
+# target/artifacts/fuzz.log.
 mkdir -p target/artifacts
 set -m # each background job in a process group of its own, which cleanup can stop whole
 (nice -n 19 scripts/fuzz.sh --build && nice -n 19 scripts/fuzz.sh 20) >target/artifacts/fuzz.log 2>&1 &
@@ -106,6 +106,17 @@ fi
 # restarted after a deletion refused every SCRAM login (BENCHMARKS.md, issue 21's notes). A node
 # this run kills is started again before it ends.
 phase "chaos on the three-node cluster"
+# The HTTP API against its OpenAPI document meanwhile, in the background: Schemathesis (from PyPI,
+# pinned, installed on first use) sends generated requests to an orchestrator of its own (its
+# own database and topic prefix on the one-node broker, which nothing else here uses now), with
+# a token of every role, and fails on any 5xx or any answer the document does not allow (about
+# two minutes). It ends before the chaos run on one node, which restarts that broker and
+# PostgreSQL.
+set -m
+scripts/api-test.sh >target/artifacts/api-test.log 2>&1 &
+api_test=$!
+background+=("$api_test")
+set +m
 (
   source "$ROOT/.run/cluster/cluster.env"
   target/debug/sagactl chaos --kafka-brokers "$KAFKA_BROKERS" \
@@ -123,15 +134,14 @@ SECURED_KAFKA_DIR="$ROOT/.run/cluster" cargo test -p sagactl --locked --test sec
 (source .run/cluster/cluster.env && target/debug/sagactl delete-topics --prefix secured- \
   --kafka-brokers "$KAFKA_BROKERS" --kafka-client-properties .run/cluster/clients/admin.properties)
 # Nothing else needs the cluster: a cluster started here shuts down (a minute: each node waits
-# for the others) in the background while the fuzzers run.
+# for the others) in the background.
 if [[ $STARTED_CLUSTER == 1 ]]; then
   BROKER_NODES=3 scripts/broker.sh stop >/dev/null 2>&1 &
   STARTED_CLUSTER=0
 fi
 
-# The fuzzers (started at the beginning, above): what is left of them.
-phase "the fuzzers (what is left of them)"
-finish "the fuzzers" "$fuzz" target/artifacts/fuzz.log
+phase "what is left of Schemathesis"
+finish Schemathesis "$api_test" target/artifacts/api-test.log
 
 # The chaos suite, short (about 2 minutes; 90 s more when something wedges): 600 sagas over
 # 30 s, a SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker
@@ -152,17 +162,11 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
   --topic-delete-every-ms 12000 --topic-down-ms 3000 \
   --settle-timeout-secs 90
 
-# The last four share the machine, each with a database, a topic prefix and ports of its own:
-# Schemathesis and the walkthroughs in the background (their logs are printed when they end),
-# the page test and the benchmark's smoke run meanwhile.
-phase "the page in Chromium, Schemathesis, the walkthroughs and the benchmark's smoke run"
-# The HTTP API against its OpenAPI document: Schemathesis (from PyPI, pinned, installed on first
-# use) sends generated requests to an orchestrator of its own, with a token of every role, and
-# fails on any 5xx or any answer the document does not allow (about a minute and a half).
+# The last three share the machine (with what is left of the fuzzers), each with a database, a
+# topic prefix and ports of its own: the walkthroughs in the background (their log is printed
+# when they end), the page test and the benchmark's smoke run meanwhile.
+phase "the page in Chromium, the walkthroughs, the benchmark's smoke run and the fuzzers"
 set -m
-scripts/api-test.sh >target/artifacts/api-test.log 2>&1 &
-api_test=$!
-background+=("$api_test")
 # The README's walkthroughs on a copy of the repository (scripts/walkthrough.sh): a step is
 # three hand-written files and a saga type its definition, messages and participants' code,
 # `sagactl generate` writes the rest, and both run (about two minutes: the copy is built).
@@ -179,5 +183,5 @@ scripts/browser-test.sh
 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
   --warmup-secs 0 --json target/artifacts/bench-smoke.json
 
-finish Schemathesis "$api_test" target/artifacts/api-test.log
 finish "the walkthroughs" "$walkthrough" target/artifacts/walkthrough.log
+finish "the fuzzers" "$fuzz" target/artifacts/fuzz.log
