@@ -29,6 +29,9 @@ phase() {
 }
 
 start_dependencies
+# The network tests (sagactl/src/chaos/network/) make namespaces, links and packet rules: root,
+# with these.
+ensure_commands ip:iproute2 nft:nftables iptables:iptables
 STARTED_CLUSTER=0
 # What runs in the background (see below) and is stopped when the suite ends early: the
 # fuzzers, the API test and the walkthroughs. (The cluster's shutdown, also in the background, is waited
