@@ -43,6 +43,7 @@ COPY kafka-record kafka-record
 COPY messaging messaging
 COPY orchestrator-schema orchestrator-schema
 COPY orchestrator orchestrator
+COPY participant-sdk participant-sdk
 COPY participants participants
 # A workspace member: cargo reads every member's manifest, whichever binary it builds.
 COPY sagactl sagactl

@@ -25,7 +25,7 @@ case "${1:-}" in
 esac
 
 # The crates whose queries are checked at compile time.
-MACRO_CRATES=(messaging orchestrator participants)
+MACRO_CRATES=(messaging orchestrator participant-sdk participants)
 # Migration folders in the order the services apply them (messaging 1-99, participant runtime
 # 100-999, then each service's own from 1000); the participants' tables do not collide, so
 # one schema holds them all.

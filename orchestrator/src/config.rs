@@ -528,7 +528,7 @@ mod settings {
 
     #[test]
     fn the_services_settings_keep_their_names_and_defaults() {
-        let participant = participants::ParticipantConfig::augment_args(clap::Command::new("p"));
+        let participant = participant_sdk::ParticipantConfig::augment_args(clap::Command::new("p"));
         let rendered = format!(
             "[orchestrator]\n{}\n[participant]\n{}\n",
             table(&super::Config::command()).join("\n"),

@@ -5,12 +5,11 @@ use std::fmt;
 
 use events::{Cents, Currency, Line};
 use messaging::db::column;
+use participant_sdk::{Participant, Request, Step, StepError};
 use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
-
-use crate::sdk::{Participant, Request, Step, StepError};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/returns");
 

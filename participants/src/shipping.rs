@@ -7,13 +7,12 @@ use std::collections::BTreeSet;
 use clap::Args;
 use events::{Address, LineItem};
 use messaging::db::column;
+use participant_sdk::{Participant, Request, Step, StepError};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use uuid::Uuid;
-
-use crate::sdk::{Participant, Request, Step, StepError};
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../migrations/shipping");
 

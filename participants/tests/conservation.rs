@@ -17,9 +17,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 
+use participant_sdk::{Request, Step};
 use participants::inventory::{Release, Reservation, ReserveStock, Restock, Returned, UndoRestock};
 use participants::payment::{Charge, ChargePayment, IssueRefund, Refund, ReturnRefund};
-use participants::sdk::{Request, Step};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::de::DeserializeOwned;
@@ -50,7 +50,7 @@ impl TestDb {
                 let pool = messaging::db::connect(&url, schema, 8)
                     .await
                     .expect("connect to the test database");
-                messaging::db::migrate(&pool, schema, &[&participants::RUNTIME_MIGRATIONS, own])
+                messaging::db::migrate(&pool, schema, &[&participant_sdk::RUNTIME_MIGRATIONS, own])
                     .await
                     .expect("migrate");
                 pool
@@ -255,7 +255,7 @@ impl World<'_> {
         ops: &[Op],
     ) -> Result<Vec<Result<(), String>>, String> {
         let saga_id = Uuid::from_u128(1);
-        let err = |e: participants::sdk::StepError| format!("{e:?}");
+        let err = |e: participant_sdk::StepError| format!("{e:?}");
         let Some(first) = ops.first() else {
             return Ok(Vec::new());
         };
@@ -352,7 +352,7 @@ impl World<'_> {
         tx: &mut PgConnection,
         op: Op,
     ) -> Result<Result<(), String>, String> {
-        let err = |e: participants::sdk::StepError| format!("{e:?}");
+        let err = |e: participant_sdk::StepError| format!("{e:?}");
         let (_, (key, _)) = ledger_key(self, op).ok_or("a return op without returns")?;
         let key_text = key.to_string();
         fn request<'a, T>(key: &'a str, payload: &'a T) -> Request<'a, T> {

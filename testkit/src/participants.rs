@@ -1,9 +1,9 @@
 //! Every participant of this repository, by the name the saga definitions give it, for what
 //! starts them by those names (the end-to-end tests). Each binary (`participants/src/bin`)
 //! builds its own participant from its command line instead; the participants library holds
-//! only the SDK, the runtime and the services.
+//! only the services.
 
-use participants::sdk::Participant;
+use participant_sdk::Participant;
 use participants::shipping::ShippingConfig;
 use participants::{inventory, payment, returns, shipping};
 

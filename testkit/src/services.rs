@@ -3,8 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use participants::sdk::{Participant, Readiness};
-use participants::ParticipantConfig;
+use participant_sdk::{Participant, ParticipantConfig, Readiness};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +48,11 @@ impl Services {
         self.start_with_readiness(name, None, run);
     }
 
-    /// Starts `participant` with `config` ([`participants::sdk::run`]).
+    /// Starts `participant` with `config` ([`participant_sdk::run`]).
     pub fn start_participant(&mut self, participant: Participant, config: ParticipantConfig) {
         let (name, readiness) = (participant.name(), participant.readiness());
         self.start_with_readiness(name, Some(readiness), |stop| {
-            participants::sdk::run(participant, config, stop)
+            participant_sdk::run(participant, config, stop)
         });
     }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use events::OrderPlaced;
-use participants::sdk::Participant;
+use participant_sdk::Participant;
 use serde_json::Value;
 use uuid::Uuid;
 

@@ -20,8 +20,7 @@ use messaging::provision::{self, ServiceRole};
 use orchestrator::auth::{token_line, Role};
 use orchestrator::config::{ApiConfig, RetryConfig};
 use orchestrator::saga::{Registry, SagaDefinition};
-use participants::sdk::Participant;
-use participants::ParticipantConfig;
+use participant_sdk::{Participant, ParticipantConfig};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
@@ -274,7 +273,7 @@ impl TestSystem {
             fault_compensation_failures: 0,
             step_ledger_retention_secs: options
                 .everything_retention_secs
-                .unwrap_or(participants::config::STEP_LEDGER_RETENTION_SECS),
+                .unwrap_or(participant_sdk::STEP_LEDGER_RETENTION_SECS),
         };
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 
 use messaging::db::column;
-use participants::sdk::{Participant, Request, Step, StepError};
+use participant_sdk::{Participant, Request, Step, StepError};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use sqlx::migrate::Migrator;

@@ -3,7 +3,7 @@
 
 use orchestrator::saga::SagaState;
 use orchestrator::store::{HistoryDecision, StoredState};
-use participants::LedgerOutcome;
+use participant_sdk::LedgerOutcome;
 use sqlx::postgres::{PgHasArrayType, Postgres};
 use sqlx::{Encode, PgPool, Type};
 

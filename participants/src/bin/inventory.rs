@@ -1,8 +1,8 @@
 //! The inventory participant.
-use participants::sdk::NoSettings;
+use participant_sdk::NoSettings;
 
 fn main() -> Result<(), messaging::Report> {
-    participants::sdk::main(
+    participant_sdk::main(
         "Reserves and releases stock for order sagas.",
         |_: NoSettings| participants::inventory::participant(),
     )

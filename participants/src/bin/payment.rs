@@ -1,8 +1,8 @@
 //! The payment participant.
-use participants::sdk::NoSettings;
+use participant_sdk::NoSettings;
 
 fn main() -> Result<(), messaging::Report> {
-    participants::sdk::main(
+    participant_sdk::main(
         "Charges and refunds customers for order sagas.",
         |_: NoSettings| participants::payment::participant(),
     )

@@ -1,8 +1,8 @@
 //! The returns participant.
-use participants::sdk::NoSettings;
+use participant_sdk::NoSettings;
 
 fn main() -> Result<(), messaging::Report> {
-    participants::sdk::main(
+    participant_sdk::main(
         "Receives returned items for return sagas.",
         |_: NoSettings| participants::returns::participant(),
     )

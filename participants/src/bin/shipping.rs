@@ -2,7 +2,7 @@
 use participants::shipping::ShippingConfig;
 
 fn main() -> Result<(), messaging::Report> {
-    participants::sdk::main(
+    participant_sdk::main(
         "Schedules shipments for order sagas.",
         |settings: ShippingConfig| participants::shipping::participant(&settings),
     )

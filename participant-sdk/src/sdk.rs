@@ -1,23 +1,5 @@
-//! The participant SDK: what a participant author writes, and the one entry point that runs it.
-//!
-//! A participant is its business logic, one [`Step`] impl per saga step it serves, plus its
-//! migrations, described by a [`Participant`] and run by [`main`] (a binary) or [`run`] (a test):
-//!
-//! ```ignore
-//! fn main() -> Result<(), messaging::Report> {
-//!     participants::sdk::main("Reserves and releases stock.", |_: NoSettings| {
-//!         Participant::new("inventory", &MIGRATIONS).step(ReserveStock)
-//!     })
-//! }
-//! ```
-//!
-//! The runtime (`crate::runtime`) does everything else, the same for every participant:
-//! decoding commands and dead-lettering what it cannot read (a payload that does not fit the
-//! step's typed request among them), inbox dedup, the step ledger (one forward outcome per saga
-//! key and step, answered again on a repeat; compensation tombstones; a forward command after
-//! its compensation refused; a compensation of a step never done here succeeds doing nothing),
-//! replies through the outbox with the names the command carried, batching, fault injection,
-//! metrics and graceful shutdown.
+//! What a participant author writes ([`Step`], [`Participant`]) and the entry points that run
+//! it ([`main`], [`run`]); the crate root re-exports them and says how they fit together.
 
 use std::any::Any;
 use std::fmt;

@@ -1,5 +1,5 @@
 //! The participant runtime: everything a participant needs besides its business logic (the
-//! [`Step`](crate::sdk::Step) impls it serves).
+//! [`Step`](crate::Step) impls it serves).
 //!
 //! For each command, in one transaction:
 //! 1. decode the envelope and the payload into the typed request of the step it names (or
