@@ -115,7 +115,9 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
         &mut tasks,
         ramp + Duration::from_secs(1),
         args.streams,
-        (&streams, &tabs, &samples),
+        &streams,
+        &tabs,
+        &samples,
     );
 
     let started = Instant::now();
@@ -218,7 +220,9 @@ fn spawn_progress(
     tasks: &mut JoinSet<()>,
     settled_after: Duration,
     wanted_streams: usize,
-    (streams, tabs, samples): (&Arc<StreamTally>, &Arc<TabTally>, &Arc<Mutex<Vec<i64>>>),
+    streams: &Arc<StreamTally>,
+    tabs: &Arc<TabTally>,
+    samples: &Arc<Mutex<Vec<i64>>>,
 ) {
     let (streams, tabs, samples) = (Arc::clone(streams), Arc::clone(tabs), Arc::clone(samples));
     tasks.spawn(async move {
