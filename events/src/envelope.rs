@@ -78,8 +78,7 @@ impl<T: DeserializeOwned> Envelope<T> {
     /// [`ContractError::Malformed`] for bytes that are not this kind of message,
     /// [`ContractError::UnsupportedSchemaVersion`] for a version from the future.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let envelope: Self =
-            serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+        let envelope: Self = serde_json::from_slice(bytes)?;
         if envelope.schema_version != SCHEMA_VERSION {
             return Err(ContractError::UnsupportedSchemaVersion {
                 found: envelope.schema_version,

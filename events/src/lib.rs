@@ -17,7 +17,7 @@ pub use envelope::{Envelope, SCHEMA_VERSION};
 
 /// The JSON Schema the contract's schemas refer to (`common.schema.json#/$defs/...`).
 pub const COMMON_SCHEMA: &str = include_str!("../contract/schemas/common.schema.json");
-pub use error::{ContractError, Result};
+pub use error::{ContractError, Malformed, Result};
 pub use messages::{
     is_key, is_name, Action, Command, Outcome, Reply, ReplyNames, SagaEvent, MAX_KEY_LEN,
     MAX_NAME_LEN, MAX_REASON_LEN,

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{ContractError, Result};
+use crate::{ContractError, Malformed, Result};
 
 /// A customer placed an order: the event that starts a saga.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,17 +56,17 @@ struct TypeTag<'a> {
 /// Refuses a record whose `type` is not `name`. serde writes the `type` tag of a struct but
 /// does not check it on reading.
 pub(crate) fn expect_type(bytes: &[u8], name: &str) -> Result<()> {
-    let tag: TypeTag<'_> =
-        serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+    let tag: TypeTag<'_> = serde_json::from_slice(bytes)?;
     if tag.kind.as_deref() == Some(name) {
         return Ok(());
     }
-    Err(ContractError::Malformed(format!(
-        "expected \"type\": \"{name}\", got {:?}",
-        tag.kind
+    Err(ContractError::Malformed(Malformed::OtherType {
+        expected: name.to_owned(),
+        found: tag
+            .kind
             .as_deref()
-            .map(|k| k.chars().take(64).collect::<String>())
-    )))
+            .map(|k| k.chars().take(64).collect::<String>()),
+    }))
 }
 
 /// Upper bounds that keep one order's arithmetic far from overflow.
@@ -82,8 +82,7 @@ impl OrderPlaced {
     /// [`ContractError::Malformed`] when the bytes are not an `OrderPlaced`, `InvalidField`
     /// when a field breaks a rule.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let order: Self =
-            serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+        let order: Self = serde_json::from_slice(bytes)?;
         // serde writes the `type` tag of a struct but does not check it on reading, so an
         // `OrderCancelled` with an order's fields would otherwise start a saga.
         expect_type(bytes, OrderPlaced::TYPE_NAME)?;

@@ -51,8 +51,7 @@ impl ReturnRequested {
         // The type first, so that another message on the topic (an order, say) is named as
         // such rather than by the first field it lacks.
         expect_type(bytes, Self::TYPE_NAME)?;
-        let request: Self =
-            serde_json::from_slice(bytes).map_err(|e| ContractError::Malformed(e.to_string()))?;
+        let request: Self = serde_json::from_slice(bytes)?;
         request.validate()?;
         Ok(request)
     }

@@ -28,7 +28,7 @@ pub struct SagaTrigger {
 /// `decode` of [`SAGA_TRIGGERS`]: a typed message's check, then the message as JSON.
 fn decoded<T: serde::Serialize>(message: Result<T, ContractError>) -> Result<Value, ContractError> {
     let message = message?;
-    serde_json::to_value(&message).map_err(|e| ContractError::Malformed(e.to_string()))
+    serde_json::to_value(&message).map_err(ContractError::from)
 }
 
 /// Every message a saga can be started by.

@@ -200,14 +200,41 @@ fn parse_properties(text: &str) -> std::result::Result<Vec<(String, String)>, St
 pub enum Refusal {
     /// SASL authentication failed (wrong user or password, mechanism not enabled, credential
     /// deleted): librdkafka's `_AUTHENTICATION`.
-    Authentication(String),
+    Authentication(RefusalCause),
     /// The TLS handshake failed (a certificate not signed by the CA named, a host name that does
     /// not match, a client certificate the broker does not accept).
-    Tls(String),
+    Tls(RefusalCause),
     /// The broker refused an operation for lack of an ACL.
-    Authorization(String),
+    Authorization(RefusalCause),
 }
 
+/// What the cluster's refusal was seen as: the client's error, or librdkafka's description
+/// when that is all there is (its error callback).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefusalCause {
+    /// The error of the operation the cluster refused.
+    #[error("{0}")]
+    Kafka(#[source] KafkaError),
+    /// A topic's metadata that carries the refusal's code.
+    #[error("topic {topic}: {code}")]
+    Topic {
+        topic: String,
+        #[source]
+        code: RDKafkaErrorCode,
+    },
+    /// librdkafka's words for a refusal its error callback reported.
+    #[error("{0}")]
+    Reported(String),
+}
+
+impl From<&str> for RefusalCause {
+    fn from(reason: &str) -> Self {
+        Self::Reported(reason.to_owned())
+    }
+}
+
+/// The text holds the cause's too (what an operator reads in the one line a refused service
+/// ends with); [`crate::chain`] does not print it twice.
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -227,33 +254,57 @@ impl fmt::Display for Refusal {
     }
 }
 
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.cause())
+    }
+}
+
 impl Refusal {
-    /// The refusal a librdkafka error stands for, if it is one.
+    /// The refusal a librdkafka error stands for, if it is one; it keeps the error.
     pub fn of(error: &KafkaError) -> Option<Self> {
         let code = error.rdkafka_error_code()?;
-        Self::of_code(code, &error.to_string())
+        let kind = Self::kind_of(code, &error.to_string())?;
+        Some(kind(RefusalCause::Kafka(error.clone())))
     }
 
     /// The refusal a librdkafka error code stands for, if it is one; `reason` describes it.
     pub fn of_code(code: RDKafkaErrorCode, reason: &str) -> Option<Self> {
+        Self::kind_of(code, reason).map(|kind| kind(reason.into()))
+    }
+
+    /// The refusal a topic's metadata error stands for, if it is one.
+    pub fn of_topic(topic: &str, code: RDKafkaErrorCode) -> Option<Self> {
+        let cause = RefusalCause::Topic {
+            topic: topic.to_owned(),
+            code,
+        };
+        Self::kind_of(code, &cause.to_string()).map(|kind| kind(cause))
+    }
+
+    /// Which refusal `code` (described by `reason`) is, if it is one.
+    fn kind_of(code: RDKafkaErrorCode, reason: &str) -> Option<fn(RefusalCause) -> Self> {
         use RDKafkaErrorCode as Code;
         match code {
-            Code::Authentication | Code::SaslAuthenticationFailed => {
-                Some(Self::Authentication(reason.to_owned()))
-            }
-            Code::SSL => Some(Self::Tls(reason.to_owned())),
+            Code::Authentication | Code::SaslAuthenticationFailed => Some(Self::Authentication),
+            Code::SSL => Some(Self::Tls),
             // Older librdkafka versions report a failed handshake as a transport error.
             Code::BrokerTransportFailure if reason.contains("SSL handshake failed") => {
-                Some(Self::Tls(reason.to_owned()))
+                Some(Self::Tls)
             }
             Code::TopicAuthorizationFailed
             | Code::GroupAuthorizationFailed
             | Code::ClusterAuthorizationFailed
             | Code::TransactionalIdAuthorizationFailed
-            | Code::DelegationTokenAuthorizationFailed => {
-                Some(Self::Authorization(reason.to_owned()))
-            }
+            | Code::DelegationTokenAuthorizationFailed => Some(Self::Authorization),
             _ => None,
+        }
+    }
+
+    /// What the refusal was seen as.
+    pub fn cause(&self) -> &RefusalCause {
+        match self {
+            Self::Authentication(cause) | Self::Tls(cause) | Self::Authorization(cause) => cause,
         }
     }
 
@@ -592,6 +643,43 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(3), AccessWatch::confirm(&connection)).await;
         assert!(confirmed.is_err(), "a broker that is away is not a refusal");
         assert_eq!(connection.access.refusal(), None);
+    }
+
+    /// A refusal keeps the client's error as its cause, and the error a refused service ends
+    /// with prints the broker's words once.
+    #[test]
+    fn a_refusal_keeps_the_clients_error() {
+        let kafka = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        let refusal = Refusal::of(&kafka).expect("an authorization refusal");
+        let refused = Error::AccessRefused {
+            connection: "the producer".into(),
+            refusal,
+        };
+        let found =
+            std::iter::successors(Some(&refused as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .find_map(|cause| cause.downcast_ref::<KafkaError>());
+        assert_eq!(found, Some(&kafka));
+        let text = crate::chain(&refused);
+        assert_eq!(text.matches(&kafka.to_string()).count(), 1, "{text}");
+        assert!(text.starts_with("the Kafka cluster refuses the producer: the cluster refuses this identity an operation"), "{text}");
+
+        let topic = Refusal::of_topic("saga.commands", RDKafkaErrorCode::TopicAuthorizationFailed)
+            .expect("an authorization refusal");
+        assert_eq!(
+            topic.to_string(),
+            Refusal::of_code(
+                RDKafkaErrorCode::TopicAuthorizationFailed,
+                &format!(
+                    "topic saga.commands: {}",
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                )
+            )
+            .expect("the same refusal")
+            .to_string(),
+            "reads as the text it replaces"
+        );
     }
 
     #[test]

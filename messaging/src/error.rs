@@ -123,6 +123,7 @@ pub enum Error {
     #[error("the Kafka cluster refuses {connection}: {refusal}")]
     AccessRefused {
         connection: String,
+        #[source]
         refusal: crate::access::Refusal,
     },
     /// Topics the service needs do not exist and its identity may not create them.

@@ -359,7 +359,7 @@ fn missing_topics(
             RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
         ) {
             missing.push(name.clone());
-        } else if let Some(refusal) = Refusal::of_code(code, &format!("topic {name}: {code}")) {
+        } else if let Some(refusal) = Refusal::of_topic(name, code) {
             return Err(Error::AccessRefused {
                 connection: connection.to_owned(),
                 refusal,

@@ -109,10 +109,38 @@ impl From<ClaimedRow> for OutboxRow {
 struct Published {
     acknowledged: Vec<i64>,
     /// Rows refused for good, with the broker's reason.
-    refused: Vec<(i64, String)>,
+    refused: Vec<(i64, KafkaError)>,
     /// Destinations that failed for a passing reason, with the first reason; their rows that
     /// were not acknowledged stay in the outbox.
-    failed: BTreeMap<String, String>,
+    failed: BTreeMap<String, DestinationFailure>,
+}
+
+/// Why a destination failed for a passing reason: its rows wait and are retried.
+#[derive(Debug, thiserror::Error)]
+enum DestinationFailure {
+    /// The producer would not take the record (its queue full, say).
+    #[error("enqueueing")]
+    Enqueueing(#[source] KafkaError),
+    /// The broker answered with an error.
+    #[error(transparent)]
+    Delivery(KafkaError),
+    #[error("the producer dropped the delivery report")]
+    ReportDropped,
+    #[error("no acknowledgement within {} ms", .0.as_millis())]
+    NoAcknowledgement(Duration),
+    /// The broker answered the batch's other records and not this one (see
+    /// [`Relay::await_wave`]).
+    #[error("no acknowledgement within {} ms of the broker acknowledging the batch's other records", .0.as_millis())]
+    Straggler(Duration),
+}
+
+/// Why a probe could not tell whether its destination answers.
+#[derive(Debug, thiserror::Error)]
+enum ProbeInconclusive {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("the producer dropped the delivery report")]
+    ReportDropped,
 }
 
 /// What a probe of a failing destination found.
@@ -122,9 +150,9 @@ enum ProbeOutcome {
     /// good, which says nothing against the destination), or nothing waits for it any more.
     Answered,
     /// It still fails, for this reason.
-    Failing(String),
+    Failing(DestinationFailure),
     /// The probe could not tell (the database failed): the destination stays as it was.
-    Inconclusive(String),
+    Inconclusive(ProbeInconclusive),
 }
 
 impl Relay {
@@ -322,7 +350,9 @@ impl Relay {
         for (id, error) in &published.refused {
             // Retrying cannot help, and the rows behind it must go out: keep it aside, whole,
             // with the broker's reason, for an operator.
-            tracing::error!(outbox_id = id, error.message = %error, schema = %self.schema, "the broker refuses an outbox row for good; parked in outbox_parked");
+            tracing::error!(outbox_id = id, error.message = %crate::Chain(error), schema = %self.schema, "the broker refuses an outbox row for good; parked in outbox_parked");
+            // The column holds the broker's text: convert at this edge only.
+            let error = error.to_string();
             sqlx::query!(
                 "INSERT INTO outbox_parked (id, topic, message_key, payload, headers, created_at, error)
                  SELECT id, topic, message_key, payload, headers, created_at, $2 FROM outbox WHERE id = $1",
@@ -381,12 +411,10 @@ impl Relay {
                 }
                 match send(&self.producer, row) {
                     Ok(delivery) => deliveries.push((row, delivery)),
-                    Err(e) if refused_for_good(&e) => {
-                        published.refused.push((row.id, e.to_string()))
-                    }
+                    Err(e) if refused_for_good(&e) => published.refused.push((row.id, e)),
                     Err(e) => {
                         held.extend(key);
-                        published.fail(&row.topic, format!("enqueueing: {e}"));
+                        published.fail(&row.topic, DestinationFailure::Enqueueing(e));
                     }
                 }
             }
@@ -438,14 +466,14 @@ impl Relay {
                     continue;
                 }
                 Ok(Err((e, _))) if refused_for_good(&e) => {
-                    published.refused.push((row.id, e.to_string()));
+                    published.refused.push((row.id, e));
                     continue;
                 }
                 Ok(Err((e, _))) => {
                     self.report_refusal(&e);
-                    e.to_string()
+                    DestinationFailure::Delivery(e)
                 }
-                Err(_cancelled) => "the producer dropped the delivery report".to_owned(),
+                Err(_cancelled) => DestinationFailure::ReportDropped,
             };
             if let Some(key) = row.message_key.as_deref() {
                 held.insert((row.topic.as_str(), key));
@@ -455,19 +483,18 @@ impl Relay {
         let Some(deadline) = timed_out else {
             return;
         };
-        let error = if deadline < ack_deadline {
-            format!(
-                "no acknowledgement within {} ms of the broker acknowledging the batch's other records",
-                straggler_wait.as_millis()
-            )
-        } else {
-            format!("no acknowledgement within {} ms", ack_wait.as_millis())
+        let error = || {
+            if deadline < ack_deadline {
+                DestinationFailure::Straggler(straggler_wait)
+            } else {
+                DestinationFailure::NoAcknowledgement(ack_wait)
+            }
         };
         for row in outstanding.into_values() {
             if let Some(key) = row.message_key.as_deref() {
                 held.insert((row.topic.as_str(), key));
             }
-            published.fail(&row.topic, error.clone());
+            published.fail(&row.topic, error());
         }
     }
 
@@ -485,16 +512,16 @@ impl Relay {
 
     /// Notes that `topic` failed: the first failure of a run of them is logged and counted,
     /// the retries after it only at debug level.
-    fn destination_failed(&mut self, topic: &str, error: String) {
+    fn destination_failed(&mut self, topic: &str, error: DestinationFailure) {
         let started = self.destinations.failed(topic, Instant::now());
         if started {
-            tracing::warn!(topic, error.message = %error, schema = %self.schema, "outbox destination failing; its rows wait and are retried with backoff, the other destinations go on");
+            tracing::warn!(topic, error.message = %crate::Chain(&error), schema = %self.schema, "outbox destination failing; its rows wait and are retried with backoff, the other destinations go on");
             ::metrics::counter!(crate::metrics::OUTBOX_DESTINATION_FAILURES, "topic" => topic.to_owned())
                 .increment(1);
             ::metrics::gauge!(crate::metrics::OUTBOX_DESTINATION_FAILING, "topic" => topic.to_owned())
                 .set(1.0);
         } else {
-            tracing::debug!(topic, error.message = %error, "outbox destination still failing");
+            tracing::debug!(topic, error.message = %crate::Chain(&error), "outbox destination still failing");
         }
     }
 
@@ -538,7 +565,7 @@ impl Relay {
             }
             Ok((topic, ProbeOutcome::Failing(error))) => self.destination_failed(&topic, error),
             Ok((topic, ProbeOutcome::Inconclusive(error))) => {
-                tracing::debug!(topic, error.message = %error, "probing an outbox destination failed; trying again later");
+                tracing::debug!(topic, error.message = %crate::Chain(&error), "probing an outbox destination failed; trying again later");
                 self.destinations.postpone(&topic, now);
             }
             Err(e) => {
@@ -604,24 +631,19 @@ async fn probe(
     let row = match oldest {
         Ok(Some(row)) => row,
         Ok(None) => return ProbeOutcome::Answered,
-        Err(e) => return ProbeOutcome::Inconclusive(e.to_string()),
+        Err(e) => return ProbeOutcome::Inconclusive(e.into()),
     };
     let (delivery, _span) = match send(producer, &row) {
         Ok(delivery) => delivery,
         Err(e) if refused_for_good(&e) => return ProbeOutcome::Answered,
-        Err(e) => return ProbeOutcome::Failing(format!("enqueueing: {e}")),
+        Err(e) => return ProbeOutcome::Failing(DestinationFailure::Enqueueing(e)),
     };
     match tokio::time::timeout(ack_wait, delivery).await {
         Ok(Ok(Ok(_))) => ProbeOutcome::Answered,
         Ok(Ok(Err((e, _)))) if refused_for_good(&e) => ProbeOutcome::Answered,
-        Ok(Ok(Err((e, _)))) => ProbeOutcome::Failing(e.to_string()),
-        Ok(Err(_cancelled)) => {
-            ProbeOutcome::Inconclusive("the producer dropped the delivery report".into())
-        }
-        Err(_elapsed) => ProbeOutcome::Failing(format!(
-            "no acknowledgement within {} ms",
-            ack_wait.as_millis()
-        )),
+        Ok(Ok(Err((e, _)))) => ProbeOutcome::Failing(DestinationFailure::Delivery(e)),
+        Ok(Err(_cancelled)) => ProbeOutcome::Inconclusive(ProbeInconclusive::ReportDropped),
+        Err(_elapsed) => ProbeOutcome::Failing(DestinationFailure::NoAcknowledgement(ack_wait)),
     }
 }
 
@@ -652,7 +674,7 @@ fn send(
 
 impl Published {
     /// Notes that `topic` failed; the first reason is the one kept.
-    fn fail(&mut self, topic: &str, error: String) {
+    fn fail(&mut self, topic: &str, error: DestinationFailure) {
         self.failed.entry(topic.to_owned()).or_insert(error);
     }
 }
@@ -825,6 +847,30 @@ impl Destinations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A destination's failure keeps the broker's error as its cause, and its printed chain
+    /// reads as the text the relay logged when it kept a `String` (`enqueueing: ` and the
+    /// broker's text, once).
+    #[test]
+    fn a_destinations_failure_keeps_the_brokers_error() {
+        let kafka = || KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+        let mut published = Published::default();
+        published.fail("shipping", DestinationFailure::Enqueueing(kafka()));
+        published.fail("shipping", DestinationFailure::ReportDropped);
+        let first = &published.failed["shipping"];
+        let cause = std::error::Error::source(first).expect("the broker's error");
+        assert!(matches!(
+            cause.downcast_ref::<KafkaError>(),
+            Some(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+        ));
+        assert_eq!(crate::chain(first), format!("enqueueing: {}", kafka()));
+        let delivery = DestinationFailure::Delivery(kafka());
+        assert_eq!(crate::chain(&delivery), kafka().to_string());
+        assert_eq!(
+            crate::chain(&DestinationFailure::Straggler(Duration::from_millis(250))),
+            "no acknowledgement within 250 ms of the broker acknowledging the batch's other records"
+        );
+    }
 
     #[test]
     fn a_failing_destination_backs_off_alone_up_to_its_cap_and_counts_one_start() {

@@ -353,6 +353,15 @@ impl Default for RetryConfig {
 pub enum OverrideError {
     #[error("step timeout override {0:?} is not step=milliseconds (STEP_TIMEOUT_OVERRIDES_MS)")]
     Malformed(String),
+    /// `step=` followed by what is not a number of milliseconds.
+    #[error(
+        "step timeout override {entry:?} is not step=milliseconds (STEP_TIMEOUT_OVERRIDES_MS)"
+    )]
+    Milliseconds {
+        entry: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
     #[error("unknown step {0:?} in a timeout override (STEP_TIMEOUT_OVERRIDES_MS)")]
     UnknownStep(String),
 }
@@ -368,10 +377,17 @@ impl RetryConfig {
             .iter()
             .filter(|e| !e.trim().is_empty())
             .map(|entry| {
-                entry
+                let (step, ms) = entry
                     .split_once('=')
-                    .and_then(|(step, ms)| Some((step.trim(), ms.trim().parse::<u64>().ok()?)))
-                    .ok_or_else(|| OverrideError::Malformed(entry.clone()))
+                    .ok_or_else(|| OverrideError::Malformed(entry.clone()))?;
+                let ms =
+                    ms.trim()
+                        .parse::<u64>()
+                        .map_err(|source| OverrideError::Milliseconds {
+                            entry: entry.clone(),
+                            source,
+                        })?;
+                Ok((step.trim(), ms))
             })
             .collect()
     }
@@ -379,7 +395,8 @@ impl RetryConfig {
     /// Changes `definition`'s retry policies as these settings say.
     ///
     /// # Errors
-    /// [`OverrideError::Malformed`] naming an override that is not `step=milliseconds`.
+    /// [`OverrideError::Malformed`] or [`OverrideError::Milliseconds`] naming an override that
+    /// is not `step=milliseconds`.
     pub fn apply(&self, definition: &mut SagaDefinition) -> Result<(), OverrideError> {
         let overrides = self.timeout_overrides()?;
         let millis = |ms: u64| TimeDelta::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
@@ -475,7 +492,10 @@ mod tests {
             ("ship=5", OverrideError::UnknownStep("ship".into())),
             (
                 "charge_payment=soon",
-                OverrideError::Malformed("charge_payment=soon".into()),
+                OverrideError::Milliseconds {
+                    entry: "charge_payment=soon".into(),
+                    source: "soon".parse::<u64>().expect_err("not a number"),
+                },
             ),
         ] {
             let config = RetryConfig {
@@ -490,6 +510,29 @@ mod tests {
             let message = refused.expect_err("refused").to_string();
             assert!(message.contains("STEP_TIMEOUT_OVERRIDES_MS"), "{message}");
         }
+    }
+
+    /// An override whose milliseconds do not parse keeps the parser's error as its cause,
+    /// printed once after the override's own text.
+    #[test]
+    fn an_override_that_is_no_number_keeps_the_parsers_error() {
+        let config = RetryConfig {
+            step_timeout_overrides_ms: vec!["charge_payment=99999999999999999999".into()],
+            ..RetryConfig::default()
+        };
+        let refused = config.check_overrides(&[]).expect_err("too large");
+        let cause = std::error::Error::source(&refused).expect("the parser's error");
+        let parsed = cause
+            .downcast_ref::<std::num::ParseIntError>()
+            .expect("a ParseIntError");
+        assert_eq!(parsed.kind(), &std::num::IntErrorKind::PosOverflow);
+        assert_eq!(
+            messaging::chain(&refused),
+            format!(
+                "step timeout override \"charge_payment=99999999999999999999\" is not \
+                 step=milliseconds (STEP_TIMEOUT_OVERRIDES_MS): {parsed}"
+            )
+        );
     }
 }
 

@@ -36,6 +36,10 @@ pub enum Error {
     /// A message the engine made could not be encoded as JSON.
     #[error("encoding a message")]
     Encode(#[source] serde_json::Error),
+    /// The OpenAPI document built into the binary could not be completed with this
+    /// deployment's saga types and steps ([`crate::api::openapi_for`]).
+    #[error("invalid configuration: openapi.json")]
+    OpenApi(#[source] serde_json::Error),
     #[error("cannot read the API token file {}", path.display())]
     TokenFile {
         path: std::path::PathBuf,

@@ -63,6 +63,33 @@ impl fmt::Display for Declined {
     }
 }
 
+/// Debits `amount_cents` in `currency` from `customer_id`'s balance in `accounts` (each
+/// customer's balance and currency), or says why the charge is declined.
+fn debit(
+    accounts: &mut BTreeMap<String, (i64, String)>,
+    customer_id: &str,
+    amount_cents: i64,
+    currency: &str,
+) -> Result<(), Declined> {
+    match accounts.get_mut(customer_id) {
+        None => Err(Declined::UnknownCustomer(customer_id.to_owned())),
+        Some((_, account_currency)) if account_currency != currency => {
+            Err(Declined::OtherCurrency {
+                account: account_currency.clone(),
+                order: currency.to_owned(),
+            })
+        }
+        Some((balance, _)) if *balance < amount_cents => Err(Declined::InsufficientFunds {
+            balance: *balance,
+            amount: amount_cents,
+        }),
+        Some((balance, _)) => {
+            *balance -= amount_cents;
+            Ok(())
+        }
+    }
+}
+
 impl Step for ChargePayment {
     const STEP: &'static str = "charge_payment";
     type Forward = Charge;
@@ -110,26 +137,10 @@ impl Step for ChargePayment {
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut charged = Vec::new();
         for (saga_id, order_id, customer_id, amount_cents, currency) in &charges {
-            let outcome = match accounts.get_mut(customer_id.as_str()) {
-                None => Err(Declined::UnknownCustomer((*customer_id).clone())),
-                Some((_, account_currency)) if account_currency != *currency => {
-                    Err(Declined::OtherCurrency {
-                        account: account_currency.clone(),
-                        order: (*currency).to_owned(),
-                    })
-                }
-                Some((balance, _)) if *balance < *amount_cents => {
-                    Err(Declined::InsufficientFunds {
-                        balance: *balance,
-                        amount: *amount_cents,
-                    })
-                }
-                Some((balance, _)) => {
-                    *balance -= amount_cents;
-                    charged.push((*order_id, *saga_id, *customer_id, *amount_cents, *currency));
-                    Ok(())
-                }
-            };
+            let outcome = debit(&mut accounts, customer_id, *amount_cents, currency);
+            if outcome.is_ok() {
+                charged.push((*order_id, *saga_id, *customer_id, *amount_cents, *currency));
+            }
             outcomes.push(outcome);
         }
         if charged.is_empty() {

@@ -125,92 +125,27 @@ async fn broker(args: BrokerArgs) -> anyhow::Result<()> {
     let producer = messaging::kafka::producer(&args.kafka)?;
     let consumer = messaging::kafka::consumer(&args.kafka, &format!("{topic}-group"))?;
     consumer.subscribe(&[topic.as_str()])?;
-    let payload = vec![b'x'; args.payload_bytes];
-
-    // Each message's key is its id; the consumer looks up when it was sent.
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let window = Arc::new(Semaphore::new(0));
-    let received: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
-    let reader = {
-        let sent_at = Arc::clone(&sent_at);
-        let window = Arc::clone(&window);
-        let received = Arc::clone(&received);
-        tokio::spawn(async move {
-            loop {
-                let Ok(message) = consumer.recv().await else {
-                    continue;
-                };
-                let now = Instant::now();
-                let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-                if let Some(sent) = sent_at.lock().await.remove(&key) {
-                    received.lock().await.push((now, now - sent));
-                    window.add_permits(1);
-                }
-            }
-        })
+    let trips = RoundTrips {
+        producer,
+        topic: topic.clone(),
+        payload: vec![b'x'; args.payload_bytes],
+        sent_at: Arc::default(),
+        window: Arc::new(Semaphore::new(0)),
+        received: Arc::default(),
     };
-    let send = |key: String| {
-        let producer = producer.clone();
-        let topic = topic.clone();
-        let payload = payload.clone();
-        let sent_at = Arc::clone(&sent_at);
-        async move {
-            sent_at.lock().await.insert(key.clone(), Instant::now());
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .context("producing")
-        }
-    };
+    let reader = trips.spawn_reader(consumer);
 
-    // Wait until the consumer has its partitions and reads.
-    eprintln!("waiting for the consumer's assignment...");
-    let ready = Instant::now();
-    loop {
-        send(format!("warm-{}", Uuid::new_v4())).await?;
-        if tokio::time::timeout(Duration::from_secs(1), window.acquire())
-            .await
-            .is_ok_and(|p| p.map(|p| p.forget()).is_ok())
-        {
-            break;
-        }
-        if ready.elapsed() > Duration::from_secs(60) {
-            bail!("the consumer never received a message");
-        }
-    }
-
+    trips.warm_up().await?;
     eprintln!("latency floor: {} round trips, one at a time", args.samples);
-    received.lock().await.clear();
-    for i in 0..args.samples {
-        send(format!("lat-{i}")).await?;
-        window.acquire().await?.forget();
-    }
-    let hops: Vec<Duration> = received.lock().await.drain(..).map(|(_, d)| d).collect();
+    let hops = trips.one_at_a_time(args.samples).await?;
     let floor: Vec<Duration> = hops.chunks(7).map(|c| c.iter().sum()).collect();
-
     eprintln!(
         "throughput: {} s with {} in flight",
         args.secs, args.in_flight
     );
-    window.add_permits(args.in_flight);
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < Duration::from_secs(args.secs) {
-        window.acquire().await?.forget();
-        let producer_send = send(format!("tp-{n}"));
-        tokio::spawn(async move {
-            if let Err(e) = producer_send.await {
-                eprintln!("{e:#}");
-            }
-        });
-        n += 1;
-    }
-    let done = received.lock().await.len();
-    let rate = done as f64 / started.elapsed().as_secs_f64();
+    let rate = trips
+        .throughput(Duration::from_secs(args.secs), args.in_flight)
+        .await?;
     reader.abort();
     let report = BrokerReport {
         round_trips_per_sec: rate,
@@ -228,6 +163,115 @@ async fn broker(args: BrokerArgs) -> anyhow::Result<()> {
         .delete_topics(&[topic.as_str()], &rdkafka::admin::AdminOptions::new())
         .await;
     Ok(())
+}
+
+/// Round trips through one topic: a message produced, then consumed. Each message's key is
+/// its id; the reader looks up when it was sent, and gives a permit of `window` back.
+struct RoundTrips {
+    producer: messaging::kafka::Producer,
+    topic: String,
+    payload: Vec<u8>,
+    sent_at: Arc<Mutex<HashMap<String, Instant>>>,
+    window: Arc<Semaphore>,
+    /// When each came back, and how long its trip took.
+    received: Arc<Mutex<Vec<(Instant, Duration)>>>,
+}
+
+impl RoundTrips {
+    /// Reads the messages that come back, until aborted.
+    fn spawn_reader(&self, consumer: messaging::kafka::Consumer) -> tokio::task::JoinHandle<()> {
+        let sent_at = Arc::clone(&self.sent_at);
+        let window = Arc::clone(&self.window);
+        let received = Arc::clone(&self.received);
+        tokio::spawn(async move {
+            loop {
+                let Ok(message) = consumer.recv().await else {
+                    continue;
+                };
+                let now = Instant::now();
+                let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+                if let Some(sent) = sent_at.lock().await.remove(&key) {
+                    received.lock().await.push((now, now - sent));
+                    window.add_permits(1);
+                }
+            }
+        })
+    }
+
+    /// Sends one message keyed `key`; the future owns what it needs, so that it can be
+    /// spawned.
+    fn send(&self, key: String) -> impl std::future::Future<Output = anyhow::Result<()>> {
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        let payload = self.payload.clone();
+        let sent_at = Arc::clone(&self.sent_at);
+        async move {
+            sent_at.lock().await.insert(key.clone(), Instant::now());
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+                .context("producing")
+        }
+    }
+
+    /// Waits until the consumer has its partitions and reads.
+    async fn warm_up(&self) -> anyhow::Result<()> {
+        eprintln!("waiting for the consumer's assignment...");
+        let ready = Instant::now();
+        loop {
+            self.send(format!("warm-{}", Uuid::new_v4())).await?;
+            if tokio::time::timeout(Duration::from_secs(1), self.window.acquire())
+                .await
+                .is_ok_and(|p| p.map(|p| p.forget()).is_ok())
+            {
+                return Ok(());
+            }
+            if ready.elapsed() > Duration::from_secs(60) {
+                bail!("the consumer never received a message");
+            }
+        }
+    }
+
+    /// `samples` round trips, one at a time: how long each took.
+    async fn one_at_a_time(&self, samples: usize) -> anyhow::Result<Vec<Duration>> {
+        self.received.lock().await.clear();
+        for i in 0..samples {
+            self.send(format!("lat-{i}")).await?;
+            self.window.acquire().await?.forget();
+        }
+        Ok(self
+            .received
+            .lock()
+            .await
+            .drain(..)
+            .map(|(_, d)| d)
+            .collect())
+    }
+
+    /// Round trips for `length` with `in_flight` of them under way: how many per second came
+    /// back.
+    async fn throughput(&self, length: Duration, in_flight: usize) -> anyhow::Result<f64> {
+        self.window.add_permits(in_flight);
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < length {
+            self.window.acquire().await?.forget();
+            let producer_send = self.send(format!("tp-{n}"));
+            tokio::spawn(async move {
+                if let Err(e) = producer_send.await {
+                    eprintln!("{e:#}");
+                }
+            });
+            n += 1;
+        }
+        let done = self.received.lock().await.len();
+        Ok(done as f64 / started.elapsed().as_secs_f64())
+    }
 }
 
 #[derive(Debug, Serialize)]

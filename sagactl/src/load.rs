@@ -171,17 +171,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         Some(url) => Some(budget::SqlCounters::start(url).await?),
         None => None,
     };
-    // This load generator shares the machine too: it counts as one more process.
-    let processes: Vec<(String, u32)> = args
-        .processes
-        .iter()
-        .cloned()
-        .chain([("sagactl load".to_owned(), std::process::id())])
-        .collect();
-    let cpu_before: Vec<f64> = processes
-        .iter()
-        .map(|(_, pid)| budget::tree_cpu_seconds(*pid).unwrap_or(0.0))
-        .collect();
+    let cpu = CpuMeter::start(&args.processes);
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let in_flight = Arc::new(Semaphore::new(args.in_flight));
@@ -193,6 +183,43 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     ));
 
     let started = Instant::now();
+    send_orders(&args, &producer, &topics, &tally, &in_flight).await?;
+    let settled = tokio::time::timeout(Duration::from_secs(args.settle_timeout_secs), watch).await;
+    let elapsed = started.elapsed();
+    if settled.is_err() {
+        eprintln!(
+            "not every saga finished within {} s of the last order",
+            args.settle_timeout_secs
+        );
+    }
+    let tally = tally.lock().await;
+    let mut report = report(&args, &tally, elapsed, started);
+    report.processes.extend(cpu.usage(report.finished));
+    measure_costs(&args, sql_counters, &mut report).await?;
+    print_report(&report);
+    if args.delete_topics {
+        budget::delete_topics(&args.kafka, &args.topic_prefix).await?;
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.unfinished > 0 {
+        bail!("{} sagas did not finish", report.unfinished);
+    }
+    Ok(())
+}
+
+/// Sends `--orders` orders, at `--rate` or keeping `--in-flight` sagas open (the watcher
+/// gives a permit back as each finishes), noting when each went in `tally`; returns once the
+/// broker has acknowledged them all.
+async fn send_orders(
+    args: &LoadArgs,
+    producer: &FutureProducer,
+    topics: &Topics,
+    tally: &Mutex<Tally>,
+    in_flight: &Semaphore,
+) -> anyhow::Result<()> {
     let interval = args
         .rate
         .map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
@@ -232,26 +259,56 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     for published in publishing {
         published.await.context("publishing task")??;
     }
-    let settled = tokio::time::timeout(Duration::from_secs(args.settle_timeout_secs), watch).await;
-    let elapsed = started.elapsed();
-    if settled.is_err() {
-        eprintln!(
-            "not every saga finished within {} s of the last order",
-            args.settle_timeout_secs
-        );
+    Ok(())
+}
+
+/// The CPU time the measured processes (`--process`, and this load generator, which shares
+/// the machine too) had used when the run started.
+struct CpuMeter {
+    processes: Vec<(String, u32)>,
+    before: Vec<f64>,
+}
+
+impl CpuMeter {
+    fn start(measured: &[(String, u32)]) -> Self {
+        let processes: Vec<(String, u32)> = measured
+            .iter()
+            .cloned()
+            .chain([("sagactl load".to_owned(), std::process::id())])
+            .collect();
+        let before = processes
+            .iter()
+            .map(|(_, pid)| budget::tree_cpu_seconds(*pid).unwrap_or(0.0))
+            .collect();
+        Self { processes, before }
     }
-    let tally = tally.lock().await;
-    let mut report = report(&args, &tally, elapsed, started);
-    for ((name, pid), before) in processes.iter().zip(cpu_before) {
-        let cpu_secs = budget::tree_cpu_seconds(*pid).unwrap_or(0.0) - before;
-        report.processes.push(ProcessUsage {
-            name: name.clone(),
-            pid: *pid,
-            cpu_secs,
-            cpu_ms_per_saga: cpu_secs * 1_000.0 / report.finished.max(1) as f64,
-            peak_rss_mb: budget::peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
-        });
+
+    /// What each process used since the start, per saga of the `finished` ones.
+    fn usage(&self, finished: usize) -> Vec<ProcessUsage> {
+        self.processes
+            .iter()
+            .zip(&self.before)
+            .map(|((name, pid), before)| {
+                let cpu_secs = budget::tree_cpu_seconds(*pid).unwrap_or(0.0) - before;
+                ProcessUsage {
+                    name: name.clone(),
+                    pid: *pid,
+                    cpu_secs,
+                    cpu_ms_per_saga: cpu_secs * 1_000.0 / finished.max(1) as f64,
+                    peak_rss_mb: budget::peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
+                }
+            })
+            .collect()
     }
+}
+
+/// Adds to `report` what the run cost besides CPU: the SQL statements (`--sql-stats`), the
+/// bytes on the run's topics, and each service's backlog at the end (`--metrics`).
+async fn measure_costs(
+    args: &LoadArgs,
+    sql_counters: Option<budget::SqlCounters>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     if let Some(counters) = sql_counters {
         report.sql = Some(counters.finish(report.finished).await?);
     }
@@ -271,17 +328,6 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             Ok(backlog) => report.backlog_at_end.push(backlog),
             Err(e) => eprintln!("reading {url}: {e:#}"),
         }
-    }
-    print_report(&report);
-    if args.delete_topics {
-        budget::delete_topics(&args.kafka, &args.topic_prefix).await?;
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if report.unfinished > 0 {
-        bail!("{} sagas did not finish", report.unfinished);
     }
     Ok(())
 }

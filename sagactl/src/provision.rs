@@ -9,6 +9,7 @@ use std::str::FromStr;
 use anyhow::Context;
 use messaging::provision;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
 
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
@@ -61,60 +62,16 @@ pub async fn run(which: Provision) -> anyhow::Result<()> {
 
 async fn database(args: DatabaseArgs) -> anyhow::Result<()> {
     let deployment = Deployment::load(&args.sagas_dir)?;
-    let known: Vec<&str> = deployment.services().collect();
-    let services: Vec<&str> = if args.services.is_empty() {
-        known.clone()
-    } else {
-        for service in &args.services {
-            anyhow::ensure!(
-                known.contains(&service.as_str()),
-                "the saga definitions in {} have no service {service} (they have: {})",
-                args.sagas_dir.display(),
-                known.join(", ")
-            );
-        }
-        args.services.iter().map(String::as_str).collect()
-    };
+    let services = chosen_services(&args, &deployment)?;
     let server = PgConnectOptions::from_str(&args.server).context("--server does not parse")?;
     let admin = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(server.clone().database("postgres"))
         .await
         .context("connecting to the server as its administrator (--server)")?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&args.database)
-            .fetch_one(&admin)
-            .await?;
-    if !exists {
-        sqlx::query(&format!(
-            "CREATE DATABASE \"{}\"",
-            args.database.replace('"', "\"\"")
-        ))
-        .execute(&admin)
-        .await
-        .with_context(|| format!("creating database {}", args.database))?;
-    }
+    ensure_database(&admin, &args.database).await?;
     // The files first: should setting a password fail, the next run sets the one on file.
-    let mut passwords = std::collections::HashMap::new();
-    for service in &services {
-        let role = provision::ServiceRole {
-            service: (*service).to_owned(),
-            role: format!("{}{service}", args.role_prefix),
-            password: String::new(),
-        };
-        let file = args.secrets_dir.join(format!("{service}.pgpass"));
-        let password = provision::read_password_file(&file, &role.role)
-            .unwrap_or_else(provision::random_password);
-        provision::write_password_file(
-            &args.secrets_dir,
-            &provision::ServiceRole {
-                password: password.clone(),
-                ..role
-            },
-        )?;
-        passwords.insert((*service).to_owned(), password);
-    }
+    let passwords = password_files(&args, &services)?;
     let roles = provision::create_roles(&admin, &args.role_prefix, &services, |service| {
         passwords.get(service).cloned()
     })
@@ -147,4 +104,71 @@ async fn database(args: DatabaseArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The services `--service` names (each one the definitions have), or all of them.
+fn chosen_services<'a>(
+    args: &'a DatabaseArgs,
+    deployment: &'a Deployment,
+) -> anyhow::Result<Vec<&'a str>> {
+    let known: Vec<&str> = deployment.services().collect();
+    if args.services.is_empty() {
+        return Ok(known);
+    }
+    for service in &args.services {
+        anyhow::ensure!(
+            known.contains(&service.as_str()),
+            "the saga definitions in {} have no service {service} (they have: {})",
+            args.sagas_dir.display(),
+            known.join(", ")
+        );
+    }
+    Ok(args.services.iter().map(String::as_str).collect())
+}
+
+/// Creates database `name` unless it exists.
+async fn ensure_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(admin)
+            .await?;
+    if !exists {
+        sqlx::query(&format!(
+            "CREATE DATABASE \"{}\"",
+            name.replace('"', "\"\"")
+        ))
+        .execute(admin)
+        .await
+        .with_context(|| format!("creating database {name}"))?;
+    }
+    Ok(())
+}
+
+/// Each service's password: the one in its password file under `--secrets-dir`, or a new one
+/// written there.
+fn password_files(
+    args: &DatabaseArgs,
+    services: &[&str],
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut passwords = std::collections::HashMap::new();
+    for service in services {
+        let role = provision::ServiceRole {
+            service: (*service).to_owned(),
+            role: format!("{}{service}", args.role_prefix),
+            password: String::new(),
+        };
+        let file = args.secrets_dir.join(format!("{service}.pgpass"));
+        let password = provision::read_password_file(&file, &role.role)
+            .unwrap_or_else(provision::random_password);
+        provision::write_password_file(
+            &args.secrets_dir,
+            &provision::ServiceRole {
+                password: password.clone(),
+                ..role
+            },
+        )?;
+        passwords.insert((*service).to_owned(), password);
+    }
+    Ok(passwords)
 }

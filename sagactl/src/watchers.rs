@@ -94,76 +94,31 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
 
     let streams = Arc::new(StreamTally::default());
     let tabs = Arc::new(TabTally::default());
+    let samples = Arc::new(Mutex::new(Vec::<i64>::new()));
     let pause = Duration::from_millis(args.retry_pause_ms);
     let mut tasks = JoinSet::new();
-    for i in 0..args.streams {
-        let url = watch_url(&api, &sagas[i % sagas.len()]);
-        let (client, tally) = (streams_client.clone(), Arc::clone(&streams));
-        let delay = ramp.mul_f64(i as f64 / args.streams as f64);
-        tasks.spawn(async move {
-            tokio::time::sleep(delay).await;
-            keep_watching(&client, &url, &tally, pause).await;
-        });
-    }
-    for tab in 0..args.tabs {
-        // Each tab has its own connections, as separate browsers would.
-        let client = client(&args.api)?;
-        let delay = ramp.mul_f64(tab as f64 / args.tabs as f64);
-        let watch = watch_url(&api, &sagas[tab % sagas.len()]);
-        let stats = format!("{api}/stats");
-        let list = format!("{api}/sagas");
-        let (c, t) = (client.clone(), Arc::clone(&tabs));
-        tasks.spawn(async move {
-            tokio::time::sleep(delay).await;
-            every(TAB_STATS_EVERY, || tab_request(&c, &stats, &[], &t.stats)).await;
-        });
-        let (c, t) = (client.clone(), Arc::clone(&tabs));
-        tasks.spawn(async move {
-            tokio::time::sleep(delay).await;
-            let query = [("limit", TAB_LIST_LIMIT)];
-            every(TAB_LIST_EVERY, || tab_request(&c, &list, &query, &t.list)).await;
-        });
-        let t = Arc::clone(&tabs);
-        tasks.spawn(async move {
-            tokio::time::sleep(delay).await;
-            keep_watching(&client, &watch, &t.watch, pause).await;
-        });
-    }
-    let samples = Arc::new(Mutex::new(Vec::<i64>::new()));
-    {
-        let (streams, tabs, samples) = (
-            Arc::clone(&streams),
-            Arc::clone(&tabs),
-            Arc::clone(&samples),
-        );
-        let settled_after = ramp + Duration::from_secs(1);
-        let wanted_streams = args.streams;
-        tasks.spawn(async move {
-            let started = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut seconds = 0u64;
-            loop {
-                tick.tick().await;
-                let open = streams.open_now.load(Ordering::Relaxed);
-                if started.elapsed() >= settled_after {
-                    lock(&samples).push(open);
-                }
-                if seconds.is_multiple_of(5) {
-                    eprintln!(
-                        "{:>4} s  streams open {open}/{wanted_streams}, opens {}, 429s {}, errors {}, events {}; tab requests {}",
-                        seconds,
-                        streams.opens.load(Ordering::Relaxed),
-                        streams.too_many.load(Ordering::Relaxed),
-                        streams.error_count(),
-                        streams.event_count(),
-                        tabs.stats.requests() + tabs.list.requests(),
-                    );
-                }
-                seconds += 1;
-            }
-        });
-    }
+    let watched = Watched {
+        api: &api,
+        sagas: &sagas,
+        ramp,
+        pause,
+    };
+    spawn_streams(
+        &mut tasks,
+        &watched,
+        args.streams,
+        &streams_client,
+        &streams,
+    );
+    spawn_tabs(&mut tasks, &watched, &args.api, args.tabs, &tabs)?;
+    spawn_progress(
+        &mut tasks,
+        ramp + Duration::from_secs(1),
+        args.streams,
+        &streams,
+        &tabs,
+        &samples,
+    );
 
     let started = Instant::now();
     let stopped_by = stop_signal(duration).await?;
@@ -182,18 +137,7 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
         duration_secs: elapsed.as_secs_f64(),
         stopped_by: stopped_by.into(),
         streams: streams.report(args.streams, streams_open, &samples),
-        tabs: TabsReport {
-            tabs: args.tabs,
-            requests: tabs.stats.requests() + tabs.list.requests(),
-            latency_ms: {
-                let mut all = lock(&tabs.stats.latencies).clone();
-                all.extend(lock(&tabs.list.latencies).iter());
-                Latency::of(all)
-            },
-            stats: tabs.stats.report(),
-            list: tabs.list.report(),
-            watch: tabs.watch.report(args.tabs, tab_streams_open, &[]),
-        },
+        tabs: tabs.report(args.tabs, tab_streams_open),
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -201,6 +145,111 @@ pub async fn run(args: WatchersArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// What the streams and tabs watch, and how they pace their opens.
+struct Watched<'a> {
+    api: &'a str,
+    sagas: &'a [String],
+    /// The first opens are spread over this.
+    ramp: Duration,
+    /// Before opening again a stream that ended.
+    pause: Duration,
+}
+
+/// `count` watch streams, spread round-robin over the sagas, sharing one client.
+fn spawn_streams(
+    tasks: &mut JoinSet<()>,
+    watched: &Watched<'_>,
+    count: usize,
+    client: &reqwest::Client,
+    tally: &Arc<StreamTally>,
+) {
+    for i in 0..count {
+        let url = watch_url(watched.api, &watched.sagas[i % watched.sagas.len()]);
+        let (client, tally) = (client.clone(), Arc::clone(tally));
+        let delay = watched.ramp.mul_f64(i as f64 / count as f64);
+        let pause = watched.pause;
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            keep_watching(&client, &url, &tally, pause).await;
+        });
+    }
+}
+
+/// `count` operations pages, each polling `/stats` and the saga list and watching one saga.
+fn spawn_tabs(
+    tasks: &mut JoinSet<()>,
+    watched: &Watched<'_>,
+    api_args: &ApiArgs,
+    count: usize,
+    tabs: &Arc<TabTally>,
+) -> anyhow::Result<()> {
+    let api = watched.api;
+    for tab in 0..count {
+        // Each tab has its own connections, as separate browsers would.
+        let client = client(api_args)?;
+        let delay = watched.ramp.mul_f64(tab as f64 / count as f64);
+        let watch = watch_url(api, &watched.sagas[tab % watched.sagas.len()]);
+        let stats = format!("{api}/stats");
+        let list = format!("{api}/sagas");
+        let (c, t) = (client.clone(), Arc::clone(tabs));
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            every(TAB_STATS_EVERY, || tab_request(&c, &stats, &[], &t.stats)).await;
+        });
+        let (c, t) = (client.clone(), Arc::clone(tabs));
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let query = [("limit", TAB_LIST_LIMIT)];
+            every(TAB_LIST_EVERY, || tab_request(&c, &list, &query, &t.list)).await;
+        });
+        let t = Arc::clone(tabs);
+        let pause = watched.pause;
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            keep_watching(&client, &watch, &t.watch, pause).await;
+        });
+    }
+    Ok(())
+}
+
+/// Every second: samples the streams open (once `settled_after` has passed since the start),
+/// and every five prints a progress line.
+fn spawn_progress(
+    tasks: &mut JoinSet<()>,
+    settled_after: Duration,
+    wanted_streams: usize,
+    streams: &Arc<StreamTally>,
+    tabs: &Arc<TabTally>,
+    samples: &Arc<Mutex<Vec<i64>>>,
+) {
+    let (streams, tabs, samples) = (Arc::clone(streams), Arc::clone(tabs), Arc::clone(samples));
+    tasks.spawn(async move {
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut seconds = 0u64;
+        loop {
+            tick.tick().await;
+            let open = streams.open_now.load(Ordering::Relaxed);
+            if started.elapsed() >= settled_after {
+                lock(&samples).push(open);
+            }
+            if seconds.is_multiple_of(5) {
+                eprintln!(
+                    "{:>4} s  streams open {open}/{wanted_streams}, opens {}, 429s {}, errors {}, events {}; tab requests {}",
+                    seconds,
+                    streams.opens.load(Ordering::Relaxed),
+                    streams.too_many.load(Ordering::Relaxed),
+                    streams.error_count(),
+                    streams.event_count(),
+                    tabs.stats.requests() + tabs.list.requests(),
+                );
+            }
+            seconds += 1;
+        }
+    });
 }
 
 fn client(api: &ApiArgs) -> anyhow::Result<reqwest::Client> {
@@ -506,6 +555,24 @@ struct TabTally {
     stats: Endpoint,
     list: Endpoint,
     watch: StreamTally,
+}
+
+impl TabTally {
+    /// The report of `tabs` pages, `streams_open` of whose watch streams were open at the end.
+    fn report(&self, tabs: usize, streams_open: i64) -> TabsReport {
+        TabsReport {
+            tabs,
+            requests: self.stats.requests() + self.list.requests(),
+            latency_ms: {
+                let mut all = lock(&self.stats.latencies).clone();
+                all.extend(lock(&self.list.latencies).iter());
+                Latency::of(all)
+            },
+            stats: self.stats.report(),
+            list: self.list.report(),
+            watch: self.watch.report(tabs, streams_open, &[]),
+        }
+    }
 }
 
 #[derive(Default)]

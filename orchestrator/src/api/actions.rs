@@ -1,5 +1,6 @@
 //! What changes something: placing an order, and an operator's retry, skip or abort.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -58,12 +59,30 @@ pub(super) async fn place_order(
 ) -> Result<Response, ApiError> {
     let Json(new) = body?;
     let key = idempotency_key(&headers)?;
+    let (mut order, request_hash) = checked_order(new)?;
+    // Reserved before the order goes out, so that two requests with one key never both
+    // publish, and a retry publishes the same order id.
+    if let Some(key) = &key {
+        match reserve(&state, &caller, key, &request_hash, order.order_id).await? {
+            ControlFlow::Continue(order_id) => order.order_id = order_id,
+            ControlFlow::Break(answered) => return Ok(answered),
+        }
+    }
+    if let Some(unavailable) = publish(&state, &caller, key.as_deref(), &headers, &order).await? {
+        return Ok(unavailable);
+    }
+    Ok(accepted(&state, &caller, key.as_deref(), order.order_id).await)
+}
+
+/// The order a request places, checked by the contract's rules, and the hash of the request
+/// that an `Idempotency-Key` is held to.
+fn checked_order(new: NewOrder) -> Result<(OrderPlaced, [u8; 32]), ApiError> {
     // The request as parsed, not its bytes: the same order sent again with other spacing or
     // field order is the same request.
     let request_json =
         serde_json::to_vec(&new).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
     let request_hash: [u8; 32] = Sha256::digest(request_json).into();
-    let mut order = OrderPlaced {
+    let order = OrderPlaced {
         order_id: new.order_id.unwrap_or_else(Uuid::new_v4),
         customer_id: new.customer_id,
         items: new.items,
@@ -78,76 +97,103 @@ pub(super) async fn place_order(
             e.to_string(),
         )
     })?;
-    // Reserved before the order goes out, so that two requests with one key never both
-    // publish, and a retry publishes the same order id.
-    if let Some(key) = &key {
-        let lease = state.request_timeout;
-        let reserved = idempotency::reserve(
-            &state.pool,
-            &caller.name,
-            key,
-            &request_hash,
-            order.order_id,
-            lease,
-        )
-        .await
-        .map_err(|e| ApiError::internal(&e.into()))?;
-        match reserved {
-            Reservation::Publish { order_id } => order.order_id = order_id,
-            Reservation::Replay { status, body } => return Ok(replayed(status, body)),
-            Reservation::InProgress => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_in_use",
-                    "a request with this Idempotency-Key is being handled; try again shortly",
-                ))
-            }
-            Reservation::OtherRequest => {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was sent with another request; use a new key for a \
-                     new order",
-                ))
-            }
-        }
+    Ok((order, request_hash))
+}
+
+/// Reserves `key` for this request: the order id to publish, or the answer already given
+/// (a replay); `409` while another request holds it, `422` when it came with another request.
+async fn reserve(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+    request_hash: &[u8; 32],
+    order_id: Uuid,
+) -> Result<ControlFlow<Response, Uuid>, ApiError> {
+    let lease = state.request_timeout;
+    let reserved = idempotency::reserve(
+        &state.pool,
+        &caller.name,
+        key,
+        request_hash,
+        order_id,
+        lease,
+    )
+    .await
+    .map_err(|e| ApiError::internal(&e.into()))?;
+    match reserved {
+        Reservation::Publish { order_id } => Ok(ControlFlow::Continue(order_id)),
+        Reservation::Replay { status, body } => Ok(ControlFlow::Break(replayed(status, body))),
+        Reservation::InProgress => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_in_use",
+            "a request with this Idempotency-Key is being handled; try again shortly",
+        )),
+        Reservation::OtherRequest => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was sent with another request; use a new key for a \
+             new order",
+        )),
     }
+}
+
+/// Publishes `order` to the orders topic in the request's trace. `Some` answer (`503`) when
+/// the broker did not take it; `key`, if any, is then given back.
+async fn publish(
+    state: &AppState,
+    caller: &Caller,
+    key: Option<&str>,
+    headers: &HeaderMap,
+    order: &OrderPlaced,
+) -> Result<Option<Response>, ApiError> {
     // After the reservation, which may hand back the order id a first attempt published. An
     // order that could not be encoded fails the request (its reservation lapses after its
     // lease) rather than going out as an empty record.
     let payload =
-        serde_json::to_vec(&order).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
+        serde_json::to_vec(order).map_err(|e| ApiError::internal(&crate::Error::Encode(e)))?;
     let record_key = order.order_id.to_string();
     let topic = state.topics.orders();
     let span = tracing::info_span!("place_order", order_id = %order.order_id);
-    let record_headers = request_trace(&span, &headers);
-    if let Err(e) = state
+    let record_headers = request_trace(&span, headers);
+    let Err(e) = state
         .orders
         .send(&topic, &record_key, &payload, record_headers)
         .await
-    {
-        tracing::warn!(error.message = %messaging::Chain(&e), order_id = %order.order_id, "publishing OrderPlaced failed");
-        // The record may still be written; a retry with the same key (or this order id)
-        // publishes the same order, which the orchestrator starts once.
-        if let Some(key) = &key {
-            if let Err(e) = idempotency::release(&state.pool, &caller.name, key).await {
-                tracing::warn!(error.message = %messaging::Chain(&e), "giving an idempotency key back failed; it passes with its lease");
-            }
+    else {
+        return Ok(None);
+    };
+    tracing::warn!(error.message = %messaging::Chain(&e), order_id = %order.order_id, "publishing OrderPlaced failed");
+    // The record may still be written; a retry with the same key (or this order id)
+    // publishes the same order, which the orchestrator starts once.
+    if let Some(key) = key {
+        if let Err(e) = idempotency::release(&state.pool, &caller.name, key).await {
+            tracing::warn!(error.message = %messaging::Chain(&e), "giving an idempotency key back failed; it passes with its lease");
         }
-        let body = json!({ "error": {
-            "code": "broker_unavailable",
-            "message": "could not publish the order; send it again with the same \
-                        Idempotency-Key or order_id",
-            "order_id": order.order_id,
-        } });
-        return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
     }
-    let status_url = format!("/orders/{}/saga", order.order_id);
+    let body = json!({ "error": {
+        "code": "broker_unavailable",
+        "message": "could not publish the order; send it again with the same \
+                    Idempotency-Key or order_id",
+        "order_id": order.order_id,
+    } });
+    Ok(Some(
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
+    ))
+}
+
+/// `202` with where to follow the saga, stored as `key`'s answer, if any, for a retry.
+async fn accepted(
+    state: &AppState,
+    caller: &Caller,
+    key: Option<&str>,
+    order_id: Uuid,
+) -> Response {
+    let status_url = format!("/orders/{order_id}/saga");
     let accepted = OrderAccepted {
-        order_id: order.order_id,
+        order_id,
         status_url: status_url.clone(),
     };
-    if let Some(key) = &key {
+    if let Some(key) = key {
         let body = serde_json::to_value(&accepted).unwrap_or_default();
         let stored = idempotency::complete(&state.pool, &caller.name, key, 202, &body).await;
         if let Err(e) = stored {
@@ -156,12 +202,12 @@ pub(super) async fn place_order(
             tracing::warn!(error.message = %messaging::Chain(&e), "storing an idempotency key's answer failed");
         }
     }
-    Ok((
+    (
         StatusCode::ACCEPTED,
         [(header::LOCATION, status_url)],
         Json(accepted),
     )
-        .into_response())
+        .into_response()
 }
 
 /// The request's `Idempotency-Key`, if it sent one; `400` when it is not a usable key.

@@ -271,9 +271,7 @@ impl From<JsonRejection> for ApiError {
 async fn openapi_document(State(state): State<AppState>) -> Response {
     match openapi_for(&state.catalog.step_names(), &state.catalog.saga_types()) {
         Ok(document) => Json(document).into_response(),
-        Err(e) => {
-            ApiError::internal(&crate::Error::Config(format!("openapi.json: {e}"))).into_response()
-        }
+        Err(e) => ApiError::internal(&crate::Error::OpenApi(e)).into_response(),
     }
 }
 
@@ -425,6 +423,20 @@ mod tests {
     use super::OPENAPI_JSON;
     use crate::saga::{OperatorAction, SagaState, StepStatus};
     use crate::store::HistoryDecision;
+
+    /// The error `GET /openapi.json` logs when the document cannot be completed keeps
+    /// serde_json's error as its cause, and its chain reads as the text it logged before.
+    #[test]
+    fn an_unusable_document_keeps_serdes_error() {
+        let json = || serde_json::from_str::<serde_json::Value>("{").expect_err("not JSON");
+        let error = crate::Error::OpenApi(json());
+        let cause = std::error::Error::source(&error).expect("serde's error");
+        assert!(cause.downcast_ref::<serde_json::Error>().is_some());
+        assert_eq!(
+            messaging::chain(&error),
+            format!("invalid configuration: openapi.json: {}", json())
+        );
+    }
 
     /// The document names the engine's enums as the engine serialises them, so that a client
     /// (and the page, which reads the states from the document) sees what the server sends.

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{Request, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
@@ -161,29 +161,9 @@ async fn connection(
         let activity = activity.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let in_flight = activity.request_started();
-            let mut app = app.clone();
+            let app = app.clone();
             async move {
-                let response = match tokio::time::timeout(
-                    limits.request_timeout,
-                    app.call(request.map(Body::new)),
-                )
-                .await
-                {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(never)) => match never {},
-                    Err(_) => {
-                        metrics::counter!(REQUESTS_TIMED_OUT, "server" => server).increment(1);
-                        ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "timeout",
-                            format!(
-                                "the request took longer than {} ms (HTTP_REQUEST_TIMEOUT_MS)",
-                                limits.request_timeout.as_millis()
-                            ),
-                        )
-                        .into_response()
-                    }
-                };
+                let response = answer(server, app, request, limits.request_timeout).await;
                 // The request counts as in progress until its body is sent (or dropped): a
                 // watch stream is never idle.
                 Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody {
@@ -231,6 +211,31 @@ async fn connection(
         }
     }
     metrics::gauge!(CONNECTIONS_OPEN, "server" => server).decrement(1.0);
+}
+
+/// `app`'s answer to `request`, or `503` when it takes longer than `timeout`.
+async fn answer(
+    server: &'static str,
+    mut app: Router,
+    request: Request<Incoming>,
+    timeout: Duration,
+) -> Response {
+    match tokio::time::timeout(timeout, app.call(request.map(Body::new))).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => {
+            metrics::counter!(REQUESTS_TIMED_OUT, "server" => server).increment(1);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "the request took longer than {} ms (HTTP_REQUEST_TIMEOUT_MS)",
+                    timeout.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// What one connection is doing, for its header and idle timeouts.

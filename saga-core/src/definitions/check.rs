@@ -143,61 +143,8 @@ impl<'a> Checker<'a> {
         shape: &'static Shape,
     ) -> Result<Step, DefinitionError> {
         let at = |field: &str| format!("steps[{i}].{field}");
-        self.name(&at("participant"), &raw.participant)?;
-        self.topic(&at("topic"), &raw.topic)?;
-        if raw.topic == trigger.topic {
-            return Err(self.invalid(
-                at("topic"),
-                Problem::CommandTopicIsTrigger {
-                    topic: raw.topic.clone(),
-                },
-            ));
-        }
-        let place = at("topic");
-        self.routes
-            .add(&raw.participant, &raw.topic, place)
-            .map_err(|problem| self.invalid(at("topic"), problem))?;
-
-        let pivot_name = || pivot.unwrap_or_default().to_owned();
-        if kind == StepKind::Retriable && raw.forward.failure.is_some() {
-            return Err(self.invalid(
-                at("forward.failure"),
-                Problem::FailureAfterPivot {
-                    step: raw.name.clone(),
-                    pivot: pivot_name(),
-                },
-            ));
-        }
-        // Whether the step may have a compensation is checked first: a step in the wrong place
-        // is the mistake to report, not what follows from it (a missing max_attempts, say).
-        let compensation = match (kind, raw.compensation) {
-            (StepKind::Compensable, Some(action)) => Some(action),
-            (StepKind::Compensable, None) => {
-                return Err(self.invalid(
-                    at("compensation"),
-                    Problem::MissingCompensation {
-                        step: raw.name,
-                        pivot: pivot.map(str::to_owned),
-                    },
-                ))
-            }
-            (StepKind::Pivot, Some(_)) => {
-                return Err(self.invalid(
-                    at("compensation"),
-                    Problem::CompensatedPivot { step: raw.name },
-                ))
-            }
-            (StepKind::Retriable, Some(_)) => {
-                return Err(self.invalid(
-                    at("compensation"),
-                    Problem::CompensationAfterPivot {
-                        step: raw.name,
-                        pivot: pivot_name(),
-                    },
-                ))
-            }
-            (StepKind::Pivot | StepKind::Retriable, None) => None,
-        };
+        self.route(i, &raw, trigger)?;
+        self.placed(i, &raw, kind, pivot)?;
         let forward = self.action(
             &at("forward"),
             raw.forward,
@@ -207,7 +154,7 @@ impl<'a> Checker<'a> {
             trigger,
             shape,
         )?;
-        let compensation = match compensation {
+        let compensation = match raw.compensation {
             Some(action) => Some(self.action(
                 &at("compensation"),
                 action,
@@ -227,6 +174,81 @@ impl<'a> Checker<'a> {
             forward,
             compensation,
         })
+    }
+
+    /// Checks step `i`'s participant and command topic, and notes that the participant reads
+    /// that topic.
+    fn route(
+        &mut self,
+        i: usize,
+        raw: &raw::Step,
+        trigger: &Trigger,
+    ) -> Result<(), DefinitionError> {
+        let at = |field: &str| format!("steps[{i}].{field}");
+        self.name(&at("participant"), &raw.participant)?;
+        self.topic(&at("topic"), &raw.topic)?;
+        if raw.topic == trigger.topic {
+            return Err(self.invalid(
+                at("topic"),
+                Problem::CommandTopicIsTrigger {
+                    topic: raw.topic.clone(),
+                },
+            ));
+        }
+        let place = at("topic");
+        self.routes
+            .add(&raw.participant, &raw.topic, place)
+            .map_err(|problem| self.invalid(at("topic"), problem))
+    }
+
+    /// Checks that step `i` has what its place before, at or after the pivot allows (a
+    /// compensation, a forward failure): a compensation when it is before the pivot, and
+    /// none at or after it.
+    fn placed(
+        &self,
+        i: usize,
+        raw: &raw::Step,
+        kind: StepKind,
+        pivot: Option<&str>,
+    ) -> Result<(), DefinitionError> {
+        let at = |field: &str| format!("steps[{i}].{field}");
+        let pivot_name = || pivot.unwrap_or_default().to_owned();
+        if kind == StepKind::Retriable && raw.forward.failure.is_some() {
+            return Err(self.invalid(
+                at("forward.failure"),
+                Problem::FailureAfterPivot {
+                    step: raw.name.clone(),
+                    pivot: pivot_name(),
+                },
+            ));
+        }
+        // Whether the step may have a compensation is checked first: a step in the wrong place
+        // is the mistake to report, not what follows from it (a missing max_attempts, say).
+        match (kind, &raw.compensation) {
+            (StepKind::Compensable, Some(_)) | (StepKind::Pivot | StepKind::Retriable, None) => {
+                Ok(())
+            }
+            (StepKind::Compensable, None) => Err(self.invalid(
+                at("compensation"),
+                Problem::MissingCompensation {
+                    step: raw.name.clone(),
+                    pivot: pivot.map(str::to_owned),
+                },
+            )),
+            (StepKind::Pivot, Some(_)) => Err(self.invalid(
+                at("compensation"),
+                Problem::CompensatedPivot {
+                    step: raw.name.clone(),
+                },
+            )),
+            (StepKind::Retriable, Some(_)) => Err(self.invalid(
+                at("compensation"),
+                Problem::CompensationAfterPivot {
+                    step: raw.name.clone(),
+                    pivot: pivot_name(),
+                },
+            )),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

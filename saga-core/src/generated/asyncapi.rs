@@ -77,53 +77,89 @@ pub(super) fn render(wire: &Wire, plan: &Plan, current: &str) -> Result<String, 
 
     let mut channels: Vec<(String, Json)> = Vec::new();
     let mut operations: Vec<(String, Json)> = Vec::new();
+    let old = Written {
+        messages: components,
+        channels: old_channels,
+        operations: old_operations,
+    };
     for (topic, kind) in derived {
-        for message in &topic.messages {
-            if !components.iter().any(|(name, _)| name == message) {
-                return Err(GenerateError::MissingMessage {
-                    message: message.clone(),
-                    topic: topic.topic.clone(),
-                });
-            }
-        }
-        let address = address(&topic.topic);
-        let messages = Json::Object(
-            topic
-                .messages
-                .iter()
-                .map(|m| {
-                    (
-                        m.clone(),
-                        Json::reference(format!("#/components/messages/{m}")),
-                    )
-                })
-                .collect(),
-        );
-        let (name, mut channel) = match old_channels.iter().find(|(_, c)| has_address(c, &address))
-        {
-            Some((name, channel)) => (name.clone(), channel.clone()),
-            None => (camel(&topic.topic), new_channel(&address, &kind)),
-        };
-        channel.set("messages", messages);
-        for action in ["send", "receive"] {
-            let mut found = false;
-            for (op_name, operation) in old_operations {
-                if is_operation(operation, &name, action) {
-                    found = true;
-                    operations.push((op_name.clone(), with_messages(operation, &name, topic)));
-                }
-            }
-            if !found {
-                let summary = summary(&kind, action, &topic.topic);
-                operations.push((
-                    operation_name(action, &name),
-                    new_operation(action, &name, summary),
-                ));
-            }
-        }
-        channels.push((name, channel));
+        channels.push(derived_channel(topic, &kind, &old, &mut operations)?);
     }
-    // The engine's other channels, as written, with their operations.
+    with_engine_channels(old_channels, old_operations, &mut channels, &mut operations);
+    document.set("channels", Json::Object(channels));
+    document.set("operations", Json::Object(operations));
+    let mut text = serde_json::to_string_pretty(&document).map_err(GenerateError::NotJson)?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// What the document held before: its messages, channels and operations.
+struct Written<'a> {
+    messages: &'a [(String, Json)],
+    channels: &'a [(String, Json)],
+    operations: &'a [(String, Json)],
+}
+
+/// The channel of `topic` (the one written for its address, or a new one) with the messages
+/// the definitions derive for it; its send and receive operations go to `operations`.
+fn derived_channel(
+    topic: &Topic,
+    kind: &Kind<'_>,
+    old: &Written<'_>,
+    operations: &mut Vec<(String, Json)>,
+) -> Result<(String, Json), GenerateError> {
+    for message in &topic.messages {
+        if !old.messages.iter().any(|(name, _)| name == message) {
+            return Err(GenerateError::MissingMessage {
+                message: message.clone(),
+                topic: topic.topic.clone(),
+            });
+        }
+    }
+    let address = address(&topic.topic);
+    let messages = Json::Object(
+        topic
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.clone(),
+                    Json::reference(format!("#/components/messages/{m}")),
+                )
+            })
+            .collect(),
+    );
+    let (name, mut channel) = match old.channels.iter().find(|(_, c)| has_address(c, &address)) {
+        Some((name, channel)) => (name.clone(), channel.clone()),
+        None => (camel(&topic.topic), new_channel(&address, kind)),
+    };
+    channel.set("messages", messages);
+    for action in ["send", "receive"] {
+        let mut found = false;
+        for (op_name, operation) in old.operations {
+            if is_operation(operation, &name, action) {
+                found = true;
+                operations.push((op_name.clone(), with_messages(operation, &name, topic)));
+            }
+        }
+        if !found {
+            let summary = summary(kind, action, &topic.topic);
+            operations.push((
+                operation_name(action, &name),
+                new_operation(action, &name, summary),
+            ));
+        }
+    }
+    Ok((name, channel))
+}
+
+/// Adds the engine's other channels, as written, with their operations.
+fn with_engine_channels(
+    old_channels: &[(String, Json)],
+    old_operations: &[(String, Json)],
+    channels: &mut Vec<(String, Json)>,
+    operations: &mut Vec<(String, Json)>,
+) {
     for (name, channel) in old_channels {
         let engine = ENGINE_TOPICS[1..]
             .iter()
@@ -140,11 +176,6 @@ pub(super) fn render(wire: &Wire, plan: &Plan, current: &str) -> Result<String, 
             }
         }
     }
-    document.set("channels", Json::Object(channels));
-    document.set("operations", Json::Object(operations));
-    let mut text = serde_json::to_string_pretty(&document).map_err(GenerateError::NotJson)?;
-    text.push('\n');
-    Ok(text)
 }
 
 /// `messages` (the document's `components.messages`) with the generator's entries of `plan`

@@ -10,7 +10,7 @@
 use std::ops::RangeInclusive;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use events::{Action, Outcome, SagaEvent};
+use events::{Action, Outcome, Reply, SagaEvent};
 
 use super::{commands, events_of, waiting_on, Cause};
 use crate::{
@@ -102,110 +102,126 @@ pub fn expect(
     }
     let mut plan = Plan::new(saga, definition);
     match cause {
-        Cause::Reply(reply) => {
-            let (i, action) = waiting_on(saga)?;
-            let defined = &definition.steps[i];
-            let answers = match action {
-                Action::Forward => Some(&defined.forward),
-                Action::Compensate => defined.compensation.as_ref(),
-            }?;
-            let succeeded = matches!(reply.outcome, Outcome::Succeeded);
-            // Named as the definition names the outcome the reply reports.
-            let named = if succeeded {
-                reply.name == answers.success
+        Cause::Reply(reply) => on_reply(&mut plan, saga, reply)?,
+        Cause::Deadline => on_deadline(&mut plan, saga, now)?,
+        Cause::Operator(action) => on_operator(&mut plan, saga, action)?,
+    }
+    Some(plan.next)
+}
+
+/// [`expect`] of a reply: `None` when it does not fit what the saga waits on.
+fn on_reply(plan: &mut Plan<'_>, saga: &Saga, reply: &Reply) -> Option<()> {
+    let definition = plan.definition;
+    let (i, action) = waiting_on(saga)?;
+    let defined = &definition.steps[i];
+    let answers = match action {
+        Action::Forward => Some(&defined.forward),
+        Action::Compensate => defined.compensation.as_ref(),
+    }?;
+    let succeeded = matches!(reply.outcome, Outcome::Succeeded);
+    // Named as the definition names the outcome the reply reports.
+    let named = if succeeded {
+        reply.name == answers.success
+    } else {
+        answers.failure.as_ref() == Some(&reply.name)
+    };
+    let step = plan.next.steps[i];
+    let round = match action {
+        Action::Forward => 1..=step.attempts,
+        Action::Compensate => step.compensation_budget_from + 1..=step.compensation_attempts,
+    };
+    let fits = reply.saga_type == definition.name
+        && reply.step == saga.steps[i].name
+        && reply.action == action
+        && named
+        && round.contains(&reply.attempt);
+    if !fits {
+        return None;
+    }
+    match (action, succeeded) {
+        (Action::Forward, true) => {
+            plan.next.steps[i].status = StepStatus::Succeeded;
+            if i + 1 < definition.steps.len() {
+                plan.send_forward(i + 1);
             } else {
-                answers.failure.as_ref() == Some(&reply.name)
-            };
-            let step = plan.next.steps[i];
-            let round = match action {
-                Action::Forward => 1..=step.attempts,
-                Action::Compensate => {
-                    step.compensation_budget_from + 1..=step.compensation_attempts
-                }
-            };
-            let fits = reply.saga_type == definition.name
-                && reply.step == saga.steps[i].name
-                && reply.action == action
-                && named
-                && round.contains(&reply.attempt);
-            if !fits {
-                return None;
-            }
-            match (action, succeeded) {
-                (Action::Forward, true) => {
-                    plan.next.steps[i].status = StepStatus::Succeeded;
-                    if i + 1 < definition.steps.len() {
-                        plan.send_forward(i + 1);
-                    } else {
-                        plan.end(SagaState::Completed);
-                    }
-                }
-                // Refused: the step changed nothing, only the steps below it are undone.
-                (Action::Forward, false) => {
-                    plan.fail(i);
-                    plan.compensate_below(i);
-                }
-                (Action::Compensate, true) => {
-                    plan.next.steps[i].status = StepStatus::Compensated;
-                    plan.compensate_below(i);
-                }
-                // Not undone this time: the deadline sends the next attempt, until the budget
-                // is spent.
-                (Action::Compensate, false) => {
-                    let policy = answers.retry;
-                    if step.round() >= policy.max_attempts {
-                        plan.stuck(i);
-                    } else {
-                        let wait = base_wait(&policy, step.round());
-                        plan.next.deadline = Deadline::Within(wait..=wait);
-                    }
-                }
+                plan.end(SagaState::Completed);
             }
         }
-        Cause::Deadline => {
-            saga.deadline_at.filter(|deadline| *deadline <= now)?;
-            let (i, action) = waiting_on(saga)?;
-            let defined = &definition.steps[i];
-            let step = plan.next.steps[i];
-            match action {
-                // Out of attempts, outcome unknown: undone too, if it can be. A step that
-                // cannot be undone is retried until it answers.
-                Action::Forward => {
-                    if defined.compensable() && step.attempts >= defined.forward.retry.max_attempts
-                    {
-                        plan.fail(i);
-                        plan.send_compensation(i);
-                    } else {
-                        plan.send_forward(i);
-                    }
-                }
-                Action::Compensate => {
-                    let exhausted = defined
-                        .compensation
-                        .as_ref()
-                        .is_none_or(|c| step.round() >= c.retry.max_attempts);
-                    if exhausted {
-                        plan.stuck(i);
-                    } else {
-                        plan.send_compensation(i);
-                    }
-                }
+        // Refused: the step changed nothing, only the steps below it are undone.
+        (Action::Forward, false) => {
+            plan.fail(i);
+            plan.compensate_below(i);
+        }
+        (Action::Compensate, true) => {
+            plan.next.steps[i].status = StepStatus::Compensated;
+            plan.compensate_below(i);
+        }
+        // Not undone this time: the deadline sends the next attempt, until the budget
+        // is spent.
+        (Action::Compensate, false) => {
+            let policy = answers.retry;
+            if step.round() >= policy.max_attempts {
+                plan.stuck(i);
+            } else {
+                let wait = base_wait(&policy, step.round());
+                plan.next.deadline = Deadline::Within(wait..=wait);
             }
         }
-        Cause::Operator(OperatorAction::Retry) => {
+    }
+    Some(())
+}
+
+/// [`expect`] of a deadline: `None` before it passed, or when the saga waits on nothing.
+fn on_deadline(plan: &mut Plan<'_>, saga: &Saga, now: DateTime<Utc>) -> Option<()> {
+    let definition = plan.definition;
+    saga.deadline_at.filter(|deadline| *deadline <= now)?;
+    let (i, action) = waiting_on(saga)?;
+    let defined = &definition.steps[i];
+    let step = plan.next.steps[i];
+    match action {
+        // Out of attempts, outcome unknown: undone too, if it can be. A step that
+        // cannot be undone is retried until it answers.
+        Action::Forward => {
+            if defined.compensable() && step.attempts >= defined.forward.retry.max_attempts {
+                plan.fail(i);
+                plan.send_compensation(i);
+            } else {
+                plan.send_forward(i);
+            }
+        }
+        Action::Compensate => {
+            let exhausted = defined
+                .compensation
+                .as_ref()
+                .is_none_or(|c| step.round() >= c.retry.max_attempts);
+            if exhausted {
+                plan.stuck(i);
+            } else {
+                plan.send_compensation(i);
+            }
+        }
+    }
+    Some(())
+}
+
+/// [`expect`] of an operator's action: `None` when the saga's state does not allow it.
+fn on_operator(plan: &mut Plan<'_>, saga: &Saga, action: &OperatorAction) -> Option<()> {
+    let definition = plan.definition;
+    match action {
+        OperatorAction::Retry => {
             let j = stuck(saga)?;
             let step = &mut plan.next.steps[j];
             step.compensation_budget_from = step.compensation_attempts;
             plan.next.state = SagaState::Compensating;
             plan.send_compensation(j);
         }
-        Cause::Operator(OperatorAction::Skip) => {
+        OperatorAction::Skip => {
             let j = stuck(saga)?;
             plan.next.steps[j].status = StepStatus::CompensationSkipped;
             plan.next.state = SagaState::Compensating;
             plan.compensate_below(j);
         }
-        Cause::Operator(OperatorAction::Abort { .. }) => {
+        OperatorAction::Abort { .. } => {
             if saga.state != SagaState::Running {
                 return None;
             }
@@ -222,7 +238,7 @@ pub fn expect(
             }
         }
     }
-    Some(plan.next)
+    Some(())
 }
 
 /// Whether `definition` is the one `saga` runs on: its name, version and steps.

@@ -129,8 +129,26 @@ pub fn check_saga(saga: &Saga, definition: &SagaDefinition) {
     assert_eq!(saga.definition_name, definition.name);
     assert_eq!(saga.definition_version, definition.version);
     assert!(saga.created_at <= saga.updated_at);
+    check_times(saga, definition);
+    for i in 0..saga.steps.len() {
+        check_step(saga, i, definition);
+    }
     let statuses: Vec<StepStatus> = saga.steps.iter().map(|s| s.status).collect();
+    match saga.state {
+        SagaState::Running | SagaState::Completed => check_going_forward(saga, &statuses),
+        SagaState::Compensating | SagaState::Compensated | SagaState::Failed => {
+            check_compensation(saga, &statuses, definition)
+        }
+    }
+    assert_eq!(
+        waiting_on(saga).is_none(),
+        terminal(saga.state),
+        "waits on nothing: {saga:#?}"
+    );
+}
 
+/// A saga's finish and deadline against its state and its definition's waits.
+fn check_times(saga: &Saga, definition: &SagaDefinition) {
     // Terminal ⇔ finished, no deadline; waiting ⇔ a deadline after the last change, no
     // further than the longest wait.
     let ended = terminal(saga.state);
@@ -154,93 +172,87 @@ pub fn check_saga(saga: &Saga, definition: &SagaDefinition) {
     if let Some(finished) = saga.finished_at {
         assert!(saga.created_at <= finished && finished <= saga.updated_at);
     }
+}
 
-    for i in 0..saga.steps.len() {
-        check_step(saga, i, definition);
+/// The steps of a running or completed saga: done, then (running) one under way and the rest
+/// not started.
+fn check_going_forward(saga: &Saga, statuses: &[StepStatus]) {
+    assert!(saga.failure_reason.is_none(), "{saga:#?}");
+    let done = statuses
+        .iter()
+        .take_while(|&&s| s == StepStatus::Succeeded)
+        .count();
+    if saga.state == SagaState::Completed {
+        assert_eq!(done, statuses.len(), "{saga:#?}");
+    } else {
+        assert_eq!(statuses[done], StepStatus::Running, "{saga:#?}");
+        assert!(
+            statuses[done + 1..]
+                .iter()
+                .all(|&s| s == StepStatus::Pending),
+            "{saga:#?}"
+        );
     }
+}
 
+/// The steps of a saga that failed: the one that failed, the steps below it undone from the
+/// top down, as its state says.
+fn check_compensation(saga: &Saga, statuses: &[StepStatus], definition: &SagaDefinition) {
     let count = |s: StepStatus| statuses.iter().filter(|&&x| x == s).count();
+    assert!(saga.failure_reason.is_some(), "{saga:#?}");
+    assert_eq!(count(StepStatus::Running), 0, "{saga:#?}");
+    // The step that failed is the last one that started; nothing after it started.
+    let failed = statuses
+        .iter()
+        .rposition(|&s| s != StepStatus::Pending)
+        .expect("a step failed");
+    assert_ne!(statuses[failed], StepStatus::Succeeded, "{saga:#?}");
+    assert!(count(StepStatus::Failed) <= 1, "{saga:#?}");
+    // Below it, from the top down: undone steps, at most one compensation under way
+    // or stuck, then steps still done. Compensation runs in reverse order.
+    let mut phase = 0;
+    for &s in statuses[..=failed].iter().rev() {
+        let rank = match s {
+            StepStatus::Failed => continue,
+            s if is_undone(s) => 0,
+            StepStatus::Compensating | StepStatus::CompensationFailed => 1,
+            StepStatus::Succeeded => 2,
+            other => panic!("{other:?} in a compensating saga: {saga:#?}"),
+        };
+        assert!(rank >= phase, "compensation out of order: {saga:#?}");
+        phase = rank;
+    }
+    let active = count(StepStatus::Compensating) + count(StepStatus::CompensationFailed);
     match saga.state {
-        SagaState::Running | SagaState::Completed => {
-            assert!(saga.failure_reason.is_none(), "{saga:#?}");
-            let done = statuses
-                .iter()
-                .take_while(|&&s| s == StepStatus::Succeeded)
-                .count();
-            if saga.state == SagaState::Completed {
-                assert_eq!(done, statuses.len(), "{saga:#?}");
-            } else {
-                assert_eq!(statuses[done], StepStatus::Running, "{saga:#?}");
-                assert!(
-                    statuses[done + 1..]
-                        .iter()
-                        .all(|&s| s == StepStatus::Pending),
-                    "{saga:#?}"
-                );
-            }
+        SagaState::Compensating => {
+            assert_eq!(count(StepStatus::Compensating), 1, "{saga:#?}");
+            assert_eq!(active, 1, "{saga:#?}");
         }
-        SagaState::Compensating | SagaState::Compensated | SagaState::Failed => {
-            assert!(saga.failure_reason.is_some(), "{saga:#?}");
-            assert_eq!(count(StepStatus::Running), 0, "{saga:#?}");
-            // The step that failed is the last one that started; nothing after it started.
-            let failed = statuses
-                .iter()
-                .rposition(|&s| s != StepStatus::Pending)
-                .expect("a step failed");
-            assert_ne!(statuses[failed], StepStatus::Succeeded, "{saga:#?}");
-            assert!(count(StepStatus::Failed) <= 1, "{saga:#?}");
-            // Below it, from the top down: undone steps, at most one compensation under way
-            // or stuck, then steps still done. Compensation runs in reverse order.
-            let mut phase = 0;
-            for &s in statuses[..=failed].iter().rev() {
-                let rank = match s {
-                    StepStatus::Failed => continue,
-                    s if is_undone(s) => 0,
-                    StepStatus::Compensating | StepStatus::CompensationFailed => 1,
-                    StepStatus::Succeeded => 2,
-                    other => panic!("{other:?} in a compensating saga: {saga:#?}"),
-                };
-                assert!(rank >= phase, "compensation out of order: {saga:#?}");
-                phase = rank;
-            }
-            let active = count(StepStatus::Compensating) + count(StepStatus::CompensationFailed);
-            match saga.state {
-                SagaState::Compensating => {
-                    assert_eq!(count(StepStatus::Compensating), 1, "{saga:#?}");
-                    assert_eq!(active, 1, "{saga:#?}");
-                }
-                // A step that cannot be undone, abandoned by an operator: nothing undone.
-                SagaState::Failed if count(StepStatus::CompensationFailed) == 0 => {
-                    assert_eq!(statuses[failed], StepStatus::Failed, "{saga:#?}");
-                    assert!(!definition.steps[failed].compensable(), "{saga:#?}");
-                    assert_eq!(active, 0, "{saga:#?}");
-                    assert!(
-                        statuses[..failed]
-                            .iter()
-                            .all(|&s| s == StepStatus::Succeeded),
-                        "{saga:#?}"
-                    );
-                }
-                SagaState::Failed => {
-                    assert_eq!(count(StepStatus::CompensationFailed), 1, "{saga:#?}");
-                    assert_eq!(active, 1, "{saga:#?}");
-                }
-                _ => {
-                    assert_eq!(active, 0, "{saga:#?}");
-                    assert_eq!(
-                        count(StepStatus::Succeeded),
-                        0,
-                        "left a step done: {saga:#?}"
-                    );
-                }
-            }
+        // A step that cannot be undone, abandoned by an operator: nothing undone.
+        SagaState::Failed if count(StepStatus::CompensationFailed) == 0 => {
+            assert_eq!(statuses[failed], StepStatus::Failed, "{saga:#?}");
+            assert!(!definition.steps[failed].compensable(), "{saga:#?}");
+            assert_eq!(active, 0, "{saga:#?}");
+            assert!(
+                statuses[..failed]
+                    .iter()
+                    .all(|&s| s == StepStatus::Succeeded),
+                "{saga:#?}"
+            );
+        }
+        SagaState::Failed => {
+            assert_eq!(count(StepStatus::CompensationFailed), 1, "{saga:#?}");
+            assert_eq!(active, 1, "{saga:#?}");
+        }
+        _ => {
+            assert_eq!(active, 0, "{saga:#?}");
+            assert_eq!(
+                count(StepStatus::Succeeded),
+                0,
+                "left a step done: {saga:#?}"
+            );
         }
     }
-    assert_eq!(
-        waiting_on(saga).is_none(),
-        ended,
-        "waits on nothing: {saga:#?}"
-    );
 }
 
 /// The shape of step `i` of a stored saga.

@@ -184,102 +184,10 @@ fn run(
         let busiest = traffic.busiest_leader(client, &plan.topic_prefix)?;
         let controller = controller(&plan.cluster_dir);
         let two = two_pending && (stopped || singles == plan.two_down_after);
-        let mut victims: BTreeMap<i32, Vec<Role>> = BTreeMap::new();
-        let mut mark = |node: i32, role: Role| victims.entry(node).or_default().push(role);
-        if two {
-            if let Some((node, share_percent)) = busiest {
-                mark(node, Role::BusiestLeader { share_percent });
-            }
-            if let Some(node) = controller {
-                mark(node, Role::Controller);
-            }
-        } else if singles.is_multiple_of(2) {
-            // Even kills: the busiest leader (the controller when nothing leads yet).
-            match (busiest, controller) {
-                (Some((node, share_percent)), _) => {
-                    mark(node, Role::BusiestLeader { share_percent })
-                }
-                (None, Some(node)) => mark(node, Role::Controller),
-                (None, None) => mark(NODES[singles % NODES.len()], Role::Other),
-            }
-        } else {
-            match (controller, busiest) {
-                (Some(node), _) => mark(node, Role::Controller),
-                (None, Some((node, share_percent))) => {
-                    mark(node, Role::BusiestLeader { share_percent })
-                }
-                (None, None) => mark(NODES[singles % NODES.len()], Role::Other),
-            }
-        }
-        // A role the chosen node holds too is named as well (a busiest leader that is also the
-        // controller is a harder kill).
-        if let Some(node) = controller {
-            if let Some(roles) = victims.get_mut(&node) {
-                if !roles.contains(&Role::Controller) {
-                    roles.push(Role::Controller);
-                }
-            }
-        }
-        if let Some((node, share_percent)) = busiest {
-            if let Some(roles) = victims.get_mut(&node) {
-                if !roles
-                    .iter()
-                    .any(|r| matches!(r, Role::BusiestLeader { .. }))
-                {
-                    roles.push(Role::BusiestLeader { share_percent });
-                }
-            }
-        }
-        let wanted = if two { 2 } else { 1 };
-        for node in NODES {
-            if victims.len() >= wanted {
-                break;
-            }
-            victims.entry(node).or_insert_with(|| vec![Role::Other]);
-        }
-        let nodes: Vec<i32> = victims.keys().copied().collect();
-        eprintln!(
-            "broker fault: killing node{} {nodes:?} ({victims:?})",
-            if nodes.len() > 1 { "s" } else { "" }
-        );
-        let killed_at = Utc::now();
-        let began = Instant::now();
-        for node in &nodes {
-            script(&plan.script, "kill-node", *node)?;
-        }
-        // The down time passes even when the run stops meanwhile: the nodes come back first.
-        std::thread::sleep(if two { plan.two_down } else { plan.down });
-        let starting = Instant::now();
-        let starts: Vec<std::thread::JoinHandle<anyhow::Result<()>>> = nodes
-            .iter()
-            .map(|node| {
-                let (path, node) = (plan.script.clone(), *node);
-                std::thread::spawn(move || script(&path, "start-node", node))
-            })
-            .collect();
-        for start in starts {
-            match start.join() {
-                Ok(result) => result?,
-                Err(_) => bail!("starting a node panicked"),
-            }
-        }
-        let starting = starting.elapsed();
-        outages.faults.push(NodeOutage {
-            nodes: victims.into_iter().collect(),
-            killed_at,
-            back_at: Utc::now(),
-            in_sync_wait,
-            length: began.elapsed(),
-            starting,
-        });
-        eprintln!(
-            "broker fault: {}",
-            outages
-                .faults
-                .last()
-                .map(NodeOutage::describe)
-                .unwrap_or_default()
-        );
+        let victims = choose_victims(busiest, controller, two, singles);
+        let outage = take_down(plan, victims, two, in_sync_wait)?;
+        eprintln!("broker fault: {}", outage.describe());
+        outages.faults.push(outage);
         // One two-down fault per run; single kills go on after it until the run stops them.
         if two {
             two_down_done = true;
@@ -290,6 +198,114 @@ fn run(
             return Ok(outages);
         }
     }
+}
+
+/// The nodes the next fault kills (two when `two`), with why each: `busiest` is the busiest
+/// partitions' leader with its share of the records, `controller` the active controller,
+/// `singles` the one-node kills so far (they alternate between the two roles).
+fn choose_victims(
+    busiest: Option<(i32, u32)>,
+    controller: Option<i32>,
+    two: bool,
+    singles: usize,
+) -> BTreeMap<i32, Vec<Role>> {
+    let mut victims: BTreeMap<i32, Vec<Role>> = BTreeMap::new();
+    let mut mark = |node: i32, role: Role| victims.entry(node).or_default().push(role);
+    if two {
+        if let Some((node, share_percent)) = busiest {
+            mark(node, Role::BusiestLeader { share_percent });
+        }
+        if let Some(node) = controller {
+            mark(node, Role::Controller);
+        }
+    } else if singles.is_multiple_of(2) {
+        // Even kills: the busiest leader (the controller when nothing leads yet).
+        match (busiest, controller) {
+            (Some((node, share_percent)), _) => mark(node, Role::BusiestLeader { share_percent }),
+            (None, Some(node)) => mark(node, Role::Controller),
+            (None, None) => mark(NODES[singles % NODES.len()], Role::Other),
+        }
+    } else {
+        match (controller, busiest) {
+            (Some(node), _) => mark(node, Role::Controller),
+            (None, Some((node, share_percent))) => {
+                mark(node, Role::BusiestLeader { share_percent })
+            }
+            (None, None) => mark(NODES[singles % NODES.len()], Role::Other),
+        }
+    }
+    // A role the chosen node holds too is named as well (a busiest leader that is also the
+    // controller is a harder kill).
+    if let Some(node) = controller {
+        if let Some(roles) = victims.get_mut(&node) {
+            if !roles.contains(&Role::Controller) {
+                roles.push(Role::Controller);
+            }
+        }
+    }
+    if let Some((node, share_percent)) = busiest {
+        if let Some(roles) = victims.get_mut(&node) {
+            if !roles
+                .iter()
+                .any(|r| matches!(r, Role::BusiestLeader { .. }))
+            {
+                roles.push(Role::BusiestLeader { share_percent });
+            }
+        }
+    }
+    let wanted = if two { 2 } else { 1 };
+    for node in NODES {
+        if victims.len() >= wanted {
+            break;
+        }
+        victims.entry(node).or_insert_with(|| vec![Role::Other]);
+    }
+    victims
+}
+
+/// Kills `victims`, waits the plan's down time (the two-down one when `two`) and starts them
+/// again, in parallel; returns the outage once every node's start has returned.
+fn take_down(
+    plan: &Plan,
+    victims: BTreeMap<i32, Vec<Role>>,
+    two: bool,
+    in_sync_wait: Duration,
+) -> anyhow::Result<NodeOutage> {
+    let nodes: Vec<i32> = victims.keys().copied().collect();
+    eprintln!(
+        "broker fault: killing node{} {nodes:?} ({victims:?})",
+        if nodes.len() > 1 { "s" } else { "" }
+    );
+    let killed_at = Utc::now();
+    let began = Instant::now();
+    for node in &nodes {
+        script(&plan.script, "kill-node", *node)?;
+    }
+    // The down time passes even when the run stops meanwhile: the nodes come back first.
+    std::thread::sleep(if two { plan.two_down } else { plan.down });
+    let starting = Instant::now();
+    let starts: Vec<std::thread::JoinHandle<anyhow::Result<()>>> = nodes
+        .iter()
+        .map(|node| {
+            let (path, node) = (plan.script.clone(), *node);
+            std::thread::spawn(move || script(&path, "start-node", node))
+        })
+        .collect();
+    for start in starts {
+        match start.join() {
+            Ok(result) => result?,
+            Err(_) => bail!("starting a node panicked"),
+        }
+    }
+    let starting = starting.elapsed();
+    Ok(NodeOutage {
+        nodes: victims.into_iter().collect(),
+        killed_at,
+        back_at: Utc::now(),
+        in_sync_wait,
+        length: began.elapsed(),
+        starting,
+    })
 }
 
 /// `script action node` with BROKER_NODES=3 (the rest of the environment, such as

@@ -38,72 +38,8 @@ impl Fleet {
     /// group, and one process per participant the definitions name, on the run's database and
     /// topic prefix; none started yet.
     pub(super) fn plan(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Self> {
-        // Orchestrators share one consumer group and divide the partitions between them.
-        let mut instances = Vec::new();
-        for n in 1..=args.orchestrators.max(1) {
-            let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            instances.push(Instance {
-                name: format!("{ORCHESTRATOR}-{n}"),
-                binary: ORCHESTRATOR.into(),
-                // The chaos run reads the tables, not the API: open, on loopback only.
-                env: vec![
-                    (
-                        "SAGAS_DIR".into(),
-                        args.sagas_dir.to_string_lossy().into_owned(),
-                    ),
-                    ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
-                    ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
-                    ("API_DATABASE_CONNECTIONS".into(), "1".into()),
-                ],
-            });
-        }
-        for participant in &setup.deployment.participants {
-            instances.push(Instance {
-                name: participant.name.clone(),
-                binary: participant.name.clone(),
-                env: Vec::new(),
-            });
-        }
-        // Static membership lets a restarted member of a classic group take its partitions back
-        // at once. KIP-848 groups refuse a restarted member whose instance id the broker still
-        // holds (until the dead one's session expires) with a fatal error, so they run dynamic.
-        if !args.dynamic_membership && args.group_protocol == GroupProtocol::Classic {
-            for instance in &mut instances {
-                instance
-                    .env
-                    .push(("KAFKA_GROUP_INSTANCE_ID".into(), instance.name.clone()));
-            }
-        }
-        let mut fleet_env: Vec<(String, String)> = Vec::new();
-        match &args.kafka_identities {
-            // Each service as itself: the orchestrators share the orchestrator's identity.
-            Some(dir) => {
-                for instance in &mut instances {
-                    let properties = dir.join(format!("{}.properties", instance.binary));
-                    if !properties.is_file() {
-                        bail!(
-                            "--kafka-identities: no client properties for {} at {}",
-                            instance.binary,
-                            properties.display()
-                        );
-                    }
-                    instance.env.push((
-                        messaging::access::CLIENT_PROPERTIES_SETTING.into(),
-                        properties.display().to_string(),
-                    ));
-                }
-            }
-            None => {
-                if let Some(properties) = &args.kafka.kafka_client_properties {
-                    fleet_env.push((
-                        messaging::access::CLIENT_PROPERTIES_SETTING.into(),
-                        properties.display().to_string(),
-                    ));
-                }
-            }
-        }
+        let mut instances = instances(args, setup)?;
+        let fleet_env = kafka_identities(args, &mut instances)?;
         Ok(Self {
             bin_dir: args.bin_dir.clone(),
             env: vec![
@@ -211,4 +147,86 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The run's processes: --orchestrators orchestrators in one consumer group, and one process
+/// per participant the definitions name.
+fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
+    // Orchestrators share one consumer group and divide the partitions between them.
+    let mut instances = Vec::new();
+    for n in 1..=args.orchestrators.max(1) {
+        let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        instances.push(Instance {
+            name: format!("{ORCHESTRATOR}-{n}"),
+            binary: ORCHESTRATOR.into(),
+            // The chaos run reads the tables, not the API: open, on loopback only.
+            env: vec![
+                (
+                    "SAGAS_DIR".into(),
+                    args.sagas_dir.to_string_lossy().into_owned(),
+                ),
+                ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+                ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
+                ("API_DATABASE_CONNECTIONS".into(), "1".into()),
+            ],
+        });
+    }
+    for participant in &setup.deployment.participants {
+        instances.push(Instance {
+            name: participant.name.clone(),
+            binary: participant.name.clone(),
+            env: Vec::new(),
+        });
+    }
+    // Static membership lets a restarted member of a classic group take its partitions back
+    // at once. KIP-848 groups refuse a restarted member whose instance id the broker still
+    // holds (until the dead one's session expires) with a fatal error, so they run dynamic.
+    if !args.dynamic_membership && args.group_protocol == GroupProtocol::Classic {
+        for instance in &mut instances {
+            instance
+                .env
+                .push(("KAFKA_GROUP_INSTANCE_ID".into(), instance.name.clone()));
+        }
+    }
+    Ok(instances)
+}
+
+/// Who each process is to the Kafka cluster: with --kafka-identities, each service's own
+/// client properties (added to its settings); otherwise the settings every process gets, if
+/// any (the run's --kafka-client-properties).
+fn kafka_identities(
+    args: &ChaosArgs,
+    instances: &mut [Instance],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut fleet_env: Vec<(String, String)> = Vec::new();
+    match &args.kafka_identities {
+        // Each service as itself: the orchestrators share the orchestrator's identity.
+        Some(dir) => {
+            for instance in instances.iter_mut() {
+                let properties = dir.join(format!("{}.properties", instance.binary));
+                if !properties.is_file() {
+                    bail!(
+                        "--kafka-identities: no client properties for {} at {}",
+                        instance.binary,
+                        properties.display()
+                    );
+                }
+                instance.env.push((
+                    messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+                    properties.display().to_string(),
+                ));
+            }
+        }
+        None => {
+            if let Some(properties) = &args.kafka.kafka_client_properties {
+                fleet_env.push((
+                    messaging::access::CLIENT_PROPERTIES_SETTING.into(),
+                    properties.display().to_string(),
+                ));
+            }
+        }
+    }
+    Ok(fleet_env)
 }

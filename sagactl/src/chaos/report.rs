@@ -3,7 +3,7 @@
 
 use super::args::{value_name, ChaosArgs};
 use super::fleet::Fleet;
-use super::measures::Throughput;
+use super::measures::{NodeWindows, Throughput};
 use super::setup::Setup;
 use super::{Findings, Placed};
 
@@ -16,9 +16,6 @@ pub(super) fn print(
     placed: &Placed,
     findings: &Findings<'_>,
 ) -> bool {
-    let faults = &placed.faults;
-    let settled = &findings.settled;
-    let (duplicates, stalls, windows) = (&findings.duplicates, &findings.stalls, &findings.windows);
     println!("chaos run {}", setup.id);
     println!(
         "sagas run          {} orders (and one warm-up saga before them), {} returns of them",
@@ -27,6 +24,14 @@ pub(super) fn print(
     );
     println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
+    print_faults(args, placed, &findings.windows);
+    print_measures(args, placed, findings);
+    print_checks(findings)
+}
+
+/// The faults injected besides the kills, and (three nodes) the windows around each.
+fn print_faults(args: &ChaosArgs, placed: &Placed, windows: &NodeWindows<'_>) {
+    let faults = &placed.faults;
     println!("broker kills       {}", faults.broker.describe());
     if args.broker_nodes == 3 {
         println!("broker node faults {}", faults.nodes.summary());
@@ -65,6 +70,13 @@ pub(super) fn print(
             args.garbage_every_ms
         );
     }
+}
+
+/// What the run measured: restarts, settling, outcomes, duplicates, durations, stalls,
+/// throughput, and the garbage per kind.
+fn print_measures(args: &ChaosArgs, placed: &Placed, findings: &Findings<'_>) {
+    let settled = &findings.settled;
+    let (duplicates, stalls) = (&findings.duplicates, &findings.stalls);
     println!(
         "restarts           {} after kills, {} after crashes",
         placed.restarts,
@@ -104,7 +116,12 @@ pub(super) fn print(
             println!("garbage kind       {line}");
         }
     }
-    let mut failed = !settled.settled;
+}
+
+/// A PASS or FAIL line per invariant and the count of them; whether the run failed (an
+/// invariant broken, or the sagas not settled).
+fn print_checks(findings: &Findings<'_>) -> bool {
+    let mut failed = !findings.settled.settled;
     let mut passes = 0;
     for check in &findings.checks {
         println!(

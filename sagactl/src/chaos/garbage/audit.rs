@@ -57,6 +57,57 @@ impl KindCount {
     fn ok(&self) -> bool {
         self.once == self.sent && self.unconfirmed == 0
     }
+
+    /// The report's line for `kind`: ok or BAD, and what became of its records.
+    fn line(&self, kind: GarbageKind) -> String {
+        let mut parts = vec![format!("{} sent, {} in the DLQ once", self.sent, self.once)];
+        let mut add = |n: u32, what: &str| {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        };
+        add(
+            self.redelivered,
+            "copied twice or more (dead-lettered again on redelivery)",
+        );
+        add(
+            self.republished,
+            "of those published again by a relay after a crash (one dlq.id; readers drop the repeat)",
+        );
+        add(
+            self.not_consumed,
+            "missing: their consumer group never committed past them",
+        );
+        add(self.in_outbox, "missing: copy still in an outbox");
+        add(self.consumed_no_copy, "missing: consumed, no copy anywhere");
+        add(self.started_saga, "started a saga");
+        add(self.acted_on, "acted on by a participant");
+        add(self.unconfirmed, "not acknowledged by the broker");
+        format!(
+            "{:<4} {:<15} {}",
+            if self.ok() { "ok" } else { "BAD" },
+            kind.name(),
+            parts.join(", ")
+        )
+    }
+}
+
+/// The first three dead letters that are no garbage of the run: who dead-lettered them, from
+/// where, and why.
+fn foreign_detail(foreign: &[&DeadLetter]) -> String {
+    foreign
+        .iter()
+        .take(3)
+        .map(|r| {
+            format!(
+                "{} from {:?}: {}",
+                r.consumer,
+                r.source,
+                r.reason.chars().take(120).collect::<String>()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Checks the dead-letter topic against the garbage log, and finds out what happened to
@@ -193,52 +244,12 @@ impl Audit {
         let mut failing = Vec::new();
         let total = |f: fn(&KindCount) -> u32| kinds.values().map(f).sum::<u32>();
         for (kind, c) in &kinds {
-            let mut parts = vec![format!("{} sent, {} in the DLQ once", c.sent, c.once)];
-            let mut add = |n: u32, what: &str| {
-                if n > 0 {
-                    parts.push(format!("{n} {what}"));
-                }
-            };
-            add(
-                c.redelivered,
-                "copied twice or more (dead-lettered again on redelivery)",
-            );
-            add(
-                c.republished,
-                "of those published again by a relay after a crash (one dlq.id; readers drop the repeat)",
-            );
-            add(
-                c.not_consumed,
-                "missing: their consumer group never committed past them",
-            );
-            add(c.in_outbox, "missing: copy still in an outbox");
-            add(c.consumed_no_copy, "missing: consumed, no copy anywhere");
-            add(c.started_saga, "started a saga");
-            add(c.acted_on, "acted on by a participant");
-            add(c.unconfirmed, "not acknowledged by the broker");
             if !c.ok() {
                 failing.push(kind.name());
             }
-            per_kind.push(format!(
-                "{:<4} {:<15} {}",
-                if c.ok() { "ok" } else { "BAD" },
-                kind.name(),
-                parts.join(", ")
-            ));
+            per_kind.push(c.line(*kind));
         }
-        let foreign_detail = foreign
-            .iter()
-            .take(3)
-            .map(|r| {
-                format!(
-                    "{} from {:?}: {}",
-                    r.consumer,
-                    r.source,
-                    r.reason.chars().take(120).collect::<String>()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        let foreign_detail = foreign_detail(foreign);
         let passed = failing.is_empty() && foreign.is_empty();
         let detail = format!(
             "{} garbage records sent ({} kinds, {} topics): {} in the DLQ exactly once ({} of those \

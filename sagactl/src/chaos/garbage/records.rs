@@ -162,64 +162,24 @@ pub(super) fn build(
             hostile.key = Some(format!("\0{key}\0").into_bytes());
             format!("{{\"type\":\"{type_name}\",\"key\":\"\0\0\0\"}}\0").into_bytes()
         }
-        GarbageKind::NulInJson => {
-            match target {
-                Target::Trigger(_) => {
-                    put_nul(&mut valid);
-                }
-                Target::Commands { .. } => {
-                    put_nul(&mut valid["payload"]);
-                }
-                Target::Replies => {
-                    // (Reply::failed takes the NUL out of a reason: set it by hand.)
-                    valid["outcome"] = "failed".into();
-                    valid["reason"] = "out of\0stock".into();
-                }
-            }
-            to_bytes(&valid)
-        }
+        GarbageKind::NulInJson => nul_in_json(target, valid),
         GarbageKind::InvalidUtf8 => {
             // (The key as text: its 16 raw bytes may hold a NUL, which is another kind.)
             hostile.key = Some([&[0xff, 0xfe][..], key.to_string().as_bytes()].concat());
-            // Two bytes that are no UTF-8 at the start of the first string value.
-            let mut bytes = to_bytes(&valid);
-            let at = bytes
-                .windows(3)
-                .position(|w| w == b"\":\"")
-                .map_or(0, |i| i + 3);
-            bytes.splice(at..at, [0xc3, 0x28]);
-            bytes
+            invalid_utf8(&valid)
         }
         GarbageKind::TruncatedJson => {
             let bytes = to_bytes(&valid);
             bytes[..bytes.len() / 2].to_vec()
         }
-        GarbageKind::UnknownType => {
-            valid["type"] = "OrderCancelled".into();
-            match target {
-                Target::Trigger(_) => {}
-                Target::Commands { .. } => valid["step"] = "cancel_order".into(),
-                Target::Replies => valid["outcome"] = "cancelled".into(),
-            }
-            to_bytes(&valid)
-        }
+        GarbageKind::UnknownType => unknown_type(target, valid),
         GarbageKind::MissingType => {
             if let Some(map) = valid.as_object_mut() {
                 map.remove("type");
             }
             to_bytes(&valid)
         }
-        GarbageKind::FutureSchema => {
-            let mut future = match target {
-                // An enveloped trigger: the message is the envelope's payload.
-                Target::Trigger(_) => {
-                    envelope(saga_id, json!({ "type": type_name, "payload": valid }))
-                }
-                _ => valid,
-            };
-            future["schema_version"] = 999.into();
-            to_bytes(&future)
-        }
+        GarbageKind::FutureSchema => future_schema(target, valid, &type_name, saga_id),
         GarbageKind::WrongMessage => to_bytes(&wrong(targets, at, key, saga_id)),
         GarbageKind::EmptyPayload => Vec::new(),
         GarbageKind::NullPayload => {
@@ -235,36 +195,101 @@ pub(super) fn build(
             note("a key with a NUL byte")
         }
         GarbageKind::HugeHeader => {
-            let traceparent = messaging::telemetry::new_traceparent();
-            let mut tracestate = b"garbage=".to_vec();
-            tracestate.resize(HUGE_HEADER_BYTES, b'x');
-            hostile.headers = vec![
-                (b"traceparent".to_vec(), Some(traceparent.into_bytes())),
-                (b"tracestate".to_vec(), Some(tracestate)),
-            ];
+            hostile.headers = huge_header();
             note("a 200 KB tracestate header")
         }
         GarbageKind::AnyBytesHeaders => {
-            let long_name = vec![0xc3; 64 * 1024];
-            hostile.headers = vec![
-                (vec![0xc3, 0x28], Some(b"a name that is not UTF-8".to_vec())),
-                (vec![0xff, 0xfe, 0xfd], Some(vec![0xc3, 0x28])),
-                (b"traceparent".to_vec(), Some(vec![0xff, 0xfe])),
-                (b"tracestate".to_vec(), Some(b"\0\0".to_vec())),
-                (b"nul\0inside".to_vec(), None),
-                (Vec::new(), Some(Vec::new())),
-                (long_name, Some(vec![0; 1024])),
-            ];
+            hostile.headers = any_bytes_headers();
             note("headers of any bytes")
         }
-        GarbageKind::HugePayload => {
-            let mut bytes = format!("{{\"type\":\"{type_name}\",\"padding\":\"").into_bytes();
-            bytes.resize(HUGE_PAYLOAD_BYTES - 2, b'x');
-            bytes.extend_from_slice(b"\"}");
-            bytes
-        }
+        GarbageKind::HugePayload => huge_payload(&type_name),
     });
     hostile
+}
+
+/// `valid` with a NUL inside a string of the message: a trigger's, a command's payload, a
+/// reply's reason.
+fn nul_in_json(target: &Target, mut valid: Value) -> Vec<u8> {
+    match target {
+        Target::Trigger(_) => {
+            put_nul(&mut valid);
+        }
+        Target::Commands { .. } => {
+            put_nul(&mut valid["payload"]);
+        }
+        Target::Replies => {
+            // (Reply::failed takes the NUL out of a reason: set it by hand.)
+            valid["outcome"] = "failed".into();
+            valid["reason"] = "out of\0stock".into();
+        }
+    }
+    to_bytes(&valid)
+}
+
+/// `valid` with two bytes that are no UTF-8 at the start of its first string value.
+fn invalid_utf8(valid: &Value) -> Vec<u8> {
+    let mut bytes = to_bytes(valid);
+    let at = bytes
+        .windows(3)
+        .position(|w| w == b"\":\"")
+        .map_or(0, |i| i + 3);
+    bytes.splice(at..at, [0xc3, 0x28]);
+    bytes
+}
+
+/// `valid` as a message type no one knows, with the fields it would name.
+fn unknown_type(target: &Target, mut valid: Value) -> Vec<u8> {
+    valid["type"] = "OrderCancelled".into();
+    match target {
+        Target::Trigger(_) => {}
+        Target::Commands { .. } => valid["step"] = "cancel_order".into(),
+        Target::Replies => valid["outcome"] = "cancelled".into(),
+    }
+    to_bytes(&valid)
+}
+
+/// `valid`'s envelope with a schema version from the future.
+fn future_schema(target: &Target, valid: Value, type_name: &str, saga_id: Uuid) -> Vec<u8> {
+    let mut future = match target {
+        // An enveloped trigger: the message is the envelope's payload.
+        Target::Trigger(_) => envelope(saga_id, json!({ "type": type_name, "payload": valid })),
+        _ => valid,
+    };
+    future["schema_version"] = 999.into();
+    to_bytes(&future)
+}
+
+/// A valid `traceparent` with a 200 KB `tracestate`.
+fn huge_header() -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let traceparent = messaging::telemetry::new_traceparent();
+    let mut tracestate = b"garbage=".to_vec();
+    tracestate.resize(HUGE_HEADER_BYTES, b'x');
+    vec![
+        (b"traceparent".to_vec(), Some(traceparent.into_bytes())),
+        (b"tracestate".to_vec(), Some(tracestate)),
+    ]
+}
+
+/// Headers whose names and values are any bytes: not UTF-8, NULs, empty, 64 KB long.
+fn any_bytes_headers() -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let long_name = vec![0xc3; 64 * 1024];
+    vec![
+        (vec![0xc3, 0x28], Some(b"a name that is not UTF-8".to_vec())),
+        (vec![0xff, 0xfe, 0xfd], Some(vec![0xc3, 0x28])),
+        (b"traceparent".to_vec(), Some(vec![0xff, 0xfe])),
+        (b"tracestate".to_vec(), Some(b"\0\0".to_vec())),
+        (b"nul\0inside".to_vec(), None),
+        (Vec::new(), Some(Vec::new())),
+        (long_name, Some(vec![0; 1024])),
+    ]
+}
+
+/// A message of `type_name` padded to [`HUGE_PAYLOAD_BYTES`].
+fn huge_payload(type_name: &str) -> Vec<u8> {
+    let mut bytes = format!("{{\"type\":\"{type_name}\",\"padding\":\"").into_bytes();
+    bytes.resize(HUGE_PAYLOAD_BYTES - 2, b'x');
+    bytes.extend_from_slice(b"\"}");
+    bytes
 }
 
 #[cfg(test)]

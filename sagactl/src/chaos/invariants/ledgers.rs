@@ -3,7 +3,8 @@
 //! `step_ledger`) serves each step and which steps can be undone; nothing here names a saga
 //! type, a step or a participant.
 
-use saga_core::{SagaState, StepStatus};
+use saga_core::definitions::Step;
+use saga_core::{SagaDefinition, SagaState, StepStatus};
 use sqlx::PgPool;
 
 use crate::deployment::{Deployment, ORCHESTRATOR};
@@ -130,7 +131,7 @@ pub async fn check(db: &PgPool, deployment: &Deployment) -> anyhow::Result<Ledge
     ))
     .fetch_all(db)
     .await?;
-    let mut broken_keys = std::collections::BTreeSet::new();
+    let mut broken_keys = BrokenKeys::new();
     for (name, version, state, sagas) in versions {
         let Some(state) = SagaState::parse(&state) else {
             anyhow::bail!("orchestrator.sagas has a state this build does not know: {state}");
@@ -153,68 +154,118 @@ pub async fn check(db: &PgPool, deployment: &Deployment) -> anyhow::Result<Ledge
             ));
             continue;
         };
+        let group = Group {
+            name: &name,
+            version,
+            state,
+        };
+        group
+            .check(db, definition, &mut result, &mut broken_keys)
+            .await?;
+    }
+    result.broken += i64::try_from(broken_keys.len())?;
+    Ok(result)
+}
+
+/// The sagas of one definition version in one finished state.
+struct Group<'a> {
+    name: &'a str,
+    version: i32,
+    state: SagaState,
+}
+
+/// A saga broken (by its type and key), counted once however many of its steps disagree.
+type BrokenKeys = std::collections::BTreeSet<(String, String)>;
+
+impl Group<'_> {
+    /// Checks the group's sagas against `definition`: their steps are its steps, and each
+    /// step agrees with its participant's ledger.
+    async fn check(
+        &self,
+        db: &PgPool,
+        definition: &SagaDefinition,
+        result: &mut LedgerCheck,
+        broken_keys: &mut BrokenKeys,
+    ) -> anyhow::Result<()> {
         let steps_differ: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT saga_key FROM {ORCHESTRATOR}.sagas \
              WHERE definition_name = $1 AND definition_version = $2 AND state::text = $3 \
                AND (jsonb_typeof(steps) IS DISTINCT FROM 'array' OR jsonb_array_length(steps) <> $4)"
         ))
-        .bind(&name)
-        .bind(version)
-        .bind(state.as_str())
+        .bind(self.name)
+        .bind(self.version)
+        .bind(self.state.as_str())
         .bind(i32::try_from(definition.steps.len())?)
         .fetch_all(db)
         .await?;
         for key in steps_differ {
-            result.example(format!("{name} {key}: its steps are not its definition's"));
-            broken_keys.insert((name.clone(), key));
+            result.example(format!(
+                "{} {key}: its steps are not its definition's",
+                self.name
+            ));
+            broken_keys.insert((self.name.to_owned(), key));
         }
         for (index, step) in definition.steps.iter().enumerate() {
-            // The participant's schema holds its ledger.
-            let rows: Vec<StepRow> = sqlx::query_as(&format!(
-                "SELECT s.saga_key, s.steps -> $4 ->> 'name', s.steps -> $4 ->> 'status', \
-                            l.saga_key IS NOT NULL, l.forward_outcome::text, \
-                            l.compensated_at IS NOT NULL \
-                     FROM {ORCHESTRATOR}.sagas s \
-                     LEFT JOIN {participant}.step_ledger l \
-                       ON l.saga_key = s.saga_key AND l.step = $5 \
-                     WHERE s.definition_name = $1 AND s.definition_version = $2 \
-                       AND s.state::text = $3",
-                participant = step.participant
-            ))
-            .bind(&name)
-            .bind(version)
-            .bind(state.as_str())
-            .bind(i32::try_from(index)?)
-            .bind(&step.name)
-            .fetch_all(db)
-            .await?;
-            for (key, step_name, status, has_entry, outcome, compensated) in rows {
-                result.steps += 1;
-                let status = status.and_then(|s| serde_json::from_value(s.into()).ok());
-                let why = match (step_name, status) {
-                    (Some(n), Some(status)) if n == step.name => {
-                        let entry = has_entry.then_some(LedgerEntry {
-                            succeeded: outcome.map(|o| o == "succeeded"),
-                            compensated,
-                        });
-                        disagreement(state, status, step.compensable(), entry)
-                    }
-                    _ => Some("the saga's step is not its definition's, or has no status"),
-                };
-                if let Some(why) = why {
-                    result.example(format!(
-                        "{} {name} {key}, step {} ({}): {why}",
-                        state.as_str(),
-                        step.name,
-                        step.participant
-                    ));
-                    broken_keys.insert((name.clone(), key));
+            self.check_step(db, index, step, result, broken_keys)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Checks step `index` of the group's sagas against the ledger of its participant.
+    async fn check_step(
+        &self,
+        db: &PgPool,
+        index: usize,
+        step: &Step,
+        result: &mut LedgerCheck,
+        broken_keys: &mut BrokenKeys,
+    ) -> anyhow::Result<()> {
+        let (name, state) = (self.name, self.state);
+        // The participant's schema holds its ledger.
+        let rows: Vec<StepRow> = sqlx::query_as(&format!(
+            "SELECT s.saga_key, s.steps -> $4 ->> 'name', s.steps -> $4 ->> 'status', \
+                    l.saga_key IS NOT NULL, l.forward_outcome::text, \
+                    l.compensated_at IS NOT NULL \
+             FROM {ORCHESTRATOR}.sagas s \
+             LEFT JOIN {participant}.step_ledger l \
+               ON l.saga_key = s.saga_key AND l.step = $5 \
+             WHERE s.definition_name = $1 AND s.definition_version = $2 \
+               AND s.state::text = $3",
+            participant = step.participant
+        ))
+        .bind(name)
+        .bind(self.version)
+        .bind(state.as_str())
+        .bind(i32::try_from(index)?)
+        .bind(&step.name)
+        .fetch_all(db)
+        .await?;
+        for (key, step_name, status, has_entry, outcome, compensated) in rows {
+            result.steps += 1;
+            let status = status.and_then(|s| serde_json::from_value(s.into()).ok());
+            let why = match (step_name, status) {
+                (Some(n), Some(status)) if n == step.name => {
+                    let entry = has_entry.then_some(LedgerEntry {
+                        succeeded: outcome.map(|o| o == "succeeded"),
+                        compensated,
+                    });
+                    disagreement(state, status, step.compensable(), entry)
                 }
+                _ => Some("the saga's step is not its definition's, or has no status"),
+            };
+            if let Some(why) = why {
+                result.example(format!(
+                    "{} {name} {key}, step {} ({}): {why}",
+                    state.as_str(),
+                    step.name,
+                    step.participant
+                ));
+                broken_keys.insert((name.to_owned(), key));
             }
         }
+        Ok(())
     }
-    result.broken += i64::try_from(broken_keys.len())?;
-    Ok(result)
 }
 
 #[cfg(test)]
