@@ -73,11 +73,12 @@ cargo test --workspace --locked --no-run "$@"
 # waited for at the very end: they take the CPU the other phases leave idle (most of them wait
 # on a broker, a timer or a browser; started with the compilation, the build made this phase
 # 262 s instead of 214). At that priority a run gets fewer executions in its 20 s than on an
-# idle machine; the committed corpus is replayed whole all the same. Their output:
-# target/artifacts/fuzz.log.
+# idle machine; the committed corpus is replayed whole all the same. Four run at a time: they
+# end the suite, and a run lasts its 20 s however many share the cores (the slowest replay of a
+# corpus, orchestrator_records', takes longer). Their output: target/artifacts/fuzz.log.
 mkdir -p target/artifacts
 set -m # each background job in a process group of its own, which cleanup can stop whole
-(nice -n 19 scripts/fuzz.sh --build && nice -n 19 scripts/fuzz.sh 20) >target/artifacts/fuzz.log 2>&1 &
+(nice -n 19 scripts/fuzz.sh --build && FUZZ_JOBS=4 nice -n 19 scripts/fuzz.sh 20) >target/artifacts/fuzz.log 2>&1 &
 fuzz=$!
 background+=("$fuzz")
 set +m

@@ -40,10 +40,16 @@ git ls-files -z --cached --others --exclude-standard |
   while IFS= read -r -d '' file; do [[ -e $file ]] && printf '%s\0' "$file"; done |
   tar --null -T - -cf - | tar -xf - -C "$copy"
 # This build's artifacts, so that the copy compiles only what the patches change (the
-# incremental caches are left: the copy rebuilds its own crates from scratch).
+# incremental caches are left: the copy rebuilds its own crates from scratch). Hard links, not
+# copies (a third of the time, and no 2 GB written): rustc and the linker replace the artifacts
+# they write with new files, which leaves this build's alone; what is written in place, cargo's
+# fingerprints, is copied, and rustc's dep-info files (deps/*.d, which cargo does not read) are
+# left out.
 if [[ -d target/debug/deps ]]; then
   mkdir -p "$copy/target/debug"
-  cp -a target/debug/deps target/debug/build target/debug/.fingerprint "$copy/target/debug/"
+  cp -al target/debug/deps target/debug/build "$copy/target/debug/"
+  find "$copy/target/debug/deps" -name '*.d' -delete
+  cp -a target/debug/.fingerprint "$copy/target/debug/"
 fi
 # The copy's scripts start PostgreSQL as this checkout's do, and install their local CA (.run/pki,
 # scripts/pki.sh) in the server: they get this checkout's, so that the server keeps trusting
