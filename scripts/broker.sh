@@ -13,7 +13,8 @@
 # $BROKER_RUN_DIR: with it and another $BROKER_ADDR a second, private broker runs beside the
 # shared one (a test that stops its broker starts one so; stop/kill then act on that one only).
 # The controller listens on the next port ($BROKER_ADDR's port + 1). KAFKA_HEAP_MAX (default 1g)
-# bounds the JVM heap.
+# bounds the JVM heap. KAFKA_JVM_EXTRA_OPTS (default none) is added to every JVM this script
+# starts, the brokers' and the Kafka tools' (scripts/test.sh: C1 only, for short-lived brokers).
 #
 # BROKER=nisshi runs Nisshi instead, a Kafka-protocol broker written in Rust (cargo install,
 # about 11 minutes), for a machine without Java. It has no transactions and its fetch long-poll
@@ -98,7 +99,8 @@ install_nisshi() {
 }
 
 kafka() {
-  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" "$@"
+  # shellcheck disable=SC2086 # options, split on purpose
+  java ${KAFKA_JVM_EXTRA_OPTS:-} -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" "$@"
 }
 
 launch_kafka() {
@@ -124,6 +126,7 @@ launch_kafka() {
   # The JVM settings of Kafka's own start script, with a bounded heap.
   nohup java -Xms256m -Xmx"${KAFKA_HEAP_MAX:-1g}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+    ${KAFKA_JVM_EXTRA_OPTS:-} \
     -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" \
     kafka.Kafka "$KAFKA_DESCRIPTOR/server.properties" "${overrides[@]}" >>"$LOG_FILE" 2>&1 &
   echo $! >"$PID_FILE"
@@ -300,7 +303,8 @@ cluster_format() {
             --add-scram "SCRAM-SHA-256=[name=$name,password=$(password "$name")]"
         done
       } >"$args")
-    java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" "@$args" \
+    # shellcheck disable=SC2086 # options, split on purpose
+    java ${KAFKA_JVM_EXTRA_OPTS:-} -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" "@$args" \
       >"$(node_dir "$n")/format.log" 2>&1 || {
       cat "$(node_dir "$n")/format.log" >&2
       rm -f "$args"
@@ -324,6 +328,7 @@ launch_node() {
   echo $(($(wc -l <"$dir/node.log") + 1))
   nohup java -Xms128m -Xmx"${KAFKA_HEAP_MAX:-256m}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+    ${KAFKA_JVM_EXTRA_OPTS:-} \
     -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" \
     kafka.Kafka "$dir/server.properties" >>"$dir/node.log" 2>&1 &
   echo $! >"$dir/pid"
