@@ -74,7 +74,7 @@ cargo test --workspace --locked --no-run "$@"
 
 # The fuzzers, briefly: every cargo-fuzz target (each decoder, and the orchestrator's record ->
 # state machine path) for 20 s from the committed corpus; any crash fails the suite. Long runs:
-# scripts/fuzz.sh 840 (see its header). The instrumented build (about 250 s of CPU) and the
+# scripts/fuzz.sh 840 (see its header). The instrumented build (about 210 s of CPU) and the
 # runs go in the background at the lowest CPU priority once the tests are compiled, and are
 # waited for at the very end: they take the CPU the other phases leave idle (most of them wait
 # on a broker, a timer or a browser; started with the compilation, the build made this phase
