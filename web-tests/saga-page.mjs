@@ -477,6 +477,10 @@ async function run(browser) {
   // 10. A token the server does not know: the dialog asks again and says why.
   await wrongToken(context);
 
+  // 11. Another site may not frame the page (it could trick a signed-in operator into pressing
+  // Retry, Skip or Abort): the server's Content-Security-Policy says frame-ancestors 'none'.
+  await framingRefused(browser);
+
   guard.check();
   await context.close();
 }
@@ -766,6 +770,29 @@ async function scriptedStream(context) {
   guard.check();
   await page.close();
   log('scripted stream: comments, CR/CRLF, two-line data, retry:, reconnection with the token, no end while failed; retry posts the reason only; 403 keeps the token, 401 asks again');
+}
+
+/**
+ * A page of another origin (about:blank, opaque) that embeds the operations page in a frame:
+ * Chromium refuses to show it there (the policy's frame-ancestors 'none', X-Frame-Options DENY),
+ * says so in the embedding page's console, and the frame never holds the page's token dialog.
+ */
+async function framingRefused(browser) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const refusals = [];
+  page.on('console', (msg) => {
+    if (/frame-ancestors|X-Frame-Options|Refused to (display|frame)/i.test(msg.text())) refusals.push(msg.text());
+  });
+  await page.setContent(`<iframe src="${BASE}/" width="800" height="600"></iframe>`);
+  await until('Chromium to refuse showing the page in another origin\'s frame', () => refusals.length > 0);
+  const frame = page.frames().find((f) => f !== page.mainFrame());
+  if (frame && (await frame.locator('[data-testid="token-dialog"]').count()) > 0) {
+    fail(`the page was shown in another origin's frame (${frame.url()})`);
+  }
+  await page.screenshot({ path: join(ARTIFACT_DIR, 'framing-refused.png') });
+  await context.close();
+  log(`framing: refused (${refusals[0]})`);
 }
 
 async function main() {

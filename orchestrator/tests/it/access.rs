@@ -876,3 +876,75 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
         })
         .collect()
 }
+
+/// The page and every answer carry what browsers use to protect them: a strict
+/// Content-Security-Policy (no inline script or style, requests only to this server, no site
+/// may frame the page), no framing for older browsers either, no content-type sniffing, no
+/// referrer, and no copy kept of an answer (most hold saga data). The page's own test in
+/// Chromium fails on any console error, which is where a violation of the policy shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_every_answer_carry_the_browsers_protections() {
+    let system = TestSystem::start().await;
+    let placed = order("alice", "WIDGET", 1, "DE");
+    system.place(&placed).await;
+    system.saga_id_of(placed.order_id).await;
+    let saga_path = format!("/orders/{}/saga", placed.order_id);
+    for (path, token, status) in [
+        ("/", None, 200),
+        ("/ui/app.js", None, 200),
+        ("/ui/style.css", None, 200),
+        (saga_path.as_str(), Some(VIEWER_TOKEN), 200),
+        ("/sagas", None, 401),
+        ("/no-such-route", Some(VIEWER_TOKEN), 404),
+    ] {
+        let response = system
+            .request_as("GET", path, token, None)
+            .await
+            .expect("HTTP request");
+        assert_eq!(response.status(), status, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let policy = header("content-security-policy");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(
+                policy.contains(directive),
+                "{path}: {directive} in {policy:?}"
+            );
+        }
+        assert!(!policy.contains("unsafe-inline"), "{path}: {policy}");
+        assert_eq!(header("x-frame-options"), "DENY", "{path}");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("referrer-policy"), "no-referrer", "{path}");
+        assert_eq!(header("cache-control"), "no-store", "{path}");
+    }
+    // The page itself keeps to the policy: its script and style are files, nothing inline.
+    let (_, page) = system
+        .request_as("GET", "/", None, None)
+        .await
+        .expect("HTTP request")
+        .text()
+        .await
+        .map(|text| ((), text))
+        .expect("the page");
+    assert!(!page.contains("<style"), "an inline style block");
+    assert!(!page.contains(" style="), "an inline style attribute");
+    for script in page.split("<script").skip(1) {
+        assert!(
+            script.trim_start().starts_with("src="),
+            "an inline script: <script{script}"
+        );
+    }
+    system.stop().await;
+}
