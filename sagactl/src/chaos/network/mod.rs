@@ -172,12 +172,12 @@ impl Network {
         ip(&["-n", &host.netns, "addr", "add", &addr, "dev", "eth0"])?;
         ip(&["-n", &host.netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &host.netns, "link", "set", "lo", "up"])?;
-        self.nft(&host, "add table inet chaos")?;
-        self.nft(
+        nft(&host, "add table inet chaos")?;
+        nft(
             &host,
             "add chain inet chaos input { type filter hook input priority 0; }",
         )?;
-        self.nft(
+        nft(
             &host,
             "add chain inet chaos output { type filter hook output priority 0; }",
         )
@@ -186,10 +186,6 @@ impl Network {
     /// The bridge's own address: how the process that made the network reaches its hosts.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 231, self.subnet, 1)
-    }
-
-    pub fn hosts(&self) -> &[Host] {
-        &self.hosts
     }
 
     /// # Errors
@@ -243,7 +239,7 @@ impl Network {
     pub fn cut(&self, from: &str, to: &str) -> Result<()> {
         let from = self.host(from)?;
         let to = self.host(to)?;
-        self.nft(
+        nft(
             to,
             &format!("add rule inet chaos input ip saddr {} drop", from.addr),
         )
@@ -273,7 +269,7 @@ impl Network {
         // Whole tenths of a percent, within 0..=1000: the cast cannot truncate.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let permille = (percent.clamp(0.0, 100.0) * 10.0).round() as u32;
-        self.nft(
+        nft(
             host,
             &format!("add rule inet chaos input numgen random mod 1000 < {permille} drop"),
         )
@@ -317,7 +313,7 @@ impl Network {
     /// When a host's rules cannot be flushed.
     pub fn heal(&mut self) -> Result<()> {
         for host in &self.hosts {
-            self.nft(host, "flush table inet chaos")?;
+            nft(host, "flush table inet chaos")?;
             iptables(host, &["-F", "OUTPUT"])?;
         }
         self.delays.clear();
@@ -338,12 +334,6 @@ impl Network {
             }
         }
         let _ = ip(&["link", "del", &format!("{prefix}br")]);
-    }
-
-    fn nft(&self, host: &Host, rule: &str) -> Result<()> {
-        run(Command::new("ip")
-            .args(["netns", "exec", &host.netns, "nft"])
-            .arg(rule))
     }
 }
 
@@ -375,6 +365,12 @@ fn enter(host: &Host) -> Result<()> {
 
 fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args))
+}
+
+fn nft(host: &Host, rule: &str) -> Result<()> {
+    run(Command::new("ip")
+        .args(["netns", "exec", &host.netns, "nft"])
+        .arg(rule))
 }
 
 fn iptables(host: &Host, args: &[&str]) -> Result<()> {

@@ -170,11 +170,8 @@ fn a_lossy_host_loses_about_its_share_of_what_it_receives() {
     assert!((480..=720).contains(&lost), "lost {lost} of {sent}");
 }
 
-#[test]
-fn a_dropped_network_leaves_no_namespace_and_no_bridge() {
-    let network = network();
-    let prefix = network.prefix.clone();
-    drop(network);
+/// No namespace of a network with `prefix` is left, and no bridge.
+fn assert_nothing_left(prefix: &str) {
     let namespaces = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -189,6 +186,33 @@ fn a_dropped_network_leaves_no_namespace_and_no_bridge() {
         .output()
         .expect("ip link show");
     assert!(!bridge.status.success(), "the bridge is left");
+}
+
+#[test]
+fn a_dropped_network_leaves_no_namespace_and_no_bridge() {
+    let network = network();
+    let prefix = network.prefix.clone();
+    drop(network);
+    assert_nothing_left(&prefix);
+}
+
+#[test]
+fn a_command_runs_on_its_host_and_sweep_removes_what_a_killed_run_left() {
+    let network = network();
+    let prefix = network.prefix.clone();
+    let b = network.host("b").expect("host b").addr;
+    let shown = network
+        .command("b", "ip")
+        .expect("host b")
+        .args(["-4", "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .expect("ip addr on b");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("inet {b}/24")), "{shown}");
+    // As a SIGKILLed run leaves it: never dropped.
+    std::mem::forget(network);
+    Network::sweep(&prefix);
+    assert_nothing_left(&prefix);
 }
 
 #[test]
