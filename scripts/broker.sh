@@ -53,6 +53,12 @@
 # nodes listen on 127.0.0.1, node N (1-3) from port $KAFKA_CLUSTER_PORT_BASE (default 19100)
 # + 10 * (N - 1): +0 CLIENT (SASL_SSL), +1 MTLS (SSL), +2 CLEARTEXT (SASL_PLAINTEXT),
 # +3 INTERNAL (SSL, between brokers), +4 CONTROLLER (SSL). KAFKA_HEAP_MAX defaults to 256m here.
+#
+# On network hosts (the network chaos run, `sagactl chaos --network`): KAFKA_CLUSTER_HOSTS
+# names each node's address ("10.231.9.11 10.231.9.12 10.231.9.13": node N listens on the N-th,
+# and its certificate names it) and KAFKA_CLUSTER_NETNS the network namespace each node's JVM
+# runs in (`ip netns exec`). `start` keeps both in network.env of the cluster's folder, so that
+# later calls (kill-node, start-node) need only BROKER_RUN_DIR.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -195,7 +201,19 @@ stop() {
 # ---------------------------------------------------------------------------------------------
 # The secured three-node cluster (BROKER_NODES=3).
 CLUSTER_NODES=(1 2 3)
-CLUSTER_HOST=127.0.0.1
+if [[ $BROKER_NODES != 1 && -z ${KAFKA_CLUSTER_HOSTS:-} && -f "$RUN_DIR/network.env" ]]; then
+  source "$RUN_DIR/network.env"
+fi
+read -r -a CLUSTER_HOSTS <<<"${KAFKA_CLUSTER_HOSTS:-127.0.0.1 127.0.0.1 127.0.0.1}"
+read -r -a CLUSTER_NETNS <<<"${KAFKA_CLUSTER_NETNS:-}"
+# node_host N: node N's address.
+node_host() { echo "${CLUSTER_HOSTS[$(($1 - 1))]}"; }
+# node_host_exec N: the words that run a command on node N's network host (none without
+# namespaces); `ip netns exec` execs the command, so `$!` stays the command's pid.
+node_host_exec() {
+  ((${#CLUSTER_NETNS[@]})) && echo "ip netns exec ${CLUSTER_NETNS[$(($1 - 1))]}"
+  return 0
+}
 CLUSTER_PORT_BASE="${KAFKA_CLUSTER_PORT_BASE:-19100}"
 CLUSTER_PKI="$RUN_DIR/pki"
 
@@ -205,7 +223,7 @@ node_dir() { echo "$RUN_DIR/node-$1"; }
 # bootstrap OFFSET: every node's address for the listener at OFFSET, comma separated.
 bootstrap() {
   local n list=()
-  for n in "${CLUSTER_NODES[@]}"; do list+=("$CLUSTER_HOST:$(node_port "$n" "$1")"); done
+  for n in "${CLUSTER_NODES[@]}"; do list+=("$(node_host "$n"):$(node_port "$n" "$1")"); done
   (IFS=,; echo "${list[*]}")
 }
 
@@ -235,6 +253,12 @@ cluster_prepare() {
   install_kafka
   ensure_commands openssl:openssl keytool:openjdk-17-jre-headless
   (umask 077 && mkdir -p "$RUN_DIR/clients" "$RUN_DIR/secrets")
+  ((${#CLUSTER_HOSTS[@]} == 3)) || { echo "KAFKA_CLUSTER_HOSTS must name 3 addresses" >&2; return 2; }
+  ((${#CLUSTER_NETNS[@]} == 0 || ${#CLUSTER_NETNS[@]} == 3)) || {
+    echo "KAFKA_CLUSTER_NETNS must name 3 namespaces, or none" >&2
+    return 2
+  }
+  printf 'KAFKA_CLUSTER_HOSTS="%s"\nKAFKA_CLUSTER_NETNS="%s"\n' "${CLUSTER_HOSTS[*]}" "${CLUSTER_NETNS[*]}" >"$RUN_DIR/network.env"
   local ca store_password name n voters=() plain_users=""
   ca="$(pki ca)"
   store_password="$(cat "$CLUSTER_PKI/keystore.password")"
@@ -252,16 +276,17 @@ cluster_prepare() {
         "ssl.key.location=$CLUSTER_PKI/$name.key" >"$RUN_DIR/clients/$name.mtls.properties"
     done)
   for n in "${CLUSTER_NODES[@]}"; do
-    pki issue "kafka-$n" >/dev/null
-    voters+=("$n@$CLUSTER_HOST:$(node_port "$n" 4)")
+    pki issue "kafka-$n" "IP:$(node_host "$n"),IP:127.0.0.1,DNS:localhost" >/dev/null
+    voters+=("$n@$(node_host "$n"):$(node_port "$n" 4)")
   done
   for n in "${CLUSTER_NODES[@]}"; do
-    local dir listeners advertised
+    local dir listeners advertised host
     dir="$(node_dir "$n")"
+    host="$(node_host "$n")"
     mkdir -p "$dir"
-    listeners="CLIENT://$CLUSTER_HOST:$(node_port "$n" 0),MTLS://$CLUSTER_HOST:$(node_port "$n" 1),CLEARTEXT://$CLUSTER_HOST:$(node_port "$n" 2),INTERNAL://$CLUSTER_HOST:$(node_port "$n" 3)"
+    listeners="CLIENT://$host:$(node_port "$n" 0),MTLS://$host:$(node_port "$n" 1),CLEARTEXT://$host:$(node_port "$n" 2),INTERNAL://$host:$(node_port "$n" 3)"
     advertised="$listeners"
-    listeners+=",CONTROLLER://$CLUSTER_HOST:$(node_port "$n" 4)"
+    listeners+=",CONTROLLER://$host:$(node_port "$n" 4)"
     (umask 077
       { cat "$KAFKA_DESCRIPTOR/server.properties" "$KAFKA_DESCRIPTOR/cluster.properties"
         printf '%s\n' "" "# Node $n (written by scripts/broker.sh)" \
@@ -326,7 +351,8 @@ launch_node() {
   dir="$(node_dir "$1")"
   touch "$dir/node.log"
   echo $(($(wc -l <"$dir/node.log") + 1))
-  nohup java -Xms128m -Xmx"${KAFKA_HEAP_MAX:-256m}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+  # shellcheck disable=SC2046 # words, split on purpose
+  $(node_host_exec "$1") nohup java -Xms128m -Xmx"${KAFKA_HEAP_MAX:-256m}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
     ${KAFKA_JVM_EXTRA_OPTS:-} \
     -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DESCRIPTOR/log4j2.yaml" \
@@ -405,7 +431,7 @@ node_stop() {
 
 cluster_running() {
   local n
-  for n in "${CLUSTER_NODES[@]}"; do tcp_open "$CLUSTER_HOST:$(node_port "$n" 0)" || return 1; done
+  for n in "${CLUSTER_NODES[@]}"; do tcp_open "$(node_host "$n"):$(node_port "$n" 0)" || return 1; done
 }
 
 node_arg() {
@@ -427,7 +453,7 @@ if [[ $BROKER_NODES != 1 ]]; then
     stop-node) node_arg "${2:-}"; node_stop TERM "$2" ;;
     start-node) node_arg "${2:-}"; node_start "$2" ;;
     node-pid) node_arg "${2:-}"; node_pid "$2" ;;
-    node-addr) node_arg "${2:-}"; echo "$CLUSTER_HOST:$(node_port "$2" 0)" ;;
+    node-addr) node_arg "${2:-}"; echo "$(node_host "$2"):$(node_port "$2" 0)" ;;
     wipe) node_stop TERM "${CLUSTER_NODES[@]}"; rm -rf "$RUN_DIR" ;;
     *) echo "usage: BROKER_NODES=3 $0 install|start|stop|kill|running|kill-node N|stop-node N|start-node N|node-pid N|node-addr N|wipe" >&2; exit 2 ;;
   esac

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use messaging::config::GroupProtocol;
 
 use super::garbage::GarbageKind;
+use super::link_faults::LinkFault;
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
@@ -169,6 +170,49 @@ pub struct ChaosArgs {
     /// How long a deleted topic stays away before it is created again, in milliseconds.
     #[arg(long, default_value_t = 3000)]
     pub(super) topic_down_ms: u64,
+    /// Run on network hosts: every broker node, PostgreSQL and every service instance in a
+    /// Linux network namespace of its own, joined by a bridge with addresses that exist only
+    /// on this machine (`10.231.<--network-subnet>.0/24`); the run starts a PostgreSQL and a
+    /// three-node cluster of its own there (--database-server, --kafka-brokers,
+    /// --kafka-client-properties and --kafka-identities are then the run's), and this process,
+    /// the load generator, reaches them through the bridge. Needs root. The hosts are removed
+    /// at the end, also when the run fails (`network/stack.rs`).
+    #[arg(long)]
+    pub(super) network: bool,
+    /// The third byte of the network's addresses (0: the first of 100-250 no interface of this
+    /// machine uses).
+    #[arg(long, default_value_t = 0)]
+    pub(super) network_subnet: u8,
+    /// Instances of each participant (one consumer group per participant; they divide its
+    /// partitions). More than one needs --network (each instance on its own host, with its own
+    /// metrics port).
+    #[arg(long, default_value_t = 1)]
+    pub(super) participant_instances: usize,
+    /// With --network: put a link fault on the network this often, in milliseconds, each
+    /// healed after --link-fault-ms before the next is due (0: never). See --link-faults.
+    #[arg(long, default_value_t = 0)]
+    pub(super) link_fault_every_ms: u64,
+    /// How long each link fault lasts, in milliseconds.
+    #[arg(long, default_value_t = 15000)]
+    pub(super) link_fault_ms: u64,
+    /// Which link faults to put, comma separated, in a shuffled round each (default: every
+    /// kind; see `link_faults.rs`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(super) link_faults: Vec<LinkFault>,
+    /// With link faults: every saga must have finished within this many seconds of the last
+    /// heal (or of the last order, if later).
+    #[arg(long, default_value_t = 90)]
+    pub(super) caught_up_within_secs: u64,
+    /// The seed of the run's random choices (which process is killed, which link fault comes
+    /// next, its target, delay and loss): a failing run's report prints it, and the same seed
+    /// makes the same choices again (their timing still depends on the machine). Default:
+    /// random.
+    #[arg(long)]
+    pub(super) seed: Option<u64>,
+    /// Run the first orchestrator with its clock this many seconds off (FAULT_CLOCK_SKEW_SECS:
+    /// positive ahead, negative behind; 0: none).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub(super) orchestrator_clock_skew_secs: i64,
     /// Keep the run's database and topics for inspection (a failed run always keeps them).
     #[arg(long)]
     pub(super) keep: bool,
@@ -177,11 +221,21 @@ pub struct ChaosArgs {
 impl ChaosArgs {
     /// The garbage kinds to publish: --garbage-kinds, or every kind.
     pub(super) fn garbage_kinds(&self) -> Vec<GarbageKind> {
-        if self.garbage_kinds.is_empty() {
-            GarbageKind::value_variants().to_vec()
-        } else {
-            self.garbage_kinds.clone()
-        }
+        chosen_or_all(&self.garbage_kinds)
+    }
+
+    /// The link faults to put: --link-faults, or every kind.
+    pub(super) fn link_faults(&self) -> Vec<LinkFault> {
+        chosen_or_all(&self.link_faults)
+    }
+}
+
+/// `chosen`, or every value of the enum when none was.
+fn chosen_or_all<T: ValueEnum + Clone>(chosen: &[T]) -> Vec<T> {
+    if chosen.is_empty() {
+        T::value_variants().to_vec()
+    } else {
+        chosen.to_vec()
     }
 }
 

@@ -279,7 +279,7 @@ fn take_down(
     let killed_at = Utc::now();
     let began = Instant::now();
     for node in &nodes {
-        script(&plan.script, "kill-node", *node)?;
+        script(&plan.script, &plan.cluster_dir, "kill-node", *node)?;
     }
     // The down time passes even when the run stops meanwhile: the nodes come back first.
     std::thread::sleep(if two { plan.two_down } else { plan.down });
@@ -287,8 +287,8 @@ fn take_down(
     let starts: Vec<std::thread::JoinHandle<anyhow::Result<()>>> = nodes
         .iter()
         .map(|node| {
-            let (path, node) = (plan.script.clone(), *node);
-            std::thread::spawn(move || script(&path, "start-node", node))
+            let (path, dir, node) = (plan.script.clone(), plan.cluster_dir.clone(), *node);
+            std::thread::spawn(move || script(&path, &dir, "start-node", node))
         })
         .collect();
     for start in starts {
@@ -308,12 +308,13 @@ fn take_down(
     })
 }
 
-/// `script action node` with BROKER_NODES=3 (the rest of the environment, such as
-/// KAFKA_CLUSTER_PORT_BASE or BROKER_RUN_DIR, is the run's).
-fn script(path: &Path, action: &str, node: i32) -> anyhow::Result<()> {
+/// `script action node` with BROKER_NODES=3 and BROKER_RUN_DIR the cluster's folder (the rest
+/// of the environment, such as KAFKA_CLUSTER_PORT_BASE, is the run's).
+fn script(path: &Path, cluster_dir: &Path, action: &str, node: i32) -> anyhow::Result<()> {
     let status = Command::new(path)
         .args([action, &node.to_string()])
         .env("BROKER_NODES", "3")
+        .env("BROKER_RUN_DIR", cluster_dir)
         .stdout(std::process::Stdio::null())
         .status()
         .with_context(|| format!("running {} {action} {node}", path.display()))?;

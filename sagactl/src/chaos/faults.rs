@@ -7,12 +7,14 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
 use rand::Rng;
 
 use super::args::ChaosArgs;
 use super::broker_nodes::{NodeFaults, NodeOutages, Plan};
 use super::fleet::Fleet;
 use super::garbage::{self, GarbageFaults, GarbageLog, Target};
+use super::link_faults::{LinkFaults, LinkOutage};
 use super::servers::{
     spawn_broker_faults, spawn_postgres_faults, spawn_read_only_faults, Outages, ServerFaults,
 };
@@ -26,18 +28,21 @@ pub(super) struct ProcessKills {
     every: Option<Duration>,
     next: Option<Instant>,
     down_ms: u64,
+    /// Chooses the victims and their down times, from the run's seed.
+    rng: StdRng,
     /// Processes started again after a kill.
     pub(super) restarts: u32,
 }
 
 impl ProcessKills {
     /// The first kill comes --kill-every-ms from now.
-    pub(super) fn start(args: &ChaosArgs) -> Self {
+    pub(super) fn start(args: &ChaosArgs, seed: u64) -> Self {
         let every = (args.kill_every_ms > 0).then(|| Duration::from_millis(args.kill_every_ms));
         Self {
             every,
             next: every.map(|k| Instant::now() + k),
             down_ms: args.down_ms,
+            rng: rand::SeedableRng::seed_from_u64(seed),
             restarts: 0,
         }
     }
@@ -48,12 +53,9 @@ impl ProcessKills {
             return Ok(());
         };
         if Instant::now() >= at {
-            let victim = rand::thread_rng().gen_range(0..fleet.len());
+            let victim = self.rng.gen_range(0..fleet.len());
             fleet.kill(victim).await?;
-            tokio::time::sleep(Duration::from_millis(
-                rand::thread_rng().gen_range(0..=self.down_ms),
-            ))
-            .await;
+            tokio::time::sleep(Duration::from_millis(self.rng.gen_range(0..=self.down_ms))).await;
             fleet.start(victim).await?;
             self.restarts += 1;
             self.next = Some(Instant::now() + every);
@@ -72,6 +74,7 @@ pub(super) struct Faults {
     /// The command topic the topic fault deletes (without the prefix).
     deleted_topic: Option<String>,
     garbage: Option<GarbageFaults>,
+    links: Option<LinkFaults>,
     /// The outages of the schedules already stopped.
     log: FaultLog,
 }
@@ -87,15 +90,18 @@ pub(super) struct FaultLog {
     pub(super) garbage: Option<GarbageLog>,
     /// When the garbage began.
     pub(super) garbage_from: Option<DateTime<Utc>>,
+    /// The link faults of a network run.
+    pub(super) links: Vec<LinkOutage>,
 }
 
 impl Faults {
     /// Starts the schedules of the faults the arguments ask for. `deleted_topic`: the topic
-    /// fault's topic, from [`deleted_topic`].
+    /// fault's topic, from [`deleted_topic`]; `links`: a network run's link faults, started.
     pub(super) fn spawn(
         args: &ChaosArgs,
         setup: &Setup,
         deleted_topic: Option<String>,
+        links: Option<LinkFaults>,
     ) -> anyhow::Result<Self> {
         let broker = spawn_broker_faults(args);
         let nodes = spawn_node_faults(args, &setup.prefix)?;
@@ -118,6 +124,7 @@ impl Faults {
             topic,
             deleted_topic,
             garbage: None,
+            links,
             log: FaultLog::default(),
         })
     }
@@ -180,6 +187,9 @@ impl Faults {
         }
         if let Some(faults) = self.topic {
             log.topic = Some(faults.stop().await?);
+        }
+        if let Some(faults) = self.links {
+            log.links = faults.stop().await?;
         }
         if let Some(garbage) = self.garbage {
             log.garbage = Some(garbage.stop().await?);

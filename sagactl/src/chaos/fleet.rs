@@ -13,9 +13,10 @@ use tokio::process::{Child, Command};
 
 use super::args::{value_name, ChaosArgs};
 use super::setup::Setup;
-use crate::deployment::ORCHESTRATOR;
+use crate::deployment::{Deployment, ORCHESTRATOR};
 
-/// One process of the fleet: its name in reports, its binary, and its own settings.
+/// One process of the fleet: its name in reports (and its network host's, in a network
+/// run), its binary, and its own settings.
 struct Instance {
     name: String,
     binary: String,
@@ -27,6 +28,8 @@ pub(super) struct Fleet {
     /// Settings every process gets.
     pub(super) env: Vec<(String, String)>,
     instances: Vec<Instance>,
+    /// In a network run, the namespace each instance runs in, by its name.
+    netns: BTreeMap<String, String>,
     children: BTreeMap<String, Child>,
     /// SIGKILLs per process, for the report.
     pub(super) kills: BTreeMap<String, u32>,
@@ -37,8 +40,13 @@ impl Fleet {
     /// The run's processes and their settings: --orchestrators orchestrators in one consumer
     /// group, and one process per participant the definitions name, on the run's database and
     /// topic prefix; none started yet.
-    pub(super) fn plan(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Self> {
-        let mut instances = instances(args, setup)?;
+    /// In a network run, `netns` names each instance's namespace.
+    pub(super) fn plan(
+        args: &ChaosArgs,
+        setup: &Setup,
+        netns: BTreeMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let mut instances = instances(args, &setup.deployment)?;
         let fleet_env = kafka_identities(args, &mut instances)?;
         Ok(Self {
             bin_dir: args.bin_dir.clone(),
@@ -61,6 +69,7 @@ impl Fleet {
             .chain(fleet_env)
             .collect(),
             instances,
+            netns,
             children: BTreeMap::new(),
             kills: BTreeMap::new(),
             log_dir: setup.log_dir.clone(),
@@ -87,7 +96,11 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(self.log_dir.join(format!("{}.log", instance.name)))?;
-        let child = Command::new(&binary)
+        let mut command = match self.netns.get(&instance.name) {
+            Some(netns) => Command::from(super::network::on_host(netns, &binary)),
+            None => Command::new(&binary),
+        };
+        let child = command
             .envs(
                 self.env
                     .iter()
@@ -149,20 +162,44 @@ impl Fleet {
     }
 }
 
-/// The run's processes: --orchestrators orchestrators in one consumer group, and one process
-/// per participant the definitions name.
-fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
-    // Orchestrators share one consumer group and divide the partitions between them.
+/// The names of the run's processes, with their binaries: --orchestrators orchestrators
+/// (`orchestrator-N`), and --participant-instances of each participant the definitions name
+/// (its name, or `<name>-N` when there are several).
+pub(super) fn instance_names(
+    args: &ChaosArgs,
+    deployment: &Deployment,
+) -> anyhow::Result<Vec<(String, String)>> {
+    if args.participant_instances > 1 && !args.network {
+        bail!("--participant-instances above 1 needs --network: each instance on its own host, with its own metrics port");
+    }
+    let mut names: Vec<(String, String)> = (1..=args.orchestrators.max(1))
+        .map(|n| (format!("{ORCHESTRATOR}-{n}"), ORCHESTRATOR.to_owned()))
+        .collect();
+    let each = args.participant_instances.max(1);
+    for participant in &deployment.participants {
+        for n in 1..=each {
+            let name = if each == 1 {
+                participant.name.clone()
+            } else {
+                format!("{}-{n}", participant.name)
+            };
+            names.push((name, participant.name.clone()));
+        }
+    }
+    Ok(names)
+}
+
+/// The run's processes: orchestrators in one consumer group (they divide the partitions
+/// between them), and each participant's instances in its group.
+fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<Instance>> {
     let mut instances = Vec::new();
-    for n in 1..=args.orchestrators.max(1) {
-        let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        instances.push(Instance {
-            name: format!("{ORCHESTRATOR}-{n}"),
-            binary: ORCHESTRATOR.into(),
+    for (name, binary) in instance_names(args, deployment)? {
+        let env = if binary == ORCHESTRATOR {
+            let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
             // The chaos run reads the tables, not the API: open, on loopback only.
-            env: vec![
+            let mut env = vec![
                 (
                     "SAGAS_DIR".into(),
                     args.sagas_dir.to_string_lossy().into_owned(),
@@ -170,15 +207,18 @@ fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
                 ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
                 ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
                 ("API_DATABASE_CONNECTIONS".into(), "1".into()),
-            ],
-        });
-    }
-    for participant in &setup.deployment.participants {
-        instances.push(Instance {
-            name: participant.name.clone(),
-            binary: participant.name.clone(),
-            env: Vec::new(),
-        });
+            ];
+            if instances.is_empty() && args.orchestrator_clock_skew_secs != 0 {
+                env.push((
+                    "FAULT_CLOCK_SKEW_SECS".into(),
+                    args.orchestrator_clock_skew_secs.to_string(),
+                ));
+            }
+            env
+        } else {
+            Vec::new()
+        };
+        instances.push(Instance { name, binary, env });
     }
     // Static membership lets a restarted member of a classic group take its partitions back
     // at once. KIP-848 groups refuse a restarted member whose instance id the broker still

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::broker_nodes::{NodeOutage, NodeOutages};
 use super::invariants::count;
+use super::link_faults::LinkOutage;
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
 /// How many sagas ended in each state, as the report prints it.
@@ -85,6 +86,67 @@ impl<'a> NodeWindows<'a> {
             unfaulted,
         })
     }
+}
+
+/// How the sagas fared under each link fault of a network run: the fault's window measured
+/// (as a broker node fault's), and how long after the heal the last saga that was in flight
+/// during it finished (seconds; 0 when they had all finished by the heal).
+pub(super) struct LinkWindows<'a> {
+    pub(super) faults: Vec<(&'a LinkOutage, FaultWindow, Option<f64>)>,
+}
+
+impl<'a> LinkWindows<'a> {
+    pub(super) async fn measure(
+        db: &PgPool,
+        deployment: &Deployment,
+        placed_at: &[(Uuid, DateTime<Utc>)],
+        outages: &'a [LinkOutage],
+        placing: (DateTime<Utc>, DateTime<Utc>),
+    ) -> anyhow::Result<Self> {
+        let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
+        let at: Vec<DateTime<Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
+        let mut faults = Vec::new();
+        for outage in outages {
+            let window = (outage.began, outage.healed);
+            let measured =
+                FaultWindow::measure(db, deployment, placed_at, &[window], placing, true).await?;
+            let caught_up: Option<f64> = sqlx::query_scalar(
+                "WITH placed AS (SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS p(key, at)) \
+                 SELECT greatest(extract(epoch FROM max(s.finished_at) - $4)::float8, 0) \
+                 FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key \
+                 WHERE p.at <= $4 AND s.finished_at >= $3",
+            )
+            .bind(&keys)
+            .bind(&at)
+            .bind(outage.began)
+            .bind(outage.healed)
+            .fetch_one(db)
+            .await?;
+            faults.push((outage, measured, caught_up));
+        }
+        Ok(Self { faults })
+    }
+}
+
+/// Seconds from the later of the last link fault's heal and the last order's publication
+/// until the last saga finished: the time the engine needed to catch up once the network was
+/// whole again. `None` without link faults or without a finished saga.
+pub(super) async fn caught_up_after_heal(
+    db: &PgPool,
+    outages: &[LinkOutage],
+    last_placed: DateTime<Utc>,
+) -> anyhow::Result<Option<f64>> {
+    let Some(healed) = outages.iter().map(|o| o.healed).max() else {
+        return Ok(None);
+    };
+    let whole = healed.max(last_placed);
+    Ok(sqlx::query_scalar(
+        "SELECT greatest(extract(epoch FROM max(finished_at) - $1)::float8, 0) \
+         FROM orchestrator.sagas",
+    )
+    .bind(whole)
+    .fetch_one(db)
+    .await?)
 }
 
 pub(super) struct Duplicates {

@@ -18,7 +18,9 @@
 //! - `settle.rs`: waiting for the sagas to settle, and stopping the fleet;
 //! - `invariants/`: the checks of the books: the engine's, each saga type's and each
 //!   participant's (one [`invariants::Invariant`] each), and those the faults add;
-//! - `measures.rs` and `report.rs`: what the run measured, and the report.
+//! - `measures.rs` and `report.rs`: what the run measured, and the report;
+//! - `network/` and `link_faults.rs`: the network run (`--network`): every server and service
+//!   instance on a network host of its own, and the link faults put between them.
 
 mod args;
 mod broker_nodes;
@@ -26,10 +28,8 @@ mod faults;
 mod fleet;
 mod garbage;
 mod invariants;
+mod link_faults;
 mod measures;
-// The network hosts and link faults of the network chaos run (issue 23), which builds on them;
-// tested on real namespaces in its own tests.
-#[allow(dead_code)]
 mod network;
 mod report;
 mod servers;
@@ -38,6 +38,7 @@ mod setup;
 mod topic_faults;
 mod workload;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -48,15 +49,81 @@ use faults::{FaultLog, Faults, ProcessKills};
 use fleet::Fleet;
 use garbage::Audit;
 use invariants::{under_faults, Books, Check, Invariants};
-use measures::{Duplicates, NodeWindows, Stalls, Throughput};
+use link_faults::LinkFaults;
+use measures::{Duplicates, LinkWindows, NodeWindows, Stalls, Throughput};
+use network::stack::Stack;
 use settle::Settled;
 use setup::Setup;
 use workload::Workload;
 
 /// Runs the chaos suite; fails when an invariant does not hold or the sagas did not settle.
-pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
-    let setup = Setup::create(&args).await?;
-    let mut fleet = Fleet::plan(&args, &setup)?;
+pub async fn run(mut args: ChaosArgs) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("chaos run seed {seed} (--seed {seed} makes the same choices again)");
+    let mut stack = if args.network {
+        Some(network_stack(&mut args)?)
+    } else {
+        None
+    };
+    let result = run_with(&args, seed, stack.as_ref()).await;
+    if let Some(mut stack) = stack.take() {
+        if result.is_err() {
+            stack.keep();
+        }
+        // Stopping the servers and removing the hosts runs commands, and waits for them.
+        tokio::task::block_in_place(|| drop(stack));
+    }
+    result
+}
+
+/// Starts the network run's hosts and servers, and points the run's settings at them.
+fn network_stack(args: &mut ChaosArgs) -> anyhow::Result<Stack> {
+    let deployment = crate::deployment::Deployment::load(&args.sagas_dir)?;
+    let hosts: Vec<String> = fleet::instance_names(args, &deployment)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    network::Network::sweep_orphans();
+    let prefix = network::Network::prefix_of_this_process();
+    let subnet = match args.network_subnet {
+        0 => network::free_subnet()?,
+        chosen => chosen,
+    };
+    let stack =
+        tokio::task::block_in_place(|| Stack::start(&prefix, subnet, &hosts, &args.broker_script))?;
+    let servers = &stack.endpoints;
+    args.database_server = servers.database_server.clone();
+    args.kafka.kafka_brokers = servers.kafka_brokers.clone();
+    let clients = servers.cluster_dir.join("clients");
+    args.kafka.kafka_client_properties = Some(clients.join("admin.properties"));
+    args.kafka_identities = Some(clients);
+    args.broker_nodes = 3;
+    args.broker_cluster_dir = servers.cluster_dir.clone();
+    Ok(stack)
+}
+
+/// The run, on the machine's own servers or on a network run's `stack`.
+async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow::Result<()> {
+    let setup = Setup::create(args).await?;
+    let mut netns = BTreeMap::new();
+    let mut links = None;
+    if let Some(stack) = stack {
+        let names = fleet::instance_names(args, &setup.deployment)?;
+        for (name, _) in &names {
+            netns.insert(name.clone(), stack.netns(name)?);
+        }
+        if args.link_fault_every_ms > 0 {
+            links = Some(link_faults::Plan {
+                faults: args.link_faults(),
+                every: Duration::from_millis(args.link_fault_every_ms),
+                hold: Duration::from_millis(args.link_fault_ms),
+                seed,
+                services: names.into_iter().map(|(name, _)| name).collect(),
+                cluster_dir: stack.endpoints.cluster_dir.clone(),
+            });
+        }
+    }
+    let mut fleet = Fleet::plan(args, &setup, netns)?;
     // Chosen before the fleet starts: the topic fault's shorter step deadlines are settings.
     let deleted_topic = faults::deleted_topic(&args, &setup.deployment, &mut fleet);
     fleet.start_all().await?;
@@ -65,10 +132,16 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let mut invariants = Invariants::choose(&setup.deployment);
     invariants.wait_until_ready(&db, &setup.deployment).await?;
     invariants.before(&db).await?;
-    let workload = Workload::warm_up(&args, &setup, &db).await?;
-    let placed = place_under_faults(&args, &setup, &mut fleet, workload, deleted_topic).await?;
+    let workload = Workload::warm_up(args, &setup, &db).await?;
+    let links = match (links, stack) {
+        (Some(plan), Some(stack)) => Some(LinkFaults::spawn(plan, stack.network.clone())),
+        _ => None,
+    };
+    let kills = ProcessKills::start(args, seed);
+    let faults = Faults::spawn(args, &setup, deleted_topic, links)?;
+    let placed = place_under_faults(args, &setup, &mut fleet, workload, faults, kills).await?;
     let settled = settle::settle(
-        &args,
+        args,
         &setup,
         &db,
         &mut fleet,
@@ -78,7 +151,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     .await?;
     settle::stop(&mut fleet, &db).await?;
     let findings = check(
-        &args,
+        args,
         &setup,
         &db,
         &invariants,
@@ -87,8 +160,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         fleet.len(),
     )
     .await?;
-    let failed = report::print(&args, &setup, &fleet, &placed, &findings);
-    setup.clean_up(&args, db, failed).await
+    let failed = report::print(args, &setup, &fleet, &placed, &findings, seed);
+    setup.clean_up(args, db, failed).await
 }
 
 /// What happened while the orders were placed.
@@ -115,9 +188,9 @@ async fn place_under_faults(
     setup: &Setup,
     fleet: &mut Fleet,
     mut workload: Workload,
-    deleted_topic: Option<String>,
+    mut faults: Faults,
+    mut kills: ProcessKills,
 ) -> anyhow::Result<Placed> {
-    let mut faults = Faults::spawn(args, setup, deleted_topic)?;
     let baseline_orders = if args.garbage_every_ms > 0 {
         args.sagas / 2
     } else {
@@ -126,7 +199,6 @@ async fn place_under_faults(
     let placing_from = Utc::now();
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.01));
-    let mut kills = ProcessKills::start(args);
     let mut crashes = 0u32;
     for placed in 0..args.sagas {
         if placed == baseline_orders && args.garbage_every_ms > 0 {
@@ -173,6 +245,7 @@ struct Findings<'a> {
     stalls: Stalls,
     timeline: Vec<String>,
     windows: NodeWindows<'a>,
+    links: LinkWindows<'a>,
 }
 
 /// Audits the garbage, checks the invariants and measures the run, once the fleet stopped.
@@ -214,6 +287,22 @@ async fn check<'a>(
         placed.placing,
     )
     .await?;
+    let links = LinkWindows::measure(
+        db,
+        deployment,
+        &placed.workload.placed_at,
+        &placed.faults.links,
+        placed.placing,
+    )
+    .await?;
+    if !placed.faults.links.is_empty() {
+        let caught_up =
+            measures::caught_up_after_heal(db, &placed.faults.links, placed.placing.1).await?;
+        checks.push(under_faults::caught_up_after_heal(
+            caught_up,
+            args.caught_up_within_secs,
+        ));
+    }
     if let Some(listening) = settled.listening {
         let restarts = placed.faults.postgres.lengths.len();
         checks.push(under_faults::relays_listening(
@@ -249,5 +338,6 @@ async fn check<'a>(
         stalls,
         timeline,
         windows,
+        links,
     })
 }

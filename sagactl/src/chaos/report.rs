@@ -3,7 +3,7 @@
 
 use super::args::{value_name, ChaosArgs};
 use super::fleet::Fleet;
-use super::measures::{NodeWindows, Throughput};
+use super::measures::{LinkWindows, NodeWindows, Throughput};
 use super::setup::Setup;
 use super::{Findings, Placed};
 
@@ -15,8 +15,15 @@ pub(super) fn print(
     fleet: &Fleet,
     placed: &Placed,
     findings: &Findings<'_>,
+    seed: u64,
 ) -> bool {
-    println!("chaos run {}", setup.id);
+    println!("chaos run {} (seed {seed})", setup.id);
+    if args.network {
+        println!(
+            "network hosts      {} service instances, 3 broker nodes and PostgreSQL, each on its own",
+            fleet.len()
+        );
+    }
     println!(
         "sagas run          {} orders (and one warm-up saga before them), {} returns of them",
         args.sagas,
@@ -25,8 +32,27 @@ pub(super) fn print(
     println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
     print_faults(args, placed, &findings.windows);
+    print_links(&findings.links);
     print_measures(args, placed, findings);
     print_checks(findings)
+}
+
+/// The link faults of a network run, each with its window's measures.
+fn print_links(links: &LinkWindows<'_>) {
+    if links.faults.is_empty() {
+        return;
+    }
+    println!("link faults        {}", links.faults.len());
+    for (fault, window, caught_up) in &links.faults {
+        println!(
+            "  {}; {}; caught up {} after the heal",
+            fault.describe(),
+            window.describe(),
+            caught_up
+                .map(|secs| format!("{secs:.1} s"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
 }
 
 /// The faults injected besides the kills, and (three nodes) the windows around each.

@@ -82,3 +82,20 @@ pub async fn garbage(
         ),
     ])
 }
+
+/// After the last link fault healed (and the last order was placed), every saga finished within
+/// `within_secs`: `caught_up_secs` is how long the last one took
+/// ([`crate::chaos::measures::caught_up_after_heal`]).
+pub fn caught_up_after_heal(caught_up_secs: Option<f64>, within_secs: u64) -> Check {
+    let name = "every saga finished within the bound after the network healed";
+    match caught_up_secs {
+        Some(secs) => Check::new(
+            name,
+            secs <= within_secs as f64,
+            format!(
+                "the last saga finished {secs:.1} s after the last heal (bound {within_secs} s)"
+            ),
+        ),
+        None => Check::new(name, false, "no saga finished".into()),
+    }
+}

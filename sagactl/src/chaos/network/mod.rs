@@ -22,14 +22,15 @@
 //! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` (iproute2), `nft` and `iptables`.
 
 mod delay;
+pub mod stack;
 #[cfg(test)]
 mod tests;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
@@ -57,6 +58,8 @@ pub enum NetworkError {
     Prefix(String),
     #[error("a network has at most 200 hosts")]
     TooManyHosts,
+    #[error("every subnet of 10.231.100-250.0/24 is taken on this machine")]
+    NoFreeSubnet,
     #[error("entering the network namespace {netns}")]
     Enter {
         netns: String,
@@ -205,24 +208,22 @@ impl Network {
     ///
     /// # Errors
     /// [`NetworkError::UnknownHost`].
-    pub fn command(&self, name: &str, program: &str) -> Result<Command> {
-        let host = self.host(name)?;
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &host.netns, program]);
-        Ok(command)
+    pub fn command(&self, name: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        Ok(on_host(&self.host(name)?.netns, program))
     }
 
     /// Runs `work` on a thread of this process that lives on host `name`: the sockets it opens
-    /// are the host's.
+    /// are the host's. (The tests' clients and servers; a run's processes are programs.)
     ///
     /// # Errors
     /// [`NetworkError::UnknownHost`]; entering the namespace fails in the thread, and is its
     /// result's error.
+    #[cfg(test)]
     pub fn spawn_on<T: Send + 'static>(
         &self,
         name: &str,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<JoinHandle<Result<T>>> {
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
         let host = self.host(name)?.clone();
         Ok(std::thread::spawn(move || {
             enter(&host)?;
@@ -320,21 +321,69 @@ impl Network {
         Ok(())
     }
 
-    /// Removes what a network with `prefix` left behind (a run killed before its drop): its
-    /// namespaces and its bridge.
+    /// Removes what a network with `prefix` left behind (a run killed before its drop): the
+    /// processes still running on its hosts (SIGKILL), its namespaces and its bridge.
     pub fn sweep(prefix: &str) {
-        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-            let list = String::from_utf8_lossy(&out.stdout);
-            let stale = list
-                .lines()
-                .filter_map(|line| line.split_whitespace().next())
-                .filter(|netns| netns.starts_with(&format!("{prefix}-")));
-            for netns in stale {
-                let _ = ip(&["netns", "del", netns]);
+        for netns in namespaces().filter(|netns| netns.starts_with(&format!("{prefix}-"))) {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &netns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
             }
+            let _ = ip(&["netns", "del", &netns]);
         }
         let _ = ip(&["link", "del", &format!("{prefix}br")]);
     }
+
+    /// A prefix that names the process making the network (`n` and its pid in base 36), so
+    /// that [`Network::sweep_orphans`] can tell a network whose maker is gone.
+    pub fn prefix_of_this_process() -> String {
+        format!("n{}", base36(std::process::id()))
+    }
+
+    /// Sweeps every network a run made with [`Network::prefix_of_this_process`] and left
+    /// behind when it was killed: those whose maker no longer runs.
+    pub fn sweep_orphans() {
+        let orphans: std::collections::BTreeSet<String> = namespaces()
+            .filter_map(|netns| {
+                let (prefix, _) = netns.split_once('-')?;
+                let pid = u32::from_str_radix(prefix.strip_prefix('n')?, 36).ok()?;
+                let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+                (gone && prefix == format!("n{}", base36(pid))).then(|| prefix.to_owned())
+            })
+            .collect();
+        for prefix in orphans {
+            eprintln!("removing network {prefix}, left by a run that was killed");
+            Self::sweep(&prefix);
+        }
+    }
+}
+
+/// The names of this machine's network namespaces.
+fn namespaces() -> impl Iterator<Item = String> {
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// `n` in base 36, lowercase: at most 7 digits for a `u32`, 5 for any Linux pid (below 2^22).
+fn base36(mut n: u32) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(char::from_digit(n % 36, 36).unwrap_or('0'));
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.iter().rev().collect()
 }
 
 impl Drop for Network {
@@ -351,6 +400,33 @@ impl Drop for Network {
             tracing::warn!(error.message = %messaging::Chain(&e), bridge = %self.bridge, "removing the bridge");
         }
     }
+}
+
+/// `program` to be run in network namespace `netns` (`ip netns exec`, which execs it: the
+/// child's pid is the program's).
+pub fn on_host(netns: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns]).arg(program);
+    command
+}
+
+/// The first of `10.231.100-250.0/24` that no interface of this machine has an address in, for
+/// a network of a run that was given none.
+///
+/// # Errors
+/// When `ip` fails, or every one is taken.
+pub fn free_subnet() -> Result<u8> {
+    let mut list = Command::new("ip");
+    list.args(["-4", "-o", "addr", "show"]);
+    let shown = format!("{list:?}");
+    let out = list.output().map_err(|source| NetworkError::Spawn {
+        command: shown,
+        source,
+    })?;
+    let taken = String::from_utf8_lossy(&out.stdout);
+    (100..=250)
+        .find(|subnet| !taken.contains(&format!(" 10.231.{subnet}.")))
+        .ok_or(NetworkError::NoFreeSubnet)
 }
 
 /// Moves the calling thread onto `host`'s network.
