@@ -29,10 +29,20 @@
 # server keeps its connections; PostgreSQL >= 10 reloads every TLS setting, `ssl` itself
 # included) and restarts only for the settings that need it. A server that already answers on
 # the port and is not Debian's is used as it is: it must accept that URL.
+#
+# A private server instead (the network chaos run, `sagactl chaos --network`): with PG_RUN_DIR
+# set, every action acts on a server of its own in that folder (made by `start` with initdb,
+# owned by postgres, so the folder must be one the postgres user can reach, such as under
+# /tmp), listening on $PG_HOST:$PGPORT only, trusting $PG_TRUST_NET, its process on the network
+# namespace $PG_NETNS when set (`ip netns exec`). `start` keeps the three in network.env of
+# the folder, so that later calls need only PG_RUN_DIR.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGPORT="${PGPORT:-5432}"
 CLUSTER=main
+if [[ -n ${PG_RUN_DIR:-} && -z ${PG_HOST:-} && -f "$PG_RUN_DIR/network.env" ]]; then
+  source "$PG_RUN_DIR/network.env"
+fi
 
 server_version() {
   ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -1
@@ -233,6 +243,65 @@ read_only() {
     "postgres://postgres@127.0.0.1:$PGPORT/postgres" \
     -c "$statement" -c "SELECT pg_reload_conf()" >/dev/null
 }
+
+# The private server (PG_RUN_DIR).
+PRIVATE_HOST="${PG_HOST:-127.0.0.1}"
+
+# as_postgres COMMAND...: COMMAND as the postgres user (setpriv execs it).
+as_postgres() {
+  setpriv --reuid=postgres --regid=postgres --init-groups "$@"
+}
+
+private_start() {
+  install
+  local bin data="$PG_RUN_DIR/data" began=$SECONDS
+  bin="/usr/lib/postgresql/$(server_version)/bin"
+  mkdir -p "$PG_RUN_DIR"
+  chown postgres:postgres "$PG_RUN_DIR"
+  printf 'PG_HOST=%q\nPG_NETNS=%q\n' "$PRIVATE_HOST" "${PG_NETNS:-}" >"$PG_RUN_DIR/network.env"
+  if [[ ! -f "$data/PG_VERSION" ]]; then
+    as_postgres "$bin/initdb" -A trust -U postgres -E UTF8 --no-sync -D "$data" >"$PG_RUN_DIR/initdb.log"
+    printf '%s\n' "" "# A private server (scripts/postgres.sh with PG_RUN_DIR)." \
+      "listen_addresses = '$PRIVATE_HOST'" "port = $PGPORT" \
+      "unix_socket_directories = '$PG_RUN_DIR'" "max_connections = 300" >>"$data/postgresql.conf"
+    echo "host all all ${PG_TRUST_NET:-127.0.0.1/32} trust" >>"$data/pg_hba.conf"
+  fi
+  local on_host=()
+  [[ -n ${PG_NETNS:-} ]] && on_host=(ip netns exec "$PG_NETNS")
+  "${on_host[@]}" setpriv --reuid=postgres --regid=postgres --init-groups \
+    "$bin/pg_ctl" -D "$data" -l "$PG_RUN_DIR/postgres.log" -w -t 60 start >/dev/null
+  echo "PostgreSQL (private, $PG_RUN_DIR) listening on $PRIVATE_HOST:$PGPORT (started in $((SECONDS - began)) s)" >&2
+}
+
+private_stop() {
+  [[ -f "$PG_RUN_DIR/data/postmaster.pid" ]] || return 0
+  as_postgres "/usr/lib/postgresql/$(server_version)/bin/pg_ctl" -D "$PG_RUN_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+private_read_only() {
+  local statement="ALTER SYSTEM RESET default_transaction_read_only"
+  [[ $1 == on ]] && statement="ALTER SYSTEM SET default_transaction_read_only = on"
+  # A server that is down meanwhile (restarts overlap) is waited for, as above.
+  for _ in $(seq 1 600); do
+    "/usr/lib/postgresql/$(server_version)/bin/pg_isready" -q -h "$PRIVATE_HOST" -p "$PGPORT" -t 1 && break
+    sleep 0.05
+  done
+  PGOPTIONS="-c default_transaction_read_only=off" psql -q -v ON_ERROR_STOP=1 \
+    "postgres://postgres@$PRIVATE_HOST:$PGPORT/postgres" \
+    -c "$statement" -c "SELECT pg_reload_conf()" >/dev/null
+}
+
+if [[ -n ${PG_RUN_DIR:-} ]]; then
+  case "${1:-}" in
+    start) private_start ;;
+    stop) private_stop ;;
+    read-only) private_read_only on ;;
+    writable) private_read_only off ;;
+    running) tcp_open "$PRIVATE_HOST:$PGPORT" ;;
+    *) echo "usage: PG_RUN_DIR=DIR $0 start|stop|read-only|writable|running" >&2; exit 2 ;;
+  esac
+  exit
+fi
 
 case "${1:-}" in
   install) install ;;

@@ -114,6 +114,10 @@ pub struct ChaosArgs {
     /// (`start`) PostgreSQL on $PGPORT, which the run sets to the port of --database-server.
     #[arg(long, default_value = "scripts/postgres.sh")]
     pub(super) postgres_script: PathBuf,
+    /// A private PostgreSQL's folder, given to --postgres-script as PG_RUN_DIR (--network sets
+    /// it to the run's own server).
+    #[arg(long)]
+    pub(super) postgres_run_dir: Option<PathBuf>,
     /// Turn PostgreSQL read-only this often, in milliseconds, and writable again after
     /// --postgres-read-only-ms (0: never): every write fails with SQLSTATE 25006, as during a
     /// failover or on a full disk, while connections stay up. Server-wide, through

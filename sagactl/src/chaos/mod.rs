@@ -89,8 +89,10 @@ fn network_stack(args: &mut ChaosArgs) -> anyhow::Result<Stack> {
         0 => network::free_subnet()?,
         chosen => chosen,
     };
-    let stack =
-        tokio::task::block_in_place(|| Stack::start(&prefix, subnet, &hosts, &args.broker_script))?;
+    let stack = tokio::task::block_in_place(|| {
+        let scripts = (args.postgres_script.as_path(), args.broker_script.as_path());
+        Stack::start(&prefix, subnet, &hosts, scripts)
+    })?;
     let servers = &stack.endpoints;
     args.database_server = servers.database_server.clone();
     args.kafka.kafka_brokers = servers.kafka_brokers.clone();
@@ -99,6 +101,7 @@ fn network_stack(args: &mut ChaosArgs) -> anyhow::Result<Stack> {
     args.kafka_identities = Some(clients);
     args.broker_nodes = 3;
     args.broker_cluster_dir = servers.cluster_dir.clone();
+    args.postgres_run_dir = Some(servers.postgres_dir.clone());
     Ok(stack)
 }
 

@@ -82,11 +82,15 @@ impl PostgresFault {
             return Ok(None);
         }
         let port = PgConnectOptions::from_str(&args.database_server)?.get_port();
+        let mut env = vec![("PGPORT".into(), port.to_string())];
+        if let Some(dir) = &args.postgres_run_dir {
+            env.push(("PG_RUN_DIR".into(), dir.display().to_string()));
+        }
         Ok(Some(ServerFaults::spawn(
             self.what,
             Control {
                 script: args.postgres_script.clone(),
-                env: vec![("PGPORT".into(), port.to_string())],
+                env,
                 down_action: self.down_action,
                 up_action: self.up_action,
             },

@@ -208,6 +208,7 @@ impl Network {
     ///
     /// # Errors
     /// [`NetworkError::UnknownHost`].
+    #[cfg(test)]
     pub fn command(&self, name: &str, program: impl AsRef<OsStr>) -> Result<Command> {
         Ok(on_host(&self.host(name)?.netns, program))
     }

@@ -10,9 +10,9 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 
@@ -23,8 +23,6 @@ pub const POSTGRES_HOST: &str = "pg";
 pub const BROKER_HOSTS: [&str; 3] = ["k1", "k2", "k3"];
 /// The port PostgreSQL listens on, on its host.
 const POSTGRES_PORT: u16 = 5432;
-/// How long PostgreSQL may take to answer after its start.
-const POSTGRES_START: Duration = Duration::from_secs(30);
 
 /// Where the servers are, for the run's settings.
 pub struct Endpoints {
@@ -34,13 +32,15 @@ pub struct Endpoints {
     pub kafka_brokers: String,
     /// The cluster's folder: `clients/<identity>.properties`, the nodes' quorum state.
     pub cluster_dir: PathBuf,
+    /// PostgreSQL's folder (`scripts/postgres.sh`'s PG_RUN_DIR): its data and log.
+    pub postgres_dir: PathBuf,
 }
 
 /// The network and the servers on it, stopped and removed on drop.
 pub struct Stack {
     pub network: Arc<Mutex<Network>>,
     pub endpoints: Endpoints,
-    postgres: Option<Child>,
+    postgres_script: PathBuf,
     broker_script: PathBuf,
     /// The run's server folders (PostgreSQL's data, the cluster's), removed on drop unless
     /// [`Stack::keep`] was called.
@@ -58,7 +58,7 @@ impl Stack {
         prefix: &str,
         subnet: u8,
         service_hosts: &[String],
-        broker_script: &Path,
+        (postgres_script, broker_script): (&Path, &Path),
     ) -> anyhow::Result<Self> {
         let mut names: Vec<&str> = vec![POSTGRES_HOST];
         names.extend(BROKER_HOSTS);
@@ -71,17 +71,16 @@ impl Stack {
                 database_server: String::new(),
                 kafka_brokers: String::new(),
                 cluster_dir: cluster_dir.clone(),
+                postgres_dir: pg_dir.clone(),
             },
-            postgres: None,
+            postgres_script: postgres_script.to_owned(),
             broker_script: broker_script.to_owned(),
             dirs: vec![pg_dir.clone(), cluster_dir.clone()],
             keep: false,
             network: Arc::new(Mutex::new(network)),
         };
         let began = Instant::now();
-        let (postgres, database_server) = stack.start_postgres(&pg_dir, subnet)?;
-        stack.postgres = Some(postgres);
-        stack.endpoints.database_server = database_server;
+        stack.endpoints.database_server = stack.start_postgres(&pg_dir, subnet)?;
         eprintln!(
             "network run: PostgreSQL on {} in {:.1} s",
             stack.endpoints.database_server,
@@ -116,63 +115,19 @@ impl Stack {
             .map_err(|_| anyhow::anyhow!("the network's lock is poisoned"))
     }
 
-    /// A fresh cluster of PostgreSQL's installed version in `dir` (owned by `postgres`),
+    /// A PostgreSQL of the run's own in `dir` (`scripts/postgres.sh` with PG_RUN_DIR),
     /// listening on its host's address only, trusting the run's subnet; started on its host.
-    fn start_postgres(&self, dir: &Path, subnet: u8) -> anyhow::Result<(Child, String)> {
-        let bin = postgres_bin()?;
+    fn start_postgres(&self, dir: &Path, subnet: u8) -> anyhow::Result<String> {
         let address = self.address(POSTGRES_HOST)?;
         let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)?;
-        run(Command::new("chown").args(["postgres:postgres"]).arg(dir))?;
-        run(as_postgres(&mut Command::new("setpriv"))
-            .arg(bin.join("initdb"))
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(dir.join("data")))?;
-        let data = dir.join("data");
-        append(
-            &data.join("postgresql.conf"),
-            &format!(
-                "\n# The network chaos run's server (sagactl chaos --network).\n\
-                 listen_addresses = '{address}'\nport = {POSTGRES_PORT}\n\
-                 unix_socket_directories = '{}'\nmax_connections = 300\n",
-                dir.display()
-            ),
-        )?;
-        append(
-            &data.join("pg_hba.conf"),
-            &format!("host all all 10.231.{subnet}.0/24 trust\n"),
-        )?;
-        let log = std::fs::File::create(dir.join("postgres.log"))?;
-        let mut on_host = self.network()?.command(POSTGRES_HOST, "setpriv")?;
-        let child = as_postgres(&mut on_host)
-            .arg(bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting PostgreSQL on its host")?;
-        let addr = std::net::SocketAddr::from((address, POSTGRES_PORT));
-        let began = Instant::now();
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if began.elapsed() > POSTGRES_START {
-                bail!(
-                    "PostgreSQL did not listen on {addr} in {POSTGRES_START:?}; see {}/postgres.log",
-                    dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok((child, format!("postgres://postgres@{addr}")))
+        run(Command::new(&self.postgres_script)
+            .arg("start")
+            .env("PG_RUN_DIR", dir)
+            .env("PG_HOST", address.to_string())
+            .env("PG_NETNS", self.netns(POSTGRES_HOST)?)
+            .env("PG_TRUST_NET", format!("10.231.{subnet}.0/24"))
+            .env("PGPORT", POSTGRES_PORT.to_string()))?;
+        Ok(format!("postgres://postgres@{address}:{POSTGRES_PORT}"))
     }
 
     /// The three-node cluster in `dir`, each node on its host; returns its bootstrap list.
@@ -201,9 +156,13 @@ impl Drop for Stack {
     /// The servers stop first (SIGKILL: nothing of theirs is kept), then the network goes with
     /// the [`Network`]'s own drop.
     fn drop(&mut self) {
-        if let Some(mut postgres) = self.postgres.take() {
-            let _ = postgres.kill();
-            let _ = postgres.wait();
+        let stopped = Command::new(&self.postgres_script)
+            .arg("stop")
+            .env("PG_RUN_DIR", &self.endpoints.postgres_dir)
+            .stdout(Stdio::null())
+            .status();
+        if let Err(e) = stopped {
+            eprintln!("stopping the network run's PostgreSQL: {e}");
         }
         let killed = Command::new(&self.broker_script)
             .arg("kill")
@@ -220,42 +179,6 @@ impl Drop for Stack {
             }
         }
     }
-}
-
-/// `setpriv` set up to run what follows as the `postgres` user (it execs, so the pid is the
-/// program's: PostgreSQL refuses to run as root).
-fn as_postgres(command: &mut Command) -> &mut Command {
-    command.args([
-        "--reuid=postgres",
-        "--regid=postgres",
-        "--init-groups",
-        "--reset-env",
-    ])
-}
-
-/// The newest installed PostgreSQL's programs (Debian's layout, as scripts/postgres.sh
-/// installs it).
-fn postgres_bin() -> anyhow::Result<PathBuf> {
-    let root = Path::new("/usr/lib/postgresql");
-    let newest = std::fs::read_dir(root)
-        .with_context(|| {
-            format!(
-                "no PostgreSQL in {} (scripts/postgres.sh install)",
-                root.display()
-            )
-        })?
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .max()
-        .with_context(|| format!("no PostgreSQL version in {}", root.display()))?;
-    Ok(root.join(newest.to_string()).join("bin"))
-}
-
-fn append(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
