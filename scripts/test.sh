@@ -172,6 +172,22 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
   --topic-delete-every-ms 12000 --topic-down-ms 3000 \
   --settle-timeout-secs 90
 
+# The chaos suite on network hosts (`sagactl chaos --network`, about 4 minutes): every broker
+# node, PostgreSQL and service instance in a network namespace of its own on a bridge, with a
+# PostgreSQL and a three-node cluster of the run's own; two orchestrators and two instances of
+# each participant. 600 sagas over 60 s while a link fault of each class comes in turn (seeded,
+# 8 s each: an orchestrator cut from the brokers, then from PostgreSQL; a participant instance
+# cut from PostgreSQL; a broker cut from its peers, then from every client; every link slow and
+# lossy), a service SIGKILLed every 5 s, PostgreSQL restarted every 20 s, the first
+# orchestrator's clock 10 minutes ahead; every invariant as above, and every saga finished
+# within 90 s of the last heal. Its report gives each fault's window: the sagas in flight, their
+# p99, the longest stall, and how long after the heal they had all finished.
+phase "chaos on network hosts"
+target/debug/sagactl chaos --network --participant-instances 2 --sagas 600 --rate 10 \
+  --link-fault-every-ms 2000 --link-fault-ms 8000 --kill-every-ms 5000 \
+  --postgres-restart-every-ms 20000 --postgres-down-ms 1000 \
+  --orchestrator-clock-skew-secs 600 --settle-timeout-secs 180
+
 # The last three share the machine (with what is left of the fuzzers), each with a database, a
 # topic prefix and ports of its own: the walkthroughs in the background (their log is printed
 # when they end), the page test and the benchmark's smoke run meanwhile.
