@@ -65,7 +65,8 @@ impl Stack {
         names.extend(service_hosts.iter().map(String::as_str));
         let network = Network::create(prefix, subnet, &names)?;
         let pg_dir = std::env::temp_dir().join(format!("saga-chaos-{prefix}-postgres"));
-        let cluster_dir = std::path::absolute(format!(".run/chaos-network-{prefix}/cluster"))?;
+        let servers_dir = std::path::absolute(format!(".run/chaos-network-{prefix}"))?;
+        let cluster_dir = servers_dir.join("cluster");
         let mut stack = Self {
             endpoints: Endpoints {
                 database_server: String::new(),
@@ -75,7 +76,7 @@ impl Stack {
             },
             postgres_script: postgres_script.to_owned(),
             broker_script: broker_script.to_owned(),
-            dirs: vec![pg_dir.clone(), cluster_dir.clone()],
+            dirs: vec![pg_dir.clone(), servers_dir],
             keep: false,
             network: Arc::new(Mutex::new(network)),
         };
