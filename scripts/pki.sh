@@ -12,19 +12,43 @@
 # key PKCS#8, unencrypted, mode 600); NAME.p12 (a PKCS#12 keystore of the key and certificate
 # for Java) and truststore.p12 (the CA for Java), both locked with the password in
 # keystore.password. The subject is CN=NAME; every certificate is good for both server and
-# client authentication (the Kafka nodes are both to each other) for 825 days.
+# client authentication (the Kafka nodes are both to each other) for 825 days, from a day before
+# it was made: a host whose clock runs behind (the network chaos run sets one ten minutes back)
+# accepts a certificate made a moment ago. `openssl ca` signs them (its records: index.txt and
+# ca.srl beside the CA), as `openssl x509 -req` of OpenSSL 3.0 cannot set the start.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PKI_DIR="${PKI_DIR:-$ROOT/.run/pki}"
+
+# sign CSR OUT EXTENSIONS [-selfsign]: OUT, the certificate of CSR with EXTENSIONS (lines of an
+# extension section), signed by the CA's key, valid from a day ago for 825 days.
+sign() {
+  local csr="$1" out="$2" extensions="$3" config="$PKI_DIR/ca.cnf"
+  shift 3
+  mkdir -p "$PKI_DIR/issued"
+  touch "$PKI_DIR/index.txt"
+  [[ -s "$PKI_DIR/ca.srl" ]] || od -An -tx1 -N8 /dev/urandom | tr -d ' \n' >"$PKI_DIR/ca.srl"
+  printf '%s\n' "[ca]" "default_ca = local" "[local]" "database = $PKI_DIR/index.txt" \
+    "new_certs_dir = $PKI_DIR/issued" "serial = $PKI_DIR/ca.srl" "default_md = sha256" \
+    "policy = any" "unique_subject = no" "copy_extensions = none" "[any]" "commonName = supplied" \
+    "[extensions]" "$extensions" >"$config"
+  local cert=()
+  [[ ${1:-} == -selfsign ]] || cert=(-cert "$PKI_DIR/ca.crt")
+  openssl ca -batch -config "$config" -keyfile "$PKI_DIR/ca.key" "${cert[@]}" "$@" -notext \
+    -startdate "$(date -u -d '1 day ago' +%Y%m%d%H%M%SZ)" -days 825 -extensions extensions \
+    -in "$csr" -out "$out" 2>/dev/null
+}
 
 ca() {
   ensure_commands openssl:openssl
   mkdir -p "$PKI_DIR"
   if [[ ! -f "$PKI_DIR/ca.crt" ]]; then
     (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI_DIR/ca.key" 2>/dev/null)
-    openssl req -x509 -new -key "$PKI_DIR/ca.key" -sha256 -days 825 -subj "/CN=saga-engine local CA" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-      -out "$PKI_DIR/ca.crt.tmp"
+    openssl req -new -key "$PKI_DIR/ca.key" -subj "/CN=saga-engine local CA" -out "$PKI_DIR/ca.csr"
+    sign "$PKI_DIR/ca.csr" "$PKI_DIR/ca.crt.tmp" \
+      "$(printf '%s\n' "basicConstraints=critical,CA:TRUE" "keyUsage=critical,keyCertSign,cRLSign" \
+        "subjectKeyIdentifier=hash")" -selfsign
+    rm -f "$PKI_DIR/ca.csr"
     mv "$PKI_DIR/ca.crt.tmp" "$PKI_DIR/ca.crt"
   fi
   if [[ ! -f "$PKI_DIR/keystore.password" ]]; then
@@ -50,11 +74,9 @@ issue() {
   if [[ ! -f "$base.crt" ]]; then
     (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$base.key" 2>/dev/null)
     openssl req -new -key "$base.key" -subj "/CN=$name" -out "$base.csr"
-    openssl x509 -req -in "$base.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" -CAcreateserial \
-      -sha256 -days 825 -out "$base.crt.tmp" -extfile <(printf '%s\n' \
-        "subjectAltName=$san" "basicConstraints=CA:FALSE" \
-        "keyUsage=critical,digitalSignature,keyEncipherment" \
-        "extendedKeyUsage=serverAuth,clientAuth") 2>/dev/null
+    sign "$base.csr" "$base.crt.tmp" "$(printf '%s\n' "subjectAltName=$san" "basicConstraints=CA:FALSE" \
+      "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" \
+      "authorityKeyIdentifier=keyid")"
     rm -f "$base.csr"
     mv "$base.crt.tmp" "$base.crt"
   fi

@@ -213,10 +213,13 @@ pub struct ChaosArgs {
     /// random.
     #[arg(long)]
     pub(super) seed: Option<u64>,
-    /// Run the first orchestrator with its clock this many seconds off (FAULT_CLOCK_SKEW_SECS:
-    /// positive ahead, negative behind; 0: none).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub(super) orchestrator_clock_skew_secs: i64,
+    /// Run a process with its clock off: `NAME=SECONDS` (positive ahead, negative behind), NAME
+    /// one of the run's processes (`orchestrator-1`, `inventory-2`, ...); repeat for more. The
+    /// process's every clock call but the monotonic ones is shifted, by libfaketime
+    /// (LD_PRELOAD; Debian's `faketime` package): its timestamps, its TLS certificate checks,
+    /// what it writes and logs.
+    #[arg(long, value_parser = parse_clock_skew)]
+    pub(super) clock_skew: Vec<(String, i64)>,
     /// Keep the run's database and topics for inspection (a failed run always keeps them).
     #[arg(long)]
     pub(super) keep: bool,
@@ -232,6 +235,17 @@ impl ChaosArgs {
     pub(super) fn link_faults(&self) -> Vec<LinkFault> {
         chosen_or_all(&self.link_faults)
     }
+}
+
+/// `NAME=SECONDS` of --clock-skew.
+fn parse_clock_skew(value: &str) -> Result<(String, i64), String> {
+    let (name, secs) = value
+        .split_once('=')
+        .ok_or_else(|| format!("`{value}`: expected NAME=SECONDS"))?;
+    let secs = secs
+        .parse()
+        .map_err(|e| format!("`{secs}`: seconds, positive or negative: {e}"))?;
+    Ok((name.to_owned(), secs))
 }
 
 /// `chosen`, or every value of the enum when none was.

@@ -199,7 +199,7 @@ fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<In
                 .local_addr()?
                 .port();
             // The chaos run reads the tables, not the API: open, on loopback only.
-            let mut env = vec![
+            vec![
                 (
                     "SAGAS_DIR".into(),
                     args.sagas_dir.to_string_lossy().into_owned(),
@@ -207,18 +207,17 @@ fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<In
                 ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
                 ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
                 ("API_DATABASE_CONNECTIONS".into(), "1".into()),
-            ];
-            if instances.is_empty() && args.orchestrator_clock_skew_secs != 0 {
-                env.push((
-                    "FAULT_CLOCK_SKEW_SECS".into(),
-                    args.orchestrator_clock_skew_secs.to_string(),
-                ));
-            }
-            env
+            ]
         } else {
             Vec::new()
         };
         instances.push(Instance { name, binary, env });
+    }
+    for (name, secs) in &args.clock_skew {
+        let Some(instance) = instances.iter_mut().find(|i| &i.name == name) else {
+            bail!("--clock-skew {name}: the run has no process of that name");
+        };
+        instance.env.extend(clock_skew(*secs)?);
     }
     // Static membership lets a restarted member of a classic group take its partitions back
     // at once. KIP-848 groups refuse a restarted member whose instance id the broker still
@@ -231,6 +230,26 @@ fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<In
         }
     }
     Ok(instances)
+}
+
+/// Where Debian's `libfaketime` package puts its library for programs with threads (in its
+/// multiarch folder).
+const LIBFAKETIME: &str = "faketime/libfaketimeMT.so.1";
+
+/// The settings that run a process with its wall clock `secs` off: libfaketime preloaded with
+/// a relative offset, the monotonic clocks left alone (the timers and timeouts of a host whose
+/// clock is wrong still run at the right pace).
+fn clock_skew(secs: i64) -> anyhow::Result<Vec<(String, String)>> {
+    let library = std::fs::read_dir("/usr/lib")?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path().join(LIBFAKETIME))
+        .find(|path| path.is_file())
+        .context("--clock-skew needs libfaketime (apt-get install faketime)")?;
+    Ok(vec![
+        ("LD_PRELOAD".into(), library.display().to_string()),
+        ("FAKETIME".into(), format!("{secs:+}")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ])
 }
 
 /// Who each process is to the Kafka cluster: with --kafka-identities, each service's own
