@@ -17,11 +17,13 @@ fn network() -> Network {
         "the network tests make namespaces: run them as root"
     );
     // Apart from the other tests of this process (a counter) and from other processes (the
-    // pid); subnets 10.231.0.0/24 and 10.231.1.0/24 are left to other users of the range.
+    // pid); subnets 10.231.0.0/24 and 10.231.1.0/24 are left to other users of the range, 96
+    // to 99 to the tests that choose theirs, and 100 and up to the chaos runs (`free_subnet`),
+    // which may run beside the tests.
     static MADE: AtomicU32 = AtomicU32::new(0);
     let n = std::process::id().wrapping_mul(7) + MADE.fetch_add(1, Ordering::Relaxed);
     let prefix = format!("t{:05x}", n % 0x10_0000);
-    let subnet = u8::try_from(2 + n % 250).expect("below 252");
+    let subnet = u8::try_from(2 + n % 94).expect("below 96");
     Network::create(&prefix, subnet, &["a", "b"]).expect("a network of two hosts")
 }
 
@@ -213,6 +215,31 @@ fn a_command_runs_on_its_host_and_sweep_removes_what_a_killed_run_left() {
     std::mem::forget(network);
     Network::sweep(&prefix);
     assert_nothing_left(&prefix);
+}
+
+#[test]
+fn a_network_whose_maker_is_gone_is_swept_and_this_process_s_is_not() {
+    // A pid no process has: above the kernel's largest (2^22).
+    let gone = 4_194_400_u32;
+    assert!(!std::path::Path::new(&format!("/proc/{gone}")).exists());
+    let orphan_prefix = format!("n{}", super::base36(gone));
+    let orphan = Network::create(&orphan_prefix, 97, &["a"]).expect("the orphan");
+    std::mem::forget(orphan);
+    let mine = Network::create(&Network::prefix_of_this_process(), 98, &["a"]).expect("mine");
+    Network::sweep_orphans();
+    assert_nothing_left(&orphan_prefix);
+    assert!(mine.host("a").is_ok());
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let mine_netns = &mine.host("a").expect("host a").netns;
+    assert!(
+        String::from_utf8_lossy(&namespaces.stdout).contains(mine_netns.as_str()),
+        "this process's network was swept"
+    );
+    assert_eq!(super::base36(0), "0");
+    assert_eq!(super::base36(36 * 36 + 35), "10z");
 }
 
 #[test]
