@@ -71,7 +71,7 @@ enum Command {
     Ceiling(ceiling::Ceiling),
     /// Run sagas while killing services at random, then check that nothing was lost or done
     /// twice.
-    Chaos(chaos::ChaosArgs),
+    Chaos(Box<chaos::ChaosArgs>),
     /// The admin steps of a deployment: each service's PostgreSQL role and schema, and a
     /// secured Kafka cluster's topics and ACLs.
     #[command(subcommand)]
@@ -113,7 +113,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Load(args) => load::run(args).await,
         Command::Watchers(args) => watchers::run(args).await,
         Command::Ceiling(which) => ceiling::run(which).await,
-        Command::Chaos(args) => chaos::run(args).await,
+        Command::Chaos(args) => chaos::run(*args).await,
         Command::Provision(which) => provision::run(which).await,
         Command::Generate(args) => generate::run(args),
         Command::DeleteTopics(args) => {

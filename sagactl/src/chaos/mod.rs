@@ -128,7 +128,7 @@ async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow:
     }
     let mut fleet = Fleet::plan(args, &setup, netns)?;
     // Chosen before the fleet starts: the topic fault's shorter step deadlines are settings.
-    let deleted_topic = faults::deleted_topic(&args, &setup.deployment, &mut fleet);
+    let deleted_topic = faults::deleted_topic(args, &setup.deployment, &mut fleet);
     fleet.start_all().await?;
     let db = setup.connect().await?;
     // The books as they were before the first saga, once every service created its tables.
