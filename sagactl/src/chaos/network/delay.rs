@@ -86,6 +86,7 @@ impl Drop for Delay {
 
 fn open(queue: u16) -> std::io::Result<nfq::Queue> {
     let mut nfq = nfq::Queue::open()?;
+    keep_from_children()?;
     nfq.bind(queue)?;
     // The verdict needs only the packet's id: no payload is copied to this process.
     nfq.set_copy_range(queue, 0)?;
@@ -93,6 +94,32 @@ fn open(queue: u16) -> std::io::Result<nfq::Queue> {
     nfq.set_fail_open(queue, true)?;
     nfq.set_nonblocking(true);
     Ok(nfq)
+}
+
+/// Marks every descriptor of this process but the standard three close-on-exec. The queue's
+/// netlink socket is opened without the mark (the `nfq` crate does not set it, nor give the
+/// descriptor out), so a process the run starts while a host is slow (a service restarted
+/// after a kill, a broker node, PostgreSQL) would inherit it, keep the queue bound after the
+/// delay ended, and make the next bind of that queue fail with EPERM (the long run met it at its
+/// third slow fault). Everything else this process opens is close-on-exec already.
+fn keep_from_children() -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+            .filter(|fd| *fd > 2)
+        else {
+            continue;
+        };
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            // Closed meanwhile (the listing's own descriptor, among others).
+            Ok(_) | Err(nix::errno::Errno::EBADF) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Until `stop`: takes what arrives, lets each packet pass when its time is due (in the order of

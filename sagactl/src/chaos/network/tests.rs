@@ -218,6 +218,23 @@ fn a_command_runs_on_its_host_and_sweep_removes_what_a_killed_run_left() {
 }
 
 #[test]
+fn a_host_slowed_again_binds_its_queue_though_a_process_started_meanwhile_still_runs() {
+    let mut network = network();
+    let delay = Duration::from_millis(1);
+    network.slow("a", delay, Duration::ZERO).expect("slowed");
+    // As a service restarted during a slow fault: it lives on after the heal.
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    network.heal().expect("healed");
+    let again = network.slow("a", delay, Duration::ZERO);
+    let _ = child.kill();
+    let _ = child.wait();
+    again.expect("the queue bound again");
+}
+
+#[test]
 fn a_network_whose_maker_is_gone_is_swept_and_this_process_s_is_not() {
     // A pid no process has: above the kernel's largest (2^22).
     let gone = 4_194_400_u32;
