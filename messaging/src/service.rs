@@ -106,6 +106,7 @@ where
             },
             faults: config.faults.clone(),
             health: self.health.clone(),
+            deadlines: crate::consumer::Deadlines::of(&config.database),
         }
     }
 

@@ -248,6 +248,7 @@ impl TestSystem {
             database_url: database.url(),
             database_schema: None,
             database_max_connections: 2,
+            ..DatabaseConfig::to("")
         };
         let retention = match options.retention_secs {
             Some(secs) => RetentionConfig {
