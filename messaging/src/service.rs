@@ -168,13 +168,25 @@ where
         self.supervisor.spawn_infallible(name, task);
     }
 
-    /// Runs every part until shutdown or the first failure, then closes the pool.
+    /// Runs every part until shutdown or the first failure, then closes the pool, waiting at
+    /// most `DATABASE_CALL_TIMEOUT_MS` for its connections: one whose call was abandoned
+    /// while the database did not answer is still being tested by sqlx (a ping that waits as
+    /// long as the lost answers), and the stop must not wait for it.
     ///
     /// # Errors
     /// The first part's failure ([`Supervisor::wait`]).
     pub async fn run(self) -> Result<(), E> {
         let ended = self.supervisor.wait().await;
-        self.pool.close().await;
+        let limit = self.config.database.call_timeout();
+        if tokio::time::timeout(limit, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                limit_ms = limit.as_millis() as u64,
+                "the database did not answer while closing the pool; leaving its connections"
+            );
+        }
         ended
     }
 }

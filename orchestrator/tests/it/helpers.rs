@@ -387,6 +387,19 @@ impl TestSystem {
         self.run_participant(participant, config);
     }
 
+    /// Starts the repository's participant `name` with this deployment's settings as `edit`
+    /// changes them (another instance of a running one, say: same name, same group).
+    pub fn start_participant_configured(
+        &mut self,
+        name: &str,
+        edit: impl FnOnce(&mut ParticipantConfig),
+    ) {
+        let mut config = self.participant.clone();
+        edit(&mut config);
+        self.services
+            .start_participant(testkit::participants::named(name), config);
+    }
+
     /// Starts a participant of the test's own (written with the SDK), with this deployment's
     /// settings.
     pub fn start_custom_participant(&mut self, participant: Participant) {

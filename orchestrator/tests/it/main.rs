@@ -3,6 +3,7 @@
 
 mod access;
 mod batches;
+mod cutoff;
 mod definitions;
 mod helpers;
 mod hostile;
