@@ -343,8 +343,8 @@ fn assigned_partitions(consumer: &KafkaConsumer) -> String {
     )
 }
 
-/// Waits until the database answers a probe (`SELECT 1`, each within the call deadline), with
-/// backoff, after the consume loop gave up its partitions at `outage_since`; logs the outage's
+/// Waits until the database answers a probe (is it writable? each within the call deadline),
+/// with backoff, after the consume loop gave up its partitions at `outage_since`; logs the outage's
 /// length and says the database works again. `false` when told to shut down first.
 pub async fn wait_for_database(
     pool: &PgPool,
@@ -358,10 +358,17 @@ pub async fn wait_for_database(
     loop {
         let probe = async {
             let (mut connection, call) = database.acquire().await?;
-            let select = sqlx::query("SELECT 1").execute(&mut *connection);
-            let outcome = tokio::time::timeout_at(call.until, select).await;
+            // Answering is not enough: a database that is read-only (a failover, a full disk)
+            // answers too, and would refuse the first transaction again.
+            let writable = sqlx::query_scalar!(
+                r#"SELECT current_setting('transaction_read_only') = 'off' AS "writable!""#
+            )
+            .fetch_one(&mut *connection);
+            let outcome = tokio::time::timeout_at(call.until, writable).await;
             match outcome {
-                Ok(answered) => answered.map(drop).map_err(HandlerError::from),
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => Err(HandlerError::unavailable("the database is read-only")),
+                Ok(Err(e)) => Err(HandlerError::from(e)),
                 Err(_) => Err(Database::ran_out(connection, call)),
             }
         };
