@@ -213,13 +213,22 @@ impl Relay {
             }
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Whether the last batch found the database silent (its call ran out of time).
+        let mut unanswered = false;
         loop {
             let stopping = stop.is_cancelled();
+            if stopping && unanswered {
+                // The drain would only wait another deadline for a database that does not
+                // answer: the rows stay for the next start, or for another instance's relay.
+                break;
+            }
             self.settle_probe().await;
             if !stopping {
                 self.start_probe();
             }
-            match self.publish_batch().await {
+            let published = self.publish_batch().await;
+            unanswered = matches!(published, Err(crate::Error::Deadline(_)));
+            match published {
                 Ok(true) => continue,
                 Ok(false) => backoff.reset(),
                 Err(e) => {
