@@ -63,7 +63,7 @@ pub const DATABASE_UNWELL: &str = "database_unwell";
 /// (`DATABASE_GIVE_UP_AFTER_MS`).
 pub const PARTITIONS_GIVEN_UP: &str = "kafka_partitions_given_up_total";
 /// 1 while the consume loop is out of its group, having given up its partitions, else 0.
-pub const PARTITIONS_OUT: &str = "kafka_partitions_given_up";
+pub const PARTITIONS_OUT: &str = "kafka_consumer_out_of_group";
 
 /// Seconds: 0.25 ms to 60 s, dense where a healthy hop lands.
 const LATENCY_BUCKETS: &[f64] = &[
