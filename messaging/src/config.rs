@@ -141,7 +141,42 @@ pub struct DatabaseConfig {
     /// Size of the connection pool.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
+
+    /// Longest wait for one database call, in milliseconds: getting a connection and running
+    /// a handler's transaction to its commit, a probe of the database. A call that runs out
+    /// counts as the database being unavailable, and its connection is closed rather than put
+    /// back in the pool. The server also ends a session of the service that stays idle inside
+    /// a transaction this long (`idle_in_transaction_session_timeout`), so a transaction whose
+    /// client was cut off releases its locks. A few seconds more than the longest normal
+    /// transaction.
+    #[arg(
+        long,
+        env = "DATABASE_CALL_TIMEOUT_MS",
+        default_value_t = DATABASE_CALL_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(100..=3_600_000)
+    )]
+    pub database_call_timeout_ms: u64,
+
+    /// After the database has been unavailable this long, in milliseconds, the consume loop
+    /// gives up its partitions (leaves the consumer group, without storing the offsets of the
+    /// batch it could not finish) so that the other instances of the service take its work
+    /// over; it joins the group again once the database answers. 0: never give up.
+    #[arg(
+        long,
+        env = "DATABASE_GIVE_UP_AFTER_MS",
+        default_value_t = DATABASE_GIVE_UP_AFTER_MS
+    )]
+    pub database_give_up_after_ms: u64,
 }
+
+/// `DATABASE_CALL_TIMEOUT_MS`'s default: the longest normal transaction (a full batch of 100
+/// records takes well under a second) and a margin for a loaded server.
+pub const DATABASE_CALL_TIMEOUT_MS: u64 = 10_000;
+
+/// `DATABASE_GIVE_UP_AFTER_MS`'s default: longer than a PostgreSQL restart (a few seconds), so
+/// that a restart moves no partitions, and longer than one call's deadline, so that one slow
+/// call does not either.
+pub const DATABASE_GIVE_UP_AFTER_MS: u64 = 15_000;
 
 /// Fault injection for the chaos suite. Everything is off by default.
 #[derive(Debug, Clone, Default, Args)]
@@ -269,8 +304,30 @@ impl Default for RelayConfig {
 }
 
 impl DatabaseConfig {
+    /// Settings for `url` with the defaults of everything else.
+    pub fn to(url: impl Into<String>) -> Self {
+        Self {
+            database_url: url.into(),
+            database_schema: None,
+            database_max_connections: 8,
+            database_call_timeout_ms: DATABASE_CALL_TIMEOUT_MS,
+            database_give_up_after_ms: DATABASE_GIVE_UP_AFTER_MS,
+        }
+    }
+
     /// The schema to use: the configured one, or `default`.
     pub fn schema_or<'a>(&'a self, default: &'a str) -> &'a str {
         self.database_schema.as_deref().unwrap_or(default)
+    }
+
+    /// `DATABASE_CALL_TIMEOUT_MS`.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_call_timeout_ms)
+    }
+
+    /// `DATABASE_GIVE_UP_AFTER_MS`; `None` for never.
+    pub fn give_up_after(&self) -> Option<Duration> {
+        (self.database_give_up_after_ms > 0)
+            .then(|| Duration::from_millis(self.database_give_up_after_ms))
     }
 }

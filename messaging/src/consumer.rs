@@ -5,11 +5,21 @@
 //! then store the records' offsets for the next automatic commit. A crash anywhere before the
 //! store means the records are delivered again and the inbox absorbs them. A record the handler rejects goes to the dead-letter topic (through the
 //! outbox) with the reason and its original bytes, and the loop moves on. A passing failure is
-//! retried with backoff: while the database is unreachable for as long as that lasts, a
-//! failure of the record's own (deadlock, version conflict) at most [`MAX_RETRIES`] times.
+//! retried with backoff: a failure of the record's own (deadlock, version conflict) at most
+//! [`MAX_RETRIES`] times; an unavailable database until it answers again.
+//!
+//! No call waits for the database for ever: each transaction (and the wait for its connection)
+//! has a deadline, `DATABASE_CALL_TIMEOUT_MS`, and one that runs out counts as the database
+//! being unavailable; its connection is closed, not put back in the pool (sqlx would test it
+//! with a ping that waits as long as the lost answers). Once the database has been unavailable
+//! for `DATABASE_GIVE_UP_AFTER_MS`, the loop gives up its partitions: it leaves the group
+//! without storing the offsets of the batch in hand, so the group hands them to the other
+//! instances (whose inbox absorbs whatever of that batch did commit), and [`run`] returns
+//! [`Ended::GaveUp`]; the pipeline then waits until the database answers
+//! ([`wait_for_database`]) and joins the group again with a new consumer.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use kafka_record::dead_letter::DeadLetterCopy;
@@ -18,7 +28,8 @@ use kafka_record::trace_headers;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::Message;
-use sqlx::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -91,6 +102,29 @@ impl HandlerError {
     /// what `/healthz` says while the database is unavailable.
     pub fn reason(&self) -> String {
         chain(self.cause())
+    }
+}
+
+pub use crate::db::DeadlineExceeded;
+
+/// How long the consume loop waits for its database (`DATABASE_CALL_TIMEOUT_MS`,
+/// `DATABASE_GIVE_UP_AFTER_MS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The longest wait for one call: a connection and a transaction to its commit.
+    pub call: Duration,
+    /// How long the database may be unavailable before the loop gives up its partitions;
+    /// `None`: never.
+    pub give_up_after: Option<Duration>,
+}
+
+impl Deadlines {
+    /// The settings' ([`crate::config::DatabaseConfig`]).
+    pub fn of(config: &crate::config::DatabaseConfig) -> Self {
+        Self {
+            call: config.call_timeout(),
+            give_up_after: config.give_up_after(),
+        }
     }
 }
 
@@ -220,10 +254,24 @@ pub struct ConsumeSettings<'a> {
     pub health: &'a Health,
     /// How long without a record before the loop checks whether it is stuck (zero: never).
     pub stall_after: Duration,
+    /// How long it waits for the database.
+    pub deadlines: Deadlines,
+}
+
+/// Why [`run`] returned without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Told to shut down.
+    ShutDown,
+    /// The database was unavailable for longer than [`Deadlines::give_up_after`]: the consumer
+    /// left the group. `outage_since`: when the first failed call began.
+    GaveUp { outage_since: Instant },
 }
 
 /// Consumes `settings.topics` until `shutdown` is cancelled, finishing the batch in hand, then
-/// commits the stored offsets before leaving the group.
+/// commits the stored offsets before leaving the group; or until the database has been
+/// unavailable for [`Deadlines::give_up_after`], when it leaves the group the same way without
+/// the batch in hand ([`Ended::GaveUp`]).
 ///
 /// # Errors
 /// [`Error::Kafka`] when the subscription fails or the consumer fails fatally;
@@ -235,7 +283,7 @@ pub async fn run<H: Handler>(
     handler: &H,
     settings: ConsumeSettings<'_>,
     shutdown: CancellationToken,
-) -> Result<()> {
+) -> Result<Ended> {
     let mut stall = StallWatch::new(settings.stall_after);
     let mut crash = CrashFault::new(settings.faults);
     let names: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -244,25 +292,201 @@ pub async fn run<H: Handler>(
         settings.topics
     )))?;
     let batch_max = settings.batch_max.max(1);
-    loop {
+    let mut database = Database::new(&pool, settings.deadlines, settings.health);
+    let ended = loop {
         let first = match next_message(&consumer, &mut stall, &shutdown).await? {
             Some(message) => to_record(&message),
-            None => break,
+            None => break Ended::ShutDown,
         };
         stall.progressed();
         let batch = take_arrived(&consumer, first, batch_max);
-        let (dead_letters, health) = (settings.dead_letters, settings.health);
-        if !process_batch(&pool, handler, &batch, dead_letters, health, &shutdown).await {
-            // Shut down while a record was still failing: leave the offsets unstored so the
-            // next owner of the partition handles the records again.
-            break;
+        let dead_letters = settings.dead_letters;
+        match process_batch(&mut database, handler, &batch, dead_letters, &shutdown).await {
+            Finished::Committed => {}
+            // Shut down while a record was still failing, or gave up on the database: leave
+            // the offsets unstored so the next owner of the partition handles the records
+            // again (the inbox absorbs those whose transaction did commit after all, its
+            // answer lost).
+            Finished::ShutDown => break Ended::ShutDown,
+            Finished::GaveUp { outage_since } => break Ended::GaveUp { outage_since },
         }
         settings.outbox_written.notify_one();
         crash.after_commit(&consumer, batch.len())?;
         store_offsets(&consumer, &batch);
+    };
+    if let Ended::GaveUp { outage_since } = ended {
+        let partitions = assigned_partitions(&consumer);
+        tracing::error!(
+            outage_ms = outage_since.elapsed().as_millis() as u64,
+            partitions = %partitions,
+            "the database has been unavailable too long: giving up the partitions to the \
+             other instances until it answers again"
+        );
+        ::metrics::counter!(metrics::PARTITIONS_GIVEN_UP).increment(1);
+        settings.health.gave_up_partitions();
     }
     leave(&consumer);
-    Ok(())
+    Ok(ended)
+}
+
+/// The partitions assigned to `consumer`, for the log (`topic[partition]`, comma-separated).
+fn assigned_partitions(consumer: &KafkaConsumer) -> String {
+    consumer.assignment().map_or_else(
+        |e| format!("unknown ({e})"),
+        |list| {
+            list.elements()
+                .iter()
+                .map(|p| format!("{}[{}]", p.topic(), p.partition()))
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    )
+}
+
+/// Waits until the database answers a probe (is it writable? each within the call deadline),
+/// with backoff, after the consume loop gave up its partitions at `outage_since`; logs the outage's
+/// length and says the database works again. `false` when told to shut down first.
+pub async fn wait_for_database(
+    pool: &PgPool,
+    deadlines: Deadlines,
+    health: &Health,
+    outage_since: Instant,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let database = Database::new(pool, deadlines, health);
+    loop {
+        let probe = async {
+            let (mut connection, call) = database.acquire().await?;
+            // Answering is not enough: a database that is read-only (a failover, a full disk)
+            // answers too, and would refuse the first transaction again.
+            let writable = sqlx::query_scalar!(
+                r#"SELECT current_setting('transaction_read_only') = 'off' AS "writable!""#
+            )
+            .fetch_one(&mut *connection);
+            let outcome = tokio::time::timeout_at(call.until, writable).await;
+            match outcome {
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => Err(HandlerError::unavailable("the database is read-only")),
+                Ok(Err(e)) => Err(HandlerError::from(e)),
+                Err(_) => Err(Database::ran_out(connection, call)),
+            }
+        };
+        let failure = tokio::select! {
+            probed = probe => match probed {
+                Ok(()) => {
+                    tracing::warn!(
+                        outage_ms = outage_since.elapsed().as_millis() as u64,
+                        "the database answers again: joining the group again"
+                    );
+                    health.database_well();
+                    return true;
+                }
+                Err(e) => e,
+            },
+            _ = shutdown.cancelled() => return false,
+        };
+        tracing::debug!(error.message = %Chain(&failure), "the database does not answer yet");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+}
+
+/// How a batch (or one record of it) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finished {
+    /// Committed: its offsets may be stored.
+    Committed,
+    /// Told to shut down while it kept failing.
+    ShutDown,
+    /// The database was unavailable too long ([`Deadlines::give_up_after`]).
+    GaveUp { outage_since: Instant },
+}
+
+/// One database call's deadline.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    until: tokio::time::Instant,
+    limit: Duration,
+}
+
+/// The consume loop's database: its pool, its deadlines, and since when it has been failing.
+struct Database<'a> {
+    pool: &'a PgPool,
+    deadlines: Deadlines,
+    health: &'a Health,
+    /// When the first call of the failures that have not ended yet began.
+    unavailable_since: Option<Instant>,
+}
+
+impl<'a> Database<'a> {
+    fn new(pool: &'a PgPool, deadlines: Deadlines, health: &'a Health) -> Self {
+        Self {
+            pool,
+            deadlines,
+            health,
+            unavailable_since: None,
+        }
+    }
+
+    /// The deadline of the next call: the call deadline, or while the database is failing, no
+    /// later than when the loop gives up (so that it gives up on time, not a whole call
+    /// later), but half a second at least.
+    fn next_deadline(&self) -> Duration {
+        let call = self.deadlines.call;
+        match (self.unavailable_since, self.deadlines.give_up_after) {
+            (Some(since), Some(give_up_after)) => give_up_after
+                .saturating_sub(since.elapsed())
+                .clamp(Duration::from_millis(500).min(call), call),
+            _ => call,
+        }
+    }
+
+    /// A connection for the next call, and the call's deadline.
+    async fn acquire(&self) -> Result<(PoolConnection<Postgres>, Call), HandlerError> {
+        let limit = self.next_deadline();
+        let call = Call {
+            until: tokio::time::Instant::now() + limit,
+            limit,
+        };
+        match tokio::time::timeout_at(call.until, self.pool.acquire()).await {
+            Ok(connection) => Ok((connection?, call)),
+            Err(_) => Err(HandlerError::unavailable(DeadlineExceeded { limit })),
+        }
+    }
+
+    /// The error of a call that ran out of time on `connection`. The connection is closed:
+    /// back in the pool, sqlx would first test it with a ping that waits behind the call's
+    /// lost answers (as long as the operating system keeps the socket) while holding one of
+    /// the pool's places; and its transaction is rolled back by the server when the session
+    /// ends (or when it stays idle in it: [`crate::db::session_settings`]).
+    fn ran_out(connection: PoolConnection<Postgres>, call: Call) -> HandlerError {
+        drop(connection.detach());
+        HandlerError::unavailable(DeadlineExceeded { limit: call.limit })
+    }
+
+    /// A call committed: the database works.
+    fn works(&mut self) {
+        self.unavailable_since = None;
+        self.health.database_well();
+    }
+
+    /// A call that began at `began` failed with `e`, an [`HandlerError::Unavailable`]: says
+    /// so, and whether the loop should give up its partitions now.
+    fn failed(&mut self, e: &HandlerError, began: Instant) -> Option<Finished> {
+        let since = *self.unavailable_since.get_or_insert(began);
+        self.health.database_unwell(&e.reason());
+        ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "unavailable").increment(1);
+        let give_up = self
+            .deadlines
+            .give_up_after
+            .is_some_and(|after| since.elapsed() >= after);
+        give_up.then_some(Finished::GaveUp {
+            outage_since: since,
+        })
+    }
 }
 
 /// Waits for the next record. `None` when told to shut down; an error when the consumer can
@@ -436,31 +660,54 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// Records of one partition keep their order. Returns `false` only when told to shut down
 /// while a record kept failing.
 async fn process_batch<H: Handler>(
-    pool: &PgPool,
+    database: &mut Database<'_>,
     handler: &H,
     batch: &[Record],
     dead_letters: &DeadLetters,
-    health: &Health,
     shutdown: &CancellationToken,
-) -> bool {
-    match handle_in_one_transaction(pool, handler, batch, dead_letters, Savepoints::None).await {
-        Ok(Handled { count, .. }) if count == batch.len() => {
-            health.database_well();
-            return true;
-        }
-        Ok(Handled { stopped_by, .. }) => {
-            if let Some(e) = stopped_by {
-                tracing::debug!(error.message = %Chain(&e), records = batch.len(), "a record failed; handling the batch with a savepoint per record");
+) -> Finished {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let began = Instant::now();
+        let failure = match handle_in_one_transaction(
+            database,
+            handler,
+            batch,
+            dead_letters,
+            Savepoints::None,
+        )
+        .await
+        {
+            Ok(Handled { count, .. }) if count == batch.len() => {
+                database.works();
+                return Finished::Committed;
             }
-        }
-        Err(e) => {
-            tracing::debug!(error.message = %Chain(&e), records = batch.len(), "batch transaction failed; handling it with a savepoint per record");
+            Ok(Handled { stopped_by, .. }) => stopped_by,
+            Err(e) => Some(e),
+        };
+        match failure {
+            // The database, not a record: the whole batch waits for it (or is given up), and
+            // no record is tried alone for nothing.
+            Some(e @ HandlerError::Unavailable(_)) => {
+                tracing::warn!(error.message = %Chain(&e), records = batch.len(), "database unavailable; retrying");
+                if let Some(finished) = database.failed(&e, began) {
+                    return finished;
+                }
+                if !pause(&mut backoff, shutdown).await {
+                    return Finished::ShutDown;
+                }
+            }
+            Some(e) => {
+                tracing::debug!(error.message = %Chain(&e), records = batch.len(), "a record failed; handling the batch with a savepoint per record");
+                break;
+            }
+            None => break,
         }
     }
     let mut rest = batch;
     while !rest.is_empty() {
         let failed_at = match handle_in_one_transaction(
-            pool,
+            database,
             handler,
             rest,
             dead_letters,
@@ -468,7 +715,10 @@ async fn process_batch<H: Handler>(
         )
         .await
         {
-            Ok(Handled { count, .. }) if count == rest.len() => return true,
+            Ok(Handled { count, .. }) if count == rest.len() => {
+                database.works();
+                return Finished::Committed;
+            }
             Ok(Handled { count, stopped_by }) => {
                 if let Some(e) = stopped_by {
                     tracing::debug!(error.message = %Chain(&e), handled = count, "a record failed; retrying it alone");
@@ -482,12 +732,21 @@ async fn process_batch<H: Handler>(
             }
         };
         let record = &rest[failed_at];
-        if !process(pool, handler, record, dead_letters, health, shutdown).await {
-            return false;
+        match process(database, handler, record, dead_letters, shutdown).await {
+            Finished::Committed => {}
+            other => return other,
         }
         rest = &rest[failed_at + 1..];
     }
-    true
+    Finished::Committed
+}
+
+/// Waits for the backoff's next delay; `false` when told to shut down meanwhile.
+async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(backoff.next_delay()) => true,
+        _ = shutdown.cancelled() => false,
+    }
 }
 
 /// How [`handle_in_one_transaction`] guards one record's work from the others'.
@@ -511,18 +770,52 @@ struct Handled {
 /// [`Savepoints::PerRecord`], until one fails transiently; a rejected one is dead-lettered),
 /// writes their outgoing messages to the outbox and commits what was handled. Without
 /// savepoints a failure commits nothing.
+/// The whole call (a connection, the transaction, its commit) has the database's next deadline
+/// ([`Database::next_deadline`]).
 async fn handle_in_one_transaction<H: Handler>(
-    pool: &PgPool,
+    database: &Database<'_>,
     handler: &H,
     records: &[Record],
     dead_letters: &DeadLetters,
     savepoints: Savepoints,
 ) -> Result<Handled, HandlerError> {
     let received = std::time::Instant::now();
+    let (mut connection, call) = database.acquire().await?;
+    let work = transaction(&mut connection, handler, records, dead_letters, savepoints);
+    let outcome = tokio::time::timeout_at(call.until, work).await;
+    let handled = match outcome {
+        Ok(handled) => handled?,
+        Err(_) => return Err(Database::ran_out(connection, call)),
+    };
+    let elapsed = received.elapsed().as_secs_f64();
+    for (record, outcome) in records.iter().zip(&handled.outcomes) {
+        count_handled(record, outcome, elapsed);
+    }
+    Ok(Handled {
+        count: handled.outcomes.len(),
+        stopped_by: handled.stopped_by,
+    })
+}
+
+/// What [`transaction`] committed.
+struct Committed {
+    /// What became of each record handled, from the start.
+    outcomes: Vec<&'static str>,
+    stopped_by: Option<HandlerError>,
+}
+
+/// [`handle_in_one_transaction`]'s transaction on `connection`.
+async fn transaction<H: Handler>(
+    connection: &mut PgConnection,
+    handler: &H,
+    records: &[Record],
+    dead_letters: &DeadLetters,
+    savepoints: Savepoints,
+) -> Result<Committed, HandlerError> {
     let mut outcomes = Vec::with_capacity(records.len());
     let mut stopped_by = None;
     async {
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         let mut outbox = Outbox::default();
         if savepoints == Savepoints::None {
             // Dropping `tx` on an error rolls it back.
@@ -569,12 +862,8 @@ async fn handle_in_one_transaction<H: Handler>(
     }
     .instrument(tracing::info_span!("db.transaction", records = records.len()))
     .await?;
-    let elapsed = received.elapsed().as_secs_f64();
-    for (record, outcome) in records.iter().zip(&outcomes) {
-        count_handled(record, outcome, elapsed);
-    }
-    Ok(Handled {
-        count: outcomes.len(),
+    Ok(Committed {
+        outcomes,
         stopped_by,
     })
 }
@@ -590,22 +879,23 @@ fn count_handled(record: &Record, outcome: &'static str, seconds: f64) {
 
 /// Handles `record` alone until it is committed or dead-lettered: transient failures are
 /// retried with backoff, at most [`MAX_RETRIES`] times in a row while the database answers.
-/// Returns `false` only when told to shut down while the record kept failing.
+/// Ends otherwise only when told to shut down, or when the database has been unavailable too
+/// long, while the record kept failing.
 async fn process<H: Handler>(
-    pool: &PgPool,
+    database: &mut Database<'_>,
     handler: &H,
     record: &Record,
     dead_letters: &DeadLetters,
-    health: &Health,
     shutdown: &CancellationToken,
-) -> bool {
+) -> Finished {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut retries = 0;
     let mut give_up: Option<String> = None;
     loop {
+        let began = Instant::now();
         let failure = match &give_up {
             None => match handle_in_one_transaction(
-                pool,
+                database,
                 handler,
                 std::slice::from_ref(record),
                 dead_letters,
@@ -614,29 +904,32 @@ async fn process<H: Handler>(
             .await
             {
                 Ok(Handled { count: 1, .. }) => {
-                    health.database_well();
-                    return true;
+                    database.works();
+                    return Finished::Committed;
                 }
                 Ok(Handled { stopped_by, .. }) => stopped_by,
                 Err(e) => Some(e),
             },
-            Some(reason) => match dead_letter(pool, record, dead_letters, reason).await {
+            Some(reason) => match dead_letter(database, record, dead_letters, reason).await {
                 Ok(()) => {
-                    health.database_well();
+                    database.works();
                     count_handled(record, "dead_lettered", 0.0);
-                    return true;
+                    return Finished::Committed;
                 }
                 Err(e) => Some(e),
             },
         };
-        let Some(e) = failure else { return true };
+        let Some(e) = failure else {
+            return Finished::Committed;
+        };
         match &e {
             HandlerError::Unavailable(_) => {
-                health.database_unwell(&e.reason());
-                ::metrics::counter!(metrics::HANDLER_ERRORS, "kind" => "unavailable").increment(1);
                 record.span.in_scope(
                     || tracing::warn!(error.message = %Chain(&e), "database unavailable; retrying"),
                 );
+                if let Some(finished) = database.failed(&e, began) {
+                    return finished;
+                }
             }
             // Only the transaction around the record can be rejected here (a deferred
             // constraint at commit, say): the record goes to the dead-letter topic.
@@ -659,9 +952,8 @@ async fn process<H: Handler>(
                 );
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.cancelled() => return false,
+        if !pause(&mut backoff, shutdown).await {
+            return Finished::ShutDown;
         }
     }
 }
@@ -686,18 +978,28 @@ pub fn dead_letter_copy(
     }
 }
 
+/// Dead-letters `record` in a transaction of its own, within the database's next deadline.
 async fn dead_letter(
-    pool: &PgPool,
+    database: &Database<'_>,
     record: &Record,
     dead_letters: &DeadLetters,
     reason: &str,
 ) -> Result<(), HandlerError> {
-    let mut tx = pool.begin().await?;
-    let mut outbox = Outbox::default();
-    enqueue_dead_letter(&mut tx, &mut outbox, record, dead_letters, reason).await?;
-    outbox.write(&mut tx, Wake::InProcess).await?;
-    tx.commit().await?;
-    Ok(())
+    let (mut connection, call) = database.acquire().await?;
+    let work = async {
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
+        let mut outbox = Outbox::default();
+        enqueue_dead_letter(&mut tx, &mut outbox, record, dead_letters, reason).await?;
+        outbox.write(&mut tx, Wake::InProcess).await?;
+        tx.commit().await?;
+        Ok(())
+    };
+    // Bound first: the timed-out call's borrow of the connection ends with the statement.
+    let outcome = tokio::time::timeout_at(call.until, work).await;
+    match outcome {
+        Ok(done) => done,
+        Err(_) => Err(Database::ran_out(connection, call)),
+    }
 }
 
 /// Writes the dead-letter copy of `record` to the outbox, unless the record was dead-lettered
@@ -796,16 +1098,16 @@ mod tests {
             topic: "dlq".into(),
             consumer: "test".into(),
         };
+        let health = Health::default();
         let done = process_batch(
-            &pool,
+            &mut Database::new(&pool, deadlines(), &health),
             &handler,
             &batch,
             &dead_letters,
-            &Health::default(),
             &CancellationToken::new(),
         )
         .await;
-        assert!(done);
+        assert_eq!(done, Finished::Committed);
 
         let handled: Vec<i64> =
             sqlx::query_scalar("SELECT record_offset FROM handled ORDER BY record_offset")
@@ -844,19 +1146,20 @@ mod tests {
             consumer: "test".into(),
         };
         let handler = CountingHandler::default();
+        let health = Health::default();
         // A crash between the commit and the offset commit delivers the record again.
         for _ in 0..2 {
             let batch = [record(41, b"bad"), record(42, b"bad")];
-            assert!(
+            assert_eq!(
                 process_batch(
-                    &pool,
+                    &mut Database::new(&pool, deadlines(), &health),
                     &handler,
                     &batch,
                     &dead_letters,
-                    &Health::default(),
                     &CancellationToken::new()
                 )
-                .await
+                .await,
+                Finished::Committed
             );
         }
         let copies: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
@@ -865,6 +1168,10 @@ mod tests {
             .expect("outbox");
         assert_eq!(copies, 2, "one copy per record");
         drop_schema(&pool, &schema).await;
+    }
+
+    fn deadlines() -> Deadlines {
+        Deadlines::of(&DatabaseConfig::to(""))
     }
 
     async fn test_schema() -> (PgPool, String) {
@@ -876,6 +1183,7 @@ mod tests {
             database_url: format!("{}/postgres", server()),
             database_schema: Some(schema.clone()),
             database_max_connections: 2,
+            ..DatabaseConfig::to("")
         };
         let (pool, _) = crate::db::open(&config, "unused", &[])
             .await

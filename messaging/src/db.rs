@@ -17,6 +17,15 @@ use sqlx::PgPool;
 use crate::config::DatabaseConfig;
 use crate::{Error, Result};
 
+/// A database call that did not finish within its deadline (`DATABASE_CALL_TIMEOUT_MS`): the
+/// link to the database may be cut (packets dropped: no error comes, only silence), or the
+/// server too loaded to answer. The consume loop waits it out as an unavailable database.
+#[derive(Debug, thiserror::Error)]
+#[error("the database did not answer within {} ms", limit.as_millis())]
+pub struct DeadlineExceeded {
+    pub limit: Duration,
+}
+
 /// The runtime tables every service has: inbox and outbox.
 pub static MESSAGING_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/messaging");
 
@@ -34,6 +43,26 @@ pub static MESSAGING_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/messag
 /// the setting to check; [`Error::SchemaMissing`] and [`Error::SchemaNotWritable`] when the
 /// admin step has not given the role its schema; [`Error::Database`] otherwise.
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool> {
+    connect_with_deadline(
+        url,
+        schema,
+        max_connections,
+        Duration::from_millis(crate::config::DATABASE_CALL_TIMEOUT_MS),
+    )
+    .await
+}
+
+/// [`connect`], with `call_timeout` (`DATABASE_CALL_TIMEOUT_MS`) as the longest wait for a
+/// connection and as the server's bound on the sessions' silences ([`session_settings`]).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with_deadline(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+    call_timeout: Duration,
+) -> Result<PgPool> {
     if !is_identifier(schema) {
         return Err(Error::Config(format!(
             "schema name {schema:?} must match [a-z_][a-z0-9_]*"
@@ -57,12 +86,41 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
         })?;
     prepare_schema(&bootstrap, schema, &role).await?;
     bootstrap.close().await;
+    let mut settings = vec![("search_path", schema.to_owned())];
+    settings.extend(session_settings(call_timeout));
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options.options([("search_path", schema)]))
+        .acquire_timeout(call_timeout)
+        .connect_with(options.options(settings))
         .await?;
     Ok(pool)
+}
+
+/// What the server is told about each of the service's sessions, so that a session whose
+/// client was cut off (a network partition: no reset, no FIN, packets dropped) ends in bounded
+/// time instead of holding its locks until the operating system gives up on the connection
+/// (hours: Linux's default keepalive starts after two) — locks that the instance taking over
+/// the work would wait for:
+/// - `idle_in_transaction_session_timeout`: a transaction idle longer than a call may last is
+///   one its client has abandoned (the call's deadline passed). The relay, which waits for the
+///   broker inside its transaction, lifts it for its own ([`crate::relay`]).
+/// - TCP keepalives and `tcp_user_timeout` on the server's socket: an idle session, or one
+///   whose answer is not acknowledged, ends about a call's deadline after its client fell
+///   silent.
+///
+/// sqlx 0.8 has no way to set socket options on the client's side (`net::connect_tcp` makes
+/// the socket and sets only TCP_NODELAY): there the deadlines of the calls
+/// ([`crate::consumer`], [`crate::relay`]) bound every wait instead.
+pub fn session_settings(call_timeout: Duration) -> Vec<(&'static str, String)> {
+    let ms = call_timeout.as_millis().max(1);
+    let keepalive_secs = call_timeout.as_secs().div_ceil(3).max(1);
+    vec![
+        ("idle_in_transaction_session_timeout", ms.to_string()),
+        ("tcp_user_timeout", ms.to_string()),
+        ("tcp_keepalives_idle", keepalive_secs.to_string()),
+        ("tcp_keepalives_interval", keepalive_secs.to_string()),
+        ("tcp_keepalives_count", "2".to_owned()),
+    ]
 }
 
 /// Makes sure `schema` exists and `role` (the pool's) may create tables in it.
@@ -276,10 +334,11 @@ pub async fn open(
     layers: &[&Migrator],
 ) -> Result<(PgPool, String)> {
     let schema = config.schema_or(default_schema).to_owned();
-    let pool = connect(
+    let pool = connect_with_deadline(
         &config.database_url,
         &schema,
         config.database_max_connections,
+        config.call_timeout(),
     )
     .await?;
     migrate(&pool, &schema, layers).await?;

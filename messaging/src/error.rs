@@ -174,6 +174,9 @@ pub enum Error {
     TaskStopped { task: &'static str },
     #[error("fault injection: crashed after a commit")]
     InjectedCrash,
+    /// A database call ran out of time ([`crate::db::DeadlineExceeded`]).
+    #[error("database call")]
+    Deadline(#[from] crate::db::DeadlineExceeded),
     /// The consumer received nothing while its partitions held records for it (see
     /// [`crate::stall`]): the pipeline replaces it.
     #[error("the consumer is stuck: {0}")]

@@ -21,6 +21,8 @@ pub struct Health {
 struct Unwell {
     since: Instant,
     reason: String,
+    /// When the consume loop gave up its partitions, if it did.
+    gave_up: Option<Instant>,
 }
 
 /// Why a service is not ready.
@@ -42,13 +44,28 @@ impl Health {
                 *database = Some(Unwell {
                     since: Instant::now(),
                     reason: reason.to_owned(),
+                    gave_up: None,
                 });
             }
         }
         ::metrics::gauge!(metrics::DATABASE_UNWELL).set(1.0);
     }
 
-    /// A transaction committed: the database works.
+    /// The consume loop gave up its partitions, the database unwell too long: it is out of its
+    /// consumer group until the database works again.
+    pub fn gave_up_partitions(&self) {
+        let mut database = self.lock();
+        let unwell = database.get_or_insert_with(|| Unwell {
+            since: Instant::now(),
+            reason: "unavailable".to_owned(),
+            gave_up: None,
+        });
+        unwell.gave_up = Some(Instant::now());
+        ::metrics::gauge!(metrics::PARTITIONS_OUT).set(1.0);
+    }
+
+    /// A transaction committed, or the database answered again: the database works (and a
+    /// consume loop that gave up its partitions joins its group again).
     pub fn database_well(&self) {
         let mut database = self.lock();
         if let Some(unwell) = database.take() {
@@ -57,6 +74,9 @@ impl Health {
                 "database works again: ready"
             );
             ::metrics::gauge!(metrics::DATABASE_UNWELL).set(0.0);
+            if unwell.gave_up.is_some() {
+                ::metrics::gauge!(metrics::PARTITIONS_OUT).set(0.0);
+            }
         }
     }
 
@@ -65,7 +85,16 @@ impl Health {
         match self.lock().as_ref() {
             None => Ok(()),
             Some(unwell) => Err(NotReady {
-                reason: format!("database unwell: {}", unwell.reason),
+                reason: match unwell.gave_up {
+                    None => format!("database unwell: {}", unwell.reason),
+                    Some(at) => format!(
+                        "database unwell: {}; gave up its partitions to the other instances {} s \
+                         ago (DATABASE_GIVE_UP_AFTER_MS), joins its group again when the \
+                         database answers",
+                        unwell.reason,
+                        at.elapsed().as_secs()
+                    ),
+                },
                 for_how_long: unwell.since.elapsed(),
             }),
         }
@@ -95,6 +124,21 @@ mod tests {
             "{not_ready:?}"
         );
         health.clone().database_well();
+        assert_eq!(health.ready(), Ok(()));
+    }
+
+    #[test]
+    fn a_service_that_gave_up_its_partitions_says_so_until_the_database_works() {
+        let health = Health::default();
+        health.database_unwell("the database did not answer within 10000 ms");
+        health.gave_up_partitions();
+        let not_ready = health.ready().expect_err("not ready");
+        assert!(
+            not_ready.reason.contains("did not answer")
+                && not_ready.reason.contains("gave up its partitions"),
+            "{not_ready:?}"
+        );
+        health.database_well();
         assert_eq!(health.ready(), Ok(()));
     }
 }

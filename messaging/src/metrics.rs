@@ -59,6 +59,11 @@ pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
 pub const CONSUMERS_REPLACED: &str = "kafka_consumers_replaced_total";
 /// 1 while the consume loop waits for a database that is unreachable or unwell, else 0.
 pub const DATABASE_UNWELL: &str = "database_unwell";
+/// Times the consume loop gave up its partitions because the database was unavailable too long
+/// (`DATABASE_GIVE_UP_AFTER_MS`).
+pub const PARTITIONS_GIVEN_UP: &str = "kafka_partitions_given_up_total";
+/// 1 while the consume loop is out of its group, having given up its partitions, else 0.
+pub const PARTITIONS_OUT: &str = "kafka_consumer_out_of_group";
 
 /// Seconds: 0.25 ms to 60 s, dense where a healthy hop lands.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -174,6 +179,14 @@ fn describe() {
         DATABASE_UNWELL,
         "1 while the consumer waits for a database that is unreachable, read-only, shutting down or otherwise unwell (not ready), else 0."
     );
+    metrics::describe_counter!(
+        PARTITIONS_GIVEN_UP,
+        "Times the consumer left its group, giving its partitions to the other instances, because the database was unavailable longer than DATABASE_GIVE_UP_AFTER_MS."
+    );
+    metrics::describe_gauge!(
+        PARTITIONS_OUT,
+        "1 while the consumer is out of its group after giving up its partitions, waiting for the database, else 0."
+    );
     metrics::describe_counter!(MESSAGES_CONSUMED, "Kafka records consumed, by outcome.");
     metrics::describe_histogram!(
         HANDLE_SECONDS,
@@ -236,13 +249,17 @@ fn describe() {
 pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToken) {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     loop {
-        let sampled = sqlx::query!(
+        let sample = sqlx::query!(
             r#"SELECT topic AS "topic!", count(*) AS "backlog!",
                       extract(epoch FROM now() - min(created_at))::float8 AS "oldest_age!"
                FROM outbox GROUP BY topic"#,
         )
-        .fetch_all(&pool)
-        .await;
+        .fetch_all(&pool);
+        // The stop must not wait for a database that does not answer.
+        let sampled = tokio::select! {
+            sampled = sample => sampled,
+            _ = stop.cancelled() => return,
+        };
         match sampled {
             Ok(topics) => {
                 let mut backlog = 0;

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
-use crate::consumer::{self, ConsumeSettings, DeadLetters, Handler};
+use crate::consumer::{self, ConsumeSettings, DeadLetters, Deadlines, Ended, Handler};
 use crate::health::Health;
 use crate::relay::Relay;
 use crate::{kafka, metrics, retention, Result};
@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub faults: FaultConfig,
     /// Where the consume loop says whether the database works, for `/healthz`.
     pub health: Health,
+    /// How long the consume loop waits for the database, and when it gives up its partitions.
+    pub deadlines: Deadlines,
 }
 
 impl Pipeline {
@@ -59,6 +61,7 @@ impl Pipeline {
             outbox_written: &outbox_written,
             health: &self.health,
             stall_after: std::time::Duration::from_millis(self.kafka.consumer_stall_ms),
+            deadlines: self.deadlines,
         };
         // The relay runs until told to stop; if it ends before (a panic), the consumer would
         // go on filling an outbox nobody publishes: stop the whole pipeline instead.
@@ -104,6 +107,7 @@ impl Pipeline {
                 self.faults.clone(),
             )?
             .woken_by(Arc::clone(outbox_written))
+            .with_call_timeout(self.deadlines.call)
             .run(stop.clone()),
         );
         let retention = {
@@ -133,8 +137,9 @@ impl Pipeline {
     }
 
     /// Runs the consume loop until shutdown. A stuck consumer is replaced by a new one (its
-    /// offsets are the group's; the inbox absorbs what it reads again); anything else ends the
-    /// pipeline.
+    /// offsets are the group's; the inbox absorbs what it reads again); one that gave up its
+    /// partitions (the database unavailable too long) is replaced once the database answers
+    /// again, joining the group anew; anything else ends the pipeline.
     async fn consume<H: Handler>(
         &self,
         pool: &PgPool,
@@ -149,7 +154,16 @@ impl Pipeline {
                     tracing::error!(reason = %why, "the consumer is stuck; replacing it");
                     ::metrics::counter!(metrics::CONSUMERS_REPLACED).increment(1);
                 }
-                ended => return ended,
+                Ok(Ended::GaveUp { outage_since }) => {
+                    let (deadlines, health) = (self.deadlines, &self.health);
+                    if !consumer::wait_for_database(pool, deadlines, health, outage_since, shutdown)
+                        .await
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(Ended::ShutDown) => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
     }

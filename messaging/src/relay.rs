@@ -36,7 +36,7 @@ use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
 
 use crate::access::Refusal;
 use sqlx::postgres::PgListener;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +67,8 @@ pub struct Relay {
     destinations: Destinations,
     /// The probe of one failing destination, when one runs.
     probe: Option<JoinHandle<(String, ProbeOutcome)>>,
+    /// The longest wait for one database call (`DATABASE_CALL_TIMEOUT_MS`).
+    call_timeout: Duration,
 }
 
 /// An outbox row claimed for publishing.
@@ -182,7 +184,14 @@ impl Relay {
             fatal_error_injected: false,
             outbox_written: Arc::new(Notify::new()),
             probe: None,
+            call_timeout: Duration::from_millis(crate::config::DATABASE_CALL_TIMEOUT_MS),
         })
+    }
+
+    /// Bounds each of its database calls by `call_timeout` (`DATABASE_CALL_TIMEOUT_MS`).
+    pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
+        self.call_timeout = call_timeout;
+        self
     }
 
     /// Also wakes up when `outbox_written` is notified (by a writer in this process), besides
@@ -204,13 +213,22 @@ impl Relay {
             }
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Whether the last batch found the database silent (its call ran out of time).
+        let mut unanswered = false;
         loop {
             let stopping = stop.is_cancelled();
+            if stopping && unanswered {
+                // The drain would only wait another deadline for a database that does not
+                // answer: the rows stay for the next start, or for another instance's relay.
+                break;
+            }
             self.settle_probe().await;
             if !stopping {
                 self.start_probe();
             }
-            match self.publish_batch().await {
+            let published = self.publish_batch().await;
+            unanswered = matches!(published, Err(crate::Error::Deadline(_)));
+            match published {
                 Ok(true) => continue,
                 Ok(false) => backoff.reset(),
                 Err(e) => {
@@ -312,18 +330,46 @@ impl Relay {
     }
 
     /// Publishes up to one batch of the destinations that are not failing; returns whether the
-    /// batch was full (more rows may be waiting).
+    /// batch was full (more rows may be waiting). Its database calls (the claim; the deletes
+    /// and the commit) each end within `DATABASE_CALL_TIMEOUT_MS`; the wait for the broker
+    /// between them is bounded by `OUTBOX_ACK_WAIT_MS` per wave. A connection whose call ran out
+    /// is closed, not put back in the pool (see [`crate::consumer`]).
     async fn publish_batch(&mut self) -> Result<bool> {
+        let limit = self.call_timeout;
+        let mut connection = tokio::time::timeout(limit, self.pool.acquire())
+            .await
+            .map_err(|_| crate::db::DeadlineExceeded { limit })??;
+        let published = self.publish_batch_on(&mut connection).await;
+        if matches!(published, Err(crate::Error::Deadline(_))) {
+            drop(connection.detach());
+        }
+        published
+    }
+
+    /// [`Relay::publish_batch`] on `connection`.
+    async fn publish_batch_on(&mut self, connection: &mut PgConnection) -> Result<bool> {
         self.inject_fatal_error();
+        let limit = self.call_timeout;
         let failing = self.destinations.failing_topics();
-        let mut tx = self.pool.begin().await?;
-        let claimed = claim(
-            &mut tx,
-            self.config.outbox_batch_size,
-            &failing,
-            self.config.outbox_batch_max_bytes,
+        // The transaction waits for the broker's acknowledgements (up to OUTBOX_ACK_WAIT_MS a
+        // wave): the sessions' bound on idling in a transaction (`db::session_settings`) is
+        // lifted for it. A relay cut off from the database keeps its rows locked until the
+        // server ends its session (TCP keepalive), and the other instances' relays skip them.
+        let mut tx = within(
+            limit,
+            connection.begin_with("BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0"),
         )
-        .await?;
+        .await??;
+        let claimed = within(
+            limit,
+            claim(
+                &mut tx,
+                self.config.outbox_batch_size,
+                &failing,
+                self.config.outbox_batch_max_bytes,
+            ),
+        )
+        .await??;
         let Some(first) = claimed.first() else {
             return Ok(false);
         };
@@ -347,33 +393,37 @@ impl Relay {
         for (topic, error) in std::mem::take(&mut published.failed) {
             self.destination_failed(&topic, error);
         }
-        for (id, error) in &published.refused {
-            // Retrying cannot help, and the rows behind it must go out: keep it aside, whole,
-            // with the broker's reason, for an operator.
-            tracing::error!(outbox_id = id, error.message = %crate::Chain(error), schema = %self.schema, "the broker refuses an outbox row for good; parked in outbox_parked");
-            // The column holds the broker's text: convert at this edge only.
-            let error = error.to_string();
-            sqlx::query!(
-                "INSERT INTO outbox_parked (id, topic, message_key, payload, headers, created_at, error)
-                 SELECT id, topic, message_key, payload, headers, created_at, $2 FROM outbox WHERE id = $1",
-                id,
-                error,
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
         let done: Vec<i64> = published
             .acknowledged
             .iter()
             .copied()
             .chain(published.refused.iter().map(|(id, _)| *id))
             .collect();
-        if !done.is_empty() {
-            sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", &done)
+        let schema = &self.schema;
+        within(limit, async {
+            for (id, error) in &published.refused {
+                // Retrying cannot help, and the rows behind it must go out: keep it aside,
+                // whole, with the broker's reason, for an operator.
+                tracing::error!(outbox_id = id, error.message = %crate::Chain(error), schema = %schema, "the broker refuses an outbox row for good; parked in outbox_parked");
+                // The column holds the broker's text: convert at this edge only.
+                let error = error.to_string();
+                sqlx::query!(
+                    "INSERT INTO outbox_parked (id, topic, message_key, payload, headers, created_at, error)
+                 SELECT id, topic, message_key, payload, headers, created_at, $2 FROM outbox WHERE id = $1",
+                    id,
+                    error,
+                )
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
+            }
+            if !done.is_empty() {
+                sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", &done)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })
+        .await??;
         ::metrics::counter!(crate::metrics::OUTBOX_PUBLISHED)
             .increment(published.acknowledged.len() as u64);
         ::metrics::counter!(crate::metrics::OUTBOX_PARKED)
@@ -573,6 +623,16 @@ impl Relay {
             }
         }
     }
+}
+
+/// `call`, or [`crate::db::DeadlineExceeded`] when it has not ended within `limit`.
+async fn within<F: std::future::Future>(
+    limit: Duration,
+    call: F,
+) -> std::result::Result<F::Output, crate::db::DeadlineExceeded> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| crate::db::DeadlineExceeded { limit })
 }
 
 /// Locks the lowest `batch_size` rows of the destinations not in `failing` and returns the
@@ -947,6 +1007,7 @@ mod tests {
             database_url: format!("{server}/postgres"),
             database_schema: Some(schema.clone()),
             database_max_connections: 2,
+            ..crate::config::DatabaseConfig::to("")
         };
         let (pool, _) = crate::db::open(&config, "unused", &[])
             .await

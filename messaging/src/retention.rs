@@ -23,7 +23,13 @@ where
     Fut: Future<Output = sqlx::Result<u64>>,
 {
     loop {
-        match sweep().await {
+        // A sweep cut short by the stop is rolled back and done again at the next start: the
+        // stop must not wait for a database that does not answer.
+        let swept = tokio::select! {
+            swept = sweep() => swept,
+            _ = stop.cancelled() => return,
+        };
+        match swept {
             Ok(deleted) if deleted >= SWEEP_BATCH as u64 => {
                 if stop.is_cancelled() {
                     return;

@@ -23,6 +23,10 @@ use crate::health::Health;
 use crate::pipeline::Pipeline;
 use crate::supervisor::Supervisor;
 
+/// The longest wait for the pool's connections at the stop ([`Service::run`]): a healthy
+/// database closes them in milliseconds.
+const POOL_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A service being assembled, then run (see the module header).
 pub struct Service<E> {
     name: &'static str,
@@ -106,6 +110,7 @@ where
             },
             faults: config.faults.clone(),
             health: self.health.clone(),
+            deadlines: crate::consumer::Deadlines::of(&config.database),
         }
     }
 
@@ -167,13 +172,26 @@ where
         self.supervisor.spawn_infallible(name, task);
     }
 
-    /// Runs every part until shutdown or the first failure, then closes the pool.
+    /// Runs every part until shutdown or the first failure, then closes the pool, waiting at
+    /// most [`POOL_CLOSE_WAIT`] (or `DATABASE_CALL_TIMEOUT_MS` when shorter) for its
+    /// connections: every part has ended, so a connection still out is one whose call was
+    /// abandoned while the database did not answer, still being tested by sqlx (a ping that
+    /// waits as long as the lost answers), and the stop must not wait for it.
     ///
     /// # Errors
     /// The first part's failure ([`Supervisor::wait`]).
     pub async fn run(self) -> Result<(), E> {
         let ended = self.supervisor.wait().await;
-        self.pool.close().await;
+        let limit = self.config.database.call_timeout().min(POOL_CLOSE_WAIT);
+        if tokio::time::timeout(limit, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                limit_ms = limit.as_millis() as u64,
+                "the database did not answer while closing the pool; leaving its connections"
+            );
+        }
         ended
     }
 }

@@ -39,6 +39,9 @@ pub struct DeadlineScanner {
     /// Told when a scan fails (the database refuses it: read-only, say, while no record
     /// arrives to tell the consume loop) and when one works again, for `/healthz`.
     pub health: messaging::health::Health,
+    /// The longest wait for one scan (`DATABASE_CALL_TIMEOUT_MS`): a scan the database does
+    /// not answer is abandoned and counts as failed, and the stop does not wait for it.
+    pub call_timeout: Duration,
 }
 
 impl DeadlineScanner {
@@ -47,9 +50,21 @@ impl DeadlineScanner {
         loop {
             if clock_checked.is_none_or(|at| at.elapsed() >= CLOCK_CHECK_EVERY) {
                 clock_checked = Some(std::time::Instant::now());
-                self.check_clock().await;
+                let checked = tokio::time::timeout(self.call_timeout, self.check_clock());
+                tokio::select! {
+                    _ = checked => {}
+                    _ = shutdown.cancelled() => return,
+                }
             }
-            match self.fire_due().await {
+            let scan = tokio::time::timeout(self.call_timeout, self.fire_due());
+            let scanned = tokio::select! {
+                scanned = scan => scanned.unwrap_or_else(|_| {
+                    let limit = self.call_timeout;
+                    Err(messaging::Error::from(messaging::db::DeadlineExceeded { limit }).into())
+                }),
+                _ = shutdown.cancelled() => return,
+            };
+            match scanned {
                 Ok(fired) => {
                     self.health.database_well();
                     if fired >= BATCH {

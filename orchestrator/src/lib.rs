@@ -181,6 +181,7 @@ fn run_background(service: &mut Service<Error>, config: &Config, state: &api::Ap
         interval: config.retries.scan_interval(),
         clock: clock::Clock::skewed(config.fault_clock_skew_secs),
         health: service.health().clone(),
+        call_timeout: config.service.database.call_timeout(),
     };
     service.spawn_infallible("deadline scanner", scanner.run(shutdown));
     let retention_secs = config.saga_retention_secs;

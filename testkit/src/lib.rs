@@ -11,6 +11,8 @@
 //!   together; [`participants`] has every participant of the repository by name.
 //! - [`pki`]: certificates from the repository's `scripts/pki.sh`: another CA, a client's.
 //! - [`eventually`]: waiting for what the services do.
+//! - [`CutProxy`]: a TCP proxy that cuts a service's link (to its database, say) the way a
+//!   network partition does, and heals it.
 //!
 //! Environment: `KAFKA_BROKERS` (default 127.0.0.1:9092) and `TEST_DATABASE_URL`, a server URL
 //! without a database name (default postgres://postgres@127.0.0.1:5432), as the superuser.
@@ -19,6 +21,7 @@ mod cleanup;
 mod database;
 pub mod participants;
 pub mod pki;
+mod proxy;
 mod roles;
 mod services;
 mod topics;
@@ -27,6 +30,7 @@ mod wait;
 use std::path::PathBuf;
 
 pub use database::TestDatabase;
+pub use proxy::CutProxy;
 pub use roles::{server_ca, TestRoles};
 pub use services::Services;
 pub use topics::{kafka_config, read_from_start, TestTopics};

@@ -2,5 +2,6 @@
 //! database name) and the real broker (`KAFKA_BROKERS`), each test in a schema and topics of
 //! its own.
 
+mod inbox;
 mod relay;
 mod roles;

@@ -51,6 +51,7 @@ async fn a_missing_topic_holds_up_only_its_own_rows_which_then_go_out_in_order_p
             database_url: database.url(),
             database_schema: Some(schema.clone()),
             database_max_connections: 3,
+            ..DatabaseConfig::to("")
         },
         "unused",
         &[],

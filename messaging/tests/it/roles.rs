@@ -237,6 +237,7 @@ async fn a_role_without_create_on_the_database_opens_its_schema_and_is_told_of_a
         database_url: fixture.url("payment"),
         database_schema: None,
         database_max_connections: 2,
+        ..messaging::config::DatabaseConfig::to("")
     };
     let (pool, schema) = messaging::db::open(&config, "payment", &[])
         .await

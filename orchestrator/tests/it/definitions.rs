@@ -304,6 +304,7 @@ async fn orchestrators_starting_together_on_a_fresh_database_all_start() {
             database_url: system.database_url().to_owned(),
             database_schema: Some(schema),
             database_max_connections: 1,
+            ..DatabaseConfig::to("")
         };
         async move {
             messaging::db::open(

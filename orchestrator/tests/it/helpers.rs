@@ -248,6 +248,7 @@ impl TestSystem {
             database_url: database.url(),
             database_schema: None,
             database_max_connections: 2,
+            ..DatabaseConfig::to("")
         };
         let retention = match options.retention_secs {
             Some(secs) => RetentionConfig {
@@ -384,6 +385,19 @@ impl TestSystem {
         };
         config.service.faults = faults;
         self.run_participant(participant, config);
+    }
+
+    /// Starts the repository's participant `name` with this deployment's settings as `edit`
+    /// changes them (another instance of a running one, say: same name, same group).
+    pub fn start_participant_configured(
+        &mut self,
+        name: &str,
+        edit: impl FnOnce(&mut ParticipantConfig),
+    ) {
+        let mut config = self.participant.clone();
+        edit(&mut config);
+        self.services
+            .start_participant(testkit::participants::named(name), config);
     }
 
     /// Starts a participant of the test's own (written with the SDK), with this deployment's

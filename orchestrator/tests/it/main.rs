@@ -3,6 +3,7 @@
 
 mod access;
 mod batches;
+mod cutoff;
 mod definitions;
 mod helpers;
 mod hostile;
@@ -412,6 +413,7 @@ async fn instances_starting_at_once_all_create_and_migrate_their_schema() {
         database_url: database.url(),
         database_schema: None,
         database_max_connections: 1,
+        ..messaging::config::DatabaseConfig::to("")
     };
     let mut starts = tokio::task::JoinSet::new();
     let instances = 16;

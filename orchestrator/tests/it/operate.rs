@@ -693,6 +693,7 @@ async fn dead_letter_marks_are_swept_as_fast_as_they_fill() {
         database_url: system.database_url().to_owned(),
         database_schema: Some("sweep_check".into()),
         database_max_connections: 1,
+        ..DatabaseConfig::to("")
     };
     let (pool, _) = messaging::db::open(&database, "sweep_check", &[])
         .await

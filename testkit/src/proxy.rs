@@ -1,0 +1,166 @@
+//! A TCP proxy that can cut a link the way a network partition does, without root: it
+//! forwards every connection to its upstream until [`CutProxy::cut`], then stops forwarding
+//! in both directions while keeping every socket open, so that nothing is refused or reset and
+//! both ends wait for answers that do not come (as when packets are dropped), until
+//! [`CutProxy::heal`], when what waited goes through. A connection made while the link is cut
+//! is accepted (by the kernel) but not connected upstream until it heals.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The proxy, listening on a port of its own on 127.0.0.1; dropping it stops it and closes
+/// every connection through it.
+#[derive(Debug)]
+pub struct CutProxy {
+    addr: SocketAddr,
+    cut: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// A proxy to `upstream`, not cut.
+    ///
+    /// # Panics
+    /// When no port can be bound: the test cannot run.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let (cut, watch) = watch::channel(false);
+        let accept = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                connections.spawn(forward(client, upstream, watch.clone()));
+                // Reap the finished ones so the set does not grow.
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Self { addr, cut, accept }
+    }
+
+    /// Where to connect instead of the upstream.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops forwarding, both ways, on every connection (the sockets stay open).
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Forwards again, what waited first.
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        // The connections' tasks are the accept task's JoinSet's: aborted with it.
+        self.accept.abort();
+    }
+}
+
+/// Forwards one connection through `cut`, once the link is whole.
+async fn forward(client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<bool>) {
+    if !whole(&mut cut).await {
+        return;
+    }
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::join!(
+        pump(client_read, server_write, cut.clone()),
+        pump(server_read, client_write, cut),
+    );
+}
+
+/// Waits until the link is not cut; `false` when the proxy is gone.
+async fn whole(cut: &mut watch::Receiver<bool>) -> bool {
+    cut.wait_for(|cut| !cut).await.is_ok()
+}
+
+/// Copies `from` to `to` while the link is whole. Nothing is read while it is cut, so the
+/// sender's data waits in the kernel's buffers (and its writes block once they are full); a
+/// chunk read just before a cut waits for the heal.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if !whole(&mut cut).await {
+            return;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            // Cut while waiting to read: stop reading.
+            changed = cut.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if !whole(&mut cut).await || to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An echo server's answers stop at the cut, the socket staying open, and come after the
+    /// heal.
+    #[tokio::test]
+    async fn a_cut_link_stays_open_and_silent_until_healed() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = socket.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        let proxy = CutProxy::start(upstream).await;
+        let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
+        let mut answer = [0u8; 4];
+        client.write_all(b"ping").await.expect("write");
+        client.read_exact(&mut answer).await.expect("echo");
+        assert_eq!(&answer, b"ping");
+
+        proxy.cut();
+        client.write_all(b"pong").await.expect("write while cut");
+        let silent =
+            tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut answer)).await;
+        assert!(silent.is_err(), "no answer through a cut link");
+
+        proxy.heal();
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut answer))
+            .await
+            .expect("the answer after the heal")
+            .expect("read");
+        assert_eq!(&answer, b"pong");
+    }
+}
