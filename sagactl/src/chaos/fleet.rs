@@ -67,6 +67,7 @@ impl Fleet {
             ]
             .into_iter()
             .chain(fleet_env)
+            .chain(network_env(args))
             .collect(),
             instances,
             netns,
@@ -160,6 +161,19 @@ impl Fleet {
             }
         }
     }
+}
+
+/// What a network run gives every service besides: shorter database bounds than the defaults
+/// (10 s a call, giving up its partitions after 15 s), so that a link fault of a few seconds
+/// makes an instance cut off from PostgreSQL give its partitions up and join again.
+fn network_env(args: &ChaosArgs) -> Vec<(String, String)> {
+    if !args.network {
+        return Vec::new();
+    }
+    vec![
+        ("DATABASE_CALL_TIMEOUT_MS".into(), "2000".into()),
+        ("DATABASE_GIVE_UP_AFTER_MS".into(), "4000".into()),
+    ]
 }
 
 /// The names of the run's processes, with their binaries: --orchestrators orchestrators
