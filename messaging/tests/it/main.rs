@@ -3,4 +3,5 @@
 //! its own.
 
 mod relay;
+mod retention;
 mod roles;

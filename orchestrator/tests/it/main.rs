@@ -12,6 +12,7 @@ mod operate;
 mod recovery;
 mod returns;
 mod roles;
+mod scale;
 mod typed;
 
 use events::Envelope;
