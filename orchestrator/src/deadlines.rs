@@ -53,16 +53,18 @@ const PARTITION_COUNT_EVERY: Duration = Duration::from_secs(300);
 /// Which sagas this instance scans: those of the partitions of `topic` its consumer holds.
 pub struct Ownership {
     /// The consumer's assignment ([`messaging::pipeline::Pipeline::assignment`]).
-    pub assignment: watch::Receiver<Owned>,
+    assignment: watch::Receiver<Owned>,
     /// The topic the work is shared by: `saga.replies`.
-    pub topic: String,
+    topic: String,
     /// Where the topic's partition count is read.
-    pub kafka: KafkaConfig,
+    kafka: KafkaConfig,
     /// The partition count last read, and when.
     partitions: Option<(i32, Instant)>,
 }
 
 impl Ownership {
+    /// The share of the consumer whose assignment `assignment` follows, by `topic`'s
+    /// partitions (their count read through `kafka`).
     pub fn new(assignment: watch::Receiver<Owned>, topic: String, kafka: KafkaConfig) -> Self {
         Self {
             assignment,
