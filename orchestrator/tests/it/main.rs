@@ -391,20 +391,28 @@ async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
         .await
         .expect("create topic");
     let producer = messaging::kafka::producer(&config).expect("producer");
+    let sent_to = |key: &'static str| {
+        let (producer, topic) = (&producer, &topic);
+        async move {
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(topic)
+                        .key(key)
+                        .payload("{}"),
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                .expect("delivered")
+                .partition
+        }
+    };
+    let ours = |key: &str| {
+        messaging::partitioner::partition_of(messaging::partitioner::key_hash(key.as_bytes()), 4)
+    };
     for (key, expected) in java_partitions {
-        let delivery = producer
-            .send(
-                rdkafka::producer::FutureRecord::to(&topic)
-                    .key(key)
-                    .payload("{}"),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .expect("delivered");
-        assert_eq!(delivery.partition, expected, "partition of key {key}");
-        let hash = messaging::partitioner::key_hash(key.as_bytes());
+        assert_eq!(sent_to(key).await, expected, "partition of key {key}");
         assert_eq!(
-            messaging::partitioner::partition_of(hash, 4),
+            ours(key),
             expected,
             "the partitioner's partition of key {key}"
         );
@@ -421,19 +429,9 @@ async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
         "order-123",
         "order-1234",
     ] {
-        let delivery = producer
-            .send(
-                rdkafka::producer::FutureRecord::to(&topic)
-                    .key(key)
-                    .payload("{}"),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .expect("delivered");
-        let hash = messaging::partitioner::key_hash(key.as_bytes());
         assert_eq!(
-            messaging::partitioner::partition_of(hash, 4),
-            delivery.partition,
+            ours(key),
+            sent_to(key).await,
             "the partitioner's partition of key {key:?}"
         );
     }
