@@ -458,8 +458,8 @@ impl TestSystem {
         self.wait_for_participants().await;
     }
 
-    /// The orchestrator binary with this deployment's settings and `env` on top, its API on
-    /// a free port (returned).
+    /// The orchestrator binary with this deployment's settings and `env` on top (a name with
+    /// an empty value removed), its API on a free port (returned).
     fn orchestrator_command(&self, env: &[(&str, &str)]) -> (tokio::process::Command, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -478,6 +478,10 @@ impl TestSystem {
             .env("SAGAS_DIR", sagas_dir())
             .envs(env.iter().copied())
             .kill_on_drop(true);
+        // An empty value removes the setting (static membership, say).
+        for (name, _) in env.iter().filter(|(_, value)| value.is_empty()) {
+            command.env_remove(name);
+        }
         (command, port)
     }
 

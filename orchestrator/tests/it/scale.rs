@@ -156,6 +156,95 @@ async fn two_instances_share_the_deadlines_by_partition_and_the_survivor_takes_o
     system.stop().await;
 }
 
+/// How many deadline lines the sagas' histories hold.
+async fn deadline_lines(db: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM saga_history WHERE decision = 'deadline'")
+        .fetch_one(db)
+        .await
+        .expect("count the deadline lines")
+}
+
+/// An orchestrator cut off from the brokers (its broker stopped dead, SIGSTOP) while its
+/// database works: once its group session lapses librdkafka revokes its partitions as lost,
+/// and its scanner stops scanning their sagas (the group gives them to an instance that can
+/// reach the brokers); when the brokers answer again it takes its partitions, and the scan,
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_the_brokers_stops_scanning_until_it_is_back() {
+    let broker = crate::helpers::PrivateBroker::start();
+    let system = TestSystem::start_with(Options {
+        without: vec!["orchestrator", "inventory"],
+        brokers: Some(broker.addr.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (mut orchestrator, http) = system
+        .spawn_orchestrator_instance(&[
+            ("KAFKA_BROKERS", broker.addr.as_str()),
+            // A dynamic member: a static one whose session lapsed is fenced when it rejoins,
+            // which ends the process for its supervisor to restart (ARCHITECTURE.md, "The
+            // broker and consumer groups"); this one rejoins in place.
+            ("KAFKA_GROUP_INSTANCE_ID", ""),
+            ("STEP_TIMEOUT_MS", "300"),
+            ("RETRY_MAX_TIMEOUT_MS", "1000"),
+            ("STEP_MAX_ATTEMPTS", "1000"),
+            ("DEADLINE_SCAN_INTERVAL_MS", "50"),
+        ])
+        .await;
+    let scanned = || async {
+        samples(&system.metrics_of(&http).await, SCANNED)
+            .get("")
+            .copied()
+    };
+    eventually_within(
+        Duration::from_secs(30),
+        "the instance to scan both partitions of saga.replies",
+        || async { (scanned().await == Some(2.0)).then_some(()) },
+    )
+    .await;
+    let db = system.schema("orchestrator").await;
+    for _ in 0..4 {
+        system.place(&order("alice", "WIDGET", 1, "DE")).await;
+    }
+    eventually_within(Duration::from_secs(30), "deadlines to fire", || async {
+        (deadline_lines(&db).await >= 8).then_some(())
+    })
+    .await;
+
+    broker.signal("-STOP");
+    // The session lapses after 6 s without an answer from the coordinator.
+    eventually_within(
+        Duration::from_secs(40),
+        "the cut-off instance to scan no partition",
+        || async { (scanned().await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let stopped_at = deadline_lines(&db).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        deadline_lines(&db).await,
+        stopped_at,
+        "an instance that lost its partitions fired their deadlines"
+    );
+
+    broker.signal("-CONT");
+    eventually_within(
+        Duration::from_secs(60),
+        "the instance to take its partitions back",
+        || async { (scanned().await == Some(2.0)).then_some(()) },
+    )
+    .await;
+    eventually_within(
+        Duration::from_secs(30),
+        "deadlines to fire again",
+        || async { (deadline_lines(&db).await > stopped_at).then_some(()) },
+    )
+    .await;
+    orchestrator.kill().await.expect("kill the orchestrator");
+    db.close().await;
+    system.stop().await;
+}
+
 /// A write whose saga moved on since the writer read it is refused by the row's version and
 /// counted in `saga_stale_writes_refused_total` by who wrote it: one saga through the one-row
 /// statement (an operator's action, a deadline), two through the consume loop's set-wise one.
