@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
+use crate::assignment::{Assignment, Owned};
 use crate::{Error, Result};
 
 /// The environment variable (and flag) that names the client properties file.
@@ -515,10 +516,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The client context of every client the project makes: librdkafka's log lines and errors go
 /// to `tracing` (a failed SASL handshake or certificate check is explained only there), and
 /// refusals to the connection's [`AccessWatch`]. Consumers also turn librdkafka's statistics
-/// into the lag gauge ([`crate::metrics::report_lag`]).
+/// into the lag gauge ([`crate::metrics::report_lag`]), and the pipeline's consumer keeps its
+/// [`Assignment`] up to date from the rebalance callbacks.
 #[derive(Clone, Debug, Default)]
 pub struct WatchedContext {
     pub access: AccessWatch,
+    /// Where a consumer reports the partitions it holds; `None` for every other client.
+    pub assignment: Option<Assignment>,
 }
 
 impl ClientContext for WatchedContext {
@@ -558,7 +562,37 @@ impl ClientContext for WatchedContext {
     }
 }
 
-impl ConsumerContext for WatchedContext {}
+impl ConsumerContext for WatchedContext {
+    /// Partitions being revoked, or lost with a session that lapsed, stop counting as held
+    /// before librdkafka gives them up, so work shared by partition stops first.
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Some(assignment), Rebalance::Revoke(revoked)) = (&self.assignment, rebalance) {
+            assignment.revoking(revoked);
+        }
+    }
+
+    /// After any rebalance the consumer's own assignment is the truth: whole under the eager
+    /// protocol and the incremental one alike (empty after a rebalance that failed, which rdkafka
+    /// answers by unassigning).
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Some(assignment) = &self.assignment else {
+            return;
+        };
+        match consumer.assignment() {
+            Ok(held) => {
+                let held = Owned::of_list(&held);
+                tracing::info!(partitions = ?held, ?rebalance, "the consumer's assignment changed");
+                assignment.set(held);
+            }
+            // Not knowing what is held, hold nothing: the work waits for the next rebalance
+            // rather than risk being done by two instances.
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot read the consumer's assignment");
+                assignment.clear();
+            }
+        }
+    }
+}
 
 /// For the start-up check's metadata client, which produces nothing.
 impl rdkafka::producer::ProducerContext for WatchedContext {

@@ -106,6 +106,16 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// The cluster's metadata gives no partitions for a topic (it is missing, or its
+    /// metadata carries an error code).
+    #[error("the cluster gives no partitions for topic `{topic}`{}", match code {
+        Some(code) => format!(": {code}"),
+        None => String::new(),
+    })]
+    PartitionCount {
+        topic: String,
+        code: Option<rdkafka::types::RDKafkaErrorCode>,
+    },
     #[error("creating topic `{topic}` failed")]
     CreateTopic {
         topic: String,

@@ -138,6 +138,7 @@ pub fn producer_with_timeout(config: &KafkaConfig, message_timeout: Duration) ->
 fn watched(connection: &KafkaConnection) -> WatchedContext {
     WatchedContext {
         access: connection.access.clone(),
+        assignment: None,
     }
 }
 
@@ -180,6 +181,27 @@ pub fn inject_fatal_error(producer: &Producer) {
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
 pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
+    consumer_with(config, group, None)
+}
+
+/// [`consumer`], keeping `assignment` up to date with the partitions it holds (the rebalance
+/// callbacks: [`crate::assignment`]).
+///
+/// # Errors
+/// [`Error::Kafka`] when librdkafka refuses the configuration.
+pub fn consumer_reporting(
+    config: &KafkaConfig,
+    group: &str,
+    assignment: &crate::assignment::Assignment,
+) -> Result<Consumer> {
+    consumer_with(config, group, Some(assignment.clone()))
+}
+
+fn consumer_with(
+    config: &KafkaConfig,
+    group: &str,
+    assignment: Option<crate::assignment::Assignment>,
+) -> Result<Consumer> {
     let mut client = base(config)?;
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
@@ -208,7 +230,10 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
         // Feeds the consumer-lag gauge.
         .set("statistics.interval.ms", "1000")
-        .create_with_context(watched(&config.connection))
+        .create_with_context(WatchedContext {
+            assignment,
+            ..watched(&config.connection)
+        })
         .map_err(creating(
             &format!("consumer for group {group}"),
             &config.connection,
@@ -368,4 +393,48 @@ fn missing_topics(
         // Anything else (a leader election, say): the topic exists.
     }
     Ok(missing)
+}
+
+/// How many partitions `topic` has, as the cluster's metadata says (a client of its own, for
+/// at most 5 s).
+///
+/// # Errors
+/// [`Error::Kafka`] when the cluster does not answer; [`Error::PartitionCount`] when it gives
+/// no partitions for the topic (unknown, or refused).
+pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32> {
+    let settings = base(config)?;
+    let context = watched(&config.connection);
+    let description = config.connection.describe();
+    let topic = topic.to_owned();
+    let asked = tokio::task::spawn_blocking(move || {
+        let client: BaseProducer<WatchedContext> =
+            settings
+                .create_with_context(context)
+                .map_err(Error::kafka(format!(
+                    "creating a metadata client ({description})"
+                )))?;
+        let metadata = client
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .map_err(Error::kafka(format!(
+                "reading the metadata of {topic} ({description})"
+            )))?;
+        match metadata.topics().first() {
+            Some(found) if found.error().is_none() && !found.partitions().is_empty() => {
+                Ok(i32::try_from(found.partitions().len()).unwrap_or(i32::MAX))
+            }
+            found => Err(Error::PartitionCount {
+                topic,
+                code: found
+                    .and_then(|found| found.error())
+                    .map(RDKafkaErrorCode::from),
+            }),
+        }
+    })
+    .await
+    .map_err(|source| Error::TaskFailed {
+        task: "the partition count",
+        source,
+    })?;
+    asked
 }

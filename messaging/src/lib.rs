@@ -11,6 +11,9 @@
 //! - [`retention`]: deletes inbox rows once they are older than any redelivery.
 //! - [`headers`]: record headers read as bytes, whatever a producer put in them (from
 //!   `kafka-record`, which also reads the record, its trace headers and its dead-letter copy).
+//! - [`assignment`], [`partitioner`]: the partitions the consumer holds now, and the
+//!   partition a key lands on, for work shared between instances by partition (the
+//!   orchestrator's deadline scanner).
 //! - [`kafka`], [`access`], [`db`]: client settings (a secured cluster's too), topic creation,
 //!   pools, schemas and migrations.
 //! - [`provision`]: the admin step that gives each service its own PostgreSQL role and schema.
@@ -23,6 +26,7 @@
 //! No handler talks to Kafka directly: everything it sends goes through the outbox.
 
 pub mod access;
+pub mod assignment;
 pub mod backoff;
 pub mod config;
 pub mod consumer;
@@ -33,6 +37,7 @@ pub mod inbox;
 pub mod kafka;
 pub mod metrics;
 pub mod outbox;
+pub mod partitioner;
 pub mod pipeline;
 pub mod provision;
 pub mod relay;

@@ -172,6 +172,10 @@ pub fn health_response(health: &Health) -> axum::response::Response {
 
 fn describe() {
     metrics::describe_counter!(
+        crate::retention::SWEEPS_RUN,
+        "Retention sweeps this instance ran (it held the sweep's lease), by sweep."
+    );
+    metrics::describe_counter!(
         CONSUMERS_REPLACED,
         "Kafka consumers replaced by a new one because they received nothing while their partitions held records to read (librdkafka stuck on a topic created again)."
     );

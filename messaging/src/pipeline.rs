@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::assignment::Assignment;
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig, RetentionConfig};
 use crate::consumer::{self, ConsumeSettings, DeadLetters, Deadlines, Ended, Handler};
 use crate::health::Health;
@@ -33,6 +34,8 @@ pub struct Pipeline {
     pub health: Health,
     /// How long the consume loop waits for the database, and when it gives up its partitions.
     pub deadlines: Deadlines,
+    /// The partitions its consumer holds, kept up to date for work shared by partition.
+    pub assignment: Assignment,
 }
 
 impl Pipeline {
@@ -113,10 +116,13 @@ impl Pipeline {
         let retention = {
             let pool = pool.clone();
             let config = self.retention.clone();
+            let what = "inbox retention";
+            let lease = retention::Lease::new(pool.clone(), what, config.sweep_interval());
             tokio::spawn(retention::every(
-                "inbox retention",
+                what,
                 config.sweep_interval(),
                 stop.clone(),
+                lease,
                 move || {
                     let pool = pool.clone();
                     let config = config.clone();
@@ -148,8 +154,13 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         loop {
-            let consumer = kafka::consumer(&self.kafka, &self.group)?;
-            match consumer::run(consumer, pool.clone(), handler, settings, shutdown.clone()).await {
+            let consumer = kafka::consumer_reporting(&self.kafka, &self.group, &self.assignment)?;
+            let ended =
+                consumer::run(consumer, pool.clone(), handler, settings, shutdown.clone()).await;
+            // Whatever ended it, the consumer is gone and holds nothing (its replacement
+            // reports its own partitions once it has them).
+            self.assignment.clear();
+            match ended {
                 Err(crate::Error::ConsumerStuck(why)) => {
                     tracing::error!(reason = %why, "the consumer is stuck; replacing it");
                     ::metrics::counter!(metrics::CONSUMERS_REPLACED).increment(1);

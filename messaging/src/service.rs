@@ -111,6 +111,7 @@ where
             faults: config.faults.clone(),
             health: self.health.clone(),
             deadlines: crate::consumer::Deadlines::of(&config.database),
+            assignment: crate::assignment::Assignment::default(),
         }
     }
 
@@ -124,8 +125,9 @@ where
     }
 
     /// Runs `sweep` on the service's pool every `RETENTION_SWEEP_INTERVAL_MS` (and again at
-    /// once after a full batch: [`crate::retention::every`]) until shutdown; `what` names it
-    /// in the logs.
+    /// once after a full batch: [`crate::retention::every`]) until shutdown, in one instance of
+    /// the service at a time (the one holding the sweep's lease, [`crate::retention::Lease`]);
+    /// `what` names it in the logs, the lease and the metrics.
     pub fn sweep<F, Fut>(&mut self, what: &'static str, sweep: F)
     where
         F: Fn(PgPool) -> Fut + Send + 'static,
@@ -134,9 +136,10 @@ where
         let interval = self.config.retention.sweep_interval();
         let pool = self.pool.clone();
         let stop = self.shutdown().clone();
+        let lease = crate::retention::Lease::new(pool.clone(), what, interval);
         self.supervisor.spawn_infallible(
             what,
-            crate::retention::every(what, interval, stop, move || sweep(pool.clone())),
+            crate::retention::every(what, interval, stop, lease, move || sweep(pool.clone())),
         );
     }
 

@@ -2,14 +2,34 @@
 //! (send the command again with the next attempt, or give up on the step).
 //!
 //! Deadlines live in the `sagas` table, so they survive restarts: a new orchestrator picks up
-//! every overdue saga on its first scan. Several instances can scan at once: rows are claimed
-//! with `FOR UPDATE SKIP LOCKED`, and every update checks the saga's version.
+//! every overdue saga on its first scan.
+//!
+//! **The work is shared by partition**, as the consume loop shares the replies: an instance
+//! scans only the sagas whose partition of `saga.replies` its consumer holds now (a saga's
+//! `key_hash`, the producers' murmur2 of its key, modulo that topic's partition count, read
+//! from the cluster's metadata after every rebalance and every few minutes). The replies
+//! topic decides because a reply is the other thing that moves a running saga: the instance
+//! that takes a saga's replies also fires its deadlines, whatever partition count the trigger
+//! topics have. The consumer's rebalance callbacks keep the assignment
+//! ([`messaging::assignment`]): partitions being revoked, or lost when this instance was cut
+//! off from the brokers long enough for its session to lapse, leave the share before
+//! librdkafka gives them up, and a consumer that ended holds none. During a rebalance a
+//! partition may have no scanner for a moment; its deadlines then fire a little late, never
+//! twice. Sagas stored before the split (no `key_hash`) are every instance's, as before.
+//!
+//! The split saves the work; it is not what keeps a saga from being decided twice. Rows are
+//! claimed with `FOR UPDATE SKIP LOCKED` and every update checks the saga's version (a
+//! refused write is counted: [`crate::metrics::STALE_WRITES_REFUSED`]), so an instance that
+//! still scans a partition it has just lost cannot undo what the new owner decided.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use events::Topics;
+use messaging::assignment::Owned;
+use messaging::config::KafkaConfig;
 use rand::Rng;
 use sqlx::PgPool;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use messaging::outbox::{Outbox, Wake};
@@ -17,7 +37,7 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::handler::{commit_decision, definition_of, join_saga_trace};
-use crate::store::{self, HistoryDecision, HistoryEntry};
+use crate::store::{self, HistoryDecision, HistoryEntry, Share};
 use crate::Result;
 
 /// Sagas handled per scan transaction.
@@ -26,6 +46,72 @@ const BATCH: i64 = 64;
 const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// A skew beyond which the comparison is logged as a warning.
 const CLOCK_SKEW_WARN_SECS: f64 = 1.0;
+/// How often the partition count of the topic the scanner shares by is read again when no
+/// rebalance said so (a topic given more partitions rebalances the group anyway).
+const PARTITION_COUNT_EVERY: Duration = Duration::from_secs(300);
+
+/// Which sagas this instance scans: those of the partitions of `topic` its consumer holds.
+pub struct Ownership {
+    /// The consumer's assignment ([`messaging::pipeline::Pipeline::assignment`]).
+    assignment: watch::Receiver<Owned>,
+    /// The topic the work is shared by: `saga.replies`.
+    topic: String,
+    /// Where the topic's partition count is read.
+    kafka: KafkaConfig,
+    /// The partition count last read, and when.
+    partitions: Option<(i32, Instant)>,
+}
+
+impl Ownership {
+    /// The share of the consumer whose assignment `assignment` follows, by `topic`'s
+    /// partitions (their count read through `kafka`).
+    pub fn new(assignment: watch::Receiver<Owned>, topic: String, kafka: KafkaConfig) -> Self {
+        Self {
+            assignment,
+            topic,
+            kafka,
+            partitions: None,
+        }
+    }
+
+    /// The share to scan now: `None` while the consumer holds no partition of the topic, or
+    /// its partition count was never read (the brokers unreachable since the start).
+    async fn share(&mut self) -> Option<Share> {
+        let rebalanced = self.assignment.has_changed().unwrap_or(false);
+        let owned = self
+            .assignment
+            .borrow_and_update()
+            .partitions_of(&self.topic);
+        let count_stale = self
+            .partitions
+            .is_none_or(|(_, at)| at.elapsed() >= PARTITION_COUNT_EVERY);
+        if !owned.is_empty() && (rebalanced || count_stale) {
+            match messaging::kafka::partition_count(&self.kafka, &self.topic).await {
+                Ok(count) => {
+                    if self.partitions.map(|(known, _)| known) != Some(count) {
+                        tracing::info!(topic = %self.topic, partitions = count, "the deadline scanner shares by this topic's partitions");
+                    }
+                    self.partitions = Some((count, Instant::now()));
+                }
+                // The count last read stays (a partition count only grows); without one, no
+                // scan until it can be read.
+                Err(e) => {
+                    tracing::warn!(error.message = %messaging::Chain(&e), topic = %self.topic, "cannot read the partition count; the deadline scanner keeps the last one")
+                }
+            }
+        }
+        if rebalanced {
+            tracing::info!(partitions = ?owned, topic = %self.topic, "the deadline scanner's share changed");
+        }
+        let scanned = match self.partitions {
+            Some(_) => owned.len(),
+            None => 0,
+        };
+        metrics::gauge!(crate::metrics::DEADLINE_SCAN_PARTITIONS).set(scanned as f64);
+        let (partitions, _) = self.partitions?;
+        (!owned.is_empty()).then_some(Share { partitions, owned })
+    }
+}
 
 pub struct DeadlineScanner {
     pub pool: PgPool,
@@ -42,10 +128,12 @@ pub struct DeadlineScanner {
     /// The longest wait for one scan (`DATABASE_CALL_TIMEOUT_MS`): a scan the database does
     /// not answer is abandoned and counts as failed, and the stop does not wait for it.
     pub call_timeout: Duration,
+    /// The sagas it scans (module header).
+    pub ownership: Ownership,
 }
 
 impl DeadlineScanner {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut clock_checked: Option<std::time::Instant> = None;
         loop {
             if clock_checked.is_none_or(|at| at.elapsed() >= CLOCK_CHECK_EVERY) {
@@ -56,7 +144,19 @@ impl DeadlineScanner {
                     _ = shutdown.cancelled() => return,
                 }
             }
-            let scan = tokio::time::timeout(self.call_timeout, self.fire_due());
+            let share = tokio::select! {
+                share = self.ownership.share() => share,
+                _ = shutdown.cancelled() => return,
+            };
+            let Some(share) = share else {
+                // Nothing held: look again after an interval.
+                tokio::select! {
+                    _ = tokio::time::sleep(self.interval) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            };
+            let scan = tokio::time::timeout(self.call_timeout, self.fire_due(&share));
             let scanned = tokio::select! {
                 scanned = scan => scanned.unwrap_or_else(|_| {
                     let limit = self.call_timeout;
@@ -107,11 +207,11 @@ impl DeadlineScanner {
         }
     }
 
-    /// Handles one batch of overdue sagas (due by the database's clock) in one transaction;
-    /// returns how many it handled.
-    async fn fire_due(&self) -> Result<i64> {
+    /// Handles one batch of the overdue sagas of `share` (due by the database's clock) in one
+    /// transaction; returns how many it handled.
+    async fn fire_due(&self, share: &Share) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let store::Locked { sagas: due, now } = store::lock_due(&mut tx, BATCH).await?;
+        let store::Locked { sagas: due, now } = store::lock_due(&mut tx, share, BATCH).await?;
         let mut outbox = Outbox::default();
         for (saga, version) in &due {
             // A saga was locked, so its statement read the database's time.
@@ -151,6 +251,12 @@ impl DeadlineScanner {
         }
         outbox.write(&mut tx, Wake::Notify).await?;
         tx.commit().await?;
+        for (saga, _) in &due {
+            let hash = messaging::partitioner::key_hash(saga.key.as_bytes());
+            let partition = messaging::partitioner::partition_of(hash, share.partitions);
+            metrics::counter!(crate::metrics::DEADLINES_HANDLED, "partition" => partition.to_string())
+                .increment(1);
+        }
         Ok(i64::try_from(due.len()).unwrap_or(BATCH))
     }
 }

@@ -172,7 +172,7 @@ impl OrchestratorHandler {
                 })
             })
             .collect();
-        store::save_transitions(tx, &updates, &history).await?;
+        store::save_transitions(tx, &updates, &history, store::Writer::Consume).await?;
         Ok(())
     }
 
@@ -358,9 +358,14 @@ pub(crate) async fn commit_decision(
     decision: Decision,
     entry: HistoryEntry,
 ) -> crate::Result<Option<Saga>> {
+    // Its history line says which: an operator's action, else a deadline.
+    let writer = match entry.decision {
+        HistoryDecision::Operator => store::Writer::Operator,
+        _ => store::Writer::Deadline,
+    };
     let (next, entry) = note_decision(topics, outbox, saga, version, decision, entry, None);
     match &next {
-        Some(next) => store::update_saga(tx, next, version, &entry).await?,
+        Some(next) => store::update_saga(tx, next, version, &entry, writer).await?,
         None => store::append_history(tx, saga.id, &entry).await?,
     }
     Ok(next)

@@ -82,12 +82,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let consumed_topics = ensure_topics(&config, &topics, &catalog).await?;
 
     let state = app_state(&config, gate, api_pool.clone(), &topics, &catalog, &service)?;
-    run_background(&mut service, &config, &state);
     let pipeline = service.pipeline(
         config.group.as_deref(),
         consumed_topics,
         topics.dead_letters(),
     );
+    run_background(&mut service, &config, &state, &pipeline);
     service.consume(pipeline, handler::OrchestratorHandler::new(topics, catalog));
     serve_http(&mut service, &config, listener, ops_listener, state)?;
     let ended = service.run().await;
@@ -156,8 +156,14 @@ fn app_state(
 }
 
 /// The orchestrator's own background work: the watch feed, the token file's reloads, the
-/// deadline scanner and the saga tables' retention.
-fn run_background(service: &mut Service<Error>, config: &Config, state: &api::AppState) {
+/// deadline scanner (which scans the sagas of the partitions `pipeline`'s consumer holds) and
+/// the saga tables' retention.
+fn run_background(
+    service: &mut Service<Error>,
+    config: &Config,
+    state: &api::AppState,
+    pipeline: &messaging::pipeline::Pipeline,
+) {
     let shutdown = service.shutdown().clone();
     service.spawn_infallible("watch feed", state.watch.clone().run(shutdown.clone()));
     // It never fails: a bad file is reported and the old list kept.
@@ -182,6 +188,11 @@ fn run_background(service: &mut Service<Error>, config: &Config, state: &api::Ap
         clock: clock::Clock::skewed(config.fault_clock_skew_secs),
         health: service.health().clone(),
         call_timeout: config.service.database.call_timeout(),
+        ownership: deadlines::Ownership::new(
+            pipeline.assignment.subscribe(),
+            state.topics.replies(),
+            config.service.kafka.clone(),
+        ),
     };
     service.spawn_infallible("deadline scanner", scanner.run(shutdown));
     let retention_secs = config.saga_retention_secs;

@@ -23,6 +23,16 @@ pub const STEP_RETRIES: &str = "saga_step_retries_total";
 pub const OPERATOR_ACTIONS: &str = "saga_operator_actions_total";
 /// How far this instance's clock is ahead of the database's (behind when negative).
 pub const CLOCK_SKEW: &str = "orchestrator_clock_skew_seconds";
+/// Saga writes the row's version refused (another writer moved the saga since it was read),
+/// by `source`: `consume`, `deadline`, `operator`. Every writer locks the row first, so this
+/// stays 0 unless that fence fails; the version is the second one.
+pub const STALE_WRITES_REFUSED: &str = "saga_stale_writes_refused_total";
+/// Overdue sagas this instance's deadline scanner handled, by `partition` (of `saga.replies`,
+/// which the scanner shares by: [`crate::deadlines`]).
+pub const DEADLINES_HANDLED: &str = "saga_deadlines_handled_total";
+/// How many partitions of `saga.replies` this instance's deadline scanner scans now (those its
+/// consumer holds).
+pub const DEADLINE_SCAN_PARTITIONS: &str = "saga_deadline_scan_partitions";
 
 pub fn describe() {
     metrics::describe_counter!(SAGAS_STARTED, "Sagas started.");
@@ -42,12 +52,43 @@ pub fn describe() {
         "Commands re-sent after their deadline passed."
     );
     metrics::describe_counter!(OPERATOR_ACTIONS, "Operator actions applied.");
+    metrics::describe_counter!(
+        STALE_WRITES_REFUSED,
+        "Saga writes refused by the row's version (another writer moved the saga first), by \
+         source."
+    );
+    // Shown at 0 from the start, so that a report reads "none refused" rather than nothing.
+    for writer in [
+        crate::store::Writer::Consume,
+        crate::store::Writer::Deadline,
+        crate::store::Writer::Operator,
+    ] {
+        metrics::counter!(STALE_WRITES_REFUSED, "source" => writer.as_str()).increment(0);
+    }
+    metrics::describe_counter!(
+        DEADLINES_HANDLED,
+        "Overdue sagas this instance's deadline scanner handled, by partition of saga.replies."
+    );
+    metrics::describe_gauge!(
+        DEADLINE_SCAN_PARTITIONS,
+        "Partitions of saga.replies whose sagas this instance's deadline scanner scans."
+    );
     metrics::describe_gauge!(
         CLOCK_SKEW,
         metrics::Unit::Seconds,
         "How far this instance's clock is ahead of the database's; saga deadlines and times \
          follow the database's whatever it is."
     );
+}
+
+/// `count` writes of `writer` refused by the saga row's version.
+pub fn stale_writes_refused(writer: crate::store::Writer, count: u64) {
+    tracing::warn!(
+        source = writer.as_str(),
+        count,
+        "saga writes refused: the row moved on since it was read"
+    );
+    metrics::counter!(STALE_WRITES_REFUSED, "source" => writer.as_str()).increment(count);
 }
 
 pub fn clock_skew(seconds: f64) {

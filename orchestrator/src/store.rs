@@ -145,7 +145,8 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 /// Stores a new saga and its first history line (`started`) unless a saga of its type and key
 /// started already (even one swept since: `saga_dedup`), with the trace context of its trigger
-/// (`trace_parent`). Returns whether it was stored. One statement: the saga costs one round trip, whatever it has to touch.
+/// (`trace_parent`), and its key's hash (`key_hash`: which partition its messages take, for the
+/// deadline scanners' split). Returns whether it was stored. One statement: the saga costs one round trip, whatever it has to touch.
 pub async fn insert_saga(
     tx: &mut PgConnection,
     saga: &Saga,
@@ -159,8 +160,10 @@ pub async fn insert_saga(
          ), saga AS (
              INSERT INTO sagas (id, saga_key, state, order_data, steps, failure_reason,
                                 definition_version, version, created_at, updated_at, finished_at,
-                                deadline_at, current_step, trace_parent, definition_name)
-             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $20 FROM first
+                                deadline_at, current_step, trace_parent, definition_name,
+                                key_hash)
+             SELECT saga_id, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $20, $21
+             FROM first
              ON CONFLICT (definition_name, saga_key) DO NOTHING RETURNING id
          ), noted AS (
              INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
@@ -187,6 +190,7 @@ pub async fn insert_saga(
         started.detail,
         StoredState(started.state_after) as StoredState,
         saga.definition_name,
+        messaging::partitioner::key_hash(saga.key.as_bytes()),
     )
     .fetch_one(tx)
     .await?;
@@ -271,6 +275,25 @@ pub async fn lock_sagas(
     })
 }
 
+/// Who writes a saga: the consume loop (a reply), the deadline scanner or an operator's action.
+/// A write its row's version refuses is counted by it ([`crate::metrics::STALE_WRITES_REFUSED`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    Consume,
+    Deadline,
+    Operator,
+}
+
+impl Writer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Consume => "consume",
+            Self::Deadline => "deadline",
+            Self::Operator => "operator",
+        }
+    }
+}
+
 /// A saga's new state for [`save_transitions`]: written if its row is still at `expected_version`.
 pub struct SagaUpdate<'a> {
     pub saga: &'a Saga,
@@ -290,15 +313,16 @@ pub async fn save_transitions(
     tx: &mut PgConnection,
     updates: &[SagaUpdate<'_>],
     history: &[(Uuid, HistoryEntry)],
+    writer: Writer,
 ) -> Result<()> {
     match (updates, history) {
         ([update], [(saga_id, entry)])
             if *saga_id == update.saga.id && update.new_version == update.expected_version + 1 =>
         {
-            update_saga(tx, update.saga, update.expected_version, entry).await
+            update_saga(tx, update.saga, update.expected_version, entry, writer).await
         }
         _ => {
-            update_sagas(tx, updates).await?;
+            update_sagas(tx, updates, writer).await?;
             append_history_lines(tx, history).await
         }
     }
@@ -310,7 +334,11 @@ pub async fn save_transitions(
 /// # Errors
 /// [`Error::VersionConflict`] (naming the first saga) when any row changed since it was
 /// loaded; nothing should then be committed.
-async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Result<()> {
+async fn update_sagas(
+    tx: &mut PgConnection,
+    updates: &[SagaUpdate<'_>],
+    writer: Writer,
+) -> Result<()> {
     let Some(first) = updates.first() else {
         return Ok(());
     };
@@ -342,6 +370,7 @@ async fn update_sagas(tx: &mut PgConnection, updates: &[SagaUpdate<'_>]) -> Resu
     if updated == updates.len() as u64 {
         Ok(())
     } else {
+        crate::metrics::stale_writes_refused(writer, updates.len() as u64 - updated);
         Err(Error::VersionConflict {
             saga_id: first.saga.id,
             expected: first.expected_version,
@@ -376,7 +405,7 @@ async fn append_history_lines(tx: &mut PgConnection, lines: &[(Uuid, HistoryEntr
 }
 
 /// Writes `saga` over the stored row if that row is still at `expected_version`, and the
-/// history line `entry` of that transition, in one round trip.
+/// history line `entry` of that transition, in one round trip. `writer` counts a refusal.
 ///
 /// # Errors
 /// [`Error::VersionConflict`] when another writer got there first.
@@ -385,6 +414,7 @@ pub async fn update_saga(
     saga: &Saga,
     expected_version: i64,
     entry: &HistoryEntry,
+    writer: Writer,
 ) -> Result<()> {
     let updated = sqlx::query_scalar!(
         r#"WITH updated AS (
@@ -418,6 +448,7 @@ pub async fn update_saga(
     if updated == 1 {
         Ok(())
     } else {
+        crate::metrics::stale_writes_refused(writer, 1);
         Err(Error::VersionConflict {
             saga_id: saga.id,
             expected: expected_version,
@@ -425,18 +456,37 @@ pub async fn update_saga(
     }
 }
 
-/// Locks up to `limit` sagas whose deadline has passed, skipping those another transaction
-/// (another orchestrator instance, or a reply being handled) holds, oldest deadline first.
-/// Due means due by the database's clock, the one every deadline was written on.
-pub async fn lock_due(tx: &mut PgConnection, limit: i64) -> Result<Locked<Vec<(Saga, i64)>>> {
+/// Which sagas a deadline scan takes: those whose key lands on one of `owned`, the partitions
+/// of a topic of `partitions` partitions this instance's consumer holds (a saga's `key_hash`
+/// modulo `partitions`), and those stored without a hash (before orchestrator migration 1011),
+/// which every instance takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub partitions: i32,
+    pub owned: Vec<i32>,
+}
+
+/// Locks up to `limit` sagas of `share` whose deadline has passed, skipping those another
+/// transaction (another orchestrator instance, or a reply being handled) holds, oldest
+/// deadline first. Due means due by the database's clock, the one every deadline was written
+/// on.
+pub async fn lock_due(
+    tx: &mut PgConnection,
+    share: &Share,
+    limit: i64,
+) -> Result<Locked<Vec<(Saga, i64)>>> {
     let rows = sqlx::query_as!(
         SagaRow,
         r#"SELECT id, state AS "state: StoredState", order_data, saga_key, steps, failure_reason,
                   definition_name, definition_version, version, created_at, updated_at,
                   finished_at, deadline_at, now() AS "db_now?"
-           FROM sagas WHERE deadline_at <= now()
+           FROM sagas
+           WHERE deadline_at <= now()
+             AND (key_hash IS NULL OR key_hash % $2 = ANY($3))
            ORDER BY deadline_at LIMIT $1 FOR UPDATE SKIP LOCKED"#,
-        limit
+        limit,
+        share.partitions.max(1),
+        &share.owned,
     )
     .fetch_all(&mut *tx)
     .await?;

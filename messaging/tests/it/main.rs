@@ -4,4 +4,5 @@
 
 mod inbox;
 mod relay;
+mod retention;
 mod roles;

@@ -308,7 +308,16 @@ pub(super) async fn operate(
     )
     .instrument(span)
     .await
-    .map_err(internal)?;
+    .map_err(|e| match e {
+        // Refused by the row's version (and counted): the caller may try again on the saga
+        // as it is now.
+        crate::Error::VersionConflict { .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("saga {saga_id} changed meanwhile: {}", messaging::chain(&e)),
+        ),
+        e => internal(e),
+    })?;
     outbox
         .write(&mut tx, Wake::Notify)
         .await

@@ -472,8 +472,8 @@ impl TestSystem {
         self.wait_for_participants().await;
     }
 
-    /// The orchestrator binary with this deployment's settings and `env` on top, its API on
-    /// a free port (returned).
+    /// The orchestrator binary with this deployment's settings and `env` on top (a name with
+    /// an empty value removed), its API on a free port (returned).
     fn orchestrator_command(&self, env: &[(&str, &str)]) -> (tokio::process::Command, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -492,6 +492,10 @@ impl TestSystem {
             .env("SAGAS_DIR", sagas_dir())
             .envs(env.iter().copied())
             .kill_on_drop(true);
+        // An empty value removes the setting (static membership, say).
+        for (name, _) in env.iter().filter(|(_, value)| value.is_empty()) {
+            command.env_remove(name);
+        }
         (command, port)
     }
 
@@ -502,11 +506,49 @@ impl TestSystem {
         &mut self,
         env: &[(&str, &str)],
     ) -> tokio::process::Child {
+        let (child, http) = self.spawn_orchestrator_instance(env).await;
+        self.http = http;
+        child
+    }
+
+    /// Starts one more orchestrator process like [`Self::spawn_orchestrator_process`], beside
+    /// any others (give each its own `KAFKA_GROUP_INSTANCE_ID` in `env`), and waits for its
+    /// API; the test's HTTP client stays where it points. Returns the process and its API's
+    /// base URL.
+    pub async fn spawn_orchestrator_instance(
+        &self,
+        env: &[(&str, &str)],
+    ) -> (tokio::process::Child, String) {
         let (mut command, port) = self.orchestrator_command(env);
         let child = command.spawn().expect("start the orchestrator binary");
-        self.http = format!("http://127.0.0.1:{port}");
-        self.wait_for_api().await;
-        child
+        let http = format!("http://127.0.0.1:{port}");
+        eventually("the orchestrator instance to answer /healthz", || async {
+            match self
+                .client
+                .get(format!("{http}/healthz"))
+                .bearer_auth(VIEWER_TOKEN)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        (child, http)
+    }
+
+    /// The `/metrics` text of the orchestrator whose API is at `http`.
+    pub async fn metrics_of(&self, http: &str) -> String {
+        let response = self
+            .client
+            .get(format!("{http}/metrics"))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert!(response.status().is_success(), "{}", response.status());
+        response.text().await.expect("the metrics' text")
     }
 
     /// Starts the orchestrator binary like [`Self::spawn_orchestrator_process`] and expects it
@@ -902,4 +944,29 @@ fn free_port_pair() -> u16 {
         }
     }
     panic!("no two free neighbouring ports");
+}
+
+/// The samples of the metric `name` in a `/metrics` text, each with its labels as written
+/// (`partition="0"`, none: ""), summed per label set.
+pub fn samples(metrics: &str, name: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut found = std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(labelled) => match labelled.split_once("} ") {
+                Some((labels, value)) => (labels.to_owned(), value),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => (String::new(), value),
+                None => continue,
+            },
+        };
+        if let Ok(value) = value.trim().parse::<f64>() {
+            *found.entry(labels).or_insert(0.0) += value;
+        }
+    }
+    found
 }

@@ -13,6 +13,7 @@ mod operate;
 mod recovery;
 mod returns;
 mod roles;
+mod scale;
 mod typed;
 
 use events::Envelope;
@@ -369,8 +370,10 @@ async fn the_http_api_answers_400_404_and_422_with_json_errors() {
 
 /// A record keyed by an order id lands on the partition index a Java client's default
 /// partitioner (murmur2) picks, so that an `OrderPlaced` from any Kafka client and the engine's
-/// own records for that order meet on one partition number. The expected partitions were
-/// computed with `Utils.toPositive(Utils.murmur2(key)) % 4` from kafka-clients 4.1.1.
+/// own records for that order meet on one partition number; and `messaging::partitioner`,
+/// which the deadline scanners share the sagas by, finds the same partition without a
+/// producer. The expected partitions were computed with
+/// `Utils.toPositive(Utils.murmur2(key)) % 4` from kafka-clients 4.1.1.
 #[tokio::test]
 async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
     let java_partitions = [
@@ -389,17 +392,49 @@ async fn records_keyed_by_order_id_land_where_a_java_client_puts_them() {
         .await
         .expect("create topic");
     let producer = messaging::kafka::producer(&config).expect("producer");
+    let sent_to = |key: &'static str| {
+        let (producer, topic) = (&producer, &topic);
+        async move {
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(topic)
+                        .key(key)
+                        .payload("{}"),
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                .expect("delivered")
+                .partition
+        }
+    };
+    let ours = |key: &str| {
+        messaging::partitioner::partition_of(messaging::partitioner::key_hash(key.as_bytes()), 4)
+    };
     for (key, expected) in java_partitions {
-        let delivery = producer
-            .send(
-                rdkafka::producer::FutureRecord::to(&topic)
-                    .key(key)
-                    .payload("{}"),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .expect("delivered");
-        assert_eq!(delivery.partition, expected, "partition of key {key}");
+        assert_eq!(sent_to(key).await, expected, "partition of key {key}");
+        assert_eq!(
+            ours(key),
+            expected,
+            "the partitioner's partition of key {key}"
+        );
+    }
+    // Keys of every length modulo 4 (murmur2 mixes the last one to three bytes apart): the
+    // partitioner agrees with the producer's on each.
+    for key in [
+        "a",
+        "ab",
+        "abc",
+        "abcd",
+        "order-1",
+        "order-12",
+        "order-123",
+        "order-1234",
+    ] {
+        assert_eq!(
+            ours(key),
+            sent_to(key).await,
+            "the partitioner's partition of key {key:?}"
+        );
     }
 }
 

@@ -715,6 +715,7 @@ async fn dead_letter_marks_are_swept_as_fast_as_they_fill() {
         "test retention",
         config.sweep_interval(),
         stop.clone(),
+        messaging::retention::Lease::new(pool.clone(), "test retention", config.sweep_interval()),
         {
             let pool = pool.clone();
             move || {

@@ -1,0 +1,13 @@
+-- Each orchestrator instance's deadline scanner takes only the sagas whose partition of
+-- saga.replies its consumer holds, as the consume loop takes only their replies
+-- (orchestrator/src/deadlines.rs). The partition is the key's hash (Java's
+-- toPositive(murmur2(key)), what the producers partition by) modulo the topic's partition
+-- count; the hash is kept, not the partition, so a topic given more partitions needs no
+-- rewrite. Written when a saga is stored; NULL for sagas stored before this migration (and by
+-- an older release during a rolling upgrade), which every instance scans, as before.
+--
+-- No index of its own: the scan walks the due sagas by `sagas_deadline_at` and passes over
+-- the other instances' (a condition on the row), so it reads about one batch per instance
+-- whatever the table's size; an index cannot hold the partition, whose modulus is the topic's
+-- partition count at the time of the scan.
+ALTER TABLE sagas ADD COLUMN key_hash integer CHECK (key_hash >= 0);
