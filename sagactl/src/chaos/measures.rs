@@ -154,10 +154,73 @@ pub(super) struct Duplicates {
     pub(super) triggers: i64,
     pub(super) ignored_replies: i64,
     pub(super) redelivered: i64,
+    /// Saga writes the row's version refused, by writer (`consume`, `deadline`, `operator`).
+    pub(super) stale_writes: BTreeMap<String, u64>,
+}
+
+/// The line each refused saga write leaves in an orchestrator's log (`saga_stale_writes_refused_total`
+/// counts them too, but a process's counters die with it, and the run kills them).
+const STALE_WRITES_LOGGED: &str = "saga writes refused: the row moved on since it was read";
+
+/// The saga writes the orchestrators' logs in `log_dir` say the row's version refused, by
+/// writer: the fence that keeps an instance which lost its partitions (or raced another) from
+/// applying a decision.
+pub(super) fn stale_writes(log_dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut refused = BTreeMap::new();
+    for entry in std::fs::read_dir(log_dir)? {
+        let path = entry?.path();
+        let is_orchestrator = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(ORCHESTRATOR));
+        if !is_orchestrator {
+            continue;
+        }
+        let log = String::from_utf8_lossy(&std::fs::read(&path)?).into_owned();
+        for line in log
+            .lines()
+            .filter(|line| line.contains(STALE_WRITES_LOGGED))
+        {
+            let line = strip_ansi(line);
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name))
+                    .map(|value| value.trim_matches('"').to_owned())
+            };
+            let count = field("count=")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(1);
+            let source = field("source=").unwrap_or_else(|| "unknown".into());
+            *refused.entry(source).or_default() += count;
+        }
+    }
+    Ok(refused)
+}
+
+/// `line` without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for code in chars.by_ref() {
+                if code == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 impl Duplicates {
-    pub(super) async fn count(db: &PgPool, deployment: &Deployment) -> anyhow::Result<Self> {
+    pub(super) async fn count(
+        db: &PgPool,
+        deployment: &Deployment,
+        log_dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let (triggers, ignored_replies): (i64, i64) = sqlx::query_as(&format!(
             "SELECT coalesce(sum(coalesce(duplicates, 1)) FILTER (WHERE message_type = ANY($1)), 0)::bigint, \
                     count(*) FILTER (WHERE NOT message_type = ANY($1)) \
@@ -182,6 +245,7 @@ impl Duplicates {
             triggers,
             ignored_replies,
             redelivered,
+            stale_writes: stale_writes(log_dir)?,
         })
     }
 }
@@ -432,5 +496,33 @@ impl Stalls {
             saga_max_ms,
             longest_gap_secs,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_writes_are_summed_by_writer_from_orchestrator_logs_only() {
+        let dir = std::env::temp_dir().join(format!("stale-writes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("folder");
+        let logged = |source: &str, count: u64| {
+            format!(
+                "\u{1b}[2m2026-12-07T00:00:00Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m orchestrator::metrics: {STALE_WRITES_LOGGED} \u{1b}[3msource\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"{source}\" \u{1b}[3mcount\u{1b}[0m\u{1b}[2m=\u{1b}[0m{count}\n"
+            )
+        };
+        std::fs::write(
+            dir.join("orchestrator-1.log"),
+            logged("deadline", 2) + "an unrelated line\n" + &logged("consume", 1),
+        )
+        .expect("log 1");
+        std::fs::write(dir.join("orchestrator-2.log"), logged("deadline", 3)).expect("log 2");
+        std::fs::write(dir.join("inventory-1.log"), logged("deadline", 100)).expect("not ours");
+        let refused = stale_writes(&dir).expect("read");
+        std::fs::remove_dir_all(&dir).expect("removed");
+        assert_eq!(refused.get("deadline"), Some(&5));
+        assert_eq!(refused.get("consume"), Some(&1));
+        assert_eq!(refused.len(), 2);
     }
 }

@@ -279,7 +279,7 @@ async fn check<'a>(
     let mut checks = invariants.check(&books, deployment).await?;
     let (from, until) = placed.placing;
     let order_ids = &placed.workload.order_ids;
-    let duplicates = Duplicates::count(db, deployment).await?;
+    let duplicates = Duplicates::count(db, deployment, &setup.log_dir).await?;
     let stalls = Stalls::measure(db, deployment, from, until).await?;
     let timeline = Throughput::timeline(db, order_ids, from).await?;
     let windows = NodeWindows::measure(

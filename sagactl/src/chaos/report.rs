@@ -118,6 +118,16 @@ fn print_measures(args: &ChaosArgs, placed: &Placed, findings: &Findings<'_>) {
         "duplicates         {} duplicate orders and returns absorbed, {} replies ignored by fencing, {} messages redelivered into an inbox",
         duplicates.triggers, duplicates.ignored_replies, duplicates.redelivered
     );
+    let stale: Vec<String> = duplicates
+        .stale_writes
+        .iter()
+        .map(|(source, n)| format!("{source} {n}"))
+        .collect();
+    println!(
+        "stale writes       {} saga writes refused by the row's version ({}; from the orchestrators' logs)",
+        duplicates.stale_writes.values().sum::<u64>(),
+        if stale.is_empty() { "none".into() } else { stale.join(", ") }
+    );
     println!(
         "saga duration      p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (placed to finished)",
         stalls.saga_p50_ms, stalls.saga_p99_ms, stalls.saga_max_ms
