@@ -6,7 +6,14 @@
 #   scripts/pki.sh ca                  # create the CA unless it exists; prints its certificate's path
 #   scripts/pki.sh issue NAME [SAN]    # a key and certificate for NAME, signed by the CA (unless
 #                                      # they exist); SAN defaults to IP:127.0.0.1,DNS:localhost
+#   scripts/pki.sh renew NAME [SAN]    # a new key and certificate for NAME in place of the old
+#                                      # (each file replaced whole: a server that reloads them,
+#                                      # as the orchestrator's API does, never reads half a file)
 #   scripts/pki.sh dir                 # prints the folder
+#
+# The orchestrator's HTTPS API uses `issue api` (HTTP_TLS_CERT_FILE=.run/pki/api.crt,
+# HTTP_TLS_KEY_FILE=.run/pki/api.key; `scripts/run.sh` with API_TLS=1 does it), and its clients
+# trust ca.crt (curl --cacert, sagactl's SAGA_API_CA_FILE, Python's REQUESTS_CA_BUNDLE).
 #
 # Files go to $PKI_DIR (default .run/pki): ca.crt and ca.key; NAME.crt and NAME.key (PEM; the
 # key PKCS#8, unencrypted, mode 600); NAME.p12 (a PKCS#12 keystore of the key and certificate
@@ -41,33 +48,61 @@ ca() {
 # issue NAME [SAN]: NAME's key, certificate and PKCS#12 keystore, made once.
 issue() {
   local name="$1" san="${2:-IP:127.0.0.1,DNS:localhost}"
-  [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {
-    echo "certificate name must be [A-Za-z0-9._-]+, not $name" >&2
+  check_name "$name" || return 2
+  ca >/dev/null
+  [[ -f "$PKI_DIR/$name.crt" ]] || make_pair "$name" "$san"
+  keystore "$name"
+  echo "$PKI_DIR/$name.crt"
+}
+
+# renew NAME [SAN]: a new key, certificate and keystore for NAME in place of the old ones.
+renew() {
+  local name="$1" san="${2:-IP:127.0.0.1,DNS:localhost}"
+  check_name "$name" || return 2
+  ca >/dev/null
+  make_pair "$name" "$san"
+  rm -f "$PKI_DIR/$name.p12"
+  keystore "$name"
+  echo "$PKI_DIR/$name.crt"
+}
+
+check_name() {
+  [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {
+    echo "certificate name must be [A-Za-z0-9._-]+, not $1" >&2
     return 2
   }
-  ca >/dev/null
-  local base="$PKI_DIR/$name"
-  if [[ ! -f "$base.crt" ]]; then
-    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$base.key" 2>/dev/null)
-    openssl req -new -key "$base.key" -subj "/CN=$name" -out "$base.csr"
-    openssl x509 -req -in "$base.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" -CAcreateserial \
-      -sha256 -days 825 -out "$base.crt.tmp" -extfile <(printf '%s\n' \
-        "subjectAltName=$san" "basicConstraints=CA:FALSE" \
-        "keyUsage=critical,digitalSignature,keyEncipherment" \
-        "extendedKeyUsage=serverAuth,clientAuth") 2>/dev/null
-    rm -f "$base.csr"
-    mv "$base.crt.tmp" "$base.crt"
-  fi
+}
+
+# make_pair NAME SAN: a new key and a certificate for it, signed by the CA, each file replaced
+# whole (a rename), the key first: a reader sees the old pair, the new key beside the old
+# certificate for a moment (which the orchestrator refuses, and reads again), or the new pair.
+make_pair() {
+  local name="$1" san="$2" base="$PKI_DIR/$1"
+  (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$base.key.tmp" 2>/dev/null)
+  openssl req -new -key "$base.key.tmp" -subj "/CN=$name" -out "$base.csr"
+  openssl x509 -req -in "$base.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" -CAcreateserial \
+    -sha256 -days 825 -out "$base.crt.tmp" -extfile <(printf '%s\n' \
+      "subjectAltName=$san" "basicConstraints=CA:FALSE" \
+      "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=serverAuth,clientAuth") 2>/dev/null
+  rm -f "$base.csr"
+  mv "$base.key.tmp" "$base.key"
+  mv "$base.crt.tmp" "$base.crt"
+}
+
+# keystore NAME: NAME's PKCS#12 keystore for Java, unless it exists.
+keystore() {
+  local base="$PKI_DIR/$1"
   if [[ ! -f "$base.p12" ]]; then
     (umask 077 && openssl pkcs12 -export -in "$base.crt" -inkey "$base.key" -certfile "$PKI_DIR/ca.crt" \
-      -name "$name" -out "$base.p12" -passout "file:$PKI_DIR/keystore.password")
+      -name "$1" -out "$base.p12" -passout "file:$PKI_DIR/keystore.password")
   fi
-  echo "$base.crt"
 }
 
 case "${1:-}" in
   ca) ca && echo "$PKI_DIR/ca.crt" ;;
   issue) [[ $# -ge 2 ]] || { echo "usage: $0 issue NAME [SAN]" >&2; exit 2; }; issue "$2" "${3:-}" ;;
+  renew) [[ $# -ge 2 ]] || { echo "usage: $0 renew NAME [SAN]" >&2; exit 2; }; renew "$2" "${3:-}" ;;
   dir) echo "$PKI_DIR" ;;
-  *) echo "usage: $0 ca|issue NAME [SAN]|dir" >&2; exit 2 ;;
+  *) echo "usage: $0 ca|issue NAME [SAN]|renew NAME [SAN]|dir" >&2; exit 2 ;;
 esac

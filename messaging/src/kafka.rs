@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 
 use crate::access::{KafkaConnection, Refusal, WatchedContext};
 use crate::config::{GroupProtocol, KafkaConfig};
+use crate::health::Health;
 use crate::{Error, Result};
 
 /// The longest wait between attempts to reach a broker that is away. librdkafka's default
@@ -138,6 +139,7 @@ pub fn producer_with_timeout(config: &KafkaConfig, message_timeout: Duration) ->
 fn watched(connection: &KafkaConnection) -> WatchedContext {
     WatchedContext {
         access: connection.access.clone(),
+        health: None,
     }
 }
 
@@ -180,6 +182,28 @@ pub fn inject_fatal_error(producer: &Producer) {
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
 pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
+    consumer_with_context(config, group, watched(&config.connection))
+}
+
+/// [`consumer`], whose statistics also tell `health` whether it joined its group and reaches a
+/// broker (a service's `/readyz`).
+///
+/// # Errors
+/// As [`consumer`].
+pub fn consumer_reporting(config: &KafkaConfig, group: &str, health: &Health) -> Result<Consumer> {
+    health.consumer_created();
+    let context = WatchedContext {
+        health: Some(health.clone()),
+        ..watched(&config.connection)
+    };
+    consumer_with_context(config, group, context)
+}
+
+fn consumer_with_context(
+    config: &KafkaConfig,
+    group: &str,
+    context: WatchedContext,
+) -> Result<Consumer> {
     let mut client = base(config)?;
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
@@ -206,9 +230,9 @@ pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-        // Feeds the consumer-lag gauge.
+        // Feeds the consumer-lag gauge and the readiness.
         .set("statistics.interval.ms", "1000")
-        .create_with_context(watched(&config.connection))
+        .create_with_context(context)
         .map_err(creating(
             &format!("consumer for group {group}"),
             &config.connection,

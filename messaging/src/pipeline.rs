@@ -122,6 +122,7 @@ impl Pipeline {
         };
         let sampler = tokio::spawn(metrics::sample_outbox(
             pool.clone(),
+            self.health.clone(),
             OUTBOX_SAMPLE_INTERVAL,
             stop.clone(),
         ));
@@ -143,7 +144,7 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         loop {
-            let consumer = kafka::consumer(&self.kafka, &self.group)?;
+            let consumer = kafka::consumer_reporting(&self.kafka, &self.group, &self.health)?;
             match consumer::run(consumer, pool.clone(), handler, settings, shutdown.clone()).await {
                 Err(crate::Error::ConsumerStuck(why)) => {
                     tracing::error!(reason = %why, "the consumer is stuck; replacing it");

@@ -58,6 +58,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Checked first: a service without its tokens must not start at all.
     let gate = config.api.gate(config.http_addr)?;
     config.api.check_limits(config.order_dedup_retention_secs)?;
+    // And one that would serve tokens in the clear, or whose certificate cannot be used.
+    let tls = match config.api.tls_files(config.http_addr)? {
+        Some(files) => Some(Arc::new(api::tls::Tls::load(files)?)),
+        None => None,
+    };
     let ops_listener = match config.api.ops_http_addr {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
@@ -82,14 +87,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let consumed_topics = ensure_topics(&config, &topics, &catalog).await?;
 
     let state = app_state(&config, gate, api_pool.clone(), &topics, &catalog, &service)?;
-    run_background(&mut service, &config, &state);
+    run_background(&mut service, &config, &state, tls.as_ref());
     let pipeline = service.pipeline(
         config.group.as_deref(),
         consumed_topics,
         topics.dead_letters(),
     );
     service.consume(pipeline, handler::OrchestratorHandler::new(topics, catalog));
-    serve_http(&mut service, &config, listener, ops_listener, state)?;
+    serve_http(&mut service, &config, listener, ops_listener, state, tls)?;
     let ended = service.run().await;
     api_pool.close().await;
     ended
@@ -155,9 +160,14 @@ fn app_state(
     })
 }
 
-/// The orchestrator's own background work: the watch feed, the token file's reloads, the
-/// deadline scanner and the saga tables' retention.
-fn run_background(service: &mut Service<Error>, config: &Config, state: &api::AppState) {
+/// The orchestrator's own background work: the watch feed, the token file's and the TLS
+/// files' reloads, the deadline scanner and the saga tables' retention.
+fn run_background(
+    service: &mut Service<Error>,
+    config: &Config,
+    state: &api::AppState,
+    tls: Option<&Arc<api::tls::Tls>>,
+) {
     let shutdown = service.shutdown().clone();
     service.spawn_infallible("watch feed", state.watch.clone().run(shutdown.clone()));
     // It never fails: a bad file is reported and the old list kept.
@@ -172,6 +182,14 @@ fn run_background(service: &mut Service<Error>, config: &Config, state: &api::Ap
                 std::time::Duration::from_millis(every),
                 shutdown.clone(),
             ),
+        );
+    }
+    // Never fails either: files that cannot be used keep the certificate in force.
+    if let (Some(tls), every @ 1..) = (tls, config.api.http_tls_reload_ms) {
+        service.spawn_infallible(
+            "TLS reload",
+            tls.clone()
+                .reload(std::time::Duration::from_millis(every), shutdown.clone()),
         );
     }
     let scanner = deadlines::DeadlineScanner {
@@ -196,13 +214,15 @@ fn run_background(service: &mut Service<Error>, config: &Config, state: &api::Ap
     });
 }
 
-/// Serves the API on `listener`, and health and metrics on `ops_listener` when there is one.
+/// Serves the API on `listener` (over TLS with `tls`), and health and metrics on
+/// `ops_listener` when there is one (plain HTTP: no token and no saga data passes there).
 fn serve_http(
     service: &mut Service<Error>,
     config: &Config,
     listener: TcpListener,
     ops_listener: Option<TcpListener>,
     state: api::AppState,
+    tls: Option<Arc<api::tls::Tls>>,
 ) -> Result<()> {
     let limits = config.api.server_limits();
     let shutdown = service.shutdown().clone();
@@ -211,14 +231,15 @@ fn serve_http(
         // A server of its own, with its own connection cap: probes still get through while
         // the API's connections are all taken.
         let app = api::ops_router(state.clone());
-        let served = api::server::serve("ops", ops, app, limits, shutdown.clone());
+        let served = api::server::serve("ops", ops, app, limits, None, shutdown.clone());
         service.spawn(
             "ops server",
             async move { served.await.map_err(Error::Http) },
         );
     }
-    tracing::info!(addr = %listener.local_addr()?, "status API listening");
-    let served = api::server::serve("api", listener, api::router(state), limits, shutdown);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %listener.local_addr()?, scheme, "status API listening");
+    let served = api::server::serve("api", listener, api::router(state), limits, tls, shutdown);
     service.spawn(
         "API server",
         async move { served.await.map_err(Error::Http) },

@@ -9,9 +9,11 @@ mod hostile;
 mod idempotency;
 mod loyalty;
 mod operate;
+mod probes;
 mod recovery;
 mod returns;
 mod roles;
+mod tls;
 mod typed;
 
 use events::Envelope;
