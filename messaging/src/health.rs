@@ -248,6 +248,58 @@ impl Health {
 mod tests {
     use super::*;
 
+    /// librdkafka's statistics of a consumer whose group is in `join_state` after `rebalances`,
+    /// with one broker in `broker_state`.
+    fn statistics(join_state: &str, rebalances: i64, broker_state: &str) -> rdkafka::Statistics {
+        let broker = rdkafka::statistics::Broker {
+            state: broker_state.into(),
+            ..Default::default()
+        };
+        rdkafka::Statistics {
+            brokers: [("b1".to_owned(), broker)].into_iter().collect(),
+            cgrp: Some(rdkafka::statistics::ConsumerGroup {
+                state: "up".into(),
+                join_state: join_state.into(),
+                rebalance_cnt: rebalances,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ready_once_the_database_answers_the_consumer_joined_and_a_broker_is_up() {
+        let health = Health::new(Duration::from_secs(60));
+        let reason = |health: &Health| health.readiness().expect_err("not ready").reason;
+        assert!(reason(&health).contains("database has not answered yet"));
+        health.outbox_sampled(Ok(0.0));
+        assert!(reason(&health).contains("consumer has not reported yet"));
+        health.consumer_statistics(&statistics("wait-join", 0, "UP"));
+        assert!(reason(&health).contains("not joined its group yet"));
+        health.consumer_statistics(&statistics("steady", 1, "UP"));
+        assert_eq!(health.readiness(), Ok(()));
+        // Joined stays joined through a later rebalance.
+        health.consumer_statistics(&statistics("wait-sync", 1, "UP"));
+        assert_eq!(health.readiness(), Ok(()));
+
+        health.consumer_statistics(&statistics("steady", 1, "DOWN"));
+        assert!(reason(&health).contains("no Kafka broker"));
+        health.consumer_statistics(&statistics("steady", 1, "UP"));
+        health.outbox_sampled(Ok(61.0));
+        assert!(reason(&health).contains("outbox is not draining"));
+        health.outbox_sampled(Err("connection refused".into()));
+        assert!(reason(&health).contains("does not answer: connection refused"));
+        health.outbox_sampled(Ok(1.0));
+        health.database_unwell("read-only");
+        assert!(reason(&health).contains("read-only"));
+        health.database_well();
+        assert_eq!(health.readiness(), Ok(()));
+
+        // A new consumer (one replaced as stuck) joins afresh.
+        health.consumer_created();
+        assert!(reason(&health).contains("consumer has not reported yet"));
+    }
+
     #[test]
     fn unwell_until_well_again_with_the_latest_reason() {
         let health = Health::default();

@@ -573,6 +573,51 @@ mod tests {
         }
     }
 
+    /// Plain HTTP is served on loopback, or elsewhere only when allowed; a certificate needs
+    /// its key, and a client CA a certificate.
+    #[test]
+    fn plain_http_off_loopback_is_refused_unless_allowed() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let everywhere: SocketAddr = "0.0.0.0:8080".parse().expect("address");
+        let plain = ApiConfig::default();
+        assert!(matches!(plain.tls_files(loopback), Ok(None)));
+        let refused = plain.tls_files(everywhere).expect_err("refused");
+        assert!(matches!(refused, Error::PlainHttp { .. }), "{refused}");
+        assert!(
+            refused.to_string().contains("HTTP_PLAIN_ALLOWED"),
+            "{refused}"
+        );
+        let allowed = ApiConfig {
+            http_plain_allowed: true,
+            ..ApiConfig::default()
+        };
+        assert!(matches!(allowed.tls_files(everywhere), Ok(None)));
+
+        let tls = ApiConfig {
+            http_tls_cert_file: Some("api.crt".into()),
+            http_tls_key_file: Some("api.key".into()),
+            ..ApiConfig::default()
+        };
+        let files = tls.tls_files(everywhere).expect("HTTPS").expect("files");
+        assert_eq!(
+            (files.cert.as_path(), files.client_ca),
+            (std::path::Path::new("api.crt"), None)
+        );
+        let half = ApiConfig {
+            http_tls_key_file: None,
+            ..tls
+        };
+        assert!(matches!(half.tls_files(loopback), Err(Error::Config(_))));
+        let ca_alone = ApiConfig {
+            http_tls_client_ca_file: Some("ca.crt".into()),
+            ..ApiConfig::default()
+        };
+        assert!(matches!(
+            ca_alone.tls_files(loopback),
+            Err(Error::Config(_))
+        ));
+    }
+
     /// An override whose milliseconds do not parse keeps the parser's error as its cause,
     /// printed once after the override's own text.
     #[test]
