@@ -7,12 +7,13 @@
 #   scripts/pki.sh issue NAME [SAN]    # a key and certificate for NAME, signed by the CA (unless
 #                                      # they exist); SAN defaults to IP:127.0.0.1,DNS:localhost
 #   scripts/pki.sh renew NAME [SAN]    # a new key and certificate for NAME in place of the old
-#                                      # (each file replaced whole: a server that reloads them,
-#                                      # as the orchestrator's API does, never reads half a file)
+#                                      # ones: each file replaced whole, the key first, so that
+#                                      # a server that reloads them (the orchestrator's API)
+#                                      # never reads half a file
 #   scripts/pki.sh dir                 # prints the folder
 #
 # The orchestrator's HTTPS API uses `issue api` (HTTP_TLS_CERT_FILE=.run/pki/api.crt,
-# HTTP_TLS_KEY_FILE=.run/pki/api.key; `scripts/run.sh` with API_TLS=1 does it), and its clients
+# HTTP_TLS_KEY_FILE=.run/pki/api.key; `API_TLS=1 scripts/run.sh` does it), and its clients
 # trust ca.crt (curl --cacert, sagactl's SAGA_API_CA_FILE, Python's REQUESTS_CA_BUNDLE).
 #
 # Files go to $PKI_DIR (default .run/pki): ca.crt and ca.key; NAME.crt and NAME.key (PEM; the
@@ -48,55 +49,45 @@ ca() {
 # issue NAME [SAN]: NAME's key, certificate and PKCS#12 keystore, made once.
 issue() {
   local name="$1" san="${2:-IP:127.0.0.1,DNS:localhost}"
-  check_name "$name" || return 2
-  ca >/dev/null
-  [[ -f "$PKI_DIR/$name.crt" ]] || make_pair "$name" "$san"
-  keystore "$name"
-  echo "$PKI_DIR/$name.crt"
-}
-
-# renew NAME [SAN]: a new key, certificate and keystore for NAME in place of the old ones.
-renew() {
-  local name="$1" san="${2:-IP:127.0.0.1,DNS:localhost}"
-  check_name "$name" || return 2
-  ca >/dev/null
-  make_pair "$name" "$san"
-  rm -f "$PKI_DIR/$name.p12"
-  keystore "$name"
-  echo "$PKI_DIR/$name.crt"
-}
-
-check_name() {
-  [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {
-    echo "certificate name must be [A-Za-z0-9._-]+, not $1" >&2
+  [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {
+    echo "certificate name must be [A-Za-z0-9._-]+, not $name" >&2
     return 2
   }
-}
-
-# make_pair NAME SAN: a new key and a certificate for it, signed by the CA, each file replaced
-# whole (a rename), the key first: a reader sees the old pair, the new key beside the old
-# certificate for a moment (which the orchestrator refuses, and reads again), or the new pair.
-make_pair() {
-  local name="$1" san="$2" base="$PKI_DIR/$1"
-  (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$base.key.tmp" 2>/dev/null)
-  openssl req -new -key "$base.key.tmp" -subj "/CN=$name" -out "$base.csr"
-  openssl x509 -req -in "$base.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" -CAcreateserial \
-    -sha256 -days 825 -out "$base.crt.tmp" -extfile <(printf '%s\n' \
-      "subjectAltName=$san" "basicConstraints=CA:FALSE" \
-      "keyUsage=critical,digitalSignature,keyEncipherment" \
-      "extendedKeyUsage=serverAuth,clientAuth") 2>/dev/null
-  rm -f "$base.csr"
-  mv "$base.key.tmp" "$base.key"
-  mv "$base.crt.tmp" "$base.crt"
-}
-
-# keystore NAME: NAME's PKCS#12 keystore for Java, unless it exists.
-keystore() {
-  local base="$PKI_DIR/$1"
+  ca >/dev/null
+  local base="$PKI_DIR/$name"
+  if [[ ! -f "$base.crt" ]]; then
+    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$base.key" 2>/dev/null)
+    openssl req -new -key "$base.key" -subj "/CN=$name" -out "$base.csr"
+    openssl x509 -req -in "$base.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" -CAcreateserial \
+      -sha256 -days 825 -out "$base.crt.tmp" -extfile <(printf '%s\n' \
+        "subjectAltName=$san" "basicConstraints=CA:FALSE" \
+        "keyUsage=critical,digitalSignature,keyEncipherment" \
+        "extendedKeyUsage=serverAuth,clientAuth") 2>/dev/null
+    rm -f "$base.csr"
+    mv "$base.crt.tmp" "$base.crt"
+  fi
   if [[ ! -f "$base.p12" ]]; then
     (umask 077 && openssl pkcs12 -export -in "$base.crt" -inkey "$base.key" -certfile "$PKI_DIR/ca.crt" \
-      -name "$1" -out "$base.p12" -passout "file:$PKI_DIR/keystore.password")
+      -name "$name" -out "$base.p12" -passout "file:$PKI_DIR/keystore.password")
   fi
+  echo "$base.crt"
+}
+
+# renew NAME [SAN]: `issue` in a folder of its own beside (a copy of the CA and its records),
+# then the new files moved over NAME's, the key first, and the CA's records back.
+renew() {
+  local name="$1" fresh records=(ca.srl index.txt)
+  ca >/dev/null
+  fresh="$(mktemp -d "$PKI_DIR/renew.XXXXXX")"
+  trap 'rm -rf "$fresh"' RETURN
+  cp -p "$PKI_DIR/ca.crt" "$PKI_DIR/ca.key" "$PKI_DIR/keystore.password" "$fresh/"
+  for file in "${records[@]}"; do [[ ! -f "$PKI_DIR/$file" ]] || cp -p "$PKI_DIR/$file" "$fresh/"; done
+  (PKI_DIR="$fresh" && issue "$name" "${2:-}" >/dev/null)
+  for file in "${records[@]}"; do [[ ! -f "$fresh/$file" ]] || cp -p "$fresh/$file" "$PKI_DIR/"; done
+  mv "$fresh/$name.key" "$PKI_DIR/$name.key"
+  mv "$fresh/$name.crt" "$PKI_DIR/$name.crt"
+  mv "$fresh/$name.p12" "$PKI_DIR/$name.p12"
+  echo "$PKI_DIR/$name.crt"
 }
 
 case "${1:-}" in

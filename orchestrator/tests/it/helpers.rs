@@ -70,6 +70,28 @@ pub struct Options {
     pub tls_identity: Option<(PathBuf, PathBuf)>,
 }
 
+/// `ALTER DATABASE database <change>` on a test's own database, then every session of it
+/// ended (as the superuser, from `postgres`), so that its services' pools reconnect under the
+/// change: a setting taken by new sessions, or new connections refused.
+pub async fn alter_database(database: &str, change: &str) {
+    let admin = PgPool::connect(&format!("{}/postgres", server_url()))
+        .await
+        .expect("admin connection");
+    sqlx::query(&format!("ALTER DATABASE \"{database}\" {change}"))
+        .execute(&admin)
+        .await
+        .expect("alter database");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .execute(&admin)
+    .await
+    .expect("end the database's sessions");
+    admin.close().await;
+}
+
 /// The test's HTTP client: trusting `ca` only, when given, and showing `identity`.
 fn http_client(ca: Option<&PathBuf>, identity: Option<&(PathBuf, PathBuf)>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder();

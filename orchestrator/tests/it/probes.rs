@@ -31,26 +31,7 @@ async fn probe(client: &reqwest::Client, addr: SocketAddr, path: &str) -> (u16, 
 /// Lets new sessions into the test's own database, or refuses them and ends its sessions (the
 /// database is down for its services; the server and every other database go on).
 async fn set_database_reachable(database: &str, reachable: bool) {
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", crate::helpers::server_url()))
-        .await
-        .expect("admin connection");
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {reachable}"
-    ))
-    .execute(&admin)
-    .await
-    .expect("alter database");
-    if !reachable {
-        sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(database)
-        .execute(&admin)
-        .await
-        .expect("end the database's sessions");
-    }
-    admin.close().await;
+    crate::helpers::alter_database(database, &format!("WITH ALLOW_CONNECTIONS {reachable}")).await;
 }
 
 /// The orchestrator (a process of its own, from its start) and a participant: `/readyz` says

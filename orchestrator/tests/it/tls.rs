@@ -230,30 +230,18 @@ async fn with_a_client_ca_only_clients_with_its_certificates_get_in() {
     .await;
     let ca = pki.path("ca.crt").display().to_string();
     let url = format!("{}/healthz", system.http);
-    let (code, head) = curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &client_cert.display().to_string(),
-        "--key",
-        &client_key.display().to_string(),
-        &url,
-    ]);
+    // curl showing the certificate `cert` with its key.
+    let curl_as = |(cert, key): &(PathBuf, PathBuf)| {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        curl(&["--cacert", &ca, "--cert", &cert, "--key", &key, &url])
+    };
+    let (code, head) = curl_as(&(client_cert, client_key));
     assert!(code == 0 && head.starts_with("http/1.1 200"), "{head}");
 
     let (code, text) = curl(&["--cacert", &ca, &url]);
     assert_ne!(code, 0, "no client certificate: refused: {text}");
     let stranger = testkit::pki::OtherCa::new();
-    let (cert, key) = stranger.issue("stranger");
-    let (code, text) = curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &cert.display().to_string(),
-        "--key",
-        &key.display().to_string(),
-        &url,
-    ]);
+    let (code, text) = curl_as(&stranger.issue("stranger"));
     assert_ne!(code, 0, "another CA's certificate: refused: {text}");
     system.stop().await;
 }
