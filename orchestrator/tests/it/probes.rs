@@ -35,7 +35,8 @@ async fn set_database_reachable(database: &str, reachable: bool) {
 }
 
 /// The orchestrator (a process of its own, from its start) and a participant: `/readyz` says
-/// 503 with the reason until the consumer has joined its group, then 200; 503 while the
+/// 503 with the reason until the database has answered and the consumer has reported its
+/// group's assignment, then 200; 503 while the
 /// database refuses connections, 200 again once it takes them; `/livez` answers 200 whenever
 /// the process serves HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,6 +71,14 @@ async fn readyz_waits_for_the_group_and_the_database_while_livez_stays_200() {
     assert!(
         first.1.contains("not ready") && first.1.contains("yet"),
         "the reason: {answers:?}"
+    );
+    // Before its consumer reported an assignment (librdkafka's statistics: joined or not), the
+    // orchestrator is not ready for that reason; the join itself is `messaging::health`'s test.
+    assert!(
+        answers
+            .iter()
+            .any(|(status, reason)| *status == 503 && reason.contains("consumer")),
+        "not ready until the consumer reports: {answers:?}"
     );
     assert_eq!(
         answers.last().map(|a| a.0),
