@@ -10,6 +10,12 @@
 # (CHROMIUM=/path/to/chrome uses another). HTTP_ADDR defaults to a free loopback port.
 # Removes its database and stops what it started.
 #
+# The API is served over HTTPS, as a deployment serves it: a CA of this run's own
+# (`scripts/pki.sh`, in the run's log folder) signs its certificate, and the browser trusts that
+# CA as a person's browser trusts a company's: in the NSS database of the home folder it runs
+# with (certutil, from Debian's libnss3-tools, installed when missing); Node's own requests
+# trust it through NODE_EXTRA_CA_CERTS. BROWSER_TLS=0 serves plain HTTP instead.
+#
 # The orchestrator gets a token list of two fresh random tokens: `page-operator` (operator,
 # client) for the walkthrough and `page-viewer` (viewer) for what a viewer may not do. The
 # payment service refuses its first compensation and the orchestrator gives up after one
@@ -83,6 +89,10 @@ if [[ ! -x "$chromium" ]]; then
   say "installing Chromium with apt-get"
   apt_install chromium
 fi
+tls="${BROWSER_TLS:-1}"
+if [[ $tls == 1 ]]; then
+  ensure_commands certutil:libnss3-tools openssl:openssl
+fi
 if [[ ! -d web-tests/node_modules/playwright-core ]]; then
   say "installing the test's npm dependencies"
   (cd web-tests && npm ci --no-audit --no-fund)
@@ -115,6 +125,24 @@ make_api_tokens "$log_dir/api-tokens" page-operator:operator,client page-viewer:
 operator_token="$TOKEN_page_operator"
 viewer_token="$TOKEN_page_viewer"
 
+api="http://$HTTP_ADDR"
+curl_tls=()
+browser_env=()
+if [[ $tls == 1 ]]; then
+  pki="$ROOT/$log_dir/pki"
+  export HTTP_TLS_CERT_FILE HTTP_TLS_KEY_FILE
+  HTTP_TLS_CERT_FILE="$(PKI_DIR="$pki" scripts/pki.sh issue api)"
+  HTTP_TLS_KEY_FILE="$pki/api.key"
+  api="https://$HTTP_ADDR"
+  curl_tls=(--cacert "$pki/ca.crt")
+  # The browser's home: an NSS database that trusts the run's CA for servers.
+  browser_home="$ROOT/$log_dir/browser-home"
+  mkdir -p "$browser_home/.pki/nssdb"
+  certutil -N -d "sql:$browser_home/.pki/nssdb" --empty-password
+  certutil -A -d "sql:$browser_home/.pki/nssdb" -n "saga-engine test CA" -t "C,," -i "$pki/ca.crt"
+  browser_env=(HOME="$browser_home" NODE_EXTRA_CA_CERTS="$pki/ca.crt")
+fi
+
 for service in $(services); do
   case $service in
     orchestrator) settings=(COMPENSATION_MAX_ATTEMPTS=1) ;;
@@ -128,14 +156,14 @@ done
 # /healthz on the API's address needs a token that may read.
 healthy=false
 for _ in $(seq 1 300); do
-  if curl -fsS -o /dev/null -H "Authorization: Bearer $viewer_token" "http://$HTTP_ADDR/healthz" 2>/dev/null; then
+  if curl -fsS "${curl_tls[@]}" -o /dev/null -H "Authorization: Bearer $viewer_token" "$api/healthz" 2>/dev/null; then
     healthy=true
     break
   fi
   sleep 0.1
 done
 if [[ $healthy != true ]]; then
-  say "the orchestrator did not answer http://$HTTP_ADDR/healthz within 30 s"
+  say "the orchestrator did not answer $api/healthz within 30 s"
   print_logs
   exit 1
 fi
@@ -154,8 +182,8 @@ if [[ $ready != true ]]; then
   exit 1
 fi
 
-say "running web-tests/saga-page.mjs against http://$HTTP_ADDR"
-if ! SAGA_API="http://$HTTP_ADDR" SAGA_TOKEN="$operator_token" SAGA_TOKEN_NAME=page-operator \
+say "running web-tests/saga-page.mjs against $api"
+if ! env "${browser_env[@]}" SAGA_API="$api" SAGA_TOKEN="$operator_token" SAGA_TOKEN_NAME=page-operator \
   SAGA_VIEWER_TOKEN="$viewer_token" ARTIFACT_DIR="$artifact_dir" CHROMIUM="$chromium" \
   node web-tests/saga-page.mjs; then
   print_logs

@@ -6,7 +6,15 @@
 #   scripts/pki.sh ca                  # create the CA unless it exists; prints its certificate's path
 #   scripts/pki.sh issue NAME [SAN]    # a key and certificate for NAME, signed by the CA (unless
 #                                      # they exist); SAN defaults to IP:127.0.0.1,DNS:localhost
+#   scripts/pki.sh renew NAME [SAN]    # a new key and certificate for NAME in place of the old
+#                                      # ones: each file replaced whole, the key first, so that
+#                                      # a server that reloads them (the orchestrator's API)
+#                                      # never reads half a file
 #   scripts/pki.sh dir                 # prints the folder
+#
+# The orchestrator's HTTPS API uses `issue api` (HTTP_TLS_CERT_FILE=.run/pki/api.crt,
+# HTTP_TLS_KEY_FILE=.run/pki/api.key; `API_TLS=1 scripts/run.sh` does it), and its clients
+# trust ca.crt (curl --cacert, sagactl's SAGA_API_CA_FILE, Python's REQUESTS_CA_BUNDLE).
 #
 # Files go to $PKI_DIR (default .run/pki): ca.crt and ca.key; NAME.crt and NAME.key (PEM; the
 # key PKCS#8, unencrypted, mode 600); NAME.p12 (a PKCS#12 keystore of the key and certificate
@@ -87,9 +95,27 @@ issue() {
   echo "$base.crt"
 }
 
+# renew NAME [SAN]: `issue` in a folder of its own beside (a copy of the CA and its records),
+# then the new files moved over NAME's, the key first, and the CA's records back.
+renew() {
+  local name="$1" fresh records=(ca.srl index.txt)
+  ca >/dev/null
+  fresh="$(mktemp -d "$PKI_DIR/renew.XXXXXX")"
+  trap 'rm -rf "$fresh"' RETURN
+  cp -p "$PKI_DIR/ca.crt" "$PKI_DIR/ca.key" "$PKI_DIR/keystore.password" "$fresh/"
+  for file in "${records[@]}"; do [[ ! -f "$PKI_DIR/$file" ]] || cp -p "$PKI_DIR/$file" "$fresh/"; done
+  (PKI_DIR="$fresh" && issue "$name" "${2:-}" >/dev/null)
+  for file in "${records[@]}"; do [[ ! -f "$fresh/$file" ]] || cp -p "$fresh/$file" "$PKI_DIR/"; done
+  mv "$fresh/$name.key" "$PKI_DIR/$name.key"
+  mv "$fresh/$name.crt" "$PKI_DIR/$name.crt"
+  mv "$fresh/$name.p12" "$PKI_DIR/$name.p12"
+  echo "$PKI_DIR/$name.crt"
+}
+
 case "${1:-}" in
   ca) ca && echo "$PKI_DIR/ca.crt" ;;
   issue) [[ $# -ge 2 ]] || { echo "usage: $0 issue NAME [SAN]" >&2; exit 2; }; issue "$2" "${3:-}" ;;
+  renew) [[ $# -ge 2 ]] || { echo "usage: $0 renew NAME [SAN]" >&2; exit 2; }; renew "$2" "${3:-}" ;;
   dir) echo "$PKI_DIR" ;;
-  *) echo "usage: $0 ca|issue NAME [SAN]|dir" >&2; exit 2 ;;
+  *) echo "usage: $0 ca|issue NAME [SAN]|renew NAME [SAN]|dir" >&2; exit 2 ;;
 esac

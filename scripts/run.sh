@@ -9,6 +9,7 @@
 #
 #   scripts/run.sh [--exit-after-demo]
 #   SECURED_KAFKA=1 scripts/run.sh   # the same on the secured three-node cluster
+#   API_TLS=1 scripts/run.sh         # the API over HTTPS, its certificate from the local CA
 #
 # Settings (environment): DATABASE_URL (default postgres://postgres@127.0.0.1:5432/sagas),
 # KAFKA_BROKERS (default 127.0.0.1:9092), HTTP_ADDR (default 127.0.0.1:8080), TOPIC_PREFIX.
@@ -29,6 +30,12 @@
 #
 # The API needs bearer tokens: each run makes new ones (their hashes in .run/api-tokens, the
 # orchestrator's token list) and prints them with how to use them.
+#
+# API_TLS=1: the API serves HTTPS with the certificate `scripts/pki.sh issue api` makes from the
+# local CA (.run/pki/api.crt for 127.0.0.1 and localhost; HTTP_TLS_CERT_FILE and
+# HTTP_TLS_KEY_FILE), and every client here trusts .run/pki/ca.crt (curl --cacert; sagactl's
+# SAGA_API_CA_FILE). `scripts/pki.sh renew api` replaces the certificate; the orchestrator
+# serves the new one within HTTP_TLS_RELOAD_MS, without a restart.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$ROOT"
@@ -76,6 +83,14 @@ server_address="${server_url#*://}"
 server_address="${server_address#*@}"
 database_ca="$("$ROOT/scripts/pki.sh" dir)/ca.crt"
 
+api_tls="${API_TLS:-0}"
+if [[ $api_tls == 1 ]]; then
+  api_ca="$database_ca"
+  export HTTP_TLS_CERT_FILE HTTP_TLS_KEY_FILE
+  HTTP_TLS_CERT_FILE="$(scripts/pki.sh issue api)"
+  HTTP_TLS_KEY_FILE="${HTTP_TLS_CERT_FILE%.crt}.key"
+fi
+
 mkdir -p .run/logs
 # demo-operator: the page's walkthrough (reads, operator actions, and the demo orders);
 # shop: a client that only places orders; dashboards: read-only.
@@ -102,7 +117,12 @@ for service in "${service_names[@]}"; do
 done
 
 api="http://$HTTP_ADDR"
-viewer=(-H "Authorization: Bearer $TOKEN_dashboards")
+curl_tls=()
+if [[ $api_tls == 1 ]]; then
+  api="https://$HTTP_ADDR"
+  curl_tls=(--cacert "$api_ca")
+fi
+viewer=(-H "Authorization: Bearer $TOKEN_dashboards" "${curl_tls[@]}")
 for _ in $(seq 1 200); do
   curl -fsS "${viewer[@]}" "$api/healthz" >/dev/null 2>&1 && break
   sleep 0.1
@@ -121,7 +141,7 @@ for spec in "${demo_orders[@]}"; do
   read -r customer sku quantity country label <<<"$spec"
   body=$(printf '{"customer_id":"%s","items":[{"sku":"%s","quantity":%d,"unit_price_cents":1000}],"total_cents":%d,"currency":"EUR","shipping_address":{"country":"%s","city":"Berlin","line1":"Unter den Linden 1","postal_code":"10117"}}' \
     "$customer" "$sku" "$quantity" $((quantity * 1000)) "$country")
-  order_id=$(curl -fsS -X POST "$api/orders" -H "Authorization: Bearer $TOKEN_shop" \
+  order_id=$(curl -fsS "${curl_tls[@]}" -X POST "$api/orders" -H "Authorization: Bearer $TOKEN_shop" \
     -H 'content-type: application/json' -d "$body" | jq -r .order_id)
   echo "placed $label order $order_id" >&2
   order_ids+=("$order_id:$label")
@@ -183,11 +203,12 @@ API tokens for this run (only their hashes are stored, in .run/api-tokens; new o
   shop (client):                    $TOKEN_shop
   dashboards (viewer):              $TOKEN_dashboards
 
-The page:  open $api/ and paste the demo-operator token (kept only in that browser tab).
-The API:   curl -H "Authorization: Bearer $TOKEN_dashboards" $api/sagas
+The page:  open $api/ and paste the demo-operator token (kept only in that browser tab).${api_ca:+
+           (HTTPS: the browser must trust $api_ca, the local CA)}
+The API:   curl ${api_ca:+--cacert $api_ca }-H "Authorization: Bearer $TOKEN_dashboards" $api/sagas
            (one saga: $api/orders/<order_id>/saga; orders: POST $api/orders with the shop token;
            returns: target/release/sagactl return --order-id <order_id> --refund-cents <cents>)
-sagactl:   export SAGA_API_TOKEN=$TOKEN_demo_operator SAGA_API=$api
+sagactl:   export SAGA_API_TOKEN=$TOKEN_demo_operator SAGA_API=$api${api_ca:+ SAGA_API_CA_FILE=$api_ca}
            target/release/sagactl list --state failed
 TOKENS
 

@@ -311,6 +311,13 @@ async function run(browser) {
   log(`opening ${BASE}/`);
   const response = await page.goto(`${BASE}/`, { waitUntil: 'load' });
   if (!response || response.status() !== 200) fail(`GET / answered ${response && response.status()}`);
+  if (BASE.startsWith('https://')) {
+    // Over HTTPS (the browser trusting the server's CA, no certificate error ignored), the page
+    // tells the browser to use HTTPS for this host from now on.
+    const hsts = (await response.allHeaders())['strict-transport-security'] || '';
+    if (!/max-age=\d+/.test(hsts)) fail(`GET / over HTTPS has no Strict-Transport-Security (${hsts || 'none'})`);
+    log(`served over HTTPS with a certificate the browser trusts; Strict-Transport-Security: ${hsts}`);
+  }
   await waitInPage(page, 'the token dialog to ask for a token', tokenDialogOpen);
   if (await page.locator('[data-testid="token-error"]').isVisible()) {
     fail(`the first token dialog shows an error: ${await testIdText(page, 'token-error')}`);

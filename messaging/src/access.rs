@@ -516,13 +516,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The client context of every client the project makes: librdkafka's log lines and errors go
 /// to `tracing` (a failed SASL handshake or certificate check is explained only there), and
 /// refusals to the connection's [`AccessWatch`]. Consumers also turn librdkafka's statistics
-/// into the lag gauge ([`crate::metrics::report_lag`]), and the pipeline's consumer keeps its
-/// [`Assignment`] up to date from the rebalance callbacks.
+/// into the lag gauge ([`crate::metrics::report_lag`]) and, for a pipeline's consumer, into
+/// its service's readiness ([`crate::health::Health::consumer_statistics`]); the pipeline's
+/// consumer also keeps its [`Assignment`] up to date from the rebalance callbacks.
 #[derive(Clone, Debug, Default)]
 pub struct WatchedContext {
     pub access: AccessWatch,
     /// Where a consumer reports the partitions it holds; `None` for every other client.
     pub assignment: Option<Assignment>,
+    pub health: Option<crate::health::Health>,
 }
 
 impl ClientContext for WatchedContext {
@@ -559,6 +561,9 @@ impl ClientContext for WatchedContext {
 
     fn stats(&self, statistics: rdkafka::Statistics) {
         crate::metrics::report_lag(&statistics);
+        if let Some(health) = &self.health {
+            health.consumer_statistics(&statistics);
+        }
     }
 }
 

@@ -275,6 +275,11 @@ pub struct RelayConfig {
         value_parser = clap::value_parser!(u64).range(1..=3_600_000)
     )]
     pub outbox_destination_backoff_max_ms: u64,
+
+    /// `/readyz` answers 503 while the outbox's oldest row has waited longer than this, in
+    /// milliseconds: the relay is not draining it (the broker refuses or does not answer).
+    #[arg(long, env = "READY_OUTBOX_MAX_AGE_MS", default_value_t = 60_000)]
+    pub ready_outbox_max_age_ms: u64,
 }
 
 impl RelayConfig {
@@ -299,6 +304,7 @@ impl Default for RelayConfig {
             outbox_batch_max_bytes: 4 * 1024 * 1024,
             outbox_ack_wait_ms: 2_000,
             outbox_destination_backoff_max_ms: 5_000,
+            ready_outbox_max_age_ms: 60_000,
         }
     }
 }

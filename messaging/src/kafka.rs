@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 
 use crate::access::{KafkaConnection, Refusal, WatchedContext};
 use crate::config::{GroupProtocol, KafkaConfig};
+use crate::health::Health;
 use crate::{Error, Result};
 
 /// The longest wait between attempts to reach a broker that is away. librdkafka's default
@@ -139,6 +140,7 @@ fn watched(connection: &KafkaConnection) -> WatchedContext {
     WatchedContext {
         access: connection.access.clone(),
         assignment: None,
+        health: None,
     }
 }
 
@@ -181,26 +183,34 @@ pub fn inject_fatal_error(producer: &Producer) {
 /// # Errors
 /// [`Error::Kafka`] when librdkafka refuses the configuration.
 pub fn consumer(config: &KafkaConfig, group: &str) -> Result<Consumer> {
-    consumer_with(config, group, None)
+    consumer_with_context(config, group, watched(&config.connection))
 }
 
-/// [`consumer`], keeping `assignment` up to date with the partitions it holds (the rebalance
-/// callbacks: [`crate::assignment`]).
+/// [`consumer`], a pipeline's: it keeps `assignment` up to date with the partitions it holds
+/// (the rebalance callbacks: [`crate::assignment`]), and its statistics tell `health` whether
+/// it joined its group and reaches a broker (a service's `/readyz`).
 ///
 /// # Errors
-/// [`Error::Kafka`] when librdkafka refuses the configuration.
+/// As [`consumer`].
 pub fn consumer_reporting(
     config: &KafkaConfig,
     group: &str,
     assignment: &crate::assignment::Assignment,
+    health: &Health,
 ) -> Result<Consumer> {
-    consumer_with(config, group, Some(assignment.clone()))
+    health.consumer_created();
+    let context = WatchedContext {
+        assignment: Some(assignment.clone()),
+        health: Some(health.clone()),
+        ..watched(&config.connection)
+    };
+    consumer_with_context(config, group, context)
 }
 
-fn consumer_with(
+fn consumer_with_context(
     config: &KafkaConfig,
     group: &str,
-    assignment: Option<crate::assignment::Assignment>,
+    context: WatchedContext,
 ) -> Result<Consumer> {
     let mut client = base(config)?;
     if let Some(instance) = &config.group_instance_id {
@@ -228,12 +238,9 @@ fn consumer_with(
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-        // Feeds the consumer-lag gauge.
+        // Feeds the consumer-lag gauge and the readiness.
         .set("statistics.interval.ms", "1000")
-        .create_with_context(WatchedContext {
-            assignment,
-            ..watched(&config.connection)
-        })
+        .create_with_context(context)
         .map_err(creating(
             &format!("consumer for group {group}"),
             &config.connection,

@@ -116,9 +116,9 @@ impl Metrics {
             .into_response()
     }
 
-    /// Serves `/metrics` and `/healthz` on `addr` until `shutdown`, for services that have no
-    /// other HTTP server. `/healthz` answers 503 with the reason while `health` says the
-    /// service is not ready.
+    /// Serves `/metrics`, `/healthz`, `/livez` and `/readyz` on `addr` until `shutdown`, for
+    /// services that have no other HTTP server. `/healthz` and `/readyz` answer 503 with the
+    /// reason while `health` says the service is not ready ([`crate::health`]).
     ///
     /// # Errors
     /// [`Error::Io`] when the address cannot be bound.
@@ -138,6 +138,11 @@ impl Metrics {
                     async move { metrics.response().await }
                 }),
             )
+            .route("/livez", get(|| async { live_response() }))
+            .route("/readyz", {
+                let health = health.clone();
+                get(move || async move { ready_response(&health) })
+            })
             .route(
                 "/healthz",
                 get(move || async move { health_response(&health) }),
@@ -149,11 +154,25 @@ impl Metrics {
     }
 }
 
+/// `/livez`'s answer: 200 `{"status": "ok"}` from a process that runs and serves HTTP.
+pub fn live_response() -> axum::response::Response {
+    probe_response(Ok(()))
+}
+
+/// `/readyz`'s answer: as [`health_response`], after [`Health::readiness`].
+pub fn ready_response(health: &Health) -> axum::response::Response {
+    probe_response(health.readiness())
+}
+
 /// `/healthz`'s answer: 200 `{"status": "ok"}`, or 503 with the reason in the JSON error body
 /// every HTTP error of the project has.
 pub fn health_response(health: &Health) -> axum::response::Response {
+    probe_response(health.ready())
+}
+
+fn probe_response(ready: Result<(), crate::health::NotReady>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match health.ready() {
+    match ready {
         Ok(()) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
         Err(not_ready) => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -250,7 +269,7 @@ fn describe() {
 
 /// Samples the outbox backlog of `schema` every `every` until `stop`: in total and per
 /// destination topic (a topic that drained reads 0 rather than keeping its last value).
-pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToken) {
+pub async fn sample_outbox(pool: PgPool, health: Health, every: Duration, stop: CancellationToken) {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     loop {
         let sample = sqlx::query!(
@@ -287,9 +306,11 @@ pub async fn sample_outbox(pool: PgPool, every: Duration, stop: CancellationToke
                 metrics::gauge!(OUTBOX_BACKLOG).set(backlog as f64);
                 // No age when the outbox is empty.
                 metrics::gauge!(OUTBOX_OLDEST_AGE).set(oldest);
+                health.outbox_sampled(Ok(oldest));
             }
             Err(e) => {
-                tracing::debug!(error.message = %crate::Chain(&e), "sampling the outbox failed")
+                tracing::debug!(error.message = %crate::Chain(&e), "sampling the outbox failed");
+                health.outbox_sampled(Err(crate::chain(&e)));
             }
         }
         tokio::select! {

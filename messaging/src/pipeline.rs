@@ -132,6 +132,7 @@ impl Pipeline {
         };
         let sampler = tokio::spawn(metrics::sample_outbox(
             pool.clone(),
+            self.health.clone(),
             OUTBOX_SAMPLE_INTERVAL,
             stop.clone(),
         ));
@@ -154,7 +155,12 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         loop {
-            let consumer = kafka::consumer_reporting(&self.kafka, &self.group, &self.assignment)?;
+            let consumer = kafka::consumer_reporting(
+                &self.kafka,
+                &self.group,
+                &self.assignment,
+                &self.health,
+            )?;
             let ended =
                 consumer::run(consumer, pool.clone(), handler, settings, shutdown.clone()).await;
             // Whatever ended it, the consumer is gone and holds nothing (its replacement

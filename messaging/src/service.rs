@@ -60,7 +60,9 @@ where
             config: config.clone(),
             pool,
             schema,
-            health: Health::default(),
+            health: Health::new(std::time::Duration::from_millis(
+                config.relay.ready_outbox_max_age_ms,
+            )),
             supervisor: Supervisor::new(shutdown),
         })
     }

@@ -31,7 +31,9 @@ pub struct Config {
     #[arg(long, env = "SAGAS_DIR", default_value = "sagas")]
     pub sagas_dir: PathBuf,
 
-    /// Address of the status HTTP API.
+    /// Address of the status HTTP API. It serves HTTPS when `HTTP_TLS_CERT_FILE` and
+    /// `HTTP_TLS_KEY_FILE` are set, else plain HTTP, which is refused on an address that is not
+    /// loopback unless `HTTP_PLAIN_ALLOWED` is set.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
@@ -169,6 +171,33 @@ pub struct ApiConfig {
     /// `ORDER_DEDUP_RETENTION_SECS`.
     #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION_SECS", default_value_t = 24 * 3600)]
     pub idempotency_key_retention_secs: u64,
+    /// The API's certificate (PEM, the server's first, then its chain): with
+    /// `HTTP_TLS_KEY_FILE`, `HTTP_ADDR` serves HTTPS only, every answer with
+    /// `Strict-Transport-Security`. `scripts/pki.sh issue api` makes one from the local CA.
+    #[arg(long, env = "HTTP_TLS_CERT_FILE", requires = "http_tls_key_file")]
+    pub http_tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "HTTP_TLS_KEY_FILE", requires = "http_tls_cert_file")]
+    pub http_tls_key_file: Option<PathBuf>,
+    /// Mutual TLS: CA certificates (PEM) one of which must have signed the certificate every
+    /// client shows; a client without one is refused in the handshake. For machine clients
+    /// (sagactl's `--api-client-cert`); a browser needs the certificate installed. The bearer
+    /// token is still needed.
+    #[arg(long, env = "HTTP_TLS_CLIENT_CA_FILE", requires = "http_tls_cert_file")]
+    pub http_tls_client_ca_file: Option<PathBuf>,
+    /// How often, in milliseconds, the TLS files are read again: a renewed certificate (or
+    /// client CA) is served to new connections without a restart, once both files read the
+    /// same twice 100 ms apart. Files that cannot be used keep the certificate in force, with
+    /// an error logged at each reload and `http_tls_reload_failures_total` and
+    /// `http_tls_stale` in `/metrics`. 0: read them only at start-up.
+    #[arg(long, env = "HTTP_TLS_RELOAD_MS", default_value_t = 5000)]
+    pub http_tls_reload_ms: u64,
+    /// Serve plain HTTP on an address that is not loopback: for a TLS-terminating proxy or a
+    /// container whose port is published on loopback only. Without it, the orchestrator
+    /// refuses to start with plain HTTP on such an address: bearer tokens would cross the
+    /// network in the clear.
+    #[arg(long, env = "HTTP_PLAIN_ALLOWED")]
+    pub http_plain_allowed: bool,
 }
 
 impl Default for ApiConfig {
@@ -194,6 +223,11 @@ impl Default for ApiConfig {
             http_max_connections: 4096,
             order_publish_timeout_ms: 10_000,
             idempotency_key_retention_secs: 24 * 3600,
+            http_tls_cert_file: None,
+            http_tls_key_file: None,
+            http_tls_client_ca_file: None,
+            http_tls_reload_ms: 5000,
+            http_plain_allowed: false,
         }
     }
 }
@@ -240,6 +274,33 @@ impl ApiConfig {
 }
 
 impl ApiConfig {
+    /// The TLS files of the API, when it serves HTTPS; `Err` when it would serve plain HTTP
+    /// where that is refused: on an address that is not loopback, unless
+    /// `HTTP_PLAIN_ALLOWED`.
+    ///
+    /// # Errors
+    /// [`Error::PlainHttp`], and [`Error::Config`] for a certificate without its key.
+    pub fn tls_files(
+        &self,
+        http_addr: SocketAddr,
+    ) -> Result<Option<crate::api::tls::TlsFiles>, Error> {
+        match (&self.http_tls_cert_file, &self.http_tls_key_file) {
+            (Some(cert), Some(key)) => Ok(Some(crate::api::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.http_tls_client_ca_file.clone(),
+            })),
+            (None, None) if self.http_tls_client_ca_file.is_some() => Err(Error::Config(
+                "HTTP_TLS_CLIENT_CA_FILE needs HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE".into(),
+            )),
+            (None, None) if http_addr.ip().is_loopback() || self.http_plain_allowed => Ok(None),
+            (None, None) => Err(Error::PlainHttp { http_addr }),
+            _ => Err(Error::Config(
+                "set both HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE, or neither".into(),
+            )),
+        }
+    }
+
     /// Checks the settings that bound the HTTP server against each other.
     ///
     /// # Errors
@@ -510,6 +571,51 @@ mod tests {
             let message = refused.expect_err("refused").to_string();
             assert!(message.contains("STEP_TIMEOUT_OVERRIDES_MS"), "{message}");
         }
+    }
+
+    /// Plain HTTP is served on loopback, or elsewhere only when allowed; a certificate needs
+    /// its key, and a client CA a certificate.
+    #[test]
+    fn plain_http_off_loopback_is_refused_unless_allowed() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let everywhere: SocketAddr = "0.0.0.0:8080".parse().expect("address");
+        let plain = ApiConfig::default();
+        assert!(matches!(plain.tls_files(loopback), Ok(None)));
+        let refused = plain.tls_files(everywhere).expect_err("refused");
+        assert!(matches!(refused, Error::PlainHttp { .. }), "{refused}");
+        assert!(
+            refused.to_string().contains("HTTP_PLAIN_ALLOWED"),
+            "{refused}"
+        );
+        let allowed = ApiConfig {
+            http_plain_allowed: true,
+            ..ApiConfig::default()
+        };
+        assert!(matches!(allowed.tls_files(everywhere), Ok(None)));
+
+        let tls = ApiConfig {
+            http_tls_cert_file: Some("api.crt".into()),
+            http_tls_key_file: Some("api.key".into()),
+            ..ApiConfig::default()
+        };
+        let files = tls.tls_files(everywhere).expect("HTTPS").expect("files");
+        assert_eq!(
+            (files.cert.as_path(), files.client_ca),
+            (std::path::Path::new("api.crt"), None)
+        );
+        let half = ApiConfig {
+            http_tls_key_file: None,
+            ..tls
+        };
+        assert!(matches!(half.tls_files(loopback), Err(Error::Config(_))));
+        let ca_alone = ApiConfig {
+            http_tls_client_ca_file: Some("ca.crt".into()),
+            ..ApiConfig::default()
+        };
+        assert!(matches!(
+            ca_alone.tls_files(loopback),
+            Err(Error::Config(_))
+        ));
     }
 
     /// An override whose milliseconds do not parse keeps the parser's error as its cause,

@@ -60,6 +60,10 @@ pub enum Error {
         http_addr: std::net::SocketAddr,
         open_requested: bool,
     },
+    #[error("the API would serve plain HTTP on {http_addr}, which is not loopback: bearer tokens would cross the network in the clear; set HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE, or HTTP_PLAIN_ALLOWED=true behind a TLS-terminating proxy")]
+    PlainHttp { http_addr: std::net::SocketAddr },
+    #[error("the API's TLS")]
+    Tls(#[from] crate::api::tls::TlsError),
     #[error("HTTP server failed")]
     Http(#[from] std::io::Error),
 }

@@ -58,6 +58,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Checked first: a service without its tokens must not start at all.
     let gate = config.api.gate(config.http_addr)?;
     config.api.check_limits(config.order_dedup_retention_secs)?;
+    // And one that would serve tokens in the clear, or whose certificate cannot be used.
+    let tls = match config.api.tls_files(config.http_addr)? {
+        Some(files) => Some(Arc::new(api::tls::Tls::load(files)?)),
+        None => None,
+    };
     let ops_listener = match config.api.ops_http_addr {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
@@ -87,9 +92,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         consumed_topics,
         topics.dead_letters(),
     );
-    run_background(&mut service, &config, &state, &pipeline);
+    run_background(&mut service, &config, &state, &pipeline, tls.as_ref());
     service.consume(pipeline, handler::OrchestratorHandler::new(topics, catalog));
-    serve_http(&mut service, &config, listener, ops_listener, state)?;
+    serve_http(&mut service, &config, listener, ops_listener, state, tls)?;
     let ended = service.run().await;
     api_pool.close().await;
     ended
@@ -155,14 +160,15 @@ fn app_state(
     })
 }
 
-/// The orchestrator's own background work: the watch feed, the token file's reloads, the
-/// deadline scanner (which scans the sagas of the partitions `pipeline`'s consumer holds) and
-/// the saga tables' retention.
+/// The orchestrator's own background work: the watch feed, the token file's and the TLS
+/// files' reloads, the deadline scanner (which scans the sagas of the partitions `pipeline`'s
+/// consumer holds) and the saga tables' retention.
 fn run_background(
     service: &mut Service<Error>,
     config: &Config,
     state: &api::AppState,
     pipeline: &messaging::pipeline::Pipeline,
+    tls: Option<&Arc<api::tls::Tls>>,
 ) {
     let shutdown = service.shutdown().clone();
     service.spawn_infallible("watch feed", state.watch.clone().run(shutdown.clone()));
@@ -178,6 +184,14 @@ fn run_background(
                 std::time::Duration::from_millis(every),
                 shutdown.clone(),
             ),
+        );
+    }
+    // Never fails either: files that cannot be used keep the certificate in force.
+    if let (Some(tls), every @ 1..) = (tls, config.api.http_tls_reload_ms) {
+        service.spawn_infallible(
+            "TLS reload",
+            tls.clone()
+                .reload(std::time::Duration::from_millis(every), shutdown.clone()),
         );
     }
     let scanner = deadlines::DeadlineScanner {
@@ -208,13 +222,15 @@ fn run_background(
     });
 }
 
-/// Serves the API on `listener`, and health and metrics on `ops_listener` when there is one.
+/// Serves the API on `listener` (over TLS with `tls`), and health and metrics on
+/// `ops_listener` when there is one (plain HTTP: no token and no saga data passes there).
 fn serve_http(
     service: &mut Service<Error>,
     config: &Config,
     listener: TcpListener,
     ops_listener: Option<TcpListener>,
     state: api::AppState,
+    tls: Option<Arc<api::tls::Tls>>,
 ) -> Result<()> {
     let limits = config.api.server_limits();
     let shutdown = service.shutdown().clone();
@@ -223,14 +239,15 @@ fn serve_http(
         // A server of its own, with its own connection cap: probes still get through while
         // the API's connections are all taken.
         let app = api::ops_router(state.clone());
-        let served = api::server::serve("ops", ops, app, limits, shutdown.clone());
+        let served = api::server::serve("ops", ops, app, limits, None, shutdown.clone());
         service.spawn(
             "ops server",
             async move { served.await.map_err(Error::Http) },
         );
     }
-    tracing::info!(addr = %listener.local_addr()?, "status API listening");
-    let served = api::server::serve("api", listener, api::router(state), limits, shutdown);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %listener.local_addr()?, scheme, "status API listening");
+    let served = api::server::serve("api", listener, api::router(state), limits, tls, shutdown);
     service.spawn(
         "API server",
         async move { served.await.map_err(Error::Http) },

@@ -18,7 +18,8 @@ pub struct ParticipantConfig {
     #[arg(long, env = "COMMAND_TOPIC")]
     pub command_topic: Option<String>,
 
-    /// Where to serve `/metrics` (Prometheus text) and `/healthz`. Each binary has its own
+    /// Where to serve `/metrics` (Prometheus text), `/healthz` and the probes `/livez` and
+    /// `/readyz` (the port a liveness and a readiness probe use). Each binary has its own
     /// default (inventory 127.0.0.1:9181, payment :9182, shipping :9183); unset in tests.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

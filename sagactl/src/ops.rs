@@ -2,6 +2,7 @@
 //! a stuck one (retry, skip, abort). Orders go to Kafka as any client's would; everything
 //! else talks to the orchestrator's HTTP API.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -23,6 +24,17 @@ pub struct ApiArgs {
     /// operator's to retry, skip or abort.
     #[arg(long, env = "SAGA_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificates (PEM) to trust for an `https://` API instead of the system's: the
+    /// local CA of `scripts/pki.sh` (`.run/pki/ca.crt`), say.
+    #[arg(long, env = "SAGA_API_CA_FILE")]
+    api_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) to show an API that asks for one (mutual TLS,
+    /// `HTTP_TLS_CLIENT_CA_FILE`), with `--api-client-key`.
+    #[arg(long, env = "SAGA_API_CLIENT_CERT", requires = "api_client_key")]
+    api_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, PKCS#8: what `scripts/pki.sh issue` writes).
+    #[arg(long, env = "SAGA_API_CLIENT_KEY", requires = "api_client_cert")]
+    api_client_key: Option<PathBuf>,
 }
 
 impl ApiArgs {
@@ -44,9 +56,34 @@ impl ApiArgs {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        Ok(reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .default_headers(headers))
+            .default_headers(headers);
+        let read = |path: &Path, setting: &str| {
+            std::fs::read(path).with_context(|| format!("reading {setting} {}", path.display()))
+        };
+        if let Some(path) = &self.api_ca_file {
+            let certificates =
+                reqwest::Certificate::from_pem_bundle(&read(path, "SAGA_API_CA_FILE")?)
+                    .with_context(|| {
+                        format!(
+                            "SAGA_API_CA_FILE {} holds no PEM certificate",
+                            path.display()
+                        )
+                    })?;
+            builder = builder.tls_certs_only(certificates);
+        }
+        if let (Some(cert), Some(key)) = (&self.api_client_cert, &self.api_client_key) {
+            let identity = reqwest::Identity::from_pkcs8_pem(
+                &read(cert, "SAGA_API_CLIENT_CERT")?,
+                &read(key, "SAGA_API_CLIENT_KEY")?,
+            )
+            .context(
+                "SAGA_API_CLIENT_CERT and SAGA_API_CLIENT_KEY are no certificate and PKCS#8 key",
+            )?;
+            builder = builder.identity(identity);
+        }
+        Ok(builder)
     }
 
     /// An HTTP client that sends the token with every request.

@@ -79,6 +79,12 @@ struct Deployment {
 
 impl Deployment {
     fn start(services: &[String]) -> Self {
+        Self::start_with(services, &[])
+    }
+
+    /// [`Deployment::start`] with `env` on top of every service's settings; the API is
+    /// `https://` when `env` names a certificate (`HTTP_TLS_CERT_FILE`).
+    fn start_with(services: &[String], env: &[(&str, &str)]) -> Self {
         let id = Uuid::new_v4().simple().to_string();
         let prefix = format!("start-{}.", &id[..8]);
         let database = format!("start_{id}");
@@ -93,7 +99,11 @@ impl Deployment {
             database,
             logs,
             children: Vec::new(),
-            api: format!("http://{http}"),
+            api: if env.iter().any(|(name, _)| *name == "HTTP_TLS_CERT_FILE") {
+                format!("https://{http}")
+            } else {
+                format!("http://{http}")
+            },
         };
         // The topics first, so no service races another to create one.
         sagactl(&["provision", "kafka"], &deployment.prefix, "");
@@ -125,6 +135,7 @@ impl Deployment {
                 .env("DATABASE_MAX_CONNECTIONS", "2")
                 .env_remove("OPS_HTTP_ADDR")
                 .env_remove("KAFKA_CLIENT_PROPERTIES")
+                .envs(env.iter().copied())
                 .stdout(log.try_clone().expect("the log file"))
                 .stderr(log)
                 .spawn()
@@ -269,6 +280,61 @@ async fn a_saga_of_each_type_started_with_sagactl_start_completes() {
         format!("{return_id}\n")
     );
     assert_eq!(deployment.finished("return", &return_id).await, "completed");
+}
+
+/// `sagactl list` against the API over HTTPS: with the local CA (`SAGA_API_CA_FILE`) it reads
+/// the sagas; without it, it refuses the server's certificate.
+#[tokio::test]
+async fn sagactl_reads_an_https_api_with_the_ca_it_is_given() {
+    let pki = std::env::temp_dir().join(format!("sagactl-pki-{}", Uuid::new_v4()));
+    let (cert, key) = testkit::pki::issue(&pki, "api");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let ca = pki.join("ca.crt").display().to_string();
+    let mut deployment = Deployment::start_with(
+        &["orchestrator".to_owned()],
+        &[("HTTP_TLS_CERT_FILE", &cert), ("HTTP_TLS_KEY_FILE", &key)],
+    );
+    assert!(deployment.api.starts_with("https://"), "{}", deployment.api);
+    let api = deployment.api.clone();
+    let list = |with_ca: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sagactl"));
+        command
+            .args(["list", "--json"])
+            .env("SAGA_API", &api)
+            .env_remove("SAGA_API_TOKEN");
+        if with_ca {
+            command.env("SAGA_API_CA_FILE", &ca);
+        } else {
+            command.env_remove("SAGA_API_CA_FILE");
+        }
+        command.output().expect("running sagactl")
+    };
+    let began = Instant::now();
+    let listed = loop {
+        let output = list(true);
+        if output.status.success() || began.elapsed() > WAIT {
+            break output;
+        }
+        deployment.check_running();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        listed.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&listed.stderr),
+        deployment.logs()
+    );
+    let body: Value = serde_json::from_slice(&listed.stdout).expect("the API's JSON");
+    assert!(body["sagas"].is_array(), "{body}");
+
+    let refused = list(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "trusted without the CA: {stderr}"
+    );
+    assert!(stderr.contains("certificate"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&pki);
 }
 
 #[test]

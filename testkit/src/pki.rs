@@ -60,6 +60,15 @@ pub fn issue(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// `scripts/pki.sh renew name` with the CA in `dir`: a new key and certificate in place of
+/// `name`'s.
+///
+/// # Panics
+/// When `scripts/pki.sh` fails.
+pub fn renew(dir: &Path, name: &str) {
+    pki(dir, &["renew", name]);
+}
+
 fn pki(dir: &Path, args: &[&str]) {
     let output = std::process::Command::new(repository().join("scripts/pki.sh"))
         .args(args)

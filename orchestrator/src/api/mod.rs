@@ -16,6 +16,7 @@ pub mod publisher;
 mod reads;
 pub mod server;
 mod start;
+pub mod tls;
 pub mod watch;
 
 use std::sync::Arc;
@@ -200,12 +201,22 @@ async fn browser_protections(mut response: Response) -> Response {
     response
 }
 
-/// `/healthz` and `/metrics` without a token, for probes and Prometheus on an address of
-/// their own (`OPS_HTTP_ADDR`).
+/// `/healthz`, `/livez`, `/readyz` and `/metrics` without a token, for probes and Prometheus on
+/// an address of their own (`OPS_HTTP_ADDR`; what each probe says: `messaging::health`).
 pub fn ops_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route(
+            "/livez",
+            get(|| async { messaging::metrics::live_response() }),
+        )
+        .route(
+            "/readyz",
+            get(|State(state): State<AppState>| async move {
+                messaging::metrics::ready_response(&state.health)
+            }),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
 }
@@ -214,6 +225,7 @@ pub fn ops_router(state: AppState) -> Router {
 pub fn describe_metrics() {
     guard::describe_metrics();
     server::describe_metrics();
+    tls::describe_metrics();
 }
 
 /// A client-facing error with its HTTP status.

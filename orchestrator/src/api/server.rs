@@ -14,6 +14,10 @@
 //! - At most [`Limits::max_connections`] connections are open at once; one more is closed as
 //!   soon as it is accepted, never queued, so that sockets and file descriptors stay for the
 //!   database pools and the broker connections.
+//! - With TLS ([`super::tls`]), a connection's handshake is part of its first request's head:
+//!   it must end within [`Limits::header_read_timeout`]. Every answer over TLS carries
+//!   `Strict-Transport-Security`; answers over plain HTTP never do (a browser ignores it there,
+//!   and it would promise HTTPS that this address does not serve).
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{Request, StatusCode};
+use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use http_body::{Frame, SizeHint};
@@ -33,9 +37,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
+use super::tls::Tls;
 use super::ApiError;
 
 /// Connections open now, by `server` (`api`, `ops`).
@@ -47,6 +53,9 @@ pub const CONNECTIONS_REFUSED: &str = "http_connections_refused_total";
 pub const CONNECTIONS_TIMED_OUT: &str = "http_connections_timed_out_total";
 /// Requests answered 503 because they took longer than `HTTP_REQUEST_TIMEOUT_MS`, by `server`.
 pub const REQUESTS_TIMED_OUT: &str = "http_requests_timed_out_total";
+/// TLS handshakes that failed (a client that does not trust the certificate, speaks plain
+/// HTTP to the TLS port, or shows no client certificate where one is required), by `server`.
+pub const TLS_HANDSHAKES_FAILED: &str = "http_tls_handshakes_failed_total";
 
 pub fn describe_metrics() {
     metrics::describe_gauge!(CONNECTIONS_OPEN, "HTTP connections open now.");
@@ -61,6 +70,10 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         REQUESTS_TIMED_OUT,
         "HTTP requests answered 503 after HTTP_REQUEST_TIMEOUT_MS."
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKES_FAILED,
+        "TLS handshakes of the API that failed or timed out."
     );
 }
 
@@ -79,7 +92,8 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// descriptors, say): a busy loop would only take the CPU from the connections that are open.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `app` on `listener` until `shutdown`; then stops accepting, asks every open
+/// Serves `app` on `listener` until `shutdown`, over TLS with `tls`'s certificate in force
+/// when each connection starts (else plain HTTP); then stops accepting, asks every open
 /// connection to close after the request it serves, and waits for them. `server` names it in
 /// logs and metrics.
 ///
@@ -91,6 +105,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
@@ -125,15 +140,14 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
+        let served = Served {
             server,
-            stream,
-            app.clone(),
-            builder.clone(),
+            app: app.clone(),
+            builder: builder.clone(),
             limits,
-            shutdown.clone(),
-            slot,
-        ));
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(served.connection(stream, tls.as_ref().map(|tls| tls.acceptor()), slot));
     }
     // Every connection gives its slot back when it ends; each was told to close after the
     // request it serves (watch streams end on the shutdown themselves).
@@ -141,76 +155,134 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it closes, the idle timeout closes it, or `shutdown`.
-async fn connection(
+/// What every connection of one server shares.
+struct Served {
     server: &'static str,
-    stream: TcpStream,
     app: Router,
     builder: http1::Builder,
     limits: Limits,
     shutdown: CancellationToken,
-    _slot: OwnedSemaphorePermit,
-) {
-    metrics::gauge!(CONNECTIONS_OPEN, "server" => server).increment(1.0);
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Watched {
-        inner: stream,
-        activity: activity.clone(),
-    });
-    let service = {
-        let activity = activity.clone();
-        hyper::service::service_fn(move |request: Request<Incoming>| {
-            let in_flight = activity.request_started();
-            let app = app.clone();
-            async move {
-                let response = answer(server, app, request, limits.request_timeout).await;
-                // The request counts as in progress until its body is sent (or dropped): a
-                // watch stream is never idle.
-                Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody {
-                    inner: body,
-                    _in_flight: in_flight,
-                }))
-            }
-        })
-    };
-    let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
-    let mut closing = false;
-    loop {
-        // While a request is in progress nothing times out here. A request's start or end
-        // and a new head's first byte wake the loop (`changed`) to look again.
-        let (at, reason) = activity
-            .deadline(&limits)
-            .unwrap_or((Instant::now() + limits.idle_timeout, ""));
-        tokio::select! {
-            served = connection.as_mut() => {
-                if let Err(e) = served {
-                    tracing::debug!(error.message = %e, server, "connection ended with an error");
+}
+
+impl Served {
+    /// Serves one connection (over TLS with `tls`) until it closes, the idle timeout closes
+    /// it, or `shutdown`.
+    async fn connection(
+        self,
+        stream: TcpStream,
+        tls: Option<TlsAcceptor>,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        let server = self.server;
+        metrics::gauge!(CONNECTIONS_OPEN, "server" => server).increment(1.0);
+        let activity = Arc::new(Activity::new());
+        let watched = Watched {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        match tls {
+            None => self.http(watched, activity, false).await,
+            Some(acceptor) => {
+                // The handshake counts as the first request's head: a client that connects
+                // and never finishes it holds a socket as a slowloris does.
+                let handshake = tokio::select! {
+                    done = tokio::time::timeout(
+                        self.limits.header_read_timeout,
+                        acceptor.accept(watched),
+                    ) => done,
+                    () = self.shutdown.cancelled() => Ok(Err(io::ErrorKind::Interrupted.into())),
+                };
+                match handshake {
+                    Ok(Ok(stream)) => self.http(stream, activity, true).await,
+                    Ok(Err(e)) => {
+                        metrics::counter!(TLS_HANDSHAKES_FAILED, "server" => server).increment(1);
+                        tracing::debug!(error.message = %e, server, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics::counter!(TLS_HANDSHAKES_FAILED, "server" => server).increment(1);
+                        metrics::counter!(CONNECTIONS_TIMED_OUT, "server" => server, "reason" => "header")
+                            .increment(1);
+                    }
                 }
-                break;
             }
-            () = shutdown.cancelled(), if !closing => {
-                // Between requests (or in the middle of a head) nothing is lost by closing
-                // now; a request in progress is answered first.
-                if activity.deadline(&limits).is_some() {
+        }
+        metrics::gauge!(CONNECTIONS_OPEN, "server" => server).decrement(1.0);
+    }
+
+    /// Serves HTTP/1 on `io` (`tls`: it is a TLS stream) until it closes, the idle timeout
+    /// closes it, or `shutdown`.
+    async fn http<I>(self, io: I, activity: Arc<Activity>, tls: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self {
+            server,
+            app,
+            builder,
+            limits,
+            shutdown,
+        } = self;
+        let io = TokioIo::new(io);
+        let service = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |request: Request<Incoming>| {
+                let in_flight = activity.request_started();
+                let app = app.clone();
+                async move {
+                    let mut response = answer(server, app, request, limits.request_timeout).await;
+                    if tls {
+                        response.headers_mut().insert(
+                            header::STRICT_TRANSPORT_SECURITY,
+                            HeaderValue::from_static(super::tls::HSTS),
+                        );
+                    }
+                    // The request counts as in progress until its body is sent (or dropped): a
+                    // watch stream is never idle.
+                    Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody {
+                        inner: body,
+                        _in_flight: in_flight,
+                    }))
+                }
+            })
+        };
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        let mut closing = false;
+        loop {
+            // While a request is in progress nothing times out here. A request's start or end
+            // and a new head's first byte wake the loop (`changed`) to look again.
+            let (at, reason) = activity
+                .deadline(&limits)
+                .unwrap_or((Instant::now() + limits.idle_timeout, ""));
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::debug!(error.message = %e, server, "connection ended with an error");
+                    }
                     break;
                 }
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            () = activity.changed.notified() => {}
-            () = tokio::time::sleep_until(at) => {
-                let due = activity.deadline(&limits).filter(|(at, _)| *at <= Instant::now());
-                if due.is_some() && !reason.is_empty() {
-                    // No request is in progress: closing loses nothing.
-                    metrics::counter!(CONNECTIONS_TIMED_OUT, "server" => server, "reason" => reason)
-                        .increment(1);
-                    break;
+                () = shutdown.cancelled(), if !closing => {
+                    // Between requests (or in the middle of a head) nothing is lost by closing
+                    // now; a request in progress is answered first.
+                    if activity.deadline(&limits).is_some() {
+                        break;
+                    }
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = activity.changed.notified() => {}
+                () = tokio::time::sleep_until(at) => {
+                    let due = activity.deadline(&limits).filter(|(at, _)| *at <= Instant::now());
+                    if due.is_some() && !reason.is_empty() {
+                        // No request is in progress: closing loses nothing.
+                        metrics::counter!(CONNECTIONS_TIMED_OUT, "server" => server, "reason" => reason)
+                            .increment(1);
+                        break;
+                    }
                 }
             }
         }
     }
-    metrics::gauge!(CONNECTIONS_OPEN, "server" => server).decrement(1.0);
 }
 
 /// `app`'s answer to `request`, or `503` when it takes longer than `timeout`.

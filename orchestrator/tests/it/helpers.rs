@@ -9,6 +9,7 @@
 //! without a database name (default postgres://postgres@127.0.0.1:5432).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::LazyLock;
@@ -62,6 +63,51 @@ pub struct Options {
     /// With `service_roles`: these services each get a database of their own (database per
     /// service) instead of a schema in the test's database.
     pub own_databases: Vec<&'static str>,
+    /// The CA the test's HTTP client trusts, for an API served over TLS (`api` names its
+    /// certificate): the client then calls `https://127.0.0.1:port`.
+    pub tls_ca: Option<PathBuf>,
+    /// The client certificate and key the test's HTTP client shows (mutual TLS).
+    pub tls_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// `ALTER DATABASE database <change>` on a test's own database, then every session of it
+/// ended (as the superuser, from `postgres`), so that its services' pools reconnect under the
+/// change: a setting taken by new sessions, or new connections refused.
+pub async fn alter_database(database: &str, change: &str) {
+    let admin = PgPool::connect(&format!("{}/postgres", server_url()))
+        .await
+        .expect("admin connection");
+    sqlx::query(&format!("ALTER DATABASE \"{database}\" {change}"))
+        .execute(&admin)
+        .await
+        .expect("alter database");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .execute(&admin)
+    .await
+    .expect("end the database's sessions");
+    admin.close().await;
+}
+
+/// The test's HTTP client: trusting `ca` only, when given, and showing `identity`.
+fn http_client(ca: Option<&PathBuf>, identity: Option<&(PathBuf, PathBuf)>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).expect("the CA file");
+        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("PEM"));
+    }
+    if let Some((cert, key)) = identity {
+        let identity = reqwest::Identity::from_pkcs8_pem(
+            &std::fs::read(cert).expect("the client certificate"),
+            &std::fs::read(key).expect("the client key"),
+        )
+        .expect("a certificate and a PKCS#8 key");
+        builder = builder.identity(identity);
+    }
+    builder.build().expect("the HTTP client")
 }
 
 /// The roles and databases of a deployment with `Options::service_roles`. Its fields drop in
@@ -280,7 +326,12 @@ impl TestSystem {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let http = format!("http://{}", listener.local_addr().expect("local addr"));
+        let scheme = if options.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let http = format!("{scheme}://{}", listener.local_addr().expect("local addr"));
         let service_connection = kafka.connection.clone();
         let orchestrator_database = DatabaseConfig {
             database_url: roles
@@ -333,7 +384,7 @@ impl TestSystem {
             services,
             participant,
             producer,
-            client: reqwest::Client::new(),
+            client: http_client(options.tls_ca.as_ref(), options.tls_identity.as_ref()),
             _prefix: kafka_topics,
             database_url: database.url(),
             _database: database,
@@ -398,6 +449,12 @@ impl TestSystem {
         edit(&mut config);
         self.services
             .start_participant(testkit::participants::named(name), config);
+    }
+
+    /// Starts the repository's participant `name` with its `/metrics`, `/healthz`, `/livez`
+    /// and `/readyz` on `metrics_addr`.
+    pub fn start_participant_serving_metrics(&mut self, name: &str, metrics_addr: SocketAddr) {
+        self.start_participant_configured(name, |config| config.metrics_addr = Some(metrics_addr));
     }
 
     /// Starts a participant of the test's own (written with the SDK), with this deployment's
@@ -474,7 +531,7 @@ impl TestSystem {
 
     /// The orchestrator binary with this deployment's settings and `env` on top (a name with
     /// an empty value removed), its API on a free port (returned).
-    fn orchestrator_command(&self, env: &[(&str, &str)]) -> (tokio::process::Command, u16) {
+    pub fn orchestrator_command(&self, env: &[(&str, &str)]) -> (tokio::process::Command, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")

@@ -649,25 +649,12 @@ async fn an_orchestrator_whose_pipeline_fails_stops_whole() {
 /// writable again: the setting applies to new sessions, so every session of that database is
 /// ended and the services' pools reconnect into it.
 async fn set_read_only(database: &str, read_only: bool) {
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", crate::helpers::server_url()))
-        .await
-        .expect("admin connection");
     let setting = if read_only { "on" } else { "off" };
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{database}\" SET default_transaction_read_only = {setting}"
-    ))
-    .execute(&admin)
-    .await
-    .expect("alter database");
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    crate::helpers::alter_database(
+        database,
+        &format!("SET default_transaction_read_only = {setting}"),
     )
-    .bind(database)
-    .execute(&admin)
-    .await
-    .expect("end the database's sessions");
-    admin.close().await;
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,10 +10,12 @@ mod hostile;
 mod idempotency;
 mod loyalty;
 mod operate;
+mod probes;
 mod recovery;
 mod returns;
 mod roles;
 mod scale;
+mod tls;
 mod typed;
 
 use events::Envelope;
