@@ -104,7 +104,16 @@ pub struct Network {
 }
 
 /// The NFQUEUE number a slowed host's packets go to (queues are per namespace).
-const DELAY_QUEUE: u16 = 7;
+///
+/// Each slowing takes the next number: a queue stays bound while any process holds the socket
+/// that bound it, and a process started elsewhere in this process at the moment a queue's
+/// socket was opened (before it was marked close-on-exec: `delay.rs`) inherits it, so binding
+/// the same number again could fail with EPERM until that process ends.
+fn next_delay_queue() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .max(1)
+}
 
 impl Network {
     /// A bridge `<prefix>br` with `10.231.<subnet>.1/24`, and for each name a namespace
@@ -292,7 +301,8 @@ impl Network {
         }
         // The queue is bound before packets are sent to it. `--queue-bypass`: should the thread
         // end, the host's packets pass undelayed rather than not at all.
-        let queue = Delay::start(&host, DELAY_QUEUE, delay, jitter)?;
+        let number = next_delay_queue();
+        let queue = Delay::start(&host, number, delay, jitter)?;
         self.delays.push((i, queue));
         iptables(
             &host,
@@ -302,7 +312,7 @@ impl Network {
                 "-j",
                 "NFQUEUE",
                 "--queue-num",
-                &DELAY_QUEUE.to_string(),
+                &number.to_string(),
                 "--queue-bypass",
             ],
         )
