@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::Network;
 
@@ -121,13 +121,15 @@ impl Stack {
     fn start_postgres(&self, dir: &Path, subnet: u8) -> anyhow::Result<String> {
         let address = self.address(POSTGRES_HOST)?;
         let _ = std::fs::remove_dir_all(dir);
-        run(Command::new(&self.postgres_script)
-            .arg("start")
-            .env("PG_RUN_DIR", dir)
-            .env("PG_HOST", address.to_string())
-            .env("PG_NETNS", self.netns(POSTGRES_HOST)?)
-            .env("PG_TRUST_NET", format!("10.231.{subnet}.0/24"))
-            .env("PGPORT", POSTGRES_PORT.to_string()))?;
+        super::run(
+            Command::new(&self.postgres_script)
+                .arg("start")
+                .env("PG_RUN_DIR", dir)
+                .env("PG_HOST", address.to_string())
+                .env("PG_NETNS", self.netns(POSTGRES_HOST)?)
+                .env("PG_TRUST_NET", format!("10.231.{subnet}.0/24"))
+                .env("PGPORT", POSTGRES_PORT.to_string()),
+        )?;
         Ok(format!("postgres://postgres@{address}:{POSTGRES_PORT}"))
     }
 
@@ -139,12 +141,14 @@ impl Stack {
             hosts.push(self.address(name)?.to_string());
             namespaces.push(self.netns(name)?);
         }
-        run(Command::new(&self.broker_script)
-            .arg("start")
-            .env("BROKER_NODES", "3")
-            .env("BROKER_RUN_DIR", dir)
-            .env("KAFKA_CLUSTER_HOSTS", hosts.join(" "))
-            .env("KAFKA_CLUSTER_NETNS", namespaces.join(" ")))?;
+        super::run(
+            Command::new(&self.broker_script)
+                .arg("start")
+                .env("BROKER_NODES", "3")
+                .env("BROKER_RUN_DIR", dir)
+                .env("KAFKA_CLUSTER_HOSTS", hosts.join(" "))
+                .env("KAFKA_CLUSTER_NETNS", namespaces.join(" ")),
+        )?;
         let env = std::fs::read_to_string(dir.join("cluster.env"))?;
         env.lines()
             .find_map(|line| line.strip_prefix("KAFKA_BROKERS="))
@@ -180,19 +184,4 @@ impl Drop for Stack {
             }
         }
     }
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let shown = format!("{command:?}");
-    let out = command
-        .output()
-        .with_context(|| format!("running {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
