@@ -24,7 +24,7 @@ const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
 
 /// What every client of a service starts from: [`KafkaConnection::client_config`] (the brokers
 /// and the client properties file) and the reconnect backoff.
-fn base(config: &KafkaConfig) -> Result<ClientConfig> {
+pub(crate) fn base(config: &KafkaConfig) -> Result<ClientConfig> {
     Ok(with_debug(connection_settings(&config.connection)?, config))
 }
 
@@ -59,6 +59,12 @@ pub fn connection_settings(connection: &KafkaConnection) -> Result<ClientConfig>
     let mut client = connection.client_config()?;
     client.set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
     Ok(client)
+}
+
+/// The consumer group of the service `name` under `topic_prefix` when it is not configured:
+/// what the orchestrator reads a participant's progress from (and the ACL plan grants) too.
+pub fn service_group(topic_prefix: &str, name: &str) -> String {
+    format!("{topic_prefix}{name}")
 }
 
 /// The service's producers and consumers, whose context reports refusals to the connection's
@@ -136,7 +142,7 @@ pub fn producer_with_timeout(config: &KafkaConfig, message_timeout: Duration) ->
     .map_err(creating("producer", &config.connection))
 }
 
-fn watched(connection: &KafkaConnection) -> WatchedContext {
+pub(crate) fn watched(connection: &KafkaConnection) -> WatchedContext {
     WatchedContext {
         access: connection.access.clone(),
         assignment: None,

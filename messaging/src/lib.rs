@@ -35,6 +35,7 @@ mod error;
 pub mod health;
 pub mod inbox;
 pub mod kafka;
+pub mod lag;
 pub mod metrics;
 pub mod outbox;
 pub mod partitioner;

@@ -102,7 +102,7 @@ where
             retention: config.retention.clone(),
             schema: self.schema.clone(),
             group: group.map_or_else(
-                || format!("{}{}", config.kafka.topic_prefix, self.name),
+                || crate::kafka::service_group(&config.kafka.topic_prefix, self.name),
                 str::to_owned,
             ),
             topics,

@@ -1,5 +1,6 @@
 //! The orchestrator's settings: flags or environment variables, each with a default.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -394,6 +395,19 @@ pub struct RetryConfig {
     /// How often overdue sagas are looked for, in milliseconds.
     #[arg(long, env = "DEADLINE_SCAN_INTERVAL_MS", default_value_t = 200)]
     pub deadline_scan_interval_ms: u64,
+    /// A deadline that passes while the command's participant is still working through the
+    /// records queued before it (its consumer group has records left on the saga's partition
+    /// and moved within this many milliseconds) waits about as long as the group needs to
+    /// reach the end, instead of sending the command again; the same for a reply queued for
+    /// the orchestrators. A group that stood still this long counts as gone, and deadlines
+    /// count as ever. 0: every deadline counts, and no offsets are read.
+    #[arg(long, env = "DEADLINE_BACKLOG_STALL_MS", default_value_t = 30_000)]
+    pub deadline_backlog_stall_ms: u64,
+    /// The consumer groups of participants whose group is not `{TOPIC_PREFIX}{participant}`
+    /// (they set PARTICIPANT_GROUP), as `participant=group` pairs, e.g.
+    /// `shipping=acme-shipping`: the groups whose offsets DEADLINE_BACKLOG_STALL_MS reads.
+    #[arg(long, env = "PARTICIPANT_GROUPS", value_delimiter = ',')]
+    pub participant_groups: Vec<String>,
 }
 
 impl Default for RetryConfig {
@@ -405,6 +419,8 @@ impl Default for RetryConfig {
             compensation_max_attempts: None,
             retry_max_timeout_ms: None,
             deadline_scan_interval_ms: 200,
+            deadline_backlog_stall_ms: 30_000,
+            participant_groups: Vec::new(),
         }
     }
 }
@@ -414,6 +430,8 @@ impl Default for RetryConfig {
 pub enum OverrideError {
     #[error("step timeout override {0:?} is not step=milliseconds (STEP_TIMEOUT_OVERRIDES_MS)")]
     Malformed(String),
+    #[error("participant group {0:?} is not participant=group (PARTICIPANT_GROUPS)")]
+    ParticipantGroup(String),
     /// `step=` followed by what is not a number of milliseconds.
     #[error(
         "step timeout override {entry:?} is not step=milliseconds (STEP_TIMEOUT_OVERRIDES_MS)"
@@ -430,6 +448,27 @@ pub enum OverrideError {
 impl RetryConfig {
     pub fn scan_interval(&self) -> Duration {
         Duration::from_millis(self.deadline_scan_interval_ms)
+    }
+
+    pub fn backlog_stall(&self) -> Duration {
+        Duration::from_millis(self.deadline_backlog_stall_ms)
+    }
+
+    /// `PARTICIPANT_GROUPS`: participant name to consumer group.
+    ///
+    /// # Errors
+    /// [`OverrideError::ParticipantGroup`] naming an entry that is not `participant=group`.
+    pub fn participant_groups(&self) -> Result<HashMap<String, String>, OverrideError> {
+        self.participant_groups
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|entry| match entry.split_once('=') {
+                Some((name, group)) if !name.trim().is_empty() && !group.trim().is_empty() => {
+                    Ok((name.trim().to_owned(), group.trim().to_owned()))
+                }
+                _ => Err(OverrideError::ParticipantGroup(entry.clone())),
+            })
+            .collect()
     }
 
     /// `STEP_TIMEOUT_OVERRIDES_MS` as (step, milliseconds).
@@ -497,6 +536,7 @@ impl RetryConfig {
     /// # Errors
     /// [`OverrideError::UnknownStep`] naming the unknown step, or as [`RetryConfig::apply`].
     pub fn check_overrides(&self, definitions: &[SagaDefinition]) -> Result<(), OverrideError> {
+        self.participant_groups()?;
         for (step, _) in self.timeout_overrides()? {
             if !definitions.iter().any(|d| d.step(step).is_some()) {
                 return Err(OverrideError::UnknownStep(step.to_owned()));

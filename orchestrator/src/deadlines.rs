@@ -35,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 use messaging::outbox::{Outbox, Wake};
 use tracing::Instrument;
 
+use crate::backlog::Backlogs;
 use crate::catalog::Catalog;
 use crate::handler::{commit_decision, definition_of, join_saga_trace};
+use crate::saga::{Saga, SagaDefinition, SagaState};
 use crate::store::{self, HistoryDecision, HistoryEntry, Share};
 use crate::Result;
 
@@ -130,6 +132,29 @@ pub struct DeadlineScanner {
     pub call_timeout: Duration,
     /// The sagas it scans (module header).
     pub ownership: Ownership,
+    /// Whether a due saga's command (or reply) is still on its way ([`crate::backlog`]).
+    pub backlogs: Backlogs,
+    /// Whose offsets tell that.
+    pub groups: GroupNames,
+}
+
+/// The consumer groups whose progress a due saga waits on: its step's participant's on the
+/// command topic, and the orchestrators' own on `saga.replies`.
+pub struct GroupNames {
+    /// The orchestrators' group.
+    pub orchestrator: String,
+    pub topic_prefix: String,
+    /// `PARTICIPANT_GROUPS`: participants whose group is not the default.
+    pub participants: std::collections::HashMap<String, String>,
+}
+
+impl GroupNames {
+    fn participant(&self, name: &str) -> String {
+        self.participants
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| messaging::kafka::service_group(&self.topic_prefix, name))
+    }
 }
 
 impl DeadlineScanner {
@@ -207,6 +232,46 @@ impl DeadlineScanner {
         }
     }
 
+    /// When `saga`'s command is still on its way ([`crate::backlog`]): how much longer to wait
+    /// for it (at most the step's longest wait), and why.
+    fn on_its_way(&self, saga: &Saga, definition: &SagaDefinition) -> Option<(Duration, String)> {
+        let index = saga.current_step()?;
+        let step = definition.steps.get(index)?;
+        let action = match saga.state {
+            SagaState::Compensating => step.compensation.as_ref()?,
+            _ => &step.forward,
+        };
+        let hash = messaging::partitioner::key_hash(saga.key.as_bytes());
+        let commands = self.topics.named(&step.topic);
+        let replies = self.topics.replies();
+        let participant = self.groups.participant(&step.participant);
+        let waits = [
+            (commands, participant, "its participant"),
+            (
+                replies,
+                self.groups.orchestrator.clone(),
+                "the orchestrators",
+            ),
+        ];
+        let (topic, group, whose, behind) = waits
+            .into_iter()
+            .filter_map(|(topic, group, whose)| {
+                let behind = self.backlogs.behind(&topic, &group, hash)?;
+                Some((topic, group, whose, behind))
+            })
+            .max_by_key(|(.., behind)| behind.eta)?;
+        let longest = action.retry.max_timeout.to_std().unwrap_or(Duration::MAX);
+        let wait = behind.eta.min(longest);
+        Some((
+            wait,
+            format!(
+                "{whose} (group {group}) have {} records left on this saga's partition of {topic} \
+                 and move ({:.0} a second)",
+                behind.records, behind.per_second
+            ),
+        ))
+    }
+
     /// Handles one batch of the overdue sagas of `share` (due by the database's clock) in one
     /// transaction; returns how many it handled.
     async fn fire_due(&self, share: &Share) -> Result<i64> {
@@ -224,14 +289,33 @@ impl DeadlineScanner {
                     continue;
                 }
             };
-            let jitter = rand::thread_rng().gen_range(0.0..1.0);
-            let decision = saga.on_deadline(now, jitter, &definition);
+            let passed = saga.deadline_at.map(|d| format!("deadline {d} passed"));
+            let (decision, detail) = match self.on_its_way(saga, &definition) {
+                Some((wait, why)) => {
+                    metrics::counter!(crate::metrics::DEADLINES_POSTPONED).increment(1);
+                    let wait_delta =
+                        chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX);
+                    let detail = format!(
+                        "{}; waiting {:.1} s more, not sending again: {why}",
+                        passed.unwrap_or_default(),
+                        wait.as_secs_f64()
+                    );
+                    (
+                        saga.postpone_deadline(now, wait_delta, &definition),
+                        Some(detail),
+                    )
+                }
+                None => {
+                    let jitter = rand::thread_rng().gen_range(0.0..1.0);
+                    (saga.on_deadline(now, jitter, &definition), passed)
+                }
+            };
             let entry = HistoryEntry {
                 at: now,
                 message_id: None,
                 message_type: "Deadline".into(),
                 decision: HistoryDecision::Deadline,
-                detail: saga.deadline_at.map(|d| format!("deadline {d} passed")),
+                detail,
                 // Set to the state the decision leaves (`commit_decision`).
                 state_after: saga.state,
             };

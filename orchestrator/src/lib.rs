@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backlog;
 pub mod catalog;
 pub mod clock;
 pub mod config;
@@ -194,6 +195,9 @@ fn run_background(
                 .reload(std::time::Duration::from_millis(every), shutdown.clone()),
         );
     }
+    let backlogs = backlog::Backlogs::new(config.retries.backlog_stall());
+    // Checked when the catalog loaded (`RetryConfig::check_overrides`), before anything ran.
+    let participants = config.retries.participant_groups().unwrap_or_default();
     let scanner = deadlines::DeadlineScanner {
         pool: service.pool().clone(),
         topics: state.topics.clone(),
@@ -207,7 +211,17 @@ fn run_background(
             state.topics.replies(),
             config.service.kafka.clone(),
         ),
+        backlogs: backlogs.clone(),
+        groups: deadlines::GroupNames {
+            orchestrator: pipeline.group.clone(),
+            topic_prefix: config.service.kafka.topic_prefix.clone(),
+            participants,
+        },
     };
+    service.spawn_infallible(
+        "backlog reader",
+        backlogs.read(config.service.kafka.clone(), shutdown.clone()),
+    );
     service.spawn_infallible("deadline scanner", scanner.run(shutdown));
     let retention_secs = config.saga_retention_secs;
     let failed_secs = config.failed_saga_retention_secs;

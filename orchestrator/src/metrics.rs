@@ -30,6 +30,10 @@ pub const STALE_WRITES_REFUSED: &str = "saga_stale_writes_refused_total";
 /// Overdue sagas this instance's deadline scanner handled, by `partition` (of `saga.replies`,
 /// which the scanner shares by: [`crate::deadlines`]).
 pub const DEADLINES_HANDLED: &str = "saga_deadlines_handled_total";
+/// Overdue sagas whose command was still on its way (its participant, or the orchestrators,
+/// working through a backlog), so their deadline waited instead of sending again
+/// ([`crate::backlog`]).
+pub const DEADLINES_POSTPONED: &str = "saga_deadlines_postponed_total";
 /// How many partitions of `saga.replies` this instance's deadline scanner scans now (those its
 /// consumer holds).
 pub const DEADLINE_SCAN_PARTITIONS: &str = "saga_deadline_scan_partitions";
@@ -65,6 +69,12 @@ pub fn describe() {
     ] {
         metrics::counter!(STALE_WRITES_REFUSED, "source" => writer.as_str()).increment(0);
     }
+    metrics::describe_counter!(
+        DEADLINES_POSTPONED,
+        "Overdue sagas whose command or reply was still queued behind a moving backlog, so \
+         their deadline waited instead of sending again."
+    );
+    metrics::counter!(DEADLINES_POSTPONED).increment(0);
     metrics::describe_counter!(
         DEADLINES_HANDLED,
         "Overdue sagas this instance's deadline scanner handled, by partition of saga.replies."

@@ -27,7 +27,7 @@
 //! operator may abandon it (`abort`), which leaves the saga `failed` without undoing anything,
 //! since the step may have acted.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use events::{Action, Command, Outcome, Reply, SagaEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -475,6 +475,39 @@ impl Saga {
             }
         };
         applied(saga, effects)
+    }
+
+    /// The deadline passed, but the command is known to be still on its way: its participant
+    /// is working through records queued before it (or its reply through those queued for
+    /// the orchestrator). Waits `wait` longer, with no new attempt: sending the command again
+    /// would only queue a copy behind the first, which the participant reaches later, and
+    /// under a backlog every such copy deepens it. The attempts and the step stay as they are.
+    pub fn postpone_deadline(
+        &self,
+        now: DateTime<Utc>,
+        wait: TimeDelta,
+        definition: &SagaDefinition,
+    ) -> Decision {
+        if let Some(refused) = self.foreign(definition) {
+            return refused;
+        }
+        match self.deadline_at {
+            None => return ignored("the saga has no deadline".into()),
+            Some(deadline) if deadline > now => {
+                return ignored(format!("the deadline {deadline} has not passed"))
+            }
+            Some(_) => {}
+        }
+        if self.current_step().is_none() {
+            return ignored(format!(
+                "the saga is {} and waits on no step",
+                self.state.as_str()
+            ));
+        }
+        let mut saga = self.clone();
+        saga.updated_at = now;
+        saga.deadline_at = Some(now + wait.max(TimeDelta::zero()));
+        applied(saga, Vec::new())
     }
 
     /// Decides what an operator's action does. Ignored (with the reason) when the action does

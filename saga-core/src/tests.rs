@@ -544,6 +544,44 @@ fn a_deadline_resends_the_command_with_the_next_attempt() {
 }
 
 #[test]
+fn a_postponed_deadline_waits_longer_without_a_new_attempt() {
+    let saga = started();
+    let due = saga.deadline_at.expect("armed");
+    assert!(
+        matches!(
+            saga.postpone_deadline(at(0), TimeDelta::seconds(5), &definition()),
+            Decision::Ignored { .. }
+        ),
+        "a deadline that has not passed is not postponed"
+    );
+    let Decision::Applied {
+        saga: postponed,
+        effects,
+    } = saga.postpone_deadline(due, TimeDelta::seconds(5), &definition())
+    else {
+        panic!("a passed deadline is postponed");
+    };
+    assert!(effects.is_empty(), "nothing is sent again: {effects:?}");
+    assert_eq!(postponed.deadline_at, Some(due + TimeDelta::seconds(5)));
+    assert_eq!(postponed.steps, saga.steps, "no attempt is counted");
+    assert_eq!(postponed.state, SagaState::Running);
+    // The reply to the first attempt still answers the step.
+    let (answered, effects) = apply(&postponed, Reply::StockReserved(done(1)), 2);
+    assert_eq!(sent(&effects), ["ChargePayment"]);
+    // When the wait runs out the deadline counts as ever: attempt 2.
+    let (resent, effects) = at_deadline(&postponed);
+    assert_eq!(sent(&effects), ["ReserveStock"]);
+    assert_eq!(resent.steps[0].attempts, 2);
+    // A saga that waits on nothing has nothing to postpone.
+    let (done_saga, _) = apply(&answered, Reply::PaymentCharged(done(1)), 3);
+    let (done_saga, _) = apply(&done_saga, Reply::ShipmentScheduled(done(1)), 4);
+    assert!(matches!(
+        done_saga.postpone_deadline(at(59), TimeDelta::seconds(5), &definition()),
+        Decision::Ignored { .. }
+    ));
+}
+
+#[test]
 fn a_late_reply_to_an_earlier_attempt_answers_the_step() {
     // The reply to attempt 1 arrives after attempt 2 was sent: the ledger answers every attempt
     // alike, so it is the step's answer, and the reply to attempt 2 is then a duplicate.

@@ -86,6 +86,8 @@ pub enum Pattern {
 pub enum Operation {
     Read,
     Write,
+    /// Seeing a group's committed offsets without joining it.
+    Describe,
 }
 
 /// One ALLOW binding for any host.
@@ -109,7 +111,8 @@ pub struct Plan {
 /// The plan for `deployment` under `topics`' prefix:
 /// - the orchestrator writes the command topics, `saga.events`, the trigger topics (its API
 ///   publishes orders there) and the DLQ; reads the trigger topics and `saga.replies`; and
-///   reads (joins) its group `<prefix>orchestrator`;
+///   reads (joins) its group `<prefix>orchestrator`; and sees (describes) the participants'
+///   groups, for their committed offsets;
 /// - each participant reads only its command topic, and its group
 ///   `<prefix><participant>`; writes only `saga.replies` and the DLQ;
 /// - the public client writes only the trigger topics and reads only `saga.events`, with any
@@ -130,7 +133,7 @@ pub fn plan(deployment: &Deployment, topics: &Topics) -> Plan {
             operation,
         });
     };
-    use Operation::{Read, Write};
+    use Operation::{Describe, Read, Write};
     use Pattern::{Literal, Prefixed};
     use Resource::{Group, Topic};
 
@@ -162,6 +165,9 @@ pub fn plan(deployment: &Deployment, topics: &Topics) -> Plan {
             Read,
         );
         allow(name, Group, &topics.named(name), Literal, Read);
+        // How far the participant has come on its commands: a deadline passing while it works
+        // through a backlog waits instead of sending again (orchestrator/src/backlog.rs).
+        allow(ORCHESTRATOR, Group, &topics.named(name), Literal, Describe);
         for topic in [topics.replies(), topics.dead_letters()] {
             allow(name, Topic, &topic, Literal, Write);
         }
@@ -242,6 +248,7 @@ fn kafka_acls_lines(plan: &Plan) -> String {
             let operation = match b.operation {
                 Operation::Read => "Read",
                 Operation::Write => "Write",
+                Operation::Describe => "Describe",
             };
             format!(
                 "--add --allow-principal {} --operation {operation} {resource} {} \
@@ -302,7 +309,7 @@ mod tests {
     #[test]
     fn each_identity_gets_only_what_its_role_needs() {
         let plan = plan(&repository(), &Topics::new("t."));
-        use Operation::{Read, Write};
+        use Operation::{Describe, Read, Write};
         use Resource::{Group, Topic};
         // The orchestrator: commands, events, triggers and DLQ out; triggers and replies in.
         assert!(has(
@@ -317,6 +324,9 @@ mod tests {
         assert!(has(&plan, "orchestrator", Read, Topic, "t.saga.replies"));
         assert!(has(&plan, "orchestrator", Read, Group, "t.orchestrator"));
         assert!(!has(&plan, "orchestrator", Write, Topic, "t.saga.replies"));
+        // ... and sees the participants' offsets, without joining their groups.
+        assert!(has(&plan, "orchestrator", Describe, Group, "t.payment"));
+        assert!(!has(&plan, "orchestrator", Read, Group, "t.payment"));
         // A participant: its own commands in, replies and DLQ out, nothing else.
         assert!(has(&plan, "payment", Read, Topic, "t.payment.commands"));
         assert!(has(&plan, "payment", Read, Group, "t.payment"));

@@ -460,7 +460,18 @@ impl TestSystem {
     /// Starts a participant of the test's own (written with the SDK), with this deployment's
     /// settings.
     pub fn start_custom_participant(&mut self, participant: Participant) {
-        let config = self.participant.clone();
+        self.start_custom_participant_configured(participant, |_| {});
+    }
+
+    /// [`TestSystem::start_custom_participant`], with this deployment's settings as `edit`
+    /// changes them.
+    pub fn start_custom_participant_configured(
+        &mut self,
+        participant: Participant,
+        edit: impl FnOnce(&mut ParticipantConfig),
+    ) {
+        let mut config = self.participant.clone();
+        edit(&mut config);
         self.run_participant(participant, config);
     }
 

@@ -2,6 +2,7 @@
 //! the real PostgreSQL. See `helpers` for how each test gets its own deployment.
 
 mod access;
+mod backlog;
 mod batches;
 mod cutoff;
 mod definitions;

@@ -1,0 +1,2 @@
+-- The slow inventory of backlog.rs keeps no table of its own (the SDK makes its ledger).
+SELECT 1;
