@@ -27,6 +27,63 @@ pub(super) async fn outcomes(db: &PgPool) -> anyhow::Result<String> {
         .join(", "))
 }
 
+/// What every fault window is measured from, read once: each placed saga's publication and
+/// finish, and each service's pauses (two messages it handled further apart than
+/// [`Timeline::PAUSE_MS`], or the start or end of placing and the message next to it). A long
+/// run has dozens of windows and tens of thousands of sagas: measured in memory, not by a query
+/// per window.
+pub(super) struct Timeline {
+    /// Placed at, and finished at when the saga finished.
+    sagas: Vec<(DateTime<Utc>, Option<DateTime<Utc>>)>,
+    /// Per service, its pauses.
+    pauses: Vec<(String, Vec<Span>)>,
+}
+
+/// From, until.
+type Span = (DateTime<Utc>, DateTime<Utc>);
+
+impl Timeline {
+    /// Shorter pauses are no stall worth naming.
+    const PAUSE_MS: f64 = 100.0;
+
+    pub(super) async fn load(
+        db: &PgPool,
+        deployment: &Deployment,
+        placed_at: &[(Uuid, DateTime<Utc>)],
+        (from, until): (DateTime<Utc>, DateTime<Utc>),
+    ) -> anyhow::Result<Self> {
+        let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
+        let at: Vec<DateTime<Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
+        let sagas: Vec<(DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "WITH placed AS (SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS p(key, at)) \
+             SELECT p.at, s.finished_at \
+             FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key",
+        )
+        .bind(&keys)
+        .bind(&at)
+        .fetch_all(db)
+        .await?;
+        let mut pauses = Vec::new();
+        for service in deployment.services() {
+            let found: Vec<Span> = sqlx::query_as(&format!(
+                "SELECT previous, at FROM ( \
+                   SELECT at, lag(at) OVER (ORDER BY at) AS previous \
+                   FROM (SELECT received_at AS at FROM {service}.inbox WHERE received_at BETWEEN $1 AND $2 \
+                         UNION ALL SELECT $1 UNION ALL SELECT $2) handled) g \
+                 WHERE previous IS NOT NULL \
+                   AND extract(epoch FROM at - previous) * 1000 > $3"
+            ))
+            .bind(from)
+            .bind(until)
+            .bind(Self::PAUSE_MS)
+            .fetch_all(db)
+            .await?;
+            pauses.push((service.to_owned(), found));
+        }
+        Ok(Self { sagas, pauses })
+    }
+}
+
 /// The broker node faults' windows, measured: each fault's, one and two nodes down, and the
 /// sagas that met none, to compare with.
 pub(super) struct NodeWindows<'a> {
@@ -36,55 +93,37 @@ pub(super) struct NodeWindows<'a> {
 }
 
 impl<'a> NodeWindows<'a> {
-    pub(super) async fn measure(
-        db: &PgPool,
-        deployment: &Deployment,
-        placed_at: &[(Uuid, DateTime<Utc>)],
-        outages: &'a NodeOutages,
-        placing: (DateTime<Utc>, DateTime<Utc>),
-    ) -> anyhow::Result<Self> {
-        let mut faults = Vec::new();
-        for fault in &outages.faults {
-            faults.push((
-                fault,
-                FaultWindow::measure(
-                    db,
-                    deployment,
-                    placed_at,
-                    &[(fault.killed_at, fault.back_at)],
-                    placing,
-                    true,
-                )
-                .await?,
-            ));
-        }
-        let mut nodes_down = Vec::new();
-        for down in [1, 2] {
-            let windows = outages.windows(down);
-            if !windows.is_empty() {
-                nodes_down.push((
-                    down,
-                    FaultWindow::measure(db, deployment, placed_at, &windows, placing, true)
-                        .await?,
-                ));
-            }
-        }
+    pub(super) fn measure(timeline: &Timeline, outages: &'a NodeOutages) -> Self {
+        let faults = outages
+            .faults
+            .iter()
+            .map(|fault| {
+                let window = (fault.killed_at, fault.back_at);
+                (fault, FaultWindow::measure(timeline, &[window], true))
+            })
+            .collect();
+        let nodes_down = [1, 2]
+            .into_iter()
+            .filter_map(|down| {
+                let windows = outages.windows(down);
+                (!windows.is_empty())
+                    .then(|| (down, FaultWindow::measure(timeline, &windows, true)))
+            })
+            .collect();
         // The same measures for the sagas that met no broker fault, to compare with.
-        let unfaulted = if outages.faults.is_empty() {
-            None
-        } else {
+        let unfaulted = (!outages.faults.is_empty()).then(|| {
             let all: Vec<_> = outages
                 .faults
                 .iter()
                 .map(|f| (f.killed_at, f.back_at))
                 .collect();
-            Some(FaultWindow::measure(db, deployment, placed_at, &all, placing, false).await?)
-        };
-        Ok(Self {
+            FaultWindow::measure(timeline, &all, false)
+        });
+        Self {
             faults,
             nodes_down,
             unfaulted,
-        })
+        }
     }
 }
 
@@ -96,36 +135,46 @@ pub(super) struct LinkWindows<'a> {
 }
 
 impl<'a> LinkWindows<'a> {
-    pub(super) async fn measure(
-        db: &PgPool,
-        deployment: &Deployment,
-        placed_at: &[(Uuid, DateTime<Utc>)],
-        outages: &'a [LinkOutage],
-        placing: (DateTime<Utc>, DateTime<Utc>),
-    ) -> anyhow::Result<Self> {
-        let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
-        let at: Vec<DateTime<Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
-        let mut faults = Vec::new();
-        for outage in outages {
-            let window = (outage.began, outage.healed);
-            let measured =
-                FaultWindow::measure(db, deployment, placed_at, &[window], placing, true).await?;
-            let caught_up: Option<f64> = sqlx::query_scalar(
-                "WITH placed AS (SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS p(key, at)) \
-                 SELECT greatest(extract(epoch FROM max(s.finished_at) - $4)::float8, 0) \
-                 FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key \
-                 WHERE p.at <= $4 AND s.finished_at >= $3",
-            )
-            .bind(&keys)
-            .bind(&at)
-            .bind(outage.began)
-            .bind(outage.healed)
-            .fetch_one(db)
-            .await?;
-            faults.push((outage, measured, caught_up));
-        }
-        Ok(Self { faults })
+    pub(super) fn measure(timeline: &Timeline, outages: &'a [LinkOutage]) -> Self {
+        let faults = outages
+            .iter()
+            .map(|outage| {
+                let window = (outage.began, outage.healed);
+                let measured = FaultWindow::measure(timeline, &[window], true);
+                let caught_up = timeline
+                    .sagas
+                    .iter()
+                    .filter_map(|(at, finished)| {
+                        finished.filter(|f| *at <= outage.healed && *f >= outage.began)
+                    })
+                    .max()
+                    .map(|last| seconds(last - outage.healed).max(0.0));
+                (outage, measured, caught_up)
+            })
+            .collect();
+        Self { faults }
     }
+}
+
+fn seconds(span: chrono::TimeDelta) -> f64 {
+    span.num_microseconds()
+        .map_or(span.num_milliseconds() as f64 / 1000.0, |us| {
+            us as f64 / 1e6
+        })
+}
+
+/// `sorted`'s `p` quantile, interpolated between neighbours as PostgreSQL's `percentile_cont`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return 0.0;
+    };
+    let rank = p.clamp(0.0, 1.0) * last as f64;
+    let below = rank.floor() as usize;
+    let above = rank.ceil() as usize;
+    let (Some(low), Some(high)) = (sorted.get(below), sorted.get(above)) else {
+        return 0.0;
+    };
+    low + (high - low) * (rank - below as f64)
 }
 
 /// Seconds from the later of the last link fault's heal and the last order's publication
@@ -362,77 +411,47 @@ pub(super) struct FaultWindow {
 }
 
 impl FaultWindow {
-    pub(super) async fn measure(
-        db: &PgPool,
-        deployment: &Deployment,
-        placed_at: &[(Uuid, DateTime<Utc>)],
-        windows: &[(DateTime<Utc>, DateTime<Utc>)],
-        (from, until): (DateTime<Utc>, DateTime<Utc>),
-        inside: bool,
-    ) -> anyhow::Result<Self> {
-        let keys: Vec<String> = placed_at.iter().map(|(id, _)| id.to_string()).collect();
-        let at: Vec<DateTime<Utc>> = placed_at.iter().map(|(_, at)| *at).collect();
-        let starts: Vec<DateTime<Utc>> = windows.iter().map(|w| w.0).collect();
-        let ends: Vec<DateTime<Utc>> = windows.iter().map(|w| w.1).collect();
-        let (sagas, p50_ms, p99_ms, max_ms): (i64, f64, f64, f64) = sqlx::query_as(
-            "WITH placed AS (SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS p(key, at)), \
-                  windows AS (SELECT * FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w(since, until)), \
-                  timed AS (SELECT extract(epoch FROM s.finished_at - p.at)::float8 * 1000 AS ms \
-                            FROM placed p JOIN orchestrator.sagas s ON s.saga_key = p.key \
-                            WHERE s.finished_at IS NOT NULL AND EXISTS \
-                              (SELECT 1 FROM windows w WHERE p.at <= w.until AND s.finished_at >= w.since) = $5) \
-             SELECT count(*), \
-                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0), \
-                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0), \
-                    coalesce(max(ms), 0) FROM timed",
-        )
-        .bind(&keys)
-        .bind(&at)
-        .bind(&starts)
-        .bind(&ends)
-        .bind(inside)
-        .fetch_one(db)
-        .await?;
+    /// The sagas in flight during some window of `windows` (with `inside`; those in flight
+    /// during none without it) and the longest pause of a service that overlaps a window.
+    fn measure(timeline: &Timeline, windows: &[Span], inside: bool) -> Self {
+        let overlaps = |from: DateTime<Utc>, until: DateTime<Utc>| {
+            windows
+                .iter()
+                .any(|(since, to)| from <= *to && until >= *since)
+        };
+        let mut ms: Vec<f64> = timeline
+            .sagas
+            .iter()
+            .filter_map(|(at, finished)| {
+                let finished = (*finished)?;
+                (overlaps(*at, finished) == inside).then(|| seconds(finished - *at) * 1000.0)
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
         // Outside the windows (the baseline): no stall to measure.
-        if !inside {
-            return Ok(Self {
-                sagas,
-                p50_ms,
-                p99_ms,
-                max_ms,
-                longest_stall: None,
-            });
-        }
-        let mut longest_stall: Option<(String, f64)> = None;
-        for service in deployment.services() {
-            let gap: f64 = sqlx::query_scalar(&format!(
-                "WITH windows AS (SELECT * FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w(since, until)) \
-                 SELECT coalesce(max(extract(epoch FROM at - previous)::float8), 0) FROM ( \
-                   SELECT at, lag(at) OVER (ORDER BY at) AS previous \
-                   FROM (SELECT received_at AS at FROM {service}.inbox WHERE received_at BETWEEN $1 AND $2 \
-                         UNION ALL SELECT $1 UNION ALL SELECT $2) handled) g \
-                 WHERE EXISTS (SELECT 1 FROM windows w WHERE g.previous <= w.until AND g.at >= w.since)"
-            ))
-            .bind(from)
-            .bind(until)
-            .bind(&starts)
-            .bind(&ends)
-            .fetch_one(db)
-            .await?;
-            if longest_stall
-                .as_ref()
-                .is_none_or(|(_, longest)| gap > *longest)
-            {
-                longest_stall = Some((service.to_owned(), gap));
-            }
-        }
-        Ok(Self {
-            sagas,
-            p50_ms,
-            p99_ms,
-            max_ms,
+        let longest_stall = if inside {
+            timeline
+                .pauses
+                .iter()
+                .map(|(service, pauses)| {
+                    let longest = pauses
+                        .iter()
+                        .filter(|(from, until)| overlaps(*from, *until))
+                        .map(|(from, until)| seconds(*until - *from))
+                        .fold(0.0, f64::max);
+                    (service.clone(), longest)
+                })
+                .reduce(|a, b| if b.1 > a.1 { b } else { a })
+        } else {
+            None
+        };
+        Self {
+            sagas: i64::try_from(ms.len()).unwrap_or(i64::MAX),
+            p50_ms: percentile(&ms, 0.5),
+            p99_ms: percentile(&ms, 0.99),
+            max_ms: ms.last().copied().unwrap_or(0.0),
             longest_stall,
-        })
+        }
     }
 
     pub(super) fn describe(&self) -> String {
@@ -524,5 +543,58 @@ mod tests {
         assert_eq!(refused.get("deadline"), Some(&5));
         assert_eq!(refused.get("consume"), Some(&1));
         assert_eq!(refused.len(), 2);
+    }
+
+    fn at(second: i64) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.timestamp_opt(1_800_000_000 + second, 0)
+            .single()
+            .expect("a time")
+    }
+
+    #[test]
+    fn percentiles_interpolate_as_postgresqls_percentile_cont() {
+        assert_eq!(percentile(&[], 0.5), 0.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.5);
+        assert!((percentile(&[1.0, 2.0, 3.0, 4.0], 0.99) - 3.97).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_window_measures_the_sagas_in_flight_during_it_and_the_pauses_it_overlaps() {
+        let timeline = Timeline {
+            sagas: vec![
+                (at(0), Some(at(5))),   // before the window
+                (at(8), Some(at(12))),  // in flight during it
+                (at(9), Some(at(30))),  // in flight during it
+                (at(20), Some(at(21))), // after it
+                (at(9), None),          // never finished
+            ],
+            pauses: vec![
+                ("inventory".into(), vec![(at(0), at(2)), (at(9), at(13))]),
+                ("payment".into(), vec![(at(11), at(18))]),
+            ],
+        };
+        let window = [(at(10), at(15))];
+        let inside = FaultWindow::measure(&timeline, &window, true);
+        assert_eq!(inside.sagas, 2);
+        assert_eq!(inside.max_ms, 21_000.0);
+        assert_eq!(inside.p50_ms, 12_500.0);
+        assert_eq!(inside.longest_stall, Some(("payment".into(), 7.0)));
+        let outside = FaultWindow::measure(&timeline, &window, false);
+        assert_eq!(outside.sagas, 2);
+        assert_eq!(outside.longest_stall, None);
+        let outage = LinkOutage {
+            fault: crate::chaos::link_faults::LinkFault::SlowLossy,
+            target: "every link".into(),
+            began: at(10),
+            healed: at(15),
+        };
+        let links = LinkWindows::measure(&timeline, std::slice::from_ref(&outage));
+        assert_eq!(
+            links.faults[0].2,
+            Some(15.0),
+            "the last in flight finished at 30"
+        );
     }
 }

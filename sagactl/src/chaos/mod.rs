@@ -50,7 +50,7 @@ use fleet::Fleet;
 use garbage::Audit;
 use invariants::{under_faults, Books, Check, Invariants};
 use link_faults::LinkFaults;
-use measures::{Duplicates, LinkWindows, NodeWindows, Stalls, Throughput};
+use measures::{Duplicates, LinkWindows, NodeWindows, Stalls, Throughput, Timeline};
 use network::stack::Stack;
 use settle::Settled;
 use setup::Setup;
@@ -282,22 +282,10 @@ async fn check<'a>(
     let duplicates = Duplicates::count(db, deployment, &setup.log_dir).await?;
     let stalls = Stalls::measure(db, deployment, from, until).await?;
     let timeline = Throughput::timeline(db, order_ids, from).await?;
-    let windows = NodeWindows::measure(
-        db,
-        deployment,
-        &placed.workload.placed_at,
-        &placed.faults.nodes,
-        placed.placing,
-    )
-    .await?;
-    let links = LinkWindows::measure(
-        db,
-        deployment,
-        &placed.workload.placed_at,
-        &placed.faults.links,
-        placed.placing,
-    )
-    .await?;
+    let in_flight =
+        Timeline::load(db, deployment, &placed.workload.placed_at, placed.placing).await?;
+    let windows = NodeWindows::measure(&in_flight, &placed.faults.nodes);
+    let links = LinkWindows::measure(&in_flight, &placed.faults.links);
     if !placed.faults.links.is_empty() {
         let caught_up =
             measures::caught_up_after_heal(db, &placed.faults.links, placed.placing.1).await?;
