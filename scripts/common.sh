@@ -105,9 +105,12 @@ make_api_tokens() {
 # The instances of a service share its database, topic prefix and consumer group, so the group
 # divides the partitions between them (TOPIC_PARTITIONS, 4 by default: more instances than that
 # leave some idle). Each has its own ports: the first orchestrator HTTP_ADDR and OPS_HTTP_ADDR
-# (a free port when unset), the others free ports; a participant's /metrics (METRICS_ADDR) is
-# on BENCH_METRICS_PORT_BASE + its place in the services' list, plus the number of services for
-# each instance after the first. A KAFKA_GROUP_INSTANCE_ID set for the services (in the
+# (a free port when unset), every other process free ports (METRICS_ADDR for a participant's
+# /metrics and probes); with BENCH_METRICS_PORT_BASE set, a participant's METRICS_ADDR is that
+# base + its place in the services' list, plus the number of services for each instance after
+# the first. A fixed address something already listens on stops the start: a service that
+# cannot bind its metrics port runs on without it, and the benchmark would read another
+# process's page (another developer's inventory on 9181 once). A KAFKA_GROUP_INSTANCE_ID set for the services (in the
 # environment or BENCH_ENV_<service>) gets each instance's number appended when there are
 # several, as static members of one group need ids of their own. The load generator needs no
 # address: it publishes orders to Kafka, and the orchestrators' group spreads them by partition.
@@ -127,7 +130,7 @@ make_api_tokens() {
 #                     /metrics, by the names above; the broker's JVM and PostgreSQL too) and the
 #                     SQL statements
 # Knobs: BENCH_INSTANCES, BENCH_DATABASE_SERVER, BENCH_DATABASE_OPTIONS (e.g.
-# "?host=/var/run/postgresql"), BENCH_METRICS_PORT_BASE (default 9180), BENCH_READY_TIMEOUT_SECS
+# "?host=/var/run/postgresql"), BENCH_METRICS_PORT_BASE (default: free ports), BENCH_READY_TIMEOUT_SECS
 # (default 120: how long the instances may take to be ready), and extra environment for one
 # service's instances in the array BENCH_ENV_<service>, e.g.
 #   BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES=1000)
@@ -158,6 +161,28 @@ bench_start_stack() {
   export DATABASE_URL="$BENCH_SERVER_URL/bench_${run_id}$BENCH_URL_OPTIONS"
   export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
 
+  # The processes, each service's instances together, and their fixed addresses (empty: a free
+  # port, chosen as it starts): checked before the build, and again before they start.
+  local names
+  mapfile -t names < <(services)
+  local port_base="${BENCH_METRICS_PORT_BASE:-}"
+  local plan_services=() plan_names=() plan_http=() plan_ops=()
+  local i n
+  for i in "${!names[@]}"; do
+    for ((n = 1; n <= instances; n++)); do
+      plan_services+=("${names[$i]}")
+      if ((instances == 1)); then plan_names+=("${names[$i]}"); else plan_names+=("${names[$i]}-$n"); fi
+      if ((i == 0 && n == 1)); then
+        plan_http+=("$HTTP_ADDR") plan_ops+=("${OPS_HTTP_ADDR:-}")
+      elif ((i > 0)) && [[ -n "$port_base" ]]; then
+        plan_http+=("") plan_ops+=("127.0.0.1:$((port_base + (n - 1) * ${#names[@]} + i))")
+      else
+        plan_http+=("") plan_ops+=("")
+      fi
+    done
+  done
+  bench_addresses_free || return 1
+
   local secured="${BENCH_SECURED_KAFKA:-0}" cluster_dir="$ROOT/.run/cluster"
   if [[ $secured == 1 ]]; then
     ensure_commands curl:curl jq:jq psql:postgresql-client
@@ -183,56 +208,46 @@ bench_start_stack() {
 
   BENCH_LOG_DIR="$ROOT/.run/bench-$run_id"
   mkdir -p "$BENCH_LOG_DIR"
-  local names
-  mapfile -t names < <(services)
-  local port_base="${BENCH_METRICS_PORT_BASE:-9180}"
+  bench_addresses_free || return 1
   # Per process: where its probes and /metrics answer, and for an orchestrator its API's
   # address, read instead when a build does not serve OPS_HTTP_ADDR.
   local bases=() api_bases=()
-  local i n service name extra ops http group_instance_id
-  for i in "${!names[@]}"; do
-    service="${names[$i]}"
-    for ((n = 1; n <= instances; n++)); do
-      name="$service"
-      ((instances == 1)) || name="$service-$n"
-      extra=()
-      if ((i == 0)); then
-        if ((n == 1)); then
-          http="$HTTP_ADDR" ops="${OPS_HTTP_ADDR:-127.0.0.1:$(free_port)}"
-        else
-          http="127.0.0.1:$(free_port)" ops="127.0.0.1:$(free_port)"
-        fi
-        extra+=("HTTP_ADDR=$http" "OPS_HTTP_ADDR=$ops")
-        bases+=("http://$ops") api_bases+=("http://$http")
-        if [[ -z "${API_TOKENS_FILE:-}${API_TOKENS:-}" ]] \
-          && ! declare -p BENCH_ENV_orchestrator 2>/dev/null | grep -q 'API_TOKENS'; then
-          extra+=("API_OPEN_ON_LOOPBACK=${API_OPEN_ON_LOOPBACK:-true}")
-        fi
-      else
-        ops="127.0.0.1:$((port_base + (n - 1) * ${#names[@]} + i))"
-        extra+=("METRICS_ADDR=$ops")
-        bases+=("http://$ops") api_bases+=("")
+  local k service name extra ops http group_instance_id
+  for k in "${!plan_names[@]}"; do
+    service="${plan_services[$k]}" name="${plan_names[$k]}"
+    ops="${plan_ops[$k]:-127.0.0.1:$(free_port)}"
+    extra=()
+    if [[ $service == "${names[0]}" ]]; then
+      http="${plan_http[$k]:-127.0.0.1:$(free_port)}"
+      extra+=("HTTP_ADDR=$http" "OPS_HTTP_ADDR=$ops")
+      bases+=("http://$ops") api_bases+=("http://$http")
+      if [[ -z "${API_TOKENS_FILE:-}${API_TOKENS:-}" ]] \
+        && ! declare -p BENCH_ENV_orchestrator 2>/dev/null | grep -q 'API_TOKENS'; then
+        extra+=("API_OPEN_ON_LOOPBACK=${API_OPEN_ON_LOOPBACK:-true}")
       fi
-      if [[ $secured == 1 ]]; then
-        extra+=("KAFKA_CLIENT_PROPERTIES=$cluster_dir/clients/$service.properties")
-      fi
-      group_instance_id="${KAFKA_GROUP_INSTANCE_ID:-}"
-      if declare -p "BENCH_ENV_$service" >/dev/null 2>&1; then
-        local spec="BENCH_ENV_${service}[@]" setting
-        for setting in "${!spec}"; do
-          extra+=("$setting")
-          [[ $setting != KAFKA_GROUP_INSTANCE_ID=* ]] || group_instance_id="${setting#*=}"
-        done
-      fi
-      if ((instances > 1)) && [[ -n "$group_instance_id" ]]; then
-        extra+=("KAFKA_GROUP_INSTANCE_ID=$group_instance_id-$n")
-      fi
-      # `env` executes the service in its place, so the pid is the service's.
-      env "${extra[@]}" "${BENCH_SERVICES_DIR:-target/$profile}/$service" \
-        >"$BENCH_LOG_DIR/$name.log" 2>&1 &
-      BENCH_PIDS+=($!)
-      BENCH_NAMES+=("$name")
-    done
+    else
+      extra+=("METRICS_ADDR=$ops")
+      bases+=("http://$ops") api_bases+=("")
+    fi
+    if [[ $secured == 1 ]]; then
+      extra+=("KAFKA_CLIENT_PROPERTIES=$cluster_dir/clients/$service.properties")
+    fi
+    group_instance_id="${KAFKA_GROUP_INSTANCE_ID:-}"
+    if declare -p "BENCH_ENV_$service" >/dev/null 2>&1; then
+      local spec="BENCH_ENV_${service}[@]" setting
+      for setting in "${!spec}"; do
+        extra+=("$setting")
+        [[ $setting != KAFKA_GROUP_INSTANCE_ID=* ]] || group_instance_id="${setting#*=}"
+      done
+    fi
+    if ((instances > 1)) && [[ -n "$group_instance_id" ]]; then
+      extra+=("KAFKA_GROUP_INSTANCE_ID=$group_instance_id-${name##*-}")
+    fi
+    # `env` executes the service in its place, so the pid is the service's.
+    env "${extra[@]}" "${BENCH_SERVICES_DIR:-target/$profile}/$service" \
+      >"$BENCH_LOG_DIR/$name.log" 2>&1 &
+    BENCH_PIDS+=($!)
+    BENCH_NAMES+=("$name")
   done
 
   bench_wait_ready bases api_bases || return 1
@@ -245,7 +260,6 @@ bench_start_stack() {
 
   BENCH_SAGACTL="$ROOT/target/$profile/sagactl"
   BENCH_ACCOUNTING=()
-  local k
   for k in "${!BENCH_NAMES[@]}"; do
     BENCH_ACCOUNTING+=(--process "${BENCH_NAMES[$k]}=${BENCH_PIDS[$k]}" --metrics "${BENCH_NAMES[$k]}=${bases[$k]}/metrics")
   done
@@ -268,6 +282,24 @@ bench_start_stack() {
     BENCH_ACCOUNTING+=(--process "postgres=$postmaster_pid")
   fi
   BENCH_ACCOUNTING+=(--sql-stats "$DATABASE_URL")
+}
+
+# bench_addresses_free: fails, naming each one and how to find who holds it, when something
+# already listens on a fixed address of bench_start_stack's plan (its arrays plan_names,
+# plan_http, plan_ops).
+bench_addresses_free() {
+  local k setting address taken=0
+  for k in "${!plan_names[@]}"; do
+    for setting in HTTP_ADDR OPS_HTTP_ADDR; do
+      if [[ $setting == HTTP_ADDR ]]; then address="${plan_http[$k]}"; else address="${plan_ops[$k]}"; fi
+      [[ -n "$address" ]] && tcp_open "$address" || continue
+      [[ $setting == HTTP_ADDR || -n "${plan_http[$k]}" ]] || setting=METRICS_ADDR
+      echo "${plan_names[$k]}'s $setting=$address is taken: another process listens there" \
+        "(ss -ltnp | grep ':${address##*:} '); stop it or choose another address" >&2
+      taken=1
+    done
+  done
+  ((taken == 0))
 }
 
 # bench_ready URL: exit 0 when the service whose probes answer at URL (http://HOST:PORT) is
