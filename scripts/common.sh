@@ -101,7 +101,10 @@ make_api_tokens() {
 # starts BENCH_INSTANCES (default 1) instances of the orchestrator and of each participant as
 # separate processes (from BENCH_SERVICES_DIR when set: another build's target/release) and
 # waits until every one is ready (`/readyz`: it joined its consumer group; `/healthz` for a
-# build without the probe).
+# build without the probe). Under the classic group protocol (the default) the last instance's
+# assignment ends the rebalance that gives every instance its share, so the load starts on
+# settled groups; under KIP-848 (KAFKA_GROUP_PROTOCOL=consumer) a first assignment may be empty
+# while partitions still move, for the run's first seconds.
 # The instances of a service share its database, topic prefix and consumer group, so the group
 # divides the partitions between them (TOPIC_PARTITIONS, 4 by default: more instances than that
 # leave some idle). Each has its own ports: the first orchestrator HTTP_ADDR and OPS_HTTP_ADDR
