@@ -98,20 +98,44 @@ make_api_tokens() {
 #
 # bench_start_stack: starts PostgreSQL and the broker if needed, builds the binaries
 # (BENCH_PROFILE: release, the default, or debug), creates a fresh database and topic prefix,
-# starts the orchestrator and the three participants as separate processes (from
-# BENCH_SERVICES_DIR when set: another build's target/release) and waits until they are ready.
+# starts BENCH_INSTANCES (default 1) instances of the orchestrator and of each participant as
+# separate processes (from BENCH_SERVICES_DIR when set: another build's target/release) and
+# waits until every one is ready (`/readyz`: it joined its consumer group; `/healthz` for a
+# build without the probe). Under the classic group protocol (the default) the last instance's
+# assignment ends the rebalance that gives every instance its share, so the load starts on
+# settled groups; under KIP-848 (KAFKA_GROUP_PROTOCOL=consumer) a first assignment may be empty
+# while partitions still move, for the run's first seconds.
+# The instances of a service share its database, topic prefix and consumer group, so the group
+# divides the partitions between them (TOPIC_PARTITIONS, 4 by default: more instances than that
+# leave some idle). Each has its own ports: the first orchestrator HTTP_ADDR and OPS_HTTP_ADDR
+# (a free port when unset), every other process free ports (METRICS_ADDR for a participant's
+# /metrics and probes); with BENCH_METRICS_PORT_BASE set, a participant's METRICS_ADDR is that
+# base + its place in the services' list, plus the number of services for each instance after
+# the first. A fixed address something already listens on stops the start: a service that
+# cannot bind its metrics port runs on without it, and the benchmark would read another
+# process's page (another developer's inventory on 9181 once). A KAFKA_GROUP_INSTANCE_ID set for the services (in the
+# environment or BENCH_ENV_<service>) gets each instance's number appended when there are
+# several, as static members of one group need ids of their own. The load generator needs no
+# address: it publishes orders to Kafka, and the orchestrators' group spreads them by partition.
 # Afterwards:
-#   DATABASE_URL, TOPIC_PREFIX, KAFKA_BROKERS, HTTP_ADDR  exported, the deployment's
-#   BENCH_PIDS        the services' pids, in the order `services` lists them
-#   BENCH_LOG_DIR     their logs
-#   BENCH_OPS_ADDR    where the orchestrator's /healthz and /metrics answer without a token:
-#                     OPS_HTTP_ADDR when it is set (and the orchestrator serves it), else HTTP_ADDR
+#   DATABASE_URL, TOPIC_PREFIX, KAFKA_BROKERS, HTTP_ADDR  exported, the deployment's (HTTP_ADDR:
+#                     the first orchestrator's API)
+#   BENCH_NAMES       the processes' names: the service's (`orchestrator`, `inventory`, ...) with
+#                     one instance each, else with the instance's number (`orchestrator-1`,
+#                     `orchestrator-2`, `inventory-1`, ...); in the order `services` lists them,
+#                     each service's instances together
+#   BENCH_PIDS        their pids, in the same order
+#   BENCH_LOG_DIR     their logs (NAME.log)
+#   BENCH_OPS_ADDR    where the first orchestrator's /healthz and /metrics answer without a
+#                     token: its OPS_HTTP_ADDR (HTTP_ADDR for a build that does not serve one)
 #   BENCH_SAGACTL     this build's sagactl
 #   BENCH_ACCOUNTING  the `sagactl load` arguments that account for every process (CPU, memory,
-#                     /metrics; the broker's JVM and PostgreSQL too) and the SQL statements
-# Knobs: BENCH_DATABASE_SERVER, BENCH_DATABASE_OPTIONS (e.g. "?host=/var/run/postgresql"),
-# BENCH_METRICS_PORT_BASE (default 9180: the participants' /metrics on base+1, +2, ...), and
-# extra environment for one service in the array BENCH_ENV_<service>, e.g.
+#                     /metrics, by the names above; the broker's JVM and PostgreSQL too) and the
+#                     SQL statements
+# Knobs: BENCH_INSTANCES, BENCH_DATABASE_SERVER, BENCH_DATABASE_OPTIONS (e.g.
+# "?host=/var/run/postgresql"), BENCH_METRICS_PORT_BASE (default: free ports), BENCH_READY_TIMEOUT_SECS
+# (default 120: how long the instances may take to be ready), and extra environment for one
+# service's instances in the array BENCH_ENV_<service>, e.g.
 #   BENCH_ENV_inventory=(FAULT_COMPENSATION_FAILURES=1000)
 # Without API_TOKENS_FILE or API_TOKENS for the orchestrator, it runs with
 # API_OPEN_ON_LOOPBACK=true (the API's auth, issue 12, needs one or the other).
@@ -122,9 +146,15 @@ make_api_tokens() {
 # admin (KAFKA_CLIENT_PROPERTIES exported); the three nodes' JVMs are accounted as broker-1..3.
 # The caller sets `trap bench_stop_stack EXIT` first.
 BENCH_PIDS=()
+BENCH_NAMES=()
 BENCH_DATABASE=""
 
 bench_start_stack() {
+  local instances="${BENCH_INSTANCES:-1}"
+  if ! [[ $instances =~ ^[1-9][0-9]*$ ]]; then
+    echo "BENCH_INSTANCES must be a whole number from 1, not '$instances'" >&2
+    return 1
+  fi
   export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
   BENCH_SERVER_URL="${BENCH_DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}"
   BENCH_URL_OPTIONS="${BENCH_DATABASE_OPTIONS:-}"
@@ -133,6 +163,28 @@ bench_start_stack() {
   export TOPIC_PREFIX="bench-${run_id}."
   export DATABASE_URL="$BENCH_SERVER_URL/bench_${run_id}$BENCH_URL_OPTIONS"
   export HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:18080}"
+
+  # The processes, each service's instances together, and their fixed addresses (empty: a free
+  # port, chosen as it starts): checked before the build, and again before they start.
+  local names
+  mapfile -t names < <(services)
+  local port_base="${BENCH_METRICS_PORT_BASE:-}"
+  local plan_services=() plan_names=() plan_http=() plan_ops=()
+  local i n
+  for i in "${!names[@]}"; do
+    for ((n = 1; n <= instances; n++)); do
+      plan_services+=("${names[$i]}")
+      if ((instances == 1)); then plan_names+=("${names[$i]}"); else plan_names+=("${names[$i]}-$n"); fi
+      if ((i == 0 && n == 1)); then
+        plan_http+=("$HTTP_ADDR") plan_ops+=("${OPS_HTTP_ADDR:-}")
+      elif ((i > 0)) && [[ -n "$port_base" ]]; then
+        plan_http+=("") plan_ops+=("127.0.0.1:$((port_base + (n - 1) * ${#names[@]} + i))")
+      else
+        plan_http+=("") plan_ops+=("")
+      fi
+    done
+  done
+  bench_addresses_free || return 1
 
   local secured="${BENCH_SECURED_KAFKA:-0}" cluster_dir="$ROOT/.run/cluster"
   if [[ $secured == 1 ]]; then
@@ -159,56 +211,50 @@ bench_start_stack() {
 
   BENCH_LOG_DIR="$ROOT/.run/bench-$run_id"
   mkdir -p "$BENCH_LOG_DIR"
-  local names
-  mapfile -t names < <(services)
-  local port_base="${BENCH_METRICS_PORT_BASE:-9180}"
-  local i service extra
-  for i in "${!names[@]}"; do
-    service="${names[$i]}"
+  bench_addresses_free || return 1
+  # Per process: where its probes and /metrics answer, and for an orchestrator its API's
+  # address, read instead when a build does not serve OPS_HTTP_ADDR.
+  local bases=() api_bases=()
+  local k service name extra ops http group_instance_id
+  for k in "${!plan_names[@]}"; do
+    service="${plan_services[$k]}" name="${plan_names[$k]}"
+    ops="${plan_ops[$k]:-127.0.0.1:$(free_port)}"
     extra=()
-    if ((i == 0)); then
-      [[ -z "${OPS_HTTP_ADDR:-}" ]] || extra+=("OPS_HTTP_ADDR=$OPS_HTTP_ADDR")
+    if [[ $service == "${names[0]}" ]]; then
+      http="${plan_http[$k]:-127.0.0.1:$(free_port)}"
+      extra+=("HTTP_ADDR=$http" "OPS_HTTP_ADDR=$ops")
+      bases+=("http://$ops") api_bases+=("http://$http")
       if [[ -z "${API_TOKENS_FILE:-}${API_TOKENS:-}" ]] \
         && ! declare -p BENCH_ENV_orchestrator 2>/dev/null | grep -q 'API_TOKENS'; then
         extra+=("API_OPEN_ON_LOOPBACK=${API_OPEN_ON_LOOPBACK:-true}")
       fi
     else
-      extra+=("METRICS_ADDR=127.0.0.1:$((port_base + i))")
+      extra+=("METRICS_ADDR=$ops")
+      bases+=("http://$ops") api_bases+=("")
     fi
     if [[ $secured == 1 ]]; then
       extra+=("KAFKA_CLIENT_PROPERTIES=$cluster_dir/clients/$service.properties")
     fi
+    group_instance_id="${KAFKA_GROUP_INSTANCE_ID:-}"
     if declare -p "BENCH_ENV_$service" >/dev/null 2>&1; then
-      local spec="BENCH_ENV_${service}[@]"
-      extra+=("${!spec}")
+      local spec="BENCH_ENV_${service}[@]" setting
+      for setting in "${!spec}"; do
+        extra+=("$setting")
+        [[ $setting != KAFKA_GROUP_INSTANCE_ID=* ]] || group_instance_id="${setting#*=}"
+      done
+    fi
+    if ((instances > 1)) && [[ -n "$group_instance_id" ]]; then
+      extra+=("KAFKA_GROUP_INSTANCE_ID=$group_instance_id-${name##*-}")
     fi
     # `env` executes the service in its place, so the pid is the service's.
     env "${extra[@]}" "${BENCH_SERVICES_DIR:-target/$profile}/$service" \
-      >"$BENCH_LOG_DIR/$service.log" 2>&1 &
+      >"$BENCH_LOG_DIR/$name.log" 2>&1 &
     BENCH_PIDS+=($!)
+    BENCH_NAMES+=("$name")
   done
 
-  local ops="${OPS_HTTP_ADDR:-$HTTP_ADDR}"
-  BENCH_OPS_ADDR=""
-  for i in $(seq 1 300); do
-    if curl -fsS --max-time 2 "http://$ops/healthz" >/dev/null 2>&1; then
-      BENCH_OPS_ADDR="$ops"
-      break
-    fi
-    if [[ "$ops" != "$HTTP_ADDR" ]] && ((i > 50)) && curl -fsS --max-time 2 "http://$HTTP_ADDR/healthz" >/dev/null 2>&1; then
-      echo "the orchestrator does not serve OPS_HTTP_ADDR=$ops (a build before issue 12):" \
-        "reading /healthz and /metrics on $HTTP_ADDR" >&2
-      BENCH_OPS_ADDR="$HTTP_ADDR"
-      break
-    fi
-    kill -0 "${BENCH_PIDS[0]}" 2>/dev/null || break
-    sleep 0.1
-  done
-  if [[ -z "$BENCH_OPS_ADDR" ]]; then
-    echo "the orchestrator is not healthy on $ops; the end of its log ($BENCH_LOG_DIR):" >&2
-    tail -n 20 "$BENCH_LOG_DIR/orchestrator.log" >&2
-    return 1
-  fi
+  bench_wait_ready bases api_bases || return 1
+  BENCH_OPS_ADDR="${bases[0]#http://}"
   # Wait for the participants' migrations (the demo data is their last one).
   for _ in $(seq 1 300); do
     psql "$DATABASE_URL" -Atc "SELECT EXISTS (SELECT 1 FROM inventory.stock) AND EXISTS (SELECT 1 FROM payment.accounts) AND to_regclass('shipping.shipments') IS NOT NULL AND to_regclass('returns.return_lines') IS NOT NULL" 2>/dev/null | grep -q t && break
@@ -216,11 +262,9 @@ bench_start_stack() {
   done
 
   BENCH_SAGACTL="$ROOT/target/$profile/sagactl"
-  local metrics_urls=("http://$BENCH_OPS_ADDR/metrics")
-  for ((i = 1; i < ${#names[@]}; i++)); do metrics_urls+=("http://127.0.0.1:$((port_base + i))/metrics"); done
   BENCH_ACCOUNTING=()
-  for i in "${!names[@]}"; do
-    BENCH_ACCOUNTING+=(--process "${names[$i]}=${BENCH_PIDS[$i]}" --metrics "${names[$i]}=${metrics_urls[$i]}")
+  for k in "${!BENCH_NAMES[@]}"; do
+    BENCH_ACCOUNTING+=(--process "${BENCH_NAMES[$k]}=${BENCH_PIDS[$k]}" --metrics "${BENCH_NAMES[$k]}=${bases[$k]}/metrics")
   done
   # The broker and PostgreSQL (the postmaster and every backend under it) share the machine;
   # their CPU counts in the per-saga budget too.
@@ -243,12 +287,87 @@ bench_start_stack() {
   BENCH_ACCOUNTING+=(--sql-stats "$DATABASE_URL")
 }
 
-# bench_stop_stack: stops the services bench_start_stack started and drops its database.
+# bench_addresses_free: fails, naming each one and how to find who holds it, when something
+# already listens on a fixed address of bench_start_stack's plan (its arrays plan_names,
+# plan_http, plan_ops).
+bench_addresses_free() {
+  local k setting address taken=0
+  for k in "${!plan_names[@]}"; do
+    for setting in HTTP_ADDR OPS_HTTP_ADDR; do
+      if [[ $setting == HTTP_ADDR ]]; then address="${plan_http[$k]}"; else address="${plan_ops[$k]}"; fi
+      [[ -n "$address" ]] && tcp_open "$address" || continue
+      [[ $setting == HTTP_ADDR || -n "${plan_http[$k]}" ]] || setting=METRICS_ADDR
+      echo "${plan_names[$k]}'s $setting=$address is taken: another process listens there" \
+        "(ss -ltnp | grep ':${address##*:} '); stop it or choose another address" >&2
+      taken=1
+    done
+  done
+  ((taken == 0))
+}
+
+# bench_ready URL: exit 0 when the service whose probes answer at URL (http://HOST:PORT) is
+# ready: its /readyz answers 200 (it joined its group, reaches a broker and its database), or,
+# for a build from before that probe (404), its /healthz does.
+bench_ready() {
+  local code
+  code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1/readyz" 2>/dev/null)" || true
+  [[ $code == 200 ]] && return 0
+  [[ $code == 404 ]] && curl -fsS --max-time 2 "$1/healthz" >/dev/null 2>&1
+}
+
+# bench_wait_ready BASES API_BASES: waits until every process of BENCH_NAMES is ready, for
+# BENCH_READY_TIMEOUT_SECS at most (BASES, API_BASES: the names of bench_start_stack's arrays).
+# An orchestrator that does not answer on its OPS_HTTP_ADDR (a build from before issue 12)
+# while its API's /healthz does is read there instead: its entry in BASES becomes its API's.
+# Fails, with the end of the log of each process that is not ready, when one exits or the time
+# runs out.
+bench_wait_ready() {
+  local -n ready_bases="$1" ready_api_bases="$2"
+  local deadline=$((SECONDS + ${BENCH_READY_TIMEOUT_SECS:-120})) fallback_after=$((SECONDS + 5))
+  local ready=() waiting k
+  while :; do
+    waiting=()
+    for k in "${!BENCH_NAMES[@]}"; do
+      ((${ready[$k]:-0})) && continue
+      if bench_ready "${ready_bases[$k]}"; then
+        ready[$k]=1
+        continue
+      fi
+      if [[ -n "${ready_api_bases[$k]}" ]] && ((SECONDS >= fallback_after)) \
+        && ! tcp_open "${ready_bases[$k]#http://}" \
+        && curl -fsS --max-time 2 "${ready_api_bases[$k]}/healthz" >/dev/null 2>&1; then
+        echo "${BENCH_NAMES[$k]} does not serve OPS_HTTP_ADDR=${ready_bases[$k]#http://} (a build" \
+          "before issue 12): reading /healthz and /metrics on ${ready_api_bases[$k]#http://}" >&2
+        ready_bases[$k]="${ready_api_bases[$k]}"
+        ready[$k]=1
+        continue
+      fi
+      if ! kill -0 "${BENCH_PIDS[$k]}" 2>/dev/null; then
+        echo "${BENCH_NAMES[$k]} exited; the end of its log ($BENCH_LOG_DIR):" >&2
+        tail -n 20 "$BENCH_LOG_DIR/${BENCH_NAMES[$k]}.log" >&2
+        return 1
+      fi
+      waiting+=("$k")
+    done
+    ((${#waiting[@]} == 0)) && return 0
+    if ((SECONDS >= deadline)); then
+      for k in "${waiting[@]}"; do
+        echo "${BENCH_NAMES[$k]} is not ready on ${ready_bases[$k]}/readyz after" \
+          "${BENCH_READY_TIMEOUT_SECS:-120} s; the end of its log ($BENCH_LOG_DIR):" >&2
+        tail -n 20 "$BENCH_LOG_DIR/${BENCH_NAMES[$k]}.log" >&2
+      done
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# bench_stop_stack: stops every process bench_start_stack started and drops its database.
 bench_stop_stack() {
   if ((${#BENCH_PIDS[@]})); then
     kill -TERM "${BENCH_PIDS[@]}" 2>/dev/null || true
     wait "${BENCH_PIDS[@]}" 2>/dev/null || true
-    BENCH_PIDS=()
+    BENCH_PIDS=() BENCH_NAMES=()
   fi
   if [[ -n "$BENCH_DATABASE" ]]; then
     psql "$BENCH_SERVER_URL/postgres$BENCH_URL_OPTIONS" -qc "DROP DATABASE IF EXISTS $BENCH_DATABASE WITH (FORCE)" || true

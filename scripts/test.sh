@@ -210,9 +210,19 @@ set +m
 # missing) against the services as processes; screenshots go to target/artifacts/.
 scripts/browser-test.sh
 
-# A smoke run of the benchmark, so that its command cannot rot: a few seconds, debug build.
-BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
+# A smoke run of the benchmark, so that its command cannot rot: a few seconds, debug build,
+# two instances of every service (BENCH_INSTANCES, the measurement of 1 against 2 in
+# BENCHMARKS.md). Each instance of a service that had work must have done part of it, read off
+# the report's per-instance work (from each instance's own /metrics): 40 orders over 4
+# partitions leave one of two instances without a record about once in 2^30 runs.
+BENCH_INSTANCES=2 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
   --warmup-secs 0 --json target/artifacts/bench-smoke.json
+if ! jq -e '[.work | group_by(.service)[] | select(map(.records) | add > 0) | .[] | .records > 0] | all' \
+  target/artifacts/bench-smoke.json >/dev/null; then
+  echo "test.sh: the benchmark's instances did not share the work:" >&2
+  jq -r '.work[] | "  \(.name): \(.records) records from partitions \(.partitions)"' target/artifacts/bench-smoke.json >&2
+  exit 1
+fi
 
 finish "the walkthroughs" "$walkthrough" target/artifacts/walkthrough.log
 finish "the fuzzers" "$fuzz" target/artifacts/fuzz.log

@@ -872,8 +872,15 @@ fn count_handled(record: &Record, outcome: &'static str, seconds: f64) {
     if outcome == "dead_lettered" {
         ::metrics::counter!(metrics::DEAD_LETTERS, "topic" => record.topic.clone()).increment(1);
     }
-    ::metrics::counter!(metrics::MESSAGES_CONSUMED, "topic" => record.topic.clone(), "outcome" => outcome)
-        .increment(1);
+    // By partition too: the instances of a service share its work by partition, and how much
+    // each one did (`sagactl load`'s report per instance) is read off this counter.
+    ::metrics::counter!(
+        metrics::MESSAGES_CONSUMED,
+        "topic" => record.topic.clone(),
+        "partition" => record.partition.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
     ::metrics::histogram!(metrics::HANDLE_SECONDS, "topic" => record.topic.clone()).record(seconds);
 }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Health;
 use crate::{Error, Result};
 
-/// Records consumed, by topic and by what became of them (`handled`, `dead_lettered`).
+/// Records consumed, by topic, partition and what became of them (`handled`, `dead_lettered`).
 pub const MESSAGES_CONSUMED: &str = "messages_consumed_total";
 /// Time from receiving a record to committing its transaction.
 pub const HANDLE_SECONDS: &str = "message_handle_duration_seconds";
@@ -210,7 +210,10 @@ fn describe() {
         PARTITIONS_OUT,
         "1 while the consumer is out of its group after giving up its partitions, waiting for the database, else 0."
     );
-    metrics::describe_counter!(MESSAGES_CONSUMED, "Kafka records consumed, by outcome.");
+    metrics::describe_counter!(
+        MESSAGES_CONSUMED,
+        "Kafka records consumed, by topic, partition and outcome."
+    );
     metrics::describe_histogram!(
         HANDLE_SECONDS,
         metrics::Unit::Seconds,

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
 use crate::budget;
+use crate::work::{self, Page};
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
@@ -59,8 +60,10 @@ pub struct LoadArgs {
     /// (Linux /proc).
     #[arg(long = "process", value_parser = parse_named::<u32>)]
     processes: Vec<(String, u32)>,
-    /// A service's /metrics page, as NAME=URL (repeat): its outbox backlog and consumer lag at
-    /// the end are reported.
+    /// A service's /metrics page, as NAME=URL (repeat; one per instance when a service runs
+    /// several): its outbox backlog and consumer lag at the end, its hop means and the work it
+    /// did during the run (records consumed per partition, rows published, deadlines fired)
+    /// are reported. A NAME ending in `-N` is instance N of the service before it.
     #[arg(long = "metrics", value_parser = parse_named::<String>)]
     metrics: Vec<(String, String)>,
     /// Count SQL statements and transactions per saga in this database (resets its
@@ -107,6 +110,9 @@ struct Report {
     kafka: Vec<budget::TopicVolume>,
     /// Outbox rows not yet published and records not yet consumed, per service, at the end.
     backlog_at_end: Vec<Backlog>,
+    /// What each process with a /metrics page did during the run, and its part of its
+    /// service's work.
+    work: Vec<work::InstanceWork>,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,7 +131,8 @@ struct Backlog {
     consumer_lag: f64,
     /// Mean time from receiving a record to committing its transaction, over the run.
     mean_handle_ms: f64,
-    /// Where a hop into and out of this service goes, as means over the run: the producer's
+    /// Where a hop into and out of this service goes, as means over the run (the histograms'
+    /// growth from the start to the end): the producer's
     /// timestamp to this consumer receiving the record (the broker's part), receiving to
     /// committing (`mean_handle_ms`), the outbox row's write to the relay claiming it, and
     /// handing it to the producer to the broker's acknowledgement.
@@ -172,6 +179,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         None => None,
     };
     let cpu = CpuMeter::start(&args.processes);
+    let pages_at_start = metrics_at_start(&args.metrics).await;
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let in_flight = Arc::new(Semaphore::new(args.in_flight));
@@ -195,7 +203,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let tally = tally.lock().await;
     let mut report = report(&args, &tally, elapsed, started);
     report.processes.extend(cpu.usage(report.finished));
-    measure_costs(&args, sql_counters, &mut report).await?;
+    measure_costs(&args, sql_counters, &pages_at_start, &mut report).await?;
     print_report(&report);
     if args.delete_topics {
         budget::delete_topics(&args.kafka, &args.topic_prefix).await?;
@@ -302,11 +310,26 @@ impl CpuMeter {
     }
 }
 
+/// Each `--metrics` page before the run, to subtract from the same page at the end; an
+/// unreadable page counts from zero (the process's whole life).
+async fn metrics_at_start(metrics: &[(String, String)]) -> Vec<Page> {
+    let mut pages = Vec::with_capacity(metrics.len());
+    for (_, url) in metrics {
+        pages.push(Page::fetch(url).await.unwrap_or_else(|e| {
+            eprintln!("{e:#}; its counters are taken from the start of its process");
+            Page::default()
+        }));
+    }
+    pages
+}
+
 /// Adds to `report` what the run cost besides CPU: the SQL statements (`--sql-stats`), the
-/// bytes on the run's topics, and each service's backlog at the end (`--metrics`).
+/// bytes on the run's topics, and each service's backlog at the end and work during the run
+/// (`--metrics`, less `pages_at_start`).
 async fn measure_costs(
     args: &LoadArgs,
     sql_counters: Option<budget::SqlCounters>,
+    pages_at_start: &[Page],
     report: &mut Report,
 ) -> anyhow::Result<()> {
     if let Some(counters) = sql_counters {
@@ -323,12 +346,18 @@ async fn measure_costs(
         // second; let both catch up with the end of the run.
         tokio::time::sleep(Duration::from_millis(2_500)).await;
     }
-    for (name, url) in &args.metrics {
-        match scrape_backlog(name, url).await {
-            Ok(backlog) => report.backlog_at_end.push(backlog),
-            Err(e) => eprintln!("reading {url}: {e:#}"),
+    let mut runs = Vec::with_capacity(args.metrics.len());
+    for ((name, url), start) in args.metrics.iter().zip(pages_at_start) {
+        match Page::fetch(url).await {
+            Ok(end) => {
+                let during = end.since(start);
+                report.backlog_at_end.push(backlog(name, &end, &during));
+                runs.push((name.clone(), end, during));
+            }
+            Err(e) => eprintln!("{e:#}"),
         }
     }
+    report.work = work::instance_work(&runs);
     Ok(())
 }
 
@@ -528,45 +557,27 @@ pub(crate) fn random_order_failing_at(failure_percent: u8, fail_at: FailAt) -> O
     }
 }
 
-/// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a /metrics page, and
-/// the means of the hop histograms in milliseconds.
-async fn scrape_backlog(name: &str, url: &str) -> anyhow::Result<Backlog> {
-    let text = reqwest::get(url).await?.error_for_status()?.text().await?;
-    let mut outbox = 0.0;
-    let mut lag = 0.0;
-    // (sum, count) per histogram.
-    let mut sums: HashMap<&str, (f64, f64)> = HashMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let value: f64 = value.parse().unwrap_or(0.0);
-        let name = series.split('{').next().unwrap_or_default();
-        match name {
-            "outbox_backlog" => outbox += value,
-            "kafka_consumer_lag" => lag += value,
-            _ => {
-                if let Some(histogram) = name.strip_suffix("_sum") {
-                    sums.entry(histogram).or_default().0 += value;
-                } else if let Some(histogram) = name.strip_suffix("_count") {
-                    sums.entry(histogram).or_default().1 += value;
-                }
-            }
+/// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a service's page at the
+/// `end`, and the means of its hop histograms in milliseconds over what they recorded
+/// `during` the run.
+fn backlog(name: &str, end: &Page, during: &Page) -> Backlog {
+    let mean_ms = |histogram: &str| {
+        let count = during.sum(&format!("{histogram}_count"));
+        if count > 0.0 {
+            during.sum(&format!("{histogram}_sum")) * 1_000.0 / count
+        } else {
+            0.0
         }
-    }
-    let mean_ms = |histogram: &str| match sums.get(histogram) {
-        Some((sum, count)) if *count > 0.0 => sum * 1_000.0 / count,
-        _ => 0.0,
     };
-    Ok(Backlog {
+    Backlog {
         name: name.to_owned(),
-        outbox_rows: outbox,
-        consumer_lag: lag,
+        outbox_rows: end.sum("outbox_backlog"),
+        consumer_lag: end.sum("kafka_consumer_lag"),
         mean_handle_ms: mean_ms("message_handle_duration_seconds"),
         mean_delivery_ms: mean_ms("kafka_record_delivery_seconds"),
         mean_pickup_ms: mean_ms("outbox_pickup_seconds"),
         mean_publish_ms: mean_ms("outbox_publish_seconds"),
-    })
+    }
 }
 
 /// The `q` quantile (0 to 1, nearest rank) of `sorted`, in milliseconds; 0 when empty.
@@ -602,6 +613,7 @@ fn report(args: &LoadArgs, tally: &Tally, elapsed: Duration, started: Instant) -
         sql: None,
         kafka: Vec::new(),
         backlog_at_end: Vec::new(),
+        work: Vec::new(),
         latency_ms: Percentiles {
             p50: at(0.50),
             p90: at(0.90),
@@ -659,7 +671,7 @@ fn print_report(r: &Report) {
     );
     for p in &r.processes {
         println!(
-            "process           {:<13} cpu {:>7.2} s  {:>6.2} ms/saga  peak rss {:>6.1} MB",
+            "process           {:<15} cpu {:>7.2} s  {:>6.2} ms/saga  peak rss {:>6.1} MB",
             p.name, p.cpu_secs, p.cpu_ms_per_saga, p.peak_rss_mb
         );
     }
@@ -685,16 +697,17 @@ fn print_report(r: &Report) {
     }
     for b in &r.backlog_at_end {
         println!(
-            "backlog at end    {:<13} outbox {:>6}  consumer lag {:>6}",
+            "backlog at end    {:<15} outbox {:>6}  consumer lag {:>6}",
             b.name, b.outbox_rows, b.consumer_lag
         );
     }
     for b in &r.backlog_at_end {
         println!(
-            "hop means (ms)    {:<13} delivered {:>6.2}  handled {:>6.2}  picked up {:>6.2}  acked {:>6.2}",
+            "hop means (ms)    {:<15} delivered {:>6.2}  handled {:>6.2}  picked up {:>6.2}  acked {:>6.2}",
             b.name, b.mean_delivery_ms, b.mean_handle_ms, b.mean_pickup_ms, b.mean_publish_ms
         );
     }
+    work::print(&r.work);
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ mod provision_kafka;
 mod sse;
 mod start;
 mod watchers;
+mod work;
 
 use clap::{Parser, Subcommand};
 
