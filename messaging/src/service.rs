@@ -145,16 +145,17 @@ where
         );
     }
 
-    /// Serves `/metrics` and `/healthz` on `addr` until shutdown. Metrics are for watching:
-    /// a taken port is logged and the service runs on without them.
+    /// Serves `/metrics`, `/healthz` and the probes on `addr` until shutdown. A port that
+    /// cannot be bound (taken, say) stops the service with the cause.
     pub fn serve_metrics(&mut self, addr: SocketAddr) {
         let metrics = crate::metrics::Metrics::install();
         let health = self.health.clone();
         let stop = self.shutdown().clone();
         self.supervisor.spawn_infallible("metrics server", async move {
-            if let Err(e) = metrics.serve(addr, health, stop.clone()).await {
-                tracing::warn!(error.message = %crate::Chain(&e), %addr, "not serving /metrics");
-                stop.cancelled().await;
+            // A service whose probes cannot be served would look dead to its supervisor, or
+            // (the port another's) be mistaken for that other: it stops, with the cause.
+            if let Err(e) = metrics.serve(addr, health, stop).await {
+                tracing::error!(error.message = %crate::Chain(&e), %addr, "cannot serve /metrics and the probes");
             }
         });
     }

@@ -123,3 +123,23 @@ async fn readyz_waits_for_the_group_and_the_database_while_livez_stays_200() {
     }
     system.stop().await;
 }
+
+/// A participant whose metrics port is taken stops with the cause, instead of running on
+/// with no probes (or with another process answering them in its name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_participant_whose_metrics_port_is_taken_stops_with_the_cause() {
+    let mut system = TestSystem::start_with(Options {
+        without: vec!["shipping"],
+        ..Options::default()
+    })
+    .await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let addr = taken.local_addr().expect("its address");
+    system.start_participant_serving_metrics("shipping", addr);
+    let ended = tokio::time::timeout(Duration::from_secs(60), system.wait_for_exit("shipping"))
+        .await
+        .expect("the participant stops within a minute");
+    assert!(ended.contains("metrics server"), "{ended}");
+    drop(taken);
+    system.stop().await;
+}
