@@ -2,33 +2,13 @@
 //! read by their body, whatever their Kafka key and whatever fields they add (the contract's
 //! "Keys and partitions" and tolerant reader, `events/contract/asyncapi.json`).
 
-use std::time::Duration;
-
 use events::{Action, Envelope, Outcome, Reply};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
-use crate::helpers::{brokers, eventually, order, samples, TestSystem};
+use crate::helpers::{eventually, order, samples, TestSystem};
+use crate::hostile::{raw_producer, send_raw};
 
 const KEY_MISMATCHES: &str = "saga_reply_key_mismatches_total";
-
-/// Publishes `payload` to `topic` with `key`, or with no key at all.
-async fn publish_keyed(topic: &str, key: Option<&str>, payload: &[u8]) {
-    let producer: FutureProducer =
-        messaging::kafka::producer_settings(&messaging::config::KafkaConnection::to(brokers()), 0)
-            .expect("the producer settings")
-            .create()
-            .expect("producer");
-    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
-    if let Some(key) = key {
-        record = record.key(key);
-    }
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .map_err(|(e, _)| e)
-        .expect("publish");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_with_another_or_no_record_key_and_unknown_fields_is_read_by_its_body_and_counted()
@@ -69,8 +49,17 @@ async fn a_reply_with_another_or_no_record_key_and_unknown_fields_is_read_by_its
     };
     let (unkeyed_id, unkeyed) = reply("implementation");
     let (misfiled_id, misfiled) = reply("warehouse");
-    publish_keyed(&system.topics.replies(), None, &unkeyed).await;
-    publish_keyed(&system.topics.replies(), Some("not-the-order"), &misfiled).await;
+    let producer = raw_producer();
+    send_raw(&producer, &system.topics.replies(), None, &unkeyed, &[]).await;
+    let other_key = Some(&b"not-the-order"[..]);
+    send_raw(
+        &producer,
+        &system.topics.replies(),
+        other_key,
+        &misfiled,
+        &[],
+    )
+    .await;
 
     // Read, not dead-lettered: each is on the saga's history (ignored: the step is done).
     for message_id in [unkeyed_id, misfiled_id] {
