@@ -236,7 +236,8 @@ pub trait Handler: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
     pub topic: String,
-    /// Name of the consuming service, written to the `dlq.consumer` header.
+    /// The consumer group that read the record, written to the `dlq.consumer` header: whose
+    /// offsets passed it, and so where a replay must send it.
     pub consumer: String,
 }
 

@@ -87,8 +87,8 @@ where
     }
 
     /// The service's pipeline, from its settings: it consumes `topics` in `group` (default
-    /// `{TOPIC_PREFIX}{service}`), dead-letters to `dead_letter_topic` signed with the
-    /// service's name, relays the outbox of its schema.
+    /// `{TOPIC_PREFIX}{service}`), dead-letters to `dead_letter_topic` signed with that group
+    /// (`dlq.consumer`: the contract's DeadLetter headers), relays the outbox of its schema.
     pub fn pipeline(
         &self,
         group: Option<&str>,
@@ -96,20 +96,24 @@ where
         dead_letter_topic: String,
     ) -> Pipeline {
         let config = &self.config;
+        let group = group.map_or_else(
+            || crate::kafka::service_group(&config.kafka.topic_prefix, self.name),
+            str::to_owned,
+        );
         Pipeline {
             kafka: config.kafka.clone(),
             relay: config.relay.clone(),
             retention: config.retention.clone(),
             schema: self.schema.clone(),
-            group: group.map_or_else(
-                || crate::kafka::service_group(&config.kafka.topic_prefix, self.name),
-                str::to_owned,
-            ),
-            topics,
+            // The group, not the service's name: one name may run in several groups (two
+            // deployments on one cluster, a replay), and a replay feeds the record back to the
+            // group whose offsets passed it.
             dead_letters: DeadLetters {
                 topic: dead_letter_topic,
-                consumer: self.name.into(),
+                consumer: group.clone(),
             },
+            group,
+            topics,
             faults: config.faults.clone(),
             health: self.health.clone(),
             deadlines: crate::consumer::Deadlines::of(&config.database),

@@ -145,9 +145,15 @@ impl Extractor for HeaderView<'_> {
     }
 }
 
-/// Writes the trace context of `span` into `headers` (`traceparent`, `tracestate`).
+/// Writes the trace context of `span` into `headers`: `traceparent`, and `tracestate` only
+/// when there is one. The propagator writes an empty `tracestate` for a trace without one;
+/// W3C Trace Context and the contract (AsyncAPI `TraceHeaders`) say to leave it out, and a
+/// stored or received empty one is dropped too.
 pub fn inject(span: &tracing::Span, headers: &mut BTreeMap<String, String>) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderMap(headers));
+    if headers.get("tracestate").is_some_and(String::is_empty) {
+        headers.remove("tracestate");
+    }
 }
 
 /// Makes `span` a child of the trace context in `headers`, if they carry one.

@@ -297,7 +297,10 @@ struct LockedSagas {
 }
 
 /// Decodes and checks the replies in `records`, and names on each record's span what it is
-/// about.
+/// about. Unknown fields are ignored (the contract's tolerant reader: `events::Reply`). A reply
+/// keyed otherwise than by its body's `key` (no key, another key) is taken by its body and
+/// counted ([`crate::metrics::reply_key_mismatch`]): the body says which saga it answers, and
+/// dead-lettering it would leave that saga waiting for its deadline over a producer setting.
 fn decode_replies<'r>(
     records: &[&'r Record],
 ) -> Result<Vec<(&'r Record, Envelope<Reply>)>, HandlerError> {
@@ -307,6 +310,14 @@ fn decode_replies<'r>(
             .and_then(|envelope| envelope.body.validate().map(|()| envelope))
             .map_err(|e| HandlerError::reject(RecordError::InvalidReply(e)))?;
         record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
+        let body_key = envelope.body.key.as_str();
+        if record.key.as_deref() != Some(body_key.as_bytes()) {
+            crate::metrics::reply_key_mismatch(
+                record.key.as_deref(),
+                body_key,
+                &envelope.body.name,
+            );
+        }
         replies.push((*record, envelope));
     }
     Ok(replies)

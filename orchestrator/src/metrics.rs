@@ -38,6 +38,14 @@ pub const DEADLINES_POSTPONED: &str = "saga_deadlines_postponed_total";
 /// consumer holds).
 pub const DEADLINE_SCAN_PARTITIONS: &str = "saga_deadline_scan_partitions";
 
+/// Replies applied although their Kafka record key was not their body's `key`, by `key`:
+/// `missing` (no record key) or `other` (another key). The contract keys every reply by its
+/// body's `key` (AsyncAPI, "Keys and partitions"); the orchestrator reads the body, so such a
+/// reply still moves its saga, but a participant that keys them so may put a saga's replies in
+/// several partitions, out of order. Counted when the reply is decoded, before the inbox drops a
+/// repeat.
+pub const REPLY_KEY_MISMATCHES: &str = "saga_reply_key_mismatches_total";
+
 pub fn describe() {
     metrics::describe_counter!(SAGAS_STARTED, "Sagas started.");
     metrics::describe_counter!(SAGAS_FINISHED, "Sagas that reached a terminal state.");
@@ -76,6 +84,14 @@ pub fn describe() {
     );
     metrics::counter!(DEADLINES_POSTPONED).increment(0);
     metrics::describe_counter!(
+        REPLY_KEY_MISMATCHES,
+        "Replies whose Kafka record key was missing or not their body's key (applied all the \
+         same), by key: missing, other."
+    );
+    for key in ["missing", "other"] {
+        metrics::counter!(REPLY_KEY_MISMATCHES, "key" => key).increment(0);
+    }
+    metrics::describe_counter!(
         DEADLINES_HANDLED,
         "Overdue sagas this instance's deadline scanner handled, by partition of saga.replies."
     );
@@ -99,6 +115,22 @@ pub fn stale_writes_refused(writer: crate::store::Writer, count: u64) {
         "saga writes refused: the row moved on since it was read"
     );
     metrics::counter!(STALE_WRITES_REFUSED, "source" => writer.as_str()).increment(count);
+}
+
+/// A reply keyed otherwise than by its body's `key`: `record_key` is the record's Kafka key.
+pub fn reply_key_mismatch(record_key: Option<&[u8]>, body_key: &str, reply: &str) {
+    let kind = if record_key.is_none() {
+        "missing"
+    } else {
+        "other"
+    };
+    tracing::warn!(
+        key = kind,
+        body_key,
+        reply,
+        "a reply's record key is not its body's key; applied by its body"
+    );
+    metrics::counter!(REPLY_KEY_MISMATCHES, "key" => kind).increment(1);
 }
 
 pub fn clock_skew(seconds: f64) {

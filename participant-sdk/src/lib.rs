@@ -29,7 +29,7 @@ mod runtime;
 mod sdk;
 
 pub use config::{ParticipantConfig, STEP_LEDGER_RETENTION_SECS};
-pub use runtime::{LedgerOutcome, RUNTIME_MIGRATIONS};
+pub use runtime::{reply_envelope, LedgerOutcome, RUNTIME_MIGRATIONS};
 pub use sdk::{main, run, NoSettings, Participant, Readiness, Request, Step, StepError};
 
 /// `127.0.0.1:port`, where a participant binary serves `/metrics` unless `METRICS_ADDR` says

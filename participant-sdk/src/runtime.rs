@@ -244,36 +244,61 @@ enum Due {
     Compensate,
 }
 
-impl ParticipantHandler {
-    /// Finds the step `command` is for, and decodes its payload into that step's request.
-    fn route(&self, command: &Command) -> Result<(usize, Decoded), HandlerError> {
-        let Some(index) = self.steps.iter().position(|s| s.name() == command.step) else {
-            let served: Vec<&str> = self.steps.iter().map(|s| s.name()).collect();
-            return Err(HandlerError::reject(CommandError::StepNotServed {
-                command: command.name.clone(),
-                step: command.step.clone(),
-                participant: self.name,
-                served: served.join(", "),
-            }));
-        };
-        let compensation = command.action == Action::Compensate;
-        let payload = self.steps[index]
-            .decode(compensation, &command.payload)
-            .map_err(|source| {
-                HandlerError::reject(CommandError::PayloadMisfit {
-                    command: command.name.clone(),
-                    request: if compensation {
-                        "compensation"
-                    } else {
-                        "forward"
-                    },
-                    step: command.step.clone(),
-                    source,
-                })
-            })?;
-        Ok((index, payload))
-    }
+/// Reads a command record's bytes as the runtime does before it touches the database: the
+/// envelope (every bound checked; fields it does not know ignored, the contract's tolerant
+/// reader), the step of `steps` it names, and its payload decoded into that step's request. An
+/// error is what the record is dead-lettered with.
+pub(crate) fn read_command(
+    participant: &'static str,
+    steps: &[Box<dyn ServedStep>],
+    payload: &[u8],
+) -> Result<(Envelope<Command>, usize, Decoded), HandlerError> {
+    let envelope = Envelope::<Command>::from_json(payload)
+        .map_err(|e| HandlerError::reject(CommandError::Invalid(e)))?;
+    let (step, decoded) = route(participant, steps, &envelope.body)?;
+    Ok((envelope, step, decoded))
+}
 
+/// Finds the step `command` is for, and decodes its payload into that step's request.
+fn route(
+    participant: &'static str,
+    steps: &[Box<dyn ServedStep>],
+    command: &Command,
+) -> Result<(usize, Decoded), HandlerError> {
+    let Some(index) = steps.iter().position(|s| s.name() == command.step) else {
+        let served: Vec<&str> = steps.iter().map(|s| s.name()).collect();
+        return Err(HandlerError::reject(CommandError::StepNotServed {
+            command: command.name.clone(),
+            step: command.step.clone(),
+            participant,
+            served: served.join(", "),
+        }));
+    };
+    let compensation = command.action == Action::Compensate;
+    let payload = steps[index]
+        .decode(compensation, &command.payload)
+        .map_err(|source| {
+            HandlerError::reject(CommandError::PayloadMisfit {
+                command: command.name.clone(),
+                request: if compensation {
+                    "compensation"
+                } else {
+                    "forward"
+                },
+                step: command.step.clone(),
+                source,
+            })
+        })?;
+    Ok((index, payload))
+}
+
+/// The envelope the runtime answers `command` with: a new message id, the command's saga id,
+/// and the command's message id as its cause (the contract's "Causation").
+pub fn reply_envelope(command: &Envelope<Command>, reply: Reply) -> Envelope<Reply> {
+    Envelope::new(command.saga_id, Some(command.message_id), Utc::now(), reply)
+}
+
+impl ParticipantHandler {
     /// Refuses the next compensation while injected failures are left, if the command can be
     /// refused at all.
     fn take_injected_failure(&self, command: &Command) -> bool {
@@ -439,12 +464,7 @@ impl ParticipantHandler {
                 reply = %reply.name,
                 "command handled"
             );
-            let reply = Envelope::new(
-                envelope.saga_id,
-                Some(envelope.message_id),
-                Utc::now(),
-                reply,
-            );
+            let reply = reply_envelope(envelope, reply);
             outbox.push(OutgoingMessage::new(
                 self.topics.replies(),
                 command.key.clone(),
@@ -465,10 +485,8 @@ impl Handler for ParticipantHandler {
     ) -> Result<(), HandlerError> {
         let mut commands = Vec::with_capacity(records.len());
         for record in records {
-            let envelope = Envelope::<Command>::from_json(&record.payload)
-                .map_err(|e| HandlerError::reject(CommandError::Invalid(e)))?;
+            let (envelope, step, payload) = read_command(self.name, &self.steps, &record.payload)?;
             record.describe(envelope.saga_id, &envelope.body.step, envelope.message_id);
-            let (step, payload) = self.route(&envelope.body)?;
             commands.push(Delivered {
                 record,
                 envelope,

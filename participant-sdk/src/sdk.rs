@@ -179,6 +179,27 @@ impl Participant {
         self.steps.iter().map(|s| s.name()).collect()
     }
 
+    /// Reads `payload` (a command record's bytes) as the runtime does before it touches the
+    /// database: the envelope, a step this participant serves, and that step's typed request.
+    /// An error is the reason the runtime would dead-letter the record with. The contract tests
+    /// check with it that every command the saga definitions make, and every one the contract
+    /// allows, is one the participant reads.
+    ///
+    /// # Errors
+    /// An invalid command, a step it does not serve, a payload that does not fit the step.
+    pub fn read_command(
+        &self,
+        payload: &[u8],
+    ) -> Result<events::Envelope<events::Command>, messaging::BoxError> {
+        crate::runtime::read_command(self.name, &self.steps, payload)
+            .map(|(envelope, _, _)| envelope)
+            .map_err(|e| match e {
+                messaging::consumer::HandlerError::Reject(cause)
+                | messaging::consumer::HandlerError::Retry(cause)
+                | messaging::consumer::HandlerError::Unavailable(cause) => cause,
+            })
+    }
+
     /// What the runtime migrates its schema with (after the messaging tables): the runtime's
     /// tables, then its own.
     pub(crate) fn schema_migrations(&self) -> [&'static Migrator; 2] {

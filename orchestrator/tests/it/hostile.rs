@@ -22,7 +22,7 @@ use crate::helpers::{brokers, eventually, order, Options, TestSystem};
 
 /// A producer that sends what a Java client may: records up to its 1 MiB request size, keys
 /// and headers of any bytes.
-fn raw_producer() -> FutureProducer {
+pub(crate) fn raw_producer() -> FutureProducer {
     messaging::kafka::producer_settings(&messaging::config::KafkaConnection::to(brokers()), 0)
         .expect("the producer settings")
         .set("message.max.bytes", "1100000")
@@ -31,7 +31,7 @@ fn raw_producer() -> FutureProducer {
 }
 
 /// Publishes a record and returns where it landed: (partition, offset).
-async fn send_raw(
+pub(crate) async fn send_raw(
     producer: &FutureProducer,
     topic: &str,
     key: Option<&[u8]>,

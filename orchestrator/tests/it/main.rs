@@ -4,6 +4,7 @@
 mod access;
 mod backlog;
 mod batches;
+mod contract;
 mod cutoff;
 mod definitions;
 mod helpers;
@@ -313,7 +314,22 @@ async fn a_garbage_message_goes_to_the_dead_letter_topic_and_the_next_order_comp
     let reason = header("dlq.reason").unwrap_or_default();
     assert!(reason.contains("invalid OrderPlaced"), "{reason}");
     assert_eq!(header("dlq.source.topic"), Some(system.topics.orders()));
-    assert_eq!(header("dlq.consumer").as_deref(), Some("orchestrator"));
+    // The consumer group whose offsets passed it (what a replay feeds it to), not the name
+    // of the service: the contract's DeadLetter headers.
+    let group = format!("{}orchestrator", system.topics.prefix());
+    assert_eq!(header("dlq.consumer"), Some(group));
+    // Every dlq.* header it carries is one the contract declares.
+    let contract: serde_json::Value =
+        serde_json::from_str(include_str!("../../../events/contract/asyncapi.json"))
+            .expect("the AsyncAPI document");
+    let declared = &contract["components"]["messages"]["DeadLetter"]["headers"]["properties"];
+    for h in headers.iter().filter(|h| h.key.starts_with("dlq.")) {
+        assert!(
+            declared.get(h.key).is_some(),
+            "{} is not declared in AsyncAPI",
+            h.key
+        );
+    }
     system.stop().await;
 }
 

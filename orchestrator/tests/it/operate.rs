@@ -518,6 +518,15 @@ async fn one_order_is_one_trace_across_every_command_reply_and_event() {
             );
             assert_ne!(parts[2], client_span, "each hop has a span of its own");
             span_ids.insert(parts[2].to_owned());
+            // The order's trace has no tracestate: none is written (W3C, and the contract's
+            // TraceHeaders: only when not empty).
+            let tracestate = record
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "tracestate"));
+            assert!(
+                tracestate.is_none_or(|h| h.value.is_some_and(|v| !v.is_empty())),
+                "an empty tracestate on {topic}"
+            );
         }
     }
     assert!(

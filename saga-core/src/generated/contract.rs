@@ -12,7 +12,8 @@
 //! - A command's schema is Command.schema.json with consts for what the definition fixes
 //!   (`type`, `saga_type`, `step`, `action`, `replies`) and its payload: one required property
 //!   per field of the payload mapping, each the trigger message's schema at the field's path
-//!   (references into common.schema.json kept), no other property.
+//!   (references into common.schema.json kept); other properties are allowed (a participant
+//!   ignores what it does not read).
 //! - A reply's schema is Reply.schema.json with consts for `type`, `saga_type`, `action`,
 //!   `outcome` and `step`.
 //! - A message the definitions name in several places that differ (two saga types, or two
@@ -102,7 +103,10 @@ pub(super) fn plan(definitions: &[SagaDefinition], files: &Files) -> Result<Plan
         let message = &definition.trigger.message;
         if !plan.trigger_entries.iter().any(|(name, _)| name == message) {
             let summary = format!("A client's {message}: starts a {} saga.", definition.name);
-            let key = format!("The {}.", key_words(&definition.trigger.key));
+            let key = format!(
+                "The {}. As UTF-8 bytes.{PARTITION}",
+                key_words(&definition.trigger.key)
+            );
             plan.trigger_entries
                 .push((message.clone(), entry(message, summary, key)));
         }
@@ -336,18 +340,30 @@ impl Message<'_> {
                 Some(format!("for the {saga} saga, the {key}"))
             })
             .collect();
-        let key = format!("The saga's key: {}.", keys.join("; "));
+        let key = format!(
+            "The body's `key`, as UTF-8 bytes ({}).{PARTITION}",
+            keys.join("; ")
+        );
         entry(&self.name, self.summary(), key)
     }
 }
 
-/// An entry under `components.messages` for the message `name`, as the hand-written ones are.
+/// What every message's key binding says of its partition, after the key.
+const PARTITION: &str = " The partition is murmur2 of these bytes (Kafka's default partitioner: \
+    the document's description, \"Keys and partitions\").";
+
+/// An entry under `components.messages` for the message `name`, as the hand-written ones are:
+/// its trace headers, its payload's schema and its record key.
 fn entry(name: &str, summary: String, key_description: String) -> Json {
     Json::object([
         ("name", Json::string(name)),
         ("title", Json::string(name)),
         ("summary", Json::String(summary)),
         ("contentType", Json::string("application/json")),
+        (
+            "headers",
+            Json::reference("#/components/schemas/TraceHeaders"),
+        ),
         (
             "payload",
             Json::object([
@@ -471,9 +487,11 @@ fn payload_schema(place: &Use) -> Result<Json, GenerateError> {
         required.push(Json::string(field));
         properties.push((field.to_owned(), at.clone()));
     }
+    // No `additionalProperties: false`: a participant ignores payload fields it does not know
+    // (the contract's tolerant reader), so a definition may map more than an old
+    // implementation reads.
     Ok(Json::object([
         ("type", Json::string("object")),
-        ("additionalProperties", Json::Bool(false)),
         ("required", Json::Array(required)),
         ("properties", Json::Object(properties)),
     ]))

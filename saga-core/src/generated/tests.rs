@@ -356,8 +356,19 @@ fn a_step_of_a_new_participant_gets_schemas_goldens_and_entries_the_contract_acc
     let entry = value(&files, ASYNCAPI)["components"]["messages"]["AwardPoints"].clone();
     assert_eq!(
         entry["bindings"]["kafka"]["key"]["description"],
-        "The saga's key: for the order saga, the order id."
+        "The body's `key`, as UTF-8 bytes (for the order saga, the order id). The partition is \
+         murmur2 of these bytes (Kafka's default partitioner: the document's description, \
+         \"Keys and partitions\")."
     );
+    // Its headers and its payload as the hand-written entries and schemas have them: the
+    // trace headers, and a payload that allows fields a participant does not read.
+    assert_eq!(
+        entry["headers"],
+        serde_json::json!({ "$ref": "#/components/schemas/TraceHeaders" })
+    );
+    assert!(schema["properties"]["payload"]
+        .get("additionalProperties")
+        .is_none());
     assert_eq!(
         entry["summary"],
         "Asks the loyalty participant to do the loyalty_points step."
@@ -610,6 +621,9 @@ fn a_trigger_message_without_an_entry_gets_a_first_one_after_the_other_triggers(
             .and_then(|k| k.get("key"))
             .and_then(|k| k.get("description"))
             .and_then(Json::as_str),
-        Some("The return id.")
+        Some(
+            "The return id. As UTF-8 bytes. The partition is murmur2 of these bytes (Kafka's \
+             default partitioner: the document's description, \"Keys and partitions\")."
+        )
     );
 }
