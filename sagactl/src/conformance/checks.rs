@@ -138,6 +138,26 @@ pub fn forward_command_is_answered(sent: &SentCommand, seen: &[Seen]) -> Verdict
     }
 }
 
+/// Every command of `sent` (one on each partition of the command topic, after the odd
+/// records) is answered: no partition's consumer stopped at an odd record.
+pub fn every_command_is_answered(sent: &[SentCommand], seen: &[Seen]) -> Verdict {
+    let failures: Vec<String> = sent
+        .iter()
+        .filter_map(|s| match forward_command_is_answered(s, seen) {
+            Verdict::Fail(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if failures.is_empty() {
+        Verdict::Pass(format!(
+            "a command on each of the {} partitions answered",
+            sent.len()
+        ))
+    } else {
+        Verdict::Fail(failures.join("; "))
+    }
+}
+
 /// The same command again (the same `message_id`, the same bytes) is not acted on twice: it
 /// may be answered again, with the same outcome, or not at all.
 pub fn redelivered_command_is_not_acted_on_twice(sent: &SentCommand, seen: &[Seen]) -> Verdict {

@@ -128,6 +128,8 @@ pub struct Probe {
     pub command_topic: String,
     /// `saga.replies`' partition count, which a reply's partition is checked against.
     pub reply_partitions: i32,
+    /// The command topic's partition count.
+    pub command_partitions: i32,
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -178,6 +180,18 @@ impl Probe {
             }
         }
         consumer.assign(&assignment)?;
+        let command_partitions = consumer
+            .fetch_metadata(Some(&command_topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of {command_topic}"))?
+            .topics()
+            .iter()
+            .map(|t| t.partitions().len())
+            .sum::<usize>();
+        anyhow::ensure!(
+            command_partitions > 0,
+            "{command_topic} does not exist (is the participant running with this TOPIC_PREFIX?)"
+        );
+        let command_partitions = i32::try_from(command_partitions)?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -188,10 +202,31 @@ impl Probe {
             producer,
             command_topic,
             reply_partitions,
+            command_partitions,
             seen,
             stop,
             reader: Some(reader),
         })
+    }
+
+    /// Fresh keys (UUIDs), one landing on each partition of the command topic.
+    pub fn key_per_partition(&self) -> Vec<String> {
+        let partitions = self.command_partitions.max(1);
+        let mut keys: Vec<Option<String>> = vec![None; usize::try_from(partitions).unwrap_or(1)];
+        while keys.iter().any(Option::is_none) {
+            let key = Uuid::new_v4().to_string();
+            let partition = messaging::partitioner::partition_of(
+                messaging::partitioner::key_hash(key.as_bytes()),
+                partitions,
+            );
+            if let Some(slot @ None) = usize::try_from(partition)
+                .ok()
+                .and_then(|p| keys.get_mut(p))
+            {
+                *slot = Some(key);
+            }
+        }
+        keys.into_iter().flatten().collect()
     }
 
     /// Everything read so far.
