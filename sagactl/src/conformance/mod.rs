@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use events::{Action, Command, Topics};
-use saga_core::definitions::{trigger_message, SagaDefinition, Step};
+use saga_core::definitions::{SagaDefinition, Step};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -117,28 +117,10 @@ impl Target {
             &self.saga,
             &self.step,
             action,
-            &trigger(&self.saga, key),
+            &crate::deployment::keyed_trigger(&self.saga, key),
             attempt,
         )?)
     }
-}
-
-/// A valid trigger of `saga` keyed `key`: its trigger message's sample (its schema's first
-/// example) with the key set at the definition's `trigger.key`.
-fn trigger(saga: &SagaDefinition, key: &str) -> Value {
-    let mut message = trigger_message(&saga.trigger.message)
-        .and_then(|m| m.sample().ok())
-        .unwrap_or_default();
-    let segments: Vec<&str> = saga.trigger.key.segments().collect();
-    if let Some((last, parents)) = segments.split_last() {
-        let parent = parents
-            .iter()
-            .try_fold(&mut message, |value, segment| value.get_mut(*segment));
-        if let Some(Value::Object(fields)) = parent {
-            fields.insert((*last).to_owned(), key.into());
-        }
-    }
-    message
 }
 
 fn fresh_key() -> String {
