@@ -2,7 +2,8 @@
 # Runs the whole test suite: unit tests, golden files, the end-to-end tests, a short chaos run
 # (services as processes, SIGKILLed at random while sagas run, the broker and PostgreSQL
 # restarted, garbage on every consumed topic), the fuzzers briefly, the operations page in
-# headless Chromium, Schemathesis against the HTTP API, the README's walkthroughs on a copy of
+# headless Chromium, Schemathesis against the HTTP API, the conformance kit against every
+# participant (a Python one among them), the README's walkthroughs on a copy of
 # the repository, and a few-second smoke run of the benchmark, against Apache Kafka on
 # $KAFKA_BROKERS (default 127.0.0.1:9092) and PostgreSQL at $TEST_DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432). Both are installed and started here when nothing answers
@@ -154,6 +155,15 @@ fi
 
 phase "what is left of Schemathesis"
 finish Schemathesis "$api_test" target/artifacts/api-test.log
+
+# The message contract, kept in any language (about a minute): `sagactl conformance` drives the
+# Rust participants and the Python shipping participant (examples/python-shipping, its packages
+# from PyPI into target/python-shipping-venv on first use) through every rule by their topics
+# alone, each across a restart where the script says so, then the order saga runs end to end
+# with the Python one in the Rust shipping service's place (scripts/conformance.sh). It runs on
+# the one-node broker before the chaos run there restarts it.
+phase "the conformance kit and the Python participant"
+scripts/conformance.sh
 
 # The chaos suite, short (about 2 minutes; 90 s more when something wedges): 600 sagas over
 # 30 s, a SIGKILL every 1.5 s, a crash right after every 40th committed message, the broker

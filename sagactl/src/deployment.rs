@@ -86,6 +86,25 @@ impl Deployment {
     }
 }
 
+/// A valid trigger of `saga` whose key is `key`: its trigger message's sample (its schema's
+/// first example) with `key` at the definition's `trigger.key`. What the chaos suite's garbage
+/// and the conformance kit build their commands from, as the orchestrator builds them.
+pub fn keyed_trigger(saga: &SagaDefinition, key: &str) -> serde_json::Value {
+    let mut message = saga_core::definitions::trigger_message(&saga.trigger.message)
+        .and_then(|m| m.sample().ok())
+        .unwrap_or_default();
+    let segments: Vec<&str> = saga.trigger.key.segments().collect();
+    if let Some((last, parents)) = segments.split_last() {
+        let parent = parents
+            .iter()
+            .try_fold(&mut message, |value, segment| value.get_mut(*segment));
+        if let Some(serde_json::Value::Object(fields)) = parent {
+            fields.insert((*last).to_owned(), key.into());
+        }
+    }
+    message
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;

@@ -18,6 +18,7 @@
 mod budget;
 mod ceiling;
 mod chaos;
+mod conformance;
 mod deployment;
 mod generate;
 mod load;
@@ -82,6 +83,9 @@ enum Command {
     /// Write what follows from the saga definitions (sagas/*.toml) into the AsyncAPI document
     /// and the compose files; with --check, fail naming each file that differs instead.
     Generate(generate::GenerateArgs),
+    /// Drive a running participant (in any language) through the message contract by its
+    /// topics alone, and print PASS/FAIL per rule; non-zero exit status on any FAIL.
+    Conformance(Box<conformance::ConformanceArgs>),
 }
 
 #[derive(clap::Args)]
@@ -117,6 +121,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(*args).await,
         Command::Provision(which) => provision::run(which).await,
         Command::Generate(args) => generate::run(args),
+        Command::Conformance(args) => conformance::run(*args).await,
         Command::DeleteTopics(args) => {
             anyhow::ensure!(!args.prefix.is_empty(), "--prefix must not be empty");
             budget::delete_topics(&args.kafka, &args.prefix).await

@@ -105,6 +105,11 @@ pub struct DeploymentArgs {
 }
 
 impl DeploymentArgs {
+    /// How to reach the deployment's broker.
+    pub(crate) fn kafka(&self) -> &messaging::config::KafkaConnection {
+        &self.kafka
+    }
+
     /// A producer for the deployment's broker, and its topics.
     pub(crate) fn publisher(&self) -> anyhow::Result<(FutureProducer, Topics)> {
         let producer = messaging::kafka::producer_settings(&self.kafka, 5)?

@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use events::{Action, Envelope, Reply};
-use saga_core::definitions::{trigger_message, SagaDefinition};
+use saga_core::definitions::SagaDefinition;
 use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -25,19 +25,7 @@ pub(super) struct Hostile {
 
 /// A valid trigger of `saga` whose key is `key`: its trigger message's sample, keyed.
 fn trigger(saga: &SagaDefinition, key: Uuid) -> Value {
-    let mut message = trigger_message(&saga.trigger.message)
-        .and_then(|m| m.sample().ok())
-        .unwrap_or_default();
-    let segments: Vec<&str> = saga.trigger.key.segments().collect();
-    if let Some((last, parents)) = segments.split_last() {
-        let parent = parents
-            .iter()
-            .try_fold(&mut message, |value, segment| value.get_mut(*segment));
-        if let Some(Value::Object(fields)) = parent {
-            fields.insert((*last).to_owned(), key.to_string().into());
-        }
-    }
-    message
+    crate::deployment::keyed_trigger(saga, &key.to_string())
 }
 
 /// The forward command of step `step` of `saga` for the saga keyed `key`, as the saga sends
@@ -317,9 +305,8 @@ mod tests {
     /// Whether the consumer of `target` would take `payload` as its own message.
     fn accepted(target: &Target, payload: &[u8]) -> bool {
         match target {
-            Target::Trigger(saga) => {
-                trigger_message(&saga.trigger.message).is_some_and(|m| (m.decode)(payload).is_ok())
-            }
+            Target::Trigger(saga) => saga_core::definitions::trigger_message(&saga.trigger.message)
+                .is_some_and(|m| (m.decode)(payload).is_ok()),
             Target::Commands {
                 participant, saga, ..
             } => Envelope::<events::Command>::from_json(payload).is_ok_and(|e| {
