@@ -4,5 +4,6 @@
 
 mod inbox;
 mod relay;
+mod relay_listen;
 mod retention;
 mod roles;
