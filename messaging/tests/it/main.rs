@@ -7,3 +7,4 @@ mod relay;
 mod relay_listen;
 mod retention;
 mod roles;
+mod side_pool;
