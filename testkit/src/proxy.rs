@@ -72,6 +72,27 @@ impl CutProxy {
         }
     }
 
+    /// A proxy to the PostgreSQL server of `database_url` (a `postgres://user@host:port/db` URL,
+    /// no password), and the same URL through the proxy.
+    ///
+    /// # Panics
+    /// When the URL does not parse: the test cannot run.
+    pub async fn to_database(database_url: &str) -> (Self, String) {
+        let options: sqlx::postgres::PgConnectOptions =
+            database_url.parse().expect("a PostgreSQL URL");
+        let upstream: SocketAddr = format!("{}:{}", options.get_host(), options.get_port())
+            .parse()
+            .expect("the server's address");
+        let proxy = Self::start(upstream).await;
+        let url = format!(
+            "postgres://{}@{}/{}",
+            options.get_username(),
+            proxy.addr(),
+            options.get_database().unwrap_or_default()
+        );
+        (proxy, url)
+    }
+
     /// Where to connect instead of the upstream.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -170,10 +191,8 @@ mod tests {
 
     use super::*;
 
-    /// An echo server's answers stop at the cut, the socket staying open, and come after the
-    /// heal.
-    #[tokio::test]
-    async fn a_cut_link_stays_open_and_silent_until_healed() {
+    /// A server that sends back what it gets, on every connection.
+    async fn echo_server() -> SocketAddr {
         let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let upstream = echo.local_addr().expect("addr");
         tokio::spawn(async move {
@@ -184,7 +203,14 @@ mod tests {
                 });
             }
         });
-        let proxy = CutProxy::start(upstream).await;
+        upstream
+    }
+
+    /// An echo server's answers stop at the cut, the socket staying open, and come after the
+    /// heal.
+    #[tokio::test]
+    async fn a_cut_link_stays_open_and_silent_until_healed() {
+        let proxy = CutProxy::start(echo_server().await).await;
         let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
         let mut answer = [0u8; 4];
         client.write_all(b"ping").await.expect("write");
@@ -208,17 +234,7 @@ mod tests {
     /// A stranded connection hears nothing, for good; one made after it is forwarded.
     #[tokio::test]
     async fn a_stranded_connection_stays_silent_and_a_new_one_goes_through() {
-        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let upstream = echo.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut read, mut write) = socket.split();
-                    let _ = tokio::io::copy(&mut read, &mut write).await;
-                });
-            }
-        });
-        let proxy = CutProxy::start(upstream).await;
+        let proxy = CutProxy::start(echo_server().await).await;
         let mut old = TcpStream::connect(proxy.addr()).await.expect("connect");
         let mut answer = [0u8; 4];
         old.write_all(b"ping").await.expect("write");

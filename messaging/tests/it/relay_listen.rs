@@ -5,7 +5,6 @@
 //! hour, so a row goes out within the tests' bounds only when a notification wakes the relay
 //! (or when it starts listening and looks once).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use messaging::config::{DatabaseConfig, FaultConfig, RelayConfig};
@@ -85,17 +84,7 @@ async fn setup(label: &str) -> Setup {
     let (direct, _) = messaging::db::open(&database_config(database.url()), "unused", &[])
         .await
         .expect("the direct pool");
-    let options: PgConnectOptions = database.url().parse().expect("the test database's URL");
-    let upstream: SocketAddr = format!("{}:{}", options.get_host(), options.get_port())
-        .parse()
-        .expect("the server's address");
-    let proxy = CutProxy::start(upstream).await;
-    let proxied_url = format!(
-        "postgres://{}@{}/{}",
-        options.get_username(),
-        proxy.addr(),
-        database.name()
-    );
+    let (proxy, proxied_url) = CutProxy::to_database(&database.url()).await;
     Setup {
         _database: database,
         direct,
@@ -140,6 +129,26 @@ async fn listening_sessions(direct: &PgPool) -> i64 {
     .expect("count the listening sessions")
 }
 
+/// A row written and notified now goes out promptly (the relay listens), and the relay stops.
+async fn a_notified_row_goes_out_and_the_relay_stops(
+    setup: &Setup,
+    stop: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+) {
+    write_row(&setup.direct, &setup.topic, "notified").await;
+    published_within(
+        &setup.direct,
+        Duration::from_secs(5),
+        "the notified row to go out",
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the relay stops")
+        .expect("relay task");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_whose_connection_went_silent_for_good_listens_again() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -173,19 +182,7 @@ async fn a_listener_whose_connection_went_silent_for_good_listens_again() {
     )
     .await;
     // And it hears the next notification.
-    write_row(&setup.direct, &setup.topic, "after").await;
-    published_within(
-        &setup.direct,
-        Duration::from_secs(5),
-        "the next notified row to go out",
-    )
-    .await;
-
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .expect("the relay stops")
-        .expect("relay task");
+    a_notified_row_goes_out_and_the_relay_stops(&setup, stop, running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,17 +218,5 @@ async fn a_first_listen_on_a_silent_connection_is_bounded() {
         (listening_sessions(&setup.direct).await >= 1).then_some(())
     })
     .await;
-    write_row(&setup.direct, &setup.topic, "notified").await;
-    published_within(
-        &setup.direct,
-        Duration::from_secs(5),
-        "the notified row to go out",
-    )
-    .await;
-
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .expect("the relay stops")
-        .expect("relay task");
+    a_notified_row_goes_out_and_the_relay_stops(&setup, stop, running).await;
 }

@@ -2,11 +2,9 @@
 //! whose client was cut off in the middle lets its row locks go within a call deadline, so the
 //! work that waits for those rows (the consume loop, for a saga row) goes on.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use messaging::config::DatabaseConfig;
-use sqlx::postgres::PgConnectOptions;
 use testkit::{eventually_within, CutProxy, TestDatabase};
 
 const SCHEMA: &str = "side_pool";
@@ -31,18 +29,9 @@ async fn a_side_pool_transaction_cut_off_in_the_middle_lets_its_locks_go() {
         .execute(&direct)
         .await
         .expect("a row to lock");
-    let options: PgConnectOptions = database.url().parse().expect("the test database's URL");
-    let upstream: SocketAddr = format!("{}:{}", options.get_host(), options.get_port())
-        .parse()
-        .expect("the server's address");
-    let proxy = CutProxy::start(upstream).await;
+    let (proxy, proxied_url) = CutProxy::to_database(&database.url()).await;
     let side = messaging::db::side_pool(
-        &format!(
-            "postgres://{}@{}/{}",
-            options.get_username(),
-            proxy.addr(),
-            database.name()
-        ),
+        &proxied_url,
         SCHEMA,
         1,
         (Duration::from_secs(3), CALL_TIMEOUT),
