@@ -304,8 +304,14 @@ fn check_password_file() -> Result<()> {
 }
 
 /// A further pool on a schema that [`open`] has already prepared, with its own size and a
-/// short wait for a connection, for work that must not take the main pool's connections (an
-/// HTTP API). Connects on first use.
+/// short wait for a connection (`acquire_timeout`, at most `call_timeout`), for work that must
+/// not take the main pool's connections (an HTTP API). Connects on first use.
+///
+/// Its sessions have the main pool's bounds ([`session_settings`] of `call_timeout`,
+/// `DATABASE_CALL_TIMEOUT_MS`): a transaction of the API whose client was cut off, or that
+/// its caller abandoned, ends within a call deadline instead of holding its row locks (a saga
+/// row the consume loop then waits for) until the operating system gives up on the
+/// connection.
 ///
 /// # Errors
 /// [`Error::Database`] for a URL that does not parse.
@@ -313,13 +319,15 @@ pub fn side_pool(
     url: &str,
     schema: &str,
     max_connections: u32,
-    acquire_timeout: Duration,
+    (acquire_timeout, call_timeout): (Duration, Duration),
 ) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url)?;
+    let mut settings = vec![("search_path", schema.to_owned())];
+    settings.extend(session_settings(call_timeout));
     Ok(PgPoolOptions::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(acquire_timeout)
-        .connect_lazy_with(options.options([("search_path", schema)])))
+        .acquire_timeout(acquire_timeout.min(call_timeout))
+        .connect_lazy_with(options.options(settings)))
 }
 
 /// Opens the service's pool on its schema (the configured one, or `default_schema`) and brings

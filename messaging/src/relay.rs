@@ -35,7 +35,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
 
 use crate::access::Refusal;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -157,6 +157,37 @@ enum ProbeOutcome {
     Inconclusive(ProbeInconclusive),
 }
 
+/// The relay's session that LISTENs for the outbox's notifications ([`Relay::wait_for_work`]).
+enum Listening {
+    /// Listening; `heard` is when its connection last proved alive (a notification, or an
+    /// answer to [`Relay::still_listening`]).
+    Ready {
+        listener: PgListener,
+        heard: Instant,
+    },
+    /// An attempt to listen ([`Relay::start_listening`]).
+    Starting(JoinHandle<std::result::Result<PgListener, ListenError>>),
+    /// Not listening: the next wait starts an attempt.
+    Down,
+}
+
+/// What ended a wait on the [`Listening`].
+enum Heard {
+    Notification(sqlx::Result<sqlx::postgres::PgNotification>),
+    Attempt(
+        std::result::Result<std::result::Result<PgListener, ListenError>, tokio::task::JoinError>,
+    ),
+}
+
+/// Why the relay could not LISTEN, or why its listener is taken for deaf.
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Deadline(#[from] crate::db::DeadlineExceeded),
+}
+
 impl Relay {
     /// A relay for the outbox of `schema`, with a producer of its own.
     ///
@@ -205,13 +236,9 @@ impl Relay {
     /// producer's message timeout; a failing destination's rows stay for the next start) and
     /// flushes the producer.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut listener = match self.listen().await {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                tracing::warn!(error.message = %crate::Chain(&e), "cannot LISTEN for outbox notifications; polling until it can");
-                None
-            }
-        };
+        // The first LISTEN goes in the background like every later one: bounded by the call
+        // deadline, and the relay publishes meanwhile.
+        let mut listening = Listening::Starting(self.start_listening());
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // Whether the last batch found the database silent (its call ran out of time).
         let mut unanswered = false;
@@ -247,10 +274,13 @@ impl Relay {
                 break;
             }
             let poll = self.next_wake();
-            self.wait_for_work(&mut listener, &stop, poll).await;
+            self.wait_for_work(&mut listening, &stop, poll).await;
         }
         if let Some(probe) = self.probe.take() {
             probe.abort();
+        }
+        if let Listening::Starting(attempt) = listening {
+            attempt.abort();
         }
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error.message = %crate::Chain(&e), "flushing producer on shutdown failed");
@@ -270,62 +300,156 @@ impl Relay {
         }
     }
 
-    async fn listen(&self) -> sqlx::Result<PgListener> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(NOTIFY_CHANNEL).await?;
-        Ok(listener)
+    /// Starts an attempt to LISTEN, in a task of its own so that the relay's wake-ups (the
+    /// poll, the in-process notifications) do not cancel it half-way (an attempt that took
+    /// longer than the poll interval was cancelled at every wait, and never listened while the
+    /// relay was busy); it ends within the call deadline.
+    ///
+    /// Each listener has a one-connection pool of its own, on the service pool's settings: a
+    /// listener found deaf is dropped, and sqlx's drop of it sends `UNLISTEN *` on its
+    /// connection and waits for the answer, which on a silent connection does not come until
+    /// TCP gives up. That wait holds this connection, not one of the service pool's.
+    fn start_listening(&self) -> JoinHandle<std::result::Result<PgListener, ListenError>> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.call_timeout)
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        let limit = self.call_timeout;
+        tokio::spawn(async move {
+            let listen = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(NOTIFY_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            Ok(within(limit, listen).await??)
+        })
     }
 
-    /// Returns when a notification for this schema arrives, `poll` passes, or the relay is
-    /// told to stop.
+    /// Whether the listener's connection still answers: `LISTEN` again on it (a no-op for the
+    /// server, and the session's last statement stays a `LISTEN`), within the call deadline.
+    ///
+    /// A listener only reads, so nothing tells it when its session is gone without a word
+    /// reaching it: the server ended the session (after a partition, its keepalive bounds end
+    /// a silent client's sessions in a few seconds) and the reset it sent was dropped, or
+    /// PostgreSQL restarted while the link was cut. Its socket then stays open and silent for
+    /// good (sqlx 0.8 sets no keepalive on the client's side), and the relay would poll forever
+    /// without knowing it does not listen.
+    async fn still_listening(
+        &self,
+        listener: &mut PgListener,
+    ) -> std::result::Result<(), ListenError> {
+        let query = format!(r#"LISTEN "{NOTIFY_CHANNEL}""#);
+        within(
+            self.call_timeout,
+            sqlx::query(&query).execute(&mut *listener),
+        )
+        .await??;
+        Ok(())
+    }
+
+    /// Returns when a notification for this schema arrives, `poll` passes, the relay is told
+    /// to stop, or it starts listening (rows may have come while it did not listen).
     ///
     /// A listener that failed is replaced by a new one in the next wait: after a PostgreSQL
     /// restart its connection is gone (sqlx does not reconnect after every kind of error, e.g.
     /// a connection reset). Dropping it for good, as this once did, left the relay polling
-    /// forever, so after one database restart every hop waited for the poll interval. The
-    /// wait in which it failed, and any wait in which listening again fails, is a plain poll,
-    /// so a failing listener cannot spin the loop.
+    /// forever, so after one database restart every hop waited for the poll interval. A
+    /// listener that heard nothing for a call deadline is checked first
+    /// ([`Relay::still_listening`]), so a deaf one is replaced within two call deadlines. The
+    /// wait in which a listener failed, and any wait in which listening again fails, is a
+    /// plain poll, so a failing listener cannot spin the loop.
     async fn wait_for_work(
         &self,
-        listener: &mut Option<PgListener>,
+        listening: &mut Listening,
         stop: &CancellationToken,
         poll: Duration,
     ) {
+        if matches!(listening, Listening::Down) {
+            *listening = Listening::Starting(self.start_listening());
+        }
         let poll = tokio::time::sleep(poll);
         tokio::pin!(poll);
-        let mut listening = true;
         loop {
-            let notified = async {
-                if !listening {
-                    return std::future::pending().await;
-                }
-                if listener.is_none() {
-                    // Cancelled by the poll when PostgreSQL is still away; tried again next time.
-                    *listener = Some(self.listen().await?);
-                    tracing::info!(schema = %self.schema, "listening for outbox notifications again");
-                }
-                match listener.as_mut() {
-                    Some(l) => l.recv().await.map(|n| n.payload() == self.schema),
+            // When a listener that heard nothing for a call deadline is checked.
+            let check_at = match listening {
+                Listening::Ready { heard, .. } => Some(*heard + self.call_timeout),
+                _ => None,
+            };
+            let check = async {
+                match check_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
+                }
+            };
+            let heard = async {
+                match listening {
+                    Listening::Ready { listener, .. } => Heard::Notification(listener.recv().await),
+                    Listening::Starting(attempt) => Heard::Attempt(attempt.await),
+                    Listening::Down => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = &mut poll => return,
                 _ = stop.cancelled() => return,
                 _ = self.outbox_written.notified() => return,
-                result = notified => match result {
-                    Ok(true) => return,
-                    Ok(false) => continue,
-                    Err(e) => {
-                        if listener.take().is_some() {
-                            tracing::warn!(error.message = %crate::Chain(&e), "outbox listener failed; polling until it listens again");
-                        } else {
-                            tracing::debug!(error.message = %crate::Chain(&e), "cannot LISTEN for outbox notifications yet");
+                _ = check => {
+                    let Listening::Ready { listener, heard } = listening else {
+                        continue;
+                    };
+                    match self.still_listening(listener).await {
+                        Ok(()) => *heard = Instant::now(),
+                        Err(e) => {
+                            tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "outbox listener does not answer; polling until it listens again");
+                            *listening = Listening::Down;
+                            self.pause(poll.deadline(), stop).await;
+                            return;
                         }
-                        listening = false;
+                    }
+                }
+                heard = heard => match heard {
+                    Heard::Notification(Ok(notification)) => {
+                        if let Listening::Ready { heard, .. } = listening {
+                            *heard = Instant::now();
+                        }
+                        if notification.payload() == self.schema {
+                            return;
+                        }
+                    }
+                    Heard::Notification(Err(e)) => {
+                        tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "outbox listener failed; polling until it listens again");
+                        *listening = Listening::Down;
+                        self.pause(poll.deadline(), stop).await;
+                        return;
+                    }
+                    Heard::Attempt(Ok(Ok(listener))) => {
+                        tracing::info!(schema = %self.schema, "listening for outbox notifications");
+                        *listening = Listening::Ready { listener, heard: Instant::now() };
+                        return;
+                    }
+                    Heard::Attempt(Ok(Err(e))) => {
+                        tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "cannot LISTEN for outbox notifications; polling until it can");
+                        *listening = Listening::Down;
+                        self.pause(poll.deadline(), stop).await;
+                        return;
+                    }
+                    Heard::Attempt(Err(e)) => {
+                        tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "the attempt to LISTEN ended abnormally; polling until one listens");
+                        *listening = Listening::Down;
+                        self.pause(poll.deadline(), stop).await;
+                        return;
                     }
                 },
             }
+        }
+    }
+
+    /// After a listener failed: waits until `poll_at`, or a call deadline if that is sooner
+    /// (a long poll must not keep the relay deaf for long), or until told to stop.
+    async fn pause(&self, poll_at: tokio::time::Instant, stop: &CancellationToken) {
+        let until = poll_at.min(tokio::time::Instant::now() + self.call_timeout);
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = stop.cancelled() => {}
         }
     }
 

@@ -79,7 +79,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &config.service.database.database_url,
         service.schema(),
         config.api.api_database_connections,
-        API_ACQUIRE_TIMEOUT,
+        (API_ACQUIRE_TIMEOUT, config.service.database.call_timeout()),
     )?;
     let topics = Topics::new(config.service.kafka.topic_prefix.clone());
     let catalog = Arc::new(

@@ -4,5 +4,7 @@
 
 mod inbox;
 mod relay;
+mod relay_listen;
 mod retention;
 mod roles;
+mod side_pool;

@@ -30,6 +30,8 @@ pub(super) struct Fleet {
     instances: Vec<Instance>,
     /// In a network run, the namespace each instance runs in, by its name.
     netns: BTreeMap<String, String>,
+    /// In a network run, each instance's address, by its name.
+    pub(super) addresses: BTreeMap<String, String>,
     children: BTreeMap<String, Child>,
     /// SIGKILLs per process, for the report.
     pub(super) kills: BTreeMap<String, u32>,
@@ -71,10 +73,21 @@ impl Fleet {
             .collect(),
             instances,
             netns,
+            addresses: BTreeMap::new(),
             children: BTreeMap::new(),
             kills: BTreeMap::new(),
             log_dir: setup.log_dir.clone(),
         })
+    }
+
+    /// The instances whose address is none of `addresses` (in a network run; none on one
+    /// host, where every instance has the same).
+    pub(super) fn not_from(&self, addresses: &[String]) -> Vec<String> {
+        self.addresses
+            .iter()
+            .filter(|(_, address)| !addresses.contains(address))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// How many processes the fleet runs.

@@ -109,11 +109,13 @@ fn network_stack(args: &mut ChaosArgs) -> anyhow::Result<Stack> {
 async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow::Result<()> {
     let setup = Setup::create(args).await?;
     let mut netns = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
     let mut links = None;
     if let Some(stack) = stack {
         let names = fleet::instance_names(args, &setup.deployment)?;
         for (name, _) in &names {
             netns.insert(name.clone(), stack.netns(name)?);
+            addresses.insert(name.clone(), stack.address(name)?.to_string());
         }
         if args.link_fault_every_ms > 0 {
             links = Some(link_faults::Plan {
@@ -127,6 +129,7 @@ async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow:
         }
     }
     let mut fleet = Fleet::plan(args, &setup, netns)?;
+    fleet.addresses = addresses;
     // Chosen before the fleet starts: the topic fault's shorter step deadlines are settings.
     let deleted_topic = faults::deleted_topic(args, &setup.deployment, &mut fleet);
     fleet.start_all().await?;
@@ -294,7 +297,7 @@ async fn check<'a>(
             args.caught_up_within_secs,
         ));
     }
-    if let Some(listening) = settled.listening {
+    if let Some(listening) = &settled.listening {
         let restarts = placed.faults.postgres.lengths.len();
         checks.push(under_faults::relays_listening(
             listening, services, restarts,

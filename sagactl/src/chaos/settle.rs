@@ -23,8 +23,16 @@ pub(super) struct Settled {
     pub(super) crashes: u32,
     /// The dead-letter topic as far as it was read (with garbage).
     pub(super) dead_letters: Option<DeadLetterReader>,
-    /// How many services listen for outbox notifications (after PostgreSQL restarts).
-    pub(super) listening: Option<i64>,
+    /// Which services listen for outbox notifications (after PostgreSQL restarts).
+    pub(super) listening: Option<Listening>,
+}
+
+/// The outbox relays that listen for notifications at the end of the run.
+pub(super) struct Listening {
+    /// How many sessions of the run's database LISTEN.
+    pub(super) count: i64,
+    /// In a network run, the instances none of them comes from.
+    pub(super) silent: Vec<String>,
 }
 
 /// Waits, at most --settle-timeout-secs from now, until every saga of `saga_keys` has
@@ -99,7 +107,7 @@ pub(super) async fn settle(
     let listening = if faults.postgres.lengths.is_empty() {
         None
     } else {
-        Some(relays_listening(db, fleet.len()).await)
+        Some(relays_listening(db, fleet).await)
     };
     Ok(Settled {
         settled,
@@ -130,20 +138,23 @@ async fn settle_progress(db: &PgPool, order_ids: &[Uuid]) -> sqlx::Result<(i64, 
     .await
 }
 
-/// How many connections of the run's database LISTEN for outbox notifications (one per
-/// service), once there are `expected` or after 10 s.
-async fn relays_listening(db: &PgPool, expected: usize) -> i64 {
+/// The connections of the run's database that LISTEN for outbox notifications (one per
+/// service instance), once there are as many as instances or after 10 s.
+async fn relays_listening(db: &PgPool, fleet: &Fleet) -> Listening {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
+        let from: Vec<String> = sqlx::query_scalar(
+            "SELECT coalesce(host(client_addr), 'local') FROM pg_stat_activity \
              WHERE datname = current_database() AND query LIKE 'LISTEN %'",
         )
-        .fetch_one(db)
+        .fetch_all(db)
         .await
-        .unwrap_or(0);
-        if usize::try_from(listening).is_ok_and(|n| n >= expected) || Instant::now() > deadline {
-            return listening;
+        .unwrap_or_default();
+        if from.len() >= fleet.len() || Instant::now() > deadline {
+            return Listening {
+                count: i64::try_from(from.len()).unwrap_or(i64::MAX),
+                silent: fleet.not_from(&from),
+            };
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -10,15 +10,29 @@ use uuid::Uuid;
 use super::Check;
 use crate::chaos::garbage::Audit;
 use crate::chaos::measures::Throughput;
+use crate::chaos::settle::Listening;
 use crate::chaos::topic_faults::{self, TopicOutages};
 
 /// Whether every service's outbox relay listens for notifications again after `restarts`
-/// PostgreSQL restarts: `listening` of `services` do.
-pub fn relays_listening(listening: i64, services: usize, restarts: usize) -> anyhow::Result<Check> {
+/// PostgreSQL restarts: `listening` of `services` do (in a network run, the detail names the
+/// instances that do not).
+pub fn relays_listening(
+    listening: &Listening,
+    services: usize,
+    restarts: usize,
+) -> anyhow::Result<Check> {
+    let silent = if listening.silent.is_empty() {
+        String::new()
+    } else {
+        format!(" (not: {})", listening.silent.join(", "))
+    };
     Ok(Check::new(
         "every outbox relay LISTENs again after the PostgreSQL restarts",
-        listening >= i64::try_from(services)?,
-        format!("{listening} of {services} services listen for outbox notifications after {restarts} restarts"),
+        listening.count >= i64::try_from(services)?,
+        format!(
+            "{} of {services} services listen for outbox notifications after {restarts} restarts{silent}",
+            listening.count
+        ),
     ))
 }
 
@@ -97,5 +111,40 @@ pub fn caught_up_after_heal(caught_up_secs: Option<f64>, within_secs: u64) -> Ch
             ),
         ),
         None => Check::new(name, false, "no saga finished".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check names the instances whose relay does not listen, so that a failing run says
+    /// where to look.
+    #[test]
+    fn the_relays_check_names_the_instances_that_do_not_listen() {
+        let short = Listening {
+            count: 8,
+            silent: vec!["orchestrator-1".into(), "inventory-2".into()],
+        };
+        let check = relays_listening(&short, 10, 3).expect("check");
+        assert!(!check.passed);
+        assert!(
+            check
+                .detail
+                .ends_with("after 3 restarts (not: orchestrator-1, inventory-2)"),
+            "{}",
+            check.detail
+        );
+        let all = Listening {
+            count: 10,
+            silent: Vec::new(),
+        };
+        let check = relays_listening(&all, 10, 3).expect("check");
+        assert!(check.passed);
+        assert!(
+            check.detail.ends_with("after 3 restarts"),
+            "{}",
+            check.detail
+        );
     }
 }
