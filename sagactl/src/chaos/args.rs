@@ -217,7 +217,9 @@ pub struct ChaosArgs {
     /// one of the run's processes (`orchestrator-1`, `inventory-2`, ...); repeat for more. The
     /// process's every clock call but the monotonic ones is shifted, by libfaketime
     /// (LD_PRELOAD; Debian's `faketime` package): its timestamps, its TLS certificate checks,
-    /// what it writes and logs.
+    /// what it writes and logs. Not the deadlines of librdkafka's timed waits, which libfaketime
+    /// leaves on the real clock: ten minutes behind, every Kafka wait times out at once (the
+    /// process may never start); ahead, each lasts that much longer (README, "On network hosts").
     #[arg(long, value_parser = parse_clock_skew)]
     pub(super) clock_skew: Vec<(String, i64)>,
     /// Keep the run's database and topics for inspection (a failed run always keeps them).
