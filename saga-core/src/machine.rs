@@ -417,6 +417,31 @@ impl Saga {
         Ok((index, expected_action, outcome))
     }
 
+    /// The step whose deadline has passed at `now`, or why a deadline decision does not apply
+    /// (another definition's saga, no deadline or not yet passed, no step waited on).
+    fn waiting_past_deadline(
+        &self,
+        now: DateTime<Utc>,
+        definition: &SagaDefinition,
+    ) -> Result<usize, Decision> {
+        if let Some(refused) = self.foreign(definition) {
+            return Err(refused);
+        }
+        match self.deadline_at {
+            None => return Err(ignored("the saga has no deadline".into())),
+            Some(deadline) if deadline > now => {
+                return Err(ignored(format!("the deadline {deadline} has not passed")))
+            }
+            Some(_) => {}
+        }
+        self.current_step().ok_or_else(|| {
+            ignored(format!(
+                "the saga is {} and waits on no step",
+                self.state.as_str()
+            ))
+        })
+    }
+
     /// Decides what the passing of the saga's deadline does: send the command again with the
     /// next attempt, or give up on the step. `jitter` in `[0, 1)` spreads the next wait.
     pub fn on_deadline(
@@ -425,21 +450,9 @@ impl Saga {
         jitter: f64,
         definition: &SagaDefinition,
     ) -> Decision {
-        if let Some(refused) = self.foreign(definition) {
-            return refused;
-        }
-        match self.deadline_at {
-            None => return ignored("the saga has no deadline".into()),
-            Some(deadline) if deadline > now => {
-                return ignored(format!("the deadline {deadline} has not passed"))
-            }
-            Some(_) => {}
-        }
-        let Some(index) = self.current_step() else {
-            return ignored(format!(
-                "the saga is {} and waits on no step",
-                self.state.as_str()
-            ));
+        let index = match self.waiting_past_deadline(now, definition) {
+            Ok(index) => index,
+            Err(refused) => return refused,
         };
         let mut saga = self.clone();
         saga.updated_at = now;
@@ -488,21 +501,8 @@ impl Saga {
         wait: TimeDelta,
         definition: &SagaDefinition,
     ) -> Decision {
-        if let Some(refused) = self.foreign(definition) {
+        if let Err(refused) = self.waiting_past_deadline(now, definition) {
             return refused;
-        }
-        match self.deadline_at {
-            None => return ignored("the saga has no deadline".into()),
-            Some(deadline) if deadline > now => {
-                return ignored(format!("the deadline {deadline} has not passed"))
-            }
-            Some(_) => {}
-        }
-        if self.current_step().is_none() {
-            return ignored(format!(
-                "the saga is {} and waits on no step",
-                self.state.as_str()
-            ));
         }
         let mut saga = self.clone();
         saga.updated_at = now;
