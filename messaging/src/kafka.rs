@@ -408,6 +408,27 @@ fn missing_topics(
     Ok(missing)
 }
 
+/// The partitions `metadata` (asked for `topic` alone) gives `topic`.
+///
+/// # Errors
+/// [`Error::PartitionCount`] when it gives none (the topic unknown, or refused).
+pub(crate) fn partition_ids(
+    metadata: &rdkafka::metadata::Metadata,
+    topic: &str,
+) -> Result<Vec<i32>> {
+    match metadata.topics().first() {
+        Some(found) if found.error().is_none() && !found.partitions().is_empty() => {
+            Ok(found.partitions().iter().map(|p| p.id()).collect())
+        }
+        found => Err(Error::PartitionCount {
+            topic: topic.to_owned(),
+            code: found
+                .and_then(|found| found.error())
+                .map(RDKafkaErrorCode::from),
+        }),
+    }
+}
+
 /// How many partitions `topic` has, as the cluster's metadata says (a client of its own, for
 /// at most 5 s).
 ///
@@ -432,17 +453,8 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32> {
             .map_err(Error::kafka(format!(
                 "reading the metadata of {topic} ({description})"
             )))?;
-        match metadata.topics().first() {
-            Some(found) if found.error().is_none() && !found.partitions().is_empty() => {
-                Ok(i32::try_from(found.partitions().len()).unwrap_or(i32::MAX))
-            }
-            found => Err(Error::PartitionCount {
-                topic,
-                code: found
-                    .and_then(|found| found.error())
-                    .map(RDKafkaErrorCode::from),
-            }),
-        }
+        let partitions = partition_ids(&metadata, &topic)?;
+        Ok(i32::try_from(partitions.len()).unwrap_or(i32::MAX))
     })
     .await
     .map_err(|source| Error::TaskFailed {

@@ -83,21 +83,7 @@ impl GroupReader {
             .consumer
             .fetch_metadata(Some(topic), timeout)
             .map_err(Error::kafka(format!("reading the metadata of {topic}")))?;
-        let partitions = match metadata.topics().first() {
-            Some(found) if found.error().is_none() && !found.partitions().is_empty() => found
-                .partitions()
-                .iter()
-                .map(|p| p.id())
-                .collect::<Vec<_>>(),
-            found => {
-                return Err(Error::PartitionCount {
-                    topic: topic.to_owned(),
-                    code: found
-                        .and_then(|found| found.error())
-                        .map(rdkafka::error::RDKafkaErrorCode::from),
-                })
-            }
-        };
+        let partitions = crate::kafka::partition_ids(&metadata, topic)?;
         let mut asked = TopicPartitionList::new();
         for partition in &partitions {
             asked.add_partition(topic, *partition);
