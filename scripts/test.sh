@@ -39,8 +39,6 @@ start_dependencies
 # The network tests (sagactl/src/chaos/network/) make namespaces, links and packet rules: root,
 # with these.
 ensure_commands ip:iproute2 nft:nftables iptables:iptables
-# A process whose clock is off, in the chaos run on network hosts (libfaketime).
-ensure_commands faketime:faketime
 STARTED_CLUSTER=0
 # What runs in the background (see below) and is stopped when the suite ends early: the
 # fuzzers, the API test and the walkthroughs. (The cluster's shutdown, also in the background, is waited
@@ -196,14 +194,14 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
 # and every outbox relay LISTENing again after the restarts (a relay cut from PostgreSQL while
 # it restarted once stayed deaf: messaging/src/relay.rs checks a quiet listener). Its report
 # gives each fault's window: the sagas in flight, their p99, the longest stall, and how long
-# after the heal they had all finished. No --clock-skew: libfaketime (Debian's 0.9.10) does not
-# move librdkafka's timed waits with the clock it fakes, so a process ten minutes behind has
-# every Kafka wait time out at once and one ahead waits ten minutes too long; the skewed
-# instances then never start or hang, an artifact of the tool (README, "On network hosts").
+# after the heal they had all finished. One orchestrator runs ten minutes ahead and one inventory
+# instance ten minutes behind (--clock-skew: their wall clocks and every wait on them, README,
+# "On network hosts").
 phase "chaos on network hosts"
 target/debug/sagactl chaos --network --participant-instances 2 --group-protocol consumer \
   --sagas 600 --rate 10 --link-fault-every-ms 2000 --link-fault-ms 8000 --kill-every-ms 5000 \
-  --postgres-restart-every-ms 25000 --postgres-down-ms 1000 --settle-timeout-secs 180
+  --postgres-restart-every-ms 25000 --postgres-down-ms 1000 --settle-timeout-secs 180 \
+  --clock-skew orchestrator-2=600 --clock-skew inventory-2=-600
 
 # The last three share the machine (with what is left of the fuzzers), each with a database, a
 # topic prefix and ports of its own: the walkthroughs in the background (their log is printed

@@ -586,7 +586,7 @@ impl ConsumerContext for WatchedContext {
         match consumer.assignment() {
             Ok(held) => {
                 let held = Owned::of_list(&held);
-                tracing::info!(partitions = ?held, ?rebalance, "the consumer's assignment changed");
+                tracing::info!(partitions = %held, ?rebalance, "the consumer's assignment changed");
                 assignment.set(held);
             }
             // Not knowing what is held, hold nothing: the work waits for the next rebalance

@@ -61,6 +61,67 @@ impl Owned {
     }
 }
 
+/// `topic:0,1;other:3`, or `none`: one word, so that a log line's `partitions=` field reads
+/// back whole with [`Owned::from_str`](std::str::FromStr) (`sagactl chaos` measures takeovers
+/// from it).
+impl std::fmt::Display for Owned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut topics = self
+            .0
+            .iter()
+            .filter(|(_, held)| !held.is_empty())
+            .peekable();
+        if topics.peek().is_none() {
+            return f.write_str("none");
+        }
+        for (n, (topic, held)) in topics.enumerate() {
+            let partitions: Vec<String> = held.iter().map(i32::to_string).collect();
+            write!(
+                f,
+                "{}{topic}:{}",
+                if n > 0 { ";" } else { "" },
+                partitions.join(",")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A word that is not what [`Owned`]'s `Display` writes.
+#[derive(Debug, thiserror::Error)]
+#[error("not a list of partitions (topic:0,1;other:3 or none): {0:?}")]
+pub struct NotOwned(String);
+
+impl std::str::FromStr for Owned {
+    type Err = NotOwned;
+
+    fn from_str(word: &str) -> Result<Self, Self::Err> {
+        let mut owned = Self::default();
+        if word == "none" {
+            return Ok(owned);
+        }
+        for entry in word.split(';') {
+            let (topic, partitions) = entry
+                .rsplit_once(':')
+                .ok_or_else(|| NotOwned(word.to_owned()))?;
+            let held = owned.0.entry(topic.to_owned()).or_default();
+            for partition in partitions.split(',') {
+                held.insert(partition.parse().map_err(|_| NotOwned(word.to_owned()))?);
+            }
+        }
+        Ok(owned)
+    }
+}
+
+impl Owned {
+    /// Every (topic, partition) held.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, i32)> {
+        self.0
+            .iter()
+            .flat_map(|(topic, held)| held.iter().map(move |p| (topic.as_str(), *p)))
+    }
+}
+
 /// The consumer's current assignment, shared with whoever works by partition. Cloning it
 /// shares it.
 #[derive(Clone, Debug)]
@@ -113,6 +174,28 @@ impl Assignment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_assignment_reads_back_from_its_one_word() {
+        for owned in [
+            Owned::default(),
+            Owned::of_list(&list(&[
+                ("p.saga.replies", 3),
+                ("p.saga.replies", 0),
+                ("p.orders", 1),
+            ])),
+        ] {
+            let word = owned.to_string();
+            assert!(!word.contains(char::is_whitespace), "{word}");
+            assert_eq!(word.parse::<Owned>().unwrap(), owned);
+        }
+        assert_eq!(
+            Owned::of_list(&list(&[("a", 2), ("a", 0), ("b", 1)])).to_string(),
+            "a:0,2;b:1"
+        );
+        assert!("a:x".parse::<Owned>().is_err());
+        assert!("a".parse::<Owned>().is_err());
+    }
 
     fn list(entries: &[(&str, i32)]) -> TopicPartitionList {
         let mut list = TopicPartitionList::new();

@@ -215,11 +215,10 @@ pub struct ChaosArgs {
     pub(super) seed: Option<u64>,
     /// Run a process with its clock off: `NAME=SECONDS` (positive ahead, negative behind), NAME
     /// one of the run's processes (`orchestrator-1`, `inventory-2`, ...); repeat for more. The
-    /// process's every clock call but the monotonic ones is shifted, by libfaketime
-    /// (LD_PRELOAD; Debian's `faketime` package): its timestamps, its TLS certificate checks,
-    /// what it writes and logs. Not the deadlines of librdkafka's timed waits, which libfaketime
-    /// leaves on the real clock: ten minutes behind, every Kafka wait times out at once (the
-    /// process may never start); ahead, each lasts that much longer (README, "On network hosts").
+    /// process's wall clock is shifted as a wrong host clock would be: every read of it (its
+    /// timestamps, its TLS certificate checks, its log lines) and every wait until a wall-clock
+    /// time, by a library preloaded into it (`sagactl/clock-shift/clock_shift.c`); its monotonic
+    /// clocks, and so its timers, run at the right pace (README, "On network hosts").
     #[arg(long, value_parser = parse_clock_skew)]
     pub(super) clock_skew: Vec<(String, i64)>,
     /// Keep the run's database and topics for inspection (a failed run always keeps them).

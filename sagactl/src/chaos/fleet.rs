@@ -3,7 +3,7 @@
 //! stopped gracefully at the end.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ impl Fleet {
         setup: &Setup,
         netns: BTreeMap<String, String>,
     ) -> anyhow::Result<Self> {
-        let mut instances = instances(args, &setup.deployment)?;
+        let mut instances = instances(args, setup)?;
         let fleet_env = kafka_identities(args, &mut instances)?;
         Ok(Self {
             bin_dir: args.bin_dir.clone(),
@@ -218,9 +218,9 @@ pub(super) fn instance_names(
 
 /// The run's processes: orchestrators in one consumer group (they divide the partitions
 /// between them), and each participant's instances in its group.
-fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<Instance>> {
+fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
     let mut instances = Vec::new();
-    for (name, binary) in instance_names(args, deployment)? {
+    for (name, binary) in instance_names(args, &setup.deployment)? {
         let env = if binary == ORCHESTRATOR {
             let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
@@ -240,11 +240,17 @@ fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<In
         };
         instances.push(Instance { name, binary, env });
     }
-    for (name, secs) in &args.clock_skew {
-        let Some(instance) = instances.iter_mut().find(|i| &i.name == name) else {
-            bail!("--clock-skew {name}: the run has no process of that name");
-        };
-        instance.env.extend(clock_skew(*secs)?);
+    if !args.clock_skew.is_empty() {
+        let library = write_clock_shift(&setup.log_dir)?;
+        for (name, secs) in &args.clock_skew {
+            let Some(instance) = instances.iter_mut().find(|i| &i.name == name) else {
+                bail!("--clock-skew {name}: the run has no process of that name");
+            };
+            instance.env.extend([
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                ("CLOCK_SHIFT_SECS".into(), secs.to_string()),
+            ]);
+        }
     }
     // Static membership lets a restarted member of a classic group take its partitions back
     // at once. KIP-848 groups refuse a restarted member whose instance id the broker still
@@ -259,24 +265,15 @@ fn instances(args: &ChaosArgs, deployment: &Deployment) -> anyhow::Result<Vec<In
     Ok(instances)
 }
 
-/// Where Debian's `libfaketime` package puts its library for programs with threads (in its
-/// multiarch folder).
-const LIBFAKETIME: &str = "faketime/libfaketimeMT.so.1";
+/// The library that moves a process's wall clock, and every wait until a wall-clock time, by
+/// `CLOCK_SHIFT_SECS` (`sagactl/clock-shift/clock_shift.c`, built by build.rs).
+const CLOCK_SHIFT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libclock_shift.so"));
 
-/// The settings that run a process with its wall clock `secs` off: libfaketime preloaded with
-/// a relative offset, the monotonic clocks left alone (the timers and timeouts of a host whose
-/// clock is wrong still run at the right pace).
-fn clock_skew(secs: i64) -> anyhow::Result<Vec<(String, String)>> {
-    let library = std::fs::read_dir("/usr/lib")?
-        .filter_map(|entry| entry.ok())
-        .map(|entry| entry.path().join(LIBFAKETIME))
-        .find(|path| path.is_file())
-        .context("--clock-skew needs libfaketime (apt-get install faketime)")?;
-    Ok(vec![
-        ("LD_PRELOAD".into(), library.display().to_string()),
-        ("FAKETIME".into(), format!("{secs:+}")),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ])
+/// Writes the clock-shift library into the run's folder, for the skewed processes to preload.
+fn write_clock_shift(run_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = std::fs::canonicalize(run_dir)?.join("libclock_shift.so");
+    std::fs::write(&path, CLOCK_SHIFT).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Who each process is to the Kafka cluster: with --kafka-identities, each service's own

@@ -48,6 +48,8 @@ pub struct LinkOutage {
     pub fault: LinkFault,
     /// What it hit, in words.
     pub target: String,
+    /// The service instance it cut off, when it cut one off.
+    pub cut_off: Option<String>,
     pub began: DateTime<Utc>,
     pub healed: DateTime<Utc>,
 }
@@ -118,7 +120,7 @@ fn run(
             return Ok(outages);
         };
         let began = Utc::now();
-        let target = {
+        let (target, cut_off) = {
             let mut network = lock(network)?;
             put(&mut network, fault, plan, &mut rng)?
         };
@@ -129,6 +131,7 @@ fn run(
         let outage = LinkOutage {
             fault,
             target,
+            cut_off,
             began,
             healed: Utc::now(),
         };
@@ -154,13 +157,13 @@ fn lock(network: &Mutex<Network>) -> anyhow::Result<std::sync::MutexGuard<'_, Ne
         .map_err(|_| anyhow::anyhow!("the network's lock is poisoned"))
 }
 
-/// Puts `fault` on the network; returns what it hit.
+/// Puts `fault` on the network; returns what it hit, and the service instance it cut off.
 fn put(
     network: &mut Network,
     fault: LinkFault,
     plan: &Plan,
     rng: &mut StdRng,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Option<String>)> {
     let services: Vec<&str> = plan.services.iter().map(String::as_str).collect();
     let (orchestrators, participants): (Vec<&str>, Vec<&str>) = services
         .iter()
@@ -171,21 +174,21 @@ fn put(
             .map(|name| (*name).to_owned())
             .ok_or_else(|| anyhow::anyhow!("no host to put a {fault:?} fault on"))
     };
-    Ok(match fault {
+    let (target, cut_off) = match fault {
         LinkFault::OrchestratorBrokers => {
             let victim = pick(rng, &orchestrators)?;
             network.partition(&[&victim], &BROKER_HOSTS)?;
-            format!("{victim} from every broker")
+            (format!("{victim} from every broker"), Some(victim))
         }
         LinkFault::OrchestratorDatabase => {
             let victim = pick(rng, &orchestrators)?;
             network.partition(&[&victim], &[POSTGRES_HOST])?;
-            format!("{victim} from PostgreSQL")
+            (format!("{victim} from PostgreSQL"), Some(victim))
         }
         LinkFault::ParticipantDatabase => {
             let victim = pick(rng, &participants)?;
             network.partition(&[&victim], &[POSTGRES_HOST])?;
-            format!("{victim} from PostgreSQL")
+            (format!("{victim} from PostgreSQL"), Some(victim))
         }
         LinkFault::BrokerPeers => {
             let (node, why) = match broker_nodes::controller(&plan.cluster_dir) {
@@ -195,12 +198,12 @@ fn put(
             let victim = broker_host(node)?;
             let peers: Vec<&str> = BROKER_HOSTS.into_iter().filter(|h| *h != victim).collect();
             network.partition(&[victim], &peers)?;
-            format!("node {node} ({why}) from its two peers")
+            (format!("node {node} ({why}) from its two peers"), None)
         }
         LinkFault::BrokerClients => {
             let node = rng.gen_range(1..=3);
             network.partition(&[broker_host(node)?], &services)?;
-            format!("node {node} from every service instance")
+            (format!("node {node} from every service instance"), None)
         }
         LinkFault::SlowLossy => {
             let bad_day = rng.gen_bool(0.5);
@@ -220,13 +223,15 @@ fn put(
                 network.slow(host, delay, jitter)?;
                 network.lossy(host, loss)?;
             }
-            format!(
+            let target = format!(
                 "every host: {:.2} ms ± {:.2} ms out, {loss:.1}% lost in",
                 delay.as_secs_f64() * 1000.0,
                 jitter.as_secs_f64() * 1000.0
-            )
+            );
+            (target, None)
         }
-    })
+    };
+    Ok((target, cut_off))
 }
 
 fn broker_host(node: i32) -> anyhow::Result<&'static str> {

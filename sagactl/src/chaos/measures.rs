@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::broker_nodes::{NodeOutage, NodeOutages};
 use super::invariants::count;
 use super::link_faults::LinkOutage;
+use super::takeovers::{Assignments, Takeover};
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
 /// How many sagas ended in each state, as the report prints it.
@@ -127,15 +128,28 @@ impl<'a> NodeWindows<'a> {
     }
 }
 
-/// How the sagas fared under each link fault of a network run: the fault's window measured
-/// (as a broker node fault's), and how long after the heal the last saga that was in flight
-/// during it finished (seconds; 0 when they had all finished by the heal).
+/// How the sagas fared under each link fault of a network run.
 pub(super) struct LinkWindows<'a> {
-    pub(super) faults: Vec<(&'a LinkOutage, FaultWindow, Option<f64>)>,
+    pub(super) faults: Vec<LinkWindow<'a>>,
+}
+
+pub(super) struct LinkWindow<'a> {
+    pub(super) outage: &'a LinkOutage,
+    /// The fault's window measured (as a broker node fault's).
+    pub(super) window: FaultWindow,
+    /// How long after the heal the last saga that was in flight during it finished (seconds;
+    /// 0 when they had all finished by the heal).
+    pub(super) caught_up: Option<f64>,
+    /// What became of the partitions of the instance it cut off, if it cut one off.
+    pub(super) takeover: Option<Takeover>,
 }
 
 impl<'a> LinkWindows<'a> {
-    pub(super) fn measure(timeline: &Timeline, outages: &'a [LinkOutage]) -> Self {
+    pub(super) fn measure(
+        timeline: &Timeline,
+        outages: &'a [LinkOutage],
+        assignments: &Assignments,
+    ) -> Self {
         let faults = outages
             .iter()
             .map(|outage| {
@@ -149,7 +163,12 @@ impl<'a> LinkWindows<'a> {
                     })
                     .max()
                     .map(|last| seconds(last - outage.healed).max(0.0));
-                (outage, measured, caught_up)
+                LinkWindow {
+                    outage,
+                    window: measured,
+                    caught_up,
+                    takeover: assignments.takeover(outage),
+                }
             })
             .collect();
         Self { faults }
@@ -247,7 +266,7 @@ pub(super) fn stale_writes(log_dir: &std::path::Path) -> anyhow::Result<BTreeMap
 }
 
 /// `line` without its terminal colour codes (`ESC [ ... m`).
-fn strip_ansi(line: &str) -> String {
+pub(super) fn strip_ansi(line: &str) -> String {
     let mut plain = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -587,12 +606,17 @@ mod tests {
         let outage = LinkOutage {
             fault: crate::chaos::link_faults::LinkFault::SlowLossy,
             target: "every link".into(),
+            cut_off: None,
             began: at(10),
             healed: at(15),
         };
-        let links = LinkWindows::measure(&timeline, std::slice::from_ref(&outage));
+        let links = LinkWindows::measure(
+            &timeline,
+            std::slice::from_ref(&outage),
+            &Assignments::default(),
+        );
         assert_eq!(
-            links.faults[0].2,
+            links.faults[0].caught_up,
             Some(15.0),
             "the last in flight finished at 30"
         );

@@ -35,6 +35,7 @@ mod report;
 mod servers;
 mod settle;
 mod setup;
+mod takeovers;
 mod topic_faults;
 mod workload;
 
@@ -65,7 +66,17 @@ pub async fn run(mut args: ChaosArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let result = run_with(&args, seed, stack.as_ref()).await;
+    // A signal ends the run where it stands: dropping it kills the fleet (its processes are
+    // killed on drop), and the network run's servers and hosts are removed below, as when the
+    // run fails.
+    let stop = messaging::shutdown::on_signals();
+    let result = tokio::select! {
+        result = run_with(&args, seed, stack.as_ref()) => result,
+        () = stop.cancelled() => Err(anyhow::anyhow!(
+            "stopped by a signal: the fleet was killed, the run's servers and hosts are removed, \
+             its database and topics kept"
+        )),
+    };
     if let Some(mut stack) = stack.take() {
         if result.is_err() {
             stack.keep();
@@ -288,7 +299,8 @@ async fn check<'a>(
     let in_flight =
         Timeline::load(db, deployment, &placed.workload.placed_at, placed.placing).await?;
     let windows = NodeWindows::measure(&in_flight, &placed.faults.nodes);
-    let links = LinkWindows::measure(&in_flight, &placed.faults.links);
+    let assignments = takeovers::Assignments::read(&setup.log_dir, &args.clock_skew)?;
+    let links = LinkWindows::measure(&in_flight, &placed.faults.links, &assignments);
     if !placed.faults.links.is_empty() {
         let caught_up =
             measures::caught_up_after_heal(db, &placed.faults.links, placed.placing.1).await?;

@@ -43,12 +43,17 @@ fn print_links(links: &LinkWindows<'_>) {
         return;
     }
     println!("link faults        {}", links.faults.len());
-    for (fault, window, caught_up) in &links.faults {
+    for link in &links.faults {
+        let takeover = link
+            .takeover
+            .as_ref()
+            .map(|takeover| format!("; {}", takeover.describe()))
+            .unwrap_or_default();
         println!(
-            "  {}; {}; caught up {} after the heal",
-            fault.describe(),
-            window.describe(),
-            caught_up
+            "  {}; {}; caught up {} after the heal{takeover}",
+            link.outage.describe(),
+            link.window.describe(),
+            link.caught_up
                 .map(|secs| format!("{secs:.1} s"))
                 .unwrap_or_else(|| "-".into())
         );

@@ -343,6 +343,9 @@ impl Network {
             }
             let _ = ip(&["netns", "del", &netns]);
         }
+        for link in links().filter(|link| link.starts_with(&format!("{prefix}h"))) {
+            let _ = ip(&["link", "del", &link]);
+        }
         let _ = ip(&["link", "del", &format!("{prefix}br")]);
     }
 
@@ -355,12 +358,32 @@ impl Network {
     /// Sweeps every network a run made with [`Network::prefix_of_this_process`] and left
     /// behind when it was killed: those whose maker no longer runs.
     pub fn sweep_orphans() {
+        // A network's namespaces are `<prefix>-<host>`, its links `<prefix>h<n>` and
+        // `<prefix>br`: the prefix is what comes before the first `-` or `h` (base 36 digits
+        // are lowercase letters too, so every split is tried).
         let orphans: std::collections::BTreeSet<String> = namespaces()
-            .filter_map(|netns| {
-                let (prefix, _) = netns.split_once('-')?;
-                let pid = u32::from_str_radix(prefix.strip_prefix('n')?, 36).ok()?;
+            .filter_map(|netns| netns.split_once('-').map(|(prefix, _)| prefix.to_owned()))
+            .chain(links().flat_map(|link| {
+                link.match_indices(['h', 'b'])
+                    .filter(|(at, _)| {
+                        let rest = &link[*at..];
+                        rest == "br"
+                            || rest.strip_prefix('h').is_some_and(|n| {
+                                !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+                            })
+                    })
+                    .map(|(at, _)| link[..at].to_owned())
+                    .collect::<Vec<_>>()
+            }))
+            .filter(|prefix| {
+                let Some(pid) = prefix
+                    .strip_prefix('n')
+                    .and_then(|digits| u32::from_str_radix(digits, 36).ok())
+                else {
+                    return false;
+                };
                 let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
-                (gone && prefix == format!("n{}", base36(pid))).then(|| prefix.to_owned())
+                gone && *prefix == format!("n{}", base36(pid))
             })
             .collect();
         for prefix in orphans {
@@ -368,6 +391,23 @@ impl Network {
             Self::sweep(&prefix);
         }
     }
+}
+
+/// The names of this machine's network interfaces (without a veth's `@peer`).
+fn links() -> impl Iterator<Item = String> {
+    let listed = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|line| {
+            let name = line.split(": ").nth(1)?;
+            Some(name.split('@').next().unwrap_or(name).to_owned())
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// The names of this machine's network namespaces.
@@ -402,10 +442,14 @@ impl Drop for Network {
     /// (with its end of its link, which takes the other end along), then the bridge.
     fn drop(&mut self) {
         self.delays.clear();
-        for host in &self.hosts {
+        for (i, host) in self.hosts.iter().enumerate() {
             if let Err(e) = ip(&["netns", "del", &host.netns]) {
                 tracing::warn!(error.message = %messaging::Chain(&e), netns = %host.netns, "removing a host");
             }
+            // The namespace's end of the link takes this end along only once the kernel frees
+            // the namespace, which sockets its killed processes left behind can hold for
+            // minutes (seen after a run stopped by a signal): remove this end now.
+            let _ = ip(&["link", "del", &format!("{}h{i}", self.prefix)]);
         }
         if let Err(e) = ip(&["link", "del", &self.bridge]) {
             tracing::warn!(error.message = %messaging::Chain(&e), bridge = %self.bridge, "removing the bridge");
