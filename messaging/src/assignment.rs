@@ -187,7 +187,7 @@ mod tests {
         ] {
             let word = owned.to_string();
             assert!(!word.contains(char::is_whitespace), "{word}");
-            assert_eq!(word.parse::<Owned>().unwrap(), owned);
+            assert_eq!(word.parse::<Owned>().expect("its own word"), owned);
         }
         assert_eq!(
             Owned::of_list(&list(&[("a", 2), ("a", 0), ("b", 1)])).to_string(),

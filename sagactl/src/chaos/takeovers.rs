@@ -196,11 +196,11 @@ mod tests {
     use crate::chaos::link_faults::LinkFault;
 
     fn at(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("a time")
     }
 
     fn owned(word: &str) -> Owned {
-        word.parse().unwrap()
+        word.parse().expect("an assignment word")
     }
 
     fn outage(cut_off: &str, began: i64, healed: i64) -> LinkOutage {
@@ -217,7 +217,7 @@ mod tests {
     fn an_assignment_line_reads_its_time_and_partitions() {
         let line = "2026-12-07T05:43:17.669234Z  INFO messaging::access: the consumer's \
                     assignment changed partitions=p.inventory.commands:0,1 rebalance=Assign([])";
-        let (when, held) = assignment_line(line).unwrap();
+        let (when, held) = assignment_line(line).expect("an assignment line");
         assert_eq!(when.to_rfc3339(), "2026-12-07T05:43:17.669234+00:00");
         assert_eq!(held, owned("p.inventory.commands:0,1"));
         assert!(assignment_line("garbage partitions=x").is_none());
@@ -265,7 +265,7 @@ mod tests {
         ]));
         let kept = assignments
             .takeover(&outage("orchestrator-1", 10, 20))
-            .unwrap();
+            .expect("a takeover");
         assert_eq!(
             kept.describe(),
             "it kept its 2 partitions (none taken over)"
@@ -288,7 +288,7 @@ mod tests {
     #[test]
     fn a_skewed_instance_s_log_is_read_on_the_real_clock() {
         let dir = std::env::temp_dir().join(format!("takeovers-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("a scratch folder");
         std::fs::write(
             dir.join("orchestrator-2.log"),
             "\u{1b}[2m2026-12-07T05:53:14.809659Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \
@@ -296,9 +296,10 @@ mod tests {
              \u{1b}[3mpartitions\u{1b}[0m\u{1b}[2m=\u{1b}[0mp.saga.replies:2,3 rebalance=Assign([])\n\
              unrelated line\n",
         )
-        .unwrap();
-        let read = Assignments::read(&dir, &[("orchestrator-2".into(), 600)]).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        .expect("write a log");
+        let read =
+            Assignments::read(&dir, &[("orchestrator-2".into(), 600)]).expect("read the logs");
+        std::fs::remove_dir_all(&dir).expect("remove the scratch folder");
         let history = &read.0["orchestrator-2"];
         assert_eq!(history.len(), 1);
         assert_eq!(
