@@ -22,9 +22,12 @@ const ASSIGNMENT_LOGGED: &str = "the consumer's assignment changed";
 /// then the cut-off instance is back, and a later rebalance has another cause.
 const AFTER_THE_HEAL: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
-/// What each instance held, and from when, by instance name.
+/// What one instance held, and from when, in the order it logged them.
+type History = Vec<(DateTime<Utc>, Owned)>;
+
+/// Each instance's [`History`], by instance name.
 #[derive(Debug, Default)]
-pub(super) struct Assignments(BTreeMap<String, Vec<(DateTime<Utc>, Owned)>>);
+pub(super) struct Assignments(BTreeMap<String, History>);
 
 /// What became of the partitions of an instance a link fault cut off.
 #[derive(Debug, PartialEq)]
@@ -88,7 +91,7 @@ impl Assignments {
                 .find(|(name, _)| name == instance)
                 .map_or(0, |(_, secs)| *secs);
             let log = String::from_utf8_lossy(&std::fs::read(&path)?).into_owned();
-            let history: Vec<(DateTime<Utc>, Owned)> = log
+            let history: History = log
                 .lines()
                 .filter(|line| line.contains(ASSIGNMENT_LOGGED))
                 .filter_map(|line| assignment_line(&super::measures::strip_ansi(line)))
@@ -114,7 +117,7 @@ impl Assignments {
         }
         let service = service_of(cut_off);
         let horizon = outage.healed + AFTER_THE_HEAL;
-        let peers: Vec<(&String, &Vec<(DateTime<Utc>, Owned)>)> = self
+        let peers: Vec<(&String, &History)> = self
             .0
             .iter()
             .filter(|(name, _)| name.as_str() != cut_off && service_of(name) == service)
