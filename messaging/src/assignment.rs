@@ -43,6 +43,13 @@ impl Owned {
             .unwrap_or_default()
     }
 
+    /// Every (topic, partition) held.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, i32)> {
+        self.0
+            .iter()
+            .flat_map(|(topic, held)| held.iter().map(move |p| (topic.as_str(), *p)))
+    }
+
     /// Whether it holds no partition at all.
     pub fn is_empty(&self) -> bool {
         self.0.values().all(BTreeSet::is_empty)
@@ -110,15 +117,6 @@ impl std::str::FromStr for Owned {
             }
         }
         Ok(owned)
-    }
-}
-
-impl Owned {
-    /// Every (topic, partition) held.
-    pub fn pairs(&self) -> impl Iterator<Item = (&str, i32)> {
-        self.0
-            .iter()
-            .flat_map(|(topic, held)| held.iter().map(move |p| (topic.as_str(), *p)))
     }
 }
 

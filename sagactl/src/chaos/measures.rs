@@ -235,38 +235,53 @@ const STALE_WRITES_LOGGED: &str = "saga writes refused: the row moved on since i
 /// applying a decision.
 pub(super) fn stale_writes(log_dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut refused = BTreeMap::new();
-    for entry in std::fs::read_dir(log_dir)? {
-        let path = entry?.path();
-        let is_orchestrator = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with(ORCHESTRATOR));
-        if !is_orchestrator {
-            continue;
-        }
-        let log = String::from_utf8_lossy(&std::fs::read(&path)?).into_owned();
-        for line in log
-            .lines()
-            .filter(|line| line.contains(STALE_WRITES_LOGGED))
-        {
-            let line = strip_ansi(line);
-            let field = |name: &str| {
-                line.split_whitespace()
-                    .find_map(|word| word.strip_prefix(name))
-                    .map(|value| value.trim_matches('"').to_owned())
-            };
-            let count = field("count=")
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(1);
-            let source = field("source=").unwrap_or_else(|| "unknown".into());
-            *refused.entry(source).or_default() += count;
-        }
+    for (_, line) in logged_lines(log_dir, STALE_WRITES_LOGGED)?
+        .into_iter()
+        .filter(|(instance, _)| instance.starts_with(ORCHESTRATOR))
+    {
+        let count = log_field(&line, "count")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1);
+        let source = log_field(&line, "source").unwrap_or("unknown").to_owned();
+        *refused.entry(source).or_default() += count;
     }
     Ok(refused)
 }
 
+/// The lines holding `marker` of every `<instance>.log` in `log_dir` (a run's service logs),
+/// with their instance, colours taken off, in each log's order.
+pub(super) fn logged_lines(
+    log_dir: &std::path::Path,
+    marker: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(log_dir)? {
+        let path = entry?.path();
+        let (Some(instance), Some("log")) = (
+            path.file_stem().and_then(|stem| stem.to_str()),
+            path.extension().and_then(|ext| ext.to_str()),
+        ) else {
+            continue;
+        };
+        let log = String::from_utf8_lossy(&std::fs::read(&path)?).into_owned();
+        lines.extend(
+            log.lines()
+                .filter(|line| line.contains(marker))
+                .map(|line| (instance.to_owned(), strip_ansi(line))),
+        );
+    }
+    Ok(lines)
+}
+
+/// The value of field `name` (`name=value`, quotes taken off) of a plain log line.
+pub(super) fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+        .map(|value| value.trim_matches('"'))
+}
+
 /// `line` without its terminal colour codes (`ESC [ ... m`).
-pub(super) fn strip_ansi(line: &str) -> String {
+fn strip_ansi(line: &str) -> String {
     let mut plain = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use messaging::assignment::Owned;
 
 use super::link_faults::LinkOutage;
+use super::measures::{log_field, logged_lines};
 
 /// The line a consumer logs after every rebalance, with what it holds then.
 const ASSIGNMENT_LOGGED: &str = "the consumer's assignment changed";
@@ -60,14 +61,20 @@ impl Takeover {
                 by,
                 back,
             } => {
+                let how_many = if taken == held {
+                    "all".to_owned()
+                } else {
+                    taken.to_string()
+                };
+                let again = back.map_or_else(
+                    || "never (in its log)".to_owned(),
+                    |secs| format!("{secs:.1} s after the heal"),
+                );
                 format!(
-                "{} of its {held} partitions taken over by {} {after:.1} s after the fault began; \
-                 it held partitions again {}",
-                if taken == held { "all".to_owned() } else { taken.to_string() },
-                by.join(" and "),
-                back.map(|secs| format!("{secs:.1} s after the heal"))
-                    .unwrap_or_else(|| "never (in its log)".into())
-            )
+                    "{how_many} of its {held} partitions taken over by {} {after:.1} s after \
+                     the fault began; it held partitions again {again}",
+                    by.join(" and ")
+                )
             }
         }
     }
@@ -78,26 +85,19 @@ impl Assignments {
     /// run's `--clock-skew`s (instance, seconds ahead).
     pub(super) fn read(log_dir: &Path, skews: &[(String, i64)]) -> anyhow::Result<Self> {
         let mut assignments = Self::default();
-        for entry in std::fs::read_dir(log_dir)? {
-            let path = entry?.path();
-            let (Some(instance), Some("log")) = (
-                path.file_stem().and_then(|stem| stem.to_str()),
-                path.extension().and_then(|ext| ext.to_str()),
-            ) else {
+        for (instance, line) in logged_lines(log_dir, ASSIGNMENT_LOGGED)? {
+            let Some((at, owned)) = assignment_line(&line) else {
                 continue;
             };
             let skew = skews
                 .iter()
-                .find(|(name, _)| name == instance)
+                .find(|(name, _)| *name == instance)
                 .map_or(0, |(_, secs)| *secs);
-            let log = String::from_utf8_lossy(&std::fs::read(&path)?).into_owned();
-            let history: History = log
-                .lines()
-                .filter(|line| line.contains(ASSIGNMENT_LOGGED))
-                .filter_map(|line| assignment_line(&super::measures::strip_ansi(line)))
-                .map(|(at, owned)| (at - chrono::TimeDelta::seconds(skew), owned))
-                .collect();
-            assignments.0.insert(instance.to_owned(), history);
+            assignments
+                .0
+                .entry(instance)
+                .or_default()
+                .push((at - chrono::TimeDelta::seconds(skew), owned));
         }
         Ok(assignments)
     }
@@ -105,7 +105,8 @@ impl Assignments {
     /// The takeover of the partitions `outage` cut off, when it cut an instance off.
     pub(super) fn takeover(&self, outage: &LinkOutage) -> Option<Takeover> {
         let cut_off = outage.cut_off.as_deref()?;
-        let own = self.0.get(cut_off)?;
+        // An instance that logged no assignment held nothing.
+        let own: &[(DateTime<Utc>, Owned)] = self.0.get(cut_off).map_or(&[], Vec::as_slice);
         let held = own
             .iter()
             .take_while(|(at, _)| *at <= outage.began)
@@ -181,11 +182,7 @@ fn service_of(instance: &str) -> &str {
 /// The time and the partitions of one assignment line (colours taken off).
 fn assignment_line(line: &str) -> Option<(DateTime<Utc>, Owned)> {
     let at = DateTime::parse_from_rfc3339(line.split_whitespace().next()?).ok()?;
-    let owned = line
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("partitions="))?
-        .parse()
-        .ok()?;
+    let owned = log_field(line, "partitions")?.parse().ok()?;
     Some((at.with_timezone(&Utc), owned))
 }
 

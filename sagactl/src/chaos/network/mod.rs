@@ -135,7 +135,7 @@ impl Network {
         }
         let mut network = Self {
             prefix: prefix.to_owned(),
-            bridge: format!("{prefix}br"),
+            bridge: bridge_of(prefix),
             subnet,
             hosts: Vec::new(),
             delays: Vec::new(),
@@ -166,7 +166,7 @@ impl Network {
         };
         ip(&["netns", "add", &host.netns])?;
         self.hosts.push(host.clone());
-        let link = format!("{}h{i}", self.prefix);
+        let link = host_link(&self.prefix, i);
         ip(&[
             "link",
             "add",
@@ -333,7 +333,7 @@ impl Network {
     }
 
     /// Removes what a network with `prefix` left behind (a run killed before its drop): the
-    /// processes still running on its hosts (SIGKILL), its namespaces and its bridge.
+    /// processes still running on its hosts (SIGKILL), its namespaces, its links and its bridge.
     pub fn sweep(prefix: &str) {
         for netns in namespaces().filter(|netns| netns.starts_with(&format!("{prefix}-"))) {
             if let Ok(out) = Command::new("ip").args(["netns", "pids", &netns]).output() {
@@ -343,10 +343,9 @@ impl Network {
             }
             let _ = ip(&["netns", "del", &netns]);
         }
-        for link in links().filter(|link| link.starts_with(&format!("{prefix}h"))) {
+        for link in links().filter(|link| network_of_link(link) == Some(prefix)) {
             let _ = ip(&["link", "del", &link]);
         }
-        let _ = ip(&["link", "del", &format!("{prefix}br")]);
     }
 
     /// A prefix that names the process making the network (`n` and its pid in base 36), so
@@ -358,23 +357,10 @@ impl Network {
     /// Sweeps every network a run made with [`Network::prefix_of_this_process`] and left
     /// behind when it was killed: those whose maker no longer runs.
     pub fn sweep_orphans() {
-        // A network's namespaces are `<prefix>-<host>`, its links `<prefix>h<n>` and
-        // `<prefix>br`: the prefix is what comes before the first `-` or `h` (base 36 digits
-        // are lowercase letters too, so every split is tried).
+        // Found by their namespaces (`<prefix>-<host>`) or, once those are gone, their links.
         let orphans: std::collections::BTreeSet<String> = namespaces()
             .filter_map(|netns| netns.split_once('-').map(|(prefix, _)| prefix.to_owned()))
-            .chain(links().flat_map(|link| {
-                link.match_indices(['h', 'b'])
-                    .filter(|(at, _)| {
-                        let rest = &link[*at..];
-                        rest == "br"
-                            || rest.strip_prefix('h').is_some_and(|n| {
-                                !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
-                            })
-                    })
-                    .map(|(at, _)| link[..at].to_owned())
-                    .collect::<Vec<_>>()
-            }))
+            .chain(links().filter_map(|link| network_of_link(&link).map(str::to_owned)))
             .filter(|prefix| {
                 let Some(pid) = prefix
                     .strip_prefix('n')
@@ -393,14 +379,39 @@ impl Network {
     }
 }
 
-/// The names of this machine's network interfaces (without a veth's `@peer`).
-fn links() -> impl Iterator<Item = String> {
-    let listed = Command::new("ip")
-        .args(["-o", "link", "show"])
+/// The bridge of the network `prefix`.
+fn bridge_of(prefix: &str) -> String {
+    format!("{prefix}br")
+}
+
+/// The host end of the link of the network `prefix`'s host `i`.
+fn host_link(prefix: &str, i: usize) -> String {
+    format!("{prefix}h{i}")
+}
+
+/// The network a link belongs to, when it is one of [`bridge_of`] or [`host_link`]: the
+/// prefix before the `br`, or before the last `h` when only digits follow it (base 36 digits
+/// are letters too, `h` among them).
+fn network_of_link(link: &str) -> Option<&str> {
+    if let Some(prefix) = link.strip_suffix("br") {
+        return Some(prefix);
+    }
+    let (prefix, n) = link.rsplit_once('h')?;
+    (!n.is_empty() && n.chars().all(|c| c.is_ascii_digit())).then_some(prefix)
+}
+
+/// What `ip args` prints (nothing when it fails).
+fn ip_listing(args: &[&str]) -> String {
+    Command::new("ip")
+        .args(args)
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default();
-    listed
+        .unwrap_or_default()
+}
+
+/// The names of this machine's network interfaces (without a veth's `@peer`).
+fn links() -> impl Iterator<Item = String> {
+    ip_listing(&["-o", "link", "show"])
         .lines()
         .filter_map(|line| {
             let name = line.split(": ").nth(1)?;
@@ -412,12 +423,7 @@ fn links() -> impl Iterator<Item = String> {
 
 /// The names of this machine's network namespaces.
 fn namespaces() -> impl Iterator<Item = String> {
-    let listed = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default();
-    listed
+    ip_listing(&["netns", "list"])
         .lines()
         .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
         .collect::<Vec<_>>()
@@ -449,7 +455,7 @@ impl Drop for Network {
             // The namespace's end of the link takes this end along only once the kernel frees
             // the namespace, which sockets its killed processes left behind can hold for
             // minutes (seen after a run stopped by a signal): remove this end now.
-            let _ = ip(&["link", "del", &format!("{}h{i}", self.prefix)]);
+            let _ = ip(&["link", "del", &host_link(&self.prefix, i)]);
         }
         if let Err(e) = ip(&["link", "del", &self.bridge]) {
             tracing::warn!(error.message = %messaging::Chain(&e), bridge = %self.bridge, "removing the bridge");

@@ -267,3 +267,18 @@ fn a_bad_prefix_or_host_is_refused_with_its_name() {
     let error = network.cut("a", "nowhere").expect_err("no such host");
     assert_eq!(error.to_string(), "no host named `nowhere` in this network");
 }
+
+#[test]
+fn a_link_names_its_network_exactly() {
+    use super::{bridge_of, host_link, network_of_link};
+    // Base 36 prefixes hold an `h` of their own; the network is before the last one.
+    for prefix in ["n1h", "nhh", "n5kq"] {
+        assert_eq!(network_of_link(&bridge_of(prefix)), Some(prefix));
+        assert_eq!(network_of_link(&host_link(prefix, 12)), Some(prefix));
+    }
+    // One network's links are not another's whose prefix starts like it.
+    assert_ne!(network_of_link(&host_link("n1hh", 3)), Some("n1h"));
+    for other in ["lo", "ifb0", "n1h", "n1hx"] {
+        assert_eq!(network_of_link(other), None, "{other}");
+    }
+}
