@@ -235,8 +235,15 @@ fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
                 ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
                 ("API_DATABASE_CONNECTIONS".into(), "1".into()),
             ]
-        } else {
+        } else if args.network {
+            // Each instance on a host of its own: its participant's own metrics port.
             Vec::new()
+        } else {
+            // On one host, a participant's fixed metrics port (9181, ...) is taken while another
+            // run or test on this machine runs the same participant, and a participant that
+            // cannot serve it stops, again at every restart: any free port (the run reads no
+            // metrics, only tables and logs).
+            vec![("METRICS_ADDR".into(), "127.0.0.1:0".into())]
         };
         instances.push(Instance { name, binary, env });
     }
