@@ -184,7 +184,9 @@ target/debug/sagactl chaos --database-server "$TEST_DATABASE_URL" --sagas 600 --
 
 # The chaos suite on network hosts (`sagactl chaos --network`, about 4 minutes): every broker
 # node, PostgreSQL and service instance in a network namespace of its own on a bridge, with a
-# PostgreSQL and a three-node cluster of the run's own; two orchestrators and two instances of
+# PostgreSQL and a three-node cluster of the run's own (and the payment participant on a database
+# of its own, on a second PostgreSQL on its own host, pg2: a participant-database fault that picks
+# a payment instance cuts it from that one); two orchestrators and two instances of
 # each participant, in KIP-848 groups (as on the cluster above; the long run in BENCHMARKS.md
 # runs classic ones). 600 sagas over 60 s while a link fault of each class comes in turn (seeded,
 # 8 s each: an orchestrator cut from the brokers, then from PostgreSQL; a participant instance
@@ -201,7 +203,7 @@ phase "chaos on network hosts"
 target/debug/sagactl chaos --network --participant-instances 2 --group-protocol consumer \
   --sagas 600 --rate 10 --link-fault-every-ms 2000 --link-fault-ms 8000 --kill-every-ms 5000 \
   --postgres-restart-every-ms 25000 --postgres-down-ms 1000 --settle-timeout-secs 180 \
-  --clock-skew orchestrator-2=600 --clock-skew inventory-2=-600
+  --clock-skew orchestrator-2=600 --clock-skew inventory-2=-600 --own-database payment
 
 # The last three share the machine (with what is left of the fuzzers), each with a database, a
 # topic prefix and ports of its own: the walkthroughs in the background (their log is printed

@@ -34,6 +34,19 @@ pub struct ChaosArgs {
         default_value = "postgres://postgres@127.0.0.1:5432"
     )]
     pub(super) database_server: String,
+    /// Run this participant (`payment`, ...) on a database of its own, repeatable: its
+    /// instances get that database's URL as DATABASE_URL and migrate their schema there (the
+    /// participant runtime's and messaging tables with it), everything else stays on the run's
+    /// database, and the checks read each service's tables from the database it uses. The run
+    /// creates it (`chaos_<id>_<participant>`, on --own-database-server) and drops it with its
+    /// own.
+    #[arg(long, value_name = "PARTICIPANT")]
+    pub(super) own_database: Vec<String>,
+    /// PostgreSQL server URL without a database name for the --own-database databases
+    /// (default: --database-server). --network sets it to a second PostgreSQL of the run's own,
+    /// on a host of its own (`pg2`).
+    #[arg(long)]
+    pub(super) own_database_server: Option<String>,
     /// Directory with the orchestrator's and the participants' binaries: one per participant
     /// the saga definitions name, called by its name.
     #[arg(long, default_value = "target/debug")]

@@ -40,8 +40,8 @@ pub(super) struct Fleet {
 
 impl Fleet {
     /// The run's processes and their settings: --orchestrators orchestrators in one consumer
-    /// group, and one process per participant the definitions name, on the run's database and
-    /// topic prefix; none started yet.
+    /// group, and one process per participant the definitions name, on the run's topic prefix
+    /// and database (a participant's own with --own-database); none started yet.
     /// In a network run, `netns` names each instance's namespace.
     pub(super) fn plan(
         args: &ChaosArgs,
@@ -55,7 +55,6 @@ impl Fleet {
             env: vec![
                 ("KAFKA_BROKERS".into(), args.kafka.kafka_brokers.clone()),
                 ("TOPIC_PREFIX".into(), setup.prefix.clone()),
-                ("DATABASE_URL".into(), setup.database_url.clone()),
                 ("DATABASE_MAX_CONNECTIONS".into(), "4".into()),
                 ("KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into()),
                 (
@@ -217,11 +216,16 @@ pub(super) fn instance_names(
 }
 
 /// The run's processes: orchestrators in one consumer group (they divide the partitions
-/// between them), and each participant's instances in its group.
+/// between them), and each participant's instances in its group; each on the database its
+/// service uses (every instance of a service on the same).
 fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
     let mut instances = Vec::new();
     for (name, binary) in instance_names(args, &setup.deployment)? {
-        let env = if binary == ORCHESTRATOR {
+        let database = (
+            "DATABASE_URL".to_owned(),
+            setup.database_url(&binary).to_owned(),
+        );
+        let mut env = if binary == ORCHESTRATOR {
             let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
@@ -245,6 +249,7 @@ fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
             // metrics, only tables and logs).
             vec![("METRICS_ADDR".into(), "127.0.0.1:0".into())]
         };
+        env.push(database);
         instances.push(Instance { name, binary, env });
     }
     if !args.clock_skew.is_empty() {

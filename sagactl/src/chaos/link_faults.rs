@@ -4,6 +4,7 @@
 //! again; the class's target (which instance, which broker node) and a slow link's delay and
 //! loss are drawn from the run's seed, so that a run replays its faults with `--seed`.
 
+use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,8 +29,9 @@ pub enum LinkFault {
     OrchestratorBrokers,
     /// An orchestrator instance cut off from PostgreSQL (it still reaches the brokers).
     OrchestratorDatabase,
-    /// A participant instance cut off from PostgreSQL (it still reaches the brokers): after a
-    /// bounded time it must give up its partitions to the other instance.
+    /// A participant instance cut off from its PostgreSQL (the second one, `pg2`, for a
+    /// participant on a database of its own; it still reaches the brokers): after a bounded
+    /// time it must give up its partitions to the other instance.
     ParticipantDatabase,
     /// A broker node cut off from the other two (the active controller, when one is known):
     /// the clients still reach it.
@@ -75,8 +77,32 @@ pub struct Plan {
     /// The service instances, by host name (the orchestrators' start with
     /// [`ORCHESTRATOR`]).
     pub services: Vec<String>,
+    /// The host of the PostgreSQL an instance uses, for those not on [`POSTGRES_HOST`] (the
+    /// --own-database participants'), by instance.
+    pub database_hosts: BTreeMap<String, &'static str>,
     /// The cluster's folder: the active controller, for [`LinkFault::BrokerPeers`].
     pub cluster_dir: std::path::PathBuf,
+}
+
+impl Plan {
+    /// The host of the PostgreSQL `instance` uses.
+    fn database_host(&self, instance: &str) -> &'static str {
+        self.database_hosts
+            .get(instance)
+            .copied()
+            .unwrap_or(POSTGRES_HOST)
+    }
+
+    /// Every PostgreSQL's host.
+    fn database_servers(&self) -> Vec<&'static str> {
+        let mut hosts = vec![POSTGRES_HOST];
+        for host in self.database_hosts.values() {
+            if !hosts.contains(host) {
+                hosts.push(host);
+            }
+        }
+        hosts
+    }
 }
 
 /// The faults running in the background.
@@ -180,15 +206,22 @@ fn put(
             network.partition(&[&victim], &BROKER_HOSTS)?;
             (format!("{victim} from every broker"), Some(victim))
         }
-        LinkFault::OrchestratorDatabase => {
-            let victim = pick(rng, &orchestrators)?;
-            network.partition(&[&victim], &[POSTGRES_HOST])?;
-            (format!("{victim} from PostgreSQL"), Some(victim))
-        }
-        LinkFault::ParticipantDatabase => {
-            let victim = pick(rng, &participants)?;
-            network.partition(&[&victim], &[POSTGRES_HOST])?;
-            (format!("{victim} from PostgreSQL"), Some(victim))
+        // Each instance is cut from the PostgreSQL its service uses: the fault that matters.
+        LinkFault::OrchestratorDatabase | LinkFault::ParticipantDatabase => {
+            let among = if fault == LinkFault::OrchestratorDatabase {
+                &orchestrators
+            } else {
+                &participants
+            };
+            let victim = pick(rng, among)?;
+            let database = plan.database_host(&victim);
+            network.partition(&[&victim], &[database])?;
+            let target = if database == POSTGRES_HOST {
+                format!("{victim} from PostgreSQL")
+            } else {
+                format!("{victim} from its own PostgreSQL ({database})")
+            };
+            (target, Some(victim))
         }
         LinkFault::BrokerPeers => {
             let (node, why) = match broker_nodes::controller(&plan.cluster_dir) {
@@ -213,7 +246,8 @@ fn put(
                 (Duration::from_micros(1250), Duration::from_micros(750))
             };
             let loss = rng.gen_range(1.0..=5.0);
-            let hosts: Vec<String> = [POSTGRES_HOST]
+            let hosts: Vec<String> = plan
+                .database_servers()
                 .into_iter()
                 .chain(BROKER_HOSTS)
                 .chain(services.iter().copied())
@@ -239,4 +273,34 @@ fn broker_host(node: i32) -> anyhow::Result<&'static str> {
         .ok()
         .and_then(|i| BROKER_HOSTS.get(i).copied())
         .ok_or_else(|| anyhow::anyhow!("no broker node {node}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::network::stack::OWN_POSTGRES_HOST;
+
+    /// A fault that cuts an instance from PostgreSQL cuts it from the one its service uses: an
+    /// --own-database participant's from `pg2`, every other instance's from `pg`; a slow
+    /// network slows both servers.
+    #[test]
+    fn an_instance_is_cut_from_the_postgresql_its_service_uses() {
+        let plan = Plan {
+            faults: vec![LinkFault::ParticipantDatabase],
+            every: Duration::from_secs(1),
+            hold: Duration::from_secs(1),
+            seed: 1,
+            services: vec![
+                "orchestrator-1".into(),
+                "payment-1".into(),
+                "inventory-1".into(),
+            ],
+            database_hosts: BTreeMap::from([("payment-1".to_owned(), OWN_POSTGRES_HOST)]),
+            cluster_dir: std::path::PathBuf::new(),
+        };
+        assert_eq!(plan.database_host("payment-1"), OWN_POSTGRES_HOST);
+        assert_eq!(plan.database_host("inventory-1"), POSTGRES_HOST);
+        assert_eq!(plan.database_host("orchestrator-1"), POSTGRES_HOST);
+        assert_eq!(plan.database_servers(), [POSTGRES_HOST, OWN_POSTGRES_HOST]);
+    }
 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::broker_nodes::{NodeOutage, NodeOutages};
 use super::invariants::count;
 use super::link_faults::LinkOutage;
+use super::setup::Databases;
 use super::takeovers::{Assignments, Takeover};
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
@@ -48,7 +49,7 @@ impl Timeline {
     const PAUSE_MS: f64 = 100.0;
 
     pub(super) async fn load(
-        db: &PgPool,
+        db: &Databases,
         deployment: &Deployment,
         placed_at: &[(Uuid, DateTime<Utc>)],
         (from, until): (DateTime<Utc>, DateTime<Utc>),
@@ -62,7 +63,7 @@ impl Timeline {
         )
         .bind(&keys)
         .bind(&at)
-        .fetch_all(db)
+        .fetch_all(db.orchestrator())
         .await?;
         let mut pauses = Vec::new();
         for service in deployment.services() {
@@ -77,7 +78,7 @@ impl Timeline {
             .bind(from)
             .bind(until)
             .bind(Self::PAUSE_MS)
-            .fetch_all(db)
+            .fetch_all(db.of(service))
             .await?;
             pauses.push((service.to_owned(), found));
         }
@@ -300,7 +301,7 @@ fn strip_ansi(line: &str) -> String {
 
 impl Duplicates {
     pub(super) async fn count(
-        db: &PgPool,
+        db: &Databases,
         deployment: &Deployment,
         log_dir: &std::path::Path,
     ) -> anyhow::Result<Self> {
@@ -310,20 +311,18 @@ impl Duplicates {
              FROM {ORCHESTRATOR}.saga_history WHERE decision = 'ignored'"
         ))
         .bind(deployment.trigger_messages())
-        .fetch_one(db)
+        .fetch_one(db.orchestrator())
         .await?;
-        // Every inbox row counts its deliveries; all but the first were absorbed.
-        let redelivered = count(
-            db,
-            &format!(
-                "SELECT 0 {}",
-                deployment
-                    .services()
-                    .map(|s| format!("+ (SELECT coalesce(sum(deliveries - 1), 0) FROM {s}.inbox)"))
-                    .collect::<String>()
-            ),
-        )
-        .await?;
+        // Every inbox row counts its deliveries; all but the first were absorbed. Each
+        // service's inbox is in its database.
+        let mut redelivered = 0;
+        for service in deployment.services() {
+            redelivered += count(
+                db.of(service),
+                &format!("SELECT coalesce(sum(deliveries - 1), 0)::bigint FROM {service}.inbox"),
+            )
+            .await?;
+        }
         Ok(Self {
             triggers,
             ignored_replies,
@@ -515,7 +514,7 @@ pub(super) struct Stalls {
 
 impl Stalls {
     pub(super) async fn measure(
-        db: &PgPool,
+        db: &Databases,
         deployment: &Deployment,
         from: DateTime<Utc>,
         until: DateTime<Utc>,
@@ -527,7 +526,7 @@ impl Stalls {
              FROM (SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 AS ms \
                    FROM orchestrator.sagas WHERE finished_at IS NOT NULL) d",
         )
-        .fetch_one(db)
+        .fetch_one(db.orchestrator())
         .await?;
         let mut longest_gap_secs = Vec::new();
         for service in deployment.services() {
@@ -539,7 +538,7 @@ impl Stalls {
             ))
             .bind(from)
             .bind(until)
-            .fetch_one(db)
+            .fetch_one(db.of(service))
             .await?;
             longest_gap_secs.push((service.to_owned(), gap));
         }

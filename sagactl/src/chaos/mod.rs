@@ -43,7 +43,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 pub use args::ChaosArgs;
 use faults::{FaultLog, Faults, ProcessKills};
@@ -54,7 +53,7 @@ use link_faults::LinkFaults;
 use measures::{Duplicates, LinkWindows, NodeWindows, Stalls, Throughput, Timeline};
 use network::stack::Stack;
 use settle::Settled;
-use setup::Setup;
+use setup::{Databases, Setup};
 use workload::Workload;
 
 /// Runs the chaos suite; fails when an invariant does not hold or the sagas did not settle.
@@ -102,10 +101,14 @@ fn network_stack(args: &mut ChaosArgs) -> anyhow::Result<Stack> {
     };
     let stack = tokio::task::block_in_place(|| {
         let scripts = (args.postgres_script.as_path(), args.broker_script.as_path());
-        Stack::start(&prefix, subnet, &hosts, scripts)
+        let own_postgres = !args.own_database.is_empty();
+        Stack::start(&prefix, subnet, &hosts, scripts, own_postgres)
     })?;
     let servers = &stack.endpoints;
     args.database_server = servers.database_server.clone();
+    if let Some((server, _)) = &servers.own_postgres {
+        args.own_database_server = Some(server.clone());
+    }
     args.kafka.kafka_brokers = servers.kafka_brokers.clone();
     let clients = servers.cluster_dir.join("clients");
     args.kafka.kafka_client_properties = Some(clients.join("admin.properties"));
@@ -124,9 +127,13 @@ async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow:
     let mut links = None;
     if let Some(stack) = stack {
         let names = fleet::instance_names(args, &setup.deployment)?;
-        for (name, _) in &names {
+        let mut database_hosts = BTreeMap::new();
+        for (name, service) in &names {
             netns.insert(name.clone(), stack.netns(name)?);
             addresses.insert(name.clone(), stack.address(name)?.to_string());
+            if setup.has_own_database(service) {
+                database_hosts.insert(name.clone(), network::stack::OWN_POSTGRES_HOST);
+            }
         }
         if args.link_fault_every_ms > 0 {
             links = Some(link_faults::Plan {
@@ -135,6 +142,7 @@ async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow:
                 hold: Duration::from_millis(args.link_fault_ms),
                 seed,
                 services: names.into_iter().map(|(name, _)| name).collect(),
+                database_hosts,
                 cluster_dir: stack.endpoints.cluster_dir.clone(),
             });
         }
@@ -149,7 +157,7 @@ async fn run_with(args: &ChaosArgs, seed: u64, stack: Option<&Stack>) -> anyhow:
     let mut invariants = Invariants::choose(&setup.deployment);
     invariants.wait_until_ready(&db, &setup.deployment).await?;
     invariants.before(&db).await?;
-    let workload = Workload::warm_up(args, &setup, &db).await?;
+    let workload = Workload::warm_up(args, &setup, db.orchestrator()).await?;
     let links = match (links, stack) {
         (Some(plan), Some(stack)) => Some(LinkFaults::spawn(plan, stack.network.clone())),
         _ => None,
@@ -269,7 +277,7 @@ struct Findings<'a> {
 async fn check<'a>(
     args: &ChaosArgs,
     setup: &Setup,
-    db: &PgPool,
+    db: &Databases,
     invariants: &Invariants,
     placed: &'a Placed,
     mut settled: Settled,
@@ -284,7 +292,7 @@ async fn check<'a>(
         }
         _ => None,
     };
-    let outcomes = measures::outcomes(db).await?;
+    let outcomes = measures::outcomes(db.orchestrator()).await?;
     let books = Books {
         db,
         started: placed.workload.started(),
@@ -295,15 +303,19 @@ async fn check<'a>(
     let order_ids = &placed.workload.order_ids;
     let duplicates = Duplicates::count(db, deployment, &setup.log_dir).await?;
     let stalls = Stalls::measure(db, deployment, from, until).await?;
-    let timeline = Throughput::timeline(db, order_ids, from).await?;
+    let timeline = Throughput::timeline(db.orchestrator(), order_ids, from).await?;
     let in_flight =
         Timeline::load(db, deployment, &placed.workload.placed_at, placed.placing).await?;
     let windows = NodeWindows::measure(&in_flight, &placed.faults.nodes);
     let assignments = takeovers::Assignments::read(&setup.log_dir, &args.clock_skew)?;
     let links = LinkWindows::measure(&in_flight, &placed.faults.links, &assignments);
     if !placed.faults.links.is_empty() {
-        let caught_up =
-            measures::caught_up_after_heal(db, &placed.faults.links, placed.placing.1).await?;
+        let caught_up = measures::caught_up_after_heal(
+            db.orchestrator(),
+            &placed.faults.links,
+            placed.placing.1,
+        )
+        .await?;
         checks.push(under_faults::caught_up_after_heal(
             caught_up,
             args.caught_up_within_secs,
@@ -326,7 +338,7 @@ async fn check<'a>(
         let split = placed.baseline_orders + 1;
         checks.extend(
             under_faults::garbage(
-                db,
+                db.orchestrator(),
                 audit,
                 (&order_ids[1..split], from),
                 (&order_ids[split..], garbage_from),

@@ -20,8 +20,13 @@ pub(super) fn print(
     println!("chaos run {} (seed {seed})", setup.id);
     if args.network {
         println!(
-            "network hosts      {} service instances, 3 broker nodes and PostgreSQL, each on its own",
-            fleet.len()
+            "network hosts      {} service instances, 3 broker nodes and {}, each on its own",
+            fleet.len(),
+            if args.own_database.is_empty() {
+                "PostgreSQL"
+            } else {
+                "two PostgreSQL servers"
+            }
         );
     }
     println!(
@@ -29,6 +34,7 @@ pub(super) fn print(
         args.sagas,
         placed.workload.return_ids.len()
     );
+    println!("databases          {}", setup.describe_databases());
     println!("group protocol     {}", value_name(args.group_protocol));
     println!("kills              {:?}", fleet.kills);
     print_faults(args, placed, &findings.windows);

@@ -11,7 +11,7 @@ use super::args::ChaosArgs;
 use super::faults::FaultLog;
 use super::fleet::Fleet;
 use super::garbage::DeadLetterReader;
-use super::setup::Setup;
+use super::setup::{Databases, Setup};
 
 /// How the run ended.
 pub(super) struct Settled {
@@ -29,7 +29,7 @@ pub(super) struct Settled {
 
 /// The outbox relays that listen for notifications at the end of the run.
 pub(super) struct Listening {
-    /// How many sessions of the run's database LISTEN.
+    /// How many sessions of the run's databases LISTEN.
     pub(super) count: i64,
     /// In a network run, the instances none of them comes from.
     pub(super) silent: Vec<String>,
@@ -40,7 +40,7 @@ pub(super) struct Listening {
 pub(super) async fn settle(
     args: &ChaosArgs,
     setup: &Setup,
-    db: &PgPool,
+    db: &Databases,
     fleet: &mut Fleet,
     saga_keys: &[Uuid],
     faults: &FaultLog,
@@ -52,7 +52,7 @@ pub(super) async fn settle(
     let settled = loop {
         crashes += fleet.revive().await?;
         // The run's own pool rides out a PostgreSQL restart like the services do.
-        match settle_progress(db, saga_keys).await {
+        match settle_progress(db.orchestrator(), saga_keys).await {
             Ok((sagas, unfinished)) => {
                 database_down = false;
                 if sagas >= i64::try_from(saga_keys.len())? && unfinished == 0 {
@@ -119,11 +119,14 @@ pub(super) async fn settle(
 }
 
 /// Stops the fleet once the relays had a moment to drain the last events, and waits until
-/// PostgreSQL answers, so that the books can be checked.
-pub(super) async fn stop(fleet: &mut Fleet, db: &PgPool) -> anyhow::Result<()> {
+/// PostgreSQL answers (every database of the run), so that the books can be checked.
+pub(super) async fn stop(fleet: &mut Fleet, db: &Databases) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     fleet.stop_all().await;
-    wait_for_database(db).await
+    for pool in db.each() {
+        wait_for_database(pool).await?;
+    }
+    Ok(())
 }
 
 /// How many of `order_ids` have a saga, and how many sagas are not finished.
@@ -138,18 +141,23 @@ async fn settle_progress(db: &PgPool, order_ids: &[Uuid]) -> sqlx::Result<(i64, 
     .await
 }
 
-/// The connections of the run's database that LISTEN for outbox notifications (one per
-/// service instance), once there are as many as instances or after 10 s.
-async fn relays_listening(db: &PgPool, fleet: &Fleet) -> Listening {
+/// The connections of the run's databases that LISTEN for outbox notifications (one per
+/// service instance, in the database its service uses), once there are as many as instances
+/// or after 10 s.
+async fn relays_listening(db: &Databases, fleet: &Fleet) -> Listening {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let from: Vec<String> = sqlx::query_scalar(
-            "SELECT coalesce(host(client_addr), 'local') FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
-        )
-        .fetch_all(db)
-        .await
-        .unwrap_or_default();
+        let mut from: Vec<String> = Vec::new();
+        for pool in db.each() {
+            let listening: Vec<String> = sqlx::query_scalar(
+                "SELECT coalesce(host(client_addr), 'local') FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+            from.extend(listening);
+        }
         if from.len() >= fleet.len() || Instant::now() > deadline {
             return Listening {
                 count: i64::try_from(from.len()).unwrap_or(i64::MAX),

@@ -9,11 +9,11 @@ use events::Topics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::dead_letters::{DeadLetter, DeadLetterReader};
 use super::{GarbageKind, GarbageLog, Target};
+use crate::chaos::setup::Databases;
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
 /// The garbage invariant, with a line per kind.
@@ -115,7 +115,7 @@ fn foreign_detail(foreign: &[&DeadLetter]) -> String {
 pub async fn audit(
     log: &GarbageLog,
     reader: &DeadLetterReader,
-    db: &PgPool,
+    db: &Databases,
     kafka: &messaging::config::KafkaConnection,
     prefix: &str,
     deployment: &Deployment,
@@ -172,7 +172,7 @@ struct Whereabouts {
 impl Whereabouts {
     async fn find(
         log: &GarbageLog,
-        db: &PgPool,
+        db: &Databases,
         kafka: &messaging::config::KafkaConnection,
         prefix: &str,
         deployment: &Deployment,
@@ -186,7 +186,7 @@ impl Whereabouts {
                      headers->>'dlq.source.offset' FROM {schema}.outbox WHERE topic = $1"
                 ))
                 .bind(Topics::new(prefix).dead_letters())
-                .fetch_all(db)
+                .fetch_all(db.of(schema))
                 .await?;
             for row in rows {
                 if let (Some(t), Some(p), Some(o)) = row {
@@ -204,27 +204,22 @@ impl Whereabouts {
              WHERE saga_key = ANY($1::uuid[]::text[])"
         ))
         .bind(&keys)
-        .fetch_all(db)
+        .fetch_all(db.orchestrator())
         .await?
         .into_iter()
         .collect();
-        let acted_on_sql = deployment
-            .participants
-            .iter()
-            .map(|p| {
-                format!(
-                    "SELECT saga_id FROM {}.step_ledger WHERE saga_id = ANY($1)",
-                    p.name
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ");
-        let acted_on: BTreeSet<Uuid> = sqlx::query_scalar(&acted_on_sql)
+        // Each participant's ledger in its database.
+        let mut acted_on = BTreeSet::new();
+        for participant in &deployment.participants {
+            let ids: Vec<Uuid> = sqlx::query_scalar(&format!(
+                "SELECT saga_id FROM {}.step_ledger WHERE saga_id = ANY($1)",
+                participant.name
+            ))
             .bind(&saga_ids)
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .collect();
+            .fetch_all(db.of(&participant.name))
+            .await?;
+            acted_on.extend(ids);
+        }
         Ok(Self {
             in_outbox,
             committed,

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use sqlx::PgPool;
 
-use super::{count, Books, Check, Checking, Invariant};
+use super::{count, Books, Check, Checking, Databases, Invariant};
+
+/// Whose tables these are: read from its database.
+const SERVICE: &str = "inventory";
 
 /// The stock per SKU when the run began.
 #[derive(Default)]
@@ -18,17 +21,18 @@ impl Invariant for Inventory {
         Some("EXISTS (SELECT 1 FROM inventory.stock)")
     }
 
-    fn before<'a>(&'a mut self, db: &'a PgPool) -> Checking<'a, ()> {
+    fn before<'a>(&'a mut self, db: &'a Databases) -> Checking<'a, ()> {
         Box::pin(async move {
-            self.initial = stock(db).await?;
+            self.initial = stock(db.of(SERVICE)).await?;
             Ok(())
         })
     }
 
     fn check<'a>(&'a self, books: &'a Books<'a>) -> Checking<'a, Vec<Check>> {
         Box::pin(async move {
-            let now = stock(books.db).await?;
-            Ok(vec![stock_conserved(books.db, &self.initial, &now).await?])
+            let db = books.db.of(SERVICE);
+            let now = stock(db).await?;
+            Ok(vec![stock_conserved(db, &self.initial, &now).await?])
         })
     }
 }

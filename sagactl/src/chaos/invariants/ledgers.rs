@@ -1,12 +1,15 @@
 //! The definition-driven invariant of a chaos run: each finished saga's steps agree with the
 //! participants' step ledgers. The definitions say which participant (whose schema holds its
 //! `step_ledger`) serves each step and which steps can be undone; nothing here names a saga
-//! type, a step or a participant.
+//! type, a step or a participant. The sagas and a participant's ledger may be in two
+//! databases (--own-database): each is read with its own query, and they are joined here.
+
+use std::collections::BTreeMap;
 
 use saga_core::definitions::Step;
 use saga_core::{SagaDefinition, SagaState, StepStatus};
-use sqlx::PgPool;
 
+use super::Databases;
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
 /// What a participant's ledger remembers of one step of one saga (its row, when it has one).
@@ -71,16 +74,8 @@ pub fn disagreement(
     }
 }
 
-/// One saga's step and its ledger row: saga key, the step's name and status in the saga,
-/// whether the ledger has a row, its forward outcome, whether it is compensated.
-type StepRow = (
-    String,
-    Option<String>,
-    Option<String>,
-    bool,
-    Option<String>,
-    bool,
-);
+/// One saga's step: saga key, the step's name and status in the saga.
+type StepRow = (String, Option<String>, Option<String>);
 
 /// The outcome of the check over a whole run.
 #[derive(Debug, Default)]
@@ -122,14 +117,14 @@ impl LedgerCheck {
 
 /// Checks every completed and compensated saga of every type in `db`, step by step, against
 /// the ledger of the participant its definition names for that step.
-pub async fn check(db: &PgPool, deployment: &Deployment) -> anyhow::Result<LedgerCheck> {
+pub async fn check(db: &Databases, deployment: &Deployment) -> anyhow::Result<LedgerCheck> {
     let mut result = LedgerCheck::default();
     // Sagas run on the version they started on: read each version's own definition.
     let versions: Vec<(String, i32, String, i64)> = sqlx::query_as(&format!(
         "SELECT definition_name, definition_version, state::text, count(*) \
          FROM {ORCHESTRATOR}.sagas GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     ))
-    .fetch_all(db)
+    .fetch_all(db.orchestrator())
     .await?;
     let mut broken_keys = BrokenKeys::new();
     for (name, version, state, sagas) in versions {
@@ -182,7 +177,7 @@ impl Group<'_> {
     /// step agrees with its participant's ledger.
     async fn check(
         &self,
-        db: &PgPool,
+        db: &Databases,
         definition: &SagaDefinition,
         result: &mut LedgerCheck,
         broken_keys: &mut BrokenKeys,
@@ -196,7 +191,7 @@ impl Group<'_> {
         .bind(self.version)
         .bind(self.state.as_str())
         .bind(i32::try_from(definition.steps.len())?)
-        .fetch_all(db)
+        .fetch_all(db.orchestrator())
         .await?;
         for key in steps_differ {
             result.example(format!(
@@ -215,41 +210,52 @@ impl Group<'_> {
     /// Checks step `index` of the group's sagas against the ledger of its participant.
     async fn check_step(
         &self,
-        db: &PgPool,
+        db: &Databases,
         index: usize,
         step: &Step,
         result: &mut LedgerCheck,
         broken_keys: &mut BrokenKeys,
     ) -> anyhow::Result<()> {
         let (name, state) = (self.name, self.state);
-        // The participant's schema holds its ledger.
         let rows: Vec<StepRow> = sqlx::query_as(&format!(
-            "SELECT s.saga_key, s.steps -> $4 ->> 'name', s.steps -> $4 ->> 'status', \
-                    l.saga_key IS NOT NULL, l.forward_outcome::text, \
-                    l.compensated_at IS NOT NULL \
-             FROM {ORCHESTRATOR}.sagas s \
-             LEFT JOIN {participant}.step_ledger l \
-               ON l.saga_key = s.saga_key AND l.step = $5 \
-             WHERE s.definition_name = $1 AND s.definition_version = $2 \
-               AND s.state::text = $3",
-            participant = step.participant
+            "SELECT saga_key, steps -> $4 ->> 'name', steps -> $4 ->> 'status' \
+             FROM {ORCHESTRATOR}.sagas \
+             WHERE definition_name = $1 AND definition_version = $2 AND state::text = $3"
         ))
         .bind(name)
         .bind(self.version)
         .bind(state.as_str())
         .bind(i32::try_from(index)?)
-        .bind(&step.name)
-        .fetch_all(db)
+        .fetch_all(db.orchestrator())
         .await?;
-        for (key, step_name, status, has_entry, outcome, compensated) in rows {
+        let keys: Vec<&str> = rows.iter().map(|(key, _, _)| key.as_str()).collect();
+        // The participant's schema, in its database, holds its ledger: one row per saga and
+        // step at most (its primary key).
+        let ledger: Vec<(String, Option<String>, bool)> = sqlx::query_as(&format!(
+            "SELECT saga_key, forward_outcome::text, compensated_at IS NOT NULL \
+             FROM {participant}.step_ledger WHERE step = $1 AND saga_key = ANY($2)",
+            participant = step.participant
+        ))
+        .bind(&step.name)
+        .bind(&keys)
+        .fetch_all(db.of(&step.participant))
+        .await?;
+        let ledger: BTreeMap<String, LedgerEntry> = ledger
+            .into_iter()
+            .map(|(key, outcome, compensated)| {
+                let entry = LedgerEntry {
+                    succeeded: outcome.map(|o| o == "succeeded"),
+                    compensated,
+                };
+                (key, entry)
+            })
+            .collect();
+        for (key, step_name, status) in rows {
             result.steps += 1;
             let status = status.and_then(|s| serde_json::from_value(s.into()).ok());
             let why = match (step_name, status) {
                 (Some(n), Some(status)) if n == step.name => {
-                    let entry = has_entry.then_some(LedgerEntry {
-                        succeeded: outcome.map(|o| o == "succeeded"),
-                        compensated,
-                    });
+                    let entry = ledger.get(&key).copied();
                     disagreement(state, status, step.compensable(), entry)
                 }
                 _ => Some("the saga's step is not its definition's, or has no status"),

@@ -9,6 +9,10 @@
 //! definitions give its saga type or participant. A run checks those of the saga types and
 //! participants its definitions name; a new saga type (or participant) brings its invariant
 //! here, and nothing in the runner changes.
+//!
+//! A service's tables are read from the database that service uses ([`Databases::of`]): a
+//! participant may run on a database of its own (--own-database), so a check that compares
+//! two services' tables reads each side with its own query and joins them in Rust.
 
 mod inventory;
 mod ledgers;
@@ -29,6 +33,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::garbage::Audit;
+pub use super::setup::Databases;
 use crate::deployment::{Deployment, ORCHESTRATOR};
 
 /// One invariant's outcome: a PASS or FAIL line of the report.
@@ -53,8 +58,8 @@ impl Check {
 
 /// What an invariant's check is given once the run settled.
 pub struct Books<'a> {
-    /// The run's database, every service's schema in it.
-    pub db: &'a PgPool,
+    /// The databases of the run's services: [`Databases::of`] a service holds its schema.
+    pub db: &'a Databases,
     /// Per saga type, the keys of the sagas the workload started.
     pub started: BTreeMap<&'static str, &'a [Uuid]>,
     /// What the garbage did, with garbage in the run.
@@ -81,13 +86,14 @@ pub type Checking<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send
 pub trait Invariant: Send + Sync {
     /// An SQL condition its tables meet once their service created them and put its seed data
     /// in (`None`: nothing to wait for beyond the step ledger); the run starts its sagas when
-    /// every one holds.
+    /// every one holds. A participant's condition is over its own tables and is evaluated in
+    /// its database; a saga type's in the orchestrators'.
     fn ready(&self) -> Option<&'static str> {
         None
     }
 
     /// Takes what its checks compare the end with, before the first saga runs.
-    fn before<'a>(&'a mut self, _db: &'a PgPool) -> Checking<'a, ()> {
+    fn before<'a>(&'a mut self, _db: &'a Databases) -> Checking<'a, ()> {
         Box::pin(async { Ok(()) })
     }
 
@@ -96,7 +102,7 @@ pub trait Invariant: Send + Sync {
 
     /// How many times its tables show one saga's step done more than once (`no message
     /// applied twice` adds them up).
-    fn done_twice<'a>(&'a self, _db: &'a PgPool) -> Checking<'a, i64> {
+    fn done_twice<'a>(&'a self, _db: &'a Databases) -> Checking<'a, i64> {
         Box::pin(async { Ok(0) })
     }
 }
@@ -120,24 +126,28 @@ const PARTICIPANTS: [(&str, Build); 4] = [
 
 /// The invariants of a run: those of the saga types and participants its definitions name.
 pub struct Invariants {
-    chosen: Vec<Box<dyn Invariant>>,
+    /// Each with the service whose database its [`Invariant::ready`] condition is evaluated
+    /// in: the participant's own, the orchestrator for a saga type.
+    chosen: Vec<(String, Box<dyn Invariant>)>,
 }
 
 impl Invariants {
     /// The invariants of `deployment`'s saga types, then of its participants, in the
     /// definitions' order (one without an invariant gets the engine's checks only).
     pub fn choose(deployment: &Deployment) -> Self {
-        let find = |registry: &[(&str, Build)], name: &str| {
+        let find = |registry: &[(&str, Build)], name: &str, service: &str| {
             registry
                 .iter()
                 .find(|(registered, _)| *registered == name)
-                .map(|(_, build)| build())
+                .map(|(_, build)| (service.to_owned(), build()))
         };
-        let sagas = deployment.sagas().filter_map(|d| find(&SAGAS, &d.name));
+        let sagas = deployment
+            .sagas()
+            .filter_map(|d| find(&SAGAS, &d.name, ORCHESTRATOR));
         let participants = deployment
             .participants
             .iter()
-            .filter_map(|p| find(&PARTICIPANTS, &p.name));
+            .filter_map(|p| find(&PARTICIPANTS, &p.name, &p.name));
         Self {
             chosen: sagas.chain(participants).collect(),
         }
@@ -147,31 +157,43 @@ impl Invariants {
     /// [ready](Invariant::ready).
     pub async fn wait_until_ready(
         &self,
-        db: &PgPool,
+        db: &Databases,
         deployment: &Deployment,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let conditions: String =
-            std::iter::once(format!("to_regclass('{ORCHESTRATOR}.sagas') IS NOT NULL"))
-                .chain(
-                    deployment
-                        .participants
-                        .iter()
-                        .map(|p| format!("to_regclass('{}.step_ledger') IS NOT NULL", p.name)),
-                )
-                .chain(
-                    self.chosen
-                        .iter()
-                        .filter_map(|i| i.ready())
-                        .map(str::to_owned),
-                )
-                .collect::<Vec<_>>()
-                .join(" AND ");
-        let sql = format!("SELECT {conditions}");
+        // Per service, the conditions on its tables, evaluated in its database.
+        let mut conditions: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        conditions
+            .entry(ORCHESTRATOR)
+            .or_default()
+            .push(format!("to_regclass('{ORCHESTRATOR}.sagas') IS NOT NULL"));
+        for p in &deployment.participants {
+            conditions
+                .entry(&p.name)
+                .or_default()
+                .push(format!("to_regclass('{}.step_ledger') IS NOT NULL", p.name));
+        }
+        for (service, invariant) in &self.chosen {
+            if let Some(ready) = invariant.ready() {
+                conditions
+                    .entry(service)
+                    .or_default()
+                    .push(ready.to_owned());
+            }
+        }
+        let queries: Vec<(&str, String)> = conditions
+            .into_iter()
+            .map(|(service, all)| (service, format!("SELECT {}", all.join(" AND "))))
+            .collect();
         loop {
-            // (Before the services' migrations, the query fails on a missing table.)
-            let ready: Option<bool> = sqlx::query_scalar(&sql).fetch_one(db).await.ok();
-            if ready == Some(true) {
+            let mut ready = true;
+            for (service, sql) in &queries {
+                // (Before the services' migrations, the query fails on a missing table.)
+                let holds: Option<bool> =
+                    sqlx::query_scalar(sql).fetch_one(db.of(service)).await.ok();
+                ready &= holds == Some(true);
+            }
+            if ready {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -182,8 +204,8 @@ impl Invariants {
     }
 
     /// Takes what every invariant compares the end with.
-    pub async fn before(&mut self, db: &PgPool) -> anyhow::Result<()> {
-        for invariant in &mut self.chosen {
+    pub async fn before(&mut self, db: &Databases) -> anyhow::Result<()> {
+        for (_, invariant) in &mut self.chosen {
             invariant.before(db).await?;
         }
         Ok(())
@@ -196,15 +218,15 @@ impl Invariants {
         deployment: &Deployment,
     ) -> anyhow::Result<Vec<Check>> {
         let mut checks = Vec::new();
-        for invariant in &self.chosen {
+        for (_, invariant) in &self.chosen {
             checks.extend(invariant.check(books).await?);
         }
-        checks.push(every_saga_terminal(books.db).await?);
+        checks.push(every_saga_terminal(books.db.orchestrator()).await?);
         let mut steps_twice = 0;
-        for invariant in &self.chosen {
+        for (_, invariant) in &self.chosen {
             steps_twice += invariant.done_twice(books.db).await?;
         }
-        checks.push(nothing_applied_twice(books.db, steps_twice).await?);
+        checks.push(nothing_applied_twice(books.db.orchestrator(), steps_twice).await?);
         let ledgers = ledgers::check(books.db, deployment).await?;
         checks.push(Check::new(
             "each saga's steps agree with the participants' ledgers (every saga type, every step)",
@@ -255,6 +277,56 @@ pub async fn count(db: &PgPool, sql: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
 }
 
+/// One finished saga of a type, from the orchestrators' table: the one side of a check that
+/// compares it with the participants' tables (the other side: [`rows_by_key`]).
+pub struct Finished {
+    pub key: String,
+    pub state: String,
+    /// The amount its trigger names (`order_data`'s field the query asks for), if any.
+    pub amount: Option<i64>,
+}
+
+/// The completed and compensated sagas of type `saga`, each with `order_data`'s `amount`
+/// field.
+pub async fn finished_sagas(
+    db: &Databases,
+    saga: &str,
+    amount: &str,
+) -> anyhow::Result<Vec<Finished>> {
+    let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(&format!(
+        "SELECT saga_key, state::text, (order_data->>$2)::bigint FROM {ORCHESTRATOR}.sagas \
+         WHERE definition_name = $1 AND state IN ('completed', 'compensated')"
+    ))
+    .bind(saga)
+    .bind(amount)
+    .fetch_all(db.orchestrator())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, state, amount)| Finished { key, state, amount })
+        .collect())
+}
+
+/// A service's rows by saga key: `sql` selects the key (as text) and one number per row.
+pub type ByKey = BTreeMap<String, Vec<i64>>;
+
+/// The rows `sql` selects from `service`'s tables, in its database, by their key.
+pub async fn rows_by_key(db: &Databases, service: &str, sql: &str) -> anyhow::Result<ByKey> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(db.of(service)).await?;
+    let mut by_key = ByKey::new();
+    for (key, value) in rows {
+        by_key.entry(key).or_default().push(value);
+    }
+    Ok(by_key)
+}
+
+/// How many rows `by_key` has for `key`, and how many of them hold `value`.
+pub fn rows_of(by_key: &ByKey, key: &str, value: Option<i64>) -> (usize, usize) {
+    let rows = by_key.get(key).map_or(&[][..], Vec::as_slice);
+    let holding = rows.iter().filter(|v| Some(**v) == value).count();
+    (rows.len(), holding)
+}
+
 /// Of the sagas of type `saga`: how many of `keys` have none, and how many there are in all
 /// but those `garbage` started.
 async fn sagas_per_key(
@@ -303,13 +375,28 @@ mod tests {
         );
     }
 
+    /// The participants' side of a check joined in Rust: a key's rows, and those of them that
+    /// hold the saga's amount (none when the saga names no amount).
+    #[test]
+    fn rows_by_key_count_a_keys_rows_and_those_holding_the_amount() {
+        let charged = ByKey::from([
+            ("a".to_owned(), vec![500]),
+            ("b".to_owned(), vec![500, 700]),
+        ]);
+        assert_eq!(rows_of(&charged, "a", Some(500)), (1, 1));
+        assert_eq!(rows_of(&charged, "a", Some(400)), (1, 0));
+        assert_eq!(rows_of(&charged, "b", Some(700)), (2, 1));
+        assert_eq!(rows_of(&charged, "b", None), (2, 0));
+        assert_eq!(rows_of(&charged, "c", Some(500)), (0, 0));
+    }
+
     #[test]
     fn the_run_waits_for_the_tables_the_business_invariants_read() {
         let deployment = crate::deployment::tests::repository();
         let ready: Vec<&str> = Invariants::choose(&deployment)
             .chosen
             .iter()
-            .filter_map(|i| i.ready())
+            .filter_map(|(_, i)| i.ready())
             .collect();
         assert_eq!(
             ready,

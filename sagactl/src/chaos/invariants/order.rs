@@ -1,7 +1,10 @@
 //! The order saga's invariant: one saga per order placed, and what a completed and a
 //! compensated one left in the inventory's, payment's and shipping's tables.
 
-use super::{count, sagas_per_key, Books, Check, Checking, Invariant};
+use super::{
+    count, finished_sagas, rows_by_key, rows_of, sagas_per_key, Books, Check, Checking, Databases,
+    Invariant,
+};
 
 const SAGA: &str = "order";
 
@@ -15,7 +18,8 @@ impl Invariant for OrderSaga {
             // Orders of garbage records that started a saga: the garbage check counts them;
             // here they are neither placed orders nor strays.
             let garbage_orders = books.garbage_sagas(SAGA);
-            let (missing, total) = sagas_per_key(db, SAGA, order_ids, garbage_orders).await?;
+            let (missing, total) =
+                sagas_per_key(db.orchestrator(), SAGA, order_ids, garbage_orders).await?;
             let mut results = vec![Check::new(
                 "one saga per order, none lost",
                 missing == 0 && total == i64::try_from(order_ids.len())?,
@@ -32,28 +36,48 @@ impl Invariant for OrderSaga {
                     }
                 ),
             )];
-            let completed_wrong = count(
+            // Each participant's side read from its own database, joined here by the order id.
+            let sagas = finished_sagas(db, SAGA, "total_cents").await?;
+            let reserved = rows_by_key(
                 db,
-                "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'order' AND s.state = 'completed' AND NOT ( \
-                   (SELECT count(*) FROM inventory.reservations r WHERE r.order_id::text = s.saga_key AND r.status = 'reserved') = 1 \
-                   AND (SELECT count(*) FROM payment.payments p WHERE p.order_id::text = s.saga_key AND p.status = 'charged' \
-                        AND p.amount_cents = (s.order_data->>'total_cents')::bigint) = 1 \
-                   AND (SELECT count(*) FROM shipping.shipments h WHERE h.order_id::text = s.saga_key) = 1)",
+                "inventory",
+                "SELECT order_id::text, 0::bigint FROM inventory.reservations WHERE status = 'reserved'",
             )
             .await?;
+            let charged = rows_by_key(
+                db,
+                "payment",
+                "SELECT order_id::text, amount_cents FROM payment.payments WHERE status = 'charged'",
+            )
+            .await?;
+            let shipped = rows_by_key(
+                db,
+                "shipping",
+                "SELECT order_id::text, 0::bigint FROM shipping.shipments",
+            )
+            .await?;
+            let (mut completed_wrong, mut compensated_wrong) = (0, 0);
+            for saga in &sagas {
+                let (reservations, _) = rows_of(&reserved, &saga.key, None);
+                let (charges, charges_of_total) = rows_of(&charged, &saga.key, saga.amount);
+                let (shipments, _) = rows_of(&shipped, &saga.key, None);
+                match saga.state.as_str() {
+                    "completed" => {
+                        completed_wrong += usize::from(
+                            !(reservations == 1 && charges_of_total == 1 && shipments == 1),
+                        );
+                    }
+                    _ => {
+                        compensated_wrong +=
+                            usize::from(reservations > 0 || charges > 0 || shipments > 0);
+                    }
+                }
+            }
             results.push(Check::new(
                 "completed: one reservation, one charge of the total, one shipment",
                 completed_wrong == 0,
                 format!("{completed_wrong} completed sagas break it"),
             ));
-            let compensated_wrong = count(
-                db,
-                "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'order' AND s.state = 'compensated' AND ( \
-                   EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id::text = s.saga_key AND r.status = 'reserved') \
-                   OR EXISTS (SELECT 1 FROM payment.payments p WHERE p.order_id::text = s.saga_key AND p.status = 'charged') \
-                   OR EXISTS (SELECT 1 FROM shipping.shipments h WHERE h.order_id::text = s.saga_key))",
-            )
-            .await?;
             results.push(Check::new(
                 "compensated: no reservation held, no net charge, no shipment",
                 compensated_wrong == 0,
@@ -64,12 +88,24 @@ impl Invariant for OrderSaga {
     }
 
     /// Orders with more than one reservation, payment or shipment.
-    fn done_twice<'a>(&'a self, db: &'a sqlx::PgPool) -> Checking<'a, i64> {
-        Box::pin(count(
-            db,
-            "SELECT (SELECT count(*) FROM (SELECT order_id FROM inventory.reservations GROUP BY order_id HAVING count(*) > 1) a) \
-                  + (SELECT count(*) FROM (SELECT order_id FROM payment.payments GROUP BY order_id HAVING count(*) > 1) b) \
-                  + (SELECT count(*) FROM (SELECT order_id FROM shipping.shipments GROUP BY order_id HAVING count(*) > 1) c)",
-        ))
+    fn done_twice<'a>(&'a self, db: &'a Databases) -> Checking<'a, i64> {
+        Box::pin(async move {
+            let mut twice = 0;
+            for (service, table) in [
+                ("inventory", "reservations"),
+                ("payment", "payments"),
+                ("shipping", "shipments"),
+            ] {
+                twice += count(
+                    db.of(service),
+                    &format!(
+                        "SELECT count(*) FROM (SELECT order_id FROM {service}.{table} \
+                         GROUP BY order_id HAVING count(*) > 1) twice"
+                    ),
+                )
+                .await?;
+            }
+            Ok(twice)
+        })
     }
 }

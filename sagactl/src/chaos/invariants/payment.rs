@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use sqlx::PgPool;
 
-use super::{count, Books, Check, Checking, Invariant};
+use super::{count, Books, Check, Checking, Databases, Invariant};
+
+/// Whose tables these are: read from its database.
+const SERVICE: &str = "payment";
 
 /// The balance per customer when the run began.
 #[derive(Default)]
@@ -19,18 +22,19 @@ impl Invariant for Payment {
         Some("EXISTS (SELECT 1 FROM payment.accounts)")
     }
 
-    fn before<'a>(&'a mut self, db: &'a PgPool) -> Checking<'a, ()> {
+    fn before<'a>(&'a mut self, db: &'a Databases) -> Checking<'a, ()> {
         Box::pin(async move {
-            self.initial = balances(db).await?;
+            self.initial = balances(db.of(SERVICE)).await?;
             Ok(())
         })
     }
 
     fn check<'a>(&'a self, books: &'a Books<'a>) -> Checking<'a, Vec<Check>> {
         Box::pin(async move {
+            let db = books.db.of(SERVICE);
             Ok(vec![
-                money_conserved(books.db, &self.initial).await?,
-                refunds_within_charges(books.db).await?,
+                money_conserved(db, &self.initial).await?,
+                refunds_within_charges(db).await?,
             ])
         })
     }

@@ -1,7 +1,9 @@
 //! The return saga's invariant: one saga per return requested, and what a completed and a
 //! compensated one left in the returns', inventory's and payment's tables.
 
-use super::{count, sagas_per_key, Books, Check, Checking, Invariant};
+use super::{
+    finished_sagas, rows_by_key, rows_of, sagas_per_key, Books, Check, Checking, Invariant,
+};
 
 const SAGA: &str = "return";
 
@@ -14,7 +16,8 @@ impl Invariant for ReturnSaga {
             let return_ids = books.started(SAGA);
             // Return ids of garbage records that started a saga (the garbage check counts them).
             let garbage_returns = books.garbage_sagas(SAGA);
-            let (missing, total) = sagas_per_key(db, SAGA, return_ids, garbage_returns).await?;
+            let (missing, total) =
+                sagas_per_key(db.orchestrator(), SAGA, return_ids, garbage_returns).await?;
             let mut results = vec![Check::new(
                 "one saga per return, none lost",
                 missing == 0 && total == i64::try_from(return_ids.len())?,
@@ -23,28 +26,47 @@ impl Invariant for ReturnSaga {
                     return_ids.len()
                 ),
             )];
-            let completed_wrong = count(
+            // Each participant's side read from its own database, joined here by the return id.
+            let sagas = finished_sagas(db, SAGA, "refund_cents").await?;
+            let received = rows_by_key(
                 db,
-                "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'return' AND s.state = 'completed' AND NOT ( \
-                   (SELECT count(*) FROM returns.returns t WHERE t.return_id::text = s.saga_key AND t.status = 'received') = 1 \
-                   AND (SELECT count(*) FROM inventory.restocks r WHERE r.return_id::text = s.saga_key AND r.status = 'restocked') = 1 \
-                   AND (SELECT count(*) FROM payment.return_refunds f WHERE f.return_id::text = s.saga_key \
-                        AND f.amount_cents = (s.order_data->>'refund_cents')::bigint) = 1)",
+                "returns",
+                "SELECT return_id::text, 0::bigint FROM returns.returns WHERE status = 'received'",
             )
             .await?;
+            let restocked = rows_by_key(
+                db,
+                "inventory",
+                "SELECT return_id::text, 0::bigint FROM inventory.restocks WHERE status = 'restocked'",
+            )
+            .await?;
+            let refunded = rows_by_key(
+                db,
+                "payment",
+                "SELECT return_id::text, amount_cents FROM payment.return_refunds",
+            )
+            .await?;
+            let (mut completed_wrong, mut compensated_wrong) = (0, 0);
+            for saga in &sagas {
+                let (receipts, _) = rows_of(&received, &saga.key, None);
+                let (restocks, _) = rows_of(&restocked, &saga.key, None);
+                let (refunds, refunds_in_full) = rows_of(&refunded, &saga.key, saga.amount);
+                match saga.state.as_str() {
+                    "completed" => {
+                        completed_wrong +=
+                            usize::from(!(receipts == 1 && restocks == 1 && refunds_in_full == 1));
+                    }
+                    _ => {
+                        compensated_wrong +=
+                            usize::from(receipts > 0 || restocks > 0 || refunds > 0);
+                    }
+                }
+            }
             results.push(Check::new(
                 "completed returns: received, restocked, refunded once in full",
                 completed_wrong == 0,
                 format!("{completed_wrong} completed return sagas break it"),
             ));
-            let compensated_wrong = count(
-                db,
-                "SELECT count(*) FROM orchestrator.sagas s WHERE s.definition_name = 'return' AND s.state = 'compensated' AND ( \
-                   EXISTS (SELECT 1 FROM returns.returns t WHERE t.return_id::text = s.saga_key AND t.status = 'received') \
-                   OR EXISTS (SELECT 1 FROM inventory.restocks r WHERE r.return_id::text = s.saga_key AND r.status = 'restocked') \
-                   OR EXISTS (SELECT 1 FROM payment.return_refunds f WHERE f.return_id::text = s.saga_key))",
-            )
-            .await?;
             results.push(Check::new(
                 "compensated returns: not received, nothing restocked, nothing refunded",
                 compensated_wrong == 0,

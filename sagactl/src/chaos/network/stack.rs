@@ -1,5 +1,6 @@
 //! The network run's servers on their own hosts: a [`Network`] with a host for PostgreSQL, one
-//! per broker node and one per service instance; a PostgreSQL of the run's own on its host, and
+//! per broker node and one per service instance; a PostgreSQL of the run's own on its host
+//! (and, for the participants on a database of their own, a second one on host `pg2`), and
 //! the secured three-node cluster (`BROKER_NODES=3 scripts/broker.sh`, told each node's address
 //! and namespace) on the broker hosts. Nothing of it is shared with another run or with the
 //! machine's own servers; dropping the [`Stack`] stops the servers and removes the hosts.
@@ -20,6 +21,9 @@ use super::Network;
 
 /// The hosts of the servers.
 pub const POSTGRES_HOST: &str = "pg";
+/// The second PostgreSQL's host: the --own-database participants' databases are there, so that
+/// a link fault cuts such a participant from its database while the others keep theirs.
+pub const OWN_POSTGRES_HOST: &str = "pg2";
 pub const BROKER_HOSTS: [&str; 3] = ["k1", "k2", "k3"];
 /// The port PostgreSQL listens on, on its host.
 const POSTGRES_PORT: u16 = 5432;
@@ -34,6 +38,9 @@ pub struct Endpoints {
     pub cluster_dir: PathBuf,
     /// PostgreSQL's folder (`scripts/postgres.sh`'s PG_RUN_DIR): its data and log.
     pub postgres_dir: PathBuf,
+    /// The second PostgreSQL, on [`OWN_POSTGRES_HOST`], when the run asked for it: its URL
+    /// without a database, and its folder.
+    pub own_postgres: Option<(String, PathBuf)>,
 }
 
 /// The network and the servers on it, stopped and removed on drop.
@@ -50,7 +57,8 @@ pub struct Stack {
 
 impl Stack {
     /// Creates the network (`prefix`, `subnet`: see [`Network::create`]) with the servers'
-    /// hosts and `service_hosts`, and starts PostgreSQL and the cluster on it.
+    /// hosts and `service_hosts`, and starts PostgreSQL and the cluster on it; with
+    /// `own_postgres`, a second PostgreSQL on [`OWN_POSTGRES_HOST`] too.
     ///
     /// # Errors
     /// Not root, a command missing, a server that does not start; what was made is removed.
@@ -59,8 +67,12 @@ impl Stack {
         subnet: u8,
         service_hosts: &[String],
         (postgres_script, broker_script): (&Path, &Path),
+        own_postgres: bool,
     ) -> anyhow::Result<Self> {
         let mut names: Vec<&str> = vec![POSTGRES_HOST];
+        if own_postgres {
+            names.push(OWN_POSTGRES_HOST);
+        }
         names.extend(BROKER_HOSTS);
         names.extend(service_hosts.iter().map(String::as_str));
         let network = Network::create(prefix, subnet, &names)?;
@@ -73,6 +85,7 @@ impl Stack {
                 kafka_brokers: String::new(),
                 cluster_dir: cluster_dir.clone(),
                 postgres_dir: pg_dir.clone(),
+                own_postgres: None,
             },
             postgres_script: postgres_script.to_owned(),
             broker_script: broker_script.to_owned(),
@@ -81,12 +94,21 @@ impl Stack {
             network: Arc::new(Mutex::new(network)),
         };
         let began = Instant::now();
-        stack.endpoints.database_server = stack.start_postgres(&pg_dir, subnet)?;
+        stack.endpoints.database_server = stack.start_postgres(POSTGRES_HOST, &pg_dir, subnet)?;
         eprintln!(
             "network run: PostgreSQL on {} in {:.1} s",
             stack.endpoints.database_server,
             began.elapsed().as_secs_f64()
         );
+        if own_postgres {
+            let dir = std::env::temp_dir().join(format!("saga-chaos-{prefix}-postgres2"));
+            // Stopped and removed on drop from here on, also when it does not start.
+            stack.dirs.push(dir.clone());
+            stack.endpoints.own_postgres = Some((String::new(), dir.clone()));
+            let server = stack.start_postgres(OWN_POSTGRES_HOST, &dir, subnet)?;
+            eprintln!("network run: the second PostgreSQL on {server}");
+            stack.endpoints.own_postgres = Some((server, dir));
+        }
         stack.endpoints.kafka_brokers = stack.start_cluster(&cluster_dir)?;
         eprintln!(
             "network run: the three-node cluster on {} ({:.1} s in all)",
@@ -117,16 +139,16 @@ impl Stack {
     }
 
     /// A PostgreSQL of the run's own in `dir` (`scripts/postgres.sh` with PG_RUN_DIR),
-    /// listening on its host's address only, trusting the run's subnet; started on its host.
-    fn start_postgres(&self, dir: &Path, subnet: u8) -> anyhow::Result<String> {
-        let address = self.address(POSTGRES_HOST)?;
+    /// listening on `host`'s address only, trusting the run's subnet; started on `host`.
+    fn start_postgres(&self, host: &str, dir: &Path, subnet: u8) -> anyhow::Result<String> {
+        let address = self.address(host)?;
         let _ = std::fs::remove_dir_all(dir);
         super::run(
             Command::new(&self.postgres_script)
                 .arg("start")
                 .env("PG_RUN_DIR", dir)
                 .env("PG_HOST", address.to_string())
-                .env("PG_NETNS", self.netns(POSTGRES_HOST)?)
+                .env("PG_NETNS", self.netns(host)?)
                 .env("PG_TRUST_NET", format!("10.231.{subnet}.0/24"))
                 .env("PGPORT", POSTGRES_PORT.to_string()),
         )?;
@@ -161,13 +183,19 @@ impl Drop for Stack {
     /// The servers stop first (SIGKILL: nothing of theirs is kept), then the network goes with
     /// the [`Network`]'s own drop.
     fn drop(&mut self) {
-        let stopped = Command::new(&self.postgres_script)
-            .arg("stop")
-            .env("PG_RUN_DIR", &self.endpoints.postgres_dir)
-            .stdout(Stdio::null())
-            .status();
-        if let Err(e) = stopped {
-            eprintln!("stopping the network run's PostgreSQL: {e}");
+        let own = self.endpoints.own_postgres.as_ref().map(|(_, dir)| dir);
+        for dir in std::iter::once(&self.endpoints.postgres_dir).chain(own) {
+            let stopped = Command::new(&self.postgres_script)
+                .arg("stop")
+                .env("PG_RUN_DIR", dir)
+                .stdout(Stdio::null())
+                .status();
+            if let Err(e) = stopped {
+                eprintln!(
+                    "stopping the network run's PostgreSQL in {}: {e}",
+                    dir.display()
+                );
+            }
         }
         let killed = Command::new(&self.broker_script)
             .arg("kill")
