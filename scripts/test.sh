@@ -226,13 +226,20 @@ scripts/browser-test.sh
 # two instances of every service (BENCH_INSTANCES, the measurement of 1 against 2 in
 # BENCHMARKS.md). Each instance of a service that had work must have done part of it, read off
 # the report's per-instance work (from each instance's own /metrics): 40 orders over 4
-# partitions leave one of two instances without a record about once in 2^30 runs.
+# partitions leave one of two instances without a record about once in 2^30 runs. The orders
+# go to 64 customers and SKUs of the load's own (--spread, as in that measurement).
 BENCH_INSTANCES=2 BENCH_PROFILE=debug scripts/bench.sh --orders 40 --in-flight 4 --failure-percent 20 \
-  --warmup-secs 0 --json target/artifacts/bench-smoke.json
+  --spread 64 --warmup-secs 0 --json target/artifacts/bench-smoke.json
 if ! jq -e '[.work | group_by(.service)[] | select(map(.records) | add > 0) | .[] | .records > 0] | all' \
   target/artifacts/bench-smoke.json >/dev/null; then
   echo "test.sh: the benchmark's instances did not share the work:" >&2
   jq -r '.work[] | "  \(.name): \(.records) records from partitions \(.partitions)"' target/artifacts/bench-smoke.json >&2
+  exit 1
+fi
+# The spread's customers and SKUs were added and used: 20% are built to fail, so fewer than half
+# completed means the orders met no stock or no money.
+if ! jq -e '.completed > .orders / 2' target/artifacts/bench-smoke.json >/dev/null; then
+  echo "test.sh: the benchmark's spread orders did not complete: $(jq -c '{orders, completed, compensated}' target/artifacts/bench-smoke.json)" >&2
   exit 1
 fi
 

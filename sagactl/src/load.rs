@@ -78,6 +78,15 @@ pub struct LoadArgs {
     /// keeps every run's partitions spends ever more CPU on them.
     #[arg(long)]
     delete_topics: bool,
+    /// Spread the orders over this many customers and SKUs of the load's own, which it adds to
+    /// the deployment's database (`--database-url`) before the first order, instead of the demo
+    /// data's two customers and two SKUs: concurrent sagas then seldom wait for each other's
+    /// stock row or account, as in a shop with many products and buyers. 0: the demo data.
+    #[arg(long, default_value_t = 0)]
+    spread: u32,
+    /// The deployment's database (inventory's and payment's tables), for `--spread`.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 fn parse_named<T: std::str::FromStr>(text: &str) -> Result<(String, T), String> {
@@ -169,6 +178,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     if args.failure_percent > 100 {
         bail!("--failure-percent is a percentage");
     }
+    if args.spread > 0 {
+        let Some(url) = &args.database_url else {
+            bail!("--spread adds its customers and SKUs to the deployment's database: give --database-url (DATABASE_URL)");
+        };
+        seed_spread(url, args.spread).await?;
+    }
     let topics = Topics::new(args.topic_prefix.clone());
     let producer: FutureProducer = messaging::kafka::producer_settings(&args.kafka, 0)?
         .create()
@@ -246,7 +261,7 @@ async fn send_orders(
                 .context("semaphore closed")?
                 .forget(),
         }
-        let order = random_order_failing_at(args.failure_percent, args.fail_at);
+        let order = spread_order(args.failure_percent, args.fail_at, args.spread);
         tally
             .lock()
             .await
@@ -520,33 +535,56 @@ pub(crate) fn random_order(failure_percent: u8) -> OrderPlaced {
 
 /// Like [`random_order`], with the failing orders failing at `fail_at`.
 pub(crate) fn random_order_failing_at(failure_percent: u8, fail_at: FailAt) -> OrderPlaced {
+    spread_order(failure_percent, fail_at, 0)
+}
+
+/// Like [`random_order_failing_at`]; with `spread` > 0 every order's customer and SKU are one
+/// of the `spread` of the load's own ([`seed_spread`]), picked at random: a declined payment
+/// is a customer of the poor kind, the other failures fail as with the demo data.
+pub(crate) fn spread_order(failure_percent: u8, fail_at: FailAt, spread: u32) -> OrderPlaced {
     let mut rng = rand::thread_rng();
-    let (customer, sku, country) = if rng.gen_range(0..100) < failure_percent {
-        let step = match fail_at {
-            FailAt::Any => rng.gen_range(0..3),
-            FailAt::Stock => 0,
-            FailAt::Payment => 1,
-            FailAt::Shipping => 2,
-        };
-        match step {
-            0 => ("alice", "SOLDOUT", "DE"),
-            1 => ("carol", "WIDGET", "DE"),
-            _ => ("bob", "GADGET", "AQ"),
+    // None: an order built to complete; Some(0, 1, 2): to fail at stock, payment, shipping.
+    let failing_step = (rng.gen_range(0..100) < failure_percent).then(|| match fail_at {
+        FailAt::Any => rng.gen_range(0..3),
+        FailAt::Stock => 0,
+        FailAt::Payment => 1,
+        FailAt::Shipping => 2,
+    });
+    let alice_or_bob = rng.gen_bool(0.5);
+    // The demo data's customer and SKU, whether the customer cannot pay, whether the SKU is
+    // stocked, and the destination.
+    let (customer, poor, sku, stocked, country) = match failing_step {
+        Some(0) => ("alice", false, "SOLDOUT", false, "DE"),
+        Some(1) => ("carol", true, "WIDGET", true, "DE"),
+        Some(_) => ("bob", false, "GADGET", true, "AQ"),
+        None if alice_or_bob => ("alice", false, "WIDGET", true, "DE"),
+        None => ("bob", false, "GADGET", true, "FR"),
+    };
+    let (customer, sku) = match spread {
+        0 => (customer.to_owned(), sku.to_owned()),
+        n => {
+            let kind = if poor {
+                spread_poor_customer
+            } else {
+                spread_customer
+            };
+            let sku = if stocked {
+                spread_sku(rng.gen_range(0..n))
+            } else {
+                sku.to_owned()
+            };
+            (kind(rng.gen_range(0..n)), sku)
         }
-    } else if rng.gen_bool(0.5) {
-        ("alice", "WIDGET", "DE")
-    } else {
-        ("bob", "GADGET", "FR")
     };
     OrderPlaced {
         order_id: Uuid::new_v4(),
-        customer_id: customer.into(),
+        customer_id: customer,
         items: vec![LineItem {
-            sku: sku.into(),
+            sku,
             quantity: 1,
-            unit_price_cents: 1_000,
+            unit_price_cents: ORDER_CENTS,
         }],
-        total_cents: 1_000,
+        total_cents: ORDER_CENTS,
         currency: "EUR".into(),
         shipping_address: Address {
             country: country.into(),
@@ -555,6 +593,66 @@ pub(crate) fn random_order_failing_at(failure_percent: u8, fail_at: FailAt) -> O
             postal_code: "10117".into(),
         },
     }
+}
+
+/// What every order of the load costs (one item).
+const ORDER_CENTS: i64 = 1_000;
+
+/// A spread customer who can pay for every order of any run.
+fn spread_customer(index: u32) -> String {
+    format!("spread-customer-{index}")
+}
+
+/// A spread customer whose balance is below one order's total: the payment is declined.
+fn spread_poor_customer(index: u32) -> String {
+    format!("spread-poor-{index}")
+}
+
+/// A spread SKU with stock for every order of any run.
+fn spread_sku(index: u32) -> String {
+    format!("SPREAD-{index}")
+}
+
+/// Adds the `spread` customers (each also of the poor kind) and SKUs to the deployment's
+/// database, as the demo data's migrations add theirs; ones already there are kept.
+async fn seed_spread(database_url: &str, spread: u32) -> anyhow::Result<()> {
+    let db = sqlx::PgPool::connect(database_url)
+        .await
+        .context("connecting to --database-url to add the spread's customers and SKUs")?;
+    let indexes: Vec<i64> = (0..i64::from(spread)).collect();
+    let names = |name: fn(u32) -> String| -> Vec<String> { (0..spread).map(name).collect() };
+    sqlx::query(
+        "INSERT INTO inventory.stock (sku, available) \
+         SELECT sku, 100000000 FROM unnest($1::text[]) AS sku ON CONFLICT (sku) DO NOTHING",
+    )
+    .bind(names(spread_sku))
+    .execute(&db)
+    .await
+    .context("adding the spread's SKUs to inventory.stock")?;
+    sqlx::query(
+        "INSERT INTO payment.accounts (customer_id, balance_cents, currency) \
+         SELECT customer, balance, 'EUR' \
+         FROM unnest($1::text[], $2::bigint[]) AS a (customer, balance) \
+         ON CONFLICT (customer_id) DO NOTHING",
+    )
+    .bind(
+        names(spread_customer)
+            .into_iter()
+            .chain(names(spread_poor_customer))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        indexes
+            .iter()
+            .map(|_| 100_000_000_000_i64)
+            .chain(indexes.iter().map(|_| ORDER_CENTS / 2))
+            .collect::<Vec<_>>(),
+    )
+    .execute(&db)
+    .await
+    .context("adding the spread's customers to payment.accounts")?;
+    db.close().await;
+    Ok(())
 }
 
 /// The sums of the `outbox_backlog` and `kafka_consumer_lag` gauges on a service's page at the
@@ -712,7 +810,7 @@ fn print_report(r: &Report) {
 
 #[cfg(test)]
 mod tests {
-    use super::{random_order_failing_at, FailAt};
+    use super::{random_order_failing_at, spread_order, FailAt};
 
     #[test]
     fn failing_orders_fail_at_the_chosen_step() {
@@ -729,5 +827,23 @@ mod tests {
             assert_ne!(order.customer_id, "carol");
             assert!(order.validate().is_ok());
         }
+    }
+
+    #[test]
+    fn spread_orders_use_the_spread_customers_and_skus() {
+        let mut customers = std::collections::BTreeSet::new();
+        for _ in 0..500 {
+            let order = spread_order(0, FailAt::Any, 8);
+            assert!(order.customer_id.starts_with("spread-customer-"));
+            assert!(order.items[0].sku.starts_with("SPREAD-"));
+            assert!(order.validate().is_ok());
+            customers.insert(order.customer_id);
+            let declined = spread_order(100, FailAt::Payment, 8);
+            assert!(declined.customer_id.starts_with("spread-poor-"));
+            let denied = spread_order(100, FailAt::Shipping, 8);
+            assert_eq!(denied.shipping_address.country, "AQ");
+            assert!(denied.items[0].sku.starts_with("SPREAD-"));
+        }
+        assert_eq!(customers.len(), 8, "every spread customer gets orders");
     }
 }
