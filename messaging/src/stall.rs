@@ -23,6 +23,14 @@
 //! every partition of the topics it subscribes to: records waiting beyond the group's committed
 //! offset, with that offset the same on two checks in a row, mean nobody in the group reads
 //! them, and the consumer is replaced too (a new member gets an assignment afresh).
+//!
+//! The same holds for part of an assignment: a KIP-848 member restarted while two of three
+//! brokers were down got one of the four partitions its share would have been and nothing more,
+//! the other live member kept its one, and the group read the other two for nobody until the
+//! run ended (the three-node chaos suite in CI: 115 orders waited 176 s, every service
+//! otherwise healthy). So a consumer whose own partitions are read looks at the rest of its
+//! topics' partitions the same way, and one unread by the group on two checks in a row
+//! replaces it too.
 
 use std::time::Duration;
 
@@ -78,9 +86,8 @@ pub struct StallWatch {
     after: Duration,
     last_progress: tokio::time::Instant,
     suspected: bool,
-    /// What the last check of an unassigned consumer saw waiting: (topic, partition, the
-    /// group's committed offset).
-    unread_before: Vec<(String, i32, Option<i64>)>,
+    /// What the last check saw waiting in the partitions this consumer does not hold.
+    unread_before: Vec<Unread>,
 }
 
 impl StallWatch {
@@ -107,83 +114,124 @@ impl StallWatch {
 
     /// Looks at the consumer's partitions against the broker's. `Some(why)` when the consumer
     /// was seen stuck on this check and the one before; a check that cannot tell (broker
-    /// unreachable, no assignment, a current-thread runtime that cannot block) clears the
-    /// suspicion.
+    /// unreachable, a current-thread runtime that cannot block) clears the suspicion.
     pub fn check(&mut self, consumer: &KafkaConsumer) -> Option<String> {
         // The next check is `after` from now, whatever this one finds.
         self.last_progress = tokio::time::Instant::now();
         let timeout = self.after.min(Duration::from_secs(5));
-        let stuck = match probe(consumer, timeout) {
-            Some(Probed::Assigned(views)) => {
-                self.unread_before.clear();
-                stuck(&views)
-            }
-            Some(Probed::Unassigned(views)) => {
-                let unread = unread(&views);
-                let still = unread_still(&self.unread_before, &unread);
-                self.unread_before = unread;
-                if still.is_empty() {
-                    self.suspected = false;
-                    return None;
-                }
-                // Seen unread on two checks: this is the second.
-                return Some(format!(
-                    "no partition assigned, while the group reads none of {}",
-                    still.join("; ")
-                ));
-            }
-            None => Vec::new(),
-        };
-        if stuck.is_empty() {
+        let probed = probe(consumer, timeout);
+        self.judge(probed)
+    }
+
+    /// What a check makes of what [`probe`] found (`None`: it could not tell).
+    fn judge(&mut self, probed: Option<Probed>) -> Option<String> {
+        let Some(Probed { assigned, others }) = probed else {
             self.suspected = false;
+            self.unread_before.clear();
+            return None;
+        };
+        let stuck = stuck(&assigned);
+        if !stuck.is_empty() {
+            self.unread_before.clear();
+            if !self.suspected {
+                self.suspected = true;
+                tracing::warn!(partitions = ?stuck, "the consumer received nothing while its partitions have records to read; checking again");
+                return None;
+            }
+            return Some(stuck.join("; "));
+        }
+        self.suspected = false;
+        // Its own partitions are read (or it holds none): does the group read the others?
+        self.unread_before = unread(&self.unread_before, &others);
+        let still = unread_still(&self.unread_before);
+        if still.is_empty() {
             return None;
         }
-        if !self.suspected {
-            self.suspected = true;
-            tracing::warn!(partitions = ?stuck, "the consumer received nothing while its partitions have records to read; checking again");
-            return None;
-        }
-        Some(stuck.join("; "))
+        let held = if assigned.is_empty() {
+            "no partition assigned".to_owned()
+        } else {
+            format!("{} partitions assigned and read", assigned.len())
+        };
+        Some(format!(
+            "{held}, while the group reads none of {}",
+            still.join("; ")
+        ))
     }
 }
 
-/// The partitions of `views` (an unassigned consumer's view of its topics, `next` being the
-/// group's committed offset) whose records wait to be read.
-fn unread(views: &[PartitionView]) -> Vec<(String, i32, Option<i64>)> {
+/// How many checks in a row a partition this consumer does not hold must stand still, records
+/// waiting beyond the group's same committed offset, before the consumer is replaced: three
+/// checks span two stall intervals (20 s by default), more than a killed member's partitions
+/// wait for its session to lapse (10 s on this project's brokers) and the next owner to
+/// commit, so a takeover in progress does not count.
+const UNREAD_CHECKS: u32 = 3;
+
+/// A partition this consumer does not hold with records waiting beyond the group's committed
+/// offset, and on how many checks in a row it was seen so at that offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unread {
+    topic: String,
+    partition: i32,
+    committed: Option<i64>,
+    checks: u32,
+}
+
+/// The partitions of `views` (the consumer's view of the partitions it does not hold, `next`
+/// being the group's committed offset) whose records wait to be read, each counted against
+/// `before` (the check before's): one more check when it stood still at the same offset.
+fn unread(before: &[Unread], views: &[PartitionView]) -> Vec<Unread> {
     views
         .iter()
         .filter(|view| view.behind_or_beyond())
-        .map(|view| (view.topic.clone(), view.partition, view.next))
+        .map(|view| {
+            let checks = before
+                .iter()
+                .find(|b| {
+                    b.topic == view.topic
+                        && b.partition == view.partition
+                        && b.committed == view.next
+                })
+                .map_or(1, |b| b.checks + 1);
+            Unread {
+                topic: view.topic.clone(),
+                partition: view.partition,
+                committed: view.next,
+                checks,
+            }
+        })
         .collect()
 }
 
-/// The partitions unread now at the same committed offset as on the check before (nobody in
+/// The partitions of `unread` that stood still on [`UNREAD_CHECKS`] checks in a row (nobody in
 /// the group moved them on), described.
-pub fn unread_still(
-    before: &[(String, i32, Option<i64>)],
-    now: &[(String, i32, Option<i64>)],
-) -> Vec<String> {
-    now.iter()
-        .filter(|partition| before.contains(partition))
-        .map(|(topic, partition, next)| {
+fn unread_still(unread: &[Unread]) -> Vec<String> {
+    unread
+        .iter()
+        .filter(|u| u.checks >= UNREAD_CHECKS)
+        .map(|u| {
             format!(
-                "{topic} [{partition}] (committed {})",
-                next.map_or_else(|| "none".to_owned(), |n| n.to_string())
+                "{} [{}] (committed {})",
+                u.topic,
+                u.partition,
+                u.committed
+                    .map_or_else(|| "none".to_owned(), |n| n.to_string())
             )
         })
         .collect()
 }
 
 /// What [`probe`] found.
-enum Probed {
-    /// The consumer's assigned partitions.
-    Assigned(Vec<PartitionView>),
-    /// It holds none: every partition of its topics, with the group's committed offsets.
-    Unassigned(Vec<PartitionView>),
+struct Probed {
+    /// The consumer's assigned partitions (none, possibly).
+    assigned: Vec<PartitionView>,
+    /// Every other partition of the topics it subscribes to, with the group's committed
+    /// offsets.
+    others: Vec<PartitionView>,
 }
 
-/// The consumer's assigned partitions against the broker's offsets, or, when it holds none,
-/// every partition of the topics it subscribes to. `None` when it cannot tell.
+/// The consumer's assigned partitions against the broker's offsets, and every other partition
+/// of the topics it subscribes to against the group's committed offsets. `None` when it
+/// cannot tell.
 fn probe(consumer: &KafkaConsumer, timeout: Duration) -> Option<Probed> {
     // These calls wait on the broker; only a multi-thread runtime can let a worker block.
     if tokio::runtime::Handle::try_current().ok()?.runtime_flavor()
@@ -193,26 +241,38 @@ fn probe(consumer: &KafkaConsumer, timeout: Duration) -> Option<Probed> {
     }
     tokio::task::block_in_place(|| {
         let positions = consumer.position().ok()?;
-        if positions.count() > 0 {
+        let assigned = if positions.count() > 0 {
             let committed = consumer.committed(timeout).ok()?;
-            return views(consumer, &positions, Some(&committed), timeout).map(Probed::Assigned);
-        }
-        let mut all = TopicPartitionList::new();
+            views(consumer, &positions, Some(&committed), timeout)?
+        } else {
+            Vec::new()
+        };
+        let mut others = TopicPartitionList::new();
         for element in consumer.subscription().ok()?.elements() {
             let metadata = consumer
                 .fetch_metadata(Some(element.topic()), timeout)
                 .ok()?;
             for topic in metadata.topics() {
                 for partition in topic.partitions() {
-                    all.add_partition(topic.name(), partition.id());
+                    if positions
+                        .find_partition(topic.name(), partition.id())
+                        .is_none()
+                    {
+                        others.add_partition(topic.name(), partition.id());
+                    }
                 }
             }
         }
-        if all.count() == 0 {
+        if assigned.is_empty() && others.count() == 0 {
             return None;
         }
-        let committed = consumer.committed_offsets(all, timeout).ok()?;
-        views(consumer, &committed, None, timeout).map(Probed::Unassigned)
+        let others = if others.count() == 0 {
+            Vec::new()
+        } else {
+            let committed = consumer.committed_offsets(others, timeout).ok()?;
+            views(consumer, &committed, None, timeout)?
+        };
+        Some(Probed { assigned, others })
     })
 }
 
@@ -283,15 +343,78 @@ mod tests {
         assert!(found[2].contains("its start"), "{found:?}");
     }
 
+    fn at(partition: i32, next: Option<i64>, high: i64) -> PartitionView {
+        PartitionView {
+            partition,
+            ..view(next, 0, high)
+        }
+    }
+
+    /// The CI failure this reads: a member holding partition 2 (read to its end) while the
+    /// group leaves 0 and 1 unread. Partition 0 standing still at the same committed offset on
+    /// three checks in a row replaces the consumer; 1, which the group moved on, does not count.
+    #[test]
+    fn a_consumer_whose_partitions_are_read_counts_the_ones_its_group_leaves_unread() {
+        let mut watch = StallWatch::new(Duration::from_secs(10));
+        let probed = |others: Vec<PartitionView>| {
+            Some(Probed {
+                assigned: vec![at(2, Some(40), 40)],
+                others,
+            })
+        };
+        assert_eq!(
+            watch.judge(probed(vec![
+                at(0, Some(3), 9),
+                at(1, Some(5), 9),
+                at(3, Some(9), 9)
+            ])),
+            None,
+            "the first sighting only notes them"
+        );
+        assert_eq!(
+            watch.judge(probed(vec![at(0, Some(3), 12), at(1, Some(7), 12)])),
+            None,
+            "two checks may be a takeover in progress"
+        );
+        let why = watch
+            .judge(probed(vec![at(0, Some(3), 12), at(1, Some(8), 12)]))
+            .expect("partition 0 stood still with records waiting");
+        assert!(why.starts_with("1 partitions assigned and read"), "{why}");
+        assert!(why.contains("t [0] (committed 3)"), "{why}");
+        assert!(!why.contains("t [1]"), "{why}");
+        // A check that cannot tell forgets what it saw.
+        assert_eq!(watch.judge(None), None);
+        assert_eq!(watch.judge(probed(vec![at(0, Some(3), 12)])), None);
+    }
+
+    /// Its own partition with records it did not read is the first suspicion, and the second
+    /// check replaces it; the group's other partitions do not count meanwhile.
+    #[test]
+    fn a_consumer_stuck_on_its_own_partitions_is_replaced_on_the_second_check() {
+        let mut watch = StallWatch::new(Duration::from_secs(10));
+        let probed = || {
+            Some(Probed {
+                assigned: vec![at(2, Some(3), 9)],
+                others: vec![at(0, Some(3), 9)],
+            })
+        };
+        assert_eq!(watch.judge(probed()), None);
+        let why = watch.judge(probed()).expect("stuck on its own partition");
+        assert!(why.contains("reads at 3 of 0..9"), "{why}");
+    }
+
     #[test]
     fn an_unassigned_consumer_counts_only_partitions_nobody_moved_on() {
-        let before = unread(&[view(Some(3), 0, 9)]);
-        // The group read on meanwhile: someone owns it.
-        assert!(unread_still(&before, &unread(&[view(Some(5), 0, 12)])).is_empty());
-        // New records, the same committed offset: nobody reads it.
-        let still = unread_still(&before, &unread(&[view(Some(3), 0, 12)]));
-        assert_eq!(still, vec!["t [0] (committed 3)".to_owned()]);
+        let first = unread(&[], &[view(Some(3), 0, 9)]);
+        // The group read on meanwhile: someone owns it, and the count starts again.
+        let moved = unread(&first, &[view(Some(5), 0, 12)]);
+        assert_eq!(moved[0].checks, 1);
+        // New records, the same committed offset, three checks: nobody reads it.
+        let second = unread(&first, &[view(Some(3), 0, 12)]);
+        assert!(unread_still(&second).is_empty());
+        let third = unread(&second, &[view(Some(3), 0, 14)]);
+        assert_eq!(unread_still(&third), vec!["t [0] (committed 3)".to_owned()]);
         // Caught up: nothing waits.
-        assert!(unread_still(&before, &unread(&[view(Some(9), 0, 9)])).is_empty());
+        assert!(unread(&third, &[view(Some(9), 0, 9)]).is_empty());
     }
 }
