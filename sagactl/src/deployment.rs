@@ -31,6 +31,15 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// The participants' names, comma-separated, for a message that names them.
+    pub fn participant_names(&self) -> String {
+        self.participants
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The definitions in `dir`, validated as the orchestrator validates them at start-up.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let files = definitions::load_dir(dir)

@@ -9,21 +9,8 @@
 //! prefix of the run's own, removed at the end. No broker or PostgreSQL fault: those servers are
 //! shared (`scripts/test.sh` runs the server faults in its own chaos phases).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn server() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// `sagactl chaos` with `args`, from the repository (its scripts and `.run`), on the test's
 /// servers and this build's service binaries.
@@ -31,16 +18,16 @@ fn chaos(args: &[&str]) -> Output {
     let sagactl = Path::new(env!("CARGO_BIN_EXE_sagactl"));
     let bin_dir = sagactl.parent().expect("sagactl's folder");
     Command::new(sagactl)
-        .current_dir(repository())
+        .current_dir(testkit::repository())
         .arg("chaos")
         .arg("--database-server")
-        .arg(server())
+        .arg(testkit::server_url())
         .arg("--kafka-brokers")
-        .arg(brokers())
+        .arg(testkit::brokers())
         .arg("--bin-dir")
         .arg(bin_dir)
         .arg("--sagas-dir")
-        .arg(repository().join("sagas"))
+        .arg(testkit::repository().join("sagas"))
         .args(args)
         .output()
         .expect("running sagactl chaos")
@@ -49,7 +36,7 @@ fn chaos(args: &[&str]) -> Output {
 /// The one value `sql` selects in `database`.
 fn psql(database: &str, sql: &str) -> String {
     let output = Command::new("psql")
-        .arg(format!("{}/{database}", server()))
+        .arg(format!("{}/{database}", testkit::server_url()))
         .args(["-XAtqc", sql])
         .output()
         .expect("running psql");
@@ -72,7 +59,7 @@ impl Drop for Kept {
         for database in [format!("chaos_{id}"), format!("chaos_{id}_payment")] {
             // Not `psql`: a drop must not panic, also while a failed assertion unwinds.
             let _ = Command::new("psql")
-                .arg(format!("{}/postgres", server()))
+                .arg(format!("{}/postgres", testkit::server_url()))
                 .args([
                     "-XAtqc",
                     &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
@@ -81,9 +68,9 @@ impl Drop for Kept {
         }
         let _ = Command::new(env!("CARGO_BIN_EXE_sagactl"))
             .args(["delete-topics", "--prefix", &format!("chaos-{id}.")])
-            .args(["--kafka-brokers", &brokers()])
+            .args(["--kafka-brokers", &testkit::brokers()])
             .status();
-        let _ = std::fs::remove_dir_all(repository().join(format!(".run/chaos-{id}")));
+        let _ = std::fs::remove_dir_all(testkit::repository().join(format!(".run/chaos-{id}")));
     }
 }
 

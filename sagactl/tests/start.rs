@@ -18,22 +18,9 @@ use uuid::Uuid;
 /// How long a saga may take, services' start-up included, on a machine others share.
 const WAIT: Duration = Duration::from_secs(120);
 
-fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn server() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn psql(sql: &str) {
     let status = Command::new("psql")
-        .arg(format!("{}/postgres", server()))
+        .arg(format!("{}/postgres", testkit::server_url()))
         .args(["-qc", sql])
         .status()
         .expect("running psql");
@@ -44,9 +31,9 @@ fn psql(sql: &str) {
 fn sagactl(args: &[&str], prefix: &str, stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sagactl"))
         .args(args)
-        .env("KAFKA_BROKERS", brokers())
+        .env("KAFKA_BROKERS", testkit::brokers())
         .env("TOPIC_PREFIX", prefix)
-        .env("SAGAS_DIR", repository().join("sagas"))
+        .env("SAGAS_DIR", testkit::repository().join("sagas"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -120,13 +107,13 @@ impl Deployment {
             let log = std::fs::File::create(deployment.logs.join(format!("{name}.log")))
                 .expect("a log file");
             let child = Command::new(&binary)
-                .env("KAFKA_BROKERS", brokers())
+                .env("KAFKA_BROKERS", testkit::brokers())
                 .env("TOPIC_PREFIX", &deployment.prefix)
                 .env(
                     "DATABASE_URL",
-                    format!("{}/{}", server(), deployment.database),
+                    format!("{}/{}", testkit::server_url(), deployment.database),
                 )
-                .env("SAGAS_DIR", repository().join("sagas"))
+                .env("SAGAS_DIR", testkit::repository().join("sagas"))
                 .env("HTTP_ADDR", http.to_string())
                 .env("API_OPEN_ON_LOOPBACK", "true")
                 .env("METRICS_ADDR", "127.0.0.1:0")
@@ -206,10 +193,10 @@ impl Drop for Deployment {
         }
         let _ = Command::new(env!("CARGO_BIN_EXE_sagactl"))
             .args(["delete-topics", "--prefix", &self.prefix])
-            .env("KAFKA_BROKERS", brokers())
+            .env("KAFKA_BROKERS", testkit::brokers())
             .output();
         let _ = Command::new("psql")
-            .arg(format!("{}/postgres", server()))
+            .arg(format!("{}/postgres", testkit::server_url()))
             .args([
                 "-qc",
                 &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
@@ -221,7 +208,7 @@ impl Drop for Deployment {
 
 /// A golden trigger message with `ids` replaced, its `type` left out (`start` puts it in).
 fn golden(message: &str, ids: &[(&str, &str)]) -> String {
-    let path = repository().join(format!("events/golden/{message}.json"));
+    let path = testkit::repository().join(format!("events/golden/{message}.json"));
     let text = std::fs::read_to_string(&path).expect("a golden file");
     let mut value: Value = serde_json::from_str(&text).expect("golden JSON");
     let fields = value.as_object_mut().expect("an object");
@@ -234,8 +221,8 @@ fn golden(message: &str, ids: &[(&str, &str)]) -> String {
 
 #[tokio::test]
 async fn a_saga_of_each_type_started_with_sagactl_start_completes() {
-    let definitions =
-        saga_core::definitions::load_dir(&repository().join("sagas")).expect("sagas/ loads");
+    let definitions = saga_core::definitions::load_dir(&testkit::repository().join("sagas"))
+        .expect("sagas/ loads");
     let types: BTreeSet<&str> = definitions.iter().map(|d| d.name.as_str()).collect();
     // A saga type added to sagas/ needs its trigger here (the return refunds the order).
     assert_eq!(
@@ -342,7 +329,7 @@ fn a_trigger_its_rules_refuse_is_not_published() {
     // No broker is needed: the message is refused before sagactl connects to one.
     let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
         .args(["start", "order", "--kafka-brokers", "127.0.0.1:1"])
-        .env("SAGAS_DIR", repository().join("sagas"))
+        .env("SAGAS_DIR", testkit::repository().join("sagas"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

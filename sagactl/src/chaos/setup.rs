@@ -240,12 +240,7 @@ fn own_database_services(args: &ChaosArgs, deployment: &Deployment) -> anyhow::R
         if !deployment.participants.iter().any(|p| &p.name == service) {
             bail!(
                 "--own-database {service}: not a participant of the definitions ({})",
-                deployment
-                    .participants
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                deployment.participant_names()
             );
         }
         if !services.contains(service) {

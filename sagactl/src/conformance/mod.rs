@@ -508,12 +508,7 @@ pub async fn run(args: ConformanceArgs) -> anyhow::Result<()> {
             format!(
                 "the saga definitions name no participant {} (they name: {})",
                 args.participant,
-                deployment
-                    .participants
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                deployment.participant_names()
             )
         })?;
     let targets: Vec<Target> = deployment
