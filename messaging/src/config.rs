@@ -84,7 +84,9 @@ pub struct KafkaConfig {
     /// After this long without a record, in milliseconds, the consume loop asks the broker
     /// whether its partitions hold records it should have read; stuck so on two checks in a
     /// row, the consumer is replaced by a new one (librdkafka can stop fetching a topic that
-    /// was deleted and created again without a word). 0: never.
+    /// was deleted and created again without a word). Its topics' other partitions are
+    /// checked too: one its group leaves unread on three checks in a row replaces it as well
+    /// (a KIP-848 member can be left with part of its share). 0: never.
     #[arg(long, env = "KAFKA_CONSUMER_STALL_MS", default_value_t = 10_000)]
     pub consumer_stall_ms: u64,
 

@@ -21,7 +21,7 @@
 //! no assignment and logged nothing, while the group kept its partitions from the other
 //! members (the three-node chaos runs found it). So a consumer without partitions looks at
 //! every partition of the topics it subscribes to: records waiting beyond the group's committed
-//! offset, with that offset the same on two checks in a row, mean nobody in the group reads
+//! offset, with that offset the same on three checks in a row, mean nobody in the group reads
 //! them, and the consumer is replaced too (a new member gets an assignment afresh).
 //!
 //! The same holds for part of an assignment: a KIP-848 member restarted while two of three
@@ -29,8 +29,8 @@
 //! the other live member kept its one, and the group read the other two for nobody until the
 //! run ended (the three-node chaos suite in CI: 115 orders waited 176 s, every service
 //! otherwise healthy). So a consumer whose own partitions are read looks at the rest of its
-//! topics' partitions the same way, and one unread by the group on two checks in a row
-//! replaces it too.
+//! topics' partitions the same way, and one unread by the group on as many checks replaces it
+//! too.
 
 use std::time::Duration;
 
