@@ -70,7 +70,60 @@ pub fn service_group(topic_prefix: &str, name: &str) -> String {
 /// The service's producers and consumers, whose context reports refusals to the connection's
 /// [`crate::access::AccessWatch`].
 pub type Producer = FutureProducer<WatchedContext>;
-pub type Consumer = StreamConsumer<WatchedContext>;
+
+/// A service's consumer (a [`StreamConsumer`] through `Deref`) whose drop waits at most
+/// [`CONSUMER_CLOSE_WAIT`] for librdkafka to close it.
+///
+/// rdkafka's own drop closes the consumer and polls until librdkafka says it is closed, with
+/// no bound. Closing leaves the group, and a cluster that refuses the process (its credential
+/// deleted while it ran) once kept that loop going past the test's 180 s: the access watch had
+/// tripped, the pipeline returned, and dropping its consumer never ended, so the process stayed
+/// up holding nothing. Here the close runs on a thread of its own; a close that takes longer is
+/// left to finish there, or with the process.
+pub struct Consumer(Option<StreamConsumer<WatchedContext>>);
+
+/// How long dropping a [`Consumer`] waits for its close (leaving the group): a leave answered in
+/// time hands its partitions over at once; one not answered is covered by the group's session.
+pub const CONSUMER_CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+impl std::ops::Deref for Consumer {
+    type Target = StreamConsumer<WatchedContext>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("a consumer is present until it is dropped")
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else {
+            return;
+        };
+        let (closed, wait) = std::sync::mpsc::channel();
+        let closing = std::thread::Builder::new()
+            .name("consumer-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = closed.send(());
+            });
+        match closing {
+            Ok(_) => {
+                if wait.recv_timeout(CONSUMER_CLOSE_WAIT).is_err() {
+                    tracing::warn!(
+                        wait_ms = CONSUMER_CLOSE_WAIT.as_millis() as u64,
+                        "the consumer did not close in time; leaving it to close in the background"
+                    );
+                }
+            }
+            // No thread to close it on: the consumer went with the closure, dropped here.
+            Err(e) => {
+                tracing::warn!(error.message = %e, "closing the consumer on a thread of its own failed")
+            }
+        }
+    }
+}
 
 /// Kafka record headers carrying `headers`.
 pub fn record_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
@@ -247,6 +300,7 @@ fn consumer_with_context(
         // Feeds the consumer-lag gauge and the readiness.
         .set("statistics.interval.ms", "1000")
         .create_with_context(context)
+        .map(|consumer| Consumer(Some(consumer)))
         .map_err(creating(
             &format!("consumer for group {group}"),
             &config.connection,
