@@ -619,7 +619,6 @@ async fn seed_spread(database_url: &str, spread: u32) -> anyhow::Result<()> {
     let db = sqlx::PgPool::connect(database_url)
         .await
         .context("connecting to --database-url to add the spread's customers and SKUs")?;
-    let indexes: Vec<i64> = (0..i64::from(spread)).collect();
     let names = |name: fn(u32) -> String| -> Vec<String> { (0..spread).map(name).collect() };
     sqlx::query(
         "INSERT INTO inventory.stock (sku, available) \
@@ -642,10 +641,8 @@ async fn seed_spread(database_url: &str, spread: u32) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     )
     .bind(
-        indexes
-            .iter()
-            .map(|_| 100_000_000_000_i64)
-            .chain(indexes.iter().map(|_| ORDER_CENTS / 2))
+        std::iter::repeat_n(100_000_000_000_i64, spread as usize)
+            .chain(std::iter::repeat_n(ORDER_CENTS / 2, spread as usize))
             .collect::<Vec<_>>(),
     )
     .execute(&db)

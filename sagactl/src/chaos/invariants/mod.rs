@@ -327,6 +327,32 @@ pub fn rows_of(by_key: &ByKey, key: &str, value: Option<i64>) -> (usize, usize) 
     (rows.len(), holding)
 }
 
+/// What finished sagas leave in one participant's table: its rows by saga key, and whether a
+/// completed saga's one row there must hold the saga's amount.
+pub struct Side {
+    pub rows: ByKey,
+    pub of_the_amount: bool,
+}
+
+/// Of `sagas`: how many completed ones lack exactly one row on every side (one holding the
+/// saga's amount where the side asks for it), and how many compensated ones left any row on
+/// any side.
+pub fn finished_wrong(sagas: &[Finished], sides: &[Side]) -> (usize, usize) {
+    let (mut completed_wrong, mut compensated_wrong) = (0, 0);
+    for saga in sagas {
+        let counts = sides.iter().map(|side| {
+            let (rows, holding) = rows_of(&side.rows, &saga.key, saga.amount);
+            (if side.of_the_amount { holding } else { rows }, rows)
+        });
+        if saga.state == "completed" {
+            completed_wrong += usize::from(!counts.clone().all(|(one, _)| one == 1));
+        } else {
+            compensated_wrong += usize::from(counts.clone().any(|(_, rows)| rows > 0));
+        }
+    }
+    (completed_wrong, compensated_wrong)
+}
+
 /// Of the sagas of type `saga`: how many of `keys` have none, and how many there are in all
 /// but those `garbage` started.
 async fn sagas_per_key(
@@ -388,6 +414,37 @@ mod tests {
         assert_eq!(rows_of(&charged, "b", Some(700)), (2, 1));
         assert_eq!(rows_of(&charged, "b", None), (2, 0));
         assert_eq!(rows_of(&charged, "c", Some(500)), (0, 0));
+    }
+
+    /// A completed saga needs exactly one row on each side (the charge of its amount); a
+    /// compensated one none anywhere.
+    #[test]
+    fn finished_sagas_are_checked_against_every_side() {
+        let finished = |key: &str, state: &str| Finished {
+            key: key.to_owned(),
+            state: state.to_owned(),
+            amount: Some(500),
+        };
+        let sides = [
+            Side {
+                rows: ByKey::from([("ok".to_owned(), vec![0]), ("kept".to_owned(), vec![0])]),
+                of_the_amount: false,
+            },
+            Side {
+                rows: ByKey::from([
+                    ("ok".to_owned(), vec![500]),
+                    ("short".to_owned(), vec![400]),
+                ]),
+                of_the_amount: true,
+            },
+        ];
+        let sagas = [
+            finished("ok", "completed"),
+            finished("short", "completed"),
+            finished("kept", "compensated"),
+            finished("clean", "compensated"),
+        ];
+        assert_eq!(finished_wrong(&sagas, &sides), (1, 1));
     }
 
     #[test]

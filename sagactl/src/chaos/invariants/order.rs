@@ -2,8 +2,8 @@
 //! compensated one left in the inventory's, payment's and shipping's tables.
 
 use super::{
-    count, finished_sagas, rows_by_key, rows_of, sagas_per_key, Books, Check, Checking, Databases,
-    Invariant,
+    count, finished_sagas, finished_wrong, rows_by_key, sagas_per_key, Books, Check, Checking,
+    Databases, Invariant, Side,
 };
 
 const SAGA: &str = "order";
@@ -38,41 +38,36 @@ impl Invariant for OrderSaga {
             )];
             // Each participant's side read from its own database, joined here by the order id.
             let sagas = finished_sagas(db, SAGA, "total_cents").await?;
-            let reserved = rows_by_key(
-                db,
-                "inventory",
-                "SELECT order_id::text, 0::bigint FROM inventory.reservations WHERE status = 'reserved'",
-            )
-            .await?;
-            let charged = rows_by_key(
-                db,
-                "payment",
-                "SELECT order_id::text, amount_cents FROM payment.payments WHERE status = 'charged'",
-            )
-            .await?;
-            let shipped = rows_by_key(
-                db,
-                "shipping",
-                "SELECT order_id::text, 0::bigint FROM shipping.shipments",
-            )
-            .await?;
-            let (mut completed_wrong, mut compensated_wrong) = (0, 0);
-            for saga in &sagas {
-                let (reservations, _) = rows_of(&reserved, &saga.key, None);
-                let (charges, charges_of_total) = rows_of(&charged, &saga.key, saga.amount);
-                let (shipments, _) = rows_of(&shipped, &saga.key, None);
-                match saga.state.as_str() {
-                    "completed" => {
-                        completed_wrong += usize::from(
-                            !(reservations == 1 && charges_of_total == 1 && shipments == 1),
-                        );
-                    }
-                    _ => {
-                        compensated_wrong +=
-                            usize::from(reservations > 0 || charges > 0 || shipments > 0);
-                    }
-                }
-            }
+            let sides = [
+                Side {
+                    rows: rows_by_key(
+                        db,
+                        "inventory",
+                        "SELECT order_id::text, 0::bigint FROM inventory.reservations WHERE status = 'reserved'",
+                    )
+                    .await?,
+                    of_the_amount: false,
+                },
+                Side {
+                    rows: rows_by_key(
+                        db,
+                        "payment",
+                        "SELECT order_id::text, amount_cents FROM payment.payments WHERE status = 'charged'",
+                    )
+                    .await?,
+                    of_the_amount: true,
+                },
+                Side {
+                    rows: rows_by_key(
+                        db,
+                        "shipping",
+                        "SELECT order_id::text, 0::bigint FROM shipping.shipments",
+                    )
+                    .await?,
+                    of_the_amount: false,
+                },
+            ];
+            let (completed_wrong, compensated_wrong) = finished_wrong(&sagas, &sides);
             results.push(Check::new(
                 "completed: one reservation, one charge of the total, one shipment",
                 completed_wrong == 0,

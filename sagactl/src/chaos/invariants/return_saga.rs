@@ -2,7 +2,8 @@
 //! compensated one left in the returns', inventory's and payment's tables.
 
 use super::{
-    finished_sagas, rows_by_key, rows_of, sagas_per_key, Books, Check, Checking, Invariant,
+    finished_sagas, finished_wrong, rows_by_key, sagas_per_key, Books, Check, Checking, Invariant,
+    Side,
 };
 
 const SAGA: &str = "return";
@@ -28,40 +29,36 @@ impl Invariant for ReturnSaga {
             )];
             // Each participant's side read from its own database, joined here by the return id.
             let sagas = finished_sagas(db, SAGA, "refund_cents").await?;
-            let received = rows_by_key(
-                db,
-                "returns",
-                "SELECT return_id::text, 0::bigint FROM returns.returns WHERE status = 'received'",
-            )
-            .await?;
-            let restocked = rows_by_key(
-                db,
-                "inventory",
-                "SELECT return_id::text, 0::bigint FROM inventory.restocks WHERE status = 'restocked'",
-            )
-            .await?;
-            let refunded = rows_by_key(
-                db,
-                "payment",
-                "SELECT return_id::text, amount_cents FROM payment.return_refunds",
-            )
-            .await?;
-            let (mut completed_wrong, mut compensated_wrong) = (0, 0);
-            for saga in &sagas {
-                let (receipts, _) = rows_of(&received, &saga.key, None);
-                let (restocks, _) = rows_of(&restocked, &saga.key, None);
-                let (refunds, refunds_in_full) = rows_of(&refunded, &saga.key, saga.amount);
-                match saga.state.as_str() {
-                    "completed" => {
-                        completed_wrong +=
-                            usize::from(!(receipts == 1 && restocks == 1 && refunds_in_full == 1));
-                    }
-                    _ => {
-                        compensated_wrong +=
-                            usize::from(receipts > 0 || restocks > 0 || refunds > 0);
-                    }
-                }
-            }
+            let sides = [
+                Side {
+                    rows: rows_by_key(
+                        db,
+                        "returns",
+                        "SELECT return_id::text, 0::bigint FROM returns.returns WHERE status = 'received'",
+                    )
+                    .await?,
+                    of_the_amount: false,
+                },
+                Side {
+                    rows: rows_by_key(
+                        db,
+                        "inventory",
+                        "SELECT return_id::text, 0::bigint FROM inventory.restocks WHERE status = 'restocked'",
+                    )
+                    .await?,
+                    of_the_amount: false,
+                },
+                Side {
+                    rows: rows_by_key(
+                        db,
+                        "payment",
+                        "SELECT return_id::text, amount_cents FROM payment.return_refunds",
+                    )
+                    .await?,
+                    of_the_amount: true,
+                },
+            ];
+            let (completed_wrong, compensated_wrong) = finished_wrong(&sagas, &sides);
             results.push(Check::new(
                 "completed returns: received, restocked, refunded once in full",
                 completed_wrong == 0,
