@@ -47,9 +47,10 @@ pub struct KafkaConfig {
 
     /// Longest time the broker may hold a fetch request waiting for data (fetch.wait.max.ms).
     /// Kafka answers a fetch as soon as data arrives, so this only sets how often an idle
-    /// consumer asks again: 100 gave the highest broker ceiling with the same saga latency as
-    /// 25 (BENCHMARKS.md). The Nisshi stand-in holds every fetch for part of it; 25 suits it.
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
+    /// consumer asks again: at 500 the broker at rest spends half what it did at 100, with the
+    /// same saga latency (BENCHMARKS.md, "At rest"). The Nisshi stand-in holds every fetch for
+    /// part of it; 25 suits it.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 500)]
     pub fetch_wait_max_ms: u32,
 
     /// Consumer group session timeout: how soon a crashed member's partitions move (classic

@@ -9,7 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, FutureProducer, Producer as _};
+use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::ClientConfig;
 
 use crate::access::{KafkaConnection, Refusal, WatchedContext};
@@ -67,9 +67,8 @@ pub fn service_group(topic_prefix: &str, name: &str) -> String {
     format!("{topic_prefix}{name}")
 }
 
-/// The service's producers and consumers, whose context reports refusals to the connection's
-/// [`crate::access::AccessWatch`].
-pub type Producer = FutureProducer<WatchedContext>;
+mod producer;
+pub use producer::{DeliveryContext, DeliveryFuture, Producer};
 
 /// A service's consumer (a [`StreamConsumer`] through `Deref`) whose drop waits at most
 /// [`CONSUMER_CLOSE_WAIT`] for librdkafka to close it.
@@ -183,16 +182,16 @@ pub fn producer(config: &KafkaConfig) -> Result<Producer> {
 /// [`Error::Kafka`] when librdkafka refuses the configuration, [`Error::ClientProperties`]
 /// when the properties file cannot be used.
 pub fn producer_with_timeout(config: &KafkaConfig, message_timeout: Duration) -> Result<Producer> {
-    with_debug(
+    let mut settings = with_debug(
         producer_settings(&config.connection, config.linger_ms)?,
         config,
-    )
-    .set(
+    );
+    settings.set(
         "message.timeout.ms",
         message_timeout.as_millis().max(1).to_string(),
-    )
-    .create_with_context(watched(&config.connection))
-    .map_err(creating("producer", &config.connection))
+    );
+    Producer::create(&settings, watched(&config.connection))
+        .map_err(creating("producer", &config.connection))
 }
 
 pub(crate) fn watched(connection: &KafkaConnection) -> WatchedContext {

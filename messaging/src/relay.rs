@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureRecord, Producer as _};
 
 use crate::access::Refusal;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -606,7 +606,7 @@ impl Relay {
     /// producer and may still arrive: a duplicate of what the row publishes later, in order.
     async fn await_wave<'a>(
         &self,
-        deliveries: Vec<(&'a OutboxRow, (DeliveryFuture, tracing::Span))>,
+        deliveries: Vec<(&'a OutboxRow, (kafka::DeliveryFuture, tracing::Span))>,
         enqueued: Instant,
         published: &mut Published,
         held: &mut HashSet<(&'a str, &'a [u8])>,
@@ -836,7 +836,7 @@ async fn probe(
 fn send(
     producer: &kafka::Producer,
     row: &OutboxRow,
-) -> Result<(DeliveryFuture, tracing::Span), KafkaError> {
+) -> Result<(kafka::DeliveryFuture, tracing::Span), KafkaError> {
     let mut headers = to_header_map(&row.headers);
     let span = tracing::info_span!("publish", otel.kind = "producer", topic = %row.topic);
     telemetry::extract(&span, &headers);
@@ -853,7 +853,6 @@ fn send(
     producer
         .send_result(record)
         .map(|delivery| (delivery, span))
-        .map_err(|(e, _)| e)
 }
 
 impl Published {

@@ -214,7 +214,6 @@ impl RoundTrips {
                 )
                 .await
                 .map(|_| ())
-                .map_err(|(e, _)| e)
                 .context("producing")
         }
     }

@@ -47,7 +47,7 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 60)]
     settle_timeout_secs: u64,
     /// fetch.wait.max.ms of the consumer that watches saga.events.
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 500)]
     fetch_wait_max_ms: u32,
     /// Also write the result as JSON to this file.
     #[arg(long)]

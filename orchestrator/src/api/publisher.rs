@@ -147,11 +147,7 @@ async fn send_with(
         .key(key)
         .payload(payload)
         .headers(headers);
-    producer
-        .send(record, timeout)
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| e)
+    producer.send(record, timeout).await.map(|_| ())
 }
 
 /// Whether `a` and `b` are handles of one librdkafka producer.
