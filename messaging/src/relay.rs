@@ -157,6 +157,16 @@ enum ProbeOutcome {
     Inconclusive(ProbeInconclusive),
 }
 
+/// What ended the relay's wait for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woken {
+    /// The poll interval ran out with no notification.
+    ByPoll,
+    /// A commit in this process, a `NOTIFY`, the listener's state, or the relay's own state
+    /// (its start, a full batch, stopping).
+    ByWork,
+}
+
 /// The relay's session that LISTENs for the outbox's notifications ([`Relay::wait_for_work`]).
 enum Listening {
     /// Listening; `heard` is when its connection last proved alive (a notification, or an
@@ -242,6 +252,7 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // Whether the last batch found the database silent (its call ran out of time).
         let mut unanswered = false;
+        let mut woken = Woken::ByWork;
         loop {
             let stopping = stop.is_cancelled();
             if stopping && unanswered {
@@ -253,7 +264,9 @@ impl Relay {
             if !stopping {
                 self.start_probe();
             }
-            let published = self.publish_batch().await;
+            let published = self
+                .publish_batch(std::mem::replace(&mut woken, Woken::ByWork))
+                .await;
             unanswered = matches!(published, Err(crate::Error::Deadline(_)));
             match published {
                 Ok(true) => continue,
@@ -274,7 +287,7 @@ impl Relay {
                 break;
             }
             let poll = self.next_wake();
-            self.wait_for_work(&mut listening, &stop, poll).await;
+            woken = self.wait_for_work(&mut listening, &stop, poll).await;
         }
         if let Some(probe) = self.probe.take() {
             probe.abort();
@@ -363,7 +376,7 @@ impl Relay {
         listening: &mut Listening,
         stop: &CancellationToken,
         poll: Duration,
-    ) {
+    ) -> Woken {
         if matches!(listening, Listening::Down) {
             *listening = Listening::Starting(self.start_listening());
         }
@@ -389,9 +402,9 @@ impl Relay {
                 }
             };
             tokio::select! {
-                _ = &mut poll => return,
-                _ = stop.cancelled() => return,
-                _ = self.outbox_written.notified() => return,
+                _ = &mut poll => return Woken::ByPoll,
+                _ = stop.cancelled() => return Woken::ByWork,
+                _ = self.outbox_written.notified() => return Woken::ByWork,
                 _ = check => {
                     let Listening::Ready { listener, heard } = listening else {
                         continue;
@@ -402,7 +415,7 @@ impl Relay {
                             tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "outbox listener does not answer; polling until it listens again");
                             *listening = Listening::Down;
                             self.pause(poll.deadline(), stop).await;
-                            return;
+                            return Woken::ByWork;
                         }
                     }
                 }
@@ -412,31 +425,31 @@ impl Relay {
                             *heard = Instant::now();
                         }
                         if notification.payload() == self.schema {
-                            return;
+                            return Woken::ByWork;
                         }
                     }
                     Heard::Notification(Err(e)) => {
                         tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "outbox listener failed; polling until it listens again");
                         *listening = Listening::Down;
                         self.pause(poll.deadline(), stop).await;
-                        return;
+                        return Woken::ByWork;
                     }
                     Heard::Attempt(Ok(Ok(listener))) => {
                         tracing::info!(schema = %self.schema, "listening for outbox notifications");
                         *listening = Listening::Ready { listener, heard: Instant::now() };
-                        return;
+                        return Woken::ByWork;
                     }
                     Heard::Attempt(Ok(Err(e))) => {
                         tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "cannot LISTEN for outbox notifications; polling until it can");
                         *listening = Listening::Down;
                         self.pause(poll.deadline(), stop).await;
-                        return;
+                        return Woken::ByWork;
                     }
                     Heard::Attempt(Err(e)) => {
                         tracing::warn!(error.message = %crate::Chain(&e), schema = %self.schema, "the attempt to LISTEN ended abnormally; polling until one listens");
                         *listening = Listening::Down;
                         self.pause(poll.deadline(), stop).await;
-                        return;
+                        return Woken::ByWork;
                     }
                 },
             }
@@ -458,23 +471,32 @@ impl Relay {
     /// and the commit) each end within `DATABASE_CALL_TIMEOUT_MS`; the wait for the broker
     /// between them is bounded by `OUTBOX_ACK_WAIT_MS` per wave. A connection whose call ran out
     /// is closed, not put back in the pool (see [`crate::consumer`]).
-    async fn publish_batch(&mut self) -> Result<bool> {
+    async fn publish_batch(&mut self, woken: Woken) -> Result<bool> {
         let limit = self.call_timeout;
         let mut connection = tokio::time::timeout(limit, self.pool.acquire())
             .await
             .map_err(|_| crate::db::DeadlineExceeded { limit })??;
-        let published = self.publish_batch_on(&mut connection).await;
+        let published = self.publish_batch_on(&mut connection, woken).await;
         if matches!(published, Err(crate::Error::Deadline(_))) {
             drop(connection.detach());
         }
         published
     }
 
-    /// [`Relay::publish_batch`] on `connection`.
-    async fn publish_batch_on(&mut self, connection: &mut PgConnection) -> Result<bool> {
+    /// [`Relay::publish_batch`] on `connection`. Woken by the poll alone, it first asks
+    /// whether any row waits, in one autocommit statement: at rest that is all a poll costs,
+    /// where the claim's transaction is three round trips that find nothing.
+    async fn publish_batch_on(
+        &mut self,
+        connection: &mut PgConnection,
+        woken: Woken,
+    ) -> Result<bool> {
         self.inject_fatal_error();
         let limit = self.call_timeout;
         let failing = self.destinations.failing_topics();
+        if woken == Woken::ByPoll && !within(limit, rows_waiting(connection, &failing)).await?? {
+            return Ok(false);
+        }
         // The transaction waits for the broker's acknowledgements (up to OUTBOX_ACK_WAIT_MS a
         // wave): the sessions' bound on idling in a transaction (`db::session_settings`) is
         // lifted for it. A relay cut off from the database keeps its rows locked until the
@@ -764,6 +786,17 @@ async fn within<F: std::future::Future>(
 /// the first row always goes. The rows after the run stay locked until the transaction ends
 /// but are not sent to the relay (one read of each row: a second lookup per row by id cost
 /// twice as much).
+/// Whether the outbox holds a row for a destination that is not failing (locked by another
+/// instance's relay or not).
+async fn rows_waiting(conn: &mut PgConnection, failing: &[String]) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM outbox WHERE topic <> ALL($1)) AS "waiting!""#,
+        failing,
+    )
+    .fetch_one(conn)
+    .await
+}
+
 async fn claim(
     conn: &mut PgConnection,
     batch_size: i64,

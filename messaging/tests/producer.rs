@@ -30,7 +30,8 @@ async fn deliveries_are_answered_and_the_polling_thread_ends_with_the_last_handl
 
     let producer = messaging::kafka::producer(&config).expect("producer");
     let handle = producer.clone();
-    assert_eq!(polling_threads(), before + 1, "one thread for both handles");
+    // A new thread names itself once it runs.
+    threads_become(before + 1, "the producer's polling thread to start").await;
 
     // A delivery is answered by the broker, through the polling thread, at its offset.
     let first = producer
@@ -64,14 +65,24 @@ async fn deliveries_are_answered_and_the_polling_thread_ends_with_the_last_handl
     );
 
     drop(producer);
-    assert_eq!(polling_threads(), before + 1, "a handle is still alive");
+    assert_eq!(
+        polling_threads(),
+        before + 1,
+        "one thread for both handles, one still alive"
+    );
     drop(handle);
+    threads_become(
+        before,
+        "the polling thread to end with its producer's last handle",
+    )
+    .await;
+}
+
+/// Waits until `expected` producer polling threads run, for 5 s at most.
+async fn threads_become(expected: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while polling_threads() > before {
-        assert!(
-            Instant::now() < deadline,
-            "the polling thread outlived its producer by 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while polling_threads() != expected {
+        assert!(Instant::now() < deadline, "waited 5 s for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

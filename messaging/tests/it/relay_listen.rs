@@ -220,3 +220,43 @@ async fn a_first_listen_on_a_silent_connection_is_bounded() {
     .await;
     a_notified_row_goes_out_and_the_relay_stops(&setup, stop, running).await;
 }
+
+/// A row nobody announced (written by a process that crashed before waking its relay, or
+/// without a `NOTIFY`) goes out at the next poll, through the poll's first look at whether
+/// any row waits. The relay listens all along here, so only the poll can find the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unannounced_row_goes_out_at_the_poll() {
+    let setup = setup("relay_listen_poll").await;
+    let relay = Relay::new(
+        setup.direct.clone(),
+        setup.topics.kafka_config(1),
+        SCHEMA,
+        RelayConfig {
+            outbox_poll_interval_ms: 300,
+            ..RelayConfig::default()
+        },
+        FaultConfig::default(),
+    )
+    .expect("relay")
+    .with_call_timeout(CALL_TIMEOUT);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(relay.run(stop.clone()));
+    eventually_within(LISTENS_AGAIN_WITHIN, "the relay to listen", || async {
+        (listening_sessions(&setup.direct).await == 1).then_some(())
+    })
+    .await;
+    // Several polls find nothing first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("INSERT INTO outbox (topic, message_key, payload) VALUES ($1, 'k', 'quiet')")
+        .bind(&setup.topic)
+        .execute(&setup.direct)
+        .await
+        .expect("insert an outbox row without a notification");
+    published_within(
+        &setup.direct,
+        Duration::from_secs(5),
+        "the poll to find the unannounced row",
+    )
+    .await;
+    a_notified_row_goes_out_and_the_relay_stops(&setup, stop, running).await;
+}
