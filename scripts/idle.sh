@@ -15,12 +15,15 @@ bench_start_stack
 "$BENCH_SAGACTL" load --orders 20 --in-flight 1 >/dev/null
 sleep "${IDLE_SETTLE_SECS:-10}"
 
-names=("${BENCH_NAMES[@]}")
-roots=("${BENCH_PIDS[@]}")
-broker_pid_file="$ROOT/.run/broker/broker.pid"
-if [[ -f "$broker_pid_file" ]]; then names+=(broker); roots+=("$(cat "$broker_pid_file")"); fi
-postmaster_pid="$(head -1 /var/run/postgresql/*-main.pid 2>/dev/null || true)"
-if [[ -n "$postmaster_pid" ]]; then names+=(postgres); roots+=("$postmaster_pid"); fi
+# The processes bench_start_stack accounts for (its `--process NAME=PID` arguments): the
+# services, the broker's JVM (or the secured cluster's nodes) and the postmaster.
+names=() roots=()
+for k in "${!BENCH_ACCOUNTING[@]}"; do
+  [[ ${BENCH_ACCOUNTING[$k]} == --process ]] || continue
+  process="${BENCH_ACCOUNTING[$((k + 1))]}"
+  names+=("${process%%=*}")
+  roots+=("${process#*=}")
+done
 
 # ticks ROOT: user + system clock ticks of ROOT and its direct children (PostgreSQL's backends
 # are the postmaster's children; a backend that ended during the window is not counted).

@@ -781,11 +781,6 @@ async fn within<F: std::future::Future>(
         .map_err(|_| crate::db::DeadlineExceeded { limit })
 }
 
-/// Locks the lowest `batch_size` rows of the destinations not in `failing` and returns the
-/// longest run of them, from the first, whose bytes (payload, key, headers) fit `max_bytes`;
-/// the first row always goes. The rows after the run stay locked until the transaction ends
-/// but are not sent to the relay (one read of each row: a second lookup per row by id cost
-/// twice as much).
 /// Whether the outbox holds a row for a destination that is not failing (locked by another
 /// instance's relay or not).
 async fn rows_waiting(conn: &mut PgConnection, failing: &[String]) -> sqlx::Result<bool> {
@@ -797,6 +792,11 @@ async fn rows_waiting(conn: &mut PgConnection, failing: &[String]) -> sqlx::Resu
     .await
 }
 
+/// Locks the lowest `batch_size` rows of the destinations not in `failing` and returns the
+/// longest run of them, from the first, whose bytes (payload, key, headers) fit `max_bytes`;
+/// the first row always goes. The rows after the run stay locked until the transaction ends
+/// but are not sent to the relay (one read of each row: a second lookup per row by id cost
+/// twice as much).
 async fn claim(
     conn: &mut PgConnection,
     batch_size: i64,

@@ -50,8 +50,8 @@ async fn deliveries_are_answered_and_the_polling_thread_ends_with_the_last_handl
     assert_eq!(second.partition, first.partition, "one key, one partition");
     assert_eq!(second.offset, first.offset + 1);
 
-    // A record librdkafka cannot take comes back at once, with its reason.
-    // Larger than librdkafka takes (message.max.bytes, 1 MB by default).
+    // A record larger than librdkafka takes (message.max.bytes, 1 MB by default) comes back at
+    // once, with its reason.
     let too_big = vec![0u8; 4 * 1024 * 1024];
     let refused = producer
         .send(
