@@ -108,6 +108,11 @@ pub fn well_formed(definition: &SagaDefinition, key: u8, ids: &[u8]) -> Made {
     Made { message, key }
 }
 
+/// The most scalars an edited message holds through repeated lists: room for the contract's
+/// longest lists (100 items of a few fields each) to pass their bound, and few enough to walk
+/// for every edit.
+const MAX_LEAVES: usize = 1024;
+
 /// A well-formed trigger message with `edits` applied, in order, which its contract may
 /// refuse. The key is the one it was made with (an edit may change or remove it).
 pub fn edited(definition: &SagaDefinition, key: u8, ids: &[u8], edits: &[Edit]) -> Made {
@@ -119,13 +124,18 @@ pub fn edited(definition: &SagaDefinition, key: u8, ids: &[u8], edits: &[Edit]) 
             Edit::Integer { field, value } => (field, Some(Value::from(*value))),
             Edit::Remove { field } => (field, None),
             Edit::Repeat { list, times } => {
+                // Repeating a list whose first element holds a list, again and again, grows
+                // the message geometrically: an input did so until walking it for each later
+                // edit took longer than libFuzzer's timeout. Copies stop at MAX_LEAVES.
+                let room = MAX_LEAVES.saturating_sub(leaves(message).len());
                 let lists = lists(message);
                 if let Some(Value::Array(items)) = pick(&lists, *list)
                     .cloned()
                     .and_then(|p| message.pointer_mut(&p))
                 {
                     if let Some(first) = items.first().cloned() {
-                        items.extend(std::iter::repeat_n(first, usize::from(*times)));
+                        let copies = usize::from(*times).min(room / leaves(&first).len().max(1));
+                        items.extend(std::iter::repeat_n(first, copies));
                     }
                 }
                 continue;
