@@ -28,14 +28,14 @@ use kafka_record::trace_headers;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::Message;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::access::Refusal;
 use crate::backoff::Backoff;
 use crate::config::FaultConfig;
+use crate::db::{Kept, KeptConnection};
 use crate::health::Health;
 use crate::kafka::Consumer as KafkaConsumer;
 use crate::metrics;
@@ -355,7 +355,7 @@ pub async fn wait_for_database(
     shutdown: &CancellationToken,
 ) -> bool {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let database = Database::new(pool, deadlines, health);
+    let mut database = Database::new(pool, deadlines, health);
     loop {
         let probe = async {
             let (mut connection, call) = database.acquire().await?;
@@ -420,6 +420,8 @@ struct Database<'a> {
     health: &'a Health,
     /// When the first call of the failures that have not ended yet began.
     unavailable_since: Option<Instant>,
+    /// The connection of the last call that ended well, for the next.
+    kept: KeptConnection,
 }
 
 impl<'a> Database<'a> {
@@ -429,6 +431,7 @@ impl<'a> Database<'a> {
             deadlines,
             health,
             unavailable_since: None,
+            kept: KeptConnection::default(),
         }
     }
 
@@ -445,26 +448,30 @@ impl<'a> Database<'a> {
         }
     }
 
-    /// A connection for the next call, and the call's deadline.
-    async fn acquire(&self) -> Result<(PoolConnection<Postgres>, Call), HandlerError> {
+    /// A connection for the next call (the last call's, when it ended well), and the call's
+    /// deadline.
+    async fn acquire(&mut self) -> Result<(Kept, Call), HandlerError> {
         let limit = self.next_deadline();
         let call = Call {
             until: tokio::time::Instant::now() + limit,
             limit,
         };
-        match tokio::time::timeout_at(call.until, self.pool.acquire()).await {
+        match tokio::time::timeout_at(call.until, self.kept.take(self.pool)).await {
             Ok(connection) => Ok((connection?, call)),
             Err(_) => Err(HandlerError::unavailable(DeadlineExceeded { limit })),
         }
     }
 
-    /// The error of a call that ran out of time on `connection`. The connection is closed:
-    /// back in the pool, sqlx would first test it with a ping that waits behind the call's
-    /// lost answers (as long as the operating system keeps the socket) while holding one of
-    /// the pool's places; and its transaction is rolled back by the server when the session
-    /// ends (or when it stays idle in it: [`crate::db::session_settings`]).
-    fn ran_out(connection: PoolConnection<Postgres>, call: Call) -> HandlerError {
-        drop(connection.detach());
+    /// Keeps `connection`, whose call ended well, for the next call.
+    fn keep(&mut self, connection: Kept) {
+        self.kept.keep(connection);
+    }
+
+    /// The error of a call that ran out of time on `connection`. The connection is closed, not
+    /// kept, and its transaction is rolled back by the server when the session ends (or when
+    /// it stays idle in it: [`crate::db::session_settings`]).
+    fn ran_out(connection: Kept, call: Call) -> HandlerError {
+        drop(connection);
         HandlerError::unavailable(DeadlineExceeded { limit: call.limit })
     }
 
@@ -774,7 +781,7 @@ struct Handled {
 /// The whole call (a connection, the transaction, its commit) has the database's next deadline
 /// ([`Database::next_deadline`]).
 async fn handle_in_one_transaction<H: Handler>(
-    database: &Database<'_>,
+    database: &mut Database<'_>,
     handler: &H,
     records: &[Record],
     dead_letters: &DeadLetters,
@@ -788,6 +795,7 @@ async fn handle_in_one_transaction<H: Handler>(
         Ok(handled) => handled?,
         Err(_) => return Err(Database::ran_out(connection, call)),
     };
+    database.keep(connection);
     let elapsed = received.elapsed().as_secs_f64();
     for (record, outcome) in records.iter().zip(&handled.outcomes) {
         count_handled(record, outcome, elapsed);
@@ -819,9 +827,11 @@ async fn transaction<H: Handler>(
         let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         let mut outbox = Outbox::default();
         if savepoints == Savepoints::None {
-            // Dropping `tx` on an error rolls it back.
             if let Err(e) = handler.handle_batch(&mut tx, &mut outbox, records).await {
                 stopped_by = Some(e);
+                // Rolled back now, not when the connection is next used: it is kept, and the
+                // next try may come only after a pause (its locks must not wait with it).
+                tx.rollback().await?;
                 return Ok(());
             }
             outcomes.resize(records.len(), "handled");
@@ -988,7 +998,7 @@ pub fn dead_letter_copy(
 
 /// Dead-letters `record` in a transaction of its own, within the database's next deadline.
 async fn dead_letter(
-    database: &Database<'_>,
+    database: &mut Database<'_>,
     record: &Record,
     dead_letters: &DeadLetters,
     reason: &str,
@@ -1005,7 +1015,11 @@ async fn dead_letter(
     // Bound first: the timed-out call's borrow of the connection ends with the statement.
     let outcome = tokio::time::timeout_at(call.until, work).await;
     match outcome {
-        Ok(done) => done,
+        Ok(Ok(())) => {
+            database.keep(connection);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(Database::ran_out(connection, call)),
     }
 }

@@ -7,12 +7,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::config::DatabaseConfig;
 use crate::{Error, Result};
@@ -94,6 +94,85 @@ pub async fn connect_with_deadline(
         .connect_with(options.options(settings))
         .await?;
     Ok(pool)
+}
+
+/// How long a loop keeps one connection ([`KeptConnection`]) before it closes it and takes
+/// another: connections still turn over, so that a pooler or a failover in front of the
+/// database moves a busy loop to a new server within a minute.
+pub const KEPT_AT_MOST: Duration = Duration::from_secs(60);
+
+/// A connection a loop keeps from one call to the next, out of the pool. sqlx tests a pooled
+/// connection with a round trip (a `Sync`, which `pg_stat_statements` does not show) when the
+/// pool hands it out and again when it comes back: for a loop that runs transaction after
+/// transaction (the consume loop, the relay) that was two round trips more for every
+/// transaction of every hop. Such a loop takes a connection from the pool once and detaches it
+/// (the pool may open another in its place, so a kept connection never starves the pool's
+/// other users), keeps it while its calls end well, and closes it after one that did not: the
+/// next call takes a fresh one from the pool.
+pub struct KeptConnection {
+    kept: Option<Kept>,
+    /// [`KEPT_AT_MOST`], but for tests.
+    at_most: Duration,
+}
+
+impl Default for KeptConnection {
+    fn default() -> Self {
+        Self::kept_at_most(KEPT_AT_MOST)
+    }
+}
+
+/// A connection a loop took from the pool, with when it took it.
+pub struct Kept {
+    connection: PgConnection,
+    taken: Instant,
+}
+
+impl KeptConnection {
+    /// One whose connections are replaced once they are `at_most` old, instead of
+    /// [`KEPT_AT_MOST`].
+    pub fn kept_at_most(at_most: Duration) -> Self {
+        Self {
+            kept: None,
+            at_most,
+        }
+    }
+
+    /// The connection kept after the last call, unless it is older than [`KEPT_AT_MOST`];
+    /// else one from `pool` (the caller bounds the wait).
+    ///
+    /// # Errors
+    /// The pool's: no connection could be opened.
+    pub async fn take(&mut self, pool: &PgPool) -> std::result::Result<Kept, sqlx::Error> {
+        match self.kept.take() {
+            Some(kept) if kept.taken.elapsed() < self.at_most => Ok(kept),
+            // An old one is closed by dropping it (it is idle: the server ends the session).
+            _ => Ok(Kept {
+                connection: pool.acquire().await?.detach(),
+                taken: Instant::now(),
+            }),
+        }
+    }
+
+    /// Keeps `connection`, whose call ended well (committed or never began a transaction),
+    /// for the next call. A connection not kept is closed when it is dropped, and the server
+    /// rolls back what it left open.
+    pub fn keep(&mut self, connection: Kept) {
+        self.kept = Some(connection);
+    }
+}
+
+impl std::ops::Deref for Kept {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.connection
+    }
+}
+
+impl std::ops::DerefMut for Kept {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.connection
+    }
 }
 
 /// What the server is told about each of the service's sessions, so that a session whose

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{FaultConfig, KafkaConfig, RelayConfig};
+use crate::db::KeptConnection;
 use crate::outbox::NOTIFY_CHANNEL;
 use crate::Result;
 use crate::{kafka, telemetry};
@@ -53,6 +54,8 @@ const DESTINATION_BACKOFF_BASE: Duration = Duration::from_millis(100);
 
 pub struct Relay {
     pool: PgPool,
+    /// The connection of the last batch that ended well, for the next.
+    connection: KeptConnection,
     kafka: KafkaConfig,
     producer: kafka::Producer,
     schema: String,
@@ -212,6 +215,7 @@ impl Relay {
     ) -> Result<Self> {
         Ok(Self {
             pool,
+            connection: KeptConnection::default(),
             producer: kafka::producer(&kafka)?,
             kafka,
             schema: schema.to_owned(),
@@ -469,16 +473,18 @@ impl Relay {
     /// Publishes up to one batch of the destinations that are not failing; returns whether the
     /// batch was full (more rows may be waiting). Its database calls (the claim; the deletes
     /// and the commit) each end within `DATABASE_CALL_TIMEOUT_MS`; the wait for the broker
-    /// between them is bounded by `OUTBOX_ACK_WAIT_MS` per wave. A connection whose call ran out
-    /// is closed, not put back in the pool (see [`crate::consumer`]).
+    /// between them is bounded by `OUTBOX_ACK_WAIT_MS` per wave. The relay keeps its connection
+    /// from batch to batch ([`KeptConnection`]) and closes it after one that failed (a call that
+    /// ran out of time among them: see [`crate::consumer`]).
     async fn publish_batch(&mut self, woken: Woken) -> Result<bool> {
         let limit = self.call_timeout;
-        let mut connection = tokio::time::timeout(limit, self.pool.acquire())
+        let mut connection = tokio::time::timeout(limit, self.connection.take(&self.pool))
             .await
             .map_err(|_| crate::db::DeadlineExceeded { limit })??;
         let published = self.publish_batch_on(&mut connection, woken).await;
-        if matches!(published, Err(crate::Error::Deadline(_))) {
-            drop(connection.detach());
+        // After a failure the connection is closed (dropped), its transaction with it.
+        if published.is_ok() {
+            self.connection.keep(connection);
         }
         published
     }
@@ -517,6 +523,8 @@ impl Relay {
         )
         .await??;
         let Some(first) = claimed.first() else {
+            // The connection is kept: it must not wait in a transaction until the next wake.
+            within(limit, tx.rollback()).await??;
             return Ok(false);
         };
         let locked = first.claimed;

@@ -32,6 +32,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use messaging::db::KeptConnection;
 use messaging::outbox::{Outbox, Wake};
 use tracing::Instrument;
 
@@ -160,6 +161,8 @@ impl GroupNames {
 impl DeadlineScanner {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut clock_checked: Option<std::time::Instant> = None;
+        // A scan every interval: the connection stays with the scanner between scans.
+        let mut connection = KeptConnection::default();
         loop {
             if clock_checked.is_none_or(|at| at.elapsed() >= CLOCK_CHECK_EVERY) {
                 clock_checked = Some(std::time::Instant::now());
@@ -181,7 +184,8 @@ impl DeadlineScanner {
                 }
                 continue;
             };
-            let scan = tokio::time::timeout(self.call_timeout, self.fire_due(&share));
+            let scan =
+                tokio::time::timeout(self.call_timeout, self.fire_due(&share, &mut connection));
             let scanned = tokio::select! {
                 scanned = scan => scanned.unwrap_or_else(|_| {
                     let limit = self.call_timeout;
@@ -273,9 +277,11 @@ impl DeadlineScanner {
     }
 
     /// Handles one batch of the overdue sagas of `share` (due by the database's clock) in one
-    /// transaction; returns how many it handled.
-    async fn fire_due(&self, share: &Share) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+    /// transaction, on `kept`'s connection (kept again when it commits); returns how many it
+    /// handled.
+    async fn fire_due(&self, share: &Share, kept: &mut KeptConnection) -> Result<i64> {
+        let mut connection = kept.take(&self.pool).await?;
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         let store::Locked { sagas: due, now } = store::lock_due(&mut tx, share, BATCH).await?;
         let mut outbox = Outbox::default();
         for (saga, version) in &due {
@@ -335,6 +341,7 @@ impl DeadlineScanner {
         }
         outbox.write(&mut tx, Wake::Notify).await?;
         tx.commit().await?;
+        kept.keep(connection);
         for (saga, _) in &due {
             let hash = messaging::partitioner::key_hash(saga.key.as_bytes());
             let partition = messaging::partitioner::partition_of(hash, share.partitions);

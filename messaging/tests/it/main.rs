@@ -3,6 +3,7 @@
 //! its own.
 
 mod inbox;
+mod kept_connection;
 mod relay;
 mod relay_listen;
 mod retention;
