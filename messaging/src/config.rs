@@ -141,7 +141,8 @@ pub struct DatabaseConfig {
     #[arg(long, env = "DATABASE_SCHEMA")]
     pub database_schema: Option<String>,
 
-    /// Size of the connection pool.
+    /// Size of the connection pool. The consume loop, the relay, the outbox sampler and the
+    /// orchestrator's deadline scanner each keep one more connection of their own, out of it.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
 

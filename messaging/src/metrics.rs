@@ -19,6 +19,7 @@ use rdkafka::statistics::Statistics;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::KeptConnection;
 use crate::health::Health;
 use crate::{Error, Result};
 
@@ -274,13 +275,20 @@ fn describe() {
 /// destination topic (a topic that drained reads 0 rather than keeping its last value).
 pub async fn sample_outbox(pool: PgPool, health: Health, every: Duration, stop: CancellationToken) {
     let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut kept = KeptConnection::default();
     loop {
-        let sample = sqlx::query!(
-            r#"SELECT topic AS "topic!", count(*) AS "backlog!",
+        let sample = async {
+            let mut connection = kept.take(&pool).await?;
+            let topics = sqlx::query!(
+                r#"SELECT topic AS "topic!", count(*) AS "backlog!",
                       extract(epoch FROM now() - min(created_at))::float8 AS "oldest_age!"
                FROM outbox GROUP BY topic"#,
-        )
-        .fetch_all(&pool);
+            )
+            .fetch_all(&mut *connection)
+            .await?;
+            kept.keep(connection);
+            Ok::<_, sqlx::Error>(topics)
+        };
         // The stop must not wait for a database that does not answer.
         let sampled = tokio::select! {
             sampled = sample => sampled,
