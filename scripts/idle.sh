@@ -25,14 +25,16 @@ for k in "${!BENCH_ACCOUNTING[@]}"; do
   roots+=("${process#*=}")
 done
 
-# ticks ROOT: user + system clock ticks of ROOT and its direct children (PostgreSQL's backends
-# are the postmaster's children; a backend that ended during the window is not counted).
+# ticks ROOT: user + system clock ticks of ROOT and its direct children, with those of their
+# reaped children (PostgreSQL's backends are the postmaster's children: one that ended during
+# the window, a connection closed, moves its ticks into the postmaster's, as sagactl's
+# accounting reads them too).
 ticks() {
   local total=0 pid fields
   for pid in "$1" $(pgrep -P "$1" || true); do
     fields="$(cut -d')' -f2- "/proc/$pid/stat" 2>/dev/null)" || continue
     set -- $fields
-    total=$((total + ${12} + ${13}))
+    total=$((total + ${12} + ${13} + ${14} + ${15}))
   done
   echo "$total"
 }

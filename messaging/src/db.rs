@@ -97,9 +97,13 @@ pub async fn connect_with_deadline(
 }
 
 /// How long a loop keeps one connection ([`KeptConnection`]) before it closes it and takes
-/// another: connections still turn over, so that a pooler or a failover in front of the
-/// database moves a busy loop to a new server within a minute.
-pub const KEPT_AT_MOST: Duration = Duration::from_secs(60);
+/// another: connections still turn over, so that a pooler or a load balancer in front of the
+/// database moves a busy loop to another server in time (a failover breaks the connection,
+/// and the loop takes a new one at once). Not much shorter: every new session costs the
+/// server a process and its first statements a parse and plan, which at rest, with a minute,
+/// cost PostgreSQL as much as the round trips saved (BENCHMARKS.md, "Loops keep their
+/// connection").
+pub const KEPT_AT_MOST: Duration = Duration::from_secs(600);
 
 /// A connection a loop keeps from one call to the next, out of the pool. sqlx tests a pooled
 /// connection with a round trip (a `Sync`, which `pg_stat_statements` does not show) when the

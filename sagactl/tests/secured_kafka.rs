@@ -582,9 +582,7 @@ impl Services {
             "{} missing: build the services first (cargo build --bins)",
             binary.display()
         );
-        let http = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let http = testkit::free_addr();
         let log = std::fs::File::create(self.log(name)).expect("creating a log file");
         let child = Command::new(&binary)
             .env("KAFKA_BROKERS", cluster.brokers("KAFKA_BROKERS"))

@@ -78,9 +78,7 @@ impl Deployment {
         psql(&format!("CREATE DATABASE {database}"));
         let logs = std::env::temp_dir().join(format!("sagactl-start-{id}"));
         std::fs::create_dir_all(&logs).expect("a folder for the logs");
-        let http = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let http = testkit::free_addr();
         let mut deployment = Self {
             prefix,
             database,

@@ -21,6 +21,7 @@ mod cleanup;
 mod database;
 pub mod participants;
 pub mod pki;
+mod ports;
 mod proxy;
 mod roles;
 mod services;
@@ -30,6 +31,7 @@ mod wait;
 use std::path::PathBuf;
 
 pub use database::TestDatabase;
+pub use ports::{free_addr, free_port, free_port_pair};
 pub use proxy::CutProxy;
 pub use roles::{server_ca, TestRoles};
 pub use services::Services;

@@ -543,10 +543,7 @@ impl TestSystem {
     /// The orchestrator binary with this deployment's settings and `env` on top (a name with
     /// an empty value removed), its API on a free port (returned).
     pub fn orchestrator_command(&self, env: &[(&str, &str)]) -> (tokio::process::Command, u16) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = testkit::free_port();
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
         command
             .env("KAFKA_BROKERS", brokers())
@@ -926,7 +923,7 @@ impl PrivateBroker {
     /// does the shared one; its jars are installed in the checkout (`broker.sh install`, once).
     pub fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("saga-private-broker-{}", Uuid::new_v4()));
-        let port = free_port_pair();
+        let port = testkit::free_port_pair();
         let mut broker = Self {
             addr: format!("127.0.0.1:{port}"),
             dir,
@@ -1000,18 +997,6 @@ impl Drop for PrivateBroker {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A port whose next one is free too.
-fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = first.local_addr().expect("address").port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no two free neighbouring ports");
 }
 
 /// The samples of the metric `name` in a `/metrics` text, each with its labels as written

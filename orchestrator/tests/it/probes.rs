@@ -3,30 +3,11 @@
 //! answers; live all along.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::helpers::{eventually, Options, TestSystem};
-
-/// A free port below Linux's ephemeral range (32768–60999). A port from `bind(0)` lies in that
-/// range, and an outgoing connection (to the broker, to PostgreSQL) could take it as its local
-/// port before the service binds it: CI saw "Address already in use". Each call tries the next
-/// port of this process's own run.
-fn free_addr() -> SocketAddr {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id().wrapping_mul(37);
-    for _ in 0..1_000 {
-        let n = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
-        let port = 20_000 + u16::try_from(n % 12_000).expect("below 12,000");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if std::net::TcpListener::bind(addr).is_ok() {
-            return addr;
-        }
-    }
-    panic!("no free port between 20,000 and 32,000");
-}
 
 /// A probe's status and its error message (empty when it has none); 0 when nothing answers.
 async fn probe(client: &reqwest::Client, addr: SocketAddr, path: &str) -> (u16, String) {
@@ -60,7 +41,7 @@ async fn readyz_waits_for_the_group_and_the_database_while_livez_stays_200() {
     })
     .await;
     let client = reqwest::Client::new();
-    let ops = free_addr();
+    let ops = testkit::free_addr();
     let (mut command, _) = system.orchestrator_command(&[("OPS_HTTP_ADDR", &ops.to_string())]);
     let _orchestrator = command.spawn().expect("start the orchestrator binary");
 
@@ -99,7 +80,7 @@ async fn readyz_waits_for_the_group_and_the_database_while_livez_stays_200() {
         "ready once joined: {answers:?}"
     );
 
-    let participant = free_addr();
+    let participant = testkit::free_addr();
     system.start_participant_serving_metrics("inventory", participant);
     for addr in [ops, participant] {
         eventually("/readyz to answer 200", || async {
