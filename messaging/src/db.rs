@@ -141,8 +141,8 @@ impl KeptConnection {
         }
     }
 
-    /// The connection kept after the last call, unless it is older than [`KEPT_AT_MOST`];
-    /// else one from `pool` (the caller bounds the wait).
+    /// The connection kept after the last call, unless it is older than this one's limit
+    /// ([`KEPT_AT_MOST`]); else one from `pool` (the caller bounds the wait).
     ///
     /// # Errors
     /// The pool's: no connection could be opened.
