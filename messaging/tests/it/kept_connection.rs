@@ -31,12 +31,18 @@ async fn backend_pid(connection: &mut sqlx::PgConnection) -> sqlx::Result<i32> {
         .await
 }
 
-async fn session_exists(pool: &PgPool, pid: i32) -> bool {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
-        .bind(pid)
-        .fetch_one(pool)
-        .await
-        .expect("pg_stat_activity")
+/// Waits until the server has no session `pid` any more (`what` names it in the failure).
+async fn session_ended(pool: &PgPool, pid: i32, what: &str) {
+    eventually_within(Duration::from_secs(10), what, || async {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                .bind(pid)
+                .fetch_one(pool)
+                .await
+                .expect("pg_stat_activity");
+        (!exists).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,12 +80,7 @@ async fn a_connection_not_kept_is_closed_and_the_next_take_opens_another() {
         .await
         .expect("begin");
     drop(connection);
-    eventually_within(
-        Duration::from_secs(10),
-        "the dropped connection's session to end",
-        || async { (!session_exists(&pool, first).await).then_some(()) },
-    )
-    .await;
+    session_ended(&pool, first, "the dropped connection's session to end").await;
 
     let mut next = kept.take(&pool).await.expect("a new connection");
     assert_ne!(backend_pid(&mut next).await.expect("its pid"), first);
@@ -101,12 +102,7 @@ async fn a_kept_connection_is_replaced_once_it_is_old() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut renewed = kept.take(&pool).await.expect("a new connection");
     assert_ne!(backend_pid(&mut renewed).await.expect("its pid"), first);
-    eventually_within(
-        Duration::from_secs(10),
-        "the old connection's session to end",
-        || async { (!session_exists(&pool, first).await).then_some(()) },
-    )
-    .await;
+    session_ended(&pool, first, "the old connection's session to end").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,10 +121,7 @@ async fn a_kept_connection_the_server_ended_fails_one_call_and_the_next_gets_a_n
         .await
         .expect("pg_terminate_backend");
     assert!(ended);
-    eventually_within(Duration::from_secs(10), "the session to end", || async {
-        (!session_exists(&pool, first).await).then_some(())
-    })
-    .await;
+    session_ended(&pool, first, "the session to end").await;
 
     let mut broken = kept.take(&pool).await.expect("the kept connection");
     let error = backend_pid(&mut broken)
