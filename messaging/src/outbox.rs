@@ -32,8 +32,9 @@ impl OutgoingMessage {
 }
 
 /// The messages one transaction sends, written to the outbox together just before it
-/// commits: one multi-row `INSERT` and one `NOTIFY` for a whole batch of records, instead of
-/// a statement per message.
+/// commits: one call of the database function `outbox_enqueue` (one multi-row `INSERT`, one
+/// `NOTIFY` when asked) for a whole batch of records, instead of a statement per message;
+/// alone ([`Outbox::write`]) or inside the handler's own last statement ([`Outbox::take`]).
 #[derive(Debug, Default)]
 pub struct Outbox {
     messages: Vec<OutgoingMessage>,
@@ -58,6 +59,33 @@ impl Outbox {
         self.messages.is_empty()
     }
 
+    /// Takes the queued messages, in the order they were queued, as the columns of the
+    /// database function `outbox_enqueue` (messaging migration 7); the buffer is empty
+    /// afterwards. A handler that calls the function in its own last statement saves the
+    /// transaction the round trip of [`Outbox::write`].
+    pub fn take(&mut self) -> Queued {
+        let messages = std::mem::take(&mut self.messages);
+        let mut queued = Queued {
+            topics: Vec::with_capacity(messages.len()),
+            keys: Vec::with_capacity(messages.len()),
+            payloads: Vec::with_capacity(messages.len()),
+            headers: Vec::with_capacity(messages.len()),
+        };
+        for message in messages {
+            queued.headers.push(serde_json::Value::Object(
+                message
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect(),
+            ));
+            queued.topics.push(message.topic);
+            queued.keys.push(message.key);
+            queued.payloads.push(message.payload);
+        }
+        queued
+    }
+
     /// Writes the queued messages to the outbox in `tx`, in the order they were queued; the
     /// buffer is empty afterwards. `wake` says how the relay learns of them.
     ///
@@ -67,52 +95,31 @@ impl Outbox {
         if self.messages.is_empty() {
             return Ok(());
         }
-        let messages = std::mem::take(&mut self.messages);
-        let mut topics = Vec::with_capacity(messages.len());
-        let mut keys = Vec::with_capacity(messages.len());
-        let mut payloads = Vec::with_capacity(messages.len());
-        let mut headers = Vec::with_capacity(messages.len());
-        for message in messages {
-            headers.push(serde_json::Value::Object(
-                message
-                    .headers
-                    .into_iter()
-                    .map(|(k, v)| (k, serde_json::Value::String(v)))
-                    .collect(),
-            ));
-            topics.push(message.topic);
-            keys.push(message.key);
-            payloads.push(message.payload);
-        }
-        // `WITH ORDINALITY` keeps the queue's order in the ids, which is the publishing order.
-        // The clock time, not the transaction's start: this is the last statement before the
-        // commit, so the relay's `outbox_pickup_seconds` measures the commit and its wake-up.
-        const INSERT: &str =
-            "INSERT INTO outbox (topic, message_key, payload, headers, created_at) \
-             SELECT topic, message_key, payload, headers, clock_timestamp() \
-             FROM UNNEST($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[]) \
-                  WITH ORDINALITY AS m(topic, message_key, payload, headers, n) \
-             ORDER BY n";
-        let notify;
-        let statement = match wake {
-            Wake::InProcess => INSERT,
-            Wake::Notify => {
-                notify =
-                    format!("WITH queued AS ({INSERT}) SELECT pg_notify($5, current_schema())");
-                notify.as_str()
-            }
-        };
-        let mut query = sqlx::query(statement)
-            .bind(topics)
-            .bind(keys)
-            .bind(payloads)
-            .bind(headers);
-        if matches!(wake, Wake::Notify) {
-            query = query.bind(NOTIFY_CHANNEL);
-        }
-        query.execute(tx).await?;
+        let queued = self.take();
+        sqlx::query!(
+            "SELECT outbox_enqueue($1, $2, $3, $4, $5)",
+            &queued.topics,
+            &queued.keys as &[Option<Vec<u8>>],
+            &queued.payloads,
+            &queued.headers,
+            wake.channel(),
+        )
+        .fetch_one(tx)
+        .await?;
         Ok(())
     }
+}
+
+/// Messages taken from an [`Outbox`], column by column: the arguments of the database function
+/// `outbox_enqueue(topics, keys, payloads, headers, notify_channel)`, which writes them to the
+/// outbox in this order.
+#[derive(Debug, Default)]
+pub struct Queued {
+    pub topics: Vec<String>,
+    /// Bytes, not text: a dead-letter copy keeps whatever key its record had.
+    pub keys: Vec<Option<Vec<u8>>>,
+    pub payloads: Vec<Vec<u8>>,
+    pub headers: Vec<serde_json::Value>,
 }
 
 /// How the relay learns of rows written to the outbox.
@@ -125,4 +132,14 @@ pub enum Wake {
     /// PostgreSQL's `NOTIFY` at commit, heard by every relay of the schema (for writers
     /// outside the consume loop: the HTTP API, the deadline scanner).
     Notify,
+}
+
+impl Wake {
+    /// The `notify_channel` argument of `outbox_enqueue`.
+    pub fn channel(self) -> Option<&'static str> {
+        match self {
+            Self::InProcess => None,
+            Self::Notify => Some(NOTIFY_CHANNEL),
+        }
+    }
 }

@@ -172,7 +172,7 @@ impl OrchestratorHandler {
                 })
             })
             .collect();
-        store::save_transitions(tx, &updates, &history, store::Writer::Consume).await?;
+        store::save_transitions(tx, &updates, &history, store::Writer::Consume, outbox).await?;
         Ok(())
     }
 
@@ -376,7 +376,7 @@ pub(crate) async fn commit_decision(
     };
     let (next, entry) = note_decision(topics, outbox, saga, version, decision, entry, None);
     match &next {
-        Some(next) => store::update_saga(tx, next, version, &entry, writer).await?,
+        Some(next) => store::update_saga(tx, next, version, &entry, writer, outbox).await?,
         None => store::append_history(tx, saga.id, &entry).await?,
     }
     Ok(next)

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use messaging::db::column;
+use messaging::outbox::{Outbox, Wake};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -292,6 +293,15 @@ impl Writer {
             Self::Operator => "operator",
         }
     }
+
+    /// How the relays learn of the messages it writes: the consume loop wakes its own, the
+    /// others `NOTIFY`.
+    fn wake(self) -> Wake {
+        match self {
+            Self::Consume => Wake::InProcess,
+            Self::Deadline | Self::Operator => Wake::Notify,
+        }
+    }
 }
 
 /// A saga's new state for [`save_transitions`]: written if its row is still at `expected_version`.
@@ -301,10 +311,11 @@ pub struct SagaUpdate<'a> {
     pub new_version: i64,
 }
 
-/// Writes a batch's transitions: every saga of `updates` and every history line of `history`.
-/// One saga moved once, with its one line (what a quiet system's batches hold), goes through
-/// the one-row [`update_saga`], which costs PostgreSQL about a third of the set-wise `UPDATE`
-/// for one row; anything else through the set-wise statements.
+/// Writes a batch's transitions: every saga of `updates` and every history line of `history`,
+/// and the messages queued in `outbox` with the last statement (the transaction's last before
+/// its commit). One saga moved once, with its one line (what a quiet system's batches hold),
+/// goes through the one-row [`update_saga`], which costs PostgreSQL about a third of the
+/// set-wise `UPDATE` for one row; anything else through the set-wise statements.
 ///
 /// # Errors
 /// [`Error::VersionConflict`] when a saga changed since it was loaded; nothing should then be
@@ -314,16 +325,25 @@ pub async fn save_transitions(
     updates: &[SagaUpdate<'_>],
     history: &[(Uuid, HistoryEntry)],
     writer: Writer,
+    outbox: &mut Outbox,
 ) -> Result<()> {
     match (updates, history) {
         ([update], [(saga_id, entry)])
             if *saga_id == update.saga.id && update.new_version == update.expected_version + 1 =>
         {
-            update_saga(tx, update.saga, update.expected_version, entry, writer).await
+            update_saga(
+                tx,
+                update.saga,
+                update.expected_version,
+                entry,
+                writer,
+                outbox,
+            )
+            .await
         }
         _ => {
             update_sagas(tx, updates, writer).await?;
-            append_history_lines(tx, history).await
+            append_history_lines(tx, history, writer, outbox).await
         }
     }
 }
@@ -378,19 +398,29 @@ async fn update_sagas(
     }
 }
 
-/// Appends history lines, each `(saga id, entry)`, in one statement.
-async fn append_history_lines(tx: &mut PgConnection, lines: &[(Uuid, HistoryEntry)]) -> Result<()> {
+/// Appends history lines, each `(saga id, entry)`, and writes the messages queued in `outbox`,
+/// in one statement.
+async fn append_history_lines(
+    tx: &mut PgConnection,
+    lines: &[(Uuid, HistoryEntry)],
+    writer: Writer,
+    outbox: &mut Outbox,
+) -> Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
+    let queued = outbox.take();
     sqlx::query!(
-        r#"INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
-                                     state_after)
-           SELECT saga_id, at, message_id, message_type, decision, detail, state_after
-           FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[],
-                       $5::saga_decision[], $6::text[], $7::saga_state[]) WITH ORDINALITY
-                AS h(saga_id, at, message_id, message_type, decision, detail, state_after, n)
-           ORDER BY n"#,
+        r#"WITH noted AS (
+             INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
+                                       state_after)
+             SELECT saga_id, at, message_id, message_type, decision, detail, state_after
+             FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[],
+                         $5::saga_decision[], $6::text[], $7::saga_state[]) WITH ORDINALITY
+                  AS h(saga_id, at, message_id, message_type, decision, detail, state_after, n)
+             ORDER BY n
+         )
+         SELECT outbox_enqueue($8, $9, $10, $11, $12)"#,
         &column(lines, |(id, _)| *id),
         &column(lines, |(_, e)| e.at),
         &column(lines, |(_, e)| e.message_id) as &[Option<Uuid>],
@@ -398,14 +428,21 @@ async fn append_history_lines(tx: &mut PgConnection, lines: &[(Uuid, HistoryEntr
         column(lines, |(_, e)| e.decision) as Vec<HistoryDecision>,
         &column(lines, |(_, e)| e.detail.as_deref()) as &[Option<&str>],
         column(lines, |(_, e)| StoredState(e.state_after)) as Vec<StoredState>,
+        &queued.topics,
+        &queued.keys as &[Option<Vec<u8>>],
+        &queued.payloads,
+        &queued.headers,
+        writer.wake().channel(),
     )
-    .execute(tx)
+    .fetch_one(tx)
     .await?;
     Ok(())
 }
 
-/// Writes `saga` over the stored row if that row is still at `expected_version`, and the
-/// history line `entry` of that transition, in one round trip. `writer` counts a refusal.
+/// Writes `saga` over the stored row if that row is still at `expected_version`, the history
+/// line `entry` of that transition and the messages queued in `outbox` (none when the row
+/// refused the write), in one round trip. `writer` counts a refusal and says how the relays
+/// are woken.
 ///
 /// # Errors
 /// [`Error::VersionConflict`] when another writer got there first.
@@ -415,8 +452,10 @@ pub async fn update_saga(
     expected_version: i64,
     entry: &HistoryEntry,
     writer: Writer,
+    outbox: &mut Outbox,
 ) -> Result<()> {
-    let updated = sqlx::query_scalar!(
+    let queued = outbox.take();
+    let updated = sqlx::query!(
         r#"WITH updated AS (
              UPDATE sagas SET state = $3, steps = $4, failure_reason = $5, updated_at = $6,
                               finished_at = $7, deadline_at = $8, current_step = $9,
@@ -426,7 +465,11 @@ pub async fn update_saga(
              INSERT INTO saga_history (saga_id, at, message_id, message_type, decision, detail,
                                        state_after)
              SELECT id, $10, $11, $12, $13, $14, $15 FROM updated
-         ) SELECT count(*) AS "updated!" FROM updated"#,
+         ), counted AS (
+             SELECT count(*) AS n FROM updated
+         )
+         SELECT n AS "updated!", CASE WHEN n = 1 THEN outbox_enqueue($16, $17, $18, $19, $20) END
+         FROM counted"#,
         saga.id,
         expected_version,
         StoredState(saga.state) as StoredState,
@@ -442,9 +485,15 @@ pub async fn update_saga(
         entry.decision as HistoryDecision,
         entry.detail,
         StoredState(entry.state_after) as StoredState,
+        &queued.topics,
+        &queued.keys as &[Option<Vec<u8>>],
+        &queued.payloads,
+        &queued.headers,
+        writer.wake().channel(),
     )
     .fetch_one(tx)
-    .await?;
+    .await?
+    .updated;
     if updated == 1 {
         Ok(())
     } else {

@@ -16,8 +16,8 @@
 //! 4. write the reply to the outbox, named as the command said (its `replies`).
 //!
 //! A batch of commands shares the runtime's statements: one records every delivery in the
-//! inbox, one claims every ledger row, one writes every ledger change; only the steps run per
-//! command (each step's due forward requests together).
+//! inbox and claims every ledger row, one writes every ledger change with every reply; only the
+//! steps run per command (each step's due forward requests together).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,6 +33,7 @@ use sqlx::migrate::Migrator;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::sdk::{Decoded, DecodedRequest, Participant, ServedStep, StepOutcome};
 use crate::ParticipantConfig;
@@ -380,17 +381,17 @@ impl ParticipantHandler {
         Ok(())
     }
 
-    /// Handles `commands`, first deliveries with distinct (saga key, step), in order: claims
-    /// their ledger rows in one statement, runs the steps that are due (consecutive forward
-    /// requests together, each compensation in its turn), then writes the ledger changes in
-    /// one statement and queues the replies.
-    async fn handle_commands(
+    /// Handles `commands`, first deliveries with distinct (saga key, step), in order, whose
+    /// ledger `entries` (in the same order) are claimed: runs the steps that are due
+    /// (consecutive forward requests together, each compensation in its turn), then writes the
+    /// ledger changes and the replies in one statement.
+    async fn handle_claimed(
         &self,
         tx: &mut PgConnection,
         outbox: &mut Outbox,
         commands: &[Delivered<'_>],
+        entries: Vec<LedgerEntry>,
     ) -> Result<(), HandlerError> {
-        let entries = claim_ledger_entries(tx, commands).await?;
         let answers = self.answer_all(tx, commands, entries).await?;
         let mut writes = Vec::with_capacity(commands.len());
         for (delivered, answer) in commands.iter().zip(answers) {
@@ -402,7 +403,7 @@ impl ParticipantHandler {
             writes.push((delivered.ledger_key(), write));
             self.queue_reply(outbox, delivered, reply);
         }
-        write_ledger(tx, &writes).await
+        write_ledger(tx, &writes, outbox).await
     }
 
     /// Each command's answer and ledger change, as the ledger `entries` (in the commands'
@@ -475,8 +476,11 @@ impl ParticipantHandler {
 }
 
 impl Handler for ParticipantHandler {
-    /// The batch's inbox rows in one statement, then its commands in runs whose (saga key,
-    /// step) are distinct (a step's row is claimed and written once per statement).
+    /// The batch's commands in runs whose (saga key, step) are distinct (a step's row is
+    /// claimed and written once per statement). The first run's claim also records the whole
+    /// batch's deliveries in the inbox, in the same statement, before it is known which are
+    /// redeliveries: claiming a redelivery's ledger row only touches it, and the command is
+    /// dropped right after, unanswered.
     async fn handle_batch(
         &self,
         tx: &mut PgConnection,
@@ -494,22 +498,51 @@ impl Handler for ParticipantHandler {
                 payload,
             });
         }
-        let fresh =
-            inbox::keep_first_deliveries(tx, commands, |c| (c.envelope.message_id, &c.record.span))
-                .await?;
-        let mut run_start = 0;
-        let mut keys = HashSet::new();
-        for (i, delivered) in fresh.iter().enumerate() {
-            if !keys.insert(delivered.ledger_key()) {
-                self.handle_commands(tx, outbox, &fresh[run_start..i])
-                    .await?;
-                run_start = i;
-                keys.clear();
-                keys.insert(delivered.ledger_key());
-            }
+        let first_run = distinct_run(&commands);
+        let message_ids = column(&commands, |c| c.envelope.message_id);
+        let claimed = claim_ledger_entries(tx, &commands[..first_run], &message_ids).await?;
+        let mut entries: Vec<Option<LedgerEntry>> = claimed.entries.into_iter().map(Some).collect();
+        let fresh = inbox::keep_fresh(
+            commands.into_iter().enumerate().collect(),
+            claimed.fresh,
+            |(_, c): &(usize, Delivered<'_>)| (c.envelope.message_id, &c.record.span),
+        );
+        let (first, rest): (Vec<_>, Vec<_>) = fresh.into_iter().partition(|(i, _)| *i < first_run);
+        let first_entries = first
+            .iter()
+            .filter_map(|(i, _)| entries.get_mut(*i).and_then(Option::take))
+            .collect();
+        let first: Vec<Delivered<'_>> = first.into_iter().map(|(_, c)| c).collect();
+        self.handle_claimed(tx, outbox, &first, first_entries)
+            .await?;
+        let rest: Vec<Delivered<'_>> = rest.into_iter().map(|(_, c)| c).collect();
+        let mut start = 0;
+        while start < rest.len() {
+            let run = &rest[start..start + distinct_run(&rest[start..])];
+            let entries = claim_ledger_entries(tx, run, &[]).await?.entries;
+            self.handle_claimed(tx, outbox, run, entries).await?;
+            start += run.len();
         }
-        self.handle_commands(tx, outbox, &fresh[run_start..]).await
+        Ok(())
     }
+}
+
+/// How many of `commands`, from the first, have distinct (saga key, step): a run whose ledger
+/// rows one statement claims and one writes.
+fn distinct_run(commands: &[Delivered<'_>]) -> usize {
+    let mut keys = HashSet::new();
+    commands
+        .iter()
+        .take_while(|c| keys.insert(c.ledger_key()))
+        .count()
+}
+
+/// The ledger rows [`claim_ledger_entries`] claimed, and which deliveries it found fresh.
+struct Claimed {
+    /// In the commands' order.
+    entries: Vec<LedgerEntry>,
+    /// The message ids it counted in the inbox that were first deliveries.
+    fresh: Vec<Uuid>,
 }
 
 /// Creates the ledger rows of the commands' (saga key, step) where missing and locks them, in
@@ -517,34 +550,56 @@ impl Handler for ParticipantHandler {
 /// commands for one step of one saga (possible while partitions move between instances) take
 /// turns. One statement: the upsert locks the rows it finds, marks them touched (the ledger's
 /// retention counts from the last command for a step, so an entry that still answers repeated
-/// commands is never swept) and returns them. Returns the entries in the commands' order.
+/// commands is never swept) and returns them. The same statement records a delivery of each of
+/// `inbox` (message ids) in the inbox, through `inbox_first_deliveries` (messaging migration
+/// 8), when there is a command to claim.
 async fn claim_ledger_entries(
     tx: &mut PgConnection,
     commands: &[Delivered<'_>],
-) -> Result<Vec<LedgerEntry>, HandlerError> {
+    inbox: &[Uuid],
+) -> Result<Claimed, HandlerError> {
     if commands.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Claimed {
+            entries: Vec::new(),
+            fresh: Vec::new(),
+        });
     }
-    let rows = sqlx::query_as!(
-        LedgerEntry,
-        r#"INSERT INTO step_ledger (saga_key, saga_id, step)
+    // Every command returns its row (`DO UPDATE`), so the inbox's call in `RETURNING` runs.
+    let rows = sqlx::query!(
+        r#"WITH delivered AS (SELECT message_id, fresh FROM inbox_first_deliveries($4))
+           INSERT INTO step_ledger (saga_key, saga_id, step)
            SELECT saga_key, saga_id, step FROM UNNEST($1::text[], $2::uuid[], $3::text[])
                 AS c(saga_key, saga_id, step)
            ORDER BY saga_key, step
            ON CONFLICT (saga_key, step) DO UPDATE SET updated_at = now()
            RETURNING saga_key, step, forward_outcome AS "forward_outcome: LedgerOutcome",
-                     refusal_reason, compensated_at IS NOT NULL AS "compensated!""#,
+                     refusal_reason, compensated_at IS NOT NULL AS "compensated!",
+                     ARRAY(SELECT message_id FROM delivered WHERE fresh) AS "fresh!""#,
         &column(commands, |c| c.ledger_key().0) as &[&str],
         &column(commands, |c| c.envelope.saga_id),
         &column(commands, |c| c.ledger_key().1) as &[&str],
+        inbox,
     )
     .fetch_all(&mut *tx)
     .await?;
+    let fresh = rows
+        .first()
+        .map(|row| row.fresh.clone())
+        .unwrap_or_default();
     let mut entries: HashMap<(String, String), LedgerEntry> = rows
         .into_iter()
-        .map(|entry| ((entry.saga_key.clone(), entry.step.clone()), entry))
+        .map(|row| {
+            let entry = LedgerEntry {
+                saga_key: row.saga_key,
+                step: row.step,
+                forward_outcome: row.forward_outcome,
+                refusal_reason: row.refusal_reason,
+                compensated: row.compensated,
+            };
+            ((entry.saga_key.clone(), entry.step.clone()), entry)
+        })
         .collect();
-    commands
+    let entries = commands
         .iter()
         .map(|c| {
             let (key, step) = c.ledger_key();
@@ -557,7 +612,8 @@ async fn claim_ledger_entries(
                     })
                 })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Claimed { entries, fresh })
 }
 
 /// Deletes up to [`messaging::retention::SWEEP_BATCH`] ledger entries nothing touched for
@@ -580,10 +636,13 @@ async fn sweep_ledger(pool: &sqlx::PgPool, retention_secs: u64) -> sqlx::Result<
     .rows_affected())
 }
 
-/// Writes the ledger changes of a batch, at most one per (saga key, step), in one statement.
+/// Writes the ledger changes of a batch, at most one per (saga key, step), and the messages
+/// queued in `outbox` (the replies), in one statement: the last of the transaction before its
+/// commit, so the consume loop has nothing left to write.
 async fn write_ledger(
     tx: &mut PgConnection,
     writes: &[((&str, &str), LedgerWrite)],
+    outbox: &mut Outbox,
 ) -> Result<(), HandlerError> {
     let writes: Vec<_> = writes
         .iter()
@@ -601,23 +660,31 @@ async fn write_ledger(
             LedgerWrite::Nothing | LedgerWrite::Compensated => (None, None),
         }
     }
+    let queued = outbox.take();
     sqlx::query!(
-        "UPDATE step_ledger SET
-             forward_outcome = COALESCE(w.forward_outcome, step_ledger.forward_outcome),
-             refusal_reason = CASE WHEN w.forward_outcome IS NULL
-                                   THEN step_ledger.refusal_reason ELSE w.refusal_reason END,
-             compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END,
-             updated_at = now()
-         FROM UNNEST($1::text[], $2::text[], $3::ledger_outcome[], $4::text[], $5::bool[])
-              AS w(saga_key, step, forward_outcome, refusal_reason, compensated)
-         WHERE step_ledger.saga_key = w.saga_key AND step_ledger.step = w.step",
+        "WITH written AS (
+             UPDATE step_ledger SET
+                 forward_outcome = COALESCE(w.forward_outcome, step_ledger.forward_outcome),
+                 refusal_reason = CASE WHEN w.forward_outcome IS NULL
+                                       THEN step_ledger.refusal_reason ELSE w.refusal_reason END,
+                 compensated_at = CASE WHEN w.compensated THEN now() ELSE step_ledger.compensated_at END,
+                 updated_at = now()
+             FROM UNNEST($1::text[], $2::text[], $3::ledger_outcome[], $4::text[], $5::bool[])
+                  AS w(saga_key, step, forward_outcome, refusal_reason, compensated)
+             WHERE step_ledger.saga_key = w.saga_key AND step_ledger.step = w.step
+         )
+         SELECT outbox_enqueue($6, $7, $8, $9, NULL)",
         &column(&writes, |((key, _), _)| *key) as &[&str],
         &column(&writes, |((_, step), _)| *step) as &[&str],
         &column(&writes, |(_, w)| outcome(w).0) as &[Option<LedgerOutcome>],
         &column(&writes, |(_, w)| outcome(w).1) as &[Option<&str>],
         &column(&writes, |(_, w)| matches!(w, LedgerWrite::Compensated)),
+        &queued.topics,
+        &queued.keys as &[Option<Vec<u8>>],
+        &queued.payloads,
+        &queued.headers,
     )
-    .execute(tx)
+    .fetch_one(tx)
     .await?;
     Ok(())
 }

@@ -72,9 +72,9 @@ impl Step for ReserveStock {
     type Compensation = Release;
     type Failure = StockRefusal;
 
-    /// All reservations of a batch in four statements: lock every SKU they name, check and
+    /// All reservations of a batch in two statements: lock every SKU they name, check and
     /// take stock in memory in the commands' order, then write the stock, the reservations
-    /// and their lines.
+    /// and their lines together.
     async fn forward_all(
         &self,
         tx: &mut PgConnection,
@@ -116,20 +116,27 @@ impl Step for ReserveStock {
         if reservations.is_empty() {
             return Ok(outcomes);
         }
-        write_stock(tx, &available).await?;
+        // One statement: the stock, the reservations and their lines (the lines' foreign keys
+        // are checked at its end, when the reservations are in).
+        let (skus, left): (Vec<&String>, Vec<i64>) =
+            available.iter().map(|(sku, n)| (sku, *n)).unzip();
         sqlx::query!(
-            "INSERT INTO reservations (order_id, saga_id, status)
-             SELECT order_id, saga_id, 'reserved' FROM UNNEST($1::uuid[], $2::uuid[])
-                  AS r (order_id, saga_id)",
+            "WITH stocked AS (
+                 UPDATE stock SET available = now_has.available
+                 FROM UNNEST($1::text[], $2::bigint[]) AS now_has (sku, available)
+                 WHERE stock.sku = now_has.sku AND stock.available <> now_has.available
+             ), reserved AS (
+                 INSERT INTO reservations (order_id, saga_id, status)
+                 SELECT order_id, saga_id, 'reserved' FROM UNNEST($3::uuid[], $4::uuid[])
+                      AS r (order_id, saga_id)
+             )
+             INSERT INTO reservation_lines (order_id, sku, quantity)
+             SELECT order_id, sku, quantity FROM UNNEST($5::uuid[], $6::text[], $7::int[])
+                  AS l (order_id, sku, quantity)",
+            &skus as &[&String],
+            &left,
             &column(&reservations, |r| r.0),
             &column(&reservations, |r| r.1),
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query!(
-            "INSERT INTO reservation_lines (order_id, sku, quantity)
-             SELECT order_id, sku, quantity FROM UNNEST($1::uuid[], $2::text[], $3::int[])
-                  AS l (order_id, sku, quantity)",
             &column(&lines, |l| l.0),
             &column(&lines, |l| l.1.as_str()) as &[&str],
             &column(&lines, |l| l.2),

@@ -96,9 +96,9 @@ impl Step for ChargePayment {
     type Compensation = Refund;
     type Failure = Declined;
 
-    /// All charges of a batch in three statements: lock every account they name, check and
+    /// All charges of a batch in two statements: lock every account they name, check and
     /// debit the balances in memory in the commands' order, then write the balances and the
-    /// payments.
+    /// payments together.
     async fn forward_all(
         &self,
         tx: &mut PgConnection,
@@ -146,16 +146,25 @@ impl Step for ChargePayment {
         if charged.is_empty() {
             return Ok(outcomes);
         }
-        // The rows are locked: each balance can be written as it stands.
-        let balances = accounts
+        // The rows are locked: each balance can be written as it stands, with the payments,
+        // in one statement.
+        let (names, now_have): (Vec<&String>, Vec<i64>) = accounts
             .iter()
-            .map(|(customer, (balance, _))| (customer, *balance));
-        write_balances(tx, balances).await?;
+            .map(|(customer, (balance, _))| (customer, *balance))
+            .unzip();
         sqlx::query!(
-            "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status)
+            "WITH debited AS (
+                 UPDATE accounts SET balance_cents = now_has.balance
+                 FROM UNNEST($1::text[], $2::bigint[]) AS now_has (customer_id, balance)
+                 WHERE accounts.customer_id = now_has.customer_id
+                   AND accounts.balance_cents <> now_has.balance
+             )
+             INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status)
              SELECT order_id, saga_id, customer_id, amount_cents, currency, 'charged'
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[])
+             FROM UNNEST($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[])
                   AS p (order_id, saga_id, customer_id, amount_cents, currency)",
+            &names as &[&String],
+            &now_have,
             &column(&charged, |c| c.0),
             &column(&charged, |c| c.1),
             &column(&charged, |c| c.2.as_str()) as &[&str],

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use messaging::outbox::{Outbox, OutgoingMessage};
 use orchestrator::store::{self, HistoryDecision, HistoryEntry, SagaUpdate, Writer};
 use testkit::eventually_within;
 use uuid::Uuid;
@@ -285,11 +286,32 @@ async fn a_saga_write_its_rows_version_refuses_is_counted_by_source() {
     };
     let mut tx = db.begin().await.expect("begin");
     let (first, version) = &sagas[0];
-    let refused = store::update_saga(&mut tx, first, version - 1, &entry, Writer::Operator).await;
+    // The write carries a message in its statement: a refused write queues none of it.
+    let mut outbox = Outbox::default();
+    outbox.push(OutgoingMessage::new(
+        "stale.writes",
+        "k",
+        b"never sent".to_vec(),
+    ));
+    let refused = store::update_saga(
+        &mut tx,
+        first,
+        version - 1,
+        &entry,
+        Writer::Operator,
+        &mut outbox,
+    )
+    .await;
     assert!(
         matches!(refused, Err(orchestrator::Error::VersionConflict { .. })),
         "{refused:?}"
     );
+    let queued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'stale.writes'")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count the outbox");
+    assert_eq!(queued, 0, "a refused write queued its message");
     tx.rollback().await.expect("rollback");
 
     // The consume loop's statement: one of the two read at its version, one a version ago.
@@ -307,7 +329,14 @@ async fn a_saga_write_its_rows_version_refuses_is_counted_by_source() {
             new_version: *second_version,
         },
     ];
-    let refused = store::save_transitions(&mut tx, &updates, &[], Writer::Consume).await;
+    let refused = store::save_transitions(
+        &mut tx,
+        &updates,
+        &[],
+        Writer::Consume,
+        &mut Outbox::default(),
+    )
+    .await;
     assert!(
         matches!(refused, Err(orchestrator::Error::VersionConflict { .. })),
         "{refused:?}"
