@@ -477,4 +477,21 @@ mod tests {
         bad.attempt = 0;
         assert!(bad.validate().is_err());
     }
+
+    /// A number of a trigger's subject (any JSON number a producer wrote) reads back as the
+    /// same value after the engine wrote it again: serde_json's parser rounds exactly
+    /// (`float_roundtrip`), where its default could land one unit in the last place away and
+    /// change the value between the trigger and its saga's events (found by the
+    /// `envelope_saga_event` fuzzer, with this record).
+    #[test]
+    fn a_subjects_number_survives_being_written_again() {
+        let written = br#"{"message_id": "c1d2e3f4-a5b6-4c7d-8e9f-a0b1c2d3e4f5",
+            "saga_id": "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3", "schema_version": 2,
+            "occurred_at": "2026-11-26T12:00:00Z", "type": "SagaStarted",
+            "payload": {"customer_id":
+                -747777777777777777777777777777777777777777777777777777777777777799}}"#;
+        let event = crate::Envelope::<SagaEvent>::from_json(written).expect("an event");
+        let again = crate::Envelope::<SagaEvent>::from_json(&event.to_json()).expect("decodes");
+        assert_eq!(again, event);
+    }
 }
