@@ -33,7 +33,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use messaging::db::KeptConnection;
-use messaging::outbox::{Outbox, Wake};
 use tracing::Instrument;
 
 use crate::backlog::Backlogs;
@@ -283,7 +282,6 @@ impl DeadlineScanner {
         let mut connection = kept.take(&self.pool).await?;
         let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         let store::Locked { sagas: due, now } = store::lock_due(&mut tx, share, BATCH).await?;
-        let mut outbox = Outbox::default();
         for (saga, version) in &due {
             // A saga was locked, so its statement read the database's time.
             let Some(now) = now else { break };
@@ -327,19 +325,10 @@ impl DeadlineScanner {
             };
             let span = tracing::info_span!("deadline", saga_id = %saga.id);
             join_saga_trace(&mut tx, &span, saga.id).await?;
-            commit_decision(
-                &self.topics,
-                &mut tx,
-                &mut outbox,
-                saga,
-                *version,
-                decision,
-                entry,
-            )
-            .instrument(span)
-            .await?;
+            commit_decision(&self.topics, &mut tx, saga, *version, decision, entry)
+                .instrument(span)
+                .await?;
         }
-        outbox.write(&mut tx, Wake::Notify).await?;
         tx.commit().await?;
         kept.keep(connection);
         for (saga, _) in &due {

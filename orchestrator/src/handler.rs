@@ -353,17 +353,17 @@ pub(crate) async fn join_saga_trace(
     Ok(())
 }
 
-/// Stores what the state machine decided about `saga` (loaded at `version`): the new state and
-/// a history line (`entry`, completed here; an ignored event keeps its reason), and queues the
-/// effects in `outbox`. Returns the new saga when the decision applied. For work the engine
-/// does on its own (a deadline, an operator action): no message caused it.
+/// Stores what the state machine decided about `saga` (loaded at `version`): the new state, a
+/// history line (`entry`, completed here; an ignored event keeps its reason) and the effects,
+/// all in the saga's one statement, the effects announced by `NOTIFY` (`store::Writer::wake`).
+/// Returns the new saga when the decision applied. For work the engine does on its own (a
+/// deadline, an operator action): no message caused it.
 ///
 /// # Errors
 /// [`crate::Error::VersionConflict`] when the saga changed since it was loaded; database errors.
 pub(crate) async fn commit_decision(
     topics: &Topics,
     tx: &mut PgConnection,
-    outbox: &mut Outbox,
     saga: &Saga,
     version: i64,
     decision: Decision,
@@ -374,9 +374,11 @@ pub(crate) async fn commit_decision(
         HistoryDecision::Operator => store::Writer::Operator,
         _ => store::Writer::Deadline,
     };
-    let (next, entry) = note_decision(topics, outbox, saga, version, decision, entry, None);
+    // Only an applied decision has effects, and its saga update writes them.
+    let mut outbox = Outbox::default();
+    let (next, entry) = note_decision(topics, &mut outbox, saga, version, decision, entry, None);
     match &next {
-        Some(next) => store::update_saga(tx, next, version, &entry, writer, outbox).await?,
+        Some(next) => store::update_saga(tx, next, version, &entry, writer, &mut outbox).await?,
         None => store::append_history(tx, saga.id, &entry).await?,
     }
     Ok(next)

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use events::{Address, LineItem, OrderPlaced};
-use messaging::outbox::{Outbox, Wake};
 use rdkafka::message::OwnedHeaders;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -296,32 +295,19 @@ pub(super) async fn operate(
     join_saga_trace(&mut tx, &span, saga_id)
         .await
         .map_err(internal)?;
-    let mut outbox = Outbox::default();
-    let moved = commit_decision(
-        &state.topics,
-        &mut tx,
-        &mut outbox,
-        &saga,
-        version,
-        decision,
-        entry,
-    )
-    .instrument(span)
-    .await
-    .map_err(|e| match e {
-        // Refused by the row's version (and counted): the caller may try again on the saga
-        // as it is now.
-        crate::Error::VersionConflict { .. } => ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("saga {saga_id} changed meanwhile: {}", messaging::chain(&e)),
-        ),
-        e => internal(e),
-    })?;
-    outbox
-        .write(&mut tx, Wake::Notify)
+    let moved = commit_decision(&state.topics, &mut tx, &saga, version, decision, entry)
+        .instrument(span)
         .await
-        .map_err(|e| internal(e.into()))?;
+        .map_err(|e| match e {
+            // Refused by the row's version (and counted): the caller may try again on the saga
+            // as it is now.
+            crate::Error::VersionConflict { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("saga {saga_id} changed meanwhile: {}", messaging::chain(&e)),
+            ),
+            e => internal(e),
+        })?;
     // An action that does not fit is refused, but the attempt stays in the history.
     tx.commit().await.map_err(|e| internal(e.into()))?;
     match moved {
