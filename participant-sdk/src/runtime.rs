@@ -501,21 +501,23 @@ impl Handler for ParticipantHandler {
         let first_run = distinct_run(&commands);
         let message_ids = column(&commands, |c| c.envelope.message_id);
         let claimed = claim_ledger_entries(tx, &commands[..first_run], &message_ids).await?;
-        let mut entries: Vec<Option<LedgerEntry>> = claimed.entries.into_iter().map(Some).collect();
+        // The first run's commands with their entries, the rest without.
+        let mut entries = claimed.entries.into_iter();
+        let commands = commands.into_iter().map(|c| (c, entries.next())).collect();
         let fresh = inbox::keep_fresh(
-            commands.into_iter().enumerate().collect(),
+            commands,
             claimed.fresh,
-            |(_, c): &(usize, Delivered<'_>)| (c.envelope.message_id, &c.record.span),
+            |(c, _): &(Delivered<'_>, Option<LedgerEntry>)| (c.envelope.message_id, &c.record.span),
         );
-        let (first, rest): (Vec<_>, Vec<_>) = fresh.into_iter().partition(|(i, _)| *i < first_run);
-        let first_entries = first
-            .iter()
-            .filter_map(|(i, _)| entries.get_mut(*i).and_then(Option::take))
-            .collect();
-        let first: Vec<Delivered<'_>> = first.into_iter().map(|(_, c)| c).collect();
+        let (first, rest): (Vec<_>, Vec<_>) =
+            fresh.into_iter().partition(|(_, entry)| entry.is_some());
+        let (first, first_entries): (Vec<_>, Vec<_>) = first
+            .into_iter()
+            .filter_map(|(c, entry)| entry.map(|entry| (c, entry)))
+            .unzip();
         self.handle_claimed(tx, outbox, &first, first_entries)
             .await?;
-        let rest: Vec<Delivered<'_>> = rest.into_iter().map(|(_, c)| c).collect();
+        let rest: Vec<Delivered<'_>> = rest.into_iter().map(|(c, _)| c).collect();
         let mut start = 0;
         while start < rest.len() {
             let run = &rest[start..start + distinct_run(&rest[start..])];
