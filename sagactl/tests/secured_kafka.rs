@@ -167,14 +167,7 @@ type Reported = (Option<RDKafkaErrorCode>, String);
 
 impl Recorder {
     fn seen(&self, wanted: RDKafkaErrorCode) -> Option<String> {
-        let errors = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        errors
-            .iter()
-            .find(|(code, _)| *code == Some(wanted))
-            .map(|(_, reason)| reason.clone())
+        self.seen_saying(wanted, "")
     }
 
     /// The first error of code `wanted` whose text contains `text`.
