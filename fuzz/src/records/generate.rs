@@ -84,9 +84,7 @@ pub fn well_formed(definition: &SagaDefinition, key: u8, ids: &[u8]) -> Made {
     let Some(value) = message.pointer_mut(&pointer) else {
         panic!(
             "the sample {} of {} has no key at {}",
-            message,
-            known.name,
-            definition.trigger.key
+            message, known.name, definition.trigger.key
         );
     };
     let (new, key) = match value {

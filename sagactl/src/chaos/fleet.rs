@@ -226,16 +226,15 @@ fn instances(args: &ChaosArgs, setup: &Setup) -> anyhow::Result<Vec<Instance>> {
             setup.database_url(&binary).to_owned(),
         );
         let mut env = if binary == ORCHESTRATOR {
-            let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            // The chaos run reads the tables, not the API: open, on loopback only.
+            // The chaos run reads the tables, not the API: open, on loopback only, on any free
+            // port the orchestrator binds itself (a port found free here and then released
+            // could be taken by another run before the orchestrator binds it).
             vec![
                 (
                     "SAGAS_DIR".into(),
                     args.sagas_dir.to_string_lossy().into_owned(),
                 ),
-                ("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+                ("HTTP_ADDR".into(), "127.0.0.1:0".into()),
                 ("API_OPEN_ON_LOOPBACK".into(), "true".into()),
                 ("API_DATABASE_CONNECTIONS".into(), "1".into()),
             ]
