@@ -509,15 +509,18 @@ impl Handler for ParticipantHandler {
             claimed.fresh,
             |(c, _): &(Delivered<'_>, Option<LedgerEntry>)| (c.envelope.message_id, &c.record.span),
         );
-        let (first, rest): (Vec<_>, Vec<_>) =
-            fresh.into_iter().partition(|(_, entry)| entry.is_some());
-        let (first, first_entries): (Vec<_>, Vec<_>) = first
-            .into_iter()
-            .filter_map(|(c, entry)| entry.map(|entry| (c, entry)))
-            .unzip();
+        let (mut first, mut first_entries, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+        for (command, entry) in fresh {
+            match entry {
+                Some(entry) => {
+                    first.push(command);
+                    first_entries.push(entry);
+                }
+                None => rest.push(command),
+            }
+        }
         self.handle_claimed(tx, outbox, &first, first_entries)
             .await?;
-        let rest: Vec<Delivered<'_>> = rest.into_iter().map(|(c, _)| c).collect();
         let mut start = 0;
         while start < rest.len() {
             let run = &rest[start..start + distinct_run(&rest[start..])];
