@@ -44,6 +44,49 @@ pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
     Some(total / CLOCK_TICKS_PER_SEC)
 }
 
+/// The CPU time the measured processes (`--process NAME=PID`), and the sagactl command itself,
+/// which shares the machine too, had used when the measurement started.
+pub struct CpuMeter {
+    processes: Vec<(String, u32)>,
+    before: Vec<f64>,
+}
+
+/// What one process tree used since its [`CpuMeter`] started.
+pub struct CpuUsed {
+    pub name: String,
+    pub pid: u32,
+    pub cpu_secs: f64,
+}
+
+impl CpuMeter {
+    /// Starts measuring `measured` and this process, named `own_name`.
+    pub fn start(measured: &[(String, u32)], own_name: &str) -> Self {
+        let processes: Vec<(String, u32)> = measured
+            .iter()
+            .cloned()
+            .chain([(own_name.to_owned(), std::process::id())])
+            .collect();
+        let before = processes
+            .iter()
+            .map(|(_, pid)| tree_cpu_seconds(*pid).unwrap_or(0.0))
+            .collect();
+        Self { processes, before }
+    }
+
+    /// What each process tree used since the start (0 for one that is gone).
+    pub fn used(&self) -> Vec<CpuUsed> {
+        self.processes
+            .iter()
+            .zip(&self.before)
+            .map(|((name, pid), before)| CpuUsed {
+                name: name.clone(),
+                pid: *pid,
+                cpu_secs: (tree_cpu_seconds(*pid).unwrap_or(0.0) - before).max(0.0),
+            })
+            .collect()
+    }
+}
+
 /// The parent of `pid` and its user + system + reaped children's clock ticks.
 fn stat_fields(pid: u32) -> Option<(u32, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -245,4 +288,39 @@ fn stored_bytes(log_dir: &Path, topic: &str) -> u64 {
         .filter_map(|file| file.metadata().ok())
         .map(|m| m.len())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spins until this process has used `seconds` more CPU than it had: wall time alone would
+    /// give less on a machine the other tests keep busy.
+    fn burn_cpu(seconds: f64) {
+        let own = || tree_cpu_seconds(std::process::id()).expect("this process's /proc");
+        let from = own();
+        let mut spins = 0u64;
+        while own() - from < seconds {
+            for _ in 0..100_000 {
+                spins = std::hint::black_box(spins.wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn the_meter_counts_what_its_processes_used_since_it_started_and_not_before() {
+        burn_cpu(0.3);
+        let meter = CpuMeter::start(&[], "test");
+        burn_cpu(0.2);
+        let used = meter.used();
+        assert_eq!(used.len(), 1);
+        assert_eq!(
+            (used[0].name.as_str(), used[0].pid),
+            ("test", std::process::id())
+        );
+        // Other tests' threads may add to it, never take away; the 0.3 s before are left out.
+        let total = tree_cpu_seconds(std::process::id()).unwrap_or(0.0);
+        assert!(used[0].cpu_secs >= 0.2, "{} s", used[0].cpu_secs);
+        assert!(total >= used[0].cpu_secs + 0.3, "{total} s in all");
+    }
 }

@@ -6,6 +6,10 @@
 //!   such hops; the report divides by seven.
 //! - `sagactl ceiling postgres`: small committed transactions (one insert each) per second
 //!   on the server, from several connections at once.
+//!
+//! With `--process NAME=PID` each also reports the CPU a round trip (the one-at-a-time phase)
+//! or a commit costs that process tree (the broker's JVM, the postmaster and its backends) and
+//! sagactl itself: what the parts of one unbatched hop cost before the engine adds anything.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +52,10 @@ pub struct BrokerArgs {
     /// Payload bytes (a command envelope is about 400).
     #[arg(long, default_value_t = 400)]
     payload_bytes: usize,
+    /// A process to account for, as NAME=PID (repeat): the CPU it and every process below it
+    /// used, per round trip of the one-at-a-time phase (Linux /proc). sagactl's own CPU is reported too.
+    #[arg(long = "process", value_parser = crate::load::parse_named::<u32>)]
+    processes: Vec<(String, u32)>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -65,6 +73,10 @@ pub struct PostgresArgs {
     connections: u32,
     #[arg(long, default_value_t = 20)]
     secs: u64,
+    /// A process to account for, as NAME=PID (repeat): the CPU it and every process below it
+    /// used, per commit (Linux /proc). sagactl's own CPU is reported too.
+    #[arg(long = "process", value_parser = crate::load::parse_named::<u32>)]
+    processes: Vec<(String, u32)>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -86,6 +98,24 @@ fn latency_ms(mut samples: Vec<Duration>) -> Latency {
         p99: at(0.99),
         max: at(1.0),
     }
+}
+
+/// The CPU one process tree used per operation (round trip, commit) of a phase.
+#[derive(Debug, Serialize)]
+struct CpuEach {
+    name: String,
+    cpu_ms: f64,
+}
+
+fn cpu_each(meter: &crate::budget::CpuMeter, operations: usize) -> Vec<CpuEach> {
+    meter
+        .used()
+        .into_iter()
+        .map(|used| CpuEach {
+            name: used.name,
+            cpu_ms: used.cpu_secs * 1_000.0 / operations.max(1) as f64,
+        })
+        .collect()
 }
 
 fn write_json(path: Option<&std::path::Path>, value: &impl Serialize) -> anyhow::Result<()> {
@@ -111,6 +141,9 @@ struct BrokerReport {
     in_flight: usize,
     hop_latency_ms: Latency,
     saga_latency_floor_ms: Latency,
+    /// CPU per round trip of the one-at-a-time phase (`--process`, and sagactl's producer and
+    /// consumer).
+    cpu_per_round_trip: Vec<CpuEach>,
     fetch_wait_max_ms: u32,
     linger_ms: u32,
 }
@@ -137,7 +170,9 @@ async fn broker(args: BrokerArgs) -> anyhow::Result<()> {
 
     trips.warm_up().await?;
     eprintln!("latency floor: {} round trips, one at a time", args.samples);
+    let meter = crate::budget::CpuMeter::start(&args.processes, "sagactl ceiling");
     let hops = trips.one_at_a_time(args.samples).await?;
+    let cpu_per_round_trip = cpu_each(&meter, hops.len());
     let floor: Vec<Duration> = hops.chunks(7).map(|c| c.iter().sum()).collect();
     eprintln!(
         "throughput: {} s with {} in flight",
@@ -153,6 +188,7 @@ async fn broker(args: BrokerArgs) -> anyhow::Result<()> {
         in_flight: args.in_flight,
         hop_latency_ms: latency_ms(hops),
         saga_latency_floor_ms: latency_ms(floor),
+        cpu_per_round_trip,
         fetch_wait_max_ms: args.kafka.fetch_wait_max_ms,
         linger_ms: args.kafka.linger_ms,
     };
@@ -278,6 +314,8 @@ struct PostgresReport {
     commits_per_sec: f64,
     connections: u32,
     commit_latency_ms: Latency,
+    /// CPU per commit (`--process`, and sagactl's client).
+    cpu_per_commit: Vec<CpuEach>,
     synchronous_commit: String,
 }
 
@@ -296,6 +334,7 @@ async fn postgres(args: PostgresArgs) -> anyhow::Result<()> {
     let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
         .fetch_one(&pool)
         .await?;
+    let meter = crate::budget::CpuMeter::start(&args.processes, "sagactl ceiling");
     let deadline = Instant::now() + Duration::from_secs(args.secs);
     let insert = format!("INSERT INTO {table} (body) VALUES ($1)");
     let mut workers = Vec::new();
@@ -322,12 +361,14 @@ async fn postgres(args: PostgresArgs) -> anyhow::Result<()> {
         latencies.extend(worker.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_per_commit = cpu_each(&meter, latencies.len());
     sqlx::query(&format!("DROP TABLE {table}"))
         .execute(&pool)
         .await?;
     let report = PostgresReport {
         commits_per_sec: latencies.len() as f64 / elapsed,
         connections: args.connections,
+        cpu_per_commit,
         commit_latency_ms: latency_ms(latencies),
         synchronous_commit,
     };

@@ -89,7 +89,7 @@ pub struct LoadArgs {
     database_url: Option<String>,
 }
 
-fn parse_named<T: std::str::FromStr>(text: &str) -> Result<(String, T), String> {
+pub(crate) fn parse_named<T: std::str::FromStr>(text: &str) -> Result<(String, T), String> {
     let (name, value) = text
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
@@ -193,7 +193,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         Some(url) => Some(budget::SqlCounters::start(url).await?),
         None => None,
     };
-    let cpu = CpuMeter::start(&args.processes);
+    let cpu = budget::CpuMeter::start(&args.processes, "sagactl load");
     let pages_at_start = metrics_at_start(&args.metrics).await;
 
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -217,7 +217,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     let tally = tally.lock().await;
     let mut report = report(&args, &tally, elapsed, started);
-    report.processes.extend(cpu.usage(report.finished));
+    report
+        .processes
+        .extend(usage_per_saga(&cpu, report.finished));
     measure_costs(&args, sql_counters, &pages_at_start, &mut report).await?;
     print_report(&report);
     if args.delete_topics {
@@ -285,44 +287,19 @@ async fn send_orders(
     Ok(())
 }
 
-/// The CPU time the measured processes (`--process`, and this load generator, which shares
-/// the machine too) had used when the run started.
-struct CpuMeter {
-    processes: Vec<(String, u32)>,
-    before: Vec<f64>,
-}
-
-impl CpuMeter {
-    fn start(measured: &[(String, u32)]) -> Self {
-        let processes: Vec<(String, u32)> = measured
-            .iter()
-            .cloned()
-            .chain([("sagactl load".to_owned(), std::process::id())])
-            .collect();
-        let before = processes
-            .iter()
-            .map(|(_, pid)| budget::tree_cpu_seconds(*pid).unwrap_or(0.0))
-            .collect();
-        Self { processes, before }
-    }
-
-    /// What each process used since the start, per saga of the `finished` ones.
-    fn usage(&self, finished: usize) -> Vec<ProcessUsage> {
-        self.processes
-            .iter()
-            .zip(&self.before)
-            .map(|((name, pid), before)| {
-                let cpu_secs = budget::tree_cpu_seconds(*pid).unwrap_or(0.0) - before;
-                ProcessUsage {
-                    name: name.clone(),
-                    pid: *pid,
-                    cpu_secs,
-                    cpu_ms_per_saga: cpu_secs * 1_000.0 / finished.max(1) as f64,
-                    peak_rss_mb: budget::peak_rss_kb(*pid).unwrap_or(0.0) / 1024.0,
-                }
-            })
-            .collect()
-    }
+/// What each process used since `meter` started, per saga of the `finished` ones.
+fn usage_per_saga(meter: &budget::CpuMeter, finished: usize) -> Vec<ProcessUsage> {
+    meter
+        .used()
+        .into_iter()
+        .map(|used| ProcessUsage {
+            cpu_ms_per_saga: used.cpu_secs * 1_000.0 / finished.max(1) as f64,
+            peak_rss_mb: budget::peak_rss_kb(used.pid).unwrap_or(0.0) / 1024.0,
+            name: used.name,
+            pid: used.pid,
+            cpu_secs: used.cpu_secs,
+        })
+        .collect()
 }
 
 /// Each `--metrics` page before the run, to subtract from the same page at the end; an
