@@ -9,6 +9,8 @@ mod error;
 mod messages;
 mod order;
 mod returns;
+#[cfg(feature = "schemas")]
+pub mod schemas;
 mod topics;
 mod triggers;
 mod values;

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use jsonschema::{Retrieve, Uri};
 use serde_json::Value;
 
 fn contract_dir() -> PathBuf {
@@ -18,34 +17,14 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-/// Resolves a schema's `$ref` to another file of `contract/schemas/` by the file name at the
-/// end of its URI (every schema's `$id` lives under one base), without any network.
-struct SchemaFiles;
-
-impl Retrieve for SchemaFiles {
-    fn retrieve(
-        &self,
-        uri: &Uri<String>,
-    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let name = uri
-            .path()
-            .as_str()
-            .rsplit('/')
-            .next()
-            .ok_or("a schema URI without a file name")?;
-        let path = contract_dir().join("schemas").join(name);
-        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-    }
-}
-
-fn validator(schema_file: &str) -> jsonschema::Validator {
+fn validator(schema_file: &str) -> events::schemas::Validator {
     let schema = read_json(&contract_dir().join(schema_file));
-    jsonschema::options()
-        .with_draft(jsonschema::Draft::Draft202012)
-        .with_retriever(SchemaFiles)
-        .should_validate_formats(true)
-        .build(&schema)
-        .unwrap_or_else(|e| panic!("{schema_file} does not compile: {e}"))
+    events::schemas::compile(&schema, |name| {
+        Ok(std::fs::read_to_string(
+            contract_dir().join("schemas").join(name),
+        )?)
+    })
+    .unwrap_or_else(|e| panic!("{schema_file} does not compile: {e}"))
 }
 
 /// The document's JSON messages: (name, schema file relative to `contract/`).

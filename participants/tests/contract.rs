@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use events::{Command, Envelope, Reply};
-use jsonschema::{Retrieve, Uri};
 use participant_sdk::Participant;
 use participants::shipping::ShippingConfig;
 use participants::{inventory, payment, returns, shipping};
@@ -47,29 +46,10 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-/// Resolves a schema's `$ref` to another file of `contract/schemas/` by its file name.
-struct SchemaFiles;
-
-impl Retrieve for SchemaFiles {
-    fn retrieve(
-        &self,
-        uri: &Uri<String>,
-    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let name = uri
-            .path()
-            .as_str()
-            .rsplit('/')
-            .next()
-            .ok_or("a schema URI without a file name")?;
-        let path = contract_dir().join("schemas").join(name);
-        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-    }
-}
-
 /// The published contract: the AsyncAPI document and a validator per schema it names.
 struct Contract {
     document: Value,
-    validators: BTreeMap<String, jsonschema::Validator>,
+    validators: BTreeMap<String, events::schemas::Validator>,
 }
 
 impl Contract {
@@ -83,12 +63,12 @@ impl Contract {
     /// The problems `message` has against the schema file `schema` (relative to `contract/`).
     fn problems(&mut self, schema: &str, message: &Value) -> Vec<String> {
         let validator = self.validators.entry(schema.to_owned()).or_insert_with(|| {
-            jsonschema::options()
-                .with_draft(jsonschema::Draft::Draft202012)
-                .with_retriever(SchemaFiles)
-                .should_validate_formats(true)
-                .build(&read_json(&contract_dir().join(schema)))
-                .unwrap_or_else(|e| panic!("{schema} does not compile: {e}"))
+            events::schemas::compile(&read_json(&contract_dir().join(schema)), |name| {
+                Ok(std::fs::read_to_string(
+                    contract_dir().join("schemas").join(name),
+                )?)
+            })
+            .unwrap_or_else(|e| panic!("{schema} does not compile: {e}"))
         });
         validator
             .iter_errors(message)

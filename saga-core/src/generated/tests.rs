@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use jsonschema::{Retrieve, Uri};
 use serde_json::Value;
 
 use super::json::Json;
@@ -114,24 +113,6 @@ fn keys(object: &Json) -> Vec<String> {
         .collect()
 }
 
-/// Resolves a schema's `$ref` to another schema of `files` by the file name at the end of its
-/// URI, as events' contract test resolves them from `contract/schemas/`.
-struct SchemaFiles(Files);
-
-impl Retrieve for SchemaFiles {
-    fn retrieve(
-        &self,
-        uri: &Uri<String>,
-    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let name = uri.path().as_str().rsplit('/').next().unwrap_or_default();
-        let text = self
-            .0
-            .get(&format!("{SCHEMAS_DIR}/{name}"))
-            .ok_or_else(|| format!("no schema {name}"))?;
-        Ok(serde_json::from_str(text)?)
-    }
-}
-
 fn check_contract(files: &Files) {
     let problems = contract_problems(files);
     assert!(problems.is_empty(), "{problems:#?}");
@@ -169,12 +150,18 @@ fn contract_problems(files: &Files) -> Vec<String> {
             ));
             continue;
         };
-        let validator = jsonschema::options()
-            .with_draft(jsonschema::Draft::Draft202012)
-            .with_retriever(SchemaFiles(files.clone()))
-            .should_validate_formats(true)
-            .build(&value(files, &format!("events/contract/{schema}")))
-            .unwrap_or_else(|e| panic!("{schema} does not compile: {e}"));
+        let schemas = files.clone();
+        let validator = events::schemas::compile(
+            &value(files, &format!("events/contract/{schema}")),
+            move |name| {
+                let path = format!("{SCHEMAS_DIR}/{name}");
+                let text = schemas
+                    .get(&path)
+                    .ok_or_else(|| format!("no schema {path}"))?;
+                Ok(text.to_owned())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{schema} does not compile: {e}"));
         let example = value(files, &format!("{GOLDEN_DIR}/{name}.json"));
         problems.extend(
             validator

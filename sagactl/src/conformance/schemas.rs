@@ -3,36 +3,14 @@
 //! schema named after its `type`, or `Reply`'s when its type has none.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
-use jsonschema::{Retrieve, Uri};
 use serde_json::Value;
 
 /// Every schema of the contract directory, compiled.
 pub struct Schemas {
-    by_name: HashMap<String, jsonschema::Validator>,
-}
-
-/// Resolves a `$ref` to another file of the schema directory by the file name at the end of
-/// its URI (every schema's `$id` lives under one base), without any network.
-struct SchemaFiles(PathBuf);
-
-impl Retrieve for SchemaFiles {
-    fn retrieve(
-        &self,
-        uri: &Uri<String>,
-    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let name = uri
-            .path()
-            .as_str()
-            .rsplit('/')
-            .next()
-            .ok_or("a schema URI without a file name")?;
-        Ok(serde_json::from_str(&std::fs::read_to_string(
-            self.0.join(name),
-        )?)?)
-    }
+    by_name: HashMap<String, events::schemas::Validator>,
 }
 
 impl Schemas {
@@ -55,12 +33,11 @@ impl Schemas {
                 .with_context(|| format!("reading {}", path.display()))?;
             let schema: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", path.display()))?;
-            let validator = jsonschema::options()
-                .with_draft(jsonschema::Draft::Draft202012)
-                .with_retriever(SchemaFiles(dir.clone()))
-                .should_validate_formats(true)
-                .build(&schema)
-                .map_err(|e| anyhow::anyhow!("{} does not compile: {e}", path.display()))?;
+            let schemas_dir = dir.clone();
+            let validator = events::schemas::compile(&schema, move |name| {
+                Ok(std::fs::read_to_string(schemas_dir.join(name))?)
+            })
+            .map_err(|e| anyhow::anyhow!("{} does not compile: {e}", path.display()))?;
             by_name.insert(name.to_owned(), validator);
         }
         anyhow::ensure!(
