@@ -53,7 +53,8 @@ pub struct BrokerArgs {
     #[arg(long, default_value_t = 400)]
     payload_bytes: usize,
     /// A process to account for, as NAME=PID (repeat): the CPU it and every process below it
-    /// used, per round trip of the one-at-a-time phase (Linux /proc). sagactl's own CPU is reported too.
+    /// used, per round trip of the one-at-a-time phase (Linux /proc). sagactl's own CPU is
+    /// reported too.
     #[arg(long = "process", value_parser = crate::load::parse_named::<u32>)]
     processes: Vec<(String, u32)>,
     #[arg(long)]
