@@ -9,11 +9,12 @@ mod error;
 mod messages;
 mod order;
 mod returns;
-#[cfg(feature = "schemas")]
-pub mod schemas;
 mod topics;
 mod triggers;
 mod values;
+
+#[cfg(feature = "schemas")]
+pub mod schemas;
 
 pub use envelope::{Envelope, SCHEMA_VERSION};
 
