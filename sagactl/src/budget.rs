@@ -58,6 +58,13 @@ pub struct CpuUsed {
     pub cpu_secs: f64,
 }
 
+impl CpuUsed {
+    /// The CPU milliseconds each of `operations` (sagas, round trips, commits) cost.
+    pub fn ms_each(&self, operations: usize) -> f64 {
+        self.cpu_secs * 1_000.0 / operations.max(1) as f64
+    }
+}
+
 impl CpuMeter {
     /// Starts measuring `measured` and this process, named `own_name`.
     pub fn start(measured: &[(String, u32)], own_name: &str) -> Self {
@@ -73,7 +80,9 @@ impl CpuMeter {
         Self { processes, before }
     }
 
-    /// What each process tree used since the start (0 for one that is gone).
+    /// What each process tree used since the start. A process gone by now reads as 0 in all,
+    /// so its figure is what it had used at the start, negated (as `sagactl load` always
+    /// reported it).
     pub fn used(&self) -> Vec<CpuUsed> {
         self.processes
             .iter()
@@ -81,7 +90,7 @@ impl CpuMeter {
             .map(|((name, pid), before)| CpuUsed {
                 name: name.clone(),
                 pid: *pid,
-                cpu_secs: (tree_cpu_seconds(*pid).unwrap_or(0.0) - before).max(0.0),
+                cpu_secs: tree_cpu_seconds(*pid).unwrap_or(0.0) - before,
             })
             .collect()
     }

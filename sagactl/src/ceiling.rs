@@ -113,8 +113,8 @@ fn cpu_each(meter: &crate::budget::CpuMeter, operations: usize) -> Vec<CpuEach> 
         .used()
         .into_iter()
         .map(|used| CpuEach {
+            cpu_ms: used.ms_each(operations),
             name: used.name,
-            cpu_ms: used.cpu_secs * 1_000.0 / operations.max(1) as f64,
         })
         .collect()
 }

@@ -293,7 +293,7 @@ fn usage_per_saga(meter: &budget::CpuMeter, finished: usize) -> Vec<ProcessUsage
         .used()
         .into_iter()
         .map(|used| ProcessUsage {
-            cpu_ms_per_saga: used.cpu_secs * 1_000.0 / finished.max(1) as f64,
+            cpu_ms_per_saga: used.ms_each(finished),
             peak_rss_mb: budget::peak_rss_kb(used.pid).unwrap_or(0.0) / 1024.0,
             name: used.name,
             pid: used.pid,
